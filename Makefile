@@ -1,0 +1,32 @@
+# citadel-supervisor. `make demo` to see it run, `make test` to test it.
+GO        ?= go
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+REVISION  ?= $(shell git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)
+LDFLAGS   := -s -w -X main.version=$(VERSION) -X main.revision=$(REVISION)
+BINARIES  := citadel-supervisor citadelctl fake-vllm
+DEMO_MODELS := mixtral-8x7b-instruct nous-hermes-2-mixtral openchat-3.5 phi-3-mini-128k \
+               yi-34b-chat deepcoder-14b-instruct mimo-vl-7b-rl
+
+.PHONY: all build test vet demo clean
+
+all: build
+
+build:
+	@mkdir -p bin
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ $(addprefix ./cmd/,$(BINARIES))
+
+vet:
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
+
+test: vet
+	$(GO) test -race -count=1 ./...
+
+# The seven seed models on fake-vllm and two simulated GPUs. Ctrl-C stops
+# the daemon, which stops every model.
+demo: build
+	@mkdir -p $(addprefix .demo/models/,$(DEMO_MODELS)) .demo/run .demo/cache
+	./bin/citadel-supervisor --config deploy/demo.yaml
+
+clean:
+	rm -rf bin .demo

@@ -1,0 +1,166 @@
+// Command citadel-supervisor owns every vLLM model server on a GPU host.
+//
+// main only wires: it loads the configuration, builds each part with its
+// logger and collaborators, and runs them until SIGTERM or SIGINT.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime"
+	"strings"
+	"syscall"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"golang.org/x/sync/errgroup"
+
+	"citadel-supervisor/config"
+	"citadel-supervisor/gpu"
+	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor"
+)
+
+// Set at build time by `make build`.
+var (
+	version  = "dev"
+	revision = "unknown"
+)
+
+func main() { os.Exit(run(os.Args[1:], os.Environ(), os.Stdout, os.Stderr)) }
+
+func run(args, environ []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("citadel-supervisor", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.String("config", envOr(environ, "CITADEL_CONFIG", config.DefaultPath), "configuration file (env CITADEL_CONFIG)")
+	check := fs.Bool("check", false, "validate the configuration, print every problem, and exit (0 valid, 1 invalid)")
+	showVersion := fs.Bool("version", false, "print the version and exit")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *showVersion {
+		fmt.Fprintf(stdout, "citadel-supervisor %s (revision %s, %s)\n", version, revision, runtime.Version())
+		return 0
+	}
+
+	cfg, err := config.Load(*path, environ)
+	if err != nil {
+		fmt.Fprintf(stderr, "citadel-supervisor: %s is invalid:\n%s\n", *path, indent(err))
+		return 1
+	}
+	if *check {
+		fmt.Fprintf(stdout, "%s: valid, %d models\n", *path, len(cfg.Models))
+		return 0
+	}
+
+	log, err := newLogger(cfg.Log, stderr)
+	if err != nil {
+		fmt.Fprintf(stderr, "citadel-supervisor: %v\n", err)
+		return 1
+	}
+	defer log.Sync() //nolint:errcheck // nothing to do about it at exit
+	log.Info("starting", zap.String("version", version), zap.String("config", *path))
+
+	reaper, err := supervisor.NewReaper()
+	if err != nil {
+		log.Error("cannot become child subreaper", zap.Error(err))
+		return 1
+	}
+	sup, err := supervisor.New(cfg, supervisor.Options{
+		Logger:  log,
+		Placer:  gpu.NewStatic(cfg),
+		Prober:  probe.NewHTTP(),
+		Reaper:  reaper,
+		Environ: environ,
+	})
+	if err != nil {
+		log.Error("build supervisor", zap.Error(err))
+		return 1
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	// One pending SIGHUP is enough: reloads that arrive during a reload
+	// are coalesced into the next.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	g, gctx := errgroup.WithContext(ctx)
+	reapCtx, stopReaper := context.WithCancel(context.Background())
+	g.Go(func() error { return reaper.Run(reapCtx) })
+	g.Go(func() error {
+		defer stopReaper() // reap until the last model is gone
+		return sup.Run(ctx)
+	})
+	g.Go(func() error {
+		for {
+			select {
+			case <-gctx.Done():
+				return nil
+			case <-hup:
+				reload(gctx, log, sup, *path, environ)
+			}
+		}
+	})
+	if err := g.Wait(); err != nil {
+		log.Error("exiting", zap.Error(err))
+		return 1
+	}
+	log.Info("stopped")
+	return 0
+}
+
+// reload loads the file again; an invalid file changes nothing.
+func reload(ctx context.Context, log *zap.Logger, sup *supervisor.Supervisor, path string, environ []string) {
+	cfg, err := config.Load(path, environ)
+	if err != nil {
+		for _, line := range strings.Split(err.Error(), "\n") {
+			log.Error("reload rejected: configuration invalid; keeping the running one", zap.String("problem", line))
+		}
+		return
+	}
+	changes, err := sup.Apply(ctx, cfg)
+	if err != nil {
+		log.Error("reload", zap.Error(err))
+		return
+	}
+	for _, c := range changes {
+		if c.Kind != config.Unchanged {
+			log.Info("reload", zap.String("model", c.Name), zap.String("change", c.Kind.String()), zap.Strings("fields", c.Fields))
+		}
+	}
+}
+
+func newLogger(c config.Log, w io.Writer) (*zap.Logger, error) {
+	level, err := zapcore.ParseLevel(c.Level)
+	if err != nil {
+		return nil, fmt.Errorf("log.level: %w", err)
+	}
+	enc := zap.NewProductionEncoderConfig()
+	enc.EncodeTime = zapcore.ISO8601TimeEncoder
+	var encoder zapcore.Encoder
+	if c.Format == "console" {
+		encoder = zapcore.NewConsoleEncoder(enc)
+	} else {
+		encoder = zapcore.NewJSONEncoder(enc)
+	}
+	return zap.New(zapcore.NewCore(encoder, zapcore.AddSync(w), level)), nil
+}
+
+func envOr(environ []string, key, def string) string {
+	for _, kv := range environ {
+		if k, v, ok := strings.Cut(kv, "="); ok && k == key && v != "" {
+			return v
+		}
+	}
+	return def
+}
+
+func indent(err error) string {
+	return "  " + strings.ReplaceAll(err.Error(), "\n", "\n  ")
+}

@@ -1,0 +1,177 @@
+// Package config loads, validates and compares citadel-supervisor's YAML
+// configuration.
+//
+// A Config is immutable once Load returns it: every load builds a fresh koanf
+// instance and a fresh value, and a reload swaps the whole value in. Models
+// inherit every key from the built-in defaults and the file's `defaults:`
+// section; a model may override any of them.
+package config
+
+import (
+	"time"
+)
+
+// DefaultPath is where the daemon looks for its configuration when neither
+// --config nor CITADEL_CONFIG names a file.
+const DefaultPath = "/etc/citadel/supervisor.yaml"
+
+// Config is one loaded, validated configuration. Treat it as read-only.
+type Config struct {
+	Listen        string `koanf:"listen"`
+	ControlSocket string `koanf:"control_socket"`
+	Log           Log    `koanf:"log"`
+	GPU           GPU    `koanf:"gpu"`
+
+	// Models holds every model, sorted by name, with defaults merged in.
+	Models []Model `koanf:"-"`
+}
+
+// Log configures the daemon's own log.
+type Log struct {
+	Level  string `koanf:"level"`  // debug | info | warn | error
+	Format string `koanf:"format"` // json | console
+}
+
+// GPU configures the GPU backend and placement.
+type GPU struct {
+	Backend        string        `koanf:"backend"` // nvml | sim | none
+	Headroom       ByteSize      `koanf:"headroom"`
+	ReleaseTimeout time.Duration `koanf:"release_timeout"`
+	Sim            Sim           `koanf:"sim"`
+}
+
+// Sim declares the GPUs of the simulated backend.
+type Sim struct {
+	Devices   []SimDevice `koanf:"devices"`
+	StateFile string      `koanf:"state_file"`
+}
+
+// SimDevice is one declared GPU of the sim backend.
+type SimDevice struct {
+	UUID   string   `koanf:"uuid"`
+	Name   string   `koanf:"name"`
+	Memory ByteSize `koanf:"memory"`
+}
+
+// Model is the effective configuration of one model: the built-in defaults,
+// then the file's `defaults:`, then the model's own keys.
+type Model struct {
+	Name string `koanf:"-"`
+
+	Command     []string          `koanf:"command"`
+	Host        string            `koanf:"host"`
+	Env         map[string]string `koanf:"env"`
+	EnvFiles    []string          `koanf:"env_files"`
+	StopTimeout time.Duration     `koanf:"stop_timeout"`
+	Restart     Restart           `koanf:"restart"`
+	Probe       Probe             `koanf:"probe"`
+
+	Path                 string   `koanf:"model"`
+	ServedName           string   `koanf:"served_name"`
+	Port                 int      `koanf:"port"`
+	VLLMPort             int      `koanf:"vllm_port"`
+	TensorParallel       int      `koanf:"tensor_parallel"`
+	GPUMemoryUtilization float64  `koanf:"gpu_memory_utilization"`
+	MaxModelLen          int      `koanf:"max_model_len"`
+	Args                 []string `koanf:"args"`
+	GPUs                 []GPURef `koanf:"gpus"`
+	Priority             int      `koanf:"priority"`
+	Enabled              bool     `koanf:"enabled"`
+}
+
+// Restart is a model's restart policy.
+type Restart struct {
+	Delay            time.Duration `koanf:"delay"`
+	MaxDelay         time.Duration `koanf:"max_delay"`
+	ResetAfter       time.Duration `koanf:"reset_after"`
+	Burst            int           `koanf:"burst"`
+	Interval         time.Duration `koanf:"interval"`
+	RetryFailedAfter time.Duration `koanf:"retry_failed_after"`
+}
+
+// Probe is a model's health-probe policy.
+type Probe struct {
+	Path             string        `koanf:"path"`
+	Period           time.Duration `koanf:"period"`
+	Timeout          time.Duration `koanf:"timeout"`
+	FailureThreshold int           `koanf:"failure_threshold"`
+	StartupTimeout   time.Duration `koanf:"startup_timeout"`
+}
+
+// GPURef pins a model to a GPU by index ("0") or by UUID ("GPU-…").
+type GPURef string
+
+// Model returns the named model.
+func (c *Config) Model(name string) (Model, bool) {
+	for _, m := range c.Models {
+		if m.Name == name {
+			return m, true
+		}
+	}
+	return Model{}, false
+}
+
+// LongestStopTimeout is the largest stop_timeout of any model; the systemd
+// unit's TimeoutStopSec must exceed it.
+func (c *Config) LongestStopTimeout() time.Duration {
+	var d time.Duration
+	for _, m := range c.Models {
+		d = max(d, m.StopTimeout)
+	}
+	return d
+}
+
+// builtin holds the defaults every configuration starts from. Keys here are
+// the contract of SPEC §2; a file only needs to say what differs.
+func builtin() map[string]any {
+	return map[string]any{
+		"listen":         "127.0.0.1:9400",
+		"control_socket": "/run/citadel/supervisor.sock",
+		"log":            map[string]any{"level": "info", "format": "json"},
+		"gpu": map[string]any{
+			"backend":         "nvml",
+			"headroom":        "1GiB",
+			"release_timeout": "60s",
+			"sim":             map[string]any{"devices": []any{}, "state_file": ""},
+		},
+	}
+}
+
+// builtinModel holds the defaults every model starts from.
+func builtinModel() map[string]any {
+	return map[string]any{
+		"command":      []any{"/opt/citadel/vllm-env/bin/python", "-m", "vllm.entrypoints.openai.api_server"},
+		"host":         "127.0.0.1",
+		"env":          map[string]any{},
+		"env_files":    []any{},
+		"stop_timeout": "30s",
+		"restart": map[string]any{
+			"delay":              "10s",
+			"max_delay":          "5m",
+			"reset_after":        "10m",
+			"burst":              5,
+			"interval":           "30m",
+			"retry_failed_after": "1h",
+		},
+		"probe": map[string]any{
+			"path":              "/health",
+			"period":            "10s",
+			"timeout":           "5s",
+			"failure_threshold": 3,
+			"startup_timeout":   "20m",
+		},
+		"tensor_parallel":        1,
+		"gpu_memory_utilization": 0.9,
+		"max_model_len":          0,
+		"args":                   []any{},
+		"gpus":                   []any{},
+		"priority":               0,
+		"enabled":                true,
+	}
+}
+
+// modelOnlyKeys may appear on a model but not under `defaults:`: they name
+// one model's files, port or GPUs, so sharing them would always be a mistake.
+var modelOnlyKeys = map[string]bool{
+	"model": true, "served_name": true, "port": true, "vllm_port": true, "gpus": true,
+}

@@ -1,0 +1,238 @@
+package config
+
+import (
+	"errors"
+	"io/fs"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestLoadGood(t *testing.T) {
+	c, err := Load("testdata/good.yaml", nil)
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	if got, want := len(c.Models), 2; got != want {
+		t.Fatalf("models = %d, want %d", got, want)
+	}
+	mixtral, _ := c.Model("mixtral")
+	phi3, _ := c.Model("phi3")
+
+	cases := []struct {
+		name      string
+		got, want any
+	}{
+		{"builtin command", mixtral.Command, []string{"/opt/citadel/vllm-env/bin/python", "-m", "vllm.entrypoints.openai.api_server"}},
+		{"builtin host", mixtral.Host, "127.0.0.1"},
+		{"served_name defaults to key", mixtral.ServedName, "mixtral"},
+		{"served_name override", phi3.ServedName, "phi-3-mini"},
+		{"defaults args inherited", mixtral.Args, []string{"--trust-remote-code", "--enable-chunked-prefill", "--enable-prefix-caching", "--disable-log-stats"}},
+		{"model args replace defaults args", phi3.Args, []string{"--trust-remote-code"}},
+		{"model env merges into defaults env", phi3.Env, map[string]string{"HF_HOME": "/mnt/citadel-models/cache", "VLLM_CACHE_ROOT": "/mnt/citadel-models/cache/vllm"}},
+		{"defaults restart.delay", mixtral.Restart.Delay, 5 * time.Second},
+		{"builtin restart.burst", mixtral.Restart.Burst, 5},
+		{"model restart.burst keeps defaults delay", phi3.Restart, Restart{Delay: 5 * time.Second, MaxDelay: 5 * time.Minute, ResetAfter: 10 * time.Minute, Burst: 3, Interval: 30 * time.Minute, RetryFailedAfter: time.Hour}},
+		{"probe override keeps other probe keys", phi3.Probe, Probe{Path: "/health", Period: 5 * time.Second, Timeout: 5 * time.Second, FailureThreshold: 3, StartupTimeout: 20 * time.Minute}},
+		{"int pin", phi3.GPUs, []GPURef{"1"}},
+		{"builtin tensor_parallel", phi3.TensorParallel, 1},
+		{"enabled by default", mixtral.Enabled, true},
+		{"derived vllm_port", mixtral.VLLMPort, DefaultVLLMPort(11400)},
+		{"headroom", c.GPU.Headroom, GiB},
+		{"sim memory", c.GPU.Sim.Devices[0].Memory, 80 * GiB},
+		{"builtin release_timeout", c.GPU.ReleaseTimeout, 60 * time.Second},
+		{"longest stop timeout", c.LongestStopTimeout(), 30 * time.Second},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if !reflect.DeepEqual(tc.got, tc.want) {
+				t.Errorf("got %#v, want %#v", tc.got, tc.want)
+			}
+		})
+	}
+}
+
+func TestLoadMinimal(t *testing.T) {
+	c, err := Parse([]byte("{}"), nil)
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	if c.Listen != "127.0.0.1:9400" || c.ControlSocket != "/run/citadel/supervisor.sock" || c.GPU.Backend != "nvml" || len(c.Models) != 0 {
+		t.Errorf("built-in defaults not applied: %+v", c)
+	}
+}
+
+// TestLoadBadConfigs asserts every bad fixture by its exact error text: the
+// messages are what an operator reads at 3 a.m., so they are part of the
+// contract.
+func TestLoadBadConfigs(t *testing.T) {
+	cases := map[string]string{
+		"duplicate_port.yaml": `models.mixtral.port: 11400 already used by models.hermes
+models.phi3.port: 9400 is the supervisor's own listen port`,
+		"names.yaml": `defaults.port: belongs to one model: set it under models.<name>.port
+models.-x: model name may use letters, digits, '-' and '_' and must start with a letter or digit
+models.all: "all" is reserved for citadelctl; rename the model`,
+		"ranges.yaml": `gpu.backend: "cuda": use nvml, sim or none
+log.format: "xml": use json or console
+log.level: "loud": use debug, info, warn or error
+models.mixtral.args[0]: --port is set by the supervisor from models.mixtral.port
+models.mixtral.env.CUDA_VISIBLE_DEVICES: set by the supervisor: set gpus instead
+models.mixtral.env.bad-name: not a valid environment variable name
+models.mixtral.env_files[0]: "secrets.env": must be an absolute path
+models.mixtral.gpu_memory_utilization: 1.5: must be in (0, 1], a fraction of each GPU's memory
+models.mixtral.port: required: a TCP port from 1 to 65535
+models.mixtral.probe.failure_threshold: 0: must be at least 1
+models.mixtral.probe.path: "health": must start with /
+models.mixtral.restart.burst: 0: must be at least 1
+models.mixtral.restart.max_delay: 10s is below delay 1m0s
+models.mixtral.tensor_parallel: 0: must be at least 1 (the number of GPUs)
+models.phi3.model: required: the model's directory (vLLM --model)
+models.phi3.probe.failure_threshold: 0: must be at least 1
+models.phi3.probe.path: "health": must start with /
+models.phi3.restart.burst: 0: must be at least 1
+models.phi3.restart.max_delay: 10s is below delay 1m0s`,
+		"sim_pins.yaml": `gpu.sim.devices[1].memory: must be positive, e.g. 80GiB
+gpu.sim.devices[1].uuid: GPU-a already used by gpu.sim.devices[0]
+models.mixtral.gpus[1]: 0 is pinned twice
+models.phi3.gpus[0]: GPU 3 does not exist: gpu.sim.devices declares 2
+models.yi.gpus[0]: GPU-b is not among gpu.sim.devices`,
+		"syntax.yaml": `parse config: yaml: line 1: did not find expected ',' or ']'`,
+		"types.yaml": `gpu.headroom: invalid size "lots": use a number with KiB, MiB, GiB or TiB, e.g. 1GiB
+gpu.release_timeout: 60 has no unit: write a duration such as 60s
+models.mixtral.args: expected a list, got "--trust-remote-code"
+models.mixtral.enabled: expected true or false, got "yes"
+models.mixtral.gpu_memory_utilization: expected a number, got "high"
+models.mixtral.port: expected a whole number, got "11400"
+models.mixtral.stop_timeout: "soon" is not a duration: write it like 30s, 5m or 1h`,
+		"unknown_keys.yaml": `defaults.restart.dealy: unknown key (did you mean "delay"?)
+gpu.sim.devices[0].colour: unknown key
+listn: unknown key (did you mean "listen"?)
+models.mixtral.tensor_paralel: unknown key (did you mean "tensor_parallel"?)`,
+		"vllm_port.yaml": `models.a.port: 11400 lies in models.c's VLLM_PORT block; move one of them
+models.b.vllm_port: block 50368-50383 overlaps models.a's block; set vllm_port to a free range
+models.c.port: 11401 lies in models.c's VLLM_PORT block; move one of them`,
+	}
+	files, _ := filepath.Glob("testdata/bad/*.yaml")
+	if len(files) != len(cases) {
+		t.Errorf("testdata/bad has %d files, the table %d: every fixture needs its expected text", len(files), len(cases))
+	}
+	for name, want := range cases {
+		t.Run(name, func(t *testing.T) {
+			_, err := Load(filepath.Join("testdata/bad", name), nil)
+			if err == nil {
+				t.Fatal("Load succeeded, want an error")
+			}
+			if got := err.Error(); got != want {
+				t.Errorf("error text:\n%s\nwant:\n%s", got, want)
+			}
+		})
+	}
+}
+
+func TestEnvOverrides(t *testing.T) {
+	env := []string{
+		"CITADEL_LISTEN=",
+		"CITADEL_CONTROL_SOCKET=/tmp/c.sock",
+		"CITADEL_LOG_LEVEL=debug",
+		"CITADEL_GPU_BACKEND=none",
+		"CITADEL_GPU_RELEASE_TIMEOUT=5s",
+		"CITADEL_CONFIG=/ignored.yaml", // names a file, not a key
+		"HOME=/root",
+	}
+	c, err := Load("testdata/good.yaml", env)
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	if c.Listen != "" || c.ControlSocket != "/tmp/c.sock" || c.Log.Level != "debug" || c.GPU.Backend != "none" || c.GPU.ReleaseTimeout != 5*time.Second {
+		t.Errorf("overrides not applied: listen=%q socket=%q level=%q backend=%q release=%s",
+			c.Listen, c.ControlSocket, c.Log.Level, c.GPU.Backend, c.GPU.ReleaseTimeout)
+	}
+
+	_, err = Load("testdata/good.yaml", []string{"CITADEL_LOG_FORMAT=xml"})
+	if err == nil || err.Error() != `log.format: "xml": use json or console` {
+		t.Errorf("bad override: got %v", err)
+	}
+}
+
+func TestLoadMissingFile(t *testing.T) {
+	_, err := Load(filepath.Join(t.TempDir(), "nope.yaml"), nil)
+	if !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("got %v, want a not-exist error", err)
+	}
+}
+
+func TestByteSize(t *testing.T) {
+	cases := []struct {
+		in   string
+		want ByteSize
+		text string
+	}{
+		{"80GiB", 80 * GiB, "80.0 GiB"},
+		{"1.5 GiB", 3 * GiB / 2, "1.5 GiB"},
+		{"512MiB", 512 * MiB, "512.0 MiB"},
+		{"1024", KiB, "1024 B"},
+		{"1TiB", TiB, "1024.0 GiB"},
+	}
+	for _, tc := range cases {
+		got, err := ParseByteSize(tc.in)
+		if err != nil || got != tc.want || got.String() != tc.text {
+			t.Errorf("ParseByteSize(%q) = %d (%s), %v; want %d (%s)", tc.in, got, got, err, tc.want, tc.text)
+		}
+	}
+	for _, bad := range []string{"", "GiB", "-1GiB", "1GB", "lots"} {
+		if _, err := ParseByteSize(bad); err == nil {
+			t.Errorf("ParseByteSize(%q) succeeded", bad)
+		}
+	}
+}
+
+func TestDiff(t *testing.T) {
+	base := `
+gpu: {backend: none}
+models:
+  a: {model: /m/a, port: 11400}
+  b: {model: /m/b, port: 11401}
+  c: {model: /m/c, port: 11402, env: {X: "1"}}
+  d: {model: /m/d, port: 11403}
+  e: {model: /m/e, port: 11404}
+`
+	next := `
+gpu: {backend: none}
+models:
+  a: {model: /m/a, port: 11400}
+  b: {model: /m/b, port: 11401, probe: {period: 3s}, priority: 5}
+  c: {model: /m/c, port: 11402, env: {X: "2"}}
+  d: {model: /m/d, port: 11403, enabled: false}
+  f: {model: /m/f, port: 11405}
+`
+	old, err := Parse([]byte(base), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nw, err := Parse([]byte(next), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, c := range Diff(old, nw) {
+		got = append(got, c.Name+" "+c.Kind.String()+" "+strings.Join(c.Fields, ","))
+	}
+	want := []string{
+		"a unchanged ",
+		"b update probe,priority",
+		"c respawn env",
+		"d respawn enabled",
+		"e removed ",
+		"f added ",
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("Diff:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	for _, c := range Diff(nw, nw) {
+		if c.Kind != Unchanged {
+			t.Errorf("Diff of a config with itself: %s is %s", c.Name, c.Kind)
+		}
+	}
+}

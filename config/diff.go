@@ -1,0 +1,90 @@
+package config
+
+import (
+	"reflect"
+	"sort"
+)
+
+// ChangeKind says what a reload must do to one model.
+type ChangeKind int
+
+const (
+	// Unchanged: leave the model alone (same process).
+	Unchanged ChangeKind = iota
+	// Added: a new model; start it.
+	Added
+	// Removed: the model is gone from the file; stop it and forget it.
+	Removed
+	// Respawn: something the child sees changed (argv, environment, GPU
+	// pins, port …); restart it.
+	Respawn
+	// Update: only the supervisor's behaviour toward the model changed
+	// (probe timings, restart policy, stop_timeout, priority); apply it
+	// without touching the process.
+	Update
+)
+
+func (k ChangeKind) String() string {
+	return [...]string{"unchanged", "added", "removed", "respawn", "update"}[k]
+}
+
+// Change is the reload action for one model.
+type Change struct {
+	Name   string
+	Kind   ChangeKind
+	Fields []string // the koanf keys that differ, for the log
+}
+
+// Diff compares two configurations model by model. The result holds one
+// Change per model in either, sorted by name. Env file contents are not
+// compared here: the reload reads them and compares their digests.
+func Diff(old, new *Config) []Change {
+	var out []Change
+	for _, n := range new.Models {
+		o, ok := old.Model(n.Name)
+		if !ok {
+			out = append(out, Change{Name: n.Name, Kind: Added})
+			continue
+		}
+		out = append(out, diffModel(o, n))
+	}
+	for _, o := range old.Models {
+		if _, ok := new.Model(o.Name); !ok {
+			out = append(out, Change{Name: o.Name, Kind: Removed})
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// policyKeys are the model keys that change only the supervisor's behaviour.
+var policyKeys = map[string]bool{
+	"stop_timeout": true, "restart": true, "probe": true, "priority": true,
+}
+
+func diffModel(o, n Model) Change {
+	c := Change{Name: n.Name, Kind: Unchanged}
+	ov, nv := reflect.ValueOf(o), reflect.ValueOf(n)
+	t := ov.Type()
+	for i := range t.NumField() {
+		tag := t.Field(i).Tag.Get("koanf")
+		if tag == "" || tag == "-" || equalField(ov.Field(i), nv.Field(i)) {
+			continue
+		}
+		c.Fields = append(c.Fields, tag)
+		if !policyKeys[tag] {
+			c.Kind = Respawn
+		} else if c.Kind == Unchanged {
+			c.Kind = Update
+		}
+	}
+	return c
+}
+
+// equalField treats nil and empty lists and maps as equal.
+func equalField(a, b reflect.Value) bool {
+	if (a.Kind() == reflect.Slice || a.Kind() == reflect.Map) && a.Len() == 0 && b.Len() == 0 {
+		return true
+	}
+	return reflect.DeepEqual(a.Interface(), b.Interface())
+}

@@ -1,0 +1,234 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"reflect"
+	"slices"
+	"sort"
+	"strings"
+
+	"github.com/go-viper/mapstructure/v2"
+	"github.com/knadh/koanf/parsers/yaml"
+	"github.com/knadh/koanf/providers/confmap"
+	"github.com/knadh/koanf/providers/env/v2"
+	"github.com/knadh/koanf/providers/rawbytes"
+	"github.com/knadh/koanf/v2"
+)
+
+// EnvPrefix starts every environment variable that overrides a top-level key:
+// CITADEL_LISTEN, CITADEL_CONTROL_SOCKET, CITADEL_LOG_LEVEL, CITADEL_GPU_BACKEND …
+const EnvPrefix = "CITADEL_"
+
+// envKeys are the keys an environment variable may override. Models are
+// deliberately absent: a model's settings live in the file, where a reload
+// sees them, not in the daemon's environment, which a reload cannot change.
+var envKeys = []string{
+	"listen", "control_socket", "log.level", "log.format",
+	"gpu.backend", "gpu.headroom", "gpu.release_timeout", "gpu.sim.state_file",
+}
+
+// Load reads the YAML file at path, applies CITADEL_* overrides from environ
+// (pass os.Environ()), merges defaults into each model and validates the
+// result. The error, when not nil, lists every problem, one per line, each
+// starting with its key path.
+func Load(path string, environ []string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return Parse(data, environ)
+}
+
+// Parse is Load for a configuration already in memory.
+func Parse(data []byte, environ []string) (*Config, error) {
+	file := koanf.New(".")
+	if err := file.Load(rawbytes.Provider(data), yaml.Parser()); err != nil {
+		return nil, fmt.Errorf("parse config: %w", err)
+	}
+
+	// Check the file's shape first, so every unknown key and wrongly typed
+	// value is reported with its path before decoding could stop at one.
+	var errs []error
+	checkTree("", file.Raw(), reflect.TypeFor[fileShape](), &errs)
+	names := modelNames(file.Raw(), &errs)
+	if len(errs) > 0 {
+		return nil, joinSorted(errs)
+	}
+
+	top := koanf.New(".")
+	if err := top.Load(confmap.Provider(builtin(), "."), nil); err != nil {
+		return nil, fmt.Errorf("load built-in defaults: %w", err)
+	}
+	rest := file.Copy()
+	rest.Delete("defaults")
+	rest.Delete("models")
+	if err := top.Merge(rest); err != nil {
+		return nil, fmt.Errorf("merge config: %w", err)
+	}
+	if err := top.Load(env.Provider(".", env.Opt{Prefix: EnvPrefix, TransformFunc: envKey, EnvironFunc: func() []string { return environ }}), nil); err != nil {
+		return nil, fmt.Errorf("read %s* environment: %w", EnvPrefix, err)
+	}
+
+	cfg := &Config{}
+	if err := decode(top, cfg); err != nil {
+		return nil, err
+	}
+	for _, name := range names {
+		m, err := loadModel(file, name)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		cfg.Models = append(cfg.Models, m)
+	}
+	if len(errs) > 0 {
+		return nil, joinSorted(errs)
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return cfg, nil
+}
+
+// fileShape is the layout of the YAML file, for checkTree.
+type fileShape struct {
+	Listen        string           `koanf:"listen"`
+	ControlSocket string           `koanf:"control_socket"`
+	Log           Log              `koanf:"log"`
+	GPU           GPU              `koanf:"gpu"`
+	Defaults      Model            `koanf:"defaults"`
+	Models        map[string]Model `koanf:"models"`
+}
+
+func loadModel(file *koanf.Koanf, name string) (Model, error) {
+	k := koanf.New(".")
+	if err := k.Load(confmap.Provider(builtinModel(), "."), nil); err != nil {
+		return Model{}, fmt.Errorf("models.%s: load built-in defaults: %w", name, err)
+	}
+	// Merge replaces lists and merges maps, so a model's args replace the
+	// defaults' args while its env adds to the defaults' env.
+	if err := k.Merge(file.Cut("defaults")); err != nil {
+		return Model{}, fmt.Errorf("models.%s: merge defaults: %w", name, err)
+	}
+	if err := k.Merge(file.Cut("models." + name)); err != nil {
+		return Model{}, fmt.Errorf("models.%s: merge: %w", name, err)
+	}
+	var m Model
+	if err := decode(k, &m); err != nil {
+		return Model{}, fmt.Errorf("models.%s: %w", name, err)
+	}
+	m.Name = name
+	if m.ServedName == "" {
+		m.ServedName = name
+	}
+	if m.VLLMPort == 0 && m.Port > 0 {
+		m.VLLMPort = DefaultVLLMPort(m.Port)
+	}
+	return m, nil
+}
+
+// VLLMPortBlock is how many consecutive ports starting at VLLM_PORT one model
+// may use for vLLM's internal sockets (distributed init, ZMQ queues).
+const VLLMPortBlock = 16
+
+// DefaultVLLMPort derives a model's VLLM_PORT from its API port, so that the
+// value is stable across reloads (it never depends on which other models are
+// configured) and distinct for ports that differ by less than 1536.
+func DefaultVLLMPort(port int) int { return 40000 + VLLMPortBlock*(port%1536) }
+
+func decode(k *koanf.Koanf, out any) error {
+	return k.UnmarshalWithConf("", out, koanf.UnmarshalConf{
+		DecoderConfig: &mapstructure.DecoderConfig{
+			DecodeHook: mapstructure.ComposeDecodeHookFunc(
+				mapstructure.StringToTimeDurationHookFunc(),
+				mapstructure.TextUnmarshallerHookFunc(),
+				gpuRefHook,
+			),
+			TagName: "koanf",
+		},
+	})
+}
+
+// gpuRefHook lets a pin be written as a bare index (gpus: [0, 1]).
+func gpuRefHook(from, to reflect.Type, v any) (any, error) {
+	if to != reflect.TypeFor[GPURef]() {
+		return v, nil
+	}
+	if from.Kind() == reflect.Int {
+		return fmt.Sprint(v), nil
+	}
+	return v, nil
+}
+
+// envKey maps CITADEL_LOG_LEVEL to log.level; other variables are ignored
+// (CITADEL_CONFIG and CITADEL_SOCKET name files, not keys).
+func envKey(k, v string) (string, any) {
+	name := strings.ToLower(strings.TrimPrefix(k, EnvPrefix))
+	for _, key := range envKeys {
+		if strings.ReplaceAll(key, ".", "_") == name {
+			return key, v
+		}
+	}
+	return "", nil
+}
+
+// modelNames returns the file's model names, sorted, reporting bad ones.
+func modelNames(raw map[string]any, errs *[]error) []string {
+	models, _ := raw["models"].(map[string]any)
+	names := make([]string, 0, len(models))
+	for name := range models {
+		if msg := checkModelName(name); msg != "" {
+			*errs = append(*errs, &Error{Key: "models." + name, Msg: msg})
+			continue
+		}
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	return names
+}
+
+func checkModelName(name string) string {
+	if name == "all" {
+		return `"all" is reserved for citadelctl; rename the model`
+	}
+	if name == "" || len(name) > 64 {
+		return "model name must be 1 to 64 characters"
+	}
+	for i, r := range name {
+		ok := r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || (i > 0 && (r == '-' || r == '_'))
+		if !ok {
+			return "model name may use letters, digits, '-' and '_' and must start with a letter or digit"
+		}
+	}
+	return ""
+}
+
+// Error is one configuration problem at one key path.
+type Error struct {
+	Key string // e.g. models.mixtral.port
+	Msg string
+}
+
+func (e *Error) Error() string { return e.Key + ": " + e.Msg }
+
+func errorf(key, format string, args ...any) error {
+	return &Error{Key: key, Msg: fmt.Sprintf(format, args...)}
+}
+
+// joinSorted joins errors ordered by key path so output is stable.
+func joinSorted(errs []error) error {
+	slices.SortStableFunc(errs, func(a, b error) int {
+		return strings.Compare(errKey(a), errKey(b))
+	})
+	return errors.Join(errs...)
+}
+
+func errKey(err error) string {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Key
+	}
+	return err.Error()
+}

@@ -1,0 +1,66 @@
+// Package probe answers whether a model server is healthy.
+//
+// A prober answers one question, "did it work", like blackbox_exporter's
+// probers: the caller owns the deadline (through ctx), the timing and the
+// bookkeeping of consecutive failures.
+package probe
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"syscall"
+)
+
+// ErrRefused means nothing listens on the port yet. While a model is
+// starting this means "still loading": vLLM binds its port only after the
+// weights are loaded.
+var ErrRefused = errors.New("connection refused")
+
+// StatusError is a non-2xx answer.
+type StatusError struct{ Code int }
+
+func (e *StatusError) Error() string { return fmt.Sprintf("HTTP %d", e.Code) }
+
+// HTTP probes a URL with GET; any 2xx answer is healthy.
+type HTTP struct {
+	client *http.Client
+}
+
+// NewHTTP returns an HTTP prober. It keeps no idle connections, so a probe
+// never reuses a connection into a server that has since wedged, and it
+// ignores proxy variables: models are probed on this host.
+func NewHTTP() *HTTP {
+	return &HTTP{client: &http.Client{
+		Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true},
+		CheckRedirect: func(*http.Request, []*http.Request) error {
+			return http.ErrUseLastResponse
+		},
+	}}
+}
+
+// Probe GETs target and returns nil for a 2xx answer before ctx ends.
+func (h *HTTP) Probe(ctx context.Context, target string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, target, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := h.client.Do(req)
+	if err != nil {
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return ErrRefused
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("no answer within the probe timeout")
+		}
+		return err
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64*1024))
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		return &StatusError{Code: resp.StatusCode}
+	}
+	return nil
+}

@@ -1,0 +1,63 @@
+package supervisor
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"fmt"
+	"os"
+	"regexp"
+	"strings"
+)
+
+var envKeyRe = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+// readEnvFile parses a KEY=VALUE file of secrets (HF_TOKEN and the like), the
+// format of systemd's EnvironmentFile: blank lines and # comments are
+// skipped, "export " is allowed, and one pair of matching outer quotes is
+// removed from a value.
+//
+// The values are secrets. An error names the file and the line number, never
+// the line's text, so a typo in a token cannot leak through a log or status.
+// (General .env parsers quote the offending text in their errors, which is
+// why this small parser is ours.)
+func readEnvFile(path string) (map[string]string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("env_files: %w", err)
+	}
+	out := map[string]string{}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	sc.Buffer(make([]byte, 64*1024), 1024*1024)
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") || strings.HasPrefix(line, ";") {
+			continue
+		}
+		line = strings.TrimPrefix(line, "export ")
+		k, v, ok := strings.Cut(line, "=")
+		k = strings.TrimSpace(k)
+		if !ok || !envKeyRe.MatchString(k) {
+			return nil, fmt.Errorf("env_files: %s line %d: expected KEY=VALUE", path, n)
+		}
+		v = strings.TrimSpace(v)
+		if len(v) >= 2 && (v[0] == '"' || v[0] == '\'') && v[len(v)-1] == v[0] {
+			v = v[1 : len(v)-1]
+		}
+		out[k] = v
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("env_files: %s: %w", path, err)
+	}
+	return out, nil
+}
+
+// envDigest fingerprints env file contents so a reload can tell whether a
+// secret changed without keeping or comparing the secret itself in the open.
+func envDigest(vars map[string]string) string {
+	h := sha256.New()
+	for _, k := range sortedKeys(vars) {
+		fmt.Fprintf(h, "%s=%s\x00", k, vars[k])
+	}
+	return fmt.Sprintf("%x", h.Sum(nil))
+}

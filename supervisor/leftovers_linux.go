@@ -1,0 +1,97 @@
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"citadel-supervisor/config"
+)
+
+// ErrAlreadyRunning means another supervisor holds this identity's lock.
+var ErrAlreadyRunning = errors.New("another citadel-supervisor is running with this control_socket")
+
+// lockIdentity takes an exclusive lock next to the control socket, so two
+// supervisors never share an identity: each would take the other's children
+// for leftovers. The lock dies with the process, also on SIGKILL.
+func lockIdentity(socket string) (func(), error) {
+	path := socket + ".lock"
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, fmt.Errorf("lock: %w", err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o640)
+	if err != nil {
+		return nil, fmt.Errorf("lock: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		b, _ := os.ReadFile(path)
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%w (pid %s holds %s)", ErrAlreadyRunning, strings.TrimSpace(string(b)), path)
+		}
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	_ = f.Truncate(0)
+	_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	return func() { f.Close() }, nil
+}
+
+// stopLeftovers stops every process a previous supervisor of this identity
+// left behind (it was SIGKILLed, or crashed) before any model starts.
+//
+// They are stopped, not adopted: their stdout and stderr were pipes to the
+// dead supervisor, so their output is lost and the next write may fail;
+// they are not our children, so their exit cannot be waited for; and a
+// fresh start is the state an operator can reason about. Each model's
+// processes get its stop_timeout, in parallel, so GPU memory is freed
+// cleanly before placement begins.
+func (s *Supervisor) stopLeftovers(cfg *config.Config) {
+	pids, err := allPIDs()
+	if err != nil {
+		s.d.log.Error("scan for leftover model processes", zap.Error(err))
+		return
+	}
+	prefix := s.d.id + "/"
+	groups := map[string]*tree{}
+	for _, pid := range pids {
+		v, ok := environValue(pid, MarkerEnv)
+		if !ok || !strings.HasPrefix(v, prefix) {
+			continue
+		}
+		st, err := readStat(pid)
+		if err != nil || st.State == 'Z' {
+			continue
+		}
+		t := groups[v]
+		if t == nil {
+			t = &tree{marker: v, members: map[int]uint64{}, known: map[int]uint64{}, scan: allPIDs}
+			groups[v] = t
+		}
+		t.members[pid] = st.Start
+	}
+	var wg sync.WaitGroup
+	for marker, t := range groups {
+		model := strings.Split(marker, "/")[1]
+		grace := cfg.LongestStopTimeout()
+		if m, ok := cfg.Model(model); ok {
+			grace = m.StopTimeout
+		}
+		s.d.log.Warn("stopping processes left by a previous supervisor",
+			zap.String("model", model), zap.Ints("pids", t.pids()), zap.Duration("grace", grace))
+		wg.Go(func() {
+			if err := t.stop(context.Background(), grace, false); err != nil {
+				s.d.log.Error("leftover processes survive", zap.String("model", model), zap.Error(err))
+			}
+		})
+	}
+	wg.Wait()
+}

@@ -1,0 +1,151 @@
+package supervisor
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// procStat is what the supervisor needs from /proc/PID/stat.
+type procStat struct {
+	PID, PPID, PGID int
+	State           byte   // R, S, D, Z, …
+	Start           uint64 // start time in clock ticks since boot: with PID, a process's identity
+	Comm            string
+	UTime, STime    uint64 // clock ticks
+	RSSPages        int64
+}
+
+// errGone means the process no longer exists (or is a zombie, or its PID now
+// belongs to another process).
+var errGone = errors.New("process gone")
+
+// readStat parses /proc/PID/stat.
+func readStat(pid int) (procStat, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ESRCH) {
+			return procStat{}, errGone
+		}
+		return procStat{}, err
+	}
+	return parseStat(pid, b)
+}
+
+func parseStat(pid int, b []byte) (procStat, error) {
+	// comm may hold spaces and parentheses: it ends at the last ')'.
+	open, end := bytes.IndexByte(b, '('), bytes.LastIndexByte(b, ')')
+	if open < 0 || end < open || end+2 >= len(b) {
+		return procStat{}, fmt.Errorf("parse /proc/%d/stat: malformed", pid)
+	}
+	f := strings.Fields(string(b[end+2:]))
+	// f[0] is field 3 (state); see proc(5).
+	if len(f) < 22 {
+		return procStat{}, fmt.Errorf("parse /proc/%d/stat: %d fields", pid, len(f))
+	}
+	num := func(i int) uint64 { v, _ := strconv.ParseUint(f[i], 10, 64); return v }
+	s := procStat{
+		PID:   pid,
+		State: f[0][0],
+		PPID:  int(num(1)),
+		PGID:  int(num(2)),
+		UTime: num(11),
+		STime: num(12),
+		Start: num(19),
+		Comm:  string(b[open+1 : end]),
+	}
+	s.RSSPages, _ = strconv.ParseInt(f[21], 10, 64)
+	return s, nil
+}
+
+// alive reports whether pid still is the process that started at start.
+// A zombie counts as gone: it holds no memory, ports or GPU contexts.
+func alive(pid int, start uint64) bool {
+	s, err := readStat(pid)
+	return err == nil && s.Start == start && s.State != 'Z'
+}
+
+// childrenOf lists pid's children from /proc/PID/task/*/children.
+func childrenOf(pid int) []int {
+	tasks, _ := filepath.Glob("/proc/" + strconv.Itoa(pid) + "/task/*/children")
+	var out []int
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(f); err == nil {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
+
+// allPIDs lists every process visible in /proc.
+func allPIDs() ([]int, error) {
+	d, err := os.Open("/proc")
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	names, err := d.Readdirnames(-1)
+	if err != nil {
+		return nil, err
+	}
+	pids := make([]int, 0, len(names))
+	for _, n := range names {
+		if pid, err := strconv.Atoi(n); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	return pids, nil
+}
+
+// environValue returns the value of variable key in pid's initial
+// environment, if the supervisor may read it (same user, or root).
+func environValue(pid int, key string) (string, bool) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
+	if err != nil {
+		return "", false
+	}
+	prefix := []byte(key + "=")
+	for kv := range bytes.SplitSeq(b, []byte{0}) {
+		if v, ok := bytes.CutPrefix(kv, prefix); ok {
+			return string(v), true
+		}
+	}
+	return "", false
+}
+
+// signalProcess sends sig to pid only if pid is still the process that
+// started at start. The pidfd pins the process between the identity check
+// and the signal, so a recycled PID is never hit.
+func signalProcess(pid int, start uint64, sig unix.Signal) error {
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		if errors.Is(err, unix.ESRCH) {
+			return errGone
+		}
+		return fmt.Errorf("pidfd_open %d: %w", pid, err)
+	}
+	defer unix.Close(fd)
+	if !alive(pid, start) {
+		return errGone
+	}
+	if err := unix.PidfdSendSignal(fd, sig, nil, 0); err != nil {
+		if errors.Is(err, unix.ESRCH) {
+			return errGone
+		}
+		return fmt.Errorf("signal %d: %w", pid, err)
+	}
+	return nil
+}

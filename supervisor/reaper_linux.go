@@ -1,0 +1,104 @@
+package supervisor
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Reaper makes the daemon a child subreaper and reaps the orphans that are
+// re-parented to it.
+//
+// vLLM's workers can outlive their API server. As a subreaper the daemon,
+// not PID 1, becomes their parent, so they stay inside the daemon's view
+// (and its systemd cgroup) until they are killed, and their exit is reaped
+// here instead of leaving zombies on hosts whose PID 1 does not reap.
+//
+// A process has one subreaper attribute, so a process has one Reaper: main
+// builds it and passes it to every Supervisor. Children the supervisor
+// spawns are started through Start, which records them, so the reaper never
+// steals an exit status that os/exec's Wait is owed.
+type Reaper struct {
+	mu      sync.Mutex
+	managed map[int]bool
+}
+
+// NewReaper marks this process a child subreaper.
+func NewReaper() (*Reaper, error) {
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		return nil, fmt.Errorf("prctl(PR_SET_CHILD_SUBREAPER): %w", err)
+	}
+	return &Reaper{managed: map[int]bool{}}, nil
+}
+
+// Start starts cmd and records its PID as one os/exec will wait for.
+// Holding the lock across Start means a child that exits at once is not
+// reaped by Reap before it is recorded.
+func (r *Reaper) Start(cmd *exec.Cmd) error {
+	if r == nil {
+		return cmd.Start()
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	r.managed[cmd.Process.Pid] = true
+	return nil
+}
+
+// Done forgets pid once os/exec's Wait has returned for it.
+func (r *Reaper) Done(pid int) {
+	if r == nil {
+		return
+	}
+	r.mu.Lock()
+	delete(r.managed, pid)
+	r.mu.Unlock()
+}
+
+// Run reaps adopted orphans on every SIGCHLD, and every few seconds in case
+// a signal was coalesced, until ctx ends.
+func (r *Reaper) Run(ctx context.Context) error {
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGCHLD)
+	defer signal.Stop(sig)
+	tick := time.NewTicker(5 * time.Second)
+	defer tick.Stop()
+	for {
+		r.Reap()
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-sig:
+		case <-tick.C:
+		}
+	}
+}
+
+// Reap collects every exited child that os/exec is not waiting for.
+func (r *Reaper) Reap() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, pid := range childrenOf(os.Getpid()) {
+		if r.managed[pid] {
+			continue
+		}
+		if s, err := readStat(pid); err != nil || s.State != 'Z' {
+			continue
+		}
+		var ws unix.WaitStatus
+		if got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil); err == nil && got == pid {
+			n++
+		}
+	}
+	return n
+}

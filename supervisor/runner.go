@@ -1,0 +1,509 @@
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"net"
+	"os"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"citadel-supervisor/config"
+)
+
+// recheckInterval is how often a pending model re-checks what it waits for.
+const recheckInterval = 2 * time.Second
+
+// maxStartupPoll bounds the probe interval while a model is starting, so a
+// model is seen ready within a second of answering even with a 10 s period.
+const maxStartupPoll = time.Second
+
+// runner owns one model's lifecycle. Its run goroutine is the only writer of
+// the model's state; everything else sends it a request or reads the
+// published Status.
+type runner struct {
+	name   string
+	d      *deps
+	log    *zap.Logger
+	reqs   chan request
+	out    *ring
+	status atomic.Pointer[Status]
+
+	cancel  context.CancelFunc // ends run: the model is removed or the daemon stops
+	stopped chan struct{}      // closed when run has returned
+}
+
+// request is an operator's or a reload's instruction to a runner.
+type request struct {
+	op   string // start, stop, restart, reset, update
+	cfg  config.Model
+	kind config.ChangeKind
+	done chan error
+}
+
+// instance is one spawned process tree of a model.
+type instance struct {
+	pid     int
+	tree    *tree
+	started time.Time
+	gpus    []string
+	done    chan struct{} // closed once the main process is reaped
+	exit    exitInfo      // valid after done is closed
+}
+
+type exitInfo struct {
+	code int // the exit code, or 128+signal
+	desc string
+}
+
+func newRunner(name string, d *deps) *runner {
+	r := &runner{
+		name: name,
+		d:    d,
+		log:  d.log.With(zap.String("model", name)),
+		reqs:    make(chan request),
+		out:     newRing(OutputLines),
+		stopped: make(chan struct{}),
+	}
+	return r
+}
+
+// loop is the state of one runner's goroutine. Nothing else touches it.
+type loop struct {
+	r        *runner
+	cfg      config.Model
+	state    State
+	reason   string
+	since    time.Time
+	hold     bool // an operator (or enabled: false) wants it stopped
+	inst     *instance
+	exitSeen bool // inst.done already handled
+	tracker  restartTracker
+	restarts map[string]int
+	lastExit *exitInfo
+	readyAt  time.Time
+	startup  time.Duration
+	lastOut  []string
+
+	tick     <-chan time.Time // the next check, probe, backoff end or retry
+	deadline <-chan time.Time // startup_timeout of the current start
+
+	probing    bool
+	probeRes   chan error
+	probeFails int
+
+	stopDone  chan error
+	afterStop func() // what follows the stop in flight
+}
+
+// run drives the model until ctx ends, then stops its processes and returns.
+func (r *runner) run(ctx context.Context, cfg config.Model) {
+	l := &loop{r: r, cfg: cfg, restarts: map[string]int{}, probeRes: make(chan error, 1), stopDone: make(chan error, 1)}
+	if cfg.Enabled {
+		l.enterPending("checking storage, port and GPUs")
+	} else {
+		l.hold = true
+		l.enter(Stopped, "enabled: false")
+	}
+	for {
+		var exited <-chan struct{}
+		if l.inst != nil && !l.exitSeen {
+			exited = l.inst.done
+		}
+		select {
+		case <-ctx.Done():
+			l.shutdown()
+			return
+		case req := <-r.reqs:
+			req.done <- l.handle(req)
+		case <-exited:
+			l.onExit()
+		case <-l.tick:
+			l.tick = nil
+			l.onTick(ctx)
+		case <-l.deadline:
+			l.deadline = nil
+			if l.state == Starting {
+				l.restart(ReasonStartup, fmt.Sprintf("no healthy answer within startup_timeout %s", l.cfg.Probe.StartupTimeout))
+			}
+		case err := <-l.probeRes:
+			l.probing = false
+			l.onProbe(err)
+		case err := <-l.stopDone:
+			l.onStopped(err)
+		}
+		l.publish()
+	}
+}
+
+func (l *loop) enter(s State, reason string) {
+	if s != l.state || reason != l.reason {
+		l.r.log.Info("state", zap.String("state", string(s)), zap.String("reason", reason))
+	}
+	if s != l.state {
+		l.since = l.r.d.now()
+	}
+	l.state, l.reason = s, reason
+	l.publish()
+}
+
+func (l *loop) enterPending(reason string) {
+	l.enter(Pending, reason)
+	l.tick = l.r.d.after(0)
+}
+
+// onTick acts on the timer according to the state.
+func (l *loop) onTick(ctx context.Context) {
+	switch l.state {
+	case Pending:
+		l.tryStart()
+	case Backoff:
+		l.enterPending("restarting after backoff")
+	case Failed:
+		l.tracker.reset()
+		l.r.log.Info("retrying failed model", zap.Duration("retry_failed_after", l.cfg.Restart.RetryFailedAfter))
+		l.enterPending("retrying after failure")
+	case Starting, Ready, Unhealthy:
+		l.inst.tree.refresh()
+		if !l.probing {
+			l.probing = true
+			go l.probe(ctx)
+		}
+	}
+}
+
+// tryStart checks everything a start needs, in the order an operator would
+// fix them, and spawns the model or says what it waits for.
+func (l *loop) tryStart() {
+	m := l.cfg
+	wait := func(reason string) {
+		l.enter(Pending, reason)
+		l.tick = l.r.d.after(recheckInterval)
+	}
+	if _, err := os.Stat(m.Path); err != nil {
+		wait(fmt.Sprintf("storage: %s: %s", m.Path, errText(err)))
+		return
+	}
+	secrets := map[string]string{}
+	for _, f := range m.EnvFiles {
+		vars, err := readEnvFile(f)
+		if err != nil {
+			wait(err.Error())
+			return
+		}
+		maps.Copy(secrets, vars)
+	}
+	if err := checkPort(m.Host, m.Port); err != nil {
+		wait(err.Error())
+		return
+	}
+	gpus, err := l.r.d.placer.Place(m)
+	if err != nil {
+		wait(err.Error())
+		return
+	}
+	inst, err := l.r.spawn(m, secrets, gpus)
+	if err != nil {
+		l.r.d.placer.Release(m.Name)
+		// The program is missing or not executable: retrying in seconds
+		// would only burn the start limit. Fail now and say why.
+		l.fail(fmt.Sprintf("spawn: %s", errText(err)))
+		return
+	}
+	l.inst, l.exitSeen = inst, false
+	l.tracker.started(inst.started)
+	l.probeFails = 0
+	l.readyAt, l.startup = time.Time{}, 0
+	l.enter(Starting, "loading")
+	l.deadline = l.r.d.after(m.Probe.StartupTimeout)
+	l.tick = l.r.d.after(min(m.Probe.Period, maxStartupPoll))
+}
+
+func (l *loop) probe(ctx context.Context) {
+	m := l.cfg
+	ctx, cancel := context.WithTimeout(ctx, m.Probe.Timeout)
+	defer cancel()
+	l.probeRes <- l.r.d.prober.Probe(ctx, probeURL(m))
+}
+
+func (l *loop) onProbe(err error) {
+	if l.inst == nil || l.exitSeen {
+		return // a result from a process that is gone
+	}
+	period := l.cfg.Probe.Period
+	switch l.state {
+	case Starting:
+		if err != nil {
+			l.tick = l.r.d.after(min(period, maxStartupPoll))
+			return
+		}
+		l.readyAt = l.r.d.now()
+		l.startup = l.readyAt.Sub(l.inst.started)
+		l.deadline = nil
+		l.enter(Ready, "")
+	case Ready, Unhealthy:
+		if err == nil {
+			l.probeFails = 0
+			l.enter(Ready, "")
+		} else {
+			l.probeFails++
+			reason := fmt.Sprintf("probe failed %d/%d: %s", l.probeFails, l.cfg.Probe.FailureThreshold, errText(err))
+			if l.probeFails >= l.cfg.Probe.FailureThreshold {
+				l.restart(ReasonProbe, reason)
+				return
+			}
+			l.enter(Unhealthy, reason)
+		}
+	default:
+		return
+	}
+	l.tick = l.r.d.after(period)
+}
+
+// onExit handles the main process exiting on its own.
+func (l *loop) onExit() {
+	l.exitSeen = true
+	ex := l.inst.exit
+	l.lastExit = &ex
+	if l.state == Stopping {
+		return // expected: the stop in flight sees it too
+	}
+	l.r.log.Warn("model exited", zap.Int("pid", l.inst.pid), zap.String("exit", ex.desc))
+	l.beginStop(false, fmt.Sprintf("exited (%s); stopping what is left of it", ex.desc), func() {
+		l.afterFailure(ReasonExit, "exited ("+ex.desc+")")
+	})
+}
+
+// restart stops a live model for a failure (probe, startup) and restarts it
+// under the backoff and start-limit rules.
+func (l *loop) restart(why, reason string) {
+	l.r.log.Warn("restarting model", zap.String("reason", why), zap.String("detail", reason))
+	l.beginStop(true, reason, func() { l.afterFailure(why, reason) })
+}
+
+// beginStop hands the instance to a stop goroutine; then runs when it is
+// gone.
+func (l *loop) beginStop(mainAlive bool, reason string, then func()) {
+	inst := l.inst
+	l.afterStop = then
+	l.tick, l.deadline = nil, nil
+	l.enter(Stopping, reason)
+	grace := l.cfg.StopTimeout
+	go func() {
+		err := inst.tree.stop(context.Background(), grace, mainAlive && !inst.exited())
+		<-inst.done // the main process is dead by now; wait for its reaping
+		l.stopDone <- err
+	}()
+}
+
+// exited reports whether the main process has been reaped. Stop goroutines
+// use it instead of loop state, which only the runner goroutine may read.
+func (i *instance) exited() bool {
+	select {
+	case <-i.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (l *loop) onStopped(err error) {
+	if !l.exitSeen && l.inst != nil {
+		ex := l.inst.exit
+		l.lastExit = &ex
+	}
+	l.r.d.placer.Release(l.cfg.Name)
+	l.inst, l.exitSeen = nil, false
+	if err != nil {
+		l.r.log.Error("stop incomplete", zap.Error(err))
+		l.fail("stop: " + err.Error())
+		return
+	}
+	then := l.afterStop
+	l.afterStop = nil
+	if then != nil {
+		then()
+	}
+}
+
+// afterFailure decides between backoff and failed after a failed run.
+func (l *loop) afterFailure(why, reason string) {
+	l.restarts[why]++
+	var readyFor time.Duration
+	if !l.readyAt.IsZero() {
+		readyFor = l.r.d.now().Sub(l.readyAt)
+	}
+	delay, failed := l.tracker.afterFailure(l.cfg.Restart, l.r.d.now(), readyFor, l.r.d.jitter())
+	if l.hold {
+		l.enter(Stopped, "held stopped by operator")
+		return
+	}
+	if failed {
+		l.fail(fmt.Sprintf("start limit: %d starts within %s; last: %s", l.cfg.Restart.Burst, l.cfg.Restart.Interval, reason))
+		return
+	}
+	l.enter(Backoff, fmt.Sprintf("%s; restarting in %s", reason, delay.Round(time.Millisecond)))
+	l.tick = l.r.d.after(delay)
+}
+
+// fail enters failed, keeping the last output for the operator.
+func (l *loop) fail(reason string) {
+	l.lastOut = l.r.out.last(OutputLines)
+	l.enter(Failed, reason)
+	l.r.log.Error("model failed", zap.String("reason", reason), zap.Strings("last_output", l.r.out.last(20)))
+	if d := l.cfg.Restart.RetryFailedAfter; d > 0 {
+		l.tick = l.r.d.after(d)
+	}
+}
+
+// handle applies an operator's or a reload's request.
+func (l *loop) handle(req request) error {
+	switch req.op {
+	case "start":
+		l.hold = false
+		switch l.state {
+		case Stopped, Failed, Backoff:
+			l.tracker.reset()
+			l.enterPending("started by operator")
+		case Stopping:
+			l.afterStop = func() { l.enterPending("started by operator") }
+		}
+	case "stop":
+		l.hold = true
+		l.stopHeld("held stopped by operator")
+	case "restart":
+		l.hold = false
+		l.tracker.reset()
+		l.restarts[ReasonManual]++
+		l.respawn("restarted by operator")
+	case "reset":
+		l.hold = false
+		l.tracker.reset()
+		switch l.state {
+		case Failed, Backoff, Stopped:
+			l.enterPending("reset by operator")
+		}
+	case "update":
+		old := l.cfg
+		l.cfg = req.cfg
+		switch {
+		case !req.cfg.Enabled:
+			l.hold = true
+			l.stopHeld("enabled: false")
+		case req.kind == config.Respawn:
+			l.hold = false
+			if old.Enabled {
+				l.restarts[ReasonReload]++
+			}
+			l.tracker.reset()
+			l.respawn("configuration changed")
+		}
+	default:
+		return fmt.Errorf("unknown operation %q", req.op)
+	}
+	return nil
+}
+
+// stopHeld stops the model and holds it stopped.
+func (l *loop) stopHeld(reason string) {
+	switch l.state {
+	case Starting, Ready, Unhealthy:
+		l.beginStop(true, "stopping: "+reason, func() { l.enter(Stopped, reason) })
+	case Stopping:
+		l.afterStop = func() { l.enter(Stopped, reason) }
+	default:
+		l.tick = nil
+		l.enter(Stopped, reason)
+	}
+}
+
+// respawn gracefully stops a live model and starts it again at once.
+func (l *loop) respawn(reason string) {
+	switch l.state {
+	case Starting, Ready, Unhealthy:
+		l.beginStop(true, "stopping: "+reason, func() { l.enterPending(reason) })
+	case Stopping:
+		l.afterStop = func() { l.enterPending(reason) }
+	default:
+		l.enterPending(reason)
+	}
+}
+
+// shutdown stops the model's processes when the daemon exits.
+func (l *loop) shutdown() {
+	if l.inst == nil {
+		l.enter(Stopped, "supervisor shutting down")
+		return
+	}
+	if l.state != Stopping {
+		l.enter(Stopping, "supervisor shutting down")
+		inst := l.inst
+		go func() {
+			err := inst.tree.stop(context.Background(), l.cfg.StopTimeout, !inst.exited())
+			<-inst.done
+			l.stopDone <- err
+		}()
+	}
+	if err := <-l.stopDone; err != nil {
+		l.r.log.Error("stop incomplete at shutdown", zap.Error(err))
+	}
+	l.r.d.placer.Release(l.cfg.Name)
+	l.inst = nil
+	l.enter(Stopped, "supervisor shut down")
+}
+
+func (l *loop) publish() {
+	s := &Status{
+		Name:             l.cfg.Name,
+		State:            l.state,
+		Reason:           l.reason,
+		Port:             l.cfg.Port,
+		Since:            l.since,
+		Enabled:          l.cfg.Enabled,
+		ReadyAt:          l.readyAt,
+		StartupDuration:  l.startup,
+		RestartsByReason: maps.Clone(l.restarts),
+	}
+	for _, n := range l.restarts {
+		s.Restarts += n
+	}
+	if l.inst != nil {
+		s.PID, s.StartedAt, s.GPUs = l.inst.pid, l.inst.started, l.inst.gpus
+	}
+	if l.lastExit != nil {
+		code := l.lastExit.code
+		s.LastExitCode, s.LastExit = &code, l.lastExit.desc
+	}
+	if l.state == Failed {
+		s.LastOutput = l.lastOut
+	}
+	l.r.status.Store(s)
+}
+
+// probeURL is where the model answers its health probe. A model bound to a
+// wildcard address is probed on loopback.
+func probeURL(m config.Model) string {
+	host := m.Host
+	switch host {
+	case "0.0.0.0", "":
+		host = "127.0.0.1"
+	case "::", "[::]":
+		host = "::1"
+	}
+	return "http://" + net.JoinHostPort(host, strconv.Itoa(m.Port)) + m.Probe.Path
+}
+
+// errText is an error's message without Go's "open "/"stat " prefixes for
+// path errors, which read oddly in a status line.
+func errText(err error) string {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err.Error()
+	}
+	return err.Error()
+}

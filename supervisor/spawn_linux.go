@@ -1,0 +1,122 @@
+package supervisor
+
+import (
+	"bufio"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"citadel-supervisor/config"
+)
+
+// spawn starts one instance of m in a new process group, with its output
+// captured line by line.
+func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string) (*instance, error) {
+	args := argv(m)
+	marker := r.d.id + "/" + m.Name + "/" + rand.Text()[:16]
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Env = childEnv(r.d.environ, m, secrets, gpus, marker)
+	// Its own process group, so a terminal's or systemd's signal to the
+	// daemon's group does not reach models behind the supervisor's back.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// The pipes are os.Files handed to the child directly: Wait does not
+	// wait for them, so a detached worker holding them open cannot stall
+	// the reaping of the main process. WaitDelay bounds Wait regardless.
+	cmd.WaitDelay = time.Second
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("stdout pipe: %w", err)
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		outR.Close()
+		outW.Close()
+		return nil, fmt.Errorf("stderr pipe: %w", err)
+	}
+	cmd.Stdout, cmd.Stderr = outW, errW
+	err = r.d.reaper.Start(cmd)
+	outW.Close()
+	errW.Close()
+	if err != nil {
+		outR.Close()
+		errR.Close()
+		return nil, err
+	}
+	inst := &instance{
+		pid:     cmd.Process.Pid,
+		tree:    newTree(marker, cmd.Process.Pid),
+		started: r.d.now(),
+		gpus:    gpus,
+		done:    make(chan struct{}),
+	}
+	r.log.Info("spawned", zap.Int("pid", inst.pid), zap.Strings("argv", args), zap.Strings("gpus", gpus))
+	go r.capture(outR, "stdout")
+	go r.capture(errR, "stderr")
+	go func() {
+		err := cmd.Wait()
+		r.d.reaper.Done(inst.pid)
+		inst.exit = describeExit(cmd.ProcessState, err)
+		close(inst.done)
+	}()
+	return inst, nil
+}
+
+// capture copies one output stream into the ring and the daemon's log until
+// every writer (the model and any worker holding the pipe) has closed it.
+// It never stops reading, so a chatty model is never blocked on its pipe;
+// an overlong line is cut at maxLineBytes.
+func (r *runner) capture(f *os.File, stream string) {
+	defer f.Close()
+	log := r.log.With(zap.String("stream", stream))
+	br := bufio.NewReaderSize(f, maxLineBytes)
+	for {
+		line, err := br.ReadSlice('\n')
+		if len(line) > 0 {
+			text := string(trimNewline(line))
+			if errors.Is(err, bufio.ErrBufferFull) {
+				text += " [line cut]"
+				// Discard the rest of the overlong line.
+				for errors.Is(err, bufio.ErrBufferFull) {
+					_, err = br.ReadSlice('\n')
+				}
+			}
+			r.out.add(text)
+			r.d.output(log, r.name, stream, text)
+		}
+		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, os.ErrClosed) {
+				log.Warn("output read failed", zap.Error(err))
+			}
+			return
+		}
+	}
+}
+
+func trimNewline(b []byte) []byte {
+	if n := len(b); n > 0 && b[n-1] == '\n' {
+		b = b[:n-1]
+	}
+	if n := len(b); n > 0 && b[n-1] == '\r' {
+		b = b[:n-1]
+	}
+	return b
+}
+
+func describeExit(ps *os.ProcessState, err error) exitInfo {
+	if ps == nil {
+		return exitInfo{code: -1, desc: fmt.Sprintf("wait failed: %v", err)}
+	}
+	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		sig := ws.Signal()
+		return exitInfo{code: 128 + int(sig), desc: fmt.Sprintf("killed by %s", unix.SignalName(sig))}
+	}
+	return exitInfo{code: ps.ExitCode(), desc: fmt.Sprintf("exit code %d", ps.ExitCode())}
+}

@@ -1,0 +1,57 @@
+package supervisor
+
+import "time"
+
+// State is a model's lifecycle state (SPEC §3).
+type State string
+
+// The states of SPEC §3. Their names are part of the contract.
+const (
+	Pending   State = "pending"   // waiting for storage, port, env files or GPU memory; Reason says which
+	Starting  State = "starting"  // spawned, no healthy answer yet
+	Ready     State = "ready"     // answering its health probe
+	Unhealthy State = "unhealthy" // was ready, probes now failing
+	Stopping  State = "stopping"  // being stopped (SIGTERM, grace, SIGKILL of the tree)
+	Backoff   State = "backoff"   // waiting to restart after a failure
+	Failed    State = "failed"    // start limit hit or a permanent error
+	Stopped   State = "stopped"   // held stopped by an operator or enabled: false
+)
+
+// States lists every state, in lifecycle order.
+var States = []State{Pending, Starting, Ready, Unhealthy, Stopping, Backoff, Failed, Stopped}
+
+// Restart reasons, the values of citadel_model_restarts_total's reason label.
+const (
+	ReasonExit    = "exit"
+	ReasonProbe   = "probe"
+	ReasonStartup = "startup"
+	ReasonManual  = "manual"
+	ReasonReload  = "reload"
+)
+
+// RestartReasons lists every restart reason.
+var RestartReasons = []string{ReasonExit, ReasonProbe, ReasonStartup, ReasonManual, ReasonReload}
+
+// Status is an immutable snapshot of one model, published by its runner
+// after every transition. The JSON keys are the contract of
+// `citadelctl status -o json`.
+type Status struct {
+	Name         string    `json:"name"`
+	State        State     `json:"state"`
+	Reason       string    `json:"reason"`
+	PID          int       `json:"pid"`
+	Port         int       `json:"port"`
+	GPUs         []string  `json:"gpus"`
+	Restarts     int       `json:"restarts"`
+	LastExitCode *int      `json:"last_exit_code"`
+	Since        time.Time `json:"since"` // time of the last transition
+
+	Enabled          bool           `json:"enabled"`
+	LastExit         string         `json:"last_exit,omitempty"` // "exit code 1", "killed by SIGKILL"
+	StartedAt        time.Time      `json:"started_at,omitzero"` // spawn of the current process
+	ReadyAt          time.Time      `json:"ready_at,omitzero"`
+	StartupDuration  time.Duration  `json:"startup_duration,omitempty"`
+	RestartsByReason map[string]int `json:"restarts_by_reason,omitempty"`
+	// LastOutput holds the model's last lines of output when it failed.
+	LastOutput []string `json:"last_output,omitempty"`
+}

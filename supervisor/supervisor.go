@@ -1,0 +1,345 @@
+// Package supervisor owns the model processes: it spawns them, watches them,
+// restarts them under backoff and start limits, and stops every process
+// each one started.
+//
+// One goroutine (a runner) owns each model's lifecycle state; the
+// Supervisor's Run goroutine owns the set of runners. Everything else sends
+// them requests or reads the immutable Status they publish.
+package supervisor
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
+
+	"citadel-supervisor/config"
+)
+
+// Placer decides which GPUs a model starts on. The gpu package implements
+// it; the supervisor only asks.
+type Placer interface {
+	// Place claims GPUs for m and returns what CUDA_VISIBLE_DEVICES should
+	// list (UUIDs, or nothing), or an error saying why m must wait; the
+	// error's text becomes the model's pending reason.
+	Place(m config.Model) ([]string, error)
+	// Release returns name's claim once its processes are gone.
+	Release(name string)
+}
+
+// Prober answers whether a model is healthy. The probe package implements it.
+type Prober interface {
+	// Probe returns nil when target answered healthy before ctx ended.
+	Probe(ctx context.Context, target string) error
+}
+
+// OutputFunc receives each line a model writes. The default logs it through
+// the model's logger; under journald it goes to the journal with the
+// model's own SYSLOG_IDENTIFIER.
+type OutputFunc func(log *zap.Logger, model, stream, line string)
+
+// Options are the supervisor's collaborators. Logger, Placer and Prober are
+// required.
+type Options struct {
+	Logger *zap.Logger
+	Placer Placer
+	Prober Prober
+	// Reaper reaps orphans adopted as subreaper; nil spawns without one.
+	Reaper *Reaper
+	// Environ is the environment children inherit (before SPEC §2's edits).
+	Environ []string
+	// Output receives model output lines; nil logs them at info level.
+	Output OutputFunc
+	// Now and After are the clock; nil means the real one.
+	Now   func() time.Time
+	After func(time.Duration) <-chan time.Time
+	// Jitter returns a number in [0,1) for restart-delay jitter.
+	Jitter func() float64
+}
+
+// deps is what every runner shares. It is built once and never changes.
+type deps struct {
+	id      string
+	log     *zap.Logger
+	placer  Placer
+	prober  Prober
+	reaper  *Reaper
+	environ []string
+	output  OutputFunc
+	now     func() time.Time
+	after   func(time.Duration) <-chan time.Time
+	jitter  func() float64
+}
+
+// Supervisor runs every configured model.
+type Supervisor struct {
+	d       *deps
+	cfg     atomic.Pointer[config.Config]
+	runners atomic.Pointer[[]*runner] // sorted by name; replaced whole
+	applyCh chan applyReq
+	ready   chan struct{}
+}
+
+type applyReq struct {
+	cfg  *config.Config
+	done chan []config.Change
+}
+
+// New builds a Supervisor for cfg. Its identity, which marks every child it
+// spawns, is derived from the control socket path: two supervisors on one
+// host must use different sockets, and a restarted one finds its
+// predecessor's children by it.
+func New(cfg *config.Config, o Options) (*Supervisor, error) {
+	if o.Logger == nil || o.Placer == nil || o.Prober == nil {
+		return nil, errors.New("supervisor: Logger, Placer and Prober are required")
+	}
+	d := &deps{
+		id:      Identity(cfg.ControlSocket),
+		log:     o.Logger,
+		placer:  o.Placer,
+		prober:  o.Prober,
+		reaper:  o.Reaper,
+		environ: o.Environ,
+		output:  o.Output,
+		now:     o.Now,
+		after:   o.After,
+		jitter:  o.Jitter,
+	}
+	if d.output == nil {
+		d.output = func(log *zap.Logger, _, _, line string) { log.Info(line) }
+	}
+	if d.now == nil {
+		d.now = time.Now
+	}
+	if d.after == nil {
+		d.after = time.After
+	}
+	if d.jitter == nil {
+		d.jitter = rand.Float64
+	}
+	s := &Supervisor{d: d, applyCh: make(chan applyReq), ready: make(chan struct{})}
+	s.cfg.Store(cfg)
+	empty := []*runner{}
+	s.runners.Store(&empty)
+	return s, nil
+}
+
+// Identity is the marker prefix of a supervisor using socket.
+func Identity(socket string) string {
+	abs, err := filepath.Abs(socket)
+	if err != nil {
+		abs = socket
+	}
+	return fmt.Sprintf("%x", sha256.Sum256([]byte(abs)))[:16]
+}
+
+// Run stops what a previous supervisor with the same identity left
+// running, starts every model, and serves requests until ctx ends. Then it
+// stops every model in parallel, each within its stop_timeout, and returns
+// once all their processes are gone.
+func (s *Supervisor) Run(ctx context.Context) error {
+	cfg := s.cfg.Load()
+	unlock, err := lockIdentity(cfg.ControlSocket)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	s.stopLeftovers(cfg)
+	// Runners outlive ctx's cancellation only as long as their stops take.
+	g, gctx := errgroup.WithContext(context.WithoutCancel(ctx))
+	runCtx, stopAll := context.WithCancel(gctx)
+	defer stopAll()
+
+	byName := map[string]*runner{}
+	startRunner := func(m config.Model) {
+		r := newRunner(m.Name, s.d)
+		byName[m.Name] = r
+		rctx, cancel := context.WithCancel(runCtx)
+		r.cancel = cancel
+		g.Go(func() error {
+			defer close(r.stopped)
+			r.run(rctx, m)
+			return nil
+		})
+	}
+	for _, m := range cfg.Models {
+		startRunner(m)
+	}
+	s.publishRunners(byName)
+	close(s.ready)
+	s.d.log.Info("supervisor running", zap.Int("models", len(cfg.Models)), zap.String("identity", s.d.id))
+
+	for {
+		select {
+		case <-ctx.Done():
+			s.d.log.Info("stopping every model")
+			stopAll()
+			return g.Wait()
+		case req := <-s.applyCh:
+			changes := config.Diff(s.cfg.Load(), req.cfg)
+			var removed []*runner
+			for _, c := range changes {
+				m, _ := req.cfg.Model(c.Name)
+				switch c.Kind {
+				case config.Added:
+					startRunner(m)
+				case config.Removed:
+					r := byName[c.Name]
+					delete(byName, c.Name)
+					r.cancel()
+					removed = append(removed, r)
+				case config.Respawn, config.Update:
+					byName[c.Name].send(ctx, request{op: "update", cfg: m, kind: c.Kind})
+				}
+			}
+			// A removed model's GPU memory must be back before anything
+			// is placed there, so the swap waits for its stop.
+			for _, r := range removed {
+				<-r.stopped
+			}
+			s.cfg.Store(req.cfg)
+			s.publishRunners(byName)
+			req.done <- changes
+		}
+	}
+}
+
+// Ready is closed once Run has started every runner.
+func (s *Supervisor) Ready() <-chan struct{} { return s.ready }
+
+// Config returns the configuration in force.
+func (s *Supervisor) Config() *config.Config { return s.cfg.Load() }
+
+// Apply swaps in a new, validated configuration: added models start,
+// removed ones stop, changed ones restart, the rest are untouched. It
+// returns the changes made, after removed models have stopped.
+func (s *Supervisor) Apply(ctx context.Context, cfg *config.Config) ([]config.Change, error) {
+	req := applyReq{cfg: cfg, done: make(chan []config.Change, 1)}
+	select {
+	case s.applyCh <- req:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	select {
+	case ch := <-req.done:
+		return ch, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (s *Supervisor) publishRunners(byName map[string]*runner) {
+	list := make([]*runner, 0, len(byName))
+	for _, name := range sortedKeys(byName) {
+		list = append(list, byName[name])
+	}
+	s.runners.Store(&list)
+}
+
+// Status returns a snapshot of every model, sorted by name; with names,
+// only those (an unknown name is an error).
+func (s *Supervisor) Status(names ...string) ([]Status, error) {
+	rs, err := s.lookup(names)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Status, 0, len(rs))
+	for _, r := range rs {
+		if st := r.status.Load(); st != nil {
+			out = append(out, *st)
+		}
+	}
+	return out, nil
+}
+
+// ErrUnknownModel is returned for a model name not in the configuration.
+var ErrUnknownModel = errors.New("unknown model")
+
+func (s *Supervisor) lookup(names []string) ([]*runner, error) {
+	all := *s.runners.Load()
+	if len(names) == 0 || (len(names) == 1 && names[0] == "all") {
+		return all, nil
+	}
+	var out []*runner
+	for _, n := range names {
+		found := false
+		for _, r := range all {
+			if r.name == n {
+				out = append(out, r)
+				found = true
+				break
+			}
+		}
+		if !found {
+			return nil, fmt.Errorf("%w %q", ErrUnknownModel, n)
+		}
+	}
+	return out, nil
+}
+
+// Do sends op (start, stop, restart, reset) to the named models ("all" for
+// every one) concurrently, and returns one error per model (nil on success).
+func (s *Supervisor) Do(ctx context.Context, op string, names ...string) (map[string]error, error) {
+	switch op {
+	case "start", "stop", "restart", "reset":
+	default:
+		return nil, fmt.Errorf("unknown operation %q", op)
+	}
+	rs, err := s.lookup(names)
+	if err != nil {
+		return nil, err
+	}
+	var mu sync.Mutex
+	out := make(map[string]error, len(rs))
+	var wg sync.WaitGroup
+	for _, r := range rs {
+		wg.Go(func() {
+			err := r.send(ctx, request{op: op})
+			mu.Lock()
+			out[r.name] = err
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	return out, nil
+}
+
+// Output returns up to n of a model's newest output lines.
+func (s *Supervisor) Output(name string, n int) ([]string, error) {
+	rs, err := s.lookup([]string{name})
+	if err != nil {
+		return nil, err
+	}
+	return rs[0].out.last(n), nil
+}
+
+// Follow streams a model's new output lines until cancel is called.
+func (s *Supervisor) Follow(name string) (<-chan string, func(), error) {
+	rs, err := s.lookup([]string{name})
+	if err != nil {
+		return nil, nil, err
+	}
+	ch, cancel := rs[0].out.subscribe(256)
+	return ch, cancel, nil
+}
+
+// send delivers a request to the runner and waits for it to be applied.
+func (r *runner) send(ctx context.Context, req request) error {
+	req.done = make(chan error, 1)
+	select {
+	case r.reqs <- req:
+	case <-r.stopped:
+		return fmt.Errorf("model %s is shutting down", r.name)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return <-req.done
+}

@@ -1,0 +1,180 @@
+package supervisor
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// MarkerEnv is set in every model's environment to
+// "<supervisor id>/<model>/<instance token>". Children inherit it, so every
+// process a model starts carries it, also one that called setpgrp or setsid
+// and was re-parented away from the model's tree. It is an explicit tag, not
+// name matching: a process is the model's because the model started it.
+const MarkerEnv = "CITADEL_SUPERVISOR_INSTANCE"
+
+// pollInterval is how often a stop checks whether the tree is gone.
+const pollInterval = 20 * time.Millisecond
+
+// killRounds bounds SIGKILL rounds against a tree that keeps forking.
+const killRounds = 50
+
+// tree tracks every process of one spawned model instance. It is used by one
+// goroutine at a time: the model's runner, or the stop it hands off to.
+type tree struct {
+	marker  string            // MarkerEnv value of this instance
+	main    int               // the process the supervisor spawned
+	members map[int]uint64    // pid → start time, everything seen so far
+	known   map[int]uint64    // processes already checked for the marker
+	scan    func() ([]int, error)
+}
+
+func newTree(marker string, mainPID int) *tree {
+	t := &tree{marker: marker, main: mainPID, members: map[int]uint64{}, known: map[int]uint64{}, scan: allPIDs}
+	if s, err := readStat(mainPID); err == nil {
+		t.members[mainPID] = s.Start
+	}
+	return t
+}
+
+// refresh drops members that are gone and adds their children, recursively.
+// A process seen once stays a member (by PID and start time) after its parent
+// dies and it is re-parented, so following parent links between refreshes
+// keeps even a process that scrubbed its environment.
+func (t *tree) refresh() {
+	queue := make([]int, 0, len(t.members))
+	for pid, start := range t.members {
+		if !alive(pid, start) {
+			delete(t.members, pid)
+			continue
+		}
+		queue = append(queue, pid)
+	}
+	for len(queue) > 0 {
+		pid := queue[0]
+		queue = queue[1:]
+		for _, c := range childrenOf(pid) {
+			if _, ok := t.members[c]; ok {
+				continue
+			}
+			s, err := readStat(c)
+			if err != nil || s.State == 'Z' {
+				continue
+			}
+			t.members[c] = s.Start
+			queue = append(queue, c)
+		}
+	}
+}
+
+// sweep scans every process for this instance's marker and adds the ones
+// found. Each process is read once: the verdict is kept by PID and start.
+func (t *tree) sweep() error {
+	pids, err := t.scan()
+	if err != nil {
+		return fmt.Errorf("scan processes: %w", err)
+	}
+	for _, pid := range pids {
+		if _, ok := t.members[pid]; ok {
+			continue
+		}
+		s, err := readStat(pid)
+		if err != nil || s.State == 'Z' {
+			continue
+		}
+		if start, ok := t.known[pid]; ok && start == s.Start {
+			continue
+		}
+		t.known[pid] = s.Start
+		if v, ok := environValue(pid, MarkerEnv); ok && v == t.marker {
+			t.members[pid] = s.Start
+		}
+	}
+	t.refresh()
+	return nil
+}
+
+// pids returns the live members, sorted.
+func (t *tree) pids() []int {
+	out := make([]int, 0, len(t.members))
+	for pid := range t.members {
+		out = append(out, pid)
+	}
+	slices.Sort(out)
+	return out
+}
+
+func (t *tree) signalAll(sig unix.Signal) {
+	for pid, start := range t.members {
+		_ = signalProcess(pid, start, sig) // gone is fine: that is the goal
+	}
+}
+
+// stop ends the instance: SIGTERM to the main process (or, when the main
+// process already exited, to what is left), up to grace for everything to
+// exit, then SIGKILL to every member until none is left. It returns an error
+// only if processes survive every SIGKILL round (a process stuck in the
+// kernel, state D), naming them.
+func (t *tree) stop(ctx context.Context, grace time.Duration, mainAlive bool) error {
+	_ = t.sweep() // find detached members before anything is re-parented
+	if mainAlive {
+		if s, ok := t.members[t.main]; ok {
+			_ = signalProcess(t.main, s, unix.SIGTERM)
+		}
+	} else {
+		t.signalAll(unix.SIGTERM)
+	}
+	deadline := time.NewTimer(grace)
+	defer deadline.Stop()
+	tick := time.NewTicker(pollInterval)
+	defer tick.Stop()
+wait:
+	for {
+		t.refresh()
+		if len(t.members) == 0 {
+			break
+		}
+		select {
+		case <-tick.C:
+		case <-deadline.C:
+			break wait
+		case <-ctx.Done():
+			break wait
+		}
+	}
+	return t.kill()
+}
+
+// kill SIGKILLs every member until a fresh sweep finds none.
+func (t *tree) kill() error {
+	for range killRounds {
+		_ = t.sweep()
+		if len(t.members) == 0 {
+			return nil
+		}
+		t.signalAll(unix.SIGKILL)
+		// SIGKILL is delivered before the syscall returns, but the process
+		// is only gone once it has run its exit path.
+		for range 50 {
+			t.refresh()
+			if len(t.members) == 0 {
+				break
+			}
+			time.Sleep(pollInterval)
+		}
+	}
+	_ = t.sweep()
+	if len(t.members) == 0 {
+		return nil
+	}
+	var names []string
+	for _, pid := range t.pids() {
+		s, _ := readStat(pid)
+		names = append(names, fmt.Sprintf("%d (%s, state %c)", pid, s.Comm, s.State))
+	}
+	return fmt.Errorf("processes survived SIGKILL: %s", strings.Join(names, ", "))
+}
