@@ -15,11 +15,12 @@ func TestLoadGood(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Load: %v", err)
 	}
-	if got, want := len(c.Models), 2; got != want {
+	if got, want := len(c.Models), 3; got != want {
 		t.Fatalf("models = %d, want %d", got, want)
 	}
 	mixtral, _ := c.Model("mixtral")
 	phi3, _ := c.Model("phi3")
+	coder, _ := c.Model("coder")
 
 	cases := []struct {
 		name      string
@@ -37,6 +38,8 @@ func TestLoadGood(t *testing.T) {
 		{"model restart.burst keeps defaults delay", phi3.Restart, Restart{Delay: 5 * time.Second, MaxDelay: 5 * time.Minute, ResetAfter: 10 * time.Minute, Burst: 3, Interval: 30 * time.Minute, RetryFailedAfter: time.Hour}},
 		{"probe override keeps other probe keys", phi3.Probe, Probe{Path: "/health", Period: 5 * time.Second, Timeout: 5 * time.Second, FailureThreshold: 3, StartupTimeout: 20 * time.Minute}},
 		{"int pin", phi3.GPUs, []GPURef{"1"}},
+		{"unquoted scalars in args", coder.Args, []string{"--max-num-seqs", "256", "--enforce-eager", "true", "--swap-space", "0.5"}},
+		{"unquoted scalar env value", coder.Env["OMP_NUM_THREADS"], "8"},
 		{"builtin tensor_parallel", phi3.TensorParallel, 1},
 		{"enabled by default", mixtral.Enabled, true},
 		{"derived vllm_port", mixtral.VLLMPort, DefaultVLLMPort(11400)},

@@ -7,6 +7,7 @@ import (
 	"reflect"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/go-viper/mapstructure/v2"
@@ -144,20 +145,27 @@ func decode(k *koanf.Koanf, out any) error {
 			DecodeHook: mapstructure.ComposeDecodeHookFunc(
 				mapstructure.StringToTimeDurationHookFunc(),
 				mapstructure.TextUnmarshallerHookFunc(),
-				gpuRefHook,
+				scalarToStringHook,
 			),
 			TagName: "koanf",
 		},
 	})
 }
 
-// gpuRefHook lets a pin be written as a bare index (gpus: [0, 1]).
-func gpuRefHook(from, to reflect.Type, v any) (any, error) {
-	if to != reflect.TypeFor[GPURef]() {
+// scalarToStringHook lets a string be written as a plain YAML number or
+// boolean: a pin as a bare index (gpus: [0, 1]), a flag's value unquoted
+// (args: [--max-num-seqs, 256]), an env value as 1.
+func scalarToStringHook(from, to reflect.Type, v any) (any, error) {
+	if to.Kind() != reflect.String {
 		return v, nil
 	}
-	if from.Kind() == reflect.Int {
-		return fmt.Sprint(v), nil
+	switch x := v.(type) {
+	case int:
+		return strconv.Itoa(x), nil
+	case float64:
+		return strconv.FormatFloat(x, 'f', -1, 64), nil
+	case bool:
+		return strconv.FormatBool(x), nil
 	}
 	return v, nil
 }

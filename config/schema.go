@@ -105,8 +105,10 @@ func checkTree(path string, v any, t reflect.Type, errs *[]error) {
 			checkTree(fmt.Sprintf("%s[%d]", path, i), val, t.Elem(), errs)
 		}
 	case reflect.String:
-		if _, ok := v.(string); !ok {
-			add("expected a string, got %s; quote it", describe(v))
+		switch v.(type) {
+		case string, int, float64, bool: // args: [--max-num-seqs, 256] reads naturally
+		default:
+			add("expected a string, got %s", describe(v))
 		}
 	case reflect.Int:
 		if _, ok := v.(int); !ok {

@@ -61,7 +61,8 @@ type exitInfo struct {
 	desc string
 }
 
-func newRunner(name string, d *deps) *runner {
+func newRunner(m config.Model, d *deps) *runner {
+	name := m.Name
 	r := &runner{
 		name: name,
 		d:    d,
@@ -70,6 +71,8 @@ func newRunner(name string, d *deps) *runner {
 		out:     newRing(OutputLines),
 		stopped: make(chan struct{}),
 	}
+	// Readable before the goroutine runs: Status never misses a model.
+	r.status.Store(&Status{Name: name, State: Pending, Reason: "supervisor starting", Port: m.Port, Enabled: m.Enabled, Since: d.now()})
 	return r
 }
 

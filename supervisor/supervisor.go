@@ -160,7 +160,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 
 	byName := map[string]*runner{}
 	startRunner := func(m config.Model) {
-		r := newRunner(m.Name, s.d)
+		r := newRunner(m, s.d)
 		byName[m.Name] = r
 		rctx, cancel := context.WithCancel(runCtx)
 		r.cancel = cancel

@@ -1,0 +1,462 @@
+// Package fakevllm stands in for `python -m vllm.entrypoints.openai.api_server`
+// in the demo and in tests. It takes the flags the supervisor passes to vLLM,
+// ignores the vLLM flags it does not know, and answers /health, /v1/models,
+// /v1/completions and /metrics once "loaded".
+//
+// Flags starting with --fake- make it misbehave the ways a real vLLM does:
+// load slowly, crash, hang, return 503, ignore SIGTERM, exit at start, fork
+// workers (also ones that leave the process group, as vLLM's EngineCore does
+// with setpgrp), or write a lot of output.
+package fakevllm
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+type options struct {
+	model, host, servedName string
+	port, tp, maxModelLen   int
+	gpuUtil                 float64
+
+	loadTime        time.Duration
+	bindEarly       bool
+	exitAtStart     bool
+	exitCode        int
+	crashAfter      time.Duration
+	hangAfter       time.Duration
+	unhealthyAfter  time.Duration
+	ignoreSIGTERM   bool
+	stopDelay       time.Duration
+	workers         int
+	detachedWorkers int
+	orphanWorkers   int
+	workerIgnore    bool
+	pidDir          string
+	envFile         string
+	logEvery        time.Duration
+	logBytesPerSec  int
+
+	worker, workerDetached, workerOrphan bool
+}
+
+// Main runs fake-vllm with args (without the program name) and returns its
+// exit code. Test binaries call it to re-execute themselves as a model.
+func Main(args []string) int {
+	o, err := parse(args)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "fake-vllm:", err)
+		return 2
+	}
+	// Python ignores SIGPIPE, so vLLM keeps running when the reader of its
+	// stdout (a killed supervisor) goes away. Do the same, or the "daemon
+	// SIGKILL leaves children behind" cases could never be reproduced.
+	signal.Ignore(syscall.SIGPIPE)
+	role := "server"
+	if o.worker {
+		role = "worker"
+	}
+	if err := writePID(o.pidDir, role); err != nil {
+		fmt.Fprintln(os.Stderr, "fake-vllm:", err)
+		return 1
+	}
+	if o.worker {
+		return runWorker(o)
+	}
+	return runServer(o)
+}
+
+func parse(args []string) (*options, error) {
+	o := &options{host: "127.0.0.1", tp: 1, gpuUtil: 0.9, exitCode: 1}
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if !strings.HasPrefix(a, "--") {
+			return nil, fmt.Errorf("unexpected argument %q", a)
+		}
+		name, val, hasVal := strings.Cut(a, "=")
+		// Value for a flag given as "--flag value".
+		next := func() string {
+			if hasVal {
+				return val
+			}
+			if i+1 < len(args) {
+				i++
+				return args[i]
+			}
+			return ""
+		}
+		var err error
+		switch name {
+		case "--model":
+			o.model = next()
+		case "--host":
+			o.host = next()
+		case "--port":
+			o.port, err = strconv.Atoi(next())
+		case "--served-model-name":
+			o.servedName = next()
+		case "--tensor-parallel-size":
+			o.tp, err = strconv.Atoi(next())
+		case "--gpu-memory-utilization":
+			o.gpuUtil, err = strconv.ParseFloat(next(), 64)
+		case "--max-model-len":
+			o.maxModelLen, err = strconv.Atoi(next())
+		case "--fake-load-time":
+			o.loadTime, err = time.ParseDuration(next())
+		case "--fake-bind-early":
+			o.bindEarly = true
+		case "--fake-exit-at-start":
+			o.exitAtStart = true
+		case "--fake-exit-code":
+			o.exitCode, err = strconv.Atoi(next())
+		case "--fake-crash-after":
+			o.crashAfter, err = time.ParseDuration(next())
+		case "--fake-hang-after":
+			o.hangAfter, err = time.ParseDuration(next())
+		case "--fake-unhealthy-after":
+			o.unhealthyAfter, err = time.ParseDuration(next())
+		case "--fake-ignore-sigterm":
+			o.ignoreSIGTERM = true
+		case "--fake-stop-delay":
+			o.stopDelay, err = time.ParseDuration(next())
+		case "--fake-workers":
+			o.workers, err = strconv.Atoi(next())
+		case "--fake-detached-workers":
+			o.detachedWorkers, err = strconv.Atoi(next())
+		case "--fake-orphan-workers":
+			o.orphanWorkers, err = strconv.Atoi(next())
+		case "--fake-worker-orphan":
+			o.workerOrphan = true
+		case "--fake-worker-ignore-sigterm":
+			o.workerIgnore = true
+		case "--fake-pid-dir":
+			o.pidDir = next()
+		case "--fake-env-file":
+			o.envFile = next()
+		case "--fake-log-every":
+			o.logEvery, err = time.ParseDuration(next())
+		case "--fake-log-bytes-per-sec":
+			o.logBytesPerSec, err = strconv.Atoi(next())
+		case "--fake-worker":
+			o.worker = true
+		case "--fake-worker-detached":
+			o.workerDetached = true
+		default:
+			if strings.HasPrefix(name, "--fake-") {
+				return nil, fmt.Errorf("unknown flag %s", name)
+			}
+			// A vLLM flag we do not model. Boolean flags stand alone; a
+			// following word that is not a flag is its value.
+			if !hasVal && i+1 < len(args) && !strings.HasPrefix(args[i+1], "-") {
+				i++
+			}
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+	}
+	if !o.worker && (o.port <= 0 || o.model == "") {
+		return nil, fmt.Errorf("--model and --port are required")
+	}
+	if o.servedName == "" {
+		o.servedName = o.model
+	}
+	return o, nil
+}
+
+func logf(format string, args ...any) {
+	fmt.Printf("INFO %s [fake-vllm] %s\n", time.Now().Format("01-02 15:04:05"), fmt.Sprintf(format, args...))
+}
+
+func runServer(o *options) int {
+	logf("vLLM API server version fake, args: model=%s tp=%d gpu_memory_utilization=%.2f max_model_len=%d",
+		o.model, o.tp, o.gpuUtil, o.maxModelLen)
+	if o.envFile != "" {
+		if err := dumpEnv(o.envFile); err != nil {
+			fmt.Fprintln(os.Stderr, "fake-vllm:", err)
+			return 1
+		}
+	}
+	if o.exitAtStart {
+		fmt.Fprintf(os.Stderr, "ERROR fake-vllm: torch.OutOfMemoryError: CUDA out of memory (asked to exit at start)\n")
+		return o.exitCode
+	}
+
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	if o.ignoreSIGTERM {
+		logf("ignoring SIGTERM")
+	}
+
+	for range o.workers {
+		if err := spawnWorker(o, false); err != nil {
+			fmt.Fprintln(os.Stderr, "fake-vllm: worker:", err)
+			return 1
+		}
+	}
+	for range o.detachedWorkers {
+		if err := spawnWorker(o, true); err != nil {
+			fmt.Fprintln(os.Stderr, "fake-vllm: detached worker:", err)
+			return 1
+		}
+	}
+	for range o.orphanWorkers {
+		// Double fork: the middle process starts a detached worker and
+		// exits at once, so the worker is re-parented before anyone could
+		// see it as the server's descendant.
+		if err := spawnProcess(o, "--fake-worker", "--fake-worker-orphan"); err != nil {
+			fmt.Fprintln(os.Stderr, "fake-vllm: orphan worker:", err)
+			return 1
+		}
+	}
+
+	start := time.Now()
+	var ln net.Listener
+	var err error
+	if o.bindEarly {
+		// Newer vLLM binds its socket before loading weights, so probes
+		// connect and then wait instead of being refused.
+		if ln, err = listen(o); err != nil {
+			fmt.Fprintln(os.Stderr, "fake-vllm:", err)
+			return 1
+		}
+	}
+	logf("Loading weights from %s (%s)", o.model, o.loadTime)
+	if code, stop := waitOrSignal(o, sigs, o.loadTime); stop {
+		return code
+	}
+	if ln == nil {
+		if ln, err = listen(o); err != nil {
+			fmt.Fprintf(os.Stderr, "ERROR fake-vllm: [Errno 98] error while attempting to bind on address: %v\n", err)
+			return 1
+		}
+	}
+	srv := &http.Server{Handler: newHandler(o, start), ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(ln) //nolint:errcheck // ends with the process
+	logf("Starting vLLM API server on http://%s", ln.Addr())
+	go chatter(o)
+
+	var crash <-chan time.Time
+	if o.crashAfter > 0 {
+		crash = time.After(max(0, o.crashAfter-time.Since(start)))
+	}
+	for {
+		select {
+		case <-crash:
+			fmt.Fprintf(os.Stderr, "ERROR fake-vllm: engine died (crash after %s)\n", o.crashAfter)
+			return o.exitCode
+		case s := <-sigs:
+			if code, stop := onSignal(o, s); stop {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				srv.Shutdown(ctx) //nolint:errcheck // exiting anyway
+				cancel()
+				return code
+			}
+		}
+	}
+}
+
+// waitOrSignal sleeps d (the load time) unless a signal ends the process.
+func waitOrSignal(o *options, sigs chan os.Signal, d time.Duration) (int, bool) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			return 0, false
+		case s := <-sigs:
+			if code, stop := onSignal(o, s); stop {
+				return code, true
+			}
+		}
+	}
+}
+
+func onSignal(o *options, s os.Signal) (int, bool) {
+	if s == syscall.SIGTERM && o.ignoreSIGTERM {
+		logf("received SIGTERM, ignoring it")
+		return 0, false
+	}
+	logf("received %s, shutting down (%s)", s, o.stopDelay)
+	time.Sleep(o.stopDelay)
+	return 0, true
+}
+
+func listen(o *options) (net.Listener, error) {
+	// vLLM sets SO_REUSEPORT, so a second server can share the port
+	// silently; mimic it so the supervisor's port checks meet the real thing.
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, 0xf /* SO_REUSEPORT */, 1)
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}}
+	return lc.Listen(context.Background(), "tcp", net.JoinHostPort(o.host, strconv.Itoa(o.port)))
+}
+
+func newHandler(o *options, start time.Time) http.Handler {
+	var requests atomic.Int64
+	hung := func() bool { return o.hangAfter > 0 && time.Since(start) > o.hangAfter }
+	mux := http.NewServeMux()
+	mux.HandleFunc("/health", func(w http.ResponseWriter, r *http.Request) {
+		if hung() {
+			<-r.Context().Done() // a wedged engine: the request never returns
+			return
+		}
+		if o.unhealthyAfter > 0 && time.Since(start) > o.unhealthyAfter {
+			http.Error(w, "engine dead", http.StatusServiceUnavailable)
+			return
+		}
+		w.WriteHeader(http.StatusOK)
+	})
+	mux.HandleFunc("/v1/models", func(w http.ResponseWriter, r *http.Request) {
+		if hung() {
+			<-r.Context().Done()
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(map[string]any{ //nolint:errcheck // best effort
+			"object": "list",
+			"data": []map[string]any{{
+				"id": o.servedName, "object": "model", "owned_by": "vllm",
+				"root": o.model, "max_model_len": o.maxModelLen,
+			}},
+		})
+	})
+	mux.HandleFunc("/v1/completions", func(w http.ResponseWriter, r *http.Request) {
+		if hung() {
+			<-r.Context().Done()
+			return
+		}
+		requests.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(map[string]any{ //nolint:errcheck // best effort
+			"object": "text_completion", "model": o.servedName,
+			"choices": []map[string]any{{"index": 0, "text": " ok", "finish_reason": "length"}},
+		})
+	})
+	mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintf(w, "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=%q} 0\n", o.servedName)
+		fmt.Fprintf(w, "# TYPE vllm:request_success_total counter\nvllm:request_success_total{model_name=%q} %d\n", o.servedName, requests.Load())
+	})
+	return mux
+}
+
+// chatter writes periodic output, or a stream of bytes, to exercise the
+// supervisor's log capture.
+func chatter(o *options) {
+	if o.logEvery > 0 {
+		go func() {
+			for i := 0; ; i++ {
+				time.Sleep(o.logEvery)
+				logf("Avg prompt throughput: 0.0 tokens/s, tick %d", i)
+			}
+		}()
+	}
+	if o.logBytesPerSec > 0 {
+		line := strings.Repeat("x", 99) + "\n"
+		perTick := max(1, o.logBytesPerSec/100/len(line))
+		for {
+			for range perTick {
+				os.Stdout.WriteString(line) //nolint:errcheck // best effort
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+}
+
+func spawnWorker(o *options, detached bool) error {
+	args := []string{"--fake-worker"}
+	if detached {
+		args = append(args, "--fake-worker-detached")
+	}
+	return spawnProcess(o, args...)
+}
+
+// spawnProcess starts this program again with args, passing on the worker
+// options.
+func spawnProcess(o *options, args ...string) error {
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	if o.workerIgnore {
+		args = append(args, "--fake-worker-ignore-sigterm")
+	}
+	if o.pidDir != "" {
+		args = append(args, "--fake-pid-dir", o.pidDir)
+	}
+	cmd := exec.Command(self, args...)
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr // workers share the server's output, as vLLM's do
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	go cmd.Wait() //nolint:errcheck // reap when it exits
+	return nil
+}
+
+func runWorker(o *options) int {
+	if o.workerOrphan {
+		if err := spawnWorker(o, true); err != nil {
+			fmt.Fprintln(os.Stderr, "fake-vllm orphan parent:", err)
+			return 1
+		}
+		return 0
+	}
+	if o.workerDetached {
+		// vLLM's EngineCore calls setpgrp: a kill of the API server's process
+		// group misses it.
+		if err := syscall.Setpgid(0, 0); err != nil {
+			fmt.Fprintln(os.Stderr, "fake-vllm worker: setpgid:", err)
+			return 1
+		}
+	}
+	sigs := make(chan os.Signal, 1)
+	if o.workerIgnore {
+		signal.Ignore(syscall.SIGTERM)
+	} else {
+		signal.Notify(sigs, syscall.SIGTERM)
+	}
+	logf("worker pid %d pgid %d detached=%v", os.Getpid(), syscall.Getpgrp(), o.workerDetached)
+	<-sigs
+	return 0
+}
+
+// writePID records this process in dir as a file named by its PID holding
+// its role, so tests know every process a model started without asking the
+// supervisor under test.
+func writePID(dir, role string) error {
+	if dir == "" {
+		return nil
+	}
+	return os.WriteFile(filepath.Join(dir, strconv.Itoa(os.Getpid())), []byte(role), 0o644)
+}
+
+func dumpEnv(path string) error {
+	env := map[string]string{}
+	for _, kv := range os.Environ() {
+		k, v, _ := strings.Cut(kv, "=")
+		env[k] = v
+	}
+	b, err := json.Marshal(map[string]any{"args": os.Args[1:], "env": env})
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, b, 0o600)
+}

@@ -1,0 +1,206 @@
+package supervisor
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"citadel-supervisor/config"
+)
+
+var policy = config.Restart{
+	Delay: 10 * time.Second, MaxDelay: 5 * time.Minute, ResetAfter: 10 * time.Minute,
+	Burst: 5, Interval: 30 * time.Minute,
+}
+
+func TestBackoffDelay(t *testing.T) {
+	cases := []struct {
+		n      int
+		jitter float64
+		want   time.Duration
+	}{
+		{1, 0.5, 10 * time.Second},
+		{2, 0.5, 20 * time.Second},
+		{3, 0.5, 40 * time.Second},
+		{5, 0.5, 160 * time.Second},
+		{6, 0.5, 5 * time.Minute}, // 320 s capped
+		{60, 0.5, 5 * time.Minute},
+		{1, 0, 9 * time.Second},         // −10 %
+		{1, 0.999999, 11 * time.Second}, // +10 %
+		{60, 0.999999, 5 * time.Minute}, // jitter never exceeds the cap
+		{3, 0, 36 * time.Second},
+	}
+	for _, tc := range cases {
+		t.Run(fmt.Sprintf("n=%d,jitter=%g", tc.n, tc.jitter), func(t *testing.T) {
+			got := backoffDelay(policy, tc.n, tc.jitter).Round(time.Second)
+			if got != tc.want {
+				t.Errorf("got %s, want %s", got, tc.want)
+			}
+		})
+	}
+	if d := backoffDelay(config.Restart{MaxDelay: time.Minute}, 4, 0.9); d != 0 {
+		t.Errorf("delay 0 must stay 0 (kill -9 → immediate respawn), got %s", d)
+	}
+}
+
+// TestRestartTracker walks a model through failures on an injected clock.
+func TestRestartTracker(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	type step struct {
+		at         time.Duration // since t0
+		readyFor   time.Duration
+		wantDelay  time.Duration
+		wantFailed bool
+	}
+	cases := []struct {
+		name  string
+		steps []step
+	}{
+		{"doubles while crashing", []step{
+			{0, 0, 10 * time.Second, false},
+			{time.Minute, 0, 20 * time.Second, false},
+			{2 * time.Minute, 0, 40 * time.Second, false},
+		}},
+		{"ready for reset_after clears the backoff", []step{
+			{0, 0, 10 * time.Second, false},
+			{time.Minute, 0, 20 * time.Second, false},
+			{15 * time.Minute, 11 * time.Minute, 10 * time.Second, false},
+		}},
+		{"burst starts within interval fail", []step{
+			{0, 0, 10 * time.Second, false},
+			{time.Minute, 0, 20 * time.Second, false},
+			{2 * time.Minute, 0, 40 * time.Second, false},
+			{3 * time.Minute, 0, 80 * time.Second, false},
+			{4 * time.Minute, 0, 0, true},
+		}},
+		{"starts older than interval do not count", []step{
+			{0, 0, 10 * time.Second, false},
+			{10 * time.Minute, 0, 20 * time.Second, false},
+			{20 * time.Minute, 0, 40 * time.Second, false},
+			{30 * time.Minute, 0, 80 * time.Second, false},
+			{40 * time.Minute, 0, 160 * time.Second, false}, // the first start aged out
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var tr restartTracker
+			for i, s := range tc.steps {
+				now := t0.Add(s.at)
+				tr.started(now.Add(-time.Second))
+				d, failed := tr.afterFailure(policy, now, s.readyFor, 0.5)
+				if d.Round(time.Second) != s.wantDelay || failed != s.wantFailed {
+					t.Errorf("step %d: got (%s, %v), want (%s, %v)", i, d, failed, s.wantDelay, s.wantFailed)
+				}
+			}
+		})
+	}
+}
+
+func TestReadEnvFile(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.env")
+	os.WriteFile(good, []byte("# secrets\n\nHF_TOKEN=hf_abc\nexport QUOTED=\"a b\"\nSINGLE='x=y'\n  SPACED = v \n"), 0o600)
+	got, err := readEnvFile(good)
+	want := map[string]string{"HF_TOKEN": "hf_abc", "QUOTED": "a b", "SINGLE": "x=y", "SPACED": "v"}
+	if err != nil || !reflect.DeepEqual(got, want) {
+		t.Errorf("got %v, %v; want %v", got, err, want)
+	}
+
+	bad := filepath.Join(dir, "bad.env")
+	os.WriteFile(bad, []byte("OK=1\nhf_secretvalue_no_key\n"), 0o600)
+	_, err = readEnvFile(bad)
+	if err == nil || err.Error() != "env_files: "+bad+" line 2: expected KEY=VALUE" {
+		t.Errorf("got %v", err)
+	}
+	if err != nil && strings.Contains(err.Error(), "secretvalue") {
+		t.Error("the error quotes the secret line")
+	}
+	if envDigest(want) == envDigest(map[string]string{"HF_TOKEN": "hf_abd"}) {
+		t.Error("digest does not change with the value")
+	}
+}
+
+func TestArgvAndEnv(t *testing.T) {
+	m := config.Model{
+		Name: "mixtral", Command: []string{"/opt/py", "-m", "vllm"}, Host: "127.0.0.1",
+		Path: "/models/mixtral", ServedName: "mixtral", Port: 11400, VLLMPort: 50368,
+		TensorParallel: 2, GPUMemoryUtilization: 0.9, MaxModelLen: 32768,
+		Args: []string{"--trust-remote-code"}, Env: map[string]string{"HF_HOME": "/cache", "HF_TOKEN": "from-env-wins"},
+	}
+	wantArgv := []string{"/opt/py", "-m", "vllm", "--model", "/models/mixtral", "--host", "127.0.0.1", "--port", "11400",
+		"--served-model-name", "mixtral", "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.9",
+		"--max-model-len", "32768", "--trust-remote-code"}
+	if got := argv(m); !slices.Equal(got, wantArgv) {
+		t.Errorf("argv:\n%q\nwant\n%q", got, wantArgv)
+	}
+	m.MaxModelLen = 0
+	if got := argv(m); slices.Contains(got, "--max-model-len") {
+		t.Error("max_model_len 0 must leave the flag to vLLM")
+	}
+
+	base := []string{"PATH=/usr/bin", "NOTIFY_SOCKET=/run/n", "WATCHDOG_USEC=1", "WATCHDOG_PID=1", "LISTEN_FDS=1",
+		"LISTEN_PID=1", "JOURNAL_STREAM=8:9", "CITADEL_CONFIG=/etc/x", "CUDA_VISIBLE_DEVICES=0,1", "HOME=/home/c"}
+	env := childEnv(base, m, map[string]string{"HF_TOKEN": "secret"}, []string{"GPU-a", "GPU-b"}, "id/mixtral/tok")
+	want := []string{
+		"CITADEL_SUPERVISOR_INSTANCE=id/mixtral/tok",
+		"CUDA_DEVICE_ORDER=PCI_BUS_ID",
+		"CUDA_VISIBLE_DEVICES=GPU-a,GPU-b",
+		"HF_HOME=/cache",
+		"HF_TOKEN=from-env-wins",
+		"HOME=/home/c",
+		"PATH=/usr/bin",
+		"VLLM_PORT=50368",
+	}
+	if !slices.Equal(env, want) {
+		t.Errorf("env:\n%q\nwant\n%q", env, want)
+	}
+	// No GPUs placed (backend none, no pins): the inherited value stands.
+	env = childEnv(base, m, nil, nil, "x")
+	if !slices.Contains(env, "CUDA_VISIBLE_DEVICES=0,1") {
+		t.Errorf("inherited CUDA_VISIBLE_DEVICES dropped: %q", env)
+	}
+}
+
+func TestParseStat(t *testing.T) {
+	line := "4411 (python3 (Engine) x) S 1 4411 4411 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 8 0 123456 1000000 2560 18446744073709551615"
+	s, err := parseStat(4411, []byte(line))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := procStat{PID: 4411, PPID: 1, PGID: 4411, State: 'S', Start: 123456, Comm: "python3 (Engine) x", UTime: 250, STime: 50, RSSPages: 2560}
+	if s != want {
+		t.Errorf("got %+v\nwant %+v", s, want)
+	}
+	if _, err := parseStat(1, []byte("1 (x")); err == nil {
+		t.Error("malformed stat accepted")
+	}
+	if _, err := readStat(os.Getpid()); err != nil {
+		t.Errorf("readStat(self): %v", err)
+	}
+}
+
+func TestRing(t *testing.T) {
+	r := newRing(3)
+	if got := r.last(5); len(got) != 0 {
+		t.Errorf("empty ring: %q", got)
+	}
+	ch, cancel := r.subscribe(10)
+	defer cancel()
+	for i := range 5 {
+		r.add(fmt.Sprint(i))
+	}
+	if got := r.last(10); !slices.Equal(got, []string{"2", "3", "4"}) {
+		t.Errorf("last(10) = %q", got)
+	}
+	if got := r.last(2); !slices.Equal(got, []string{"3", "4"}) {
+		t.Errorf("last(2) = %q", got)
+	}
+	if first := <-ch; first != "0" {
+		t.Errorf("follower got %q first", first)
+	}
+}
