@@ -64,9 +64,9 @@ type exitInfo struct {
 func newRunner(m config.Model, d *deps) *runner {
 	name := m.Name
 	r := &runner{
-		name: name,
-		d:    d,
-		log:  d.log.With(zap.String("model", name)),
+		name:    name,
+		d:       d,
+		log:     d.log.With(zap.String("model", name)),
 		reqs:    make(chan request),
 		out:     newRing(OutputLines),
 		stopped: make(chan struct{}),

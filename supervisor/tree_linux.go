@@ -26,10 +26,10 @@ const killRounds = 50
 // tree tracks every process of one spawned model instance. It is used by one
 // goroutine at a time: the model's runner, or the stop it hands off to.
 type tree struct {
-	marker  string            // MarkerEnv value of this instance
-	main    int               // the process the supervisor spawned
-	members map[int]uint64    // pid → start time, everything seen so far
-	known   map[int]uint64    // processes already checked for the marker
+	marker  string         // MarkerEnv value of this instance
+	main    int            // the process the supervisor spawned
+	members map[int]uint64 // pid → start time, everything seen so far
+	known   map[int]uint64 // processes already checked for the marker
 	scan    func() ([]int, error)
 }
 
