@@ -47,7 +47,7 @@ func TestMain(m *testing.M) {
 
 // waitFor polls cond until it holds or the deadline passes. Every wait in
 // these tests has a deadline; none sleeps to synchronise.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {
@@ -59,7 +59,7 @@ func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
 }
 
 // freePort returns a loopback port that was free a moment ago.
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -71,7 +71,7 @@ func freePort(t *testing.T) int {
 
 // harness runs a Supervisor over fake-vllm models in a temp dir.
 type harness struct {
-	t      *testing.T
+	t      testing.TB
 	dir    string
 	cfg    *config.Config
 	sup    *Supervisor
@@ -88,7 +88,7 @@ type modelSpec struct {
 
 // newHarness writes a config for specs (ports chosen free, paths created)
 // and returns it unstarted.
-func newHarness(t *testing.T, specs ...modelSpec) *harness {
+func newHarness(t testing.TB, specs ...modelSpec) *harness {
 	t.Helper()
 	dir := t.TempDir()
 	var b strings.Builder
@@ -96,7 +96,7 @@ func newHarness(t *testing.T, specs ...modelSpec) *harness {
 	fmt.Fprintf(&b, "defaults:\n  command: [%q]\n  env: {%s: \"1\"}\n", os.Args[0], selfEnv)
 	b.WriteString("  stop_timeout: 2s\n  restart: {delay: 50ms, max_delay: 1s, burst: 5, interval: 1m, retry_failed_after: 0s}\n")
 	b.WriteString("  probe: {period: 50ms, timeout: 1s, failure_threshold: 3, startup_timeout: 30s}\nmodels:\n")
-	for _, s := range specs {
+	for i, s := range specs {
 		mdir := filepath.Join(dir, "models", s.name)
 		pids := filepath.Join(dir, "pids", s.name)
 		for _, d := range []string{mdir, pids} {
@@ -105,7 +105,10 @@ func newHarness(t *testing.T, specs ...modelSpec) *harness {
 			}
 		}
 		args := append([]string{"--fake-pid-dir", pids}, s.fake...)
-		fmt.Fprintf(&b, "  %s:\n    model: %s\n    port: %d\n    args: [%s]\n", s.name, mdir, freePort(t), quoteAll(args))
+		// vllm_port set explicitly: the value derived from random ports
+		// could clash between models, which validation rightly refuses.
+		fmt.Fprintf(&b, "  %s:\n    model: %s\n    port: %d\n    vllm_port: %d\n    args: [%s]\n",
+			s.name, mdir, freePort(t), 20000+config.VLLMPortBlock*i, quoteAll(args))
 		for _, line := range strings.Split(strings.TrimSpace(s.yaml), "\n") {
 			if line != "" {
 				fmt.Fprintf(&b, "    %s\n", line)
@@ -206,7 +209,7 @@ func (h *harness) procs(name string) map[int]string {
 	return readPIDDir(h.t, filepath.Join(h.dir, "pids", name))
 }
 
-func readPIDDir(t *testing.T, dir string) map[int]string {
+func readPIDDir(t testing.TB, dir string) map[int]string {
 	t.Helper()
 	ents, err := os.ReadDir(dir)
 	if err != nil {

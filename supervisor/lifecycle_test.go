@@ -101,9 +101,11 @@ func TestStopKillsDetachedStubbornTree(t *testing.T) {
 	}).start(Options{})
 	st := h.waitState("m", Ready, 20*time.Second)
 	var procs map[int]string
-	waitFor(t, 10*time.Second, "server + 4 workers alive", func() bool {
+	// Six processes start (the double fork's middle one exits at once);
+	// five stay: server, worker, two detached workers, the orphan.
+	waitFor(t, 10*time.Second, "6 processes started, 5 alive", func() bool {
 		procs = h.procs("m")
-		return len(liveOf(procs, "")) == 5
+		return len(procs) == 6 && len(liveOf(procs, "")) == 5
 	})
 	for _, pid := range liveOf(procs, "worker") {
 		if s, _ := readStat(pid); s.PGID != st.PID && s.PGID != pid {

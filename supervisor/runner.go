@@ -56,6 +56,13 @@ type instance struct {
 	exit    exitInfo      // valid after done is closed
 }
 
+// probeResult is tagged with the instance it probed: a result that arrives
+// after a restart belongs to the old process and must not count for the new.
+type probeResult struct {
+	inst *instance
+	err  error
+}
+
 type exitInfo struct {
 	code int // the exit code, or 128+signal
 	desc string
@@ -97,7 +104,7 @@ type loop struct {
 	deadline <-chan time.Time // startup_timeout of the current start
 
 	probing    bool
-	probeRes   chan error
+	probeRes   chan probeResult
 	probeFails int
 
 	stopDone  chan error
@@ -106,7 +113,7 @@ type loop struct {
 
 // run drives the model until ctx ends, then stops its processes and returns.
 func (r *runner) run(ctx context.Context, cfg config.Model) {
-	l := &loop{r: r, cfg: cfg, restarts: map[string]int{}, probeRes: make(chan error, 1), stopDone: make(chan error, 1)}
+	l := &loop{r: r, cfg: cfg, restarts: map[string]int{}, probeRes: make(chan probeResult, 1), stopDone: make(chan error, 1)}
 	if cfg.Enabled {
 		l.enterPending("checking storage, port and GPUs")
 	} else {
@@ -134,9 +141,11 @@ func (r *runner) run(ctx context.Context, cfg config.Model) {
 			if l.state == Starting {
 				l.restart(ReasonStartup, fmt.Sprintf("no healthy answer within startup_timeout %s", l.cfg.Probe.StartupTimeout))
 			}
-		case err := <-l.probeRes:
+		case res := <-l.probeRes:
 			l.probing = false
-			l.onProbe(err)
+			if res.inst == l.inst && !l.exitSeen {
+				l.onProbe(res.err)
+			}
 		case err := <-l.stopDone:
 			l.onStopped(err)
 		}
@@ -175,7 +184,8 @@ func (l *loop) onTick(ctx context.Context) {
 		l.inst.tree.refresh()
 		if !l.probing {
 			l.probing = true
-			go l.probe(ctx)
+			// The probe goroutine gets copies: l is the runner's alone.
+			go l.probe(ctx, l.inst, probeURL(l.cfg), l.cfg.Probe.Timeout)
 		}
 	}
 }
@@ -227,17 +237,13 @@ func (l *loop) tryStart() {
 	l.tick = l.r.d.after(min(m.Probe.Period, maxStartupPoll))
 }
 
-func (l *loop) probe(ctx context.Context) {
-	m := l.cfg
-	ctx, cancel := context.WithTimeout(ctx, m.Probe.Timeout)
+func (l *loop) probe(ctx context.Context, inst *instance, url string, timeout time.Duration) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	l.probeRes <- l.r.d.prober.Probe(ctx, probeURL(m))
+	l.probeRes <- probeResult{inst: inst, err: l.r.d.prober.Probe(ctx, url)}
 }
 
 func (l *loop) onProbe(err error) {
-	if l.inst == nil || l.exitSeen {
-		return // a result from a process that is gone
-	}
 	period := l.cfg.Probe.Period
 	switch l.state {
 	case Starting:
@@ -445,9 +451,9 @@ func (l *loop) shutdown() {
 	}
 	if l.state != Stopping {
 		l.enter(Stopping, "supervisor shutting down")
-		inst := l.inst
+		inst, grace := l.inst, l.cfg.StopTimeout
 		go func() {
-			err := inst.tree.stop(context.Background(), l.cfg.StopTimeout, !inst.exited())
+			err := inst.tree.stop(context.Background(), grace, !inst.exited())
 			<-inst.done
 			l.stopDone <- err
 		}()

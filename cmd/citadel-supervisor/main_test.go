@@ -80,7 +80,8 @@ func newSite(t *testing.T, models ...testModel) *site {
 			}
 		}
 		args := append([]string{"--fake-pid-dir", filepath.Join(s.dir, "pids", m.name)}, m.fake...)
-		fmt.Fprintf(&b, "  %s: {model: %s, port: %d, args: [%s]}\n", m.name, filepath.Join(s.dir, "models", m.name), m.port, strings.Join(args, ", "))
+		fmt.Fprintf(&b, "  %s: {model: %s, port: %d, vllm_port: %d, args: [%s]}\n",
+			m.name, filepath.Join(s.dir, "models", m.name), m.port, 20000+16*i, strings.Join(args, ", "))
 	}
 	s.config = filepath.Join(s.dir, "supervisor.yaml")
 	if err := os.WriteFile(s.config, []byte(b.String()), 0o644); err != nil {
