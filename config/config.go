@@ -19,8 +19,11 @@ const DefaultPath = "/etc/citadel/supervisor.yaml"
 type Config struct {
 	Listen        string `koanf:"listen"`
 	ControlSocket string `koanf:"control_socket"`
-	Log           Log    `koanf:"log"`
-	GPU           GPU    `koanf:"gpu"`
+	// ControlGroup may change state through the control socket besides
+	// root and the daemon's user; "" means the daemon's own group.
+	ControlGroup string `koanf:"control_socket_group"`
+	Log          Log    `koanf:"log"`
+	GPU          GPU    `koanf:"gpu"`
 
 	// Models holds every model, sorted by name, with defaults merged in.
 	Models []Model `koanf:"-"`
@@ -125,9 +128,10 @@ func (c *Config) LongestStopTimeout() time.Duration {
 // the contract of SPEC §2; a file only needs to say what differs.
 func builtin() map[string]any {
 	return map[string]any{
-		"listen":         "127.0.0.1:9400",
-		"control_socket": "/run/citadel/supervisor.sock",
-		"log":            map[string]any{"level": "info", "format": "json"},
+		"listen":               "127.0.0.1:9400",
+		"control_socket":       "/run/citadel/supervisor.sock",
+		"control_socket_group": "",
+		"log":                  map[string]any{"level": "info", "format": "json"},
 		"gpu": map[string]any{
 			"backend":         "nvml",
 			"headroom":        "1GiB",

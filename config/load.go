@@ -26,7 +26,7 @@ const EnvPrefix = "CITADEL_"
 // deliberately absent: a model's settings live in the file, where a reload
 // sees them, not in the daemon's environment, which a reload cannot change.
 var envKeys = []string{
-	"listen", "control_socket", "log.level", "log.format",
+	"listen", "control_socket", "control_socket_group", "log.level", "log.format",
 	"gpu.backend", "gpu.headroom", "gpu.release_timeout", "gpu.sim.state_file",
 }
 
@@ -97,6 +97,7 @@ func Parse(data []byte, environ []string) (*Config, error) {
 type fileShape struct {
 	Listen        string           `koanf:"listen"`
 	ControlSocket string           `koanf:"control_socket"`
+	ControlGroup  string           `koanf:"control_socket_group"`
 	Log           Log              `koanf:"log"`
 	GPU           GPU              `koanf:"gpu"`
 	Defaults      Model            `koanf:"defaults"`

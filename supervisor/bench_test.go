@@ -9,7 +9,7 @@ import (
 // BenchmarkKillRespawn measures kill -9 of a ready model → its replacement
 // spawned (restart.delay 0), and → the replacement ready. Real processes.
 func BenchmarkKillRespawn(b *testing.B) {
-	h := newHarness(b, modelSpec{name: "m", yaml: "restart: {delay: 0s, max_delay: 0s, burst: 1000000, interval: 1h}"}).start(Options{})
+	h := newHarness(b, modelSpec{Name: "m", YAML: "restart: {delay: 0s, max_delay: 0s, burst: 1000000, interval: 1h}"}).start(Options{})
 	waitReady := func(notPID int) Status {
 		var st Status
 		waitFor(b, 20*time.Second, "a ready replacement", func() bool {

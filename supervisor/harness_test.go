@@ -3,35 +3,25 @@ package supervisor
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"testing"
 	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
-	"citadel-supervisor/cmd/fake-vllm/fakevllm"
 	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/supervisortest"
 )
-
-// selfEnv makes this test binary act as fake-vllm when it is re-executed as
-// a model (and as that model's workers, which inherit the environment).
-const selfEnv = "FAKE_VLLM_SELF"
 
 // testReaper is the process's one Reaper: the test binary is the
 // supervisor's parent process here, so it is the subreaper.
 var testReaper *Reaper
 
 func TestMain(m *testing.M) {
-	if os.Getenv(selfEnv) == "1" {
-		os.Exit(fakevllm.Main(os.Args[1:]))
-	}
+	supervisortest.RunFakeIfAsked()
 	r, err := NewReaper()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "NewReaper:", err)
@@ -45,33 +35,17 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// waitFor polls cond until it holds or the deadline passes. Every wait in
-// these tests has a deadline; none sleeps to synchronise.
-func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
+var waitFor = supervisortest.WaitFor
 
-// freePort returns a loopback port that was free a moment ago.
-func freePort(t testing.TB) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
+const selfEnv = supervisortest.SelfEnv
+
+// modelSpec is one fake model of a harness.
+type modelSpec = supervisortest.Model
 
 // harness runs a Supervisor over fake-vllm models in a temp dir.
 type harness struct {
 	t      testing.TB
+	site   *supervisortest.Site
 	dir    string
 	cfg    *config.Config
 	sup    *Supervisor
@@ -79,55 +53,15 @@ type harness struct {
 	done   chan error
 }
 
-// modelSpec is one test model: YAML lines under its key, and fake flags.
-type modelSpec struct {
-	name string
-	yaml string   // extra YAML keys, e.g. "restart: {delay: 100ms}"
-	fake []string // fake-vllm flags
-}
-
-// newHarness writes a config for specs (ports chosen free, paths created)
-// and returns it unstarted.
+// newHarness writes a config for specs and returns it unstarted.
 func newHarness(t testing.TB, specs ...modelSpec) *harness {
 	t.Helper()
-	dir := t.TempDir()
-	var b strings.Builder
-	fmt.Fprintf(&b, "listen: \"\"\ncontrol_socket: %s\ngpu: {backend: none}\n", filepath.Join(dir, "s.sock"))
-	fmt.Fprintf(&b, "defaults:\n  command: [%q]\n  env: {%s: \"1\"}\n", os.Args[0], selfEnv)
-	b.WriteString("  stop_timeout: 2s\n  restart: {delay: 50ms, max_delay: 1s, burst: 5, interval: 1m, retry_failed_after: 0s}\n")
-	b.WriteString("  probe: {period: 50ms, timeout: 1s, failure_threshold: 3, startup_timeout: 30s}\nmodels:\n")
-	for i, s := range specs {
-		mdir := filepath.Join(dir, "models", s.name)
-		pids := filepath.Join(dir, "pids", s.name)
-		for _, d := range []string{mdir, pids} {
-			if err := os.MkdirAll(d, 0o755); err != nil {
-				t.Fatal(err)
-			}
-		}
-		args := append([]string{"--fake-pid-dir", pids}, s.fake...)
-		// vllm_port set explicitly: the value derived from random ports
-		// could clash between models, which validation rightly refuses.
-		fmt.Fprintf(&b, "  %s:\n    model: %s\n    port: %d\n    vllm_port: %d\n    args: [%s]\n",
-			s.name, mdir, freePort(t), 20000+config.VLLMPortBlock*i, quoteAll(args))
-		for _, line := range strings.Split(strings.TrimSpace(s.yaml), "\n") {
-			if line != "" {
-				fmt.Fprintf(&b, "    %s\n", line)
-			}
-		}
-	}
-	cfg, err := config.Parse([]byte(b.String()), nil)
+	site := supervisortest.NewSite(t, "", specs...)
+	cfg, err := config.Parse([]byte(site.YAML), nil)
 	if err != nil {
-		t.Fatalf("test config:\n%s\n%v", b.String(), err)
+		t.Fatalf("test config:\n%s\n%v", site.YAML, err)
 	}
-	return &harness{t: t, dir: dir, cfg: cfg}
-}
-
-func quoteAll(ss []string) string {
-	q := make([]string, len(ss))
-	for i, s := range ss {
-		q[i] = strconv.Quote(s)
-	}
-	return strings.Join(q, ", ")
+	return &harness{t: t, site: site, dir: site.Dir, cfg: cfg}
 }
 
 // start runs the supervisor; Cleanup stops it and checks Run's result.
@@ -202,44 +136,14 @@ func (h *harness) waitState(name string, want State, d time.Duration) Status {
 	return st
 }
 
-// procs lists every process a model started, from fake-vllm's own records:
-// pid → role ("server" or "worker").
+// procs lists every process a model started: pid → role.
 func (h *harness) procs(name string) map[int]string {
 	h.t.Helper()
-	return readPIDDir(h.t, filepath.Join(h.dir, "pids", name))
-}
-
-func readPIDDir(t testing.TB, dir string) map[int]string {
-	t.Helper()
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := map[int]string{}
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		role, _ := os.ReadFile(filepath.Join(dir, e.Name()))
-		out[pid] = string(role)
-	}
-	return out
+	return h.site.PIDs(h.t, name)
 }
 
 // running reports whether pid is a live (non-zombie) process.
-func running(pid int) bool {
-	s, err := readStat(pid)
-	return err == nil && s.State != 'Z'
-}
+var running = supervisortest.Running
 
 // liveOf returns the live pids of procs, by role.
-func liveOf(procs map[int]string, role string) []int {
-	var out []int
-	for pid, r := range procs {
-		if running(pid) && (role == "" || r == role) {
-			out = append(out, pid)
-		}
-	}
-	return out
-}
+var liveOf = supervisortest.Live

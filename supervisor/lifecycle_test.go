@@ -19,7 +19,7 @@ import (
 
 func TestKillNineRestartsAfterDelay(t *testing.T) {
 	const delay = 300 * time.Millisecond
-	h := newHarness(t, modelSpec{name: "m", yaml: "restart: {delay: 300ms, max_delay: 1s}"}).start(Options{})
+	h := newHarness(t, modelSpec{Name: "m", YAML: "restart: {delay: 300ms, max_delay: 1s}"}).start(Options{})
 	first := h.waitState("m", Ready, 20*time.Second)
 
 	killed := time.Now()
@@ -48,9 +48,9 @@ func TestKillNineRestartsAfterDelay(t *testing.T) {
 
 func TestExitAtStartFailsAfterBurst(t *testing.T) {
 	h := newHarness(t, modelSpec{
-		name: "m",
-		yaml: "restart: {delay: 10ms, max_delay: 20ms, burst: 3, interval: 1m}",
-		fake: []string{"--fake-exit-at-start", "--fake-exit-code", "3"},
+		Name: "m",
+		YAML: "restart: {delay: 10ms, max_delay: 20ms, burst: 3, interval: 1m}",
+		Fake: []string{"--fake-exit-at-start", "--fake-exit-code", "3"},
 	}).start(Options{})
 	st := h.waitState("m", Failed, 20*time.Second)
 
@@ -74,9 +74,9 @@ func TestExitAtStartFailsAfterBurst(t *testing.T) {
 
 func TestResetClearsStartLimit(t *testing.T) {
 	h := newHarness(t, modelSpec{
-		name: "m",
-		yaml: "restart: {delay: 10ms, max_delay: 20ms, burst: 2, interval: 1m}",
-		fake: []string{"--fake-exit-at-start"},
+		Name: "m",
+		YAML: "restart: {delay: 10ms, max_delay: 20ms, burst: 2, interval: 1m}",
+		Fake: []string{"--fake-exit-at-start"},
 	}).start(Options{})
 	h.waitState("m", Failed, 20*time.Second)
 	res, err := h.sup.Do(context.Background(), "reset", "m")
@@ -94,9 +94,9 @@ func TestResetClearsStartLimit(t *testing.T) {
 // all ignoring SIGTERM. Nothing of it may survive a stop.
 func TestStopKillsDetachedStubbornTree(t *testing.T) {
 	h := newHarness(t, modelSpec{
-		name: "m",
-		yaml: "stop_timeout: 300ms",
-		fake: []string{"--fake-ignore-sigterm", "--fake-workers", "1", "--fake-detached-workers", "2",
+		Name: "m",
+		YAML: "stop_timeout: 300ms",
+		Fake: []string{"--fake-ignore-sigterm", "--fake-workers", "1", "--fake-detached-workers", "2",
 			"--fake-orphan-workers", "1", "--fake-worker-ignore-sigterm"},
 	}).start(Options{})
 	st := h.waitState("m", Ready, 20*time.Second)
@@ -142,9 +142,9 @@ func TestStopKillsDetachedStubbornTree(t *testing.T) {
 
 func TestShutdownStopsEveryTree(t *testing.T) {
 	h := newHarness(t,
-		modelSpec{name: "a", fake: []string{"--fake-detached-workers", "1"}},
-		modelSpec{name: "b", yaml: "stop_timeout: 200ms", fake: []string{"--fake-ignore-sigterm", "--fake-workers", "2"}},
-		modelSpec{name: "c", fake: []string{"--fake-stop-delay", "100ms"}},
+		modelSpec{Name: "a", Fake: []string{"--fake-detached-workers", "1"}},
+		modelSpec{Name: "b", YAML: "stop_timeout: 200ms", Fake: []string{"--fake-ignore-sigterm", "--fake-workers", "2"}},
+		modelSpec{Name: "c", Fake: []string{"--fake-stop-delay", "100ms"}},
 	).start(Options{})
 	var all []int
 	for _, n := range []string{"a", "b", "c"} {
@@ -167,7 +167,7 @@ func TestShutdownStopsEveryTree(t *testing.T) {
 }
 
 func TestPendingOnStorageThenStarts(t *testing.T) {
-	h := newHarness(t, modelSpec{name: "m"})
+	h := newHarness(t, modelSpec{Name: "m"})
 	m, _ := h.cfg.Model("m")
 	if err := os.Remove(m.Path); err != nil {
 		t.Fatal(err)
@@ -184,7 +184,7 @@ func TestPendingOnStorageThenStarts(t *testing.T) {
 }
 
 func TestPendingOnForeignPort(t *testing.T) {
-	h := newHarness(t, modelSpec{name: "m"})
+	h := newHarness(t, modelSpec{Name: "m"})
 	m, _ := h.cfg.Model("m")
 	ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(m.Port))
 	if err != nil {
@@ -203,7 +203,7 @@ func TestPendingOnForeignPort(t *testing.T) {
 
 func TestSecretsReachOnlyTheChild(t *testing.T) {
 	const secret = "hf_test_value_that_must_not_leak"
-	h := newHarness(t, modelSpec{name: "m"})
+	h := newHarness(t, modelSpec{Name: "m"})
 	envFile := filepath.Join(h.dir, "secrets.env")
 	if err := os.WriteFile(envFile, []byte("# token\nHF_TOKEN="+secret+"\n"), 0o600); err != nil {
 		t.Fatal(err)

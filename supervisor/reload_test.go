@@ -11,10 +11,10 @@ import (
 // would see a difference restart; the rest keep their process.
 func TestApply(t *testing.T) {
 	h := newHarness(t,
-		modelSpec{name: "same"},
-		modelSpec{name: "envchange"},
-		modelSpec{name: "probechange"},
-		modelSpec{name: "removed", fake: []string{"--fake-detached-workers", "1"}},
+		modelSpec{Name: "same"},
+		modelSpec{Name: "envchange"},
+		modelSpec{Name: "probechange"},
+		modelSpec{Name: "removed", Fake: []string{"--fake-detached-workers", "1"}},
 	).start(Options{})
 	before := map[string]Status{}
 	for _, n := range []string{"same", "envchange", "probechange", "removed"} {
@@ -35,7 +35,7 @@ func TestApply(t *testing.T) {
 		}
 		next.Models = append(next.Models, m)
 	}
-	added := newHarness(t, modelSpec{name: "added"}).cfg.Models[0]
+	added := newHarness(t, modelSpec{Name: "added"}).cfg.Models[0]
 	next.Models = append(next.Models, added)
 
 	changes, err := h.sup.Apply(context.Background(), &next)

@@ -476,6 +476,7 @@ func (l *loop) publish() {
 		Enabled:          l.cfg.Enabled,
 		ReadyAt:          l.readyAt,
 		StartupDuration:  l.startup,
+		StartupSeconds:   l.startup.Seconds(),
 		RestartsByReason: maps.Clone(l.restarts),
 	}
 	for _, n := range l.restarts {

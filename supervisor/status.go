@@ -50,7 +50,8 @@ type Status struct {
 	LastExit         string         `json:"last_exit,omitempty"` // "exit code 1", "killed by SIGKILL"
 	StartedAt        time.Time      `json:"started_at,omitzero"` // spawn of the current process
 	ReadyAt          time.Time      `json:"ready_at,omitzero"`
-	StartupDuration  time.Duration  `json:"startup_duration,omitempty"`
+	StartupDuration  time.Duration  `json:"-"`
+	StartupSeconds   float64        `json:"startup_duration_seconds,omitempty"` // StartupDuration, for JSON readers
 	RestartsByReason map[string]int `json:"restarts_by_reason,omitempty"`
 	// LastOutput holds the model's last lines of output when it failed.
 	LastOutput []string `json:"last_output,omitempty"`

@@ -23,6 +23,7 @@ import (
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor"
+	"citadel-supervisor/supervisor/control"
 )
 
 // Set at build time by `make build`.
@@ -70,9 +71,10 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		log.Error("cannot become child subreaper", zap.Error(err))
 		return 1
 	}
+	placer := gpu.NewStatic(cfg)
 	sup, err := supervisor.New(cfg, supervisor.Options{
 		Logger:  log,
-		Placer:  gpu.NewStatic(cfg),
+		Placer:  placer,
 		Prober:  probe.NewHTTP(),
 		Reaper:  reaper,
 		Environ: environ,
@@ -80,6 +82,9 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		log.Error("build supervisor", zap.Error(err))
 		return 1
+	}
+	reload := func(ctx context.Context) ([]config.Change, error) {
+		return reloadConfig(ctx, log, sup, *path, environ)
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
@@ -95,7 +100,29 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	g.Go(func() error { return reaper.Run(reapCtx) })
 	g.Go(func() error {
 		defer stopReaper() // reap until the last model is gone
-		return sup.Run(ctx)
+		return sup.Run(gctx)
+	})
+	g.Go(func() error {
+		// The socket comes up once the supervisor holds its identity lock
+		// and has stopped any predecessor's leftovers.
+		select {
+		case <-sup.Ready():
+		case <-gctx.Done():
+			return nil
+		}
+		srv, err := control.Listen(control.Options{
+			Path:    cfg.ControlSocket,
+			Group:   cfg.ControlGroup,
+			Logger:  log.Named("control"),
+			Backend: sup,
+			Reload:  reload,
+			GPUs:    placer.Devices,
+		})
+		if err != nil {
+			return err
+		}
+		log.Info("control socket listening", zap.String("path", cfg.ControlSocket))
+		return srv.Run(gctx)
 	})
 	g.Go(func() error {
 		for {
@@ -103,7 +130,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 			case <-gctx.Done():
 				return nil
 			case <-hup:
-				reload(gctx, log, sup, *path, environ)
+				reload(gctx) //nolint:errcheck // logged inside
 			}
 		}
 	})
@@ -115,25 +142,27 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// reload loads the file again; an invalid file changes nothing.
-func reload(ctx context.Context, log *zap.Logger, sup *supervisor.Supervisor, path string, environ []string) {
+// reloadConfig loads the file again and applies it; an invalid file changes
+// nothing, and every problem is logged and returned.
+func reloadConfig(ctx context.Context, log *zap.Logger, sup *supervisor.Supervisor, path string, environ []string) ([]config.Change, error) {
 	cfg, err := config.Load(path, environ)
 	if err != nil {
 		for _, line := range strings.Split(err.Error(), "\n") {
 			log.Error("reload rejected: configuration invalid; keeping the running one", zap.String("problem", line))
 		}
-		return
+		return nil, fmt.Errorf("%s is invalid; nothing changed:\n%w", path, err)
 	}
 	changes, err := sup.Apply(ctx, cfg)
 	if err != nil {
 		log.Error("reload", zap.Error(err))
-		return
+		return nil, err
 	}
 	for _, c := range changes {
 		if c.Kind != config.Unchanged {
 			log.Info("reload", zap.String("model", c.Name), zap.String("change", c.Kind.String()), zap.Strings("fields", c.Fields))
 		}
 	}
+	return changes, nil
 }
 
 func newLogger(c config.Log, w io.Writer) (*zap.Logger, error) {

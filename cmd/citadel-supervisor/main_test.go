@@ -2,92 +2,42 @@ package main
 
 import (
 	"bytes"
-	"fmt"
-	"net"
+	"citadel-supervisor/supervisor/supervisortest"
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
-
-	"citadel-supervisor/cmd/fake-vllm/fakevllm"
 )
 
 // The test binary plays three parts: the tests, the daemon (roleEnv) and
-// the models (fakeEnv, set in the models' env so their workers inherit it).
-const (
-	roleEnv = "CITADEL_TEST_AS_DAEMON"
-	fakeEnv = "FAKE_VLLM_SELF"
-)
+// the models (supervisortest.SelfEnv).
+const roleEnv = "CITADEL_TEST_AS_DAEMON"
 
 func TestMain(m *testing.M) {
-	if os.Getenv(fakeEnv) == "1" {
-		os.Exit(fakevllm.Main(os.Args[1:]))
-	}
+	supervisortest.RunFakeIfAsked()
 	if os.Getenv(roleEnv) == "1" {
 		os.Exit(run(os.Args[1:], os.Environ(), os.Stdout, os.Stderr))
 	}
 	os.Exit(m.Run())
 }
 
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
+var waitFor = supervisortest.WaitFor
 
-type testModel struct {
-	name string
-	port int
-	fake []string
-}
+type testModel = supervisortest.Model
 
 // site is one daemon configuration in a temp dir.
 type site struct {
-	t      *testing.T
-	dir    string
-	config string
-	models []testModel
+	*supervisortest.Site
+	t testing.TB
 }
 
 func newSite(t *testing.T, models ...testModel) *site {
 	t.Helper()
-	s := &site{t: t, dir: t.TempDir(), models: models}
-	var b strings.Builder
-	fmt.Fprintf(&b, "listen: \"\"\ncontrol_socket: %s\nlog: {level: debug}\ngpu: {backend: none}\n", filepath.Join(s.dir, "s.sock"))
-	fmt.Fprintf(&b, "defaults:\n  command: [%q]\n  env: {%s: \"1\"}\n  stop_timeout: 1s\n", os.Args[0], fakeEnv)
-	b.WriteString("  restart: {delay: 100ms}\n  probe: {period: 100ms, timeout: 1s}\nmodels:\n")
-	for i := range s.models {
-		m := &s.models[i]
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		m.port = ln.Addr().(*net.TCPAddr).Port
-		ln.Close()
-		for _, d := range []string{"models/" + m.name, "pids/" + m.name} {
-			if err := os.MkdirAll(filepath.Join(s.dir, d), 0o755); err != nil {
-				t.Fatal(err)
-			}
-		}
-		args := append([]string{"--fake-pid-dir", filepath.Join(s.dir, "pids", m.name)}, m.fake...)
-		fmt.Fprintf(&b, "  %s: {model: %s, port: %d, vllm_port: %d, args: [%s]}\n",
-			m.name, filepath.Join(s.dir, "models", m.name), m.port, 20000+16*i, strings.Join(args, ", "))
-	}
-	s.config = filepath.Join(s.dir, "supervisor.yaml")
-	if err := os.WriteFile(s.config, []byte(b.String()), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return s
+	return &site{Site: supervisortest.NewSite(t, "log: {level: debug}\ngpu: {backend: none}\n", models...), t: t}
 }
 
 // daemon is one running citadel-supervisor process.
@@ -99,7 +49,7 @@ type daemon struct {
 
 func (s *site) start() *daemon {
 	s.t.Helper()
-	cmd := exec.Command(os.Args[0], "--config", s.config)
+	cmd := exec.Command(os.Args[0], "--config", s.Path)
 	cmd.Env = append(os.Environ(), roleEnv+"=1")
 	d := &daemon{cmd: cmd, log: &bytes.Buffer{}, done: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = d.log, d.log
@@ -132,8 +82,8 @@ func (d *daemon) wait(t *testing.T) int {
 
 // healthy reports whether every model answers /health.
 func (s *site) healthy() bool {
-	for _, m := range s.models {
-		resp, err := http.Get("http://127.0.0.1:" + strconv.Itoa(m.port) + "/health")
+	for _, m := range s.Models {
+		resp, err := http.Get("http://127.0.0.1:" + strconv.Itoa(m.Port) + "/health")
 		if err != nil {
 			return false
 		}
@@ -145,49 +95,16 @@ func (s *site) healthy() bool {
 	return true
 }
 
-// procs lists every process each model ever started: pid → role.
-func (s *site) procs(model string) map[int]string {
-	s.t.Helper()
-	dir := filepath.Join(s.dir, "pids", model)
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	out := map[int]string{}
-	for _, e := range ents {
-		pid, _ := strconv.Atoi(e.Name())
-		role, _ := os.ReadFile(filepath.Join(dir, e.Name()))
-		out[pid] = string(role)
-	}
-	return out
-}
+func (s *site) procs(model string) map[int]string { return s.PIDs(s.t, model) }
 
-// running reports whether pid is a live process (zombies are dead).
-func running(pid int) bool {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return false
-	}
-	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
-	return len(f) > 0 && f[0] != "Z"
-}
-
-func live(procs map[int]string, role string) []int {
-	var out []int
-	for pid, r := range procs {
-		if running(pid) && (role == "" || r == role) {
-			out = append(out, pid)
-		}
-	}
-	return out
-}
+var live = supervisortest.Live
 
 var stubborn = []string{"--fake-ignore-sigterm", "--fake-workers", "1", "--fake-detached-workers", "1", "--fake-worker-ignore-sigterm"}
 
 func TestSIGTERMStopsEveryTreeAndExitsZero(t *testing.T) {
 	s := newSite(t,
-		testModel{name: "a", fake: stubborn},
-		testModel{name: "b", fake: []string{"--fake-detached-workers", "2"}},
+		testModel{Name: "a", Fake: stubborn},
+		testModel{Name: "b", Fake: []string{"--fake-detached-workers", "2"}},
 	)
 	d := s.start()
 	waitFor(t, 30*time.Second, "models healthy", s.healthy)
@@ -214,8 +131,8 @@ func TestSIGTERMStopsEveryTreeAndExitsZero(t *testing.T) {
 
 func TestSIGKILLThenRestartLeavesOneCopy(t *testing.T) {
 	s := newSite(t,
-		testModel{name: "a", fake: stubborn},
-		testModel{name: "b", fake: []string{"--fake-detached-workers", "1"}},
+		testModel{Name: "a", Fake: stubborn},
+		testModel{Name: "b", Fake: []string{"--fake-detached-workers", "1"}},
 	)
 	first := s.start()
 	waitFor(t, 30*time.Second, "models healthy", s.healthy)
@@ -260,7 +177,7 @@ func TestSIGKILLThenRestartLeavesOneCopy(t *testing.T) {
 }
 
 func TestSecondDaemonOnSameSocketRefuses(t *testing.T) {
-	s := newSite(t, testModel{name: "a"})
+	s := newSite(t, testModel{Name: "a"})
 	first := s.start()
 	waitFor(t, 30*time.Second, "model healthy", s.healthy)
 	server := live(s.procs("a"), "server")

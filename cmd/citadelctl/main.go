@@ -1,13 +1,511 @@
 // Command citadelctl is the operator's client of citadel-supervisor's
-// control socket.
+// control socket: status, start, stop, restart, reset, reload, logs,
+// health and gpus.
 package main
 
 import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
 	"fmt"
+	"io"
 	"os"
+	"os/signal"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"citadel-supervisor/supervisor"
+	"citadel-supervisor/supervisor/control"
 )
 
+// Exit codes (SPEC §1).
+const (
+	exitOK          = 0
+	exitFailed      = 1
+	exitUsage       = 2
+	exitUnreachable = 3
+)
+
+const defaultSocket = "/run/citadel/supervisor.sock"
+
 func main() {
-	fmt.Fprintln(os.Stderr, "citadelctl: the control socket is not implemented yet")
-	os.Exit(3)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Environ(), os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+type cli struct {
+	socket string
+	output string
+	client *control.Client
+	out    io.Writer
+	err    io.Writer
+	now    func() time.Time
+	width  int
+	long   bool // status -l: reasons uncut
+}
+
+type command struct {
+	usage string // after "citadelctl "
+	help  string
+	run   func(c *cli, ctx context.Context, args []string) int
+}
+
+var commands = map[string]command{
+	"status":  {"status [-l] [MODEL...]", "One row per model: state, pid, port, GPUs, uptime, restarts, last exit, reason. The reason is cut to the terminal width ($COLUMNS, else 80); -l shows it whole, -o json gives everything as JSON.", (*cli).status},
+	"start":   {"start MODEL...|all", "Start models held stopped or failed (clears their backoff).", opCmd("start")},
+	"stop":    {"stop [--timeout D] MODEL...|all", "Stop models and hold them stopped until start or a reload that changes them. Waits until they are stopped.", opCmd("stop")},
+	"restart": {"restart MODEL...|all", "Gracefully stop, then start again.", opCmd("restart")},
+	"reset":   {"reset MODEL...|all", "Clear a failed model's start limit and backoff, then start it.", opCmd("reset")},
+	"reload":  {"reload", "Load the configuration file again (as systemctl reload does). An invalid file changes nothing.", (*cli).reload},
+	"logs":    {"logs MODEL [-n N] [-f]", "The model's recent output, newest last; -f follows new lines until interrupted.", (*cli).logs},
+	"health":  {"health", "A readiness summary; exit 0 only when every enabled model is ready.", (*cli).health},
+	"gpus":    {"gpus", "Each GPU: index, UUID, name, memory total/used/free, models placed on it.", (*cli).gpus},
+	"completion": {"completion bash|zsh", "A shell completion script; model names come from the daemon.", func(c *cli, _ context.Context, args []string) int {
+		return c.completion(args)
+	}},
+	"__models": {"__models", "", (*cli).modelNames},
+}
+
+func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) int {
+	c := &cli{out: stdout, err: stderr, now: time.Now, width: 80}
+	if w, err := strconv.Atoi(envOr(environ, "COLUMNS", "")); err == nil && w > 40 {
+		c.width = w
+	}
+	fs := flag.NewFlagSet("citadelctl", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&c.socket, "socket", envOr(environ, "CITADEL_SOCKET", defaultSocket), "control socket (env CITADEL_SOCKET)")
+	fs.StringVar(&c.output, "o", "table", "output: table or json")
+	fs.Usage = func() { c.usage() }
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return exitOK
+		}
+		return exitUsage
+	}
+	if fs.NArg() == 0 {
+		c.usage()
+		return exitUsage
+	}
+	name, rest := fs.Arg(0), fs.Args()[1:]
+	if name == "help" {
+		if len(rest) == 1 {
+			if cmd, ok := commands[rest[0]]; ok {
+				fmt.Fprintf(stdout, "usage: citadelctl [--socket PATH] [-o table|json] %s\n\n%s\n", cmd.usage, cmd.help)
+				return exitOK
+			}
+		}
+		c.usage()
+		return exitOK
+	}
+	cmd, ok := commands[name]
+	if !ok {
+		fmt.Fprintf(stderr, "citadelctl: unknown command %q\n", name)
+		c.usage()
+		return exitUsage
+	}
+	if slices.Contains(rest, "-h") || slices.Contains(rest, "--help") {
+		fmt.Fprintf(stdout, "usage: citadelctl [--socket PATH] [-o table|json] %s\n\n%s\n", cmd.usage, cmd.help)
+		return exitOK
+	}
+	if c.output != "table" && c.output != "json" {
+		fmt.Fprintf(stderr, "citadelctl: -o %q: use table or json\n", c.output)
+		return exitUsage
+	}
+	c.client = control.NewClient(c.socket)
+	return cmd.run(c, ctx, rest)
+}
+
+func (c *cli) usage() {
+	fmt.Fprintln(c.err, "usage: citadelctl [--socket PATH] [-o table|json] COMMAND [ARGS]")
+	fmt.Fprintln(c.err, "\ncommands:")
+	names := make([]string, 0, len(commands))
+	for n := range commands {
+		if !strings.HasPrefix(n, "__") {
+			names = append(names, n)
+		}
+	}
+	slices.Sort(names)
+	for _, n := range names {
+		fmt.Fprintf(c.err, "  %-36s %s\n", commands[n].usage, firstSentence(commands[n].help))
+	}
+	fmt.Fprintln(c.err, "\nexit codes: 0 ok, 1 the request failed, 2 usage, 3 daemon unreachable")
+	fmt.Fprintln(c.err, "citadelctl help COMMAND shows one command's help.")
+}
+
+// fail prints err and returns the exit code it deserves.
+func (c *cli) fail(err error) int {
+	if errors.Is(err, control.ErrUnreachable) {
+		fmt.Fprintf(c.err, "citadelctl: daemon not reachable at %s: is citadel-supervisor running? (systemctl status citadel-supervisor)\n", c.socket)
+		return exitUnreachable
+	}
+	var re *control.RequestError
+	if errors.As(err, &re) && re.Code == 403 {
+		fmt.Fprintf(c.err, "citadelctl: %v (run as root, as the supervisor's user, or as a member of its control_socket_group)\n", err)
+		return exitFailed
+	}
+	fmt.Fprintf(c.err, "citadelctl: %v\n", err)
+	return exitFailed
+}
+
+func (c *cli) status(ctx context.Context, args []string) int {
+	args, ok := c.parseOutput("status", args)
+	if !ok {
+		return exitUsage
+	}
+	st, err := c.client.Status(ctx, args...)
+	if err != nil {
+		return c.fail(err)
+	}
+	if c.output == "json" {
+		return c.writeJSON(st)
+	}
+	idx := c.gpuIndexes(ctx)
+	var buf bytes.Buffer
+	tw := tabwriter.NewWriter(&buf, 0, 0, 1, ' ', 0)
+	// The trailing empty cell pads EXIT, so every line is as wide and the
+	// free-text reason can be cut to the terminal's width after it.
+	fmt.Fprintln(tw, "NAME\tSTATE\tPID\tPORT\tGPUS\tUPTIME\tRESTARTS\tEXIT\t")
+	reasons := []string{"REASON"}
+	for _, s := range st {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%d\t%s\t\n",
+			s.Name, s.State, dash(s.PID), s.Port, gpuList(s.GPUs, idx), c.uptime(s), s.Restarts, exitCode(s.LastExitCode))
+		reasons = append(reasons, s.Reason)
+	}
+	tw.Flush()
+	for i, line := range strings.Split(strings.TrimSuffix(buf.String(), "\n"), "\n") {
+		reason := reasons[i]
+		if !c.long {
+			reason = truncate(reason, c.width-len(line))
+		}
+		fmt.Fprintln(c.out, strings.TrimRight(line+reason, " "))
+	}
+	return exitOK
+}
+
+// truncate cuts s to n runes, marking the cut.
+func truncate(s string, n int) string {
+	r := []rune(s)
+	if len(r) <= n {
+		return s
+	}
+	if n < 2 {
+		return ""
+	}
+	return string(r[:n-1]) + "…"
+}
+
+// parseOutput accepts -o after the command too (citadelctl status -o json).
+func (c *cli) parseOutput(cmd string, args []string) ([]string, bool) {
+	var rest []string
+	for i := 0; i < len(args); i++ {
+		switch a := args[i]; {
+		case a == "-l":
+			c.long = true
+		case a == "-o" && i+1 < len(args):
+			c.output = args[i+1]
+			i++
+		case strings.HasPrefix(a, "-o="):
+			c.output = strings.TrimPrefix(a, "-o=")
+		case strings.HasPrefix(a, "-"):
+			fmt.Fprintf(c.err, "citadelctl %s: unknown flag %s\n", cmd, a)
+			return nil, false
+		default:
+			rest = append(rest, a)
+		}
+	}
+	if c.output != "table" && c.output != "json" {
+		fmt.Fprintf(c.err, "citadelctl: -o %q: use table or json\n", c.output)
+		return nil, false
+	}
+	return rest, true
+}
+
+func opCmd(op string) func(*cli, context.Context, []string) int {
+	return func(c *cli, ctx context.Context, args []string) int {
+		fs := flag.NewFlagSet(op, flag.ContinueOnError)
+		fs.SetOutput(c.err)
+		timeout := fs.Duration("timeout", 5*time.Minute, "with stop: how long to wait for the models to be stopped")
+		if err := fs.Parse(args); err != nil {
+			return exitUsage
+		}
+		models := fs.Args()
+		if len(models) == 0 {
+			fmt.Fprintf(c.err, "usage: citadelctl %s MODEL...|all\n", op)
+			return exitUsage
+		}
+		res, err := c.client.Op(ctx, op, models...)
+		if err != nil {
+			return c.fail(err)
+		}
+		code := exitOK
+		var ok []string
+		for _, r := range res.Results {
+			if r.Error != "" {
+				fmt.Fprintf(c.err, "%s: %s\n", r.Model, r.Error)
+				code = exitFailed
+				continue
+			}
+			ok = append(ok, r.Model)
+		}
+		if op == "stop" && len(ok) > 0 {
+			if err := c.waitStopped(ctx, ok, *timeout); err != nil {
+				return c.fail(err)
+			}
+		}
+		st, err := c.client.Status(ctx, ok...)
+		if err != nil {
+			return c.fail(err)
+		}
+		if c.output == "json" {
+			c.writeJSON(res)
+			return code
+		}
+		for _, s := range st {
+			fmt.Fprintf(c.out, "%s: %s%s\n", s.Name, s.State, withReason(s.Reason))
+		}
+		return code
+	}
+}
+
+// waitStopped polls until every model is stopped (or failed), like
+// systemctl stop, which returns once the unit is down.
+func (c *cli) waitStopped(ctx context.Context, models []string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		st, err := c.client.Status(ctx, models...)
+		if err != nil {
+			return err
+		}
+		done := true
+		for _, s := range st {
+			if s.State != supervisor.Stopped && s.State != supervisor.Failed {
+				done = false
+			}
+		}
+		if done {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("models not stopped within %s", timeout)
+		case <-tick.C:
+		}
+	}
+}
+
+func (c *cli) reload(ctx context.Context, args []string) int {
+	if len(args) != 0 {
+		fmt.Fprintln(c.err, "usage: citadelctl reload")
+		return exitUsage
+	}
+	res, err := c.client.Reload(ctx)
+	if err != nil {
+		return c.fail(err)
+	}
+	if c.output == "json" {
+		return c.writeJSON(res)
+	}
+	changed := 0
+	for _, ch := range res.Changes {
+		if ch.Change == "unchanged" {
+			continue
+		}
+		changed++
+		fields := ""
+		if len(ch.Fields) > 0 {
+			fields = " (" + strings.Join(ch.Fields, ", ") + ")"
+		}
+		fmt.Fprintf(c.out, "%s: %s%s\n", ch.Model, ch.Change, fields)
+	}
+	if changed == 0 {
+		fmt.Fprintln(c.out, "reloaded: nothing changed")
+	}
+	return exitOK
+}
+
+func (c *cli) logs(ctx context.Context, args []string) int {
+	fs := flag.NewFlagSet("logs", flag.ContinueOnError)
+	fs.SetOutput(c.err)
+	n := fs.Int("n", 50, "how many recent lines")
+	follow := fs.Bool("f", false, "follow new lines until interrupted")
+	// Accept the model before or after the flags: logs mixtral -n 20 -f.
+	var model string
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		model, args = args[0], args[1:]
+	}
+	if err := fs.Parse(args); err != nil {
+		return exitUsage
+	}
+	if model == "" && fs.NArg() == 1 {
+		model = fs.Arg(0)
+	} else if fs.NArg() != 0 || model == "" {
+		fmt.Fprintln(c.err, "usage: citadelctl logs MODEL [-n N] [-f]")
+		return exitUsage
+	}
+	err := c.client.Logs(ctx, model, *n, *follow, func(line string) { fmt.Fprintln(c.out, line) })
+	if err != nil && ctx.Err() == nil {
+		return c.fail(err)
+	}
+	return exitOK
+}
+
+func (c *cli) health(ctx context.Context, _ []string) int {
+	h, err := c.client.Health(ctx)
+	if err != nil {
+		return c.fail(err)
+	}
+	code := exitOK
+	if !h.Healthy {
+		code = exitFailed
+	}
+	if c.output == "json" {
+		c.writeJSON(h)
+		return code
+	}
+	fmt.Fprintf(c.out, "%d/%d enabled models ready\n", h.Ready, h.Enabled)
+	for _, s := range h.NotReady {
+		fmt.Fprintf(c.out, "  %s: %s%s\n", s.Name, s.State, withReason(s.Reason))
+	}
+	return code
+}
+
+func (c *cli) gpus(ctx context.Context, _ []string) int {
+	g, err := c.client.GPUs(ctx)
+	if err != nil {
+		return c.fail(err)
+	}
+	if c.output == "json" {
+		return c.writeJSON(g)
+	}
+	if len(g.GPUs) == 0 {
+		fmt.Fprintf(c.out, "no GPUs: %s\n", g.Reason)
+		return exitOK
+	}
+	tw := tabwriter.NewWriter(c.out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "GPU\tUUID\tNAME\tTOTAL\tUSED\tFREE\tMODELS")
+	for _, d := range g.GPUs {
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\n", d.Index, d.UUID, d.Name,
+			gib(d.MemoryTotal), gib(d.MemoryUsed), gib(d.MemoryFree), strings.Join(d.Models, ","))
+	}
+	tw.Flush()
+	return exitOK
+}
+
+func (c *cli) modelNames(ctx context.Context, _ []string) int {
+	st, err := c.client.Status(ctx)
+	if err != nil {
+		return exitUnreachable // completion stays silent
+	}
+	for _, s := range st {
+		fmt.Fprintln(c.out, s.Name)
+	}
+	return exitOK
+}
+
+func (c *cli) writeJSON(v any) int {
+	enc := json.NewEncoder(c.out)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(v); err != nil {
+		return c.fail(err)
+	}
+	return exitOK
+}
+
+// gpuIndexes maps GPU UUIDs to indexes for the status table; empty when
+// the daemon has no readings (backend none shows pins as written).
+func (c *cli) gpuIndexes(ctx context.Context) map[string]int {
+	out := map[string]int{}
+	if g, err := c.client.GPUs(ctx); err == nil {
+		for _, d := range g.GPUs {
+			out[d.UUID] = d.Index
+		}
+	}
+	return out
+}
+
+func (c *cli) uptime(s supervisor.Status) string {
+	switch s.State {
+	case supervisor.Starting, supervisor.Ready, supervisor.Unhealthy:
+		return human(c.now().Sub(s.StartedAt))
+	}
+	return "-"
+}
+
+func gpuList(uuids []string, idx map[string]int) string {
+	if len(uuids) == 0 {
+		return "-"
+	}
+	out := make([]string, len(uuids))
+	for i, u := range uuids {
+		if n, ok := idx[u]; ok {
+			out[i] = strconv.Itoa(n)
+		} else {
+			out[i] = u
+		}
+	}
+	return strings.Join(out, ",")
+}
+
+// human formats a duration the way `ps` and `systemctl` do: 3d4h, 2h5m, 4m10s, 12s.
+func human(d time.Duration) string {
+	d = d.Round(time.Second)
+	switch {
+	case d >= 24*time.Hour:
+		return fmt.Sprintf("%dd%dh", d/(24*time.Hour), d%(24*time.Hour)/time.Hour)
+	case d >= time.Hour:
+		return fmt.Sprintf("%dh%dm", d/time.Hour, d%time.Hour/time.Minute)
+	case d >= time.Minute:
+		return fmt.Sprintf("%dm%ds", d/time.Minute, d%time.Minute/time.Second)
+	}
+	return fmt.Sprintf("%ds", d/time.Second)
+}
+
+func gib(b uint64) string { return fmt.Sprintf("%.1fGiB", float64(b)/(1<<30)) }
+
+func dash(n int) string {
+	if n == 0 {
+		return "-"
+	}
+	return strconv.Itoa(n)
+}
+
+func exitCode(c *int) string {
+	if c == nil {
+		return "-"
+	}
+	return strconv.Itoa(*c)
+}
+
+func withReason(r string) string {
+	if r == "" {
+		return ""
+	}
+	return ": " + r
+}
+
+func firstSentence(s string) string {
+	if i := strings.Index(s, ". "); i >= 0 {
+		return s[:i+1]
+	}
+	return s
+}
+
+func envOr(environ []string, key, def string) string {
+	for _, kv := range environ {
+		if k, v, ok := strings.Cut(kv, "="); ok && k == key && v != "" {
+			return v
+		}
+	}
+	return def
 }

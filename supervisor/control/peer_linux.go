@@ -1,0 +1,69 @@
+package control
+
+import (
+	"bufio"
+	"context"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Peer is who is on the other end of a control connection, from the kernel
+// (SO_PEERCRED), not from anything the client says.
+type Peer struct {
+	PID    int32
+	UID    uint32
+	GID    uint32
+	Groups []uint32 // supplementary groups, from /proc/PID/status
+}
+
+type peerKey struct{}
+
+// withPeer stores the connection's peer credentials in its context.
+func withPeer(ctx context.Context, c net.Conn) context.Context {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return ctx
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return ctx
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil || credErr != nil {
+		return ctx
+	}
+	return context.WithValue(ctx, peerKey{}, Peer{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid, Groups: groupsOf(cred.Pid)})
+}
+
+// groupsOf reads a process's supplementary groups.
+func groupsOf(pid int32) []uint32 {
+	f, err := os.Open("/proc/" + strconv.Itoa(int(pid)) + "/status")
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		rest, ok := strings.CutPrefix(sc.Text(), "Groups:")
+		if !ok {
+			continue
+		}
+		var out []uint32
+		for _, g := range strings.Fields(rest) {
+			if n, err := strconv.ParseUint(g, 10, 32); err == nil {
+				out = append(out, uint32(n))
+			}
+		}
+		return out
+	}
+	return nil
+}
+
+func umask(m int) int { return unix.Umask(m) }

@@ -1,0 +1,355 @@
+package control
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/user"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"citadel-supervisor/config"
+	"citadel-supervisor/gpu"
+	"citadel-supervisor/supervisor"
+)
+
+// Backend is what the server needs of the supervisor.
+type Backend interface {
+	Status(names ...string) ([]supervisor.Status, error)
+	Do(ctx context.Context, op string, names ...string) (map[string]error, error)
+	Output(name string, n int) ([]string, error)
+	Follow(name string) (<-chan string, func(), error)
+}
+
+var _ Backend = (*supervisor.Supervisor)(nil)
+
+// Options configure a Server. Path, Logger and Backend are required.
+type Options struct {
+	Path    string
+	Group   string // may change state besides root and the daemon's user; "" = the daemon's group
+	Logger  *zap.Logger
+	Backend Backend
+	// Reload loads and applies the configuration file, as SIGHUP does.
+	Reload func(context.Context) ([]config.Change, error)
+	// GPUs lists the host's GPUs; its error says why there are none.
+	GPUs func() ([]gpu.Device, error)
+}
+
+// Server serves the control API on a Unix socket.
+type Server struct {
+	o   Options
+	ln  net.Listener
+	gid uint32 // the group allowed to change state
+	uid uint32 // the daemon's user
+	srv *http.Server
+}
+
+// maxBody bounds a request body; the largest legitimate one names every model.
+const maxBody = 1 << 20
+
+// Listen creates the socket with mode 0660 and the configured group. A stale
+// socket file (nothing answers on it) is replaced; a live one, or a path
+// that is not a socket, is an error: nothing else's file is ever removed.
+func Listen(o Options) (*Server, error) {
+	s := &Server{o: o, uid: uint32(os.Geteuid()), gid: uint32(os.Getegid())}
+	if o.Group != "" {
+		g, err := user.LookupGroup(o.Group)
+		if err != nil {
+			return nil, fmt.Errorf("control_socket_group: %w", err)
+		}
+		gid, _ := strconv.ParseUint(g.Gid, 10, 32)
+		s.gid = uint32(gid)
+	}
+	if err := removeStale(o.Path); err != nil {
+		return nil, err
+	}
+	// Create it unreachable, then open it up: no window in which a
+	// client could connect with a umask-derived mode.
+	old := umask(0o177)
+	ln, err := net.Listen("unix", o.Path)
+	umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(true)
+	if err := os.Chown(o.Path, -1, int(s.gid)); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Chmod(o.Path, 0o660); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	s.ln = ln
+	s.srv = &http.Server{
+		Handler:           s.routes(),
+		ReadHeaderTimeout: 5 * time.Second,
+		ConnContext:       withPeer,
+		ErrorLog:          zap.NewStdLog(o.Logger),
+	}
+	return s, nil
+}
+
+func removeStale(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("control socket: %w", err)
+	}
+	if fi.Mode().Type() != os.ModeSocket {
+		return fmt.Errorf("control socket: %s exists and is not a socket; remove it or choose another control_socket", path)
+	}
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("control socket: %s is in use by a running process", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("control socket: remove stale %s: %w", path, err)
+	}
+	return nil
+}
+
+// Run serves until ctx ends, then closes the socket (removing its file).
+func (s *Server) Run(ctx context.Context) error {
+	errc := make(chan error, 1)
+	go func() { errc <- s.srv.Serve(s.ln) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("control socket: %w", err)
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := s.srv.Shutdown(sctx); err != nil {
+		s.srv.Close() // followers of logs -f do not end by themselves
+	}
+	return nil
+}
+
+func (s *Server) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+PathStatus, s.status)
+	mux.HandleFunc("POST "+PathOp+"{op}", s.mutating(s.op))
+	mux.HandleFunc("POST "+PathReload, s.mutating(s.reload))
+	mux.HandleFunc("GET "+PathLogs, s.logs)
+	mux.HandleFunc("GET "+PathHealth, s.health)
+	mux.HandleFunc("GET "+PathGPUs, s.gpus)
+	return mux
+}
+
+// mutating admits only root, the daemon's user and its control group.
+func (s *Server) mutating(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		p, ok := r.Context().Value(peerKey{}).(Peer)
+		if !ok {
+			writeError(w, http.StatusForbidden, "permission denied: peer credentials unknown")
+			return
+		}
+		if err := s.authorize(p); err != nil {
+			s.o.Logger.Warn("control request refused", zap.String("path", r.URL.Path), zap.Uint32("uid", p.UID), zap.Int32("pid", p.PID))
+			writeError(w, http.StatusForbidden, err.Error())
+			return
+		}
+		s.o.Logger.Info("control request", zap.String("path", r.URL.Path), zap.Uint32("uid", p.UID), zap.Int32("pid", p.PID))
+		h(w, r)
+	}
+}
+
+// authorize says whether peer may change state.
+func (s *Server) authorize(p Peer) error {
+	if p.UID == 0 || p.UID == s.uid || p.GID == s.gid || slices.Contains(p.Groups, s.gid) {
+		return nil
+	}
+	return fmt.Errorf("permission denied: uid %d is not root, the supervisor's user (uid %d) or in its group (gid %d)", p.UID, s.uid, s.gid)
+}
+
+func (s *Server) status(w http.ResponseWriter, r *http.Request) {
+	st, err := s.o.Backend.Status(r.URL.Query()["model"]...)
+	if err != nil {
+		writeBackendError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
+}
+
+func (s *Server) op(w http.ResponseWriter, r *http.Request) {
+	op := r.PathValue("op")
+	if !slices.Contains(Ops, op) {
+		writeError(w, http.StatusNotFound, fmt.Sprintf("unknown operation %q: use %s", op, strings.Join(Ops, ", ")))
+		return
+	}
+	var req OpRequest
+	if err := decode(r, &req); err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if len(req.Models) == 0 {
+		writeError(w, http.StatusBadRequest, "name at least one model, or all")
+		return
+	}
+	res, err := s.o.Backend.Do(r.Context(), op, req.Models...)
+	if err != nil {
+		writeBackendError(w, err)
+		return
+	}
+	out := OpResponse{Results: make([]OpResult, 0, len(res))}
+	for name, err := range res {
+		r := OpResult{Model: name}
+		if err != nil {
+			r.Error = err.Error()
+		}
+		out.Results = append(out.Results, r)
+	}
+	slices.SortFunc(out.Results, func(a, b OpResult) int { return strings.Compare(a.Model, b.Model) })
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) reload(w http.ResponseWriter, r *http.Request) {
+	if s.o.Reload == nil {
+		writeError(w, http.StatusNotImplemented, "reload is not available")
+		return
+	}
+	changes, err := s.o.Reload(r.Context())
+	if err != nil {
+		writeError(w, http.StatusUnprocessableEntity, err.Error())
+		return
+	}
+	out := ReloadResponse{Changes: []ReloadChange{}}
+	for _, c := range changes {
+		out.Changes = append(out.Changes, ReloadChange{Model: c.Name, Change: c.Kind.String(), Fields: c.Fields})
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) logs(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	name := q.Get("model")
+	n := supervisor.OutputLines
+	if v := q.Get("n"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 0 {
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("n=%q: want a whole number", v))
+			return
+		}
+	}
+	// Subscribe before reading the backlog, so no line falls between.
+	var follow <-chan string
+	if q.Get("follow") == "1" {
+		ch, cancel, err := s.o.Backend.Follow(name)
+		if err != nil {
+			writeBackendError(w, err)
+			return
+		}
+		defer cancel()
+		follow = ch
+	}
+	lines, err := s.o.Backend.Output(name, n)
+	if err != nil {
+		writeBackendError(w, err)
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	for _, l := range lines {
+		io.WriteString(w, l+"\n") //nolint:errcheck // the client went away
+	}
+	if follow == nil {
+		return
+	}
+	flush := http.NewResponseController(w)
+	flush.Flush() //nolint:errcheck // best effort
+	for {
+		select {
+		case <-r.Context().Done():
+			return
+		case l := <-follow:
+			if _, err := io.WriteString(w, l+"\n"); err != nil {
+				return
+			}
+			flush.Flush() //nolint:errcheck // best effort
+		}
+	}
+}
+
+func (s *Server) health(w http.ResponseWriter, _ *http.Request) {
+	st, err := s.o.Backend.Status()
+	if err != nil {
+		writeBackendError(w, err)
+		return
+	}
+	out := Health(st)
+	code := http.StatusOK
+	if !out.Healthy {
+		code = http.StatusServiceUnavailable
+	}
+	writeJSON(w, code, out)
+}
+
+// Health summarises readiness: healthy when every enabled model is ready.
+func Health(st []supervisor.Status) HealthResponse {
+	out := HealthResponse{NotReady: []supervisor.Status{}}
+	for _, m := range st {
+		if !m.Enabled {
+			continue
+		}
+		out.Enabled++
+		if m.State == supervisor.Ready {
+			out.Ready++
+		} else {
+			out.NotReady = append(out.NotReady, m)
+		}
+	}
+	out.Healthy = out.Ready == out.Enabled
+	return out
+}
+
+func (s *Server) gpus(w http.ResponseWriter, _ *http.Request) {
+	if s.o.GPUs == nil {
+		writeJSON(w, http.StatusOK, GPUsResponse{GPUs: []gpu.Device{}, Reason: "no GPU backend"})
+		return
+	}
+	devs, err := s.o.GPUs()
+	if err != nil {
+		writeJSON(w, http.StatusOK, GPUsResponse{GPUs: []gpu.Device{}, Reason: err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, GPUsResponse{GPUs: devs})
+}
+
+func decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("bad request body: %w", err)
+	}
+	return nil
+}
+
+func writeBackendError(w http.ResponseWriter, err error) {
+	if errors.Is(err, supervisor.ErrUnknownModel) {
+		writeError(w, http.StatusNotFound, err.Error())
+		return
+	}
+	writeError(w, http.StatusInternalServerError, err.Error())
+}
+
+func writeError(w http.ResponseWriter, code int, msg string) {
+	writeJSON(w, code, ErrorResponse{Error: msg})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(v) //nolint:errcheck // the client went away
+}

@@ -1,0 +1,172 @@
+// Package supervisortest holds what the tests of several packages share: a
+// test binary that re-executes itself as fake-vllm, configurations of fake
+// models in a temp dir, and bounded waits. Test code only.
+package supervisortest
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"citadel-supervisor/cmd/fake-vllm/fakevllm"
+)
+
+// SelfEnv, set in a model's env, makes the test binary act as fake-vllm
+// when it is re-executed as that model (and as its workers, which inherit
+// the environment).
+const SelfEnv = "FAKE_VLLM_SELF"
+
+// RunFakeIfAsked is the first thing a TestMain calls: in a re-executed
+// model it runs fake-vllm and exits.
+func RunFakeIfAsked() {
+	if os.Getenv(SelfEnv) == "1" {
+		os.Exit(fakevllm.Main(os.Args[1:]))
+	}
+}
+
+// WaitFor polls cond until it holds or d passes. Every wait in the tests has
+// a deadline; none sleeps to synchronise.
+func WaitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", d, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// FreePort returns a loopback port that was free a moment ago.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// Model is one fake model of a test configuration.
+type Model struct {
+	Name string
+	YAML string   // extra keys, one per line, e.g. "restart: {delay: 100ms}"
+	Fake []string // fake-vllm flags
+	Port int      // set by Config
+}
+
+// Site is a configuration of fake models in a temp dir.
+type Site struct {
+	Dir    string
+	Path   string // the YAML file
+	YAML   string
+	Socket string
+	Models []Model
+}
+
+// Defaults are the test defaults: fast probes and restarts.
+const Defaults = `  stop_timeout: 2s
+  restart: {delay: 50ms, max_delay: 1s, burst: 5, interval: 1m, retry_failed_after: 0s}
+  probe: {period: 50ms, timeout: 1s, failure_threshold: 3, startup_timeout: 30s}
+`
+
+// NewSite writes a configuration for models: backend none unless top says
+// otherwise, the test binary as every model's command, free ports, model
+// directories and a pid directory per model (see PIDs).
+func NewSite(t testing.TB, top string, models ...Model) *Site {
+	t.Helper()
+	s := &Site{Dir: t.TempDir()}
+	s.Socket = filepath.Join(s.Dir, "s.sock")
+	var b strings.Builder
+	fmt.Fprintf(&b, "listen: \"\"\ncontrol_socket: %s\n", s.Socket)
+	if top == "" {
+		top = "gpu: {backend: none}\n"
+	}
+	b.WriteString(top)
+	fmt.Fprintf(&b, "defaults:\n  command: [%q]\n  env: {%s: \"1\"}\n%s", os.Args[0], SelfEnv, Defaults)
+	b.WriteString("models:\n")
+	for i, m := range models {
+		for _, d := range []string{"models/" + m.Name, "pids/" + m.Name} {
+			if err := os.MkdirAll(filepath.Join(s.Dir, d), 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		m.Port = FreePort(t)
+		args := append([]string{"--fake-pid-dir", filepath.Join(s.Dir, "pids", m.Name)}, m.Fake...)
+		// vllm_port set explicitly: the value derived from random ports
+		// could clash between models, which validation rightly refuses.
+		fmt.Fprintf(&b, "  %s:\n    model: %s\n    port: %d\n    vllm_port: %d\n    args: [%s]\n",
+			m.Name, filepath.Join(s.Dir, "models", m.Name), m.Port, 20000+16*i, quoteAll(args))
+		for _, line := range strings.Split(strings.TrimSpace(m.YAML), "\n") {
+			if line != "" {
+				fmt.Fprintf(&b, "    %s\n", line)
+			}
+		}
+		s.Models = append(s.Models, m)
+	}
+	s.YAML = b.String()
+	s.Path = filepath.Join(s.Dir, "supervisor.yaml")
+	if err := os.WriteFile(s.Path, []byte(s.YAML), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func quoteAll(ss []string) string {
+	q := make([]string, len(ss))
+	for i, s := range ss {
+		q[i] = strconv.Quote(s)
+	}
+	return strings.Join(q, ", ")
+}
+
+// PIDs lists every process a model ever started, from fake-vllm's own
+// records (--fake-pid-dir): pid → "server" or "worker". The tests learn a
+// model's processes from the model itself, not from the supervisor under
+// test.
+func (s *Site) PIDs(t testing.TB, model string) map[int]string {
+	t.Helper()
+	dir := filepath.Join(s.Dir, "pids", model)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[int]string{}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		role, _ := os.ReadFile(filepath.Join(dir, e.Name()))
+		out[pid] = string(role)
+	}
+	return out
+}
+
+// Running reports whether pid is a live process; a zombie is dead.
+func Running(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+	return len(f) > 0 && f[0] != "Z"
+}
+
+// Live returns the running pids of procs with role ("" for any).
+func Live(procs map[int]string, role string) []int {
+	var out []int
+	for pid, r := range procs {
+		if Running(pid) && (role == "" || r == role) {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
