@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -234,6 +235,30 @@ func (s *Supervisor) Apply(ctx context.Context, cfg *config.Config) ([]config.Ch
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+}
+
+// ReloadFile loads the configuration at path and applies it, as SIGHUP and
+// `citadelctl reload` do. An invalid file changes nothing: every problem is
+// logged, and returned.
+func (s *Supervisor) ReloadFile(ctx context.Context, path string, environ []string) ([]config.Change, error) {
+	cfg, err := config.Load(path, environ)
+	if err != nil {
+		for _, line := range strings.Split(err.Error(), "\n") {
+			s.d.log.Error("reload rejected: configuration invalid; keeping the running one", zap.String("problem", line))
+		}
+		return nil, fmt.Errorf("%s is invalid; nothing changed:\n%w", path, err)
+	}
+	changes, err := s.Apply(ctx, cfg)
+	if err != nil {
+		s.d.log.Error("reload", zap.Error(err))
+		return nil, err
+	}
+	for _, c := range changes {
+		if c.Kind != config.Unchanged {
+			s.d.log.Info("reload", zap.String("model", c.Name), zap.String("change", c.Kind.String()), zap.Strings("fields", c.Fields))
+		}
+	}
+	return changes, nil
 }
 
 func (s *Supervisor) publishRunners(byName map[string]*runner) {

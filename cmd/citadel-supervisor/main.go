@@ -84,7 +84,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	reload := func(ctx context.Context) ([]config.Change, error) {
-		return reloadConfig(ctx, log, sup, *path, environ)
+		return sup.ReloadFile(ctx, *path, environ)
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
@@ -140,29 +140,6 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	}
 	log.Info("stopped")
 	return 0
-}
-
-// reloadConfig loads the file again and applies it; an invalid file changes
-// nothing, and every problem is logged and returned.
-func reloadConfig(ctx context.Context, log *zap.Logger, sup *supervisor.Supervisor, path string, environ []string) ([]config.Change, error) {
-	cfg, err := config.Load(path, environ)
-	if err != nil {
-		for _, line := range strings.Split(err.Error(), "\n") {
-			log.Error("reload rejected: configuration invalid; keeping the running one", zap.String("problem", line))
-		}
-		return nil, fmt.Errorf("%s is invalid; nothing changed:\n%w", path, err)
-	}
-	changes, err := sup.Apply(ctx, cfg)
-	if err != nil {
-		log.Error("reload", zap.Error(err))
-		return nil, err
-	}
-	for _, c := range changes {
-		if c.Kind != config.Unchanged {
-			log.Info("reload", zap.String("model", c.Name), zap.String("change", c.Kind.String()), zap.Strings("fields", c.Fields))
-		}
-	}
-	return changes, nil
 }
 
 func newLogger(c config.Log, w io.Writer) (*zap.Logger, error) {

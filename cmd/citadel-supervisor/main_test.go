@@ -2,12 +2,16 @@ package main
 
 import (
 	"bytes"
+	"citadel-supervisor/supervisor"
+	"citadel-supervisor/supervisor/control"
 	"citadel-supervisor/supervisor/supervisortest"
+	"context"
 	"net/http"
 	"os"
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -43,15 +47,35 @@ func newSite(t *testing.T, models ...testModel) *site {
 // daemon is one running citadel-supervisor process.
 type daemon struct {
 	cmd  *exec.Cmd
-	log  *bytes.Buffer
+	log  *syncBuffer
 	done chan struct{}
 }
+
+// syncBuffer is the daemon's output, readable while it runs.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func (d *daemon) logText() string { return d.log.String() }
 
 func (s *site) start() *daemon {
 	s.t.Helper()
 	cmd := exec.Command(os.Args[0], "--config", s.Path)
 	cmd.Env = append(os.Environ(), roleEnv+"=1")
-	d := &daemon{cmd: cmd, log: &bytes.Buffer{}, done: make(chan struct{})}
+	d := &daemon{cmd: cmd, log: &syncBuffer{}, done: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = d.log, d.log
 	if err := cmd.Start(); err != nil {
 		s.t.Fatal(err)
@@ -219,5 +243,63 @@ func TestVersion(t *testing.T) {
 	var out bytes.Buffer
 	if code := run([]string{"--version"}, nil, &out, &out); code != 0 || !strings.HasPrefix(out.String(), "citadel-supervisor dev") {
 		t.Errorf("exit %d: %q", code, out.String())
+	}
+}
+
+func TestSIGHUPReloadsOverTheSocket(t *testing.T) {
+	s := newSite(t, testModel{Name: "a"}, testModel{Name: "b"})
+	d := s.start()
+	c := control.NewClient(s.Socket)
+	ctx := context.Background()
+	pids := func() map[string]int {
+		st, err := c.Status(ctx)
+		if err != nil {
+			return nil
+		}
+		out := map[string]int{}
+		for _, m := range st {
+			if m.State == supervisor.Ready {
+				out[m.Name] = m.PID
+			}
+		}
+		return out
+	}
+	var before map[string]int
+	waitFor(t, 30*time.Second, "both ready over the socket", func() bool {
+		before = pids()
+		return len(before) == 2
+	})
+
+	// An invalid file changes nothing.
+	if err := os.WriteFile(s.Path, []byte(s.YAML+"bogus: 1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // the daemon's log says
+	waitFor(t, 10*time.Second, "the rejection logged", func() bool {
+		return strings.Contains(d.logText(), "bogus: unknown key")
+	})
+	if now := pids(); now["a"] != before["a"] || now["b"] != before["b"] {
+		t.Errorf("invalid reload changed models: %v → %v", before, now)
+	}
+
+	// A valid change restarts only b.
+	next := strings.Replace(s.YAML, "  b:\n", "  b:\n    env: {EXTRA: \"1\"}\n", 1)
+	if err := os.WriteFile(s.Path, []byte(next), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // checked below
+	waitFor(t, 30*time.Second, "b restarted and ready", func() bool {
+		now := pids()
+		return len(now) == 2 && now["b"] != before["b"]
+	})
+	if now := pids(); now["a"] != before["a"] {
+		t.Errorf("a restarted by a reload that did not change it: %d → %d", before["a"], now["a"])
+	}
+	d.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // checked by wait
+	if code := d.wait(t); code != 0 {
+		t.Errorf("exit %d", code)
+	}
+	if _, err := os.Stat(s.Socket); !os.IsNotExist(err) {
+		t.Errorf("control socket left behind: %v", err)
 	}
 }

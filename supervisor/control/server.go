@@ -135,6 +135,10 @@ func (s *Server) Run(ctx context.Context) error {
 	if err := s.srv.Shutdown(sctx); err != nil {
 		s.srv.Close() // followers of logs -f do not end by themselves
 	}
+	<-errc
+	// Serve may not have taken the listener yet when Shutdown ran; closing
+	// it here removes the socket file in every case.
+	s.ln.Close() //nolint:errcheck // already closed is fine
 	return nil
 }
 

@@ -1,0 +1,444 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+	"unicode/utf8"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+
+	"citadel-supervisor/config"
+	"citadel-supervisor/gpu"
+	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor"
+	"citadel-supervisor/supervisor/control"
+	"citadel-supervisor/supervisor/supervisortest"
+)
+
+// clientEnv makes the re-executed test binary act as citadelctl (for the
+// test that connects as another user).
+const clientEnv = "CITADELCTL_TEST_AS_CLIENT"
+
+func TestMain(m *testing.M) {
+	supervisortest.RunFakeIfAsked()
+	if os.Getenv(clientEnv) == "1" {
+		os.Exit(run(context.Background(), os.Args[1:], nil, os.Stdout, os.Stderr))
+	}
+	os.Exit(m.Run())
+}
+
+var waitFor = supervisortest.WaitFor
+
+type model = supervisortest.Model
+
+// daemon is a supervisor and its control server over a real socket.
+type daemon struct {
+	site *supervisortest.Site
+	sup  *supervisor.Supervisor
+}
+
+func startDaemon(t *testing.T, top string, models ...model) *daemon {
+	t.Helper()
+	site := supervisortest.NewSite(t, top, models...)
+	cfg, err := config.Load(site.Path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
+	placer := gpu.NewStatic(cfg)
+	sup, err := supervisor.New(cfg, supervisor.Options{Logger: log, Placer: placer, Prober: probe.NewHTTP(), Environ: os.Environ()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if err := sup.Run(ctx); err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	<-sup.Ready()
+	srv, err := control.Listen(control.Options{
+		Path: site.Socket, Logger: log, Backend: sup, GPUs: placer.Devices,
+		Reload: func(ctx context.Context) ([]config.Change, error) {
+			return sup.ReloadFile(ctx, site.Path, nil)
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wg.Go(func() {
+		if err := srv.Run(ctx); err != nil {
+			t.Errorf("control Run: %v", err)
+		}
+	})
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	return &daemon{site: site, sup: sup}
+}
+
+// ctl runs citadelctl against d and returns exit code, stdout, stderr.
+func (d *daemon) ctl(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code := run(context.Background(), append([]string{"--socket", d.site.Socket}, args...), nil, &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+func (d *daemon) waitAll(t *testing.T, want supervisor.State) {
+	t.Helper()
+	waitFor(t, 30*time.Second, "every model "+string(want), func() bool {
+		st, _ := d.sup.Status()
+		for _, s := range st {
+			if s.State != want {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+func (d *daemon) state(t *testing.T, name string) supervisor.Status {
+	t.Helper()
+	st, err := d.sup.Status(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st[0]
+}
+
+var seven = []model{{Name: "mixtral"}, {Name: "hermes"}, {Name: "openchat"}, {Name: "phi3"}, {Name: "yi34b"}, {Name: "coder"}, {Name: "vision"}}
+
+func TestStatusFitsEightyColumns(t *testing.T) {
+	d := startDaemon(t, "", seven...)
+	d.waitAll(t, supervisor.Ready)
+	// A long reason must not widen the table.
+	if code, _, errb := d.ctl(t, "stop", "phi3"); code != 0 {
+		t.Fatalf("stop: %d %s", code, errb)
+	}
+	code, out, errb := d.ctl(t, "status")
+	if code != 0 {
+		t.Fatalf("status: exit %d: %s", code, errb)
+	}
+	t.Logf("\n%s", out)
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 8 || !strings.HasPrefix(lines[0], "NAME ") || !strings.HasSuffix(lines[0], "REASON") {
+		t.Fatalf("want a header and 7 rows:\n%s", out)
+	}
+	for _, l := range lines {
+		if n := utf8.RuneCountInString(l); n > 80 {
+			t.Errorf("line is %d columns: %q", n, l)
+		}
+	}
+	for _, l := range lines[1:] {
+		f := strings.Fields(l)
+		want := "ready"
+		if f[0] == "phi3" {
+			want = "stopped"
+		}
+		if f[1] != want {
+			t.Errorf("row %q: state %s, want %s", l, f[1], want)
+		}
+	}
+	_, long, _ := d.ctl(t, "status", "-l", "phi3")
+	if !strings.Contains(long, "held stopped by operator") {
+		t.Errorf("status -l does not show the whole reason:\n%s", long)
+	}
+}
+
+func TestStatusJSONKeys(t *testing.T) {
+	d := startDaemon(t, "", model{Name: "a"}, model{Name: "b"})
+	d.waitAll(t, supervisor.Ready)
+	code, out, _ := d.ctl(t, "-o", "json", "status", "a")
+	var rows []map[string]any
+	if err := json.Unmarshal([]byte(out), &rows); err != nil || code != 0 || len(rows) != 1 {
+		t.Fatalf("exit %d, %v:\n%s", code, err, out)
+	}
+	for _, k := range []string{"name", "state", "reason", "pid", "port", "gpus", "restarts", "last_exit_code", "since"} {
+		if _, ok := rows[0][k]; !ok {
+			t.Errorf("key %q missing from %v", k, rows[0])
+		}
+	}
+	if rows[0]["name"] != "a" || rows[0]["state"] != "ready" {
+		t.Errorf("row = %v", rows[0])
+	}
+}
+
+func TestVerbs(t *testing.T) {
+	d := startDaemon(t, "", model{Name: "a"}, model{Name: "b"}, model{Name: "c", Fake: []string{"--fake-exit-at-start"}, YAML: "restart: {delay: 10ms, burst: 2}"})
+	waitFor(t, 30*time.Second, "a, b ready and c failed", func() bool {
+		return d.state(t, "a").State == supervisor.Ready && d.state(t, "b").State == supervisor.Ready && d.state(t, "c").State == supervisor.Failed
+	})
+
+	if code, out, _ := d.ctl(t, "health"); code != 1 || !strings.Contains(out, "2/3 enabled models ready") || !strings.Contains(out, "c: failed: start limit") {
+		t.Errorf("health with c failed: exit %d\n%s", code, out)
+	}
+	if code, out, errb := d.ctl(t, "stop", "a"); code != 0 || out != "a: stopped: held stopped by operator\n" {
+		t.Errorf("stop a: exit %d %q %q", code, out, errb)
+	}
+	if got := d.state(t, "a"); got.State != supervisor.Stopped || supervisortest.Running(got.PID) {
+		t.Errorf("after stop: %s, pid %d", got.State, got.PID)
+	}
+	if code, _, _ := d.ctl(t, "start", "a"); code != 0 {
+		t.Errorf("start a: exit %d", code)
+	}
+	waitFor(t, 30*time.Second, "a ready again", func() bool { return d.state(t, "a").State == supervisor.Ready })
+
+	before := d.state(t, "b").PID
+	if code, _, _ := d.ctl(t, "restart", "b"); code != 0 {
+		t.Errorf("restart b: exit %d", code)
+	}
+	waitFor(t, 30*time.Second, "b ready with a new pid", func() bool {
+		s := d.state(t, "b")
+		return s.State == supervisor.Ready && s.PID != before
+	})
+	if got := d.state(t, "b").RestartsByReason["manual"]; got != 1 {
+		t.Errorf("manual restarts of b = %d", got)
+	}
+
+	starts := len(d.site.PIDs(t, "c"))
+	if code, _, _ := d.ctl(t, "reset", "c"); code != 0 {
+		t.Errorf("reset c: exit %d", code)
+	}
+	waitFor(t, 30*time.Second, "c started twice more and failed", func() bool {
+		return len(d.site.PIDs(t, "c")) == starts+2 && d.state(t, "c").State == supervisor.Failed
+	})
+
+	if code, out, _ := d.ctl(t, "stop", "all"); code != 0 || strings.Count(out, ": stopped: ") != 3 {
+		t.Errorf("stop all: exit %d\n%s", code, out)
+	}
+	if code, _, _ := d.ctl(t, "start", "a", "b"); code != 0 {
+		t.Errorf("start a b: exit %d", code)
+	}
+	waitFor(t, 30*time.Second, "a, b ready", func() bool {
+		return d.state(t, "a").State == supervisor.Ready && d.state(t, "b").State == supervisor.Ready
+	})
+	if code, out, _ := d.ctl(t, "stop", "c"); code != 0 {
+		t.Errorf("stop c: exit %d %s", code, out)
+	}
+	// c is held stopped but still enabled: the host is not healthy.
+	if code, out, _ := d.ctl(t, "health"); code != 1 || !strings.HasPrefix(out, "2/3 enabled models ready") {
+		t.Errorf("health: exit %d\n%s", code, out)
+	}
+}
+
+func TestHealthExitCodes(t *testing.T) {
+	d := startDaemon(t, "", model{Name: "a"}, model{Name: "off", YAML: "enabled: false"})
+	waitFor(t, 30*time.Second, "a ready", func() bool { return d.state(t, "a").State == supervisor.Ready })
+	// A disabled model does not count against health.
+	if code, out, _ := d.ctl(t, "health"); code != 0 || out != "1/1 enabled models ready\n" {
+		t.Errorf("healthy: exit %d %q", code, out)
+	}
+	d.ctl(t, "stop", "a")
+	if code, out, _ := d.ctl(t, "health"); code != 1 || out != "0/1 enabled models ready\n  a: stopped: held stopped by operator\n" {
+		t.Errorf("unhealthy: exit %d %q", code, out)
+	}
+}
+
+func TestUnknownModelAndUsage(t *testing.T) {
+	d := startDaemon(t, "", model{Name: "a"})
+	cases := []struct {
+		args     []string
+		code     int
+		inStderr string
+	}{
+		{[]string{"status", "nope"}, 1, `unknown model "nope"`},
+		{[]string{"stop", "nope"}, 1, `unknown model "nope"`},
+		{[]string{"logs", "nope"}, 1, `unknown model "nope"`},
+		{[]string{"stop"}, 2, "usage: citadelctl stop"},
+		{[]string{"logs"}, 2, "usage: citadelctl logs"},
+		{[]string{"bogus"}, 2, `unknown command "bogus"`},
+		{[]string{}, 2, "usage: citadelctl"},
+		{[]string{"-o", "yaml", "status"}, 2, `-o "yaml": use table or json`},
+		{[]string{"completion", "fish"}, 2, `"fish": use bash or zsh`},
+	}
+	for _, tc := range cases {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			code, _, errb := d.ctl(t, tc.args...)
+			if code != tc.code || !strings.Contains(errb, tc.inStderr) {
+				t.Errorf("exit %d (want %d), stderr %q (want it to contain %q)", code, tc.code, errb, tc.inStderr)
+			}
+		})
+	}
+	if code, out, _ := d.ctl(t, "help", "logs"); code != 0 || !strings.Contains(out, "usage: citadelctl [--socket PATH] [-o table|json] logs MODEL [-n N] [-f]") {
+		t.Errorf("help logs: exit %d\n%s", code, out)
+	}
+	if code, out, _ := d.ctl(t, "stop", "--help"); code != 0 || !strings.Contains(out, "hold them stopped") {
+		t.Errorf("stop --help: exit %d\n%s", code, out)
+	}
+}
+
+func TestDaemonNotRunning(t *testing.T) {
+	var out, errb bytes.Buffer
+	sock := filepath.Join(t.TempDir(), "none.sock")
+	code := run(context.Background(), []string{"status"}, []string{"CITADEL_SOCKET=" + sock}, &out, &errb)
+	want := "citadelctl: daemon not reachable at " + sock + ": is citadel-supervisor running? (systemctl status citadel-supervisor)\n"
+	if code != 3 || errb.String() != want {
+		t.Errorf("exit %d, stderr %q", code, errb.String())
+	}
+}
+
+// syncWriter collects output written from another goroutine.
+type syncWriter struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (w *syncWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.Write(p)
+}
+
+func (w *syncWriter) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.String()
+}
+
+func TestLogs(t *testing.T) {
+	d := startDaemon(t, "", model{Name: "a", Fake: []string{"--fake-log-every", "20ms"}})
+	d.waitAll(t, supervisor.Ready)
+	waitFor(t, 10*time.Second, "a few ticks", func() bool {
+		_, out, _ := d.ctl(t, "logs", "a", "-n", "3")
+		return strings.Count(out, "tick") == 3
+	})
+	code, out, _ := d.ctl(t, "logs", "a", "-n", "2")
+	if lines := strings.Split(strings.TrimSpace(out), "\n"); code != 0 || len(lines) != 2 {
+		t.Errorf("logs -n 2: exit %d, %d lines:\n%s", code, len(lines), out)
+	}
+
+	// -f streams new lines until interrupted.
+	ctx, cancel := context.WithCancel(context.Background())
+	var w syncWriter
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"--socket", d.site.Socket, "logs", "-f", "-n", "0", "a"}, nil, &w, &w)
+	}()
+	waitFor(t, 10*time.Second, "5 streamed lines", func() bool { return strings.Count(w.String(), "tick") >= 5 })
+	cancel()
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Errorf("logs -f: exit %d after interrupt\n%s", code, w.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("logs -f did not end after interrupt")
+	}
+}
+
+func TestReload(t *testing.T) {
+	d := startDaemon(t, "", model{Name: "a"}, model{Name: "b"})
+	d.waitAll(t, supervisor.Ready)
+	aPID, bPID := d.state(t, "a").PID, d.state(t, "b").PID
+
+	if code, out, _ := d.ctl(t, "reload"); code != 0 || out != "reloaded: nothing changed\n" {
+		t.Errorf("no-op reload: exit %d %q", code, out)
+	}
+	// Give b one more variable.
+	cfg := strings.Replace(d.site.YAML, "  b:\n", "  b:\n    env: {EXTRA: \"1\"}\n", 1)
+	if err := os.WriteFile(d.site.Path, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if code, out, errb := d.ctl(t, "reload"); code != 0 || out != "b: respawn (env)\n" {
+		t.Errorf("reload: exit %d %q %q", code, out, errb)
+	}
+	waitFor(t, 30*time.Second, "b ready with a new pid", func() bool {
+		s := d.state(t, "b")
+		return s.State == supervisor.Ready && s.PID != bPID
+	})
+	if d.state(t, "a").PID != aPID {
+		t.Error("a was restarted by a reload that did not change it")
+	}
+
+	if err := os.WriteFile(d.site.Path, []byte(cfg+"bogus: 1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, errb := d.ctl(t, "reload"); code != 1 || !strings.Contains(errb, "bogus: unknown key") || !strings.Contains(errb, "nothing changed") {
+		t.Errorf("invalid reload: exit %d %q", code, errb)
+	}
+	if d.state(t, "a").PID != aPID || d.state(t, "a").State != supervisor.Ready {
+		t.Error("an invalid reload disturbed a")
+	}
+}
+
+func TestGPUs(t *testing.T) {
+	d := startDaemon(t, "", model{Name: "a"})
+	if code, out, _ := d.ctl(t, "gpus"); code != 0 || out != "no GPUs: gpu.backend is none: no GPU readings\n" {
+		t.Errorf("backend none: exit %d %q", code, out)
+	}
+	sim := startDaemon(t, `gpu:
+  backend: sim
+  sim:
+    devices:
+      - {uuid: GPU-aaaa, name: Sim H100, memory: 80GiB}
+      - {uuid: GPU-bbbb, name: Sim H100, memory: 80GiB}
+`, model{Name: "big", YAML: "tensor_parallel: 2\ngpu_memory_utilization: 0.5"})
+	sim.waitAll(t, supervisor.Ready)
+	code, out, _ := sim.ctl(t, "gpus")
+	want := `GPU  UUID      NAME      TOTAL    USED     FREE     MODELS
+0    GPU-aaaa  Sim H100  80.0GiB  40.0GiB  40.0GiB  big
+1    GPU-bbbb  Sim H100  80.0GiB  40.0GiB  40.0GiB  big
+`
+	if code != 0 || out != want {
+		t.Errorf("gpus: exit %d\n%s\nwant\n%s", code, out, want)
+	}
+	if _, st, _ := sim.ctl(t, "status"); !strings.Contains(st, " 0,1 ") {
+		t.Errorf("status does not show GPU indexes:\n%s", st)
+	}
+}
+
+// TestPeerWithoutRightsRefused connects as an unprivileged user: it may read
+// status, but not change state.
+func TestPeerWithoutRightsRefused(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run a client as another user; control.TestAuthorize covers the rule")
+	}
+	d := startDaemon(t, "", model{Name: "a"})
+	d.waitAll(t, supervisor.Ready)
+	// Let "nobody" reach the socket at all, so the refusal is the
+	// daemon's (SO_PEERCRED), not the file system's.
+	if err := os.Chmod(d.site.Socket, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	for p := filepath.Dir(d.site.Socket); p != "/" && p != "/tmp"; p = filepath.Dir(p) {
+		if err := os.Chmod(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Go's build directory is root's alone: run a copy nobody can execute.
+	self, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(d.site.Dir, "citadelctl.test")
+	if err := os.WriteFile(bin, self, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	as := func(args ...string) (int, string) {
+		cmd := exec.Command(bin, append([]string{"--socket", d.site.Socket}, args...)...)
+		cmd.Env = []string{clientEnv + "=1"}
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+		out, _ := cmd.CombinedOutput()
+		return cmd.ProcessState.ExitCode(), string(out)
+	}
+	if code, out := as("status"); code != 0 || !strings.Contains(out, "ready") {
+		t.Errorf("status as nobody: exit %d\n%s", code, out)
+	}
+	code, out := as("stop", "a")
+	if code != 1 || !strings.Contains(out, "permission denied: uid 65534 is not root") {
+		t.Errorf("stop as nobody: exit %d\n%s", code, out)
+	}
+	if st := d.state(t, "a"); st.State != supervisor.Ready {
+		t.Errorf("a is %s after a refused stop", st.State)
+	}
+}
