@@ -442,3 +442,25 @@ func TestPeerWithoutRightsRefused(t *testing.T) {
 		t.Errorf("a is %s after a refused stop", st.State)
 	}
 }
+
+func TestCompletionScripts(t *testing.T) {
+	d := startDaemon(t, "", model{Name: "alpha"}, model{Name: "beta"})
+	code, script, _ := d.ctl(t, "completion", "bash")
+	if code != 0 {
+		t.Fatalf("completion bash: exit %d", code)
+	}
+	bash, err := exec.LookPath("bash")
+	if err != nil {
+		t.Fatal("bash is needed to check the bash completion script")
+	}
+	if out, err := exec.Command(bash, "-n", "-c", script).CombinedOutput(); err != nil {
+		t.Errorf("bash completion does not parse: %v\n%s", err, out)
+	}
+	if code, zsh, _ := d.ctl(t, "completion", "zsh"); code != 0 || !strings.HasPrefix(zsh, "#compdef citadelctl") {
+		t.Errorf("completion zsh: exit %d", code)
+	}
+	// What the scripts call for model names.
+	if code, out, _ := d.ctl(t, "__models"); code != 0 || out != "alpha\nbeta\n" {
+		t.Errorf("__models: exit %d %q", code, out)
+	}
+}
