@@ -11,7 +11,6 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"citadel-supervisor/config"
-	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor/supervisortest"
 )
@@ -69,9 +68,6 @@ func (h *harness) start(o Options) *harness {
 	h.t.Helper()
 	if o.Logger == nil {
 		o.Logger = zaptest.NewLogger(h.t, zaptest.Level(zap.WarnLevel))
-	}
-	if o.Placer == nil {
-		o.Placer = gpu.NewStatic(h.cfg)
 	}
 	if o.Prober == nil {
 		o.Prober = probe.NewHTTP()

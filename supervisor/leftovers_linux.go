@@ -73,7 +73,7 @@ func (s *Supervisor) stopLeftovers(cfg *config.Config) {
 		}
 		t := groups[v]
 		if t == nil {
-			t = &tree{marker: v, members: map[int]uint64{}, known: map[int]uint64{}, scan: allPIDs}
+			t = &tree{marker: v, members: map[int]uint64{}, known: map[int]uint64{}, seen: map[int]bool{}, scan: allPIDs}
 			groups[v] = t
 		}
 		t.members[pid] = st.Start

@@ -34,8 +34,10 @@ type runner struct {
 	out    *ring
 	status atomic.Pointer[Status]
 
-	cancel  context.CancelFunc // ends run: the model is removed or the daemon stops
-	stopped chan struct{}      // closed when run has returned
+	cancel  context.CancelFunc    // ends run: the model is removed or the daemon stops
+	stopped chan struct{}         // closed when run has returned
+	wake    chan struct{}         // the allocator's nudge: GPUs changed, try again
+	pids    atomic.Pointer[[]int] // the current instance's processes, for GPU attribution
 }
 
 // request is an operator's or a reload's instruction to a runner.
@@ -77,6 +79,7 @@ func newRunner(m config.Model, d *deps) *runner {
 		reqs:    make(chan request),
 		out:     newRing(OutputLines),
 		stopped: make(chan struct{}),
+		wake:    make(chan struct{}, 1),
 	}
 	// Readable before the goroutine runs: Status never misses a model.
 	r.status.Store(&Status{Name: name, State: Pending, Reason: "supervisor starting", Port: m.Port, Enabled: m.Enabled, Since: d.now()})
@@ -109,6 +112,7 @@ type loop struct {
 
 	stopDone  chan error
 	afterStop func() // what follows the stop in flight
+	replaced  bool   // the stop in flight is for new settings: give up the GPU claim
 }
 
 // run drives the model until ctx ends, then stops its processes and returns.
@@ -136,6 +140,10 @@ func (r *runner) run(ctx context.Context, cfg config.Model) {
 		case <-l.tick:
 			l.tick = nil
 			l.onTick(ctx)
+		case <-r.wake:
+			if l.state == Pending && !l.hold {
+				l.tick = l.r.d.after(0)
+			}
 		case <-l.deadline:
 			l.deadline = nil
 			if l.state == Starting {
@@ -161,6 +169,10 @@ func (l *loop) enter(s State, reason string) {
 		l.since = l.r.d.now()
 	}
 	l.state, l.reason = s, reason
+	if s == Failed || s == Stopped {
+		// Not restarting soon: its GPUs go to whoever waits.
+		l.r.d.alloc.Drop(l.cfg.Name)
+	}
 	l.publish()
 }
 
@@ -182,6 +194,7 @@ func (l *loop) onTick(ctx context.Context) {
 		l.enterPending("retrying after failure")
 	case Starting, Ready, Unhealthy:
 		l.inst.tree.refresh()
+		l.r.publishPIDs(l.inst.tree)
 		if !l.probing {
 			l.probing = true
 			// The probe goroutine gets copies: l is the runner's alone.
@@ -215,20 +228,22 @@ func (l *loop) tryStart() {
 		wait(err.Error())
 		return
 	}
-	gpus, err := l.r.d.placer.Place(m)
+	gpus, err := l.r.d.alloc.Place(context.Background(), m)
 	if err != nil {
 		wait(err.Error())
 		return
 	}
 	inst, err := l.r.spawn(m, secrets, gpus)
 	if err != nil {
-		l.r.d.placer.Release(m.Name)
+		l.r.d.alloc.Released(m.Name, nil, false)
 		// The program is missing or not executable: retrying in seconds
 		// would only burn the start limit. Fail now and say why.
 		l.fail(fmt.Sprintf("spawn: %s", errText(err)))
 		return
 	}
 	l.inst, l.exitSeen = inst, false
+	l.r.d.alloc.Started(m.Name, inst.pid)
+	l.r.publishPIDs(inst.tree)
 	l.tracker.started(inst.started)
 	l.probeFails = 0
 	l.readyAt, l.startup = time.Time{}, 0
@@ -254,6 +269,7 @@ func (l *loop) onProbe(err error) {
 		l.readyAt = l.r.d.now()
 		l.startup = l.readyAt.Sub(l.inst.started)
 		l.deadline = nil
+		l.r.d.alloc.Ready(l.cfg.Name)
 		l.enter(Ready, "")
 	case Ready, Unhealthy:
 		if err == nil {
@@ -326,7 +342,11 @@ func (l *loop) onStopped(err error) {
 		ex := l.inst.exit
 		l.lastExit = &ex
 	}
-	l.r.d.placer.Release(l.cfg.Name)
+	// Its GPUs stay busy until its processes have left them; the claim is
+	// kept for a restart with the same settings.
+	l.r.d.alloc.Released(l.cfg.Name, l.inst.tree.seenPIDs(), !l.replaced)
+	l.replaced = false
+	l.r.pids.Store(nil)
 	l.inst, l.exitSeen = nil, false
 	if err != nil {
 		l.r.log.Error("stop incomplete", zap.Error(err))
@@ -410,6 +430,11 @@ func (l *loop) handle(req request) error {
 				l.restarts[ReasonReload]++
 			}
 			l.tracker.reset()
+			// New settings may need other GPUs: place it afresh.
+			l.replaced = l.inst != nil
+			if l.inst == nil {
+				l.r.d.alloc.Drop(l.cfg.Name)
+			}
 			l.respawn("configuration changed")
 		}
 	default:
@@ -461,9 +486,16 @@ func (l *loop) shutdown() {
 	if err := <-l.stopDone; err != nil {
 		l.r.log.Error("stop incomplete at shutdown", zap.Error(err))
 	}
-	l.r.d.placer.Release(l.cfg.Name)
+	l.r.d.alloc.Released(l.cfg.Name, l.inst.tree.seenPIDs(), false)
+	l.r.pids.Store(nil)
 	l.inst = nil
 	l.enter(Stopped, "supervisor shut down")
+}
+
+// publishPIDs makes the instance's processes known for GPU attribution.
+func (r *runner) publishPIDs(t *tree) {
+	p := t.pids()
+	r.pids.Store(&p)
 }
 
 func (l *loop) publish() {

@@ -23,18 +23,8 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/gpu"
 )
-
-// Placer decides which GPUs a model starts on. The gpu package implements
-// it; the supervisor only asks.
-type Placer interface {
-	// Place claims GPUs for m and returns what CUDA_VISIBLE_DEVICES should
-	// list (UUIDs, or nothing), or an error saying why m must wait; the
-	// error's text becomes the model's pending reason.
-	Place(m config.Model) ([]string, error)
-	// Release returns name's claim once its processes are gone.
-	Release(name string)
-}
 
 // Prober answers whether a model is healthy. The probe package implements it.
 type Prober interface {
@@ -47,12 +37,17 @@ type Prober interface {
 // model's own SYSLOG_IDENTIFIER.
 type OutputFunc func(log *zap.Logger, model, stream, line string)
 
-// Options are the supervisor's collaborators. Logger, Placer and Prober are
+// Options are the supervisor's collaborators. Logger and Prober are
 // required.
 type Options struct {
 	Logger *zap.Logger
-	Placer Placer
 	Prober Prober
+	// GPUs reads the host's GPUs for placement. nil with backend sim reads
+	// the declared devices; otherwise nil means no readings (backend none,
+	// or NVML absent), and NoGPUs says why: every enabled model then
+	// starts, pinned ones with their pins.
+	GPUs   gpu.Reader
+	NoGPUs string
 	// Reaper reaps orphans adopted as subreaper; nil spawns without one.
 	Reaper *Reaper
 	// Environ is the environment children inherit (before SPEC §2's edits).
@@ -70,7 +65,7 @@ type Options struct {
 type deps struct {
 	id      string
 	log     *zap.Logger
-	placer  Placer
+	alloc   *allocator
 	prober  Prober
 	reaper  *Reaper
 	environ []string
@@ -99,13 +94,12 @@ type applyReq struct {
 // host must use different sockets, and a restarted one finds its
 // predecessor's children by it.
 func New(cfg *config.Config, o Options) (*Supervisor, error) {
-	if o.Logger == nil || o.Placer == nil || o.Prober == nil {
-		return nil, errors.New("supervisor: Logger, Placer and Prober are required")
+	if o.Logger == nil || o.Prober == nil {
+		return nil, errors.New("supervisor: Logger and Prober are required")
 	}
 	d := &deps{
 		id:      Identity(cfg.ControlSocket),
 		log:     o.Logger,
-		placer:  o.Placer,
 		prober:  o.Prober,
 		reaper:  o.Reaper,
 		environ: o.Environ,
@@ -127,6 +121,17 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		d.jitter = rand.Float64
 	}
 	s := &Supervisor{d: d, applyCh: make(chan applyReq), ready: make(chan struct{})}
+	if o.GPUs == nil && o.NoGPUs == "" {
+		o.NoGPUs = "gpu.backend is " + cfg.GPU.Backend + ": no GPU readings"
+	}
+	d.alloc = newAllocator(cfg, o.GPUs, o.NoGPUs, d)
+	if o.GPUs == nil && cfg.GPU.Backend == "sim" {
+		// The sim backend shows running models' shares, which only the
+		// allocator knows.
+		d.alloc.reader = gpu.NewSim(cfg.GPU, d.alloc.SimUses)
+	}
+	d.alloc.owners = s.owners
+	d.alloc.wake = s.wake
 	s.cfg.Store(cfg)
 	empty := []*runner{}
 	s.runners.Store(&empty)
@@ -154,6 +159,11 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	}
 	defer unlock()
 	s.stopLeftovers(cfg)
+	// The allocator outlives every runner: their last act is to release
+	// their GPUs.
+	allocCtx, stopAlloc := context.WithCancel(context.Background())
+	go s.d.alloc.run(allocCtx)
+	defer func() { stopAlloc(); <-s.d.alloc.stopped }()
 	// Runners outlive ctx's cancellation only as long as their stops take.
 	g, gctx := errgroup.WithContext(context.WithoutCancel(ctx))
 	runCtx, stopAll := context.WithCancel(gctx)
@@ -171,6 +181,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 			return nil
 		})
 	}
+	s.d.alloc.Expect(cfg.Models)
 	for _, m := range cfg.Models {
 		startRunner(m)
 	}
@@ -191,6 +202,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 				m, _ := req.cfg.Model(c.Name)
 				switch c.Kind {
 				case config.Added:
+					s.d.alloc.Expect([]config.Model{m})
 					startRunner(m)
 				case config.Removed:
 					r := byName[c.Name]
@@ -260,6 +272,37 @@ func (s *Supervisor) ReloadFile(ctx context.Context, path string, environ []stri
 	}
 	return changes, nil
 }
+
+// owners maps every known process of every model to the model.
+func (s *Supervisor) owners() map[int]string {
+	out := map[int]string{}
+	for _, r := range *s.runners.Load() {
+		if p := r.pids.Load(); p != nil {
+			for _, pid := range *p {
+				out[pid] = r.name
+			}
+		}
+	}
+	return out
+}
+
+// wake nudges a pending model to try again now.
+func (s *Supervisor) wake(name string) {
+	for _, r := range *s.runners.Load() {
+		if r.name == name {
+			select {
+			case r.wake <- struct{}{}:
+			default:
+			}
+		}
+	}
+}
+
+// GPUs lists the host's GPUs with the models placed on each.
+func (s *Supervisor) GPUs(ctx context.Context) ([]GPUView, error) { return s.d.alloc.Views(ctx) }
+
+// SimUses is what the sim GPU backend shows as used by running models.
+func (s *Supervisor) SimUses() []gpu.SimUse { return s.d.alloc.SimUses() }
 
 func (s *Supervisor) publishRunners(byName map[string]*runner) {
 	list := make([]*runner, 0, len(byName))

@@ -30,13 +30,15 @@ type tree struct {
 	main    int            // the process the supervisor spawned
 	members map[int]uint64 // pid → start time, everything seen so far
 	known   map[int]uint64 // processes already checked for the marker
+	seen    map[int]bool   // every member ever, for the GPU release check
 	scan    func() ([]int, error)
 }
 
 func newTree(marker string, mainPID int) *tree {
-	t := &tree{marker: marker, main: mainPID, members: map[int]uint64{}, known: map[int]uint64{}, scan: allPIDs}
+	t := &tree{marker: marker, main: mainPID, members: map[int]uint64{}, known: map[int]uint64{}, seen: map[int]bool{}, scan: allPIDs}
 	if s, err := readStat(mainPID); err == nil {
 		t.members[mainPID] = s.Start
+		t.seen[mainPID] = true
 	}
 	return t
 }
@@ -66,6 +68,7 @@ func (t *tree) refresh() {
 				continue
 			}
 			t.members[c] = s.Start
+			t.seen[c] = true
 			queue = append(queue, c)
 		}
 	}
@@ -92,10 +95,22 @@ func (t *tree) sweep() error {
 		t.known[pid] = s.Start
 		if v, ok := environValue(pid, MarkerEnv); ok && v == t.marker {
 			t.members[pid] = s.Start
+			t.seen[pid] = true
 		}
 	}
 	t.refresh()
 	return nil
+}
+
+// seenPIDs returns every process ever known to be this instance's: the
+// ones whose GPU memory must be gone before its GPUs are free again.
+func (t *tree) seenPIDs() []int {
+	out := make([]int, 0, len(t.seen))
+	for pid := range t.seen {
+		out = append(out, pid)
+	}
+	slices.Sort(out)
+	return out
 }
 
 // pids returns the live members, sorted.

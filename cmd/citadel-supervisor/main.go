@@ -20,7 +20,6 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"citadel-supervisor/config"
-	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control"
@@ -71,10 +70,8 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		log.Error("cannot become child subreaper", zap.Error(err))
 		return 1
 	}
-	placer := gpu.NewStatic(cfg)
 	sup, err := supervisor.New(cfg, supervisor.Options{
 		Logger:  log,
-		Placer:  placer,
 		Prober:  probe.NewHTTP(),
 		Reaper:  reaper,
 		Environ: environ,
@@ -116,7 +113,6 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 			Logger:  log.Named("control"),
 			Backend: sup,
 			Reload:  reload,
-			GPUs:    placer.Devices,
 		})
 		if err != nil {
 			return err

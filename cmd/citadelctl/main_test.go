@@ -18,7 +18,6 @@ import (
 	"go.uber.org/zap/zaptest"
 
 	"citadel-supervisor/config"
-	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control"
@@ -55,8 +54,7 @@ func startDaemon(t *testing.T, top string, models ...model) *daemon {
 		t.Fatal(err)
 	}
 	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
-	placer := gpu.NewStatic(cfg)
-	sup, err := supervisor.New(cfg, supervisor.Options{Logger: log, Placer: placer, Prober: probe.NewHTTP(), Environ: os.Environ()})
+	sup, err := supervisor.New(cfg, supervisor.Options{Logger: log, Prober: probe.NewHTTP(), Environ: os.Environ()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,7 +67,7 @@ func startDaemon(t *testing.T, top string, models ...model) *daemon {
 	})
 	<-sup.Ready()
 	srv, err := control.Listen(control.Options{
-		Path: site.Socket, Logger: log, Backend: sup, GPUs: placer.Devices,
+		Path: site.Socket, Logger: log, Backend: sup,
 		Reload: func(ctx context.Context) ([]config.Change, error) {
 			return sup.ReloadFile(ctx, site.Path, nil)
 		},

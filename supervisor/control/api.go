@@ -3,10 +3,7 @@
 // each peer's credentials (SO_PEERCRED); the client is what citadelctl uses.
 package control
 
-import (
-	"citadel-supervisor/gpu"
-	"citadel-supervisor/supervisor"
-)
+import "citadel-supervisor/supervisor"
 
 // The API's paths.
 const (
@@ -59,8 +56,8 @@ type HealthResponse struct {
 
 // GPUsResponse lists the GPUs; Reason says why there are none.
 type GPUsResponse struct {
-	GPUs   []gpu.Device `json:"gpus"`
-	Reason string       `json:"reason,omitempty"`
+	GPUs   []supervisor.GPUView `json:"gpus"`
+	Reason string               `json:"reason,omitempty"`
 }
 
 // ErrorResponse is the body of every 4xx and 5xx answer.

@@ -18,7 +18,6 @@ import (
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
-	"citadel-supervisor/gpu"
 	"citadel-supervisor/supervisor"
 )
 
@@ -28,6 +27,7 @@ type Backend interface {
 	Do(ctx context.Context, op string, names ...string) (map[string]error, error)
 	Output(name string, n int) ([]string, error)
 	Follow(name string) (<-chan string, func(), error)
+	GPUs(ctx context.Context) ([]supervisor.GPUView, error)
 }
 
 var _ Backend = (*supervisor.Supervisor)(nil)
@@ -40,8 +40,6 @@ type Options struct {
 	Backend Backend
 	// Reload loads and applies the configuration file, as SIGHUP does.
 	Reload func(context.Context) ([]config.Change, error)
-	// GPUs lists the host's GPUs; its error says why there are none.
-	GPUs func() ([]gpu.Device, error)
 }
 
 // Server serves the control API on a Unix socket.
@@ -318,14 +316,10 @@ func Health(st []supervisor.Status) HealthResponse {
 	return out
 }
 
-func (s *Server) gpus(w http.ResponseWriter, _ *http.Request) {
-	if s.o.GPUs == nil {
-		writeJSON(w, http.StatusOK, GPUsResponse{GPUs: []gpu.Device{}, Reason: "no GPU backend"})
-		return
-	}
-	devs, err := s.o.GPUs()
+func (s *Server) gpus(w http.ResponseWriter, r *http.Request) {
+	devs, err := s.o.Backend.GPUs(r.Context())
 	if err != nil {
-		writeJSON(w, http.StatusOK, GPUsResponse{GPUs: []gpu.Device{}, Reason: err.Error()})
+		writeJSON(w, http.StatusOK, GPUsResponse{GPUs: []supervisor.GPUView{}, Reason: err.Error()})
 		return
 	}
 	writeJSON(w, http.StatusOK, GPUsResponse{GPUs: devs})
