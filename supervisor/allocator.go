@@ -265,16 +265,23 @@ func (a *allocator) place(ctx context.Context, m config.Model) ([]string, error)
 		case phaseReleasing:
 			return nil, fmt.Errorf("waiting for its previous run's GPU memory to be released (%s)", a.indexes(slots, c.uuids))
 		case phaseReserved:
-			// Its GPUs were kept through the backoff; start there once no
-			// other model is starting on them.
-			for _, s := range slots {
-				if slices.Contains(c.uuids, s.UUID) && s.Busy != "" {
-					return nil, fmt.Errorf("waiting for GPU%d: %s", s.Index, s.Busy)
+			if a.reservationUsable(c, slots) {
+				// Its GPUs were kept through the backoff; start there once
+				// no other model is starting on them.
+				for _, s := range slots {
+					if slices.Contains(c.uuids, s.UUID) && s.Busy != "" {
+						return nil, fmt.Errorf("waiting for GPU%d: %s", s.Index, s.Busy)
+					}
 				}
+				c.phase, c.since = phaseStarting, a.now()
+				delete(a.waiting, m.Name)
+				return slices.Clone(c.uuids), nil
 			}
-			c.phase, c.since = phaseStarting, a.now()
-			delete(a.waiting, m.Name)
-			return slices.Clone(c.uuids), nil
+			// A GPU of its reservation went down: place it afresh.
+			delete(a.claims, m.Name)
+			if slots, err = a.slots(ctx); err != nil {
+				return nil, err
+			}
 		default:
 			return slices.Clone(c.uuids), nil
 		}
@@ -314,6 +321,17 @@ func (a *allocator) place(ctx context.Context, m config.Model) ([]string, error)
 	return nil, fmt.Errorf("internal: no placement decision for %s", m.Name)
 }
 
+// reservationUsable reports whether every GPU of c is still there and up.
+func (a *allocator) reservationUsable(c *claim, slots []gpu.Slot) bool {
+	up := 0
+	for _, s := range slots {
+		if slices.Contains(c.uuids, s.UUID) && s.Up {
+			up++
+		}
+	}
+	return up == len(c.uuids)
+}
+
 func placementRequest(m config.Model) gpu.Request {
 	r := gpu.Request{Name: m.Name, Priority: m.Priority, TP: m.TensorParallel, Util: m.GPUMemoryUtilization}
 	for _, p := range m.GPUs {
@@ -344,7 +362,9 @@ func (a *allocator) slots(ctx context.Context) ([]gpu.Slot, error) {
 			}
 			var used uint64
 			for _, p := range s.Processes {
-				if owners[p.PID] == name {
+				// A stopped model's runner no longer lists its pids; the
+				// claim remembers the ones it is waiting for.
+				if owners[p.PID] == name || slices.Contains(c.pids, p.PID) {
 					used += p.UsedMemory
 				}
 			}

@@ -55,7 +55,13 @@ type harness struct {
 // newHarness writes a config for specs and returns it unstarted.
 func newHarness(t testing.TB, specs ...modelSpec) *harness {
 	t.Helper()
-	site := supervisortest.NewSite(t, "", specs...)
+	return newHarnessWith(t, "", specs...)
+}
+
+// newHarnessWith is newHarness with top-level YAML (gpu: …) of its own.
+func newHarnessWith(t testing.TB, top string, specs ...modelSpec) *harness {
+	t.Helper()
+	site := supervisortest.NewSite(t, top, specs...)
 	cfg, err := config.Parse([]byte(site.YAML), nil)
 	if err != nil {
 		t.Fatalf("test config:\n%s\n%v", site.YAML, err)
