@@ -3,7 +3,9 @@ GO        ?= go
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 REVISION  ?= $(shell git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)
 LDFLAGS   := -s -w -X main.version=$(VERSION) -X main.revision=$(REVISION)
-BINARIES  := citadel-supervisor citadelctl fake-vllm
+# NVML's header marks functions we never call as deprecated; cgo would warn
+# about each on every clean build.
+export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 DEMO_MODELS := mixtral-8x7b-instruct nous-hermes-2-mixtral openchat-3.5 phi-3-mini-128k \
                yi-34b-chat deepcoder-14b-instruct mimo-vl-7b-rl
 
@@ -11,9 +13,12 @@ DEMO_MODELS := mixtral-8x7b-instruct nous-hermes-2-mixtral openchat-3.5 phi-3-mi
 
 all: build
 
+# The daemon links NVML through cgo (dlopen at run time: it starts on hosts
+# without a driver); the client and fake-vllm are static.
 build:
 	@mkdir -p bin
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ $(addprefix ./cmd/,$(BINARIES))
+	CGO_ENABLED=1 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ ./cmd/citadel-supervisor
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ ./cmd/citadelctl ./cmd/fake-vllm
 
 vet:
 	$(GO) vet ./...

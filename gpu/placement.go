@@ -59,12 +59,7 @@ func Need(util float64, total uint64, headroom config.ByteSize) uint64 {
 // what it cannot (no GPU idles while something fits).
 func Plan(reqs []Request, slots []Slot, headroom config.ByteSize) []Decision {
 	order := slices.Clone(reqs)
-	slices.SortStableFunc(order, func(a, b Request) int {
-		if c := cmp.Compare(b.Priority, a.Priority); c != 0 {
-			return c
-		}
-		return strings.Compare(a.Name, b.Name)
-	})
+	sortRequests(order)
 	out := make([]Decision, 0, len(order))
 	for _, r := range order {
 		d := Fit(r, slots, headroom)
@@ -75,6 +70,31 @@ func Plan(reqs []Request, slots []Slot, headroom config.ByteSize) []Decision {
 		out = append(out, d)
 	}
 	return out
+}
+
+// Resident is Plan without start serialisation: the models that will be
+// resident once every start has finished, for `citadel-supervisor --check`.
+func Resident(reqs []Request, slots []Slot, headroom config.ByteSize) []Decision {
+	order := slices.Clone(reqs)
+	sortRequests(order)
+	out := make([]Decision, 0, len(order))
+	for _, r := range order {
+		d := Plan([]Request{r}, slots, headroom)[0]
+		for i := range slots {
+			slots[i].Busy = ""
+		}
+		out = append(out, d)
+	}
+	return out
+}
+
+func sortRequests(reqs []Request) {
+	slices.SortStableFunc(reqs, func(a, b Request) int {
+		if c := cmp.Compare(b.Priority, a.Priority); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Name, b.Name)
+	})
 }
 
 // Fit chooses GPUs for one request without claiming them: tensor_parallel

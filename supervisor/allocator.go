@@ -288,7 +288,7 @@ func (a *allocator) place(ctx context.Context, m config.Model) ([]string, error)
 	}
 
 	delete(a.expected, m.Name)
-	a.waiting[m.Name] = waiter{req: placementRequest(m), at: a.now()}
+	a.waiting[m.Name] = waiter{req: PlacementRequest(m), at: a.now()}
 	if first := a.awaited(m); len(first) > 0 {
 		return nil, fmt.Errorf("waiting for higher-priority models to be placed first (%s)", strings.Join(first, ", "))
 	}
@@ -332,7 +332,8 @@ func (a *allocator) reservationUsable(c *claim, slots []gpu.Slot) bool {
 	return up == len(c.uuids)
 }
 
-func placementRequest(m config.Model) gpu.Request {
+// PlacementRequest is what model m asks of the GPUs.
+func PlacementRequest(m config.Model) gpu.Request {
 	r := gpu.Request{Name: m.Name, Priority: m.Priority, TP: m.TensorParallel, Util: m.GPUMemoryUtilization}
 	for _, p := range m.GPUs {
 		r.Pins = append(r.Pins, string(p))

@@ -54,6 +54,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	}
 	if *check {
 		fmt.Fprintf(stdout, "%s: valid, %d models\n", *path, len(cfg.Models))
+		printPlacement(stdout, cfg, zap.NewNop())
 		return 0
 	}
 
@@ -70,12 +71,19 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		log.Error("cannot become child subreaper", zap.Error(err))
 		return 1
 	}
-	sup, err := supervisor.New(cfg, supervisor.Options{
+	nv, noGPUs := openGPUs(cfg, log)
+	opts := supervisor.Options{
 		Logger:  log,
 		Prober:  probe.NewHTTP(),
 		Reaper:  reaper,
 		Environ: environ,
-	})
+		NoGPUs:  noGPUs,
+	}
+	if nv != nil {
+		defer nv.Close() //nolint:errcheck // exiting
+		opts.GPUs = nv
+	}
+	sup, err := supervisor.New(cfg, opts)
 	if err != nil {
 		log.Error("build supervisor", zap.Error(err))
 		return 1
@@ -120,6 +128,9 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		log.Info("control socket listening", zap.String("path", cfg.ControlSocket))
 		return srv.Run(gctx)
 	})
+	if nv != nil {
+		g.Go(func() error { return nv.WatchXids(gctx) })
+	}
 	g.Go(func() error {
 		for {
 			select {

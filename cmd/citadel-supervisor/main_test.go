@@ -234,8 +234,17 @@ func TestCheck(t *testing.T) {
 	out.Reset()
 	errb.Reset()
 	code = run([]string{"--check"}, []string{"CITADEL_CONFIG=../../config/testdata/good.yaml"}, &out, &errb)
-	if code != 0 || !strings.Contains(out.String(), "valid, 3 models") {
-		t.Errorf("exit %d, stdout %q, stderr %q", code, out.String(), errb.String())
+	wantOut := `../../config/testdata/good.yaml: valid, 3 models
+GPUs now (sim backend):
+  GPU0 Sim H100 80.0 GiB free of 80.0 GiB
+  GPU1 Sim H100 80.0 GiB free of 80.0 GiB
+placement it would make, in priority order:
+  mixtral      GPU0,GPU1
+  coder        pending: needs 73.0 GiB on 1 GPU; free 8.0 GiB (GPU0), 8.0 GiB (GPU1)
+  phi3         pending: needs 49.0 GiB on 1 GPU; free 8.0 GiB (GPU1)
+`
+	if code != 0 || out.String() != wantOut {
+		t.Errorf("exit %d, stdout:\n%s\nwant:\n%s\nstderr %q", code, out.String(), wantOut, errb.String())
 	}
 }
 

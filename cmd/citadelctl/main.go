@@ -167,7 +167,7 @@ func (c *cli) status(ctx context.Context, args []string) int {
 	if c.output == "json" {
 		return c.writeJSON(st)
 	}
-	idx := c.gpuIndexes(ctx)
+	idx, noGPUs := c.gpuIndexes(ctx)
 	var buf bytes.Buffer
 	tw := tabwriter.NewWriter(&buf, 0, 0, 1, ' ', 0)
 	// The trailing empty cell pads EXIT, so every line is as wide and the
@@ -186,6 +186,9 @@ func (c *cli) status(ctx context.Context, args []string) int {
 			reason = truncate(reason, c.width-len(line))
 		}
 		fmt.Fprintln(c.out, strings.TrimRight(line+reason, " "))
+	}
+	if noGPUs != "" {
+		fmt.Fprintln(c.out, "GPUs: "+truncate(noGPUs, c.width-6))
 	}
 	return exitOK
 }
@@ -422,16 +425,18 @@ func (c *cli) writeJSON(v any) int {
 	return exitOK
 }
 
-// gpuIndexes maps GPU UUIDs to indexes for the status table; empty when
-// the daemon has no readings (backend none shows pins as written).
-func (c *cli) gpuIndexes(ctx context.Context) map[string]int {
+// gpuIndexes maps GPU UUIDs to indexes for the status table, and says why
+// there are no GPU readings, if so (backend none shows pins as written).
+func (c *cli) gpuIndexes(ctx context.Context) (map[string]int, string) {
 	out := map[string]int{}
-	if g, err := c.client.GPUs(ctx); err == nil {
-		for _, d := range g.GPUs {
-			out[d.UUID] = d.Index
-		}
+	g, err := c.client.GPUs(ctx)
+	if err != nil {
+		return out, ""
 	}
-	return out
+	for _, d := range g.GPUs {
+		out[d.UUID] = d.Index
+	}
+	return out, g.Reason
 }
 
 func (c *cli) uptime(s supervisor.Status) string {

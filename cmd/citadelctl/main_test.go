@@ -129,9 +129,13 @@ func TestStatusFitsEightyColumns(t *testing.T) {
 	}
 	t.Logf("\n%s", out)
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	if len(lines) != 8 || !strings.HasPrefix(lines[0], "NAME ") || !strings.HasSuffix(lines[0], "REASON") {
-		t.Fatalf("want a header and 7 rows:\n%s", out)
+	if len(lines) != 9 || !strings.HasPrefix(lines[0], "NAME ") || !strings.HasSuffix(lines[0], "REASON") {
+		t.Fatalf("want a header, 7 rows and the GPU note:\n%s", out)
 	}
+	if lines[8] != "GPUs: gpu.backend is none: no GPU readings" {
+		t.Errorf("no note on the missing GPU readings: %q", lines[8])
+	}
+	lines = lines[:8]
 	for _, l := range lines {
 		if n := utf8.RuneCountInString(l); n > 80 {
 			t.Errorf("line is %d columns: %q", n, l)
