@@ -239,3 +239,17 @@ models:
 		}
 	}
 }
+
+// TestDeployedConfigsAreValid keeps the shipped examples loadable.
+func TestDeployedConfigsAreValid(t *testing.T) {
+	for _, f := range []string{"../deploy/citadel.yaml", "../deploy/demo.yaml"} {
+		c, err := Load(f, nil)
+		if err != nil {
+			t.Errorf("%s: %v", f, err)
+			continue
+		}
+		if len(c.Models) != 7 {
+			t.Errorf("%s: %d models, want the seven of the reference host", f, len(c.Models))
+		}
+	}
+}

@@ -1,0 +1,127 @@
+package gpu
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"testing/synctest"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+type staticReader struct {
+	devs  []Device
+	err   error
+	reads atomic.Int32
+	gate  chan struct{} // when set, Read blocks until it is closed
+	xids  map[string]map[uint64]uint64
+}
+
+func (r *staticReader) Read(context.Context) ([]Device, error) {
+	r.reads.Add(1)
+	if r.gate != nil {
+		<-r.gate
+	}
+	return r.devs, r.err
+}
+
+func (r *staticReader) Xids() map[string]map[uint64]uint64 { return r.xids }
+
+var twoDevices = []Device{
+	{Index: 0, UUID: "GPU-a", Name: "NVIDIA H100 80GB HBM3", PCIBusID: "00000000:1B:00.0", MemoryTotal: 80 << 30, MemoryUsed: 60 << 30, MemoryFree: 20 << 30,
+		Utilization: 0.45, Temperature: 61, PowerWatts: 312.5, Up: true,
+		Processes: []Process{{PID: 10, UsedMemory: 30 << 30}, {PID: 11, UsedMemory: 20 << 30}, {PID: 99, UsedMemory: 10 << 30}}},
+	{Index: 1, UUID: "GPU-b", Name: "NVIDIA H100 80GB HBM3", PCIBusID: "00000000:1C:00.0", Up: false, Err: "GPU is lost"},
+}
+
+func TestCollectorGolden(t *testing.T) {
+	r := &staticReader{devs: twoDevices, xids: map[string]map[uint64]uint64{"GPU-b": {79: 2}}}
+	c := NewCollector("nvml", "ok", r, func() map[int]string { return map[int]string{10: "mixtral", 11: "mixtral"} })
+	want := `
+# HELP citadel_gpu_backend_info The GPU backend and whether it gives readings (status ok, disabled, no_driver, error); always 1.
+# TYPE citadel_gpu_backend_info gauge
+citadel_gpu_backend_info{backend="nvml",status="ok"} 1
+# HELP citadel_gpu_info A GPU of this host; always 1.
+# TYPE citadel_gpu_info gauge
+citadel_gpu_info{gpu="0",name="NVIDIA H100 80GB HBM3",pci_bus_id="00000000:1B:00.0",uuid="GPU-a"} 1
+citadel_gpu_info{gpu="1",name="NVIDIA H100 80GB HBM3",pci_bus_id="00000000:1C:00.0",uuid="GPU-b"} 1
+# HELP citadel_gpu_memory_free_bytes GPU memory free.
+# TYPE citadel_gpu_memory_free_bytes gauge
+citadel_gpu_memory_free_bytes{gpu="0",uuid="GPU-a"} 2.147483648e+10
+# HELP citadel_gpu_memory_total_bytes GPU memory in total.
+# TYPE citadel_gpu_memory_total_bytes gauge
+citadel_gpu_memory_total_bytes{gpu="0",uuid="GPU-a"} 8.589934592e+10
+# HELP citadel_gpu_memory_used_bytes GPU memory in use.
+# TYPE citadel_gpu_memory_used_bytes gauge
+citadel_gpu_memory_used_bytes{gpu="0",uuid="GPU-a"} 6.442450944e+10
+# HELP citadel_gpu_power_watts GPU power draw.
+# TYPE citadel_gpu_power_watts gauge
+citadel_gpu_power_watts{gpu="0",uuid="GPU-a"} 312.5
+# HELP citadel_gpu_temperature_celsius GPU core temperature.
+# TYPE citadel_gpu_temperature_celsius gauge
+citadel_gpu_temperature_celsius{gpu="0",uuid="GPU-a"} 61
+# HELP citadel_gpu_up 1 if the GPU answers, 0 if it stopped answering (nothing new is placed on it).
+# TYPE citadel_gpu_up gauge
+citadel_gpu_up{gpu="0",uuid="GPU-a"} 1
+citadel_gpu_up{gpu="1",uuid="GPU-b"} 0
+# HELP citadel_gpu_utilization_ratio GPU compute utilization over the driver's last sample period, 0 to 1.
+# TYPE citadel_gpu_utilization_ratio gauge
+citadel_gpu_utilization_ratio{gpu="0",uuid="GPU-a"} 0.45
+# HELP citadel_gpu_xid_errors_total Xid critical errors reported by the driver since the supervisor started.
+# TYPE citadel_gpu_xid_errors_total counter
+citadel_gpu_xid_errors_total{gpu="1",uuid="GPU-b",xid="79"} 2
+# HELP citadel_model_gpu_memory_bytes GPU memory used by all of a model's processes, per GPU.
+# TYPE citadel_model_gpu_memory_bytes gauge
+citadel_model_gpu_memory_bytes{model="mixtral",uuid="GPU-a"} 5.36870912e+10
+`
+	if err := testutil.CollectAndCompare(c, strings.NewReader(want)); err != nil {
+		t.Error(err)
+	}
+	if problems, err := testutil.CollectAndLint(c); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %v", problems, err)
+	}
+}
+
+func TestCollectorWithoutReadings(t *testing.T) {
+	c := NewCollector("nvml", "no_driver", nil, nil)
+	want := `
+# HELP citadel_gpu_backend_info The GPU backend and whether it gives readings (status ok, disabled, no_driver, error); always 1.
+# TYPE citadel_gpu_backend_info gauge
+citadel_gpu_backend_info{backend="nvml",status="no_driver"} 1
+`
+	if err := testutil.CollectAndCompare(c, strings.NewReader(want)); err != nil {
+		t.Error(err)
+	}
+}
+
+func TestCollectorReadError(t *testing.T) {
+	c := NewCollector("nvml", "ok", &staticReader{err: errors.New("driver hung")}, nil)
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(c)
+	if _, err := reg.Gather(); err == nil || !strings.Contains(err.Error(), "driver hung") {
+		t.Errorf("a failed read must fail the scrape visibly, got %v", err)
+	}
+}
+
+// TestConcurrentScrapesShareOneRead: scrapes that arrive while a read is in
+// flight wait for it instead of reading again.
+func TestConcurrentScrapesShareOneRead(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := &staticReader{devs: twoDevices, gate: make(chan struct{})}
+		c := NewCollector("sim", "ok", r, nil)
+		var wg sync.WaitGroup
+		for range 5 {
+			wg.Go(func() { testutil.CollectAndCount(c) })
+		}
+		synctest.Wait() // every scrape is blocked: one in Read, four on its result
+		close(r.gate)
+		wg.Wait()
+		if n := r.reads.Load(); n != 1 {
+			t.Errorf("%d reads for 5 concurrent scrapes, want 1", n)
+		}
+	})
+}
