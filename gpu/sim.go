@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"slices"
 	"strings"
 
 	"citadel-supervisor/config"
@@ -55,9 +56,11 @@ func (s *Sim) Read(context.Context) ([]Device, error) {
 	}
 	out := make([]Device, len(s.devices))
 	for i, d := range s.devices {
+		// Sensors a simulated GPU does not have are left unreadable (-1),
+		// so no invented temperature or power reaches a dashboard.
 		dev := Device{
 			Index: i, UUID: d.UUID, Name: d.Name, PCIBusID: fmt.Sprintf("00000000:%02X:00.0", i+1),
-			MemoryTotal: uint64(d.Memory), Utilization: 0, Up: true, Processes: []Process{},
+			MemoryTotal: uint64(d.Memory), Utilization: -1, Temperature: -1, PowerWatts: -1, Up: true, Processes: []Process{},
 		}
 		if dev.Name == "" {
 			dev.Name = "Sim GPU"
@@ -73,7 +76,7 @@ func (s *Sim) Read(context.Context) ([]Device, error) {
 	if s.uses != nil {
 		for _, u := range s.uses() {
 			for i := range out {
-				if contains(u.UUIDs, out[i].UUID) {
+				if slices.Contains(u.UUIDs, out[i].UUID) {
 					out[i].MemoryUsed += u.Bytes
 					out[i].Processes = append(out[i].Processes, Process{PID: u.PID, UsedMemory: u.Bytes})
 				}
@@ -83,9 +86,6 @@ func (s *Sim) Read(context.Context) ([]Device, error) {
 	for i := range out {
 		out[i].MemoryUsed = min(out[i].MemoryUsed, out[i].MemoryTotal)
 		out[i].MemoryFree = out[i].MemoryTotal - out[i].MemoryUsed
-		if out[i].MemoryTotal > 0 {
-			out[i].Utilization = float64(len(out[i].Processes)) / 10
-		}
 	}
 	return out, nil
 }
@@ -109,13 +109,4 @@ func (s *Sim) state() (simState, error) {
 		return st, fmt.Errorf("gpu.sim.state_file %s: %w", s.stateFile, err)
 	}
 	return st, nil
-}
-
-func contains(ss []string, s string) bool {
-	for _, x := range ss {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }

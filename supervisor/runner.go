@@ -63,6 +63,7 @@ type instance struct {
 type probeResult struct {
 	inst *instance
 	err  error
+	took time.Duration
 }
 
 type exitInfo struct {
@@ -109,6 +110,7 @@ type loop struct {
 	probing    bool
 	probeRes   chan probeResult
 	probeFails int
+	probeOK    *bool // the last probe's result, nil before the first
 
 	stopDone  chan error
 	afterStop func() // what follows the stop in flight
@@ -152,7 +154,7 @@ func (r *runner) run(ctx context.Context, cfg config.Model) {
 		case res := <-l.probeRes:
 			l.probing = false
 			if res.inst == l.inst && !l.exitSeen {
-				l.onProbe(res.err)
+				l.onProbe(res)
 			}
 		case err := <-l.stopDone:
 			l.onStopped(err)
@@ -241,7 +243,7 @@ func (l *loop) tryStart() {
 		l.fail(fmt.Sprintf("spawn: %s", errText(err)))
 		return
 	}
-	l.inst, l.exitSeen = inst, false
+	l.inst, l.exitSeen, l.probeOK = inst, false, nil
 	l.r.d.alloc.Started(m.Name, inst.pid)
 	l.r.publishPIDs(inst.tree)
 	l.tracker.started(inst.started)
@@ -255,10 +257,15 @@ func (l *loop) tryStart() {
 func (l *loop) probe(ctx context.Context, inst *instance, url string, timeout time.Duration) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	l.probeRes <- probeResult{inst: inst, err: l.r.d.prober.Probe(ctx, url)}
+	start := l.r.d.now()
+	err := l.r.d.prober.Probe(ctx, url)
+	l.probeRes <- probeResult{inst: inst, err: err, took: l.r.d.now().Sub(start)}
 }
 
-func (l *loop) onProbe(err error) {
+func (l *loop) onProbe(res probeResult) {
+	err := res.err
+	ok := err == nil
+	l.probeOK = &ok
 	period := l.cfg.Probe.Period
 	switch l.state {
 	case Starting:
@@ -272,6 +279,7 @@ func (l *loop) onProbe(err error) {
 		l.r.d.alloc.Ready(l.cfg.Name)
 		l.enter(Ready, "")
 	case Ready, Unhealthy:
+		l.r.d.metrics.observe(l.cfg.Name, res.took, err)
 		if err == nil {
 			l.probeFails = 0
 			l.enter(Ready, "")
@@ -523,6 +531,10 @@ func (l *loop) publish() {
 	}
 	if l.state == Failed {
 		s.LastOutput = l.lastOut
+	}
+	if l.inst != nil && l.probeOK != nil {
+		ok := *l.probeOK
+		s.ProbeSuccess = &ok
 	}
 	l.r.status.Store(s)
 }

@@ -53,6 +53,33 @@ type Status struct {
 	StartupDuration  time.Duration  `json:"-"`
 	StartupSeconds   float64        `json:"startup_duration_seconds,omitempty"` // StartupDuration, for JSON readers
 	RestartsByReason map[string]int `json:"restarts_by_reason,omitempty"`
+	ProbeSuccess     *bool          `json:"probe_success,omitempty"` // the last health probe's result
 	// LastOutput holds the model's last lines of output when it failed.
 	LastOutput []string `json:"last_output,omitempty"`
+}
+
+// Health summarises readiness: healthy when every enabled model is ready.
+type Health struct {
+	Healthy  bool     `json:"healthy"`
+	Ready    int      `json:"ready"`
+	Enabled  int      `json:"enabled"`
+	NotReady []Status `json:"not_ready"`
+}
+
+// HealthOf summarises st.
+func HealthOf(st []Status) Health {
+	out := Health{NotReady: []Status{}}
+	for _, m := range st {
+		if !m.Enabled {
+			continue
+		}
+		out.Enabled++
+		if m.State == Ready {
+			out.Ready++
+		} else {
+			out.NotReady = append(out.NotReady, m)
+		}
+	}
+	out.Healthy = out.Ready == out.Enabled
+	return out
 }

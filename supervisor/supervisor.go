@@ -8,6 +8,7 @@
 package supervisor
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -19,6 +20,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
 
@@ -48,6 +50,11 @@ type Options struct {
 	// starts, pinned ones with their pins.
 	GPUs   gpu.Reader
 	NoGPUs string
+	// GPUStatus is citadel_gpu_backend_info's status when GPUs is nil:
+	// disabled (backend none), no_driver or error.
+	GPUStatus string
+	// Registerer receives the supervisor's metrics; nil registers none.
+	Registerer prometheus.Registerer
 	// Reaper reaps orphans adopted as subreaper; nil spawns without one.
 	Reaper *Reaper
 	// Environ is the environment children inherit (before SPEC §2's edits).
@@ -73,6 +80,7 @@ type deps struct {
 	now     func() time.Time
 	after   func(time.Duration) <-chan time.Time
 	jitter  func() float64
+	metrics *metrics
 }
 
 // Supervisor runs every configured model.
@@ -82,6 +90,10 @@ type Supervisor struct {
 	runners atomic.Pointer[[]*runner] // sorted by name; replaced whole
 	applyCh chan applyReq
 	ready   chan struct{}
+
+	beat     atomic.Int64 // unix nanoseconds of the main loop's last turn
+	reloadOK atomic.Bool  // the last configuration load succeeded
+	reloadAt atomic.Int64 // unix seconds of the last successful load
 }
 
 type applyReq struct {
@@ -107,6 +119,7 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		now:     o.Now,
 		after:   o.After,
 		jitter:  o.Jitter,
+		metrics: newMetrics(),
 	}
 	if d.output == nil {
 		d.output = func(log *zap.Logger, _, _, line string) { log.Info(line) }
@@ -125,10 +138,26 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		o.NoGPUs = "gpu.backend is " + cfg.GPU.Backend + ": no GPU readings"
 	}
 	d.alloc = newAllocator(cfg, o.GPUs, o.NoGPUs, d)
+	gpuStatus := "ok"
 	if o.GPUs == nil && cfg.GPU.Backend == "sim" {
 		// The sim backend shows running models' shares, which only the
 		// allocator knows.
 		d.alloc.reader = gpu.NewSim(cfg.GPU, d.alloc.SimUses)
+	} else if o.GPUs == nil {
+		gpuStatus = cmp.Or(o.GPUStatus, "disabled")
+	}
+	s.reloadOK.Store(true)
+	s.reloadAt.Store(d.now().Unix())
+	s.beat.Store(d.now().UnixNano())
+	if o.Registerer != nil {
+		for _, c := range []prometheus.Collector{
+			d.metrics.probeDuration, d.metrics.probeFailures, newModelCollector(s),
+			gpu.NewCollector(cfg.GPU.Backend, gpuStatus, d.alloc.reader, s.owners),
+		} {
+			if err := o.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("register metrics: %w", err)
+			}
+		}
 	}
 	d.alloc.owners = s.owners
 	d.alloc.wake = s.wake
@@ -189,8 +218,12 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	close(s.ready)
 	s.d.log.Info("supervisor running", zap.Int("models", len(cfg.Models)), zap.String("identity", s.d.id))
 
+	beat := time.NewTicker(heartbeat)
+	defer beat.Stop()
 	for {
 		select {
+		case <-beat.C:
+			s.beat.Store(s.d.now().UnixNano())
 		case <-ctx.Done():
 			s.d.log.Info("stopping every model")
 			stopAll()
@@ -209,6 +242,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 					delete(byName, c.Name)
 					r.cancel()
 					removed = append(removed, r)
+					s.d.metrics.forget(c.Name)
 				case config.Respawn, config.Update:
 					byName[c.Name].send(ctx, request{op: "update", cfg: m, kind: c.Kind})
 				}
@@ -223,6 +257,15 @@ func (s *Supervisor) Run(ctx context.Context) error {
 			req.done <- changes
 		}
 	}
+}
+
+// heartbeat is how often Run's loop proves it is alive.
+const heartbeat = time.Second
+
+// Alive reports whether Run's loop turned within maxAge: /healthz and the
+// systemd watchdog ask it, so a wedged loop is seen from outside.
+func (s *Supervisor) Alive(maxAge time.Duration) bool {
+	return s.d.now().Sub(time.Unix(0, s.beat.Load())) <= maxAge
 }
 
 // Ready is closed once Run has started every runner.
@@ -255,6 +298,7 @@ func (s *Supervisor) Apply(ctx context.Context, cfg *config.Config) ([]config.Ch
 func (s *Supervisor) ReloadFile(ctx context.Context, path string, environ []string) ([]config.Change, error) {
 	cfg, err := config.Load(path, environ)
 	if err != nil {
+		s.reloadOK.Store(false)
 		for _, line := range strings.Split(err.Error(), "\n") {
 			s.d.log.Error("reload rejected: configuration invalid; keeping the running one", zap.String("problem", line))
 		}
@@ -265,6 +309,8 @@ func (s *Supervisor) ReloadFile(ctx context.Context, path string, environ []stri
 		s.d.log.Error("reload", zap.Error(err))
 		return nil, err
 	}
+	s.reloadOK.Store(true)
+	s.reloadAt.Store(s.d.now().Unix())
 	for _, c := range changes {
 		if c.Kind != config.Unchanged {
 			s.d.log.Info("reload", zap.String("model", c.Name), zap.String("change", c.Kind.String()), zap.Strings("fields", c.Fields))

@@ -20,23 +20,25 @@ import (
 // usable NVML, the daemon still runs (every enabled model starts, without
 // placement) and says so loudly: the returned reason is shown in status,
 // gpus and the log.
-func openGPUs(cfg *config.Config, log *zap.Logger) (*nvmlgpu.Backend, string) {
+//
+// status is citadel_gpu_backend_info's: no_driver, error or disabled.
+func openGPUs(cfg *config.Config, log *zap.Logger) (b *nvmlgpu.Backend, why, status string) {
 	switch cfg.GPU.Backend {
 	case "nvml":
 		b, err := nvmlgpu.Open(nvml.New(), log.Named("nvml"))
 		if err != nil {
-			why := "NVML unavailable, running WITHOUT GPU placement or memory checks: " + err.Error()
+			why, status = "NVML unavailable, running WITHOUT GPU placement or memory checks: "+err.Error(), "error"
 			if errors.Is(err, gpu.ErrNoDriver) {
-				why = "no NVIDIA driver (NVML not found): running WITHOUT GPU placement or memory checks"
+				why, status = "no NVIDIA driver (NVML not found): running WITHOUT GPU placement or memory checks", "no_driver"
 			}
 			log.Error(why, zap.Error(err))
-			return nil, why
+			return nil, why, status
 		}
-		return b, ""
+		return b, "", "ok"
 	case "none":
-		return nil, "gpu.backend is none: no GPU readings, no placement"
+		return nil, "gpu.backend is none: no GPU readings, no placement", "disabled"
 	}
-	return nil, "" // sim: the supervisor reads the declared devices
+	return nil, "", "ok" // sim: the supervisor reads the declared devices
 }
 
 // printPlacement shows what --check would place on the GPUs seen now.
@@ -46,7 +48,7 @@ func printPlacement(w io.Writer, cfg *config.Config, log *zap.Logger) {
 	case "sim":
 		reader = gpu.NewSim(cfg.GPU, nil)
 	default:
-		b, why := openGPUs(cfg, log)
+		b, why, _ := openGPUs(cfg, log)
 		if b == nil {
 			fmt.Fprintf(w, "placement: %s; every enabled model starts\n", why)
 			return

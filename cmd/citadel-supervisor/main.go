@@ -15,6 +15,8 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/sync/errgroup"
@@ -23,6 +25,7 @@ import (
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control"
+	"citadel-supervisor/supervisor/web"
 )
 
 // Set at build time by `make build`.
@@ -71,13 +74,21 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		log.Error("cannot become child subreaper", zap.Error(err))
 		return 1
 	}
-	nv, noGPUs := openGPUs(cfg, log)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		buildInfo(),
+	)
+	nv, noGPUs, gpuStatus := openGPUs(cfg, log)
 	opts := supervisor.Options{
-		Logger:  log,
-		Prober:  probe.NewHTTP(),
-		Reaper:  reaper,
-		Environ: environ,
-		NoGPUs:  noGPUs,
+		Logger:     log,
+		Prober:     probe.NewHTTP(),
+		Reaper:     reaper,
+		Environ:    environ,
+		NoGPUs:     noGPUs,
+		GPUStatus:  gpuStatus,
+		Registerer: reg,
 	}
 	if nv != nil {
 		defer nv.Close() //nolint:errcheck // exiting
@@ -131,6 +142,16 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	if nv != nil {
 		g.Go(func() error { return nv.WatchXids(gctx) })
 	}
+	if cfg.Listen != "" {
+		// listen changes need a restart: the HTTP server binds once.
+		srv, err := web.Listen(cfg.Listen, sup, reg, log.Named("http"))
+		if err != nil {
+			log.Error("cannot serve HTTP", zap.Error(err))
+			return 1
+		}
+		log.Info("HTTP listening", zap.String("addr", srv.Addr()))
+		g.Go(func() error { return srv.Run(gctx) })
+	}
 	g.Go(func() error {
 		for {
 			select {
@@ -147,6 +168,16 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	}
 	log.Info("stopped")
 	return 0
+}
+
+// buildInfo is citadel_build_info, set at build time by `make build`.
+func buildInfo() prometheus.Collector {
+	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "citadel_build_info",
+		Help: "The running build; always 1.",
+	}, []string{"version", "revision", "goversion"})
+	g.WithLabelValues(version, revision, runtime.Version()).Set(1)
+	return g
 }
 
 func newLogger(c config.Log, w io.Writer) (*zap.Logger, error) {

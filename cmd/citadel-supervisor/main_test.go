@@ -6,15 +6,22 @@ import (
 	"citadel-supervisor/supervisor/control"
 	"citadel-supervisor/supervisor/supervisortest"
 	"context"
+	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 )
 
 // The test binary plays three parts: the tests, the daemon (roleEnv) and
@@ -311,4 +318,153 @@ func TestSIGHUPReloadsOverTheSocket(t *testing.T) {
 	if _, err := os.Stat(s.Socket); !os.IsNotExist(err) {
 		t.Errorf("control socket left behind: %v", err)
 	}
+}
+
+// specFamilies are the metric families of SPEC §6.
+var specFamilies = []string{
+	"citadel_model_up", "citadel_model_state", "citadel_model_restarts_total", "citadel_model_last_exit_code",
+	"citadel_model_start_time_seconds", "citadel_model_startup_duration_seconds", "citadel_model_resident_memory_bytes",
+	"citadel_model_cpu_seconds_total", "citadel_model_gpu_memory_bytes",
+	"citadel_probe_success", "citadel_probe_duration_seconds", "citadel_probe_failures_total",
+	"citadel_gpu_info", "citadel_gpu_up", "citadel_gpu_memory_total_bytes", "citadel_gpu_memory_used_bytes",
+	"citadel_gpu_memory_free_bytes",
+	"citadel_config_last_reload_successful", "citadel_config_last_reload_success_timestamp_seconds", "citadel_build_info",
+	"go_goroutines", "process_resident_memory_bytes",
+}
+
+// The families that are not in specFamilies are covered elsewhere:
+// citadel_gpu_xid_errors_total appears at the first Xid (gpu/nvmlgpu and
+// gpu's golden test); utilization, temperature and power are not
+// simulated (the gpu collector's golden test covers them).
+
+func scrape(t *testing.T, url string) (string, map[string]*dto.MetricFamily) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("scrape: %d %v", resp.StatusCode, err)
+	}
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(bytes.NewReader(body))
+	if err != nil {
+		t.Fatalf("parse exposition: %v", err)
+	}
+	return string(body), fams
+}
+
+func TestMetricsOfARunningDaemon(t *testing.T) {
+	const secret = "hf_metrics_test_secret_value"
+	port := supervisortest.FreePort(t)
+	dir := t.TempDir()
+	secrets := filepath.Join(dir, "secrets.env")
+	if err := os.WriteFile(secrets, []byte("HF_TOKEN="+secret+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	top := fmt.Sprintf(`listen: 127.0.0.1:%d
+gpu:
+  backend: sim
+  sim:
+    devices: [{uuid: GPU-00000000-0000-0000-0000-000000000000, name: Sim H100, memory: 80GiB}]
+`, port)
+	s := &site{Site: supervisortest.NewSite(t, top,
+		testModel{Name: "a", YAML: "gpu_memory_utilization: 0.3\nenv_files: [" + secrets + "]"},
+		testModel{Name: "b", YAML: "gpu_memory_utilization: 0.3"},
+	), t: t}
+	d := s.start()
+	base := "http://127.0.0.1:" + strconv.Itoa(port)
+	waitFor(t, 30*time.Second, "both models healthy", s.healthy)
+
+	// b crashes once, so it has a last exit code.
+	bServer := live(s.procs("b"), "server")
+	syscall.Kill(bServer[0], syscall.SIGKILL) //nolint:errcheck // checked by the wait
+	waitFor(t, 30*time.Second, "b restarted", func() bool {
+		l := live(s.procs("b"), "server")
+		return len(l) == 1 && l[0] != bServer[0] && s.healthy()
+	})
+	var body string
+	var fams map[string]*dto.MetricFamily
+	waitFor(t, 30*time.Second, "every SPEC family", func() bool {
+		body, fams = scrape(t, base+"/metrics")
+		for _, f := range specFamilies {
+			if fams[f] == nil {
+				return false
+			}
+		}
+		return true
+	})
+	if strings.Contains(body, secret) {
+		t.Error("a secret is on /metrics")
+	}
+	if got := value(fams["citadel_model_restarts_total"], "model=b", "reason=exit"); got != 1 {
+		t.Errorf("b's exit restarts = %v", got)
+	}
+	if got := value(fams["citadel_model_last_exit_code"], "model=b"); got != 137 {
+		t.Errorf("b's last exit code = %v", got)
+	}
+	for _, path := range []string{"/healthz", "/readyz", "/sd"} {
+		resp, err := http.Get(base + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || strings.Contains(string(b), secret) {
+			t.Errorf("%s: %d %s", path, resp.StatusCode, b)
+		}
+		if path == "/sd" && !strings.Contains(string(b), `"targets":["127.0.0.1:`+strconv.Itoa(s.Models[0].Port)+`"],"labels":{"model":"a"`) {
+			t.Errorf("/sd: %s", b)
+		}
+	}
+	resp, err := http.Post(base+"/metrics", "text/plain", nil)
+	if err == nil {
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusMethodNotAllowed {
+			t.Errorf("POST /metrics: %d", resp.StatusCode)
+		}
+	}
+
+	// A reload that removes b leaves no series of b behind.
+	next := s.YAML[:strings.Index(s.YAML, "  b:\n")]
+	if err := os.WriteFile(s.Path, []byte(next), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // checked below
+	waitFor(t, 30*time.Second, "b's series gone", func() bool {
+		body, _ = scrape(t, base+"/metrics")
+		return !strings.Contains(body, `model="b"`)
+	})
+	if !strings.Contains(body, `citadel_model_up{model="a"} 1`) {
+		t.Errorf("a's series went too:\n%s", body)
+	}
+}
+
+// value finds the sample of f whose labels include every "name=value".
+func value(f *dto.MetricFamily, labels ...string) float64 {
+	if f == nil {
+		return -1
+	}
+next:
+	for _, m := range f.Metric {
+		have := map[string]string{}
+		for _, l := range m.Label {
+			have[l.GetName()] = l.GetValue()
+		}
+		for _, want := range labels {
+			k, v, _ := strings.Cut(want, "=")
+			if have[k] != v {
+				continue next
+			}
+		}
+		switch {
+		case m.Gauge != nil:
+			return m.Gauge.GetValue()
+		case m.Counter != nil:
+			return m.Counter.GetValue()
+		}
+	}
+	return -1
 }

@@ -47,12 +47,7 @@ type ReloadResponse struct {
 }
 
 // HealthResponse summarises readiness.
-type HealthResponse struct {
-	Healthy  bool                `json:"healthy"`
-	Ready    int                 `json:"ready"`
-	Enabled  int                 `json:"enabled"`
-	NotReady []supervisor.Status `json:"not_ready"`
-}
+type HealthResponse = supervisor.Health
 
 // GPUsResponse lists the GPUs; Reason says why there are none.
 type GPUsResponse struct {

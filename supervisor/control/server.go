@@ -290,30 +290,12 @@ func (s *Server) health(w http.ResponseWriter, _ *http.Request) {
 		writeBackendError(w, err)
 		return
 	}
-	out := Health(st)
+	out := supervisor.HealthOf(st)
 	code := http.StatusOK
 	if !out.Healthy {
 		code = http.StatusServiceUnavailable
 	}
 	writeJSON(w, code, out)
-}
-
-// Health summarises readiness: healthy when every enabled model is ready.
-func Health(st []supervisor.Status) HealthResponse {
-	out := HealthResponse{NotReady: []supervisor.Status{}}
-	for _, m := range st {
-		if !m.Enabled {
-			continue
-		}
-		out.Enabled++
-		if m.State == supervisor.Ready {
-			out.Ready++
-		} else {
-			out.NotReady = append(out.NotReady, m)
-		}
-	}
-	out.Healthy = out.Ready == out.Enabled
-	return out
 }
 
 func (s *Server) gpus(w http.ResponseWriter, r *http.Request) {

@@ -85,9 +85,12 @@ func NewSite(t testing.TB, top string, models ...Model) *Site {
 	s := &Site{Dir: t.TempDir()}
 	s.Socket = filepath.Join(s.Dir, "s.sock")
 	var b strings.Builder
-	fmt.Fprintf(&b, "listen: \"\"\ncontrol_socket: %s\n", s.Socket)
-	if top == "" {
-		top = "gpu: {backend: none}\n"
+	if !strings.Contains(top, "listen:") {
+		b.WriteString("listen: \"\"\n")
+	}
+	fmt.Fprintf(&b, "control_socket: %s\n", s.Socket)
+	if !strings.Contains(top, "gpu:") {
+		top += "gpu: {backend: none}\n"
 	}
 	b.WriteString(top)
 	fmt.Fprintf(&b, "defaults:\n  command: [%q]\n  env: {%s: \"1\"}\n%s", os.Args[0], SelfEnv, Defaults)

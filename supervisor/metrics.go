@@ -1,0 +1,137 @@
+package supervisor
+
+import (
+	"os"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// clockTicks is USER_HZ, the unit of utime and stime in /proc/PID/stat:
+// 100 on every Linux architecture the supervisor runs on.
+const clockTicks = 100
+
+// probeBuckets span a healthy vLLM's /health (milliseconds) to the probe
+// timeout (seconds).
+var probeBuckets = []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
+
+// metrics are the supervisor's stateful series. Everything that can be
+// derived from a Status snapshot is not here but in modelCollector, so a
+// model removed by a reload leaves nothing behind; these few are deleted
+// explicitly when a model goes.
+type metrics struct {
+	probeDuration *prometheus.HistogramVec
+	probeFailures *prometheus.CounterVec
+}
+
+func newMetrics() *metrics {
+	return &metrics{
+		probeDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "citadel_probe_duration_seconds",
+			Help:    "Duration of health probes of ready models.",
+			Buckets: probeBuckets,
+		}, []string{"model"}),
+		probeFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "citadel_probe_failures_total",
+			Help: "Failed health probes of ready models (not counting probes while a model loads).",
+		}, []string{"model"}),
+	}
+}
+
+// observe records one liveness probe.
+func (m *metrics) observe(model string, d time.Duration, err error) {
+	m.probeDuration.WithLabelValues(model).Observe(d.Seconds())
+	c := m.probeFailures.WithLabelValues(model)
+	if err != nil {
+		c.Inc()
+	}
+}
+
+// forget deletes a removed model's series.
+func (m *metrics) forget(model string) {
+	m.probeDuration.DeleteLabelValues(model)
+	m.probeFailures.DeleteLabelValues(model)
+}
+
+// modelCollector reads the supervisor's snapshot at scrape time.
+type modelCollector struct {
+	s *Supervisor
+
+	up, state, restarts, lastExit, startTime, startup, rss, cpu, probeOK, reloadOK, reloadTime *prometheus.Desc
+}
+
+func newModelCollector(s *Supervisor) *modelCollector {
+	m := []string{"model"}
+	return &modelCollector{
+		s:          s,
+		up:         prometheus.NewDesc("citadel_model_up", "1 when the model is ready (answering its health probe), else 0.", m, nil),
+		state:      prometheus.NewDesc("citadel_model_state", "1 for the model's current state, 0 for the others.", []string{"model", "state"}, nil),
+		restarts:   prometheus.NewDesc("citadel_model_restarts_total", "Restarts of the model, by reason (exit, probe, startup, manual, reload).", []string{"model", "reason"}, nil),
+		lastExit:   prometheus.NewDesc("citadel_model_last_exit_code", "Exit code of the model's last process (128+signal when killed).", m, nil),
+		startTime:  prometheus.NewDesc("citadel_model_start_time_seconds", "Unix time the model's current process was spawned.", m, nil),
+		startup:    prometheus.NewDesc("citadel_model_startup_duration_seconds", "Spawn to first healthy answer, of the model's last start.", m, nil),
+		rss:        prometheus.NewDesc("citadel_model_resident_memory_bytes", "Resident memory of all of the model's processes.", m, nil),
+		cpu:        prometheus.NewDesc("citadel_model_cpu_seconds_total", "CPU time of the model's live processes (user and system).", m, nil),
+		probeOK:    prometheus.NewDesc("citadel_probe_success", "1 if the model's last health probe succeeded, else 0.", m, nil),
+		reloadOK:   prometheus.NewDesc("citadel_config_last_reload_successful", "1 if the last configuration load succeeded, 0 if it was rejected (the previous one stays in force).", nil, nil),
+		reloadTime: prometheus.NewDesc("citadel_config_last_reload_success_timestamp_seconds", "Unix time of the last successful configuration load.", nil, nil),
+	}
+}
+
+func (c *modelCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.up, c.state, c.restarts, c.lastExit, c.startTime, c.startup, c.rss, c.cpu, c.probeOK, c.reloadOK, c.reloadTime} {
+		ch <- d
+	}
+}
+
+func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
+	page := float64(os.Getpagesize())
+	ch <- prometheus.MustNewConstMetric(c.reloadOK, prometheus.GaugeValue, boolf(c.s.reloadOK.Load()))
+	ch <- prometheus.MustNewConstMetric(c.reloadTime, prometheus.GaugeValue, float64(c.s.reloadAt.Load()))
+	for _, r := range *c.s.runners.Load() {
+		st := r.status.Load()
+		if st == nil {
+			continue
+		}
+		name := st.Name
+		ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, boolf(st.State == Ready), name)
+		for _, s := range States {
+			ch <- prometheus.MustNewConstMetric(c.state, prometheus.GaugeValue, boolf(st.State == s), name, string(s))
+		}
+		for _, reason := range RestartReasons {
+			ch <- prometheus.MustNewConstMetric(c.restarts, prometheus.CounterValue, float64(st.RestartsByReason[reason]), name, reason)
+		}
+		if st.LastExitCode != nil {
+			ch <- prometheus.MustNewConstMetric(c.lastExit, prometheus.GaugeValue, float64(*st.LastExitCode), name)
+		}
+		if st.PID != 0 {
+			ch <- prometheus.MustNewConstMetric(c.startTime, prometheus.GaugeValue, float64(st.StartedAt.UnixNano())/1e9, name)
+		}
+		if st.StartupDuration > 0 {
+			ch <- prometheus.MustNewConstMetric(c.startup, prometheus.GaugeValue, st.StartupDuration.Seconds(), name)
+		}
+		if st.ProbeSuccess != nil {
+			ch <- prometheus.MustNewConstMetric(c.probeOK, prometheus.GaugeValue, boolf(*st.ProbeSuccess), name)
+		}
+		if pids := r.pids.Load(); pids != nil {
+			var rss, cpu float64
+			for _, pid := range *pids {
+				ps, err := readStat(pid)
+				if err != nil || ps.State == 'Z' {
+					continue
+				}
+				rss += float64(ps.RSSPages) * page
+				cpu += float64(ps.UTime+ps.STime) / clockTicks
+			}
+			ch <- prometheus.MustNewConstMetric(c.rss, prometheus.GaugeValue, rss, name)
+			ch <- prometheus.MustNewConstMetric(c.cpu, prometheus.CounterValue, cpu, name)
+		}
+	}
+}
+
+func boolf(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,169 @@
+// Package web serves the supervisor's read-only HTTP endpoints on `listen`:
+// /metrics for Prometheus, /healthz and /readyz for probes of the daemon
+// itself, and /sd, Prometheus HTTP service discovery of the ready models.
+// Nothing here changes state, and no secret is ever on it.
+package web
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
+
+	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor"
+)
+
+// Supervisor is what the endpoints read.
+type Supervisor interface {
+	Status(names ...string) ([]supervisor.Status, error)
+	Alive(maxAge time.Duration) bool
+	Config() *config.Config
+}
+
+var _ Supervisor = (*supervisor.Supervisor)(nil)
+
+// maxScrapes bounds concurrent /metrics requests: a scrape reads /proc for
+// every model and the GPUs, and a stuck Prometheus must not multiply that.
+const maxScrapes = 4
+
+// aliveWithin is how recent the supervisor loop's heartbeat must be for
+// /healthz to answer 200.
+const aliveWithin = 5 * time.Second
+
+// Server serves the endpoints.
+type Server struct {
+	ln  net.Listener
+	srv *http.Server
+}
+
+// Listen binds addr. The registry is the daemon's own, never the default.
+func Listen(addr string, sup Supervisor, reg prometheus.Gatherer, log *zap.Logger) (*Server, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", addr, err)
+	}
+	return &Server{ln: ln, srv: &http.Server{
+		Handler:           Handler(sup, reg, log),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          zap.NewStdLog(log),
+	}}, nil
+}
+
+// Addr is the bound address (useful with port 0).
+func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// Run serves until ctx ends.
+func (s *Server) Run(ctx context.Context) error {
+	errc := make(chan error, 1)
+	go func() { errc <- s.srv.Serve(s.ln) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("http: %w", err)
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := s.srv.Shutdown(sctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// Handler routes the endpoints; only GET and HEAD are served.
+func Handler(sup Supervisor, reg prometheus.Gatherer, log *zap.Logger) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{
+		ErrorLog:            zap.NewStdLog(log),
+		MaxRequestsInFlight: maxScrapes,
+		Timeout:             30 * time.Second,
+	}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		if !sup.Alive(aliveWithin) {
+			http.Error(w, "supervisor loop not responding", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		st, _ := sup.Status()
+		h := supervisor.HealthOf(st)
+		code := http.StatusOK
+		if !h.Healthy {
+			code = http.StatusServiceUnavailable
+		}
+		type notReady struct {
+			Name   string           `json:"name"`
+			State  supervisor.State `json:"state"`
+			Reason string           `json:"reason"`
+		}
+		out := struct {
+			Ready    int        `json:"ready"`
+			Enabled  int        `json:"enabled"`
+			NotReady []notReady `json:"not_ready"`
+		}{Ready: h.Ready, Enabled: h.Enabled, NotReady: []notReady{}}
+		for _, m := range h.NotReady {
+			out.NotReady = append(out.NotReady, notReady{m.Name, m.State, m.Reason})
+		}
+		writeJSON(w, code, out)
+	})
+	mux.HandleFunc("GET /sd", func(w http.ResponseWriter, r *http.Request) {
+		st, _ := sup.Status()
+		writeJSON(w, http.StatusOK, targets(sup.Config(), st, r.Host))
+	})
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		fmt.Fprint(w, `<html><head><title>citadel-supervisor</title></head><body><h1>citadel-supervisor</h1>
+<p><a href="/metrics">/metrics</a> · <a href="/healthz">/healthz</a> · <a href="/readyz">/readyz</a> · <a href="/sd">/sd</a></p></body></html>`)
+	})
+	return mux
+}
+
+// targetGroup is one entry of Prometheus HTTP service discovery.
+type targetGroup struct {
+	Targets []string          `json:"targets"`
+	Labels  map[string]string `json:"labels"`
+}
+
+// targets lists ready models' vLLM endpoints. A model bound to a wildcard
+// address is announced under the host name the caller used to reach /sd,
+// which is how the fleet Prometheus can reach it too.
+func targets(cfg *config.Config, st []supervisor.Status, reqHost string) []targetGroup {
+	host, _, err := net.SplitHostPort(reqHost)
+	if err != nil {
+		host = reqHost
+	}
+	out := []targetGroup{}
+	for _, s := range st {
+		if s.State != supervisor.Ready {
+			continue
+		}
+		m, ok := cfg.Model(s.Name)
+		if !ok {
+			continue
+		}
+		h := m.Host
+		if h == "0.0.0.0" || h == "::" || h == "" {
+			h = host
+		}
+		out = append(out, targetGroup{
+			Targets: []string{net.JoinHostPort(h, strconv.Itoa(m.Port))},
+			Labels:  map[string]string{"model": s.Name, "served_name": m.ServedName},
+		})
+	}
+	return out
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(v) //nolint:errcheck // the client went away
+}
