@@ -175,7 +175,7 @@ func TestPendingOnStorageThenStarts(t *testing.T) {
 	h.start(Options{})
 	waitFor(t, 10*time.Second, "pending: storage", func() bool {
 		st := h.status("m")
-		return st.State == Pending && st.Reason == "storage: "+m.Path+": no such file or directory"
+		return st.State == Pending && st.PendingCause == CauseStorage && st.Reason == "storage: "+m.Path+": no such file or directory"
 	})
 	if err := os.Mkdir(m.Path, 0o755); err != nil {
 		t.Fatal(err)
@@ -195,7 +195,7 @@ func TestPendingOnForeignPort(t *testing.T) {
 	want := "port " + strconv.Itoa(m.Port) + " in use by pid " + strconv.Itoa(os.Getpid()) + " (" + self.Comm + ")"
 	waitFor(t, 10*time.Second, "pending: "+want, func() bool {
 		st := h.status("m")
-		return st.State == Pending && st.Reason == want
+		return st.State == Pending && st.PendingCause == CausePort && st.Reason == want
 	})
 	ln.Close()
 	h.waitState("m", Ready, 20*time.Second)

@@ -57,7 +57,7 @@ func (m *metrics) forget(model string) {
 type modelCollector struct {
 	s *Supervisor
 
-	up, state, restarts, lastExit, startTime, startup, rss, cpu, probeOK, reloadOK, reloadTime *prometheus.Desc
+	up, state, cause, restarts, lastExit, startTime, startup, rss, cpu, probeOK, reloadOK, reloadTime *prometheus.Desc
 }
 
 func newModelCollector(s *Supervisor) *modelCollector {
@@ -66,6 +66,7 @@ func newModelCollector(s *Supervisor) *modelCollector {
 		s:          s,
 		up:         prometheus.NewDesc("citadel_model_up", "1 when the model is ready (answering its health probe), else 0.", m, nil),
 		state:      prometheus.NewDesc("citadel_model_state", "1 for the model's current state, 0 for the others.", []string{"model", "state"}, nil),
+		cause:      prometheus.NewDesc("citadel_model_pending_cause", "For a pending model, 1 for what it waits for (gpu is normal when models outnumber memory; storage, port and env_files need an operator), 0 for the other causes.", []string{"model", "cause"}, nil),
 		restarts:   prometheus.NewDesc("citadel_model_restarts_total", "Restarts of the model, by reason (exit, probe, startup, manual, reload).", []string{"model", "reason"}, nil),
 		lastExit:   prometheus.NewDesc("citadel_model_last_exit_code", "Exit code of the model's last process (128+signal when killed).", m, nil),
 		startTime:  prometheus.NewDesc("citadel_model_start_time_seconds", "Unix time the model's current process was spawned.", m, nil),
@@ -79,7 +80,7 @@ func newModelCollector(s *Supervisor) *modelCollector {
 }
 
 func (c *modelCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.up, c.state, c.restarts, c.lastExit, c.startTime, c.startup, c.rss, c.cpu, c.probeOK, c.reloadOK, c.reloadTime} {
+	for _, d := range []*prometheus.Desc{c.up, c.state, c.cause, c.restarts, c.lastExit, c.startTime, c.startup, c.rss, c.cpu, c.probeOK, c.reloadOK, c.reloadTime} {
 		ch <- d
 	}
 }
@@ -97,6 +98,11 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, boolf(st.State == Ready), name)
 		for _, s := range States {
 			ch <- prometheus.MustNewConstMetric(c.state, prometheus.GaugeValue, boolf(st.State == s), name, string(s))
+		}
+		if st.State == Pending {
+			for _, cause := range PendingCauses {
+				ch <- prometheus.MustNewConstMetric(c.cause, prometheus.GaugeValue, boolf(st.PendingCause == cause), name, cause)
+			}
 		}
 		for _, reason := range RestartReasons {
 			ch <- prometheus.MustNewConstMetric(c.restarts, prometheus.CounterValue, float64(st.RestartsByReason[reason]), name, reason)

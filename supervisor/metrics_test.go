@@ -28,7 +28,7 @@ func TestModelCollectorGolden(t *testing.T) {
 		LastExitCode: &exit, ProbeSuccess: &ok,
 	})
 	pending := newRunner(config.Model{Name: "phi3", Enabled: true}, &deps{now: time.Now, log: zap.NewNop()})
-	pending.status.Store(&Status{Name: "phi3", State: Pending, Reason: "storage"})
+	pending.status.Store(&Status{Name: "phi3", State: Pending, Reason: "storage: /m: no such file or directory", PendingCause: CauseStorage})
 	runners := []*runner{ready, pending}
 	s.runners.Store(&runners)
 
@@ -42,6 +42,13 @@ citadel_config_last_reload_successful 0
 # HELP citadel_model_last_exit_code Exit code of the model's last process (128+signal when killed).
 # TYPE citadel_model_last_exit_code gauge
 citadel_model_last_exit_code{model="mixtral"} 137
+# HELP citadel_model_pending_cause For a pending model, 1 for what it waits for (gpu is normal when models outnumber memory; storage, port and env_files need an operator), 0 for the other causes.
+# TYPE citadel_model_pending_cause gauge
+citadel_model_pending_cause{cause="checking",model="phi3"} 0
+citadel_model_pending_cause{cause="env_files",model="phi3"} 0
+citadel_model_pending_cause{cause="gpu",model="phi3"} 0
+citadel_model_pending_cause{cause="port",model="phi3"} 0
+citadel_model_pending_cause{cause="storage",model="phi3"} 1
 # HELP citadel_model_restarts_total Restarts of the model, by reason (exit, probe, startup, manual, reload).
 # TYPE citadel_model_restarts_total counter
 citadel_model_restarts_total{model="mixtral",reason="exit"} 2

@@ -70,7 +70,7 @@ func TestPendingModelTakesTheGPUARemovedModelGaveBack(t *testing.T) {
 	big1 := h.waitState("big1", Ready, 30*time.Second)
 	waitFor(t, 10*time.Second, "waiter pending with the numbers", func() bool {
 		st := h.status("waiter")
-		return st.State == Pending && st.Reason == "needs 41.0 GiB on 1 GPU; free 8.0 GiB (GPU0), 8.0 GiB (GPU1)"
+		return st.State == Pending && st.PendingCause == CauseGPU && st.Reason == "needs 41.0 GiB on 1 GPU; free 8.0 GiB (GPU0), 8.0 GiB (GPU1)"
 	})
 	big1Procs := h.procs("big1")
 

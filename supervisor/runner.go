@@ -110,7 +110,8 @@ type loop struct {
 	probing    bool
 	probeRes   chan probeResult
 	probeFails int
-	probeOK    *bool // the last probe's result, nil before the first
+	probeOK    *bool  // the last probe's result, nil before the first
+	cause      string // why it is pending (Cause*)
 
 	stopDone  chan error
 	afterStop func() // what follows the stop in flight
@@ -179,6 +180,7 @@ func (l *loop) enter(s State, reason string) {
 }
 
 func (l *loop) enterPending(reason string) {
+	l.cause = CauseChecking
 	l.enter(Pending, reason)
 	l.tick = l.r.d.after(0)
 }
@@ -209,30 +211,31 @@ func (l *loop) onTick(ctx context.Context) {
 // fix them, and spawns the model or says what it waits for.
 func (l *loop) tryStart() {
 	m := l.cfg
-	wait := func(reason string) {
+	wait := func(cause, reason string) {
+		l.cause = cause
 		l.enter(Pending, reason)
 		l.tick = l.r.d.after(recheckInterval)
 	}
 	if _, err := os.Stat(m.Path); err != nil {
-		wait(fmt.Sprintf("storage: %s: %s", m.Path, errText(err)))
+		wait(CauseStorage, fmt.Sprintf("storage: %s: %s", m.Path, errText(err)))
 		return
 	}
 	secrets := map[string]string{}
 	for _, f := range m.EnvFiles {
 		vars, err := readEnvFile(f)
 		if err != nil {
-			wait(err.Error())
+			wait(CauseEnvFiles, err.Error())
 			return
 		}
 		maps.Copy(secrets, vars)
 	}
 	if err := checkPort(m.Host, m.Port); err != nil {
-		wait(err.Error())
+		wait(CausePort, err.Error())
 		return
 	}
 	gpus, err := l.r.d.alloc.Place(context.Background(), m)
 	if err != nil {
-		wait(err.Error())
+		wait(CauseGPU, err.Error())
 		return
 	}
 	inst, err := l.r.spawn(m, secrets, gpus)
@@ -531,6 +534,9 @@ func (l *loop) publish() {
 	}
 	if l.state == Failed {
 		s.LastOutput = l.lastOut
+	}
+	if l.state == Pending {
+		s.PendingCause = l.cause
 	}
 	if l.inst != nil && l.probeOK != nil {
 		ok := *l.probeOK

@@ -20,6 +20,20 @@ const (
 // States lists every state, in lifecycle order.
 var States = []State{Pending, Starting, Ready, Unhealthy, Stopping, Backoff, Failed, Stopped}
 
+// Pending causes, the values of citadel_model_pending_cause's cause label:
+// what a pending model waits for. Waiting for GPU memory is normal on a
+// host with more models than memory; the others need an operator.
+const (
+	CauseChecking = "checking" // about to check (just started, restarted, reset)
+	CauseStorage  = "storage"  // the model path does not exist
+	CauseEnvFiles = "env_files"
+	CausePort     = "port" // someone else listens on the model's port
+	CauseGPU      = "gpu"  // GPU memory, priority, a start or a release on its GPUs
+)
+
+// PendingCauses lists every cause.
+var PendingCauses = []string{CauseChecking, CauseStorage, CauseEnvFiles, CausePort, CauseGPU}
+
 // Restart reasons, the values of citadel_model_restarts_total's reason label.
 const (
 	ReasonExit    = "exit"
@@ -54,6 +68,7 @@ type Status struct {
 	StartupSeconds   float64        `json:"startup_duration_seconds,omitempty"` // StartupDuration, for JSON readers
 	RestartsByReason map[string]int `json:"restarts_by_reason,omitempty"`
 	ProbeSuccess     *bool          `json:"probe_success,omitempty"` // the last health probe's result
+	PendingCause     string         `json:"pending_cause,omitempty"` // what a pending model waits for (Cause*)
 	// LastOutput holds the model's last lines of output when it failed.
 	LastOutput []string `json:"last_output,omitempty"`
 }
