@@ -9,7 +9,7 @@ export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 DEMO_MODELS := mixtral-8x7b-instruct nous-hermes-2-mixtral openchat-3.5 phi-3-mini-128k \
                yi-34b-chat deepcoder-14b-instruct mimo-vl-7b-rl
 
-.PHONY: all build test vet demo clean
+.PHONY: all build test vet check-deploy demo clean
 
 all: build
 
@@ -24,8 +24,15 @@ vet:
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 
-test: vet
+test: vet check-deploy
 	$(GO) test -race -count=1 ./...
+
+# promtool checks the alerting rules and the dashboard's queries. CI installs
+# it (.ci/run); elsewhere its absence is said, not hidden.
+check-deploy:
+	@if command -v promtool >/dev/null; then deploy/check.sh; \
+	elif [ -n "$$CI" ]; then echo "CI: promtool missing; .ci/run installs it (apt-get install prometheus)"; exit 1; \
+	else echo "NOTE: promtool not installed: deploy/prometheus and deploy/grafana NOT checked (apt-get install prometheus)"; fi
 
 # The seven seed models on fake-vllm and two simulated GPUs. Ctrl-C stops
 # the daemon, which stops every model.
