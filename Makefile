@@ -9,7 +9,7 @@ export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 DEMO_MODELS := mixtral-8x7b-instruct nous-hermes-2-mixtral openchat-3.5 phi-3-mini-128k \
                yi-34b-chat deepcoder-14b-instruct mimo-vl-7b-rl
 
-.PHONY: all build test vet check-deploy demo clean
+.PHONY: all build test vet check-deploy e2e demo clean
 
 all: build
 
@@ -33,6 +33,11 @@ check-deploy:
 	@if command -v promtool >/dev/null; then deploy/check.sh; \
 	elif [ -n "$$CI" ]; then echo "CI: promtool missing; .ci/run installs it (apt-get install prometheus)"; exit 1; \
 	else echo "NOTE: promtool not installed: deploy/prometheus and deploy/grafana NOT checked (apt-get install prometheus)"; fi
+
+# End-to-end: a real Prometheus (Debian's package) scrapes a running daemon
+# and the models it discovers through /sd.
+e2e:
+	$(GO) test -tags e2e -count=1 -run E2E -v ./cmd/citadel-supervisor/
 
 # The seven seed models on fake-vllm and two simulated GPUs. Ctrl-C stops
 # the daemon, which stops every model.

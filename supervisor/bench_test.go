@@ -1,9 +1,21 @@
 package supervisor
 
 import (
+	"citadel-supervisor/config"
+	"citadel-supervisor/gpu"
+	"citadel-supervisor/probe"
+	"fmt"
+	"io"
+	"os"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/common/expfmt"
+	"go.uber.org/zap"
 )
 
 // BenchmarkKillRespawn measures kill -9 of a ready model → its replacement
@@ -33,4 +45,61 @@ func BenchmarkKillRespawn(b *testing.B) {
 	}
 	b.ReportMetric(float64(respawn.Microseconds())/float64(b.N)/1000, "ms-to-respawn")
 	b.ReportMetric(float64(ready.Microseconds())/float64(b.N)/1000, "ms-to-ready")
+}
+
+// BenchmarkScrape measures one /metrics exposition (gather and encode) with
+// 7 and 200 models, all ready, each with three live processes to read in
+// /proc, on two sim GPUs. The processes are this test's own PID: the cost
+// is the /proc reads and the encoding, not what the processes are.
+func BenchmarkScrape(b *testing.B) {
+	for _, n := range []int{7, 200} {
+		b.Run(fmt.Sprintf("models=%d", n), func(b *testing.B) {
+			var yaml strings.Builder
+			yaml.WriteString("listen: \"\"\ncontrol_socket: /tmp/bench.sock\ngpu:\n  backend: sim\n  sim:\n    devices:\n")
+			yaml.WriteString("      - {uuid: GPU-a, memory: 80GiB}\n      - {uuid: GPU-b, memory: 80GiB}\nmodels:\n")
+			for i := range n {
+				fmt.Fprintf(&yaml, "  m%03d: {model: /m, port: %d, vllm_port: %d, gpu_memory_utilization: 0.004}\n", i, 20000+i, 30000+16*i)
+			}
+			cfg, err := config.Parse([]byte(yaml.String()), nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			reg := prometheus.NewRegistry()
+			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+			s, err := New(cfg, Options{Logger: zap.NewNop(), Prober: probe.NewHTTP(), Registerer: reg})
+			if err != nil {
+				b.Fatal(err)
+			}
+			var runners []*runner
+			var uses []gpu.SimUse
+			self := os.Getpid()
+			for i, m := range cfg.Models {
+				r := newRunner(m, s.d)
+				ok := true
+				r.status.Store(&Status{Name: m.Name, State: Ready, PID: self, StartedAt: time.Now(), StartupDuration: time.Minute,
+					RestartsByReason: map[string]int{"exit": 1}, ProbeSuccess: &ok})
+				pids := []int{self, self, self}
+				r.pids.Store(&pids)
+				runners = append(runners, r)
+				s.d.metrics.observe(m.Name, time.Millisecond, nil)
+				uses = append(uses, gpu.SimUse{PID: self, UUIDs: []string{[]string{"GPU-a", "GPU-b"}[i%2]}, Bytes: 1 << 28})
+			}
+			s.runners.Store(&runners)
+			s.d.alloc.simUses.Store(&uses)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for range b.N {
+				mfs, err := reg.Gather()
+				if err != nil {
+					b.Fatal(err)
+				}
+				enc := expfmt.NewEncoder(io.Discard, expfmt.NewFormat(expfmt.TypeTextPlain))
+				for _, mf := range mfs {
+					if err := enc.Encode(mf); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+		})
+	}
 }
