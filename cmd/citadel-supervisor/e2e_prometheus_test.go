@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -106,6 +107,13 @@ scrape_configs:
 	})
 	if r := query(`citadel_gpu_up`); len(r) != 1 {
 		t.Errorf("citadel_gpu_up: %v", r)
+	}
+	// The exposition passes Prometheus' own linter.
+	body, _ := scrape(t, "http://127.0.0.1:"+strconv.Itoa(port)+"/metrics")
+	lint := exec.Command("promtool", "check", "metrics")
+	lint.Stdin = strings.NewReader(body)
+	if out, err := lint.CombinedOutput(); err != nil {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
 	d.cmd.Process.Signal(os.Interrupt) //nolint:errcheck // checked by wait
 	if code := d.wait(t); code != 0 {
