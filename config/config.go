@@ -99,6 +99,10 @@ type Probe struct {
 	Timeout          time.Duration `koanf:"timeout"`
 	FailureThreshold int           `koanf:"failure_threshold"`
 	StartupTimeout   time.Duration `koanf:"startup_timeout"`
+	// DeepPeriod enables the deep probe: a one-token completion this often,
+	// skipped when the model finished requests since the last one. 0 = off.
+	DeepPeriod  time.Duration `koanf:"deep_period"`
+	DeepTimeout time.Duration `koanf:"deep_timeout"`
 }
 
 // GPURef pins a model to a GPU by index ("0") or by UUID ("GPU-…").
@@ -163,6 +167,8 @@ func builtinModel() map[string]any {
 			"timeout":           "5s",
 			"failure_threshold": 3,
 			"startup_timeout":   "20m",
+			"deep_period":       "0s",
+			"deep_timeout":      "30s",
 		},
 		"tensor_parallel":        1,
 		"gpu_memory_utilization": 0.9,

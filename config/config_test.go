@@ -36,7 +36,7 @@ func TestLoadGood(t *testing.T) {
 		{"defaults restart.delay", mixtral.Restart.Delay, 5 * time.Second},
 		{"builtin restart.burst", mixtral.Restart.Burst, 5},
 		{"model restart.burst keeps defaults delay", phi3.Restart, Restart{Delay: 5 * time.Second, MaxDelay: 5 * time.Minute, ResetAfter: 10 * time.Minute, Burst: 3, Interval: 30 * time.Minute, RetryFailedAfter: time.Hour}},
-		{"probe override keeps other probe keys", phi3.Probe, Probe{Path: "/health", Period: 5 * time.Second, Timeout: 5 * time.Second, FailureThreshold: 3, StartupTimeout: 20 * time.Minute}},
+		{"probe override keeps other probe keys", phi3.Probe, Probe{Path: "/health", Period: 5 * time.Second, Timeout: 5 * time.Second, FailureThreshold: 3, StartupTimeout: 20 * time.Minute, DeepTimeout: 30 * time.Second}},
 		{"int pin", phi3.GPUs, []GPURef{"1"}},
 		{"unquoted scalars in args", coder.Args, []string{"--max-num-seqs", "256", "--enforce-eager", "true", "--swap-space", "0.5"}},
 		{"unquoted scalar env value", coder.Env["OMP_NUM_THREADS"], "8"},

@@ -216,6 +216,12 @@ func validateProbe(key string, p Probe, add func(key, format string, args ...any
 	if p.StartupTimeout <= 0 {
 		add(key+".startup_timeout", "must be positive")
 	}
+	if p.DeepPeriod < 0 {
+		add(key+".deep_period", "must not be negative (0 = off)")
+	}
+	if p.DeepTimeout <= 0 {
+		add(key+".deep_timeout", "must be positive")
+	}
 }
 
 func (c *Config) validatePins(key string, m Model, add func(key, format string, args ...any)) {

@@ -43,24 +43,30 @@ func NewHTTP() *HTTP {
 
 // Probe GETs target and returns nil for a 2xx answer before ctx ends.
 func (h *HTTP) Probe(ctx context.Context, target string) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, target, nil)
+	_, err := h.get(ctx, target, 64*1024)
+	return err
+}
+
+// get GETs url and returns its body (at most limit bytes) for a 2xx answer.
+func (h *HTTP) get(ctx context.Context, url string, limit int64) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	resp, err := h.client.Do(req)
 	if err != nil {
 		if errors.Is(err, syscall.ECONNREFUSED) {
-			return ErrRefused
+			return nil, ErrRefused
 		}
 		if ctx.Err() != nil {
-			return fmt.Errorf("no answer within the probe timeout")
+			return nil, fmt.Errorf("no answer within the probe timeout")
 		}
-		return err
+		return nil, err
 	}
 	defer resp.Body.Close()
-	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64*1024))
+	body, err := io.ReadAll(io.LimitReader(resp.Body, limit))
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		return &StatusError{Code: resp.StatusCode}
+		return nil, &StatusError{Code: resp.StatusCode}
 	}
-	return nil
+	return body, err
 }

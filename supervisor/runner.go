@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/probe"
 )
 
 // recheckInterval is how often a pending model re-checks what it waits for.
@@ -54,6 +55,7 @@ type instance struct {
 	tree    *tree
 	started time.Time
 	gpus    []string
+	deep    *probe.Deep   // the deep probe's schedule, owned by the probe in flight
 	done    chan struct{} // closed once the main process is reaped
 	exit    exitInfo      // valid after done is closed
 }
@@ -199,10 +201,20 @@ func (l *loop) onTick(ctx context.Context) {
 	case Starting, Ready, Unhealthy:
 		l.inst.tree.refresh()
 		l.r.publishPIDs(l.inst.tree)
+		if l.state != Starting {
+			// Liveness runs on a fixed period from each probe's start, so a
+			// hang is seen within period × failure_threshold + timeout; a
+			// probe still in flight makes the tick pass (no pile-up).
+			l.tick = l.r.d.after(l.cfg.Probe.Period)
+		}
 		if !l.probing {
 			l.probing = true
 			// The probe goroutine gets copies: l is the runner's alone.
-			go l.probe(ctx, l.inst, probeURL(l.cfg), l.cfg.Probe.Timeout)
+			go l.probe(ctx, probeJob{
+				inst: l.inst, health: probeURL(l.cfg), base: baseURL(l.cfg), served: l.cfg.ServedName,
+				timeout: l.cfg.Probe.Timeout, deepPeriod: l.cfg.Probe.DeepPeriod, deepTimeout: l.cfg.Probe.DeepTimeout,
+				live: l.state != Starting,
+			})
 		}
 	}
 }
@@ -257,12 +269,38 @@ func (l *loop) tryStart() {
 	l.tick = l.r.d.after(min(m.Probe.Period, maxStartupPoll))
 }
 
-func (l *loop) probe(ctx context.Context, inst *instance, url string, timeout time.Duration) {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
+// probeJob is one check of a model, with copies of everything it needs:
+// the loop's state is the runner goroutine's alone.
+type probeJob struct {
+	inst                    *instance
+	health, base, served    string
+	timeout                 time.Duration
+	deepPeriod, deepTimeout time.Duration
+	live                    bool // the model was ready: the deep probe may run
+}
+
+// probe checks, in order: /health answers 2xx; /v1/models lists the
+// model's served name (vLLM binds with SO_REUSEPORT, so another server can
+// share the port unnoticed); and, when enabled and due, a one-token
+// completion (a hung engine still answers /health).
+func (l *loop) probe(ctx context.Context, j probeJob) {
+	hctx, cancel := context.WithTimeout(ctx, j.timeout)
 	start := l.r.d.now()
-	err := l.r.d.prober.Probe(ctx, url)
-	l.probeRes <- probeResult{inst: inst, err: err, took: l.r.d.now().Sub(start)}
+	err := l.r.d.prober.Probe(hctx, j.health)
+	took := l.r.d.now().Sub(start)
+	if err == nil {
+		err = l.r.d.prober.Identity(hctx, j.base, j.served)
+	}
+	cancel()
+	// One probe is in flight per runner, so this goroutine owns the deep
+	// probe's state now.
+	j.inst.deep.Period = j.deepPeriod
+	if err == nil && j.live && j.inst.deep.Due() {
+		dctx, cancel := context.WithTimeout(ctx, j.deepTimeout)
+		_, err = j.inst.deep.Check(dctx, l.r.d.prober, j.base, j.served)
+		cancel()
+	}
+	l.probeRes <- probeResult{inst: j.inst, err: err, took: took}
 }
 
 func (l *loop) onProbe(res probeResult) {
@@ -273,6 +311,13 @@ func (l *loop) onProbe(res probeResult) {
 	switch l.state {
 	case Starting:
 		if err != nil {
+			// Refused (not bound yet) or slow: still loading. Say so only
+			// when it is something else, such as a foreign server.
+			reason := "loading"
+			if _, foreign := err.(*probe.IdentityError); foreign {
+				reason = "loading; " + err.Error()
+			}
+			l.enter(Starting, reason)
 			l.tick = l.r.d.after(min(period, maxStartupPoll))
 			return
 		}
@@ -281,12 +326,19 @@ func (l *loop) onProbe(res probeResult) {
 		l.deadline = nil
 		l.r.d.alloc.Ready(l.cfg.Name)
 		l.enter(Ready, "")
+		l.tick = l.r.d.after(period)
 	case Ready, Unhealthy:
 		l.r.d.metrics.observe(l.cfg.Name, res.took, err)
-		if err == nil {
+		switch {
+		case err == nil:
 			l.probeFails = 0
 			l.enter(Ready, "")
-		} else {
+		case probe.Fatal(err):
+			// vLLM answers /health with 5xx once its engine died; it does
+			// not recover, so waiting for the threshold only adds downtime.
+			l.restart(ReasonProbe, "engine dead: /health answered "+err.Error())
+			return
+		default:
 			l.probeFails++
 			reason := fmt.Sprintf("probe failed %d/%d: %s", l.probeFails, l.cfg.Probe.FailureThreshold, errText(err))
 			if l.probeFails >= l.cfg.Probe.FailureThreshold {
@@ -295,10 +347,7 @@ func (l *loop) onProbe(res probeResult) {
 			}
 			l.enter(Unhealthy, reason)
 		}
-	default:
-		return
 	}
-	l.tick = l.r.d.after(period)
 }
 
 // onExit handles the main process exiting on its own.
@@ -545,9 +594,9 @@ func (l *loop) publish() {
 	l.r.status.Store(s)
 }
 
-// probeURL is where the model answers its health probe. A model bound to a
-// wildcard address is probed on loopback.
-func probeURL(m config.Model) string {
+// baseURL is where the model serves. A model bound to a wildcard address is
+// probed on loopback.
+func baseURL(m config.Model) string {
 	host := m.Host
 	switch host {
 	case "0.0.0.0", "":
@@ -555,8 +604,11 @@ func probeURL(m config.Model) string {
 	case "::", "[::]":
 		host = "::1"
 	}
-	return "http://" + net.JoinHostPort(host, strconv.Itoa(m.Port)) + m.Probe.Path
+	return "http://" + net.JoinHostPort(host, strconv.Itoa(m.Port))
 }
+
+// probeURL is the model's health probe.
+func probeURL(m config.Model) string { return baseURL(m) + m.Probe.Path }
 
 // errText is an error's message without Go's "open "/"stat " prefixes for
 // path errors, which read oddly in a status line.

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/probe"
 )
 
 // spawn starts one instance of m in a new process group, with its output
@@ -55,6 +56,7 @@ func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string)
 		tree:    newTree(marker, cmd.Process.Pid),
 		started: r.d.now(),
 		gpus:    gpus,
+		deep:    &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},
 		done:    make(chan struct{}),
 	}
 	r.log.Info("spawned", zap.Int("pid", inst.pid), zap.Strings("argv", args), zap.Strings("gpus", gpus))

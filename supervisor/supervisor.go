@@ -26,13 +26,20 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
+	"citadel-supervisor/probe"
 )
 
 // Prober answers whether a model is healthy. The probe package implements it.
 type Prober interface {
 	// Probe returns nil when target answered healthy before ctx ended.
 	Probe(ctx context.Context, target string) error
+	// Identity returns nil when base serves the model named served.
+	Identity(ctx context.Context, base, served string) error
+	// Traffic and Complete serve the deep probe.
+	probe.Client
 }
+
+var _ Prober = (*probe.HTTP)(nil)
 
 // OutputFunc receives each line a model writes. The default logs it through
 // the model's logger; under journald it goes to the journal with the

@@ -4,7 +4,8 @@
 // /v1/completions and /metrics once "loaded".
 //
 // Flags starting with --fake- make it misbehave the ways a real vLLM does:
-// load slowly, crash, hang, return 503, ignore SIGTERM, exit at start, fork
+// load slowly, crash, hang (all of it, or only the engine while /health
+// still answers), return 503, ignore SIGTERM, exit at start, fork
 // workers (also ones that leave the process group, as vLLM's EngineCore does
 // with setpgrp), or write a lot of output.
 package fakevllm
@@ -37,6 +38,7 @@ type options struct {
 	exitCode        int
 	crashAfter      time.Duration
 	hangAfter       time.Duration
+	engineHangAfter time.Duration
 	unhealthyAfter  time.Duration
 	ignoreSIGTERM   bool
 	stopDelay       time.Duration
@@ -125,6 +127,8 @@ func parse(args []string) (*options, error) {
 			o.crashAfter, err = time.ParseDuration(next())
 		case "--fake-hang-after":
 			o.hangAfter, err = time.ParseDuration(next())
+		case "--fake-engine-hang-after":
+			o.engineHangAfter, err = time.ParseDuration(next())
 		case "--fake-unhealthy-after":
 			o.unhealthyAfter, err = time.ParseDuration(next())
 		case "--fake-ignore-sigterm":
@@ -340,7 +344,8 @@ func newHandler(o *options, start time.Time) http.Handler {
 		})
 	})
 	mux.HandleFunc("/v1/completions", func(w http.ResponseWriter, r *http.Request) {
-		if hung() {
+		// A wedged engine: /health still says 200, completions never come.
+		if hung() || (o.engineHangAfter > 0 && time.Since(start) > o.engineHangAfter) {
 			<-r.Context().Done()
 			return
 		}
