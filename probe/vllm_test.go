@@ -89,7 +89,9 @@ type fakeClient struct {
 	completeErr error
 }
 
-func (f *fakeClient) Traffic(context.Context, string) (float64, error) { return f.traffic, f.trafficErr }
+func (f *fakeClient) Traffic(context.Context, string) (float64, error) {
+	return f.traffic, f.trafficErr
+}
 func (f *fakeClient) Complete(context.Context, string, string) error {
 	f.completions++
 	if f.completeErr == nil {

@@ -405,6 +405,15 @@ gpu:
 	if got := value(fams["citadel_model_last_exit_code"], "model=b"); got != 137 {
 		t.Errorf("b's last exit code = %v", got)
 	}
+	// The daemon sees b ready at its next probe, a moment after we did.
+	waitFor(t, 10*time.Second, "/readyz 200", func() bool {
+		resp, err := http.Get(base + "/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
 	for _, path := range []string{"/healthz", "/readyz", "/sd"} {
 		resp, err := http.Get(base + path)
 		if err != nil {
