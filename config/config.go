@@ -33,6 +33,11 @@ type Config struct {
 type Log struct {
 	Level  string `koanf:"level"`  // debug | info | warn | error
 	Format string `koanf:"format"` // json | console
+	// ModelDir, when set, keeps each model's output in <dir>/<model>.log,
+	// rotated at ModelMaxSize with ModelKeep old files.
+	ModelDir     string   `koanf:"model_dir"`
+	ModelMaxSize ByteSize `koanf:"model_max_size"`
+	ModelKeep    int      `koanf:"model_keep"`
 }
 
 // GPU configures the GPU backend and placement.

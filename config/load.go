@@ -26,7 +26,7 @@ const EnvPrefix = "CITADEL_"
 // deliberately absent: a model's settings live in the file, where a reload
 // sees them, not in the daemon's environment, which a reload cannot change.
 var envKeys = []string{
-	"listen", "control_socket", "control_socket_group", "log.level", "log.format",
+	"listen", "control_socket", "control_socket_group", "log.level", "log.format", "log.model_dir",
 	"gpu.backend", "gpu.headroom", "gpu.release_timeout", "gpu.sim.state_file",
 }
 

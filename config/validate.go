@@ -62,6 +62,12 @@ func (c *Config) Validate() error {
 	if !slices.Contains([]string{"json", "console"}, c.Log.Format) {
 		add("log.format", "%q: use json or console", c.Log.Format)
 	}
+	if c.Log.ModelDir != "" && c.Log.ModelMaxSize < MiB {
+		add("log.model_max_size", "must be at least 1MiB")
+	}
+	if c.Log.ModelKeep < 0 {
+		add("log.model_keep", "must not be negative")
+	}
 	c.validateGPU(add)
 
 	ports := map[int]string{}    // API port → model

@@ -1,6 +1,9 @@
 package supervisor
 
-import "time"
+import (
+	"fmt"
+	"time"
+)
 
 // State is a model's lifecycle state (SPEC §3).
 type State string
@@ -96,5 +99,21 @@ func HealthOf(st []Status) Health {
 		}
 	}
 	out.Healthy = out.Ready == out.Enabled
+	return out
+}
+
+// Summary is the one-line status systemd shows: "5/7 ready, 1 pending,
+// 1 failed" (states other than ready in lifecycle order, only if any).
+func Summary(st []Status) string {
+	counts := map[State]int{}
+	for _, s := range st {
+		counts[s.State]++
+	}
+	out := fmt.Sprintf("%d/%d ready", counts[Ready], len(st))
+	for _, s := range States {
+		if s != Ready && counts[s] > 0 {
+			out += fmt.Sprintf(", %d %s", counts[s], s)
+		}
+	}
 	return out
 }

@@ -14,6 +14,7 @@ import (
 	"runtime"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -25,6 +26,7 @@ import (
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control"
+	"citadel-supervisor/supervisor/systemd"
 	"citadel-supervisor/supervisor/web"
 )
 
@@ -81,7 +83,18 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		buildInfo(),
 	)
 	nv, noGPUs, gpuStatus := openGPUs(cfg, log)
+	notify := systemd.NewNotifier(log)
+	var output supervisor.OutputFunc
+	if systemd.UnderJournald() {
+		// Each model's lines go to the journal as citadel-<model>.
+		output = systemd.JournalOutput(log)
+		log.Info("model output goes to the journal as citadel-<model>")
+	}
+	if cfg.Log.ModelDir != "" {
+		output = systemd.FileOutput(cfg.Log, output)
+	}
 	opts := supervisor.Options{
+		Output:     output,
 		Logger:     log,
 		Prober:     probe.NewHTTP(),
 		Reaper:     reaper,
@@ -100,6 +113,8 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	reload := func(ctx context.Context) ([]config.Change, error) {
+		notify.Reloading()
+		defer notify.Ready()
 		return sup.ReloadFile(ctx, *path, environ)
 	}
 
@@ -137,7 +152,23 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 			return err
 		}
 		log.Info("control socket listening", zap.String("path", cfg.ControlSocket))
+		// Configuration, GPU backend and both listeners are up: ready,
+		// without waiting for models (they report on their own).
+		notify.Ready()
+		g.Go(func() error {
+			return notify.StatusUpdates(gctx, 2*time.Second, func() string {
+				st, _ := sup.Status()
+				return supervisor.Summary(st)
+			})
+		})
 		return srv.Run(gctx)
+	})
+	g.Go(func() error { return notify.Watchdog(gctx, sup.Alive) })
+	g.Go(func() error {
+		<-gctx.Done()
+		notify.Stopping()
+		notify.Status("stopping every model")
+		return nil
 	})
 	if nv != nil {
 		g.Go(func() error { return nv.WatchXids(gctx) })

@@ -8,6 +8,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -476,4 +477,93 @@ next:
 		}
 	}
 	return -1
+}
+
+// TestSystemdNotifySequence runs the daemon as systemd would, with a real
+// notify socket: READY=1 once the control socket answers (not waiting for
+// models), STATUS= kept current, RELOADING=1 + MONOTONIC_USEC then READY=1
+// around a reload, STOPPING=1 at SIGTERM. NOTIFY_SOCKET must not reach a
+// model.
+func TestSystemdNotifySequence(t *testing.T) {
+	sockPath := filepath.Join(t.TempDir(), "notify.sock")
+	ns, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sockPath, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	msgs := make(chan string, 100)
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := ns.Read(buf)
+			if err != nil {
+				close(msgs)
+				return
+			}
+			msgs <- string(buf[:n])
+		}
+	}()
+	next := func(what string, ok func(string) bool) string {
+		t.Helper()
+		deadline := time.After(30 * time.Second)
+		for {
+			select {
+			case m := <-msgs:
+				if ok(m) {
+					return m
+				}
+			case <-deadline:
+				t.Fatalf("no %s from the daemon", what)
+				return ""
+			}
+		}
+	}
+
+	envDump := filepath.Join(t.TempDir(), "env.json")
+	s := newSite(t, testModel{Name: "a", Fake: []string{"--fake-load-time", "500ms", "--fake-env-file", envDump}})
+	cmd := exec.Command(os.Args[0], "--config", s.Path)
+	cmd.Env = append(os.Environ(), roleEnv+"=1", "NOTIFY_SOCKET="+sockPath, "WATCHDOG_USEC=2000000", "WATCHDOG_PID=")
+	d := &daemon{cmd: cmd, log: &syncBuffer{}, done: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = d.log, d.log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { cmd.Wait(); close(d.done) }() //nolint:errcheck // ProcessState says
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill() //nolint:errcheck // best effort
+			<-d.done
+		}
+		if t.Failed() {
+			t.Logf("daemon output:\n%s", d.log.String())
+		}
+	})
+
+	next("READY=1", func(m string) bool { return m == "READY=1" })
+	if _, err := os.Stat(s.Socket); err != nil {
+		t.Errorf("READY=1 before the control socket exists: %v", err)
+	}
+	if s.healthy() {
+		t.Error("READY=1 waited for the model (it must not)")
+	}
+	next("STATUS= with the model ready", func(m string) bool { return m == "STATUS=1/1 ready" })
+
+	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // checked below
+	next("RELOADING=1", func(m string) bool { return strings.HasPrefix(m, "RELOADING=1\nMONOTONIC_USEC=") })
+	next("READY=1 after the reload", func(m string) bool { return m == "READY=1" })
+
+	d.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // checked below
+	next("STOPPING=1", func(m string) bool { return m == "STOPPING=1" })
+	if code := d.wait(t); code != 0 {
+		t.Errorf("exit %d", code)
+	}
+	b, err := os.ReadFile(envDump)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []string{"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} {
+		if strings.Contains(string(b), `"`+v+`"`) {
+			t.Errorf("%s leaked into the model's environment", v)
+		}
+	}
 }
