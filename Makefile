@@ -9,7 +9,11 @@ export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 DEMO_MODELS := mixtral-8x7b-instruct nous-hermes-2-mixtral openchat-3.5 phi-3-mini-128k \
                yi-34b-chat deepcoder-14b-instruct mimo-vl-7b-rl
 
-.PHONY: all build test vet check-deploy e2e demo clean
+.PHONY: all build test vet check-deploy e2e e2e-systemd install package demo clean
+
+PREFIX    ?= /usr
+NFPM      := go run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.44.0
+ARCH      ?= $(shell $(GO) env GOARCH)
 
 all: build
 
@@ -45,5 +49,33 @@ demo: build
 	@mkdir -p $(addprefix .demo/models/,$(DEMO_MODELS)) .demo/run .demo/cache
 	./bin/citadel-supervisor --config deploy/demo.yaml
 
+# Everything the package holds, under DESTDIR (empty: this machine).
+install: build completions
+	install -D -m 0755 bin/citadel-supervisor $(DESTDIR)$(PREFIX)/bin/citadel-supervisor
+	install -D -m 0755 bin/citadelctl $(DESTDIR)$(PREFIX)/bin/citadelctl
+	install -D -m 0644 deploy/citadel-supervisor.service $(DESTDIR)/lib/systemd/system/citadel-supervisor.service
+	install -D -m 0644 deploy/citadel.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/citadel.conf
+	install -D -m 0644 deploy/citadel.tmpfiles $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/citadel.conf
+	install -D -m 0644 build/citadelctl.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/citadelctl
+	install -D -m 0644 build/citadelctl.zsh $(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_citadelctl
+	install -d $(DESTDIR)$(PREFIX)/share/doc/citadel-supervisor
+	cp -r docs/. deploy/prometheus deploy/grafana deploy/secrets.env.example $(DESTDIR)$(PREFIX)/share/doc/citadel-supervisor/
+	@if [ ! -e $(DESTDIR)/etc/citadel/supervisor.yaml ]; then \
+		install -D -m 0640 deploy/citadel.yaml $(DESTDIR)/etc/citadel/supervisor.yaml; fi
+	@if [ ! -e $(DESTDIR)/etc/default/citadel-supervisor ]; then \
+		install -D -m 0644 deploy/citadel-supervisor.default $(DESTDIR)/etc/default/citadel-supervisor; fi
+
+completions: build
+	@mkdir -p build
+	bin/citadelctl completion bash > build/citadelctl.bash
+	bin/citadelctl completion zsh > build/citadelctl.zsh
+
+# The Debian package, built with nfpm (Go-native; fetched through the Go
+# module proxy).
+package: build completions
+	@mkdir -p dist
+	VERSION=$(shell echo $(VERSION) | sed 's/^v//; s/^\([0-9a-f]\{7\}\)/0.0.0+\1/') ARCH=$(ARCH) \
+		$(NFPM) package --config deploy/nfpm.yaml --packager deb --target dist/
+
 clean:
-	rm -rf bin .demo
+	rm -rf bin build dist .demo
