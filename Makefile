@@ -38,10 +38,17 @@ check-deploy:
 	elif [ -n "$$CI" ]; then echo "CI: promtool missing; .ci/run installs it (apt-get install prometheus)"; exit 1; \
 	else echo "NOTE: promtool not installed: deploy/prometheus and deploy/grafana NOT checked (apt-get install prometheus)"; fi
 
-# End-to-end: a real Prometheus (Debian's package) scrapes a running daemon
-# and the models it discovers through /sd.
-e2e:
+# End-to-end, as root: a real Prometheus (Debian's package) scrapes a
+# running daemon and the models it discovers through /sd; then the Debian
+# package is installed in a Debian booted with systemd under systemd-nspawn
+# (root filesystem cached in /var/cache/citadel-e2e) and driven with
+# systemctl: start, journal, reload, watchdog, stop.
+e2e: package
 	$(GO) test -tags e2e -count=1 -run E2E -v ./cmd/citadel-supervisor/
+	deploy/e2e/run.sh
+
+e2e-systemd: package
+	deploy/e2e/run.sh
 
 # The seven seed models on fake-vllm and two simulated GPUs. Ctrl-C stops
 # the daemon, which stops every model.

@@ -5,6 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# The unit, where systemd-analyze is there (the binary it names need not be
+# installed here; the end-to-end test verifies the installed unit too).
+if command -v systemd-analyze >/dev/null; then
+	out=$(systemd-analyze verify ./citadel-supervisor.service 2>&1 | grep -v 'citadel-supervisor is not executable' || true)
+	if [ -n "$out" ]; then echo "$out"; exit 1; fi
+	echo "citadel-supervisor.service: systemd-analyze verify clean"
+fi
+
 promtool check rules prometheus/citadel-rules.yml
 promtool test rules prometheus/citadel-rules_test.yml
 

@@ -1,0 +1,73 @@
+#!/bin/bash
+# Runs inside the booted container (as citadel-e2e.service). Writes PASS /
+# FAIL lines and a RESULT line to /e2e/log, then the unit powers off.
+exec >/e2e/log 2>&1
+set -u
+pass=0 fail=0
+ok() { echo "PASS: $*"; pass=$((pass + 1)); }
+bad() { echo "FAIL: $*"; fail=$((fail + 1)); }
+check() { local d=$1; shift; if "$@"; then ok "$d"; else bad "$d"; fi; }
+# waitfor SECONDS COMMAND...: poll with a deadline.
+waitfor() { local n=$(($1 * 10)); shift; while ((n-- > 0)); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done; return 1; }
+pidof_model() { citadelctl status "$1" | awk -v m="$1" '$1 == m && $2 == "ready" {print $3}'; }
+
+dpkg -i /root/citadel.deb >/dev/null || bad "dpkg -i citadel.deb"
+check "systemd-analyze verify: unit is clean" test -z "$(systemd-analyze verify /lib/systemd/system/citadel-supervisor.service 2>&1)"
+check "the package enabled the unit" systemctl is-enabled --quiet citadel-supervisor
+
+install -d -o citadel -g citadel /opt/citadel/models/alpha /opt/citadel/models/beta
+cat >/etc/citadel/supervisor.yaml <<'YAML'
+listen: 127.0.0.1:9400
+gpu:
+  backend: sim
+  sim:
+    devices:
+      - {uuid: GPU-00000000-0000-0000-0000-000000000000, name: Sim H100, memory: 80GiB}
+defaults:
+  command: [/usr/local/bin/fake-vllm]
+  args: [--fake-load-time, 1s]
+  stop_timeout: 5s
+  restart: {delay: 1s}
+  probe: {period: 1s, timeout: 1s}
+models:
+  alpha: {model: /opt/citadel/models/alpha, port: 11400, gpu_memory_utilization: 0.3}
+  beta:  {model: /opt/citadel/models/beta, port: 11401, gpu_memory_utilization: 0.3, env: {X: "1"}}
+YAML
+mkdir -p /etc/systemd/system/citadel-supervisor.service.d
+printf '[Service]\nWatchdogSec=4s\n' >/etc/systemd/system/citadel-supervisor.service.d/e2e.conf
+systemctl daemon-reload
+
+# Type=notify: start returns once the daemon sent READY=1.
+check "systemctl start reaches active" systemctl start citadel-supervisor
+check "active" systemctl is-active --quiet citadel-supervisor
+check "models come up (citadelctl health)" waitfor 60 citadelctl health
+check "STATUS= reaches systemd" waitfor 10 sh -c 'systemctl show -p StatusText --value citadel-supervisor | grep -qx "2/2 ready"'
+check "journalctl -t citadel-alpha shows the model's output" \
+	waitfor 10 sh -c 'journalctl -t citadel-alpha --no-pager | grep -q "Starting vLLM API server"'
+check "the daemon's own log stays under its unit" \
+	sh -c 'journalctl -u citadel-supervisor --no-pager | grep -q "supervisor running"'
+check "the model runs as citadel, not root" sh -c "ps -o user= -p $(pidof_model alpha) | grep -qx citadel"
+
+# Reload with one model changed: only that model restarts.
+a1=$(pidof_model alpha) b1=$(pidof_model beta)
+sed -i 's/X: "1"/X: "2"/' /etc/citadel/supervisor.yaml
+check "systemctl reload succeeds" systemctl reload citadel-supervisor
+check "reload restarted beta" waitfor 30 sh -c "p=\$(citadelctl status beta | awk '\$1==\"beta\" && \$2==\"ready\" {print \$3}'); [ -n \"\$p\" ] && [ \"\$p\" != $b1 ]"
+check "reload left alpha alone (same pid)" test "$(pidof_model alpha)" = "$a1"
+
+# A wedged daemon: no watchdog pings, systemd kills and restarts it.
+main=$(systemctl show -p MainPID --value citadel-supervisor)
+kill -STOP "$main"
+check "the watchdog restarts a wedged daemon" \
+	waitfor 60 sh -c "[ \$(systemctl show -p NRestarts --value citadel-supervisor) -ge 1 ] && systemctl is-active --quiet citadel-supervisor"
+check "the journal says why" sh -c 'journalctl -u citadel-supervisor --no-pager | grep -qi "watchdog timeout"'
+check "models come back after the watchdog restart" waitfor 60 citadelctl health
+check "one copy of each model" test "$(pgrep -c -u citadel -f -- '--served-model-name alpha')" = 1
+
+# Stop: nothing of any model survives.
+check "systemctl stop" systemctl stop citadel-supervisor
+check "no process of the citadel user is left" sh -c '! pgrep -u citadel >/dev/null'
+
+security=$(systemd-analyze security citadel-supervisor --no-pager 2>&1 | tail -1)
+echo "INFO: systemd-analyze security: $security"
+echo "RESULT fail=$fail pass=$pass"
