@@ -1,7 +1,11 @@
 package supervisor
 
 import (
+	"citadel-supervisor/config"
 	"context"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -72,5 +76,97 @@ func TestApply(t *testing.T) {
 	}
 	if h.sup.Config() != &next {
 		t.Error("new configuration not in force")
+	}
+}
+
+// TestReloadRestartsOnRotatedSecret: the configuration is the same, the
+// contents of an env file changed; only the model using it restarts.
+func TestReloadRestartsOnRotatedSecret(t *testing.T) {
+	h := newHarness(t, modelSpec{Name: "uses"}, modelSpec{Name: "other"})
+	secrets := filepath.Join(h.dir, "secrets.env")
+	if err := os.WriteFile(secrets, []byte("HF_TOKEN=old\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h.cfg.Models[1].EnvFiles = []string{secrets} // sorted: other, uses
+	h.start(Options{})
+	uses := h.waitState("uses", Ready, 20*time.Second)
+	other := h.waitState("other", Ready, 20*time.Second)
+
+	same := *h.cfg
+	changes, err := h.sup.Apply(context.Background(), &same)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range changes {
+		if c.Kind != config.Unchanged {
+			t.Errorf("unchanged secret: %s is %s", c.Name, c.Kind)
+		}
+	}
+
+	if err := os.WriteFile(secrets, []byte("HF_TOKEN=rotated\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	changes, err = h.sup.Apply(context.Background(), &same)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, c := range changes {
+		got = append(got, c.Name+":"+c.Kind.String()+":"+strings.Join(c.Fields, ","))
+	}
+	if want := "other:unchanged: uses:respawn:env_files contents"; strings.Join(got, " ") != want {
+		t.Errorf("changes = %v, want %s", got, want)
+	}
+	waitFor(t, 20*time.Second, "uses restarted", func() bool {
+		st := h.status("uses")
+		return st.State == Ready && st.PID != uses.PID
+	})
+	if st := h.status("other"); st.PID != other.PID {
+		t.Error("a model without the env file was restarted")
+	}
+}
+
+// TestReloadFileRejectsBadFiles: every kind of bad file leaves the running
+// configuration and models as they were, and says what is wrong.
+func TestReloadFileRejectsBadFiles(t *testing.T) {
+	h := newHarness(t, modelSpec{Name: "a"}, modelSpec{Name: "b"}).start(Options{})
+	a := h.waitState("a", Ready, 20*time.Second)
+	before := h.sup.Config()
+	good := h.site.YAML
+	cases := []struct {
+		name, yaml, want string
+	}{
+		{"bad YAML", good + "models: [\n", "parse config: yaml"},
+		{"unknown key", good + "bogus: 1\n", "bogus: unknown key"},
+		{"duplicate port", strings.Replace(good, "port: "+strconv.Itoa(h.cfg.Models[1].Port), "port: "+strconv.Itoa(h.cfg.Models[0].Port), 1), "already used by models.a"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := os.WriteFile(h.site.Path, []byte(tc.yaml), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			_, err := h.sup.ReloadFile(context.Background(), h.site.Path, nil)
+			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "nothing changed") {
+				t.Errorf("got %v, want it to say %q and nothing changed", err, tc.want)
+			}
+			if h.sup.reloadOK.Load() || h.sup.Config() != before {
+				t.Error("a rejected reload changed the configuration or its status")
+			}
+		})
+	}
+	if err := os.WriteFile(h.site.Path, []byte(good), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	changes, err := h.sup.ReloadFile(context.Background(), h.site.Path, nil)
+	if err != nil || !h.sup.reloadOK.Load() {
+		t.Fatalf("no-op reload: %v", err)
+	}
+	for _, c := range changes {
+		if c.Kind != config.Unchanged {
+			t.Errorf("no-op reload changed %s: %s", c.Name, c.Kind)
+		}
+	}
+	if st := h.status("a"); st.PID != a.PID {
+		t.Error("a restarted across rejected and no-op reloads")
 	}
 }

@@ -39,6 +39,9 @@ type runner struct {
 	stopped chan struct{}         // closed when run has returned
 	wake    chan struct{}         // the allocator's nudge: GPUs changed, try again
 	pids    atomic.Pointer[[]int] // the current instance's processes, for GPU attribution
+	// envDigest fingerprints the env_files contents the current process
+	// was started with.
+	envDigest atomic.Pointer[string]
 }
 
 // request is an operator's or a reload's instruction to a runner.
@@ -251,6 +254,12 @@ func (l *loop) tryStart() {
 		return
 	}
 	inst, err := l.r.spawn(m, secrets, gpus)
+	if err == nil {
+		// A digest, not the values: a reload compares it with the files'
+		// contents then, to restart a model whose secret was rotated.
+		digest := envDigest(secrets)
+		l.r.envDigest.Store(&digest)
+	}
 	if err != nil {
 		l.r.d.alloc.Released(m.Name, nil, false)
 		// The program is missing or not executable: retrying in seconds

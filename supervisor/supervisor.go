@@ -13,6 +13,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"path/filepath"
 	"strings"
@@ -236,7 +237,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 			stopAll()
 			return g.Wait()
 		case req := <-s.applyCh:
-			changes := config.Diff(s.cfg.Load(), req.cfg)
+			changes := s.envChanges(config.Diff(s.cfg.Load(), req.cfg), req.cfg, byName)
 			var removed []*runner
 			for _, c := range changes {
 				m, _ := req.cfg.Model(c.Name)
@@ -264,6 +265,39 @@ func (s *Supervisor) Run(ctx context.Context) error {
 			req.done <- changes
 		}
 	}
+}
+
+// envChanges turns an unchanged (or policy-only) model into a respawn when
+// the contents of its env_files differ from what its process was started
+// with: a rotated HF_TOKEN must reach the model. A file that cannot be read
+// now changes nothing here; the model's next start will say why.
+func (s *Supervisor) envChanges(changes []config.Change, cfg *config.Config, byName map[string]*runner) []config.Change {
+	for i, c := range changes {
+		if c.Kind != config.Unchanged && c.Kind != config.Update {
+			continue
+		}
+		m, _ := cfg.Model(c.Name)
+		r := byName[c.Name]
+		if len(m.EnvFiles) == 0 || r == nil || r.envDigest.Load() == nil {
+			continue
+		}
+		secrets := map[string]string{}
+		readable := true
+		for _, f := range m.EnvFiles {
+			vars, err := readEnvFile(f)
+			if err != nil {
+				s.d.log.Warn("reload: cannot read env file; the model keeps its current environment", zap.String("model", c.Name), zap.Error(err))
+				readable = false
+				break
+			}
+			maps.Copy(secrets, vars)
+		}
+		if readable && envDigest(secrets) != *r.envDigest.Load() {
+			changes[i].Kind = config.Respawn
+			changes[i].Fields = append(changes[i].Fields, "env_files contents")
+		}
+	}
+	return changes
 }
 
 // heartbeat is how often Run's loop proves it is alive.
