@@ -9,7 +9,7 @@ export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 DEMO_MODELS := mixtral-8x7b-instruct nous-hermes-2-mixtral openchat-3.5 phi-3-mini-128k \
                yi-34b-chat deepcoder-14b-instruct mimo-vl-7b-rl
 
-.PHONY: all build test vet check-deploy e2e e2e-systemd install package demo clean
+.PHONY: all build test vet fuzz fuzz-short check-deploy e2e e2e-systemd install package demo clean
 
 PREFIX    ?= /usr
 NFPM      := go run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.44.0
@@ -30,6 +30,15 @@ vet:
 
 test: vet check-deploy
 	$(GO) test -race -count=1 ./...
+	$(MAKE) --no-print-directory fuzz-short
+
+# The fuzz targets' seed corpora run with every `go test`; these explore.
+FUZZ_TARGETS := FuzzParse:./config FuzzOpRequest:./supervisor/control
+fuzz-short:
+	@for t in $(FUZZ_TARGETS); do $(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime 10s "$${t#*:}" || exit 1; done
+
+fuzz:
+	@for t in $(FUZZ_TARGETS); do $(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime 5m "$${t#*:}" || exit 1; done
 
 # promtool checks the alerting rules and the dashboard's queries. CI installs
 # it (.ci/run); elsewhere its absence is said, not hidden.
