@@ -1,6 +1,7 @@
 package systemd
 
 import (
+	"io"
 	"path/filepath"
 	"sync"
 
@@ -41,25 +42,41 @@ func JournalOutput(fallback *zap.Logger) supervisor.OutputFunc {
 }
 
 // FileOutput writes each model's output to <dir>/<model>.log, rotated at
-// max_size with keep old files; then passes the line on to next.
+// model_max_size with model_keep old files; then passes the line on to
+// next. A write that fails (disk full) drops the line from the file only:
+// the model is never blocked, the ring buffer and next still get it, and
+// the failure is logged once until writing works again.
 func FileOutput(c config.Log, next supervisor.OutputFunc) supervisor.OutputFunc {
+	return fileOutput(func(model string) io.Writer {
+		return &lumberjack.Logger{
+			Filename:   filepath.Join(c.ModelDir, model+".log"),
+			MaxSize:    max(1, int(c.ModelMaxSize/config.MiB)),
+			MaxBackups: c.ModelKeep,
+		}
+	}, next)
+}
+
+func fileOutput(open func(model string) io.Writer, next supervisor.OutputFunc) supervisor.OutputFunc {
 	var mu sync.Mutex
-	files := map[string]*lumberjack.Logger{}
+	files := map[string]io.Writer{}
+	failing := map[string]bool{}
 	return func(log *zap.Logger, model, stream, line string) {
 		mu.Lock()
 		f := files[model]
 		if f == nil {
-			f = &lumberjack.Logger{
-				Filename:   filepath.Join(c.ModelDir, model+".log"),
-				MaxSize:    max(1, int(c.ModelMaxSize/config.MiB)),
-				MaxBackups: c.ModelKeep,
-			}
+			f = open(model)
 			files[model] = f
 		}
 		_, err := f.Write([]byte(line + "\n"))
+		report := err != nil && !failing[model]
+		recovered := err == nil && failing[model]
+		failing[model] = err != nil
 		mu.Unlock()
-		if err != nil {
-			log.Warn("model log file", zap.Error(err))
+		switch {
+		case report:
+			log.Error("model log file: write failed; dropping lines from the file until it works again", zap.Error(err))
+		case recovered:
+			log.Info("model log file: writing again")
 		}
 		if next != nil {
 			next(log, model, stream, line)

@@ -375,11 +375,13 @@ func chatter(o *options) {
 		}()
 	}
 	if o.logBytesPerSec > 0 {
-		line := strings.Repeat("x", 99) + "\n"
-		perTick := max(1, o.logBytesPerSec/100/len(line))
-		for {
+		// Numbered 100-byte lines, so a reader can tell how far it got.
+		pad := strings.Repeat("x", 90)
+		perTick := max(1, o.logBytesPerSec/100/100)
+		for n := 0; ; {
 			for range perTick {
-				os.Stdout.WriteString(line) //nolint:errcheck // best effort
+				fmt.Fprintf(os.Stdout, "%08d %s\n", n, pad)
+				n++
 			}
 			time.Sleep(10 * time.Millisecond)
 		}

@@ -1,0 +1,105 @@
+package supervisor
+
+import (
+	"context"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"citadel-supervisor/config"
+)
+
+// TestLogFloodNeitherBlocksNorGrows: a model writing 2 MB/s keeps writing
+// (the daemon never stops reading its pipe) and the daemon keeps only the
+// last lines.
+func TestLogFloodNeitherBlocksNorGrows(t *testing.T) {
+	h := newHarness(t, modelSpec{Name: "chatty", Fake: []string{"--fake-log-bytes-per-sec", "2000000"}}).start(Options{})
+	h.waitState("chatty", Ready, 20*time.Second)
+	runtime.GC()
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+
+	lineNo := func() int {
+		out, _ := h.sup.Output("chatty", 1)
+		if len(out) == 0 {
+			return -1
+		}
+		n, err := strconv.Atoi(strings.Fields(out[0])[0])
+		if err != nil {
+			return -1
+		}
+		return n
+	}
+	start := time.Now()
+	first := lineNo()
+	// 2 MB/s is 20 000 lines/s; a blocked pipe would stall at a few
+	// hundred (the pipe buffer). Ask for a tenth of the rate.
+	waitFor(t, 20*time.Second, "the flood to keep flowing", func() bool { return lineNo() > first+2000*int(time.Since(start)/time.Second+1) })
+	if out, _ := h.sup.Output("chatty", 1000); len(out) != OutputLines {
+		t.Errorf("ring holds %d lines, want %d", len(out), OutputLines)
+	}
+	runtime.GC()
+	var after runtime.MemStats
+	runtime.ReadMemStats(&after)
+	if grown := int64(after.HeapInuse) - int64(before.HeapInuse); grown > 32<<20 {
+		t.Errorf("heap grew %d MiB under the flood", grown>>20)
+	}
+}
+
+// TestOverlongLineIsCut: a line without a newline does not grow memory; it
+// is cut at maxLineBytes and marked.
+func TestOverlongLineIsCut(t *testing.T) {
+	r := newRunner(config.Model{Name: "m"}, &deps{now: time.Now, log: zap.NewNop(), output: func(*zap.Logger, string, string, string) {}})
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { r.capture(pr, "stdout"); close(done) }()
+	pw.WriteString(strings.Repeat("y", 100_000) + "\nnext\n")
+	pw.Close()
+	<-done
+	out := r.out.last(10)
+	if len(out) != 2 || len(out[0]) != maxLineBytes+len(" [line cut]") || !strings.HasSuffix(out[0], " [line cut]") || out[1] != "next" {
+		t.Errorf("got %d lines: %.40q… (%d bytes), %q", len(out), out[0], len(out[0]), out[1:])
+	}
+}
+
+// TestControlFlood: many clients hammering status and operations at once;
+// the supervisor stays correct and its goroutines return to where they were.
+func TestControlFlood(t *testing.T) {
+	h := newHarness(t, modelSpec{Name: "a"}, modelSpec{Name: "b"}).start(Options{})
+	h.waitState("a", Ready, 20*time.Second)
+	h.waitState("b", Ready, 20*time.Second)
+	base := runtime.NumGoroutine()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	for i := range 32 {
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				if _, err := h.sup.Status(); err != nil {
+					t.Error(err)
+					return
+				}
+				if i%8 == 0 {
+					h.sup.Do(ctx, "start", "a") //nolint:errcheck // a no-op on a running model
+				}
+				h.sup.Output("b", 50) //nolint:errcheck // checked by Status
+			}
+		})
+	}
+	wg.Wait()
+	for _, n := range []string{"a", "b"} {
+		if st := h.status(n); st.State != Ready || st.Restarts != 0 {
+			t.Errorf("%s after the flood: %s, %d restarts", n, st.State, st.Restarts)
+		}
+	}
+	waitFor(t, 10*time.Second, "goroutines back to the baseline", func() bool { return runtime.NumGoroutine() <= base+2 })
+}
