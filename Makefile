@@ -9,7 +9,7 @@ export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 DEMO_MODELS := mixtral-8x7b-instruct nous-hermes-2-mixtral openchat-3.5 phi-3-mini-128k \
                yi-34b-chat deepcoder-14b-instruct mimo-vl-7b-rl
 
-.PHONY: all build test vet fuzz fuzz-short check-deploy e2e e2e-systemd install package demo clean
+.PHONY: all build test vet soak fuzz fuzz-short check-deploy e2e e2e-systemd install package demo clean
 
 PREFIX    ?= /usr
 NFPM      := go run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.44.0
@@ -31,6 +31,11 @@ vet:
 test: vet check-deploy
 	$(GO) test -race -count=1 ./...
 	$(MAKE) --no-print-directory fuzz-short
+
+# 200 models on sim GPUs under random faults for two minutes (make test runs
+# a short one).
+soak:
+	$(GO) test -count=1 -timeout 30m -run '^TestSoak$$' -v ./supervisor -args -soak.models=200 -soak.duration=2m
 
 # The fuzz targets' seed corpora run with every `go test`; these explore.
 FUZZ_TARGETS := FuzzParse:./config FuzzOpRequest:./supervisor/control

@@ -95,13 +95,26 @@ func NewSite(t testing.TB, top string, models ...Model) *Site {
 	b.WriteString(top)
 	fmt.Fprintf(&b, "defaults:\n  command: [%q]\n  env: {%s: \"1\"}\n%s", os.Args[0], SelfEnv, Defaults)
 	b.WriteString("models:\n")
+	// Hold every chosen port until all are chosen: a port released at once
+	// can be handed out again by the next request.
+	var held []net.Listener
+	defer func() {
+		for _, ln := range held {
+			ln.Close()
+		}
+	}()
 	for i, m := range models {
 		for _, d := range []string{"models/" + m.Name, "pids/" + m.Name} {
 			if err := os.MkdirAll(filepath.Join(s.Dir, d), 0o755); err != nil {
 				t.Fatal(err)
 			}
 		}
-		m.Port = FreePort(t)
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, ln)
+		m.Port = ln.Addr().(*net.TCPAddr).Port
 		args := append([]string{"--fake-pid-dir", filepath.Join(s.Dir, "pids", m.Name)}, m.Fake...)
 		// vllm_port set explicitly: the value derived from random ports
 		// could clash between models, which validation rightly refuses.
