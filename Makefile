@@ -9,7 +9,7 @@ export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 DEMO_MODELS := mixtral-8x7b-instruct nous-hermes-2-mixtral openchat-3.5 phi-3-mini-128k \
                yi-34b-chat deepcoder-14b-instruct mimo-vl-7b-rl
 
-.PHONY: all build test vet soak fuzz fuzz-short check-deploy e2e e2e-systemd install package demo clean
+.PHONY: all build test vet bench soak fuzz fuzz-short check-deploy e2e e2e-systemd install package demo clean
 
 PREFIX    ?= /usr
 NFPM      := go run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.44.0
@@ -31,6 +31,13 @@ vet:
 test: vet check-deploy
 	$(GO) test -race -count=1 ./...
 	$(MAKE) --no-print-directory fuzz-short
+
+# Go benchmarks, then the driver that runs the daemon and (if Debian's
+# supervisor package is installed) supervisord over the same fake-vllm
+# children and prints a table; docs/performance.md holds a recent run.
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./supervisor/... ./gpu/...
+	BENCH_TABLE=$(CURDIR)/build/bench-table.md $(GO) test -tags benchdriver -count=1 -run TestBenchTable -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'
 
 # 200 models on sim GPUs under random faults for two minutes (make test runs
 # a short one).
