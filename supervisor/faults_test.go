@@ -1,12 +1,10 @@
 package supervisor
 
 import (
-	"context"
 	"os"
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -69,37 +67,4 @@ func TestOverlongLineIsCut(t *testing.T) {
 	if len(out) != 2 || len(out[0]) != maxLineBytes+len(" [line cut]") || !strings.HasSuffix(out[0], " [line cut]") || out[1] != "next" {
 		t.Errorf("got %d lines: %.40q… (%d bytes), %q", len(out), out[0], len(out[0]), out[1:])
 	}
-}
-
-// TestControlFlood: many clients hammering status and operations at once;
-// the supervisor stays correct and its goroutines return to where they were.
-func TestControlFlood(t *testing.T) {
-	h := newHarness(t, modelSpec{Name: "a"}, modelSpec{Name: "b"}).start(Options{})
-	h.waitState("a", Ready, 20*time.Second)
-	h.waitState("b", Ready, 20*time.Second)
-	base := runtime.NumGoroutine()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	var wg sync.WaitGroup
-	for i := range 32 {
-		wg.Go(func() {
-			for ctx.Err() == nil {
-				if _, err := h.sup.Status(); err != nil {
-					t.Error(err)
-					return
-				}
-				if i%8 == 0 {
-					h.sup.Do(ctx, "start", "a") //nolint:errcheck // a no-op on a running model
-				}
-				h.sup.Output("b", 50) //nolint:errcheck // checked by Status
-			}
-		})
-	}
-	wg.Wait()
-	for _, n := range []string{"a", "b"} {
-		if st := h.status(n); st.State != Ready || st.Restarts != 0 {
-			t.Errorf("%s after the flood: %s, %d restarts", n, st.State, st.Restarts)
-		}
-	}
-	waitFor(t, 10*time.Second, "goroutines back to the baseline", func() bool { return runtime.NumGoroutine() <= base+2 })
 }

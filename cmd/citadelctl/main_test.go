@@ -7,8 +7,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -465,4 +467,57 @@ func TestCompletionScripts(t *testing.T) {
 	if code, out, _ := d.ctl(t, "__models"); code != 0 || out != "alpha\nbeta\n" {
 		t.Errorf("__models: exit %d %q", code, out)
 	}
+}
+
+// TestControlSocketFlood: many clients hammer the socket with reads,
+// operations and log reads at once; the answers stay right, the models are
+// untouched, and the daemon's goroutines return to where they were.
+func TestControlSocketFlood(t *testing.T) {
+	d := startDaemon(t, "", model{Name: "a"}, model{Name: "b"})
+	d.waitAll(t, supervisor.Ready)
+	before := map[string]int{"a": d.state(t, "a").PID, "b": d.state(t, "b").PID}
+	base := runtime.NumGoroutine()
+	c := control.NewClient(d.site.Socket)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	var requests atomic.Int64
+	for i := range 32 {
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				var err error
+				switch i % 4 {
+				case 0:
+					var st []supervisor.Status
+					st, err = c.Status(ctx)
+					if err == nil && len(st) != 2 {
+						t.Errorf("status returned %d models", len(st))
+					}
+				case 1:
+					_, err = c.Op(ctx, "start", "a") // a no-op on a running model
+				case 2:
+					err = c.Logs(ctx, "b", 20, false, func(string) {})
+				default:
+					_, err = c.Health(ctx)
+				}
+				if err != nil && ctx.Err() == nil {
+					t.Errorf("request failed under load: %v", err)
+					return
+				}
+				requests.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	c.Close()
+	t.Logf("%d requests in 2 s from 32 clients", requests.Load())
+	for n, pid := range before {
+		if st := d.state(t, n); st.State != supervisor.Ready || st.PID != pid {
+			t.Errorf("%s disturbed by the flood: %s pid %d", n, st.State, st.PID)
+		}
+	}
+	if code, _, _ := d.ctl(t, "health"); code != 0 {
+		t.Error("health fails after the flood")
+	}
+	waitFor(t, 10*time.Second, "goroutines back to the baseline", func() bool { return runtime.NumGoroutine() <= base+4 })
 }

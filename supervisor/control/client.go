@@ -36,6 +36,9 @@ func NewClient(path string) *Client {
 	return &Client{path: path, http: &http.Client{Transport: tr}}
 }
 
+// Close drops the client's idle connections.
+func (c *Client) Close() { c.http.CloseIdleConnections() }
+
 // RequestError is an answer other than success: Code is the HTTP status.
 type RequestError struct {
 	Code int
