@@ -29,13 +29,7 @@ func TestE2EPrometheusScrapes(t *testing.T) {
 		t.Fatal("prometheus not installed (apt-get install prometheus): the end-to-end scrape needs it")
 	}
 	port := supervisortest.FreePort(t)
-	top := fmt.Sprintf(`listen: 127.0.0.1:%d
-gpu:
-  backend: sim
-  sim:
-    devices: [{uuid: GPU-00000000-0000-0000-0000-000000000000, name: Sim H100, memory: 80GiB}]
-`, port)
-	s := &site{Site: supervisortest.NewSite(t, top,
+	s := &site{Site: supervisortest.NewSite(t, oneSimGPU(port),
 		testModel{Name: "alpha", YAML: "gpu_memory_utilization: 0.3"},
 		testModel{Name: "beta", YAML: "gpu_memory_utilization: 0.3"},
 	), t: t}

@@ -15,7 +15,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -47,6 +46,16 @@ type site struct {
 	t testing.TB
 }
 
+// oneSimGPU is the top of a config serving HTTP on port with one sim GPU.
+func oneSimGPU(port int) string {
+	return fmt.Sprintf(`listen: 127.0.0.1:%d
+gpu:
+  backend: sim
+  sim:
+    devices: [{uuid: GPU-00000000-0000-0000-0000-000000000000, name: Sim H100, memory: 80GiB}]
+`, port)
+}
+
 func newSite(t *testing.T, models ...testModel) *site {
 	t.Helper()
 	return &site{Site: supervisortest.NewSite(t, "log: {level: debug}\ngpu: {backend: none}\n", models...), t: t}
@@ -55,26 +64,8 @@ func newSite(t *testing.T, models ...testModel) *site {
 // daemon is one running citadel-supervisor process.
 type daemon struct {
 	cmd  *exec.Cmd
-	log  *syncBuffer
+	log  *supervisortest.SyncBuffer
 	done chan struct{}
-}
-
-// syncBuffer is the daemon's output, readable while it runs.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 func (d *daemon) logText() string { return d.log.String() }
@@ -83,7 +74,7 @@ func (s *site) start() *daemon {
 	s.t.Helper()
 	cmd := exec.Command(os.Args[0], "--config", s.Path)
 	cmd.Env = append(os.Environ(), roleEnv+"=1")
-	d := &daemon{cmd: cmd, log: &syncBuffer{}, done: make(chan struct{})}
+	d := &daemon{cmd: cmd, log: &supervisortest.SyncBuffer{}, done: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = d.log, d.log
 	if err := cmd.Start(); err != nil {
 		s.t.Fatal(err)
@@ -365,13 +356,7 @@ func TestMetricsOfARunningDaemon(t *testing.T) {
 	if err := os.WriteFile(secrets, []byte("HF_TOKEN="+secret+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	top := fmt.Sprintf(`listen: 127.0.0.1:%d
-gpu:
-  backend: sim
-  sim:
-    devices: [{uuid: GPU-00000000-0000-0000-0000-000000000000, name: Sim H100, memory: 80GiB}]
-`, port)
-	s := &site{Site: supervisortest.NewSite(t, top,
+	s := &site{Site: supervisortest.NewSite(t, oneSimGPU(port),
 		testModel{Name: "a", YAML: "gpu_memory_utilization: 0.3\nenv_files: [" + secrets + "]"},
 		testModel{Name: "b", YAML: "gpu_memory_utilization: 0.3"},
 	), t: t}
@@ -523,7 +508,7 @@ func TestSystemdNotifySequence(t *testing.T) {
 	s := newSite(t, testModel{Name: "a", Fake: []string{"--fake-load-time", "500ms", "--fake-env-file", envDump}})
 	cmd := exec.Command(os.Args[0], "--config", s.Path)
 	cmd.Env = append(os.Environ(), roleEnv+"=1", "NOTIFY_SOCKET="+sockPath, "WATCHDOG_USEC=2000000", "WATCHDOG_PID=")
-	d := &daemon{cmd: cmd, log: &syncBuffer{}, done: make(chan struct{})}
+	d := &daemon{cmd: cmd, log: &supervisortest.SyncBuffer{}, done: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = d.log, d.log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

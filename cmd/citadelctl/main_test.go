@@ -291,24 +291,6 @@ func TestDaemonNotRunning(t *testing.T) {
 	}
 }
 
-// syncWriter collects output written from another goroutine.
-type syncWriter struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (w *syncWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.buf.Write(p)
-}
-
-func (w *syncWriter) String() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.buf.String()
-}
-
 func TestLogs(t *testing.T) {
 	d := startDaemon(t, "", model{Name: "a", Fake: []string{"--fake-log-every", "20ms"}})
 	d.waitAll(t, supervisor.Ready)
@@ -323,7 +305,7 @@ func TestLogs(t *testing.T) {
 
 	// -f streams new lines until interrupted.
 	ctx, cancel := context.WithCancel(context.Background())
-	var w syncWriter
+	var w supervisortest.SyncBuffer
 	done := make(chan int, 1)
 	go func() {
 		done <- run(ctx, []string{"--socket", d.site.Socket, "logs", "-f", "-n", "0", "a"}, nil, &w, &w)

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 
 	"citadel-supervisor/supervisor"
@@ -47,12 +48,15 @@ type RequestError struct {
 
 func (e *RequestError) Error() string { return e.Msg }
 
-func (c *Client) do(ctx context.Context, method, path string, q url.Values, body, out any) error {
+// send makes one request and returns the response for a success (2xx, or
+// one of also); any other answer becomes a *RequestError with the daemon's
+// message, a failure to connect wraps ErrUnreachable.
+func (c *Client) send(ctx context.Context, method, path string, q url.Values, body any, also ...int) (*http.Response, error) {
 	var rd io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		rd = bytes.NewReader(b)
 	}
@@ -62,23 +66,31 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, body
 	}
 	req, err := http.NewRequestWithContext(ctx, method, u, rd)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return fmt.Errorf("%w at %s: %v", ErrUnreachable, c.path, err)
+		return nil, fmt.Errorf("%w at %s: %v", ErrUnreachable, c.path, err)
+	}
+	if resp.StatusCode/100 == 2 || slices.Contains(also, resp.StatusCode) {
+		return resp, nil
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode >= 400 && resp.StatusCode != http.StatusServiceUnavailable {
-		var e ErrorResponse
-		if json.NewDecoder(resp.Body).Decode(&e) != nil || e.Error == "" {
-			e.Error = resp.Status
-		}
-		return &RequestError{Code: resp.StatusCode, Msg: e.Error}
+	var e ErrorResponse
+	if json.NewDecoder(resp.Body).Decode(&e) != nil || e.Error == "" {
+		e.Error = resp.Status
 	}
-	if out == nil {
-		return nil
+	return nil, &RequestError{Code: resp.StatusCode, Msg: e.Error}
+}
+
+// do sends a request and decodes its JSON answer into out. A 503 carries a
+// body too (health: not every model is ready).
+func (c *Client) do(ctx context.Context, method, path string, q url.Values, body, out any) error {
+	resp, err := c.send(ctx, method, path, q, body, http.StatusServiceUnavailable)
+	if err != nil {
+		return err
 	}
+	defer resp.Body.Close()
 	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
 		return fmt.Errorf("bad answer from the daemon: %w", err)
 	}
@@ -127,23 +139,11 @@ func (c *Client) Logs(ctx context.Context, model string, n int, follow bool, lin
 	if follow {
 		q.Set("follow", "1")
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://citadel"+PathLogs+"?"+q.Encode(), nil)
+	resp, err := c.send(ctx, http.MethodGet, PathLogs, q, nil)
 	if err != nil {
 		return err
 	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return fmt.Errorf("%w at %s: %v", ErrUnreachable, c.path, err)
-	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		var e ErrorResponse
-		json.NewDecoder(resp.Body).Decode(&e) //nolint:errcheck // fall back to the status
-		if e.Error == "" {
-			e.Error = resp.Status
-		}
-		return &RequestError{Code: resp.StatusCode, Msg: e.Error}
-	}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64*1024), 1024*1024)
 	for sc.Scan() {
