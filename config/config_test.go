@@ -253,3 +253,17 @@ func TestDeployedConfigsAreValid(t *testing.T) {
 		}
 	}
 }
+
+func TestRestartOnly(t *testing.T) {
+	a, err := Parse([]byte("gpu: {backend: none}\n"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := Parse([]byte("listen: 127.0.0.1:9500\ngpu: {backend: none, headroom: 2GiB}\n"), nil)
+	if got := RestartOnly(a, b); strings.Join(got, ",") != "listen,gpu" {
+		t.Errorf("RestartOnly = %v", got)
+	}
+	if got := RestartOnly(a, a); len(got) != 0 {
+		t.Errorf("same config: %v", got)
+	}
+}

@@ -88,3 +88,26 @@ func equalField(a, b reflect.Value) bool {
 	}
 	return reflect.DeepEqual(a.Interface(), b.Interface())
 }
+
+// RestartOnly lists the top-level keys that differ between old and new.
+// They are read once at start-up (the listeners bind once, the GPU backend
+// opens once), so a reload cannot apply them; the operator must be told.
+func RestartOnly(old, new *Config) []string {
+	var out []string
+	if old.Listen != new.Listen {
+		out = append(out, "listen")
+	}
+	if old.ControlSocket != new.ControlSocket {
+		out = append(out, "control_socket")
+	}
+	if old.ControlGroup != new.ControlGroup {
+		out = append(out, "control_socket_group")
+	}
+	if !reflect.DeepEqual(old.Log, new.Log) {
+		out = append(out, "log")
+	}
+	if !reflect.DeepEqual(old.GPU, new.GPU) {
+		out = append(out, "gpu")
+	}
+	return out
+}

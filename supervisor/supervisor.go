@@ -345,6 +345,9 @@ func (s *Supervisor) ReloadFile(ctx context.Context, path string, environ []stri
 		}
 		return nil, fmt.Errorf("%s is invalid; nothing changed:\n%w", path, err)
 	}
+	if keys := config.RestartOnly(s.cfg.Load(), cfg); len(keys) > 0 {
+		s.d.log.Warn("reload: these settings take effect only when the daemon restarts (systemctl restart citadel-supervisor); models were reloaded", zap.Strings("keys", keys))
+	}
 	changes, err := s.Apply(ctx, cfg)
 	if err != nil {
 		s.d.log.Error("reload", zap.Error(err))
