@@ -52,5 +52,8 @@ start=$(date +%s)
 timeout 900 systemd-nspawn -q -D "$root" --boot --register=no --keep-unit --private-network \
 	--bind="$work/result:/e2e" >"$work/console.log" 2>&1 || true
 cat "$work/result/log" 2>/dev/null || { echo "e2e-systemd: no result; console:"; tail -40 "$work/console.log"; exit 1; }
+passed=$(grep -c '^PASS: ' "$work/result/log" || true)
+failed=$(grep -c '^FAIL: ' "$work/result/log" || true)
 echo "e2e-systemd: $(($(date +%s) - start)) s"
+echo "e2e-systemd: $passed passed, $failed failed"
 grep -q '^RESULT fail=0 ' "$work/result/log"
