@@ -120,6 +120,17 @@ func (s *site) healthy() bool {
 
 func (s *site) procs(model string) map[int]string { return s.PIDs(s.t, model) }
 
+// allProcs is every process the models ever started: pid → role.
+func (s *site) allProcs(models ...string) map[int]string {
+	all := map[int]string{}
+	for _, m := range models {
+		for pid, r := range s.procs(m) {
+			all[pid] = r
+		}
+	}
+	return all
+}
+
 var live = supervisortest.Live
 
 var stubborn = []string{"--fake-ignore-sigterm", "--fake-workers", "1", "--fake-detached-workers", "1", "--fake-worker-ignore-sigterm"}
@@ -131,15 +142,10 @@ func TestSIGTERMStopsEveryTreeAndExitsZero(t *testing.T) {
 	)
 	d := s.start()
 	waitFor(t, 30*time.Second, "models healthy", s.healthy)
-	all := map[int]string{}
 	waitFor(t, 10*time.Second, "all workers recorded", func() bool {
 		return len(live(s.procs("a"), "")) == 3 && len(live(s.procs("b"), "")) == 3
 	})
-	for _, m := range []string{"a", "b"} {
-		for pid, r := range s.procs(m) {
-			all[pid] = r
-		}
-	}
+	all := s.allProcs("a", "b")
 
 	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -162,12 +168,7 @@ func TestSIGKILLThenRestartLeavesOneCopy(t *testing.T) {
 	waitFor(t, 10*time.Second, "all workers recorded", func() bool {
 		return len(live(s.procs("a"), "")) == 3 && len(live(s.procs("b"), "")) == 2
 	})
-	old := map[int]string{}
-	for _, m := range []string{"a", "b"} {
-		for pid, r := range s.procs(m) {
-			old[pid] = r
-		}
-	}
+	old := s.allProcs("a", "b")
 
 	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 	first.wait(t)
@@ -572,12 +573,7 @@ func TestRepeatedDaemonSIGKILL(t *testing.T) {
 		d.wait(t)
 		t.Logf("round %d: daemon killed after %s", i, after)
 	}
-	old := map[int]bool{}
-	for _, m := range []string{"steady", "crashy", "slow", "stubborn"} {
-		for pid := range s.procs(m) {
-			old[pid] = true
-		}
-	}
+	old := s.allProcs("steady", "crashy", "slow", "stubborn")
 	final := s.start()
 	// Ask the new daemon itself: its models ready on processes of its own.
 	c := control.NewClient(s.Socket)
@@ -587,7 +583,7 @@ func TestRepeatedDaemonSIGKILL(t *testing.T) {
 			return false
 		}
 		for _, m := range st {
-			if m.State != supervisor.Ready || old[m.PID] {
+			if m.State != supervisor.Ready || old[m.PID] != "" {
 				return false
 			}
 		}
