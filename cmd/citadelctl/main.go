@@ -190,6 +190,17 @@ func (c *cli) status(ctx context.Context, args []string) int {
 	if noGPUs != "" {
 		fmt.Fprintln(c.out, "GPUs: "+truncate(noGPUs, c.width-6))
 	}
+	// Asked about failed models by name: show why, with their last output.
+	if len(args) > 0 {
+		for _, s := range st {
+			if s.State == supervisor.Failed && len(s.LastOutput) > 0 {
+				fmt.Fprintf(c.out, "\n%s failed: %s\nlast output (%d lines kept; citadelctl -o json status %s for all):\n", s.Name, s.Reason, len(s.LastOutput), s.Name)
+				for _, l := range s.LastOutput[max(0, len(s.LastOutput)-20):] {
+					fmt.Fprintln(c.out, "  "+l)
+				}
+			}
+		}
+	}
 	return exitOK
 }
 

@@ -186,6 +186,10 @@ func TestVerbs(t *testing.T) {
 	if code, out, _ := d.ctl(t, "health"); code != 1 || !strings.Contains(out, "2/3 enabled models ready") || !strings.Contains(out, "c: failed: start limit") {
 		t.Errorf("health with c failed: exit %d\n%s", code, out)
 	}
+	// Asked by name, a failed model shows its last output.
+	if code, out, _ := d.ctl(t, "status", "c"); code != 0 || !strings.Contains(out, "c failed: start limit") || !strings.Contains(out, "CUDA out of memory") {
+		t.Errorf("status c: exit %d\n%s", code, out)
+	}
 	if code, out, errb := d.ctl(t, "stop", "a"); code != 0 || out != "a: stopped: held stopped by operator\n" {
 		t.Errorf("stop a: exit %d %q %q", code, out, errb)
 	}
