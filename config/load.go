@@ -171,6 +171,18 @@ func scalarToStringHook(from, to reflect.Type, v any) (any, error) {
 	return v, nil
 }
 
+// Getenv returns key's value in environ (KEY=VALUE entries), or def when it
+// is unset or empty. The binaries take their environment as a parameter, so
+// tests can pass their own.
+func Getenv(environ []string, key, def string) string {
+	for _, kv := range environ {
+		if k, v, ok := strings.Cut(kv, "="); ok && k == key && v != "" {
+			return v
+		}
+	}
+	return def
+}
+
 // envKey maps CITADEL_LOG_LEVEL to log.level; other variables are ignored
 // (CITADEL_CONFIG and CITADEL_SOCKET name files, not keys).
 func envKey(k, v string) (string, any) {

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"fmt"
+	"maps"
 	"os"
 	"regexp"
 	"strings"
@@ -48,6 +49,20 @@ func readEnvFile(path string) (map[string]string, error) {
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fmt.Errorf("env_files: %s: %w", path, err)
+	}
+	return out, nil
+}
+
+// readEnvFiles reads every file of a model's env_files into one map, later
+// files overriding earlier ones.
+func readEnvFiles(files []string) (map[string]string, error) {
+	out := map[string]string{}
+	for _, f := range files {
+		vars, err := readEnvFile(f)
+		if err != nil {
+			return nil, err
+		}
+		maps.Copy(out, vars)
 	}
 	return out, nil
 }

@@ -235,14 +235,10 @@ func (l *loop) tryStart() {
 		wait(CauseStorage, fmt.Sprintf("storage: %s: %s", m.Path, errText(err)))
 		return
 	}
-	secrets := map[string]string{}
-	for _, f := range m.EnvFiles {
-		vars, err := readEnvFile(f)
-		if err != nil {
-			wait(CauseEnvFiles, err.Error())
-			return
-		}
-		maps.Copy(secrets, vars)
+	secrets, err := readEnvFiles(m.EnvFiles)
+	if err != nil {
+		wait(CauseEnvFiles, err.Error())
+		return
 	}
 	if err := checkPort(m.Host, m.Port); err != nil {
 		wait(CausePort, err.Error())

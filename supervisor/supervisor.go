@@ -13,7 +13,6 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"maps"
 	"math/rand/v2"
 	"path/filepath"
 	"strings"
@@ -281,18 +280,12 @@ func (s *Supervisor) envChanges(changes []config.Change, cfg *config.Config, byN
 		if len(m.EnvFiles) == 0 || r == nil || r.envDigest.Load() == nil {
 			continue
 		}
-		secrets := map[string]string{}
-		readable := true
-		for _, f := range m.EnvFiles {
-			vars, err := readEnvFile(f)
-			if err != nil {
-				s.d.log.Warn("reload: cannot read env file; the model keeps its current environment", zap.String("model", c.Name), zap.Error(err))
-				readable = false
-				break
-			}
-			maps.Copy(secrets, vars)
+		secrets, err := readEnvFiles(m.EnvFiles)
+		if err != nil {
+			s.d.log.Warn("reload: cannot read env file; the model keeps its current environment", zap.String("model", c.Name), zap.Error(err))
+			continue
 		}
-		if readable && envDigest(secrets) != *r.envDigest.Load() {
+		if envDigest(secrets) != *r.envDigest.Load() {
 			changes[i].Kind = config.Respawn
 			changes[i].Fields = append(changes[i].Fields, "env_files contents")
 		}

@@ -41,7 +41,7 @@ func main() { os.Exit(run(os.Args[1:], os.Environ(), os.Stdout, os.Stderr)) }
 func run(args, environ []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("citadel-supervisor", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	path := fs.String("config", envOr(environ, "CITADEL_CONFIG", config.DefaultPath), "configuration file (env CITADEL_CONFIG)")
+	path := fs.String("config", config.Getenv(environ, "CITADEL_CONFIG", config.DefaultPath), "configuration file (env CITADEL_CONFIG)")
 	check := fs.Bool("check", false, "validate the configuration, print every problem, and exit (0 valid, 1 invalid)")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
@@ -225,15 +225,6 @@ func newLogger(c config.Log, w io.Writer) (*zap.Logger, error) {
 		encoder = zapcore.NewJSONEncoder(enc)
 	}
 	return zap.New(zapcore.NewCore(encoder, zapcore.AddSync(w), level)), nil
-}
-
-func envOr(environ []string, key, def string) string {
-	for _, kv := range environ {
-		if k, v, ok := strings.Cut(kv, "="); ok && k == key && v != "" {
-			return v
-		}
-	}
-	return def
 }
 
 func indent(err error) string {

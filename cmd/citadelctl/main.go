@@ -20,6 +20,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"citadel-supervisor/config"
 	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control"
 )
@@ -76,12 +77,12 @@ var commands = map[string]command{
 
 func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) int {
 	c := &cli{out: stdout, err: stderr, now: time.Now, width: 80}
-	if w, err := strconv.Atoi(envOr(environ, "COLUMNS", "")); err == nil && w > 40 {
+	if w, err := strconv.Atoi(config.Getenv(environ, "COLUMNS", "")); err == nil && w > 40 {
 		c.width = w
 	}
 	fs := flag.NewFlagSet("citadelctl", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&c.socket, "socket", envOr(environ, "CITADEL_SOCKET", defaultSocket), "control socket (env CITADEL_SOCKET)")
+	fs.StringVar(&c.socket, "socket", config.Getenv(environ, "CITADEL_SOCKET", defaultSocket), "control socket (env CITADEL_SOCKET)")
 	fs.StringVar(&c.output, "o", "table", "output: table or json")
 	fs.Usage = func() { c.usage() }
 	if err := fs.Parse(args); err != nil {
@@ -515,13 +516,4 @@ func firstSentence(s string) string {
 		return s[:i+1]
 	}
 	return s
-}
-
-func envOr(environ []string, key, def string) string {
-	for _, kv := range environ {
-		if k, v, ok := strings.Cut(kv, "="); ok && k == key && v != "" {
-			return v
-		}
-	}
-	return def
 }
