@@ -88,13 +88,15 @@ func Resident(reqs []Request, slots []Slot, headroom config.ByteSize) []Decision
 	return out
 }
 
-func sortRequests(reqs []Request) {
-	slices.SortStableFunc(reqs, func(a, b Request) int {
-		if c := cmp.Compare(b.Priority, a.Priority); c != 0 {
-			return c
-		}
-		return strings.Compare(a.Name, b.Name)
-	})
+func sortRequests(reqs []Request) { slices.SortStableFunc(reqs, compareRequests) }
+
+// compareRequests orders requests as placement takes them: higher priority
+// first, ties by name.
+func compareRequests(a, b Request) int {
+	if c := cmp.Compare(b.Priority, a.Priority); c != 0 {
+		return c
+	}
+	return strings.Compare(a.Name, b.Name)
 }
 
 // Fit chooses GPUs for one request without claiming them: tensor_parallel

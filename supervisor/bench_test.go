@@ -66,12 +66,13 @@ func BenchmarkScrape(b *testing.B) {
 			}
 			reg := prometheus.NewRegistry()
 			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-			s, err := New(cfg, Options{Logger: zap.NewNop(), Prober: probe.NewHTTP(), Registerer: reg})
+			var uses []gpu.SimUse
+			sim := gpu.NewSim(cfg.GPU, func() []gpu.SimUse { return uses })
+			s, err := New(cfg, Options{Logger: zap.NewNop(), Prober: probe.NewHTTP(), Registerer: reg, GPUs: sim})
 			if err != nil {
 				b.Fatal(err)
 			}
 			var runners []*runner
-			var uses []gpu.SimUse
 			self := os.Getpid()
 			for i, m := range cfg.Models {
 				r := newRunner(m, s.d)
@@ -85,7 +86,6 @@ func BenchmarkScrape(b *testing.B) {
 				uses = append(uses, gpu.SimUse{PID: self, UUIDs: []string{[]string{"GPU-a", "GPU-b"}[i%2]}, Bytes: 1 << 28})
 			}
 			s.runners.Store(&runners)
-			s.d.alloc.simUses.Store(&uses)
 			b.ReportAllocs()
 			b.ResetTimer()
 			for range b.N {

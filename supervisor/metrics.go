@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"os"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -72,7 +73,7 @@ func newModelCollector(s *Supervisor) *modelCollector {
 		startTime:  prometheus.NewDesc("citadel_model_start_time_seconds", "Unix time the model's current process was spawned.", m, nil),
 		startup:    prometheus.NewDesc("citadel_model_startup_duration_seconds", "Spawn to first healthy answer, of the model's last start.", m, nil),
 		rss:        prometheus.NewDesc("citadel_model_resident_memory_bytes", "Resident memory of all of the model's processes.", m, nil),
-		cpu:        prometheus.NewDesc("citadel_model_cpu_seconds_total", "CPU time of the model's live processes (user and system).", m, nil),
+		cpu:        prometheus.NewDesc("citadel_model_cpu_seconds_total", "CPU time of the model's processes (user and system), across its restarts; a process's time since the last scrape before it exited is not counted.", m, nil),
 		probeOK:    prometheus.NewDesc("citadel_probe_success", "1 if the model's last health probe succeeded, else 0.", m, nil),
 		reloadOK:   prometheus.NewDesc("citadel_config_last_reload_successful", "1 if the last configuration load succeeded, 0 if it was rejected (the previous one stays in force).", nil, nil),
 		reloadTime: prometheus.NewDesc("citadel_config_last_reload_success_timestamp_seconds", "Unix time of the last successful configuration load.", nil, nil),
@@ -119,17 +120,23 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 		if st.ProbeSuccess != nil {
 			ch <- prometheus.MustNewConstMetric(c.probeOK, prometheus.GaugeValue, boolf(*st.ProbeSuccess), name)
 		}
-		if pids := r.pids.Load(); pids != nil {
-			var rss, cpu float64
+		var rss float64
+		times := map[procKey]float64{}
+		pids := r.pids.Load()
+		if pids != nil {
 			for _, pid := range *pids {
 				ps, err := readStat(pid)
 				if err != nil || ps.State == 'Z' {
 					continue
 				}
 				rss += float64(ps.RSSPages) * page
-				cpu += float64(ps.UTime+ps.STime) / clockTicks
+				times[procKey{pid, ps.Start}] = float64(ps.UTime+ps.STime) / clockTicks
 			}
 			ch <- prometheus.MustNewConstMetric(c.rss, prometheus.GaugeValue, rss, name)
+		}
+		// The counter is exported once the model has run, and never goes
+		// backwards, also across its restarts.
+		if cpu := r.cpu.total(times); pids != nil || cpu > 0 {
 			ch <- prometheus.MustNewConstMetric(c.cpu, prometheus.CounterValue, cpu, name)
 		}
 	}
@@ -140,4 +147,37 @@ func boolf(b bool) float64 {
 		return 1
 	}
 	return 0
+}
+
+// cpuCounter keeps citadel_model_cpu_seconds_total monotonic. Summing the
+// live processes' CPU time would go backwards whenever a worker exits, which
+// Prometheus reads as a counter reset; so the last CPU time seen of each
+// process is kept, and added to a base once the process is gone. CPU spent
+// between a process's last scrape and its exit is not counted.
+type cpuCounter struct {
+	mu   sync.Mutex
+	base float64
+	last map[procKey]float64
+}
+
+type procKey struct {
+	pid   int
+	start uint64
+}
+
+// total returns the model's CPU seconds, given its live processes' times.
+func (c *cpuCounter) total(now map[procKey]float64) float64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k, v := range c.last {
+		if _, ok := now[k]; !ok {
+			c.base += v
+		}
+	}
+	c.last = now
+	sum := c.base
+	for _, v := range now {
+		sum += v
+	}
+	return sum
 }

@@ -4,10 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"net"
 	"os"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -17,39 +17,81 @@ import (
 	"citadel-supervisor/probe"
 )
 
-// recheckInterval is how often a pending model re-checks what it waits for.
+// recheckInterval is how often a pending model re-checks what it waits for
+// (storage, env files, port).
 const recheckInterval = 2 * time.Second
 
 // maxStartupPoll bounds the probe interval while a model is starting, so a
 // model is seen ready within a second of answering even with a 10 s period.
 const maxStartupPoll = time.Second
 
-// runner owns one model's lifecycle. Its run goroutine is the only writer of
-// the model's state; everything else sends it a request or reads the
-// published Status.
+// runner carries out one model's machine: its goroutine is the only one
+// that touches the machine. It turns the machine's effects into I/O
+// (spawn, stop, probe, timers, scheduler calls) and the outcomes back into
+// events. Everything else sends it messages through its mailbox, which
+// never blocks the sender, or reads the Status it publishes.
 type runner struct {
 	name   string
 	d      *deps
 	log    *zap.Logger
-	reqs   chan request
 	out    *ring
 	status atomic.Pointer[Status]
+	mail   mailbox
 
 	cancel  context.CancelFunc    // ends run: the model is removed or the daemon stops
 	stopped chan struct{}         // closed when run has returned
-	wake    chan struct{}         // the allocator's nudge: GPUs changed, try again
 	pids    atomic.Pointer[[]int] // the current instance's processes, for GPU attribution
+	cpu     cpuCounter            // citadel_model_cpu_seconds_total, kept monotonic
 	// envDigest fingerprints the env_files contents the current process
 	// was started with.
 	envDigest atomic.Pointer[string]
 }
 
-// request is an operator's or a reload's instruction to a runner.
-type request struct {
-	op   string // start, stop, restart, reset, update
-	cfg  config.Model
-	kind config.ChangeKind
-	done chan error
+// message is what others send a runner: an event, and for operations a
+// channel for the answer.
+type message struct {
+	ev   event
+	done chan error // nil: nobody waits
+}
+
+// mailbox is an unbounded queue: senders never wait on the runner, and
+// the scheduler's placements replace each other (only the latest counts).
+type mailbox struct {
+	mu     sync.Mutex
+	msgs   []message
+	placed *placement
+	signal chan struct{} // one token: something is queued
+}
+
+func (b *mailbox) put(m message) {
+	b.mu.Lock()
+	b.msgs = append(b.msgs, m)
+	b.mu.Unlock()
+	b.notify()
+}
+
+func (b *mailbox) place(p placement) {
+	b.mu.Lock()
+	b.placed = &p
+	b.mu.Unlock()
+	b.notify()
+}
+
+func (b *mailbox) notify() {
+	select {
+	case b.signal <- struct{}{}:
+	default:
+	}
+}
+
+// take empties the mailbox: the placement first (it answers a want made
+// before any message now queued).
+func (b *mailbox) take() ([]message, *placement) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	msgs, p := b.msgs, b.placed
+	b.msgs, b.placed = nil, nil
+	return msgs, p
 }
 
 // instance is one spawned process tree of a model.
@@ -63,219 +105,235 @@ type instance struct {
 	exit    exitInfo      // valid after done is closed
 }
 
-// probeResult is tagged with the instance it probed: a result that arrives
-// after a restart belongs to the old process and must not count for the new.
-type probeResult struct {
-	inst *instance
-	err  error
-	took time.Duration
-}
-
 type exitInfo struct {
 	code int // the exit code, or 128+signal
 	desc string
 }
 
+// exited reports whether the main process has been reaped.
+func (i *instance) exited() bool {
+	select {
+	case <-i.done:
+		return true
+	default:
+		return false
+	}
+}
+
 func newRunner(m config.Model, d *deps) *runner {
-	name := m.Name
 	r := &runner{
-		name:    name,
+		name:    m.Name,
 		d:       d,
-		log:     d.log.With(zap.String("model", name)),
-		reqs:    make(chan request),
+		log:     d.log.With(zap.String("model", m.Name)),
 		out:     newRing(OutputLines),
 		stopped: make(chan struct{}),
-		wake:    make(chan struct{}, 1),
+		mail:    mailbox{signal: make(chan struct{}, 1)},
 	}
 	// Readable before the goroutine runs: Status never misses a model.
-	r.status.Store(&Status{Name: name, State: Pending, Reason: "supervisor starting", Port: m.Port, Enabled: m.Enabled, Since: d.now()})
+	r.status.Store(&Status{Name: m.Name, State: Pending, Reason: "supervisor starting", Port: m.Port, Enabled: m.Enabled, Since: d.now()})
 	return r
 }
 
-// loop is the state of one runner's goroutine. Nothing else touches it.
+// send delivers an operation or a configuration to the runner and waits
+// until the machine has taken it.
+func (r *runner) send(ctx context.Context, ev event) error {
+	m := message{ev: ev, done: make(chan error, 1)}
+	r.mail.put(m)
+	select {
+	case err := <-m.done:
+		return err
+	case <-r.stopped:
+		return fmt.Errorf("model %s is shutting down", r.name)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// loop is the runner goroutine's state: the machine, and the I/O in
+// flight on its behalf.
 type loop struct {
-	r        *runner
-	cfg      config.Model
-	state    State
-	reason   string
-	since    time.Time
-	hold     bool // an operator (or enabled: false) wants it stopped
-	inst     *instance
-	exitSeen bool // inst.done already handled
-	tracker  restartTracker
-	restarts map[string]int
-	lastExit *exitInfo
-	readyAt  time.Time
-	startup  time.Duration
-	lastOut  []string
-
-	tick     <-chan time.Time // the next check, probe, backoff end or retry
-	deadline <-chan time.Time // startup_timeout of the current start
-
-	probing    bool
-	probeRes   chan probeResult
-	probeFails int
-	probeOK    *bool  // the last probe's result, nil before the first
-	cause      string // why it is pending (Cause*)
-
-	stopDone  chan error
-	afterStop func() // what follows the stop in flight
-	replaced  bool   // the stop in flight is for new settings: give up the GPU claim
+	r       *runner
+	m       *machine
+	timers  [numTimers]<-chan time.Time // nil: not armed; replacing one drops its fire
+	results chan event                  // probes and stops report here
 }
 
 // run drives the model until ctx ends, then stops its processes and returns.
 func (r *runner) run(ctx context.Context, cfg config.Model) {
-	l := &loop{r: r, cfg: cfg, restarts: map[string]int{}, probeRes: make(chan probeResult, 1), stopDone: make(chan error, 1)}
-	if cfg.Enabled {
-		l.enterPending("checking storage, port and GPUs")
-	} else {
-		l.hold = true
-		l.enter(Stopped, "enabled: false")
+	l := &loop{
+		r:       r,
+		m:       newMachine(cfg, r.d.now, r.d.jitter, r.log),
+		results: make(chan event, 4),
 	}
-	for {
+	l.handleEffects(l.m.begin())
+	shutdown := ctx.Done()
+	for !l.m.done() {
 		var exited <-chan struct{}
-		if l.inst != nil && !l.exitSeen {
-			exited = l.inst.done
+		if inst := l.m.inst; inst != nil && !l.m.exited {
+			exited = inst.done
 		}
 		select {
-		case <-ctx.Done():
-			l.shutdown()
-			return
-		case req := <-r.reqs:
-			req.done <- l.handle(req)
+		case <-shutdown:
+			shutdown = nil
+			l.handle(evShutdown{})
+		case <-r.mail.signal:
+			msgs, p := r.mail.take()
+			if p != nil {
+				l.handle(evPlaced{p: *p})
+			}
+			for _, msg := range msgs {
+				l.handle(msg.ev)
+				if msg.done != nil {
+					msg.done <- nil
+				}
+			}
 		case <-exited:
-			l.onExit()
-		case <-l.tick:
-			l.tick = nil
-			l.onTick(ctx)
-		case <-r.wake:
-			if l.state == Pending && !l.hold {
-				l.tick = l.r.d.after(0)
-			}
-		case <-l.deadline:
-			l.deadline = nil
-			if l.state == Starting {
-				l.restart(ReasonStartup, fmt.Sprintf("no healthy answer within startup_timeout %s", l.cfg.Probe.StartupTimeout))
-			}
-		case res := <-l.probeRes:
-			l.probing = false
-			if res.inst == l.inst && !l.exitSeen {
-				l.onProbe(res)
-			}
-		case err := <-l.stopDone:
-			l.onStopped(err)
+			inst := l.m.inst
+			l.handle(evExited{inst: inst, exit: inst.exit})
+		case ev := <-l.results:
+			l.handle(ev)
+		case <-l.timers[tick]:
+			l.timers[tick] = nil
+			l.handle(evTimer{t: tick})
+		case <-l.timers[deadline]:
+			l.timers[deadline] = nil
+			l.handle(evTimer{t: deadline})
 		}
-		l.publish()
 	}
-}
-
-func (l *loop) enter(s State, reason string) {
-	if s != l.state || reason != l.reason {
-		l.r.log.Info("state", zap.String("state", string(s)), zap.String("reason", reason))
-	}
-	if s != l.state {
-		l.since = l.r.d.now()
-	}
-	l.state, l.reason = s, reason
-	if s == Failed || s == Stopped {
-		// Not restarting soon: its GPUs go to whoever waits.
-		l.r.d.alloc.Drop(l.cfg.Name)
-	}
-	l.publish()
-}
-
-func (l *loop) enterPending(reason string) {
-	l.cause = CauseChecking
-	l.enter(Pending, reason)
-	l.tick = l.r.d.after(0)
-}
-
-// onTick acts on the timer according to the state.
-func (l *loop) onTick(ctx context.Context) {
-	switch l.state {
-	case Pending:
-		l.tryStart()
-	case Backoff:
-		l.enterPending("restarting after backoff")
-	case Failed:
-		l.tracker.reset()
-		l.r.log.Info("retrying failed model", zap.Duration("retry_failed_after", l.cfg.Restart.RetryFailedAfter))
-		l.enterPending("retrying after failure")
-	case Starting, Ready, Unhealthy:
-		l.inst.tree.refresh()
-		l.r.publishPIDs(l.inst.tree)
-		if l.state != Starting {
-			// Liveness runs on a fixed period from each probe's start, so a
-			// hang is seen within period × failure_threshold + timeout; a
-			// probe still in flight makes the tick pass (no pile-up).
-			l.tick = l.r.d.after(l.cfg.Probe.Period)
-		}
-		if !l.probing {
-			l.probing = true
-			// The probe goroutine gets copies: l is the runner's alone.
-			go l.probe(ctx, probeJob{
-				inst: l.inst, health: probeURL(l.cfg), base: baseURL(l.cfg), served: l.cfg.ServedName,
-				timeout: l.cfg.Probe.Timeout, deepPeriod: l.cfg.Probe.DeepPeriod, deepTimeout: l.cfg.Probe.DeepTimeout,
-				live: l.state != Starting,
-			})
+	// Operations that arrive now find the runner gone (send sees stopped).
+	msgs, _ := r.mail.take()
+	for _, msg := range msgs {
+		if msg.done != nil {
+			msg.done <- fmt.Errorf("model %s is shutting down", r.name)
 		}
 	}
 }
 
-// tryStart checks everything a start needs, in the order an operator would
-// fix them, and spawns the model or says what it waits for.
-func (l *loop) tryStart() {
-	m := l.cfg
-	wait := func(cause, reason string) {
-		l.cause = cause
-		l.enter(Pending, reason)
-		l.tick = l.r.d.after(recheckInterval)
+// handle steps the machine through ev and every event its effects produce
+// at once (checks, spawns), then publishes the result.
+func (l *loop) handle(ev event) {
+	was := l.m.state
+	queue := []event{ev}
+	for len(queue) > 0 {
+		ev, queue = queue[0], queue[1:]
+		for _, ef := range l.m.step(ev) {
+			if next := l.do(ef); next != nil {
+				queue = append(queue, next)
+			}
+		}
 	}
+	l.settle(was)
+}
+
+// handleEffects carries out effects not caused by an event (the first step).
+func (l *loop) handleEffects(efs []effect) {
+	was := l.m.state
+	for _, ef := range efs {
+		if next := l.do(ef); next != nil {
+			l.handle(next)
+		}
+	}
+	l.settle(was)
+}
+
+// settle keeps a failed model's last output and publishes the status.
+func (l *loop) settle(was State) {
+	if l.m.state == Failed && was != Failed {
+		l.m.lastOut = l.r.out.last(OutputLines)
+		l.r.log.Error("model failed", zap.String("reason", l.m.reason), zap.Strings("last_output", l.r.out.last(20)))
+	}
+	l.r.status.Store(l.m.status())
+	l.r.d.changed()
+}
+
+// do carries out one effect; an outcome known at once is returned as the
+// next event.
+func (l *loop) do(ef effect) event {
+	r, m := l.r, l.m
+	switch ef := ef.(type) {
+	case efCheck:
+		cause, reason := l.check()
+		return evChecked{cause: cause, reason: reason}
+	case efWant:
+		r.d.sched.Want(m.cfg, ef.seq)
+	case efDrop:
+		r.d.sched.Drop(r.name)
+	case efSpawn:
+		return l.spawn(ef.gpus)
+	case efReady:
+		r.d.sched.Ready(r.name)
+	case efProbe:
+		inst := m.inst
+		inst.tree.refresh()
+		r.publishPIDs(inst.tree)
+		go l.probe(probeJob{
+			inst: inst, health: probeURL(m.cfg), base: baseURL(m.cfg), served: m.cfg.ServedName,
+			timeout: m.cfg.Probe.Timeout, deepPeriod: m.cfg.Probe.DeepPeriod, deepTimeout: m.cfg.Probe.DeepTimeout,
+			live: ef.live,
+		})
+	case efObserve:
+		r.d.metrics.observe(r.name, ef.took, ef.err)
+	case efStop:
+		inst, grace, mainAlive := ef.inst, m.cfg.StopTimeout, ef.mainAlive
+		go func() {
+			err := inst.tree.stop(context.Background(), grace, mainAlive && !inst.exited())
+			<-inst.done // the main process is dead by now; wait for its reaping
+			l.results <- evStopped{inst: inst, err: err}
+		}()
+	case efRelease:
+		// Its GPUs stay busy until its processes have left them.
+		r.d.sched.Release(r.name, ef.inst.tree.seenPIDs(), ef.keep)
+		r.pids.Store(nil)
+	case efArm:
+		l.timers[ef.t] = r.d.after(ef.d)
+	case efDisarm:
+		l.timers[ef.t] = nil
+	default:
+		panic(fmt.Sprintf("runner: unknown effect %T", ef))
+	}
+	return nil
+}
+
+// check looks at everything a start needs, in the order an operator would
+// fix them.
+func (l *loop) check() (cause, reason string) {
+	m := l.m.cfg
 	if _, err := os.Stat(m.Path); err != nil {
-		wait(CauseStorage, fmt.Sprintf("storage: %s: %s", m.Path, errText(err)))
-		return
+		return CauseStorage, fmt.Sprintf("storage: %s: %s", m.Path, errText(err))
+	}
+	if _, err := readEnvFiles(m.EnvFiles); err != nil {
+		return CauseEnvFiles, err.Error()
+	}
+	if err := checkPort(m.Host, m.Port); err != nil {
+		return CausePort, err.Error()
+	}
+	return "", ""
+}
+
+// spawn checks again (the GPUs may have taken a while) and starts the model.
+func (l *loop) spawn(gpus []string) event {
+	r, m := l.r, l.m.cfg
+	if cause, reason := l.check(); cause != "" {
+		return evSpawned{cause: cause, reason: reason}
 	}
 	secrets, err := readEnvFiles(m.EnvFiles)
 	if err != nil {
-		wait(CauseEnvFiles, err.Error())
-		return
+		return evSpawned{cause: CauseEnvFiles, reason: err.Error()}
 	}
-	if err := checkPort(m.Host, m.Port); err != nil {
-		wait(CausePort, err.Error())
-		return
-	}
-	gpus, err := l.r.d.alloc.Place(context.Background(), m)
+	inst, err := r.spawn(m, secrets, gpus)
 	if err != nil {
-		wait(CauseGPU, err.Error())
-		return
+		return evSpawned{err: err}
 	}
-	inst, err := l.r.spawn(m, secrets, gpus)
-	if err == nil {
-		// A digest, not the values: a reload compares it with the files'
-		// contents then, to restart a model whose secret was rotated.
-		digest := envDigest(secrets)
-		l.r.envDigest.Store(&digest)
-	}
-	if err != nil {
-		l.r.d.alloc.Released(m.Name, nil, false)
-		// The program is missing or not executable: retrying in seconds
-		// would only burn the start limit. Fail now and say why.
-		l.fail(fmt.Sprintf("spawn: %s", errText(err)))
-		return
-	}
-	l.inst, l.exitSeen, l.probeOK = inst, false, nil
-	l.r.d.alloc.Started(m.Name, inst.pid)
-	l.r.publishPIDs(inst.tree)
-	l.tracker.started(inst.started)
-	l.probeFails = 0
-	l.readyAt, l.startup = time.Time{}, 0
-	l.enter(Starting, "loading")
-	l.deadline = l.r.d.after(m.Probe.StartupTimeout)
-	l.tick = l.r.d.after(min(m.Probe.Period, maxStartupPoll))
+	// A digest, not the values: a reload compares it with the files'
+	// contents then, to restart a model whose secret was rotated.
+	digest := envDigest(secrets)
+	r.envDigest.Store(&digest)
+	r.publishPIDs(inst.tree)
+	return evSpawned{inst: inst}
 }
 
 // probeJob is one check of a model, with copies of everything it needs:
-// the loop's state is the runner goroutine's alone.
+// the machine is the runner goroutine's alone.
 type probeJob struct {
 	inst                    *instance
 	health, base, served    string
@@ -288,315 +346,31 @@ type probeJob struct {
 // model's served name (vLLM binds with SO_REUSEPORT, so another server can
 // share the port unnoticed); and, when enabled and due, a one-token
 // completion (a hung engine still answers /health).
-func (l *loop) probe(ctx context.Context, j probeJob) {
-	hctx, cancel := context.WithTimeout(ctx, j.timeout)
-	start := l.r.d.now()
-	err := l.r.d.prober.Probe(hctx, j.health)
-	took := l.r.d.now().Sub(start)
+func (l *loop) probe(j probeJob) {
+	d := l.r.d
+	hctx, cancel := context.WithTimeout(context.Background(), j.timeout)
+	start := d.now()
+	err := d.prober.Probe(hctx, j.health)
+	took := d.now().Sub(start)
 	if err == nil {
-		err = l.r.d.prober.Identity(hctx, j.base, j.served)
+		err = d.prober.Identity(hctx, j.base, j.served)
 	}
 	cancel()
 	// One probe is in flight per runner, so this goroutine owns the deep
 	// probe's state now.
 	j.inst.deep.Period = j.deepPeriod
 	if err == nil && j.live && j.inst.deep.Due() {
-		dctx, cancel := context.WithTimeout(ctx, j.deepTimeout)
-		_, err = j.inst.deep.Check(dctx, l.r.d.prober, j.base, j.served)
+		dctx, cancel := context.WithTimeout(context.Background(), j.deepTimeout)
+		_, err = j.inst.deep.Check(dctx, d.prober, j.base, j.served)
 		cancel()
 	}
-	l.probeRes <- probeResult{inst: j.inst, err: err, took: took}
-}
-
-func (l *loop) onProbe(res probeResult) {
-	err := res.err
-	ok := err == nil
-	l.probeOK = &ok
-	period := l.cfg.Probe.Period
-	switch l.state {
-	case Starting:
-		if err != nil {
-			// Refused (not bound yet) or slow: still loading. Say so only
-			// when it is something else, such as a foreign server.
-			reason := "loading"
-			if _, foreign := err.(*probe.IdentityError); foreign {
-				reason = "loading; " + err.Error()
-			}
-			l.enter(Starting, reason)
-			l.tick = l.r.d.after(min(period, maxStartupPoll))
-			return
-		}
-		l.readyAt = l.r.d.now()
-		l.startup = l.readyAt.Sub(l.inst.started)
-		l.deadline = nil
-		l.r.d.alloc.Ready(l.cfg.Name)
-		l.enter(Ready, "")
-		l.tick = l.r.d.after(period)
-	case Ready, Unhealthy:
-		l.r.d.metrics.observe(l.cfg.Name, res.took, err)
-		switch {
-		case err == nil:
-			l.probeFails = 0
-			l.enter(Ready, "")
-		case probe.Fatal(err):
-			// vLLM answers /health with 5xx once its engine died; it does
-			// not recover, so waiting for the threshold only adds downtime.
-			l.restart(ReasonProbe, "engine dead: /health answered "+err.Error())
-			return
-		default:
-			l.probeFails++
-			reason := fmt.Sprintf("probe failed %d/%d: %s", l.probeFails, l.cfg.Probe.FailureThreshold, errText(err))
-			if l.probeFails >= l.cfg.Probe.FailureThreshold {
-				l.restart(ReasonProbe, reason)
-				return
-			}
-			l.enter(Unhealthy, reason)
-		}
-	}
-}
-
-// onExit handles the main process exiting on its own.
-func (l *loop) onExit() {
-	l.exitSeen = true
-	ex := l.inst.exit
-	l.lastExit = &ex
-	if l.state == Stopping {
-		return // expected: the stop in flight sees it too
-	}
-	l.r.log.Warn("model exited", zap.Int("pid", l.inst.pid), zap.String("exit", ex.desc))
-	l.beginStop(false, fmt.Sprintf("exited (%s); stopping what is left of it", ex.desc), func() {
-		l.afterFailure(ReasonExit, "exited ("+ex.desc+")")
-	})
-}
-
-// restart stops a live model for a failure (probe, startup) and restarts it
-// under the backoff and start-limit rules.
-func (l *loop) restart(why, reason string) {
-	l.r.log.Warn("restarting model", zap.String("reason", why), zap.String("detail", reason))
-	l.beginStop(true, reason, func() { l.afterFailure(why, reason) })
-}
-
-// beginStop hands the instance to a stop goroutine; then runs when it is
-// gone.
-func (l *loop) beginStop(mainAlive bool, reason string, then func()) {
-	inst := l.inst
-	l.afterStop = then
-	l.tick, l.deadline = nil, nil
-	l.enter(Stopping, reason)
-	grace := l.cfg.StopTimeout
-	go func() {
-		err := inst.tree.stop(context.Background(), grace, mainAlive && !inst.exited())
-		<-inst.done // the main process is dead by now; wait for its reaping
-		l.stopDone <- err
-	}()
-}
-
-// exited reports whether the main process has been reaped. Stop goroutines
-// use it instead of loop state, which only the runner goroutine may read.
-func (i *instance) exited() bool {
-	select {
-	case <-i.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func (l *loop) onStopped(err error) {
-	if !l.exitSeen && l.inst != nil {
-		ex := l.inst.exit
-		l.lastExit = &ex
-	}
-	// Its GPUs stay busy until its processes have left them; the claim is
-	// kept for a restart with the same settings.
-	l.r.d.alloc.Released(l.cfg.Name, l.inst.tree.seenPIDs(), !l.replaced)
-	l.replaced = false
-	l.r.pids.Store(nil)
-	l.inst, l.exitSeen = nil, false
-	if err != nil {
-		l.r.log.Error("stop incomplete", zap.Error(err))
-		l.fail("stop: " + err.Error())
-		return
-	}
-	then := l.afterStop
-	l.afterStop = nil
-	if then != nil {
-		then()
-	}
-}
-
-// afterFailure decides between backoff and failed after a failed run.
-func (l *loop) afterFailure(why, reason string) {
-	l.restarts[why]++
-	var readyFor time.Duration
-	if !l.readyAt.IsZero() {
-		readyFor = l.r.d.now().Sub(l.readyAt)
-	}
-	delay, failed := l.tracker.afterFailure(l.cfg.Restart, l.r.d.now(), readyFor, l.r.d.jitter())
-	if l.hold {
-		l.enter(Stopped, "held stopped by operator")
-		return
-	}
-	if failed {
-		l.fail(fmt.Sprintf("start limit: %d starts within %s; last: %s", l.cfg.Restart.Burst, l.cfg.Restart.Interval, reason))
-		return
-	}
-	l.enter(Backoff, fmt.Sprintf("%s; restarting in %s", reason, delay.Round(time.Millisecond)))
-	l.tick = l.r.d.after(delay)
-}
-
-// fail enters failed, keeping the last output for the operator.
-func (l *loop) fail(reason string) {
-	l.lastOut = l.r.out.last(OutputLines)
-	l.enter(Failed, reason)
-	l.r.log.Error("model failed", zap.String("reason", reason), zap.Strings("last_output", l.r.out.last(20)))
-	if d := l.cfg.Restart.RetryFailedAfter; d > 0 {
-		l.tick = l.r.d.after(d)
-	}
-}
-
-// handle applies an operator's or a reload's request.
-func (l *loop) handle(req request) error {
-	switch req.op {
-	case "start":
-		l.hold = false
-		switch l.state {
-		case Stopped, Failed, Backoff:
-			l.tracker.reset()
-			l.enterPending("started by operator")
-		case Stopping:
-			l.afterStop = func() { l.enterPending("started by operator") }
-		}
-	case "stop":
-		l.hold = true
-		l.stopHeld("held stopped by operator")
-	case "restart":
-		l.hold = false
-		l.tracker.reset()
-		l.restarts[ReasonManual]++
-		l.respawn("restarted by operator")
-	case "reset":
-		l.hold = false
-		l.tracker.reset()
-		switch l.state {
-		case Failed, Backoff, Stopped:
-			l.enterPending("reset by operator")
-		}
-	case "update":
-		old := l.cfg
-		l.cfg = req.cfg
-		switch {
-		case !req.cfg.Enabled:
-			l.hold = true
-			l.stopHeld("enabled: false")
-		case req.kind == config.Respawn:
-			l.hold = false
-			if old.Enabled {
-				l.restarts[ReasonReload]++
-			}
-			l.tracker.reset()
-			// New settings may need other GPUs: place it afresh.
-			l.replaced = l.inst != nil
-			if l.inst == nil {
-				l.r.d.alloc.Drop(l.cfg.Name)
-			}
-			l.respawn("configuration changed")
-		}
-	default:
-		return fmt.Errorf("unknown operation %q", req.op)
-	}
-	return nil
-}
-
-// stopHeld stops the model and holds it stopped.
-func (l *loop) stopHeld(reason string) {
-	switch l.state {
-	case Starting, Ready, Unhealthy:
-		l.beginStop(true, "stopping: "+reason, func() { l.enter(Stopped, reason) })
-	case Stopping:
-		l.afterStop = func() { l.enter(Stopped, reason) }
-	default:
-		l.tick = nil
-		l.enter(Stopped, reason)
-	}
-}
-
-// respawn gracefully stops a live model and starts it again at once.
-func (l *loop) respawn(reason string) {
-	switch l.state {
-	case Starting, Ready, Unhealthy:
-		l.beginStop(true, "stopping: "+reason, func() { l.enterPending(reason) })
-	case Stopping:
-		l.afterStop = func() { l.enterPending(reason) }
-	default:
-		l.enterPending(reason)
-	}
-}
-
-// shutdown stops the model's processes when the daemon exits.
-func (l *loop) shutdown() {
-	if l.inst == nil {
-		l.enter(Stopped, "supervisor shutting down")
-		return
-	}
-	if l.state != Stopping {
-		l.enter(Stopping, "supervisor shutting down")
-		inst, grace := l.inst, l.cfg.StopTimeout
-		go func() {
-			err := inst.tree.stop(context.Background(), grace, !inst.exited())
-			<-inst.done
-			l.stopDone <- err
-		}()
-	}
-	if err := <-l.stopDone; err != nil {
-		l.r.log.Error("stop incomplete at shutdown", zap.Error(err))
-	}
-	l.r.d.alloc.Released(l.cfg.Name, l.inst.tree.seenPIDs(), false)
-	l.r.pids.Store(nil)
-	l.inst = nil
-	l.enter(Stopped, "supervisor shut down")
+	l.results <- evProbed{inst: j.inst, err: err, took: took}
 }
 
 // publishPIDs makes the instance's processes known for GPU attribution.
 func (r *runner) publishPIDs(t *tree) {
 	p := t.pids()
 	r.pids.Store(&p)
-}
-
-func (l *loop) publish() {
-	s := &Status{
-		Name:             l.cfg.Name,
-		State:            l.state,
-		Reason:           l.reason,
-		Port:             l.cfg.Port,
-		Since:            l.since,
-		Enabled:          l.cfg.Enabled,
-		ReadyAt:          l.readyAt,
-		StartupDuration:  l.startup,
-		StartupSeconds:   l.startup.Seconds(),
-		RestartsByReason: maps.Clone(l.restarts),
-	}
-	for _, n := range l.restarts {
-		s.Restarts += n
-	}
-	if l.inst != nil {
-		s.PID, s.StartedAt, s.GPUs = l.inst.pid, l.inst.started, l.inst.gpus
-	}
-	if l.lastExit != nil {
-		code := l.lastExit.code
-		s.LastExitCode, s.LastExit = &code, l.lastExit.desc
-	}
-	if l.state == Failed {
-		s.LastOutput = l.lastOut
-	}
-	if l.state == Pending {
-		s.PendingCause = l.cause
-	}
-	if l.inst != nil && l.probeOK != nil {
-		ok := *l.probeOK
-		s.ProbeSuccess = &ok
-	}
-	l.r.status.Store(s)
 }
 
 // baseURL is where the model serves. A model bound to a wildcard address is

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -73,13 +74,16 @@ type Options struct {
 	After func(time.Duration) <-chan time.Time
 	// Jitter returns a number in [0,1) for restart-delay jitter.
 	Jitter func() float64
+	// Heartbeat is how often Run's loop proves it is alive (Alive). It must
+	// be well below the systemd watchdog's half interval; 0 means 1s.
+	Heartbeat time.Duration
 }
 
 // deps is what every runner shares. It is built once and never changes.
 type deps struct {
 	id      string
 	log     *zap.Logger
-	alloc   *allocator
+	sched   *scheduler
 	prober  Prober
 	reaper  *Reaper
 	environ []string
@@ -88,15 +92,17 @@ type deps struct {
 	after   func(time.Duration) <-chan time.Time
 	jitter  func() float64
 	metrics *metrics
+	changed func() // a model's status changed
 }
 
 // Supervisor runs every configured model.
 type Supervisor struct {
-	d       *deps
-	cfg     atomic.Pointer[config.Config]
-	runners atomic.Pointer[[]*runner] // sorted by name; replaced whole
-	applyCh chan applyReq
-	ready   chan struct{}
+	d         *deps
+	cfg       atomic.Pointer[config.Config]
+	runners   atomic.Pointer[[]*runner] // sorted by name; replaced whole
+	applyCh   chan applyReq
+	ready     chan struct{}
+	heartbeat time.Duration
 
 	beat     atomic.Int64 // unix nanoseconds of the main loop's last turn
 	reloadOK atomic.Bool  // the last configuration load succeeded
@@ -105,7 +111,15 @@ type Supervisor struct {
 
 type applyReq struct {
 	cfg  *config.Config
-	done chan []config.Change
+	done chan applied
+}
+
+// applied is the main loop's answer to a reload: the changes made, and the
+// removed models' runners, whose stops the caller waits for (the loop does
+// not).
+type applied struct {
+	changes []config.Change
+	removed []*runner
 }
 
 // New builds a Supervisor for cfg. Its identity, which marks every child it
@@ -127,6 +141,7 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		after:   o.After,
 		jitter:  o.Jitter,
 		metrics: newMetrics(),
+		changed: func() {},
 	}
 	if d.output == nil {
 		d.output = func(log *zap.Logger, _, _, line string) { log.Info(line) }
@@ -140,34 +155,34 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 	if d.jitter == nil {
 		d.jitter = rand.Float64
 	}
-	s := &Supervisor{d: d, applyCh: make(chan applyReq), ready: make(chan struct{})}
+	s := &Supervisor{d: d, applyCh: make(chan applyReq), ready: make(chan struct{}), heartbeat: cmp.Or(o.Heartbeat, time.Second)}
 	if o.GPUs == nil && o.NoGPUs == "" {
 		o.NoGPUs = "gpu.backend is " + cfg.GPU.Backend + ": no GPU readings"
 	}
-	d.alloc = newAllocator(cfg, o.GPUs, o.NoGPUs, d)
-	gpuStatus := "ok"
-	if o.GPUs == nil && cfg.GPU.Backend == "sim" {
-		// The sim backend shows running models' shares, which only the
-		// allocator knows.
-		d.alloc.reader = gpu.NewSim(cfg.GPU, d.alloc.SimUses)
-	} else if o.GPUs == nil {
+	reader, gpuStatus := o.GPUs, "ok"
+	if reader == nil && cfg.GPU.Backend == "sim" {
+		// The sim backend finds the models' processes on its GPUs itself,
+		// as a driver would.
+		reader = gpu.NewSim(cfg.GPU, nil)
+	} else if reader == nil {
 		gpuStatus = cmp.Or(o.GPUStatus, "disabled")
 	}
+	d.sched = newScheduler(cfg, reader, o.NoGPUs, d.log, d.now)
 	s.reloadOK.Store(true)
 	s.reloadAt.Store(d.now().Unix())
 	s.beat.Store(d.now().UnixNano())
 	if o.Registerer != nil {
 		for _, c := range []prometheus.Collector{
 			d.metrics.probeDuration, d.metrics.probeFailures, newModelCollector(s),
-			gpu.NewCollector(cfg.GPU.Backend, gpuStatus, d.alloc.reader, s.owners),
+			gpu.NewCollector(cfg.GPU.Backend, gpuStatus, reader, s.owners),
 		} {
 			if err := o.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("register metrics: %w", err)
 			}
 		}
 	}
-	d.alloc.owners = s.owners
-	d.alloc.wake = s.wake
+	d.sched.owners = s.owners
+	d.sched.deliver = s.deliver
 	s.cfg.Store(cfg)
 	empty := []*runner{}
 	s.runners.Store(&empty)
@@ -187,6 +202,10 @@ func Identity(socket string) string {
 // running, starts every model, and serves requests until ctx ends. Then it
 // stops every model in parallel, each within its stop_timeout, and returns
 // once all their processes are gone.
+//
+// Its loop owns the set of runners and never waits on one: a reload's
+// removed models stop on their own goroutines, and the caller of Apply
+// waits for them. So the heartbeat (Alive) means the loop turns.
 func (s *Supervisor) Run(ctx context.Context) error {
 	cfg := s.cfg.Load()
 	unlock, err := lockIdentity(cfg.ControlSocket)
@@ -195,11 +214,11 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	}
 	defer unlock()
 	s.stopLeftovers(cfg)
-	// The allocator outlives every runner: their last act is to release
+	// The scheduler outlives every runner: their last act is to release
 	// their GPUs.
-	allocCtx, stopAlloc := context.WithCancel(context.Background())
-	go s.d.alloc.run(allocCtx)
-	defer func() { stopAlloc(); <-s.d.alloc.stopped }()
+	schedCtx, stopSched := context.WithCancel(context.Background())
+	go s.d.sched.run(schedCtx)
+	defer func() { stopSched(); <-s.d.sched.stopped }()
 	// Runners outlive ctx's cancellation only as long as their stops take.
 	g, gctx := errgroup.WithContext(context.WithoutCancel(ctx))
 	runCtx, stopAll := context.WithCancel(gctx)
@@ -209,6 +228,8 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	startRunner := func(m config.Model) {
 		r := newRunner(m, s.d)
 		byName[m.Name] = r
+		// Listed before it runs: the scheduler's answers find it.
+		s.publishRunners(byName)
 		rctx, cancel := context.WithCancel(runCtx)
 		r.cancel = cancel
 		g.Go(func() error {
@@ -217,7 +238,9 @@ func (s *Supervisor) Run(ctx context.Context) error {
 			return nil
 		})
 	}
-	s.d.alloc.Expect(cfg.Models)
+	// Every model's want is declared before any runner checks: the order in
+	// which their checks finish must not decide who gets the GPUs.
+	s.d.sched.Expect(cfg.Models)
 	for _, m := range cfg.Models {
 		startRunner(m)
 	}
@@ -225,7 +248,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	close(s.ready)
 	s.d.log.Info("supervisor running", zap.Int("models", len(cfg.Models)), zap.String("identity", s.d.id))
 
-	beat := time.NewTicker(heartbeat)
+	beat := time.NewTicker(s.heartbeat)
 	defer beat.Stop()
 	for {
 		select {
@@ -236,32 +259,38 @@ func (s *Supervisor) Run(ctx context.Context) error {
 			stopAll()
 			return g.Wait()
 		case req := <-s.applyCh:
+			s.beat.Store(s.d.now().UnixNano())
 			changes := s.envChanges(config.Diff(s.cfg.Load(), req.cfg), req.cfg, byName)
+			var added []config.Model
+			for _, c := range changes {
+				if c.Kind == config.Added {
+					m, _ := req.cfg.Model(c.Name)
+					added = append(added, m)
+				}
+			}
+			s.d.sched.Expect(added)
 			var removed []*runner
 			for _, c := range changes {
 				m, _ := req.cfg.Model(c.Name)
 				switch c.Kind {
 				case config.Added:
-					s.d.alloc.Expect([]config.Model{m})
 					startRunner(m)
 				case config.Removed:
 					r := byName[c.Name]
 					delete(byName, c.Name)
+					// Its claim holds its GPUs until its processes are
+					// gone: nothing is placed there before.
 					r.cancel()
 					removed = append(removed, r)
 					s.d.metrics.forget(c.Name)
 				case config.Respawn, config.Update:
-					byName[c.Name].send(ctx, request{op: "update", cfg: m, kind: c.Kind})
+					byName[c.Name].mail.put(message{ev: evConfig{cfg: m, kind: c.Kind}})
 				}
-			}
-			// A removed model's GPU memory must be back before anything
-			// is placed there, so the swap waits for its stop.
-			for _, r := range removed {
-				<-r.stopped
 			}
 			s.cfg.Store(req.cfg)
 			s.publishRunners(byName)
-			req.done <- changes
+			s.d.changed()
+			req.done <- applied{changes: changes, removed: removed}
 		}
 	}
 }
@@ -293,9 +322,6 @@ func (s *Supervisor) envChanges(changes []config.Change, cfg *config.Config, byN
 	return changes
 }
 
-// heartbeat is how often Run's loop proves it is alive.
-const heartbeat = time.Second
-
 // Alive reports whether Run's loop turned within maxAge: /healthz and the
 // systemd watchdog ask it, so a wedged loop is seen from outside.
 func (s *Supervisor) Alive(maxAge time.Duration) bool {
@@ -310,20 +336,29 @@ func (s *Supervisor) Config() *config.Config { return s.cfg.Load() }
 
 // Apply swaps in a new, validated configuration: added models start,
 // removed ones stop, changed ones restart, the rest are untouched. It
-// returns the changes made, after removed models have stopped.
+// returns the changes made, after removed models have stopped (or ctx
+// ended: they go on stopping).
 func (s *Supervisor) Apply(ctx context.Context, cfg *config.Config) ([]config.Change, error) {
-	req := applyReq{cfg: cfg, done: make(chan []config.Change, 1)}
+	req := applyReq{cfg: cfg, done: make(chan applied, 1)}
 	select {
 	case s.applyCh <- req:
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+	var a applied
 	select {
-	case ch := <-req.done:
-		return ch, nil
+	case a = <-req.done:
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+	for _, r := range a.removed {
+		select {
+		case <-r.stopped:
+		case <-ctx.Done():
+			return a.changes, fmt.Errorf("removed model %s still stopping: %w", r.name, ctx.Err())
+		}
+	}
+	return a.changes, nil
 }
 
 // ReloadFile loads the configuration at path and applies it, as SIGHUP and
@@ -369,23 +404,18 @@ func (s *Supervisor) owners() map[int]string {
 	return out
 }
 
-// wake nudges a pending model to try again now.
-func (s *Supervisor) wake(name string) {
+// deliver hands the scheduler's answer to the model's runner. A runner
+// removed since has no use for it.
+func (s *Supervisor) deliver(name string, p placement) {
 	for _, r := range *s.runners.Load() {
 		if r.name == name {
-			select {
-			case r.wake <- struct{}{}:
-			default:
-			}
+			r.mail.place(p)
 		}
 	}
 }
 
-// GPUs lists the host's GPUs with the models placed on each.
-func (s *Supervisor) GPUs(ctx context.Context) ([]GPUView, error) { return s.d.alloc.Views(ctx) }
-
-// SimUses is what the sim GPU backend shows as used by running models.
-func (s *Supervisor) SimUses() []gpu.SimUse { return s.d.alloc.SimUses() }
+// GPUs lists the host's GPUs, as last read, with the models placed on each.
+func (s *Supervisor) GPUs(context.Context) ([]GPUView, error) { return s.d.sched.Views() }
 
 func (s *Supervisor) publishRunners(byName map[string]*runner) {
 	list := make([]*runner, 0, len(byName))
@@ -436,12 +466,10 @@ func (s *Supervisor) lookup(names []string) ([]*runner, error) {
 	return out, nil
 }
 
-// Do sends op (start, stop, restart, reset) to the named models ("all" for
-// every one) concurrently, and returns one error per model (nil on success).
-func (s *Supervisor) Do(ctx context.Context, op string, names ...string) (map[string]error, error) {
-	switch op {
-	case "start", "stop", "restart", "reset":
-	default:
+// Do sends op to the named models ("all" for every one) and returns one
+// error per model (nil once the model has taken it).
+func (s *Supervisor) Do(ctx context.Context, op Op, names ...string) (map[string]error, error) {
+	if !slices.Contains(Ops, op) {
 		return nil, fmt.Errorf("unknown operation %q", op)
 	}
 	rs, err := s.lookup(names)
@@ -453,7 +481,7 @@ func (s *Supervisor) Do(ctx context.Context, op string, names ...string) (map[st
 	var wg sync.WaitGroup
 	for _, r := range rs {
 		wg.Go(func() {
-			err := r.send(ctx, request{op: op})
+			err := r.send(ctx, evOp{op: op})
 			mu.Lock()
 			out[r.name] = err
 			mu.Unlock()
@@ -480,17 +508,4 @@ func (s *Supervisor) Follow(name string) (<-chan string, func(), error) {
 	}
 	ch, cancel := rs[0].out.subscribe(256)
 	return ch, cancel, nil
-}
-
-// send delivers a request to the runner and waits for it to be applied.
-func (r *runner) send(ctx context.Context, req request) error {
-	req.done = make(chan error, 1)
-	select {
-	case r.reqs <- req:
-	case <-r.stopped:
-		return fmt.Errorf("model %s is shutting down", r.name)
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-	return <-req.done
 }

@@ -102,6 +102,9 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		NoGPUs:     noGPUs,
 		GPUStatus:  gpuStatus,
 		Registerer: reg,
+		// The watchdog pings only while the main loop beats; it must beat
+		// well within the ping interval however short WatchdogSec is.
+		Heartbeat: systemd.Heartbeat(systemd.WatchdogInterval()),
 	}
 	if nv != nil {
 		defer nv.Close() //nolint:errcheck // exiting

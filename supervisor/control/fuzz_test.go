@@ -15,7 +15,7 @@ import (
 // okBackend accepts every operation on models a and b.
 type okBackend struct{ nobackend }
 
-func (okBackend) Do(_ context.Context, _ string, names ...string) (map[string]error, error) {
+func (okBackend) Do(_ context.Context, _ supervisor.Op, names ...string) (map[string]error, error) {
 	out := map[string]error{}
 	for _, n := range names {
 		if n != "a" && n != "b" && n != "all" {

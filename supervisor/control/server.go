@@ -24,7 +24,7 @@ import (
 // Backend is what the server needs of the supervisor.
 type Backend interface {
 	Status(names ...string) ([]supervisor.Status, error)
-	Do(ctx context.Context, op string, names ...string) (map[string]error, error)
+	Do(ctx context.Context, op supervisor.Op, names ...string) (map[string]error, error)
 	Output(name string, n int) ([]string, error)
 	Follow(name string) (<-chan string, func(), error)
 	GPUs(ctx context.Context) ([]supervisor.GPUView, error)
@@ -201,7 +201,7 @@ func (s *Server) op(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "name at least one model, or all")
 		return
 	}
-	res, err := s.o.Backend.Do(r.Context(), op, req.Models...)
+	res, err := s.o.Backend.Do(r.Context(), supervisor.Op(op), req.Models...)
 	if err != nil {
 		writeBackendError(w, err)
 		return

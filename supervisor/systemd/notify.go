@@ -55,6 +55,26 @@ func monotonicUsec() int64 {
 	return ts.Nano() / 1000
 }
 
+// WatchdogInterval is systemd's watchdog interval for this process
+// (WATCHDOG_USEC), or 0 without one.
+func WatchdogInterval() time.Duration {
+	d, err := daemon.SdWatchdogEnabled(false)
+	if err != nil {
+		return 0
+	}
+	return d
+}
+
+// Heartbeat is how often the supervisor's main loop must prove it is alive
+// for the watchdog: a quarter of the interval (at most a second), so a loop
+// that turns is always seen alive at each ping, however short WatchdogSec.
+func Heartbeat(watchdog time.Duration) time.Duration {
+	if watchdog <= 0 {
+		return time.Second
+	}
+	return min(time.Second, watchdog/4)
+}
+
 // Watchdog pings systemd's watchdog at half of WATCHDOG_USEC while alive
 // says the supervisor's main loop turned within the watchdog interval. A
 // stuck loop gets no ping, and systemd kills and restarts the daemon: a

@@ -1,0 +1,320 @@
+package gpu
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"citadel-supervisor/config"
+)
+
+// Phase is where a claim on GPU memory stands.
+type Phase int
+
+const (
+	// Starting: granted, the model is loading. Nothing else starts on its
+	// GPUs (vLLM's memory profiling breaks under concurrent starts).
+	Starting Phase = iota
+	// Running: the model is ready.
+	Running
+	// Releasing: the model was stopped; its GPUs stay busy until none of
+	// its processes is on them any more, or the release timeout passes.
+	Releasing
+	// Reserved: between a stop and the restart that follows it (backoff, a
+	// restart, a reload that keeps the placement): the memory is kept for
+	// the model.
+	Reserved
+)
+
+func (p Phase) String() string {
+	return [...]string{"starting", "running", "releasing", "reserved"}[p]
+}
+
+// Want is a model asking for GPUs.
+type Want struct {
+	Request
+	// Checking: the model's pre-start checks (storage, env files, port)
+	// have not finished. It takes nothing yet, but lower-priority models
+	// wait for it, so that the order of start-up checks never decides who
+	// is resident.
+	Checking bool
+}
+
+// Claim is GPU memory granted to a model.
+type Claim struct {
+	Name  string
+	Req   Request  // what it was granted for: a reservation is reused only for the same
+	UUIDs []string // the GPUs granted
+	Phase Phase
+	// PIDs are the model's processes: their memory on the claim's GPUs is
+	// what it has allocated of its share already. While releasing, they
+	// are the processes that must leave the GPUs.
+	PIDs  []int
+	Since time.Time // when the phase began
+	// Keep: when the release completes, stay reserved for a restart.
+	Keep bool
+}
+
+// Input is everything a decision depends on.
+type Input struct {
+	Wants   []Want
+	Claims  []Claim
+	Devices []Device
+	// ReadErr, when set, says the latest reading failed (Devices are the
+	// last good one): every want waits, and releases complete only by
+	// their timeout.
+	ReadErr        string
+	Headroom       config.ByteSize
+	ReleaseTimeout time.Duration
+	Now            time.Time
+	// Notes are earlier notes by GPU UUID (a release that timed out), kept
+	// until something is placed there.
+	Notes map[string]string
+}
+
+// Outcome is what Decide decided.
+type Outcome struct {
+	// Grants are the wants that may start now, with their GPU UUIDs.
+	Grants map[string][]string
+	// Waits say why each other want must wait.
+	Waits map[string]string
+	// Claims are the claims after the decision: completed releases gone
+	// (or turned into reservations), unusable reservations dropped, grants
+	// added as Starting.
+	Claims []Claim
+	// Notes by GPU UUID, for operators.
+	Notes map[string]string
+	// Log lists what happened that an operator should read in the log.
+	Log []string
+}
+
+// Decide is the scheduler's rule, a pure function of its input:
+//
+//  1. A release completes when none of its processes holds memory on its
+//     GPUs any more, or after the release timeout (then the GPUs get a
+//     note). A completed release with Keep becomes a reservation.
+//  2. Wants are taken by priority, higher first, ties by name.
+//  3. A want behind a higher-priority want that is still Checking waits.
+//  4. A want with a reservation gets the same GPUs once no other model is
+//     starting there, if it asks for the same thing and the GPUs are up;
+//     otherwise the reservation is dropped and it is placed afresh.
+//  5. A want whose release is in progress waits for it.
+//  6. Otherwise gpu.Fit places it on free memory minus what every claim
+//     has not allocated yet; each grant is claimed before the next want
+//     is looked at, so lower-priority wants may use what higher ones
+//     cannot, and two wants never get the same memory.
+func Decide(in Input) Outcome {
+	out := Outcome{Grants: map[string][]string{}, Waits: map[string]string{}, Notes: map[string]string{}}
+	for u, n := range in.Notes {
+		out.Notes[u] = n
+	}
+	wanted := map[string]Want{}
+	for _, w := range in.Wants {
+		wanted[w.Name] = w
+	}
+	up := map[string]bool{}
+	for _, d := range in.Devices {
+		up[d.UUID] = d.Up
+	}
+
+	// 1 and 4: settle releases and drop reservations that cannot serve.
+	claims := map[string]*Claim{}
+	for _, c := range in.Claims {
+		c := c
+		if c.Phase == Releasing {
+			left := onGPUs(in.Devices, c.UUIDs, c.PIDs)
+			if in.ReadErr != "" {
+				left = c.PIDs // unknown: assume still there
+			}
+			timedOut := in.Now.Sub(c.Since) >= in.ReleaseTimeout
+			if len(left) > 0 && !timedOut {
+				claims[c.Name] = &c
+				continue
+			}
+			if len(left) > 0 {
+				note := fmt.Sprintf("%s's processes %v still held memory after release_timeout %s", c.Name, left, in.ReleaseTimeout)
+				for _, u := range c.UUIDs {
+					out.Notes[u] = note
+				}
+				out.Log = append(out.Log, "GPU memory not released in time; placing anyway: "+note)
+			}
+			if !c.Keep {
+				continue
+			}
+			c.Phase, c.PIDs, c.Since = Reserved, nil, in.Now
+		}
+		if c.Phase == Reserved {
+			if w, ok := wanted[c.Name]; ok && !w.Checking && !reusable(c, w.Request, up) {
+				out.Log = append(out.Log, fmt.Sprintf("%s: its reserved GPUs no longer fit what it asks for; placing it afresh", c.Name))
+				continue
+			}
+		}
+		claims[c.Name] = &c
+	}
+
+	slots := Slots(in.Devices, claims, out.Notes)
+	order := slices.Clone(in.Wants)
+	slices.SortStableFunc(order, func(a, b Want) int { return compareRequests(a.Request, b.Request) })
+	var checking []string
+	for _, w := range order {
+		if w.Checking {
+			checking = append(checking, w.Name)
+			continue
+		}
+		if c := claims[w.Name]; c != nil {
+			switch c.Phase {
+			case Releasing:
+				out.Waits[w.Name] = fmt.Sprintf("waiting for its previous run's GPU memory to be released (%s)", indexes(slots, c.UUIDs))
+				continue
+			case Reserved:
+				if busy := busyOn(slots, c.UUIDs); busy != "" {
+					out.Waits[w.Name] = "waiting for " + busy
+					continue
+				}
+				c.Phase, c.Since = Starting, in.Now
+				markBusy(slots, c.UUIDs, w.Name)
+				out.Grants[w.Name] = slices.Clone(c.UUIDs)
+				continue
+			default: // granted already: the same answer again
+				out.Grants[w.Name] = slices.Clone(c.UUIDs)
+				continue
+			}
+		}
+		if len(checking) > 0 {
+			out.Waits[w.Name] = fmt.Sprintf("waiting for higher-priority models to be placed first (%s)", strings.Join(checking, ", "))
+			continue
+		}
+		if in.ReadErr != "" {
+			out.Waits[w.Name] = "GPU readings failed: " + in.ReadErr
+			continue
+		}
+		if len(slots) == 0 {
+			out.Waits[w.Name] = "no GPU readings yet"
+			continue
+		}
+		d := Fit(w.Request, slots, in.Headroom)
+		if d.GPUs == nil {
+			out.Waits[w.Name] = d.Reason
+			continue
+		}
+		c := &Claim{Name: w.Name, Req: w.Request, Phase: Starting, Since: in.Now}
+		for _, i := range d.GPUs {
+			c.UUIDs = append(c.UUIDs, slots[i].UUID)
+			slots[i].Claimed += Share(w.Util, slots[i].MemoryTotal)
+			slots[i].Busy = w.Name + " is starting"
+			delete(out.Notes, slots[i].UUID)
+		}
+		claims[w.Name] = c
+		out.Grants[w.Name] = slices.Clone(c.UUIDs)
+	}
+	for _, name := range sortedNames(claims) {
+		out.Claims = append(out.Claims, *claims[name])
+	}
+	return out
+}
+
+// Slots lays claims over the readings: a claim counts for the part of its
+// share its processes have not allocated yet (a loaded model's memory is
+// not counted twice), and a starting or releasing claim makes its GPUs
+// busy.
+func Slots(devs []Device, claims map[string]*Claim, notes map[string]string) []Slot {
+	out := make([]Slot, len(devs))
+	for i, d := range devs {
+		out[i] = Slot{Device: d, Note: notes[d.UUID]}
+	}
+	for _, name := range sortedNames(claims) {
+		c := claims[name]
+		for i := range out {
+			s := &out[i]
+			if !slices.Contains(c.UUIDs, s.UUID) {
+				continue
+			}
+			share := Share(c.Req.Util, s.MemoryTotal)
+			var used uint64
+			for _, p := range s.Processes {
+				if slices.Contains(c.PIDs, p.PID) {
+					used += p.UsedMemory
+				}
+			}
+			s.Claimed += share - min(used, share)
+			switch c.Phase {
+			case Starting:
+				s.Busy = name + " is starting"
+			case Releasing:
+				s.Busy = name + "'s memory is being released"
+			}
+		}
+	}
+	return out
+}
+
+// reusable reports whether reservation c can serve r: the same request
+// and every GPU still up.
+func reusable(c Claim, r Request, up map[string]bool) bool {
+	if c.Req.TP != r.TP || c.Req.Util != r.Util || !slices.Equal(c.Req.Pins, r.Pins) {
+		return false
+	}
+	for _, u := range c.UUIDs {
+		if !up[u] {
+			return false
+		}
+	}
+	return true
+}
+
+func busyOn(slots []Slot, uuids []string) string {
+	for _, s := range slots {
+		if slices.Contains(uuids, s.UUID) && s.Busy != "" {
+			return fmt.Sprintf("GPU%d: %s", s.Index, s.Busy)
+		}
+	}
+	return ""
+}
+
+func markBusy(slots []Slot, uuids []string, name string) {
+	for i := range slots {
+		if slices.Contains(uuids, slots[i].UUID) {
+			slots[i].Busy = name + " is starting"
+		}
+	}
+}
+
+func indexes(slots []Slot, uuids []string) string {
+	var out []string
+	for _, s := range slots {
+		if slices.Contains(uuids, s.UUID) {
+			out = append(out, fmt.Sprintf("GPU%d", s.Index))
+		}
+	}
+	if len(out) == 0 {
+		return strings.Join(uuids, ", ")
+	}
+	return strings.Join(out, ", ")
+}
+
+// onGPUs returns the pids still holding memory on any of uuids.
+func onGPUs(devs []Device, uuids []string, pids []int) []int {
+	var out []int
+	for _, d := range devs {
+		if !slices.Contains(uuids, d.UUID) {
+			continue
+		}
+		for _, p := range d.Processes {
+			if slices.Contains(pids, p.PID) && !slices.Contains(out, p.PID) {
+				out = append(out, p.PID)
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+func sortedNames(m map[string]*Claim) []string {
+	out := make([]string, 0, len(m))
+	for n := range m {
+		out = append(out, n)
+	}
+	slices.Sort(out)
+	return out
+}

@@ -1,0 +1,200 @@
+package gpu
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"citadel-supervisor/config"
+)
+
+var now = time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+
+// devs is two 80 GiB GPUs, GPU-0 and GPU-1, with used memory per GPU and
+// the processes on them.
+func devs(used ...config.ByteSize) []Device {
+	out := make([]Device, 2)
+	for i := range out {
+		var u uint64
+		if i < len(used) {
+			u = uint64(used[i])
+		}
+		out[i] = Device{Index: i, UUID: fmt.Sprintf("GPU-%d", i), MemoryTotal: uint64(80 * config.GiB), MemoryUsed: u, MemoryFree: uint64(80*config.GiB) - u, Up: true, Processes: []Process{}}
+	}
+	return out
+}
+
+func withProc(d []Device, i, pid int, used config.ByteSize) []Device {
+	d[i].Processes = append(d[i].Processes, Process{PID: pid, UsedMemory: uint64(used)})
+	d[i].MemoryUsed += uint64(used)
+	d[i].MemoryFree -= uint64(used)
+	return d
+}
+
+func want(name string, prio int, util float64, tp int) Want {
+	return Want{Request: Request{Name: name, Priority: prio, TP: tp, Util: util}}
+}
+
+// outcome writes an Outcome as sorted "name: GPUs" or "name: reason" lines
+// plus the claims' phases.
+func outcome(o Outcome) string {
+	var lines []string
+	for n, g := range o.Grants {
+		lines = append(lines, fmt.Sprintf("%s: %v", n, g))
+	}
+	for n, r := range o.Waits {
+		lines = append(lines, n+": "+r)
+	}
+	slices.Sort(lines)
+	var claims []string
+	for _, c := range o.Claims {
+		claims = append(claims, fmt.Sprintf("%s=%s%v", c.Name, c.Phase, c.UUIDs))
+	}
+	return strings.Join(lines, "\n") + "\nclaims: " + strings.Join(claims, " ")
+}
+
+func TestDecide(t *testing.T) {
+	mixtral := Request{Name: "mixtral", Priority: 100, TP: 2, Util: 0.9}
+	cases := []struct {
+		name string
+		in   Input
+		want string
+	}{{
+		name: "priority first; lower ones take what is left",
+		in: Input{Devices: devs(), Wants: []Want{
+			want("phi3", 30, 0.6, 1), {Request: mixtral}, want("coder", 40, 0.8, 1),
+		}},
+		want: "coder: needs 65.0 GiB on 1 GPU; free 8.0 GiB (GPU0), 8.0 GiB (GPU1)\nmixtral: [GPU-0 GPU-1]\nphi3: needs 49.0 GiB on 1 GPU; free 8.0 GiB (GPU0), 8.0 GiB (GPU1)\nclaims: mixtral=starting[GPU-0 GPU-1]",
+	}, {
+		name: "starts on one GPU are serialised",
+		in:   Input{Devices: devs()[:1], Wants: []Want{want("a", 0, 0.2, 1), want("b", 0, 0.2, 1)}},
+		want: "a: [GPU-0]\nb: waiting for GPU0: a is starting\nclaims: a=starting[GPU-0]",
+	}, {
+		name: "a higher-priority model still checking holds lower ones back",
+		in: Input{Devices: devs(), Wants: []Want{
+			want("phi3", 30, 0.6, 1), {Request: mixtral, Checking: true},
+		}},
+		want: "phi3: waiting for higher-priority models to be placed first (mixtral)\nclaims: ",
+	}, {
+		name: "a lower-priority model still checking holds nothing back",
+		in: Input{Devices: devs(), Wants: []Want{
+			{Request: Request{Name: "phi3", Priority: 30, TP: 1, Util: 0.6}, Checking: true}, {Request: mixtral},
+		}},
+		want: "mixtral: [GPU-0 GPU-1]\nclaims: mixtral=starting[GPU-0 GPU-1]",
+	}, {
+		name: "a claim counts until its processes allocated it",
+		in: Input{
+			Devices: withProc(devs(), 0, 7, 10*config.GiB),
+			Claims:  []Claim{{Name: "a", Req: Request{Name: "a", TP: 1, Util: 0.5}, UUIDs: []string{"GPU-0"}, Phase: Running, PIDs: []int{7}}},
+			Wants:   []Want{want("b", 0, 0.6, 1)},
+		},
+		// GPU-0: 70 free − (40 − 10 allocated) claimed = 40 < 49: b goes to GPU-1.
+		want: "b: [GPU-1]\nclaims: a=running[GPU-0] b=starting[GPU-1]",
+	}, {
+		name: "a release waits for the processes to leave the GPUs",
+		in: Input{
+			Devices:        withProc(devs(), 0, 7, 40*config.GiB),
+			Claims:         []Claim{{Name: "old", Req: Request{Name: "old", TP: 1, Util: 0.5}, UUIDs: []string{"GPU-0"}, Phase: Releasing, PIDs: []int{7}, Since: now.Add(-time.Second)}},
+			Wants:          []Want{want("old", 0, 0.5, 1)},
+			ReleaseTimeout: time.Minute, Now: now,
+		},
+		want: "old: waiting for its previous run's GPU memory to be released (GPU0)\nclaims: old=releasing[GPU-0]",
+	}, {
+		name: "a completed release with keep is reserved, and reused at once",
+		in: Input{
+			Devices:        devs(),
+			Claims:         []Claim{{Name: "old", Req: Request{Name: "old", TP: 1, Util: 0.5}, UUIDs: []string{"GPU-1"}, Phase: Releasing, PIDs: []int{7}, Keep: true}},
+			Wants:          []Want{want("old", 0, 0.5, 1), want("other", 50, 0.9, 2)},
+			ReleaseTimeout: time.Minute, Now: now,
+		},
+		want: "old: [GPU-1]\nother: needs 73.0 GiB on 2 GPUs; free 80.0 GiB (GPU0), 40.0 GiB (GPU1)\nclaims: old=starting[GPU-1]",
+	}, {
+		name: "a reservation is kept from a higher-priority newcomer",
+		in: Input{
+			Devices: devs(),
+			Claims:  []Claim{{Name: "mixtral", Req: mixtral, UUIDs: []string{"GPU-0", "GPU-1"}, Phase: Reserved}},
+			Wants:   []Want{want("coder", 40, 0.8, 1)},
+		},
+		want: "coder: needs 65.0 GiB on 1 GPU; free 8.0 GiB (GPU0), 8.0 GiB (GPU1)\nclaims: mixtral=reserved[GPU-0 GPU-1]",
+	}, {
+		name: "a reservation that no longer fits what the model asks is placed afresh",
+		in: Input{
+			Devices: devs(),
+			Claims:  []Claim{{Name: "m", Req: Request{Name: "m", TP: 1, Util: 0.5}, UUIDs: []string{"GPU-1"}, Phase: Reserved}},
+			Wants:   []Want{want("m", 0, 0.9, 2)},
+		},
+		want: "m: [GPU-0 GPU-1]\nclaims: m=starting[GPU-0 GPU-1]",
+	}, {
+		name: "a release that times out places anyway and leaves a note",
+		in: Input{
+			Devices:        withProc(devs(), 0, 7, 70*config.GiB),
+			Claims:         []Claim{{Name: "old", Req: Request{Name: "old", TP: 1, Util: 0.5}, UUIDs: []string{"GPU-0"}, Phase: Releasing, PIDs: []int{7}, Since: now.Add(-time.Minute)}},
+			Wants:          []Want{want("new", 0, 0.05, 1)},
+			ReleaseTimeout: time.Minute, Now: now,
+		},
+		want: "new: [GPU-0]\nclaims: new=starting[GPU-0]",
+	}, {
+		name: "failed readings: every want waits, saying why",
+		in:   Input{Devices: devs(), ReadErr: "nvml: GPU is lost", Wants: []Want{want("a", 0, 0.1, 1)}},
+		want: "a: GPU readings failed: nvml: GPU is lost\nclaims: ",
+	}, {
+		name: "no readings yet",
+		in:   Input{Wants: []Want{want("a", 0, 0.1, 1)}},
+		want: "a: no GPU readings yet\nclaims: ",
+	}}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.in.Headroom = config.GiB
+			if got := outcome(Decide(tc.in)); got != tc.want {
+				t.Errorf("got\n%s\nwant\n%s", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestDecideReleaseTimeoutNote: the GPUs of a release that timed out say
+// so until something is placed there.
+func TestDecideReleaseTimeoutNote(t *testing.T) {
+	out := Decide(Input{
+		Devices:        withProc(devs(), 0, 7, 70*config.GiB),
+		Claims:         []Claim{{Name: "old", Req: Request{Name: "old", TP: 1, Util: 0.5}, UUIDs: []string{"GPU-0"}, Phase: Releasing, PIDs: []int{7}, Since: now.Add(-time.Minute)}},
+		ReleaseTimeout: time.Minute, Now: now, Headroom: config.GiB,
+	})
+	if n := out.Notes["GPU-0"]; n != "old's processes [7] still held memory after release_timeout 1m0s" {
+		t.Errorf("note %q", n)
+	}
+	if len(out.Claims) != 0 || len(out.Log) != 1 {
+		t.Errorf("claims %v log %v", out.Claims, out.Log)
+	}
+}
+
+// TestDecideReadErrorKeepsReleasing: without readings a release cannot be
+// seen to complete; only its timeout ends it.
+func TestDecideReadErrorKeepsReleasing(t *testing.T) {
+	in := Input{
+		Devices: devs(), ReadErr: "timeout",
+		Claims:         []Claim{{Name: "old", Req: Request{Name: "old", TP: 1, Util: 0.5}, UUIDs: []string{"GPU-0"}, Phase: Releasing, PIDs: []int{7}, Since: now}},
+		ReleaseTimeout: time.Minute, Now: now,
+	}
+	if out := Decide(in); len(out.Claims) != 1 || out.Claims[0].Phase != Releasing {
+		t.Errorf("claims %v", out.Claims)
+	}
+	in.Now = now.Add(time.Minute)
+	if out := Decide(in); len(out.Claims) != 0 {
+		t.Errorf("after the timeout: claims %v", out.Claims)
+	}
+}
+
+// BenchmarkDecide: the seven reference models on two GPUs, all wanting.
+func BenchmarkDecide(b *testing.B) {
+	var wants []Want
+	for _, r := range seed {
+		wants = append(wants, Want{Request: r})
+	}
+	in := Input{Devices: devs(), Wants: wants, Headroom: config.GiB, Now: now}
+	for b.Loop() {
+		Decide(in)
+	}
+}

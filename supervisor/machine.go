@@ -1,0 +1,651 @@
+package supervisor
+
+import (
+	"fmt"
+	"maps"
+	"time"
+
+	"go.uber.org/zap"
+
+	"citadel-supervisor/config"
+	"citadel-supervisor/probe"
+)
+
+// machine is one model's lifecycle: SPEC §3's states, driven by typed
+// events, returning typed effects. It does no I/O and reads no clock of its
+// own: its runner carries out the effects (spawning, stopping, probing,
+// timers, GPU claims) and feeds their outcomes back as events, so the whole
+// lifecycle is tested step by step without processes or sleeps
+// (machine_test.go).
+//
+// The transitions, state × event (anything not listed changes nothing):
+//
+//	pending   checked ok         → want GPUs (reason: what the scheduler says)
+//	pending   checked failed     → pending with the cause; recheck after recheckInterval
+//	pending   placed             → spawn
+//	pending   spawned            → starting (startup deadline armed)
+//	pending   spawn failed       → failed (the program is missing: retrying burns the limit)
+//	pending   tick               → check again
+//	starting  tick               → probe (not live: loading is not failure)
+//	starting  probe ok           → ready (GPU start serialisation lifted)
+//	starting  startup deadline   → stopping, then backoff (reason startup)
+//	ready     tick               → probe (live; the period is fixed from each probe's start)
+//	ready     probe failed       → unhealthy; after failure_threshold, or a 5xx: stopping (reason probe)
+//	unhealthy probe ok           → ready
+//	live      exited             → stopping what is left, then backoff (reason exit)
+//	stopping  stopped            → stopped (held), pending (start, restart, reload),
+//	                               backoff or failed (after a failure), or stopped (shutdown)
+//	backoff   tick               → pending
+//	failed    tick               → pending (retry_failed_after)
+//	any       op stop            → stopping → stopped (held until start, reset, restart or a reload that changes it)
+//	any       op start, reset    → pending (from stopped, failed, backoff)
+//	any       op restart         → stopping → pending (GPUs kept)
+//	any       config respawn     → stopping → pending (GPUs kept if it asks for the same)
+//	any       shutdown           → stopping → stopped
+//
+// A failure is counted (citadel_model_restarts_total) when it is seen, not
+// when the stop it causes completes, so an operator's start during that
+// stop cannot lose it.
+type machine struct {
+	cfg    config.Model
+	now    func() time.Time
+	jitter func() float64
+	log    *zap.Logger
+
+	state  State
+	reason string
+	since  time.Time
+	cause  string // why it is pending (Cause*)
+
+	hold       bool   // an operator (or enabled: false) wants it stopped
+	holdReason string // what stopped says while held
+	shutdown   bool   // the daemon is stopping: stop, then stay stopped
+
+	inst     *instance // the spawned process tree, nil when none
+	exited   bool      // inst's main process has exited
+	lastExit *exitInfo
+	readyAt  time.Time
+	startup  time.Duration
+
+	wantSeq  int  // the want in flight with the scheduler
+	awaiting bool // a want is in flight: a placement for wantSeq is expected
+	spawning bool // a spawn is in flight: evSpawned is expected
+
+	probing    bool
+	probeFails int
+	probeOK    *bool
+
+	tracker  restartTracker
+	restarts map[string]int
+	lastOut  []string
+
+	// What follows the stop in flight, decided by the events that led to
+	// it: a failure to back off from, or a start (operator, reload). hold
+	// and shutdown override both.
+	failure    *failure
+	startAfter string // non-empty: start again at once, with this reason
+}
+
+// failure is a run that ended badly: why (a restart reason) and the detail.
+type failure struct{ why, reason string }
+
+// event is something that happened to a model.
+type event interface{ isEvent() }
+
+type (
+	// evChecked: the pre-start checks ran; cause is "" when they passed.
+	evChecked struct{ cause, reason string }
+	// evPlaced: the scheduler answered a want.
+	evPlaced struct{ p placement }
+	// evSpawned: the process was started (inst), or not: err is a
+	// permanent spawn failure; cause a check that failed just before.
+	evSpawned struct {
+		inst          *instance
+		err           error
+		cause, reason string
+	}
+	// evExited: inst's main process exited and was reaped.
+	evExited struct {
+		inst *instance
+		exit exitInfo
+	}
+	// evProbed: a probe of inst finished.
+	evProbed struct {
+		inst *instance
+		err  error
+		took time.Duration
+	}
+	// evTimer: a timer the machine armed fired.
+	evTimer struct{ t timerKind }
+	// evOp: an operator's operation.
+	evOp struct{ op Op }
+	// evConfig: a reload changed the model.
+	evConfig struct {
+		cfg  config.Model
+		kind config.ChangeKind
+	}
+	// evStopped: the stop of inst finished; err names survivors.
+	evStopped struct {
+		inst *instance
+		err  error
+	}
+	// evShutdown: the daemon is stopping (or the model was removed).
+	evShutdown struct{}
+)
+
+func (evChecked) isEvent()  {}
+func (evPlaced) isEvent()   {}
+func (evSpawned) isEvent()  {}
+func (evExited) isEvent()   {}
+func (evProbed) isEvent()   {}
+func (evTimer) isEvent()    {}
+func (evOp) isEvent()       {}
+func (evConfig) isEvent()   {}
+func (evStopped) isEvent()  {}
+func (evShutdown) isEvent() {}
+
+// timerKind names the machine's timers; arming one replaces it.
+type timerKind int
+
+const (
+	// tick: the next check, probe, backoff end or failed retry.
+	tick timerKind = iota
+	// deadline: startup_timeout of the current start.
+	deadline
+	numTimers
+)
+
+// effect is something the runner must do.
+type effect interface{ isEffect() }
+
+type (
+	efCheck   struct{}                // run the pre-start checks → evChecked
+	efWant    struct{ seq int }       // ask the scheduler for GPUs → evPlaced
+	efDrop    struct{}                // withdraw the want, give up the claim
+	efSpawn   struct{ gpus []string } // check again and spawn → evSpawned
+	efReady   struct{}                // tell the scheduler the start is done
+	efProbe   struct{ live bool }     // probe inst → evProbed
+	efObserve struct {                // record a liveness probe's metrics
+		took time.Duration
+		err  error
+	}
+	efStop struct { // stop inst's tree → evStopped
+		inst      *instance
+		mainAlive bool
+	}
+	efRelease struct { // the tree is gone: release its GPUs
+		inst *instance
+		keep bool
+	}
+	efArm struct {
+		t timerKind
+		d time.Duration
+	}
+	efDisarm struct{ t timerKind }
+)
+
+func (efCheck) isEffect()   {}
+func (efWant) isEffect()    {}
+func (efDrop) isEffect()    {}
+func (efSpawn) isEffect()   {}
+func (efReady) isEffect()   {}
+func (efProbe) isEffect()   {}
+func (efObserve) isEffect() {}
+func (efStop) isEffect()    {}
+func (efRelease) isEffect() {}
+func (efArm) isEffect()     {}
+func (efDisarm) isEffect()  {}
+
+func newMachine(cfg config.Model, now func() time.Time, jitter func() float64, log *zap.Logger) *machine {
+	return &machine{cfg: cfg, now: now, jitter: jitter, log: log, restarts: map[string]int{}, since: now()}
+}
+
+// begin is the first step: a model starts pending (checking), or held
+// stopped when disabled.
+func (m *machine) begin() []effect {
+	if !m.cfg.Enabled {
+		m.hold, m.holdReason = true, "enabled: false"
+		m.enter(Stopped, m.holdReason)
+		return nil
+	}
+	return m.toPending("checking storage, port and GPUs")
+}
+
+// done reports whether the machine has finished: shut down, nothing left
+// running.
+func (m *machine) done() bool { return m.shutdown && m.inst == nil }
+
+// step applies one event and returns what the runner must do.
+func (m *machine) step(ev event) []effect {
+	switch ev := ev.(type) {
+	case evChecked:
+		return m.onChecked(ev)
+	case evPlaced:
+		return m.onPlaced(ev.p)
+	case evSpawned:
+		return m.onSpawned(ev)
+	case evExited:
+		return m.onExited(ev)
+	case evProbed:
+		return m.onProbed(ev)
+	case evTimer:
+		return m.onTimer(ev.t)
+	case evOp:
+		return m.onOp(ev.op)
+	case evConfig:
+		return m.onConfig(ev)
+	case evStopped:
+		return m.onStopped(ev)
+	case evShutdown:
+		return m.onShutdown()
+	}
+	panic(fmt.Sprintf("machine: unknown event %T", ev))
+}
+
+func (m *machine) enter(s State, reason string) {
+	if s != m.state || reason != m.reason {
+		m.log.Info("state", zap.String("state", string(s)), zap.String("reason", reason))
+	}
+	if s != m.state {
+		m.since = m.now()
+	}
+	m.state, m.reason = s, reason
+}
+
+// live reports whether a process tree is up and not being stopped.
+func (m *machine) live() bool {
+	return m.state == Starting || m.state == Ready || m.state == Unhealthy
+}
+
+// toPending enters pending and checks what a start needs.
+func (m *machine) toPending(reason string) []effect {
+	m.cause = CauseChecking
+	m.awaiting = false
+	m.enter(Pending, reason)
+	return []effect{efDisarm{tick}, efCheck{}}
+}
+
+func (m *machine) onChecked(ev evChecked) []effect {
+	if m.state != Pending || m.awaiting {
+		return nil
+	}
+	if ev.cause != "" {
+		m.cause = ev.cause
+		m.enter(Pending, ev.reason)
+		return []effect{efDrop{}, efArm{tick, recheckInterval}}
+	}
+	m.cause = CauseGPU
+	m.wantSeq++
+	m.awaiting = true
+	m.enter(Pending, "waiting for GPUs")
+	return []effect{efWant{seq: m.wantSeq}}
+}
+
+func (m *machine) onPlaced(p placement) []effect {
+	if m.state != Pending || !m.awaiting || p.seq != m.wantSeq {
+		return nil // answers a want withdrawn since
+	}
+	if p.gpus == nil {
+		m.cause = CauseGPU
+		m.enter(Pending, p.reason)
+		return nil
+	}
+	m.awaiting, m.spawning = false, true
+	return []effect{efSpawn{gpus: p.gpus}}
+}
+
+func (m *machine) onSpawned(ev evSpawned) []effect {
+	if !m.spawning {
+		// The runner reports a spawn right after efSpawn, before any other
+		// event: this cannot happen. Say so rather than lose track.
+		m.log.Error("internal: spawn result without a spawn", zap.Bool("process", ev.inst != nil))
+		return nil
+	}
+	m.spawning = false
+	switch {
+	case ev.err != nil:
+		// The program is missing or not executable: retrying in seconds
+		// would only burn the start limit. Fail now and say why.
+		return append([]effect{efDrop{}}, m.fail(fmt.Sprintf("spawn: %s", errText(ev.err)))...)
+	case ev.cause != "":
+		m.cause = ev.cause
+		m.enter(Pending, ev.reason)
+		return []effect{efDrop{}, efArm{tick, recheckInterval}}
+	}
+	m.inst, m.exited, m.probeOK, m.probing = ev.inst, false, nil, false
+	m.tracker.started(ev.inst.started)
+	m.probeFails = 0
+	m.readyAt, m.startup = time.Time{}, 0
+	m.enter(Starting, "loading")
+	p := m.cfg.Probe
+	return []effect{efArm{deadline, p.StartupTimeout}, efArm{tick, min(p.Period, maxStartupPoll)}}
+}
+
+func (m *machine) onExited(ev evExited) []effect {
+	if ev.inst != m.inst || m.inst == nil {
+		return nil
+	}
+	m.exited = true
+	ex := ev.exit
+	m.lastExit = &ex
+	if !m.live() {
+		return nil // being stopped: expected
+	}
+	m.log.Warn("model exited", zap.Int("pid", m.inst.pid), zap.String("exit", ex.desc))
+	return m.failAndStop(ReasonExit, "exited ("+ex.desc+")", fmt.Sprintf("exited (%s); stopping what is left of it", ex.desc))
+}
+
+func (m *machine) onProbed(ev evProbed) []effect {
+	if ev.inst != m.inst || m.inst == nil {
+		return nil // a result about a previous process
+	}
+	m.probing = false
+	if m.exited || !m.live() {
+		return nil
+	}
+	err := ev.err
+	ok := err == nil
+	m.probeOK = &ok
+	p := m.cfg.Probe
+	if m.state == Starting {
+		if err != nil {
+			// Refused (not bound yet) or slow: still loading. Say so only
+			// when it is something else, such as a foreign server.
+			reason := "loading"
+			if _, foreign := err.(*probe.IdentityError); foreign {
+				reason = "loading; " + err.Error()
+			}
+			m.enter(Starting, reason)
+			return []effect{efArm{tick, min(p.Period, maxStartupPoll)}}
+		}
+		m.readyAt = m.now()
+		m.startup = m.readyAt.Sub(m.inst.started)
+		m.enter(Ready, "")
+		return []effect{efDisarm{deadline}, efReady{}, efArm{tick, p.Period}}
+	}
+	out := []effect{efObserve{took: ev.took, err: err}}
+	switch {
+	case err == nil:
+		m.probeFails = 0
+		m.enter(Ready, "")
+	case probe.Fatal(err):
+		// vLLM answers /health with 5xx once its engine died; it does not
+		// recover, so waiting for the threshold only adds downtime.
+		reason := "engine dead: /health answered " + err.Error()
+		out = append(out, m.failAndStop(ReasonProbe, reason, reason)...)
+	default:
+		m.probeFails++
+		reason := fmt.Sprintf("probe failed %d/%d: %s", m.probeFails, p.FailureThreshold, errText(err))
+		if m.probeFails >= p.FailureThreshold {
+			out = append(out, m.failAndStop(ReasonProbe, reason, reason)...)
+		} else {
+			m.enter(Unhealthy, reason)
+		}
+	}
+	return out
+}
+
+func (m *machine) onTimer(t timerKind) []effect {
+	if t == deadline {
+		if m.state != Starting {
+			return nil
+		}
+		reason := fmt.Sprintf("no healthy answer within startup_timeout %s", m.cfg.Probe.StartupTimeout)
+		return m.failAndStop(ReasonStartup, reason, reason)
+	}
+	switch m.state {
+	case Pending:
+		if m.awaiting {
+			return nil // the scheduler answers when it can place it
+		}
+		return m.toPending(m.reason)
+	case Backoff:
+		return m.toPending("restarting after backoff")
+	case Failed:
+		m.tracker.reset()
+		m.log.Info("retrying failed model", zap.Duration("retry_failed_after", m.cfg.Restart.RetryFailedAfter))
+		return m.toPending("retrying after failure")
+	case Starting, Ready, Unhealthy:
+		var out []effect
+		if m.state != Starting {
+			// Liveness runs on a fixed period from each probe's start, so
+			// a hang is seen within period × failure_threshold + timeout;
+			// a probe still in flight makes the tick pass (no pile-up).
+			out = append(out, efArm{tick, m.cfg.Probe.Period})
+		}
+		if !m.probing {
+			m.probing = true
+			out = append(out, efProbe{live: m.state != Starting})
+		}
+		return out
+	}
+	return nil
+}
+
+// failAndStop counts a failure of the live process and stops it; what
+// follows the stop (backoff or failed) is decided when it completes.
+func (m *machine) failAndStop(why, reason, stopping string) []effect {
+	m.log.Warn("restarting model", zap.String("reason", why), zap.String("detail", reason))
+	m.restarts[why]++
+	m.failure = &failure{why: why, reason: reason}
+	return m.beginStop(stopping)
+}
+
+// beginStop hands the tree to a stop; evStopped follows.
+func (m *machine) beginStop(reason string) []effect {
+	m.enter(Stopping, reason)
+	return []effect{efDisarm{tick}, efDisarm{deadline}, efStop{inst: m.inst, mainAlive: !m.exited}}
+}
+
+func (m *machine) onStopped(ev evStopped) []effect {
+	if ev.inst != m.inst || m.inst == nil {
+		return nil
+	}
+	if !m.exited && ev.inst.exit.desc != "" {
+		ex := ev.inst.exit
+		m.lastExit = &ex
+	}
+	fail, start := m.failure, m.startAfter
+	m.failure, m.startAfter = nil, ""
+	inst := m.inst
+	m.inst, m.exited, m.probing = nil, false, false
+	var out []effect
+	switch {
+	case m.shutdown:
+		m.enter(Stopped, "supervisor shut down")
+	case ev.err != nil:
+		m.log.Error("stop incomplete", zap.Error(ev.err))
+		out = m.fail("stop: " + ev.err.Error())
+	case m.hold:
+		m.enter(Stopped, m.holdReason)
+	case start != "":
+		out = m.toPending(start)
+	case fail != nil:
+		out = m.afterFailure(*fail)
+	default:
+		out = m.toPending("restarting")
+	}
+	// When a start follows (at once or after a backoff), its GPUs stay
+	// reserved for it; held, failed or shut down, they go to whoever waits.
+	keep := m.state == Pending || m.state == Backoff
+	return append([]effect{efRelease{inst: inst, keep: keep}}, out...)
+}
+
+// afterFailure decides between backoff and failed after a failed run.
+func (m *machine) afterFailure(f failure) []effect {
+	var readyFor time.Duration
+	if !m.readyAt.IsZero() {
+		readyFor = m.now().Sub(m.readyAt)
+	}
+	delay, failed := m.tracker.afterFailure(m.cfg.Restart, m.now(), readyFor, m.jitter())
+	if failed {
+		return m.fail(fmt.Sprintf("start limit: %d starts within %s; last: %s", m.cfg.Restart.Burst, m.cfg.Restart.Interval, f.reason))
+	}
+	m.enter(Backoff, fmt.Sprintf("%s; restarting in %s", f.reason, roundDuration(delay)))
+	return []effect{efArm{tick, delay}}
+}
+
+// fail enters failed, keeping the reason and (set by the runner) the last
+// output for the operator.
+func (m *machine) fail(reason string) []effect {
+	m.enter(Failed, reason)
+	m.log.Error("model failed", zap.String("reason", reason))
+	if d := m.cfg.Restart.RetryFailedAfter; d > 0 {
+		return []effect{efArm{tick, d}}
+	}
+	return []effect{efDisarm{tick}}
+}
+
+// stopHeld stops the model and holds it stopped with reason.
+func (m *machine) stopHeld(reason string) []effect {
+	m.hold, m.holdReason = true, reason
+	m.startAfter = ""
+	switch {
+	case m.live():
+		return m.beginStop("stopping: " + reason)
+	case m.state == Stopping:
+		return nil // held once the stop completes
+	}
+	m.awaiting = false
+	m.enter(Stopped, reason)
+	return []effect{efDisarm{tick}, efDrop{}}
+}
+
+// respawn stops a live model and starts it again at once, keeping its
+// GPUs when it asks for the same.
+func (m *machine) respawn(reason string) []effect {
+	m.hold = false
+	switch {
+	case m.live():
+		m.startAfter = reason
+		return m.beginStop("stopping: " + reason)
+	case m.state == Stopping:
+		m.startAfter = reason
+		return nil
+	case m.state == Pending:
+		if m.awaiting {
+			// Its want may ask for something else now.
+			return append([]effect{efDrop{}}, m.toPending(reason)...)
+		}
+	}
+	return m.toPending(reason)
+}
+
+func (m *machine) onOp(op Op) []effect {
+	if m.shutdown {
+		return nil
+	}
+	switch op {
+	case OpStart:
+		m.hold = false
+		switch m.state {
+		case Stopped, Failed, Backoff:
+			m.tracker.reset()
+			return m.toPending("started by operator")
+		case Stopping:
+			m.startAfter = "started by operator"
+		}
+	case OpStop:
+		return m.stopHeld("held stopped by operator")
+	case OpRestart:
+		m.tracker.reset()
+		m.restarts[ReasonManual]++
+		return m.respawn("restarted by operator")
+	case OpReset:
+		m.hold = false
+		m.tracker.reset()
+		switch m.state {
+		case Failed, Backoff, Stopped:
+			return m.toPending("reset by operator")
+		case Stopping:
+			m.startAfter = "reset by operator"
+		}
+	}
+	return nil
+}
+
+func (m *machine) onConfig(ev evConfig) []effect {
+	old := m.cfg
+	m.cfg = ev.cfg
+	if m.shutdown {
+		return nil
+	}
+	switch {
+	case !ev.cfg.Enabled:
+		if m.hold && m.holdReason == "enabled: false" {
+			return nil
+		}
+		return m.stopHeld("enabled: false")
+	case ev.kind == config.Respawn:
+		if old.Enabled {
+			m.restarts[ReasonReload]++
+		}
+		m.tracker.reset()
+		return m.respawn("configuration changed")
+	}
+	return nil
+}
+
+func (m *machine) onShutdown() []effect {
+	if m.shutdown {
+		return nil
+	}
+	m.shutdown = true
+	switch {
+	case m.live():
+		return m.beginStop("supervisor shutting down")
+	case m.state == Stopping:
+		return nil
+	}
+	m.awaiting = false
+	m.enter(Stopped, "supervisor shut down")
+	return []effect{efDisarm{tick}, efDisarm{deadline}, efDrop{}}
+}
+
+// status is the machine's part of the model's published snapshot.
+func (m *machine) status() *Status {
+	s := &Status{
+		Name:             m.cfg.Name,
+		State:            m.state,
+		Reason:           m.reason,
+		Port:             m.cfg.Port,
+		Since:            m.since,
+		Enabled:          m.cfg.Enabled,
+		ReadyAt:          m.readyAt,
+		StartupDuration:  m.startup,
+		StartupSeconds:   m.startup.Seconds(),
+		RestartsByReason: maps.Clone(m.restarts),
+	}
+	for _, n := range m.restarts {
+		s.Restarts += n
+	}
+	if m.inst != nil {
+		s.PID, s.StartedAt, s.GPUs = m.inst.pid, m.inst.started, m.inst.gpus
+	}
+	if m.lastExit != nil {
+		code := m.lastExit.code
+		s.LastExitCode, s.LastExit = &code, m.lastExit.desc
+	}
+	if m.state == Failed {
+		s.LastOutput = m.lastOut
+	}
+	if m.state == Pending {
+		s.PendingCause = m.cause
+	}
+	if m.inst != nil && m.probeOK != nil {
+		ok := *m.probeOK
+		s.ProbeSuccess = &ok
+	}
+	return s
+}
+
+// roundDuration prints a delay as an operator reads it: 2s, not 1.995s.
+func roundDuration(d time.Duration) time.Duration {
+	switch {
+	case d >= 10*time.Second:
+		return d.Round(time.Second)
+	case d >= time.Second:
+		return d.Round(100 * time.Millisecond)
+	}
+	return d.Round(time.Millisecond)
+}

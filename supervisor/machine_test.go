@@ -1,0 +1,578 @@
+package supervisor
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"citadel-supervisor/config"
+	"citadel-supervisor/probe"
+)
+
+var update = flag.Bool("update", false, "rewrite testdata golden files")
+
+var t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// testModelCfg is a model with the defaults of SPEC §2.
+func testModelCfg() config.Model {
+	return config.Model{
+		Name: "m", Port: 11400, Enabled: true, TensorParallel: 1, GPUMemoryUtilization: 0.5,
+		StopTimeout: 30 * time.Second,
+		Restart: config.Restart{
+			Delay: 10 * time.Second, MaxDelay: 5 * time.Minute, ResetAfter: 10 * time.Minute,
+			Burst: 5, Interval: 30 * time.Minute, RetryFailedAfter: time.Hour,
+		},
+		Probe: config.Probe{Path: "/health", Period: 10 * time.Second, Timeout: 5 * time.Second, FailureThreshold: 3, StartupTimeout: 20 * time.Minute},
+	}
+}
+
+// mtest drives a machine step by step on an injected clock.
+type mtest struct {
+	t   testing.TB
+	m   *machine
+	now time.Time
+	pid int
+}
+
+func newMTest(t testing.TB) *mtest {
+	mt := &mtest{t: t, now: t0, pid: 100}
+	mt.m = newMachine(testModelCfg(), func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
+	return mt
+}
+
+func (mt *mtest) step(ev event) []effect { return mt.m.step(ev) }
+
+// expect steps ev and checks the effects, written as describe does.
+func (mt *mtest) expect(ev event, want string) {
+	mt.t.Helper()
+	if got := describe(mt.step(ev)); got != want {
+		mt.t.Fatalf("after %s in %s: effects %q, want %q", describeEvent(ev), mt.m.state, got, want)
+	}
+}
+
+func (mt *mtest) state(want State) {
+	mt.t.Helper()
+	if mt.m.state != want {
+		mt.t.Fatalf("state %s (%s), want %s", mt.m.state, mt.m.reason, want)
+	}
+}
+
+// newInst is a process as the runner would report it, without a process.
+func (mt *mtest) newInst() *instance {
+	mt.pid++
+	return &instance{pid: mt.pid, started: mt.now, gpus: []string{"GPU-a"}, done: make(chan struct{})}
+}
+
+// The paths to each state, from the start.
+func (mt *mtest) toAwaiting() *mtest {
+	mt.m.begin()
+	mt.step(evChecked{})
+	return mt
+}
+
+func (mt *mtest) toStarting() *mtest {
+	mt.toAwaiting()
+	mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+	mt.step(evSpawned{inst: mt.newInst()})
+	return mt
+}
+
+func (mt *mtest) toReady() *mtest {
+	mt.toStarting()
+	mt.step(evTimer{tick})
+	mt.now = mt.now.Add(time.Second)
+	mt.step(evProbed{inst: mt.m.inst})
+	return mt
+}
+
+func (mt *mtest) toUnhealthy() *mtest {
+	mt.toReady()
+	mt.step(evTimer{tick})
+	mt.step(evProbed{inst: mt.m.inst, err: errors.New("timeout")})
+	return mt
+}
+
+func (mt *mtest) toStoppingFailure() *mtest {
+	mt.toReady()
+	mt.step(evExited{inst: mt.m.inst, exit: exitInfo{code: 1, desc: "exit code 1"}})
+	return mt
+}
+
+func (mt *mtest) toStoppingHeld() *mtest {
+	mt.toReady()
+	mt.step(evOp{OpStop})
+	return mt
+}
+
+func (mt *mtest) toBackoff() *mtest {
+	mt.toStoppingFailure()
+	mt.step(evStopped{inst: mt.m.inst})
+	return mt
+}
+
+func (mt *mtest) toFailed() *mtest {
+	mt.toAwaiting()
+	mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+	mt.step(evSpawned{err: errors.New("exec: no such file")})
+	return mt
+}
+
+func (mt *mtest) toStopped() *mtest {
+	mt.m.begin()
+	mt.step(evOp{OpStop})
+	return mt
+}
+
+func (mt *mtest) toBlocked() *mtest {
+	mt.m.begin()
+	mt.step(evChecked{cause: CauseStorage, reason: "storage: /m: no such file or directory"})
+	return mt
+}
+
+// describe writes effects compactly, for tables and golden files.
+func describe(efs []effect) string {
+	var out []string
+	for _, ef := range efs {
+		switch ef := ef.(type) {
+		case efCheck:
+			out = append(out, "check")
+		case efWant:
+			out = append(out, fmt.Sprintf("want(%d)", ef.seq))
+		case efDrop:
+			out = append(out, "drop")
+		case efSpawn:
+			out = append(out, "spawn"+fmt.Sprint(ef.gpus))
+		case efReady:
+			out = append(out, "ready")
+		case efProbe:
+			out = append(out, map[bool]string{true: "probe(live)", false: "probe"}[ef.live])
+		case efObserve:
+			out = append(out, "observe")
+		case efStop:
+			out = append(out, map[bool]string{true: "stop(term)", false: "stop(rest)"}[ef.mainAlive])
+		case efRelease:
+			out = append(out, map[bool]string{true: "release(keep)", false: "release"}[ef.keep])
+		case efArm:
+			out = append(out, fmt.Sprintf("arm(%s,%s)", timerName(ef.t), ef.d))
+		case efDisarm:
+			out = append(out, "disarm("+timerName(ef.t)+")")
+		default:
+			out = append(out, fmt.Sprintf("%T", ef))
+		}
+	}
+	return strings.Join(out, " ")
+}
+
+func timerName(t timerKind) string { return [...]string{"tick", "deadline"}[t] }
+
+func describeEvent(ev event) string {
+	switch ev := ev.(type) {
+	case evChecked:
+		if ev.cause == "" {
+			return "checked ok"
+		}
+		return "checked " + ev.cause
+	case evPlaced:
+		if ev.p.gpus == nil {
+			return "placed wait"
+		}
+		return "placed"
+	case evSpawned:
+		switch {
+		case ev.err != nil:
+			return "spawn failed"
+		case ev.cause != "":
+			return "spawn check " + ev.cause
+		}
+		return "spawned"
+	case evExited:
+		return "exited"
+	case evProbed:
+		switch {
+		case ev.err == nil:
+			return "probe ok"
+		case probe.Fatal(ev.err):
+			return "probe 5xx"
+		}
+		return "probe failed"
+	case evTimer:
+		return timerName(ev.t)
+	case evOp:
+		return "op " + string(ev.op)
+	case evConfig:
+		if !ev.cfg.Enabled {
+			return "config disabled"
+		}
+		return "config " + ev.kind.String()
+	case evStopped:
+		if ev.err != nil {
+			return "stop failed"
+		}
+		return "stopped"
+	case evShutdown:
+		return "shutdown"
+	}
+	return fmt.Sprintf("%T", ev)
+}
+
+// TestMachineTransitions steps every state through every event and keeps
+// the outcome in testdata/transitions.txt, the lifecycle's table that
+// docs/architecture.md shows: a change to any transition shows in review
+// as a change to that file (go test -run TestMachineTransitions -update).
+func TestMachineTransitions(t *testing.T) {
+	states := []struct {
+		name  string
+		setup func(*mtest) *mtest
+	}{
+		{"pending (checks failing)", (*mtest).toBlocked},
+		{"pending (awaiting GPUs)", (*mtest).toAwaiting},
+		{"starting", (*mtest).toStarting},
+		{"ready", (*mtest).toReady},
+		{"unhealthy", (*mtest).toUnhealthy},
+		{"stopping (after a failure)", (*mtest).toStoppingFailure},
+		{"stopping (held)", (*mtest).toStoppingHeld},
+		{"backoff", (*mtest).toBackoff},
+		{"failed", (*mtest).toFailed},
+		{"stopped", (*mtest).toStopped},
+	}
+	respawn := testModelCfg()
+	respawn.MaxModelLen = 4096
+	disabled := testModelCfg()
+	disabled.Enabled = false
+	events := []func(mt *mtest) event{
+		func(*mtest) event { return evChecked{} },
+		func(*mtest) event { return evChecked{cause: CausePort, reason: "port 11400 in use"} },
+		func(mt *mtest) event { return evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-b"}}} },
+		func(mt *mtest) event {
+			return evPlaced{placement{seq: mt.m.wantSeq, reason: "needs 41.0 GiB on 1 GPU; free 8.0 GiB (GPU0)"}}
+		},
+		func(mt *mtest) event { return evSpawned{inst: mt.newInst()} },
+		func(*mtest) event { return evSpawned{err: errors.New("exec: no such file")} },
+		func(mt *mtest) event { return evExited{inst: mt.m.inst, exit: exitInfo{code: 137, desc: "killed by SIGKILL"}} },
+		func(mt *mtest) event { return evProbed{inst: mt.m.inst} },
+		func(mt *mtest) event { return evProbed{inst: mt.m.inst, err: errors.New("connection refused")} },
+		func(mt *mtest) event { return evProbed{inst: mt.m.inst, err: &probe.StatusError{Code: 503}} },
+		func(*mtest) event { return evTimer{tick} },
+		func(*mtest) event { return evTimer{deadline} },
+		func(*mtest) event { return evOp{OpStart} },
+		func(*mtest) event { return evOp{OpStop} },
+		func(*mtest) event { return evOp{OpRestart} },
+		func(*mtest) event { return evOp{OpReset} },
+		func(*mtest) event { return evConfig{cfg: respawn, kind: config.Respawn} },
+		func(*mtest) event { return evConfig{cfg: testModelCfg(), kind: config.Update} },
+		func(*mtest) event { return evConfig{cfg: disabled, kind: config.Respawn} },
+		func(mt *mtest) event { return evStopped{inst: mt.m.inst} },
+		func(mt *mtest) event { return evStopped{inst: mt.m.inst, err: errors.New("processes survived SIGKILL: 7 (x, state D)")} },
+		func(*mtest) event { return evShutdown{} },
+	}
+	var b strings.Builder
+	b.WriteString("# state × event → state: effects. Generated by TestMachineTransitions.\n")
+	b.WriteString("# Effects: check (storage, env files, port), want(seq)/drop/ready/release(keep) (the scheduler),\n")
+	b.WriteString("# spawn[GPUs], probe(live), observe (probe metrics), stop(term|rest), arm/disarm(timer,d).\n")
+	for _, s := range states {
+		fmt.Fprintf(&b, "\n%s\n", s.name)
+		for _, mkEv := range events {
+			mt := s.setup(newMTest(t))
+			ev := mkEv(mt)
+			before := mt.m.state
+			efs := mt.step(ev)
+			after := string(mt.m.state)
+			if mt.m.state == before && len(efs) == 0 {
+				after = "-"
+			}
+			line := fmt.Sprintf("  %-18s → %s", describeEvent(ev), after)
+			if len(efs) > 0 {
+				line += ": " + describe(efs)
+			}
+			b.WriteString(strings.TrimRight(line, " ") + "\n")
+		}
+	}
+	golden := filepath.Join("testdata", "transitions.txt")
+	if *update {
+		if err := os.WriteFile(golden, []byte(b.String()), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(golden)
+	if err != nil {
+		t.Fatalf("%v (run with -update to create it)", err)
+	}
+	if got := b.String(); got != string(want) {
+		t.Errorf("transitions changed; if intended, run go test -run TestMachineTransitions -update and review the diff\n%s", diffLines(string(want), got))
+	}
+}
+
+// diffLines shows the lines that differ.
+func diffLines(want, got string) string {
+	w, g := strings.Split(want, "\n"), strings.Split(got, "\n")
+	var out []string
+	for i := range max(len(w), len(g)) {
+		var a, b string
+		if i < len(w) {
+			a = w[i]
+		}
+		if i < len(g) {
+			b = g[i]
+		}
+		if a != b {
+			out = append(out, fmt.Sprintf("line %d:\n  want %s\n  got  %s", i+1, a, b))
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// TestMachineStartToReady walks the happy path.
+func TestMachineStartToReady(t *testing.T) {
+	mt := newMTest(t)
+	if got := describe(mt.m.begin()); got != "disarm(tick) check" {
+		t.Fatalf("begin: %s", got)
+	}
+	mt.state(Pending)
+	mt.expect(evChecked{}, "want(1)")
+	mt.expect(evPlaced{placement{seq: 1, reason: "waiting for GPU0: a is starting"}}, "")
+	if mt.m.reason != "waiting for GPU0: a is starting" || mt.m.cause != CauseGPU {
+		t.Errorf("pending reason %q cause %q", mt.m.reason, mt.m.cause)
+	}
+	mt.expect(evPlaced{placement{seq: 1, gpus: []string{"GPU-a"}}}, "spawn[GPU-a]")
+	inst := mt.newInst()
+	mt.expect(evSpawned{inst: inst}, "arm(deadline,20m0s) arm(tick,1s)")
+	mt.state(Starting)
+	mt.expect(evTimer{tick}, "probe")
+	mt.expect(evProbed{inst: inst, err: errors.New("connection refused")}, "arm(tick,1s)")
+	mt.state(Starting)
+	mt.expect(evTimer{tick}, "probe")
+	mt.now = mt.now.Add(42 * time.Second)
+	mt.expect(evProbed{inst: inst}, "disarm(deadline) ready arm(tick,10s)")
+	mt.state(Ready)
+	if st := mt.m.status(); st.StartupDuration != 42*time.Second || st.PID != inst.pid || !slices.Equal(st.GPUs, []string{"GPU-a"}) {
+		t.Errorf("status %+v", st)
+	}
+}
+
+// TestMachineIgnoresStaleAnswers: a placement for a withdrawn want and a
+// probe result about an earlier process change nothing.
+func TestMachineIgnoresStaleAnswers(t *testing.T) {
+	mt := newMTest(t).toAwaiting()
+	mt.expect(evPlaced{placement{seq: mt.m.wantSeq - 1, gpus: []string{"GPU-a"}}}, "")
+	old := newMTest(t).toReady().m.inst
+	mt = newMTest(t).toReady()
+	mt.expect(evProbed{inst: old, err: errors.New("refused")}, "")
+	mt.expect(evExited{inst: old}, "")
+	mt.expect(evStopped{inst: old}, "")
+	mt.state(Ready)
+}
+
+// TestMachineProbeThreshold: failures after ready count up to the
+// threshold, a success clears them, a 5xx restarts at once.
+func TestMachineProbeThreshold(t *testing.T) {
+	mt := newMTest(t).toReady()
+	fail := func() {
+		mt.step(evTimer{tick})
+		mt.step(evProbed{inst: mt.m.inst, err: errors.New("timeout")})
+	}
+	fail()
+	fail()
+	mt.state(Unhealthy)
+	mt.step(evTimer{tick})
+	mt.expect(evProbed{inst: mt.m.inst}, "observe")
+	mt.state(Ready)
+	fail()
+	fail()
+	mt.step(evTimer{tick})
+	mt.expect(evProbed{inst: mt.m.inst, err: errors.New("timeout")}, "observe disarm(tick) disarm(deadline) stop(term)")
+	mt.state(Stopping)
+	if mt.m.restarts[ReasonProbe] != 1 {
+		t.Errorf("restarts %v", mt.m.restarts)
+	}
+
+	mt = newMTest(t).toReady()
+	mt.step(evTimer{tick})
+	mt.expect(evProbed{inst: mt.m.inst, err: &probe.StatusError{Code: 500}}, "observe disarm(tick) disarm(deadline) stop(term)")
+}
+
+// TestMachineProbeInFlightSkipsTick: a tick while a probe is in flight
+// re-arms without a second probe (no pile-up on a slow model).
+func TestMachineProbeInFlightSkipsTick(t *testing.T) {
+	mt := newMTest(t).toReady()
+	mt.expect(evTimer{tick}, "arm(tick,10s) probe(live)")
+	mt.expect(evTimer{tick}, "arm(tick,10s)")
+}
+
+// TestMachineBackoffAndStartLimit: each failure backs off twice as long,
+// and the burst-th start within the interval fails the model.
+func TestMachineBackoffAndStartLimit(t *testing.T) {
+	mt := newMTest(t).toStarting()
+	var delays []string
+	for i := range 5 {
+		mt.step(evExited{inst: mt.m.inst, exit: exitInfo{code: 1, desc: "exit code 1"}})
+		efs := mt.step(evStopped{inst: mt.m.inst})
+		if i == 4 {
+			mt.state(Failed)
+			if !strings.HasPrefix(mt.m.reason, "start limit: 5 starts within 30m0s; last: exited (exit code 1)") {
+				t.Errorf("reason %q", mt.m.reason)
+			}
+			if got := describe(efs); got != "release arm(tick,1h0m0s)" {
+				t.Errorf("failed effects %s", got)
+			}
+			break
+		}
+		mt.state(Backoff)
+		delays = append(delays, describe(efs))
+		mt.now = mt.now.Add(time.Minute)
+		mt.step(evTimer{tick})
+		mt.step(evChecked{})
+		mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+		mt.step(evSpawned{inst: mt.newInst()})
+	}
+	want := []string{
+		"release(keep) arm(tick,10s)", "release(keep) arm(tick,20s)",
+		"release(keep) arm(tick,40s)", "release(keep) arm(tick,1m20s)",
+	}
+	if !slices.Equal(delays, want) {
+		t.Errorf("backoff %q\nwant %q", delays, want)
+	}
+	if mt.m.restarts[ReasonExit] != 5 {
+		t.Errorf("restarts %v", mt.m.restarts)
+	}
+	// retry_failed_after: the limit is forgotten and it starts again.
+	mt.expect(evTimer{tick}, "disarm(tick) check")
+	mt.state(Pending)
+}
+
+// TestMachineStartDuringFailureStopKeepsTheFailure is the regression for
+// an operator's start arriving while a crashed model's remains are being
+// stopped: the crash must still count (citadel_model_restarts_total
+// {reason="exit"} feeds the flapping alert), and the start wins over the
+// backoff.
+func TestMachineStartDuringFailureStopKeepsTheFailure(t *testing.T) {
+	mt := newMTest(t).toStoppingFailure()
+	mt.expect(evOp{OpStart}, "")
+	if mt.m.restarts[ReasonExit] != 1 {
+		t.Fatalf("restarts %v", mt.m.restarts)
+	}
+	mt.expect(evStopped{inst: mt.m.inst}, "release(keep) disarm(tick) check")
+	mt.state(Pending)
+	if mt.m.reason != "started by operator" || mt.m.restarts[ReasonExit] != 1 {
+		t.Errorf("%s %q %v", mt.m.state, mt.m.reason, mt.m.restarts)
+	}
+}
+
+// TestMachineStopDuringFailureStopHolds: held wins over the backoff.
+func TestMachineStopDuringFailureStopHolds(t *testing.T) {
+	mt := newMTest(t).toStoppingFailure()
+	mt.expect(evOp{OpStop}, "")
+	mt.expect(evStopped{inst: mt.m.inst}, "release")
+	mt.state(Stopped)
+	if mt.m.reason != "held stopped by operator" {
+		t.Errorf("reason %q", mt.m.reason)
+	}
+}
+
+// TestMachineRespawnKeepsGPUs: a restart and a reload respawn release the
+// GPUs with keep, so the scheduler reserves them for the model instead of
+// giving them to whoever waits.
+func TestMachineRespawnKeepsGPUs(t *testing.T) {
+	mt := newMTest(t).toReady()
+	cfg := testModelCfg()
+	cfg.MaxModelLen = 8192
+	mt.expect(evConfig{cfg: cfg, kind: config.Respawn}, "disarm(tick) disarm(deadline) stop(term)")
+	mt.expect(evStopped{inst: mt.m.inst}, "release(keep) disarm(tick) check")
+	if mt.m.reason != "configuration changed" || mt.m.restarts[ReasonReload] != 1 {
+		t.Errorf("%q %v", mt.m.reason, mt.m.restarts)
+	}
+	mt.expect(evChecked{}, "want(2)")
+
+	mt = newMTest(t).toReady()
+	mt.expect(evOp{OpRestart}, "disarm(tick) disarm(deadline) stop(term)")
+	mt.expect(evStopped{inst: mt.m.inst}, "release(keep) disarm(tick) check")
+	if mt.m.restarts[ReasonManual] != 1 {
+		t.Errorf("%v", mt.m.restarts)
+	}
+}
+
+// TestMachineShutdown: live models stop and end stopped; the machine is
+// done once nothing runs; operations after it change nothing.
+func TestMachineShutdown(t *testing.T) {
+	mt := newMTest(t).toReady()
+	mt.expect(evShutdown{}, "disarm(tick) disarm(deadline) stop(term)")
+	if mt.m.done() {
+		t.Fatal("done with a process running")
+	}
+	mt.expect(evOp{OpStart}, "")
+	mt.expect(evStopped{inst: mt.m.inst}, "release")
+	mt.state(Stopped)
+	if !mt.m.done() {
+		t.Fatal("not done after the stop")
+	}
+
+	mt = newMTest(t).toAwaiting()
+	mt.expect(evShutdown{}, "disarm(tick) disarm(deadline) drop")
+	if !mt.m.done() {
+		t.Fatal("a pending model is done at once")
+	}
+}
+
+// TestMachineStartupTimeout: a model that never answers is restarted
+// after startup_timeout, counted as startup.
+func TestMachineStartupTimeout(t *testing.T) {
+	mt := newMTest(t).toStarting()
+	mt.expect(evTimer{deadline}, "disarm(tick) disarm(deadline) stop(term)")
+	if mt.m.restarts[ReasonStartup] != 1 || !strings.Contains(mt.m.reason, "startup_timeout 20m0s") {
+		t.Errorf("%q %v", mt.m.reason, mt.m.restarts)
+	}
+}
+
+// TestMachineDisabledStartsStopped: enabled: false is held stopped, and
+// enabling it starts it.
+func TestMachineDisabledStartsStopped(t *testing.T) {
+	mt := newMTest(t)
+	cfg := testModelCfg()
+	cfg.Enabled = false
+	mt.m.cfg = cfg
+	if efs := mt.m.begin(); len(efs) != 0 {
+		t.Fatalf("begin: %s", describe(efs))
+	}
+	mt.state(Stopped)
+	mt.expect(evConfig{cfg: testModelCfg(), kind: config.Respawn}, "disarm(tick) check")
+	if mt.m.restarts[ReasonReload] != 0 {
+		t.Errorf("enabling a model is not a restart: %v", mt.m.restarts)
+	}
+}
+
+// TestRoundDuration: delays print as operators read them.
+func TestRoundDuration(t *testing.T) {
+	for d, want := range map[time.Duration]string{
+		1995 * time.Millisecond:  "2s",
+		9050 * time.Millisecond:  "9.1s",
+		37400 * time.Millisecond: "37s",
+		250 * time.Millisecond:   "250ms",
+	} {
+		if got := roundDuration(d).String(); got != want {
+			t.Errorf("%s: %s, want %s", d, got, want)
+		}
+	}
+}
+
+// TestCPUCounterMonotonic: a worker exiting does not make the counter go
+// backwards.
+func TestCPUCounterMonotonic(t *testing.T) {
+	var c cpuCounter
+	a, b := procKey{1, 10}, procKey{2, 20}
+	if got := c.total(map[procKey]float64{a: 5, b: 3}); got != 8 {
+		t.Fatalf("got %g", got)
+	}
+	if got := c.total(map[procKey]float64{a: 6}); got != 9 { // b exited at 3
+		t.Fatalf("after exit: %g, want 9", got)
+	}
+	if got := c.total(map[procKey]float64{{1, 11}: 1}); got != 10 { // pid reused
+		t.Fatalf("after reuse: %g, want 10", got)
+	}
+}

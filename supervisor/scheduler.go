@@ -1,0 +1,364 @@
+package supervisor
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"citadel-supervisor/config"
+	"citadel-supervisor/gpu"
+)
+
+// readEvery is how often the GPUs are read while a model waits for them or
+// a stopped model's memory is being released.
+const readEvery = time.Second
+
+// placement is the scheduler's answer to a want: GPUs, or why it waits.
+type placement struct {
+	seq    int      // the want it answers
+	gpus   []string // granted; nil while waiting
+	reason string   // why it waits
+}
+
+// scheduler owns every GPU claim and want. Runners tell it what they want
+// and what they release; it never waits on them: answers go to each
+// runner's mailbox, which holds the latest one. GPU readings are taken on
+// a goroutine of their own and sent in, so the deciding loop never waits
+// on NVML. Every decision is gpu.Decide, a pure function of the wants, the
+// claims and the latest readings.
+type scheduler struct {
+	reader   gpu.Reader // nil: no readings (backend none, or NVML absent)
+	why      string     // why there are no readings
+	headroom config.ByteSize
+	release  time.Duration
+	now      func() time.Time
+	log      *zap.Logger
+	owners   func() map[int]string // pid → model, from the runners' trees
+	deliver  func(name string, p placement)
+
+	inbox   chan func()
+	poke    chan struct{} // ask the reading goroutine for a reading now
+	stopped chan struct{}
+	active  atomic.Bool // wants or releases outstanding: keep reading
+
+	wants    map[string]gpu.Want
+	seqs     map[string]int // the seq of each want, echoed in placements
+	claims   map[string]gpu.Claim
+	devs     []gpu.Device
+	readErr  string
+	notes    map[string]string
+	answered map[string]placement // last answer per model: unchanged ones are not re-sent
+	snapshot atomic.Pointer[schedSnapshot]
+}
+
+// schedSnapshot is what `citadelctl gpus` shows: published after every
+// decision, read without touching the loop.
+type schedSnapshot struct {
+	devs    []gpu.Device
+	claims  []gpu.Claim
+	notes   map[string]string
+	readErr string
+}
+
+func newScheduler(cfg *config.Config, reader gpu.Reader, why string, log *zap.Logger, now func() time.Time) *scheduler {
+	s := &scheduler{
+		reader:   reader,
+		why:      why,
+		headroom: cfg.GPU.Headroom,
+		release:  cfg.GPU.ReleaseTimeout,
+		now:      now,
+		log:      log.Named("gpu"),
+		owners:   func() map[int]string { return nil },
+		deliver:  func(string, placement) {},
+		inbox:    make(chan func(), 64),
+		poke:     make(chan struct{}, 1),
+		stopped:  make(chan struct{}),
+		wants:    map[string]gpu.Want{},
+		seqs:     map[string]int{},
+		claims:   map[string]gpu.Claim{},
+		notes:    map[string]string{},
+		answered: map[string]placement{},
+	}
+	s.snapshot.Store(&schedSnapshot{})
+	return s
+}
+
+// run decides until ctx ends. It outlives every runner: their last act is
+// to release their GPUs.
+func (s *scheduler) run(ctx context.Context) {
+	defer close(s.stopped)
+	if s.reader != nil {
+		go s.readLoop(ctx)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case f := <-s.inbox:
+			f()
+			s.decide()
+		}
+	}
+}
+
+// readLoop reads the GPUs when poked, and every readEvery while something
+// waits on them, and sends the readings to the loop.
+func (s *scheduler) readLoop(ctx context.Context) {
+	tick := time.NewTicker(readEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.poke:
+		case <-tick.C:
+			if !s.active.Load() {
+				continue
+			}
+		}
+		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		devs, err := s.reader.Read(rctx)
+		cancel()
+		s.send(func() {
+			if err != nil {
+				if s.readErr == "" {
+					s.log.Warn("GPU readings failed", zap.Error(err))
+				}
+				s.readErr = err.Error()
+				return
+			}
+			s.devs, s.readErr = devs, ""
+		})
+	}
+}
+
+// send queues f for the loop. The loop never blocks, so neither does this
+// for longer than a decision takes; after the loop ended it is dropped.
+func (s *scheduler) send(f func()) {
+	select {
+	case s.inbox <- f:
+	case <-s.stopped:
+	}
+}
+
+func (s *scheduler) pokeReader() {
+	select {
+	case s.poke <- struct{}{}:
+	default:
+	}
+}
+
+// Expect declares models whose checks are about to run: lower-priority
+// models wait for them (gpu.Want.Checking).
+func (s *scheduler) Expect(models []config.Model) {
+	if s.reader == nil {
+		return
+	}
+	s.send(func() {
+		for _, m := range models {
+			if m.Enabled {
+				s.wants[m.Name] = gpu.Want{Request: PlacementRequest(m), Checking: true}
+			}
+		}
+	})
+}
+
+// Want asks for GPUs for m; the answer, tagged with seq, goes to the
+// model's mailbox. A claim granted to an earlier want and never used is
+// given back first.
+func (s *scheduler) Want(m config.Model, seq int) {
+	s.send(func() {
+		if c, ok := s.claims[m.Name]; ok && (c.Phase == gpu.Starting || c.Phase == gpu.Running) {
+			delete(s.claims, m.Name)
+		}
+		s.wants[m.Name] = gpu.Want{Request: PlacementRequest(m)}
+		s.seqs[m.Name] = seq
+		delete(s.answered, m.Name)
+		s.pokeReader()
+	})
+}
+
+// Ready lifts the model's start serialisation on its GPUs.
+func (s *scheduler) Ready(name string) {
+	s.send(func() {
+		if c, ok := s.claims[name]; ok && c.Phase == gpu.Starting {
+			c.Phase, c.Since = gpu.Running, s.now()
+			s.claims[name] = c
+		}
+	})
+}
+
+// Release says the model's processes were stopped: its GPUs stay busy
+// until none of pids is on them (or release_timeout passes). With keep the
+// claim then stays reserved for the model's restart; without, it goes.
+func (s *scheduler) Release(name string, pids []int, keep bool) {
+	s.send(func() {
+		delete(s.wants, name)
+		c, ok := s.claims[name]
+		if !ok {
+			return
+		}
+		c.Phase, c.PIDs, c.Since, c.Keep = gpu.Releasing, pids, s.now(), keep
+		s.claims[name] = c
+		s.pokeReader()
+	})
+}
+
+// Drop withdraws the model's want and gives up its claim: it will not
+// start soon (failed, held stopped, removed, or its checks failed). A
+// release in progress still completes first.
+func (s *scheduler) Drop(name string) {
+	s.send(func() {
+		delete(s.wants, name)
+		c, ok := s.claims[name]
+		switch {
+		case !ok:
+		case c.Phase == gpu.Releasing:
+			c.Keep = false
+			s.claims[name] = c
+		default:
+			delete(s.claims, name)
+		}
+	})
+}
+
+// decide runs gpu.Decide over the current state, keeps its outcome and
+// tells each waiting runner its answer.
+func (s *scheduler) decide() {
+	defer s.publish()
+	if s.reader == nil {
+		// No readings: no placement and no memory checks. A pinned model
+		// gets its pins as written; an unpinned one sees every GPU.
+		for name, w := range s.wants {
+			if w.Checking {
+				continue
+			}
+			pins := slices.Clone(w.Pins)
+			if pins == nil {
+				pins = []string{}
+			}
+			delete(s.wants, name)
+			s.deliver(name, placement{seq: s.seqs[name], gpus: pins})
+		}
+		return
+	}
+	owners := s.owners()
+	in := gpu.Input{
+		Devices: s.devs, ReadErr: s.readErr, Headroom: s.headroom, ReleaseTimeout: s.release,
+		Now: s.now(), Notes: s.notes,
+	}
+	for _, w := range s.wants {
+		in.Wants = append(in.Wants, w)
+	}
+	for name, c := range s.claims {
+		if c.Phase != gpu.Releasing {
+			// A stopped model no longer lists its pids; a releasing claim
+			// remembers the ones it waits for.
+			c.PIDs = pidsOf(owners, name)
+		}
+		in.Claims = append(in.Claims, c)
+	}
+	out := gpu.Decide(in)
+	for _, l := range out.Log {
+		s.log.Warn(l)
+	}
+	s.notes = out.Notes
+	s.claims = map[string]gpu.Claim{}
+	for _, c := range out.Claims {
+		s.claims[c.Name] = c
+	}
+	for name, uuids := range out.Grants {
+		delete(s.wants, name)
+		s.log.Info("placed", zap.String("model", name), zap.Strings("gpus", uuids))
+		s.answer(name, placement{seq: s.seqs[name], gpus: uuids})
+	}
+	for name, reason := range out.Waits {
+		s.answer(name, placement{seq: s.seqs[name], reason: reason})
+	}
+	busy := len(s.wants) > 0
+	for _, c := range s.claims {
+		busy = busy || c.Phase == gpu.Releasing
+	}
+	s.active.Store(busy)
+}
+
+// answer delivers p unless the runner has it already.
+func (s *scheduler) answer(name string, p placement) {
+	if last, ok := s.answered[name]; ok && last.seq == p.seq && last.reason == p.reason && slices.Equal(last.gpus, p.gpus) {
+		return
+	}
+	s.answered[name] = p
+	s.deliver(name, p)
+}
+
+func (s *scheduler) publish() {
+	snap := &schedSnapshot{devs: s.devs, notes: maps.Clone(s.notes), readErr: s.readErr}
+	for _, name := range slices.Sorted(maps.Keys(s.claims)) {
+		snap.claims = append(snap.claims, s.claims[name])
+	}
+	s.snapshot.Store(snap)
+}
+
+func pidsOf(owners map[int]string, name string) []int {
+	var out []int
+	for pid, m := range owners {
+		if m == name {
+			out = append(out, pid)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// PlacementRequest is what model m asks of the GPUs.
+func PlacementRequest(m config.Model) gpu.Request {
+	r := gpu.Request{Name: m.Name, Priority: m.Priority, TP: m.TensorParallel, Util: m.GPUMemoryUtilization}
+	for _, p := range m.GPUs {
+		r.Pins = append(r.Pins, string(p))
+	}
+	return r
+}
+
+// GPUView is one GPU with what the supervisor placed on it, for
+// `citadelctl gpus`.
+type GPUView struct {
+	gpu.Device
+	Models  []string `json:"models"`
+	Claimed uint64   `json:"claimed_bytes"`
+	Busy    string   `json:"busy,omitempty"`
+	Note    string   `json:"note,omitempty"`
+}
+
+// Views lists the GPUs, as last read, with the models placed on each.
+func (s *scheduler) Views() ([]GPUView, error) {
+	if s.reader == nil {
+		return nil, fmt.Errorf("%s", s.why)
+	}
+	snap := s.snapshot.Load()
+	if snap.devs == nil {
+		if snap.readErr != "" {
+			return nil, fmt.Errorf("GPU readings failed: %s", snap.readErr)
+		}
+		return nil, fmt.Errorf("no GPU readings yet")
+	}
+	claims := map[string]*gpu.Claim{}
+	for _, c := range snap.claims {
+		claims[c.Name] = &c
+	}
+	var out []GPUView
+	for _, sl := range gpu.Slots(snap.devs, claims, snap.notes) {
+		v := GPUView{Device: sl.Device, Models: []string{}, Claimed: sl.Claimed, Busy: sl.Busy, Note: sl.Note}
+		for _, c := range snap.claims {
+			if slices.Contains(c.UUIDs, sl.UUID) {
+				v.Models = append(v.Models, c.Name)
+			}
+		}
+		out = append(out, v)
+	}
+	return out, nil
+}
