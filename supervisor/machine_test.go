@@ -256,7 +256,9 @@ func TestMachineTransitions(t *testing.T) {
 		},
 		func(mt *mtest) event { return evSpawned{inst: mt.newInst()} },
 		func(*mtest) event { return evSpawned{err: errors.New("exec: no such file")} },
-		func(mt *mtest) event { return evExited{inst: mt.m.inst, exit: exitInfo{code: 137, desc: "killed by SIGKILL"}} },
+		func(mt *mtest) event {
+			return evExited{inst: mt.m.inst, exit: exitInfo{code: 137, desc: "killed by SIGKILL"}}
+		},
 		func(mt *mtest) event { return evProbed{inst: mt.m.inst} },
 		func(mt *mtest) event { return evProbed{inst: mt.m.inst, err: errors.New("connection refused")} },
 		func(mt *mtest) event { return evProbed{inst: mt.m.inst, err: &probe.StatusError{Code: 503}} },
@@ -270,7 +272,9 @@ func TestMachineTransitions(t *testing.T) {
 		func(*mtest) event { return evConfig{cfg: testModelCfg(), kind: config.Update} },
 		func(*mtest) event { return evConfig{cfg: disabled, kind: config.Respawn} },
 		func(mt *mtest) event { return evStopped{inst: mt.m.inst} },
-		func(mt *mtest) event { return evStopped{inst: mt.m.inst, err: errors.New("processes survived SIGKILL: 7 (x, state D)")} },
+		func(mt *mtest) event {
+			return evStopped{inst: mt.m.inst, err: errors.New("processes survived SIGKILL: 7 (x, state D)")}
+		},
 		func(*mtest) event { return evShutdown{} },
 	}
 	var b strings.Builder

@@ -1,0 +1,133 @@
+package supervisor
+
+import (
+	"citadel-supervisor/config"
+	"context"
+	"slices"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// stubbornArgs make a fake model whose server and worker ignore SIGTERM:
+// its stop takes the whole stop_timeout.
+var stubbornArgs = []string{"--fake-ignore-sigterm", "--fake-workers", "1", "--fake-worker-ignore-sigterm"}
+
+// TestReloadRemovingASlowModelKeepsTheLoopAlive is the regression for a
+// main loop that waited for removed models inside the select that beats
+// the heartbeat: a reload removing a model that takes its stop_timeout to
+// stop left Alive false for that long, and systemd's watchdog would have
+// killed the daemon and every model with it.
+func TestReloadRemovingASlowModelKeepsTheLoopAlive(t *testing.T) {
+	h := newHarness(t,
+		modelSpec{Name: "keep"},
+		modelSpec{Name: "slow", YAML: "stop_timeout: 2s", Fake: stubbornArgs},
+	).start(Options{Heartbeat: 20 * time.Millisecond})
+	h.waitState("keep", Ready, 20*time.Second)
+	h.waitState("slow", Ready, 20*time.Second)
+
+	next := *h.cfg
+	next.Models = slices.DeleteFunc(slices.Clone(h.cfg.Models), func(m config.Model) bool { return m.Name == "slow" })
+	done := make(chan error, 1)
+	started := time.Now()
+	go func() {
+		_, err := h.sup.Apply(context.Background(), &next)
+		done <- err
+	}()
+	stalls := 0
+	for {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+			if took := time.Since(started); took < 2*time.Second {
+				t.Fatalf("Apply returned after %s, before the removed model's stop_timeout: the test proves nothing", took)
+			}
+			if stalls > 0 {
+				t.Errorf("main loop not alive within 500ms %d times during the reload", stalls)
+			}
+			if _, err := h.sup.Status("slow"); err == nil {
+				t.Error("removed model still listed")
+			}
+			return
+		case <-time.After(50 * time.Millisecond):
+			if !h.sup.Alive(500 * time.Millisecond) {
+				stalls++
+			}
+			if _, err := h.sup.Status(); err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatal("Apply did not return within 30s")
+		}
+	}
+}
+
+// TestReloadOfTheTopModelKeepsItsGPUs is the regression for a reload that
+// changed the top-priority model (say max_model_len): its GPUs went to the
+// lower-priority models waiting in the same millisecond, and it stayed
+// pending behind them. A respawn for settings that need the same GPUs
+// keeps them, as a restart does.
+func TestReloadOfTheTopModelKeepsItsGPUs(t *testing.T) {
+	h := newHarnessWith(t, simGPUs("", 2),
+		modelSpec{Name: "big", YAML: "priority: 100\ntensor_parallel: 2\ngpu_memory_utilization: 0.9"},
+		modelSpec{Name: "small", YAML: "priority: 10\ngpu_memory_utilization: 0.5"},
+	).start(Options{})
+	before := h.waitState("big", Ready, 20*time.Second)
+	if st := h.status("small"); st.State != Pending || st.PendingCause != CauseGPU {
+		t.Fatalf("small: %s (%s), want pending on GPUs", st.State, st.Reason)
+	}
+
+	next := *h.cfg
+	next.Models = slices.Clone(h.cfg.Models)
+	for i := range next.Models {
+		if next.Models[i].Name == "big" {
+			next.Models[i].MaxModelLen = 4096
+		}
+	}
+	if _, err := h.sup.Apply(context.Background(), &next); err != nil {
+		t.Fatal(err)
+	}
+	var after Status
+	waitFor(t, 20*time.Second, "big restarted and ready", func() bool {
+		after = h.status("big")
+		return after.State == Ready && after.PID != before.PID
+	})
+	if !slices.Equal(after.GPUs, before.GPUs) {
+		t.Errorf("big moved from %v to %v", before.GPUs, after.GPUs)
+	}
+	if st := h.status("small"); st.State != Pending {
+		t.Errorf("small took the GPUs: %s (%s)", st.State, st.Reason)
+	}
+}
+
+// TestStartDuringAFailureStopKeepsTheCrash is the regression for an
+// operator's start that arrived while a crashed model's remains were being
+// stopped: the crash never reached citadel_model_restarts_total
+// {reason="exit"}, which the flapping alert relies on.
+func TestStartDuringAFailureStopKeepsTheCrash(t *testing.T) {
+	h := newHarness(t, modelSpec{Name: "m", YAML: "stop_timeout: 1s\nrestart: {delay: 1m, max_delay: 1m}", Fake: stubbornArgs}).start(Options{})
+	first := h.waitState("m", Ready, 20*time.Second)
+	if err := syscall.Kill(first.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// Its worker ignores SIGTERM: the stop of what is left takes 1s.
+	h.waitState("m", Stopping, 10*time.Second)
+	res, err := h.sup.Do(context.Background(), OpStart, "m")
+	if err != nil || res["m"] != nil {
+		t.Fatalf("start: %v %v", res, err)
+	}
+	var st Status
+	waitFor(t, 20*time.Second, "m ready again", func() bool {
+		st = h.status("m")
+		return st.State == Ready && st.PID != first.PID
+	})
+	if st.RestartsByReason[ReasonExit] != 1 {
+		t.Errorf("restarts %v, want exit:1", st.RestartsByReason)
+	}
+	// The operator's start skipped the 1m backoff.
+	if st.StartedAt.Sub(first.StartedAt) > 30*time.Second {
+		t.Errorf("restarted after %s", st.StartedAt.Sub(first.StartedAt))
+	}
+}
