@@ -3,17 +3,26 @@ package gpu
 import (
 	"context"
 	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 type staticReader struct {
+	mu    sync.Mutex
 	devs  []Device
 	err   error
 	reads atomic.Int32
@@ -26,7 +35,16 @@ func (r *staticReader) Read(context.Context) ([]Device, error) {
 	if r.gate != nil {
 		<-r.gate
 	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	return r.devs, r.err
+}
+
+// set changes what the next reads return.
+func (r *staticReader) set(devs []Device, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.devs, r.err = devs, err
 }
 
 func (r *staticReader) Xids() map[string]map[uint64]uint64 { return r.xids }
@@ -38,13 +56,33 @@ var twoDevices = []Device{
 	{Index: 1, UUID: "GPU-b", Name: "NVIDIA H100 80GB HBM3", PCIBusID: "00000000:1C:00.0", Up: false, Err: "GPU is lost"},
 }
 
+// steppingClock returns a now that moves on by step at each call, so a read
+// seems to take step.
+func steppingClock(step time.Duration) func() time.Time {
+	var mu sync.Mutex
+	t := time.Unix(1_700_000_000, 0)
+	return func() time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		t = t.Add(step)
+		return t
+	}
+}
+
 func TestCollectorGolden(t *testing.T) {
 	r := &staticReader{devs: twoDevices, xids: map[string]map[uint64]uint64{"GPU-b": {79: 2}}}
 	c := NewCollector("nvml", "ok", r, func() map[int]string { return map[int]string{10: "mixtral", 11: "mixtral"} })
+	c.now = steppingClock(250 * time.Millisecond)
 	want := `
 # HELP citadel_gpu_backend_info The GPU backend and whether it gives readings (status ok, disabled, no_driver, error); always 1.
 # TYPE citadel_gpu_backend_info gauge
 citadel_gpu_backend_info{backend="nvml",status="ok"} 1
+# HELP citadel_scrape_collector_duration_seconds How long the collector's read took at this scrape.
+# TYPE citadel_scrape_collector_duration_seconds gauge
+citadel_scrape_collector_duration_seconds{collector="gpu"} 0.25
+# HELP citadel_scrape_collector_success 1 if the collector's read succeeded at this scrape, 0 if it failed (its series are then absent).
+# TYPE citadel_scrape_collector_success gauge
+citadel_scrape_collector_success{collector="gpu"} 1
 # HELP citadel_gpu_info A GPU of this host; always 1.
 # TYPE citadel_gpu_info gauge
 citadel_gpu_info{gpu="0",name="NVIDIA H100 80GB HBM3",pci_bus_id="00000000:1B:00.0",uuid="GPU-a"} 1
@@ -98,12 +136,106 @@ citadel_gpu_backend_info{backend="nvml",status="no_driver"} 1
 	}
 }
 
+// TestCollectorReadError: a failed read leaves the GPU series out and says
+// so with citadel_scrape_collector_success 0; it does not fail the scrape.
 func TestCollectorReadError(t *testing.T) {
-	c := NewCollector("nvml", "ok", &staticReader{err: errors.New("driver hung")}, nil)
+	r := &staticReader{err: errors.New("driver hung"), xids: map[string]map[uint64]uint64{"GPU-a": {79: 1}}}
+	c := NewCollector("nvml", "ok", r, nil)
+	c.now = steppingClock(5 * time.Second)
+	want := `
+# HELP citadel_gpu_backend_info The GPU backend and whether it gives readings (status ok, disabled, no_driver, error); always 1.
+# TYPE citadel_gpu_backend_info gauge
+citadel_gpu_backend_info{backend="nvml",status="error"} 1
+# HELP citadel_scrape_collector_duration_seconds How long the collector's read took at this scrape.
+# TYPE citadel_scrape_collector_duration_seconds gauge
+citadel_scrape_collector_duration_seconds{collector="gpu"} 5
+# HELP citadel_scrape_collector_success 1 if the collector's read succeeded at this scrape, 0 if it failed (its series are then absent).
+# TYPE citadel_scrape_collector_success gauge
+citadel_scrape_collector_success{collector="gpu"} 0
+`
+	if err := testutil.CollectAndCompare(c, strings.NewReader(want)); err != nil {
+		t.Error(err)
+	}
+	if problems, err := testutil.CollectAndLint(c); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %v", problems, err)
+	}
+}
+
+// TestScrapeSurvivesAFailedGPURead goes through a real registry and
+// promhttp handler, as /metrics does: with the GPU read failing, the scrape
+// still answers 200 with the model series and the runtime's own.
+func TestScrapeSurvivesAFailedGPURead(t *testing.T) {
+	r := &staticReader{err: errors.New("driver hung")}
 	reg := prometheus.NewPedanticRegistry()
-	reg.MustRegister(c)
-	if _, err := reg.Gather(); err == nil || !strings.Contains(err.Error(), "driver hung") {
-		t.Errorf("a failed read must fail the scrape visibly, got %v", err)
+	modelUp := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "citadel_model_up", Help: "1 when ready."}, []string{"model"})
+	modelUp.WithLabelValues("mixtral").Set(1)
+	reg.MustRegister(
+		NewCollector("nvml", "ok", r, nil), modelUp,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	srv := httptest.NewServer(promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	defer srv.Close()
+
+	scrape := func() string {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, srv.URL, nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("status %d with a failed GPU read, want 200:\n%s", resp.StatusCode, b)
+		}
+		return string(b)
+	}
+	body := scrape()
+	for _, s := range []string{
+		`citadel_model_up{model="mixtral"} 1`,
+		`citadel_scrape_collector_success{collector="gpu"} 0`,
+		`citadel_scrape_collector_duration_seconds{collector="gpu"}`,
+		`citadel_gpu_backend_info{backend="nvml",status="error"} 1`,
+		"go_goroutines ",
+		"process_start_time_seconds ",
+	} {
+		if !strings.Contains(body, s) {
+			t.Errorf("scrape lacks %s", s)
+		}
+	}
+	if strings.Contains(body, "citadel_gpu_up") || strings.Contains(body, "driver hung") {
+		t.Errorf("GPU series or the read error in a failed scrape:\n%s", body)
+	}
+
+	r.set(twoDevices, nil)
+	body = scrape()
+	for _, s := range []string{`citadel_scrape_collector_success{collector="gpu"} 1`, `citadel_gpu_up{gpu="0",uuid="GPU-a"} 1`} {
+		if !strings.Contains(body, s) {
+			t.Errorf("after the read works again, the scrape lacks %s", s)
+		}
+	}
+}
+
+// TestCollectorLogsReadFailuresOnce: a failing read is logged when it
+// starts failing and when it works again, not at every scrape.
+func TestCollectorLogsReadFailuresOnce(t *testing.T) {
+	core, logs := observer.New(zap.InfoLevel)
+	r := &staticReader{err: errors.New("driver hung")}
+	c := NewCollector("nvml", "ok", r, nil).LogTo(zap.New(core))
+	for range 5 {
+		testutil.CollectAndCount(c)
+	}
+	if n := logs.FilterMessageSnippet("GPU readings failed").Len(); n != 1 {
+		t.Errorf("5 failed reads logged %d times, want once", n)
+	}
+	r.set(twoDevices, nil)
+	for range 3 {
+		testutil.CollectAndCount(c)
+	}
+	if n := logs.FilterMessage("GPU readings work again").Len(); n != 1 {
+		t.Errorf("recovery logged %d times, want once", n)
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 
 	"citadel-supervisor/config"
@@ -21,10 +22,21 @@ type SimUse struct {
 	Bytes uint64
 }
 
-// Sim reads GPUs declared in the configuration. Running models' shares come
-// from uses (the supervisor provides it); the optional state file adds
+// SimProcess is what the sim backend reads of a process in the process
+// table: its argv and its environment (KEY=VALUE each).
+type SimProcess struct {
+	PID  int
+	Args []string
+	Env  []string
+}
+
+// Sim reads GPUs declared in the configuration and, like a driver, finds
+// the processes using them itself (see the package doc): a process that
+// names sim GPUs in CUDA_VISIBLE_DEVICES and has --gpu-memory-utilization U
+// in its argv uses U × each such GPU's total, under its pid. Only the
+// daemon's own descendants are looked at. The optional state file adds
 // memory used by others and can mark a GPU down, so tests and demos can make
-// memory scarce or a GPU fail at will. It is re-read on every Read.
+// memory scarce or a GPU fail at will. Both are re-read on every Read.
 //
 // State file, JSON:
 //
@@ -33,13 +45,17 @@ type Sim struct {
 	devices   []config.SimDevice
 	stateFile string
 	uses      func() []SimUse
+	procs     func() ([]SimProcess, error) // the processes that may use the GPUs
 }
 
 var _ Reader = (*Sim)(nil)
 
-// NewSim returns the sim backend for cfg; uses may be nil (no models).
+// NewSim returns the sim backend for cfg. With uses nil, it finds the
+// processes using its GPUs in the process table, among the daemon's
+// descendants. A non-nil uses instead says what runs where (the caller
+// keeps that state); it is kept for callers that still do.
 func NewSim(cfg config.GPU, uses func() []SimUse) *Sim {
-	return &Sim{devices: cfg.Sim.Devices, stateFile: cfg.Sim.StateFile, uses: uses}
+	return &Sim{devices: cfg.Sim.Devices, stateFile: cfg.Sim.StateFile, uses: uses, procs: descendantProcesses}
 }
 
 type simState struct {
@@ -82,6 +98,24 @@ func (s *Sim) Read(context.Context) ([]Device, error) {
 				}
 			}
 		}
+	} else {
+		procs, err := s.procs()
+		if err != nil {
+			return nil, fmt.Errorf("sim GPUs: read the process table: %w", err)
+		}
+		for _, p := range procs {
+			util, uuids, ok := simClaim(p)
+			if !ok {
+				continue
+			}
+			for i := range out {
+				if slices.Contains(uuids, out[i].UUID) {
+					b := Share(util, out[i].MemoryTotal)
+					out[i].MemoryUsed += b
+					out[i].Processes = append(out[i].Processes, Process{PID: p.PID, UsedMemory: b})
+				}
+			}
+		}
 	}
 	for i := range out {
 		out[i].MemoryUsed = min(out[i].MemoryUsed, out[i].MemoryTotal)
@@ -109,4 +143,46 @@ func (s *Sim) state() (simState, error) {
 		return st, fmt.Errorf("gpu.sim.state_file %s: %w", s.stateFile, err)
 	}
 	return st, nil
+}
+
+// simClaim reads what p would hold on GPUs as a vLLM server: the
+// --gpu-memory-utilization of its argv, on every GPU that its
+// CUDA_VISIBLE_DEVICES names by UUID. ok is false for any other process
+// (vLLM's own workers and EngineCore have neither in their argv).
+func simClaim(p SimProcess) (util float64, uuids []string, ok bool) {
+	for i, a := range p.Args {
+		v, found := strings.CutPrefix(a, "--gpu-memory-utilization=")
+		if !found && a == "--gpu-memory-utilization" && i+1 < len(p.Args) {
+			v, found = p.Args[i+1], true
+		}
+		if found {
+			u, err := strconv.ParseFloat(v, 64)
+			if err == nil && u > 0 && u <= 1 {
+				util, ok = u, true
+			}
+		}
+	}
+	if !ok {
+		return 0, nil, false
+	}
+	// The first assignment wins, as with getenv (which the CUDA runtime uses).
+	visible, found := "", false
+	for _, e := range p.Env {
+		if v, ok := strings.CutPrefix(e, "CUDA_VISIBLE_DEVICES="); ok {
+			visible, found = v, true
+			break
+		}
+	}
+	if !found {
+		return 0, nil, false
+	}
+	for u := range strings.SplitSeq(visible, ",") {
+		if u = strings.TrimSpace(u); u != "" {
+			uuids = append(uuids, u)
+		}
+	}
+	if len(uuids) == 0 {
+		return 0, nil, false // CUDA_VISIBLE_DEVICES="" hides every GPU
+	}
+	return util, uuids, true
 }

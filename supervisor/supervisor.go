@@ -174,7 +174,7 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 	if o.Registerer != nil {
 		for _, c := range []prometheus.Collector{
 			d.metrics.probeDuration, d.metrics.probeFailures, newModelCollector(s),
-			gpu.NewCollector(cfg.GPU.Backend, gpuStatus, reader, s.owners),
+			gpu.NewCollector(cfg.GPU.Backend, gpuStatus, reader, s.owners).LogTo(o.Logger.Named("gpu")),
 		} {
 			if err := o.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("register metrics: %w", err)

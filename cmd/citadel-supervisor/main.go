@@ -91,7 +91,13 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		log.Info("model output goes to the journal as citadel-<model>")
 	}
 	if cfg.Log.ModelDir != "" {
-		output = systemd.FileOutput(cfg.Log, output)
+		files := systemd.FileOutput(cfg.Log, output)
+		defer func() {
+			if err := files.Close(); err != nil {
+				log.Warn("closing model log files", zap.Error(err))
+			}
+		}()
+		output = files.Output
 	}
 	opts := supervisor.Options{
 		Output:     output,

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 	"go.uber.org/zap"
@@ -40,7 +41,8 @@ func IsLost(err error) bool {
 type Backend struct {
 	lib   nvml.Interface
 	log   *zap.Logger
-	noV2  atomic.Bool // the driver lacks nvmlDeviceGetMemoryInfo_v2
+	after func(time.Duration) <-chan time.Time // time.After; tests pace retries
+	noV2  atomic.Bool                          // the driver lacks nvmlDeviceGetMemoryInfo_v2
 	mu    sync.Mutex
 	xids  map[string]map[uint64]uint64 // uuid → xid → count
 	count int
@@ -68,7 +70,7 @@ func Open(lib nvml.Interface, log *zap.Logger) (*Backend, error) {
 		lib.Shutdown()
 		return nil, nvmlError("nvml DeviceGetCount", ret)
 	}
-	return &Backend{lib: lib, log: log, xids: map[string]map[uint64]uint64{}, count: n}, nil
+	return &Backend{lib: lib, log: log, after: time.After, xids: map[string]map[uint64]uint64{}, count: n}, nil
 }
 
 // Close shuts NVML down.
@@ -178,9 +180,19 @@ func busID(b [32]int8) string {
 // bound on how long WatchXids takes to notice ctx ending.
 const xidWait = 1000
 
+// A wait for events that fails with anything but a timeout returns at
+// once, and a driver in trouble keeps failing it: retries back off from
+// xidRetryMin, doubling up to xidRetryMax, so WatchXids neither spins a
+// core nor floods the log.
+const (
+	xidRetryMin = time.Second
+	xidRetryMax = time.Minute
+)
+
 // WatchXids counts Xid critical errors (a fallen GPU, a double-bit ECC
 // error, a hung engine …) until ctx ends. GPUs that do not support events
-// are skipped and logged.
+// are skipped and logged. A failing wait is logged when it starts failing
+// and when it works again, and retried with backoff meanwhile.
 func (b *Backend) WatchXids(ctx context.Context) error {
 	set, ret := b.lib.EventSetCreate()
 	if ret != nvml.SUCCESS {
@@ -203,17 +215,32 @@ func (b *Backend) WatchXids(ctx context.Context) error {
 		<-ctx.Done()
 		return nil
 	}
+	var (
+		retry    time.Duration // the wait before the next retry; 0 while waits work
+		failures int
+	)
 	for ctx.Err() == nil {
 		data, ret := set.Wait(xidWait)
-		switch ret {
-		case nvml.SUCCESS:
-		case nvml.ERROR_TIMEOUT:
-			continue
-		default:
-			b.log.Warn("waiting for Xid events", zap.String("error", ret.Error()))
+		if ret != nvml.SUCCESS && ret != nvml.ERROR_TIMEOUT {
+			failures++
+			if retry == 0 {
+				b.log.Warn("waiting for Xid events failed; retrying with backoff, Xid errors are not counted meanwhile",
+					zap.Error(nvmlError("nvml EventSet Wait", ret)), zap.Duration("max_retry_delay", xidRetryMax))
+				retry = xidRetryMin
+			} else {
+				retry = min(2*retry, xidRetryMax)
+			}
+			select {
+			case <-ctx.Done():
+			case <-b.after(retry):
+			}
 			continue
 		}
-		if data.EventType != nvml.EventTypeXidCriticalError || data.Device == nil {
+		if retry != 0 {
+			b.log.Info("waiting for Xid events works again", zap.Int("failed_waits", failures))
+			retry, failures = 0, 0
+		}
+		if ret == nvml.ERROR_TIMEOUT || data.EventType != nvml.EventTypeXidCriticalError || data.Device == nil {
 			continue
 		}
 		uuid, ret := data.Device.GetUUID()

@@ -3,12 +3,15 @@ package nvmlgpu
 import (
 	"context"
 	"errors"
+	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 	"github.com/NVIDIA/go-nvml/pkg/nvml/mock"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"citadel-supervisor/gpu"
 )
@@ -200,5 +203,105 @@ func TestWatchXids(t *testing.T) {
 	case <-freed:
 	default:
 		t.Error("event set not freed")
+	}
+}
+
+// TestWatchXidsBacksOffAPersistentError: a Wait that fails at once with
+// something other than a timeout (the driver in trouble) is retried after
+// 1s, 2s, 4s … up to 1m, not in a busy loop, and logged once when it starts
+// failing and once when it works again.
+func TestWatchXidsBacksOffAPersistentError(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var (
+		waits, okWaits atomic.Int32
+		recovered      atomic.Bool
+		blocked        = make(chan struct{}, 1) // the second recovered Wait blocks until ctx ends
+	)
+	set := &mock.EventSet{
+		WaitFunc: func(uint32) (nvml.EventData, nvml.Return) {
+			waits.Add(1)
+			if !recovered.Load() {
+				return nvml.EventData{}, nvml.ERROR_UNKNOWN
+			}
+			if okWaits.Add(1) > 1 {
+				select {
+				case blocked <- struct{}{}:
+				default:
+				}
+				<-ctx.Done()
+			}
+			return nvml.EventData{}, nvml.ERROR_TIMEOUT
+		},
+		FreeFunc: func() nvml.Return { return nvml.SUCCESS },
+	}
+	l := lib(h100(0))
+	l.EventSetCreateFunc = func() (nvml.EventSet, nvml.Return) { return set, nvml.SUCCESS }
+	core, logs := observer.New(zap.InfoLevel)
+	b, err := Open(l, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Retries wait on channels the test fires, one at a time.
+	type timer struct {
+		d time.Duration
+		c chan time.Time
+	}
+	timers := make(chan timer)
+	b.after = func(d time.Duration) <-chan time.Time {
+		c := make(chan time.Time, 1)
+		timers <- timer{d, c}
+		return c
+	}
+	done := make(chan error, 1)
+	go func() { done <- b.WatchXids(ctx) }()
+	next := func() timer {
+		t.Helper()
+		select {
+		case tm := <-timers:
+			return tm
+		case <-time.After(5 * time.Second):
+			t.Fatal("WatchXids did not wait before retrying")
+			return timer{}
+		}
+	}
+
+	var delays []time.Duration
+	for i := range 10 {
+		tm := next()
+		// WatchXids is now blocked on tm.c: one Wait per retry, no more.
+		if n := waits.Load(); n != int32(i+1) {
+			t.Fatalf("%d Waits before retry %d, want %d", n, i+1, i+1)
+		}
+		delays = append(delays, tm.d)
+		if i == 9 {
+			recovered.Store(true)
+		}
+		tm.c <- time.Time{}
+	}
+	want := []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second, 16 * time.Second,
+		32 * time.Second, time.Minute, time.Minute, time.Minute, time.Minute}
+	if !slices.Equal(delays, want) {
+		t.Errorf("retry delays %v, want %v", delays, want)
+	}
+	select {
+	case <-blocked:
+	case <-time.After(5 * time.Second):
+		t.Fatal("WatchXids did not go back to waiting for events")
+	}
+	if n := logs.FilterMessageSnippet("waiting for Xid events failed").Len(); n != 1 {
+		t.Errorf("10 failed waits logged %d times, want once", n)
+	}
+	if l := logs.FilterMessage("waiting for Xid events works again").All(); len(l) != 1 || l[0].ContextMap()["failed_waits"] != int64(10) {
+		t.Errorf("recovery logged as %v, want once with failed_waits 10", l)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("WatchXids: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("WatchXids did not return after ctx ended")
 	}
 }
