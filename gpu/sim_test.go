@@ -83,7 +83,7 @@ func TestSimUsageFromProcesses(t *testing.T) {
 			{PID: 100, Args: []string{"vllm", "--gpu-memory-utilization", "0.5"}, Env: []string{"CUDA_VISIBLE_DEVICES=GPU-sim-a,GPU-sim-b"}},
 			{PID: 101, Args: []string{"worker"}, Env: []string{"CUDA_VISIBLE_DEVICES=GPU-sim-a,GPU-sim-b"}},
 			{PID: 200, Args: []string{"vllm", "--gpu-memory-utilization=0.25"}, Env: []string{"CUDA_VISIBLE_DEVICES=GPU-sim-b,GPU-elsewhere"}},
-			{PID: 300, Args: []string{"bash"}, Env: []string{"HOME=/root"}},
+			{PID: 300, Args: []string{"bash"}, Env: []string{"HOME=/var/lib/citadel"}},
 		}, nil
 	}
 	devs, err := s.Read(context.Background())
