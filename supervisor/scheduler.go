@@ -334,24 +334,27 @@ type GPUView struct {
 	Note    string   `json:"note,omitempty"`
 }
 
-// Views lists the GPUs, as last read, with the models placed on each.
-func (s *scheduler) Views() ([]GPUView, error) {
+// Views reads the GPUs now and lists the models placed on each (claims as
+// of the last decision).
+func (s *scheduler) Views(ctx context.Context) ([]GPUView, error) {
 	if s.reader == nil {
 		return nil, fmt.Errorf("%s", s.why)
 	}
-	snap := s.snapshot.Load()
-	if snap.devs == nil {
-		if snap.readErr != "" {
-			return nil, fmt.Errorf("GPU readings failed: %s", snap.readErr)
-		}
-		return nil, fmt.Errorf("no GPU readings yet")
+	devs, err := s.reader.Read(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("GPU readings failed: %w", err)
 	}
+	snap := s.snapshot.Load()
+	owners := s.owners()
 	claims := map[string]*gpu.Claim{}
 	for _, c := range snap.claims {
+		if c.Phase != gpu.Releasing {
+			c.PIDs = pidsOf(owners, c.Name)
+		}
 		claims[c.Name] = &c
 	}
 	var out []GPUView
-	for _, sl := range gpu.Slots(snap.devs, claims, snap.notes) {
+	for _, sl := range gpu.Slots(devs, claims, snap.notes) {
 		v := GPUView{Device: sl.Device, Models: []string{}, Claimed: sl.Claimed, Busy: sl.Busy, Note: sl.Note}
 		for _, c := range snap.claims {
 			if slices.Contains(c.UUIDs, sl.UUID) {

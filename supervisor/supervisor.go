@@ -414,8 +414,8 @@ func (s *Supervisor) deliver(name string, p placement) {
 	}
 }
 
-// GPUs lists the host's GPUs, as last read, with the models placed on each.
-func (s *Supervisor) GPUs(context.Context) ([]GPUView, error) { return s.d.sched.Views() }
+// GPUs lists the host's GPUs with the models placed on each.
+func (s *Supervisor) GPUs(ctx context.Context) ([]GPUView, error) { return s.d.sched.Views(ctx) }
 
 func (s *Supervisor) publishRunners(byName map[string]*runner) {
 	list := make([]*runner, 0, len(byName))
