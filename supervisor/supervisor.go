@@ -27,6 +27,7 @@ import (
 	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/control/api"
 )
 
 // Prober answers whether a model is healthy. The probe package implements it.
@@ -438,9 +439,9 @@ func (s *Supervisor) lookup(names []string) ([]*runner, error) {
 
 // Do sends op (start, stop, restart, reset) to the named models ("all" for
 // every one) concurrently, and returns one error per model (nil on success).
-func (s *Supervisor) Do(ctx context.Context, op string, names ...string) (map[string]error, error) {
+func (s *Supervisor) Do(ctx context.Context, op api.Op, names ...string) (map[string]error, error) {
 	switch op {
-	case "start", "stop", "restart", "reset":
+	case api.OpStart, api.OpStop, api.OpRestart, api.OpReset:
 	default:
 		return nil, fmt.Errorf("unknown operation %q", op)
 	}
@@ -453,7 +454,7 @@ func (s *Supervisor) Do(ctx context.Context, op string, names ...string) (map[st
 	var wg sync.WaitGroup
 	for _, r := range rs {
 		wg.Go(func() {
-			err := r.send(ctx, request{op: op})
+			err := r.send(ctx, request{op: string(op)})
 			mu.Lock()
 			out[r.name] = err
 			mu.Unlock()

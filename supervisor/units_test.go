@@ -204,13 +204,3 @@ func TestRing(t *testing.T) {
 		t.Errorf("follower got %q first", first)
 	}
 }
-
-func TestSummary(t *testing.T) {
-	st := []Status{{State: Ready}, {State: Ready}, {State: Pending}, {State: Failed}, {State: Pending}, {State: Ready}, {State: Ready}, {State: Ready}}
-	if got, want := Summary(st), "5/8 ready, 2 pending, 1 failed"; got != want {
-		t.Errorf("Summary = %q, want %q", got, want)
-	}
-	if got := Summary(nil); got != "0/0 ready" {
-		t.Errorf("Summary(nil) = %q", got)
-	}
-}
