@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"citadel-supervisor/supervisor/proc"
 )
 
 // clockTicks is USER_HZ, the unit of utime and stime in /proc/PID/stat:
@@ -122,7 +124,7 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 		if pids := r.pids.Load(); pids != nil {
 			var rss, cpu float64
 			for _, pid := range *pids {
-				ps, err := readStat(pid)
+				ps, err := proc.ReadStat(pid)
 				if err != nil || ps.State == 'Z' {
 					continue
 				}

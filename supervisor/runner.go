@@ -55,7 +55,7 @@ type request struct {
 // instance is one spawned process tree of a model.
 type instance struct {
 	pid     int
-	tree    *tree
+	tree    processTree
 	started time.Time
 	gpus    []string
 	deep    *probe.Deep   // the deep probe's schedule, owned by the probe in flight
@@ -202,7 +202,7 @@ func (l *loop) onTick(ctx context.Context) {
 		l.r.log.Info("retrying failed model", zap.Duration("retry_failed_after", l.cfg.Restart.RetryFailedAfter))
 		l.enterPending("retrying after failure")
 	case Starting, Ready, Unhealthy:
-		l.inst.tree.refresh()
+		l.inst.tree.Refresh()
 		l.r.publishPIDs(l.inst.tree)
 		if l.state != Starting {
 			// Liveness runs on a fixed period from each probe's start, so a
@@ -385,7 +385,7 @@ func (l *loop) beginStop(mainAlive bool, reason string, then func()) {
 	l.enter(Stopping, reason)
 	grace := l.cfg.StopTimeout
 	go func() {
-		err := inst.tree.stop(context.Background(), grace, mainAlive && !inst.exited())
+		err := inst.tree.Stop(context.Background(), grace, mainAlive && !inst.exited())
 		<-inst.done // the main process is dead by now; wait for its reaping
 		l.stopDone <- err
 	}()
@@ -409,7 +409,7 @@ func (l *loop) onStopped(err error) {
 	}
 	// Its GPUs stay busy until its processes have left them; the claim is
 	// kept for a restart with the same settings.
-	l.r.d.alloc.Released(l.cfg.Name, l.inst.tree.seenPIDs(), !l.replaced)
+	l.r.d.alloc.Released(l.cfg.Name, l.inst.tree.SeenPIDs(), !l.replaced)
 	l.replaced = false
 	l.r.pids.Store(nil)
 	l.inst, l.exitSeen = nil, false
@@ -543,7 +543,7 @@ func (l *loop) shutdown() {
 		l.enter(Stopping, "supervisor shutting down")
 		inst, grace := l.inst, l.cfg.StopTimeout
 		go func() {
-			err := inst.tree.stop(context.Background(), grace, !inst.exited())
+			err := inst.tree.Stop(context.Background(), grace, !inst.exited())
 			<-inst.done
 			l.stopDone <- err
 		}()
@@ -551,15 +551,15 @@ func (l *loop) shutdown() {
 	if err := <-l.stopDone; err != nil {
 		l.r.log.Error("stop incomplete at shutdown", zap.Error(err))
 	}
-	l.r.d.alloc.Released(l.cfg.Name, l.inst.tree.seenPIDs(), false)
+	l.r.d.alloc.Released(l.cfg.Name, l.inst.tree.SeenPIDs(), false)
 	l.r.pids.Store(nil)
 	l.inst = nil
 	l.enter(Stopped, "supervisor shut down")
 }
 
 // publishPIDs makes the instance's processes known for GPU attribution.
-func (r *runner) publishPIDs(t *tree) {
-	p := t.pids()
+func (r *runner) publishPIDs(t processTree) {
+	p := t.PIDs()
 	r.pids.Store(&p)
 }
 

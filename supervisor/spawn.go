@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/proc"
 )
 
 // argv builds the child's command line (SPEC §2): command, then the flags
@@ -62,7 +63,7 @@ func childEnv(base []string, m config.Model, secrets map[string]string, gpus []s
 	}
 	env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
 	env["VLLM_PORT"] = strconv.Itoa(m.VLLMPort)
-	env[MarkerEnv] = marker
+	env[proc.MarkerEnv] = marker
 	out := make([]string, 0, len(env))
 	for _, k := range sortedKeys(env) {
 		out = append(out, k+"="+env[k])

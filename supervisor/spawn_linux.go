@@ -16,6 +16,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/proc"
 )
 
 // spawn starts one instance of m in a new process group, with its output
@@ -53,7 +54,7 @@ func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string)
 	}
 	inst := &instance{
 		pid:     cmd.Process.Pid,
-		tree:    newTree(marker, cmd.Process.Pid),
+		tree:    proc.NewTree(marker, cmd.Process.Pid),
 		started: r.d.now(),
 		gpus:    gpus,
 		deep:    &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},
