@@ -22,7 +22,7 @@ import (
 // spawn starts one instance of m in a new process group, with its output
 // captured line by line.
 func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string) (*instance, error) {
-	args := argv(m)
+	args := m.Argv()
 	marker := r.d.id + "/" + m.Name + "/" + rand.Text()[:16]
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Env = childEnv(r.d.environ, m, secrets, gpus, marker)
