@@ -15,24 +15,6 @@ const maxSocketPath = 107
 
 var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
-// supervisorEnv are variables the supervisor sets itself in every child.
-var supervisorEnv = map[string]string{
-	"CUDA_VISIBLE_DEVICES": "set gpus instead",
-	"CUDA_DEVICE_ORDER":    "the supervisor always sets PCI_BUS_ID",
-	"VLLM_PORT":            "set vllm_port instead",
-}
-
-// supervisorFlags are vLLM flags built from a model's own keys.
-var supervisorFlags = map[string]string{
-	"--model":                  "model",
-	"--host":                   "host",
-	"--port":                   "port",
-	"--served-model-name":      "served_name",
-	"--tensor-parallel-size":   "tensor_parallel",
-	"--gpu-memory-utilization": "gpu_memory_utilization",
-	"--max-model-len":          "max_model_len",
-}
-
 // Validate returns every problem in c, joined, each naming its key path;
 // nil when c is valid. A model path that does not exist is not a problem
 // here: storage may be mounted later, and the model waits as pending.
@@ -160,11 +142,12 @@ func (c *Config) validateModel(m Model, add func(key, format string, args ...any
 		add(key+".stop_timeout", "must be positive")
 	}
 	for name := range m.Env {
+		hint, owned := ownedVarHint(name)
 		switch {
 		case !envName.MatchString(name):
 			add(key+".env."+name, "not a valid environment variable name")
-		case supervisorEnv[name] != "":
-			add(key+".env."+name, "set by the supervisor: %s", supervisorEnv[name])
+		case owned:
+			add(key+".env."+name, "set by the supervisor: %s", hint)
 		case strings.HasPrefix(name, EnvPrefix):
 			add(key+".env."+name, "the %s prefix is reserved for the supervisor", EnvPrefix)
 		}
@@ -176,7 +159,7 @@ func (c *Config) validateModel(m Model, add func(key, format string, args ...any
 	}
 	for i, a := range m.Args {
 		flag, _, _ := strings.Cut(a, "=")
-		if k, ok := supervisorFlags[flag]; ok {
+		if k, ok := ownedFlagKey(flag); ok {
 			add(fmt.Sprintf("%s.args[%d]", key, i), "%s is set by the supervisor from %s.%s", flag, key, k)
 		}
 	}

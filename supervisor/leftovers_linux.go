@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/proc"
 )
 
 // ErrAlreadyRunning means another supervisor holds this identity's lock.
@@ -55,28 +56,10 @@ func lockIdentity(socket string) (func(), error) {
 // processes get its stop_timeout, in parallel, so GPU memory is freed
 // cleanly before placement begins.
 func (s *Supervisor) stopLeftovers(cfg *config.Config) {
-	pids, err := allPIDs()
+	groups, err := proc.Marked(s.d.id + "/")
 	if err != nil {
 		s.d.log.Error("scan for leftover model processes", zap.Error(err))
 		return
-	}
-	prefix := s.d.id + "/"
-	groups := map[string]*tree{}
-	for _, pid := range pids {
-		v, ok := environValue(pid, MarkerEnv)
-		if !ok || !strings.HasPrefix(v, prefix) {
-			continue
-		}
-		st, err := readStat(pid)
-		if err != nil || st.State == 'Z' {
-			continue
-		}
-		t := groups[v]
-		if t == nil {
-			t = &tree{marker: v, members: map[int]uint64{}, known: map[int]uint64{}, seen: map[int]bool{}, scan: allPIDs}
-			groups[v] = t
-		}
-		t.members[pid] = st.Start
 	}
 	var wg sync.WaitGroup
 	for marker, t := range groups {
@@ -86,9 +69,9 @@ func (s *Supervisor) stopLeftovers(cfg *config.Config) {
 			grace = m.StopTimeout
 		}
 		s.d.log.Warn("stopping processes left by a previous supervisor",
-			zap.String("model", model), zap.Ints("pids", t.pids()), zap.Duration("grace", grace))
+			zap.String("model", model), zap.Ints("pids", t.PIDs()), zap.Duration("grace", grace))
 		wg.Go(func() {
-			if err := t.stop(context.Background(), grace, false); err != nil {
+			if err := t.Stop(context.Background(), grace, false); err != nil {
 				s.d.log.Error("leftover processes survive", zap.String("model", model), zap.Error(err))
 			}
 		})

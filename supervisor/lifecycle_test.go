@@ -15,6 +15,8 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
+
+	"citadel-supervisor/supervisor/proc"
 )
 
 func TestKillNineRestartsAfterDelay(t *testing.T) {
@@ -108,7 +110,7 @@ func TestStopKillsDetachedStubbornTree(t *testing.T) {
 		return len(procs) == 6 && len(liveOf(procs, "")) == 5
 	})
 	for _, pid := range liveOf(procs, "worker") {
-		if s, _ := readStat(pid); s.PGID != st.PID && s.PGID != pid {
+		if s, _ := proc.ReadStat(pid); s.PGID != st.PID && s.PGID != pid {
 			t.Errorf("worker %d in unexpected group %d", pid, s.PGID)
 		}
 	}
@@ -128,7 +130,7 @@ func TestStopKillsDetachedStubbornTree(t *testing.T) {
 	// no zombie is left behind either.
 	waitFor(t, 10*time.Second, "workers reaped", func() bool {
 		for pid := range procs {
-			if _, err := readStat(pid); err == nil {
+			if _, err := proc.ReadStat(pid); err == nil {
 				return false
 			}
 		}
@@ -191,7 +193,7 @@ func TestPendingOnForeignPort(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.start(Options{})
-	self, _ := readStat(os.Getpid())
+	self, _ := proc.ReadStat(os.Getpid())
 	want := "port " + strconv.Itoa(m.Port) + " in use by pid " + strconv.Itoa(os.Getpid()) + " (" + self.Comm + ")"
 	waitFor(t, 10*time.Second, "pending: "+want, func() bool {
 		st := h.status("m")

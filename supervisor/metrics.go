@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"citadel-supervisor/supervisor/proc"
 )
 
 // clockTicks is USER_HZ, the unit of utime and stime in /proc/PID/stat:
@@ -125,7 +127,7 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 		pids := r.pids.Load()
 		if pids != nil {
 			for _, pid := range *pids {
-				ps, err := readStat(pid)
+				ps, err := proc.ReadStat(pid)
 				if err != nil || ps.State == 'Z' {
 					continue
 				}

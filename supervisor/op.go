@@ -1,16 +1,15 @@
 package supervisor
 
+import "citadel-supervisor/supervisor/control/api"
+
 // Op is an operator's operation on models (citadelctl start, stop, restart,
-// reset).
-type Op string
+// reset): the control wire's vocabulary, defined once in package api.
+type Op = api.Op
 
 // The operations.
 const (
-	OpStart   Op = "start"
-	OpStop    Op = "stop"
-	OpRestart Op = "restart"
-	OpReset   Op = "reset"
+	OpStart   = api.OpStart
+	OpStop    = api.OpStop
+	OpRestart = api.OpRestart
+	OpReset   = api.OpReset
 )
-
-// Ops lists every operation.
-var Ops = []Op{OpStart, OpStop, OpRestart, OpReset}

@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"citadel-supervisor/supervisor/proc"
 	"citadel-supervisor/supervisor/supervisortest"
 )
 
@@ -138,7 +139,7 @@ func TestForeignServerOnThePortIsDetected(t *testing.T) {
 		return false
 	})
 	// Restarted, ours finds the impostor holding the port and says who.
-	self, _ := readStat(impostor.Process.Pid)
+	self, _ := proc.ReadStat(impostor.Process.Pid)
 	want := "port " + strconv.Itoa(port) + " in use by pid " + strconv.Itoa(impostor.Process.Pid) + " (" + self.Comm + ")"
 	waitFor(t, 20*time.Second, "pending: "+want, func() bool {
 		st := h.status("m")

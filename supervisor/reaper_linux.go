@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"citadel-supervisor/supervisor/proc"
 )
 
 // Reaper makes the daemon a child subreaper and reaps the orphans that are
@@ -88,11 +90,11 @@ func (r *Reaper) Reap() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	n := 0
-	for _, pid := range childrenOf(os.Getpid()) {
+	for _, pid := range proc.Children(os.Getpid()) {
 		if r.managed[pid] {
 			continue
 		}
-		if s, err := readStat(pid); err != nil || s.State != 'Z' {
+		if s, err := proc.ReadStat(pid); err != nil || s.State != 'Z' {
 			continue
 		}
 		var ws unix.WaitStatus

@@ -97,7 +97,7 @@ func (b *mailbox) take() ([]message, *placement) {
 // instance is one spawned process tree of a model.
 type instance struct {
 	pid     int
-	tree    *tree
+	tree    processTree
 	started time.Time
 	gpus    []string
 	deep    *probe.Deep   // the deep probe's schedule, owned by the probe in flight
@@ -264,7 +264,7 @@ func (l *loop) do(ef effect) event {
 		r.d.sched.Ready(r.name)
 	case efProbe:
 		inst := m.inst
-		inst.tree.refresh()
+		inst.tree.Refresh()
 		r.publishPIDs(inst.tree)
 		go l.probe(probeJob{
 			inst: inst, health: probeURL(m.cfg), base: baseURL(m.cfg), served: m.cfg.ServedName,
@@ -276,13 +276,13 @@ func (l *loop) do(ef effect) event {
 	case efStop:
 		inst, grace, mainAlive := ef.inst, m.cfg.StopTimeout, ef.mainAlive
 		go func() {
-			err := inst.tree.stop(context.Background(), grace, mainAlive && !inst.exited())
+			err := inst.tree.Stop(context.Background(), grace, mainAlive && !inst.exited())
 			<-inst.done // the main process is dead by now; wait for its reaping
 			l.results <- evStopped{inst: inst, err: err}
 		}()
 	case efRelease:
 		// Its GPUs stay busy until its processes have left them.
-		r.d.sched.Release(r.name, ef.inst.tree.seenPIDs(), ef.keep)
+		r.d.sched.Release(r.name, ef.inst.tree.SeenPIDs(), ef.keep)
 		r.pids.Store(nil)
 	case efArm:
 		l.timers[ef.t] = r.d.after(ef.d)
@@ -368,8 +368,8 @@ func (l *loop) probe(j probeJob) {
 }
 
 // publishPIDs makes the instance's processes known for GPU attribution.
-func (r *runner) publishPIDs(t *tree) {
-	p := t.pids()
+func (r *runner) publishPIDs(t processTree) {
+	p := t.PIDs()
 	r.pids.Store(&p)
 }
 

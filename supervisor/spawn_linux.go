@@ -16,12 +16,13 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/proc"
 )
 
 // spawn starts one instance of m in a new process group, with its output
 // captured line by line.
 func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string) (*instance, error) {
-	args := argv(m)
+	args := m.Argv()
 	marker := r.d.id + "/" + m.Name + "/" + rand.Text()[:16]
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Env = childEnv(r.d.environ, m, secrets, gpus, marker)
@@ -53,7 +54,7 @@ func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string)
 	}
 	inst := &instance{
 		pid:     cmd.Process.Pid,
-		tree:    newTree(marker, cmd.Process.Pid),
+		tree:    proc.NewTree(marker, cmd.Process.Pid),
 		started: r.d.now(),
 		gpus:    gpus,
 		deep:    &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},

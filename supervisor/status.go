@@ -1,27 +1,42 @@
 package supervisor
 
-import (
-	"fmt"
-	"time"
-)
+import "citadel-supervisor/supervisor/control/api"
+
+// A model's status is part of the control wire (package api), so that
+// citadelctl links the types without the daemon. These aliases keep the
+// supervisor's own names.
 
 // State is a model's lifecycle state (SPEC §3).
-type State string
+type State = api.State
 
 // The states of SPEC §3. Their names are part of the contract.
 const (
-	Pending   State = "pending"   // waiting for storage, port, env files or GPU memory; Reason says which
-	Starting  State = "starting"  // spawned, no healthy answer yet
-	Ready     State = "ready"     // answering its health probe
-	Unhealthy State = "unhealthy" // was ready, probes now failing
-	Stopping  State = "stopping"  // being stopped (SIGTERM, grace, SIGKILL of the tree)
-	Backoff   State = "backoff"   // waiting to restart after a failure
-	Failed    State = "failed"    // start limit hit or a permanent error
-	Stopped   State = "stopped"   // held stopped by an operator or enabled: false
+	Pending   = api.Pending
+	Starting  = api.Starting
+	Ready     = api.Ready
+	Unhealthy = api.Unhealthy
+	Stopping  = api.Stopping
+	Backoff   = api.Backoff
+	Failed    = api.Failed
+	Stopped   = api.Stopped
 )
 
 // States lists every state, in lifecycle order.
-var States = []State{Pending, Starting, Ready, Unhealthy, Stopping, Backoff, Failed, Stopped}
+var States = api.States
+
+// Status is an immutable snapshot of one model, published by its runner
+// after every transition.
+type Status = api.Status
+
+// Health summarises readiness: healthy when every enabled model is ready.
+type Health = api.Health
+
+// HealthOf summarises st.
+func HealthOf(st []Status) Health { return api.HealthOf(st) }
+
+// Summary is the one-line status systemd shows: "5/7 ready, 1 pending,
+// 1 failed".
+func Summary(st []Status) string { return api.Summary(st) }
 
 // Pending causes, the values of citadel_model_pending_cause's cause label:
 // what a pending model waits for. Waiting for GPU memory is normal on a
@@ -48,72 +63,3 @@ const (
 
 // RestartReasons lists every restart reason.
 var RestartReasons = []string{ReasonExit, ReasonProbe, ReasonStartup, ReasonManual, ReasonReload}
-
-// Status is an immutable snapshot of one model, published by its runner
-// after every transition. The JSON keys are the contract of
-// `citadelctl status -o json`.
-type Status struct {
-	Name         string    `json:"name"`
-	State        State     `json:"state"`
-	Reason       string    `json:"reason"`
-	PID          int       `json:"pid"`
-	Port         int       `json:"port"`
-	GPUs         []string  `json:"gpus"`
-	Restarts     int       `json:"restarts"`
-	LastExitCode *int      `json:"last_exit_code"`
-	Since        time.Time `json:"since"` // time of the last transition
-
-	Enabled          bool           `json:"enabled"`
-	LastExit         string         `json:"last_exit,omitempty"` // "exit code 1", "killed by SIGKILL"
-	StartedAt        time.Time      `json:"started_at,omitzero"` // spawn of the current process
-	ReadyAt          time.Time      `json:"ready_at,omitzero"`
-	StartupDuration  time.Duration  `json:"-"`
-	StartupSeconds   float64        `json:"startup_duration_seconds,omitempty"` // StartupDuration, for JSON readers
-	RestartsByReason map[string]int `json:"restarts_by_reason,omitempty"`
-	ProbeSuccess     *bool          `json:"probe_success,omitempty"` // the last health probe's result
-	PendingCause     string         `json:"pending_cause,omitempty"` // what a pending model waits for (Cause*)
-	// LastOutput holds the model's last lines of output when it failed.
-	LastOutput []string `json:"last_output,omitempty"`
-}
-
-// Health summarises readiness: healthy when every enabled model is ready.
-type Health struct {
-	Healthy  bool     `json:"healthy"`
-	Ready    int      `json:"ready"`
-	Enabled  int      `json:"enabled"`
-	NotReady []Status `json:"not_ready"`
-}
-
-// HealthOf summarises st.
-func HealthOf(st []Status) Health {
-	out := Health{NotReady: []Status{}}
-	for _, m := range st {
-		if !m.Enabled {
-			continue
-		}
-		out.Enabled++
-		if m.State == Ready {
-			out.Ready++
-		} else {
-			out.NotReady = append(out.NotReady, m)
-		}
-	}
-	out.Healthy = out.Ready == out.Enabled
-	return out
-}
-
-// Summary is the one-line status systemd shows: "5/7 ready, 1 pending,
-// 1 failed" (states other than ready in lifecycle order, only if any).
-func Summary(st []Status) string {
-	counts := map[State]int{}
-	for _, s := range st {
-		counts[s.State]++
-	}
-	out := fmt.Sprintf("%d/%d ready", counts[Ready], len(st))
-	for _, s := range States {
-		if s != Ready && counts[s] > 0 {
-			out += fmt.Sprintf(", %d %s", counts[s], s)
-		}
-	}
-	return out
-}

@@ -28,6 +28,7 @@ import (
 	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/control/api"
 )
 
 // Prober answers whether a model is healthy. The probe package implements it.
@@ -469,7 +470,7 @@ func (s *Supervisor) lookup(names []string) ([]*runner, error) {
 // Do sends op to the named models ("all" for every one) and returns one
 // error per model (nil once the model has taken it).
 func (s *Supervisor) Do(ctx context.Context, op Op, names ...string) (map[string]error, error) {
-	if !slices.Contains(Ops, op) {
+	if !slices.Contains(api.Ops, op) {
 		return nil, fmt.Errorf("unknown operation %q", op)
 	}
 	rs, err := s.lookup(names)

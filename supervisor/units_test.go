@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/proc"
 )
 
 var policy = config.Restart{
@@ -125,62 +126,17 @@ func TestReadEnvFile(t *testing.T) {
 	}
 }
 
-func TestArgvAndEnv(t *testing.T) {
-	m := config.Model{
-		Name: "mixtral", Command: []string{"/opt/py", "-m", "vllm"}, Host: "127.0.0.1",
-		Path: "/models/mixtral", ServedName: "mixtral", Port: 11400, VLLMPort: 50368,
-		TensorParallel: 2, GPUMemoryUtilization: 0.9, MaxModelLen: 32768,
-		Args: []string{"--trust-remote-code"}, Env: map[string]string{"HF_HOME": "/cache", "HF_TOKEN": "from-env-wins"},
+// TestChildEnvMarker: the instance marker reaches the child, and it is an
+// EnvPrefix variable, so a model's env cannot set it (Validate refuses the
+// prefix) and the daemon's own value is never inherited.
+func TestChildEnvMarker(t *testing.T) {
+	if !strings.HasPrefix(proc.MarkerEnv, config.EnvPrefix) {
+		t.Fatalf("%s lacks the %s prefix the supervisor reserves", proc.MarkerEnv, config.EnvPrefix)
 	}
-	wantArgv := []string{"/opt/py", "-m", "vllm", "--model", "/models/mixtral", "--host", "127.0.0.1", "--port", "11400",
-		"--served-model-name", "mixtral", "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.9",
-		"--max-model-len", "32768", "--trust-remote-code"}
-	if got := argv(m); !slices.Equal(got, wantArgv) {
-		t.Errorf("argv:\n%q\nwant\n%q", got, wantArgv)
-	}
-	m.MaxModelLen = 0
-	if got := argv(m); slices.Contains(got, "--max-model-len") {
-		t.Error("max_model_len 0 must leave the flag to vLLM")
-	}
-
-	base := []string{"PATH=/usr/bin", "NOTIFY_SOCKET=/run/n", "WATCHDOG_USEC=1", "WATCHDOG_PID=1", "LISTEN_FDS=1",
-		"LISTEN_PID=1", "JOURNAL_STREAM=8:9", "CITADEL_CONFIG=/etc/x", "CUDA_VISIBLE_DEVICES=0,1", "HOME=/home/c"}
-	env := childEnv(base, m, map[string]string{"HF_TOKEN": "secret"}, []string{"GPU-a", "GPU-b"}, "id/mixtral/tok")
-	want := []string{
-		"CITADEL_SUPERVISOR_INSTANCE=id/mixtral/tok",
-		"CUDA_DEVICE_ORDER=PCI_BUS_ID",
-		"CUDA_VISIBLE_DEVICES=GPU-a,GPU-b",
-		"HF_HOME=/cache",
-		"HF_TOKEN=from-env-wins",
-		"HOME=/home/c",
-		"PATH=/usr/bin",
-		"VLLM_PORT=50368",
-	}
-	if !slices.Equal(env, want) {
-		t.Errorf("env:\n%q\nwant\n%q", env, want)
-	}
-	// No GPUs placed (backend none, no pins): the inherited value stands.
-	env = childEnv(base, m, nil, nil, "x")
-	if !slices.Contains(env, "CUDA_VISIBLE_DEVICES=0,1") {
-		t.Errorf("inherited CUDA_VISIBLE_DEVICES dropped: %q", env)
-	}
-}
-
-func TestParseStat(t *testing.T) {
-	line := "4411 (python3 (Engine) x) S 1 4411 4411 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 8 0 123456 1000000 2560 18446744073709551615"
-	s, err := parseStat(4411, []byte(line))
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := procStat{PID: 4411, PPID: 1, PGID: 4411, State: 'S', Start: 123456, Comm: "python3 (Engine) x", UTime: 250, STime: 50, RSSPages: 2560}
-	if s != want {
-		t.Errorf("got %+v\nwant %+v", s, want)
-	}
-	if _, err := parseStat(1, []byte("1 (x")); err == nil {
-		t.Error("malformed stat accepted")
-	}
-	if _, err := readStat(os.Getpid()); err != nil {
-		t.Errorf("readStat(self): %v", err)
+	m := config.Model{Name: "m", Command: []string{"x"}, Env: map[string]string{"A": "1"}}
+	env := childEnv([]string{proc.MarkerEnv + "=inherited", "PATH=/bin"}, m, nil, nil, "id/m/tok")
+	if !slices.Contains(env, proc.MarkerEnv+"=id/m/tok") || slices.Contains(env, proc.MarkerEnv+"=inherited") {
+		t.Errorf("env: %q", env)
 	}
 }
 
@@ -202,15 +158,5 @@ func TestRing(t *testing.T) {
 	}
 	if first := <-ch; first != "0" {
 		t.Errorf("follower got %q first", first)
-	}
-}
-
-func TestSummary(t *testing.T) {
-	st := []Status{{State: Ready}, {State: Ready}, {State: Pending}, {State: Failed}, {State: Pending}, {State: Ready}, {State: Ready}, {State: Ready}}
-	if got, want := Summary(st), "5/8 ready, 2 pending, 1 failed"; got != want {
-		t.Errorf("Summary = %q, want %q", got, want)
-	}
-	if got := Summary(nil); got != "0/0 ready" {
-		t.Errorf("Summary(nil) = %q", got)
 	}
 }

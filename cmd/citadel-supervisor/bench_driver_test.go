@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"citadel-supervisor/supervisor/control"
+	"citadel-supervisor/supervisor/control/client"
 	"citadel-supervisor/supervisor/supervisortest"
 )
 
@@ -124,7 +124,7 @@ func TestBenchTable(t *testing.T) {
 	waitFor(t, 60*time.Second, "seven models healthy", s.healthy)
 	kr := killRespawn(t, s.Site, "phi3", 20)
 	rss, cpu := rssAndIdleCPU(t, d.cmd.Process.Pid, idle)
-	c := control.NewClient(s.Socket)
+	c := client.New(s.Socket)
 	var reloads []time.Duration
 	for range 20 {
 		start := time.Now()

@@ -3,7 +3,7 @@ package main
 import (
 	"bytes"
 	"citadel-supervisor/supervisor"
-	"citadel-supervisor/supervisor/control"
+	"citadel-supervisor/supervisor/control/client"
 	"citadel-supervisor/supervisor/supervisortest"
 	"context"
 	"fmt"
@@ -258,7 +258,7 @@ func TestVersion(t *testing.T) {
 func TestSIGHUPReloadsOverTheSocket(t *testing.T) {
 	s := newSite(t, testModel{Name: "a"}, testModel{Name: "b"})
 	d := s.start()
-	c := control.NewClient(s.Socket)
+	c := client.New(s.Socket)
 	ctx := context.Background()
 	pids := func() map[string]int {
 		st, err := c.Status(ctx)
@@ -576,7 +576,7 @@ func TestRepeatedDaemonSIGKILL(t *testing.T) {
 	old := s.allProcs("steady", "crashy", "slow", "stubborn")
 	final := s.start()
 	// Ask the new daemon itself: its models ready on processes of its own.
-	c := control.NewClient(s.Socket)
+	c := client.New(s.Socket)
 	waitFor(t, 30*time.Second, "steady, slow and stubborn ready on new processes", func() bool {
 		st, err := c.Status(context.Background(), "steady", "slow", "stubborn")
 		if err != nil {

@@ -20,9 +20,8 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"citadel-supervisor/config"
-	"citadel-supervisor/supervisor"
-	"citadel-supervisor/supervisor/control"
+	"citadel-supervisor/supervisor/control/api"
+	"citadel-supervisor/supervisor/control/client"
 )
 
 // Exit codes (SPEC §1).
@@ -45,7 +44,7 @@ func main() {
 type cli struct {
 	socket string
 	output string
-	client *control.Client
+	client *client.Client
 	out    io.Writer
 	err    io.Writer
 	now    func() time.Time
@@ -61,10 +60,10 @@ type command struct {
 
 var commands = map[string]command{
 	"status":  {"status [-l] [MODEL...]", "One row per model: state, pid, port, GPUs, uptime, restarts, last exit, reason. The reason is cut to the terminal width ($COLUMNS, else 80); -l shows it whole, -o json gives everything as JSON.", (*cli).status},
-	"start":   {"start MODEL...|all", "Start models held stopped or failed (clears their backoff).", opCmd("start")},
-	"stop":    {"stop [--timeout D] MODEL...|all", "Stop models and hold them stopped until start or a reload that changes them. Waits until they are stopped.", opCmd("stop")},
-	"restart": {"restart MODEL...|all", "Gracefully stop, then start again.", opCmd("restart")},
-	"reset":   {"reset MODEL...|all", "Clear a failed model's start limit and backoff, then start it.", opCmd("reset")},
+	"start":   {"start MODEL...|all", "Start models held stopped or failed (clears their backoff).", opCmd(api.OpStart)},
+	"stop":    {"stop [--timeout D] MODEL...|all", "Stop models and hold them stopped until start or a reload that changes them. Waits until they are stopped.", opCmd(api.OpStop)},
+	"restart": {"restart MODEL...|all", "Gracefully stop, then start again.", opCmd(api.OpRestart)},
+	"reset":   {"reset MODEL...|all", "Clear a failed model's start limit and backoff, then start it.", opCmd(api.OpReset)},
 	"reload":  {"reload", "Load the configuration file again (as systemctl reload does). An invalid file changes nothing.", (*cli).reload},
 	"logs":    {"logs MODEL [-n N] [-f]", "The model's recent output, newest last; -f follows new lines until interrupted.", (*cli).logs},
 	"health":  {"health", "A readiness summary; exit 0 only when every enabled model is ready.", (*cli).health},
@@ -77,12 +76,12 @@ var commands = map[string]command{
 
 func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) int {
 	c := &cli{out: stdout, err: stderr, now: time.Now, width: 80}
-	if w, err := strconv.Atoi(config.Getenv(environ, "COLUMNS", "")); err == nil && w > 40 {
+	if w, err := strconv.Atoi(getenv(environ, "COLUMNS", "")); err == nil && w > 40 {
 		c.width = w
 	}
 	fs := flag.NewFlagSet("citadelctl", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&c.socket, "socket", config.Getenv(environ, "CITADEL_SOCKET", defaultSocket), "control socket (env CITADEL_SOCKET)")
+	fs.StringVar(&c.socket, "socket", getenv(environ, "CITADEL_SOCKET", defaultSocket), "control socket (env CITADEL_SOCKET)")
 	fs.StringVar(&c.output, "o", "table", "output: table or json")
 	fs.Usage = func() { c.usage() }
 	if err := fs.Parse(args); err != nil {
@@ -120,7 +119,7 @@ func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) 
 		fmt.Fprintf(stderr, "citadelctl: -o %q: use table or json\n", c.output)
 		return exitUsage
 	}
-	c.client = control.NewClient(c.socket)
+	c.client = client.New(c.socket)
 	return cmd.run(c, ctx, rest)
 }
 
@@ -143,11 +142,11 @@ func (c *cli) usage() {
 
 // fail prints err and returns the exit code it deserves.
 func (c *cli) fail(err error) int {
-	if errors.Is(err, control.ErrUnreachable) {
+	if errors.Is(err, client.ErrUnreachable) {
 		fmt.Fprintf(c.err, "citadelctl: daemon not reachable at %s: is citadel-supervisor running? (systemctl status citadel-supervisor)\n", c.socket)
 		return exitUnreachable
 	}
-	var re *control.RequestError
+	var re *client.RequestError
 	if errors.As(err, &re) && re.Code == 403 {
 		fmt.Fprintf(c.err, "citadelctl: %v (run as root, as the supervisor's user, or as a member of its control_socket_group)\n", err)
 		return exitFailed
@@ -194,7 +193,7 @@ func (c *cli) status(ctx context.Context, args []string) int {
 	// Asked about failed models by name: show why, with their last output.
 	if len(args) > 0 {
 		for _, s := range st {
-			if s.State == supervisor.Failed && len(s.LastOutput) > 0 {
+			if s.State == api.Failed && len(s.LastOutput) > 0 {
 				fmt.Fprintf(c.out, "\n%s failed: %s\nlast output (%d lines kept; citadelctl -o json status %s for all):\n", s.Name, s.Reason, len(s.LastOutput), s.Name)
 				for _, l := range s.LastOutput[max(0, len(s.LastOutput)-20):] {
 					fmt.Fprintln(c.out, "  "+l)
@@ -243,9 +242,9 @@ func (c *cli) parseOutput(cmd string, args []string) ([]string, bool) {
 	return rest, true
 }
 
-func opCmd(op string) func(*cli, context.Context, []string) int {
+func opCmd(op api.Op) func(*cli, context.Context, []string) int {
 	return func(c *cli, ctx context.Context, args []string) int {
-		fs := flag.NewFlagSet(op, flag.ContinueOnError)
+		fs := flag.NewFlagSet(string(op), flag.ContinueOnError)
 		fs.SetOutput(c.err)
 		timeout := fs.Duration("timeout", 5*time.Minute, "with stop: how long to wait for the models to be stopped")
 		if err := fs.Parse(args); err != nil {
@@ -270,7 +269,7 @@ func opCmd(op string) func(*cli, context.Context, []string) int {
 			}
 			ok = append(ok, r.Model)
 		}
-		if op == "stop" && len(ok) > 0 {
+		if op == api.OpStop && len(ok) > 0 {
 			if err := c.waitStopped(ctx, ok, *timeout); err != nil {
 				return c.fail(err)
 			}
@@ -304,7 +303,7 @@ func (c *cli) waitStopped(ctx context.Context, models []string, timeout time.Dur
 		}
 		done := true
 		for _, s := range st {
-			if s.State != supervisor.Stopped && s.State != supervisor.Failed {
+			if s.State != api.Stopped && s.State != api.Failed {
 				done = false
 			}
 		}
@@ -451,9 +450,9 @@ func (c *cli) gpuIndexes(ctx context.Context) (map[string]int, string) {
 	return out, g.Reason
 }
 
-func (c *cli) uptime(s supervisor.Status) string {
+func (c *cli) uptime(s api.Status) string {
 	switch s.State {
-	case supervisor.Starting, supervisor.Ready, supervisor.Unhealthy:
+	case api.Starting, api.Ready, api.Unhealthy:
 		return human(c.now().Sub(s.StartedAt))
 	}
 	return "-"
@@ -509,6 +508,17 @@ func withReason(r string) string {
 		return ""
 	}
 	return ": " + r
+}
+
+// getenv returns key's value in environ, or def when unset or empty. The
+// daemon's twin is config.Getenv; citadelctl does not link package config.
+func getenv(environ []string, key, def string) string {
+	for _, kv := range environ {
+		if k, v, ok := strings.Cut(kv, "="); ok && k == key && v != "" {
+			return v
+		}
+	}
+	return def
 }
 
 func firstSentence(s string) string {

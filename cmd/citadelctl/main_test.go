@@ -23,6 +23,7 @@ import (
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control"
+	"citadel-supervisor/supervisor/control/client"
 	"citadel-supervisor/supervisor/supervisortest"
 )
 
@@ -463,7 +464,7 @@ func TestControlSocketFlood(t *testing.T) {
 	d.waitAll(t, supervisor.Ready)
 	before := map[string]int{"a": d.state(t, "a").PID, "b": d.state(t, "b").PID}
 	base := runtime.NumGoroutine()
-	c := control.NewClient(d.site.Socket)
+	c := client.New(d.site.Socket)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	var wg sync.WaitGroup

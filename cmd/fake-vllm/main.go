@@ -5,7 +5,7 @@ package main
 import (
 	"os"
 
-	"citadel-supervisor/cmd/fake-vllm/fakevllm"
+	"citadel-supervisor/supervisor/supervisortest/fakevllm"
 )
 
 func main() { os.Exit(fakevllm.Main(os.Args[1:])) }

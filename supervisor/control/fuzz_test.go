@@ -10,12 +10,13 @@ import (
 	"go.uber.org/zap"
 
 	"citadel-supervisor/supervisor"
+	"citadel-supervisor/supervisor/control/api"
 )
 
 // okBackend accepts every operation on models a and b.
 type okBackend struct{ nobackend }
 
-func (okBackend) Do(_ context.Context, _ supervisor.Op, names ...string) (map[string]error, error) {
+func (okBackend) Do(_ context.Context, _ api.Op, names ...string) (map[string]error, error) {
 	out := map[string]error{}
 	for _, n := range names {
 		if n != "a" && n != "b" && n != "all" {

@@ -1,3 +1,8 @@
+// Package control is the supervisor's control API: HTTP with JSON bodies on
+// a Unix socket, the only interface that changes state. The server checks
+// each peer's credentials (SO_PEERCRED). The wire types are in package api
+// and the client, what citadelctl uses, in package client: neither links
+// the daemon.
 package control
 
 import (
@@ -19,12 +24,13 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/supervisor"
+	"citadel-supervisor/supervisor/control/api"
 )
 
 // Backend is what the server needs of the supervisor.
 type Backend interface {
 	Status(names ...string) ([]supervisor.Status, error)
-	Do(ctx context.Context, op supervisor.Op, names ...string) (map[string]error, error)
+	Do(ctx context.Context, op api.Op, names ...string) (map[string]error, error)
 	Output(name string, n int) ([]string, error)
 	Follow(name string) (<-chan string, func(), error)
 	GPUs(ctx context.Context) ([]supervisor.GPUView, error)
@@ -142,12 +148,12 @@ func (s *Server) Run(ctx context.Context) error {
 
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET "+PathStatus, s.status)
-	mux.HandleFunc("POST "+PathOp+"{op}", s.mutating(s.op))
-	mux.HandleFunc("POST "+PathReload, s.mutating(s.reload))
-	mux.HandleFunc("GET "+PathLogs, s.logs)
-	mux.HandleFunc("GET "+PathHealth, s.health)
-	mux.HandleFunc("GET "+PathGPUs, s.gpus)
+	mux.HandleFunc("GET "+api.PathStatus, s.status)
+	mux.HandleFunc("POST "+api.PathOp+"{op}", s.mutating(s.op))
+	mux.HandleFunc("POST "+api.PathReload, s.mutating(s.reload))
+	mux.HandleFunc("GET "+api.PathLogs, s.logs)
+	mux.HandleFunc("GET "+api.PathHealth, s.health)
+	mux.HandleFunc("GET "+api.PathGPUs, s.gpus)
 	return mux
 }
 
@@ -187,12 +193,16 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) op(w http.ResponseWriter, r *http.Request) {
-	op := r.PathValue("op")
-	if !slices.Contains(Ops, op) {
-		writeError(w, http.StatusNotFound, fmt.Sprintf("unknown operation %q: use %s", op, strings.Join(Ops, ", ")))
+	op := api.Op(r.PathValue("op"))
+	if !op.Valid() {
+		names := make([]string, len(api.Ops))
+		for i, o := range api.Ops {
+			names[i] = string(o)
+		}
+		writeError(w, http.StatusNotFound, fmt.Sprintf("unknown operation %q: use %s", op, strings.Join(names, ", ")))
 		return
 	}
-	var req OpRequest
+	var req api.OpRequest
 	if err := decode(r, &req); err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
@@ -201,20 +211,20 @@ func (s *Server) op(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "name at least one model, or all")
 		return
 	}
-	res, err := s.o.Backend.Do(r.Context(), supervisor.Op(op), req.Models...)
+	res, err := s.o.Backend.Do(r.Context(), op, req.Models...)
 	if err != nil {
 		writeBackendError(w, err)
 		return
 	}
-	out := OpResponse{Results: make([]OpResult, 0, len(res))}
+	out := api.OpResponse{Results: make([]api.OpResult, 0, len(res))}
 	for name, err := range res {
-		r := OpResult{Model: name}
+		r := api.OpResult{Model: name}
 		if err != nil {
 			r.Error = err.Error()
 		}
 		out.Results = append(out.Results, r)
 	}
-	slices.SortFunc(out.Results, func(a, b OpResult) int { return strings.Compare(a.Model, b.Model) })
+	slices.SortFunc(out.Results, func(a, b api.OpResult) int { return strings.Compare(a.Model, b.Model) })
 	writeJSON(w, http.StatusOK, out)
 }
 
@@ -228,9 +238,9 @@ func (s *Server) reload(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusUnprocessableEntity, err.Error())
 		return
 	}
-	out := ReloadResponse{Changes: []ReloadChange{}}
+	out := api.ReloadResponse{Changes: []api.ReloadChange{}}
 	for _, c := range changes {
-		out.Changes = append(out.Changes, ReloadChange{Model: c.Name, Change: c.Kind.String(), Fields: c.Fields})
+		out.Changes = append(out.Changes, api.ReloadChange{Model: c.Name, Change: c.Kind.String(), Fields: c.Fields})
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -290,7 +300,7 @@ func (s *Server) health(w http.ResponseWriter, _ *http.Request) {
 		writeBackendError(w, err)
 		return
 	}
-	out := supervisor.HealthOf(st)
+	out := api.HealthOf(st)
 	code := http.StatusOK
 	if !out.Healthy {
 		code = http.StatusServiceUnavailable
@@ -301,10 +311,33 @@ func (s *Server) health(w http.ResponseWriter, _ *http.Request) {
 func (s *Server) gpus(w http.ResponseWriter, r *http.Request) {
 	devs, err := s.o.Backend.GPUs(r.Context())
 	if err != nil {
-		writeJSON(w, http.StatusOK, GPUsResponse{GPUs: []supervisor.GPUView{}, Reason: err.Error()})
+		writeJSON(w, http.StatusOK, api.GPUsResponse{GPUs: []api.GPU{}, Reason: err.Error()})
 		return
 	}
-	writeJSON(w, http.StatusOK, GPUsResponse{GPUs: devs})
+	out := api.GPUsResponse{GPUs: make([]api.GPU, 0, len(devs))}
+	for _, d := range devs {
+		out.GPUs = append(out.GPUs, wireGPU(d))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// wireGPU copies the supervisor's view of a GPU into the wire type;
+// TestWireGPU keeps their JSON the same.
+func wireGPU(v supervisor.GPUView) api.GPU {
+	g := api.GPU{
+		Index: v.Index, UUID: v.UUID, Name: v.Name, PCIBusID: v.PCIBusID,
+		MemoryTotal: v.MemoryTotal, MemoryUsed: v.MemoryUsed, MemoryFree: v.MemoryFree,
+		Utilization: v.Utilization, Temperature: v.Temperature, PowerWatts: v.PowerWatts,
+		Up: v.Up, Err: v.Err,
+		Models: v.Models, Claimed: v.Claimed, Busy: v.Busy, Note: v.Note,
+	}
+	if v.Processes != nil {
+		g.Processes = make([]api.GPUProcess, len(v.Processes))
+		for i, p := range v.Processes {
+			g.Processes[i] = api.GPUProcess{PID: p.PID, UsedMemory: p.UsedMemory}
+		}
+	}
+	return g
 }
 
 func decode(r *http.Request, v any) error {
@@ -325,7 +358,7 @@ func writeBackendError(w http.ResponseWriter, err error) {
 }
 
 func writeError(w http.ResponseWriter, code int, msg string) {
-	writeJSON(w, code, ErrorResponse{Error: msg})
+	writeJSON(w, code, api.ErrorResponse{Error: msg})
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

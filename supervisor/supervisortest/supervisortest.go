@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"citadel-supervisor/cmd/fake-vllm/fakevllm"
+	"citadel-supervisor/supervisor/supervisortest/fakevllm"
 )
 
 // SelfEnv, set in a model's env, makes the test binary act as fake-vllm

@@ -1,9 +1,12 @@
-// Package control is the supervisor's control API: HTTP with JSON bodies on
-// a Unix socket, the only interface that changes state. The server checks
-// each peer's credentials (SO_PEERCRED); the client is what citadelctl uses.
-package control
-
-import "citadel-supervisor/supervisor"
+// Package api holds the control socket's wire: its paths, the operations,
+// and the request and response types that the server (package control) and
+// its client (package control/client, used by citadelctl) share.
+//
+// It imports nothing of this project and nothing outside the standard
+// library, so citadelctl links only what it speaks, not the daemon (the
+// config loader, the logger, the metrics library). The JSON keys are a
+// contract: `citadelctl -o json` prints these types as they are.
+package api
 
 // The API's paths.
 const (
@@ -15,8 +18,28 @@ const (
 	PathGPUs   = "/v1/gpus"   // GET
 )
 
-// Ops are the operations of PathOp.
-var Ops = []string{"start", "stop", "restart", "reset"}
+// Op is an operator's operation on models, the last element of PathOp.
+type Op string
+
+// The operations (SPEC §1: citadelctl start|stop|restart|reset).
+const (
+	OpStart   Op = "start"   // start a model held stopped, failed or in backoff
+	OpStop    Op = "stop"    // stop it and hold it stopped
+	OpRestart Op = "restart" // graceful stop, then start
+	OpReset   Op = "reset"   // clear the start limit and backoff, then start
+)
+
+// Ops lists every operation.
+var Ops = []Op{OpStart, OpStop, OpRestart, OpReset}
+
+// Valid reports whether o is one of Ops.
+func (o Op) Valid() bool {
+	switch o {
+	case OpStart, OpStop, OpRestart, OpReset:
+		return true
+	}
+	return false
+}
 
 // OpRequest names the models of an operation; ["all"] means every model.
 type OpRequest struct {
@@ -46,13 +69,10 @@ type ReloadResponse struct {
 	Changes []ReloadChange `json:"changes"`
 }
 
-// HealthResponse summarises readiness.
-type HealthResponse = supervisor.Health
-
 // GPUsResponse lists the GPUs; Reason says why there are none.
 type GPUsResponse struct {
-	GPUs   []supervisor.GPUView `json:"gpus"`
-	Reason string               `json:"reason,omitempty"`
+	GPUs   []GPU  `json:"gpus"`
+	Reason string `json:"reason,omitempty"`
 }
 
 // ErrorResponse is the body of every 4xx and 5xx answer.

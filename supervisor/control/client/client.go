@@ -1,4 +1,6 @@
-package control
+// Package client is the control socket's client, what citadelctl uses. It
+// links only the wire (package api), never the daemon.
+package client
 
 import (
 	"bufio"
@@ -14,7 +16,7 @@ import (
 	"slices"
 	"strconv"
 
-	"citadel-supervisor/supervisor"
+	"citadel-supervisor/supervisor/control/api"
 )
 
 // ErrUnreachable means no supervisor answered on the socket.
@@ -26,8 +28,8 @@ type Client struct {
 	http *http.Client
 }
 
-// NewClient returns a client of the socket at path.
-func NewClient(path string) *Client {
+// New returns a client of the socket at path.
+func New(path string) *Client {
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
@@ -76,7 +78,7 @@ func (c *Client) send(ctx context.Context, method, path string, q url.Values, bo
 		return resp, nil
 	}
 	defer resp.Body.Close()
-	var e ErrorResponse
+	var e api.ErrorResponse
 	if json.NewDecoder(resp.Body).Decode(&e) != nil || e.Error == "" {
 		e.Error = resp.Status
 	}
@@ -98,37 +100,37 @@ func (c *Client) do(ctx context.Context, method, path string, q url.Values, body
 }
 
 // Status returns every model's status, or the named ones'.
-func (c *Client) Status(ctx context.Context, models ...string) ([]supervisor.Status, error) {
-	var out []supervisor.Status
-	err := c.do(ctx, http.MethodGet, PathStatus, url.Values{"model": models}, nil, &out)
+func (c *Client) Status(ctx context.Context, models ...string) ([]api.Status, error) {
+	var out []api.Status
+	err := c.do(ctx, http.MethodGet, api.PathStatus, url.Values{"model": models}, nil, &out)
 	return out, err
 }
 
 // Op runs start, stop, restart or reset on models ("all" for every one).
-func (c *Client) Op(ctx context.Context, op string, models ...string) (OpResponse, error) {
-	var out OpResponse
-	err := c.do(ctx, http.MethodPost, PathOp+op, nil, OpRequest{Models: models}, &out)
+func (c *Client) Op(ctx context.Context, op api.Op, models ...string) (api.OpResponse, error) {
+	var out api.OpResponse
+	err := c.do(ctx, http.MethodPost, api.PathOp+string(op), nil, api.OpRequest{Models: models}, &out)
 	return out, err
 }
 
 // Reload makes the daemon load its configuration file again.
-func (c *Client) Reload(ctx context.Context) (ReloadResponse, error) {
-	var out ReloadResponse
-	err := c.do(ctx, http.MethodPost, PathReload, nil, nil, &out)
+func (c *Client) Reload(ctx context.Context) (api.ReloadResponse, error) {
+	var out api.ReloadResponse
+	err := c.do(ctx, http.MethodPost, api.PathReload, nil, nil, &out)
 	return out, err
 }
 
 // Health returns the readiness summary.
-func (c *Client) Health(ctx context.Context) (HealthResponse, error) {
-	var out HealthResponse
-	err := c.do(ctx, http.MethodGet, PathHealth, nil, nil, &out)
+func (c *Client) Health(ctx context.Context) (api.Health, error) {
+	var out api.Health
+	err := c.do(ctx, http.MethodGet, api.PathHealth, nil, nil, &out)
 	return out, err
 }
 
 // GPUs lists the host's GPUs.
-func (c *Client) GPUs(ctx context.Context) (GPUsResponse, error) {
-	var out GPUsResponse
-	err := c.do(ctx, http.MethodGet, PathGPUs, nil, nil, &out)
+func (c *Client) GPUs(ctx context.Context) (api.GPUsResponse, error) {
+	var out api.GPUsResponse
+	err := c.do(ctx, http.MethodGet, api.PathGPUs, nil, nil, &out)
 	return out, err
 }
 
@@ -139,7 +141,7 @@ func (c *Client) Logs(ctx context.Context, model string, n int, follow bool, lin
 	if follow {
 		q.Set("follow", "1")
 	}
-	resp, err := c.send(ctx, http.MethodGet, PathLogs, q, nil)
+	resp, err := c.send(ctx, http.MethodGet, api.PathLogs, q, nil)
 	if err != nil {
 		return err
 	}

@@ -1,4 +1,4 @@
-package supervisor
+package proc
 
 import (
 	"context"
@@ -10,22 +10,15 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// MarkerEnv is set in every model's environment to
-// "<supervisor id>/<model>/<instance token>". Children inherit it, so every
-// process a model starts carries it, also one that called setpgrp or setsid
-// and was re-parented away from the model's tree. It is an explicit tag, not
-// name matching: a process is the model's because the model started it.
-const MarkerEnv = "CITADEL_SUPERVISOR_INSTANCE"
-
 // pollInterval is how often a stop checks whether the tree is gone.
 const pollInterval = 20 * time.Millisecond
 
 // killRounds bounds SIGKILL rounds against a tree that keeps forking.
 const killRounds = 50
 
-// tree tracks every process of one spawned model instance. It is used by one
+// Tree tracks every process of one spawned model instance. It is used by one
 // goroutine at a time: the model's runner, or the stop it hands off to.
-type tree struct {
+type Tree struct {
 	marker  string         // MarkerEnv value of this instance
 	main    int            // the process the supervisor spawned
 	members map[int]uint64 // pid → start time, everything seen so far
@@ -34,23 +27,59 @@ type tree struct {
 	scan    func() ([]int, error)
 }
 
-func newTree(marker string, mainPID int) *tree {
-	t := &tree{marker: marker, main: mainPID, members: map[int]uint64{}, known: map[int]uint64{}, seen: map[int]bool{}, scan: allPIDs}
-	if s, err := readStat(mainPID); err == nil {
+// NewTree starts tracking the instance whose main process is mainPID and
+// whose processes carry MarkerEnv=marker.
+func NewTree(marker string, mainPID int) *Tree {
+	t := newTree(marker)
+	if s, err := ReadStat(mainPID); err == nil {
 		t.members[mainPID] = s.Start
 		t.seen[mainPID] = true
 	}
+	t.main = mainPID
 	return t
 }
 
-// refresh drops members that are gone and adds their children, recursively.
+func newTree(marker string) *Tree {
+	return &Tree{marker: marker, members: map[int]uint64{}, known: map[int]uint64{}, seen: map[int]bool{}, scan: PIDs}
+}
+
+// Marked finds every live process whose MarkerEnv value starts with prefix,
+// one Tree per value: the instances a previous supervisor of this identity
+// left behind when it was killed. They have no main process, so Stop on
+// them signals every member.
+func Marked(prefix string) (map[string]*Tree, error) {
+	pids, err := PIDs()
+	if err != nil {
+		return nil, err
+	}
+	groups := map[string]*Tree{}
+	for _, pid := range pids {
+		v, ok := EnvironValue(pid, MarkerEnv)
+		if !ok || !strings.HasPrefix(v, prefix) {
+			continue
+		}
+		st, err := ReadStat(pid)
+		if err != nil || st.State == 'Z' {
+			continue
+		}
+		t := groups[v]
+		if t == nil {
+			t = newTree(v)
+			groups[v] = t
+		}
+		t.members[pid] = st.Start
+	}
+	return groups, nil
+}
+
+// Refresh drops members that are gone and adds their children, recursively.
 // A process seen once stays a member (by PID and start time) after its parent
 // dies and it is re-parented, so following parent links between refreshes
 // keeps even a process that scrubbed its environment.
-func (t *tree) refresh() {
+func (t *Tree) Refresh() {
 	queue := make([]int, 0, len(t.members))
 	for pid, start := range t.members {
-		if !alive(pid, start) {
+		if !Alive(pid, start) {
 			delete(t.members, pid)
 			continue
 		}
@@ -59,11 +88,11 @@ func (t *tree) refresh() {
 	for len(queue) > 0 {
 		pid := queue[0]
 		queue = queue[1:]
-		for _, c := range childrenOf(pid) {
+		for _, c := range Children(pid) {
 			if _, ok := t.members[c]; ok {
 				continue
 			}
-			s, err := readStat(c)
+			s, err := ReadStat(c)
 			if err != nil || s.State == 'Z' {
 				continue
 			}
@@ -74,9 +103,9 @@ func (t *tree) refresh() {
 	}
 }
 
-// sweep scans every process for this instance's marker and adds the ones
+// Sweep scans every process for this instance's marker and adds the ones
 // found. Each process is read once: the verdict is kept by PID and start.
-func (t *tree) sweep() error {
+func (t *Tree) Sweep() error {
 	pids, err := t.scan()
 	if err != nil {
 		return fmt.Errorf("scan processes: %w", err)
@@ -85,7 +114,7 @@ func (t *tree) sweep() error {
 		if _, ok := t.members[pid]; ok {
 			continue
 		}
-		s, err := readStat(pid)
+		s, err := ReadStat(pid)
 		if err != nil || s.State == 'Z' {
 			continue
 		}
@@ -93,18 +122,18 @@ func (t *tree) sweep() error {
 			continue
 		}
 		t.known[pid] = s.Start
-		if v, ok := environValue(pid, MarkerEnv); ok && v == t.marker {
+		if v, ok := EnvironValue(pid, MarkerEnv); ok && v == t.marker {
 			t.members[pid] = s.Start
 			t.seen[pid] = true
 		}
 	}
-	t.refresh()
+	t.Refresh()
 	return nil
 }
 
-// seenPIDs returns every process ever known to be this instance's: the
+// SeenPIDs returns every process ever known to be this instance's: the
 // ones whose GPU memory must be gone before its GPUs are free again.
-func (t *tree) seenPIDs() []int {
+func (t *Tree) SeenPIDs() []int {
 	out := make([]int, 0, len(t.seen))
 	for pid := range t.seen {
 		out = append(out, pid)
@@ -113,8 +142,8 @@ func (t *tree) seenPIDs() []int {
 	return out
 }
 
-// pids returns the live members, sorted.
-func (t *tree) pids() []int {
+// PIDs returns the live members, sorted.
+func (t *Tree) PIDs() []int {
 	out := make([]int, 0, len(t.members))
 	for pid := range t.members {
 		out = append(out, pid)
@@ -123,22 +152,22 @@ func (t *tree) pids() []int {
 	return out
 }
 
-func (t *tree) signalAll(sig unix.Signal) {
+func (t *Tree) signalAll(sig unix.Signal) {
 	for pid, start := range t.members {
-		_ = signalProcess(pid, start, sig) // gone is fine: that is the goal
+		_ = Signal(pid, start, sig) // gone is fine: that is the goal
 	}
 }
 
-// stop ends the instance: SIGTERM to the main process (or, when the main
+// Stop ends the instance: SIGTERM to the main process (or, when the main
 // process already exited, to what is left), up to grace for everything to
 // exit, then SIGKILL to every member until none is left. It returns an error
 // only if processes survive every SIGKILL round (a process stuck in the
 // kernel, state D), naming them.
-func (t *tree) stop(ctx context.Context, grace time.Duration, mainAlive bool) error {
-	_ = t.sweep() // find detached members before anything is re-parented
+func (t *Tree) Stop(ctx context.Context, grace time.Duration, mainAlive bool) error {
+	_ = t.Sweep() // find detached members before anything is re-parented
 	if mainAlive {
 		if s, ok := t.members[t.main]; ok {
-			_ = signalProcess(t.main, s, unix.SIGTERM)
+			_ = Signal(t.main, s, unix.SIGTERM)
 		}
 	} else {
 		t.signalAll(unix.SIGTERM)
@@ -149,7 +178,7 @@ func (t *tree) stop(ctx context.Context, grace time.Duration, mainAlive bool) er
 	defer tick.Stop()
 wait:
 	for {
-		t.refresh()
+		t.Refresh()
 		if len(t.members) == 0 {
 			break
 		}
@@ -161,13 +190,13 @@ wait:
 			break wait
 		}
 	}
-	return t.kill()
+	return t.Kill()
 }
 
-// kill SIGKILLs every member until a fresh sweep finds none.
-func (t *tree) kill() error {
+// Kill SIGKILLs every member until a fresh sweep finds none.
+func (t *Tree) Kill() error {
 	for range killRounds {
-		_ = t.sweep()
+		_ = t.Sweep()
 		if len(t.members) == 0 {
 			return nil
 		}
@@ -175,20 +204,20 @@ func (t *tree) kill() error {
 		// SIGKILL is delivered before the syscall returns, but the process
 		// is only gone once it has run its exit path.
 		for range 50 {
-			t.refresh()
+			t.Refresh()
 			if len(t.members) == 0 {
 				break
 			}
 			time.Sleep(pollInterval)
 		}
 	}
-	_ = t.sweep()
+	_ = t.Sweep()
 	if len(t.members) == 0 {
 		return nil
 	}
 	var names []string
-	for _, pid := range t.pids() {
-		s, _ := readStat(pid)
+	for _, pid := range t.PIDs() {
+		s, _ := ReadStat(pid)
 		names = append(names, fmt.Sprintf("%d (%s, state %c)", pid, s.Comm, s.State))
 	}
 	return fmt.Errorf("processes survived SIGKILL: %s", strings.Join(names, ", "))

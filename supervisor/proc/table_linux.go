@@ -1,4 +1,4 @@
-package supervisor
+package proc
 
 import (
 	"bytes"
@@ -13,8 +13,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// procStat is what the supervisor needs from /proc/PID/stat.
-type procStat struct {
+// Stat is what the supervisor needs from /proc/PID/stat.
+type Stat struct {
 	PID, PPID, PGID int
 	State           byte   // R, S, D, Z, …
 	Start           uint64 // start time in clock ticks since boot: with PID, a process's identity
@@ -23,35 +23,35 @@ type procStat struct {
 	RSSPages        int64
 }
 
-// errGone means the process no longer exists (or is a zombie, or its PID now
+// ErrGone means the process no longer exists (or is a zombie, or its PID now
 // belongs to another process).
-var errGone = errors.New("process gone")
+var ErrGone = errors.New("process gone")
 
-// readStat parses /proc/PID/stat.
-func readStat(pid int) (procStat, error) {
+// ReadStat parses /proc/PID/stat.
+func ReadStat(pid int) (Stat, error) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ESRCH) {
-			return procStat{}, errGone
+			return Stat{}, ErrGone
 		}
-		return procStat{}, err
+		return Stat{}, err
 	}
 	return parseStat(pid, b)
 }
 
-func parseStat(pid int, b []byte) (procStat, error) {
+func parseStat(pid int, b []byte) (Stat, error) {
 	// comm may hold spaces and parentheses: it ends at the last ')'.
 	open, end := bytes.IndexByte(b, '('), bytes.LastIndexByte(b, ')')
 	if open < 0 || end < open || end+2 >= len(b) {
-		return procStat{}, fmt.Errorf("parse /proc/%d/stat: malformed", pid)
+		return Stat{}, fmt.Errorf("parse /proc/%d/stat: malformed", pid)
 	}
 	f := strings.Fields(string(b[end+2:]))
 	// f[0] is field 3 (state); see proc(5).
 	if len(f) < 22 {
-		return procStat{}, fmt.Errorf("parse /proc/%d/stat: %d fields", pid, len(f))
+		return Stat{}, fmt.Errorf("parse /proc/%d/stat: %d fields", pid, len(f))
 	}
 	num := func(i int) uint64 { v, _ := strconv.ParseUint(f[i], 10, 64); return v }
-	s := procStat{
+	s := Stat{
 		PID:   pid,
 		State: f[0][0],
 		PPID:  int(num(1)),
@@ -65,15 +65,15 @@ func parseStat(pid int, b []byte) (procStat, error) {
 	return s, nil
 }
 
-// alive reports whether pid still is the process that started at start.
+// Alive reports whether pid still is the process that started at start.
 // A zombie counts as gone: it holds no memory, ports or GPU contexts.
-func alive(pid int, start uint64) bool {
-	s, err := readStat(pid)
+func Alive(pid int, start uint64) bool {
+	s, err := ReadStat(pid)
 	return err == nil && s.Start == start && s.State != 'Z'
 }
 
-// childrenOf lists pid's children from /proc/PID/task/*/children.
-func childrenOf(pid int) []int {
+// Children lists pid's children from /proc/PID/task/*/children.
+func Children(pid int) []int {
 	tasks, _ := filepath.Glob("/proc/" + strconv.Itoa(pid) + "/task/*/children")
 	var out []int
 	for _, t := range tasks {
@@ -90,8 +90,8 @@ func childrenOf(pid int) []int {
 	return out
 }
 
-// allPIDs lists every process visible in /proc.
-func allPIDs() ([]int, error) {
+// PIDs lists every process visible in /proc.
+func PIDs() ([]int, error) {
 	d, err := os.Open("/proc")
 	if err != nil {
 		return nil, err
@@ -110,9 +110,9 @@ func allPIDs() ([]int, error) {
 	return pids, nil
 }
 
-// environValue returns the value of variable key in pid's initial
+// EnvironValue returns the value of variable key in pid's initial
 // environment, if the supervisor may read it (same user, or root).
-func environValue(pid int, key string) (string, bool) {
+func EnvironValue(pid int, key string) (string, bool) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
 	if err != nil {
 		return "", false
@@ -126,24 +126,24 @@ func environValue(pid int, key string) (string, bool) {
 	return "", false
 }
 
-// signalProcess sends sig to pid only if pid is still the process that
+// Signal sends sig to pid only if pid is still the process that
 // started at start. The pidfd pins the process between the identity check
 // and the signal, so a recycled PID is never hit.
-func signalProcess(pid int, start uint64, sig unix.Signal) error {
+func Signal(pid int, start uint64, sig unix.Signal) error {
 	fd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
 		if errors.Is(err, unix.ESRCH) {
-			return errGone
+			return ErrGone
 		}
 		return fmt.Errorf("pidfd_open %d: %w", pid, err)
 	}
 	defer unix.Close(fd)
-	if !alive(pid, start) {
-		return errGone
+	if !Alive(pid, start) {
+		return ErrGone
 	}
 	if err := unix.PidfdSendSignal(fd, sig, nil, 0); err != nil {
 		if errors.Is(err, unix.ESRCH) {
-			return errGone
+			return ErrGone
 		}
 		return fmt.Errorf("signal %d: %w", pid, err)
 	}

@@ -1,0 +1,130 @@
+package config
+
+import (
+	"maps"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// What the supervisor owns of a child's command line and environment (SPEC
+// §2), listed once: Argv and ChildEnv build them from these tables and
+// Validate refuses a model that sets them itself in args or env, so a
+// flag added here is both passed and guarded.
+
+// ownedFlag is a vLLM flag the supervisor builds from one of a model's keys.
+type ownedFlag struct {
+	flag  string
+	key   string                     // the model key it is built from
+	value func(Model) (string, bool) // false leaves the flag out
+}
+
+var ownedFlags = []ownedFlag{
+	{"--model", "model", func(m Model) (string, bool) { return m.Path, true }},
+	{"--host", "host", func(m Model) (string, bool) { return m.Host, true }},
+	{"--port", "port", func(m Model) (string, bool) { return strconv.Itoa(m.Port), true }},
+	{"--served-model-name", "served_name", func(m Model) (string, bool) { return m.ServedName, true }},
+	{"--tensor-parallel-size", "tensor_parallel", func(m Model) (string, bool) { return strconv.Itoa(m.TensorParallel), true }},
+	{"--gpu-memory-utilization", "gpu_memory_utilization", func(m Model) (string, bool) {
+		return strconv.FormatFloat(m.GPUMemoryUtilization, 'f', -1, 64), true
+	}},
+	// max_model_len 0 leaves the choice to vLLM.
+	{"--max-model-len", "max_model_len", func(m Model) (string, bool) { return strconv.Itoa(m.MaxModelLen), m.MaxModelLen > 0 }},
+}
+
+// ownedFlagKey returns the model key that flag is built from, if the
+// supervisor owns flag.
+func ownedFlagKey(flag string) (string, bool) {
+	for _, f := range ownedFlags {
+		if f.flag == flag {
+			return f.key, true
+		}
+	}
+	return "", false
+}
+
+// ownedVar is an environment variable the supervisor sets in every child.
+// Besides these, every EnvPrefix variable is the supervisor's.
+type ownedVar struct {
+	name  string
+	hint  string                               // what an operator sets instead, for Validate's message
+	value func(Model, []string) (string, bool) // from the model and its placed GPUs; false leaves it unset
+}
+
+var ownedVars = []ownedVar{
+	// Full UUIDs: indexes differ between NVML and CUDA's default order.
+	// With no GPUs placed (backend none, no pins) the inherited value stands.
+	{"CUDA_VISIBLE_DEVICES", "set gpus instead", func(_ Model, gpus []string) (string, bool) {
+		return strings.Join(gpus, ","), len(gpus) > 0
+	}},
+	{"CUDA_DEVICE_ORDER", "the supervisor always sets PCI_BUS_ID", func(Model, []string) (string, bool) { return "PCI_BUS_ID", true }},
+	{"VLLM_PORT", "set vllm_port instead", func(m Model, _ []string) (string, bool) { return strconv.Itoa(m.VLLMPort), true }},
+}
+
+// ownedVarHint returns why a model may not set name, if the supervisor
+// owns it.
+func ownedVarHint(name string) (string, bool) {
+	for _, v := range ownedVars {
+		if v.name == name {
+			return v.hint, true
+		}
+	}
+	return "", false
+}
+
+// Argv is the child's command line (SPEC §2): command, then the flags the
+// supervisor owns, then the model's args.
+func (m Model) Argv() []string {
+	out := slices.Clone(m.Command)
+	for _, f := range ownedFlags {
+		if v, ok := f.value(m); ok {
+			out = append(out, f.flag, v)
+		}
+	}
+	return append(out, m.Args...)
+}
+
+// inheritedDrop reports whether a variable of the daemon's own environment
+// must not reach a child: systemd's protocol variables belong to the daemon
+// (a child answering NOTIFY_SOCKET would confuse systemd), JOURNAL_STREAM
+// would tell the child its stderr is the journal when it is a pipe to the
+// daemon, and EnvPrefix variables configure the daemon.
+func inheritedDrop(key string) bool {
+	switch {
+	case key == "NOTIFY_SOCKET", key == "JOURNAL_STREAM", key == "INVOCATION_ID":
+		return true
+	case strings.HasPrefix(key, "WATCHDOG_"), strings.HasPrefix(key, "LISTEN_"):
+		return true
+	case strings.HasPrefix(key, EnvPrefix):
+		return true
+	}
+	return false
+}
+
+// ChildEnv is the child's environment (SPEC §2), sorted: base (the daemon's
+// own) minus systemd's and EnvPrefix variables, then secrets (the env_files
+// values: they go here and nowhere else), env, the variables the supervisor
+// owns for the GPUs placed, and last own: the supervisor's EnvPrefix
+// variables for this instance (its marker).
+func (m Model) ChildEnv(base []string, secrets map[string]string, gpus []string, own map[string]string) []string {
+	env := map[string]string{}
+	for _, kv := range base {
+		k, v, _ := strings.Cut(kv, "=")
+		if !inheritedDrop(k) {
+			env[k] = v
+		}
+	}
+	maps.Copy(env, secrets)
+	maps.Copy(env, m.Env)
+	for _, o := range ownedVars {
+		if v, ok := o.value(m, gpus); ok {
+			env[o.name] = v
+		}
+	}
+	maps.Copy(env, own)
+	out := make([]string, 0, len(env))
+	for _, k := range slices.Sorted(maps.Keys(env)) {
+		out = append(out, k+"="+env[k])
+	}
+	return out
+}
