@@ -25,10 +25,14 @@ const (
 	// restart, a reload that keeps the placement): the memory is kept for
 	// the model.
 	Reserved
+	// Asleep: an on-demand model's process sleeps on its GPUs (vLLM's sleep
+	// mode): it holds only what the readings show (CUDA graphs, NCCL), and
+	// wakes on the same GPUs when its share is available there again.
+	Asleep
 )
 
 func (p Phase) String() string {
-	return [...]string{"starting", "running", "releasing", "reserved"}[p]
+	return [...]string{"starting", "running", "releasing", "reserved", "asleep"}[p]
 }
 
 // Want is a model asking for GPUs.
@@ -54,6 +58,18 @@ type Claim struct {
 	Since time.Time // when the phase began
 	// Keep: when the release completes, stay reserved for a restart.
 	Keep bool
+
+	// OnDemand: the model may be put to sleep (or stopped) to make room.
+	OnDemand bool
+	// Protected, when set, says why this on-demand model may not be put to
+	// sleep now (within min_awake of waking, say).
+	Protected string
+	// LastUsed is its last request (or its wake): least recently used
+	// models are put to sleep first.
+	LastUsed time.Time
+	// Evicting: it has been told to sleep to make room; its memory comes
+	// back once it sleeps.
+	Evicting bool
 }
 
 // Input is everything a decision depends on.
@@ -61,6 +77,7 @@ type Input struct {
 	Wants   []Want
 	Claims  []Claim
 	Devices []Device
+	ReadAt  time.Time // when Devices were read
 	// ReadErr, when set, says the latest reading failed (Devices are the
 	// last good one): every want waits, and releases complete only by
 	// their timeout.
@@ -85,6 +102,9 @@ type Outcome struct {
 	Claims []Claim
 	// Notes by GPU UUID, for operators.
 	Notes map[string]string
+	// Evict names the on-demand models to put to sleep (or stop) to make
+	// room, each with the model it makes room for.
+	Evict map[string]string
 	// Log lists what happened that an operator should read in the log.
 	Log []string
 }
@@ -100,12 +120,20 @@ type Outcome struct {
 //     starting there, if it asks for the same thing and the GPUs are up;
 //     otherwise the reservation is dropped and it is placed afresh.
 //  5. A want whose release is in progress waits for it.
-//  6. Otherwise gpu.Fit places it on free memory minus what every claim
+//  6. A sleeping model wakes on its own GPUs once its share (less what it
+//     still holds there) and the headroom are available.
+//  7. Otherwise gpu.Fit places it on free memory minus what every claim
 //     has not allocated yet; each grant is claimed before the next want
 //     is looked at, so lower-priority wants may use what higher ones
 //     cannot, and two wants never get the same memory.
+//  8. A want that does not fit (6 or 7) makes room by putting on-demand
+//     models to sleep: only ready ones that are not protected (min_awake),
+//     lower priority first, then least recently used, and only as many as
+//     it needs, on exactly the GPUs it needs. It waits until they sleep
+//     and the readings show their memory back. Models already being put to
+//     sleep count as room coming; always models are never put to sleep.
 func Decide(in Input) Outcome {
-	out := Outcome{Grants: map[string][]string{}, Waits: map[string]string{}, Notes: map[string]string{}}
+	out := Outcome{Grants: map[string][]string{}, Waits: map[string]string{}, Notes: map[string]string{}, Evict: map[string]string{}}
 	for u, n := range in.Notes {
 		out.Notes[u] = n
 	}
@@ -154,6 +182,17 @@ func Decide(in Input) Outcome {
 	}
 
 	slots := Slots(in.Devices, claims, out.Notes)
+	for _, c := range claims {
+		// A model that just fell asleep: its memory is back only once a
+		// reading taken after it shows so.
+		if c.Phase == Asleep && !in.ReadAt.After(c.Since) {
+			for i := range slots {
+				if slices.Contains(c.UUIDs, slots[i].UUID) && slots[i].Busy == "" {
+					slots[i].Busy = c.Name + " is going to sleep"
+				}
+			}
+		}
+	}
 	order := slices.Clone(in.Wants)
 	slices.SortStableFunc(order, func(a, b Want) int { return compareRequests(a.Request, b.Request) })
 	var checking []string
@@ -170,6 +209,24 @@ func Decide(in Input) Outcome {
 			case Reserved:
 				if busy := busyOn(slots, c.UUIDs); busy != "" {
 					out.Waits[w.Name] = "waiting for " + busy
+					continue
+				}
+				c.Phase, c.Since = Starting, in.Now
+				markBusy(slots, c.UUIDs, w.Name)
+				out.Grants[w.Name] = slices.Clone(c.UUIDs)
+				continue
+			case Asleep:
+				if len(checking) > 0 {
+					out.Waits[w.Name] = fmt.Sprintf("waiting for higher-priority models to be placed first (%s)", strings.Join(checking, ", "))
+					continue
+				}
+				if reason := wakeFits(c, slots, in.Headroom); reason != "" {
+					if victims := makeRoom(w.Request, c, slots, claims, in.Headroom); len(victims) > 0 {
+						evict(&out, claims, victims, w.Name)
+						out.Waits[w.Name] = "waiting for " + strings.Join(victims, ", ") + " to sleep to make room"
+						continue
+					}
+					out.Waits[w.Name] = reason
 					continue
 				}
 				c.Phase, c.Since = Starting, in.Now
@@ -195,6 +252,11 @@ func Decide(in Input) Outcome {
 		}
 		d := Fit(w.Request, slots, in.Headroom)
 		if d.GPUs == nil {
+			if victims := makeRoom(w.Request, nil, slots, claims, in.Headroom); len(victims) > 0 {
+				evict(&out, claims, victims, w.Name)
+				out.Waits[w.Name] = "waiting for " + strings.Join(victims, ", ") + " to sleep to make room"
+				continue
+			}
 			out.Waits[w.Name] = d.Reason
 			continue
 		}
@@ -212,6 +274,161 @@ func Decide(in Input) Outcome {
 		out.Claims = append(out.Claims, *claims[name])
 	}
 	return out
+}
+
+// wakeFits says why sleeping model c cannot wake on its GPUs now ("" when
+// it can): each needs its share, less what it still holds there, plus the
+// headroom, and no other start in progress.
+func wakeFits(c *Claim, slots []Slot, headroom config.ByteSize) string {
+	var short []string
+	for _, s := range slots {
+		if !slices.Contains(c.UUIDs, s.UUID) {
+			continue
+		}
+		if !s.Up {
+			return fmt.Sprintf("GPU%d is down", s.Index)
+		}
+		need := wakeNeed(c, s, headroom)
+		avail := s.MemoryFree - min(s.Claimed, s.MemoryFree)
+		if avail < need {
+			short = append(short, fmt.Sprintf("needs %s on GPU%d; free %s", config.ByteSize(need), s.Index, config.ByteSize(avail)))
+		} else if s.Busy != "" {
+			return fmt.Sprintf("waiting for GPU%d: %s", s.Index, s.Busy)
+		}
+	}
+	if len(short) > 0 {
+		return "to wake: " + strings.Join(short, "; ")
+	}
+	return ""
+}
+
+func wakeNeed(c *Claim, s Slot, headroom config.ByteSize) uint64 {
+	share := Share(c.Req.Util, s.MemoryTotal)
+	var held uint64
+	for _, p := range s.Processes {
+		if slices.Contains(c.PIDs, p.PID) {
+			held += p.UsedMemory
+		}
+	}
+	return share - min(held, share) + uint64(headroom)
+}
+
+// makeRoom chooses the on-demand models to put to sleep so that r fits:
+// on asleep's GPUs when it is a sleeping model waking, else wherever Fit
+// then places it. It returns nil when nothing eligible would make it fit.
+func makeRoom(r Request, asleep *Claim, slots []Slot, claims map[string]*Claim, headroom config.ByteSize) []string {
+	var cands, coming []*Claim
+	for _, c := range claims {
+		switch {
+		case c.Name == r.Name || !c.OnDemand || c.Phase != Running:
+		case c.Evicting:
+			coming = append(coming, c)
+		case c.Protected == "":
+			cands = append(cands, c)
+		}
+	}
+	if len(cands) == 0 && len(coming) == 0 {
+		return nil
+	}
+	slices.SortFunc(cands, func(a, b *Claim) int {
+		if a.Req.Priority != b.Req.Priority {
+			return a.Req.Priority - b.Req.Priority
+		}
+		if c := a.LastUsed.Compare(b.LastUsed); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Name, b.Name)
+	})
+	for k := 0; k <= len(cands); k++ {
+		freed := freeing(slots, append(slices.Clone(coming), cands[:k]...))
+		var gpus []string
+		if asleep != nil {
+			if wakeFits(asleep, freed, headroom) != "" {
+				continue
+			}
+			gpus = asleep.UUIDs
+		} else {
+			d := Fit(r, freed, headroom)
+			if d.GPUs == nil {
+				continue
+			}
+			for _, i := range d.GPUs {
+				gpus = append(gpus, freed[i].UUID)
+			}
+		}
+		// Only the chosen ones on the GPUs it gets.
+		var out []string
+		for _, c := range cands[:k] {
+			if overlaps(c.UUIDs, gpus) {
+				out = append(out, c.Name)
+			}
+		}
+		if len(out) == 0 && !anyOverlap(coming, gpus) {
+			return nil // fits without anyone sleeping: busy, not short
+		}
+		for _, c := range coming {
+			if overlaps(c.UUIDs, gpus) {
+				out = append(out, c.Name)
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	return nil
+}
+
+// freeing returns slots as they will be once victims sleep: their memory
+// free, their claims gone, their GPUs not busy on their account.
+func freeing(slots []Slot, victims []*Claim) []Slot {
+	out := slices.Clone(slots)
+	for i := range out {
+		s := &out[i]
+		for _, v := range victims {
+			if !slices.Contains(v.UUIDs, s.UUID) {
+				continue
+			}
+			share := Share(v.Req.Util, s.MemoryTotal)
+			var used uint64
+			for _, p := range s.Processes {
+				if slices.Contains(v.PIDs, p.PID) {
+					used += p.UsedMemory
+				}
+			}
+			// What it allocated goes back to free; what it had claimed but
+			// not allocated is no longer claimed.
+			s.MemoryFree += min(used, s.MemoryTotal-s.MemoryFree)
+			s.Claimed -= min(share-min(used, share), s.Claimed)
+		}
+	}
+	return out
+}
+
+func overlaps(a, b []string) bool {
+	for _, x := range a {
+		if slices.Contains(b, x) {
+			return true
+		}
+	}
+	return false
+}
+
+func anyOverlap(cs []*Claim, gpus []string) bool {
+	for _, c := range cs {
+		if overlaps(c.UUIDs, gpus) {
+			return true
+		}
+	}
+	return false
+}
+
+// evict records victims as being put to sleep for name.
+func evict(out *Outcome, claims map[string]*Claim, victims []string, name string) {
+	for _, v := range victims {
+		if c := claims[v]; c != nil && !c.Evicting {
+			c.Evicting = true
+			out.Evict[v] = name
+		}
+	}
 }
 
 // Slots lays claims over the readings: a claim counts for the part of its
@@ -237,7 +454,10 @@ func Slots(devs []Device, claims map[string]*Claim, notes map[string]string) []S
 					used += p.UsedMemory
 				}
 			}
-			s.Claimed += share - min(used, share)
+			if c.Phase != Asleep {
+				// A sleeper holds only what the readings show.
+				s.Claimed += share - min(used, share)
+			}
 			switch c.Phase {
 			case Starting:
 				s.Busy = name + " is starting"

@@ -154,6 +154,105 @@ func TestDecide(t *testing.T) {
 	}
 }
 
+// TestDecideEviction: on-demand models are put to sleep to make room, in
+// order, only as many as needed, on the GPUs needed.
+func TestDecideEviction(t *testing.T) {
+	t1, t2 := now.Add(-time.Hour), now.Add(-time.Minute)
+	running := func(name string, prio int, util float64, gpu int, pid int, last time.Time) Claim {
+		return Claim{Name: name, Req: Request{Name: name, Priority: prio, TP: 1, Util: util}, UUIDs: []string{fmt.Sprintf("GPU-%d", gpu)},
+			Phase: Running, PIDs: []int{pid}, OnDemand: true, LastUsed: last}
+	}
+	// GPU0 holds a (60%, pid 1), GPU1 holds b (60%, pid 2): 48 GiB used on each.
+	full := func() []Device { return withProc(withProc(devs(), 0, 1, 48*config.GiB), 1, 2, 48*config.GiB) }
+	cases := []struct {
+		name   string
+		claims []Claim
+		wants  []Want
+		want   string
+		evict  string
+	}{{
+		name:   "the least recently used of equal priority goes",
+		claims: []Claim{running("a", 0, 0.6, 0, 1, t2), running("b", 0, 0.6, 1, 2, t1)},
+		wants:  []Want{want("c", 0, 0.6, 1)},
+		want:   "c: waiting for b to sleep to make room\nclaims: a=running[GPU-0] b=running[GPU-1]",
+		evict:  "b→c",
+	}, {
+		name:   "lower priority before recency",
+		claims: []Claim{running("a", 0, 0.6, 0, 1, t2), running("b", 5, 0.6, 1, 2, t1)},
+		wants:  []Want{want("c", 0, 0.6, 1)},
+		want:   "c: waiting for a to sleep to make room\nclaims: a=running[GPU-0] b=running[GPU-1]",
+		evict:  "a→c",
+	}, {
+		name: "protected (min_awake) and always models stay",
+		claims: []Claim{
+			func() Claim { c := running("a", 0, 0.6, 0, 1, t1); c.Protected = "woke 10s ago (min_awake 1m0s)"; return c }(),
+			func() Claim { c := running("b", 0, 0.6, 1, 2, t1); c.OnDemand = false; return c }(),
+		},
+		wants: []Want{want("c", 0, 0.6, 1)},
+		want:  "c: needs 49.0 GiB on 1 GPU; free 32.0 GiB (GPU0), 32.0 GiB (GPU1)\nclaims: a=running[GPU-0] b=running[GPU-1]",
+	}, {
+		name:   "TP=2 puts both to sleep",
+		claims: []Claim{running("a", 0, 0.6, 0, 1, t2), running("b", 0, 0.6, 1, 2, t1)},
+		wants:  []Want{want("big", 0, 0.9, 2)},
+		want:   "big: waiting for a, b to sleep to make room\nclaims: a=running[GPU-0] b=running[GPU-1]",
+		evict:  "a→big b→big",
+	}, {
+		name:   "room already coming: nobody else is put to sleep",
+		claims: []Claim{func() Claim { c := running("a", 0, 0.6, 0, 1, t2); c.Evicting = true; return c }(), running("b", 0, 0.6, 1, 2, t1)},
+		wants:  []Want{want("c", 0, 0.6, 1)},
+		want:   "c: waiting for a to sleep to make room\nclaims: a=running[GPU-0] b=running[GPU-1]",
+	}, {
+		name: "a sleeper wakes on its own GPU, putting that GPU's tenant to sleep",
+		claims: []Claim{
+			running("a", 0, 0.6, 0, 1, t1), running("b", 0, 0.6, 1, 2, t2),
+			{Name: "s", Req: Request{Name: "s", TP: 1, Util: 0.5}, UUIDs: []string{"GPU-1"}, Phase: Asleep, OnDemand: true, Since: now.Add(-time.Hour)},
+		},
+		wants: []Want{want("s", 0, 0.5, 1)},
+		want:  "s: waiting for b to sleep to make room\nclaims: a=running[GPU-0] b=running[GPU-1] s=asleep[GPU-1]",
+		evict: "b→s",
+	}, {
+		name: "a sleeper wakes when its share is free",
+		claims: []Claim{
+			{Name: "s", Req: Request{Name: "s", TP: 1, Util: 0.5}, UUIDs: []string{"GPU-1"}, Phase: Asleep, OnDemand: true, Since: now.Add(-time.Hour)},
+		},
+		wants: []Want{want("s", 0, 0.5, 1)},
+		want:  "s: [GPU-1]\nclaims: s=starting[GPU-1]",
+	}}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			out := Decide(Input{Devices: full(), ReadAt: now, Claims: tc.claims, Wants: tc.wants, Headroom: config.GiB, Now: now})
+			if len(tc.claims) == 1 { // the sleeper alone: nothing else on the GPUs
+				out = Decide(Input{Devices: devs(), ReadAt: now, Claims: tc.claims, Wants: tc.wants, Headroom: config.GiB, Now: now})
+			}
+			if got := outcome(out); got != tc.want {
+				t.Errorf("got\n%s\nwant\n%s", got, tc.want)
+			}
+			var ev []string
+			for v, f := range out.Evict {
+				ev = append(ev, v+"→"+f)
+			}
+			slices.Sort(ev)
+			if got := strings.Join(ev, " "); got != tc.evict {
+				t.Errorf("evict %q, want %q", got, tc.evict)
+			}
+		})
+	}
+}
+
+// TestDecideSleeperBusyUntilRead: a model that just fell asleep keeps its
+// GPU busy until a reading taken after shows its memory back.
+func TestDecideSleeperBusyUntilRead(t *testing.T) {
+	sleeper := Claim{Name: "s", Req: Request{Name: "s", TP: 1, Util: 0.5}, UUIDs: []string{"GPU-0"}, Phase: Asleep, Since: now}
+	in := Input{Devices: devs()[:1], ReadAt: now.Add(-time.Second), Claims: []Claim{sleeper}, Wants: []Want{want("c", 0, 0.5, 1)}, Headroom: config.GiB, Now: now}
+	if got := outcome(Decide(in)); !strings.HasPrefix(got, "c: waiting for GPU0: s is going to sleep") {
+		t.Errorf("before a fresh reading: %s", got)
+	}
+	in.ReadAt = now.Add(time.Second)
+	if got := outcome(Decide(in)); !strings.HasPrefix(got, "c: [GPU-0]") {
+		t.Errorf("after: %s", got)
+	}
+}
+
 // TestDecideReleaseTimeoutNote: the GPUs of a release that timed out say
 // so until something is placed there.
 func TestDecideReleaseTimeoutNote(t *testing.T) {
