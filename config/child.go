@@ -16,7 +16,7 @@ import (
 type ownedFlag struct {
 	flag  string
 	key   string                     // the model key it is built from
-	value func(Model) (string, bool) // false leaves the flag out
+	value func(Model) (string, bool) // false leaves the flag out; "" passes the flag alone
 }
 
 var ownedFlags = []ownedFlag{
@@ -30,6 +30,8 @@ var ownedFlags = []ownedFlag{
 	}},
 	// max_model_len 0 leaves the choice to vLLM.
 	{"--max-model-len", "max_model_len", func(m Model) (string, bool) { return strconv.Itoa(m.MaxModelLen), m.MaxModelLen > 0 }},
+	// vLLM's sleep mode, for on-demand models that sleep rather than stop.
+	{"--enable-sleep-mode", "activation", func(m Model) (string, bool) { return "", m.Sleeps() }},
 }
 
 // ownedFlagKey returns the model key that flag is built from, if the
@@ -59,6 +61,9 @@ var ownedVars = []ownedVar{
 	}},
 	{"CUDA_DEVICE_ORDER", "the supervisor always sets PCI_BUS_ID", func(Model, []string) (string, bool) { return "PCI_BUS_ID", true }},
 	{"VLLM_PORT", "set vllm_port instead", func(m Model, _ []string) (string, bool) { return strconv.Itoa(m.VLLMPort), true }},
+	// vLLM serves /sleep, /wake_up and /is_sleeping only in its development
+	// mode; the gateway never forwards them.
+	{"VLLM_SERVER_DEV_MODE", "set activation: on_demand instead", func(m Model, _ []string) (string, bool) { return "1", m.Sleeps() }},
 }
 
 // ownedVarHint returns why a model may not set name, if the supervisor
@@ -77,7 +82,9 @@ func ownedVarHint(name string) (string, bool) {
 func (m Model) Argv() []string {
 	out := slices.Clone(m.Command)
 	for _, f := range ownedFlags {
-		if v, ok := f.value(m); ok {
+		if v, ok := f.value(m); ok && v == "" {
+			out = append(out, f.flag)
+		} else if ok {
 			out = append(out, f.flag, v)
 		}
 	}

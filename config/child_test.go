@@ -56,6 +56,7 @@ func TestOwnedAreRefused(t *testing.T) {
 	}
 	m, _ := good.Model("mixtral")
 	m.MaxModelLen = 4096 // every owned flag is built
+	m.Activation, m.SleepLevel = ActivationOnDemand, 1
 	argv := m.Argv()
 	for _, f := range ownedFlags {
 		t.Run(f.flag, func(t *testing.T) {

@@ -85,7 +85,33 @@ type Model struct {
 	GPUs                 []GPURef `koanf:"gpus"`
 	Priority             int      `koanf:"priority"`
 	Enabled              bool     `koanf:"enabled"`
+
+	// Activation is always (placed by priority, kept running) or on_demand
+	// (started or woken by a request, put to sleep when idle or to make
+	// room). SPEC §8.
+	Activation string `koanf:"activation"`
+	// SleepLevel is how an idle on-demand model gives its GPUs back: 1 or 2
+	// (vLLM's sleep levels), or 0 to stop the process.
+	SleepLevel int `koanf:"sleep_level"`
+	// IdleAfter: no request for this long puts an on-demand model to sleep.
+	IdleAfter time.Duration `koanf:"idle_after"`
+	// MinAwake: an on-demand model is not put to sleep for another model
+	// within this long of waking (no thrash).
+	MinAwake time.Duration `koanf:"min_awake"`
 }
+
+// The activations.
+const (
+	ActivationAlways   = "always"
+	ActivationOnDemand = "on_demand"
+)
+
+// OnDemand reports whether m runs only while wanted (SPEC §8).
+func (m Model) OnDemand() bool { return m.Activation == ActivationOnDemand }
+
+// Sleeps reports whether m gives its GPUs back with vLLM's sleep mode (an
+// on-demand model with sleep_level 1 or 2) rather than by stopping.
+func (m Model) Sleeps() bool { return m.OnDemand() && m.SleepLevel > 0 }
 
 // Restart is a model's restart policy.
 type Restart struct {
@@ -182,6 +208,10 @@ func builtinModel() map[string]any {
 		"gpus":                   []any{},
 		"priority":               0,
 		"enabled":                true,
+		"activation":             ActivationAlways,
+		"sleep_level":            1,
+		"idle_after":             "10m",
+		"min_awake":              "1m",
 	}
 }
 

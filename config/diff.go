@@ -60,6 +60,7 @@ func Diff(old, new *Config) []Change {
 // policyKeys are the model keys that change only the supervisor's behaviour.
 var policyKeys = map[string]bool{
 	"stop_timeout": true, "restart": true, "probe": true, "priority": true,
+	"idle_after": true, "min_awake": true,
 }
 
 func diffModel(o, n Model) Change {

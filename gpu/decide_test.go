@@ -185,7 +185,11 @@ func TestDecideEviction(t *testing.T) {
 	}, {
 		name: "protected (min_awake) and always models stay",
 		claims: []Claim{
-			func() Claim { c := running("a", 0, 0.6, 0, 1, t1); c.Protected = "woke 10s ago (min_awake 1m0s)"; return c }(),
+			func() Claim {
+				c := running("a", 0, 0.6, 0, 1, t1)
+				c.Protected = "woke 10s ago (min_awake 1m0s)"
+				return c
+			}(),
 			func() Claim { c := running("b", 0, 0.6, 1, 2, t1); c.OnDemand = false; return c }(),
 		},
 		wants: []Want{want("c", 0, 0.6, 1)},

@@ -84,6 +84,19 @@ type machine struct {
 	// and shutdown override both.
 	failure    *failure
 	startAfter string // non-empty: start again at once, with this reason
+	idleAfter  string // non-empty: an on-demand model stopped to give its GPUs back (sleep_level 0, a failed sleep)
+
+	// On-demand models (SPEC §8).
+	awakeAt    time.Time // when it last became ready (started or woke)
+	sleepOp    bool      // a sleep is in flight (draining, then /sleep)
+	sleepCause string    // idle, evicted, manual
+	sleepLevel int       // the level it sleeps at
+	wakeAfter  bool      // a request came during the sleep in flight: wake once asleep
+	wakeStart  time.Time // when the wake in flight began
+
+	// opErr is the answer to the last operation: set by onOp, read by the
+	// runner for the operator.
+	opErr error
 }
 
 // failure is a run that ended badly: why (a restart reason) and the detail.
@@ -131,6 +144,25 @@ type (
 	}
 	// evShutdown: the daemon is stopping (or the model was removed).
 	evShutdown struct{}
+	// evDemand: a request wants the model (the gateway): start or wake an
+	// on-demand model that is not awake.
+	evDemand struct{}
+	// evEvict: the scheduler puts it to sleep to make room for another.
+	evEvict struct{ forModel string }
+	// evIdle: the idle timer fired, with the model's traffic: its last
+	// request and the requests in flight now.
+	evIdle struct {
+		last     time.Time
+		inFlight int
+	}
+	// evSlept: the sleep in flight finished; aborted when the drain did
+	// not complete (requests still in flight), err when the engine failed.
+	evSlept struct {
+		err     error
+		aborted bool
+	}
+	// evWoke: the wake in flight (wake_up and a one-token canary) finished.
+	evWoke struct{ err error }
 )
 
 func (evChecked) isEvent()  {}
@@ -143,6 +175,11 @@ func (evOp) isEvent()       {}
 func (evConfig) isEvent()   {}
 func (evStopped) isEvent()  {}
 func (evShutdown) isEvent() {}
+func (evDemand) isEvent()   {}
+func (evEvict) isEvent()    {}
+func (evIdle) isEvent()     {}
+func (evSlept) isEvent()    {}
+func (evWoke) isEvent()     {}
 
 // timerKind names the machine's timers; arming one replaces it.
 type timerKind int
@@ -152,6 +189,9 @@ const (
 	tick timerKind = iota
 	// deadline: startup_timeout of the current start.
 	deadline
+	// idle: an awake on-demand model checks whether it has been idle for
+	// idle_after (the runner turns it into evIdle).
+	idle
 	numTimers
 )
 
@@ -182,6 +222,26 @@ type (
 		d time.Duration
 	}
 	efDisarm struct{ t timerKind }
+	// efSleep: drain the model's requests, then put it to sleep → evSlept.
+	efSleep struct {
+		level int
+		cause string
+	}
+	// efSlept: it sleeps: tell the scheduler (its memory comes back) and
+	// count it.
+	efSlept struct {
+		level int
+		cause string
+	}
+	// efWake: wake it and run the canary → evWoke.
+	efWake struct{ level int }
+	// efWoke: it is awake: record the wake's duration.
+	efWoke struct {
+		level int
+		took  time.Duration
+	}
+	// efDecline: it cannot be put to sleep for another model now.
+	efDecline struct{}
 )
 
 func (efCheck) isEffect()   {}
@@ -195,6 +255,11 @@ func (efStop) isEffect()    {}
 func (efRelease) isEffect() {}
 func (efArm) isEffect()     {}
 func (efDisarm) isEffect()  {}
+func (efSleep) isEffect()   {}
+func (efSlept) isEffect()   {}
+func (efWake) isEffect()    {}
+func (efWoke) isEffect()    {}
+func (efDecline) isEffect() {}
 
 func newMachine(cfg config.Model, now func() time.Time, jitter func() float64, log *zap.Logger) *machine {
 	return &machine{cfg: cfg, now: now, jitter: jitter, log: log, restarts: map[string]int{}, since: now()}
@@ -208,8 +273,15 @@ func (m *machine) begin() []effect {
 		m.enter(Stopped, m.holdReason)
 		return nil
 	}
+	if m.cfg.OnDemand() {
+		m.enter(Stopped, onDemandIdle)
+		return nil
+	}
 	return m.toPending("checking storage, port and GPUs")
 }
+
+// onDemandIdle is what an on-demand model that is not running says.
+const onDemandIdle = "on demand: starts at its first request"
 
 // done reports whether the machine has finished: shut down, nothing left
 // running.
@@ -238,6 +310,16 @@ func (m *machine) step(ev event) []effect {
 		return m.onStopped(ev)
 	case evShutdown:
 		return m.onShutdown()
+	case evDemand:
+		return m.onDemand("started on demand")
+	case evEvict:
+		return m.onEvict(ev.forModel)
+	case evIdle:
+		return m.onIdle(ev)
+	case evSlept:
+		return m.onSlept(ev)
+	case evWoke:
+		return m.onWoke(ev)
 	}
 	panic(fmt.Sprintf("machine: unknown event %T", ev))
 }
@@ -254,6 +336,16 @@ func (m *machine) enter(s State, reason string) {
 
 // live reports whether a process tree is up and not being stopped.
 func (m *machine) live() bool {
+	switch m.state {
+	case Starting, Ready, Unhealthy, Sleeping, Waking:
+		return true
+	}
+	return false
+}
+
+// probed reports whether the model is probed in its state: not while it
+// sleeps or wakes (its engine is not there to answer).
+func (m *machine) probed() bool {
 	return m.state == Starting || m.state == Ready || m.state == Unhealthy
 }
 
@@ -282,8 +374,17 @@ func (m *machine) onChecked(ev evChecked) []effect {
 }
 
 func (m *machine) onPlaced(p placement) []effect {
-	if m.state != Pending || !m.awaiting || p.seq != m.wantSeq {
+	if (m.state != Pending && m.state != Waking) || !m.awaiting || p.seq != m.wantSeq {
 		return nil // answers a want withdrawn since
+	}
+	if m.state == Waking {
+		if p.gpus == nil {
+			m.enter(Waking, "waiting for its GPU memory: "+p.reason)
+			return nil
+		}
+		m.awaiting = false
+		m.enter(Waking, "waking")
+		return []effect{efWake{level: m.sleepLevel}}
 	}
 	if p.gpus == nil {
 		m.cause = CauseGPU
@@ -340,7 +441,7 @@ func (m *machine) onProbed(ev evProbed) []effect {
 		return nil // a result about a previous process
 	}
 	m.probing = false
-	if m.exited || !m.live() {
+	if m.exited || !m.probed() {
 		return nil
 	}
 	err := ev.err
@@ -361,7 +462,7 @@ func (m *machine) onProbed(ev evProbed) []effect {
 		m.readyAt = m.now()
 		m.startup = m.readyAt.Sub(m.inst.started)
 		m.enter(Ready, "")
-		return []effect{efDisarm{deadline}, efReady{}, efArm{tick, p.Period}}
+		return append([]effect{efDisarm{deadline}, efReady{}, efArm{tick, p.Period}}, m.awake()...)
 	}
 	out := []effect{efObserve{took: ev.took, err: err}}
 	switch {
@@ -386,6 +487,9 @@ func (m *machine) onProbed(ev evProbed) []effect {
 }
 
 func (m *machine) onTimer(t timerKind) []effect {
+	if t == idle {
+		return nil // the runner sends evIdle instead
+	}
 	if t == deadline {
 		if m.state != Starting {
 			return nil
@@ -406,6 +510,9 @@ func (m *machine) onTimer(t timerKind) []effect {
 		m.log.Info("retrying failed model", zap.Duration("retry_failed_after", m.cfg.Restart.RetryFailedAfter))
 		return m.toPending("retrying after failure")
 	case Starting, Ready, Unhealthy:
+		if t == idle {
+			return nil // the runner sends evIdle instead
+		}
 		var out []effect
 		if m.state != Starting {
 			// Liveness runs on a fixed period from each probe's start, so
@@ -434,19 +541,22 @@ func (m *machine) failAndStop(why, reason, stopping string) []effect {
 // beginStop hands the tree to a stop; evStopped follows.
 func (m *machine) beginStop(reason string) []effect {
 	m.enter(Stopping, reason)
-	return []effect{efDisarm{tick}, efDisarm{deadline}, efStop{inst: m.inst, mainAlive: !m.exited}}
+	m.sleepOp, m.sleepLevel = false, 0
+	return []effect{efDisarm{tick}, efDisarm{deadline}, efDisarm{idle}, efStop{inst: m.inst, mainAlive: !m.exited}}
 }
 
 func (m *machine) onStopped(ev evStopped) []effect {
-	if ev.inst != m.inst || m.inst == nil {
-		return nil
+	if ev.inst != m.inst || m.inst == nil || m.state != Stopping {
+		return nil // only efStop reports here, and only while stopping
 	}
 	if !m.exited && ev.inst.exit.desc != "" {
 		ex := ev.inst.exit
 		m.lastExit = &ex
 	}
-	fail, start := m.failure, m.startAfter
-	m.failure, m.startAfter = nil, ""
+	fail, start, idled := m.failure, m.startAfter, m.idleAfter
+	m.failure, m.startAfter, m.idleAfter = nil, "", ""
+	wake := m.wakeAfter
+	m.wakeAfter = false
 	inst := m.inst
 	m.inst, m.exited, m.probing = nil, false, false
 	var out []effect
@@ -460,6 +570,10 @@ func (m *machine) onStopped(ev evStopped) []effect {
 		m.enter(Stopped, m.holdReason)
 	case start != "":
 		out = m.toPending(start)
+	case idled != "" && wake:
+		out = m.toPending("started on demand")
+	case idled != "":
+		m.enter(Stopped, idled)
 	case fail != nil:
 		out = m.afterFailure(*fail)
 	default:
@@ -532,10 +646,31 @@ func (m *machine) respawn(reason string) []effect {
 }
 
 func (m *machine) onOp(op Op) []effect {
+	m.opErr = nil
 	if m.shutdown {
 		return nil
 	}
 	switch op {
+	case OpSleep:
+		if !m.cfg.OnDemand() {
+			m.opErr = fmt.Errorf("%s is not on demand (activation: always): stop it instead", m.cfg.Name)
+			return nil
+		}
+		if m.state != Ready {
+			m.opErr = fmt.Errorf("%s is %s, not ready: nothing to put to sleep", m.cfg.Name, m.state)
+			return nil
+		}
+		return m.sleep("manual", "put to sleep by operator")
+	case OpWake:
+		if !m.cfg.OnDemand() {
+			m.opErr = fmt.Errorf("%s is not on demand (activation: always): start it instead", m.cfg.Name)
+			return nil
+		}
+		if m.hold {
+			m.opErr = fmt.Errorf("%s is held stopped: start it instead", m.cfg.Name)
+			return nil
+		}
+		return m.onDemand("woken by operator")
 	case OpStart:
 		m.hold = false
 		switch m.state {
@@ -636,6 +771,11 @@ func (m *machine) status() *Status {
 		ok := *m.probeOK
 		s.ProbeSuccess = &ok
 	}
+	s.OnDemand = m.cfg.OnDemand()
+	s.Held = m.hold
+	if m.state == Sleeping && !m.sleepOp {
+		s.SleepLevel = m.sleepLevel
+	}
 	return s
 }
 
@@ -648,4 +788,135 @@ func roundDuration(d time.Duration) time.Duration {
 		return d.Round(100 * time.Millisecond)
 	}
 	return d.Round(time.Millisecond)
+}
+
+// awake arms what an awake on-demand model needs: its idle check.
+func (m *machine) awake() []effect {
+	if !m.cfg.OnDemand() {
+		return nil
+	}
+	m.awakeAt = m.now()
+	return []effect{efArm{idle, m.cfg.IdleAfter}}
+}
+
+// onDemand starts or wakes an on-demand model that is not awake.
+func (m *machine) onDemand(reason string) []effect {
+	if !m.cfg.OnDemand() || m.hold || m.shutdown {
+		return nil
+	}
+	switch m.state {
+	case Stopped:
+		return m.toPending(reason)
+	case Sleeping:
+		if m.sleepOp {
+			m.wakeAfter = true // once the sleep in flight is done
+			return nil
+		}
+		return m.wake()
+	case Stopping:
+		if m.idleAfter != "" {
+			m.wakeAfter = true
+		}
+	}
+	return nil
+}
+
+// wake asks the scheduler for the sleeper's memory back on its GPUs.
+func (m *machine) wake() []effect {
+	m.wakeStart = m.now()
+	m.wantSeq++
+	m.awaiting = true
+	m.enter(Waking, "waiting for its GPU memory")
+	return []effect{efWant{seq: m.wantSeq}}
+}
+
+// sleep gives an awake on-demand model's GPUs back: vLLM's sleep mode, or
+// a stop with sleep_level 0.
+func (m *machine) sleep(cause, reason string) []effect {
+	if m.cfg.SleepLevel == 0 {
+		m.idleAfter = "on demand: stopped (" + cause + "); starts at its next request"
+		out := m.beginStop("stopping: " + reason)
+		return append(out, efSlept{level: 0, cause: cause})
+	}
+	m.sleepOp, m.sleepCause, m.sleepLevel = true, cause, m.cfg.SleepLevel
+	m.probing = false
+	m.enter(Sleeping, "going to sleep: "+reason)
+	return []effect{efDisarm{tick}, efDisarm{idle}, efSleep{level: m.sleepLevel, cause: cause}}
+}
+
+func (m *machine) onEvict(forModel string) []effect {
+	if m.state != Ready || !m.cfg.OnDemand() || m.shutdown {
+		return []effect{efDecline{}}
+	}
+	return m.sleep("evicted", "making room for "+forModel)
+}
+
+func (m *machine) onIdle(ev evIdle) []effect {
+	if m.state != Ready || !m.cfg.OnDemand() {
+		return nil
+	}
+	last := ev.last
+	if last.Before(m.awakeAt) {
+		last = m.awakeAt
+	}
+	idleFor := m.now().Sub(last)
+	if ev.inFlight > 0 {
+		return []effect{efArm{idle, m.cfg.IdleAfter}} // serving: not idle
+	}
+	if idleFor < m.cfg.IdleAfter {
+		return []effect{efArm{idle, max(m.cfg.IdleAfter-idleFor, time.Second)}}
+	}
+	return m.sleep("idle", fmt.Sprintf("no request for %s", roundDuration(idleFor)))
+}
+
+func (m *machine) onSlept(ev evSlept) []effect {
+	if m.state != Sleeping || !m.sleepOp {
+		return nil
+	}
+	m.sleepOp = false
+	switch {
+	case ev.aborted:
+		// Requests were still in flight: it stays awake, and says why.
+		m.log.Info("sleep abandoned: requests still in flight", zap.String("cause", m.sleepCause))
+		m.enter(Ready, "")
+		out := []effect{efArm{tick, m.cfg.Probe.Period}, efArm{idle, m.cfg.IdleAfter}}
+		if m.sleepCause == "evicted" {
+			out = append(out, efDecline{})
+		}
+		return out
+	case ev.err != nil:
+		// An engine that failed to sleep is in no state to trust: stop it;
+		// it starts afresh at its next request.
+		m.log.Warn("sleep failed; stopping the model", zap.Error(ev.err))
+		m.idleAfter = "on demand: stopped after a failed sleep (" + errText(ev.err) + "); starts at its next request"
+		return m.beginStop("stopping: sleep failed: " + errText(ev.err))
+	}
+	m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s)", m.sleepLevel, m.sleepCause))
+	out := []effect{efSlept{level: m.sleepLevel, cause: m.sleepCause}}
+	if m.wakeAfter {
+		m.wakeAfter = false
+		out = append(out, m.wake()...)
+	}
+	return out
+}
+
+func (m *machine) onWoke(ev evWoke) []effect {
+	if m.state != Waking || m.awaiting {
+		return nil
+	}
+	if ev.err != nil {
+		// A wake can fail when another process took the memory, and a
+		// woken engine that fails its canary cannot be trusted: start it
+		// cold. Requests keep waiting in the gateway's queue.
+		m.log.Warn("wake failed; restarting the model cold", zap.Error(ev.err))
+		m.startAfter = "restarting cold after a failed wake: " + errText(ev.err)
+		return m.beginStop("stopping: wake failed: " + errText(ev.err))
+	}
+	level := m.sleepLevel
+	m.sleepLevel = 0
+	m.readyAt = m.now()
+	m.probeFails = 0
+	m.enter(Ready, "")
+	out := []effect{efReady{}, efWoke{level: level, took: m.now().Sub(m.wakeStart)}, efArm{tick, m.cfg.Probe.Period}}
+	return append(out, m.awake()...)
 }

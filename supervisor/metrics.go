@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"os"
+	"strconv"
 	"sync"
 	"time"
 
@@ -25,7 +26,13 @@ var probeBuckets = []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 
 type metrics struct {
 	probeDuration *prometheus.HistogramVec
 	probeFailures *prometheus.CounterVec
+	sleeps        *prometheus.CounterVec
+	wakeDuration  *prometheus.HistogramVec
 }
+
+// wakeBuckets span a small model's level-1 wake (0.1 s) to a large one's
+// level-2 reload (a minute).
+var wakeBuckets = []float64{.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120}
 
 func newMetrics() *metrics {
 	return &metrics{
@@ -38,7 +45,24 @@ func newMetrics() *metrics {
 			Name: "citadel_probe_failures_total",
 			Help: "Failed health probes of ready models (not counting probes while a model loads).",
 		}, []string{"model"}),
+		sleeps: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "citadel_model_sleeps_total",
+			Help: "Times an on-demand model gave its GPUs back, by sleep level (0: stopped) and cause (idle, evicted, manual).",
+		}, []string{"model", "level", "cause"}),
+		wakeDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "citadel_model_wake_duration_seconds",
+			Help:    "From a sleeping on-demand model's wake request to ready (memory granted, wake_up, canary), by the level it slept at.",
+			Buckets: wakeBuckets,
+		}, []string{"model", "level"}),
 	}
+}
+
+func (m *metrics) slept(model string, level int, cause string) {
+	m.sleeps.WithLabelValues(model, strconv.Itoa(level), cause).Inc()
+}
+
+func (m *metrics) woke(model string, level int, took time.Duration) {
+	m.wakeDuration.WithLabelValues(model, strconv.Itoa(level)).Observe(took.Seconds())
 }
 
 // observe records one liveness probe.
@@ -54,6 +78,8 @@ func (m *metrics) observe(model string, d time.Duration, err error) {
 func (m *metrics) forget(model string) {
 	m.probeDuration.DeleteLabelValues(model)
 	m.probeFailures.DeleteLabelValues(model)
+	m.sleeps.DeletePartialMatch(prometheus.Labels{"model": model})
+	m.wakeDuration.DeletePartialMatch(prometheus.Labels{"model": model})
 }
 
 // modelCollector reads the supervisor's snapshot at scrape time.

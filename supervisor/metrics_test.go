@@ -75,6 +75,8 @@ citadel_model_state{model="mixtral",state="pending"} 0
 citadel_model_state{model="mixtral",state="ready"} 1
 citadel_model_state{model="mixtral",state="starting"} 0
 citadel_model_state{model="mixtral",state="stopped"} 0
+citadel_model_state{model="mixtral",state="sleeping"} 0
+citadel_model_state{model="mixtral",state="waking"} 0
 citadel_model_state{model="mixtral",state="stopping"} 0
 citadel_model_state{model="mixtral",state="unhealthy"} 0
 citadel_model_state{model="phi3",state="backoff"} 0
@@ -83,6 +85,8 @@ citadel_model_state{model="phi3",state="pending"} 1
 citadel_model_state{model="phi3",state="ready"} 0
 citadel_model_state{model="phi3",state="starting"} 0
 citadel_model_state{model="phi3",state="stopped"} 0
+citadel_model_state{model="phi3",state="sleeping"} 0
+citadel_model_state{model="phi3",state="waking"} 0
 citadel_model_state{model="phi3",state="stopping"} 0
 citadel_model_state{model="phi3",state="unhealthy"} 0
 # HELP citadel_model_up 1 when the model is ready (answering its health probe), else 0.

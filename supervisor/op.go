@@ -12,4 +12,6 @@ const (
 	OpStop    = api.OpStop
 	OpRestart = api.OpRestart
 	OpReset   = api.OpReset
+	OpSleep   = api.OpSleep
+	OpWake    = api.OpWake
 )

@@ -45,6 +45,9 @@ type runner struct {
 	// envDigest fingerprints the env_files contents the current process
 	// was started with.
 	envDigest atomic.Pointer[string]
+	// lastRequest is the unix nanoseconds of the gateway's last request
+	// for the model.
+	lastRequest atomic.Int64
 }
 
 // message is what others send a runner: an event, and for operations a
@@ -184,7 +187,11 @@ func (r *runner) run(ctx context.Context, cfg config.Model) {
 			for _, msg := range msgs {
 				l.handle(msg.ev)
 				if msg.done != nil {
-					msg.done <- nil
+					var err error
+					if _, ok := msg.ev.(evOp); ok {
+						err = l.m.opErr
+					}
+					msg.done <- err
 				}
 			}
 		case <-exited:
@@ -198,6 +205,9 @@ func (r *runner) run(ctx context.Context, cfg config.Model) {
 		case <-l.timers[deadline]:
 			l.timers[deadline] = nil
 			l.handle(evTimer{t: deadline})
+		case <-l.timers[idle]:
+			l.timers[idle] = nil
+			l.handle(evIdle{last: l.r.lastRequestTime(), inFlight: l.r.inFlight()})
 		}
 	}
 	// Operations that arrive now find the runner gone (send sees stopped).
@@ -284,6 +294,19 @@ func (l *loop) do(ef effect) event {
 		// Its GPUs stay busy until its processes have left them.
 		r.d.sched.Release(r.name, ef.inst.tree.SeenPIDs(), ef.keep)
 		r.pids.Store(nil)
+	case efSleep:
+		go l.sleep(m.inst, baseURL(m.cfg), ef.level, m.cfg.StopTimeout)
+	case efSlept:
+		if ef.level > 0 {
+			r.d.sched.Slept(r.name)
+		}
+		r.d.metrics.slept(r.name, ef.level, ef.cause)
+	case efWake:
+		go l.wake(m.inst, m.cfg, ef.level)
+	case efWoke:
+		r.d.metrics.woke(r.name, ef.level, ef.took)
+	case efDecline:
+		r.d.sched.Declined(r.name)
 	case efArm:
 		l.timers[ef.t] = r.d.after(ef.d)
 	case efDisarm:
@@ -365,6 +388,80 @@ func (l *loop) probe(j probeJob) {
 		cancel()
 	}
 	l.results <- evProbed{inst: j.inst, err: err, took: took}
+}
+
+// sleep drains the model's requests in the gateway, then puts it to sleep
+// and checks that it sleeps. A model must never be told to sleep with
+// requests in flight (it has crashed TP>1 engines), so a drain that does
+// not finish within grace abandons the sleep.
+func (l *loop) sleep(inst *instance, base string, level int, grace time.Duration) {
+	d := l.r.d
+	if d.traffic != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), grace)
+		err := d.traffic.Drain(ctx, l.r.name)
+		cancel()
+		if err != nil {
+			l.results <- evSlept{aborted: true}
+			return
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), sleepTimeout)
+	defer cancel()
+	err := d.prober.Sleep(ctx, base, level)
+	if err == nil {
+		var asleep bool
+		if asleep, err = d.prober.IsSleeping(ctx, base); err == nil && !asleep {
+			err = errors.New("is_sleeping says it is awake after /sleep")
+		}
+	}
+	l.results <- evSlept{err: err}
+}
+
+// wake wakes the model (the level-2 sequence reloads its weights), checks
+// that it is awake, and sends one-token canary before any client request:
+// the first request after a wake is slow, and a failed wake must be seen
+// before a client sees it.
+func (l *loop) wake(inst *instance, m config.Model, level int) {
+	d := l.r.d
+	base := baseURL(m)
+	ctx, cancel := context.WithTimeout(context.Background(), m.Probe.StartupTimeout)
+	defer cancel()
+	err := d.prober.WakeUp(ctx, base, level)
+	if err == nil {
+		var asleep bool
+		if asleep, err = d.prober.IsSleeping(ctx, base); err == nil && asleep {
+			err = errors.New("is_sleeping says it still sleeps after /wake_up")
+		}
+	}
+	if err == nil {
+		cctx, ccancel := context.WithTimeout(ctx, canaryTimeout)
+		if cerr := d.prober.Complete(cctx, base, m.ServedName); cerr != nil {
+			err = fmt.Errorf("canary: %w", cerr)
+		}
+		ccancel()
+	}
+	l.results <- evWoke{err: err}
+}
+
+// Bounds of sleep mode's calls. A sleep moves the weights to host memory
+// (level 1) or drops them: seconds, at most a minute or so for the largest.
+const (
+	sleepTimeout  = 2 * time.Minute
+	canaryTimeout = 30 * time.Second
+)
+
+func (r *runner) lastRequestTime() time.Time {
+	if n := r.lastRequest.Load(); n != 0 {
+		return time.Unix(0, n)
+	}
+	return time.Time{}
+}
+
+func (r *runner) inFlight() int {
+	if r.d.traffic == nil {
+		return 0
+	}
+	return r.d.traffic.InFlight(r.name)
 }
 
 // publishPIDs makes the instance's processes known for GPU attribution.

@@ -40,6 +40,10 @@ type scheduler struct {
 	log      *zap.Logger
 	owners   func() map[int]string // pid → model, from the runners' trees
 	deliver  func(name string, p placement)
+	// usage says whether a model may be put to sleep to make room: on
+	// demand, why not now (protected), and when it was last used.
+	usage func(name string) (onDemand bool, protected string, lastUsed time.Time)
+	evict func(victim, forModel string) // tell a model to sleep for another
 
 	inbox   chan func()
 	poke    chan struct{} // ask the reading goroutine for a reading now
@@ -50,6 +54,7 @@ type scheduler struct {
 	seqs     map[string]int // the seq of each want, echoed in placements
 	claims   map[string]gpu.Claim
 	devs     []gpu.Device
+	readAt   time.Time
 	readErr  string
 	notes    map[string]string
 	answered map[string]placement // last answer per model: unchanged ones are not re-sent
@@ -75,6 +80,8 @@ func newScheduler(cfg *config.Config, reader gpu.Reader, why string, log *zap.Lo
 		log:      log.Named("gpu"),
 		owners:   func() map[int]string { return nil },
 		deliver:  func(string, placement) {},
+		usage:    func(string) (bool, string, time.Time) { return false, "", time.Time{} },
+		evict:    func(string, string) {},
 		inbox:    make(chan func(), 64),
 		poke:     make(chan struct{}, 1),
 		stopped:  make(chan struct{}),
@@ -121,10 +128,14 @@ func (s *scheduler) readLoop(ctx context.Context) {
 				continue
 			}
 		}
+		// A reading shows what was there when it began: a model that fell
+		// asleep after that is not yet seen to have given memory back.
+		at := s.now()
 		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		devs, err := s.reader.Read(rctx)
 		cancel()
 		s.send(func() {
+			s.readAt = at
 			if err != nil {
 				if s.readErr == "" {
 					s.log.Warn("GPU readings failed", zap.Error(err))
@@ -209,6 +220,29 @@ func (s *scheduler) Release(name string, pids []int, keep bool) {
 	})
 }
 
+// Slept says the model sleeps on its GPUs: its memory comes back (the
+// readings will show how much) and it wakes there.
+func (s *scheduler) Slept(name string) {
+	s.send(func() {
+		if c, ok := s.claims[name]; ok {
+			c.Phase, c.Since, c.Evicting = gpu.Asleep, s.now(), false
+			s.claims[name] = c
+			s.pokeReader()
+		}
+	})
+}
+
+// Declined says the model could not be put to sleep for another (it was
+// not ready, or requests would not drain): the scheduler looks again.
+func (s *scheduler) Declined(name string) {
+	s.send(func() {
+		if c, ok := s.claims[name]; ok {
+			c.Evicting = false
+			s.claims[name] = c
+		}
+	})
+}
+
 // Drop withdraws the model's want and gives up its claim: it will not
 // start soon (failed, held stopped, removed, or its checks failed). A
 // release in progress still completes first.
@@ -249,7 +283,7 @@ func (s *scheduler) decide() {
 	}
 	owners := s.owners()
 	in := gpu.Input{
-		Devices: s.devs, ReadErr: s.readErr, Headroom: s.headroom, ReleaseTimeout: s.release,
+		Devices: s.devs, ReadAt: s.readAt, ReadErr: s.readErr, Headroom: s.headroom, ReleaseTimeout: s.release,
 		Now: s.now(), Notes: s.notes,
 	}
 	for _, w := range s.wants {
@@ -261,6 +295,7 @@ func (s *scheduler) decide() {
 			// remembers the ones it waits for.
 			c.PIDs = pidsOf(owners, name)
 		}
+		c.OnDemand, c.Protected, c.LastUsed = s.usage(name)
 		in.Claims = append(in.Claims, c)
 	}
 	out := gpu.Decide(in)
@@ -279,6 +314,10 @@ func (s *scheduler) decide() {
 	}
 	for name, reason := range out.Waits {
 		s.answer(name, placement{seq: s.seqs[name], reason: reason})
+	}
+	for victim, forModel := range out.Evict {
+		s.log.Info("putting a model to sleep to make room", zap.String("model", victim), zap.String("for", forModel))
+		s.evict(victim, forModel)
 	}
 	busy := len(s.wants) > 0
 	for _, c := range s.claims {

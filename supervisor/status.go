@@ -19,6 +19,8 @@ const (
 	Backoff   = api.Backoff
 	Failed    = api.Failed
 	Stopped   = api.Stopped
+	Sleeping  = api.Sleeping
+	Waking    = api.Waking
 )
 
 // States lists every state, in lifecycle order.

@@ -37,8 +37,25 @@ type Prober interface {
 	Probe(ctx context.Context, target string) error
 	// Identity returns nil when base serves the model named served.
 	Identity(ctx context.Context, base, served string) error
-	// Traffic and Complete serve the deep probe.
+	// Traffic and Complete serve the deep probe; Complete is also the
+	// canary after a wake.
 	probe.Client
+	// Sleep, WakeUp and IsSleeping drive vLLM's sleep mode (SPEC §8).
+	Sleep(ctx context.Context, base string, level int) error
+	WakeUp(ctx context.Context, base string, level int) error
+	IsSleeping(ctx context.Context, base string) (bool, error)
+}
+
+// Traffic is what the supervisor needs of the gateway for on-demand
+// models. The gateway implements it; without one, no request is ever in
+// flight.
+type Traffic interface {
+	// Drain stops admitting requests to model (they wait in its queue) and
+	// returns once none is in flight, or with ctx's error. The model's next
+	// published state decides when the gateway admits again.
+	Drain(ctx context.Context, model string) error
+	// InFlight is the number of requests model is serving.
+	InFlight(model string) int
 }
 
 var _ Prober = (*probe.HTTP)(nil)
@@ -80,6 +97,10 @@ type Options struct {
 	Heartbeat time.Duration
 }
 
+// SetTraffic connects the gateway, once it is built (it needs the
+// supervisor's models first). Call it before Run.
+func (s *Supervisor) SetTraffic(t Traffic) { s.d.traffic = t }
+
 // deps is what every runner shares. It is built once and never changes.
 type deps struct {
 	id      string
@@ -94,6 +115,7 @@ type deps struct {
 	jitter  func() float64
 	metrics *metrics
 	changed func() // a model's status changed
+	traffic Traffic
 }
 
 // Supervisor runs every configured model.
@@ -174,7 +196,7 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 	s.beat.Store(d.now().UnixNano())
 	if o.Registerer != nil {
 		for _, c := range []prometheus.Collector{
-			d.metrics.probeDuration, d.metrics.probeFailures, newModelCollector(s),
+			d.metrics.probeDuration, d.metrics.probeFailures, d.metrics.sleeps, d.metrics.wakeDuration, newModelCollector(s),
 			gpu.NewCollector(cfg.GPU.Backend, gpuStatus, reader, s.owners).LogTo(o.Logger.Named("gpu")),
 		} {
 			if err := o.Registerer.Register(c); err != nil {
@@ -184,6 +206,8 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 	}
 	d.sched.owners = s.owners
 	d.sched.deliver = s.deliver
+	d.sched.usage = s.usage
+	d.sched.evict = s.evict
 	s.cfg.Store(cfg)
 	empty := []*runner{}
 	s.runners.Store(&empty)
@@ -408,11 +432,62 @@ func (s *Supervisor) owners() map[int]string {
 // deliver hands the scheduler's answer to the model's runner. A runner
 // removed since has no use for it.
 func (s *Supervisor) deliver(name string, p placement) {
+	if r := s.runner(name); r != nil {
+		r.mail.place(p)
+	}
+}
+
+// usage tells the scheduler whether a model may be put to sleep to make
+// room: on demand, not within min_awake of becoming ready, and when it was
+// last used (its last request, or when it became ready).
+func (s *Supervisor) usage(name string) (onDemand bool, protected string, lastUsed time.Time) {
+	r := s.runner(name)
+	if r == nil {
+		return false, "", time.Time{}
+	}
+	st := r.status.Load()
+	cfg, ok := s.cfg.Load().Model(name)
+	if !ok || !st.OnDemand {
+		return false, "", time.Time{}
+	}
+	lastUsed = st.ReadyAt
+	if lr := r.lastRequestTime(); lr.After(lastUsed) {
+		lastUsed = lr
+	}
+	if awake := s.d.now().Sub(st.ReadyAt); awake < cfg.MinAwake {
+		protected = fmt.Sprintf("awake for %s (min_awake %s)", roundDuration(awake), cfg.MinAwake)
+	}
+	return true, protected, lastUsed
+}
+
+// evict tells victim to sleep to make room for forModel.
+func (s *Supervisor) evict(victim, forModel string) {
+	if r := s.runner(victim); r != nil {
+		r.mail.put(message{ev: evEvict{forModel: forModel}})
+	}
+}
+
+// Demand says a request wants model (the gateway calls it for every
+// request): it records the request, and starts or wakes an on-demand model
+// that is not awake.
+func (s *Supervisor) Demand(name string) {
+	r := s.runner(name)
+	if r == nil {
+		return
+	}
+	r.lastRequest.Store(s.d.now().UnixNano())
+	if st := r.status.Load(); st.OnDemand && st.State != Ready {
+		r.mail.put(message{ev: evDemand{}})
+	}
+}
+
+func (s *Supervisor) runner(name string) *runner {
 	for _, r := range *s.runners.Load() {
 		if r.name == name {
-			r.mail.place(p)
+			return r
 		}
 	}
+	return nil
 }
 
 // GPUs lists the host's GPUs with the models placed on each.

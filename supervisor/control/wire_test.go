@@ -69,7 +69,7 @@ func TestUnknownOp(t *testing.T) {
 	req = req.WithContext(context.WithValue(req.Context(), peerKey{}, Peer{UID: 0}))
 	w := httptest.NewRecorder()
 	s.mutating(s.op)(w, req)
-	if w.Code != http.StatusNotFound || w.Body.String() != `{"error":"unknown operation \"bogus\": use start, stop, restart, reset"}`+"\n" {
+	if w.Code != http.StatusNotFound || w.Body.String() != `{"error":"unknown operation \"bogus\": use start, stop, restart, reset, sleep, wake"}`+"\n" {
 		t.Errorf("got %d %s", w.Code, w.Body)
 	}
 }

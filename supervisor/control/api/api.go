@@ -27,15 +27,17 @@ const (
 	OpStop    Op = "stop"    // stop it and hold it stopped
 	OpRestart Op = "restart" // graceful stop, then start
 	OpReset   Op = "reset"   // clear the start limit and backoff, then start
+	OpSleep   Op = "sleep"   // put an on-demand model to sleep now (SPEC §8)
+	OpWake    Op = "wake"    // wake (or start) an on-demand model now
 )
 
 // Ops lists every operation.
-var Ops = []Op{OpStart, OpStop, OpRestart, OpReset}
+var Ops = []Op{OpStart, OpStop, OpRestart, OpReset, OpSleep, OpWake}
 
 // Valid reports whether o is one of Ops.
 func (o Op) Valid() bool {
 	switch o {
-	case OpStart, OpStop, OpRestart, OpReset:
+	case OpStart, OpStop, OpRestart, OpReset, OpSleep, OpWake:
 		return true
 	}
 	return false

@@ -17,11 +17,13 @@ const (
 	Stopping  State = "stopping"  // being stopped (SIGTERM, grace, SIGKILL of the tree)
 	Backoff   State = "backoff"   // waiting to restart after a failure
 	Failed    State = "failed"    // start limit hit or a permanent error
-	Stopped   State = "stopped"   // held stopped by an operator or enabled: false
+	Stopped   State = "stopped"   // held stopped by an operator or enabled: false; an idle on-demand model
+	Sleeping  State = "sleeping"  // on demand: process alive, GPU memory given back (vLLM sleep mode)
+	Waking    State = "waking"    // on demand: being woken for a request
 )
 
 // States lists every state, in lifecycle order.
-var States = []State{Pending, Starting, Ready, Unhealthy, Stopping, Backoff, Failed, Stopped}
+var States = []State{Pending, Starting, Ready, Unhealthy, Stopping, Backoff, Failed, Stopped, Sleeping, Waking}
 
 // Status is an immutable snapshot of one model, published by its runner
 // after every transition. The JSON keys are the contract of
@@ -48,29 +50,65 @@ type Status struct {
 	PendingCause     string         `json:"pending_cause,omitempty"` // what a pending model waits for
 	// LastOutput holds the model's last lines of output when it failed.
 	LastOutput []string `json:"last_output,omitempty"`
+
+	// OnDemand: activation on_demand (SPEC §8): started or woken by a
+	// request, put to sleep when idle or to make room.
+	OnDemand bool `json:"on_demand,omitempty"`
+	// Held: stopped by an operator (citadelctl stop) or enabled: false, as
+	// opposed to an on-demand model that is stopped until a request comes.
+	Held bool `json:"held,omitempty"`
+	// LastRequest is the last time the gateway sent it a request.
+	LastRequest time.Time `json:"last_request,omitzero"`
+	// SleepLevel is the vLLM sleep level it sleeps at, while sleeping.
+	SleepLevel int `json:"sleep_level,omitempty"`
 }
 
-// Health summarises readiness: healthy when every enabled model is ready.
-// It is the body of PathHealth.
+// Serving reports whether the model is what operators mean by serving
+// (SPEC §8): an always model ready; an on-demand model ready, sleeping or
+// startable (stopped until a request, or waking or starting for one).
+func (s Status) Serving() bool {
+	if s.State == Ready {
+		return true
+	}
+	if !s.OnDemand {
+		return false
+	}
+	switch s.State {
+	case Sleeping, Waking, Pending, Starting:
+		return true
+	case Stopped:
+		return !s.Held
+	}
+	return false
+}
+
+// Health summarises readiness (SPEC §8): healthy when every enabled model
+// is serving (Serving). A model held stopped by an operator is listed but
+// does not make it unhealthy. It is the body of PathHealth.
 type Health struct {
 	Healthy  bool     `json:"healthy"`
-	Ready    int      `json:"ready"`
-	Enabled  int      `json:"enabled"`
+	Ready    int      `json:"ready"`   // serving, on demand ones counted whether awake or not
+	Enabled  int      `json:"enabled"` // enabled models not held stopped
 	NotReady []Status `json:"not_ready"`
+	// Held lists the models an operator holds stopped.
+	Held []Status `json:"held,omitempty"`
 }
 
 // HealthOf summarises st.
 func HealthOf(st []Status) Health {
 	out := Health{NotReady: []Status{}}
 	for _, m := range st {
-		if !m.Enabled {
-			continue
-		}
-		out.Enabled++
-		if m.State == Ready {
-			out.Ready++
-		} else {
-			out.NotReady = append(out.NotReady, m)
+		switch {
+		case !m.Enabled:
+		case m.State == Stopped && m.Held:
+			out.Held = append(out.Held, m)
+		default:
+			out.Enabled++
+			if m.Serving() {
+				out.Ready++
+			} else {
+				out.NotReady = append(out.NotReady, m)
+			}
 		}
 	}
 	out.Healthy = out.Ready == out.Enabled
