@@ -109,7 +109,9 @@ models.phi3.model: required: the model's directory (vLLM --model)`,
 models.a.env: line 7: expected a mapping, got a string
 models.b.env.HF_TOKEN: line 14: set twice (first on line 13)
 models.b.gpus[0]: line 16: expected a GPU index or UUID, got a mapping
-models.b.restart.delay: line 15: not a duration: write it like 30s, 5m or 1h`,
+models.b.restart.delay: line 15: not a duration: write it like 30s, 5m or 1h
+models.c.args[0]: contains a NUL byte, which a program's argument cannot hold
+models.c.env.NUL_IN_VALUE: contains a NUL byte, which an environment variable cannot hold`,
 		"sim_pins.yaml": `gpu.sim.devices[1].memory: must be positive, e.g. 80GiB
 gpu.sim.devices[1].uuid: GPU-a already used by gpu.sim.devices[0]
 models.mixtral.gpus[1]: 0 is pinned twice

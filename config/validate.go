@@ -166,8 +166,20 @@ func (c *Config) validateModel(m Model, add func(key, format string, args ...any
 	if m.StopTimeout <= 0 {
 		add(key+".stop_timeout", "must be positive")
 	}
-	for name := range m.Env {
+	for i, a := range m.Command {
+		if strings.IndexByte(a, 0) >= 0 {
+			add(fmt.Sprintf("%s.command[%d]", key, i), "contains a NUL byte, which a program's argument cannot hold")
+		}
+	}
+	for i, a := range m.Args {
+		if strings.IndexByte(a, 0) >= 0 {
+			add(fmt.Sprintf("%s.args[%d]", key, i), "contains a NUL byte, which a program's argument cannot hold")
+		}
+	}
+	for name, v := range m.Env {
 		switch {
+		case strings.IndexByte(v, 0) >= 0:
+			add(key+".env."+name, "contains a NUL byte, which an environment variable cannot hold")
 		case !envName.MatchString(name):
 			add(key+".env."+name, "not a valid environment variable name")
 		case supervisorEnv[name] != "":
