@@ -182,9 +182,16 @@ func coveredBy(key string, shape []error) bool {
 func withLine(err error, lines lineIndex) error {
 	var e *Error
 	if errors.As(err, &e) {
-		if line, ok := lines[e.Key]; ok && line > 0 && !strings.HasPrefix(e.Msg, "line ") {
-			return &Error{Key: e.Key, Msg: fmt.Sprintf("line %d: %s", line, e.Msg)}
+		line, ok := lines[e.Key]
+		if !ok || line == 0 || strings.Contains(e.Msg, "(line") {
+			return err
 		}
+		// At the end, so a message still starts with what is wrong
+		// ("unknown key"), and before a hint: (line 4; did you mean "delay"?).
+		if msg, hint, found := strings.Cut(e.Msg, " (did you mean "); found {
+			return &Error{Key: e.Key, Msg: fmt.Sprintf("%s (line %d; did you mean %s", msg, line, hint)}
+		}
+		return &Error{Key: e.Key, Msg: fmt.Sprintf("%s (line %d)", e.Msg, line)}
 	}
 	return err
 }

@@ -64,7 +64,7 @@ type yamlWalker struct {
 func (w *yamlWalker) value(path string, n *yaml.Node, depth int) (any, []error) {
 	w.budget--
 	if w.budget < 0 || depth > maxDepth {
-		return nil, []error{errorf(keyOrTop(path), "line %d: too deeply nested or too many aliases", n.Line)}
+		return nil, []error{errorf(keyOrTop(path), "too deeply nested or too many aliases (line %d)", n.Line)}
 	}
 	if path != "" {
 		if _, ok := w.lines[path]; !ok {
@@ -78,7 +78,7 @@ func (w *yamlWalker) value(path string, n *yaml.Node, depth int) (any, []error) 
 		var v any
 		if err := n.Decode(&v); err != nil {
 			// The decoder's message quotes the value: say where instead.
-			return nil, []error{errorf(keyOrTop(path), "line %d: this %s value cannot be read", n.Line, strings.TrimPrefix(n.Tag, "!!"))}
+			return nil, []error{errorf(keyOrTop(path), "this %s value cannot be read (line %d)", strings.TrimPrefix(n.Tag, "!!"), n.Line)}
 		}
 		return v, nil
 	case yaml.SequenceNode:
@@ -102,12 +102,12 @@ func (w *yamlWalker) value(path string, n *yaml.Node, depth int) (any, []error) 
 				continue
 			}
 			if k.Kind != yaml.ScalarNode {
-				errs = append(errs, errorf(keyOrTop(path), "line %d: a key must be a plain word, not %s", k.Line, kindName(k)))
+				errs = append(errs, errorf(keyOrTop(path), "a key must be a plain word, not %s (line %d)", kindName(k), k.Line))
 				continue
 			}
 			sub := join(path, k.Value)
 			if line, dup := first[k.Value]; dup {
-				errs = append(errs, errorf(sub, "line %d: set twice (first on line %d)", k.Line, line))
+				errs = append(errs, errorf(sub, "set twice (lines %d and %d)", line, k.Line))
 				continue
 			}
 			first[k.Value] = k.Line
@@ -127,7 +127,7 @@ func (w *yamlWalker) value(path string, n *yaml.Node, depth int) (any, []error) 
 				errs = append(errs, e...)
 				mm, ok := v.(map[string]any)
 				if !ok && len(e) == 0 {
-					errs = append(errs, errorf(keyOrTop(path), "line %d: << must merge a mapping", s.Line))
+					errs = append(errs, errorf(keyOrTop(path), "<< must merge a mapping (line %d)", s.Line))
 				}
 				for key, val := range mm {
 					if _, set := out[key]; !set {
@@ -138,7 +138,7 @@ func (w *yamlWalker) value(path string, n *yaml.Node, depth int) (any, []error) 
 		}
 		return out, errs
 	}
-	return nil, []error{errorf(keyOrTop(path), "line %d: unexpected YAML node", n.Line)}
+	return nil, []error{errorf(keyOrTop(path), "unexpected YAML node (line %d)", n.Line)}
 }
 
 func kindName(n *yaml.Node) string {
