@@ -70,7 +70,7 @@ func TestOwnedAreRefused(t *testing.T) {
 					c.Models[i].Args = []string{f.flag + "=x"}
 				}
 			}
-			want := "models.mixtral.args[0]: " + f.flag + " is set by the supervisor from models.mixtral." + f.key
+			want := "models.mixtral.args[0]: " + f.flag + " is set by the supervisor from the model's key " + f.key
 			if err := c.Validate(); err == nil || !strings.Contains(err.Error(), want) {
 				t.Errorf("Validate: %v\nwant %q", err, want)
 			}

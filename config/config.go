@@ -27,6 +27,11 @@ type Config struct {
 
 	// Models holds every model, sorted by name, with defaults merged in.
 	Models []Model `koanf:"-"`
+
+	// file is the parsed file as written (without values it refused), so
+	// a problem can be reported where the operator wrote the value: under
+	// defaults or under the model.
+	file map[string]any
 }
 
 // Log configures the daemon's own log.

@@ -3,6 +3,7 @@ package config
 import (
 	"errors"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -72,47 +73,62 @@ func TestLoadMinimal(t *testing.T) {
 // contract.
 func TestLoadBadConfigs(t *testing.T) {
 	cases := map[string]string{
+		"defaults.yaml": `defaults.args[0]: --port is set by the supervisor from the model's key port
+defaults.env.CUDA_VISIBLE_DEVICES: set by the supervisor: set gpus instead
+defaults.probe.path: "health": must start with /
+defaults.probe.timeout: not a duration: write it like 30s, 5m or 1h (line 5)
+defaults.restart.burst: 0: must be at least 1
+models.c.restart.burst: 0: must be at least 1`,
 		"duplicate_port.yaml": `models.mixtral.port: 11400 already used by models.hermes
 models.phi3.port: 9400 is the supervisor's own listen port`,
-		"names.yaml": `defaults.port: belongs to one model: set it under models.<name>.port
-models.-x: model name may use letters, digits, '-' and '_' and must start with a letter or digit
-models.all: "all" is reserved for citadelctl; rename the model`,
-		"ranges.yaml": `gpu.backend: "cuda": use nvml, sim or none
+		"names.yaml": `defaults.port: belongs to one model: set it under models.<name>.port (line 3)
+models.-x: model name may use letters, digits, '-' and '_' and must start with a letter or digit (line 6)
+models.all: "all" is reserved for citadelctl; rename the model (line 5)`,
+		"not_mapping.yaml": `parse config: line 1: the file must be a mapping of keys (listen:, gpu:, models: ...), not a single value`,
+		"one_pass.yaml": `gpu.release_timout: unknown key (line 3; did you mean "release_timeout"?)
+models.hermes.stop_timeout: not a duration: write it like 30s, 5m or 1h (line 8)
+models.mixtral.gpu_memory_utilization: 2: must be in (0, 1], a fraction of each GPU's memory
+models.mixtral.port: 11400 already used by models.hermes
+models.mixtral.probe.period: must be positive`,
+		"ranges.yaml": `defaults.probe.failure_threshold: 0: must be at least 1
+defaults.probe.path: "health": must start with /
+defaults.restart.burst: 0: must be at least 1
+defaults.restart.max_delay: 10s is below delay 1m0s
+gpu.backend: "cuda": use nvml, sim or none
 log.format: "xml": use json or console
 log.level: "loud": use debug, info, warn or error
-models.mixtral.args[0]: --port is set by the supervisor from models.mixtral.port
+models.mixtral.args[0]: --port is set by the supervisor from the model's key port
 models.mixtral.env.CUDA_VISIBLE_DEVICES: set by the supervisor: set gpus instead
 models.mixtral.env.bad-name: not a valid environment variable name
 models.mixtral.env_files[0]: "secrets.env": must be an absolute path
 models.mixtral.gpu_memory_utilization: 1.5: must be in (0, 1], a fraction of each GPU's memory
 models.mixtral.port: required: a TCP port from 1 to 65535
-models.mixtral.probe.failure_threshold: 0: must be at least 1
-models.mixtral.probe.path: "health": must start with /
-models.mixtral.restart.burst: 0: must be at least 1
-models.mixtral.restart.max_delay: 10s is below delay 1m0s
 models.mixtral.tensor_parallel: 0: must be at least 1 (the number of GPUs)
-models.phi3.model: required: the model's directory (vLLM --model)
-models.phi3.probe.failure_threshold: 0: must be at least 1
-models.phi3.probe.path: "health": must start with /
-models.phi3.restart.burst: 0: must be at least 1
-models.phi3.restart.max_delay: 10s is below delay 1m0s`,
+models.phi3.model: required: the model's directory (vLLM --model)`,
+		"secrets.yaml": `models.a.args: expected a list, got a string (line 8)
+models.a.env: expected a mapping, got a string (line 7)
+models.b.env.HF_TOKEN: set twice (lines 13 and 14)
+models.b.gpus[0]: expected a GPU index or UUID, got a mapping (line 16)
+models.b.restart.delay: not a duration: write it like 30s, 5m or 1h (line 15)
+models.c.args[0]: contains a NUL byte, which a program's argument cannot hold
+models.c.env.NUL_IN_VALUE: contains a NUL byte, which an environment variable cannot hold`,
 		"sim_pins.yaml": `gpu.sim.devices[1].memory: must be positive, e.g. 80GiB
 gpu.sim.devices[1].uuid: GPU-a already used by gpu.sim.devices[0]
 models.mixtral.gpus[1]: 0 is pinned twice
 models.phi3.gpus[0]: GPU 3 does not exist: gpu.sim.devices declares 2
 models.yi.gpus[0]: GPU-b is not among gpu.sim.devices`,
 		"syntax.yaml": `parse config: yaml: line 1: did not find expected ',' or ']'`,
-		"types.yaml": `gpu.headroom: invalid size "lots": use a number with KiB, MiB, GiB or TiB, e.g. 1GiB
-gpu.release_timeout: 60 has no unit: write a duration such as 60s
-models.mixtral.args: expected a list, got "--trust-remote-code"
-models.mixtral.enabled: expected true or false, got "yes"
-models.mixtral.gpu_memory_utilization: expected a number, got "high"
-models.mixtral.port: expected a whole number, got "11400"
-models.mixtral.stop_timeout: "soon" is not a duration: write it like 30s, 5m or 1h`,
-		"unknown_keys.yaml": `defaults.restart.dealy: unknown key (did you mean "delay"?)
-gpu.sim.devices[0].colour: unknown key
-listn: unknown key (did you mean "listen"?)
-models.mixtral.tensor_paralel: unknown key (did you mean "tensor_parallel"?)`,
+		"types.yaml": `gpu.headroom: not a size: use a number with KiB, MiB, GiB or TiB, e.g. 1GiB (line 1)
+gpu.release_timeout: 60 has no unit: write a duration such as 60s (line 1)
+models.mixtral.args: expected a list, got a string (line 9)
+models.mixtral.enabled: expected true or false, got a string (line 7)
+models.mixtral.gpu_memory_utilization: expected a number, got a string (line 6)
+models.mixtral.port: expected a whole number, got a string (line 5)
+models.mixtral.stop_timeout: not a duration: write it like 30s, 5m or 1h (line 8)`,
+		"unknown_keys.yaml": `defaults.restart.dealy: unknown key (line 4; did you mean "delay"?)
+gpu.sim.devices[0].colour: unknown key (line 2)
+listn: unknown key (line 1; did you mean "listen"?)
+models.mixtral.tensor_paralel: unknown key (line 9; did you mean "tensor_parallel"?)`,
 		"vllm_port.yaml": `models.a.port: 11400 lies in models.c's VLLM_PORT block; move one of them
 models.b.vllm_port: block 50368-50383 overlaps models.a's block; set vllm_port to a free range
 models.c.port: 11401 lies in models.c's VLLM_PORT block; move one of them`,
@@ -130,7 +146,62 @@ models.c.port: 11401 lies in models.c's VLLM_PORT block; move one of them`,
 			if got := err.Error(); got != want {
 				t.Errorf("error text:\n%s\nwant:\n%s", got, want)
 			}
+			if strings.Contains(err.Error(), "notshown") {
+				t.Error("the error echoes a value")
+			}
 		})
+	}
+}
+
+// TestForeignFileNotEchoed: a config path that is a symlink to another
+// file (or any file that is not a config) must not have its lines printed.
+func TestForeignFileNotEchoed(t *testing.T) {
+	cases := map[string]struct{ content, want string }{
+		"shadow-like": {"root:$6$notshown.hash:19000:0:99999:7:::\n", "<key on line 1>: unknown key (line 1)"},
+		"two lines":   {"root:$6$notshown:1::\ndaemon:x:1:1::/:/bin/false\n", "parse config: yaml: line 2: could not find expected ':'"},
+		"a string":    {"hf_notshown\n", "parse config: line 1: the file must be a mapping of keys (listen:, gpu:, models: ...), not a single value"},
+		"quoted tag":  {"listen: !!int \"notshown\"\n", "listen: this int value cannot be read (line 1)"},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			target := filepath.Join(dir, "target")
+			if err := os.WriteFile(target, []byte(tc.content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			link := filepath.Join(dir, "supervisor.yaml")
+			if err := os.Symlink(target, link); err != nil {
+				t.Fatal(err)
+			}
+			_, err := Load(link, nil)
+			if err == nil || err.Error() != tc.want {
+				t.Errorf("got %v\nwant %s", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestYAMLAnchorsMerge(t *testing.T) {
+	c, err := Parse([]byte(`gpu: {backend: none}
+x-common: &common {model: /m/a, tensor_parallel: 2}
+models:
+  a: {<<: *common, port: 11400}
+  b: {<<: *common, port: 11401, tensor_parallel: 1}
+`), nil)
+	if err == nil || !strings.Contains(err.Error(), "x-common: unknown key (line 2)") {
+		t.Fatalf("a top-level anchor key is still an unknown key: %v", err)
+	}
+	c, err = Parse([]byte(`gpu: {backend: none}
+models:
+  a: &common {model: /m/a, port: 11400, tensor_parallel: 2}
+  b: {<<: *common, port: 11401, tensor_parallel: 1}
+`), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := c.Model("b")
+	if b.Path != "/m/a" || b.Port != 11401 || b.TensorParallel != 1 {
+		t.Errorf("merge: %+v", b)
 	}
 }
 

@@ -11,10 +11,8 @@ import (
 	"strings"
 
 	"github.com/go-viper/mapstructure/v2"
-	"github.com/knadh/koanf/parsers/yaml"
 	"github.com/knadh/koanf/providers/confmap"
 	"github.com/knadh/koanf/providers/env/v2"
-	"github.com/knadh/koanf/providers/rawbytes"
 	"github.com/knadh/koanf/v2"
 )
 
@@ -43,21 +41,30 @@ func Load(path string, environ []string) (*Config, error) {
 }
 
 // Parse is Load for a configuration already in memory.
+//
+// Every problem is found in one pass: a value of the wrong shape (an unknown
+// key, a bad duration) is reported and dropped, the rest is decoded with the
+// defaults in its place, and validated; problems a bad value caused are not
+// reported twice. A problem every model inherits from `defaults:` is
+// reported once, under defaults.
 func Parse(data []byte, environ []string) (*Config, error) {
-	file := koanf.New(".")
-	if err := file.Load(rawbytes.Provider(data), yaml.Parser()); err != nil {
-		return nil, fmt.Errorf("parse config: %w", err)
+	raw, lines, shape, err := readYAML(data)
+	if err != nil {
+		return nil, err
 	}
 
 	// Check the file's shape first, so every unknown key and wrongly typed
 	// value is reported with its path before decoding could stop at one.
-	var errs []error
-	checkTree("", file.Raw(), reflect.TypeFor[fileShape](), &errs)
-	names := modelNames(file.Raw(), &errs)
-	if len(errs) > 0 {
-		return nil, joinSorted(errs)
+	checkTree("", raw, reflect.TypeFor[fileShape](), &shape)
+	names := modelNames(raw, &shape)
+	for _, e := range shape {
+		prune(raw, errKey(e))
 	}
 
+	file := koanf.New(".")
+	if err := file.Load(confmap.Provider(raw, ""), nil); err != nil {
+		return nil, fmt.Errorf("load config: %w", err)
+	}
 	top := koanf.New(".")
 	if err := top.Load(confmap.Provider(builtin(), "."), nil); err != nil {
 		return nil, fmt.Errorf("load built-in defaults: %w", err)
@@ -72,9 +79,10 @@ func Parse(data []byte, environ []string) (*Config, error) {
 		return nil, fmt.Errorf("read %s* environment: %w", EnvPrefix, err)
 	}
 
-	cfg := &Config{}
+	var errs []error
+	cfg := &Config{file: raw}
 	if err := decode(top, cfg); err != nil {
-		return nil, err
+		errs = append(errs, err)
 	}
 	for _, name := range names {
 		m, err := loadModel(file, name)
@@ -84,13 +92,118 @@ func Parse(data []byte, environ []string) (*Config, error) {
 		}
 		cfg.Models = append(cfg.Models, m)
 	}
+	for _, p := range cfg.attribute(cfg.problems()) {
+		if !coveredBy(errKey(p), shape) {
+			errs = append(errs, p)
+		}
+	}
+	for _, e := range shape {
+		errs = append(errs, withLine(e, lines))
+	}
 	if len(errs) > 0 {
+		for i, e := range errs {
+			errs[i] = safeError(e, lines)
+		}
 		return nil, joinSorted(errs)
 	}
-	if err := cfg.Validate(); err != nil {
-		return nil, err
-	}
 	return cfg, nil
+}
+
+// attribute reports a model's problem under defaults when the model does
+// not set the key itself and so inherits it from `defaults:`: a mistake
+// there is one mistake, at the key the operator wrote, not one per model
+// under keys nobody wrote. Identical problems are reported once.
+func (c *Config) attribute(problems []error) []error {
+	seen := map[string]bool{}
+	var out []error
+	for _, p := range problems {
+		var e *Error
+		if errors.As(p, &e) {
+			if sub, ok := c.inherited(e.Key); ok && c.fileSets("defaults."+sub) {
+				p = &Error{Key: "defaults." + sub, Msg: e.Msg}
+			}
+		}
+		if text := p.Error(); !seen[text] {
+			seen[text] = true
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// inherited reports whether key (models.NAME.SUB) names a value the model
+// does not set itself, and returns SUB.
+func (c *Config) inherited(key string) (string, bool) {
+	rest, ok := strings.CutPrefix(key, "models.")
+	if !ok {
+		return "", false
+	}
+	name, sub, ok := strings.Cut(rest, ".")
+	if !ok {
+		return "", false
+	}
+	if field, _ := parseSeg(splitPath(sub)[0]); modelOnlyKeys[field] {
+		return "", false
+	}
+	if c.fileSets("models." + name + "." + sub) {
+		return "", false
+	}
+	return sub, true
+}
+
+// fileSets reports whether the file writes the key; for an element of a
+// list (args[1]), whether it writes the list: lists replace, maps merge.
+func (c *Config) fileSets(key string) bool {
+	if i := strings.LastIndexByte(key, '['); i >= 0 && !strings.Contains(key[i:], ".") {
+		key = key[:i]
+		for strings.HasSuffix(key, "]") {
+			key = key[:strings.LastIndexByte(key, '[')]
+		}
+	}
+	_, ok := lookup(c.file, key)
+	return ok
+}
+
+// coveredBy reports whether a problem at key follows from a shape problem
+// already reported: the same key or one inside it.
+func coveredBy(key string, shape []error) bool {
+	for _, s := range shape {
+		k := errKey(s)
+		base, _ := parseSeg(k)
+		if key == k || strings.HasPrefix(key, k+".") || strings.HasPrefix(key, k+"[") || strings.HasPrefix(key, base+"[") || key == base {
+			return true
+		}
+	}
+	return false
+}
+
+// withLine adds the line a shape problem is on: the message does not repeat
+// the value, so the line is how the operator finds it.
+func withLine(err error, lines lineIndex) error {
+	var e *Error
+	if errors.As(err, &e) {
+		line, ok := lines[e.Key]
+		if !ok || line == 0 || strings.Contains(e.Msg, "(line") {
+			return err
+		}
+		// At the end, so a message still starts with what is wrong
+		// ("unknown key"), and before a hint: (line 4; did you mean "delay"?).
+		if msg, hint, found := strings.Cut(e.Msg, " (did you mean "); found {
+			return &Error{Key: e.Key, Msg: fmt.Sprintf("%s (line %d; did you mean %s", msg, line, hint)}
+		}
+		return &Error{Key: e.Key, Msg: fmt.Sprintf("%s (line %d)", e.Msg, line)}
+	}
+	return err
+}
+
+// safeError keeps a key path that is not made of plain keys out of the
+// message (see plainKey).
+func safeError(err error, lines lineIndex) error {
+	var e *Error
+	if errors.As(err, &e) {
+		return &Error{Key: safeKeyPath(e.Key, lines), Msg: e.Msg}
+	}
+	return err
 }
 
 // fileShape is the layout of the YAML file, for checkTree.

@@ -28,7 +28,7 @@ func checkTree(path string, v any, t reflect.Type, errs *[]error) {
 		switch x := v.(type) {
 		case string:
 			if _, err := time.ParseDuration(x); err != nil {
-				add("%q is not a duration: write it like 30s, 5m or 1h", x)
+				add("not a duration: write it like 30s, 5m or 1h")
 			}
 		case int:
 			if x != 0 {
@@ -42,7 +42,7 @@ func checkTree(path string, v any, t reflect.Type, errs *[]error) {
 		switch x := v.(type) {
 		case string:
 			if _, err := ParseByteSize(x); err != nil {
-				add("%v", err)
+				add("not a size: use a number with KiB, MiB, GiB or TiB, e.g. 1GiB")
 			}
 		case int:
 			if x < 0 {
@@ -173,10 +173,12 @@ func oneEdit(a, b string) bool {
 	return a[i+1:] == b[i:]
 }
 
+// describe names a value's kind, never the value: it may be a secret (an
+// env value, a token in args) or a line of a file that is not a config.
 func describe(v any) string {
 	switch x := v.(type) {
 	case string:
-		return fmt.Sprintf("%q", x)
+		return "a string"
 	case map[string]any:
 		return "a mapping"
 	case []any:

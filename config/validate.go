@@ -17,8 +17,17 @@ var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
 // Validate returns every problem in c, joined, each naming its key path;
 // nil when c is valid. A model path that does not exist is not a problem
-// here: storage may be mounted later, and the model waits as pending.
+// here: storage may be mounted later, and the model waits as pending (see
+// Check for what the host lacks).
 func (c *Config) Validate() error {
+	if errs := c.problems(); len(errs) > 0 {
+		return joinSorted(errs)
+	}
+	return nil
+}
+
+// problems is Validate's list, each problem at the model key it concerns.
+func (c *Config) problems() []error {
 	var errs []error
 	add := func(key, format string, args ...any) { errs = append(errs, errorf(key, format, args...)) }
 
@@ -78,10 +87,7 @@ func (c *Config) Validate() error {
 			add("models."+m.Name+".port", "%d lies in models.%s's VLLM_PORT block; move one of them", m.Port, other)
 		}
 	}
-	if len(errs) == 0 {
-		return nil
-	}
-	return joinSorted(errs)
+	return errs
 }
 
 func (c *Config) validateGPU(add func(key, format string, args ...any)) {
@@ -120,7 +126,8 @@ func (c *Config) validateModel(m Model, add func(key, format string, args ...any
 	if m.Port < 1 || m.Port > 65535 {
 		add(key+".port", "required: a TCP port from 1 to 65535")
 	}
-	if m.VLLMPort < 1024 || m.VLLMPort > 65535-VLLMPortBlock+1 {
+	// vllm_port is derived from port: when port is missing, its error says it.
+	if (m.VLLMPort != 0 || m.Port > 0) && (m.VLLMPort < 1024 || m.VLLMPort > 65535-VLLMPortBlock+1) {
 		add(key+".vllm_port", "%d: must be from 1024 to %d", m.VLLMPort, 65535-VLLMPortBlock+1)
 	}
 	if len(m.Command) == 0 || m.Command[0] == "" {
@@ -141,9 +148,21 @@ func (c *Config) validateModel(m Model, add func(key, format string, args ...any
 	if m.StopTimeout <= 0 {
 		add(key+".stop_timeout", "must be positive")
 	}
-	for name := range m.Env {
+	for i, a := range m.Command {
+		if strings.IndexByte(a, 0) >= 0 {
+			add(fmt.Sprintf("%s.command[%d]", key, i), "contains a NUL byte, which a program's argument cannot hold")
+		}
+	}
+	for i, a := range m.Args {
+		if strings.IndexByte(a, 0) >= 0 {
+			add(fmt.Sprintf("%s.args[%d]", key, i), "contains a NUL byte, which a program's argument cannot hold")
+		}
+	}
+	for name, v := range m.Env {
 		hint, owned := ownedVarHint(name)
 		switch {
+		case strings.IndexByte(v, 0) >= 0:
+			add(key+".env."+name, "contains a NUL byte, which an environment variable cannot hold")
 		case !envName.MatchString(name):
 			add(key+".env."+name, "not a valid environment variable name")
 		case owned:
@@ -160,7 +179,7 @@ func (c *Config) validateModel(m Model, add func(key, format string, args ...any
 	for i, a := range m.Args {
 		flag, _, _ := strings.Cut(a, "=")
 		if k, ok := ownedFlagKey(flag); ok {
-			add(fmt.Sprintf("%s.args[%d]", key, i), "%s is set by the supervisor from %s.%s", flag, key, k)
+			add(fmt.Sprintf("%s.args[%d]", key, i), "%s is set by the supervisor from the model's key %s", flag, k)
 		}
 	}
 	validateRestart(key+".restart", m.Restart, add)

@@ -47,7 +47,11 @@ func (t *restartTracker) afterFailure(p config.Restart, now time.Time, readyFor 
 	return backoffDelay(p, t.failures, jitter), false
 }
 
-// backoffDelay is min(delay·2^(n−1), max_delay), spread by jitter.
+// backoffDelay is min(delay·2^(n−1), max_delay), then spread by jitter.
+// The spread comes after the cap: capping after it would bring every model
+// that crashed together back to exactly max_delay, restarting them in
+// lockstep (on the same GPUs, at the same moment) once they reach the cap.
+// So a capped delay may exceed max_delay by up to jitterSpread.
 func backoffDelay(p config.Restart, n int, jitter float64) time.Duration {
 	d := p.Delay
 	for i := 1; i < n && d < p.MaxDelay; i++ {
@@ -55,5 +59,5 @@ func backoffDelay(p config.Restart, n int, jitter float64) time.Duration {
 	}
 	d = min(d, p.MaxDelay)
 	spread := 1 + jitterSpread*(2*jitter-1)
-	return min(time.Duration(float64(d)*spread), p.MaxDelay)
+	return time.Duration(float64(d) * spread)
 }

@@ -31,6 +31,12 @@ func readEnvFile(path string) (map[string]string, error) {
 	sc := bufio.NewScanner(bytes.NewReader(b))
 	sc.Buffer(make([]byte, 64*1024), 1024*1024)
 	for n := 1; sc.Scan(); n++ {
+		// execve takes NUL-terminated strings: a NUL in a value would fail
+		// the spawn ("invalid argument") and mark the model failed. Said
+		// here, the model waits as pending, naming the file and line.
+		if strings.IndexByte(sc.Text(), 0) >= 0 {
+			return nil, fmt.Errorf("env_files: %s line %d: contains a NUL byte, which an environment variable cannot hold", path, n)
+		}
 		line := strings.TrimSpace(sc.Text())
 		if line == "" || strings.HasPrefix(line, "#") || strings.HasPrefix(line, ";") {
 			continue
@@ -75,4 +81,12 @@ func envDigest(vars map[string]string) string {
 		fmt.Fprintf(h, "%s=%s\x00", k, vars[k])
 	}
 	return fmt.Sprintf("%x", h.Sum(nil))
+}
+
+// CheckEnvFile reads an env file the way a start does and says what would
+// keep a model pending, naming the file and line, never a value. For
+// `citadel-supervisor --check`.
+func CheckEnvFile(path string) error {
+	_, err := readEnvFile(path)
+	return err
 }

@@ -60,7 +60,7 @@ func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string)
 		deep:    &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},
 		done:    make(chan struct{}),
 	}
-	r.log.Info("spawned", zap.Int("pid", inst.pid), zap.Strings("argv", args), zap.Strings("gpus", gpus))
+	r.log.Info("spawned", zap.Int("pid", inst.pid), zap.Strings("argv", config.MaskArgs(args)), zap.Strings("gpus", gpus))
 	go r.capture(outR, "stdout")
 	go r.capture(errR, "stderr")
 	go func() {

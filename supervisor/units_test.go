@@ -33,8 +33,13 @@ func TestBackoffDelay(t *testing.T) {
 		{60, 0.5, 5 * time.Minute},
 		{1, 0, 9 * time.Second},         // −10 %
 		{1, 0.999999, 11 * time.Second}, // +10 %
-		{60, 0.999999, 5 * time.Minute}, // jitter never exceeds the cap
 		{3, 0, 36 * time.Second},
+		// At the cap the jitter still spreads: models that crashed
+		// together must not all come back at exactly max_delay.
+		{6, 0, 270 * time.Second},         // 5m −10 %
+		{60, 0, 270 * time.Second},        // 5m −10 %
+		{60, 0.25, 285 * time.Second},     // 5m −5 %
+		{60, 0.999999, 330 * time.Second}, // 5m +10 %
 	}
 	for _, tc := range cases {
 		t.Run(fmt.Sprintf("n=%d,jitter=%g", tc.n, tc.jitter), func(t *testing.T) {
@@ -43,6 +48,10 @@ func TestBackoffDelay(t *testing.T) {
 				t.Errorf("got %s, want %s", got, tc.want)
 			}
 		})
+	}
+	// Two models at the cap with different jitter draws restart apart.
+	if a, b := backoffDelay(policy, 20, 0.6), backoffDelay(policy, 20, 0.9); a == b {
+		t.Errorf("capped delays with jitter 0.6 and 0.9 are both %s: lockstep", a)
 	}
 	if d := backoffDelay(config.Restart{MaxDelay: time.Minute}, 4, 0.9); d != 0 {
 		t.Errorf("delay 0 must stay 0 (kill -9 → immediate respawn), got %s", d)

@@ -42,7 +42,8 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("citadel-supervisor", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	path := fs.String("config", config.Getenv(environ, "CITADEL_CONFIG", config.DefaultPath), "configuration file (env CITADEL_CONFIG)")
-	check := fs.Bool("check", false, "validate the configuration, print every problem, and exit (0 valid, 1 invalid)")
+	check := fs.Bool("check", false, "validate the configuration and what this host offers its models, print every problem, and exit (0 valid, 1 invalid, 3 a model cannot start here)")
+	strict := fs.Bool("strict", false, "with --check: exit 4 when there are warnings only")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -52,15 +53,13 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 
+	if *check {
+		return runCheck(*path, environ, *strict, stdout, stderr)
+	}
 	cfg, err := config.Load(*path, environ)
 	if err != nil {
 		fmt.Fprintf(stderr, "citadel-supervisor: %s is invalid:\n%s\n", *path, indent(err))
 		return 1
-	}
-	if *check {
-		fmt.Fprintf(stdout, "%s: valid, %d models\n", *path, len(cfg.Models))
-		printPlacement(stdout, cfg, zap.NewNop())
-		return 0
 	}
 
 	log, err := newLogger(cfg.Log, stderr)

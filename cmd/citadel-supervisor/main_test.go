@@ -221,33 +221,6 @@ func TestSecondDaemonOnSameSocketRefuses(t *testing.T) {
 	first.wait(t)
 }
 
-func TestCheck(t *testing.T) {
-	var out, errb bytes.Buffer
-	code := run([]string{"--check", "--config", "../../config/testdata/bad/duplicate_port.yaml"}, nil, &out, &errb)
-	want := `../../config/testdata/bad/duplicate_port.yaml is invalid:
-  models.mixtral.port: 11400 already used by models.hermes
-  models.phi3.port: 9400 is the supervisor's own listen port`
-	if code != 1 || !strings.Contains(errb.String(), want) {
-		t.Errorf("exit %d, stderr:\n%s\nwant it to contain:\n%s", code, errb.String(), want)
-	}
-
-	out.Reset()
-	errb.Reset()
-	code = run([]string{"--check"}, []string{"CITADEL_CONFIG=../../config/testdata/good.yaml"}, &out, &errb)
-	wantOut := `../../config/testdata/good.yaml: valid, 3 models
-GPUs now (sim backend):
-  GPU0 Sim H100 80.0 GiB free of 80.0 GiB
-  GPU1 Sim H100 80.0 GiB free of 80.0 GiB
-placement it would make, in priority order:
-  mixtral      GPU0,GPU1
-  coder        pending: needs 73.0 GiB on 1 GPU; free 8.0 GiB (GPU0), 8.0 GiB (GPU1)
-  phi3         pending: needs 49.0 GiB on 1 GPU; free 8.0 GiB (GPU1)
-`
-	if code != 0 || out.String() != wantOut {
-		t.Errorf("exit %d, stdout:\n%s\nwant:\n%s\nstderr %q", code, out.String(), wantOut, errb.String())
-	}
-}
-
 func TestVersion(t *testing.T) {
 	var out bytes.Buffer
 	if code := run([]string{"--version"}, nil, &out, &out); code != 0 || !strings.HasPrefix(out.String(), "citadel-supervisor dev") {

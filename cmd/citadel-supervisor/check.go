@@ -1,0 +1,201 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"citadel-supervisor/config"
+	"citadel-supervisor/gpu"
+	"citadel-supervisor/supervisor"
+)
+
+// Exit codes of --check. 0 and 1 are SPEC §1's; the others let a script
+// tell a bad file from a host that cannot run it. The unit's ExecStartPre
+// fails on anything but 0, so warnings (what a running daemon waits for:
+// storage, ports, env files) never keep the daemon from starting.
+const (
+	checkValid    = 0 // valid; warnings may have been printed
+	checkInvalid  = 1 // the daemon refuses this file (start and reload)
+	checkHostErr  = 3 // valid, but an enabled model cannot start on this host as written
+	checkWarnings = 4 // with --strict only: valid, no errors, some warnings
+)
+
+// runCheck is `citadel-supervisor --check`: the file's problems, all of
+// them, then what keeps its models from starting on this host, then the
+// placement it would make on the GPUs seen now.
+func runCheck(path string, environ []string, strict bool, stdout, stderr io.Writer) int {
+	cfg, err := config.Load(path, environ)
+	if err != nil {
+		fmt.Fprintf(stderr, "citadel-supervisor: %s is invalid:\n%s\n", path, indent(err))
+		fmt.Fprintln(stderr, "(the host checks: storage, programs, env files, ports and GPUs, run once the file is valid)")
+		return checkInvalid
+	}
+	devs, why := readGPUs(cfg)
+	host := &osHost{devs: devs, haveGPUs: why == ""}
+	if daemonRunning(cfg.ControlSocket) {
+		// Its models hold their ports, and it holds listen: every port
+		// would look taken.
+		host.skipPorts = true
+	}
+	findings := cfg.Check(host)
+	if cfg.Empty() {
+		// A truncated file, or --config naming the wrong one.
+		for i, f := range findings {
+			if f.Key == "models" {
+				findings[i].Msg = "the file sets nothing (it is empty or only comments): the daemon would run no model until a reload adds some"
+			}
+		}
+	}
+	errs, warns := 0, 0
+	for _, f := range findings {
+		if f.Wait {
+			warns++
+		} else {
+			errs++
+		}
+		fmt.Fprintln(stderr, f)
+	}
+
+	fmt.Fprintf(stdout, "%s: valid, %s", path, plural(len(cfg.Models), "model"))
+	if errs+warns > 0 {
+		fmt.Fprintf(stdout, "; on this host: %s, %s", plural(errs, "error"), plural(warns, "warning"))
+	}
+	fmt.Fprintln(stdout)
+	if host.skipPorts {
+		fmt.Fprintf(stdout, "ports: not checked, a daemon is running on %s (its models hold their ports)\n", cfg.ControlSocket)
+	}
+	printPlacement(stdout, cfg, devs, why)
+	switch {
+	case errs > 0:
+		return checkHostErr
+	case warns > 0 && strict:
+		return checkWarnings
+	}
+	return checkValid
+}
+
+func plural(n int, word string) string {
+	if n == 1 {
+		return "1 " + word
+	}
+	return fmt.Sprintf("%d %ss", n, word)
+}
+
+// readGPUs reads the GPUs the configured backend sees now; why says why
+// there are none to read (backend none, NVML unavailable, a failed read).
+func readGPUs(cfg *config.Config) (devs []gpu.Device, why string) {
+	var reader gpu.Reader
+	switch cfg.GPU.Backend {
+	case "sim":
+		reader = gpu.NewSim(cfg.GPU, nil)
+	default:
+		b, why, _ := openGPUs(cfg, zap.NewNop())
+		if b == nil {
+			return nil, why
+		}
+		defer b.Close() //nolint:errcheck // read once
+		reader = b
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	devs, err := reader.Read(ctx)
+	if err != nil {
+		return nil, "cannot read the GPUs: " + err.Error()
+	}
+	return devs, ""
+}
+
+// daemonRunning reports whether a daemon answers on the control socket.
+func daemonRunning(socket string) bool {
+	c, err := net.DialTimeout("unix", socket, time.Second)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
+// osHost answers config.Check's questions about this machine, the way a
+// start does.
+type osHost struct {
+	devs      []gpu.Device
+	haveGPUs  bool
+	skipPorts bool
+}
+
+var _ config.Host = (*osHost)(nil)
+
+func (h *osHost) Stat(path string) (fs.FileInfo, error) { return os.Stat(path) }
+
+func (h *osHost) LookPath(file string) (string, error) { return exec.LookPath(file) }
+
+func (h *osHost) EnvFile(path string) error { return supervisor.CheckEnvFile(path) }
+
+func (h *osHost) Port(host string, port int) error {
+	if h.skipPorts || port <= 0 {
+		return nil
+	}
+	return supervisor.CheckPort(host, port)
+}
+
+func (h *osHost) GPUs() ([]string, bool) {
+	if !h.haveGPUs {
+		return nil, false
+	}
+	uuids := make([]string, len(h.devs))
+	for i, d := range h.devs {
+		uuids[i] = d.UUID
+	}
+	return uuids, true
+}
+
+// printPlacement shows what the daemon would place on the GPUs seen now.
+func printPlacement(w io.Writer, cfg *config.Config, devs []gpu.Device, why string) {
+	if why != "" {
+		fmt.Fprintf(w, "placement: %s; every enabled model starts\n", why)
+		return
+	}
+	slots := make([]gpu.Slot, len(devs))
+	var names []string
+	for i, d := range devs {
+		slots[i] = gpu.Slot{Device: d}
+		state := ""
+		if !d.Up {
+			state = ", DOWN: " + d.Err
+		}
+		names = append(names, fmt.Sprintf("GPU%d %s %s free of %s%s", d.Index, d.Name, config.ByteSize(d.MemoryFree), config.ByteSize(d.MemoryTotal), state))
+	}
+	var reqs []gpu.Request
+	for _, m := range cfg.Models {
+		if m.Enabled {
+			reqs = append(reqs, supervisor.PlacementRequest(m))
+		}
+	}
+	fmt.Fprintf(w, "GPUs now (%s backend):\n  %s\n", cfg.GPU.Backend, strings.Join(names, "\n  "))
+	fmt.Fprintln(w, "placement it would make, in priority order:")
+	for _, d := range gpu.Resident(reqs, slots, cfg.GPU.Headroom) {
+		if d.GPUs == nil {
+			fmt.Fprintf(w, "  %-12s pending: %s\n", d.Name, d.Reason)
+			continue
+		}
+		var g []string
+		for _, i := range d.GPUs {
+			g = append(g, fmt.Sprintf("GPU%d", slots[i].Index))
+		}
+		fmt.Fprintf(w, "  %-12s %s\n", d.Name, strings.Join(g, ","))
+	}
+	for _, m := range cfg.Models {
+		if !m.Enabled {
+			fmt.Fprintf(w, "  %-12s stopped: enabled: false\n", m.Name)
+		}
+	}
+}

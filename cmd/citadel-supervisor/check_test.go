@@ -1,0 +1,172 @@
+package main
+
+import (
+	"bytes"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+var update = flag.Bool("update", false, "rewrite testdata/check/*.golden from the current output")
+
+// TestCheckGolden runs `--check` on every testdata/check/*.yaml and compares
+// its exit code, stdout and stderr with NAME.golden: what an operator reads
+// is the contract (blackbox_exporter's TestLoadBadConfigs, extended to the
+// host checks).
+//
+// A fixture may use, and its output shows back as placeholders:
+//
+//	${DIR}       a fresh temp dir (exists: a model directory that is there)
+//	${TESTDATA}  the absolute path of testdata/check
+//	${FREE1}..   ports free when the test started
+//	${HELD}, ${HELD2}  ports this test listens on (another process's, for --check)
+//
+// and these comment lines, before any key:
+//
+//	# args: --strict                extra flags
+//	# env: CITADEL_GPU_BACKEND=none  the daemon's environment
+//	# daemon-running                a daemon answers on ${DIR}/supervisor.sock
+//	# symlink                       the config is a symlink to the fixture
+func TestCheckGolden(t *testing.T) {
+	fixtures, _ := filepath.Glob("testdata/check/*.yaml")
+	if len(fixtures) == 0 {
+		t.Fatal("no fixtures")
+	}
+	testdata, err := filepath.Abs("testdata/check")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, fixture := range fixtures {
+		name := strings.TrimSuffix(filepath.Base(fixture), ".yaml")
+		t.Run(name, func(t *testing.T) {
+			src, err := os.ReadFile(fixture)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dir := t.TempDir()
+			base, held := portRun(t)
+			vars := map[string]string{
+				"${DIR}":      dir,
+				"${TESTDATA}": testdata,
+				"${HELD}":     strconv.Itoa(base + 3),
+				"${HELD2}":    strconv.Itoa(base + 4),
+			}
+			for _, ln := range held {
+				defer ln.Close()
+			}
+			for i := 1; i <= 3; i++ {
+				vars[fmt.Sprintf("${FREE%d}", i)] = strconv.Itoa(base + i - 1)
+			}
+			text := string(src)
+			for k, v := range vars {
+				text = strings.ReplaceAll(text, k, v)
+			}
+			var args, environ []string
+			symlink := false
+			for _, line := range strings.Split(text, "\n") {
+				switch {
+				case strings.HasPrefix(line, "# args: "):
+					args = append(args, strings.Fields(strings.TrimPrefix(line, "# args: "))...)
+				case strings.HasPrefix(line, "# env: "):
+					environ = append(environ, strings.Fields(strings.TrimPrefix(line, "# env: "))...)
+				case line == "# daemon-running":
+					ln, err := net.Listen("unix", filepath.Join(dir, "supervisor.sock"))
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer ln.Close()
+				case line == "# symlink":
+					symlink = true
+				}
+			}
+			path := filepath.Join(dir, "supervisor.yaml")
+			if symlink {
+				target := filepath.Join(dir, "elsewhere")
+				if err := os.WriteFile(target, []byte(text), 0o600); err != nil {
+					t.Fatal(err)
+				}
+				err = os.Symlink(target, path)
+			} else {
+				err = os.WriteFile(path, []byte(text), 0o600)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+
+			var stdout, stderr bytes.Buffer
+			code := run(append([]string{"--check", "--config", path}, args...), environ, &stdout, &stderr)
+			got := fmt.Sprintf("exit %d\n-- stdout --\n%s-- stderr --\n%s", code, stdout.String(), stderr.String())
+			got = normalize(got, vars)
+
+			golden := strings.TrimSuffix(fixture, ".yaml") + ".golden"
+			if *update {
+				if err := os.WriteFile(golden, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			want, err := os.ReadFile(golden)
+			if err != nil {
+				t.Fatalf("%v (run go test -run TestCheckGolden -update to create it)", err)
+			}
+			if got != string(want) {
+				t.Errorf("--check output differs from %s:\n%s\nwant:\n%s", golden, got, want)
+			}
+			if strings.Contains(got, "notshown") {
+				t.Error("--check echoes a value")
+			}
+		})
+	}
+}
+
+var portHolder = regexp.MustCompile(`in use by pid \d+ \([^)]*\)|in use \(holder not visible to this user\)`)
+
+// normalize puts the placeholders back where the run's own values are.
+func normalize(s string, vars map[string]string) string {
+	s = portHolder.ReplaceAllLiteralString(s, "in use by pid ${PID} (${COMM})")
+	// The longest first: ${TESTDATA} lies inside the checkout, not ${DIR},
+	// but a port number could be part of another.
+	for _, k := range []string{"${TESTDATA}", "${DIR}", "${HELD}", "${HELD2}", "${FREE1}", "${FREE2}", "${FREE3}"} {
+		s = strings.ReplaceAll(s, vars[k], k)
+	}
+	return s
+}
+
+// portRun finds five consecutive ports, the first three free and the last
+// two held by this test. They lie below 40000 and at an offset within 1536
+// chosen so that the VLLM_PORT blocks derived from them (40000 + 16·(port
+// mod 1536)) can clash neither with each other nor with the fixtures' fixed
+// ports: random ports made the validation itself random.
+func portRun(t *testing.T) (int, []net.Listener) {
+	t.Helper()
+	for base := 20100; base < 39000; base += 1536 {
+		var held []net.Listener
+		ok := true
+		for p := base; p < base+5 && ok; p++ {
+			ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
+			if err != nil {
+				ok = false
+				break
+			}
+			if p < base+3 {
+				ln.Close()
+			} else {
+				held = append(held, ln)
+			}
+		}
+		if ok {
+			return base, held
+		}
+		for _, ln := range held {
+			ln.Close()
+		}
+	}
+	t.Fatal("no five consecutive free ports")
+	return 0, nil
+}
