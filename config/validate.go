@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // maxSocketPath is the room in sockaddr_un.sun_path (108 bytes with the NUL).
@@ -147,6 +148,20 @@ func (c *Config) validateModel(m Model, add func(key, format string, args ...any
 	}
 	if m.StopTimeout <= 0 {
 		add(key+".stop_timeout", "must be positive")
+	}
+	switch m.Activation {
+	case ActivationAlways, ActivationOnDemand:
+	default:
+		add(key+".activation", "%q: must be always or on_demand", m.Activation)
+	}
+	if m.SleepLevel < 0 || m.SleepLevel > 2 {
+		add(key+".sleep_level", "%d: must be 1 or 2 (vLLM's sleep levels), or 0 to stop the process", m.SleepLevel)
+	}
+	if m.IdleAfter < time.Second {
+		add(key+".idle_after", "must be at least 1s")
+	}
+	if m.MinAwake < 0 {
+		add(key+".min_awake", "must not be negative")
 	}
 	for i, a := range m.Command {
 		if strings.IndexByte(a, 0) >= 0 {
