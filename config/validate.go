@@ -69,6 +69,7 @@ func (c *Config) Validate() error {
 		add("log.model_keep", "must not be negative")
 	}
 	c.validateGPU(add)
+	c.validateGateway(add)
 
 	ports := map[int]string{}    // API port → model
 	blocks := map[int]string{}   // each VLLM_PORT-block port → model
