@@ -597,6 +597,7 @@ func (l *loop) publish() {
 		s.ProbeSuccess = &ok
 	}
 	l.r.status.Store(s)
+	l.r.d.changes.notify() // the gateway's queues follow the state (changes.go)
 }
 
 // baseURL is where the model serves. A model bound to a wildcard address is

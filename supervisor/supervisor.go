@@ -88,6 +88,7 @@ type deps struct {
 	after   func(time.Duration) <-chan time.Time
 	jitter  func() float64
 	metrics *metrics
+	changes changes // closed at each state or configuration change (changes.go)
 }
 
 // Supervisor runs every configured model.
@@ -261,6 +262,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 			}
 			s.cfg.Store(req.cfg)
 			s.publishRunners(byName)
+			s.d.changes.notify() // the gateway re-reads models and limits
 			req.done <- changes
 		}
 	}
