@@ -107,6 +107,10 @@ func (q *reqInfo) reject(w http.ResponseWriter, e *apiError) {
 	}
 }
 
+// inMemoryBody: bodies up to this size are read whole before forwarding;
+// larger ones (images) stream through.
+const inMemoryBody = 1 << 20
+
 // forward routes a POST by its body's model and proxies it.
 func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Settings, start time.Time) {
 	if r.ContentLength > set.MaxBody {
@@ -159,7 +163,23 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 		}
 		read = rewritten
 	}
-	r.Body = readCloser{io.MultiReader(bytes.NewReader(read), body), body}
+	if r.ContentLength >= 0 && r.ContentLength <= inMemoryBody && int64(len(read)) < r.ContentLength {
+		// A small body is read whole (most are, in the first read).
+		rest := make([]byte, r.ContentLength-int64(len(read)))
+		if _, err := io.ReadFull(body, rest); err != nil {
+			req.reject(w, errClientGone)
+			return
+		}
+		read = append(read, rest...)
+	}
+	if int64(len(read)) == r.ContentLength {
+		// A body in memory goes out with its headers in one write; any
+		// other reader makes the transport flush the headers first (Go
+		// issue 22088): a second write and packet for every request.
+		r.Body = io.NopCloser(bytes.NewReader(read))
+	} else {
+		r.Body = readCloser{io.MultiReader(bytes.NewReader(read), body), body}
+	}
 	up.proxy.ServeHTTP(w, r)
 }
 

@@ -156,6 +156,16 @@ func (s *stubModels) set(name, state, reason string) {
 	s.changed = make(chan struct{})
 }
 
+// setAndWait changes a model's state and waits until the gateway applied it.
+func (s *site) setAndWait(t *testing.T, stub *stubModels, name, state, reason string) {
+	t.Helper()
+	stub.set(name, state, reason)
+	waitFor(t, 5*time.Second, "the gateway to see "+name+" "+state, func() bool {
+		rt := s.gw.table.Load().byName[name]
+		return rt != nil && rt.model.State == state && rt.model.Reason == reason
+	})
+}
+
 // site is a running gateway over stub models.
 type site struct {
 	gw   *Gateway

@@ -141,17 +141,17 @@ func TestRequestsWaitForTheirModel(t *testing.T) {
 
 	// starting, backoff, unhealthy, pending: held, then through once ready.
 	for _, state := range []string{"starting", "backoff", "unhealthy", "pending"} {
-		stub.set("alpha", state, "because")
+		s.setAndWait(t, stub, "alpha", state, "because")
 		r := async(t, context.Background(), s.url+"/v1/chat/completions", body)
 		waitFor(t, 5*time.Second, "the request held", func() bool { return s.value(t, "citadel_gateway_queue_depth", alpha) == 1 })
-		stub.set("alpha", "ready", "")
+		s.setAndWait(t, stub, "alpha", "ready", "")
 		if got := wait(t, r); got.code != 200 {
 			t.Fatalf("%s then ready: %d %s", state, got.code, got.body)
 		}
 	}
 
 	// Held past max_wait while loading: 503 with the model's reason.
-	stub.set("alpha", "starting", "loading")
+	s.setAndWait(t, stub, "alpha", "starting", "loading")
 	r := async(t, context.Background(), s.url+"/v1/chat/completions", body)
 	waitFor(t, 5*time.Second, "the request held", func() bool { return s.value(t, "citadel_gateway_queue_depth", alpha) == 1 })
 	clock.fire()
@@ -163,7 +163,7 @@ func TestRequestsWaitForTheirModel(t *testing.T) {
 	// Failed: refused at once, and the waiting ones too, with the reason.
 	r = async(t, context.Background(), s.url+"/v1/chat/completions", body)
 	waitFor(t, 5*time.Second, "the request held", func() bool { return s.value(t, "citadel_gateway_queue_depth", alpha) == 1 })
-	stub.set("alpha", "failed", "start limit: 5 starts within 30m0s; last: exited (exit code 1)")
+	s.setAndWait(t, stub, "alpha", "failed", "start limit: 5 starts within 30m0s; last: exited (exit code 1)")
 	for i, ch := range []<-chan result{r, async(t, context.Background(), s.url+"/v1/chat/completions", body)} {
 		got := wait(t, ch)
 		msg, _, code := apiErr(t, got.body)
@@ -171,7 +171,7 @@ func TestRequestsWaitForTheirModel(t *testing.T) {
 			t.Errorf("request %d for a failed model: %d %q %q", i, got.code, code, msg)
 		}
 	}
-	stub.set("alpha", "stopped", "held stopped by operator")
+	s.setAndWait(t, stub, "alpha", "stopped", "held stopped by operator")
 	got = wait(t, async(t, context.Background(), s.url+"/v1/chat/completions", body))
 	if msg, _, _ := apiErr(t, got.body); got.code != 503 || !strings.Contains(msg, "held stopped by operator") {
 		t.Errorf("stopped model: %d %q", got.code, msg)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -24,7 +25,11 @@ func TestPeekModel(t *testing.T) {
 		{"nested model is not the model", `{"x":{"model":"y"}}`, "", "no \"model\""},
 		{"not a string", `{"model":7}`, "", "not a string"},
 		{"array", `[{"model":"m"}]`, "", "not a JSON object"},
-		{"not JSON", `model=m`, "", "invalid character"},
+		{"not JSON", `model=m`, "", "not a JSON object"},
+		{"truncated", `{"messages":[{"content":"a\"`, "", "unexpected EOF"},
+		{"escaped quote in a skipped string", `{"prompt":"say \"model\": \\","model":"m"}`, "m", ""},
+		{"literals skipped", `{"stream":true,"n":2,"x":null,"t":-1.5e3,"model":"m"}`, "m", ""},
+		{"key missing its colon", `{"model" "m"}`, "", "not valid JSON"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			m, read, at, end, err := peekModel(strings.NewReader(tc.body))
@@ -94,4 +99,42 @@ func TestBodyUnchanged(t *testing.T) {
 		t.Error("a body over max_body reached the model")
 	default:
 	}
+}
+
+// FuzzPeekModel holds the scanner to encoding/json: for a valid JSON object
+// it finds the model json.Unmarshal finds (the last "model" key wins there,
+// the first here: a body naming two is refused by neither, so only bodies
+// with one are compared), and what it read is a prefix of the body.
+func FuzzPeekModel(f *testing.F) {
+	for _, s := range []string{
+		`{"model":"m"}`, `{"messages":[{"role":"user","content":"{\"model\":\"x\"}"}],"model":"m"}`,
+		`{"a":{"b":[1,2,{"c":"]}"}]},"model":"m\u00e9"}`, `{"prompt":"\\\\","model":"a\\"b"}`, `[]`, `{}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		m, read, at, end, err := peekModel(bytes.NewReader(body))
+		if !bytes.HasPrefix(body, read) {
+			t.Fatalf("read %q is not a prefix of %q", read, body)
+		}
+		var want struct {
+			Model *string `json:"model"`
+		}
+		var obj map[string]json.RawMessage
+		if !json.Valid(body) || json.Unmarshal(body, &obj) != nil || bytes.Count(body, []byte(`"model"`)) != 1 {
+			return
+		}
+		if json.Unmarshal(body, &want) != nil || want.Model == nil {
+			if err == nil && obj["model"] == nil {
+				t.Fatalf("found model %q in %q, which has none", m, body)
+			}
+			return
+		}
+		if err != nil || m != *want.Model {
+			t.Fatalf("peekModel(%q) = %q, %v; want %q", body, m, err, *want.Model)
+		}
+		if string(read[at:end]) != string(obj["model"]) {
+			t.Fatalf("model at %d:%d is %q, want %q", at, end, read[at:end], obj["model"])
+		}
+	})
 }

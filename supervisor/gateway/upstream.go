@@ -11,6 +11,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -67,16 +68,32 @@ func (g *Gateway) newUpstream(m Model, old *upstream) *upstream {
 			pr.Out.Host = target.Host
 		},
 		Transport: up.transport,
-		// -1: flush after every write, so each SSE event leaves as it
-		// arrives (ReverseProxy does this for text/event-stream anyway;
-		// vLLM's non-stream answers are small).
-		FlushInterval:  -1,
+		// 0: ReverseProxy flushes after every write for text/event-stream
+		// and for bodies of unknown length, so each SSE event leaves as it
+		// arrives; a plain answer goes out in one write with its headers.
+		FlushInterval:  0,
+		BufferPool:     copyBuffers,
 		ModifyResponse: modifyResponse,
 		ErrorHandler:   g.proxyError(up),
 		ErrorLog:       zap.NewStdLog(g.log.With(zap.String("model", m.Name))),
 	}
 	return up
 }
+
+// copyBuffers are ReverseProxy's copy buffers, shared: one 32 KiB buffer
+// per request would be most of the gateway's garbage.
+var copyBuffers = &bufferPool{}
+
+type bufferPool struct{ p sync.Pool }
+
+func (b *bufferPool) Get() []byte {
+	if buf, ok := b.p.Get().(*[]byte); ok {
+		return *buf
+	}
+	return make([]byte, 32<<10)
+}
+
+func (b *bufferPool) Put(buf []byte) { b.p.Put(&buf) }
 
 func (up *upstream) close() { up.transport.CloseIdleConnections() }
 
