@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"unicode/utf8"
 )
 
 // errNoModel: the body is JSON but names no model.
@@ -70,8 +71,12 @@ func peekModel(body io.Reader) (model string, read []byte, at, end int, err erro
 			return fail(err)
 		}
 		end = s.i
+		raw := s.buf[at:end]
+		if bytes.IndexByte(raw, '\\') < 0 && utf8.Valid(raw) {
+			return string(raw[1 : len(raw)-1]), s.buf, at, end, nil
+		}
 		var name string
-		if err := json.Unmarshal(s.buf[at:end], &name); err != nil {
+		if err := json.Unmarshal(raw, &name); err != nil {
 			return fail(err)
 		}
 		return name, s.buf, at, end, nil
