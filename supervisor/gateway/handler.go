@@ -180,7 +180,7 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 	} else {
 		r.Body = readCloser{io.MultiReader(bytes.NewReader(read), body), body}
 	}
-	up.proxy.ServeHTTP(w, r)
+	up.serve(w, r, g)
 }
 
 type readCloser struct {

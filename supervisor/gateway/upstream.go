@@ -8,9 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httputil"
 	"net/url"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,8 +25,8 @@ type upstream struct {
 	base        string
 	adm         *admission
 	lastRequest *atomic.Int64 // unix nanoseconds
+	target      *url.URL
 	transport   *http.Transport
-	proxy       *httputil.ReverseProxy
 }
 
 // Upstream connection settings. vLLM is on loopback: connecting is instant
@@ -62,21 +60,7 @@ func (g *Gateway) newUpstream(m Model, old *upstream) *upstream {
 		// for gzip negotiates with vLLM itself.
 		DisableCompression: true,
 	}
-	up.proxy = &httputil.ReverseProxy{
-		Rewrite: func(pr *httputil.ProxyRequest) {
-			pr.SetURL(target)
-			pr.Out.Host = target.Host
-		},
-		Transport: up.transport,
-		// 0: ReverseProxy flushes after every write for text/event-stream
-		// and for bodies of unknown length, so each SSE event leaves as it
-		// arrives; a plain answer goes out in one write with its headers.
-		FlushInterval:  0,
-		BufferPool:     copyBuffers,
-		ModifyResponse: modifyResponse,
-		ErrorHandler:   g.proxyError(up),
-		ErrorLog:       zap.NewStdLog(g.log.With(zap.String("model", m.Name))),
-	}
+	up.target = target
 	return up
 }
 
@@ -96,17 +80,6 @@ func (b *bufferPool) Get() []byte {
 func (b *bufferPool) Put(buf []byte) { b.p.Put(&buf) }
 
 func (up *upstream) close() { up.transport.CloseIdleConnections() }
-
-// modifyResponse tells buffering proxies in front of the gateway (nginx)
-// not to hold a stream, and makes a stream that breaks mid-way end with an
-// OpenAI-shaped error event instead of a torn connection.
-func modifyResponse(res *http.Response) error {
-	if strings.HasPrefix(res.Header.Get("Content-Type"), "text/event-stream") {
-		res.Header.Set("X-Accel-Buffering", "no")
-		res.Body = &sseGuard{body: res.Body, ctx: res.Request.Context()}
-	}
-	return nil
-}
 
 // proxyError answers a request the model could not: the model went away
 // (crash, restart) before answering, the client went away, or the body
