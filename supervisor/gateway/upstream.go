@@ -64,7 +64,7 @@ func (g *Gateway) newUpstream(m Model, old *upstream) *upstream {
 	return up
 }
 
-// copyBuffers are ReverseProxy's copy buffers, shared: one 32 KiB buffer
+// copyBuffers are the answers' copy buffers, shared: one 32 KiB buffer
 // per request would be most of the gateway's garbage.
 var copyBuffers = &bufferPool{}
 
