@@ -145,12 +145,19 @@ func (g *Gateway) Serving() error {
 // accepting, gives requests in flight a short grace, and returns once its
 // goroutines are done.
 func (g *Gateway) Run(ctx context.Context) error {
+	watchCtx, stopWatch := context.WithCancel(ctx)
 	watchDone := make(chan struct{})
 	go func() {
 		defer close(watchDone)
-		g.watch(ctx)
+		g.watch(watchCtx)
 	}()
-	defer func() { <-watchDone }()
+	defer func() {
+		stopWatch()
+		<-watchDone // the watch loop owns g.ups until it returns
+		for _, up := range g.ups {
+			up.close()
+		}
+	}()
 
 	errc := make(chan error, 1)
 	g.serving.Store(true)
@@ -169,9 +176,6 @@ func (g *Gateway) Run(ctx context.Context) error {
 		g.srv.Close() //nolint:errcheck // closing anyway
 	}
 	<-errc
-	for _, up := range g.ups {
-		up.close()
-	}
 	return nil
 }
 
