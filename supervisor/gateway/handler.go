@@ -195,6 +195,11 @@ func (g *Gateway) finish(w *recorder, r *http.Request, req *reqInfo, start time.
 	end := g.now()
 	status := w.code()
 	m := g.metrics
+	if req.model != "" && g.table.Load().byName[req.model] == nil {
+		// Removed by a reload while this request ran: its series are gone
+		// and must not come back.
+		req.model = ""
+	}
 	m.requests.WithLabelValues(req.model, strconv.Itoa(status), req.key).Inc()
 	if req.err != nil && req.err.reject != "" {
 		m.rejected.WithLabelValues(req.model, req.err.reject).Inc()
