@@ -21,9 +21,10 @@ type Config struct {
 	ControlSocket string `koanf:"control_socket"`
 	// ControlGroup may change state through the control socket besides
 	// root and the daemon's user; "" means the daemon's own group.
-	ControlGroup string `koanf:"control_socket_group"`
-	Log          Log    `koanf:"log"`
-	GPU          GPU    `koanf:"gpu"`
+	ControlGroup string  `koanf:"control_socket_group"`
+	Log          Log     `koanf:"log"`
+	GPU          GPU     `koanf:"gpu"`
+	Gateway      Gateway `koanf:"gateway"`
 
 	// Models holds every model, sorted by name, with defaults merged in.
 	Models []Model `koanf:"-"`
@@ -90,6 +91,9 @@ type Model struct {
 	GPUs                 []GPURef `koanf:"gpus"`
 	Priority             int      `koanf:"priority"`
 	Enabled              bool     `koanf:"enabled"`
+	// MaxConcurrency caps the gateway's requests in flight to this model;
+	// 0 = no cap. Requests beyond it wait in the model's queue.
+	MaxConcurrency int `koanf:"max_concurrency"`
 
 	// Activation is always (placed by priority, kept running) or on_demand
 	// (started or woken by a request, put to sleep when idle or to make
@@ -178,6 +182,7 @@ func builtin() map[string]any {
 			"release_timeout": "60s",
 			"sim":             map[string]any{"devices": []any{}, "state_file": ""},
 		},
+		"gateway": builtinGateway(),
 	}
 }
 
@@ -213,6 +218,7 @@ func builtinModel() map[string]any {
 		"gpus":                   []any{},
 		"priority":               0,
 		"enabled":                true,
+		"max_concurrency":        0,
 		"activation":             ActivationAlways,
 		"sleep_level":            1,
 		"idle_after":             "10m",

@@ -61,6 +61,7 @@ func Diff(old, new *Config) []Change {
 var policyKeys = map[string]bool{
 	"stop_timeout": true, "restart": true, "probe": true, "priority": true,
 	"idle_after": true, "min_awake": true,
+	"max_concurrency": true, // the gateway's cap; the process never sees it
 }
 
 func diffModel(o, n Model) Change {
@@ -109,6 +110,9 @@ func RestartOnly(old, new *Config) []string {
 	}
 	if !reflect.DeepEqual(old.GPU, new.GPU) {
 		out = append(out, "gpu")
+	}
+	if old.Gateway.Listen != new.Gateway.Listen {
+		out = append(out, "gateway.listen") // the gateway binds once, like listen
 	}
 	return out
 }

@@ -26,6 +26,7 @@ const EnvPrefix = "CITADEL_"
 var envKeys = []string{
 	"listen", "control_socket", "control_socket_group", "log.level", "log.format", "log.model_dir",
 	"gpu.backend", "gpu.headroom", "gpu.release_timeout", "gpu.sim.state_file",
+	"gateway.listen", "gateway.api_keys_file",
 }
 
 // Load reads the YAML file at path, applies CITADEL_* overrides from environ
@@ -213,6 +214,7 @@ type fileShape struct {
 	ControlGroup  string           `koanf:"control_socket_group"`
 	Log           Log              `koanf:"log"`
 	GPU           GPU              `koanf:"gpu"`
+	Gateway       Gateway          `koanf:"gateway"`
 	Defaults      Model            `koanf:"defaults"`
 	Models        map[string]Model `koanf:"models"`
 }

@@ -61,6 +61,7 @@ func (c *Config) problems() []error {
 		add("log.model_keep", "must not be negative")
 	}
 	c.validateGPU(add)
+	c.validateGateway(add)
 
 	ports := map[int]string{}    // API port → model
 	blocks := map[int]string{}   // each VLLM_PORT-block port → model

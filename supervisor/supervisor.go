@@ -116,6 +116,7 @@ type deps struct {
 	metrics *metrics
 	changed func() // a model's status changed
 	traffic Traffic
+	changes changes // closed at each state or configuration change (changes.go)
 }
 
 // Supervisor runs every configured model.
@@ -164,8 +165,9 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		after:   o.After,
 		jitter:  o.Jitter,
 		metrics: newMetrics(),
-		changed: func() {},
 	}
+	// The gateway's queues follow the models' states (changes.go).
+	d.changed = d.changes.notify
 	if d.output == nil {
 		d.output = func(log *zap.Logger, _, _, line string) { log.Info(line) }
 	}

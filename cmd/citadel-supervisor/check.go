@@ -47,6 +47,14 @@ func runCheck(path string, environ []string, strict bool, stdout, stderr io.Writ
 		host.skipPorts = true
 	}
 	findings := cfg.Check(host)
+	for _, w := range cfg.GatewayWarnings() {
+		key, msg, _ := strings.Cut(w, ": ")
+		findings = append(findings, config.Finding{Key: key, Msg: msg, Wait: true})
+	}
+	if _, err := gatewaySettings(cfg.Gateway); err != nil {
+		// The keys file: nothing the daemon waits for fixes it.
+		findings = append(findings, config.Finding{Key: "gateway.api_keys_file", Msg: err.Error()})
+	}
 	if cfg.Empty() {
 		// A truncated file, or --config naming the wrong one.
 		for i, f := range findings {

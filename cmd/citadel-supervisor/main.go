@@ -26,6 +26,7 @@ import (
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control"
+	"citadel-supervisor/supervisor/gateway"
 	"citadel-supervisor/supervisor/systemd"
 	"citadel-supervisor/supervisor/web"
 )
@@ -120,10 +121,41 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		log.Error("build supervisor", zap.Error(err))
 		return 1
 	}
+	var gw *gateway.Gateway
+	var readyChecks []web.Check
+	if cfg.Gateway.Listen != "" {
+		// gateway.listen changes need a restart: the listener binds once.
+		settings, err := gatewaySettings(cfg.Gateway)
+		if err != nil {
+			log.Error("gateway", zap.Error(err))
+			return 1
+		}
+		gw, err = gateway.Listen(cfg.Gateway.Listen, gateway.Options{
+			Models: sup.Gateway(), Logger: log.Named("gateway"), Registerer: reg, Settings: settings,
+		})
+		if err != nil {
+			log.Error("cannot serve the gateway", zap.Error(err))
+			return 1
+		}
+		log.Info("gateway listening", zap.String("addr", gw.Addr()), zap.Bool("api_keys", settings.Keys != nil))
+		readyChecks = append(readyChecks, web.Check{Name: "gateway", Err: gw.Serving})
+	}
 	reload := func(ctx context.Context) ([]config.Change, error) {
 		notify.Reloading()
 		defer notify.Ready()
-		return sup.ReloadFile(ctx, *path, environ)
+		changes, err := sup.ReloadFile(ctx, *path, environ)
+		if err != nil || gw == nil {
+			return changes, err
+		}
+		// Keys and limits apply at once; a keys file that cannot be used
+		// leaves the previous keys in force, and says so.
+		settings, err := gatewaySettings(sup.Config().Gateway)
+		if err != nil {
+			log.Error("reload: the gateway keeps its previous keys and limits", zap.Error(err))
+			return changes, fmt.Errorf("models reloaded, but the gateway keeps its previous keys and limits: %w", err)
+		}
+		gw.Apply(settings)
+		return changes, nil
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
@@ -181,9 +213,12 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	if nv != nil {
 		g.Go(func() error { return nv.WatchXids(gctx) })
 	}
+	if gw != nil {
+		g.Go(func() error { return gw.Run(gctx) })
+	}
 	if cfg.Listen != "" {
 		// listen changes need a restart: the HTTP server binds once.
-		srv, err := web.Listen(cfg.Listen, sup, reg, log.Named("http"))
+		srv, err := web.Listen(cfg.Listen, sup, reg, log.Named("http"), readyChecks...)
 		if err != nil {
 			log.Error("cannot serve HTTP", zap.Error(err))
 			return 1
@@ -207,6 +242,20 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	}
 	log.Info("stopped")
 	return 0
+}
+
+// gatewaySettings are the gateway's limits and its keys, read from
+// api_keys_file now (at start and at each reload).
+func gatewaySettings(c config.Gateway) (gateway.Settings, error) {
+	s := gateway.Settings{MaxQueue: c.MaxQueue, MaxWait: c.MaxWait, MaxBody: int64(c.MaxBody)}
+	if c.APIKeysFile != "" && c.Listen != "" {
+		keys, err := gateway.LoadKeys(c.APIKeysFile)
+		if err != nil {
+			return s, err
+		}
+		s.Keys = keys
+	}
+	return s, nil
 }
 
 // buildInfo is citadel_build_info, set at build time by `make build`.

@@ -45,14 +45,21 @@ type Server struct {
 	srv *http.Server
 }
 
+// Check is a part of the daemon that /readyz also judges, such as the
+// gateway: Err returns why it is not serving, nil while it is.
+type Check struct {
+	Name string
+	Err  func() error
+}
+
 // Listen binds addr. The registry is the daemon's own, never the default.
-func Listen(addr string, sup Supervisor, reg prometheus.Gatherer, log *zap.Logger) (*Server, error) {
+func Listen(addr string, sup Supervisor, reg prometheus.Gatherer, log *zap.Logger, checks ...Check) (*Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", addr, err)
 	}
 	return &Server{ln: ln, srv: &http.Server{
-		Handler:           Handler(sup, reg, log),
+		Handler:           Handler(sup, reg, log, checks...),
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          zap.NewStdLog(log),
 	}}, nil
@@ -79,7 +86,7 @@ func (s *Server) Run(ctx context.Context) error {
 }
 
 // Handler routes the endpoints; only GET and HEAD are served.
-func Handler(sup Supervisor, reg prometheus.Gatherer, log *zap.Logger) http.Handler {
+func Handler(sup Supervisor, reg prometheus.Gatherer, log *zap.Logger, checks ...Check) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{
 		ErrorLog:            zap.NewStdLog(log),
@@ -105,13 +112,26 @@ func Handler(sup Supervisor, reg prometheus.Gatherer, log *zap.Logger) http.Hand
 			State  supervisor.State `json:"state"`
 			Reason string           `json:"reason"`
 		}
+		type notServing struct {
+			Name   string `json:"name"`
+			Reason string `json:"reason"`
+		}
 		out := struct {
-			Ready    int        `json:"ready"`
-			Enabled  int        `json:"enabled"`
-			NotReady []notReady `json:"not_ready"`
+			Ready      int          `json:"ready"`
+			Enabled    int          `json:"enabled"`
+			NotReady   []notReady   `json:"not_ready"`
+			NotServing []notServing `json:"not_serving,omitempty"`
 		}{Ready: h.Ready, Enabled: h.Enabled, NotReady: []notReady{}}
 		for _, m := range h.NotReady {
 			out.NotReady = append(out.NotReady, notReady{m.Name, m.State, m.Reason})
+		}
+		// A daemon whose gateway is not serving is not serving its
+		// clients, however ready the models are.
+		for _, c := range checks {
+			if err := c.Err(); err != nil {
+				code = http.StatusServiceUnavailable
+				out.NotServing = append(out.NotServing, notServing{c.Name, err.Error()})
+			}
 		}
 		writeJSON(w, code, out)
 	})

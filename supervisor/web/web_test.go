@@ -1,6 +1,7 @@
 package web
 
 import (
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -76,5 +77,20 @@ func TestEndpoints(t *testing.T) {
 	ready := Handler(stub{alive: true, st: all, cfg: cfg}, prometheus.NewRegistry(), zap.NewNop())
 	if code, _ := get(t, ready, "GET", "/readyz", "h"); code != 200 {
 		t.Errorf("readyz with every enabled model ready: %d (a disabled model does not count)", code)
+	}
+}
+
+func TestReadyzJudgesTheGateway(t *testing.T) {
+	cfg := &config.Config{Models: []config.Model{{Name: "lab", Port: 11400, ServedName: "lab", Enabled: true}}}
+	st := []supervisor.Status{{Name: "lab", State: supervisor.Ready, Enabled: true}}
+	var serving error = errors.New("gateway not serving on 0.0.0.0:8000")
+	h := Handler(stub{alive: true, st: st, cfg: cfg}, prometheus.NewRegistry(), zap.NewNop(), Check{Name: "gateway", Err: func() error { return serving }})
+	code, body := get(t, h, "GET", "/readyz", "h")
+	if want := `{"ready":1,"enabled":1,"not_ready":[],"not_serving":[{"name":"gateway","reason":"gateway not serving on 0.0.0.0:8000"}]}` + "\n"; code != 503 || body != want {
+		t.Errorf("readyz with the gateway down: %d %s", code, body)
+	}
+	serving = nil
+	if code, body := get(t, h, "GET", "/readyz", "h"); code != 200 || strings.Contains(body, "not_serving") {
+		t.Errorf("readyz with the gateway serving: %d %s", code, body)
 	}
 }

@@ -1,7 +1,9 @@
 // Package fakevllm stands in for `python -m vllm.entrypoints.openai.api_server`
 // in the demo and in tests. It takes the flags the supervisor passes to vLLM,
 // ignores the vLLM flags it does not know, and answers /health, /v1/models,
-// /v1/completions and /metrics once "loaded".
+// /v1/completions, /v1/chat/completions, /v1/embeddings and /metrics once
+// "loaded". Completions stream as SSE with "stream": true; --fake-tokens
+// and --fake-token-delay set how many tokens and how fast.
 //
 // Flags starting with --fake- make it misbehave the ways a real vLLM does:
 // load slowly, crash, hang (all of it, or only the engine while /health
@@ -50,6 +52,8 @@ type options struct {
 	envFile         string
 	logEvery        time.Duration
 	logBytesPerSec  int
+	tokenDelay      time.Duration // between generated tokens (and stream events)
+	tokens          int           // tokens generated when max_tokens is not given
 
 	worker, workerDetached, workerOrphan bool
 }
@@ -81,7 +85,7 @@ func Main(args []string) int {
 }
 
 func parse(args []string) (*options, error) {
-	o := &options{host: "127.0.0.1", tp: 1, gpuUtil: 0.9, exitCode: 1}
+	o := &options{host: "127.0.0.1", tp: 1, gpuUtil: 0.9, exitCode: 1, tokens: 16}
 	for i := 0; i < len(args); i++ {
 		a := args[i]
 		if !strings.HasPrefix(a, "--") {
@@ -153,6 +157,10 @@ func parse(args []string) (*options, error) {
 			o.logEvery, err = time.ParseDuration(next())
 		case "--fake-log-bytes-per-sec":
 			o.logBytesPerSec, err = strconv.Atoi(next())
+		case "--fake-token-delay":
+			o.tokenDelay, err = time.ParseDuration(next())
+		case "--fake-tokens":
+			o.tokens, err = strconv.Atoi(next())
 		case "--fake-worker":
 			o.worker = true
 		case "--fake-worker-detached":
@@ -343,21 +351,19 @@ func newHandler(o *options, start time.Time) http.Handler {
 			}},
 		})
 	})
-	mux.HandleFunc("/v1/completions", func(w http.ResponseWriter, r *http.Request) {
-		// A wedged engine: /health still says 200, completions never come.
-		if hung() || (o.engineHangAfter > 0 && time.Since(start) > o.engineHangAfter) {
-			<-r.Context().Done()
-			return
-		}
-		requests.Add(1)
-		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(map[string]any{ //nolint:errcheck // best effort
-			"object": "text_completion", "model": o.servedName,
-			"choices": []map[string]any{{"index": 0, "text": " ok", "finish_reason": "length"}},
+	api := &inference{o: o, requests: &requests}
+	for path, kind := range map[string]string{"/v1/completions": "completion", "/v1/chat/completions": "chat", "/v1/embeddings": "embedding"} {
+		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+			// A wedged engine: /health still says 200, completions never come.
+			if hung() || (o.engineHangAfter > 0 && time.Since(start) > o.engineHangAfter) {
+				<-r.Context().Done()
+				return
+			}
+			api.serve(w, r, kind)
 		})
-	})
+	}
 	mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
-		fmt.Fprintf(w, "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=%q} 0\n", o.servedName)
+		fmt.Fprintf(w, "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=%q} %d\n", o.servedName, api.running.Load())
 		fmt.Fprintf(w, "# TYPE vllm:request_success_total counter\nvllm:request_success_total{model_name=%q} %d\n", o.servedName, requests.Load())
 	})
 	return mux
@@ -466,4 +472,127 @@ func dumpEnv(path string) error {
 		return err
 	}
 	return os.WriteFile(path, b, 0o600)
+}
+
+// inference answers the OpenAI endpoints the way vLLM does: one token every
+// --fake-token-delay, streamed as SSE events (data: {...}, then
+// data: [DONE]) when the request asks for "stream": true. A request whose
+// client goes away is logged ("cancelled by the client"), so tests can see
+// that cancellation reached the model.
+type inference struct {
+	o        *options
+	requests *atomic.Int64 // finished requests, vllm:request_success_total
+	running  atomic.Int64  // in flight, vllm:num_requests_running
+	seq      atomic.Int64
+}
+
+func (a *inference) serve(w http.ResponseWriter, r *http.Request, kind string) {
+	if r.Method != http.MethodPost {
+		http.Error(w, "use POST", http.StatusMethodNotAllowed)
+		return
+	}
+	var req struct {
+		Model     string `json:"model"`
+		Stream    bool   `json:"stream"`
+		MaxTokens int    `json:"max_tokens"`
+	}
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		vllmError(w, http.StatusBadRequest, "BadRequestError", "invalid JSON body: "+err.Error())
+		return
+	}
+	if req.Model != a.o.servedName {
+		vllmError(w, http.StatusNotFound, "NotFoundError", fmt.Sprintf("The model `%s` does not exist.", req.Model))
+		return
+	}
+	a.running.Add(1)
+	defer a.running.Add(-1)
+	id := a.seq.Add(1)
+	n := a.o.tokens
+	if req.MaxTokens > 0 {
+		n = req.MaxTokens
+	}
+	created := time.Now().Unix()
+	if kind == "embedding" {
+		writeJSON(w, map[string]any{
+			"object": "list", "model": a.o.servedName,
+			"data":  []map[string]any{{"object": "embedding", "index": 0, "embedding": []float64{0.1, -0.2, 0.3, 0.05}}},
+			"usage": map[string]int{"prompt_tokens": 1, "total_tokens": 1},
+		})
+		a.requests.Add(1)
+		return
+	}
+	chunk := func(i int, finish any) map[string]any {
+		text := fmt.Sprintf(" tok%d", i)
+		if kind == "chat" {
+			return map[string]any{"id": fmt.Sprintf("chatcmpl-%d", id), "object": "chat.completion.chunk", "created": created, "model": a.o.servedName,
+				"choices": []map[string]any{{"index": 0, "delta": map[string]any{"content": text}, "finish_reason": finish}}}
+		}
+		return map[string]any{"id": fmt.Sprintf("cmpl-%d", id), "object": "text_completion", "created": created, "model": a.o.servedName,
+			"choices": []map[string]any{{"index": 0, "text": text, "finish_reason": finish}}}
+	}
+	// wait is one token's time; false when the client went away.
+	wait := func(i int) bool {
+		if a.o.tokenDelay <= 0 {
+			return r.Context().Err() == nil
+		}
+		t := time.NewTimer(a.o.tokenDelay)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			return true
+		case <-r.Context().Done():
+			logf("request %d cancelled by the client after %d of %d tokens", id, i, n)
+			return false
+		}
+	}
+	if req.Stream {
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.Header().Set("Cache-Control", "no-cache")
+		flusher, _ := w.(http.Flusher)
+		for i := range n {
+			if !wait(i) {
+				return
+			}
+			var finish any
+			if i == n-1 {
+				finish = "length"
+			}
+			b, _ := json.Marshal(chunk(i, finish))
+			fmt.Fprintf(w, "data: %s\n\n", b)
+			if flusher != nil {
+				flusher.Flush()
+			}
+		}
+		fmt.Fprint(w, "data: [DONE]\n\n")
+		a.requests.Add(1)
+		return
+	}
+	var text strings.Builder
+	for i := range n {
+		if !wait(i) {
+			return
+		}
+		fmt.Fprintf(&text, " tok%d", i)
+	}
+	out := map[string]any{"id": fmt.Sprintf("cmpl-%d", id), "object": "text_completion", "created": created, "model": a.o.servedName,
+		"choices": []map[string]any{{"index": 0, "text": text.String(), "finish_reason": "length"}},
+		"usage":   map[string]int{"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}}
+	if kind == "chat" {
+		out["id"], out["object"] = fmt.Sprintf("chatcmpl-%d", id), "chat.completion"
+		out["choices"] = []map[string]any{{"index": 0, "message": map[string]any{"role": "assistant", "content": text.String()}, "finish_reason": "length"}}
+	}
+	writeJSON(w, out)
+	a.requests.Add(1)
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(v) //nolint:errcheck // best effort
+}
+
+// vllmError answers as vLLM's OpenAI server does.
+func vllmError(w http.ResponseWriter, code int, typ, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(map[string]any{"object": "error", "message": msg, "type": typ, "param": nil, "code": code}) //nolint:errcheck // best effort
 }

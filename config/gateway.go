@@ -1,0 +1,107 @@
+package config
+
+import (
+	"fmt"
+	"net"
+	"path/filepath"
+	"strconv"
+	"time"
+)
+
+// Gateway configures the OpenAI-compatible endpoint in front of every model
+// (SPEC §8). Listen "" disables it.
+type Gateway struct {
+	Listen string `koanf:"listen"`
+	// APIKeysFile, when set, holds one `NAME TOKEN` per line; a request
+	// must carry one of the tokens as `Authorization: Bearer TOKEN`.
+	APIKeysFile string `koanf:"api_keys_file"`
+	// MaxQueue is how many requests one model holds waiting (for a free
+	// slot under max_concurrency, or for the model to become ready);
+	// beyond it the gateway answers 429.
+	MaxQueue int `koanf:"max_queue"`
+	// MaxWait is how long a held request waits before 503 + Retry-After.
+	MaxWait time.Duration `koanf:"max_wait"`
+	// MaxBody caps a request body; base64 images to a vision model make
+	// bodies of several MiB.
+	MaxBody ByteSize `koanf:"max_body"`
+}
+
+// builtinGateway holds the gateway's defaults: disabled.
+func builtinGateway() map[string]any {
+	return map[string]any{
+		"listen":        "",
+		"api_keys_file": "",
+		"max_queue":     64,
+		"max_wait":      "3m",
+		"max_body":      "32MiB",
+	}
+}
+
+func (c *Config) validateGateway(add func(key, format string, args ...any)) {
+	g := c.Gateway
+	if g.MaxQueue < 0 {
+		add("gateway.max_queue", "%d: must not be negative (0 = no queue: 429 when a model is busy)", g.MaxQueue)
+	}
+	if g.MaxWait <= 0 {
+		add("gateway.max_wait", "must be positive")
+	}
+	if g.MaxBody < KiB {
+		add("gateway.max_body", "must be at least 1KiB")
+	}
+	if g.APIKeysFile != "" && !filepath.IsAbs(g.APIKeysFile) {
+		add("gateway.api_keys_file", "%q: must be an absolute path", g.APIKeysFile)
+	}
+	for _, m := range c.Models {
+		if m.MaxConcurrency < 0 {
+			add("models."+m.Name+".max_concurrency", "%d: must not be negative (0 = no cap)", m.MaxConcurrency)
+		}
+	}
+	if g.Listen == "" {
+		return
+	}
+	_, p, err := net.SplitHostPort(g.Listen)
+	port, perr := strconv.Atoi(p)
+	if err != nil || perr != nil || port < 0 || port > 65535 {
+		add("gateway.listen", "%q is not host:port (use \"\" to disable the gateway)", g.Listen)
+		return
+	}
+	if _, lp, err := net.SplitHostPort(c.Listen); err == nil && lp == p && port != 0 {
+		add("gateway.listen", "port %d is the supervisor's own listen port", port)
+	}
+	// The gateway routes by name: a name must lead to one model.
+	names := map[string]string{} // configured or served name → model
+	for _, m := range c.Models {
+		if m.Port == port && port != 0 {
+			add("gateway.listen", "port %d is models.%s's port", port, m.Name)
+		}
+		names[m.Name] = m.Name
+	}
+	for _, m := range c.Models {
+		if m.ServedName == m.Name {
+			continue
+		}
+		if other, ok := names[m.ServedName]; ok {
+			add("models."+m.Name+".served_name", "%q already names models.%s: the gateway could not tell them apart", m.ServedName, other)
+			continue
+		}
+		names[m.ServedName] = m.Name
+	}
+}
+
+// GatewayWarnings lists what is valid but probably not meant: with a
+// gateway in front, a model bound to a wider address than loopback can be
+// reached around the gateway's keys and limits.
+func (c *Config) GatewayWarnings() []string {
+	if c.Gateway.Listen == "" {
+		return nil
+	}
+	var out []string
+	for _, m := range c.Models {
+		ip := net.ParseIP(m.Host)
+		if m.Host == "localhost" || (ip != nil && ip.IsLoopback()) {
+			continue
+		}
+		out = append(out, fmt.Sprintf("models.%s.host: %s is reachable around the gateway (its keys and limits); bind models to 127.0.0.1", m.Name, m.Host))
+	}
+	return out
+}

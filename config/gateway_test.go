@@ -1,0 +1,75 @@
+package config
+
+import (
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestGatewayDefaults(t *testing.T) {
+	c, err := Parse([]byte("gpu: {backend: none}\nmodels:\n  a: {model: /m/a, port: 11400}\n"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Gateway{Listen: "", MaxQueue: 64, MaxWait: 3 * time.Minute, MaxBody: 32 * MiB}
+	if c.Gateway != want || c.Models[0].MaxConcurrency != 0 {
+		t.Errorf("defaults %+v, max_concurrency %d", c.Gateway, c.Models[0].MaxConcurrency)
+	}
+	c, err = Parse([]byte("gpu: {backend: none}\ngateway: {listen: \":8000\"}\n"), []string{"CITADEL_GATEWAY_LISTEN=127.0.0.1:8001"})
+	if err != nil || c.Gateway.Listen != "127.0.0.1:8001" {
+		t.Errorf("CITADEL_GATEWAY_LISTEN: %+v %v", c.Gateway, err)
+	}
+}
+
+func TestGatewayBadConfig(t *testing.T) {
+	_, err := Load("testdata/gateway/bad.yaml", nil)
+	if err == nil {
+		t.Fatal("loaded")
+	}
+	if want := `gateway.max_queu: unknown key (did you mean "max_queue"?)`; err.Error() != want {
+		t.Fatalf("unknown key first:\n%v\nwant:\n%s", err, want)
+	}
+	raw, err := os.ReadFile("testdata/gateway/bad.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := strings.Replace(string(raw), "  max_queu: 3\n", "", 1)
+	_, err = Parse([]byte(data), nil)
+	want := `gateway.api_keys_file: "keys.txt": must be an absolute path
+gateway.listen: port 11401 is models.beta's port
+gateway.max_body: must be at least 1KiB
+gateway.max_queue: -1: must not be negative (0 = no queue: 429 when a model is busy)
+gateway.max_wait: must be positive
+models.alpha.max_concurrency: -2: must not be negative (0 = no cap)
+models.alpha.served_name: "beta" already names models.beta: the gateway could not tell them apart
+models.gamma.served_name: "shared" already names models.delta: the gateway could not tell them apart`
+	if err == nil || err.Error() != want {
+		t.Errorf("got:\n%v\nwant:\n%s", err, want)
+	}
+}
+
+func TestGatewayDiffAndWarnings(t *testing.T) {
+	old, err := Parse([]byte("gpu: {backend: none}\nmodels:\n  a: {model: /m/a, port: 11400}\n"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nw, err := Parse([]byte("gpu: {backend: none}\ngateway: {listen: \":8000\", max_queue: 3, max_wait: 1s}\nmodels:\n  a: {model: /m/a, port: 11400, max_concurrency: 4, host: 0.0.0.0}\n"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nw.Models[0].Host = old.Models[0].Host // compare max_concurrency alone
+	if d := Diff(old, nw); len(d) != 1 || d[0].Kind != Update || strings.Join(d[0].Fields, ",") != "max_concurrency" {
+		t.Errorf("max_concurrency needs no restart: %+v", d)
+	}
+	if got := RestartOnly(old, nw); strings.Join(got, ",") != "gateway.listen" {
+		t.Errorf("RestartOnly = %v: only gateway.listen of the gateway's keys", got)
+	}
+	nw.Models[0].Host = "0.0.0.0"
+	if w := nw.GatewayWarnings(); len(w) != 1 || !strings.HasPrefix(w[0], "models.a.host: 0.0.0.0 is reachable around the gateway") {
+		t.Errorf("warnings %q", w)
+	}
+	if w := old.GatewayWarnings(); len(w) != 0 {
+		t.Errorf("no gateway, no warning: %q", w)
+	}
+}

@@ -1,0 +1,224 @@
+//go:build benchdriver
+
+package gateway
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"runtime/pprof"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+)
+
+// The gateway's share of `make bench`: the same fake-vllm process asked
+// directly and through the gateway, alternating, in one run: throughput at
+// 32 concurrent clients, median latency at 8, median time to the first
+// event of a 64-event stream. It prints a table; docs/performance.md holds
+// a run. Not a test of speed: nothing here fails on a slow figure.
+
+func newClient() *http.Client {
+	return &http.Client{Transport: &http.Transport{MaxIdleConns: 128, MaxIdleConnsPerHost: 128, DisableCompression: true}}
+}
+
+func call(c *http.Client, url, body string) error {
+	resp, err := c.Post(url, "application/json", strings.NewReader(body))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		return err
+	}
+	if resp.StatusCode != 200 {
+		return fmt.Errorf("status %d", resp.StatusCode)
+	}
+	return nil
+}
+
+// cpu is the CPU time used so far by this process and by pid.
+func cpu(t *testing.T, pid int) (self, other time.Duration) {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		t.Fatal(err)
+	}
+	self = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	ut, _ := strconv.ParseInt(f[11], 10, 64) // utime, stime in clock ticks (100 Hz)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return self, time.Duration(ut+st) * 10 * time.Millisecond
+}
+
+// throughput runs clients loops for d and returns requests per second.
+func throughput(t *testing.T, c *http.Client, url, body string, clients int, d time.Duration) float64 {
+	tp, _ := throughputCPU(t, c, url, body, clients, d, 0)
+	return tp
+}
+
+// throughputCPU is throughput, also returning the CPU time per request of
+// this process (client, and gateway when it is in the path) and of the
+// model process pid.
+func throughputCPU(t *testing.T, c *http.Client, url, body string, clients int, d time.Duration, pid int) (float64, time.Duration) {
+	var s0, o0 time.Duration
+	if pid > 0 {
+		s0, o0 = cpu(t, pid)
+	}
+	var n atomic.Int64
+	stop := time.Now().Add(d)
+	var wg sync.WaitGroup
+	for range clients {
+		wg.Go(func() {
+			for time.Now().Before(stop) {
+				if err := call(c, url, body); err != nil {
+					t.Error(err)
+					return
+				}
+				n.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	var per time.Duration
+	if pid > 0 {
+		s1, o1 := cpu(t, pid)
+		per = (s1 - s0 + o1 - o0) / time.Duration(n.Load())
+	}
+	return float64(n.Load()) / d.Seconds(), per
+}
+
+// latencies runs clients loops of per requests each and returns every
+// request's latency.
+func latencies(t *testing.T, c *http.Client, url, body string, clients, per int) []time.Duration {
+	var mu sync.Mutex
+	var out []time.Duration
+	var wg sync.WaitGroup
+	for range clients {
+		wg.Go(func() {
+			for range per {
+				start := time.Now()
+				if err := call(c, url, body); err != nil {
+					t.Error(err)
+					return
+				}
+				d := time.Since(start)
+				mu.Lock()
+				out = append(out, d)
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return out
+}
+
+// firstEvent is the time to the first SSE event of a stream read whole.
+func firstEvent(t *testing.T, c *http.Client, url, body string) time.Duration {
+	start := time.Now()
+	resp, err := c.Post(url, "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	r := bufio.NewReader(resp.Body)
+	var first time.Duration
+	events := 0
+	for {
+		line, err := r.ReadString('\n')
+		if strings.HasPrefix(line, "data: ") {
+			if events == 0 {
+				first = time.Since(start)
+			}
+			events++
+		}
+		if err != nil {
+			break
+		}
+	}
+	if events != 65 {
+		t.Fatalf("%d events, want 64 and [DONE]", events)
+	}
+	return first
+}
+
+func med(ds []time.Duration) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func us(d time.Duration) string { return fmt.Sprintf("%.3f ms", float64(d.Nanoseconds())/1e6) }
+
+func TestBenchGateway(t *testing.T) {
+	up := startFake(t, "m")
+	gw, err := Listen("127.0.0.1:0", Options{
+		Models: newStub(ready("m", "m", up.base)), Logger: zap.NewNop(), Registerer: prometheus.NewRegistry(),
+		Settings: Settings{MaxQueue: 64, MaxWait: time.Minute, MaxBody: 32 << 20},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	// The gateway's goroutines carry a profiler label, so a CPU profile
+	// of this test (-cpuprofile, then pprof -tagfocus part=gateway) shows
+	// the gateway's share alone.
+	go pprof.Do(ctx, pprof.Labels("part", "gateway"), func(ctx context.Context) { done <- gw.Run(ctx) })
+	defer func() { cancel(); <-done }()
+
+	direct, via := up.base, "http://"+gw.Addr()
+	dc, gc := newClient(), newClient()
+	plain := `{"model":"m","prompt":"hi","max_tokens":1}`
+	stream := `{"model":"m","prompt":"hi","max_tokens":64,"stream":true}`
+	path := "/v1/completions"
+	// Warm both paths' connections.
+	throughput(t, dc, direct+path, plain, 32, 300*time.Millisecond)
+	throughput(t, gc, via+path, plain, 32, 300*time.Millisecond)
+
+	// Alternate direct and gateway rounds so both see the same machine.
+	var tpD, tpG float64
+	var cpuD, cpuG time.Duration
+	pid := up.cmd.Process.Pid
+	var latD, latG, ttfbD, ttfbG []time.Duration
+	const rounds = 3
+	for range rounds {
+		tp, c := throughputCPU(t, dc, direct+path, plain, 32, time.Second, pid)
+		tpD, cpuD = tpD+tp/rounds, cpuD+c/rounds
+		tp, c = throughputCPU(t, gc, via+path, plain, 32, time.Second, pid)
+		tpG, cpuG = tpG+tp/rounds, cpuG+c/rounds
+		latD = append(latD, latencies(t, dc, direct+path, plain, 8, 100)...)
+		latG = append(latG, latencies(t, gc, via+path, plain, 8, 100)...)
+		for range 50 {
+			ttfbD = append(ttfbD, firstEvent(t, dc, direct+path, stream))
+			ttfbG = append(ttfbG, firstEvent(t, gc, via+path, stream))
+		}
+	}
+	rows := [][]string{
+		{"measure", "direct", "gateway", "gateway vs direct", "target"},
+		{"---", "---", "---", "---", "---"},
+		{"throughput, 32 clients", fmt.Sprintf("%.0f req/s", tpD), fmt.Sprintf("%.0f req/s", tpG), fmt.Sprintf("%.0f %%", 100*tpG/tpD), "≥ 50 %"},
+		{"CPU per request, 32 clients (client + gateway + model)", us(cpuD), us(cpuG), fmt.Sprintf("%.0f %% (idle-machine throughput ratio)", 100*float64(cpuD)/float64(cpuG)), "≥ 50 %"},
+		{fmt.Sprintf("median latency, 8 clients (%d requests)", len(latD)), us(med(latD)), us(med(latG)), "+" + us(med(latG)-med(latD)), "≤ +0.3 ms"},
+		{fmt.Sprintf("median time to first event, 64-event stream (%d streams)", len(ttfbD)), us(med(ttfbD)), us(med(ttfbG)), "+" + us(med(ttfbG)-med(ttfbD)), "≤ +0.5 ms"},
+	}
+	var b strings.Builder
+	for _, r := range rows {
+		fmt.Fprintf(&b, "    | %s |\n", strings.Join(r, " | "))
+	}
+	fmt.Fprint(os.Stdout, b.String())
+}

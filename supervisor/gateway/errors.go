@@ -1,0 +1,109 @@
+package gateway
+
+import (
+	"fmt"
+	"math"
+	"net/http"
+	"strconv"
+	"time"
+)
+
+// apiError is an answer the gateway gives itself, in OpenAI's shape
+// ({"error":{"message","type","param","code"}}), so OpenAI clients raise
+// their usual exceptions (RateLimitError, APIStatusError …).
+type apiError struct {
+	status     int
+	typ        string // OpenAI's error type
+	code       string // machine-readable cause
+	msg        string
+	retryAfter time.Duration // Retry-After, when > 0
+	// reject is citadel_gateway_rejected_total's reason; "" counts none.
+	reject string
+}
+
+func (e *apiError) Error() string { return e.msg }
+
+// Rejection reasons, the values of citadel_gateway_rejected_total's reason.
+const (
+	RejectUnauthorized = "unauthorized"  // no listed bearer token
+	RejectUnknownModel = "unknown_model" // no model of that name
+	RejectQueueFull    = "queue_full"    // max_concurrency reached and max_queue waiting
+	RejectMaxWait      = "max_wait"      // waited gateway.max_wait
+	RejectUnavailable  = "unavailable"   // failed, held stopped, disabled or removed
+	RejectBadRequest   = "bad_request"   // no JSON body naming a model, a path never forwarded, a body too large
+)
+
+// Retry-After values. A model that is not ready is loading weights or
+// backing off: seconds to minutes. A ready model that is busy frees a slot
+// as soon as one request ends.
+const (
+	retryBusy    = time.Second
+	retryLoading = 10 * time.Second
+)
+
+// errClientGone marks a request whose client went away; nothing is written.
+var errClientGone = &apiError{status: statusClientGone, msg: "client closed the request"}
+
+// statusClientGone is nginx's 499, the code metrics and logs record for a
+// request its client abandoned.
+const statusClientGone = 499
+
+func errUnavailable(reason string) *apiError {
+	return &apiError{status: http.StatusServiceUnavailable, typ: "server_error", code: "model_unavailable", msg: reason, reject: RejectUnavailable}
+}
+
+func errQueueFull(maxQueue int, busy bool) *apiError {
+	what := "is not ready"
+	if busy {
+		what = "is at max_concurrency"
+	}
+	return &apiError{status: http.StatusTooManyRequests, typ: "rate_limit_error", code: "queue_full",
+		msg:        fmt.Sprintf("the model %s and %d requests are already waiting (gateway.max_queue); retry later", what, maxQueue),
+		retryAfter: retryBusy, reject: RejectQueueFull}
+}
+
+func errMaxWait(d time.Duration, loading bool, reason string) *apiError {
+	e := &apiError{status: http.StatusServiceUnavailable, typ: "server_error", code: "max_wait_exceeded",
+		retryAfter: retryBusy, reject: RejectMaxWait}
+	if loading {
+		e.msg = fmt.Sprintf("waited %s (gateway.max_wait) for the model: %s", d, reason)
+		e.retryAfter = retryLoading
+	} else {
+		e.msg = fmt.Sprintf("waited %s (gateway.max_wait) for a free slot (max_concurrency)", d)
+	}
+	return e
+}
+
+func errUnknownModel(name string) *apiError {
+	return &apiError{status: http.StatusNotFound, typ: "invalid_request_error", code: "model_not_found",
+		msg: fmt.Sprintf("The model `%s` does not exist; GET /v1/models lists the models", name), reject: RejectUnknownModel}
+}
+
+func errUnauthorized() *apiError {
+	return &apiError{status: http.StatusUnauthorized, typ: "invalid_request_error", code: "invalid_api_key",
+		msg: "missing or unknown API key: send Authorization: Bearer <key>", reject: RejectUnauthorized}
+}
+
+func errBadRequest(status int, code, msg string) *apiError {
+	return &apiError{status: status, typ: "invalid_request_error", code: code, msg: msg, reject: RejectBadRequest}
+}
+
+func errUpstream(msg string) *apiError {
+	return &apiError{status: http.StatusBadGateway, typ: "server_error", code: "upstream_error", msg: msg}
+}
+
+// write sends e as OpenAI does. The message holds a model's reason (what
+// `citadelctl status` shows), never a header or a key.
+func (e *apiError) write(w http.ResponseWriter) {
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	if e.retryAfter > 0 {
+		h.Set("Retry-After", strconv.Itoa(int(math.Ceil(e.retryAfter.Seconds()))))
+	}
+	w.WriteHeader(e.status)
+	w.Write(e.body()) //nolint:errcheck // the client went away
+}
+
+func (e *apiError) body() []byte {
+	return fmt.Appendf(nil, `{"error":{"message":%s,"type":%q,"param":null,"code":%q}}`+"\n", jsonString(e.msg), e.typ, e.code)
+}

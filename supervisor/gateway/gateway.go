@@ -1,0 +1,263 @@
+// Package gateway serves one OpenAI-compatible endpoint for every model the
+// supervisor runs (SPEC §8): requests are routed by the JSON body's
+// "model", held in a per-model queue while the model is busy or not ready,
+// and forwarded to the model's own server with streams passed through event
+// by event. It knows the supervisor only through the Models interface.
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sort"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+)
+
+// Models is what the gateway needs of the supervisor.
+type Models interface {
+	// Models returns a snapshot of every configured model.
+	Models() []Model
+	// Changed returns a channel closed at the next change of any model's
+	// state or of the configuration. Take it before reading Models, so no
+	// change falls between the two.
+	Changed() <-chan struct{}
+}
+
+// Model is one configured model as the gateway sees it.
+type Model struct {
+	Name       string // the configuration's key
+	ServedName string // vLLM's --served-model-name; clients may use either
+	State      string // SPEC §3's state
+	Reason     string // what `citadelctl status` shows
+	Upstream   string // the model's base URL, e.g. http://127.0.0.1:11400
+	Enabled    bool
+	// MaxConcurrency caps requests in flight; 0 = no cap.
+	MaxConcurrency int
+}
+
+// Settings are the gateway's limits and keys; Apply replaces them whole on
+// reload.
+type Settings struct {
+	MaxQueue int
+	MaxWait  time.Duration
+	MaxBody  int64
+	// Keys, when not nil, are required: 401 without one of their tokens.
+	Keys *Keys
+}
+
+// Options are the gateway's collaborators. Models and Logger are required.
+type Options struct {
+	Models   Models
+	Logger   *zap.Logger
+	Settings Settings
+	// Registerer receives the citadel_gateway_* metrics; nil registers none.
+	Registerer prometheus.Registerer
+	// Now and Timer are the clock; nil means the real one.
+	Now   func() time.Time
+	Timer Timer
+}
+
+// Server timeouts. No write or read timeout: a generation streams for
+// minutes and a vision request uploads megabytes; idle and header
+// timeouts bound what a silent client can hold.
+const (
+	readHeaderTimeout = 10 * time.Second
+	idleTimeout       = 2 * time.Minute
+	shutdownGrace     = 5 * time.Second
+)
+
+// Gateway is the endpoint. Build it with Listen, then Run it.
+type Gateway struct {
+	models   Models
+	log      *zap.Logger
+	now      func() time.Time
+	timer    Timer
+	metrics  *metrics
+	settings atomic.Pointer[Settings]
+	table    atomic.Pointer[table]
+	ups      map[string]*upstream // by model name; owned by the watch loop
+
+	ln      net.Listener
+	srv     *http.Server
+	serving atomic.Bool
+}
+
+// Listen binds addr (so a port in use fails the daemon's start, not a
+// later request) and builds the gateway.
+func Listen(addr string, o Options) (*Gateway, error) {
+	if o.Models == nil || o.Logger == nil {
+		return nil, errors.New("gateway: Models and Logger are required")
+	}
+	g := &Gateway{models: o.Models, log: o.Logger, now: o.Now, timer: o.Timer, metrics: newMetrics(), ups: map[string]*upstream{}}
+	if g.now == nil {
+		g.now = time.Now
+	}
+	if g.timer == nil {
+		g.timer = realTimer
+	}
+	s := o.Settings
+	g.settings.Store(&s)
+	g.table.Store(&table{byName: map[string]*route{}})
+	g.update(o.Models.Models())
+	if o.Registerer != nil {
+		for _, c := range append(g.metrics.collectors(), collector{g}) {
+			if err := o.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("gateway: register metrics: %w", err)
+			}
+		}
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("gateway: listen %s: %w", addr, err)
+	}
+	g.ln = ln
+	g.srv = &http.Server{
+		Handler:           g,
+		ReadHeaderTimeout: readHeaderTimeout,
+		IdleTimeout:       idleTimeout,
+		ErrorLog:          zap.NewStdLog(o.Logger),
+	}
+	return g, nil
+}
+
+// Addr is the bound address (useful with port 0).
+func (g *Gateway) Addr() string { return g.ln.Addr().String() }
+
+// Apply replaces the limits and keys (on reload). Requests already waiting
+// keep the limits they started with.
+func (g *Gateway) Apply(s Settings) { g.settings.Store(&s) }
+
+// Serving returns nil while the listener is serving; /readyz asks it.
+func (g *Gateway) Serving() error {
+	if !g.serving.Load() {
+		return errors.New("gateway not serving on " + g.Addr())
+	}
+	return nil
+}
+
+// Run serves and follows the models' states until ctx ends, then stops
+// accepting, gives requests in flight a short grace, and returns once its
+// goroutines are done.
+func (g *Gateway) Run(ctx context.Context) error {
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	watchDone := make(chan struct{})
+	go func() {
+		defer close(watchDone)
+		g.watch(watchCtx)
+	}()
+	defer func() {
+		stopWatch()
+		<-watchDone // the watch loop owns g.ups until it returns
+		for _, up := range g.ups {
+			up.close()
+		}
+	}()
+
+	errc := make(chan error, 1)
+	g.serving.Store(true)
+	go func() { errc <- g.srv.Serve(g.ln) }()
+	select {
+	case err := <-errc:
+		g.serving.Store(false)
+		return fmt.Errorf("gateway: %w", err)
+	case <-ctx.Done():
+	}
+	g.serving.Store(false)
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	if err := g.srv.Shutdown(sctx); err != nil {
+		// Streams still running after the grace: cut them.
+		g.srv.Close() //nolint:errcheck // closing anyway
+	}
+	<-errc
+	return nil
+}
+
+// watch applies every change of the models' states to the routing table
+// and the queues.
+func (g *Gateway) watch(ctx context.Context) {
+	for {
+		changed := g.models.Changed()
+		g.update(g.models.Models())
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// table is an immutable routing snapshot; each update replaces it whole.
+type table struct {
+	byName map[string]*route // configured and served names
+	list   []*route          // sorted by name
+}
+
+// route is one model in one snapshot.
+type route struct {
+	model Model
+	up    *upstream // the model's lasting part: queue, transport, clock
+}
+
+// update builds the routing table from models. Only the watch loop (and
+// Listen, before it runs) calls it.
+func (g *Gateway) update(models []Model) {
+	t := &table{byName: make(map[string]*route, 2*len(models))}
+	seen := map[string]bool{}
+	for _, m := range models {
+		up := g.ups[m.Name]
+		if up == nil || up.base != m.Upstream {
+			if up != nil {
+				up.close()
+			}
+			up = g.newUpstream(m, up)
+			g.ups[m.Name] = up
+		}
+		gt, reason := gateOf(m)
+		up.adm.setState(gt, reason, m.MaxConcurrency)
+		rt := &route{model: m, up: up}
+		t.list = append(t.list, rt)
+		t.byName[m.Name] = rt
+		if _, taken := t.byName[m.ServedName]; !taken && m.ServedName != "" {
+			t.byName[m.ServedName] = rt
+		}
+		seen[m.Name] = true
+	}
+	sort.Slice(t.list, func(i, j int) bool { return t.list[i].model.Name < t.list[j].model.Name })
+	for name, up := range g.ups {
+		if !seen[name] {
+			up.adm.setState(gateClosed, fmt.Sprintf("model %s was removed from the configuration", name), 0)
+			up.close()
+			delete(g.ups, name)
+			g.metrics.forget(name)
+		}
+	}
+	g.table.Store(t)
+}
+
+// gateOf maps a model's state to what it means for requests. States the
+// gateway does not know (those of on-demand models to come) hold requests:
+// waiting is the safe answer for a model that may become ready.
+func gateOf(m Model) (gate, string) {
+	if !m.Enabled {
+		return gateClosed, fmt.Sprintf("model %s is disabled (enabled: false)", m.Name)
+	}
+	why := m.Reason
+	if why != "" {
+		why = ": " + why
+	}
+	switch m.State {
+	case "ready":
+		return gateOpen, ""
+	case "failed", "stopped":
+		return gateClosed, fmt.Sprintf("model %s is %s%s", m.Name, m.State, why)
+	default:
+		return gateHold, fmt.Sprintf("model %s is %s%s", m.Name, m.State, why)
+	}
+}

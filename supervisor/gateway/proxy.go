@@ -1,0 +1,107 @@
+package gateway
+
+import (
+	"errors"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+)
+
+// hopHeaders belong to one connection and are not forwarded (RFC 9110
+// §7.6.1), nor are the headers a Connection header names.
+var hopHeaders = []string{
+	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
+	"Te", "Trailer", "Transfer-Encoding", "Upgrade",
+}
+
+// copyHeaders copies src to dst without hop-by-hop headers.
+func copyHeaders(dst, src http.Header) {
+	var named []string
+	for _, v := range src["Connection"] {
+		for _, f := range strings.Split(v, ",") {
+			if f = strings.TrimSpace(f); f != "" {
+				named = append(named, http.CanonicalHeaderKey(f))
+			}
+		}
+	}
+next:
+	for k, vv := range src {
+		for _, h := range hopHeaders {
+			if k == h {
+				continue next
+			}
+		}
+		for _, h := range named {
+			if k == h {
+				continue next
+			}
+		}
+		dst[k] = vv
+	}
+}
+
+// serve forwards r to the model and copies the answer back. It does what
+// httputil.ReverseProxy does for this one case (HTTP/1.1 to a model on
+// loopback, no trailers, no upgrades) without cloning the request or
+// tracing 1xx answers: every request passes here.
+func (up *upstream) serve(w *recorder, r *http.Request, g *Gateway) {
+	out := &http.Request{
+		Method:        r.Method,
+		URL:           &url.URL{Scheme: up.target.Scheme, Host: up.target.Host, Path: r.URL.Path, RawQuery: r.URL.RawQuery},
+		Proto:         "HTTP/1.1",
+		ProtoMajor:    1,
+		ProtoMinor:    1,
+		Header:        make(http.Header, len(r.Header)),
+		Body:          r.Body,
+		ContentLength: r.ContentLength,
+		Host:          up.target.Host,
+	}
+	copyHeaders(out.Header, r.Header)
+	if _, ok := out.Header["User-Agent"]; !ok {
+		out.Header["User-Agent"] = nil // no Go default
+	}
+	if r.ContentLength == 0 {
+		out.Body = nil
+	}
+	out = out.WithContext(r.Context())
+	res, err := up.transport.RoundTrip(out)
+	if err != nil {
+		g.proxyError(up)(w, r, err)
+		return
+	}
+	defer res.Body.Close()
+	copyHeaders(w.Header(), res.Header)
+	flush := res.ContentLength == -1
+	body := io.Reader(res.Body)
+	if strings.HasPrefix(res.Header.Get("Content-Type"), "text/event-stream") {
+		w.Header().Set("X-Accel-Buffering", "no")
+		body = &sseGuard{body: res.Body, ctx: r.Context()}
+		flush = true
+	}
+	w.WriteHeader(res.StatusCode)
+	buf := copyBuffers.Get()
+	defer copyBuffers.Put(buf)
+	for {
+		n, rerr := body.Read(buf)
+		if n > 0 {
+			if _, werr := w.Write(buf[:n]); werr != nil {
+				return // the client went away; the context ends the upstream request
+			}
+			if flush {
+				w.Flush()
+			}
+		}
+		if errors.Is(rerr, io.EOF) {
+			return
+		}
+		if rerr != nil {
+			if r.Context().Err() == nil {
+				// The answer was torn mid-way and its status is sent:
+				// all that is left is to cut the client's connection too.
+				panic(http.ErrAbortHandler)
+			}
+			return
+		}
+	}
+}
