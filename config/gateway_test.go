@@ -27,8 +27,9 @@ func TestGatewayBadConfig(t *testing.T) {
 	if err == nil {
 		t.Fatal("loaded")
 	}
-	if want := `gateway.max_queu: unknown key (did you mean "max_queue"?)`; err.Error() != want {
-		t.Fatalf("unknown key first:\n%v\nwant:\n%s", err, want)
+	// An unknown key hides nothing else: every problem in one pass.
+	if want := `gateway.max_queu: unknown key (line 9; did you mean "max_queue"?)`; !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "gateway.max_wait: must be positive") {
+		t.Fatalf("got:\n%v\nwant it with the rest, and:\n%s", err, want)
 	}
 	raw, err := os.ReadFile("testdata/gateway/bad.yaml")
 	if err != nil {

@@ -387,9 +387,13 @@ func (c *cli) health(ctx context.Context, _ []string) int {
 		c.writeJSON(h)
 		return code
 	}
-	fmt.Fprintf(c.out, "%d/%d enabled models ready\n", h.Ready, h.Enabled)
+	// Serving: ready, or on demand and sleeping or startable (SPEC §8).
+	fmt.Fprintf(c.out, "%d/%d enabled models serving\n", h.Ready, h.Enabled)
 	for _, s := range h.NotReady {
 		fmt.Fprintf(c.out, "  %s: %s%s\n", s.Name, s.State, withReason(s.Reason))
+	}
+	for _, s := range h.Held {
+		fmt.Fprintf(c.out, "  %s: held stopped (not counted)%s\n", s.Name, withReason(s.Reason))
 	}
 	return code
 }

@@ -184,7 +184,7 @@ func TestVerbs(t *testing.T) {
 		return d.state(t, "a").State == supervisor.Ready && d.state(t, "b").State == supervisor.Ready && d.state(t, "c").State == supervisor.Failed
 	})
 
-	if code, out, _ := d.ctl(t, "health"); code != 1 || !strings.Contains(out, "2/3 enabled models ready") || !strings.Contains(out, "c: failed: start limit") {
+	if code, out, _ := d.ctl(t, "health"); code != 1 || !strings.Contains(out, "2/3 enabled models serving") || !strings.Contains(out, "c: failed: start limit") {
 		t.Errorf("health with c failed: exit %d\n%s", code, out)
 	}
 	// Asked by name, a failed model shows its last output.
@@ -234,8 +234,8 @@ func TestVerbs(t *testing.T) {
 	if code, out, _ := d.ctl(t, "stop", "c"); code != 0 {
 		t.Errorf("stop c: exit %d %s", code, out)
 	}
-	// c is held stopped but still enabled: the host is not healthy.
-	if code, out, _ := d.ctl(t, "health"); code != 1 || !strings.HasPrefix(out, "2/3 enabled models ready") {
+	// c is held stopped by an operator: reported, not counted (SPEC §8).
+	if code, out, _ := d.ctl(t, "health"); code != 0 || out != "2/2 enabled models serving\n  c: held stopped (not counted): held stopped by operator\n" {
 		t.Errorf("health: exit %d\n%s", code, out)
 	}
 }
@@ -244,11 +244,16 @@ func TestHealthExitCodes(t *testing.T) {
 	d := startDaemon(t, "", model{Name: "a"}, model{Name: "off", YAML: "enabled: false"})
 	waitFor(t, 30*time.Second, "a ready", func() bool { return d.state(t, "a").State == supervisor.Ready })
 	// A disabled model does not count against health.
-	if code, out, _ := d.ctl(t, "health"); code != 0 || out != "1/1 enabled models ready\n" {
+	if code, out, _ := d.ctl(t, "health"); code != 0 || out != "1/1 enabled models serving\n" {
 		t.Errorf("healthy: exit %d %q", code, out)
 	}
-	d.ctl(t, "stop", "a")
-	if code, out, _ := d.ctl(t, "health"); code != 1 || out != "0/1 enabled models ready\n  a: stopped: held stopped by operator\n" {
+	// A model that cannot start is not serving.
+	if err := os.RemoveAll(filepath.Join(d.site.Dir, "models", "a")); err != nil {
+		t.Fatal(err)
+	}
+	d.ctl(t, "restart", "a")
+	waitFor(t, 30*time.Second, "a pending on storage", func() bool { return d.state(t, "a").State == supervisor.Pending })
+	if code, out, _ := d.ctl(t, "health"); code != 1 || !strings.HasPrefix(out, "0/1 enabled models serving\n  a: pending: storage: ") {
 		t.Errorf("unhealthy: exit %d %q", code, out)
 	}
 }
