@@ -45,6 +45,8 @@ var _ gateway.Models = gatewayView{}
 
 func (v gatewayView) Changed() <-chan struct{} { return v.s.d.changes.wait() }
 
+func (v gatewayView) Demand(name string) { v.s.Demand(name) }
+
 // Models reads the configuration in force and each runner's published
 // status. A model whose runner is not published yet (the daemon is
 // starting, or a reload is adding it) is pending.
@@ -63,6 +65,7 @@ func (v gatewayView) Models() []gateway.Model {
 		}
 		if s := st[m.Name]; s != nil {
 			gm.State, gm.Reason = string(s.State), s.Reason
+			gm.OnDemand, gm.Held, gm.Seq = s.OnDemand, s.Held, s.Seq
 		}
 		out = append(out, gm)
 	}

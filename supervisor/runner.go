@@ -159,6 +159,10 @@ type loop struct {
 	m       *machine
 	timers  [numTimers]<-chan time.Time // nil: not armed; replacing one drops its fire
 	results chan event                  // probes and stops report here
+	seq     uint64                      // of the last published status
+	// later is work that must wait until the step's status is published
+	// (a sleep's drain names that status).
+	later []func()
 }
 
 // run drives the model until ctx ends, then stops its processes and returns.
@@ -252,8 +256,15 @@ func (l *loop) settle(was State) {
 		l.m.lastOut = l.r.out.last(OutputLines)
 		l.r.log.Error("model failed", zap.String("reason", l.m.reason), zap.Strings("last_output", l.r.out.last(20)))
 	}
-	l.r.status.Store(l.m.status())
+	st := l.m.status()
+	l.seq++
+	st.Seq = l.seq
+	l.r.status.Store(st)
 	l.r.d.changed()
+	for _, f := range l.later {
+		f()
+	}
+	l.later = nil
 }
 
 // do carries out one effect; an outcome known at once is returned as the
@@ -295,7 +306,9 @@ func (l *loop) do(ef effect) event {
 		r.d.sched.Release(r.name, ef.inst.tree.SeenPIDs(), ef.keep)
 		r.pids.Store(nil)
 	case efSleep:
-		go l.sleep(m.inst, baseURL(m.cfg), ef.level, m.cfg.StopTimeout)
+		base, grace := baseURL(m.cfg), m.cfg.StopTimeout
+		// After the sleeping state is published: the drain names it.
+		l.later = append(l.later, func() { go l.sleep(base, ef.level, grace, l.seq) })
 	case efSlept:
 		if ef.level > 0 {
 			r.d.sched.Slept(r.name)
@@ -394,11 +407,11 @@ func (l *loop) probe(j probeJob) {
 // and checks that it sleeps. A model must never be told to sleep with
 // requests in flight (it has crashed TP>1 engines), so a drain that does
 // not finish within grace abandons the sleep.
-func (l *loop) sleep(inst *instance, base string, level int, grace time.Duration) {
+func (l *loop) sleep(base string, level int, grace time.Duration, seq uint64) {
 	d := l.r.d
 	if d.traffic != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), grace)
-		err := d.traffic.Drain(ctx, l.r.name)
+		err := d.traffic.Drain(ctx, l.r.name, seq)
 		cancel()
 		if err != nil {
 			l.results <- evSlept{aborted: true}

@@ -51,9 +51,10 @@ type Prober interface {
 // flight.
 type Traffic interface {
 	// Drain stops admitting requests to model (they wait in its queue) and
-	// returns once none is in flight, or with ctx's error. The model's next
-	// published state decides when the gateway admits again.
-	Drain(ctx context.Context, model string) error
+	// returns once none is in flight, or with ctx's error. seq is the Seq
+	// of the model's published state that announced the sleep: no older
+	// state reopens the door; its next one decides.
+	Drain(ctx context.Context, model string, seq uint64) error
 	// InFlight is the number of requests model is serving.
 	InFlight(model string) int
 }

@@ -137,6 +137,8 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 			log.Error("cannot serve the gateway", zap.Error(err))
 			return 1
 		}
+		// On-demand models drain their requests here before they sleep.
+		sup.SetTraffic(gw)
 		log.Info("gateway listening", zap.String("addr", gw.Addr()), zap.Bool("api_keys", settings.Keys != nil))
 		readyChecks = append(readyChecks, web.Check{Name: "gateway", Err: gw.Serving})
 	}

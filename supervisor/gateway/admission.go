@@ -45,7 +45,15 @@ type admission struct {
 	limit    int    // max_concurrency; 0 = no cap
 	inFlight int
 	queue    list.List // of *waiter, oldest first
+	// floor is the Seq of the model's state at its last drain: an older
+	// state (a snapshot read before the drain began) is ignored, so it
+	// cannot reopen the door of a model going to sleep.
+	floor uint64
+	idle  chan struct{} // closed when inFlight reaches 0; nil when nobody waits
 }
+
+// removedSeq closes a removed model's door whatever its last state.
+const removedSeq = ^uint64(0)
 
 type waiter struct {
 	ready chan struct{} // closed once granted or refused
@@ -55,9 +63,12 @@ type waiter struct {
 
 // setState applies the model's new state; it may admit waiters, or refuse
 // them all when the gate closes.
-func (a *admission) setState(g gate, reason string, limit int) {
+func (a *admission) setState(g gate, reason string, limit int, seq uint64) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if seq < a.floor {
+		return // older than a drain: the model has moved on since
+	}
 	a.gate, a.reason, a.limit = g, reason, limit
 	if g == gateClosed {
 		for e := a.queue.Front(); e != nil; e = a.queue.Front() {
@@ -85,7 +96,45 @@ func (a *admission) release() {
 	a.mu.Lock()
 	a.inFlight--
 	a.dispatch()
+	a.wakeDrain()
 	a.mu.Unlock()
+}
+
+// wakeDrain tells a waiting drain that nothing is in flight. Called with
+// mu held.
+func (a *admission) wakeDrain() {
+	if a.inFlight == 0 && a.idle != nil {
+		close(a.idle)
+		a.idle = nil
+	}
+}
+
+// drain holds the door (requests wait in the queue) for the model's state
+// seq and older, and returns once no request is in flight, or ctx ends.
+// The model's next state (seq+1 or later) opens the door again.
+func (a *admission) drain(ctx context.Context, seq uint64, reason string) error {
+	a.mu.Lock()
+	if seq > a.floor {
+		a.floor = seq
+	}
+	if a.gate == gateOpen {
+		a.gate, a.reason = gateHold, reason
+	}
+	if a.inFlight == 0 {
+		a.mu.Unlock()
+		return nil
+	}
+	if a.idle == nil {
+		a.idle = make(chan struct{})
+	}
+	idle := a.idle
+	a.mu.Unlock()
+	select {
+	case <-idle:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // acquire takes a slot for one request, waiting at most maxWait behind at
@@ -126,6 +175,7 @@ func (a *admission) acquire(ctx context.Context, maxQueue int, maxWait time.Dura
 		if w.err == nil && ctx.Err() != nil {
 			a.inFlight--
 			a.dispatch()
+			a.wakeDrain()
 			return true, errClientGone
 		}
 		return true, w.err

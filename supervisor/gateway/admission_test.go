@@ -34,7 +34,7 @@ func outcome(t *testing.T, ch <-chan *apiError) *apiError {
 
 func TestAdmissionFIFO(t *testing.T) {
 	a := &admission{}
-	a.setState(gateOpen, "", 1)
+	a.setState(gateOpen, "", 1, 0)
 	clock := &manualTimer{}
 	if _, err := a.acquire(context.Background(), 2, time.Minute, clock.timer); err != nil {
 		t.Fatal(err)
@@ -67,16 +67,16 @@ func TestAdmissionFIFO(t *testing.T) {
 func TestAdmissionFollowsState(t *testing.T) {
 	clock := &manualTimer{}
 	a := &admission{}
-	a.setState(gateHold, "model m is starting: loading", 0)
+	a.setState(gateHold, "model m is starting: loading", 0, 0)
 	w := try(a, context.Background(), 4, clock)
 	queued(t, a, 1)
-	a.setState(gateOpen, "", 0)
+	a.setState(gateOpen, "", 0, 0)
 	if err := outcome(t, w); err != nil {
 		t.Fatalf("ready admits the waiter: %v", err)
 	}
 	a.release()
 
-	a.setState(gateHold, "model m is backoff", 0)
+	a.setState(gateHold, "model m is backoff", 0, 0)
 	w = try(a, context.Background(), 4, clock)
 	queued(t, a, 1)
 	clock.fire()
@@ -86,7 +86,7 @@ func TestAdmissionFollowsState(t *testing.T) {
 
 	w = try(a, context.Background(), 4, clock)
 	queued(t, a, 1)
-	a.setState(gateClosed, "model m is failed: start limit", 0)
+	a.setState(gateClosed, "model m is failed: start limit", 0, 0)
 	if err := outcome(t, w); err == nil || err.status != 503 || err.msg != "model m is failed: start limit" {
 		t.Fatalf("closing refuses waiters with the reason: %+v", err)
 	}
@@ -94,7 +94,7 @@ func TestAdmissionFollowsState(t *testing.T) {
 		t.Fatalf("closed: %+v", err)
 	}
 
-	a.setState(gateHold, "", 0)
+	a.setState(gateHold, "", 0, 0)
 	ctx, cancel := context.WithCancel(context.Background())
 	w = try(a, ctx, 4, clock)
 	queued(t, a, 1)
@@ -107,5 +107,61 @@ func TestAdmissionFollowsState(t *testing.T) {
 	}
 	if a.inFlight != 0 {
 		t.Error("slot leaked")
+	}
+}
+
+// TestAdmissionDrain: a drain holds the door, waits for the request in
+// flight, and no state older than the drain's reopens the door (a snapshot
+// read before the model announced its sleep must not let a request reach
+// a sleeping engine); the model's next state does.
+func TestAdmissionDrain(t *testing.T) {
+	a := &admission{}
+	a.setState(gateOpen, "", 0, 4)
+	clock := &manualTimer{}
+	if _, err := a.acquire(context.Background(), 8, time.Minute, clock.timer); err != nil {
+		t.Fatal(err)
+	}
+	drained := make(chan error, 1)
+	go func() { drained <- a.drain(context.Background(), 5, "model m is going to sleep") }()
+	// The next request waits: the door is held.
+	waiting := try(a, context.Background(), 8, clock)
+	queued(t, a, 1)
+	select {
+	case err := <-drained:
+		t.Fatalf("drained with a request in flight: %v", err)
+	default:
+	}
+	a.release()
+	select {
+	case err := <-drained:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("drain did not return after the last request")
+	}
+	a.setState(gateOpen, "", 0, 4) // stale: read before the sleep
+	if g, _ := a.state(); g != gateHold {
+		t.Fatalf("a state older than the drain reopened the door: %v", g)
+	}
+	queued(t, a, 1)
+	a.setState(gateOpen, "", 0, 6) // awake again
+	if err := outcome(t, waiting); err != nil {
+		t.Fatalf("after the wake: %v", err)
+	}
+}
+
+// TestAdmissionDrainGivesUp: a drain bounded by ctx returns its error while
+// a request is still in flight.
+func TestAdmissionDrainGivesUp(t *testing.T) {
+	a := &admission{}
+	a.setState(gateOpen, "", 0, 1)
+	if _, err := a.acquire(context.Background(), 8, time.Minute, (&manualTimer{}).timer); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := a.drain(ctx, 2, "going to sleep"); err == nil {
+		t.Fatal("drained with a request in flight")
 	}
 }

@@ -27,6 +27,10 @@ type Models interface {
 	// state or of the configuration. Take it before reading Models, so no
 	// change falls between the two.
 	Changed() <-chan struct{}
+	// Demand says a request names the model: it records the request, and
+	// starts or wakes an on-demand model that is not awake. It never
+	// blocks; the request then waits in the model's queue like any other.
+	Demand(name string)
 }
 
 // Model is one configured model as the gateway sees it.
@@ -39,6 +43,12 @@ type Model struct {
 	Enabled    bool
 	// MaxConcurrency caps requests in flight; 0 = no cap.
 	MaxConcurrency int
+	// OnDemand: stopped means "until a request comes" unless Held.
+	OnDemand bool
+	Held     bool
+	// Seq orders the model's published states: a state older than a
+	// drain's (see Drain) never reopens the model's queue.
+	Seq uint64
 }
 
 // Settings are the gateway's limits and keys; Apply replaces them whole on
@@ -220,7 +230,7 @@ func (g *Gateway) update(models []Model) {
 			g.ups[m.Name] = up
 		}
 		gt, reason := gateOf(m)
-		up.adm.setState(gt, reason, m.MaxConcurrency)
+		up.adm.setState(gt, reason, m.MaxConcurrency, m.Seq)
 		rt := &route{model: m, up: up}
 		t.list = append(t.list, rt)
 		t.byName[m.Name] = rt
@@ -232,7 +242,7 @@ func (g *Gateway) update(models []Model) {
 	sort.Slice(t.list, func(i, j int) bool { return t.list[i].model.Name < t.list[j].model.Name })
 	for name, up := range g.ups {
 		if !seen[name] {
-			up.adm.setState(gateClosed, fmt.Sprintf("model %s was removed from the configuration", name), 0)
+			up.adm.setState(gateClosed, fmt.Sprintf("model %s was removed from the configuration", name), 0, removedSeq)
 			up.close()
 			delete(g.ups, name)
 			g.metrics.forget(name)
@@ -255,7 +265,13 @@ func gateOf(m Model) (gate, string) {
 	switch m.State {
 	case "ready":
 		return gateOpen, ""
-	case "failed", "stopped":
+	case "stopped":
+		if m.OnDemand && !m.Held {
+			// Started by the request that finds it so: the request waits.
+			return gateHold, fmt.Sprintf("model %s is starting on demand", m.Name)
+		}
+		return gateClosed, fmt.Sprintf("model %s is %s%s", m.Name, m.State, why)
+	case "failed":
 		return gateClosed, fmt.Sprintf("model %s is %s%s", m.Name, m.State, why)
 	default:
 		return gateHold, fmt.Sprintf("model %s is %s%s", m.Name, m.State, why)

@@ -142,6 +142,9 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 	up := rt.up
 	req.model = rt.model.Name
 	up.lastRequest.Store(start.UnixNano())
+	// An on-demand model that sleeps or is stopped is woken or started by
+	// this; the request waits in the queue whatever it waits for.
+	g.models.Demand(rt.model.Name)
 
 	waitStart := g.now()
 	waited, aerr := up.adm.acquire(r.Context(), set.MaxQueue, set.MaxWait, g.timer)

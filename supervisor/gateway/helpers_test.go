@@ -125,6 +125,7 @@ type stubModels struct {
 	mu      sync.Mutex
 	models  []Model
 	changed chan struct{}
+	demands map[string]int // Demand calls by model
 }
 
 func newStub(models ...Model) *stubModels {
@@ -143,6 +144,15 @@ func (s *stubModels) Changed() <-chan struct{} {
 	return s.changed
 }
 
+func (s *stubModels) Demand(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.demands == nil {
+		s.demands = map[string]int{}
+	}
+	s.demands[name]++
+}
+
 // set changes one model's state and tells the gateway.
 func (s *stubModels) set(name, state, reason string) {
 	s.mu.Lock()
@@ -150,6 +160,7 @@ func (s *stubModels) set(name, state, reason string) {
 	for i := range s.models {
 		if s.models[i].Name == name {
 			s.models[i].State, s.models[i].Reason = state, reason
+			s.models[i].Seq++
 		}
 	}
 	close(s.changed)

@@ -61,6 +61,9 @@ type Status struct {
 	LastRequest time.Time `json:"last_request,omitzero"`
 	// SleepLevel is the vLLM sleep level it sleeps at, while sleeping.
 	SleepLevel int `json:"sleep_level,omitempty"`
+	// Seq numbers the model's published snapshots, in order (the daemon's
+	// own bookkeeping; not on the wire).
+	Seq uint64 `json:"-"`
 }
 
 // Serving reports whether the model is what operators mean by serving
