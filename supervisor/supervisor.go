@@ -479,7 +479,9 @@ func (s *Supervisor) Demand(name string) {
 		return
 	}
 	r.lastRequest.Store(s.d.now().UnixNano())
-	if st := r.status.Load(); st.OnDemand && st.State != Ready {
+	// The configuration, not the status: a runner that has not published
+	// yet must still get the request (its machine ignores it if awake).
+	if m, ok := s.cfg.Load().Model(name); ok && m.OnDemand() && r.status.Load().State != Ready {
 		r.mail.put(message{ev: evDemand{}})
 	}
 }
