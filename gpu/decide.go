@@ -128,8 +128,9 @@ type Outcome struct {
 //     cannot, and two wants never get the same memory.
 //  8. A want that does not fit (6 or 7) makes room by putting on-demand
 //     models to sleep: only ready ones that are not protected (min_awake),
-//     lower priority first, then least recently used, and only as many as
-//     it needs, on exactly the GPUs it needs. It waits until they sleep
+//     for an always model only lower-priority ones, lower priority first,
+//     then least recently used, and only as many as it needs, on exactly
+//     the GPUs it needs. It waits until they sleep
 //     and the readings show their memory back. Models already being put to
 //     sleep count as room coming; always models are never put to sleep.
 func Decide(in Input) Outcome {
@@ -321,6 +322,8 @@ func makeRoom(r Request, asleep *Claim, slots []Slot, claims map[string]*Claim, 
 	for _, c := range claims {
 		switch {
 		case c.Name == r.Name || !c.OnDemand || c.Phase != Running:
+		case !r.OnDemand && c.Req.Priority >= r.Priority:
+			// An always model preempts only lower-priority ones.
 		case c.Evicting:
 			coming = append(coming, c)
 		case c.Protected == "":

@@ -37,6 +37,12 @@ func want(name string, prio int, util float64, tp int) Want {
 	return Want{Request: Request{Name: name, Priority: prio, TP: tp, Util: util}}
 }
 
+func odWant(name string, prio int, util float64, tp int) Want {
+	w := want(name, prio, util, tp)
+	w.OnDemand = true
+	return w
+}
+
 // outcome writes an Outcome as sorted "name: GPUs" or "name: reason" lines
 // plus the claims' phases.
 func outcome(o Outcome) string {
@@ -173,13 +179,13 @@ func TestDecideEviction(t *testing.T) {
 	}{{
 		name:   "the least recently used of equal priority goes",
 		claims: []Claim{running("a", 0, 0.6, 0, 1, t2), running("b", 0, 0.6, 1, 2, t1)},
-		wants:  []Want{want("c", 0, 0.6, 1)},
+		wants:  []Want{odWant("c", 0, 0.6, 1)},
 		want:   "c: waiting for b to sleep to make room\nclaims: a=running[GPU-0] b=running[GPU-1]",
 		evict:  "b→c",
 	}, {
 		name:   "lower priority before recency",
 		claims: []Claim{running("a", 0, 0.6, 0, 1, t2), running("b", 5, 0.6, 1, 2, t1)},
-		wants:  []Want{want("c", 0, 0.6, 1)},
+		wants:  []Want{odWant("c", 0, 0.6, 1)},
 		want:   "c: waiting for a to sleep to make room\nclaims: a=running[GPU-0] b=running[GPU-1]",
 		evict:  "a→c",
 	}, {
@@ -192,18 +198,24 @@ func TestDecideEviction(t *testing.T) {
 			}(),
 			func() Claim { c := running("b", 0, 0.6, 1, 2, t1); c.OnDemand = false; return c }(),
 		},
-		wants: []Want{want("c", 0, 0.6, 1)},
+		wants: []Want{odWant("c", 0, 0.6, 1)},
 		want:  "c: needs 49.0 GiB on 1 GPU; free 32.0 GiB (GPU0), 32.0 GiB (GPU1)\nclaims: a=running[GPU-0] b=running[GPU-1]",
+	}, {
+		name:   "an always model preempts only lower priority",
+		claims: []Claim{running("a", 10, 0.6, 0, 1, t1), running("b", 0, 0.6, 1, 2, t2)},
+		wants:  []Want{want("always", 5, 0.6, 1)},
+		want:   "always: waiting for b to sleep to make room\nclaims: a=running[GPU-0] b=running[GPU-1]",
+		evict:  "b→always",
 	}, {
 		name:   "TP=2 puts both to sleep",
 		claims: []Claim{running("a", 0, 0.6, 0, 1, t2), running("b", 0, 0.6, 1, 2, t1)},
-		wants:  []Want{want("big", 0, 0.9, 2)},
+		wants:  []Want{odWant("big", 0, 0.9, 2)},
 		want:   "big: waiting for a, b to sleep to make room\nclaims: a=running[GPU-0] b=running[GPU-1]",
 		evict:  "a→big b→big",
 	}, {
 		name:   "room already coming: nobody else is put to sleep",
 		claims: []Claim{func() Claim { c := running("a", 0, 0.6, 0, 1, t2); c.Evicting = true; return c }(), running("b", 0, 0.6, 1, 2, t1)},
-		wants:  []Want{want("c", 0, 0.6, 1)},
+		wants:  []Want{odWant("c", 0, 0.6, 1)},
 		want:   "c: waiting for a to sleep to make room\nclaims: a=running[GPU-0] b=running[GPU-1]",
 	}, {
 		name: "a sleeper wakes on its own GPU, putting that GPU's tenant to sleep",
@@ -211,7 +223,7 @@ func TestDecideEviction(t *testing.T) {
 			running("a", 0, 0.6, 0, 1, t1), running("b", 0, 0.6, 1, 2, t2),
 			{Name: "s", Req: Request{Name: "s", TP: 1, Util: 0.5}, UUIDs: []string{"GPU-1"}, Phase: Asleep, OnDemand: true, Since: now.Add(-time.Hour)},
 		},
-		wants: []Want{want("s", 0, 0.5, 1)},
+		wants: []Want{odWant("s", 0, 0.5, 1)},
 		want:  "s: waiting for b to sleep to make room\nclaims: a=running[GPU-0] b=running[GPU-1] s=asleep[GPU-1]",
 		evict: "b→s",
 	}, {
@@ -219,7 +231,7 @@ func TestDecideEviction(t *testing.T) {
 		claims: []Claim{
 			{Name: "s", Req: Request{Name: "s", TP: 1, Util: 0.5}, UUIDs: []string{"GPU-1"}, Phase: Asleep, OnDemand: true, Since: now.Add(-time.Hour)},
 		},
-		wants: []Want{want("s", 0, 0.5, 1)},
+		wants: []Want{odWant("s", 0, 0.5, 1)},
 		want:  "s: [GPU-1]\nclaims: s=starting[GPU-1]",
 	}}
 	for _, tc := range cases {

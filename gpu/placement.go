@@ -17,6 +17,9 @@ type Request struct {
 	TP       int      // tensor_parallel: how many distinct GPUs
 	Util     float64  // gpu_memory_utilization: share of each GPU's total
 	Pins     []string // indexes ("0") or UUIDs; empty means any GPU
+	// OnDemand: an on-demand model may put any idle on-demand model to
+	// sleep to make room; an always model only lower-priority ones.
+	OnDemand bool
 }
 
 // Slot is a GPU as placement sees it: the reading, plus what the readings

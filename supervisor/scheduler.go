@@ -356,7 +356,7 @@ func pidsOf(owners map[int]string, name string) []int {
 
 // PlacementRequest is what model m asks of the GPUs.
 func PlacementRequest(m config.Model) gpu.Request {
-	r := gpu.Request{Name: m.Name, Priority: m.Priority, TP: m.TensorParallel, Util: m.GPUMemoryUtilization}
+	r := gpu.Request{Name: m.Name, Priority: m.Priority, TP: m.TensorParallel, Util: m.GPUMemoryUtilization, OnDemand: m.OnDemand()}
 	for _, p := range m.GPUs {
 		r.Pins = append(r.Pins, string(p))
 	}

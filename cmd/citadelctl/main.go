@@ -64,9 +64,11 @@ var commands = map[string]command{
 	"stop":    {"stop [--timeout D] MODEL...|all", "Stop models and hold them stopped until start or a reload that changes them. Waits until they are stopped.", opCmd(api.OpStop)},
 	"restart": {"restart MODEL...|all", "Gracefully stop, then start again.", opCmd(api.OpRestart)},
 	"reset":   {"reset MODEL...|all", "Clear a failed model's start limit and backoff, then start it.", opCmd(api.OpReset)},
+	"sleep":   {"sleep MODEL...|all", "Put on-demand models to sleep now (vLLM sleep mode, or a stop with sleep_level 0); their requests are drained first.", opCmd(api.OpSleep)},
+	"wake":    {"wake MODEL...|all", "Wake (or start) on-demand models now, as a request would.", opCmd(api.OpWake)},
 	"reload":  {"reload", "Load the configuration file again (as systemctl reload does). An invalid file changes nothing.", (*cli).reload},
 	"logs":    {"logs MODEL [-n N] [-f]", "The model's recent output, newest last; -f follows new lines until interrupted.", (*cli).logs},
-	"health":  {"health", "A readiness summary; exit 0 only when every enabled model is ready.", (*cli).health},
+	"health":  {"health", "A readiness summary; exit 0 only when every enabled model is serving: ready, or on demand and asleep or startable. Models held stopped are listed, not counted.", (*cli).health},
 	"gpus":    {"gpus", "Each GPU: index, UUID, name, memory total/used/free, models placed on it.", (*cli).gpus},
 	"completion": {"completion bash|zsh", "A shell completion script; model names come from the daemon.", func(c *cli, _ context.Context, args []string) int {
 		return c.completion(args)
