@@ -86,3 +86,17 @@ func TestAlwaysModelIsNeverEvicted(t *testing.T) {
 		t.Errorf("sleep always: %v %v", res, err)
 	}
 }
+
+// TestOnDemandHoldsNothingBackAtStart: an on-demand model of higher
+// priority, not yet requested, does not keep an always model from its GPU
+// at start-up (it is not among the models expected to start).
+func TestOnDemandHoldsNothingBackAtStart(t *testing.T) {
+	h := newHarnessWith(t, simGPUs("", 1),
+		modelSpec{Name: "low", YAML: "priority: 0\ngpu_memory_utilization: 0.3"},
+		modelSpec{Name: "high", YAML: "priority: 100\nactivation: on_demand\ngpu_memory_utilization: 0.3"},
+	).start(Options{})
+	h.waitState("low", Ready, 20*time.Second)
+	if st := h.status("high"); st.State != Stopped {
+		t.Errorf("high: %s (%s)", st.State, st.Reason)
+	}
+}

@@ -172,7 +172,8 @@ func (s *scheduler) Expect(models []config.Model) {
 	}
 	s.send(func() {
 		for _, m := range models {
-			if m.Enabled {
+			// On-demand models start when a request comes, not now.
+			if m.Enabled && !m.OnDemand() {
 				s.wants[m.Name] = gpu.Want{Request: PlacementRequest(m), Checking: true}
 			}
 		}
