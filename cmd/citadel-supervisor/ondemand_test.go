@@ -1,0 +1,77 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"citadel-supervisor/supervisor/supervisortest"
+)
+
+// onDemandSite is the reference host in miniature: two 80 GiB sim GPUs and
+// seven on-demand models whose memory (two TP=2 models at 0.85, five at
+// 0.6-0.8) is far more than the GPUs hold, behind the gateway.
+func onDemandSite(t *testing.T, od string) (*site, string) {
+	t.Helper()
+	gwPort := supervisortest.FreePort(t)
+	top := fmt.Sprintf(`gpu:
+  backend: sim
+  headroom: 1GiB
+  release_timeout: 10s
+  sim:
+    devices:
+      - {uuid: GPU-00000000-0000-0000-0000-000000000000, name: Sim H100, memory: 80GiB}
+      - {uuid: GPU-11111111-1111-1111-1111-111111111111, name: Sim H100, memory: 80GiB}
+gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
+`, gwPort)
+	models := []testModel{
+		{Name: "mixtral", YAML: od + "\npriority: 100\ntensor_parallel: 2\ngpu_memory_utilization: 0.85"},
+		{Name: "hermes", YAML: od + "\npriority: 10\ntensor_parallel: 2\ngpu_memory_utilization: 0.85"},
+		{Name: "openchat", YAML: od + "\npriority: 20\ngpu_memory_utilization: 0.7"},
+		{Name: "phi3", YAML: od + "\npriority: 30\ngpu_memory_utilization: 0.6"},
+		{Name: "yi34b", YAML: od + "\npriority: 5\ntensor_parallel: 2\ngpu_memory_utilization: 0.8"},
+		{Name: "coder", YAML: od + "\npriority: 40\ngpu_memory_utilization: 0.8"},
+		{Name: "vision", YAML: od + "\npriority: 15\ngpu_memory_utilization: 0.7"},
+	}
+	return &site{Site: supervisortest.NewSite(t, top, models...), t: t}, fmt.Sprintf("http://127.0.0.1:%d", gwPort)
+}
+
+func chat(t *testing.T, gw, model string) (int, string) {
+	t.Helper()
+	resp, err := http.Post(gw+"/v1/chat/completions", "application/json",
+		strings.NewReader(`{"model":"`+model+`","messages":[{"role":"user","content":"hi"}],"max_tokens":2}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// TestSevenModelsOnTwoGPUs: a request to each of the seven models in turn,
+// twice round, succeeds through the one gateway on two GPUs: each starts
+// on demand, putting the idle ones out of its way (here sleep_level 0,
+// they stop).
+func TestSevenModelsOnTwoGPUs(t *testing.T) {
+	s, gw := onDemandSite(t, "activation: on_demand\nsleep_level: 0\nmin_awake: 0s")
+	s.start()
+	names := []string{"mixtral", "hermes", "openchat", "phi3", "yi34b", "coder", "vision"}
+	waitFor(t, 30*time.Second, "the gateway up", func() bool {
+		resp, err := http.Get(gw + "/v1/models")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	for round := range 2 {
+		for _, m := range names {
+			if code, body := chat(t, gw, m); code != 200 || !strings.Contains(body, `"model":"`+m+`"`) {
+				t.Fatalf("round %d, %s: %d %s", round, m, code, body)
+			}
+		}
+	}
+}
