@@ -75,3 +75,32 @@ func TestSevenModelsOnTwoGPUs(t *testing.T) {
 		}
 	}
 }
+
+// TestTwoThatFitNeverSwap: a steady workload over two on-demand models
+// that fit together causes no sleep and no restart: each keeps its process.
+func TestTwoThatFitNeverSwap(t *testing.T) {
+	s, gw := onDemandSite(t, "activation: on_demand\nsleep_level: 0\nmin_awake: 0s")
+	s.start()
+	waitFor(t, 30*time.Second, "the gateway up", func() bool {
+		resp, err := http.Get(gw + "/v1/models")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	// phi3 (0.6) and coder (0.8) fit on the two GPUs, one each.
+	for i := range 20 {
+		for _, m := range []string{"phi3", "coder"} {
+			if code, body := chat(t, gw, m); code != 200 {
+				t.Fatalf("request %d to %s: %d %s", i, m, code, body)
+			}
+		}
+	}
+	for _, m := range []string{"phi3", "coder"} {
+		procs := s.procs(m) // every process it ever started
+		if alive := live(procs, "server"); len(procs) != 1 || len(alive) != 1 {
+			t.Errorf("%s: %d processes started, %d alive; want its one server, still running", m, len(procs), len(alive))
+		}
+	}
+}
