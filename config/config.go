@@ -58,6 +58,10 @@ type GPU struct {
 type Sim struct {
 	Devices   []SimDevice `koanf:"devices"`
 	StateFile string      `koanf:"state_file"`
+	// UsageDir, when set, holds a file per process (named by its pid,
+	// JSON {"bytes": N}) that overrides the memory derived from its argv:
+	// fake-vllm writes its residue there while it sleeps.
+	UsageDir string `koanf:"usage_dir"`
 }
 
 // SimDevice is one declared GPU of the sim backend.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -44,6 +45,7 @@ type SimProcess struct {
 type Sim struct {
 	devices   []config.SimDevice
 	stateFile string
+	usageDir  string
 	uses      func() []SimUse
 	procs     func() ([]SimProcess, error) // the processes that may use the GPUs
 }
@@ -55,7 +57,7 @@ var _ Reader = (*Sim)(nil)
 // descendants. A non-nil uses instead says what runs where (the caller
 // keeps that state); it is kept for callers that still do.
 func NewSim(cfg config.GPU, uses func() []SimUse) *Sim {
-	return &Sim{devices: cfg.Sim.Devices, stateFile: cfg.Sim.StateFile, uses: uses, procs: descendantProcesses}
+	return &Sim{devices: cfg.Sim.Devices, stateFile: cfg.Sim.StateFile, usageDir: cfg.Sim.UsageDir, uses: uses, procs: descendantProcesses}
 }
 
 type simState struct {
@@ -108,9 +110,13 @@ func (s *Sim) Read(context.Context) ([]Device, error) {
 			if !ok {
 				continue
 			}
+			override, overridden := s.usage(p.PID)
 			for i := range out {
 				if slices.Contains(uuids, out[i].UUID) {
 					b := Share(util, out[i].MemoryTotal)
+					if overridden {
+						b = min(override, out[i].MemoryTotal)
+					}
 					out[i].MemoryUsed += b
 					out[i].Processes = append(out[i].Processes, Process{PID: p.PID, UsedMemory: b})
 				}
@@ -122,6 +128,25 @@ func (s *Sim) Read(context.Context) ([]Device, error) {
 		out[i].MemoryFree = out[i].MemoryTotal - out[i].MemoryUsed
 	}
 	return out, nil
+}
+
+// usage reads pid's file in usage_dir: the bytes per GPU it says the
+// process holds now (a sleeping fake-vllm's residue).
+func (s *Sim) usage(pid int) (uint64, bool) {
+	if s.usageDir == "" {
+		return 0, false
+	}
+	b, err := os.ReadFile(filepath.Join(s.usageDir, strconv.Itoa(pid)))
+	if err != nil {
+		return 0, false
+	}
+	var v struct {
+		Bytes *uint64 `json:"bytes"`
+	}
+	if json.Unmarshal(b, &v) != nil || v.Bytes == nil {
+		return 0, false
+	}
+	return *v.Bytes, true
 }
 
 func (s *Sim) state() (simState, error) {

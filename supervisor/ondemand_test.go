@@ -2,6 +2,9 @@ package supervisor
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
 	"testing"
 	"time"
 )
@@ -98,5 +101,91 @@ func TestOnDemandHoldsNothingBackAtStart(t *testing.T) {
 	h.waitState("low", Ready, 20*time.Second)
 	if st := h.status("high"); st.State != Stopped {
 		t.Errorf("high: %s (%s)", st.State, st.Reason)
+	}
+}
+
+// fakeStats reads fake-vllm's sleep-mode counters.
+func fakeStats(t *testing.T, port int) map[string]float64 {
+	t.Helper()
+	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/fake/stats", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out map[string]float64
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// TestSleepAndWakeKeepTheProcess: an idle on-demand model sleeps (level 1)
+// and a request wakes it: the same process throughout, its GPU memory down
+// to the residue while asleep (sim usage_dir), and the fake never saw an
+// inference request while asleep nor a sleep with one in flight.
+func TestSleepAndWakeKeepTheProcess(t *testing.T) {
+	usage := t.TempDir()
+	h := newHarnessWith(t, simGPUs("", 1)+"    usage_dir: "+usage+"\n",
+		modelSpec{Name: "m", YAML: "activation: on_demand\nsleep_level: 1\nidle_after: 1s\ngpu_memory_utilization: 0.5",
+			Fake: []string{"--fake-usage-dir", usage, "--fake-sleep-residue", "2GiB", "--fake-wake-time-l1", "100ms"}},
+	).start(Options{})
+	h.sup.Demand("m")
+	ready := h.waitState("m", Ready, 20*time.Second)
+	asleep := h.waitState("m", Sleeping, 20*time.Second)
+	waitFor(t, 10*time.Second, "asleep, not going to sleep", func() bool {
+		asleep = h.status("m")
+		return asleep.SleepLevel == 1
+	})
+	if asleep.PID != ready.PID {
+		t.Fatalf("sleeping in another process: %d, was %d", asleep.PID, ready.PID)
+	}
+	port := h.site.Models[0].Port
+	var used uint64
+	waitFor(t, 10*time.Second, "the sleeper's memory down to its residue", func() bool {
+		views, err := h.sup.GPUs(context.Background())
+		if err != nil || len(views) != 1 {
+			return false
+		}
+		used = views[0].MemoryUsed
+		return used == 2<<30
+	})
+	h.sup.Demand("m")
+	woke := h.waitState("m", Ready, 20*time.Second)
+	if woke.PID != ready.PID {
+		t.Errorf("woke as another process: %d, was %d", woke.PID, ready.PID)
+	}
+	st := fakeStats(t, port)
+	if st["sleeps"] != 1 || st["wakes_l1"] != 1 || st["refused_asleep"] != 0 || st["refused_sleeps"] != 0 || st["served"] < 1 {
+		t.Errorf("fake's counters %v (served counts the canary)", st)
+	}
+}
+
+// TestEvictionSleepsAndWakes: two on-demand models that cannot share the
+// one GPU take turns: each request puts the other to sleep, and a sleeper
+// wakes in the same process.
+func TestEvictionSleepsAndWakes(t *testing.T) {
+	usage := t.TempDir()
+	od := "activation: on_demand\nsleep_level: 1\nidle_after: 1h\nmin_awake: 0s\ngpu_memory_utilization: 0.6"
+	fake := []string{"--fake-usage-dir", usage, "--fake-wake-time-l1", "100ms"}
+	h := newHarnessWith(t, simGPUs("", 1)+"    usage_dir: "+usage+"\n",
+		modelSpec{Name: "a", YAML: od, Fake: fake},
+		modelSpec{Name: "b", YAML: od, Fake: fake},
+	).start(Options{})
+	h.sup.Demand("a")
+	a := h.waitState("a", Ready, 20*time.Second)
+	h.sup.Demand("b")
+	b := h.waitState("b", Ready, 30*time.Second)
+	if st := h.status("a"); st.State != Sleeping || st.PID != a.PID {
+		t.Fatalf("a: %s (%s) pid %d, was %d", st.State, st.Reason, st.PID, a.PID)
+	}
+	h.sup.Demand("a")
+	waitFor(t, 30*time.Second, "a awake in its own process, b asleep", func() bool {
+		sa, sb := h.status("a"), h.status("b")
+		return sa.State == Ready && sa.PID == a.PID && sb.State == Sleeping && sb.SleepLevel == 1 && sb.PID == b.PID
+	})
+	for _, m := range h.site.Models {
+		if st := fakeStats(t, m.Port); st["refused_asleep"] != 0 || st["refused_sleeps"] != 0 {
+			t.Errorf("%s's counters %v", m.Name, st)
+		}
 	}
 }

@@ -54,6 +54,7 @@ type options struct {
 	logBytesPerSec  int
 	tokenDelay      time.Duration // between generated tokens (and stream events)
 	tokens          int           // tokens generated when max_tokens is not given
+	sleep           sleepOptions  // vLLM's sleep mode (sleep.go)
 
 	worker, workerDetached, workerOrphan bool
 }
@@ -85,7 +86,8 @@ func Main(args []string) int {
 }
 
 func parse(args []string) (*options, error) {
-	o := &options{host: "127.0.0.1", tp: 1, gpuUtil: 0.9, exitCode: 1, tokens: 16}
+	o := &options{host: "127.0.0.1", tp: 1, gpuUtil: 0.9, exitCode: 1,
+		sleep: sleepOptions{wakeL1: 200 * time.Millisecond, wakeL2: time.Second, modelBytes: 1 << 30, residue: 2 << 30}, tokens: 16}
 	for i := 0; i < len(args); i++ {
 		a := args[i]
 		if !strings.HasPrefix(a, "--") {
@@ -157,6 +159,18 @@ func parse(args []string) (*options, error) {
 			o.logEvery, err = time.ParseDuration(next())
 		case "--fake-log-bytes-per-sec":
 			o.logBytesPerSec, err = strconv.Atoi(next())
+		case "--enable-sleep-mode":
+			o.sleep.enabled = true
+		case "--fake-wake-time-l1":
+			o.sleep.wakeL1, err = time.ParseDuration(next())
+		case "--fake-wake-time-l2":
+			o.sleep.wakeL2, err = time.ParseDuration(next())
+		case "--fake-model-bytes":
+			o.sleep.modelBytes, err = parseSize(next())
+		case "--fake-usage-dir":
+			o.sleep.usageDir = next()
+		case "--fake-sleep-residue":
+			o.sleep.residue, err = parseSize(next())
 		case "--fake-token-delay":
 			o.tokenDelay, err = time.ParseDuration(next())
 		case "--fake-tokens":
@@ -193,6 +207,10 @@ func logf(format string, args ...any) {
 }
 
 func runServer(o *options) int {
+	if o.sleep.usageDir != "" {
+		// The sim GPU backend must not count a residue for a process gone.
+		defer os.Remove(filepath.Join(o.sleep.usageDir, strconv.Itoa(os.Getpid()))) //nolint:errcheck // gone is the goal
+	}
 	logf("vLLM API server version fake, args: model=%s tp=%d gpu_memory_utilization=%.2f max_model_len=%d",
 		o.model, o.tp, o.gpuUtil, o.maxModelLen)
 	if o.envFile != "" {
@@ -352,12 +370,20 @@ func newHandler(o *options, start time.Time) http.Handler {
 		})
 	})
 	api := &inference{o: o, requests: &requests}
+	sm := &sleepMode{o: o}
+	sm.register(mux)
 	for path, kind := range map[string]string{"/v1/completions": "completion", "/v1/chat/completions": "chat", "/v1/embeddings": "embedding"} {
 		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
 			// A wedged engine: /health still says 200, completions never come.
 			if hung() || (o.engineHangAfter > 0 && time.Since(start) > o.engineHangAfter) {
 				<-r.Context().Done()
 				return
+			}
+			if o.devMode() {
+				if !sm.admit(w) {
+					return
+				}
+				defer sm.done()
 			}
 			api.serve(w, r, kind)
 		})

@@ -1,0 +1,232 @@
+package fakevllm
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// sleepMode is vLLM's sleep mode as the supervisor drives it (SPEC §8),
+// served only with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1, as vLLM
+// does. It fails loudly (500 and an ERROR line) where a real engine would
+// crash or answer garbage, so tests catch a supervisor that sends an
+// inference request to a sleeping engine, tells an engine to sleep with
+// requests in flight, or skips the reload after a level-2 sleep.
+//
+// Flags: --fake-wake-time-l1 and --fake-wake-time-l2 (how long a wake
+// takes, by the level slept at); --fake-model-bytes (the weights' size: a
+// level-1 sleeper holds it in host memory, reported in /fake/stats);
+// --fake-usage-dir and --fake-sleep-residue (for the sim GPU backend: while
+// asleep the fake writes <dir>/<pid> with the GPU memory it still holds).
+type sleepMode struct {
+	o        *options
+	inFlight atomic.Int64 // inference requests running (admitted under mu)
+
+	mu        sync.Mutex
+	asleep    bool
+	level     int
+	needWake  map[string]bool // tags still to wake: weights, kv_cache
+	discarded bool            // level 2: weights dropped and not reloaded yet
+
+	served, refusedAsleep, sleeps, refusedSleeps, garbage atomic.Int64
+	wakes                                                [3]atomic.Int64
+}
+
+type sleepOptions struct {
+	enabled    bool
+	wakeL1     time.Duration
+	wakeL2     time.Duration
+	modelBytes int64
+	usageDir   string
+	residue    int64
+}
+
+// parseSize reads 2GiB, 512MiB or a byte count.
+func parseSize(s string) (int64, error) {
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}} {
+		if n, ok := cutSuffix(s, u.suffix); ok {
+			f, err := strconv.ParseFloat(n, 64)
+			return int64(f * float64(u.mult)), err
+		}
+	}
+	return strconv.ParseInt(s, 10, 64)
+}
+
+func cutSuffix(s, suffix string) (string, bool) {
+	if len(s) > len(suffix) && s[len(s)-len(suffix):] == suffix {
+		return s[:len(s)-len(suffix)], true
+	}
+	return "", false
+}
+
+// devMode reports whether vLLM would serve the development endpoints.
+func (o *options) devMode() bool {
+	return o.sleep.enabled && os.Getenv("VLLM_SERVER_DEV_MODE") == "1"
+}
+
+func (s *sleepMode) register(mux *http.ServeMux) {
+	if !s.o.devMode() {
+		return // 404, as vLLM without them
+	}
+	mux.HandleFunc("POST /sleep", s.sleep)
+	mux.HandleFunc("POST /wake_up", s.wakeUp)
+	mux.HandleFunc("GET /is_sleeping", func(w http.ResponseWriter, _ *http.Request) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		writeJSON(w, map[string]bool{"is_sleeping": s.asleep})
+	})
+	mux.HandleFunc("POST /collective_rpc", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Method string `json:"method"`
+		}
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil || req.Method == "" {
+			vllmError(w, http.StatusBadRequest, "BadRequestError", "collective_rpc needs a JSON body with a method")
+			return
+		}
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if req.Method == "reload_weights" {
+			if s.needWake["weights"] {
+				s.loud(w, "reload_weights while the weights' memory still sleeps (wake_up?tags=weights first)")
+				return
+			}
+			s.discarded = false
+		}
+		writeJSON(w, map[string]any{"results": []any{nil}})
+	})
+	mux.HandleFunc("POST /reset_prefix_cache", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusOK) })
+	mux.HandleFunc("GET /fake/stats", func(w http.ResponseWriter, _ *http.Request) {
+		s.mu.Lock()
+		var host int64
+		if s.asleep && s.level == 1 {
+			host = s.o.sleep.modelBytes
+		}
+		s.mu.Unlock()
+		writeJSON(w, map[string]any{
+			"served": s.served.Load(), "refused_asleep": s.refusedAsleep.Load(), "garbage": s.garbage.Load(),
+			"sleeps": s.sleeps.Load(), "refused_sleeps": s.refusedSleeps.Load(),
+			"wakes_l1": s.wakes[1].Load(), "wakes_l2": s.wakes[2].Load(), "host_bytes": host,
+		})
+	})
+}
+
+// loud answers 500 and logs an ERROR line, as a crashing engine would.
+// Called with mu held.
+func (s *sleepMode) loud(w http.ResponseWriter, what string) {
+	fmt.Fprintf(os.Stderr, "ERROR fake-vllm: %s\n", what)
+	vllmError(w, http.StatusInternalServerError, "InternalServerError", what)
+}
+
+func (s *sleepMode) sleep(w http.ResponseWriter, r *http.Request) {
+	// The level is read from the query string only: vLLM ignores a body.
+	level := 1
+	if v := r.URL.Query().Get("level"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 2 {
+			vllmError(w, http.StatusBadRequest, "BadRequestError", "level must be 1 or 2")
+			return
+		}
+		level = n
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n := s.inFlight.Load(); n > 0 {
+		s.refusedSleeps.Add(1)
+		s.loud(w, fmt.Sprintf("told to sleep with %d requests in flight (this crashes TP>1 engines)", n))
+		return
+	}
+	s.asleep, s.level = true, level
+	s.needWake = map[string]bool{"weights": true, "kv_cache": true}
+	s.discarded = level == 2
+	s.sleeps.Add(1)
+	s.writeUsage()
+	logf("sleeping at level %d", level)
+	w.WriteHeader(http.StatusOK)
+}
+
+func (s *sleepMode) wakeUp(w http.ResponseWriter, r *http.Request) {
+	tags := r.URL.Query()["tags"]
+	if len(tags) == 0 {
+		tags = []string{"weights", "kv_cache"}
+	}
+	s.mu.Lock()
+	level := s.level
+	s.mu.Unlock()
+	d := s.o.sleep.wakeL1
+	if level == 2 {
+		d = s.o.sleep.wakeL2
+	}
+	select {
+	case <-time.After(d):
+	case <-r.Context().Done():
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, t := range tags {
+		delete(s.needWake, t)
+	}
+	if s.asleep && len(s.needWake) == 0 {
+		s.asleep = false
+		s.wakes[min(max(level, 1), 2)].Add(1)
+		s.removeUsage()
+		logf("awake (slept at level %d)", level)
+	}
+	w.WriteHeader(http.StatusOK)
+}
+
+// admit says whether an inference request may run: not while asleep, not
+// with weights discarded and never reloaded. It answers the refusal.
+func (s *sleepMode) admit(w http.ResponseWriter) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.asleep:
+		s.refusedAsleep.Add(1)
+		s.loud(w, "inference request while asleep (a real engine has crashed on this)")
+		return false
+	case s.discarded:
+		s.garbage.Add(1)
+		s.loud(w, "weights were discarded (sleep level 2) and not reloaded")
+		return false
+	}
+	s.served.Add(1)
+	s.inFlight.Add(1) // under mu: a sleep sees it
+	return true
+}
+
+// done ends a request admit let in.
+func (s *sleepMode) done() { s.inFlight.Add(-1) }
+
+// usageFile is where the sim GPU backend reads this process's GPU memory
+// while it sleeps.
+func (s *sleepMode) usageFile() string {
+	if s.o.sleep.usageDir == "" {
+		return ""
+	}
+	return filepath.Join(s.o.sleep.usageDir, strconv.Itoa(os.Getpid()))
+}
+
+func (s *sleepMode) writeUsage() {
+	if f := s.usageFile(); f != "" {
+		b, _ := json.Marshal(map[string]int64{"bytes": s.o.sleep.residue})
+		if err := os.WriteFile(f, b, 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, "fake-vllm: usage file:", err)
+		}
+	}
+}
+
+func (s *sleepMode) removeUsage() {
+	if f := s.usageFile(); f != "" {
+		os.Remove(f) //nolint:errcheck // gone is the goal
+	}
+}
