@@ -129,6 +129,9 @@ type Supervisor struct {
 	ready     chan struct{}
 	heartbeat time.Duration
 
+	demandMu sync.Mutex      // orders Demand against runners being added
+	early    map[string]bool // models demanded before their runner existed
+
 	beat     atomic.Int64 // unix nanoseconds of the main loop's last turn
 	reloadOK atomic.Bool  // the last configuration load succeeded
 	reloadAt atomic.Int64 // unix seconds of the last successful load
@@ -181,7 +184,7 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 	if d.jitter == nil {
 		d.jitter = rand.Float64
 	}
-	s := &Supervisor{d: d, applyCh: make(chan applyReq), ready: make(chan struct{}), heartbeat: cmp.Or(o.Heartbeat, time.Second)}
+	s := &Supervisor{d: d, applyCh: make(chan applyReq), ready: make(chan struct{}), heartbeat: cmp.Or(o.Heartbeat, time.Second), early: map[string]bool{}}
 	if o.GPUs == nil && o.NoGPUs == "" {
 		o.NoGPUs = "gpu.backend is " + cfg.GPU.Backend + ": no GPU readings"
 	}
@@ -256,8 +259,18 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	startRunner := func(m config.Model) {
 		r := newRunner(m, s.d)
 		byName[m.Name] = r
-		// Listed before it runs: the scheduler's answers find it.
+		// Listed before it runs: the scheduler's answers find it, and a
+		// request that came before it did is handed over.
+		s.demandMu.Lock()
 		s.publishRunners(byName)
+		if s.early[m.Name] {
+			delete(s.early, m.Name)
+			r.lastRequest.Store(s.d.now().UnixNano())
+			if m.OnDemand() {
+				r.mail.put(message{ev: evDemand{}})
+			}
+		}
+		s.demandMu.Unlock()
 		rctx, cancel := context.WithCancel(runCtx)
 		r.cancel = cancel
 		g.Go(func() error {
@@ -474,10 +487,16 @@ func (s *Supervisor) evict(victim, forModel string) {
 // request): it records the request, and starts or wakes an on-demand model
 // that is not awake.
 func (s *Supervisor) Demand(name string) {
+	s.demandMu.Lock()
 	r := s.runner(name)
 	if r == nil {
+		// The gateway serves before Run has started the runners (or while
+		// a reload adds the model): the runner takes it when it starts.
+		s.early[name] = true
+		s.demandMu.Unlock()
 		return
 	}
+	s.demandMu.Unlock()
 	r.lastRequest.Store(s.d.now().UnixNano())
 	// The configuration, not the status: a runner that has not published
 	// yet must still get the request (its machine ignores it if awake).

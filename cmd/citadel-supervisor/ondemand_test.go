@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -101,6 +102,70 @@ func TestTwoThatFitNeverSwap(t *testing.T) {
 		procs := s.procs(m) // every process it ever started
 		if alive := live(procs, "server"); len(procs) != 1 || len(alive) != 1 {
 			t.Errorf("%s: %d processes started, %d alive; want its one server, still running", m, len(procs), len(alive))
+		}
+	}
+}
+
+// TestEvictionDrainsAStreamFirst: a stream in flight on model a when a
+// request for b needs a's GPU: a is put to sleep only once the stream has
+// ended, whole; b's request waits for that; the fake never saw a sleep with
+// a request in flight, nor a request while asleep.
+func TestEvictionDrainsAStreamFirst(t *testing.T) {
+	gwPort := supervisortest.FreePort(t)
+	usage := t.TempDir()
+	top := fmt.Sprintf(`gpu:
+  backend: sim
+  sim:
+    devices: [{uuid: GPU-00000000-0000-0000-0000-000000000000, name: Sim H100, memory: 80GiB}]
+    usage_dir: %s
+gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
+`, usage, gwPort)
+	od := "activation: on_demand\nsleep_level: 1\nmin_awake: 0s\ngpu_memory_utilization: 0.6"
+	fake := []string{"--fake-usage-dir", usage, "--fake-token-delay", "50ms", "--fake-wake-time-l1", "100ms"}
+	s := &site{Site: supervisortest.NewSite(t, top, testModel{Name: "a", YAML: od, Fake: fake}, testModel{Name: "b", YAML: od, Fake: fake}), t: t}
+	s.start()
+	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
+	waitFor(t, 30*time.Second, "the gateway up", func() bool {
+		resp, err := http.Get(gw + "/v1/models")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	if code, body := chat(t, gw, "a"); code != 200 {
+		t.Fatalf("a: %d %s", code, body)
+	}
+	// A 40-token stream on a: 2 s.
+	resp, err := http.Post(gw+"/v1/completions", "application/json",
+		strings.NewReader(`{"model":"a","prompt":"hi","max_tokens":40,"stream":true}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream := make(chan string, 1)
+	go func() {
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		stream <- string(b)
+	}()
+	code, body := chat(t, gw, "b") // waits for a's stream, a's sleep, b's start
+	streamed := <-stream
+	if code != 200 {
+		t.Fatalf("b: %d %s", code, body)
+	}
+	if strings.Count(streamed, "data: ") != 41 || !strings.HasSuffix(strings.TrimSpace(streamed), "data: [DONE]") {
+		t.Errorf("a's stream was cut: %d events\n%s", strings.Count(streamed, "data: "), streamed)
+	}
+	for _, m := range s.Models {
+		st := map[string]float64{}
+		r, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/fake/stats", m.Port))
+		if err != nil {
+			t.Fatal(err)
+		}
+		json.NewDecoder(r.Body).Decode(&st) //nolint:errcheck // checked below
+		r.Body.Close()
+		if st["refused_sleeps"] != 0 || st["refused_asleep"] != 0 {
+			t.Errorf("%s's fake: %v", m.Name, st)
 		}
 	}
 }
