@@ -76,7 +76,7 @@ e2e-systemd: package
 # The seven seed models on fake-vllm and two simulated GPUs. Ctrl-C stops
 # the daemon, which stops every model.
 demo: build
-	@mkdir -p $(addprefix .demo/models/,$(DEMO_MODELS)) .demo/run .demo/cache
+	@mkdir -p $(addprefix .demo/models/,$(DEMO_MODELS)) .demo/run/gpu-usage .demo/cache
 	./bin/citadel-supervisor --config deploy/demo.yaml
 
 # Everything the package holds, under DESTDIR (empty: this machine).
