@@ -130,7 +130,8 @@ type Outcome struct {
 //     models to sleep: only ready ones that are not protected (min_awake),
 //     for an always model only lower-priority ones, lower priority first,
 //     then least recently used, and only as many as it needs, on exactly
-//     the GPUs it needs. It waits until they sleep
+//     the GPUs it needs. When putting awake models to sleep is not enough,
+//     sleeping ones are stopped for their residue. It waits until they sleep
 //     and the readings show their memory back. Models already being put to
 //     sleep count as room coming; always models are never put to sleep.
 func Decide(in Input) Outcome {
@@ -318,30 +319,40 @@ func wakeNeed(c *Claim, s Slot, headroom config.ByteSize) uint64 {
 // on asleep's GPUs when it is a sleeping model waking, else wherever Fit
 // then places it. It returns nil when nothing eligible would make it fit.
 func makeRoom(r Request, asleep *Claim, slots []Slot, claims map[string]*Claim, headroom config.ByteSize) []string {
-	var cands, coming []*Claim
+	var awake, sleepers, coming []*Claim
 	for _, c := range claims {
 		switch {
-		case c.Name == r.Name || !c.OnDemand || c.Phase != Running:
+		case c.Name == r.Name || !c.OnDemand:
+		case c.Phase != Running && c.Phase != Asleep:
 		case !r.OnDemand && c.Req.Priority >= r.Priority:
 			// An always model preempts only lower-priority ones.
 		case c.Evicting:
 			coming = append(coming, c)
+		case c.Phase == Asleep:
+			// A sleeper holds only its residue (CUDA graphs, NCCL); it is
+			// stopped to give that back, after every awake candidate.
+			sleepers = append(sleepers, c)
 		case c.Protected == "":
-			cands = append(cands, c)
+			awake = append(awake, c)
 		}
 	}
-	if len(cands) == 0 && len(coming) == 0 {
+	if len(awake) == 0 && len(sleepers) == 0 && len(coming) == 0 {
 		return nil
 	}
-	slices.SortFunc(cands, func(a, b *Claim) int {
-		if a.Req.Priority != b.Req.Priority {
-			return a.Req.Priority - b.Req.Priority
-		}
-		if c := a.LastUsed.Compare(b.LastUsed); c != 0 {
-			return c
-		}
-		return strings.Compare(a.Name, b.Name)
-	})
+	order := func(cs []*Claim) {
+		slices.SortFunc(cs, func(a, b *Claim) int {
+			if a.Req.Priority != b.Req.Priority {
+				return a.Req.Priority - b.Req.Priority
+			}
+			if c := a.LastUsed.Compare(b.LastUsed); c != 0 {
+				return c
+			}
+			return strings.Compare(a.Name, b.Name)
+		})
+	}
+	order(awake)
+	order(sleepers)
+	cands := append(awake, sleepers...)
 	for k := 0; k <= len(cands); k++ {
 		freed := freeing(slots, append(slices.Clone(coming), cands[:k]...))
 		var gpus []string
@@ -398,9 +409,11 @@ func freeing(slots []Slot, victims []*Claim) []Slot {
 				}
 			}
 			// What it allocated goes back to free; what it had claimed but
-			// not allocated is no longer claimed.
+			// not allocated is no longer claimed (a sleeper claims nothing).
 			s.MemoryFree += min(used, s.MemoryTotal-s.MemoryFree)
-			s.Claimed -= min(share-min(used, share), s.Claimed)
+			if v.Phase != Asleep {
+				s.Claimed -= min(share-min(used, share), s.Claimed)
+			}
 		}
 	}
 	return out

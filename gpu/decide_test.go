@@ -227,6 +227,16 @@ func TestDecideEviction(t *testing.T) {
 		want:  "s: waiting for b to sleep to make room\nclaims: a=running[GPU-0] b=running[GPU-1] s=asleep[GPU-1]",
 		evict: "b→s",
 	}, {
+		name: "sleepers are stopped for their residue when sleeping the awake is not enough",
+		claims: []Claim{
+			{Name: "s1", Req: Request{Name: "s1", TP: 1, Util: 0.5}, UUIDs: []string{"GPU-0"}, Phase: Asleep, PIDs: []int{1}, OnDemand: true, Since: now.Add(-time.Hour), LastUsed: t1},
+			{Name: "s2", Req: Request{Name: "s2", TP: 1, Util: 0.5}, UUIDs: []string{"GPU-0"}, Phase: Asleep, PIDs: []int{3}, OnDemand: true, Since: now.Add(-time.Hour), LastUsed: t2},
+			running("b", 0, 0.6, 1, 2, t2),
+		},
+		wants: []Want{odWant("big", 0, 0.9, 1)},
+		want:  "big: waiting for b to sleep to make room\nclaims: b=running[GPU-1] s1=asleep[GPU-0] s2=asleep[GPU-0]",
+		evict: "b→big",
+	}, {
 		name: "a sleeper wakes when its share is free",
 		claims: []Claim{
 			{Name: "s", Req: Request{Name: "s", TP: 1, Util: 0.5}, UUIDs: []string{"GPU-1"}, Phase: Asleep, OnDemand: true, Since: now.Add(-time.Hour)},
@@ -252,6 +262,25 @@ func TestDecideEviction(t *testing.T) {
 				t.Errorf("evict %q, want %q", got, tc.evict)
 			}
 		})
+	}
+}
+
+// TestDecideStopsSleepersForTheirResidue: with nothing awake to put to
+// sleep, sleepers whose residue is in the way are stopped, as few as do.
+func TestDecideStopsSleepersForTheirResidue(t *testing.T) {
+	d := withProc(withProc(withProc(devs()[:1], 0, 1, 5*config.GiB), 0, 3, 5*config.GiB), 0, 4, 5*config.GiB)
+	sleeper := func(name string, pid int, last time.Time) Claim {
+		return Claim{Name: name, Req: Request{Name: name, TP: 1, Util: 0.5}, UUIDs: []string{"GPU-0"}, Phase: Asleep, PIDs: []int{pid}, OnDemand: true, Since: now.Add(-time.Hour), LastUsed: last}
+	}
+	out := Decide(Input{Devices: d, ReadAt: now, Now: now, Headroom: config.GiB,
+		Claims: []Claim{sleeper("s1", 1, now.Add(-time.Hour)), sleeper("s2", 3, now.Add(-time.Minute)), sleeper("s3", 4, now.Add(-2*time.Hour))},
+		Wants:  []Want{odWant("big", 0, 0.9, 1)}, // 72 + 1 GiB: 65 free, two residues must go
+	})
+	if got := outcome(out); !strings.HasPrefix(got, "big: waiting for s1, s3 to sleep to make room") {
+		t.Errorf("got %s", got)
+	}
+	if len(out.Evict) != 2 || out.Evict["s1"] != "big" || out.Evict["s3"] != "big" {
+		t.Errorf("evict %v", out.Evict)
 	}
 }
 

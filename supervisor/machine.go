@@ -845,10 +845,17 @@ func (m *machine) sleep(cause, reason string) []effect {
 }
 
 func (m *machine) onEvict(forModel string) []effect {
-	if m.state != Ready || !m.cfg.OnDemand() || m.shutdown {
-		return []effect{efDecline{}}
+	switch {
+	case !m.cfg.OnDemand() || m.shutdown:
+	case m.state == Ready:
+		return m.sleep("evicted", "making room for "+forModel)
+	case m.state == Sleeping && !m.sleepOp && !m.wakeAfter:
+		// Asleep, it still holds CUDA graphs and NCCL buffers: stop it to
+		// give those back too. It starts afresh at its next request.
+		m.idleAfter = "on demand: stopped to make room for " + forModel + "; starts at its next request"
+		return append(m.beginStop("stopping: making room for "+forModel), efSlept{level: 0, cause: "evicted"})
 	}
-	return m.sleep("evicted", "making room for "+forModel)
+	return []effect{efDecline{}}
 }
 
 func (m *machine) onIdle(ev evIdle) []effect {
