@@ -25,6 +25,10 @@ type Config struct {
 	Log          Log     `koanf:"log"`
 	GPU          GPU     `koanf:"gpu"`
 	Gateway      Gateway `koanf:"gateway"`
+	// SleepHostMemory bounds the host memory held by on-demand models
+	// asleep at level 1 (their weights, in pinned RAM); past it a model
+	// sleeps at level 2 instead. 0: no bound.
+	SleepHostMemory ByteSize `koanf:"sleep_host_memory"`
 
 	// Models holds every model, sorted by name, with defaults merged in.
 	Models []Model `koanf:"-"`
@@ -186,7 +190,8 @@ func builtin() map[string]any {
 			"release_timeout": "60s",
 			"sim":             map[string]any{"devices": []any{}, "state_file": ""},
 		},
-		"gateway": builtinGateway(),
+		"gateway":           builtinGateway(),
+		"sleep_host_memory": "0",
 	}
 }
 

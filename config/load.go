@@ -215,6 +215,7 @@ type fileShape struct {
 	Log           Log              `koanf:"log"`
 	GPU           GPU              `koanf:"gpu"`
 	Gateway       Gateway          `koanf:"gateway"`
+	SleepHost     ByteSize         `koanf:"sleep_host_memory"`
 	Defaults      Model            `koanf:"defaults"`
 	Models        map[string]Model `koanf:"models"`
 }

@@ -160,6 +160,8 @@ type (
 	evSlept struct {
 		err     error
 		aborted bool
+		level   int    // the level it sleeps at (the host memory budget may have raised it)
+		note    string // why the level differs from sleep_level
 	}
 	// evWoke: the wake in flight (wake_up and a one-token canary) finished.
 	evWoke struct{ err error }
@@ -898,7 +900,14 @@ func (m *machine) onSlept(ev evSlept) []effect {
 		m.idleAfter = "on demand: stopped after a failed sleep (" + errText(ev.err) + "); starts at its next request"
 		return m.beginStop("stopping: sleep failed: " + errText(ev.err))
 	}
-	m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s)", m.sleepLevel, m.sleepCause))
+	if ev.level > 0 {
+		m.sleepLevel = ev.level
+	}
+	reason := fmt.Sprintf("asleep (level %d, %s)", m.sleepLevel, m.sleepCause)
+	if ev.note != "" {
+		reason += "; " + ev.note
+	}
+	m.enter(Sleeping, reason)
 	out := []effect{efSlept{level: m.sleepLevel, cause: m.sleepCause}}
 	if m.wakeAfter {
 		m.wakeAfter = false

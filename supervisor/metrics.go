@@ -86,7 +86,7 @@ func (m *metrics) forget(model string) {
 type modelCollector struct {
 	s *Supervisor
 
-	up, state, cause, restarts, lastExit, startTime, startup, rss, cpu, probeOK, reloadOK, reloadTime *prometheus.Desc
+	up, state, cause, restarts, lastExit, startTime, startup, rss, cpu, probeOK, reloadOK, reloadTime, hostHeld *prometheus.Desc
 }
 
 func newModelCollector(s *Supervisor) *modelCollector {
@@ -104,12 +104,13 @@ func newModelCollector(s *Supervisor) *modelCollector {
 		cpu:        prometheus.NewDesc("citadel_model_cpu_seconds_total", "CPU time of the model's processes (user and system), across its restarts; a process's time since the last scrape before it exited is not counted.", m, nil),
 		probeOK:    prometheus.NewDesc("citadel_probe_success", "1 if the model's last health probe succeeded, else 0.", m, nil),
 		reloadOK:   prometheus.NewDesc("citadel_config_last_reload_successful", "1 if the last configuration load succeeded, 0 if it was rejected (the previous one stays in force).", nil, nil),
+		hostHeld:   prometheus.NewDesc("citadel_model_sleep_host_memory_bytes", "Host memory an on-demand model holds asleep at level 1 (its weights in pinned RAM), measured as its resident memory grown across the sleep; bounded by sleep_host_memory.", m, nil),
 		reloadTime: prometheus.NewDesc("citadel_config_last_reload_success_timestamp_seconds", "Unix time of the last successful configuration load.", nil, nil),
 	}
 }
 
 func (c *modelCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.up, c.state, c.cause, c.restarts, c.lastExit, c.startTime, c.startup, c.rss, c.cpu, c.probeOK, c.reloadOK, c.reloadTime} {
+	for _, d := range []*prometheus.Desc{c.up, c.state, c.cause, c.restarts, c.lastExit, c.startTime, c.startup, c.rss, c.cpu, c.probeOK, c.reloadOK, c.reloadTime, c.hostHeld} {
 		ch <- d
 	}
 }
@@ -144,6 +145,9 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		if st.StartupDuration > 0 {
 			ch <- prometheus.MustNewConstMetric(c.startup, prometheus.GaugeValue, st.StartupDuration.Seconds(), name)
+		}
+		if held := r.hostHeld.Load(); held > 0 {
+			ch <- prometheus.MustNewConstMetric(c.hostHeld, prometheus.GaugeValue, float64(held), name)
 		}
 		if st.ProbeSuccess != nil {
 			ch <- prometheus.MustNewConstMetric(c.probeOK, prometheus.GaugeValue, boolf(*st.ProbeSuccess), name)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 )
@@ -188,4 +189,68 @@ func TestEvictionSleepsAndWakes(t *testing.T) {
 			t.Errorf("%s's counters %v", m.Name, st)
 		}
 	}
+}
+
+// TestSleepHostMemoryBudget: level-1 sleepers' host memory is measured
+// (their resident memory grown across the sleep: the fake really allocates
+// its "weights"); once it reaches sleep_host_memory, the next model sleeps
+// at level 2 instead, and says so.
+func TestSleepHostMemoryBudget(t *testing.T) {
+	od := "activation: on_demand\nsleep_level: 1\nidle_after: 1h\ngpu_memory_utilization: 0.3"
+	fake := []string{"--fake-model-bytes", "64MiB", "--fake-wake-time-l1", "50ms", "--fake-wake-time-l2", "50ms"}
+	h := newHarnessWith(t, "sleep_host_memory: 32MiB\n"+simGPUs("", 1),
+		modelSpec{Name: "a", YAML: od, Fake: fake},
+		modelSpec{Name: "b", YAML: od, Fake: fake},
+	).start(Options{})
+	for _, m := range []string{"a", "b"} {
+		h.sup.Demand(m)
+		h.waitState(m, Ready, 20*time.Second)
+	}
+	asleep := func(m string, level int) Status {
+		t.Helper()
+		if res, err := h.sup.Do(context.Background(), OpSleep, m); err != nil || res[m] != nil {
+			t.Fatalf("sleep %s: %v %v", m, res, err)
+		}
+		var st Status
+		waitFor(t, 20*time.Second, m+" asleep", func() bool {
+			st = h.status(m)
+			return st.State == Sleeping && st.SleepLevel != 0
+		})
+		if st.SleepLevel != level {
+			t.Errorf("%s asleep at level %d (%s), want %d", m, st.SleepLevel, st.Reason, level)
+		}
+		return st
+	}
+	asleep("a", 1)
+	var held uint64
+	for _, r := range *h.sup.runners.Load() {
+		if r.name == "a" {
+			held = r.hostHeld.Load()
+		}
+	}
+	if held < 32<<20 {
+		t.Fatalf("a's host memory asleep measured as %d bytes, want about 64 MiB", held)
+	}
+	b := asleep("b", 2)
+	if !strings.Contains(b.Reason, "level 2, not 1: level-1 sleepers hold") {
+		t.Errorf("b's reason %q", b.Reason)
+	}
+}
+
+// TestFailedWakeRestartsCold: a wake that fails (another process took the
+// memory, say) restarts the model cold, and it serves again.
+func TestFailedWakeRestartsCold(t *testing.T) {
+	h := newHarness(t, modelSpec{Name: "m", YAML: "activation: on_demand\nsleep_level: 1\nidle_after: 1h", Fake: []string{"--fake-fail-wake"}}).start(Options{})
+	h.sup.Demand("m")
+	first := h.waitState("m", Ready, 20*time.Second)
+	if res, err := h.sup.Do(context.Background(), OpSleep, "m"); err != nil || res["m"] != nil {
+		t.Fatalf("sleep: %v %v", res, err)
+	}
+	waitFor(t, 20*time.Second, "asleep", func() bool { st := h.status("m"); return st.State == Sleeping && st.SleepLevel == 1 })
+	h.sup.Demand("m")
+	var st Status
+	waitFor(t, 30*time.Second, "ready again, in a new process", func() bool {
+		st = h.status("m")
+		return st.State == Ready && st.PID != first.PID
+	})
 }

@@ -15,6 +15,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/proc"
 )
 
 // recheckInterval is how often a pending model re-checks what it waits for
@@ -48,6 +49,10 @@ type runner struct {
 	// lastRequest is the unix nanoseconds of the gateway's last request
 	// for the model.
 	lastRequest atomic.Int64
+	// hostHeld is the host memory the model holds asleep at level 1 (its
+	// weights in pinned RAM), measured as its processes' resident memory
+	// grown across the sleep; 0 otherwise.
+	hostHeld atomic.Uint64
 }
 
 // message is what others send a runner: an event, and for operations a
@@ -305,6 +310,7 @@ func (l *loop) do(ef effect) event {
 		// Its GPUs stay busy until its processes have left them.
 		r.d.sched.Release(r.name, ef.inst.tree.SeenPIDs(), ef.keep)
 		r.pids.Store(nil)
+		r.hostHeld.Store(0)
 	case efSleep:
 		base, grace := baseURL(m.cfg), m.cfg.StopTimeout
 		// After the sleeping state is published: the drain names it.
@@ -317,6 +323,7 @@ func (l *loop) do(ef effect) event {
 	case efWake:
 		go l.wake(m.inst, m.cfg, ef.level)
 	case efWoke:
+		r.hostHeld.Store(0)
 		r.d.metrics.woke(r.name, ef.level, ef.took)
 	case efDecline:
 		r.d.sched.Declined(r.name)
@@ -418,6 +425,16 @@ func (l *loop) sleep(base string, level int, grace time.Duration, seq uint64) {
 			return
 		}
 	}
+	// Level 1 keeps the weights in pinned host memory: past the budget,
+	// level 2 (they are reloaded from disk at the wake) instead.
+	var note string
+	if budget := d.sleepBudget(); level == 1 && budget > 0 {
+		if held := d.level1Held(l.r.name); held >= budget {
+			level = 2
+			note = fmt.Sprintf("level 2, not 1: level-1 sleepers hold %s of sleep_host_memory %s", config.ByteSize(held), config.ByteSize(budget))
+		}
+	}
+	before := l.r.rss()
 	ctx, cancel := context.WithTimeout(context.Background(), sleepTimeout)
 	defer cancel()
 	err := d.prober.Sleep(ctx, base, level)
@@ -427,7 +444,25 @@ func (l *loop) sleep(base string, level int, grace time.Duration, seq uint64) {
 			err = errors.New("is_sleeping says it is awake after /sleep")
 		}
 	}
-	l.results <- evSlept{err: err}
+	if err == nil && level == 1 {
+		if after := l.r.rss(); after > before {
+			l.r.hostHeld.Store(after - before)
+		}
+	}
+	l.results <- evSlept{err: err, level: level, note: note}
+}
+
+// rss is the resident memory of the model's processes.
+func (r *runner) rss() uint64 {
+	var sum uint64
+	if p := r.pids.Load(); p != nil {
+		for _, pid := range *p {
+			if st, err := proc.ReadStat(pid); err == nil && st.State != 'Z' {
+				sum += uint64(st.RSSPages) * uint64(os.Getpagesize())
+			}
+		}
+	}
+	return sum
 }
 
 // wake wakes the model (the level-2 sequence reloads its weights), checks

@@ -118,6 +118,10 @@ type deps struct {
 	changed func() // a model's status changed
 	traffic Traffic
 	changes changes // closed at each state or configuration change (changes.go)
+	// sleepBudget is sleep_host_memory in force; level1Held the host
+	// memory level-1 sleepers other than one hold.
+	sleepBudget func() uint64
+	level1Held  func(except string) uint64
 }
 
 // Supervisor runs every configured model.
@@ -214,6 +218,16 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 	d.sched.deliver = s.deliver
 	d.sched.usage = s.usage
 	d.sched.evict = s.evict
+	d.sleepBudget = func() uint64 { return uint64(s.cfg.Load().SleepHostMemory) }
+	d.level1Held = func(except string) uint64 {
+		var sum uint64
+		for _, r := range *s.runners.Load() {
+			if r.name != except {
+				sum += r.hostHeld.Load()
+			}
+		}
+		return sum
+	}
 	s.cfg.Store(cfg)
 	empty := []*runner{}
 	s.runners.Store(&empty)
@@ -535,7 +549,11 @@ func (s *Supervisor) Status(names ...string) ([]Status, error) {
 	out := make([]Status, 0, len(rs))
 	for _, r := range rs {
 		if st := r.status.Load(); st != nil {
-			out = append(out, *st)
+			c := *st
+			// The gateway's last request for it, as of now: it changes
+			// with every request, not at transitions.
+			c.LastRequest = r.lastRequestTime()
+			out = append(out, c)
 		}
 	}
 	return out, nil

@@ -87,7 +87,7 @@ func Main(args []string) int {
 
 func parse(args []string) (*options, error) {
 	o := &options{host: "127.0.0.1", tp: 1, gpuUtil: 0.9, exitCode: 1,
-		sleep: sleepOptions{wakeL1: 200 * time.Millisecond, wakeL2: time.Second, modelBytes: 1 << 30, residue: 2 << 30}, tokens: 16}
+		sleep: sleepOptions{wakeL1: 200 * time.Millisecond, wakeL2: time.Second, modelBytes: 0, residue: 2 << 30}, tokens: 16}
 	for i := 0; i < len(args); i++ {
 		a := args[i]
 		if !strings.HasPrefix(a, "--") {
@@ -169,6 +169,8 @@ func parse(args []string) (*options, error) {
 			o.sleep.modelBytes, err = parseSize(next())
 		case "--fake-usage-dir":
 			o.sleep.usageDir = next()
+		case "--fake-fail-wake":
+			o.sleep.failWake = true
 		case "--fake-sleep-residue":
 			o.sleep.residue, err = parseSize(next())
 		case "--fake-token-delay":

@@ -21,7 +21,8 @@ import (
 //
 // Flags: --fake-wake-time-l1 and --fake-wake-time-l2 (how long a wake
 // takes, by the level slept at); --fake-model-bytes (the weights' size: a
-// level-1 sleeper holds it in host memory, reported in /fake/stats);
+// level-1 sleeper allocates it in host memory, as vLLM pins the weights
+// there; reported in /fake/stats; 0 by default);
 // --fake-usage-dir and --fake-sleep-residue (for the sim GPU backend: while
 // asleep the fake writes <dir>/<pid> with the GPU memory it still holds).
 type sleepMode struct {
@@ -34,8 +35,10 @@ type sleepMode struct {
 	needWake  map[string]bool // tags still to wake: weights, kv_cache
 	discarded bool            // level 2: weights dropped and not reloaded yet
 
+	hostMem []byte // level 1: the weights "in pinned host memory", really allocated
+
 	served, refusedAsleep, sleeps, refusedSleeps, garbage atomic.Int64
-	wakes                                                [3]atomic.Int64
+	wakes                                                 [3]atomic.Int64
 }
 
 type sleepOptions struct {
@@ -45,6 +48,7 @@ type sleepOptions struct {
 	modelBytes int64
 	usageDir   string
 	residue    int64
+	failWake   bool // --fake-fail-wake: every /wake_up fails (the memory was taken)
 }
 
 // parseSize reads 2GiB, 512MiB or a byte count.
@@ -106,10 +110,7 @@ func (s *sleepMode) register(mux *http.ServeMux) {
 	mux.HandleFunc("POST /reset_prefix_cache", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusOK) })
 	mux.HandleFunc("GET /fake/stats", func(w http.ResponseWriter, _ *http.Request) {
 		s.mu.Lock()
-		var host int64
-		if s.asleep && s.level == 1 {
-			host = s.o.sleep.modelBytes
-		}
+		host := int64(len(s.hostMem))
 		s.mu.Unlock()
 		writeJSON(w, map[string]any{
 			"served": s.served.Load(), "refused_asleep": s.refusedAsleep.Load(), "garbage": s.garbage.Load(),
@@ -147,6 +148,14 @@ func (s *sleepMode) sleep(w http.ResponseWriter, r *http.Request) {
 	s.asleep, s.level = true, level
 	s.needWake = map[string]bool{"weights": true, "kv_cache": true}
 	s.discarded = level == 2
+	if level == 1 && s.o.sleep.modelBytes > 0 {
+		// Level 1 moves the weights to host memory: take it for real (and
+		// touch it), so the supervisor measures it as a real one's.
+		s.hostMem = make([]byte, s.o.sleep.modelBytes)
+		for i := 0; i < len(s.hostMem); i += 4096 {
+			s.hostMem[i] = 1
+		}
+	}
 	s.sleeps.Add(1)
 	s.writeUsage()
 	logf("sleeping at level %d", level)
@@ -154,6 +163,12 @@ func (s *sleepMode) sleep(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *sleepMode) wakeUp(w http.ResponseWriter, r *http.Request) {
+	if s.o.sleep.failWake {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		s.loud(w, "CUDA out of memory while waking (--fake-fail-wake)")
+		return
+	}
 	tags := r.URL.Query()["tags"]
 	if len(tags) == 0 {
 		tags = []string{"weights", "kv_cache"}
@@ -177,6 +192,7 @@ func (s *sleepMode) wakeUp(w http.ResponseWriter, r *http.Request) {
 	}
 	if s.asleep && len(s.needWake) == 0 {
 		s.asleep = false
+		s.hostMem = nil
 		s.wakes[min(max(level, 1), 2)].Add(1)
 		s.removeUsage()
 		logf("awake (slept at level %d)", level)
