@@ -51,6 +51,7 @@ func runCheck(path string, environ []string, strict bool, stdout, stderr io.Writ
 		key, msg, _ := strings.Cut(w, ": ")
 		findings = append(findings, config.Finding{Key: key, Msg: msg, Wait: true})
 	}
+	findings = append(findings, residueFindings(cfg, devs)...)
 	if _, err := gatewaySettings(cfg.Gateway); err != nil {
 		// The keys file: nothing the daemon waits for fixes it.
 		findings = append(findings, config.Finding{Key: "gateway.api_keys_file", Msg: err.Error()})
@@ -183,13 +184,19 @@ func printPlacement(w io.Writer, cfg *config.Config, devs []gpu.Device, why stri
 		names = append(names, fmt.Sprintf("GPU%d %s %s free of %s%s", d.Index, d.Name, config.ByteSize(d.MemoryFree), config.ByteSize(d.MemoryTotal), state))
 	}
 	var reqs []gpu.Request
+	var onDemand []string
 	for _, m := range cfg.Models {
-		if m.Enabled {
+		switch {
+		case m.Enabled && m.OnDemand():
+			onDemand = append(onDemand, m.Name)
+		case m.Enabled:
 			reqs = append(reqs, supervisor.PlacementRequest(m))
 		}
 	}
 	fmt.Fprintf(w, "GPUs now (%s backend):\n  %s\n", cfg.GPU.Backend, strings.Join(names, "\n  "))
-	fmt.Fprintln(w, "placement it would make, in priority order:")
+	if len(reqs) > 0 {
+		fmt.Fprintln(w, "placement it would make, in priority order:")
+	}
 	for _, d := range gpu.Resident(reqs, slots, cfg.GPU.Headroom) {
 		if d.GPUs == nil {
 			fmt.Fprintf(w, "  %-12s pending: %s\n", d.Name, d.Reason)
@@ -206,4 +213,58 @@ func printPlacement(w io.Writer, cfg *config.Config, devs []gpu.Device, why stri
 			fmt.Fprintf(w, "  %-12s stopped: enabled: false\n", m.Name)
 		}
 	}
+	if len(onDemand) > 0 {
+		fmt.Fprintf(w, "on demand (started or woken by a request, taking turns): %s\n", strings.Join(onDemand, ", "))
+	}
+}
+
+// sleepResidue is what --check assumes a sleeping vLLM keeps on each of its
+// GPUs (CUDA graphs about 1-2 GiB, NCCL about 1 GiB per rank); at run time
+// the scheduler counts what NVML reports instead.
+const sleepResidue = 2 * config.GiB
+
+// residueFindings warns of on-demand models that cannot wake or start next
+// to the residue of every other model that may sleep on the same GPUs: the
+// scheduler then stops sleepers for them (a cold start of those later),
+// which works but is slow. It says what utilization would fit.
+func residueFindings(cfg *config.Config, devs []gpu.Device) []config.Finding {
+	if len(devs) == 0 {
+		return nil
+	}
+	var total uint64
+	for _, d := range devs {
+		if total == 0 || d.MemoryTotal < total {
+			total = d.MemoryTotal // the smallest GPU decides
+		}
+	}
+	sleepers := 0
+	for _, m := range cfg.Models {
+		if m.Enabled && m.Sleeps() {
+			sleepers++
+		}
+	}
+	var out []config.Finding
+	for _, m := range cfg.Models {
+		if !m.Enabled || !m.OnDemand() {
+			continue
+		}
+		// Every other sleeper may be on this model's GPUs.
+		others := sleepers
+		if m.Sleeps() {
+			others--
+		}
+		room := int64(total) - int64(others)*int64(sleepResidue) - int64(cfg.GPU.Headroom)
+		need := int64(gpu.Share(m.GPUMemoryUtilization, total))
+		if others == 0 || need <= room {
+			continue
+		}
+		fit := float64(max(room, 0)) / float64(total)
+		out = append(out, config.Finding{
+			Key: "models." + m.Name + ".gpu_memory_utilization",
+			Msg: fmt.Sprintf("%g needs %s per GPU; next to %d sleepers' residue (about %s each) only %s is left: sleepers will be stopped to make room for it (cold starts later); at most %.2f fits",
+				m.GPUMemoryUtilization, config.ByteSize(need), others, sleepResidue, config.ByteSize(max(room, 0)), float64(int(fit*100))/100),
+			Wait: true,
+		})
+	}
+	return out
 }

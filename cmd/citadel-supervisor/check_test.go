@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"citadel-supervisor/config"
+	"citadel-supervisor/gpu"
 	"flag"
 	"fmt"
 	"net"
@@ -169,4 +171,26 @@ func portRun(t *testing.T) (int, []net.Listener) {
 	}
 	t.Fatal("no five consecutive free ports")
 	return 0, nil
+}
+
+// TestCheckSleepersResidue: --check warns of an on-demand model too large
+// to wake next to the other sleepers' residue, and says what fits.
+func TestCheckSleepersResidue(t *testing.T) {
+	cfg, err := config.Parse([]byte(`gpu: {backend: none}
+defaults: {activation: on_demand}
+models:
+  big: {model: /m/big, port: 12001, tensor_parallel: 2, gpu_memory_utilization: 0.95}
+  s1: {model: /m/s1, port: 12002, gpu_memory_utilization: 0.5}
+  s2: {model: /m/s2, port: 12003, gpu_memory_utilization: 0.5}
+  s3: {model: /m/s3, port: 12004, gpu_memory_utilization: 0.5, sleep_level: 0}
+`), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	devs := []gpu.Device{{UUID: "a", MemoryTotal: uint64(80 * config.GiB)}, {UUID: "b", MemoryTotal: uint64(80 * config.GiB)}}
+	got := residueFindings(cfg, devs)
+	want := "warning: models.big.gpu_memory_utilization: 0.95 needs 76.0 GiB per GPU; next to 2 sleepers' residue (about 2.0 GiB each) only 75.0 GiB is left: sleepers will be stopped to make room for it (cold starts later); at most 0.93 fits"
+	if len(got) != 1 || got[0].String() != want {
+		t.Errorf("got %v\nwant %s", got, want)
+	}
 }
