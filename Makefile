@@ -40,6 +40,7 @@ bench:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./supervisor/... ./gpu/...
 	BENCH_TABLE=$(CURDIR)/build/bench-table.md $(GO) test -tags benchdriver -count=1 -run TestBenchTable -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'
 	$(GO) test -tags benchdriver -count=1 -run TestBenchGateway -v ./supervisor/gateway/ | grep -E '^ +\||PASS|FAIL'
+	$(GO) test -tags benchdriver -count=1 -run TestBenchOnDemand -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'
 
 # 200 models on sim GPUs under random faults for two minutes (make test runs
 # a short one).

@@ -15,9 +15,10 @@ import (
 // onDemandSite is the reference host in miniature: two 80 GiB sim GPUs and
 // seven on-demand models whose memory (two TP=2 models at 0.85, five at
 // 0.6-0.8) is far more than the GPUs hold, behind the gateway.
-func onDemandSite(t *testing.T, od string) (*site, string) {
+func onDemandSite(t *testing.T, od string, fake ...string) (*site, string) {
 	t.Helper()
 	gwPort := supervisortest.FreePort(t)
+	usage := t.TempDir()
 	top := fmt.Sprintf(`gpu:
   backend: sim
   headroom: 1GiB
@@ -26,8 +27,10 @@ func onDemandSite(t *testing.T, od string) (*site, string) {
     devices:
       - {uuid: GPU-00000000-0000-0000-0000-000000000000, name: Sim H100, memory: 80GiB}
       - {uuid: GPU-11111111-1111-1111-1111-111111111111, name: Sim H100, memory: 80GiB}
+    usage_dir: %s
 gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
-`, gwPort)
+`, usage, gwPort)
+	fake = append(fake, "--fake-usage-dir", usage)
 	models := []testModel{
 		{Name: "mixtral", YAML: od + "\npriority: 100\ntensor_parallel: 2\ngpu_memory_utilization: 0.85"},
 		{Name: "hermes", YAML: od + "\npriority: 10\ntensor_parallel: 2\ngpu_memory_utilization: 0.85"},
@@ -36,6 +39,9 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 		{Name: "yi34b", YAML: od + "\npriority: 5\ntensor_parallel: 2\ngpu_memory_utilization: 0.8"},
 		{Name: "coder", YAML: od + "\npriority: 40\ngpu_memory_utilization: 0.8"},
 		{Name: "vision", YAML: od + "\npriority: 15\ngpu_memory_utilization: 0.7"},
+	}
+	for i := range models {
+		models[i].Fake = fake
 	}
 	return &site{Site: supervisortest.NewSite(t, top, models...), t: t}, fmt.Sprintf("http://127.0.0.1:%d", gwPort)
 }
@@ -73,6 +79,41 @@ func TestSevenModelsOnTwoGPUs(t *testing.T) {
 			if code, body := chat(t, gw, m); code != 200 || !strings.Contains(body, `"model":"`+m+`"`) {
 				t.Fatalf("round %d, %s: %d %s", round, m, code, body)
 			}
+		}
+	}
+}
+
+// TestSevenModelsAsleepInTurn: the same round-robin with vLLM's sleep mode:
+// every request succeeds, and no model was ever sent a request while
+// asleep nor told to sleep with one in flight.
+func TestSevenModelsAsleepInTurn(t *testing.T) {
+	s, gw := onDemandSite(t, "activation: on_demand\nsleep_level: 1\nmin_awake: 0s", "--fake-wake-time-l1", "50ms")
+	s.start()
+	waitFor(t, 30*time.Second, "the gateway up", func() bool {
+		resp, err := http.Get(gw + "/v1/models")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	for round := range 3 {
+		for _, m := range []string{"mixtral", "hermes", "openchat", "phi3", "yi34b", "coder", "vision"} {
+			if code, body := chat(t, gw, m); code != 200 {
+				t.Fatalf("round %d, %s: %d %s", round, m, code, body)
+			}
+		}
+	}
+	for _, m := range s.Models {
+		r, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/fake/stats", m.Port))
+		if err != nil {
+			continue // stopped for its residue: it started cold since, or is idle
+		}
+		st := map[string]float64{}
+		json.NewDecoder(r.Body).Decode(&st) //nolint:errcheck // checked below
+		r.Body.Close()
+		if st["refused_asleep"] != 0 || st["refused_sleeps"] != 0 {
+			t.Errorf("%s's fake: %v", m.Name, st)
 		}
 	}
 }
