@@ -184,10 +184,14 @@ func Decide(in Input) Outcome {
 	}
 
 	slots := Slots(in.Devices, claims, out.Notes)
+	// Evictions are decided on readings that show every sleep so far: a
+	// model that just fell asleep still looks as if it held its memory.
+	stale := false
 	for _, c := range claims {
 		// A model that just fell asleep: its memory is back only once a
 		// reading taken after it shows so.
 		if c.Phase == Asleep && !in.ReadAt.After(c.Since) {
+			stale = true
 			for i := range slots {
 				if slices.Contains(c.UUIDs, slots[i].UUID) && slots[i].Busy == "" {
 					slots[i].Busy = c.Name + " is going to sleep"
@@ -223,10 +227,14 @@ func Decide(in Input) Outcome {
 					continue
 				}
 				if reason := wakeFits(c, slots, in.Headroom); reason != "" {
-					if victims := makeRoom(w.Request, c, slots, claims, in.Headroom); len(victims) > 0 {
-						evict(&out, claims, victims, w.Name)
-						out.Waits[w.Name] = "waiting for " + strings.Join(victims, ", ") + " to sleep to make room"
-						continue
+					// Only memory is made room for; a GPU busy with another
+					// start or a sleep in progress is waited for.
+					if short := strings.HasPrefix(reason, wakeShort); short && !stale {
+						if victims := makeRoom(w.Request, c, slots, claims, in.Headroom); len(victims) > 0 {
+							evict(&out, claims, victims, w.Name)
+							out.Waits[w.Name] = "waiting for " + strings.Join(victims, ", ") + " to sleep to make room"
+							continue
+						}
 					}
 					out.Waits[w.Name] = reason
 					continue
@@ -254,6 +262,12 @@ func Decide(in Input) Outcome {
 		}
 		d := Fit(w.Request, slots, in.Headroom)
 		if d.GPUs == nil {
+			// Only memory is made room for; a GPU busy with another start
+			// or a sleep in progress is waited for.
+			if short := Fit(w.Request, notBusy(slots), in.Headroom).GPUs == nil; !short || stale {
+				out.Waits[w.Name] = d.Reason
+				continue
+			}
 			if victims := makeRoom(w.Request, nil, slots, claims, in.Headroom); len(victims) > 0 {
 				evict(&out, claims, victims, w.Name)
 				out.Waits[w.Name] = "waiting for " + strings.Join(victims, ", ") + " to sleep to make room"
@@ -299,9 +313,21 @@ func wakeFits(c *Claim, slots []Slot, headroom config.ByteSize) string {
 		}
 	}
 	if len(short) > 0 {
-		return "to wake: " + strings.Join(short, "; ")
+		return wakeShort + strings.Join(short, "; ")
 	}
 	return ""
+}
+
+// wakeShort starts wakeFits' answer when memory is short.
+const wakeShort = "to wake: "
+
+// notBusy is slots with no start or release in progress anywhere.
+func notBusy(slots []Slot) []Slot {
+	out := slices.Clone(slots)
+	for i := range out {
+		out[i].Busy = ""
+	}
+	return out
 }
 
 func wakeNeed(c *Claim, s Slot, headroom config.ByteSize) uint64 {

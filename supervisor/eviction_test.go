@@ -1,0 +1,129 @@
+package supervisor
+
+import (
+	"context"
+	"slices"
+	"testing"
+	"time"
+
+	"citadel-supervisor/config"
+)
+
+// The eviction rules of gpu.Decide with real processes on sim GPUs, sleep
+// mode on fake-vllm (docs/on-demand.md).
+
+func sleepSite(t *testing.T, gpus int, specs ...modelSpec) *harness {
+	t.Helper()
+	usage := t.TempDir()
+	for i := range specs {
+		specs[i].Fake = append(specs[i].Fake, "--fake-usage-dir", usage, "--fake-wake-time-l1", "50ms")
+	}
+	return newHarnessWith(t, simGPUs("", gpus)+"    usage_dir: "+usage+"\n", specs...).start(Options{})
+}
+
+const od = "activation: on_demand\nsleep_level: 1\nidle_after: 1h\n"
+
+func (h *harness) demandReady(names ...string) map[string]Status {
+	h.t.Helper()
+	out := map[string]Status{}
+	for _, n := range names {
+		h.sup.Demand(n)
+		out[n] = h.waitState(n, Ready, 30*time.Second)
+	}
+	return out
+}
+
+func (h *harness) asleep(name string) bool {
+	st := h.status(name)
+	return st.State == Sleeping && st.SleepLevel > 0
+}
+
+// TestEvictionOrderLowerPriorityFirst: two GPUs, one model awake on each;
+// a third needs one GPU: the lower-priority one sleeps, whatever its use.
+func TestEvictionOrderLowerPriorityFirst(t *testing.T) {
+	h := sleepSite(t, 2,
+		modelSpec{Name: "low", YAML: od + "min_awake: 0s\npriority: 1\ngpu_memory_utilization: 0.6"},
+		modelSpec{Name: "high", YAML: od + "min_awake: 0s\npriority: 9\ngpu_memory_utilization: 0.6"},
+		modelSpec{Name: "new", YAML: od + "min_awake: 0s\npriority: 5\ngpu_memory_utilization: 0.6"},
+	)
+	h.demandReady("low", "high")
+	h.sup.Demand("high") // high was used last: recency would pick low anyway, so make low the recent one
+	h.sup.Demand("low")
+	h.demandReady("new")
+	if !h.asleep("low") || h.status("high").State != Ready {
+		t.Errorf("low %s, high %s; want low asleep, high ready", h.status("low").State, h.status("high").State)
+	}
+}
+
+// TestEvictionTP2FreesBoth: a TP=2 model puts the models on both GPUs to
+// sleep, and starts across them.
+func TestEvictionTP2FreesBoth(t *testing.T) {
+	h := sleepSite(t, 2,
+		modelSpec{Name: "a", YAML: od + "min_awake: 0s\ngpu_memory_utilization: 0.6"},
+		modelSpec{Name: "b", YAML: od + "min_awake: 0s\ngpu_memory_utilization: 0.6"},
+		modelSpec{Name: "big", YAML: od + "min_awake: 0s\ntensor_parallel: 2\ngpu_memory_utilization: 0.8"},
+	)
+	h.demandReady("a", "b")
+	big := h.demandReady("big")["big"]
+	if !h.asleep("a") || !h.asleep("b") || len(big.GPUs) != 2 {
+		t.Errorf("a asleep %v, b asleep %v, big on %v", h.asleep("a"), h.asleep("b"), big.GPUs)
+	}
+}
+
+// TestMinAwakeHoldsEviction: a model woken less than min_awake ago is not
+// put to sleep for another: the other waits until min_awake has passed.
+func TestMinAwakeHoldsEviction(t *testing.T) {
+	const minAwake = 2 * time.Second
+	h := sleepSite(t, 1,
+		modelSpec{Name: "a", YAML: od + "min_awake: 2s\ngpu_memory_utilization: 0.6"},
+		modelSpec{Name: "b", YAML: od + "min_awake: 2s\ngpu_memory_utilization: 0.6"},
+	)
+	a := h.demandReady("a")["a"]
+	b := h.demandReady("b")["b"]
+	if b.StartedAt.Sub(a.ReadyAt) < minAwake {
+		t.Errorf("b started %s after a was ready, within a's min_awake %s", b.StartedAt.Sub(a.ReadyAt), minAwake)
+	}
+	if !h.asleep("a") {
+		t.Errorf("a: %s", h.status("a").State)
+	}
+}
+
+// TestAlwaysPreemptsLowerOnDemand: an always model added by a reload, of
+// higher priority, puts the on-demand model in its way to sleep; the
+// on-demand model's next request then waits, the always model keeping its
+// GPU.
+func TestAlwaysPreemptsLowerOnDemand(t *testing.T) {
+	h := sleepSite(t, 1,
+		modelSpec{Name: "od", YAML: od + "min_awake: 0s\npriority: 1\ngpu_memory_utilization: 0.6"},
+	)
+	h.demandReady("od")
+	more := newHarnessWith(t, simGPUs("", 1), modelSpec{Name: "always", YAML: "priority: 50\ngpu_memory_utilization: 0.6"}).cfg.Models[0]
+	next := *h.cfg
+	next.Models = append(slices.Clone(h.cfg.Models), more)
+	slices.SortFunc(next.Models, func(x, y config.Model) int { return compareNames(x.Name, y.Name) })
+	if _, err := h.sup.Apply(context.Background(), &next); err != nil {
+		t.Fatal(err)
+	}
+	h.waitState("always", Ready, 30*time.Second)
+	if !h.asleep("od") {
+		t.Errorf("od: %s (%s)", h.status("od").State, h.status("od").Reason)
+	}
+	h.sup.Demand("od")
+	waitFor(t, 10*time.Second, "od waiting for its memory", func() bool {
+		st := h.status("od")
+		return st.State == Waking
+	})
+	if st := h.status("always"); st.State != Ready {
+		t.Errorf("always: %s", st.State)
+	}
+}
+
+func compareNames(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
