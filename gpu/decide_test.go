@@ -342,3 +342,20 @@ func BenchmarkDecide(b *testing.B) {
 		Decide(in)
 	}
 }
+
+// TestDecideNoEvictionOnStaleReadings: while a model that just fell asleep
+// is not yet seen to have given its memory back, nobody else is put to
+// sleep: the memory is coming.
+func TestDecideNoEvictionOnStaleReadings(t *testing.T) {
+	d := withProc(withProc(devs(), 0, 1, 48*config.GiB), 1, 2, 48*config.GiB)
+	out := Decide(Input{Devices: d, ReadAt: now.Add(-time.Second), Now: now, Headroom: config.GiB,
+		Claims: []Claim{
+			{Name: "low", Req: Request{Name: "low", TP: 1, Util: 0.6}, UUIDs: []string{"GPU-0"}, Phase: Asleep, PIDs: []int{1}, OnDemand: true, Since: now},
+			{Name: "high", Req: Request{Name: "high", Priority: 9, TP: 1, Util: 0.6}, UUIDs: []string{"GPU-1"}, Phase: Running, PIDs: []int{2}, OnDemand: true},
+		},
+		Wants: []Want{odWant("new", 5, 0.6, 1)},
+	})
+	if len(out.Evict) != 0 || !strings.HasPrefix(out.Waits["new"], "needs 49.0 GiB") && !strings.HasPrefix(out.Waits["new"], "waiting for GPU0: low is going to sleep") {
+		t.Errorf("evict %v, wait %q", out.Evict, out.Waits["new"])
+	}
+}
