@@ -82,8 +82,15 @@ func (s *site) start() *daemon {
 	go func() { cmd.Wait(); close(d.done) }() //nolint:errcheck // ProcessState says
 	s.t.Cleanup(func() {
 		if cmd.ProcessState == nil {
-			cmd.Process.Kill() //nolint:errcheck // best effort
-			<-d.done
+			// SIGTERM, so the daemon stops its models: a SIGKILL would
+			// leave them running, orphaned, after the test.
+			cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // best effort
+			select {
+			case <-d.done:
+			case <-time.After(30 * time.Second):
+				cmd.Process.Kill() //nolint:errcheck // best effort
+				<-d.done
+			}
 		}
 		if s.t.Failed() {
 			s.t.Logf("daemon %d output:\n%s", cmd.Process.Pid, d.log.String())
