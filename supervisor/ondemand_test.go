@@ -254,3 +254,28 @@ func TestFailedWakeRestartsCold(t *testing.T) {
 		return st.State == Ready && st.PID != first.PID
 	})
 }
+
+// TestConcurrentRequestsShareOneWake: many requests for a sleeping model
+// at once wake it once.
+func TestConcurrentRequestsShareOneWake(t *testing.T) {
+	h := newHarness(t, modelSpec{Name: "m", YAML: "activation: on_demand\nsleep_level: 1\nidle_after: 1h", Fake: []string{"--fake-wake-time-l1", "200ms"}}).start(Options{})
+	h.sup.Demand("m")
+	first := h.waitState("m", Ready, 20*time.Second)
+	if res, err := h.sup.Do(context.Background(), OpSleep, "m"); err != nil || res["m"] != nil {
+		t.Fatalf("sleep: %v %v", res, err)
+	}
+	waitFor(t, 20*time.Second, "asleep", func() bool { st := h.status("m"); return st.State == Sleeping && st.SleepLevel == 1 })
+	done := make(chan struct{})
+	for range 16 {
+		go func() { h.sup.Demand("m"); done <- struct{}{} }()
+	}
+	for range 16 {
+		<-done
+	}
+	if st := h.waitState("m", Ready, 20*time.Second); st.PID != first.PID {
+		t.Fatalf("woke as another process")
+	}
+	if st := fakeStats(t, h.site.Models[0].Port); st["wakes_l1"] != 1 {
+		t.Errorf("%g wakes for 16 requests", st["wakes_l1"])
+	}
+}

@@ -192,9 +192,24 @@ func (c *cli) status(ctx context.Context, args []string) int {
 	if noGPUs != "" {
 		fmt.Fprintln(c.out, "GPUs: "+truncate(noGPUs, c.width-6))
 	}
-	// Asked about failed models by name: show why, with their last output.
+	// Asked about models by name: an on-demand one says how it is used,
+	// a failed one why, with its last output.
 	if len(args) > 0 {
 		for _, s := range st {
+			if s.OnDemand {
+				awake := "awake"
+				switch {
+				case s.State == api.Sleeping:
+					awake = fmt.Sprintf("asleep (level %d)", s.SleepLevel)
+				case s.State != api.Ready:
+					awake = "not awake"
+				}
+				last := "never"
+				if !s.LastRequest.IsZero() {
+					last = c.now().Sub(s.LastRequest).Round(time.Second).String() + " ago"
+				}
+				fmt.Fprintf(c.out, "\n%s: on demand, %s; last request %s\n", s.Name, awake, last)
+			}
 			if s.State == api.Failed && len(s.LastOutput) > 0 {
 				fmt.Fprintf(c.out, "\n%s failed: %s\nlast output (%d lines kept; citadelctl -o json status %s for all):\n", s.Name, s.Reason, len(s.LastOutput), s.Name)
 				for _, l := range s.LastOutput[max(0, len(s.LastOutput)-20):] {

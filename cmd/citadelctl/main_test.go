@@ -513,3 +513,29 @@ func TestControlSocketFlood(t *testing.T) {
 	}
 	waitFor(t, 10*time.Second, "goroutines back to the baseline", func() bool { return runtime.NumGoroutine() <= base+4 })
 }
+
+// TestOnDemandVerbs: an on-demand model by name says how it is used;
+// sleep and wake by hand; an always model refuses them, saying why.
+func TestOnDemandVerbs(t *testing.T) {
+	d := startDaemon(t, "", model{Name: "od", YAML: "activation: on_demand\nsleep_level: 0"}, model{Name: "al"})
+	waitFor(t, 30*time.Second, "al ready, od idle", func() bool {
+		return d.state(t, "al").State == supervisor.Ready && d.state(t, "od").State == supervisor.Stopped
+	})
+	if code, out, _ := d.ctl(t, "status", "od"); code != 0 || !strings.Contains(out, "od: on demand, not awake; last request never") {
+		t.Errorf("status od: exit %d\n%s", code, out)
+	}
+	if code, out, _ := d.ctl(t, "wake", "od"); code != 0 {
+		t.Errorf("wake od: exit %d %s", code, out)
+	}
+	waitFor(t, 30*time.Second, "od ready", func() bool { return d.state(t, "od").State == supervisor.Ready })
+	if code, out, _ := d.ctl(t, "sleep", "od"); code != 0 {
+		t.Errorf("sleep od: exit %d %s", code, out)
+	}
+	waitFor(t, 30*time.Second, "od stopped (sleep_level 0)", func() bool { return d.state(t, "od").State == supervisor.Stopped })
+	if code, out, errb := d.ctl(t, "sleep", "al"); code != 1 || !strings.Contains(out+errb, "not on demand") {
+		t.Errorf("sleep al: exit %d %s %s", code, out, errb)
+	}
+	if code, out, _ := d.ctl(t, "health"); code != 0 {
+		t.Errorf("health with od idle: exit %d %s", code, out)
+	}
+}
