@@ -85,12 +85,17 @@ func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) 
 	fs.SetOutput(stderr)
 	fs.StringVar(&c.socket, "socket", getenv(environ, "CITADEL_SOCKET", defaultSocket), "control socket (env CITADEL_SOCKET)")
 	fs.StringVar(&c.output, "o", "table", "output: table or json")
+	showVersion := fs.Bool("version", false, "print the version and exit")
 	fs.Usage = func() { c.usage() }
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return exitOK
 		}
 		return exitUsage
+	}
+	if *showVersion {
+		fmt.Fprintf(stdout, "citadelctl %s (revision %s)\n", version, revision)
+		return exitOK
 	}
 	if fs.NArg() == 0 {
 		c.usage()
@@ -145,8 +150,9 @@ func (c *cli) usage() {
 // fail prints err and returns the exit code it deserves.
 func (c *cli) fail(err error) int {
 	if errors.Is(err, client.ErrUnreachable) {
-		fmt.Fprintf(c.err, "citadelctl: daemon not reachable at %s: is citadel-supervisor running? (systemctl status citadel-supervisor)\n", c.socket)
-		return exitUnreachable
+		msg, code := unreachable(c.socket, err)
+		fmt.Fprintf(c.err, "citadelctl: %s\n", msg)
+		return code
 	}
 	var re *client.RequestError
 	if errors.As(err, &re) && re.Code == 403 {
@@ -264,7 +270,13 @@ func opCmd(op api.Op) func(*cli, context.Context, []string) int {
 		fs := flag.NewFlagSet(string(op), flag.ContinueOnError)
 		fs.SetOutput(c.err)
 		timeout := fs.Duration("timeout", 5*time.Minute, "with stop: how long to wait for the models to be stopped")
+		fs.SetOutput(io.Discard) // its own message below says what is expected
 		if err := fs.Parse(args); err != nil {
+			if strings.Contains(err.Error(), "-timeout") {
+				fmt.Fprintf(c.err, "citadelctl: --timeout: want a duration such as 5s, 2m or 1h\n")
+			} else {
+				fmt.Fprintf(c.err, "citadelctl %s: %v\n", op, err)
+			}
 			return exitUsage
 		}
 		models := fs.Args()
@@ -384,7 +396,15 @@ func (c *cli) logs(ctx context.Context, args []string) int {
 		fmt.Fprintln(c.err, "usage: citadelctl logs MODEL [-n N] [-f]")
 		return exitUsage
 	}
-	err := c.client.Logs(ctx, model, *n, *follow, func(line string) { fmt.Fprintln(c.out, line) })
+	// A model's output goes to the operator's terminal: escape sequences
+	// and binary are shown, not obeyed (visible). JSON lines quote them.
+	err := c.client.Logs(ctx, model, *n, *follow, func(line string) {
+		if c.output == "json" {
+			json.NewEncoder(c.out).Encode(map[string]string{"model": model, "line": line}) //nolint:errcheck // the reader went away
+			return
+		}
+		fmt.Fprintln(c.out, visible(line))
+	})
 	if err != nil && ctx.Err() == nil {
 		return c.fail(err)
 	}

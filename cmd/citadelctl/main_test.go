@@ -539,3 +539,59 @@ func TestOnDemandVerbs(t *testing.T) {
 		t.Errorf("health with od idle: exit %d %s", code, out)
 	}
 }
+
+// TestSocketProblemsSaidAsTheyAre: nothing at the path, a directory and a
+// regular file are reported as what they are, not as "daemon not running".
+func TestSocketProblemsSaidAsTheyAre(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "file")
+	if err := os.WriteFile(file, []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		path string
+		code int
+		want string
+	}{
+		{filepath.Join(dir, "none"), 3, "no control socket at"},
+		{dir, 2, "is a directory, not the control socket"},
+		{file, 2, "is not a socket (a regular file)"},
+	} {
+		var out, errb bytes.Buffer
+		code := run(context.Background(), []string{"--socket", tc.path, "status"}, nil, &out, &errb)
+		if code != tc.code || !strings.Contains(errb.String(), tc.want) {
+			t.Errorf("%s: exit %d %q, want %d %q", tc.path, code, errb.String(), tc.code, tc.want)
+		}
+	}
+}
+
+// TestVisible: escape sequences and binary in model output are shown, not
+// sent to the terminal.
+func TestVisible(t *testing.T) {
+	for in, want := range map[string]string{
+		"plain\ttab":             "plain\ttab",
+		"\x1b[31mred\x1b[0m":     `\x1b[31mred\x1b[0m`,
+		"\x1b]52;c;ZXZpbA==\x07": `\x1b]52;c;ZXZpbA==\x07`,
+		"caf\xe9 \xc3\xa9":       `caf\xe9 é`,
+		"progress\r50%\x08":      `progress\x0d50%\x08`,
+	} {
+		if got := visible(in); got != want {
+			t.Errorf("visible(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// TestFlagsSayWhatTheyWant: --version, and a bad --timeout says what it
+// expects.
+func TestFlagsSayWhatTheyWant(t *testing.T) {
+	var out, errb bytes.Buffer
+	if code := run(context.Background(), []string{"--version"}, nil, &out, &errb); code != 0 || !strings.HasPrefix(out.String(), "citadelctl ") {
+		t.Errorf("--version: exit %d %q", code, out.String())
+	}
+	out.Reset()
+	errb.Reset()
+	code := run(context.Background(), []string{"--socket", "/nonexistent", "stop", "--timeout", "5", "a"}, nil, &out, &errb)
+	if code != 2 || !strings.Contains(errb.String(), "a duration such as 5s") {
+		t.Errorf("--timeout 5: exit %d %q", code, errb.String())
+	}
+}
