@@ -2,6 +2,9 @@
 GO        ?= go
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 REVISION  ?= $(shell git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)
+# The Go files gofmt checks: git's list in a checkout, every .go file in a
+# source tarball without .git.
+GOFILES   := $(shell git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.demo/*' -not -path './build/*')
 LDFLAGS   := -s -w -X main.version=$(VERSION) -X main.revision=$(REVISION)
 # NVML's header marks functions we never call as deprecated; cgo would warn
 # about each on every clean build.
@@ -26,7 +29,7 @@ build:
 
 vet:
 	$(GO) vet ./...
-	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
+	@test -z "$$(gofmt -l $(GOFILES))" || { echo "gofmt needed:"; gofmt -l $(GOFILES); exit 1; }
 
 test: vet check-deploy
 	$(GO) test -race -count=1 ./...
@@ -76,7 +79,10 @@ e2e-systemd: package
 
 # The seven seed models on fake-vllm and two simulated GPUs. Ctrl-C stops
 # the daemon, which stops every model.
-demo: build
+demo:
+	@echo "building the daemon, citadelctl and fake-vllm (the first build fetches the Go modules: a minute or two)..."
+	@$(MAKE) --no-print-directory build >/dev/null
+	@echo "starting the demo: gateway on 127.0.0.1:8000, /metrics on 127.0.0.1:9400, citadelctl --socket .demo/run/supervisor.sock"
 	@mkdir -p $(addprefix .demo/models/,$(DEMO_MODELS)) .demo/run/gpu-usage .demo/cache
 	./bin/citadel-supervisor --config deploy/demo.yaml
 

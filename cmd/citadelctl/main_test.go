@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -295,9 +296,22 @@ func TestDaemonNotRunning(t *testing.T) {
 	var out, errb bytes.Buffer
 	sock := filepath.Join(t.TempDir(), "none.sock")
 	code := run(context.Background(), []string{"status"}, []string{"CITADEL_SOCKET=" + sock}, &out, &errb)
-	want := "citadelctl: daemon not reachable at " + sock + ": is citadel-supervisor running? (systemctl status citadel-supervisor)\n"
+	want := "citadelctl: no control socket at " + sock + ": is citadel-supervisor running? (systemctl status citadel-supervisor; or --socket / CITADEL_SOCKET)\n"
 	if code != 3 || errb.String() != want {
 		t.Errorf("exit %d, stderr %q", code, errb.String())
+	}
+	// A socket left behind by a daemon that died: nobody answers.
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	ln.Close()
+	errb.Reset()
+	code = run(context.Background(), []string{"status"}, []string{"CITADEL_SOCKET=" + sock}, &out, &errb)
+	want = "citadelctl: daemon not reachable at " + sock + ": is citadel-supervisor running? (systemctl status citadel-supervisor)\n"
+	if code != 3 || errb.String() != want {
+		t.Errorf("stale socket: exit %d, stderr %q", code, errb.String())
 	}
 }
 
