@@ -611,6 +611,9 @@ func (s *Supervisor) Do(ctx context.Context, op Op, names ...string) (map[string
 
 // Output returns up to n of a model's newest output lines.
 func (s *Supervisor) Output(name string, n int) ([]string, error) {
+	if name == "all" {
+		return nil, fmt.Errorf("%w: logs take one model, not all", ErrUnknownModel)
+	}
 	rs, err := s.lookup([]string{name})
 	if err != nil {
 		return nil, err
@@ -620,6 +623,9 @@ func (s *Supervisor) Output(name string, n int) ([]string, error) {
 
 // Follow streams a model's new output lines until cancel is called.
 func (s *Supervisor) Follow(name string) (<-chan string, func(), error) {
+	if name == "all" {
+		return nil, nil, fmt.Errorf("%w: logs take one model, not all", ErrUnknownModel)
+	}
 	rs, err := s.lookup([]string{name})
 	if err != nil {
 		return nil, nil, err

@@ -81,6 +81,12 @@ func run(ctx context.Context, args, environ []string, stdout, stderr io.Writer) 
 	if w, err := strconv.Atoi(getenv(environ, "COLUMNS", "")); err == nil && w > 40 {
 		c.width = w
 	}
+	// The terminal's real width; piped or redirected, nothing is cut.
+	if cols, tty, isFile := terminalWidth(stdout); tty && cols > 40 {
+		c.width = cols
+	} else if isFile && !tty {
+		c.long = true
+	}
 	fs := flag.NewFlagSet("citadelctl", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&c.socket, "socket", getenv(environ, "CITADEL_SOCKET", defaultSocket), "control socket (env CITADEL_SOCKET)")
@@ -308,7 +314,24 @@ func opCmd(op api.Op) func(*cli, context.Context, []string) int {
 			return c.fail(err)
 		}
 		if c.output == "json" {
-			c.writeJSON(res)
+			// Each model's outcome with the state it is in now.
+			type result struct {
+				Model  string    `json:"model"`
+				Error  string    `json:"error,omitempty"`
+				State  api.State `json:"state,omitempty"`
+				Reason string    `json:"reason,omitempty"`
+			}
+			out := []result{}
+			for _, r := range res.Results {
+				row := result{Model: r.Model, Error: r.Error}
+				for _, s := range st {
+					if s.Name == r.Model {
+						row.State, row.Reason = s.State, s.Reason
+					}
+				}
+				out = append(out, row)
+			}
+			c.writeJSON(out)
 			return code
 		}
 		for _, s := range st {
@@ -394,6 +417,10 @@ func (c *cli) logs(ctx context.Context, args []string) int {
 		model = fs.Arg(0)
 	} else if fs.NArg() != 0 || model == "" {
 		fmt.Fprintln(c.err, "usage: citadelctl logs MODEL [-n N] [-f]")
+		return exitUsage
+	}
+	if model == "all" {
+		fmt.Fprintln(c.err, "citadelctl: logs takes one model; for all of them: journalctl -t 'citadel-*' (or one citadelctl logs per model)")
 		return exitUsage
 	}
 	// A model's output goes to the operator's terminal: escape sequences

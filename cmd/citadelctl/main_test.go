@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -607,5 +608,32 @@ func TestFlagsSayWhatTheyWant(t *testing.T) {
 	code := run(context.Background(), []string{"--socket", "/nonexistent", "stop", "--timeout", "5", "a"}, nil, &out, &errb)
 	if code != 2 || !strings.Contains(errb.String(), "a duration such as 5s") {
 		t.Errorf("--timeout 5: exit %d %q", code, errb.String())
+	}
+}
+
+// TestStatusPipedIsNotCut, TestLogsAllRefused and the operations' JSON.
+func TestStatusPipedAndJSONOps(t *testing.T) {
+	long := strings.Repeat("x", 300)
+	d := startDaemon(t, "", model{Name: "a"}, model{Name: "b", YAML: "env_files: [/nonexistent/" + long + "]"})
+	waitFor(t, 30*time.Second, "a ready", func() bool { return d.state(t, "a").State == supervisor.Ready })
+	// Piped: the long reason whole.
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var errb bytes.Buffer
+	code := run(context.Background(), []string{"--socket", d.site.Socket, "status"}, []string{"COLUMNS=80"}, w, &errb)
+	w.Close()
+	piped, _ := io.ReadAll(r)
+	if code != 0 || !strings.Contains(string(piped), long) {
+		t.Errorf("piped status cut: exit %d\n%s", code, piped)
+	}
+	if code, _, errb := d.ctl(t, "logs", "all"); code != 2 || !strings.Contains(errb, "logs takes one model") {
+		t.Errorf("logs all: exit %d %q", code, errb)
+	}
+	code, out, _ := d.ctl(t, "-o", "json", "restart", "a")
+	var res []map[string]string
+	if err := json.Unmarshal([]byte(out), &res); code != 0 || err != nil || len(res) != 1 || res[0]["model"] != "a" || res[0]["state"] == "" {
+		t.Errorf("restart -o json: exit %d %v\n%s", code, err, out)
 	}
 }

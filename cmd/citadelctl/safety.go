@@ -7,6 +7,8 @@ import (
 	"strings"
 	"syscall"
 	"unicode/utf8"
+
+	"golang.org/x/sys/unix"
 )
 
 // Set at build time by `make build`.
@@ -68,4 +70,18 @@ func fileKind(m os.FileMode) string {
 		return "a device"
 	}
 	return "not a socket"
+}
+
+// terminalWidth reports, for an *os.File, whether it is a terminal and its
+// width in columns (TIOCGWINSZ): the real width, not only $COLUMNS.
+func terminalWidth(w any) (cols int, tty, isFile bool) {
+	f, ok := w.(*os.File)
+	if !ok {
+		return 0, false, false
+	}
+	ws, err := unix.IoctlGetWinsize(int(f.Fd()), unix.TIOCGWINSZ)
+	if err != nil {
+		return 0, false, true
+	}
+	return int(ws.Col), true, true
 }
