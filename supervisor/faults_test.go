@@ -3,6 +3,7 @@ package supervisor
 import (
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -67,4 +68,26 @@ func TestOverlongLineIsCut(t *testing.T) {
 	if len(out) != 2 || len(out[0]) != maxLineBytes+len(" [line cut]") || !strings.HasSuffix(out[0], " [line cut]") || out[1] != "next" {
 		t.Errorf("got %d lines: %.40q… (%d bytes), %q", len(out), out[0], len(out[0]), out[1:])
 	}
+}
+
+// TestProgressOutputArrivesAsItComes: \r ends a line (progress bars), \r\n
+// is one end, and a partial line is passed on after partialFlush instead
+// of waiting for a newline that may never come.
+func TestProgressOutputArrivesAsItComes(t *testing.T) {
+	r := newRunner(config.Model{Name: "m"}, &deps{now: time.Now, log: zap.NewNop(), output: func(*zap.Logger, string, string, string) {}})
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { r.capture(pr, "stdout"); close(done) }()
+	pw.WriteString("Loading 10%\rLoading 50%\rdone\r\nwaiting for input> ")
+	waitFor(t, 5*time.Second, "the partial line passed on", func() bool {
+		return slices.Contains(r.out.last(10), "waiting for input> ")
+	})
+	if got := r.out.last(10); !slices.Equal(got, []string{"Loading 10%", "Loading 50%", "done", "waiting for input> "}) {
+		t.Errorf("lines %q", got)
+	}
+	pw.Close()
+	<-done
 }

@@ -1,7 +1,6 @@
 package supervisor
 
 import (
-	"bufio"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -72,45 +71,68 @@ func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string)
 	return inst, nil
 }
 
+// partialFlush is how long a line without its end (a progress bar
+// redrawn with \r, a prompt) waits before it is passed on as it is.
+const partialFlush = time.Second
+
 // capture copies one output stream into the ring and the daemon's log until
 // every writer (the model and any worker holding the pipe) has closed it.
-// It never stops reading, so a chatty model is never blocked on its pipe;
-// an overlong line is cut at maxLineBytes.
+// A line ends at \n or \r (progress bars redraw with \r; \r\n is one end),
+// and a partial line is passed on once it has waited partialFlush, so
+// output reaches the ring and the journal as it comes. It never stops
+// reading, so a chatty model is never blocked on its pipe; an overlong
+// line is cut at maxLineBytes.
 func (r *runner) capture(f *os.File, stream string) {
 	defer f.Close()
 	log := r.log.With(zap.String("stream", stream))
-	br := bufio.NewReaderSize(f, maxLineBytes)
+	emit := func(text string) {
+		r.out.add(text)
+		r.d.output(log, r.name, stream, text)
+	}
+	buf := make([]byte, 64*1024)
+	line := make([]byte, 0, 256)
+	cut, afterCR := false, false // discarding the rest of a cut line; the last byte was \r
 	for {
-		line, err := br.ReadSlice('\n')
+		// Waiting with a partial line: give it partialFlush, then pass it on.
 		if len(line) > 0 {
-			text := string(trimNewline(line))
-			if errors.Is(err, bufio.ErrBufferFull) {
-				text += " [line cut]"
-				// Discard the rest of the overlong line.
-				for errors.Is(err, bufio.ErrBufferFull) {
-					_, err = br.ReadSlice('\n')
-				}
-			}
-			r.out.add(text)
-			r.d.output(log, r.name, stream, text)
+			f.SetReadDeadline(time.Now().Add(partialFlush)) //nolint:errcheck // pipes support deadlines
+		} else {
+			f.SetReadDeadline(time.Time{}) //nolint:errcheck // as above
 		}
-		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
+		n, err := f.Read(buf)
+		for _, b := range buf[:n] {
+			switch {
+			case b == '\n' && afterCR:
+				afterCR = false // \r\n: the line ended at \r
+			case b == '\n' || b == '\r':
+				if !cut {
+					emit(string(line))
+				}
+				line, cut, afterCR = line[:0], false, b == '\r'
+			case cut:
+				afterCR = false
+			case len(line) >= maxLineBytes:
+				emit(string(line) + " [line cut]")
+				line, cut, afterCR = line[:0], true, false
+			default:
+				line, afterCR = append(line, b), false
+			}
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			emit(string(line))
+			line = line[:0]
+			continue
+		}
+		if err != nil {
+			if len(line) > 0 && !cut {
+				emit(string(line))
+			}
 			if !errors.Is(err, io.EOF) && !errors.Is(err, os.ErrClosed) {
 				log.Warn("output read failed", zap.Error(err))
 			}
 			return
 		}
 	}
-}
-
-func trimNewline(b []byte) []byte {
-	if n := len(b); n > 0 && b[n-1] == '\n' {
-		b = b[:n-1]
-	}
-	if n := len(b); n > 0 && b[n-1] == '\r' {
-		b = b[:n-1]
-	}
-	return b
 }
 
 func describeExit(ps *os.ProcessState, err error) exitInfo {
