@@ -170,3 +170,23 @@ func TestReloadFileRejectsBadFiles(t *testing.T) {
 		t.Error("a restarted across rejected and no-op reloads")
 	}
 }
+
+// TestReloadKeepsTheDaemonsOwnPorts: listen binds once; a reload that
+// moves it and gives its old port to a model is refused, saying why.
+func TestReloadKeepsTheDaemonsOwnPorts(t *testing.T) {
+	h := newHarness(t, modelSpec{Name: "a"})
+	old := 40000 + h.cfg.Models[0].Port%1000
+	h.cfg.Listen = "127.0.0.1:" + strconv.Itoa(old)
+	h.start(Options{})
+	h.waitState("a", Ready, 20*time.Second)
+	moved := strings.Replace(h.site.YAML, "port: "+strconv.Itoa(h.cfg.Models[0].Port), "port: "+strconv.Itoa(old), 1)
+	moved = strings.Replace(moved, `listen: ""`, "listen: 127.0.0.1:1", 1)
+	if err := os.WriteFile(h.site.Path, []byte(moved), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := h.sup.ReloadFile(context.Background(), h.site.Path, nil)
+	want := "models.a.port: " + strconv.Itoa(old) + " is still the daemon's own listen"
+	if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "nothing changed") {
+		t.Errorf("got %v, want %q", err, want)
+	}
+}

@@ -14,8 +14,10 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -133,6 +135,8 @@ type Supervisor struct {
 	ready     chan struct{}
 	heartbeat time.Duration
 
+	boundAt *config.Config // the configuration the listeners were bound with (at start)
+
 	demandMu sync.Mutex      // orders Demand against runners being added
 	early    map[string]bool // models demanded before their runner existed
 
@@ -229,6 +233,7 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		return sum
 	}
 	s.cfg.Store(cfg)
+	s.boundAt = cfg
 	empty := []*runner{}
 	s.runners.Store(&empty)
 	return s, nil
@@ -416,6 +421,27 @@ func (s *Supervisor) Apply(ctx context.Context, cfg *config.Config) ([]config.Ch
 	return a.changes, nil
 }
 
+// heldPorts refuses a configuration that gives a model a port the daemon
+// itself still listens on: listen and gateway.listen bind once, at start,
+// so after a reload that moves them the old ports stay the daemon's until
+// it restarts, and a model there could never bind.
+func (s *Supervisor) heldPorts(cfg *config.Config) error {
+	var errs []error
+	for what, addr := range map[string]string{"listen": s.boundAt.Listen, "gateway.listen": s.boundAt.Gateway.Listen} {
+		_, p, err := net.SplitHostPort(addr)
+		if addr == "" || err != nil {
+			continue
+		}
+		port, _ := strconv.Atoi(p)
+		for _, m := range cfg.Models {
+			if m.Port == port {
+				errs = append(errs, fmt.Errorf("models.%s.port: %d is still the daemon's own %s (%s) until it restarts: choose another port, or restart the daemon (systemctl restart citadel-supervisor) before giving it to a model", m.Name, port, what, addr))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // ReloadFile loads the configuration at path and applies it, as SIGHUP and
 // `citadelctl reload` do. An invalid file changes nothing: every problem is
 // logged, and returned.
@@ -427,6 +453,11 @@ func (s *Supervisor) ReloadFile(ctx context.Context, path string, environ []stri
 			s.d.log.Error("reload rejected: configuration invalid; keeping the running one", zap.String("problem", line))
 		}
 		return nil, fmt.Errorf("%s is invalid; nothing changed:\n%w", path, err)
+	}
+	if err := s.heldPorts(cfg); err != nil {
+		s.reloadOK.Store(false)
+		s.d.log.Error("reload rejected; keeping the running configuration", zap.Error(err))
+		return nil, fmt.Errorf("%s cannot apply; nothing changed:\n%w", path, err)
 	}
 	if keys := config.RestartOnly(s.cfg.Load(), cfg); len(keys) > 0 {
 		s.d.log.Warn("reload: these settings take effect only when the daemon restarts (systemctl restart citadel-supervisor); models were reloaded", zap.Strings("keys", keys))
