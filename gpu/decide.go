@@ -331,14 +331,19 @@ func notBusy(slots []Slot) []Slot {
 }
 
 func wakeNeed(c *Claim, s Slot, headroom config.ByteSize) uint64 {
-	share := Share(c.Req.Util, s.MemoryTotal)
-	var held uint64
+	share, held := Share(c.Req.Util, s.MemoryTotal), usedBy(s, c.PIDs)
+	return share - min(held, share) + uint64(headroom)
+}
+
+// usedBy is the memory pids hold on s, as read.
+func usedBy(s Slot, pids []int) uint64 {
+	var used uint64
 	for _, p := range s.Processes {
-		if slices.Contains(c.PIDs, p.PID) {
-			held += p.UsedMemory
+		if slices.Contains(pids, p.PID) {
+			used += p.UsedMemory
 		}
 	}
-	return share - min(held, share) + uint64(headroom)
+	return used
 }
 
 // makeRoom chooses the on-demand models to put to sleep so that r fits:
@@ -427,13 +432,7 @@ func freeing(slots []Slot, victims []*Claim) []Slot {
 			if !slices.Contains(v.UUIDs, s.UUID) {
 				continue
 			}
-			share := Share(v.Req.Util, s.MemoryTotal)
-			var used uint64
-			for _, p := range s.Processes {
-				if slices.Contains(v.PIDs, p.PID) {
-					used += p.UsedMemory
-				}
-			}
+			share, used := Share(v.Req.Util, s.MemoryTotal), usedBy(*s, v.PIDs)
 			// What it allocated goes back to free; what it had claimed but
 			// not allocated is no longer claimed (a sleeper claims nothing).
 			s.MemoryFree += min(used, s.MemoryTotal-s.MemoryFree)
@@ -489,13 +488,7 @@ func Slots(devs []Device, claims map[string]*Claim, notes map[string]string) []S
 			if !slices.Contains(c.UUIDs, s.UUID) {
 				continue
 			}
-			share := Share(c.Req.Util, s.MemoryTotal)
-			var used uint64
-			for _, p := range s.Processes {
-				if slices.Contains(c.PIDs, p.PID) {
-					used += p.UsedMemory
-				}
-			}
+			share, used := Share(c.Req.Util, s.MemoryTotal), usedBy(*s, c.PIDs)
 			if c.Phase != Asleep {
 				// A sleeper holds only what the readings show.
 				s.Claimed += share - min(used, share)

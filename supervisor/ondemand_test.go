@@ -1,10 +1,8 @@
 package supervisor
 
 import (
+	"citadel-supervisor/supervisor/supervisortest"
 	"context"
-	"encoding/json"
-	"fmt"
-	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -105,20 +103,7 @@ func TestOnDemandHoldsNothingBackAtStart(t *testing.T) {
 	}
 }
 
-// fakeStats reads fake-vllm's sleep-mode counters.
-func fakeStats(t *testing.T, port int) map[string]float64 {
-	t.Helper()
-	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/fake/stats", port))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var out map[string]float64
-	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-		t.Fatal(err)
-	}
-	return out
-}
+var fakeStats = supervisortest.FakeStats
 
 // TestSleepAndWakeKeepTheProcess: an idle on-demand model sleeps (level 1)
 // and a request wakes it: the same process throughout, its GPU memory down

@@ -4,9 +4,7 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
-	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -40,14 +38,7 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
 	c := client.New(s.Socket)
 	ctx := context.Background()
-	waitFor(t, 30*time.Second, "the gateway up", func() bool {
-		resp, err := http.Get(gw + "/v1/models")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
+	supervisortest.WaitGateway(t, gw)
 	state := func(m string) api.Status {
 		st, err := c.Status(ctx, m)
 		if err != nil || len(st) != 1 {
@@ -100,15 +91,5 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 }
 
 func fakeCounter(t *testing.T, port int, name string) float64 {
-	t.Helper()
-	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/fake/stats", port))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var st map[string]float64
-	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
-		t.Fatal(err)
-	}
-	return st[name]
+	return supervisortest.FakeStats(t, port)[name]
 }

@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"strings"
 	"testing"
-	"time"
 
 	"citadel-supervisor/supervisor/supervisortest"
 )
@@ -66,14 +65,7 @@ func TestSevenModelsOnTwoGPUs(t *testing.T) {
 	s, gw := onDemandSite(t, "activation: on_demand\nsleep_level: 0\nmin_awake: 0s")
 	s.start()
 	names := []string{"mixtral", "hermes", "openchat", "phi3", "yi34b", "coder", "vision"}
-	waitFor(t, 30*time.Second, "the gateway up", func() bool {
-		resp, err := http.Get(gw + "/v1/models")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
+	supervisortest.WaitGateway(t, gw)
 	for round := range 2 {
 		for _, m := range names {
 			if code, body := chat(t, gw, m); code != 200 || !strings.Contains(body, `"model":"`+m+`"`) {
@@ -89,14 +81,7 @@ func TestSevenModelsOnTwoGPUs(t *testing.T) {
 func TestSevenModelsAsleepInTurn(t *testing.T) {
 	s, gw := onDemandSite(t, "activation: on_demand\nsleep_level: 1\nmin_awake: 0s", "--fake-wake-time-l1", "50ms")
 	s.start()
-	waitFor(t, 30*time.Second, "the gateway up", func() bool {
-		resp, err := http.Get(gw + "/v1/models")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
+	supervisortest.WaitGateway(t, gw)
 	for round := range 3 {
 		for _, m := range []string{"mixtral", "hermes", "openchat", "phi3", "yi34b", "coder", "vision"} {
 			if code, body := chat(t, gw, m); code != 200 {
@@ -123,14 +108,7 @@ func TestSevenModelsAsleepInTurn(t *testing.T) {
 func TestTwoThatFitNeverSwap(t *testing.T) {
 	s, gw := onDemandSite(t, "activation: on_demand\nsleep_level: 0\nmin_awake: 0s")
 	s.start()
-	waitFor(t, 30*time.Second, "the gateway up", func() bool {
-		resp, err := http.Get(gw + "/v1/models")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
+	supervisortest.WaitGateway(t, gw)
 	// phi3 (0.6) and coder (0.8) fit on the two GPUs, one each.
 	for i := range 20 {
 		for _, m := range []string{"phi3", "coder"} {
@@ -166,14 +144,7 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 	s := &site{Site: supervisortest.NewSite(t, top, testModel{Name: "a", YAML: od, Fake: fake}, testModel{Name: "b", YAML: od, Fake: fake}), t: t}
 	s.start()
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	waitFor(t, 30*time.Second, "the gateway up", func() bool {
-		resp, err := http.Get(gw + "/v1/models")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
+	supervisortest.WaitGateway(t, gw)
 	if code, body := chat(t, gw, "a"); code != 200 {
 		t.Fatalf("a: %d %s", code, body)
 	}
@@ -198,14 +169,7 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 		t.Errorf("a's stream was cut: %d events\n%s", strings.Count(streamed, "data: "), streamed)
 	}
 	for _, m := range s.Models {
-		st := map[string]float64{}
-		r, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/fake/stats", m.Port))
-		if err != nil {
-			t.Fatal(err)
-		}
-		json.NewDecoder(r.Body).Decode(&st) //nolint:errcheck // checked below
-		r.Body.Close()
-		if st["refused_sleeps"] != 0 || st["refused_asleep"] != 0 {
+		if st := supervisortest.FakeStats(t, m.Port); st["refused_sleeps"] != 0 || st["refused_asleep"] != 0 {
 			t.Errorf("%s's fake: %v", m.Name, st)
 		}
 	}

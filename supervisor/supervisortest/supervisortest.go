@@ -5,8 +5,10 @@ package supervisortest
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -205,4 +207,34 @@ func (b *SyncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
+}
+
+// FakeStats reads the sleep-mode counters of the fake-vllm on port
+// (GET /fake/stats): served, refused_asleep, refused_sleeps, sleeps,
+// wakes_l1, wakes_l2, host_bytes.
+func FakeStats(t testing.TB, port int) map[string]float64 {
+	t.Helper()
+	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/fake/stats", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out map[string]float64
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// WaitGateway waits until the gateway at base answers GET /v1/models.
+func WaitGateway(t testing.TB, base string) {
+	t.Helper()
+	WaitFor(t, 30*time.Second, "the gateway up", func() bool {
+		resp, err := http.Get(base + "/v1/models")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
 }
