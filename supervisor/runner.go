@@ -15,6 +15,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/proc"
 )
 
 // recheckInterval is how often a pending model re-checks what it waits for
@@ -38,10 +39,11 @@ type runner struct {
 	status atomic.Pointer[Status]
 	mail   mailbox
 
-	cancel  context.CancelFunc    // ends run: the model is removed or the daemon stops
-	stopped chan struct{}         // closed when run has returned
-	pids    atomic.Pointer[[]int] // the current instance's processes, for GPU attribution
-	cpu     cpuCounter            // citadel_model_cpu_seconds_total, kept monotonic
+	cancel  context.CancelFunc          // ends run: the model is removed or the daemon stops
+	stopped chan struct{}               // closed when run has returned
+	pids    atomic.Pointer[[]int]       // the current instance's processes, for GPU attribution
+	cpu     cpuCounter                  // citadel_model_cpu_seconds_total, kept monotonic
+	cg      atomic.Pointer[proc.Cgroup] // the current instance's cgroup leaf, for its accounting
 	// envDigest fingerprints the env_files contents the current process
 	// was started with.
 	envDigest atomic.Pointer[string]
@@ -100,6 +102,7 @@ type instance struct {
 	tree    processTree
 	started time.Time
 	gpus    []string
+	kill    func() error  // SIGKILLs the main process (through its pidfd)
 	deep    *probe.Deep   // the deep probe's schedule, owned by the probe in flight
 	done    chan struct{} // closed once the main process is reaped
 	exit    exitInfo      // valid after done is closed
@@ -276,14 +279,13 @@ func (l *loop) do(ef effect) event {
 	case efStop:
 		inst, grace, mainAlive := ef.inst, m.cfg.StopTimeout, ef.mainAlive
 		go func() {
-			err := inst.tree.Stop(context.Background(), grace, mainAlive && !inst.exited())
-			<-inst.done // the main process is dead by now; wait for its reaping
-			l.results <- evStopped{inst: inst, err: err}
+			l.results <- evStopped{inst: inst, err: r.stopInstance(inst, grace, mainAlive)}
 		}()
 	case efRelease:
 		// Its GPUs stay busy until its processes have left them.
 		r.d.sched.Release(r.name, ef.inst.tree.SeenPIDs(), ef.keep)
 		r.pids.Store(nil)
+		r.cg.Store(nil)
 	case efArm:
 		l.timers[ef.t] = r.d.after(ef.d)
 	case efDisarm:
@@ -364,8 +366,16 @@ func (l *loop) probe(j probeJob) {
 		_, err = j.inst.deep.Check(dctx, d.prober, j.base, j.served)
 		cancel()
 	}
+	if probe.Local(err) {
+		err = fmt.Errorf("%w: %w", errNoVerdict, err)
+	}
 	l.results <- evProbed{inst: j.inst, err: err, took: took}
 }
+
+// errNoVerdict marks a probe that failed for the daemon's own reason (out
+// of descriptors, memory or local ports): the machine counts it neither
+// for nor against the model.
+var errNoVerdict = errors.New("probe not made")
 
 // publishPIDs makes the instance's processes known for GPU attribution.
 func (r *runner) publishPIDs(t processTree) {

@@ -29,6 +29,7 @@ import (
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor/control/api"
+	"citadel-supervisor/supervisor/proc"
 )
 
 // Prober answers whether a model is healthy. The probe package implements it.
@@ -78,6 +79,14 @@ type Options struct {
 	// Heartbeat is how often Run's loop proves it is alive (Alive). It must
 	// be well below the systemd watchdog's half interval; 0 means 1s.
 	Heartbeat time.Duration
+	// Cgroups, when set, holds every model instance in a cgroup v2 leaf of
+	// its own (ownership mode "cgroup"); nil tracks them by marker and
+	// parent links (mode "marker"). See docs/architecture.md.
+	Cgroups *proc.Cgroups
+	// KillStrays makes the Reaper SIGKILL the orphans it inherits that no
+	// model accounts for. Only for a daemon: the process must start no
+	// children of its own but models.
+	KillStrays bool
 }
 
 // deps is what every runner shares. It is built once and never changes.
@@ -94,6 +103,7 @@ type deps struct {
 	jitter  func() float64
 	metrics *metrics
 	changed func() // a model's status changed
+	cgroups *proc.Cgroups
 }
 
 // Supervisor runs every configured model.
@@ -143,6 +153,7 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		jitter:  o.Jitter,
 		metrics: newMetrics(),
 		changed: func() {},
+		cgroups: o.Cgroups,
 	}
 	if d.output == nil {
 		d.output = func(log *zap.Logger, _, _, line string) { log.Info(line) }
@@ -182,6 +193,9 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 			}
 		}
 	}
+	if o.KillStrays && o.Reaper != nil {
+		o.Reaper.KillStrays(s.accounts)
+	}
 	d.sched.owners = s.owners
 	d.sched.deliver = s.deliver
 	s.cfg.Store(cfg)
@@ -214,6 +228,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		return err
 	}
 	defer unlock()
+	s.d.log.Info("process ownership", zap.String("mode", s.Ownership()), zap.String("cgroup", s.cgroupRoot()))
 	s.stopLeftovers(cfg)
 	// The scheduler outlives every runner: their last act is to release
 	// their GPUs.
@@ -258,7 +273,14 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			s.d.log.Info("stopping every model")
 			stopAll()
-			return g.Wait()
+			err := g.Wait()
+			s.d.reaper.sweepStrays()
+			if s.d.cgroups != nil {
+				if cerr := s.d.cgroups.Close(); cerr != nil {
+					s.d.log.Warn("remove the models' cgroup root", zap.Error(cerr))
+				}
+			}
+			return err
 		case req := <-s.applyCh:
 			s.beat.Store(s.d.now().UnixNano())
 			changes := s.envChanges(config.Diff(s.cfg.Load(), req.cfg), req.cfg, byName)
