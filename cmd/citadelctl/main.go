@@ -190,6 +190,14 @@ func (c *cli) status(ctx context.Context, args []string) int {
 	if noGPUs != "" {
 		fmt.Fprintln(c.out, "GPUs: "+truncate(noGPUs, c.width-6))
 	}
+	// How the daemon owns the processes (an older daemon does not say).
+	if d, err := c.client.Daemon(ctx); err == nil && d.Ownership != "" {
+		line := "Ownership: " + d.Ownership
+		if d.Cgroup != "" {
+			line += " (" + d.Cgroup + ")"
+		}
+		fmt.Fprintln(c.out, truncate(line, c.width))
+	}
 	// Asked about failed models by name: show why, with their last output.
 	if len(args) > 0 {
 		for _, s := range st {
