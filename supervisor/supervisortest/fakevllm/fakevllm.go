@@ -7,7 +7,11 @@
 // load slowly, crash, hang (all of it, or only the engine while /health
 // still answers), return 503, ignore SIGTERM, exit at start, fork
 // workers (also ones that leave the process group, as vLLM's EngineCore does
-// with setpgrp), or write a lot of output.
+// with setpgrp), or write a lot of output. And escape like hostile children
+// do: a grandchild that clears its environment and double-forks, one that
+// makes itself undumpable, a chain of processes that fork and exit (pid
+// hopping). --fake-self does nothing: it marks the argv of a test binary
+// asked to act as fake-vllm with an empty environment (env -i).
 package fakevllm
 
 import (
@@ -25,6 +29,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 type options struct {
@@ -51,7 +57,10 @@ type options struct {
 	logEvery        time.Duration
 	logBytesPerSec  int
 
+	escapeEnv, undumpable, pidHop bool // start the hostile children
+
 	worker, workerDetached, workerOrphan bool
+	escapeMiddle, escapee, hop, hidden   bool // the hostile children's roles
 }
 
 // Main runs fake-vllm with args (without the program name) and returns its
@@ -67,7 +76,16 @@ func Main(args []string) int {
 	// SIGKILL leaves children behind" cases could never be reproduced.
 	signal.Ignore(syscall.SIGPIPE)
 	role := "server"
-	if o.worker {
+	switch {
+	case o.escapee:
+		role = "escapee"
+	case o.hop:
+		role = "hopper"
+	case o.hidden:
+		role = "hidden"
+	case o.escapeMiddle:
+		role = "middle"
+	case o.worker:
 		role = "worker"
 	}
 	if err := writePID(o.pidDir, role); err != nil {
@@ -157,6 +175,21 @@ func parse(args []string) (*options, error) {
 			o.worker = true
 		case "--fake-worker-detached":
 			o.workerDetached = true
+		case "--fake-self":
+		case "--fake-escape-env":
+			o.escapeEnv = true
+		case "--fake-undumpable":
+			o.undumpable = true
+		case "--fake-pid-hop":
+			o.pidHop = true
+		case "--fake-escape-middle":
+			o.escapeMiddle = true
+		case "--fake-escapee":
+			o.escapee = true
+		case "--fake-hop":
+			o.hop = true
+		case "--fake-hidden":
+			o.hidden = true
 		default:
 			if strings.HasPrefix(name, "--fake-") {
 				return nil, fmt.Errorf("unknown flag %s", name)
@@ -224,6 +257,11 @@ func runServer(o *options) int {
 			fmt.Fprintln(os.Stderr, "fake-vllm: orphan worker:", err)
 			return 1
 		}
+	}
+
+	if err := spawnHostile(o); err != nil {
+		fmt.Fprintln(os.Stderr, "fake-vllm: hostile child:", err)
+		return 1
 	}
 
 	start := time.Now()
@@ -409,7 +447,7 @@ func spawnProcess(o *options, args ...string) error {
 	if o.pidDir != "" {
 		args = append(args, "--fake-pid-dir", o.pidDir)
 	}
-	cmd := exec.Command(self, args...)
+	cmd := exec.Command(self, append([]string{"--fake-self"}, args...)...)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr // workers share the server's output, as vLLM's do
 	if err := cmd.Start(); err != nil {
 		return err
@@ -418,7 +456,98 @@ func spawnProcess(o *options, args ...string) error {
 	return nil
 }
 
+// spawnHostile starts the children that try to escape their supervisor.
+func spawnHostile(o *options) error {
+	if o.escapeEnv {
+		// env -i, then a double fork: no marker, no parent link.
+		if err := spawnBare(o, "--fake-worker", "--fake-escape-middle"); err != nil {
+			return err
+		}
+	}
+	if o.undumpable {
+		// A double fork to a process that sets PR_SET_DUMPABLE 0: its
+		// /proc/PID/environ is unreadable to a supervisor that is not root.
+		if err := spawnProcess(o, "--fake-worker", "--fake-worker-orphan", "--fake-hidden"); err != nil {
+			return err
+		}
+	}
+	if o.pidHop {
+		if err := spawnProcess(o, "--fake-worker", "--fake-hop"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// spawnBare starts this program with args and an empty environment, in a
+// session of its own, without waiting for it.
+func spawnBare(o *options, args ...string) error {
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	if o.pidDir != "" {
+		args = append(args, "--fake-pid-dir", o.pidDir)
+	}
+	cmd := exec.Command(self, append([]string{"--fake-self"}, args...)...)
+	cmd.Env = []string{} // not nil: nil would inherit
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	go cmd.Wait() //nolint:errcheck // reap when it exits
+	return nil
+}
+
+// hostile runs the roles of the escaping children; ok false if o is none.
+func hostile(o *options) (int, bool) {
+	switch {
+	case o.escapeMiddle:
+		// The middle of the double fork: start the escapee and exit, so it
+		// is re-parented before anyone sees it as the server's descendant.
+		if err := spawnBare(o, "--fake-worker", "--fake-escapee"); err != nil {
+			fmt.Fprintln(os.Stderr, "fake-vllm escape middle:", err)
+			return 1, true
+		}
+		return 0, true
+	case o.escapee:
+		signal.Ignore(syscall.SIGTERM, syscall.SIGHUP, syscall.SIGINT)
+		select {}
+	case o.hidden && o.workerOrphan:
+		if err := spawnProcess(o, "--fake-worker", "--fake-hidden"); err != nil {
+			fmt.Fprintln(os.Stderr, "fake-vllm hidden middle:", err)
+			return 1, true
+		}
+		return 0, true
+	case o.hidden:
+		if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+			fmt.Fprintln(os.Stderr, "fake-vllm hidden: prctl:", err)
+			return 1, true
+		}
+		_, _ = unix.Setsid()
+		signal.Ignore(syscall.SIGTERM, syscall.SIGHUP, syscall.SIGINT)
+		select {}
+	case o.hop:
+		// Fork the next link, then exit: the chain never has a process
+		// that lives long, and its PIDs keep changing.
+		signal.Ignore(syscall.SIGTERM)
+		time.Sleep(hopInterval)
+		if err := spawnProcess(o, "--fake-worker", "--fake-hop"); err != nil {
+			fmt.Fprintln(os.Stderr, "fake-vllm hop:", err)
+			return 1, true
+		}
+		return 0, true
+	}
+	return 0, false
+}
+
+// hopInterval is how long each link of a pid-hopping chain lives.
+const hopInterval = 20 * time.Millisecond
+
 func runWorker(o *options) int {
+	if code, ok := hostile(o); ok {
+		return code
+	}
 	if o.workerOrphan {
 		if err := spawnWorker(o, true); err != nil {
 			fmt.Fprintln(os.Stderr, "fake-vllm orphan parent:", err)
