@@ -146,13 +146,19 @@ func LookupEnviron(pid int, key string) (string, bool, error) {
 		}
 		return "", false, err
 	}
+	v, ok := lookup(b, key)
+	return v, ok, nil
+}
+
+// lookup finds key in the NUL-separated environment b.
+func lookup(b []byte, key string) (string, bool) {
 	prefix := []byte(key + "=")
 	for kv := range bytes.SplitSeq(b, []byte{0}) {
 		if v, ok := bytes.CutPrefix(kv, prefix); ok {
-			return string(v), true, nil
+			return string(v), true
 		}
 	}
-	return "", false, nil
+	return "", false
 }
 
 // Signal sends sig to pid only if pid is still the process that

@@ -3,7 +3,9 @@ package proc
 import (
 	"context"
 	"fmt"
+	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -157,8 +159,15 @@ func (t *Tree) Sweep() error {
 		if start, ok := t.known[pid]; ok && start == s.Start {
 			continue
 		}
+		env, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
+		if err != nil || len(env) == 0 {
+			// Unreadable now, or empty: a kernel thread, or a process
+			// in the middle of execve (its environment reads empty for
+			// a moment). No verdict is kept; the next sweep reads again.
+			continue
+		}
 		t.known[pid] = s.Start
-		if v, ok := EnvironValue(pid, MarkerEnv); ok && v == t.marker {
+		if v, ok := lookup(env, MarkerEnv); ok && v == t.marker {
 			t.members[pid] = s.Start
 			t.seen[pid] = true
 		}
@@ -268,7 +277,23 @@ func (t *Tree) Kill() error {
 		}
 		_ = t.Sweep()
 		if len(t.members) == 0 {
-			return nil
+			// A child forked while its parent was killed may not have
+			// been listed yet: only a second empty sweep is the end.
+			<-time.After(pollInterval)
+			if _ = t.Sweep(); len(t.members) == 0 {
+				return nil
+			}
+		}
+		// Freeze first: a stopped process cannot fork, so a chain that
+		// forks and exits (pid hopping) holds still until the sweep has
+		// seen all of it.
+		for range 5 {
+			n := len(t.members)
+			t.signalAll(unix.SIGSTOP)
+			_ = t.Sweep()
+			if len(t.members) == n {
+				break
+			}
 		}
 		t.signalAll(unix.SIGKILL)
 		// SIGKILL is delivered before the syscall returns, but the process

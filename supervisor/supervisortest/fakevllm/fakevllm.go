@@ -79,12 +79,8 @@ func Main(args []string) int {
 	switch {
 	case o.escapee:
 		role = "escapee"
-	case o.hop:
-		role = "hopper"
 	case o.hidden:
 		role = "hidden"
-	case o.escapeMiddle:
-		role = "middle"
 	case o.worker:
 		role = "worker"
 	}
@@ -182,12 +178,8 @@ func parse(args []string) (*options, error) {
 			o.undumpable = true
 		case "--fake-pid-hop":
 			o.pidHop = true
-		case "--fake-escape-middle":
-			o.escapeMiddle = true
 		case "--fake-escapee":
 			o.escapee = true
-		case "--fake-hop":
-			o.hop = true
 		case "--fake-hidden":
 			o.hidden = true
 		default:
@@ -459,8 +451,9 @@ func spawnProcess(o *options, args ...string) error {
 // spawnHostile starts the children that try to escape their supervisor.
 func spawnHostile(o *options) error {
 	if o.escapeEnv {
-		// env -i, then a double fork: no marker, no parent link.
-		if err := spawnBare(o, "--fake-worker", "--fake-escape-middle"); err != nil {
+		// env -i, then a double fork through a shell that exits at once:
+		// no marker, and a parent link that lasts a millisecond.
+		if err := spawnBare(o, "--fake-worker", "--fake-escapee"); err != nil {
 			return err
 		}
 	}
@@ -472,15 +465,27 @@ func spawnHostile(o *options) error {
 		}
 	}
 	if o.pidHop {
-		if err := spawnProcess(o, "--fake-worker", "--fake-hop"); err != nil {
+		// A chain of shells, each recording itself, forking the next link
+		// and exiting hopInterval later: the chain's PIDs keep changing
+		// and no link lives long. (Shells, not this program: a chain of Go
+		// binaries would take a core of its own.)
+		script := `printf hopper > "$0/$$"; sleep ` + strconv.FormatFloat(hopInterval.Seconds(), 'f', 3, 64) + `; sh -c "$1" "$0" "$1" &`
+		dir := o.pidDir
+		if dir == "" {
+			dir = os.TempDir()
+		}
+		cmd := exec.Command("/bin/sh", "-c", script, dir, script)
+		if err := cmd.Start(); err != nil {
 			return err
 		}
+		go cmd.Wait() //nolint:errcheck // reap when it exits
 	}
 	return nil
 }
 
-// spawnBare starts this program with args and an empty environment, in a
-// session of its own, without waiting for it.
+// spawnBare starts this program with args and an empty environment,
+// double-forked: a shell starts it in the background and exits at once, so
+// it is re-parented before anyone following parent links can see it.
 func spawnBare(o *options, args ...string) error {
 	self, err := os.Executable()
 	if err != nil {
@@ -489,9 +494,8 @@ func spawnBare(o *options, args ...string) error {
 	if o.pidDir != "" {
 		args = append(args, "--fake-pid-dir", o.pidDir)
 	}
-	cmd := exec.Command(self, append([]string{"--fake-self"}, args...)...)
+	cmd := exec.Command("/bin/sh", append([]string{"-c", `"$0" "$@" </dev/null >/dev/null 2>&1 &`, self, "--fake-self"}, args...)...)
 	cmd.Env = []string{} // not nil: nil would inherit
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		return err
 	}
@@ -502,15 +506,8 @@ func spawnBare(o *options, args ...string) error {
 // hostile runs the roles of the escaping children; ok false if o is none.
 func hostile(o *options) (int, bool) {
 	switch {
-	case o.escapeMiddle:
-		// The middle of the double fork: start the escapee and exit, so it
-		// is re-parented before anyone sees it as the server's descendant.
-		if err := spawnBare(o, "--fake-worker", "--fake-escapee"); err != nil {
-			fmt.Fprintln(os.Stderr, "fake-vllm escape middle:", err)
-			return 1, true
-		}
-		return 0, true
 	case o.escapee:
+		_, _ = unix.Setsid()
 		signal.Ignore(syscall.SIGTERM, syscall.SIGHUP, syscall.SIGINT)
 		select {}
 	case o.hidden && o.workerOrphan:
@@ -527,22 +524,12 @@ func hostile(o *options) (int, bool) {
 		_, _ = unix.Setsid()
 		signal.Ignore(syscall.SIGTERM, syscall.SIGHUP, syscall.SIGINT)
 		select {}
-	case o.hop:
-		// Fork the next link, then exit: the chain never has a process
-		// that lives long, and its PIDs keep changing.
-		signal.Ignore(syscall.SIGTERM)
-		time.Sleep(hopInterval)
-		if err := spawnProcess(o, "--fake-worker", "--fake-hop"); err != nil {
-			fmt.Fprintln(os.Stderr, "fake-vllm hop:", err)
-			return 1, true
-		}
-		return 0, true
 	}
 	return 0, false
 }
 
 // hopInterval is how long each link of a pid-hopping chain lives.
-const hopInterval = 20 * time.Millisecond
+const hopInterval = 50 * time.Millisecond
 
 func runWorker(o *options) int {
 	if code, ok := hostile(o); ok {
