@@ -80,7 +80,15 @@ func (s *site) start() *daemon {
 // SIGKILLs its daemon leaves no model behind.
 func (s *site) startArgs(args ...string) *daemon {
 	s.t.Helper()
-	cmd := exec.Command(os.Args[0], append([]string{"--config", s.Path}, args...)...)
+	return s.startWrapped(nil, args...)
+}
+
+// startWrapped starts the daemon through wrapper (a command that execs the
+// rest, such as prlimit), with extra flags.
+func (s *site) startWrapped(wrapper []string, args ...string) *daemon {
+	s.t.Helper()
+	argv := append(append(append([]string{}, wrapper...), os.Args[0], "--config", s.Path), args...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(os.Environ(), roleEnv+"=1")
 	d := &daemon{cmd: cmd, log: &supervisortest.SyncBuffer{}, done: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = d.log, d.log
