@@ -34,6 +34,7 @@ type Tree struct {
 	seen    map[int]bool   // every member ever, for the GPU release check
 	scan    func() ([]int, error)
 	cg      *Cgroup // the instance's cgroup leaf; nil in marker mode
+	bound   time.Duration // Kill's bound: KillBound (tests shorten it)
 }
 
 // NewTree starts tracking the instance whose main process is mainPID and
@@ -63,7 +64,7 @@ func NewCgroupTree(marker string, mainPID int, cg *Cgroup) *Tree {
 func (t *Tree) Cgroup() *Cgroup { return t.cg }
 
 func newTree(marker string) *Tree {
-	return &Tree{marker: marker, members: map[int]uint64{}, known: map[int]uint64{}, seen: map[int]bool{}, scan: PIDs}
+	return &Tree{marker: marker, members: map[int]uint64{}, known: map[int]uint64{}, seen: map[int]bool{}, scan: PIDs, bound: KillBound}
 }
 
 // Marked finds every live process whose MarkerEnv value starts with prefix,
@@ -254,7 +255,7 @@ func (t *Tree) empty() bool {
 // populated 0, then the leaf is removed; in marker mode, rounds of SIGKILL
 // to every member until a fresh sweep finds none.
 func (t *Tree) Kill() error {
-	ctx, cancel := context.WithTimeout(context.Background(), KillBound)
+	ctx, cancel := context.WithTimeout(context.Background(), t.bound)
 	defer cancel()
 	if t.cg != nil {
 		err := t.cg.Kill()
