@@ -45,6 +45,7 @@ type Listener struct {
 	log     *zap.Logger
 	mu      sync.Mutex
 	reserve int // an open /dev/null, or -1
+	logged  time.Time
 	done    chan struct{}
 	once    sync.Once
 }
@@ -94,8 +95,14 @@ func (l *Listener) shed() {
 		unix.Close(l.reserve)
 		l.reserve = -1
 	}
-	l.mu.Unlock()
-	l.log.Warn("out of file descriptors: refusing a connection")
+	// Said once per 10 s: a flood would fill the journal.
+	if now := time.Now(); now.Sub(l.logged) > 10*time.Second {
+		l.logged = now
+		l.mu.Unlock()
+		l.log.Warn("out of file descriptors: refusing a connection")
+	} else {
+		l.mu.Unlock()
+	}
 	if tl, ok := l.Listener.(interface{ SetDeadline(time.Time) error }); ok {
 		_ = tl.SetDeadline(time.Now().Add(10 * time.Millisecond))
 	}
