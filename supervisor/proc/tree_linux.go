@@ -33,7 +33,7 @@ type Tree struct {
 	known   map[int]uint64 // processes already checked for the marker
 	seen    map[int]bool   // every member ever, for the GPU release check
 	scan    func() ([]int, error)
-	cg      *Cgroup // the instance's cgroup leaf; nil in marker mode
+	cg      *Cgroup       // the instance's cgroup leaf; nil in marker mode
 	bound   time.Duration // Kill's bound: KillBound (tests shorten it)
 }
 
