@@ -73,10 +73,11 @@ func (s *Supervisor) stopLeftovers(cfg *config.Config) {
 			s.d.log.Error("scan for leftover model cgroups", zap.Error(err))
 		}
 		for _, leaf := range leaves {
-			// Leaves are named <model>.<token>.
+			// Leaves are named <model>@<token> ('@' is in no model name
+			// and no cgroup interface file).
 			base := filepath.Base(leaf.Path)
 			model := base
-			if i := strings.LastIndexByte(base, '.'); i > 0 {
+			if i := strings.LastIndexByte(base, '@'); i > 0 {
 				model = base[:i]
 			}
 			groups = append(groups, leftover{model, proc.NewCgroupTree(s.d.id+"/"+model+"/", 0, leaf)})

@@ -33,7 +33,7 @@ func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string)
 	if r.d.cgroups != nil {
 		// Cloned straight into its own leaf (clone3 CLONE_INTO_CGROUP), not
 		// moved after: nothing it forks can run a moment outside it.
-		leaf, err := r.d.cgroups.New(m.Name + "." + marker[len(marker)-16:])
+		leaf, err := r.d.cgroups.New(m.Name + "@" + marker[len(marker)-16:])
 		if err != nil {
 			return nil, err
 		}

@@ -61,7 +61,7 @@ check "the daemon moved itself into <unit>/supervisor" \
 	grep -qx "$(systemctl show -p MainPID --value citadel-supervisor)" "$unit_cg/supervisor/cgroup.procs"
 a_pid=$(pidof_model alpha)
 a_cg=$(sed -n 's/^0:://p' "/proc/$a_pid/cgroup")
-check "alpha runs in a delegated leaf of its own" sh -c "case '$a_cg' in */citadel-*/alpha.*) true ;; *) false ;; esac"
+check "alpha runs in a delegated leaf of its own" sh -c "case '$a_cg' in */citadel-*/alpha@*) true ;; *) false ;; esac"
 # The escapee: env -i, a shell that exits at once, a sleep that ignores
 # SIGTERM, started from inside alpha's leaf (as a child of the model would).
 esc_cg=/sys/fs/cgroup$a_cg

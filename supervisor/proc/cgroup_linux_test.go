@@ -26,7 +26,7 @@ func TestCgroupLeaf(t *testing.T) {
 		t.Fatalf("OpenCgroups as root: %v", err)
 	}
 	defer cg.Close() //nolint:errcheck // checked below
-	leaf, err := cg.New("m." + rand.Text()[:8])
+	leaf, err := cg.New("m@" + rand.Text()[:8])
 	if err != nil {
 		t.Fatal(err)
 	}
