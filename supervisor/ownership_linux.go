@@ -3,7 +3,6 @@ package supervisor
 import (
 	"errors"
 	"io/fs"
-	"strings"
 
 	"citadel-supervisor/supervisor/proc"
 )
@@ -37,11 +36,22 @@ func (s *Supervisor) cgroupRoot() string {
 // marker mode.
 func (s *Supervisor) CgroupRoot() string { return s.cgroupRoot() }
 
+// liveMarker reports whether v is the marker of a live instance: one whose
+// stop has not begun. A process with the marker of a stopped instance
+// (a link of a chain that forked past its stop) is a stray.
+func (s *Supervisor) liveMarker(v string) bool {
+	for _, r := range *s.runners.Load() {
+		if m := r.marker.Load(); m != nil && *m == v {
+			return true
+		}
+	}
+	return false
+}
+
 // accounts reports whether some model accounts for pid, an orphan the
 // daemon inherited as subreaper: a known member of a model's tree, a
-// process in one of the models' cgroup leaves, or a carrier of this
-// supervisor's marker (a live model's worker that no refresh has seen
-// yet; a stop's sweep finds it).
+// process in one of the models' cgroup leaves, or a carrier of the marker
+// of a live instance (a worker that no refresh has seen yet).
 func (s *Supervisor) accounts(pid int) bool {
 	if _, ok := s.owners()[pid]; ok {
 		return true
@@ -52,7 +62,7 @@ func (s *Supervisor) accounts(pid int) bool {
 	v, ok, err := proc.LookupEnviron(pid, proc.MarkerEnv)
 	switch {
 	case err == nil:
-		return ok && strings.HasPrefix(v, s.d.id+"/")
+		return ok && s.liveMarker(v)
 	case errors.Is(err, fs.ErrPermission), errors.Is(err, proc.ErrGone):
 		// A child that hides its environment from its own supervisor
 		// (PR_SET_DUMPABLE 0) is nobody's.

@@ -44,6 +44,7 @@ type runner struct {
 	pids    atomic.Pointer[[]int]       // the current instance's processes, for GPU attribution
 	cpu     cpuCounter                  // citadel_model_cpu_seconds_total, kept monotonic
 	cg      atomic.Pointer[proc.Cgroup] // the current instance's cgroup leaf, for its accounting
+	marker  atomic.Pointer[string]      // the live instance's marker; nil once its stop begins
 	// envDigest fingerprints the env_files contents the current process
 	// was started with.
 	envDigest atomic.Pointer[string]
@@ -277,6 +278,7 @@ func (l *loop) do(ef effect) event {
 	case efObserve:
 		r.d.metrics.observe(r.name, ef.took, ef.err)
 	case efStop:
+		r.marker.Store(nil) // its processes are nobody's now: strays once orphaned
 		inst, grace, mainAlive := ef.inst, m.cfg.StopTimeout, ef.mainAlive
 		go func() {
 			l.results <- evStopped{inst: inst, err: r.stopInstance(inst, grace, mainAlive)}

@@ -79,6 +79,7 @@ func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string)
 		tree = proc.NewCgroupTree(marker, cmd.Process.Pid, cg)
 		r.cg.Store(cg)
 	}
+	r.marker.Store(&marker)
 	inst := &instance{
 		pid:     cmd.Process.Pid,
 		tree:    tree,
