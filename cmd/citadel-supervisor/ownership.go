@@ -35,8 +35,11 @@ func openOwnership(mode string, cfg *config.Config, environ []string, log *zap.L
 		return nil, fmt.Errorf("--ownership %q: want auto, cgroup or marker", mode)
 	}
 	// Under systemd the unit's cgroup is the daemon's to manage only with
-	// Delegate=yes; the daemon then moves itself into a leaf first.
-	delegate := config.Getenv(environ, "INVOCATION_ID", "") != ""
+	// Delegate=yes; the daemon then moves itself into a leaf first. Only
+	// as the unit's main process (started by PID 1): a daemon that a test
+	// or a shell under some unit started must not move itself around in
+	// that unit's cgroup.
+	delegate := config.Getenv(environ, "INVOCATION_ID", "") != "" && os.Getppid() == 1
 	cg, err := proc.OpenCgroups(supervisor.Identity(cfg.ControlSocket), delegate)
 	if err != nil {
 		if mode == "cgroup" {
