@@ -8,9 +8,11 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -122,10 +124,37 @@ func OpenCgroups(id string, delegate bool) (*Cgroups, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrNoCgroups, err)
 	}
-	if err := probe.Remove(); err != nil {
+	err = cloneInto(probe)
+	if rerr := probe.Remove(); err == nil && rerr != nil {
+		err = rerr
+	}
+	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrNoCgroups, err)
 	}
 	return c, nil
+}
+
+// cloneInto proves a child can be cloned into g (clone3 with
+// CLONE_INTO_CGROUP). A seccomp filter may answer clone3 with ENOSYS:
+// systemd does under RestrictNamespaces=, since it cannot inspect clone3's
+// flags; every spawn would then fail, so the daemon must know at start.
+func cloneInto(g *Cgroup) error {
+	bin, err := exec.LookPath("true")
+	if err != nil {
+		return nil // nothing to try with; the first spawn will say
+	}
+	fd, err := g.OpenFD()
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	cmd := exec.Command(bin)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("clone into %s: %w (a seccomp filter such as systemd's RestrictNamespaces= blocks clone3)", g.Path, err)
+	}
+	_ = cmd.Wait()
+	return nil
 }
 
 // enableControllers enables, in dir's subtree_control, the controllers the
