@@ -31,9 +31,14 @@ vet:
 	$(GO) vet ./...
 	@test -z "$$(gofmt -l $(GOFILES))" || { echo "gofmt needed:"; gofmt -l $(GOFILES); exit 1; }
 
+# The tests run with a TMPDIR of their own, so every process they start
+# names it; .ci/test-procs fails if any is still running afterwards (none
+# may be: the tests kill what they start, also what a SIGKILLed daemon left).
 test: vet check-deploy
-	$(GO) test -race -count=1 ./...
-	$(MAKE) --no-print-directory fuzz-short
+	@d=$$(mktemp -d /tmp/citadel-test.XXXXXX) && \
+	TMPDIR=$$d $(GO) test -race -count=1 ./... && \
+	TMPDIR=$$d $(MAKE) --no-print-directory fuzz-short && \
+	.ci/test-procs $$d && rm -rf $$d
 
 # Go benchmarks, then the driver that runs the daemon and (if Debian's
 # supervisor package is installed) supervisord over the same fake-vllm

@@ -55,15 +55,44 @@ func lockIdentity(socket string) (func(), error) {
 // fresh start is the state an operator can reason about. Each model's
 // processes get its stop_timeout, in parallel, so GPU memory is freed
 // cleanly before placement begins.
+//
+// In cgroup mode they are found by cgroup first: every leaf under the
+// daemon's cgroup root is an instance of a predecessor, whatever its
+// processes did to their environment (a main process without the marker,
+// a scrubbed grandchild). The marker scan still runs, for instances a
+// predecessor in marker mode left.
 func (s *Supervisor) stopLeftovers(cfg *config.Config) {
-	groups, err := proc.Marked(s.d.id + "/")
+	type leftover struct {
+		model string
+		tree  *proc.Tree
+	}
+	var groups []leftover
+	if s.d.cgroups != nil {
+		leaves, err := s.d.cgroups.Leaves()
+		if err != nil {
+			s.d.log.Error("scan for leftover model cgroups", zap.Error(err))
+		}
+		for _, leaf := range leaves {
+			// Leaves are named <model>@<token> ('@' is in no model name
+			// and no cgroup interface file).
+			base := filepath.Base(leaf.Path)
+			model := base
+			if i := strings.LastIndexByte(base, '@'); i > 0 {
+				model = base[:i]
+			}
+			groups = append(groups, leftover{model, proc.NewCgroupTree(s.d.id+"/"+model+"/", 0, leaf)})
+		}
+	}
+	marked, err := proc.Marked(s.d.id + "/")
 	if err != nil {
 		s.d.log.Error("scan for leftover model processes", zap.Error(err))
-		return
+	}
+	for marker, t := range marked {
+		groups = append(groups, leftover{strings.Split(marker, "/")[1], t})
 	}
 	var wg sync.WaitGroup
-	for marker, t := range groups {
-		model := strings.Split(marker, "/")[1]
+	for _, g := range groups {
+		model, t := g.model, g.tree
 		grace := cfg.LongestStopTimeout()
 		if m, ok := cfg.Model(model); ok {
 			grace = m.StopTimeout

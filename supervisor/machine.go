@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"errors"
 	"fmt"
 	"maps"
 	"time"
@@ -445,6 +446,15 @@ func (m *machine) onProbed(ev evProbed) []effect {
 	m.probing = false
 	if m.exited || !m.probed() {
 		return nil
+	}
+	if errors.Is(ev.err, errNoVerdict) {
+		// The daemon could not probe (out of descriptors, memory, ports):
+		// no verdict on the model; ask again next period.
+		m.log.Warn("probe not made: the daemon is short of resources", zap.Error(ev.err))
+		if m.state == Starting {
+			return []effect{efArm{tick, min(m.cfg.Probe.Period, maxStartupPoll)}}
+		}
+		return []effect{efArm{tick, m.cfg.Probe.Period}}
 	}
 	err := ev.err
 	ok := err == nil

@@ -4,10 +4,12 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -504,6 +506,32 @@ func TestMachineProbeThreshold(t *testing.T) {
 	mt = newMTest(t).toReady()
 	mt.step(evTimer{tick})
 	mt.expect(evProbed{inst: mt.m.inst, err: &probe.StatusError{Code: 500}}, "observe disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+}
+
+// TestMachineLocalProbeFailureIsNoVerdict: a probe the daemon could not
+// make (its own EMFILE) counts neither for nor against the model, however
+// many there are, in starting, ready or unhealthy: no failure counted, no
+// restart, the next probe at the usual period.
+func TestMachineLocalProbeFailureIsNoVerdict(t *testing.T) {
+	local := fmt.Errorf("%w: %w", errNoVerdict, &net.OpError{Op: "dial", Err: os.NewSyscallError("socket", syscall.EMFILE)})
+	mt := newMTest(t).toReady()
+	for range 10 {
+		mt.step(evTimer{tick})
+		mt.expect(evProbed{inst: mt.m.inst, err: local}, "arm(tick,10s)")
+	}
+	mt.state(Ready)
+	if mt.m.probeFails != 0 || len(mt.m.restarts) != 0 {
+		t.Errorf("probeFails %d, restarts %v", mt.m.probeFails, mt.m.restarts)
+	}
+
+	mt = newMTest(t).toUnhealthy()
+	mt.step(evTimer{tick})
+	mt.expect(evProbed{inst: mt.m.inst, err: local}, "arm(tick,10s)")
+	mt.state(Unhealthy)
+
+	mt = newMTest(t).toStarting()
+	mt.expect(evProbed{inst: mt.m.inst, err: local}, "arm(tick,1s)")
+	mt.state(Starting)
 }
 
 // TestMachineProbeInFlightSkipsTick: a tick while a probe is in flight

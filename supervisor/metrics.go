@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"hash/fnv"
 	"os"
 	"strconv"
 	"sync"
@@ -86,7 +87,7 @@ func (m *metrics) forget(model string) {
 type modelCollector struct {
 	s *Supervisor
 
-	up, state, cause, restarts, lastExit, startTime, startup, rss, cpu, probeOK, reloadOK, reloadTime, hostHeld *prometheus.Desc
+	up, state, cause, restarts, lastExit, startTime, startup, rss, cpu, probeOK, reloadOK, reloadTime, hostHeld, ownership *prometheus.Desc
 }
 
 func newModelCollector(s *Supervisor) *modelCollector {
@@ -106,11 +107,12 @@ func newModelCollector(s *Supervisor) *modelCollector {
 		reloadOK:   prometheus.NewDesc("citadel_config_last_reload_successful", "1 if the last configuration load succeeded, 0 if it was rejected (the previous one stays in force).", nil, nil),
 		hostHeld:   prometheus.NewDesc("citadel_model_sleep_host_memory_bytes", "Host memory an on-demand model holds asleep at level 1 (its weights in pinned RAM), measured as its resident memory grown across the sleep; bounded by sleep_host_memory.", m, nil),
 		reloadTime: prometheus.NewDesc("citadel_config_last_reload_success_timestamp_seconds", "Unix time of the last successful configuration load.", nil, nil),
+		ownership:  prometheus.NewDesc("citadel_ownership_mode", "1 for how the daemon owns the models' processes (cgroup: a cgroup v2 leaf per instance; marker: marker variable, parent links and subreaper), 0 for the other.", []string{"mode"}, nil),
 	}
 }
 
 func (c *modelCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.up, c.state, c.cause, c.restarts, c.lastExit, c.startTime, c.startup, c.rss, c.cpu, c.probeOK, c.reloadOK, c.reloadTime, c.hostHeld} {
+	for _, d := range []*prometheus.Desc{c.up, c.state, c.cause, c.restarts, c.lastExit, c.startTime, c.startup, c.rss, c.cpu, c.probeOK, c.reloadOK, c.reloadTime, c.hostHeld, c.ownership} {
 		ch <- d
 	}
 }
@@ -119,6 +121,9 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 	page := float64(os.Getpagesize())
 	ch <- prometheus.MustNewConstMetric(c.reloadOK, prometheus.GaugeValue, boolf(c.s.reloadOK.Load()))
 	ch <- prometheus.MustNewConstMetric(c.reloadTime, prometheus.GaugeValue, float64(c.s.reloadAt.Load()))
+	for _, mode := range OwnershipModes {
+		ch <- prometheus.MustNewConstMetric(c.ownership, prometheus.GaugeValue, boolf(c.s.Ownership() == mode), mode)
+	}
 	for _, r := range *c.s.runners.Load() {
 		st := r.status.Load()
 		if st == nil {
@@ -164,6 +169,16 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 				rss += float64(ps.RSSPages) * page
 				times[procKey{pid, ps.Start}] = float64(ps.UTime+ps.STime) / clockTicks
 			}
+			if cg := r.cg.Load(); cg != nil {
+				// The cgroup's own accounting: every process of the
+				// instance, exited ones' CPU time included.
+				if b, ok := cg.MemoryBytes(); ok {
+					rss = float64(b)
+				}
+				if sec, ok := cg.CPUSeconds(); ok {
+					times = map[procKey]float64{{pid: -1, start: leafKey(cg.Path)}: sec}
+				}
+			}
 			ch <- prometheus.MustNewConstMetric(c.rss, prometheus.GaugeValue, rss, name)
 		}
 		// The counter is exported once the model has run, and never goes
@@ -172,6 +187,13 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(c.cpu, prometheus.CounterValue, cpu, name)
 		}
 	}
+}
+
+// leafKey tells instances' cgroup leaves apart in cpuCounter.
+func leafKey(path string) uint64 {
+	h := fnv.New64a()
+	h.Write([]byte(path))
+	return h.Sum64()
 }
 
 func boolf(b bool) float64 {

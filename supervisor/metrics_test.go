@@ -93,6 +93,10 @@ citadel_model_state{model="phi3",state="unhealthy"} 0
 # TYPE citadel_model_up gauge
 citadel_model_up{model="mixtral"} 1
 citadel_model_up{model="phi3"} 0
+# HELP citadel_ownership_mode 1 for how the daemon owns the models' processes (cgroup: a cgroup v2 leaf per instance; marker: marker variable, parent links and subreaper), 0 for the other.
+# TYPE citadel_ownership_mode gauge
+citadel_ownership_mode{mode="cgroup"} 0
+citadel_ownership_mode{mode="marker"} 1
 # HELP citadel_probe_success 1 if the model's last health probe succeeded, else 0.
 # TYPE citadel_probe_success gauge
 citadel_probe_success{model="mixtral"} 1

@@ -2,7 +2,11 @@ package supervisor
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"time"
+
+	"go.uber.org/zap"
 
 	"citadel-supervisor/supervisor/proc"
 )
@@ -31,3 +35,36 @@ type processTree interface {
 }
 
 var _ processTree = (*proc.Tree)(nil)
+
+// reapBound bounds the wait for the main process's reaping once its tree
+// is stopped, so a stop ends within stop_timeout + proc.KillBound + twice
+// this, whatever /proc answers.
+const reapBound = 3 * time.Second
+
+// stopInstance stops inst's tree, kills the orphans no model accounts for
+// (see Reaper.KillStrays), and waits, bounded, for the main process to be
+// reaped. If the tree could not see the main process die (/proc
+// unreadable, say), it is SIGKILLed through its pidfd rather than waited
+// for forever.
+func (r *runner) stopInstance(inst *instance, grace time.Duration, mainAlive bool) error {
+	err := inst.tree.Stop(context.Background(), grace, mainAlive && !inst.exited())
+	r.d.reaper.sweepStrays()
+	for round := range 2 {
+		t := time.NewTimer(reapBound)
+		select {
+		case <-inst.done:
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+		if round == 0 && inst.kill != nil {
+			r.log.Warn("main process still running after its stop; killing it", zap.Int("pid", inst.pid))
+			_ = inst.kill()
+		}
+	}
+	return errors.Join(err, fmt.Errorf("main process %d not reaped within %s of its stop", inst.pid, 2*reapBound))
+}
+
+// StopOverhead is what a stop may take beyond its stop_timeout: the kill
+// bound and the bounded waits for the main process's reaping.
+const StopOverhead = proc.KillBound + 2*reapBound

@@ -30,6 +30,29 @@ import (
 type Reaper struct {
 	mu      sync.Mutex
 	managed map[int]bool
+	// accounted, when set (KillStrays), tells whether a model accounts
+	// for an inherited orphan; strays holds when each unaccounted one was
+	// first seen, by PID and start time.
+	accounted func(pid int) bool
+	strays    map[[2]uint64]time.Time
+	now       func() time.Time
+}
+
+// strayGrace is how long an inherited orphan may stay unaccounted for
+// before it is killed while its models run: long enough for a model's
+// tree to follow a worker that was re-parented a moment ago. After a stop,
+// and at shutdown, strays are killed at once.
+const strayGrace = 2 * time.Second
+
+// KillStrays makes the reaper SIGKILL the orphans it inherits that no model
+// accounts for (accounted(pid) false): a process that scrubbed its
+// environment and double-forked leaves its model's tree, but as an orphan
+// it is re-parented to the daemon, the subreaper. In cgroup mode the leaf
+// holds it anyway; in marker mode this is what catches it.
+func (r *Reaper) KillStrays(accounted func(pid int) bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.accounted, r.strays, r.now = accounted, map[[2]uint64]time.Time{}, time.Now
 }
 
 // NewReaper marks this process a child subreaper.
@@ -85,21 +108,56 @@ func (r *Reaper) Run(ctx context.Context) error {
 	}
 }
 
-// Reap collects every exited child that os/exec is not waiting for.
+// Reap collects every exited child that os/exec is not waiting for, and
+// kills strays that stayed unaccounted for strayGrace.
 func (r *Reaper) Reap() int {
+	return r.reap(strayGrace)
+}
+
+// sweepStrays kills every unaccounted orphan now: after a stop, and at
+// shutdown, when no model of the stopped ones may keep a process.
+func (r *Reaper) sweepStrays() {
+	if r != nil {
+		r.reap(0)
+	}
+}
+
+func (r *Reaper) reap(grace time.Duration) int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	n := 0
+	seen := map[[2]uint64]bool{}
 	for _, pid := range proc.Children(os.Getpid()) {
 		if r.managed[pid] {
 			continue
 		}
-		if s, err := proc.ReadStat(pid); err != nil || s.State != 'Z' {
+		s, err := proc.ReadStat(pid)
+		if err != nil {
+			continue
+		}
+		if s.State != 'Z' {
+			if r.accounted != nil && !r.accounted(pid) {
+				key := [2]uint64{uint64(pid), s.Start}
+				seen[key] = true
+				first, ok := r.strays[key]
+				if !ok {
+					first = r.now()
+					r.strays[key] = first
+				}
+				if r.now().Sub(first) >= grace {
+					_ = proc.Signal(pid, s.Start, unix.SIGKILL)
+				}
+			}
 			continue
 		}
 		var ws unix.WaitStatus
 		if got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil); err == nil && got == pid {
 			n++
+		}
+	}
+	for key := range r.strays {
+		if !seen[key] {
+			delete(r.strays, key)
 		}
 	}
 	return n

@@ -39,10 +39,12 @@ type runner struct {
 	status atomic.Pointer[Status]
 	mail   mailbox
 
-	cancel  context.CancelFunc    // ends run: the model is removed or the daemon stops
-	stopped chan struct{}         // closed when run has returned
-	pids    atomic.Pointer[[]int] // the current instance's processes, for GPU attribution
-	cpu     cpuCounter            // citadel_model_cpu_seconds_total, kept monotonic
+	cancel  context.CancelFunc          // ends run: the model is removed or the daemon stops
+	stopped chan struct{}               // closed when run has returned
+	pids    atomic.Pointer[[]int]       // the current instance's processes, for GPU attribution
+	cpu     cpuCounter                  // citadel_model_cpu_seconds_total, kept monotonic
+	cg      atomic.Pointer[proc.Cgroup] // the current instance's cgroup leaf, for its accounting
+	marker  atomic.Pointer[string]      // the live instance's marker; nil once its stop begins
 	// envDigest fingerprints the env_files contents the current process
 	// was started with.
 	envDigest atomic.Pointer[string]
@@ -108,6 +110,7 @@ type instance struct {
 	tree    processTree
 	started time.Time
 	gpus    []string
+	kill    func() error  // SIGKILLs the main process (through its pidfd)
 	deep    *probe.Deep   // the deep probe's schedule, owned by the probe in flight
 	done    chan struct{} // closed once the main process is reaped
 	exit    exitInfo      // valid after done is closed
@@ -300,16 +303,16 @@ func (l *loop) do(ef effect) event {
 	case efObserve:
 		r.d.metrics.observe(r.name, ef.took, ef.err)
 	case efStop:
+		r.marker.Store(nil) // its processes are nobody's now: strays once orphaned
 		inst, grace, mainAlive := ef.inst, m.cfg.StopTimeout, ef.mainAlive
 		go func() {
-			err := inst.tree.Stop(context.Background(), grace, mainAlive && !inst.exited())
-			<-inst.done // the main process is dead by now; wait for its reaping
-			l.results <- evStopped{inst: inst, err: err}
+			l.results <- evStopped{inst: inst, err: r.stopInstance(inst, grace, mainAlive)}
 		}()
 	case efRelease:
 		// Its GPUs stay busy until its processes have left them.
 		r.d.sched.Release(r.name, ef.inst.tree.SeenPIDs(), ef.keep)
 		r.pids.Store(nil)
+		r.cg.Store(nil)
 		r.hostHeld.Store(0)
 	case efSleep:
 		base, grace := baseURL(m.cfg), m.cfg.StopTimeout
@@ -406,6 +409,9 @@ func (l *loop) probe(j probeJob) {
 		dctx, cancel := context.WithTimeout(context.Background(), j.deepTimeout)
 		_, err = j.inst.deep.Check(dctx, d.prober, j.base, j.served)
 		cancel()
+	}
+	if probe.Local(err) {
+		err = fmt.Errorf("%w: %w", errNoVerdict, err)
 	}
 	l.results <- evProbed{inst: j.inst, err: err, took: took}
 }
@@ -511,6 +517,11 @@ func (r *runner) inFlight() int {
 	}
 	return r.d.traffic.InFlight(r.name)
 }
+
+// errNoVerdict marks a probe that failed for the daemon's own reason (out
+// of descriptors, memory or local ports): the machine counts it neither
+// for nor against the model.
+var errNoVerdict = errors.New("probe not made")
 
 // publishPIDs makes the instance's processes known for GPU attribution.
 func (r *runner) publishPIDs(t processTree) {

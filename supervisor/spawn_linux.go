@@ -28,6 +28,28 @@ func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string)
 	// Its own process group, so a terminal's or systemd's signal to the
 	// daemon's group does not reach models behind the supervisor's back.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	var cg *proc.Cgroup
+	if r.d.cgroups != nil {
+		// Cloned straight into its own leaf (clone3 CLONE_INTO_CGROUP), not
+		// moved after: nothing it forks can run a moment outside it.
+		leaf, err := r.d.cgroups.New(m.Name + "@" + marker[len(marker)-16:])
+		if err != nil {
+			return nil, err
+		}
+		fd, err := leaf.OpenFD()
+		if err != nil {
+			_ = leaf.Remove()
+			return nil, err
+		}
+		defer unix.Close(fd)
+		cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, fd
+		cg = leaf
+		defer func() {
+			if cmd.Process == nil {
+				_ = leaf.Remove()
+			}
+		}()
+	}
 	// The pipes are os.Files handed to the child directly: Wait does not
 	// wait for them, so a detached worker holding them open cannot stall
 	// the reaping of the main process. WaitDelay bounds Wait regardless.
@@ -51,9 +73,16 @@ func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string)
 		errR.Close()
 		return nil, err
 	}
+	tree := proc.NewTree(marker, cmd.Process.Pid)
+	if cg != nil {
+		tree = proc.NewCgroupTree(marker, cmd.Process.Pid, cg)
+		r.cg.Store(cg)
+	}
+	r.marker.Store(&marker)
 	inst := &instance{
 		pid:     cmd.Process.Pid,
-		tree:    proc.NewTree(marker, cmd.Process.Pid),
+		tree:    tree,
+		kill:    cmd.Process.Kill,
 		started: r.d.now(),
 		gpus:    gpus,
 		deep:    &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},

@@ -31,6 +31,7 @@ import (
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor/control/api"
+	"citadel-supervisor/supervisor/proc"
 )
 
 // Prober answers whether a model is healthy. The probe package implements it.
@@ -98,6 +99,14 @@ type Options struct {
 	// Heartbeat is how often Run's loop proves it is alive (Alive). It must
 	// be well below the systemd watchdog's half interval; 0 means 1s.
 	Heartbeat time.Duration
+	// Cgroups, when set, holds every model instance in a cgroup v2 leaf of
+	// its own (ownership mode "cgroup"); nil tracks them by marker and
+	// parent links (mode "marker"). See docs/architecture.md.
+	Cgroups *proc.Cgroups
+	// KillStrays makes the Reaper SIGKILL the orphans it inherits that no
+	// model accounts for. Only for a daemon: the process must start no
+	// children of its own but models.
+	KillStrays bool
 }
 
 // SetTraffic connects the gateway, once it is built (it needs the
@@ -124,6 +133,7 @@ type deps struct {
 	// memory level-1 sleepers other than one hold.
 	sleepBudget func() uint64
 	level1Held  func(except string) uint64
+	cgroups     *proc.Cgroups
 }
 
 // Supervisor runs every configured model.
@@ -177,6 +187,7 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		after:   o.After,
 		jitter:  o.Jitter,
 		metrics: newMetrics(),
+		cgroups: o.Cgroups,
 	}
 	// The gateway's queues follow the models' states (changes.go).
 	d.changed = d.changes.notify
@@ -217,6 +228,9 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 				return nil, fmt.Errorf("register metrics: %w", err)
 			}
 		}
+	}
+	if o.KillStrays && o.Reaper != nil {
+		o.Reaper.KillStrays(s.accounts)
 	}
 	d.sched.owners = s.owners
 	d.sched.deliver = s.deliver
@@ -263,6 +277,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		return err
 	}
 	defer unlock()
+	s.d.log.Info("process ownership", zap.String("mode", s.Ownership()), zap.String("cgroup", s.cgroupRoot()))
 	s.stopLeftovers(cfg)
 	// The scheduler outlives every runner: their last act is to release
 	// their GPUs.
@@ -317,7 +332,14 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			s.d.log.Info("stopping every model")
 			stopAll()
-			return g.Wait()
+			err := g.Wait()
+			s.d.reaper.sweepStrays()
+			if s.d.cgroups != nil {
+				if cerr := s.d.cgroups.Close(); cerr != nil {
+					s.d.log.Warn("remove the models' cgroup root", zap.Error(cerr))
+				}
+			}
+			return err
 		case req := <-s.applyCh:
 			s.beat.Store(s.d.now().UnixNano())
 			changes := s.envChanges(config.Diff(s.cfg.Load(), req.cfg), req.cfg, byName)

@@ -26,7 +26,9 @@ import (
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control"
+	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/gateway"
+	"citadel-supervisor/supervisor/netguard"
 	"citadel-supervisor/supervisor/systemd"
 	"citadel-supervisor/supervisor/web"
 )
@@ -46,6 +48,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	check := fs.Bool("check", false, "validate the configuration and what this host offers its models, print every problem, and exit (0 valid, 1 invalid, 3 a model cannot start here)")
 	strict := fs.Bool("strict", false, "with --check: exit 4 when there are warnings only")
 	showVersion := fs.Bool("version", false, "print the version and exit")
+	ownership := fs.String("ownership", "auto", "how to own the models' processes: cgroup (a cgroup v2 leaf per model; needs root or a unit with Delegate=yes), marker (marker variable and parent links), or auto (cgroup where usable)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -74,6 +77,11 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	reaper, err := supervisor.NewReaper()
 	if err != nil {
 		log.Error("cannot become child subreaper", zap.Error(err))
+		return 1
+	}
+	cgroups, err := openOwnership(*ownership, cfg, environ, log)
+	if err != nil {
+		log.Error("process ownership", zap.Error(err))
 		return 1
 	}
 	reg := prometheus.NewRegistry()
@@ -111,6 +119,10 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		// The watchdog pings only while the main loop beats; it must beat
 		// well within the ping interval however short WatchdogSec is.
 		Heartbeat: systemd.Heartbeat(systemd.WatchdogInterval()),
+		Cgroups:   cgroups,
+		// The daemon starts no child but models: an orphan it inherits
+		// that no model accounts for is an escapee.
+		KillStrays: true,
 	}
 	if nv != nil {
 		defer nv.Close() //nolint:errcheck // exiting
@@ -162,6 +174,9 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	exited := make(chan struct{})
+	defer close(exited)
+	go exitWithin(ctx, exited, sup, cgroups, log)
 	// One pending SIGHUP is enough: reloads that arrive during a reload
 	// are coalesced into the next.
 	hup := make(chan os.Signal, 1)
@@ -183,12 +198,17 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		case <-gctx.Done():
 			return nil
 		}
+		_, maxConns := netguard.Limits()
 		srv, err := control.Listen(control.Options{
-			Path:    cfg.ControlSocket,
-			Group:   cfg.ControlGroup,
-			Logger:  log.Named("control"),
-			Backend: sup,
-			Reload:  reload,
+			Path:     cfg.ControlSocket,
+			Group:    cfg.ControlGroup,
+			Logger:   log.Named("control"),
+			Backend:  sup,
+			Reload:   reload,
+			MaxConns: maxConns,
+			Daemon: func() api.Daemon {
+				return api.Daemon{Ownership: sup.Ownership(), Cgroup: sup.CgroupRoot()}
+			},
 		})
 		if err != nil {
 			return err

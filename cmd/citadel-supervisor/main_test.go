@@ -72,7 +72,23 @@ func (d *daemon) logText() string { return d.log.String() }
 
 func (s *site) start() *daemon {
 	s.t.Helper()
-	cmd := exec.Command(os.Args[0], "--config", s.Path)
+	return s.startArgs()
+}
+
+// startArgs starts a daemon with extra flags. Its cleanup kills the daemon
+// if it still runs, and then whatever it left (killSite): a test that
+// SIGKILLs its daemon leaves no model behind.
+func (s *site) startArgs(args ...string) *daemon {
+	s.t.Helper()
+	return s.startWrapped(nil, args...)
+}
+
+// startWrapped starts the daemon through wrapper (a command that execs the
+// rest, such as prlimit), with extra flags.
+func (s *site) startWrapped(wrapper []string, args ...string) *daemon {
+	s.t.Helper()
+	argv := append(append(append([]string{}, wrapper...), os.Args[0], "--config", s.Path), args...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(os.Environ(), roleEnv+"=1")
 	d := &daemon{cmd: cmd, log: &supervisortest.SyncBuffer{}, done: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = d.log, d.log
@@ -92,6 +108,7 @@ func (s *site) start() *daemon {
 				<-d.done
 			}
 		}
+		killSite(s.Site)
 		if s.t.Failed() {
 			s.t.Logf("daemon %d output:\n%s", cmd.Process.Pid, d.log.String())
 		}
@@ -500,6 +517,7 @@ func TestSystemdNotifySequence(t *testing.T) {
 			cmd.Process.Kill() //nolint:errcheck // best effort
 			<-d.done
 		}
+		killSite(s.Site)
 		if t.Failed() {
 			t.Logf("daemon output:\n%s", d.log.String())
 		}

@@ -204,6 +204,14 @@ func (c *cli) status(ctx context.Context, args []string) int {
 	if noGPUs != "" {
 		fmt.Fprintln(c.out, "GPUs: "+truncate(noGPUs, c.width-6))
 	}
+	// How the daemon owns the processes (an older daemon does not say).
+	if d, err := c.client.Daemon(ctx); err == nil && d.Ownership != "" {
+		line := "Ownership: " + d.Ownership
+		if d.Cgroup != "" {
+			line += " (" + d.Cgroup + ")"
+		}
+		fmt.Fprintln(c.out, truncate(line, c.width))
+	}
 	// Asked about models by name: an on-demand one says how it is used,
 	// a failed one why, with its last output.
 	if len(args) > 0 {

@@ -40,13 +40,44 @@ systemctl daemon-reload
 # Type=notify: start returns once the daemon sent READY=1.
 check "systemctl start reaches active" systemctl start citadel-supervisor
 check "active" systemctl is-active --quiet citadel-supervisor
-check "models come up (citadelctl health)" waitfor 60 citadelctl health
+if waitfor 60 citadelctl health; then ok "models come up (citadelctl health)"; else
+	bad "models come up (citadelctl health)"
+	citadelctl status -l
+	journalctl -u citadel-supervisor --no-pager | tail -30
+fi
 check "STATUS= reaches systemd" waitfor 10 sh -c 'systemctl show -p StatusText --value citadel-supervisor | grep -qx "2/2 ready"'
 check "journalctl -t citadel-alpha shows the model's output" \
 	waitfor 10 sh -c 'journalctl -t citadel-alpha --no-pager | grep -q "Starting vLLM API server"'
 check "the daemon's own log stays under its unit" \
 	sh -c 'journalctl -u citadel-supervisor --no-pager | grep -q "supervisor running"'
 check "the model runs as citadel, not root" sh -c "ps -o user= -p $(pidof_model alpha) | grep -qx citadel"
+
+# Ownership by cgroup (Delegate=yes): the daemon sits in a leaf of its own,
+# each model in a leaf under citadel-<id>, and an escapee (a grandchild that
+# clears its environment and double-forks) dies with its model's stop.
+# cgroup v2 is at /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts.
+cg2=$(awk '$9 == "cgroup2" {print $5; exit}' /proc/self/mountinfo)
+unit_cg=$cg2$(systemctl show -p ControlGroup --value citadel-supervisor)
+check "citadelctl status says ownership: cgroup" sh -c 'citadelctl status | grep -q "^Ownership: cgroup"'
+# The container has neither curl nor wget: bash's /dev/tcp.
+metrics() { exec 3<>/dev/tcp/127.0.0.1/9400 && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3; exec 3<&-; }
+mode_is_cgroup() { metrics | grep -q '^citadel_ownership_mode{mode="cgroup"} 1'; }
+check "citadel_ownership_mode{mode=\"cgroup\"} 1" mode_is_cgroup
+check "the daemon moved itself into <unit>/supervisor" \
+	grep -qx "$(systemctl show -p MainPID --value citadel-supervisor)" "$unit_cg/supervisor/cgroup.procs"
+a_pid=$(pidof_model alpha)
+a_cg=$(sed -n 's/^0:://p' "/proc/$a_pid/cgroup")
+check "alpha runs in a delegated leaf of its own" sh -c "case '$a_cg' in */citadel-*/alpha@*) true ;; *) false ;; esac"
+# The escapee: env -i, a shell that exits at once, a sleep that ignores
+# SIGTERM, started from inside alpha's leaf (as a child of the model would).
+esc_cg=$cg2$a_cg
+sh -c "echo \$\$ > '$esc_cg/cgroup.procs' && exec env -i sh -c 'trap \"\" TERM; sleep 600 & exit 0'"
+check "the escapee is in alpha's leaf" waitfor 5 sh -c "pgrep -x sleep | while read p; do grep -qx \"0::$a_cg\" /proc/\$p/cgroup && exit 0; done; exit 1"
+check "citadelctl stop alpha" citadelctl stop alpha
+check "the escapee died with alpha" sh -c "! pgrep -f 'sleep 600' >/dev/null"
+check "alpha's leaf is removed" sh -c "! test -d '$esc_cg'"
+check "citadelctl start alpha" citadelctl start alpha
+check "alpha comes back" waitfor 60 citadelctl health
 
 # Reload with one model changed: only that model restarts.
 a1=$(pidof_model alpha) b1=$(pidof_model beta)

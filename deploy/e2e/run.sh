@@ -19,12 +19,31 @@ fi
 deb=$(ls -t "$repo"/dist/citadel-supervisor_*.deb 2>/dev/null | head -1)
 [ -n "$deb" ] || { echo "e2e-systemd: no package in dist/ (make package)" >&2; exit 1; }
 
+# The Debian mirror: CITADEL_E2E_MIRROR, else the one the host's apt uses
+# (deb822 .sources "URIs:" or a one-line "deb URI bookworm main" entry), so
+# a host behind a proxy or a local mirror reaches the same place.
+host_mirror() {
+	local f uri
+	for f in /etc/apt/sources.list.d/*.sources; do
+		[ -r "$f" ] || continue
+		uri=$(awk '/^URIs:/ {for (i = 2; i <= NF; i++) if ($i !~ /security/) {print $i; exit}}' "$f")
+		[ -n "$uri" ] && { echo "${uri%/}"; return; }
+	done
+	for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+		[ -r "$f" ] || continue
+		uri=$(awk '$1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^(https?|file):/) {if ($i !~ /security/) {print $i; exit}; break}}' "$f")
+		[ -n "$uri" ] && { echo "${uri%/}"; return; }
+	done
+	echo http://deb.debian.org/debian
+}
+mirror=${CITADEL_E2E_MIRROR:-$(host_mirror)}
+
 work=$(mktemp -d /var/tmp/citadel-e2e.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$cache"
 if [ ! -f "$base" ]; then
-	echo "e2e-systemd: building the Debian root filesystem (cached in $cache)"
-	debootstrap --variant=minbase --include="$packages" bookworm "$work/base" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 ||
+	echo "e2e-systemd: building the Debian root filesystem from $mirror (cached in $cache)"
+	debootstrap --variant=minbase --include="$packages" bookworm "$work/base" "$mirror" >"$work/debootstrap.log" 2>&1 ||
 		{ tail -20 "$work/debootstrap.log"; exit 1; }
 	tar -C "$work/base" -cf "$base.tmp" . && mv "$base.tmp" "$base"
 	rm -rf "$work/base"

@@ -24,6 +24,9 @@ type peerKey struct{}
 
 // withPeer stores the connection's peer credentials in its context.
 func withPeer(ctx context.Context, c net.Conn) context.Context {
+	if w, ok := c.(interface{ NetConn() net.Conn }); ok {
+		c = w.NetConn() // the connection cap's wrapper
+	}
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
 		return ctx

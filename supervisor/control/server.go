@@ -6,6 +6,7 @@
 package control
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -25,6 +26,7 @@ import (
 	"citadel-supervisor/config"
 	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control/api"
+	"citadel-supervisor/supervisor/netguard"
 )
 
 // Backend is what the server needs of the supervisor.
@@ -46,6 +48,10 @@ type Options struct {
 	Backend Backend
 	// Reload loads and applies the configuration file, as SIGHUP does.
 	Reload func(context.Context) ([]config.Change, error)
+	// Daemon describes the daemon (PathDaemon); nil answers an empty one.
+	Daemon func() api.Daemon
+	// MaxConns caps concurrent connections; 0 means 64.
+	MaxConns int
 }
 
 // Server serves the control API on a Unix socket.
@@ -93,10 +99,16 @@ func Listen(o Options) (*Server, error) {
 		ln.Close()
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
-	s.ln = ln
+	// Capped, so clients cannot take the descriptors the daemon needs. No
+	// WriteTimeout nor ReadTimeout: either would cut `citadelctl logs -f`
+	// (an expired read deadline cancels the request); a request's own
+	// work is bounded by the supervisor, and idle connections go after
+	// IdleTimeout.
+	s.ln = netguard.Limit(ln, cmp.Or(o.MaxConns, 64), o.Logger)
 	s.srv = &http.Server{
 		Handler:           s.routes(),
 		ReadHeaderTimeout: 5 * time.Second,
+		IdleTimeout:       30 * time.Second,
 		ConnContext:       withPeer,
 		ErrorLog:          zap.NewStdLog(o.Logger),
 	}
@@ -154,7 +166,17 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("GET "+api.PathLogs, s.logs)
 	mux.HandleFunc("GET "+api.PathHealth, s.health)
 	mux.HandleFunc("GET "+api.PathGPUs, s.gpus)
+	mux.HandleFunc("GET "+api.PathDaemon, s.daemon)
 	return mux
+}
+
+// daemon describes the daemon: how it owns the models' processes.
+func (s *Server) daemon(w http.ResponseWriter, _ *http.Request) {
+	var d api.Daemon
+	if s.o.Daemon != nil {
+		d = s.o.Daemon()
+	}
+	writeJSON(w, http.StatusOK, d)
 }
 
 // mutating admits only root, the daemon's user and its control group.

@@ -34,7 +34,7 @@ func ReadStat(pid int) (Stat, error) {
 		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ESRCH) {
 			return Stat{}, ErrGone
 		}
-		return Stat{}, err
+		return Stat{}, fmt.Errorf("read /proc/%d/stat: %w", pid, err)
 	}
 	return parseStat(pid, b)
 }
@@ -65,11 +65,29 @@ func parseStat(pid int, b []byte) (Stat, error) {
 	return s, nil
 }
 
-// Alive reports whether pid still is the process that started at start.
+// Check says whether pid still is the process that started at start: nil
+// when it is, ErrGone when it is not (exited, a zombie, or the PID reused),
+// and any other error when /proc could not be read (EMFILE, ENOMEM, …),
+// which is no verdict: the process may well be running.
 // A zombie counts as gone: it holds no memory, ports or GPU contexts.
-func Alive(pid int, start uint64) bool {
+func Check(pid int, start uint64) error {
 	s, err := ReadStat(pid)
-	return err == nil && s.Start == start && s.State != 'Z'
+	if err != nil {
+		return err
+	}
+	if s.Start != start || s.State == 'Z' {
+		return ErrGone
+	}
+	return nil
+}
+
+// Alive reports whether pid may still be the process that started at
+// start. Only a verdict of gone (ENOENT, ESRCH, another start time, a
+// zombie) is false: an error reading /proc never reads as "the process is
+// gone", or a stop under descriptor exhaustion would "succeed" without
+// signalling anything.
+func Alive(pid int, start uint64) bool {
+	return !errors.Is(Check(pid, start), ErrGone)
 }
 
 // Children lists pid's children from /proc/PID/task/*/children.
@@ -113,10 +131,27 @@ func PIDs() ([]int, error) {
 // EnvironValue returns the value of variable key in pid's initial
 // environment, if the supervisor may read it (same user, or root).
 func EnvironValue(pid int, key string) (string, bool) {
+	v, ok, _ := LookupEnviron(pid, key)
+	return v, ok
+}
+
+// LookupEnviron is EnvironValue with the reason it could not read: ErrGone,
+// fs.ErrPermission (another user's process, or one that set
+// PR_SET_DUMPABLE 0), or another error (EMFILE, ENOMEM: no verdict).
+func LookupEnviron(pid int, key string) (string, bool, error) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
 	if err != nil {
-		return "", false
+		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ESRCH) {
+			return "", false, ErrGone
+		}
+		return "", false, err
 	}
+	v, ok := lookup(b, key)
+	return v, ok, nil
+}
+
+// lookup finds key in the NUL-separated environment b.
+func lookup(b []byte, key string) (string, bool) {
 	prefix := []byte(key + "=")
 	for kv := range bytes.SplitSeq(b, []byte{0}) {
 		if v, ok := bytes.CutPrefix(kv, prefix); ok {
@@ -138,8 +173,9 @@ func Signal(pid int, start uint64, sig unix.Signal) error {
 		return fmt.Errorf("pidfd_open %d: %w", pid, err)
 	}
 	defer unix.Close(fd)
-	if !Alive(pid, start) {
-		return ErrGone
+	if err := Check(pid, start); err != nil {
+		// Unsure is not signalled: the PID might be another process's.
+		return err
 	}
 	if err := unix.PidfdSendSignal(fd, sig, nil, 0); err != nil {
 		if errors.Is(err, unix.ESRCH) {

@@ -27,8 +27,11 @@ const SelfEnv = "FAKE_VLLM_SELF"
 
 // RunFakeIfAsked is the first thing a TestMain calls: in a re-executed
 // model it runs fake-vllm and exits.
+//
+// A model or child started with an empty environment (command: [env, -i,
+// ...]) is recognised by its first argument, --fake-self.
 func RunFakeIfAsked() {
-	if os.Getenv(SelfEnv) == "1" {
+	if os.Getenv(SelfEnv) == "1" || (len(os.Args) > 1 && os.Args[1] == "--fake-self") {
 		os.Exit(fakevllm.Main(os.Args[1:]))
 	}
 }

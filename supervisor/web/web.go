@@ -20,6 +20,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/supervisor"
+	"citadel-supervisor/supervisor/netguard"
 )
 
 // Supervisor is what the endpoints read.
@@ -58,9 +59,16 @@ func Listen(addr string, sup Supervisor, reg prometheus.Gatherer, log *zap.Logge
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", addr, err)
 	}
-	return &Server{ln: ln, srv: &http.Server{
+	// Anyone on the host can connect here: connections are capped and
+	// every phase has a deadline, so idle or slow clients cannot hold the
+	// descriptors the daemon probes its models with.
+	maxConns, _ := netguard.Limits()
+	return &Server{ln: netguard.Limit(ln, maxConns, log), srv: &http.Server{
 		Handler:           Handler(sup, reg, log, checks...),
-		ReadHeaderTimeout: 10 * time.Second,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       30 * time.Second,
 		ErrorLog:          zap.NewStdLog(log),
 	}}, nil
 }

@@ -16,6 +16,7 @@ const (
 	PathLogs   = "/v1/logs"   // GET ?model=a&n=100&follow=1, text/plain lines
 	PathHealth = "/v1/health" // GET; 200 when every enabled model is ready, else 503
 	PathGPUs   = "/v1/gpus"   // GET
+	PathDaemon = "/v1/daemon" // GET: Daemon
 )
 
 // Op is an operator's operation on models, the last element of PathOp.
@@ -80,4 +81,14 @@ type GPUsResponse struct {
 // ErrorResponse is the body of every 4xx and 5xx answer.
 type ErrorResponse struct {
 	Error string `json:"error"`
+}
+
+// Daemon describes the daemon itself (PathDaemon).
+type Daemon struct {
+	// Ownership is how it owns the models' processes: "cgroup" (a cgroup
+	// v2 leaf per instance) or "marker" (marker variable, parent links,
+	// subreaper).
+	Ownership string `json:"ownership"`
+	// Cgroup is the directory holding the models' leaves in cgroup mode.
+	Cgroup string `json:"cgroup,omitempty"`
 }

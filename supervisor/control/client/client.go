@@ -156,3 +156,10 @@ func (c *Client) Logs(ctx context.Context, model string, n int, follow bool, lin
 	}
 	return nil
 }
+
+// Daemon describes the daemon: how it owns the models' processes.
+func (c *Client) Daemon(ctx context.Context) (api.Daemon, error) {
+	var out api.Daemon
+	err := c.do(ctx, http.MethodGet, api.PathDaemon, nil, nil, &out)
+	return out, err
+}

@@ -9,7 +9,11 @@
 // load slowly, crash, hang (all of it, or only the engine while /health
 // still answers), return 503, ignore SIGTERM, exit at start, fork
 // workers (also ones that leave the process group, as vLLM's EngineCore does
-// with setpgrp), or write a lot of output.
+// with setpgrp), or write a lot of output. And escape like hostile children
+// do: a grandchild that clears its environment and double-forks, one that
+// makes itself undumpable, a chain of processes that fork and exit (pid
+// hopping). --fake-self does nothing: it marks the argv of a test binary
+// asked to act as fake-vllm with an empty environment (env -i).
 package fakevllm
 
 import (
@@ -27,6 +31,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 type options struct {
@@ -56,7 +62,10 @@ type options struct {
 	tokens          int           // tokens generated when max_tokens is not given
 	sleep           sleepOptions  // vLLM's sleep mode (sleep.go)
 
+	escapeEnv, undumpable, pidHop bool // start the hostile children
+
 	worker, workerDetached, workerOrphan bool
+	escapeMiddle, escapee, hop, hidden   bool // the hostile children's roles
 }
 
 // Main runs fake-vllm with args (without the program name) and returns its
@@ -72,7 +81,12 @@ func Main(args []string) int {
 	// SIGKILL leaves children behind" cases could never be reproduced.
 	signal.Ignore(syscall.SIGPIPE)
 	role := "server"
-	if o.worker {
+	switch {
+	case o.escapee:
+		role = "escapee"
+	case o.hidden:
+		role = "hidden"
+	case o.worker:
 		role = "worker"
 	}
 	if err := writePID(o.pidDir, role); err != nil {
@@ -181,6 +195,17 @@ func parse(args []string) (*options, error) {
 			o.worker = true
 		case "--fake-worker-detached":
 			o.workerDetached = true
+		case "--fake-self":
+		case "--fake-escape-env":
+			o.escapeEnv = true
+		case "--fake-undumpable":
+			o.undumpable = true
+		case "--fake-pid-hop":
+			o.pidHop = true
+		case "--fake-escapee":
+			o.escapee = true
+		case "--fake-hidden":
+			o.hidden = true
 		default:
 			if strings.HasPrefix(name, "--fake-") {
 				return nil, fmt.Errorf("unknown flag %s", name)
@@ -252,6 +277,11 @@ func runServer(o *options) int {
 			fmt.Fprintln(os.Stderr, "fake-vllm: orphan worker:", err)
 			return 1
 		}
+	}
+
+	if err := spawnHostile(o); err != nil {
+		fmt.Fprintln(os.Stderr, "fake-vllm: hostile child:", err)
+		return 1
 	}
 
 	start := time.Now()
@@ -443,7 +473,7 @@ func spawnProcess(o *options, args ...string) error {
 	if o.pidDir != "" {
 		args = append(args, "--fake-pid-dir", o.pidDir)
 	}
-	cmd := exec.Command(self, args...)
+	cmd := exec.Command(self, append([]string{"--fake-self"}, args...)...)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr // workers share the server's output, as vLLM's do
 	if err := cmd.Start(); err != nil {
 		return err
@@ -452,7 +482,93 @@ func spawnProcess(o *options, args ...string) error {
 	return nil
 }
 
+// spawnHostile starts the children that try to escape their supervisor.
+func spawnHostile(o *options) error {
+	if o.escapeEnv {
+		// env -i, then a double fork through a shell that exits at once:
+		// no marker, and a parent link that lasts a millisecond.
+		if err := spawnBare(o, "--fake-worker", "--fake-escapee"); err != nil {
+			return err
+		}
+	}
+	if o.undumpable {
+		// A double fork to a process that sets PR_SET_DUMPABLE 0: its
+		// /proc/PID/environ is unreadable to a supervisor that is not root.
+		if err := spawnProcess(o, "--fake-worker", "--fake-worker-orphan", "--fake-hidden"); err != nil {
+			return err
+		}
+	}
+	if o.pidHop {
+		// A chain of shells, each recording itself, forking the next link
+		// and exiting hopInterval later: the chain's PIDs keep changing
+		// and no link lives long. (Shells, not this program: a chain of Go
+		// binaries would take a core of its own.)
+		script := `printf hopper > "$0/$$"; sleep ` + strconv.FormatFloat(hopInterval.Seconds(), 'f', 3, 64) + `; sh -c "$1" "$0" "$1" &`
+		dir := o.pidDir
+		if dir == "" {
+			dir = os.TempDir()
+		}
+		cmd := exec.Command("/bin/sh", "-c", script, dir, script)
+		if err := cmd.Start(); err != nil {
+			return err
+		}
+		go cmd.Wait() //nolint:errcheck // reap when it exits
+	}
+	return nil
+}
+
+// spawnBare starts this program with args and an empty environment,
+// double-forked: a shell starts it in the background and exits at once, so
+// it is re-parented before anyone following parent links can see it.
+func spawnBare(o *options, args ...string) error {
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	if o.pidDir != "" {
+		args = append(args, "--fake-pid-dir", o.pidDir)
+	}
+	cmd := exec.Command("/bin/sh", append([]string{"-c", `"$0" "$@" </dev/null >/dev/null 2>&1 &`, self, "--fake-self"}, args...)...)
+	cmd.Env = []string{} // not nil: nil would inherit
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	go cmd.Wait() //nolint:errcheck // reap when it exits
+	return nil
+}
+
+// hostile runs the roles of the escaping children; ok false if o is none.
+func hostile(o *options) (int, bool) {
+	switch {
+	case o.escapee:
+		_, _ = unix.Setsid()
+		signal.Ignore(syscall.SIGTERM, syscall.SIGHUP, syscall.SIGINT)
+		select {}
+	case o.hidden && o.workerOrphan:
+		if err := spawnProcess(o, "--fake-worker", "--fake-hidden"); err != nil {
+			fmt.Fprintln(os.Stderr, "fake-vllm hidden middle:", err)
+			return 1, true
+		}
+		return 0, true
+	case o.hidden:
+		if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+			fmt.Fprintln(os.Stderr, "fake-vllm hidden: prctl:", err)
+			return 1, true
+		}
+		_, _ = unix.Setsid()
+		signal.Ignore(syscall.SIGTERM, syscall.SIGHUP, syscall.SIGINT)
+		select {}
+	}
+	return 0, false
+}
+
+// hopInterval is how long each link of a pid-hopping chain lives.
+const hopInterval = 50 * time.Millisecond
+
 func runWorker(o *options) int {
+	if code, ok := hostile(o); ok {
+		return code
+	}
 	if o.workerOrphan {
 		if err := spawnWorker(o, true); err != nil {
 			fmt.Fprintln(os.Stderr, "fake-vllm orphan parent:", err)

@@ -1,0 +1,147 @@
+// Package netguard keeps the daemon's listeners from being turned against
+// it: a cap on concurrent connections, sized from the descriptor limit, and
+// a reserve descriptor that lets an accept that hit EMFILE shed the
+// connection instead of spinning, so a local user holding many idle
+// connections cannot take the descriptors the daemon needs to probe its
+// models, read /proc and answer citadelctl.
+package netguard
+
+import (
+	"errors"
+	"net"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+)
+
+// Limits returns the connection caps for the HTTP listener and the control
+// socket, from the process's descriptor limit: together at most a quarter
+// of it, so most descriptors stay for the daemon's own work (model pipes,
+// probes, /proc, the log).
+func Limits() (http, control int) {
+	var rl unix.Rlimit
+	n := 1024
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err == nil && rl.Cur < 1<<20 {
+		n = int(rl.Cur)
+	}
+	return clamp(n/6, 4, 256), clamp(n/12, 4, 64)
+}
+
+func clamp(v, lo, hi int) int { return max(lo, min(v, hi)) }
+
+// Listener caps concurrent connections at n: Accept waits while n are
+// open (the rest wait in the kernel's backlog, holding none of the
+// daemon's descriptors), as golang.org/x/net/netutil.LimitListener does.
+// And when accept fails for want of descriptors (EMFILE, ENFILE), it frees
+// its reserve descriptor, accepts and closes the waiting connection at
+// once, and takes the reserve again: the client is refused, the daemon is
+// not wedged.
+type Listener struct {
+	net.Listener
+	sem     chan struct{}
+	log     *zap.Logger
+	mu      sync.Mutex
+	reserve int // an open /dev/null, or -1
+	logged  time.Time
+	done    chan struct{}
+	once    sync.Once
+}
+
+// Limit wraps ln.
+func Limit(ln net.Listener, n int, log *zap.Logger) *Listener {
+	l := &Listener{Listener: ln, sem: make(chan struct{}, n), log: log, reserve: -1, done: make(chan struct{})}
+	l.takeReserve()
+	return l
+}
+
+func (l *Listener) takeReserve() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.reserve < 0 {
+		if fd, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0); err == nil {
+			l.reserve = fd
+		}
+	}
+}
+
+// Accept waits for a free slot, then accepts.
+func (l *Listener) Accept() (net.Conn, error) {
+	select {
+	case l.sem <- struct{}{}:
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+	for {
+		c, err := l.Listener.Accept()
+		if err == nil {
+			return &conn{Conn: c, release: func() { <-l.sem }}, nil
+		}
+		if !errors.Is(err, syscall.EMFILE) && !errors.Is(err, syscall.ENFILE) {
+			<-l.sem
+			return nil, err
+		}
+		l.shed()
+	}
+}
+
+// shed uses the reserve descriptor to accept one waiting connection and
+// close it, then takes the reserve back.
+func (l *Listener) shed() {
+	l.mu.Lock()
+	if l.reserve >= 0 {
+		unix.Close(l.reserve)
+		l.reserve = -1
+	}
+	// Said once per 10 s: a flood would fill the journal.
+	if now := time.Now(); now.Sub(l.logged) > 10*time.Second {
+		l.logged = now
+		l.mu.Unlock()
+		l.log.Warn("out of file descriptors: refusing a connection")
+	} else {
+		l.mu.Unlock()
+	}
+	if tl, ok := l.Listener.(interface{ SetDeadline(time.Time) error }); ok {
+		_ = tl.SetDeadline(time.Now().Add(10 * time.Millisecond))
+	}
+	if c, err := l.Listener.Accept(); err == nil {
+		c.Close()
+	}
+	if tl, ok := l.Listener.(interface{ SetDeadline(time.Time) error }); ok {
+		_ = tl.SetDeadline(time.Time{})
+	}
+	l.takeReserve()
+	// Give what holds descriptors a moment to let go; Accept would fail
+	// the same way at once.
+	time.Sleep(10 * time.Millisecond)
+}
+
+// Close closes the listener and the reserve.
+func (l *Listener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	l.mu.Lock()
+	if l.reserve >= 0 {
+		unix.Close(l.reserve)
+		l.reserve = -1
+	}
+	l.mu.Unlock()
+	return l.Listener.Close()
+}
+
+type conn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *conn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
+}
+
+// NetConn is the accepted connection itself (for SO_PEERCRED on a Unix
+// socket), as crypto/tls.Conn's NetConn is.
+func (c *conn) NetConn() net.Conn { return c.Conn }

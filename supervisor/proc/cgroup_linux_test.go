@@ -1,0 +1,87 @@
+package proc
+
+import (
+	"context"
+	"crypto/rand"
+	"os"
+	"os/exec"
+	"slices"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// TestCgroupLeaf: a process cloned into a leaf, and the grandchild it
+// orphans with an empty environment, are both in cgroup.procs; the leaf's
+// CPU time is readable and never goes back; cgroup.kill ends both at once,
+// populated goes to 0 and the leaf is removed.
+func TestCgroupLeaf(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a writable cgroup v2 hierarchy (CI runs as root)")
+	}
+	cg, err := OpenCgroups("test-"+rand.Text()[:8], false)
+	if err != nil {
+		t.Fatalf("OpenCgroups as root: %v", err)
+	}
+	defer cg.Close() //nolint:errcheck // checked below
+	leaf, err := cg.New("m@" + rand.Text()[:8])
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd, err := leaf.OpenFD()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("sh", "-c", "env -i sh -c 'sleep 300 &' ; trap '' TERM; while :; do sleep 1; done")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, UseCgroupFD: true, CgroupFD: fd}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(fd)
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }() //nolint:errcheck // killed
+	defer reapOrphans()
+
+	var pids []int
+	waitFor(t, "main and the orphaned sleep in the leaf", func() bool {
+		pids, _ = leaf.Procs()
+		return slices.Contains(pids, cmd.Process.Pid) && len(pids) >= 3
+	})
+	if pop, err := leaf.Populated(); err != nil || !pop {
+		t.Fatalf("Populated = %v, %v", pop, err)
+	}
+	cpu1, ok := leaf.CPUSeconds()
+	if !ok {
+		t.Fatal("no cpu.stat usage_usec")
+	}
+	tr := NewCgroupTree("none", cmd.Process.Pid, leaf)
+	if len(tr.PIDs()) < len(pids) {
+		t.Errorf("tree %v, leaf %v", tr.PIDs(), pids)
+	}
+	if err := tr.Stop(context.Background(), 100*time.Millisecond, true); err != nil {
+		t.Fatal(err)
+	}
+	for _, pid := range pids {
+		if running(pid) {
+			t.Errorf("pid %d survived the cgroup kill", pid)
+		}
+	}
+	if _, err := os.Stat(leaf.Path); !os.IsNotExist(err) {
+		t.Errorf("leaf not removed: %v", err)
+	}
+	if cpu2, ok := leaf.CPUSeconds(); ok && cpu2 < cpu1 {
+		t.Errorf("cpu went back: %v → %v", cpu1, cpu2)
+	}
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("main process not reaped")
+	}
+}
+
+func running(pid int) bool {
+	s, err := ReadStat(pid)
+	return err == nil && s.State != 'Z'
+}
