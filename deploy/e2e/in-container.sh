@@ -15,7 +15,7 @@ dpkg -i /root/citadel.deb >/dev/null || bad "dpkg -i citadel.deb"
 check "systemd-analyze verify: unit is clean" test -z "$(systemd-analyze verify /lib/systemd/system/citadel-supervisor.service 2>&1)"
 check "the package enabled the unit" systemctl is-enabled --quiet citadel-supervisor
 
-install -d -o citadel -g citadel /opt/citadel/models/alpha /opt/citadel/models/beta
+install -d -o citadel -g citadel /opt/citadel/models/alpha /opt/citadel/models/beta /var/lib/citadel/e2e-pids
 cat >/etc/citadel/supervisor.yaml <<'YAML'
 listen: 127.0.0.1:9400
 gpu:
@@ -30,7 +30,10 @@ defaults:
   restart: {delay: 1s}
   probe: {period: 1s, timeout: 1s}
 models:
-  alpha: {model: /opt/citadel/models/alpha, port: 11400, gpu_memory_utilization: 0.3}
+  # alpha starts an escapee, as a hostile model would: env -i and a double
+  # fork, no marker, no parent link (its pid goes to the pid dir).
+  alpha: {model: /opt/citadel/models/alpha, port: 11400, gpu_memory_utilization: 0.3,
+          args: [--fake-load-time, 1s, --fake-escape-env, --fake-pid-dir, /var/lib/citadel/e2e-pids]}
   beta:  {model: /opt/citadel/models/beta, port: 11401, gpu_memory_utilization: 0.3, env: {X: "1"}}
 YAML
 mkdir -p /etc/systemd/system/citadel-supervisor.service.d
@@ -68,13 +71,17 @@ check "the daemon moved itself into <unit>/supervisor" \
 a_pid=$(pidof_model alpha)
 a_cg=$(sed -n 's/^0:://p' "/proc/$a_pid/cgroup")
 check "alpha runs in a delegated leaf of its own" sh -c "case '$a_cg' in */citadel-*/alpha@*) true ;; *) false ;; esac"
-# The escapee: env -i, a shell that exits at once, a sleep that ignores
-# SIGTERM, started from inside alpha's leaf (as a child of the model would).
+# The escapee alpha started: env -i, a double fork, SIGTERM ignored, a
+# session of its own. It is in alpha's leaf because alpha was cloned into it.
 esc_cg=$cg2$a_cg
-sh -c "echo \$\$ > '$esc_cg/cgroup.procs' && exec env -i sh -c 'trap \"\" TERM; sleep 600 & exit 0'"
-check "the escapee is in alpha's leaf" waitfor 5 sh -c "pgrep -x sleep | while read p; do grep -qx \"0::$a_cg\" /proc/\$p/cgroup && exit 0; done; exit 1"
+for _ in $(seq 50); do
+	esc=$(grep -lx escapee /var/lib/citadel/e2e-pids/* 2>/dev/null | head -1 | xargs -r basename)
+	[ -n "$esc" ] && break
+	sleep 0.1
+done
+check "the escapee is in alpha's leaf" sh -c "test -n '$esc' && grep -qx '0::$a_cg' /proc/$esc/cgroup"
 check "citadelctl stop alpha" citadelctl stop alpha
-check "the escapee died with alpha" sh -c "! pgrep -f 'sleep 600' >/dev/null"
+check "the escapee died with alpha" sh -c "test -n '$esc' && ! kill -0 $esc 2>/dev/null"
 check "alpha's leaf is removed" sh -c "! test -d '$esc_cg'"
 check "citadelctl start alpha" citadelctl start alpha
 check "alpha comes back" waitfor 60 citadelctl health

@@ -543,7 +543,7 @@ func hostile(o *options) (int, bool) {
 	case o.escapee:
 		_, _ = unix.Setsid()
 		signal.Ignore(syscall.SIGTERM, syscall.SIGHUP, syscall.SIGINT)
-		select {}
+		blockForever()
 	case o.hidden && o.workerOrphan:
 		if err := spawnProcess(o, "--fake-worker", "--fake-hidden"); err != nil {
 			fmt.Fprintln(os.Stderr, "fake-vllm hidden middle:", err)
@@ -557,7 +557,7 @@ func hostile(o *options) (int, bool) {
 		}
 		_, _ = unix.Setsid()
 		signal.Ignore(syscall.SIGTERM, syscall.SIGHUP, syscall.SIGINT)
-		select {}
+		blockForever()
 	}
 	return 0, false
 }
@@ -739,4 +739,13 @@ func vllmError(w http.ResponseWriter, code int, typ, msg string) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)
 	json.NewEncoder(w).Encode(map[string]any{"object": "error", "message": msg, "type": typ, "param": nil, "code": code}) //nolint:errcheck // best effort
+}
+
+// blockForever parks the process. Not select{}: with no other goroutine the
+// Go runtime takes that for a deadlock and exits, which a standalone
+// fake-vllm (not the test binary) would do at once.
+func blockForever() {
+	for {
+		time.Sleep(time.Hour)
+	}
 }
