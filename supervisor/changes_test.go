@@ -88,7 +88,19 @@ func TestGatewayFollowsModelStates(t *testing.T) {
 	if code, b := do(`{"model":"beta","max_tokens":1}`); code != 200 {
 		t.Fatalf("beta while alpha restarts: %d %s", code, b)
 	}
-	// Held through backoff and starting, answered by the new process.
+	// Once the gateway knows alpha is down (a request sent in the instant
+	// between the crash and that is answered 502: the model did not
+	// answer), requests are held through backoff and starting, and
+	// answered by the new process.
+	waitFor(t, 10*time.Second, "the gateway to see alpha down", func() bool {
+		resp, err := http.Get(url + "/v1/models/alpha")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return !strings.Contains(string(b), `"state":"ready"`)
+	})
 	if code, b := do(`{"model":"alpha","max_tokens":1}`); code != 200 {
 		t.Fatalf("alpha after its restart: %d %s", code, b)
 	}
