@@ -467,33 +467,48 @@ next:
 // models), STATUS= kept current, RELOADING=1 + MONOTONIC_USEC then READY=1
 // around a reload, STOPPING=1 at SIGTERM. NOTIFY_SOCKET must not reach a
 // model.
-func TestSystemdNotifySequence(t *testing.T) {
-	sockPath := filepath.Join(t.TempDir(), "notify.sock")
-	ns, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sockPath, Net: "unixgram"})
+// notifyMsg is one sd_notify datagram and when it arrived.
+type notifyMsg struct {
+	at   time.Time
+	text string
+}
+
+// notifySocket is a systemd notify socket for a daemon under test: its
+// path, and the datagrams as they arrive (closed with the socket, at the
+// end of the test).
+func notifySocket(t *testing.T) (string, <-chan notifyMsg) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "notify.sock")
+	ns, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ns.Close()
-	msgs := make(chan string, 100)
+	t.Cleanup(func() { ns.Close() })
+	msgs := make(chan notifyMsg, 1000)
 	go func() {
+		defer close(msgs)
 		buf := make([]byte, 4096)
 		for {
 			n, err := ns.Read(buf)
 			if err != nil {
-				close(msgs)
 				return
 			}
-			msgs <- string(buf[:n])
+			msgs <- notifyMsg{time.Now(), string(buf[:n])}
 		}
 	}()
+	return path, msgs
+}
+
+func TestSystemdNotifySequence(t *testing.T) {
+	sockPath, msgs := notifySocket(t)
 	next := func(what string, ok func(string) bool) string {
 		t.Helper()
 		deadline := time.After(30 * time.Second)
 		for {
 			select {
 			case m := <-msgs:
-				if ok(m) {
-					return m
+				if ok(m.text) {
+					return m.text
 				}
 			case <-deadline:
 				t.Fatalf("no %s from the daemon", what)

@@ -1,10 +1,8 @@
 package main
 
 import (
-	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -31,28 +29,7 @@ func TestWatchdogPingGaps(t *testing.T) {
 }
 
 func watchdogGaps(t *testing.T, interval time.Duration) {
-	sockPath := filepath.Join(t.TempDir(), "notify.sock")
-	ns, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sockPath, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	type msg struct {
-		at   time.Time
-		text string
-	}
-	msgs := make(chan msg, 1000)
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			n, err := ns.Read(buf)
-			if err != nil {
-				close(msgs)
-				return
-			}
-			msgs <- msg{time.Now(), string(buf[:n])}
-		}
-	}()
+	sockPath, msgs := notifySocket(t)
 
 	// slow is last in the file, so the reload's file is the text before it.
 	s := newSite(t,
