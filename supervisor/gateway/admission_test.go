@@ -123,6 +123,13 @@ func TestAdmissionDrain(t *testing.T) {
 	}
 	drained := make(chan error, 1)
 	go func() { drained <- a.drain(context.Background(), 5, "model m is going to sleep") }()
+	deadline := time.Now().Add(5 * time.Second)
+	for g, _ := a.state(); g != gateHold; g, _ = a.state() {
+		if time.Now().After(deadline) {
+			t.Fatal("the drain did not hold the door within 5s")
+		}
+		time.Sleep(time.Millisecond)
+	}
 	// The next request waits: the door is held.
 	waiting := try(a, context.Background(), 8, clock)
 	queued(t, a, 1)
