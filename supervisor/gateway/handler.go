@@ -296,6 +296,23 @@ type citadelInfo struct {
 	MaxConcurrency int    `json:"max_concurrency"`
 	InFlight       int    `json:"in_flight"`
 	Queued         int    `json:"queued"`
+	// Fleet is what a fleet router needs: "awake" (ready), "sleeping",
+	// "startable" (an on-demand model a request starts) or "unavailable".
+	Fleet    string `json:"fleet"`
+	Servable bool   `json:"servable"`
+}
+
+// fleetState is a model's state as a fleet router sees it.
+func fleetState(m Model) string {
+	switch {
+	case m.State == "ready":
+		return "awake"
+	case m.State == "sleeping" || m.State == "waking":
+		return "sleeping"
+	case m.OnDemand && !m.Held && m.State == "stopped":
+		return "startable"
+	}
+	return "unavailable"
 }
 
 func (g *Gateway) object(rt *route) modelObject {
@@ -305,6 +322,7 @@ func (g *Gateway) object(rt *route) modelObject {
 		Citadel: citadelInfo{
 			Name: rt.model.Name, State: rt.model.State, Reason: rt.model.Reason,
 			MaxConcurrency: rt.model.MaxConcurrency, InFlight: inFlight, Queued: queued,
+			Fleet: fleetState(rt.model), Servable: fleetState(rt.model) != "unavailable",
 		},
 	}
 }
@@ -330,7 +348,16 @@ func (g *Gateway) getModel(w http.ResponseWriter, req *reqInfo, id string) {
 		return
 	}
 	req.model = rt.model.Name
-	writeJSON(w, g.object(rt))
+	obj := g.object(rt)
+	if !obj.Citadel.Servable {
+		// A load balancer's health check polls this: 503 takes the host
+		// out of the model's rotation (docs/scaling.md).
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		json.NewEncoder(w).Encode(obj) //nolint:errcheck // the client went away
+		return
+	}
+	writeJSON(w, obj)
 }
 
 func writeJSON(w http.ResponseWriter, v any) {

@@ -184,7 +184,10 @@ func targets(cfg *config.Config, st []supervisor.Status, reqHost string) []targe
 		}
 		out = append(out, targetGroup{
 			Targets: []string{net.JoinHostPort(h, strconv.Itoa(m.Port))},
-			Labels:  map[string]string{"model": s.Name, "served_name": m.ServedName},
+			// citadel_host is the daemon's host as /sd's caller named it and
+			// fleet_state what a fleet router reads (only awake ones here).
+			Labels: map[string]string{"model": s.Name, "served_name": m.ServedName,
+				"citadel_host": host, "fleet_state": "awake"},
 		})
 	}
 	return out

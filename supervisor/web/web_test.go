@@ -56,7 +56,7 @@ func TestEndpoints(t *testing.T) {
 		{"readyz lists who is not ready", "GET", "/readyz", "h", 503,
 			`{"ready":2,"enabled":3,"not_ready":[{"name":"loading","state":"starting","reason":"loading"}]}` + "\n"},
 		{"sd: ready models only; wildcard binds under the host Prometheus used", "GET", "/sd", "gpu-host-1:9400", 200,
-			`[{"targets":["gpu-host-1:11400"],"labels":{"model":"lab","served_name":"lab"}},{"targets":["127.0.0.1:11401"],"labels":{"model":"local","served_name":"local-7b"}}]` + "\n"},
+			`[{"targets":["gpu-host-1:11400"],"labels":{"citadel_host":"gpu-host-1","fleet_state":"awake","model":"lab","served_name":"lab"}},{"targets":["127.0.0.1:11401"],"labels":{"citadel_host":"gpu-host-1","fleet_state":"awake","model":"local","served_name":"local-7b"}}]` + "\n"},
 		{"nothing here changes state", "POST", "/metrics", "h", 405, ""},
 		{"metrics served", "GET", "/metrics", "h", 200, ""},
 	}
