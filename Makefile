@@ -12,7 +12,7 @@ export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 DEMO_MODELS := mixtral-8x7b-instruct nous-hermes-2-mixtral openchat-3.5 phi-3-mini-128k \
                yi-34b-chat deepcoder-14b-instruct mimo-vl-7b-rl
 
-.PHONY: all build test vet bench soak fuzz fuzz-short check-deploy e2e e2e-systemd install package demo clean
+.PHONY: all build test vet bench soak fuzz fuzz-short check-deploy e2e e2e-systemd nvml-check install package demo clean
 
 PREFIX    ?= /usr
 NFPM      := go run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.44.0
@@ -78,6 +78,14 @@ check-deploy:
 e2e: package
 	$(GO) test -tags e2e -count=1 -run E2E -v ./cmd/citadel-supervisor/
 	deploy/e2e/run.sh
+
+# The NVML backend against a real driver, on a host with an NVIDIA GPU (CI
+# has none): builds bin/nvml.test (gpu/nvmlgpu/real_test.go) and runs
+# deploy/e2e/gpu-host.sh, which also drives the daemon on nvml. Needs root
+# and python3 with torch (its models take real GPU memory).
+nvml-check: build
+	CGO_ENABLED=1 $(GO) test -c -tags nvml -o bin/nvml.test ./gpu/nvmlgpu/
+	deploy/e2e/gpu-host.sh
 
 e2e-systemd: package
 	deploy/e2e/run.sh
