@@ -71,7 +71,8 @@ check-deploy:
 	else echo "NOTE: promtool not installed: deploy/prometheus and deploy/grafana NOT checked (apt-get install prometheus)"; fi
 
 # End-to-end, as root: a real Prometheus (Debian's package) scrapes a
-# running daemon and the models it discovers through /sd; then the Debian
+# running daemon and the models it discovers through /sd; two daemons serve
+# behind a real HAProxy configured by citadelctl fleet haproxy; then the Debian
 # package is installed in a Debian booted with systemd under systemd-nspawn
 # (root filesystem cached in /var/cache/citadel-e2e) and driven with
 # systemctl: start, journal, reload, watchdog, stop.

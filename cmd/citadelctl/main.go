@@ -1,6 +1,6 @@
 // Command citadelctl is the operator's client of citadel-supervisor's
 // control socket: status, start, stop, restart, reset, reload, logs,
-// health and gpus.
+// health and gpus; and fleet haproxy, which asks several hosts' gateways.
 package main
 
 import (
@@ -73,6 +73,7 @@ var commands = map[string]command{
 	"completion": {"completion bash|zsh", "A shell completion script; model names come from the daemon.", func(c *cli, _ context.Context, args []string) int {
 		return c.completion(args)
 	}},
+	"fleet":    {"fleet haproxy [--bind ADDR] [--output FILE] [--key-file FILE] [--check-interval D] HOST:PORT...", "Print an HAProxy configuration fronting several hosts' gateways: requests routed by their body's model, each model's backend listing the hosts that serve it (where it sleeps or is startable as backup), health-checked per model with GET /v1/models/ID. Asks each HOST:PORT's GET /v1/models; the daemon's socket is not used. See docs/scaling.md.", (*cli).fleet},
 	"__models": {"__models", "", (*cli).modelNames},
 }
 
