@@ -1,6 +1,10 @@
 package config
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
 	"reflect"
 	"sort"
 )
@@ -115,4 +119,32 @@ func RestartOnly(old, new *Config) []string {
 		out = append(out, "gateway.listen") // the gateway binds once, like listen
 	}
 	return out
+}
+
+// SpawnDigest fingerprints what m's process sees of its configuration:
+// every key but the policy keys, which a running process never sees. A
+// process started under one digest can be kept by a configuration with the
+// same digest (a daemon that adopts its predecessor's models after an
+// upgrade or a crash compares them); a different digest means Respawn.
+func (m Model) SpawnDigest() string {
+	v := reflect.ValueOf(m)
+	t := v.Type()
+	h := sha256.New()
+	for i := range t.NumField() {
+		tag := t.Field(i).Tag.Get("koanf")
+		if tag == "" || tag == "-" || policyKeys[tag] {
+			continue
+		}
+		f := v.Field(i)
+		if (f.Kind() == reflect.Slice || f.Kind() == reflect.Map) && f.Len() == 0 {
+			fmt.Fprintf(h, "%s=empty\n", tag) // nil and empty are the same, as in Diff
+			continue
+		}
+		b, err := json.Marshal(f.Interface())
+		if err != nil {
+			b = fmt.Appendf(nil, "%#v", f.Interface())
+		}
+		fmt.Fprintf(h, "%s=%s\n", tag, b)
+	}
+	return hex.EncodeToString(h.Sum(nil))[:32]
 }

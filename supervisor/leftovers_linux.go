@@ -46,27 +46,95 @@ func lockIdentity(socket string) (func(), error) {
 	return func() { f.Close() }, nil
 }
 
-// stopLeftovers stops every process a previous supervisor of this identity
-// left behind (it was SIGKILLed, or crashed) before any model starts.
+// takeover is a predecessor's model instance this daemon takes over: from
+// the previous image at an upgrade (child: it is this process's child,
+// with its output pipes open here), or found running after a crash.
+type takeover struct {
+	st       ModelState
+	child    bool
+	tree     processTree
+	out, err *os.File // its output pipes; nil when lost
+}
+
+// takeOver finds what a predecessor of this identity left, before any
+// model starts, and decides for each instance:
 //
-// They are stopped, not adopted: their stdout and stderr were pipes to the
-// dead supervisor, so their output is lost and the next write may fail;
-// they are not our children, so their exit cannot be waited for; and a
-// fresh start is the state an operator can reason about. Each model's
-// processes get its stop_timeout, in parallel, so GPU memory is freed
-// cleanly before placement begins.
+//   - handed over by the previous image (an upgrade): taken over with its
+//     whole state;
+//   - left running by a daemon that died: adopted when its instance record
+//     says it is the process it started, for a model still configured (a
+//     changed configuration restarts it once adopted, deliberately);
+//   - anything else (no record, a model since removed, a second instance of
+//     one model): stopped, each within its model's stop_timeout, in
+//     parallel, so GPU memory is freed cleanly before placement begins.
 //
-// In cgroup mode they are found by cgroup first: every leaf under the
+// In cgroup mode instances are found by cgroup first: every leaf under the
 // daemon's cgroup root is an instance of a predecessor, whatever its
-// processes did to their environment (a main process without the marker,
-// a scrubbed grandchild). The marker scan still runs, for instances a
-// predecessor in marker mode left.
-func (s *Supervisor) stopLeftovers(cfg *config.Config) {
+// processes did to their environment. The marker scan still runs, for
+// instances a predecessor in marker mode left.
+func (s *Supervisor) takeOver(cfg *config.Config) map[string]*takeover {
+	return s.takeOrStop(cfg, true)
+}
+
+// StopLeftovers stops every model process a dead daemon of cfg's identity
+// left running, and forgets their records and cgroup leaves: the last word
+// of `systemctl stop` (ExecStopPost) when the daemon could not stop its
+// models itself (it hung and was killed). It refuses while a daemon of
+// that identity runs.
+func StopLeftovers(cfg *config.Config, log *zap.Logger) error {
+	unlock, err := lockIdentity(cfg.ControlSocket)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	id := Identity(cfg.ControlSocket)
+	s := &Supervisor{d: &deps{id: id, log: log, records: records{dir: filepath.Join(filepath.Dir(cfg.ControlSocket), "instances")}}}
+	if cg, ok := proc.FindCgroups(id); ok {
+		s.d.cgroups = cg
+	}
+	s.takeOrStop(cfg, false)
+	if s.d.cgroups != nil {
+		return s.d.cgroups.Close()
+	}
+	return nil
+}
+
+func (s *Supervisor) takeOrStop(cfg *config.Config, adopt bool) map[string]*takeover {
+	out := map[string]*takeover{}
+	handled := map[string]bool{} // instance keys
 	type leftover struct {
 		model string
 		tree  *proc.Tree
 	}
-	var groups []leftover
+	var stop []leftover
+	recs, err := s.d.records.all()
+	if err != nil {
+		s.d.log.Warn("instance records", zap.Error(err))
+	}
+	if h := s.handover; h != nil {
+		s.handover = nil
+		for _, st := range h.Models {
+			t := &takeover{st: st, child: true}
+			if is := st.Instance; is != nil {
+				handled[instanceKey(is.Marker)] = true
+				t.tree = s.treeOf(*is)
+				t.out, t.err = inherited(is.StdoutFD, is.Model+" stdout"), inherited(is.StderrFD, is.Model+" stderr")
+				if _, ok := cfg.Model(st.Name); !ok {
+					// Removed from the file meanwhile: it goes.
+					_ = t.out.Close()
+					_ = t.err.Close()
+					stop = append(stop, leftover{st.Name, t.tree.(*proc.Tree)})
+					continue
+				}
+			}
+			out[st.Name] = t
+		}
+	}
+	type found struct {
+		key, model string
+		tree       *proc.Tree
+	}
+	var groups []found
 	if s.d.cgroups != nil {
 		leaves, err := s.d.cgroups.Leaves()
 		if err != nil {
@@ -75,12 +143,12 @@ func (s *Supervisor) stopLeftovers(cfg *config.Config) {
 		for _, leaf := range leaves {
 			// Leaves are named <model>@<token> ('@' is in no model name
 			// and no cgroup interface file).
-			base := filepath.Base(leaf.Path)
-			model := base
-			if i := strings.LastIndexByte(base, '@'); i > 0 {
-				model = base[:i]
+			key := filepath.Base(leaf.Path)
+			model := key
+			if i := strings.LastIndexByte(key, '@'); i > 0 {
+				model = key[:i]
 			}
-			groups = append(groups, leftover{model, proc.NewCgroupTree(s.d.id+"/"+model+"/", 0, leaf)})
+			groups = append(groups, found{key, model, proc.NewCgroupTree(s.d.id+"/"+model+"/", 0, leaf)})
 		}
 	}
 	marked, err := proc.Marked(s.d.id + "/")
@@ -88,10 +156,56 @@ func (s *Supervisor) stopLeftovers(cfg *config.Config) {
 		s.d.log.Error("scan for leftover model processes", zap.Error(err))
 	}
 	for marker, t := range marked {
-		groups = append(groups, leftover{strings.Split(marker, "/")[1], t})
+		groups = append(groups, found{instanceKey(marker), strings.Split(marker, "/")[1], t})
+	}
+	for _, g := range groups {
+		if handled[g.key] {
+			continue // handed over, or already decided through its leaf
+		}
+		handled[g.key] = true
+		rec, ok := recs[g.key]
+		_, configured := cfg.Model(g.model)
+		switch {
+		case !adopt:
+		case !ok:
+			s.d.log.Warn("stopping processes left by a previous supervisor: no instance record", zap.String("model", g.model), zap.Ints("pids", g.tree.PIDs()))
+		case !configured:
+			s.d.log.Warn("stopping processes left by a previous supervisor: the model is no longer configured", zap.String("model", g.model), zap.Ints("pids", g.tree.PIDs()))
+		case out[g.model] != nil:
+			s.d.log.Warn("stopping processes left by a previous supervisor: a second instance of the model", zap.String("model", g.model), zap.Ints("pids", g.tree.PIDs()))
+		case proc.Check(rec.PID, rec.Start) != nil:
+			s.d.log.Warn("stopping processes left by a previous supervisor: its main process is gone", zap.String("model", g.model), zap.Int("main_pid", rec.PID), zap.Ints("pids", g.tree.PIDs()))
+		default:
+			t := &takeover{st: ModelState{Name: g.model, Instance: &rec}, tree: s.treeOf(rec)}
+			if s.d.fdstore != nil {
+				t.out, t.err = s.d.fdstore.Take(g.key+".out"), s.d.fdstore.Take(g.key+".err")
+			}
+			if t.out == nil {
+				s.d.log.Warn("adopting a model whose output pipes are lost (no systemd descriptor store): its output is not captured until it restarts, and it may die writing to the closed pipe", zap.String("model", g.model))
+			}
+			s.d.log.Info("adopting a model left running by a previous supervisor", zap.String("model", g.model), zap.Int("pid", rec.PID))
+			out[g.model] = t
+			continue
+		}
+		stop = append(stop, leftover{g.model, g.tree})
+	}
+	// What no instance needs any more: records of the gone, and pipes in
+	// the descriptor store nobody took.
+	for key, rec := range recs {
+		if t := out[rec.Model]; t == nil || t.st.Instance == nil || instanceKey(t.st.Instance.Marker) != key {
+			s.d.records.remove(rec.Marker)
+		}
+	}
+	if s.d.fdstore != nil {
+		for _, name := range s.d.fdstore.Rest() {
+			if f := s.d.fdstore.Take(name); f != nil {
+				f.Close()
+			}
+			_ = s.d.fdstore.Remove(name)
+		}
 	}
 	var wg sync.WaitGroup
-	for _, g := range groups {
+	for _, g := range stop {
 		model, t := g.model, g.tree
 		grace := cfg.LongestStopTimeout()
 		if m, ok := cfg.Model(model); ok {
@@ -106,4 +220,48 @@ func (s *Supervisor) stopLeftovers(cfg *config.Config) {
 		})
 	}
 	wg.Wait()
+	return out
+}
+
+// treeOf is the process tree of a predecessor's instance: its cgroup leaf
+// when it has one, else its marker and main process.
+func (s *Supervisor) treeOf(is InstanceState) processTree {
+	if is.Cgroup != "" {
+		return proc.NewCgroupTree(is.Marker, is.PID, &proc.Cgroup{Path: is.Cgroup})
+	}
+	return proc.NewTree(is.Marker, is.PID)
+}
+
+// inherited is a descriptor the previous image left open for this one; it
+// is not passed on to the models.
+func inherited(fd int, name string) *os.File {
+	if fd <= 2 {
+		return nil
+	}
+	unix.CloseOnExec(fd)
+	return os.NewFile(uintptr(fd), name)
+}
+
+// adopt takes t's instance over for r: nil when it is gone, which the
+// machine counts as an exit while no daemon watched.
+func (s *Supervisor) adopt(r *runner, t *takeover) *restored {
+	from := &restored{st: t.st}
+	is := t.st.Instance
+	if is == nil {
+		return from
+	}
+	inst, err := r.adoptInstance(*is, t.child, t.tree, t.out, t.err)
+	if err != nil {
+		r.log.Warn("the process to take over is gone", zap.Int("pid", is.PID), zap.Error(err))
+		if t.out != nil {
+			t.out.Close()
+		}
+		if t.err != nil {
+			t.err.Close()
+		}
+		s.d.forgetInstance(is.Marker)
+		return from
+	}
+	from.inst = inst
+	return from
 }

@@ -79,6 +79,17 @@ func (r *Reaper) Start(cmd *exec.Cmd) error {
 	return nil
 }
 
+// adopt records pid, a child the previous image of this process started
+// (an upgrade keeps the children), as one that is waited for elsewhere.
+func (r *Reaper) adopt(pid int) {
+	if r == nil {
+		return
+	}
+	r.mu.Lock()
+	r.managed[pid] = true
+	r.mu.Unlock()
+}
+
 // Done forgets pid once os/exec's Wait has returned for it.
 func (r *Reaper) Done(pid int) {
 	if r == nil {

@@ -72,3 +72,10 @@ func (r *ring) subscribe(buf int) (<-chan string, func()) {
 		r.mu.Unlock()
 	}
 }
+
+// restore puts back lines a predecessor kept (an upgrade), oldest first.
+func (r *ring) restore(lines []string) {
+	for _, l := range lines {
+		r.add(l)
+	}
+}

@@ -60,8 +60,9 @@ type runner struct {
 // message is what others send a runner: an event, and for operations a
 // channel for the answer.
 type message struct {
-	ev   event
-	done chan error // nil: nobody waits
+	ev     event
+	done   chan error // nil: nobody waits
+	freeze *freezeReq // instead of ev: an upgrade writes the machine down
 }
 
 // mailbox is an unbounded queue: senders never wait on the runner, and
@@ -107,6 +108,9 @@ func (b *mailbox) take() ([]message, *placement) {
 // instance is one spawned process tree of a model.
 type instance struct {
 	pid     int
+	start   uint64 // the main process's start time: with pid, its identity
+	marker  string
+	digest  string // the configuration's SpawnDigest it was started with
 	tree    processTree
 	started time.Time
 	gpus    []string
@@ -114,6 +118,8 @@ type instance struct {
 	deep    *probe.Deep   // the deep probe's schedule, owned by the probe in flight
 	done    chan struct{} // closed once the main process is reaped
 	exit    exitInfo      // valid after done is closed
+	// Its output pipes' read ends, handed to the next image at an upgrade.
+	stdout, stderr *os.File
 }
 
 type exitInfo struct {
@@ -166,6 +172,7 @@ type loop struct {
 	r       *runner
 	m       *machine
 	timers  [numTimers]<-chan time.Time // nil: not armed; replacing one drops its fire
+	timerAt [numTimers]time.Time        // when each armed timer fires
 	results chan event                  // probes and stops report here
 	seq     uint64                      // of the last published status
 	// later is work that must wait until the step's status is published
@@ -173,14 +180,30 @@ type loop struct {
 	later []func()
 }
 
+// restored is what a runner takes over instead of beginning afresh: the
+// state a predecessor wrote down and, when it still runs, its process.
+type restored struct {
+	st   ModelState
+	inst *instance
+}
+
 // run drives the model until ctx ends, then stops its processes and returns.
-func (r *runner) run(ctx context.Context, cfg config.Model) {
+// With from, it takes over a predecessor's state and process.
+func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 	l := &loop{
 		r:       r,
 		m:       newMachine(cfg, r.d.now, r.d.jitter, r.log),
 		results: make(chan event, 4),
 	}
-	l.handleEffects(l.m.begin())
+	if from != nil {
+		r.out.restore(from.st.Output)
+		if !from.st.LastRequest.IsZero() {
+			r.lastRequest.Store(from.st.LastRequest.UnixNano())
+		}
+		l.handleEffects(l.m.restore(from.st, from.inst, cfg.SpawnDigest()))
+	} else {
+		l.handleEffects(l.m.begin())
+	}
 	shutdown := ctx.Done()
 	for !l.m.done() {
 		var exited <-chan struct{}
@@ -197,6 +220,10 @@ func (r *runner) run(ctx context.Context, cfg config.Model) {
 				l.handle(evPlaced{p: *p})
 			}
 			for _, msg := range msgs {
+				if msg.freeze != nil {
+					l.freeze(*msg.freeze)
+					continue
+				}
 				l.handle(msg.ev)
 				if msg.done != nil {
 					var err error
@@ -311,6 +338,7 @@ func (l *loop) do(ef effect) event {
 	case efRelease:
 		// Its GPUs stay busy until its processes have left them.
 		r.d.sched.Release(r.name, ef.inst.tree.SeenPIDs(), ef.keep)
+		r.d.forgetInstance(ef.inst.marker)
 		r.pids.Store(nil)
 		r.cg.Store(nil)
 		r.hostHeld.Store(0)
@@ -321,23 +349,48 @@ func (l *loop) do(ef effect) event {
 	case efSlept:
 		if ef.level > 0 {
 			r.d.sched.Slept(r.name)
+			l.record()
 		}
 		r.d.metrics.slept(r.name, ef.level, ef.cause)
 	case efWake:
 		go l.wake(m.inst, m.cfg, ef.level)
 	case efWoke:
 		r.hostHeld.Store(0)
+		l.record()
 		r.d.metrics.woke(r.name, ef.level, ef.took)
 	case efDecline:
 		r.d.sched.Declined(r.name)
 	case efArm:
 		l.timers[ef.t] = r.d.after(ef.d)
+		l.timerAt[ef.t] = r.d.now().Add(ef.d)
+	case efAdopt:
+		r.d.sched.Adopt(m.cfg, m.inst.gpus, ef.phase)
 	case efDisarm:
 		l.timers[ef.t] = nil
 	default:
 		panic(fmt.Sprintf("runner: unknown effect %T", ef))
 	}
 	return nil
+}
+
+// record rewrites the live instance's record: a successor after a crash
+// must know whether it sleeps.
+func (l *loop) record() {
+	st := l.m.snapshot()
+	if st.Instance == nil || l.m.inst == nil {
+		return
+	}
+	is := st.Instance
+	is.Marker, is.Start, is.Digest = l.m.inst.marker, l.m.inst.start, l.m.inst.digest
+	if cg := l.r.cg.Load(); cg != nil {
+		is.Cgroup = cg.Path
+	}
+	if d := l.r.envDigest.Load(); d != nil {
+		is.EnvDigest = *d
+	}
+	if err := l.r.d.records.write(*is); err != nil {
+		l.r.log.Warn("cannot write the instance record: a daemon restarted after a crash would stop this model instead of adopting it", zap.Error(err))
+	}
 }
 
 // check looks at everything a start needs, in the order an operator would
@@ -375,6 +428,16 @@ func (l *loop) spawn(gpus []string) event {
 	digest := envDigest(secrets)
 	r.envDigest.Store(&digest)
 	r.publishPIDs(inst.tree)
+	is := InstanceState{
+		Model: m.Name, PID: inst.pid, Start: inst.start, Marker: inst.marker, Started: inst.started,
+		GPUs: gpus, Digest: inst.digest, EnvDigest: digest,
+	}
+	if cg := r.cg.Load(); cg != nil {
+		is.Cgroup = cg.Path
+	}
+	if err := r.d.records.write(is); err != nil {
+		r.log.Warn("cannot write the instance record: a daemon restarted after a crash would stop this model instead of adopting it", zap.Error(err))
+	}
 	return evSpawned{inst: inst}
 }
 

@@ -81,6 +81,10 @@ func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string)
 	r.marker.Store(&marker)
 	inst := &instance{
 		pid:     cmd.Process.Pid,
+		marker:  marker,
+		digest:  m.SpawnDigest(),
+		stdout:  outR,
+		stderr:  errR,
 		tree:    tree,
 		kill:    cmd.Process.Kill,
 		started: r.d.now(),
@@ -88,6 +92,10 @@ func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string)
 		deep:    &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},
 		done:    make(chan struct{}),
 	}
+	if st, err := proc.ReadStat(inst.pid); err == nil {
+		inst.start = st.Start
+	}
+	r.d.storeOutput(marker, outR, errR)
 	r.log.Info("spawned", zap.Int("pid", inst.pid), zap.Strings("argv", config.MaskArgs(args)), zap.Strings("gpus", gpus))
 	go r.capture(outR, "stdout")
 	go r.capture(errR, "stderr")

@@ -107,6 +107,13 @@ type Options struct {
 	// model accounts for. Only for a daemon: the process must start no
 	// children of its own but models.
 	KillStrays bool
+	// Handover is the state the previous image of this process handed
+	// over at an upgrade (the models are its children, their output pipes
+	// open descriptors); nil at an ordinary start.
+	Handover *Handover
+	// FDStore keeps the models' output pipes past the daemon's death
+	// (systemd's descriptor store); nil without one.
+	FDStore FDStore
 }
 
 // SetTraffic connects the gateway, once it is built (it needs the
@@ -134,6 +141,8 @@ type deps struct {
 	sleepBudget func() uint64
 	level1Held  func(except string) uint64
 	cgroups     *proc.Cgroups
+	records     records // the live instances' records, for a successor
+	fdstore     FDStore // nil without systemd's descriptor store
 }
 
 // Supervisor runs every configured model.
@@ -146,6 +155,9 @@ type Supervisor struct {
 	heartbeat time.Duration
 
 	boundAt *config.Config // the configuration the listeners were bound with (at start)
+
+	applyMu  sync.Mutex // a reload and an upgrade's freeze exclude each other
+	handover *Handover  // from the previous image (an upgrade), consumed by Run
 
 	demandMu sync.Mutex      // orders Demand against runners being added
 	early    map[string]bool // models demanded before their runner existed
@@ -188,6 +200,8 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		jitter:  o.Jitter,
 		metrics: newMetrics(),
 		cgroups: o.Cgroups,
+		records: records{dir: filepath.Join(filepath.Dir(cfg.ControlSocket), "instances")},
+		fdstore: o.FDStore,
 	}
 	// The gateway's queues follow the models' states (changes.go).
 	d.changed = d.changes.notify
@@ -203,7 +217,7 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 	if d.jitter == nil {
 		d.jitter = rand.Float64
 	}
-	s := &Supervisor{d: d, applyCh: make(chan applyReq), ready: make(chan struct{}), heartbeat: cmp.Or(o.Heartbeat, time.Second), early: map[string]bool{}}
+	s := &Supervisor{d: d, applyCh: make(chan applyReq), ready: make(chan struct{}), heartbeat: cmp.Or(o.Heartbeat, time.Second), early: map[string]bool{}, handover: o.Handover}
 	if o.GPUs == nil && o.NoGPUs == "" {
 		o.NoGPUs = "gpu.backend is " + cfg.GPU.Backend + ": no GPU readings"
 	}
@@ -278,7 +292,9 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	}
 	defer unlock()
 	s.d.log.Info("process ownership", zap.String("mode", s.Ownership()), zap.String("cgroup", s.cgroupRoot()))
-	s.stopLeftovers(cfg)
+	// What a predecessor left: handed over (an upgrade), adopted (it died
+	// with its models running), or stopped (they no longer match).
+	takeOver := s.takeOver(cfg)
 	// The scheduler outlives every runner: their last act is to release
 	// their GPUs.
 	schedCtx, stopSched := context.WithCancel(context.Background())
@@ -290,8 +306,12 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	defer stopAll()
 
 	byName := map[string]*runner{}
-	startRunner := func(m config.Model) {
+	startRunner := func(m config.Model, t *takeover) {
 		r := newRunner(m, s.d)
+		var from *restored
+		if t != nil {
+			from = s.adopt(r, t)
+		}
 		byName[m.Name] = r
 		// Listed before it runs: the scheduler's answers find it, and a
 		// request that came before it did is handed over.
@@ -309,15 +329,21 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		r.cancel = cancel
 		g.Go(func() error {
 			defer close(r.stopped)
-			r.run(rctx, m)
+			r.run(rctx, m, from)
 			return nil
 		})
 	}
 	// Every model's want is declared before any runner checks: the order in
 	// which their checks finish must not decide who gets the GPUs.
-	s.d.sched.Expect(cfg.Models)
+	var expect []config.Model
 	for _, m := range cfg.Models {
-		startRunner(m)
+		if takeOver[m.Name] == nil {
+			expect = append(expect, m)
+		}
+	}
+	s.d.sched.Expect(expect)
+	for _, m := range cfg.Models {
+		startRunner(m, takeOver[m.Name])
 	}
 	s.publishRunners(byName)
 	close(s.ready)
@@ -356,7 +382,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 				m, _ := req.cfg.Model(c.Name)
 				switch c.Kind {
 				case config.Added:
-					startRunner(m)
+					startRunner(m, nil)
 				case config.Removed:
 					r := byName[c.Name]
 					delete(byName, c.Name)
@@ -421,18 +447,16 @@ func (s *Supervisor) Config() *config.Config { return s.cfg.Load() }
 // returns the changes made, after removed models have stopped (or ctx
 // ended: they go on stopping).
 func (s *Supervisor) Apply(ctx context.Context, cfg *config.Config) ([]config.Change, error) {
+	s.applyMu.Lock()
 	req := applyReq{cfg: cfg, done: make(chan applied, 1)}
 	select {
 	case s.applyCh <- req:
 	case <-ctx.Done():
+		s.applyMu.Unlock()
 		return nil, ctx.Err()
 	}
-	var a applied
-	select {
-	case a = <-req.done:
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
+	a := <-req.done // the loop answers every request it took
+	s.applyMu.Unlock()
 	for _, r := range a.removed {
 		select {
 		case <-r.stopped:

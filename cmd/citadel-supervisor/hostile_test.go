@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -227,30 +228,47 @@ func hostileSIGTERMs(t *testing.T, s *site, mode string, trials int) {
 	}
 }
 
+// readyPIDs maps each ready model to its PID, as the daemon says.
+func readyPIDs(socket string) map[string]int {
+	c := client.New(socket)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := c.Status(ctx)
+	if err != nil {
+		return nil
+	}
+	out := map[string]int{}
+	for _, m := range st {
+		if m.State == api.Ready {
+			out[m.Name] = m.PID
+		}
+	}
+	return out
+}
+
 func hostileSIGKILLs(t *testing.T, s *site, mode string, trials int) {
 	for trial := range trials {
 		first := s.startMode(mode)
 		waitFor(t, 30*time.Second, "models healthy", s.healthy)
 		waitFor(t, 10*time.Second, "every hostile child running", func() bool { return escaped(s.Site, t) })
 		jitter()
-		old := siteProcs(s.Site)
+		before := readyPIDs(s.Socket)
 		first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 		first.wait(t)
 
 		second := s.startMode(mode)
 		if mode == supervisor.OwnershipCgroup {
-			waitFor(t, 30*time.Second, "one new server per model, healthy, and nothing of the old daemon's left", func() bool {
-				for _, pid := range old {
-					if supervisortest.Running(pid) {
-						return false
-					}
-				}
+			// Adopted (SPEC §9): the same server per model, ready again,
+			// never a second copy.
+			waitFor(t, 30*time.Second, "every model adopted: ready on the process it had, one server each", func() bool {
 				for _, n := range servers(s.Site, t) {
 					if n != 1 {
-						return false
+						t.Fatalf("trial %d: a model runs %d servers", trial, n)
 					}
 				}
-				return s.healthy()
+				after := readyPIDs(s.Socket)
+				return len(after) == len(s.Models) && maps.Equal(after, before)
 			})
 		} else {
 			// Never two copies, whether or not the old ones were found.

@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"runtime"
@@ -48,7 +49,9 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	check := fs.Bool("check", false, "validate the configuration and what this host offers its models, print every problem, and exit (0 valid, 1 invalid, 3 a model cannot start here)")
 	strict := fs.Bool("strict", false, "with --check: exit 4 when there are warnings only")
 	showVersion := fs.Bool("version", false, "print the version and exit")
+	handoverVersion := fs.Bool("handover-version", false, "print the version of the state this binary takes over at an upgrade in place, then its version, and exit (asked by the running daemon before it executes this binary)")
 	ownership := fs.String("ownership", "auto", "how to own the models' processes: cgroup (a cgroup v2 leaf per model; needs root or a unit with Delegate=yes), marker (marker variable and parent links), or auto (cgroup where usable)")
+	stopLeftovers := fs.Bool("stop-leftovers", false, "stop every model process a dead daemon of this configuration left running, then exit: the unit's ExecStopPost (a no-op when $SERVICE_RESULT says the daemon died and will be restarted: the next one adopts them); refused while a daemon runs")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -56,10 +59,28 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "citadel-supervisor %s (revision %s, %s)\n", version, revision, runtime.Version())
 		return 0
 	}
+	if *handoverVersion {
+		fmt.Fprintf(stdout, "%d %s\n", supervisor.HandoverVersion, version)
+		return 0
+	}
+	// The binary's path now, before a package upgrade replaces the file:
+	// an upgrade in place executes what is there then.
+	exe, err := os.Executable()
+	if err != nil {
+		fmt.Fprintf(stderr, "citadel-supervisor: %v\n", err)
+		return 1
+	}
 
 	if *check {
 		return runCheck(*path, environ, *strict, stdout, stderr)
 	}
+	if *stopLeftovers {
+		return runStopLeftovers(*path, environ, stderr)
+	}
+	started := time.Now()
+	// The state a previous image of this process handed over (an upgrade
+	// in place), if any.
+	handover, environ, herr := readHandover(environ)
 	cfg, err := config.Load(*path, environ)
 	if err != nil {
 		fmt.Fprintf(stderr, "citadel-supervisor: %s is invalid:\n%s\n", *path, indent(err))
@@ -73,6 +94,18 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	}
 	defer log.Sync() //nolint:errcheck // nothing to do about it at exit
 	log.Info("starting", zap.String("version", version), zap.String("config", *path))
+	if herr != nil {
+		// Past the exec there is no way back: a successor started by
+		// systemd adopts the models (docs/operations.md).
+		log.Error("upgrade in place: cannot take over from the previous image", zap.Error(herr))
+		return 1
+	}
+	u := &upgrader{log: log.Named("upgrade"), exe: exe, args: os.Args, environ: environ, config: *path, started: started}
+	if handover != nil {
+		u.upgrades = handover.Upgrades + 1
+		log.Info("upgraded in place", zap.String("from", handover.From), zap.String("to", version),
+			zap.Int("models", len(handover.Supervisor.Models)), zap.Int("pid", os.Getpid()))
+	}
 
 	reaper, err := supervisor.NewReaper()
 	if err != nil {
@@ -92,6 +125,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	)
 	nv, noGPUs, gpuStatus := openGPUs(cfg, log)
 	notify := systemd.NewNotifier(log)
+	u.notify = notify
 	var output supervisor.OutputFunc
 	if systemd.UnderJournald() {
 		// Each model's lines go to the journal as citadel-<model>.
@@ -124,6 +158,13 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		// that no model accounts for is an escapee.
 		KillStrays: true,
 	}
+	if handover != nil {
+		opts.Handover = &handover.Supervisor
+	}
+	if store := systemd.OpenFDStore(); store != nil {
+		// The models' output pipes outlive a crash of the daemon there.
+		opts.FDStore = store
+	}
 	if nv != nil {
 		defer nv.Close() //nolint:errcheck // exiting
 		opts.GPUs = nv
@@ -133,6 +174,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		log.Error("build supervisor", zap.Error(err))
 		return 1
 	}
+	u.sup = sup
 	var gw *gateway.Gateway
 	var readyChecks []web.Check
 	if cfg.Gateway.Listen != "" {
@@ -142,13 +184,17 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 			log.Error("gateway", zap.Error(err))
 			return 1
 		}
-		gw, err = gateway.Listen(cfg.Gateway.Listen, gateway.Options{
-			Models: sup.Gateway(), Logger: log.Named("gateway"), Registerer: reg, Settings: settings,
-		})
+		ln, err := handover.listener("gateway")
+		if err == nil {
+			gw, err = gateway.Listen(cfg.Gateway.Listen, gateway.Options{
+				Models: sup.Gateway(), Logger: log.Named("gateway"), Registerer: reg, Settings: settings, Listener: ln,
+			})
+		}
 		if err != nil {
 			log.Error("cannot serve the gateway", zap.Error(err))
 			return 1
 		}
+		u.serve(&drained{name: "gateway", guard: gw.Guard(), srv: gw.HTTP(), bound: gatewayDrain}, nil)
 		// On-demand models drain their requests here before they sleep.
 		sup.SetTraffic(gw)
 		log.Info("gateway listening", zap.String("addr", gw.Addr()), zap.Bool("api_keys", settings.Keys != nil))
@@ -199,7 +245,14 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 			return nil
 		}
 		_, maxConns := netguard.Limits()
+		ln, err := handover.listener("control")
+		if err != nil {
+			return err
+		}
+		ul, _ := ln.(*net.UnixListener)
 		srv, err := control.Listen(control.Options{
+			Listener: ul,
+			Upgrade:  func(ctx context.Context) (api.UpgradeResponse, func(), error) { return u.prepare(ctx, true) },
 			Path:     cfg.ControlSocket,
 			Group:    cfg.ControlGroup,
 			Logger:   log.Named("control"),
@@ -207,12 +260,29 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 			Reload:   reload,
 			MaxConns: maxConns,
 			Daemon: func() api.Daemon {
-				return api.Daemon{Ownership: sup.Ownership(), Cgroup: sup.CgroupRoot()}
+				d := api.Daemon{Ownership: sup.Ownership(), Cgroup: sup.CgroupRoot()}
+				u.daemon(&d)
+				return d
 			},
 		})
 		if err != nil {
 			return err
 		}
+		u.serve(&drained{name: "control", guard: srv.Guard(), srv: srv.HTTP(), bound: controlDrain}, srv.KeepSocket)
+		// SIGUSR2 upgrades in place, as `citadelctl upgrade` does.
+		usr2 := make(chan os.Signal, 1)
+		signal.Notify(usr2, syscall.SIGUSR2)
+		g.Go(func() error {
+			defer signal.Stop(usr2)
+			for {
+				select {
+				case <-gctx.Done():
+					return nil
+				case <-usr2:
+					u.signal(gctx)
+				}
+			}
+		})
 		log.Info("control socket listening", zap.String("path", cfg.ControlSocket))
 		// Configuration, GPU backend and both listeners are up: ready,
 		// without waiting for models (they report on their own).
@@ -240,11 +310,20 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	}
 	if cfg.Listen != "" {
 		// listen changes need a restart: the HTTP server binds once.
-		srv, err := web.Listen(cfg.Listen, sup, reg, log.Named("http"), readyChecks...)
+		var srv *web.Server
+		ln, err := handover.listener("http")
+		switch {
+		case err != nil:
+		case ln != nil:
+			srv = web.Serve(ln, sup, reg, log.Named("http"), readyChecks...)
+		default:
+			srv, err = web.Listen(cfg.Listen, sup, reg, log.Named("http"), readyChecks...)
+		}
 		if err != nil {
 			log.Error("cannot serve HTTP", zap.Error(err))
 			return 1
 		}
+		u.serve(&drained{name: "http", guard: srv.Guard(), srv: srv.HTTP(), bound: httpDrain}, nil)
 		log.Info("HTTP listening", zap.String("addr", srv.Addr()))
 		g.Go(func() error { return srv.Run(gctx) })
 	}
@@ -309,3 +388,33 @@ func newLogger(c config.Log, w io.Writer) (*zap.Logger, error) {
 func indent(err error) string {
 	return "  " + strings.ReplaceAll(err.Error(), "\n", "\n  ")
 }
+
+// runStopLeftovers is --stop-leftovers. Under systemd it runs as
+// ExecStopPost after every end of the daemon: after `systemctl stop` it
+// stops what a daemon that hung left (SERVICE_RESULT success or timeout);
+// after a crash (signal, core-dump, watchdog, exit-code) it does nothing,
+// so the daemon systemd restarts adopts the models (SPEC §9).
+func runStopLeftovers(path string, environ []string, stderr io.Writer) int {
+	switch result := config.Getenv(environ, "SERVICE_RESULT", ""); result {
+	case "", "success", "timeout":
+	default:
+		fmt.Fprintf(stderr, "citadel-supervisor: the daemon ended with %s: its models are left for the next one to adopt\n", result)
+		return 0
+	}
+	cfg, err := config.Load(path, environ)
+	if err != nil {
+		fmt.Fprintf(stderr, "citadel-supervisor: %s is invalid:\n%s\n", path, indent(err))
+		return 1
+	}
+	log, err := newLogger(cfg.Log, stderr)
+	if err != nil {
+		fmt.Fprintf(stderr, "citadel-supervisor: %v\n", err)
+		return 1
+	}
+	if err := supervisor.StopLeftovers(cfg, log); err != nil {
+		log.Error("stop leftovers", zap.Error(err))
+		return 1
+	}
+	return 0
+}
+

@@ -67,6 +67,7 @@ var commands = map[string]command{
 	"sleep":   {"sleep MODEL...|all", "Put on-demand models to sleep now (vLLM sleep mode, or a stop with sleep_level 0); their requests are drained first.", opCmd(api.OpSleep)},
 	"wake":    {"wake MODEL...|all", "Wake (or start) on-demand models now, as a request would.", opCmd(api.OpWake)},
 	"reload":  {"reload", "Load the configuration file again (as systemctl reload does). An invalid file changes nothing.", (*cli).reload},
+	"upgrade": {"upgrade [--timeout D]", "Re-execute the daemon's binary from its path on disk in place (after a package upgrade): same PID, every model kept running, listeners kept; waits until the new image answers. A binary that cannot take over is refused and the daemon keeps running.", (*cli).upgrade},
 	"logs":    {"logs MODEL [-n N] [-f]", "The model's recent output, newest last; -f follows new lines until interrupted.", (*cli).logs},
 	"health":  {"health", "A readiness summary; exit 0 only when every enabled model is serving: ready, or on demand and asleep or startable. Models held stopped are listed, not counted.", (*cli).health},
 	"gpus":    {"gpus", "Each GPU: index, UUID, name, memory total/used/free, models placed on it.", (*cli).gpus},

@@ -50,17 +50,26 @@ type Options struct {
 	Reload func(context.Context) ([]config.Change, error)
 	// Daemon describes the daemon (PathDaemon); nil answers an empty one.
 	Daemon func() api.Daemon
+	// Upgrade prepares an upgrade in place (PathUpgrade): on success the
+	// answer is written, and commit runs once the handler has returned
+	// (it executes the new image).
+	Upgrade func(ctx context.Context) (api.UpgradeResponse, func(), error)
+	// Listener, when set, is the socket to serve: inherited from the
+	// previous image at an upgrade, so it is neither created nor
+	// re-permissioned.
+	Listener *net.UnixListener
 	// MaxConns caps concurrent connections; 0 means 64.
 	MaxConns int
 }
 
 // Server serves the control API on a Unix socket.
 type Server struct {
-	o   Options
-	ln  net.Listener
-	gid uint32 // the group allowed to change state
-	uid uint32 // the daemon's user
-	srv *http.Server
+	o    Options
+	ln   *netguard.Listener
+	unix *net.UnixListener
+	gid  uint32 // the group allowed to change state
+	uid  uint32 // the daemon's user
+	srv  *http.Server
 }
 
 // maxBody bounds a request body; the largest legitimate one names every model.
@@ -79,26 +88,15 @@ func Listen(o Options) (*Server, error) {
 		gid, _ := strconv.ParseUint(g.Gid, 10, 32)
 		s.gid = uint32(gid)
 	}
-	if err := removeStale(o.Path); err != nil {
-		return nil, err
+	ln := o.Listener
+	if ln == nil {
+		var err error
+		if ln, err = create(o.Path, s.gid); err != nil {
+			return nil, err
+		}
 	}
-	// Create it unreachable, then open it up: no window in which a
-	// client could connect with a umask-derived mode.
-	old := umask(0o177)
-	ln, err := net.Listen("unix", o.Path)
-	umask(old)
-	if err != nil {
-		return nil, fmt.Errorf("control socket: %w", err)
-	}
-	ln.(*net.UnixListener).SetUnlinkOnClose(true)
-	if err := os.Chown(o.Path, -1, int(s.gid)); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("control socket: %w", err)
-	}
-	if err := os.Chmod(o.Path, 0o660); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("control socket: %w", err)
-	}
+	s.unix = ln
+	ln.SetUnlinkOnClose(true)
 	// Capped, so clients cannot take the descriptors the daemon needs. No
 	// WriteTimeout nor ReadTimeout: either would cut `citadelctl logs -f`
 	// (an expired read deadline cancels the request); a request's own
@@ -114,6 +112,43 @@ func Listen(o Options) (*Server, error) {
 	}
 	return s, nil
 }
+
+// create makes the socket with mode 0660 and group gid.
+func create(path string, gid uint32) (*net.UnixListener, error) {
+	if err := removeStale(path); err != nil {
+		return nil, err
+	}
+	// Create it unreachable, then open it up: no window in which a
+	// client could connect with a umask-derived mode.
+	old := umask(0o177)
+	ln, err := net.Listen("unix", path)
+	umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	ul := ln.(*net.UnixListener)
+	ul.SetUnlinkOnClose(true)
+	if err := os.Chown(path, -1, int(gid)); err != nil {
+		ul.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		ul.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	return ul, nil
+}
+
+// Guard is the capped listener: an upgrade pauses it and hands its socket
+// to the next image.
+func (s *Server) Guard() *netguard.Listener { return s.ln }
+
+// HTTP is the server, whose keep-alives an upgrade turns off.
+func (s *Server) HTTP() *http.Server { return s.srv }
+
+// KeepSocket leaves the socket file in place when the server stops: the
+// next image serves it.
+func (s *Server) KeepSocket() { s.unix.SetUnlinkOnClose(false) }
 
 func removeStale(path string) error {
 	fi, err := os.Lstat(path)
@@ -163,6 +198,7 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("GET "+api.PathStatus, s.status)
 	mux.HandleFunc("POST "+api.PathOp+"{op}", s.mutating(s.op))
 	mux.HandleFunc("POST "+api.PathReload, s.mutating(s.reload))
+	mux.HandleFunc("POST "+api.PathUpgrade, s.mutating(s.upgrade))
 	mux.HandleFunc("GET "+api.PathLogs, s.logs)
 	mux.HandleFunc("GET "+api.PathHealth, s.health)
 	mux.HandleFunc("GET "+api.PathGPUs, s.gpus)
@@ -265,6 +301,21 @@ func (s *Server) reload(w http.ResponseWriter, r *http.Request) {
 		out.Changes = append(out.Changes, api.ReloadChange{Model: c.Name, Change: c.Kind.String(), Fields: c.Fields})
 	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+// upgrade prepares the upgrade, answers, and then lets it exec.
+func (s *Server) upgrade(w http.ResponseWriter, r *http.Request) {
+	if s.o.Upgrade == nil {
+		writeError(w, http.StatusNotImplemented, "upgrade in place is not available")
+		return
+	}
+	res, commit, err := s.o.Upgrade(r.Context())
+	if err != nil {
+		writeError(w, http.StatusConflict, err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
+	defer func() { go commit() }()
 }
 
 func (s *Server) logs(w http.ResponseWriter, r *http.Request) {

@@ -17,6 +17,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+
+	"citadel-supervisor/supervisor/netguard"
 )
 
 // Models is what the gateway needs of the supervisor.
@@ -71,6 +73,9 @@ type Options struct {
 	// Now and Timer are the clock; nil means the real one.
 	Now   func() time.Time
 	Timer Timer
+	// Listener, when set, is served instead of binding the address:
+	// inherited from the previous image at an upgrade.
+	Listener net.Listener
 }
 
 // Server timeouts. No write or read timeout: a generation streams for
@@ -93,7 +98,7 @@ type Gateway struct {
 	table    atomic.Pointer[table]
 	ups      map[string]*upstream // by model name; owned by the watch loop
 
-	ln      net.Listener
+	ln      *netguard.Listener
 	srv     *http.Server
 	serving atomic.Bool
 }
@@ -122,11 +127,17 @@ func Listen(addr string, o Options) (*Gateway, error) {
 			}
 		}
 	}
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("gateway: listen %s: %w", addr, err)
+	ln := o.Listener
+	if ln == nil {
+		var err error
+		if ln, err = net.Listen("tcp", addr); err != nil {
+			return nil, fmt.Errorf("gateway: listen %s: %w", addr, err)
+		}
 	}
-	g.ln = ln
+	// Not capped (clients are the gateway's business), but guarded: out of
+	// descriptors it refuses a client rather than spinning, and an upgrade
+	// pauses it.
+	g.ln = netguard.Limit(ln, 1<<16, o.Logger)
 	g.srv = &http.Server{
 		Handler:           g,
 		ReadHeaderTimeout: readHeaderTimeout,
@@ -138,6 +149,13 @@ func Listen(addr string, o Options) (*Gateway, error) {
 
 // Addr is the bound address (useful with port 0).
 func (g *Gateway) Addr() string { return g.ln.Addr().String() }
+
+// Guard is the listener: an upgrade pauses it and hands its socket to the
+// next image.
+func (g *Gateway) Guard() *netguard.Listener { return g.ln }
+
+// HTTP is the server, whose keep-alives an upgrade turns off.
+func (g *Gateway) HTTP() *http.Server { return g.srv }
 
 // Apply replaces the limits and keys (on reload). Requests already waiting
 // keep the limits they started with.

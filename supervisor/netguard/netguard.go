@@ -7,9 +7,13 @@
 package netguard
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"net"
+	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -48,13 +52,89 @@ type Listener struct {
 	logged  time.Time
 	done    chan struct{}
 	once    sync.Once
+	gate    chan struct{} // closed while accepting; open (nil-closed) again after Resume
+	open    atomic.Int64  // connections accepted and not closed
 }
 
 // Limit wraps ln.
 func Limit(ln net.Listener, n int, log *zap.Logger) *Listener {
-	l := &Listener{Listener: ln, sem: make(chan struct{}, n), log: log, reserve: -1, done: make(chan struct{})}
+	l := &Listener{Listener: ln, sem: make(chan struct{}, n), log: log, reserve: -1, done: make(chan struct{}), gate: make(chan struct{})}
+	close(l.gate)
 	l.takeReserve()
 	return l
+}
+
+// Pause stops accepting: new connections wait in the kernel's backlog, for
+// whoever accepts next (this process after Resume, or the next image of it
+// after an upgrade, which inherits the socket). An Accept blocked in the
+// kernel is woken by a deadline in the past.
+func (l *Listener) Pause() {
+	l.mu.Lock()
+	select {
+	case <-l.gate:
+		l.gate = make(chan struct{})
+	default:
+	}
+	l.mu.Unlock()
+	if dl, ok := l.Listener.(interface{ SetDeadline(time.Time) error }); ok {
+		_ = dl.SetDeadline(time.Unix(1, 0))
+	}
+}
+
+// Resume accepts again.
+func (l *Listener) Resume() {
+	if dl, ok := l.Listener.(interface{ SetDeadline(time.Time) error }); ok {
+		_ = dl.SetDeadline(time.Time{})
+	}
+	l.mu.Lock()
+	select {
+	case <-l.gate:
+	default:
+		close(l.gate)
+	}
+	l.mu.Unlock()
+}
+
+func (l *Listener) accepting() <-chan struct{} {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.gate
+}
+
+// Open is the number of connections open now.
+func (l *Listener) Open() int { return int(l.open.Load()) }
+
+// Quiet waits until at most n connections are open, or ctx ends.
+func (l *Listener) Quiet(ctx context.Context, n int) error {
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for l.Open() > n {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%d connections still open: %w", l.Open(), ctx.Err())
+		case <-tick.C: // connections close on the clients' schedule: polled
+		}
+	}
+	return nil
+}
+
+// Dup returns a duplicate of the listening socket without close-on-exec,
+// for the next image of this process; the caller closes it.
+func (l *Listener) Dup() (int, error) {
+	sc, ok := l.Listener.(syscall.Conn)
+	if !ok {
+		return -1, fmt.Errorf("listener %T has no descriptor", l.Listener)
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	var derr error
+	if err := rc.Control(func(s uintptr) { fd, derr = unix.Dup(int(s)) }); err != nil {
+		return -1, err
+	}
+	return fd, derr
 }
 
 func (l *Listener) takeReserve() {
@@ -75,9 +155,19 @@ func (l *Listener) Accept() (net.Conn, error) {
 		return nil, net.ErrClosed
 	}
 	for {
+		select {
+		case <-l.accepting():
+		case <-l.done:
+			<-l.sem
+			return nil, net.ErrClosed
+		}
 		c, err := l.Listener.Accept()
 		if err == nil {
-			return &conn{Conn: c, release: func() { <-l.sem }}, nil
+			l.open.Add(1)
+			return &conn{Conn: c, release: func() { l.open.Add(-1); <-l.sem }}, nil
+		}
+		if os.IsTimeout(err) {
+			continue // woken by Pause (or the shed's own deadline)
 		}
 		if !errors.Is(err, syscall.EMFILE) && !errors.Is(err, syscall.ENFILE) {
 			<-l.sem

@@ -353,6 +353,11 @@ func FindCgroups(id string) (*Cgroups, bool) {
 	if err != nil {
 		return nil, false
 	}
+	// From the daemon's own leaf, or from systemd's control processes
+	// (ExecStopPost) in a delegated unit: the subtree is the unit's.
+	if b := filepath.Base(own); b == "supervisor" || b == ".control" {
+		own = filepath.Dir(own)
+	}
 	root := filepath.Join(mount, own, "citadel-"+id)
 	if _, err := os.Stat(root); err != nil {
 		return nil, false

@@ -1,8 +1,15 @@
 package proc
 
 import (
+	"errors"
 	"os"
+	"os/exec"
+	"strconv"
+	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestParseStat(t *testing.T) {
@@ -20,5 +27,44 @@ func TestParseStat(t *testing.T) {
 	}
 	if _, err := ReadStat(os.Getpid()); err != nil {
 		t.Errorf("ReadStat(self): %v", err)
+	}
+}
+
+// TestExited: a process that is not our child (the shell's background
+// job, orphaned to the test's reaper or init) is seen to exit through its
+// pidfd, and a gone one is ErrGone.
+func TestExited(t *testing.T) {
+	cmd := exec.Command("sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!")
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(out)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := ReadStat(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done, err := Exited(pid, st.Start)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-done:
+		t.Fatal("Exited closed while the process runs")
+	default:
+	}
+	if err := Signal(pid, st.Start, unix.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Exited not closed 10s after the process was killed")
+	}
+	if _, err := Exited(pid, st.Start); !errors.Is(err, ErrGone) {
+		t.Errorf("Exited of a gone process: %v, want ErrGone", err)
 	}
 }

@@ -42,7 +42,7 @@ const aliveWithin = 5 * time.Second
 
 // Server serves the endpoints.
 type Server struct {
-	ln  net.Listener
+	ln  *netguard.Listener
 	srv *http.Server
 }
 
@@ -59,6 +59,12 @@ func Listen(addr string, sup Supervisor, reg prometheus.Gatherer, log *zap.Logge
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", addr, err)
 	}
+	return Serve(ln, sup, reg, log, checks...), nil
+}
+
+// Serve is Listen on a listener the caller bound (or inherited from the
+// previous image at an upgrade).
+func Serve(ln net.Listener, sup Supervisor, reg prometheus.Gatherer, log *zap.Logger, checks ...Check) *Server {
 	// Anyone on the host can connect here: connections are capped and
 	// every phase has a deadline, so idle or slow clients cannot hold the
 	// descriptors the daemon probes its models with.
@@ -70,11 +76,18 @@ func Listen(addr string, sup Supervisor, reg prometheus.Gatherer, log *zap.Logge
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       30 * time.Second,
 		ErrorLog:          zap.NewStdLog(log),
-	}}, nil
+	}}
 }
 
 // Addr is the bound address (useful with port 0).
 func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// Guard is the listener: an upgrade pauses it and hands its socket to the
+// next image.
+func (s *Server) Guard() *netguard.Listener { return s.ln }
+
+// HTTP is the server, whose keep-alives an upgrade turns off.
+func (s *Server) HTTP() *http.Server { return s.srv }
 
 // Run serves until ctx ends.
 func (s *Server) Run(ctx context.Context) error {

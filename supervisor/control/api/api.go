@@ -8,6 +8,8 @@
 // contract: `citadelctl -o json` prints these types as they are.
 package api
 
+import "time"
+
 // The API's paths.
 const (
 	PathStatus = "/v1/status" // GET ?model=a&model=b
@@ -17,6 +19,9 @@ const (
 	PathHealth = "/v1/health" // GET; 200 when every enabled model is ready, else 503
 	PathGPUs   = "/v1/gpus"   // GET
 	PathDaemon = "/v1/daemon" // GET: Daemon
+	// PathUpgrade re-executes the daemon's binary in place (SPEC §9): POST,
+	// answered with UpgradeResponse just before the exec.
+	PathUpgrade = "/v1/upgrade"
 )
 
 // Op is an operator's operation on models, the last element of PathOp.
@@ -91,4 +96,26 @@ type Daemon struct {
 	Ownership string `json:"ownership"`
 	// Cgroup is the directory holding the models' leaves in cgroup mode.
 	Cgroup string `json:"cgroup,omitempty"`
+	// Version is the running image's version; PID the daemon's process,
+	// which an upgrade keeps.
+	Version string `json:"version,omitempty"`
+	PID     int    `json:"pid,omitempty"`
+	// ImageStarted is when the running image began: an upgrade changes it,
+	// not the PID.
+	ImageStarted time.Time `json:"image_started,omitzero"`
+	// Upgrades counts the upgrades in place since the process started.
+	Upgrades int `json:"upgrades"`
+	// LastUpgradeError says why the last upgrade failed (the daemon kept
+	// running the image it had); empty when it did not.
+	LastUpgradeError string `json:"last_upgrade_error,omitempty"`
+}
+
+// UpgradeResponse is the daemon's answer to PathUpgrade: it is about to
+// execute Binary, whose version is To.
+type UpgradeResponse struct {
+	Binary  string `json:"binary"`
+	From    string `json:"from"`
+	To      string `json:"to"`
+	Models  int    `json:"models"`  // models handed over
+	Running int    `json:"running"` // of them, with a process kept
 }

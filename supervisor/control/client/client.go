@@ -120,6 +120,14 @@ func (c *Client) Reload(ctx context.Context) (api.ReloadResponse, error) {
 	return out, err
 }
 
+// Upgrade asks the daemon to re-execute its binary in place. It answers
+// just before the exec; Daemon tells when the new image serves.
+func (c *Client) Upgrade(ctx context.Context) (api.UpgradeResponse, error) {
+	var out api.UpgradeResponse
+	err := c.do(ctx, http.MethodPost, api.PathUpgrade, nil, nil, &out)
+	return out, err
+}
+
 // Health returns the readiness summary.
 func (c *Client) Health(ctx context.Context) (api.Health, error) {
 	var out api.Health

@@ -1,0 +1,461 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"maps"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"citadel-supervisor/supervisor/control/api"
+	"citadel-supervisor/supervisor/control/client"
+	"citadel-supervisor/supervisor/supervisortest"
+)
+
+// Live restore (SPEC §9): an upgrade in place and a daemon's death cost no
+// model restart.
+
+// fakeSystemd is the part of systemd a daemon's crash involves: the notify
+// socket with its file descriptor store (FDSTORE=1, FDSTOREREMOVE=1), and
+// the hand-back of the stored descriptors to the next daemon (LISTEN_FDS,
+// LISTEN_FDNAMES, LISTEN_PID), as systemd does for a service it restarts.
+type fakeSystemd struct {
+	t    *testing.T
+	sock string
+	mu   sync.Mutex
+	fds  map[string]*os.File
+	msgs []string
+}
+
+func newFakeSystemd(t *testing.T) *fakeSystemd {
+	f := &fakeSystemd{t: t, sock: filepath.Join(t.TempDir(), "notify.sock"), fds: map[string]*os.File{}}
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: f.sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		conn.Close()
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		for _, fd := range f.fds {
+			fd.Close()
+		}
+	})
+	go func() {
+		buf, oob := make([]byte, 4096), make([]byte, 4096)
+		for {
+			n, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
+			if err != nil {
+				return
+			}
+			var files []*os.File
+			if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+				for _, m := range msgs {
+					fds, _ := unix.ParseUnixRights(&m)
+					for _, fd := range fds {
+						files = append(files, os.NewFile(uintptr(fd), "stored"))
+					}
+				}
+			}
+			f.receive(string(buf[:n]), files)
+		}
+	}()
+	return f
+}
+
+func (f *fakeSystemd) receive(text string, files []*os.File) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.msgs = append(f.msgs, text)
+	kv := map[string]string{}
+	for _, line := range strings.Split(text, "\n") {
+		if k, v, ok := strings.Cut(line, "="); ok {
+			kv[k] = v
+		}
+	}
+	name := kv["FDNAME"]
+	switch {
+	case kv["FDSTORE"] == "1" && len(files) == 1 && name != "":
+		if old := f.fds[name]; old != nil {
+			old.Close()
+		}
+		f.fds[name] = files[0]
+		return
+	case kv["FDSTOREREMOVE"] == "1":
+		if old := f.fds[name]; old != nil {
+			old.Close()
+			delete(f.fds, name)
+		}
+	}
+	for _, fd := range files {
+		fd.Close()
+	}
+}
+
+func (f *fakeSystemd) stored() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Sorted(maps.Keys(f.fds))
+}
+
+func (f *fakeSystemd) sent(prefix string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, m := range f.msgs {
+		if strings.HasPrefix(m, prefix) {
+			n++
+		}
+	}
+	return n
+}
+
+// start starts the daemon as systemd would: NOTIFY_SOCKET, and the stored
+// descriptors handed back from descriptor 3 on, named, with LISTEN_PID set
+// to the daemon's PID (by a shell that then execs it).
+func (f *fakeSystemd) start(s *site, exe string) *daemon {
+	f.mu.Lock()
+	names := slices.Sorted(maps.Keys(f.fds))
+	files := make([]*os.File, len(names))
+	for i, n := range names {
+		files[i] = f.fds[n]
+	}
+	f.mu.Unlock()
+	return s.startCmd(func(cmd *exec.Cmd) {
+		cmd.Args = append([]string{"sh", "-c", `LISTEN_PID=$$ exec "$@"`, "sh", exe}, cmd.Args[1:]...)
+		cmd.Path = "/bin/sh"
+		cmd.ExtraFiles = files
+		cmd.Env = append(cmd.Env, "NOTIFY_SOCKET="+f.sock)
+		if len(files) > 0 {
+			cmd.Env = append(cmd.Env, fmt.Sprintf("LISTEN_FDS=%d", len(files)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
+		}
+	})
+}
+
+// statusOf maps each model to its status, as the daemon says.
+func statusOf(t *testing.T, socket string) map[string]api.Status {
+	t.Helper()
+	c := client.New(socket)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := c.Status(ctx)
+	if err != nil {
+		return nil
+	}
+	out := map[string]api.Status{}
+	for _, m := range st {
+		out[m.Name] = m
+	}
+	return out
+}
+
+// TestSIGKILLThenRestartAdopts: after a daemon's SIGKILL, the next daemon
+// adopts the models still running as configured (same PIDs, ready again
+// within a probe period, never a second copy), with their output reaching
+// it through the pipes systemd kept; a model whose configuration changed
+// meanwhile is restarted, deliberately; a stop then leaves nothing.
+func TestSIGKILLThenRestartAdopts(t *testing.T) {
+	sd := newFakeSystemd(t)
+	s := newSite(t,
+		testModel{Name: "a", Fake: append([]string{"--fake-log-every", "50ms"}, stubborn...)},
+		testModel{Name: "b", Fake: []string{"--fake-detached-workers", "1"}},
+		testModel{Name: "c", YAML: `env: {V: "1"}`},
+	)
+	first := sd.start(s, os.Args[0])
+	waitFor(t, 30*time.Second, "models healthy", s.healthy)
+	waitFor(t, 10*time.Second, "all workers recorded", func() bool {
+		return len(live(s.procs("a"), "")) == 3 && len(live(s.procs("b"), "")) == 2
+	})
+	waitFor(t, 10*time.Second, "every model's pipes in the descriptor store", func() bool { return len(sd.stored()) == 6 })
+	before := statusOf(t, s.Socket)
+	old := s.allProcs("a", "b", "c")
+
+	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
+	first.wait(t)
+	if err := os.WriteFile(s.Path, []byte(strings.Replace(s.YAML, `env: {V: "1"}`, `env: {V: "2"}`, 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	killedAt := time.Now()
+	second := sd.start(s, os.Args[0])
+	waitFor(t, 30*time.Second, "a and b adopted (same pid, ready), c restarted on a new pid", func() bool {
+		now := statusOf(t, s.Socket)
+		for _, m := range []string{"a", "b"} {
+			if now[m].State != api.Ready || now[m].PID != before[m].PID {
+				return false
+			}
+		}
+		return now["c"].State == api.Ready && now["c"].PID != before["c"].PID
+	})
+	t.Logf("ready again %s after the restart began", time.Since(killedAt).Round(time.Millisecond))
+	for _, m := range []string{"a", "b"} {
+		if n := len(live(s.procs(m), "server")); n != 1 {
+			t.Errorf("%s: %d servers", m, n)
+		}
+	}
+	if n := len(live(s.procs("a"), "worker")); n != 2 {
+		t.Errorf("a: %d live workers, want its 2 (adopted with it)", n)
+	}
+	for pid, role := range old {
+		if role == "server" && !supervisortest.Running(pid) && pid != before["c"].PID {
+			t.Errorf("server %d of a or b died", pid)
+		}
+	}
+	if got := statusOf(t, s.Socket)["c"].RestartsByReason["reload"]; got != 1 {
+		t.Errorf("c: restarts{reload} = %d, want 1 (its configuration changed while the daemon was away)", got)
+	}
+	// a writes a line every 50 ms into the pipe systemd kept: the new
+	// daemon reads it.
+	c := client.New(s.Socket)
+	defer c.Close()
+	waitFor(t, 10*time.Second, "a's output after the restart", func() bool {
+		lines, err := c.Status(context.Background())
+		if err != nil || len(lines) == 0 {
+			return false
+		}
+		var got []string
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = c.Logs(ctx, "a", 5, false, func(l string) { got = append(got, l) })
+		return len(got) > 0
+	})
+	if !strings.Contains(second.logText(), "adopting a model left running by a previous supervisor") {
+		t.Errorf("the second daemon does not say it adopted:\n%s", second.logText())
+	}
+	if sd.sent("FDSTOREREMOVE=1") < 2 {
+		t.Errorf("c's old pipes were not removed from the store")
+	}
+
+	second.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // checked by wait
+	if code := second.wait(t); code != 0 {
+		t.Errorf("second daemon exit code %d", code)
+	}
+	for _, m := range []string{"a", "b", "c"} {
+		if l := live(s.procs(m), ""); len(l) != 0 {
+			t.Errorf("%s: alive after stop: %v", m, l)
+		}
+	}
+	if st := sd.stored(); len(st) != 0 {
+		t.Errorf("descriptors left in the store after a stop: %v", st)
+	}
+}
+
+// TestUpgradeInPlace: `citadelctl upgrade` with a rebuilt binary keeps the
+// daemon's PID and every model's (awake, asleep, held stopped), restarts
+// nothing, lets a stream through the gateway finish, answers status
+// throughout, and the new image serves the gateway and captures output.
+func TestUpgradeInPlace(t *testing.T) {
+	gwPort, httpPort := supervisortest.FreePort(t), supervisortest.FreePort(t)
+	top := fmt.Sprintf("listen: 127.0.0.1:%d\nlog: {level: debug}\ngpu: {backend: none}\ngateway: {listen: 127.0.0.1:%d, max_wait: 1m}\n", httpPort, gwPort)
+	od := "activation: on_demand\nsleep_level: 1\nidle_after: 1h\nmin_awake: 0s"
+	s := &site{Site: supervisortest.NewSite(t, top,
+		testModel{Name: "a", Fake: []string{"--fake-log-every", "50ms", "--fake-token-delay", "50ms"}},
+		testModel{Name: "b", YAML: od},
+		testModel{Name: "held"},
+	), t: t}
+	// The daemon runs from a copy, which the test replaces as a package
+	// upgrade does (a new file renamed over the old), with a new version.
+	exe := filepath.Join(t.TempDir(), "citadel-supervisor")
+	install := func(v string) {
+		t.Helper()
+		b, err := os.ReadFile(os.Args[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(exe+".new", b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(exe+".new", exe); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(exe+".version", []byte(v), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	install("v1")
+	d := s.startCmd(func(cmd *exec.Cmd) { cmd.Path, cmd.Args[0] = exe, exe })
+	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
+	supervisortest.WaitGateway(t, gw)
+	c := client.New(s.Socket)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if code, body := chat(t, gw, "b"); code != 200 {
+		t.Fatalf("b: %d %s", code, body)
+	}
+	for op, m := range map[api.Op]string{api.OpSleep: "b", api.OpStop: "held"} {
+		if _, err := c.Op(ctx, op, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 30*time.Second, "a ready, b asleep, held stopped", func() bool {
+		st := statusOf(t, s.Socket)
+		return st["a"].State == api.Ready && st["b"].State == api.Sleeping && st["held"].State == api.Stopped
+	})
+	before := statusOf(t, s.Socket)
+	dv, err := c.Daemon(ctx)
+	if err != nil || dv.Version != "v1" || dv.PID != d.cmd.Process.Pid {
+		t.Fatalf("daemon before: %+v, %v", dv, err)
+	}
+
+	// citadelctl status answers throughout.
+	var polls, failures atomic.Int64
+	stopPoll := make(chan struct{})
+	polled := make(chan struct{})
+	go func() {
+		defer close(polled)
+		pc := client.New(s.Socket)
+		defer pc.Close()
+		for {
+			select {
+			case <-stopPoll:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			pctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			if _, err := pc.Status(pctx); err != nil {
+				failures.Add(1)
+				t.Logf("status during the upgrade: %v", err)
+			}
+			cancel()
+			polls.Add(1)
+		}
+	}()
+	// A 40-token stream through the gateway (2 s), in flight at the upgrade.
+	resp, err := http.Post(gw+"/v1/completions", "application/json",
+		strings.NewReader(`{"model":"a","prompt":"hi","max_tokens":40,"stream":true}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream := make(chan string, 1)
+	go func() {
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		stream <- string(b)
+	}()
+
+	install("v2")
+	res, err := c.Upgrade(ctx)
+	if err != nil {
+		t.Fatalf("upgrade: %v", err)
+	}
+	if res.From != "v1" || res.To != "v2" || res.Models != 3 || res.Running != 2 {
+		t.Errorf("upgrade answer %+v", res)
+	}
+	streamed := <-stream
+	if strings.Count(streamed, "data: ") != 41 || !strings.HasSuffix(strings.TrimSpace(streamed), "data: [DONE]") {
+		t.Errorf("the stream through the gateway was cut by the upgrade: %d events\n%s", strings.Count(streamed, "data: "), streamed)
+	}
+	waitFor(t, 30*time.Second, "the new image answering", func() bool {
+		dv, err := c.Daemon(ctx)
+		return err == nil && dv.Version == "v2" && dv.Upgrades == 1
+	})
+	close(stopPoll)
+	<-polled
+	if dv, _ := c.Daemon(ctx); dv.PID != d.cmd.Process.Pid {
+		t.Errorf("pid %d after the upgrade, %d before", dv.PID, d.cmd.Process.Pid)
+	}
+	if failures.Load() != 0 || polls.Load() == 0 {
+		t.Errorf("status failed %d of %d times during the upgrade", failures.Load(), polls.Load())
+	}
+	after := statusOf(t, s.Socket)
+	for _, m := range []string{"a", "b", "held"} {
+		b, a := before[m], after[m]
+		if a.PID != b.PID || a.State != b.State || a.Restarts != b.Restarts || a.Reason != b.Reason {
+			t.Errorf("%s: before %s pid %d restarts %d %q; after %s pid %d restarts %d %q",
+				m, b.State, b.PID, b.Restarts, b.Reason, a.State, a.PID, a.Restarts, a.Reason)
+		}
+	}
+	if d.cmd.ProcessState != nil {
+		t.Fatalf("the daemon exited: %v", d.cmd.ProcessState)
+	}
+	// The new image serves: a request wakes b on its process.
+	if code, body := chat(t, gw, "b"); code != 200 {
+		t.Fatalf("b after the upgrade: %d %s", code, body)
+	}
+	if st := statusOf(t, s.Socket)["b"]; st.State != api.Ready || st.PID != before["b"].PID {
+		t.Errorf("b after its wake: %s pid %d, want ready pid %d", st.State, st.PID, before["b"].PID)
+	}
+	// a's output reaches the new image through the pipe it inherited.
+	var lines []string
+	_ = c.Logs(ctx, "a", 1000, false, func(l string) { lines = append(lines, l) })
+	n := len(lines)
+	waitFor(t, 10*time.Second, "a's output captured by the new image", func() bool {
+		var now []string
+		_ = c.Logs(ctx, "a", 1000, false, func(l string) { now = append(now, l) })
+		return len(now) > n || (len(now) == n && len(now) > 0 && now[len(now)-1] != lines[len(lines)-1])
+	})
+	if !strings.Contains(d.logText(), `"upgraded in place"`) {
+		t.Errorf("the new image does not say it was upgraded:\n%s", d.logText())
+	}
+	d.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // checked by wait
+	if code := d.wait(t); code != 0 {
+		t.Errorf("exit code %d after SIGTERM", code)
+	}
+	for _, m := range []string{"a", "b", "held"} {
+		if l := live(s.procs(m), ""); len(l) != 0 {
+			t.Errorf("%s: alive after stop: %v", m, l)
+		}
+	}
+}
+
+// TestUpgradeRefusesABadBinary: a binary that cannot take over is never
+// executed; the daemon keeps running, serving, its models untouched, and
+// says why.
+func TestUpgradeRefusesABadBinary(t *testing.T) {
+	s := newSite(t, testModel{Name: "a"})
+	exe := filepath.Join(t.TempDir(), "citadel-supervisor")
+	b, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(exe, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	d := s.startCmd(func(cmd *exec.Cmd) { cmd.Path, cmd.Args[0] = exe, exe })
+	waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
+	before := statusOf(t, s.Socket)["a"]
+	c := client.New(s.Socket)
+	defer c.Close()
+	for name, content := range map[string]string{
+		"a truncated binary": "\x7fELF",
+		"an older daemon":    "#!/bin/sh\necho 'flag provided but not defined: -handover-version' >&2\nexit 2\n",
+		"another handover":   "#!/bin/sh\necho '99 v9'\n",
+	} {
+		if err := os.WriteFile(exe+".new", []byte(content), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(exe+".new", exe); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		_, err := c.Upgrade(ctx)
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), "upgrade refused") || !strings.Contains(err.Error(), "keeps running") {
+			t.Errorf("%s: upgrade answered %v", name, err)
+		}
+		dv, derr := c.Daemon(context.Background())
+		if derr != nil || !strings.Contains(dv.LastUpgradeError, "upgrade refused") || dv.Upgrades != 0 {
+			t.Errorf("%s: daemon says %+v, %v", name, dv, derr)
+		}
+		if st := statusOf(t, s.Socket)["a"]; st.PID != before.PID || st.State != api.Ready {
+			t.Errorf("%s: a is %s pid %d, was ready pid %d", name, st.State, st.PID, before.PID)
+		}
+	}
+	if d.cmd.ProcessState != nil {
+		t.Fatalf("the daemon exited: %v", d.cmd.ProcessState)
+	}
+}

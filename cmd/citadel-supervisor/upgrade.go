@@ -1,0 +1,391 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"citadel-supervisor/supervisor"
+	"citadel-supervisor/supervisor/control/api"
+	"citadel-supervisor/supervisor/netguard"
+	"citadel-supervisor/supervisor/systemd"
+)
+
+// Upgrade in place (SPEC §9): `citadelctl upgrade` or SIGUSR2 re-executes
+// the binary from its path on disk, with the same PID. The models stay
+// this process's children; the listeners, the control socket and the
+// models' output pipes stay open across the exec; the supervisor's state
+// is written to a memfd the new image reads (handoverEnv names it).
+//
+// Before the exec nothing is given up: the new binary is asked which
+// handover it takes and whether the configuration is valid, then the
+// listeners stop accepting (connections wait in the kernel's backlog for
+// the new image), requests in flight drain within their bounds, and every
+// model's runner is frozen between two events. Any failure up to the exec
+// resumes the old image as it was, and says why.
+
+// handoverEnv names the descriptor holding the previous image's state.
+const handoverEnv = "CITADEL_HANDOVER_FD"
+
+// Bounds of an upgrade's steps, documented in docs/operations.md.
+const (
+	preflightTimeout = 20 * time.Second
+	gatewayDrain     = 30 * time.Second // requests in flight (a stream) finish, or are cut
+	httpDrain        = 5 * time.Second  // a scrape in flight
+	controlDrain     = 2 * time.Second  // citadelctl requests in flight; `logs -f` is cut
+	freezeBound      = 10 * time.Second // models between states (a stop, a wake) settle
+)
+
+// handoverPayload is what one image writes for the next.
+type handoverPayload struct {
+	Version    int                 `json:"version"`
+	From       string              `json:"from"`     // the handing image's version
+	Upgrades   int                 `json:"upgrades"` // upgrades in place before this one
+	Listeners  map[string]int      `json:"listeners"`
+	Supervisor supervisor.Handover `json:"supervisor"`
+}
+
+// readHandover reads the previous image's state, when there is one, and
+// removes handoverEnv from the environment (the models must not see it).
+func readHandover(environ []string) (*handoverPayload, []string, error) {
+	v := ""
+	kept := environ[:0:0]
+	for _, kv := range environ {
+		if k, val, _ := strings.Cut(kv, "="); k == handoverEnv {
+			v = val
+			continue
+		}
+		kept = append(kept, kv)
+	}
+	os.Unsetenv(handoverEnv)
+	if v == "" {
+		return nil, kept, nil
+	}
+	fd, err := strconv.Atoi(v)
+	if err != nil || fd < 3 {
+		return nil, kept, fmt.Errorf("%s=%q: not a descriptor", handoverEnv, v)
+	}
+	f := os.NewFile(uintptr(fd), "handover")
+	defer f.Close()
+	var p handoverPayload
+	if err := json.NewDecoder(f).Decode(&p); err != nil {
+		return nil, kept, fmt.Errorf("read the handover: %w", err)
+	}
+	if p.Version != supervisor.HandoverVersion {
+		return nil, kept, fmt.Errorf("handover version %d; this binary takes %d", p.Version, supervisor.HandoverVersion)
+	}
+	return &p, kept, nil
+}
+
+// listener is the inherited listener name, or nil.
+func (p *handoverPayload) listener(name string) (net.Listener, error) {
+	if p == nil {
+		return nil, nil
+	}
+	fd, ok := p.Listeners[name]
+	if !ok {
+		return nil, nil
+	}
+	unix.CloseOnExec(fd)
+	f := os.NewFile(uintptr(fd), name)
+	defer f.Close()
+	ln, err := net.FileListener(f)
+	if err != nil {
+		return nil, fmt.Errorf("inherited %s listener: %w", name, err)
+	}
+	return ln, nil
+}
+
+// drained is a server an upgrade pauses: it stops accepting, turns
+// keep-alives off and waits for its connections to close.
+type drained struct {
+	name  string
+	guard *netguard.Listener
+	srv   *http.Server
+	bound time.Duration
+}
+
+// upgrader carries out upgrades in place, one at a time.
+type upgrader struct {
+	log                    *zap.Logger
+	notify                 *systemd.Notifier
+	exe                    string   // the binary's path on disk, as it was started
+	args                   []string // its arguments, kept
+	environ                []string // the environment it was started with
+	config                 string
+	sup                    *supervisor.Supervisor
+	gateway, http, control *drained
+	keep                   func() // keeps the control socket's file when it closes
+
+	started  time.Time
+	upgrades int
+
+	mu      sync.Mutex // held from prepare to a failed commit, or to the exec
+	errMu   sync.Mutex
+	lastErr string
+}
+
+// serve registers a server to drain at an upgrade.
+func (u *upgrader) serve(d *drained, keep func()) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	switch d.name {
+	case "gateway":
+		u.gateway = d
+	case "http":
+		u.http = d
+	case "control":
+		u.control, u.keep = d, keep
+	}
+}
+
+// servers lists the servers to drain, the control socket last.
+func (u *upgrader) servers() []drained {
+	var out []drained
+	for _, d := range []*drained{u.gateway, u.http, u.control} {
+		if d != nil {
+			out = append(out, *d)
+		}
+	}
+	return out
+}
+
+// daemon fills the upgrade fields of the daemon's description.
+func (u *upgrader) daemon(d *api.Daemon) {
+	d.Version, d.PID, d.ImageStarted, d.Upgrades = version, os.Getpid(), u.started, u.upgrades
+	u.errMu.Lock()
+	d.LastUpgradeError = u.lastErr
+	u.errMu.Unlock()
+}
+
+func (u *upgrader) failed(err error) error {
+	u.errMu.Lock()
+	u.lastErr = err.Error()
+	u.errMu.Unlock()
+	u.log.Error("upgrade in place failed; this image keeps running", zap.Error(err))
+	return err
+}
+
+// signal is SIGUSR2's upgrade.
+func (u *upgrader) signal(ctx context.Context) {
+	if _, commit, err := u.prepare(ctx, false); err == nil {
+		commit()
+	}
+}
+
+// prepare does everything short of the exec. viaControl: the request is a
+// control connection, which stays open until its answer is written.
+func (u *upgrader) prepare(ctx context.Context, viaControl bool) (api.UpgradeResponse, func(), error) {
+	var res api.UpgradeResponse
+	if !u.mu.TryLock() {
+		return res, nil, errors.New("an upgrade is already in progress")
+	}
+	unlock := true
+	defer func() {
+		if unlock {
+			u.mu.Unlock()
+		}
+	}()
+	u.log.Info("upgrade in place: checking the new binary", zap.String("binary", u.exe))
+	to, err := preflight(ctx, u.exe, u.config)
+	if err != nil {
+		return res, nil, u.failed(fmt.Errorf("upgrade refused: %w; the running daemon (version %s) keeps running", err, version))
+	}
+	if u.control == nil {
+		return res, nil, errors.New("not ready for an upgrade yet: the control socket is not up")
+	}
+	servers := u.servers()
+	for _, s := range servers {
+		s.guard.Pause()
+		s.srv.SetKeepAlivesEnabled(false)
+	}
+	resume := func() {
+		for _, s := range servers {
+			s.srv.SetKeepAlivesEnabled(true)
+			s.guard.Resume()
+		}
+	}
+	for _, s := range servers {
+		allow := 0
+		if viaControl && s.name == "control" {
+			allow = 1 // the upgrade's own request
+		}
+		dctx, cancel := context.WithTimeout(ctx, s.bound)
+		if err := s.guard.Quiet(dctx, allow); err != nil {
+			u.log.Warn("upgrade in place: connections still open after the drain bound are cut at the exec",
+				zap.String("listener", s.name), zap.Duration("bound", s.bound), zap.Error(err))
+		}
+		cancel()
+	}
+	fctx, cancel := context.WithTimeout(ctx, freezeBound)
+	h, files, thaw, err := u.sup.Freeze(fctx)
+	cancel()
+	if err != nil {
+		resume()
+		return res, nil, u.failed(fmt.Errorf("upgrade refused: %w; the running daemon (version %s) keeps running", err, version))
+	}
+	res = api.UpgradeResponse{Binary: u.exe, From: version, To: to, Models: len(h.Models)}
+	for _, m := range h.Models {
+		if m.Instance != nil {
+			res.Running++
+		}
+	}
+	unlock = false
+	commit := func() {
+		if viaControl {
+			// The answer is written and the connection closed (keep-alives
+			// are off) before the exec cuts it.
+			qctx, cancel := context.WithTimeout(context.Background(), controlDrain)
+			_ = u.control.guard.Quiet(qctx, 0)
+			cancel()
+		}
+		err := u.exec(servers, h, files)
+		u.failed(fmt.Errorf("exec %s: %w", u.exe, err))
+		thaw()
+		resume()
+		u.notify.Ready()
+		u.mu.Unlock()
+	}
+	return res, commit, nil
+}
+
+// exec hands everything over and replaces this image; it returns only on
+// failure.
+func (u *upgrader) exec(servers []drained, h *supervisor.Handover, files map[string]*os.File) error {
+	var opened []int
+	defer func() {
+		for _, fd := range opened {
+			unix.Close(fd)
+		}
+	}()
+	p := handoverPayload{Version: supervisor.HandoverVersion, From: version, Upgrades: u.upgrades, Listeners: map[string]int{}, Supervisor: *h}
+	for _, s := range servers {
+		fd, err := s.guard.Dup()
+		if err != nil {
+			return fmt.Errorf("%s listener: %w", s.name, err)
+		}
+		opened = append(opened, fd)
+		p.Listeners[s.name] = fd
+	}
+	for i := range p.Supervisor.Models {
+		is := p.Supervisor.Models[i].Instance
+		if is == nil {
+			continue
+		}
+		for stream, dst := range map[string]*int{"stdout": &is.StdoutFD, "stderr": &is.StderrFD} {
+			f := files[is.Model+"/"+stream]
+			if f == nil {
+				continue
+			}
+			fd, err := dupNoCloexec(f)
+			if err != nil {
+				return fmt.Errorf("%s %s: %w", is.Model, stream, err)
+			}
+			opened = append(opened, fd)
+			*dst = fd
+		}
+	}
+	b, err := json.Marshal(p)
+	if err != nil {
+		return err
+	}
+	mfd, err := unix.MemfdCreate("citadel-handover", 0)
+	if err != nil {
+		return fmt.Errorf("memfd: %w", err)
+	}
+	opened = append(opened, mfd)
+	for rest := b; len(rest) > 0; {
+		n, err := unix.Write(mfd, rest)
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			return fmt.Errorf("write the handover: %w", err)
+		}
+		rest = rest[max(n, 0):]
+	}
+	if _, err := unix.Seek(mfd, 0, io.SeekStart); err != nil {
+		return err
+	}
+	env := make([]string, 0, len(u.environ)+1)
+	for _, kv := range u.environ {
+		k, _, _ := strings.Cut(kv, "=")
+		if k == handoverEnv || strings.HasPrefix(k, "LISTEN_") {
+			continue
+		}
+		env = append(env, kv)
+	}
+	env = append(env, handoverEnv+"="+strconv.Itoa(mfd))
+	u.keep()
+	u.notify.Reloading()
+	u.log.Info("upgrade in place: executing the new image", zap.String("binary", u.exe),
+		zap.Int("models", len(h.Models)), zap.Int("descriptors", len(opened)))
+	_ = u.log.Sync()
+	return syscall.Exec(u.exe, u.args, env)
+}
+
+// dupNoCloexec duplicates f's descriptor for the next image.
+func dupNoCloexec(f *os.File) (int, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	var derr error
+	if err := rc.Control(func(s uintptr) { fd, derr = unix.Dup(int(s)) }); err != nil {
+		return -1, err
+	}
+	return fd, derr
+}
+
+// preflight asks the new binary which handover it takes and whether it
+// accepts the configuration: a binary that cannot run, or would refuse
+// to start, is never executed in place of this one.
+func preflight(ctx context.Context, exe, config string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, preflightTimeout)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, exe, "--handover-version").Output()
+	if err != nil {
+		return "", fmt.Errorf("%s --handover-version: %w (not a citadel-supervisor that can take over in place?)", exe, cmdErr(err))
+	}
+	n, to, _ := strings.Cut(strings.TrimSpace(string(out)), " ")
+	if n != strconv.Itoa(supervisor.HandoverVersion) {
+		return "", fmt.Errorf("%s takes handover version %q, this daemon hands over version %d: restart instead (systemctl restart citadel-supervisor restarts every model)", exe, n, supervisor.HandoverVersion)
+	}
+	check := exec.CommandContext(ctx, exe, "--check", "--config", config)
+	var buf bytes.Buffer
+	check.Stdout, check.Stderr = &buf, &buf
+	if err := check.Run(); err != nil {
+		var ee *exec.ExitError
+		// 3 and 4: a model cannot start here, or warnings: the running
+		// daemon has the same problem. 1: the new binary refuses the file.
+		if !errors.As(err, &ee) || (ee.ExitCode() != 3 && ee.ExitCode() != 4) {
+			lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+			if len(lines) > 10 {
+				lines = append(lines[:10], "…")
+			}
+			return "", fmt.Errorf("%s --check --config %s: %w:\n%s", exe, config, cmdErr(err), strings.Join(lines, "\n"))
+		}
+	}
+	return to, nil
+}
+
+func cmdErr(err error) error {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) && len(ee.Stderr) > 0 {
+		return fmt.Errorf("%w: %s", err, strings.TrimSpace(string(ee.Stderr)))
+	}
+	return err
+}

@@ -1,0 +1,358 @@
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"citadel-supervisor/config"
+	"citadel-supervisor/gpu"
+)
+
+// Live restore (SPEC §9): a daemon hands its models to its successor
+// instead of stopping them.
+//
+//   - An upgrade re-executes the binary in place (same PID): each runner is
+//     frozen between two events, its state written down (ModelState), and
+//     the next image restores a runner from it, with the same process, its
+//     output pipes and its GPU claim.
+//   - A daemon that died leaves its models running; the next one finds
+//     them by cgroup leaf (or marker) and by the instance record written
+//     at spawn (InstanceState), and adopts those whose configuration is
+//     still the one they were started with.
+//
+// Both meet in machine.restore.
+
+// HandoverVersion is the version of the state one image hands the next.
+// An image refuses a handover of another version, and the old image asks
+// the new binary which version it takes before it execs it.
+const HandoverVersion = 1
+
+// Handover is what an image hands the next across an upgrade.
+type Handover struct {
+	Version int          `json:"version"`
+	Models  []ModelState `json:"models"`
+}
+
+// ModelState is one model's lifecycle, written down between two events.
+type ModelState struct {
+	Name        string         `json:"name"`
+	State       State          `json:"state"`
+	Reason      string         `json:"reason"`
+	Since       time.Time      `json:"since"`
+	Hold        bool           `json:"hold,omitempty"`
+	HoldReason  string         `json:"hold_reason,omitempty"`
+	Restarts    map[string]int `json:"restarts,omitempty"`
+	Starts      []time.Time    `json:"starts,omitempty"` // the start limit's window
+	Failures    int            `json:"failures,omitempty"`
+	LastExit    *ExitState     `json:"last_exit,omitempty"`
+	LastOutput  []string       `json:"last_output,omitempty"` // kept when it failed
+	Output      []string       `json:"output,omitempty"`      // the output ring
+	TimerAt     time.Time      `json:"timer_at,omitzero"`     // when a backoff or a failed retry ends
+	LastRequest time.Time      `json:"last_request,omitzero"`
+	// Instance is the live process, nil when none runs.
+	Instance *InstanceState `json:"instance,omitempty"`
+}
+
+// ExitState is a process's last exit.
+type ExitState struct {
+	Code int    `json:"code"`
+	Desc string `json:"desc"`
+}
+
+// InstanceState is one spawned process tree. Written at spawn as the
+// instance record (records.go), so a successor can tell a predecessor's
+// process from a stranger's; carried whole across an upgrade.
+type InstanceState struct {
+	Model     string    `json:"model"`
+	PID       int       `json:"pid"`
+	Start     uint64    `json:"start"` // /proc start time: with PID, the process's identity
+	Marker    string    `json:"marker"`
+	Cgroup    string    `json:"cgroup,omitempty"` // its leaf; "" in marker mode
+	Started   time.Time `json:"started"`
+	GPUs      []string  `json:"gpus"`
+	Digest    string    `json:"digest"` // config.Model.SpawnDigest it was started with
+	EnvDigest string    `json:"env_digest,omitempty"`
+	// What the runner knew of it; zero in a record (a crash).
+	ReadyAt    time.Time     `json:"ready_at,omitzero"`
+	Startup    time.Duration `json:"startup,omitempty"`
+	AwakeAt    time.Time     `json:"awake_at,omitzero"`
+	SleepLevel int           `json:"sleep_level,omitempty"` // > 0: asleep at this level
+	SleepCause string        `json:"sleep_cause,omitempty"`
+	HostHeld   uint64        `json:"host_held,omitempty"`
+	// Its output pipes' read ends: descriptor numbers in the next image
+	// (an upgrade), or names in systemd's descriptor store (a crash).
+	StdoutFD int `json:"stdout_fd,omitempty"`
+	StderrFD int `json:"stderr_fd,omitempty"`
+}
+
+// restorable reports whether the machine can be written down now: no
+// effect is in flight whose outcome the next image could not receive (a
+// spawn, a stop, a sleep or a wake).
+func (m *machine) restorable() error {
+	switch {
+	case m.spawning:
+		return fmt.Errorf("%s is being spawned", m.cfg.Name)
+	case m.state == Stopping, m.state == Waking:
+		return fmt.Errorf("%s is %s", m.cfg.Name, m.state)
+	case m.sleepOp:
+		return fmt.Errorf("%s is going to sleep", m.cfg.Name)
+	}
+	return nil
+}
+
+// snapshot writes the machine down; the runner adds the instance's
+// process details, output and timers.
+func (m *machine) snapshot() ModelState {
+	st := ModelState{
+		Name: m.cfg.Name, State: m.state, Reason: m.reason, Since: m.since,
+		Hold: m.hold, HoldReason: m.holdReason, Restarts: m.restarts,
+		Starts: m.tracker.starts, Failures: m.tracker.failures, LastOutput: m.lastOut,
+	}
+	if m.lastExit != nil {
+		st.LastExit = &ExitState{Code: m.lastExit.code, Desc: m.lastExit.desc}
+	}
+	if m.inst != nil && !m.exited {
+		st.Instance = &InstanceState{
+			Model: m.cfg.Name, PID: m.inst.pid, Started: m.inst.started, GPUs: m.inst.gpus,
+			ReadyAt: m.readyAt, Startup: m.startup, AwakeAt: m.awakeAt,
+		}
+		if m.state == Sleeping {
+			st.Instance.SleepLevel, st.Instance.SleepCause = m.sleepLevel, m.sleepCause
+		}
+	}
+	return st
+}
+
+// restore takes over st, with inst its process (nil when it is gone or
+// there was none), instead of begin. A process started under another
+// configuration is restarted, deliberately; one that is gone is a failure
+// like any exit.
+func (m *machine) restore(st ModelState, inst *instance, digest string) []effect {
+	m.since, m.hold, m.holdReason = st.Since, st.Hold, st.HoldReason
+	if st.Restarts != nil {
+		m.restarts = st.Restarts
+	}
+	m.tracker = restartTracker{starts: st.Starts, failures: st.Failures}
+	m.lastOut = st.LastOutput
+	if st.LastExit != nil {
+		m.lastExit = &exitInfo{code: st.LastExit.Code, desc: st.LastExit.Desc}
+	}
+	if !m.cfg.Enabled && !m.hold {
+		m.hold, m.holdReason = true, "enabled: false"
+	}
+	if inst != nil {
+		is := st.Instance
+		m.inst, m.exited = inst, false
+		m.readyAt, m.startup, m.awakeAt = is.ReadyAt, is.Startup, is.AwakeAt
+		switch {
+		case m.hold:
+			// Held (or disabled) while the daemon was away: stop it.
+			m.enter(st.State, st.Reason)
+			return append([]effect{efAdopt{phase: gpu.Running}}, m.beginStop("stopping: "+m.holdReason)...)
+		case is.Digest != digest:
+			m.enter(Ready, "")
+			m.restarts[ReasonReload]++
+			m.log.Info("its configuration changed while the daemon was away; restarting it", zap.Int("pid", inst.pid))
+			return append([]effect{efAdopt{phase: gpu.Running}}, m.respawn("configuration changed while the daemon was away")...)
+		case is.SleepLevel > 0 && m.cfg.OnDemand():
+			m.sleepLevel, m.sleepCause = is.SleepLevel, is.SleepCause
+			m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s)", is.SleepLevel, cmpOr(is.SleepCause, "adopted")))
+			return []effect{efAdopt{phase: gpu.Asleep}}
+		case st.State == Ready || st.State == Unhealthy:
+			// Probed within a period; a failing probe counts from zero.
+			m.enter(Ready, "")
+			return append([]effect{efAdopt{phase: gpu.Running}, efArm{tick, min(m.cfg.Probe.Period, maxStartupPoll)}}, m.awake()...)
+		default:
+			// Starting, or found after a crash (ready or not, the first
+			// probe tells): loading is not failure, and a loaded model is
+			// ready within a second.
+			m.readyAt, m.startup = time.Time{}, 0
+			reason := st.Reason
+			if st.State != Starting {
+				reason = "adopted from a previous daemon: probing"
+			}
+			m.enter(Starting, reason)
+			left := m.cfg.Probe.StartupTimeout - m.now().Sub(inst.started)
+			if st.State != Starting {
+				left = m.cfg.Probe.StartupTimeout
+			}
+			return []effect{efAdopt{phase: gpu.Starting}, efArm{deadline, max(left, time.Second)}, efArm{tick, 0}}
+		}
+	}
+	if st.Instance != nil && (st.State == Ready || st.State == Unhealthy || st.State == Starting || st.State == Sleeping) {
+		// It was running and is gone: it exited while no daemon watched.
+		m.enter(st.State, st.Reason)
+		m.restarts[ReasonExit]++
+		f := failure{why: ReasonExit, reason: "exited while the daemon was away (exit status unknown)"}
+		m.lastExit = &exitInfo{code: -1, desc: "exit status unknown (it ended while the daemon was away)"}
+		if m.hold {
+			m.enter(Stopped, m.holdReason)
+			return nil
+		}
+		return m.afterFailure(f)
+	}
+	left := st.TimerAt.Sub(m.now())
+	switch {
+	case m.hold:
+		m.enter(Stopped, m.holdReason)
+		return nil
+	case st.State == Backoff:
+		m.enter(Backoff, st.Reason)
+		return []effect{efArm{tick, max(left, 0)}}
+	case st.State == Failed:
+		m.enter(Failed, st.Reason)
+		if m.cfg.Restart.RetryFailedAfter > 0 {
+			return []effect{efArm{tick, max(left, 0)}}
+		}
+		return nil
+	case st.State == Stopped && m.cfg.OnDemand():
+		m.enter(Stopped, st.Reason)
+		return nil
+	}
+	return m.begin()
+}
+
+func cmpOr(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
+}
+
+// freezeReq asks a runner to write its machine down and then do nothing
+// until thaw is closed (the exec failed) or the process is replaced.
+type freezeReq struct {
+	reply chan<- frozen
+	thaw  <-chan struct{}
+}
+
+// frozen is a runner's answer to a freeze.
+type frozen struct {
+	st    ModelState
+	files []*os.File // the instance's output pipes, for the next image
+	err   error      // it cannot be written down now; it was not frozen
+}
+
+// freeze answers req from the runner goroutine and, when it could write
+// the machine down, waits for thaw.
+func (l *loop) freeze(req freezeReq) {
+	if err := l.m.restorable(); err != nil {
+		req.reply <- frozen{err: err}
+		return
+	}
+	st := l.m.snapshot()
+	st.Output = l.r.out.last(OutputLines)
+	st.LastRequest = l.r.lastRequestTime()
+	if l.timers[tick] != nil {
+		st.TimerAt = l.timerAt[tick]
+	}
+	var files []*os.File
+	if is, inst := st.Instance, l.m.inst; is != nil {
+		is.Marker = inst.marker
+		is.Start, is.Digest = inst.start, inst.digest
+		if d := l.r.envDigest.Load(); d != nil {
+			is.EnvDigest = *d
+		}
+		if cg := l.r.cg.Load(); cg != nil {
+			is.Cgroup = cg.Path
+		}
+		is.HostHeld = l.r.hostHeld.Load()
+		for _, f := range []*os.File{inst.stdout, inst.stderr} {
+			if f != nil {
+				files = append(files, f)
+			}
+		}
+	}
+	req.reply <- frozen{st: st, files: files}
+	<-req.thaw
+}
+
+// Freeze writes every model down for an upgrade and holds every runner
+// between two events until thaw is called (the exec failed) or the
+// process image is replaced. A model in the middle of a spawn, stop, sleep
+// or wake cannot be written down: Freeze retries until ctx ends, then
+// thaws whatever it froze and says which model was busy.
+func (s *Supervisor) Freeze(ctx context.Context) (h *Handover, files map[string]*os.File, thaw func(), err error) {
+	for {
+		h, files, thaw, err = s.freezeOnce()
+		if err == nil {
+			return h, files, thaw, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, nil, nil, fmt.Errorf("%w (waited %s for it to settle)", err, "the upgrade's bound")
+		case <-time.After(100 * time.Millisecond): // a state change is an event away
+		}
+	}
+}
+
+func (s *Supervisor) freezeOnce() (*Handover, map[string]*os.File, func(), error) {
+	s.applyMu.Lock() // no reload adds or removes a runner meanwhile
+	runners := *s.runners.Load()
+	thawCh := make(chan struct{})
+	thawed := false
+	thaw := func() {
+		if !thawed {
+			thawed = true
+			close(thawCh)
+			s.applyMu.Unlock()
+		}
+	}
+	replies := make(chan frozen, len(runners))
+	for _, r := range runners {
+		r.mail.put(message{freeze: &freezeReq{reply: replies, thaw: thawCh}})
+	}
+	h := &Handover{Version: HandoverVersion}
+	files := map[string]*os.File{}
+	var busy []string
+	deadline := time.NewTimer(5 * time.Second)
+	defer deadline.Stop()
+	for range runners {
+		select {
+		case f := <-replies:
+			if f.err != nil {
+				busy = append(busy, f.err.Error())
+				continue
+			}
+			h.Models = append(h.Models, f.st)
+			for i, file := range f.files {
+				files[f.st.Name+"/"+[]string{"stdout", "stderr"}[i]] = file
+			}
+		case <-deadline.C:
+			thaw()
+			return nil, nil, nil, errors.New("a model's runner did not answer within 5s")
+		}
+	}
+	if len(busy) > 0 {
+		thaw()
+		slices.Sort(busy)
+		return nil, nil, nil, fmt.Errorf("not now: %s", strings.Join(busy, "; "))
+	}
+	slices.SortFunc(h.Models, func(a, b ModelState) int { return strings.Compare(a.Name, b.Name) })
+	return h, files, thaw, nil
+}
+
+// efAdopt: the restored model holds GPUs already: tell the scheduler.
+type efAdopt struct{ phase gpu.Phase }
+
+func (efAdopt) isEffect() {}
+
+// Adopt records the claim of a model restored with its process: it holds
+// gpus in phase (running, starting or asleep).
+func (s *scheduler) Adopt(m config.Model, gpus []string, phase gpu.Phase) {
+	s.send(func() {
+		delete(s.wants, m.Name)
+		if len(gpus) == 0 {
+			return
+		}
+		s.claims[m.Name] = gpu.Claim{Name: m.Name, Req: PlacementRequest(m), UUIDs: slices.Clone(gpus), Phase: phase, Since: s.now()}
+		s.pokeReader()
+	})
+}
