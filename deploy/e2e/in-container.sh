@@ -25,7 +25,7 @@ gpu:
       - {uuid: GPU-00000000-0000-0000-0000-000000000000, name: Sim H100, memory: 80GiB}
 defaults:
   command: [/usr/local/bin/fake-vllm]
-  args: [--fake-load-time, 1s]
+  args: [--fake-load-time, 1s, --fake-log-every, 1s]
   stop_timeout: 5s
   restart: {delay: 1s}
   probe: {period: 1s, timeout: 1s}
@@ -33,7 +33,7 @@ models:
   # alpha starts an escapee, as a hostile model would: env -i and a double
   # fork, no marker, no parent link (its pid goes to the pid dir).
   alpha: {model: /opt/citadel/models/alpha, port: 11400, gpu_memory_utilization: 0.3,
-          args: [--fake-load-time, 1s, --fake-escape-env, --fake-pid-dir, /var/lib/citadel/e2e-pids]}
+          args: [--fake-load-time, 1s, --fake-log-every, 1s, --fake-escape-env, --fake-pid-dir, /var/lib/citadel/e2e-pids]}
   beta:  {model: /opt/citadel/models/beta, port: 11401, gpu_memory_utilization: 0.3, env: {X: "1"}}
 YAML
 mkdir -p /etc/systemd/system/citadel-supervisor.service.d
@@ -93,13 +93,47 @@ check "systemctl reload succeeds" systemctl reload citadel-supervisor
 check "reload restarted beta" waitfor 30 sh -c "p=\$(citadelctl status beta | awk '\$1==\"beta\" && \$2==\"ready\" {print \$3}'); [ -n \"\$p\" ] && [ \"\$p\" != $b1 ]"
 check "reload left alpha alone (same pid)" test "$(pidof_model alpha)" = "$a1"
 
+# Live restore (SPEC §9). A package upgrade re-executes the daemon in
+# place: the same main process, every model kept.
+same_pid() { [ "$(pidof_model "$1")" = "$2" ]; }
+mainpid() { systemctl show -p MainPID --value citadel-supervisor; }
+same_main() { [ "$(mainpid)" = "$1" ]; }
+restarted_from() { m=$(mainpid); [ "$m" != 0 ] && [ "$m" != "$1" ] && systemctl is-active --quiet citadel-supervisor; }
+main=$(mainpid) a1=$(pidof_model alpha) b1=$(pidof_model beta)
+check "package upgrade (dpkg -i over the installed package)" dpkg -i /root/citadel.deb
+check "the upgrade was in place (the journal says so)" \
+	waitfor 30 sh -c 'journalctl -u citadel-supervisor --no-pager | grep -q "upgraded in place"'
+check "the upgrade kept the daemon's main process" same_main "$main"
+check "the upgrade kept alpha's process" waitfor 10 same_pid alpha "$a1"
+check "the upgrade kept beta's process" waitfor 10 same_pid beta "$b1"
+check "the unit stays active through the upgrade" systemctl is-active --quiet citadel-supervisor
+check "citadelctl upgrade (again, by hand)" citadelctl upgrade
+check "citadelctl upgrade kept the main process" same_main "$main"
+check "citadelctl upgrade kept alpha's process" same_pid alpha "$a1"
+
+# kill -9 of the daemon: systemd restarts it, and the new one adopts the
+# models (same PIDs); their output still reaches the journal, through the
+# pipes systemd kept in its descriptor store.
+kill -9 "$main"
+killed=$(date +%s)
+check "systemd restarts the killed daemon" waitfor 60 restarted_from "$main"
+check "kill -9 \$MAINPID kept alpha's process" waitfor 30 same_pid alpha "$a1"
+check "kill -9 \$MAINPID kept beta's process" waitfor 30 same_pid beta "$b1"
+check "the new daemon says it adopted them" \
+	sh -c 'journalctl -u citadel-supervisor --no-pager | grep -q "adopting a model left running"'
+check "alpha's output after the crash reaches the journal" \
+	waitfor 20 sh -c "journalctl -t citadel-alpha --since @$((killed + 1)) --no-pager | grep -q 'throughput'"
+check "one copy of each model after the crash" test "$(pgrep -c -u citadel -f -- '--served-model-name alpha')" = 1
+
 # A wedged daemon: no watchdog pings, systemd kills and restarts it.
-main=$(systemctl show -p MainPID --value citadel-supervisor)
+main=$(mainpid) a1=$(pidof_model alpha)
+restarts=$(systemctl show -p NRestarts --value citadel-supervisor)
 kill -STOP "$main"
 check "the watchdog restarts a wedged daemon" \
-	waitfor 60 sh -c "[ \$(systemctl show -p NRestarts --value citadel-supervisor) -ge 1 ] && systemctl is-active --quiet citadel-supervisor"
+	waitfor 60 sh -c "[ \$(systemctl show -p NRestarts --value citadel-supervisor) -gt $restarts ] && systemctl is-active --quiet citadel-supervisor"
 check "the journal says why" sh -c 'journalctl -u citadel-supervisor --no-pager | grep -qi "watchdog timeout"'
 check "models come back after the watchdog restart" waitfor 60 citadelctl health
+check "the watchdog's kill kept alpha's process" same_pid alpha "$a1"
 check "one copy of each model" test "$(pgrep -c -u citadel -f -- '--served-model-name alpha')" = 1
 
 # Stop: nothing of any model survives.
