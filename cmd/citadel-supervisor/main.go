@@ -417,4 +417,3 @@ func runStopLeftovers(path string, environ []string, stderr io.Writer) int {
 	}
 	return 0
 }
-
