@@ -287,7 +287,7 @@ func (s *Supervisor) Freeze(ctx context.Context) (h *Handover, files map[string]
 		}
 		select {
 		case <-ctx.Done():
-			return nil, nil, nil, fmt.Errorf("%w (waited %s for it to settle)", err, "the upgrade's bound")
+			return nil, nil, nil, fmt.Errorf("%w (it did not settle in time)", err)
 		case <-time.After(100 * time.Millisecond): // a state change is an event away
 		}
 	}
