@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"strings"
 	"time"
 
@@ -15,13 +16,14 @@ import (
 // the new image to answer: same PID, every model kept (SPEC §9).
 func (c *cli) upgrade(ctx context.Context, args []string) int {
 	fs := flag.NewFlagSet("upgrade", flag.ContinueOnError)
-	fs.SetOutput(c.err)
+	fs.SetOutput(io.Discard) // the messages below say what is expected
 	timeout := fs.Duration("timeout", 2*time.Minute, "how long to wait for the new image")
 	if err := fs.Parse(args); err != nil || fs.NArg() != 0 {
 		if err != nil && strings.Contains(err.Error(), "-timeout") {
 			fmt.Fprintf(c.err, "citadelctl: --timeout: want a duration such as 5s, 2m or 1h\n")
+		} else {
+			fmt.Fprintln(c.err, "usage: citadelctl upgrade [--timeout D]")
 		}
-		fmt.Fprintln(c.err, "usage: citadelctl upgrade [--timeout D]")
 		return exitUsage
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
