@@ -286,7 +286,8 @@ func TestUpgradeInPlace(t *testing.T) {
 		}
 	}
 	install("v1")
-	d := s.startCmd(func(cmd *exec.Cmd) { cmd.Path, cmd.Args[0] = exe, exe })
+	sd := newFakeSystemd(t)
+	d := sd.start(s, exe)
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
 	supervisortest.WaitGateway(t, gw)
 	c := client.New(s.Socket)
@@ -400,6 +401,11 @@ func TestUpgradeInPlace(t *testing.T) {
 	})
 	if !strings.Contains(d.logText(), `"upgraded in place"`) {
 		t.Errorf("the new image does not say it was upgraded:\n%s", d.logText())
+	}
+	// systemd is told RELOADING=1 before the exec and READY=1 by the new
+	// image, from the same main process.
+	if r, ready := sd.sent("RELOADING=1"), sd.sent("READY=1"); r != 1 || ready != 2 {
+		t.Errorf("notify: RELOADING=1 %d times, READY=1 %d times; want 1 and 2", r, ready)
 	}
 	d.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // checked by wait
 	if code := d.wait(t); code != 0 {
