@@ -200,12 +200,13 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		}
 		_, maxConns := netguard.Limits()
 		srv, err := control.Listen(control.Options{
-			Path:     cfg.ControlSocket,
-			Group:    cfg.ControlGroup,
-			Logger:   log.Named("control"),
-			Backend:  sup,
-			Reload:   reload,
-			MaxConns: maxConns,
+			Path:      cfg.ControlSocket,
+			Group:     cfg.ControlGroup,
+			ReadGroup: cfg.ControlReadGroup,
+			Logger:    log.Named("control"),
+			Backend:   sup,
+			Reload:    reload,
+			MaxConns:  maxConns,
 			Daemon: func() api.Daemon {
 				return api.Daemon{Ownership: sup.Ownership(), Cgroup: sup.CgroupRoot()}
 			},

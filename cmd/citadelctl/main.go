@@ -162,7 +162,7 @@ func (c *cli) fail(err error) int {
 	}
 	var re *client.RequestError
 	if errors.As(err, &re) && re.Code == 403 {
-		fmt.Fprintf(c.err, "citadelctl: %v (run as root, as the supervisor's user, or as a member of its control_socket_group)\n", err)
+		fmt.Fprintf(c.err, "citadelctl: %v (use sudo, or join control_socket_group)\n", err)
 		return exitFailed
 	}
 	fmt.Fprintf(c.err, "citadelctl: %v\n", err)

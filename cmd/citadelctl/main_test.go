@@ -8,8 +8,10 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -53,6 +55,13 @@ type daemon struct {
 
 func startDaemon(t *testing.T, top string, models ...model) *daemon {
 	t.Helper()
+	return startDaemonWith(t, nil, top, models...)
+}
+
+// startDaemonWith is startDaemon with the control socket's options
+// adjusted by opt.
+func startDaemonWith(t *testing.T, opt func(*control.Options), top string, models ...model) *daemon {
+	t.Helper()
 	site := supervisortest.NewSite(t, top, models...)
 	cfg, err := config.Load(site.Path, nil)
 	if err != nil {
@@ -71,12 +80,16 @@ func startDaemon(t *testing.T, top string, models ...model) *daemon {
 		}
 	})
 	<-sup.Ready()
-	srv, err := control.Listen(control.Options{
+	o := control.Options{
 		Path: site.Socket, Logger: log, Backend: sup,
 		Reload: func(ctx context.Context) ([]config.Change, error) {
 			return sup.ReloadFile(ctx, site.Path, nil)
 		},
-	})
+	}
+	if opt != nil {
+		opt(&o)
+	}
+	srv, err := control.Listen(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -408,25 +421,37 @@ func TestGPUs(t *testing.T) {
 	}
 }
 
-// TestPeerWithoutRightsRefused connects as an unprivileged user: it may read
-// status, but not change state.
+// TestPeerWithoutRightsRefused runs citadelctl as other users against a
+// daemon whose socket belongs to a read-only group (control_socket_read_group):
+// a member may read but not change state, and is told so; a member of the
+// control group (here the daemon's own, root's) may change state; a user in
+// neither group cannot open the socket at all.
 func TestPeerWithoutRightsRefused(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to run a client as another user; control.TestAuthorize covers the rule")
 	}
-	d := startDaemon(t, "", model{Name: "a"})
+	g, err := user.LookupGroup("nogroup")
+	if err != nil {
+		t.Skipf("no group nogroup to be the read-only group: %v", err)
+	}
+	readGID, _ := strconv.ParseUint(g.Gid, 10, 32)
+	d := startDaemonWith(t, func(o *control.Options) { o.ReadGroup = "nogroup" }, "", model{Name: "a"}, model{Name: "b"})
 	d.waitAll(t, supervisor.Ready)
-	// Let "nobody" reach the socket at all, so the refusal is the
-	// daemon's (SO_PEERCRED), not the file system's.
-	if err := os.Chmod(d.site.Socket, 0o666); err != nil {
+	fi, err := os.Stat(d.site.Socket)
+	if err != nil {
 		t.Fatal(err)
 	}
+	if st := fi.Sys().(*syscall.Stat_t); st.Gid != uint32(readGID) || fi.Mode().Perm() != 0o660 {
+		t.Fatalf("socket is group %d mode %v, want group %d mode 0660", st.Gid, fi.Mode().Perm(), readGID)
+	}
+	// Let other users reach the socket's directory, so what decides is
+	// the socket's own group and the daemon's check (SO_PEERCRED).
 	for p := filepath.Dir(d.site.Socket); p != "/" && p != "/tmp"; p = filepath.Dir(p) {
 		if err := os.Chmod(p, 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}
-	// Go's build directory is root's alone: run a copy nobody can execute.
+	// Go's build directory is root's alone: run a copy others can execute.
 	self, err := os.ReadFile(os.Args[0])
 	if err != nil {
 		t.Fatal(err)
@@ -435,22 +460,47 @@ func TestPeerWithoutRightsRefused(t *testing.T) {
 	if err := os.WriteFile(bin, self, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	as := func(args ...string) (int, string) {
+	as := func(cred *syscall.Credential, args ...string) (int, string) {
+		t.Helper()
 		cmd := exec.Command(bin, append([]string{"--socket", d.site.Socket}, args...)...)
 		cmd.Env = []string{clientEnv + "=1"}
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
-		out, _ := cmd.CombinedOutput()
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+		out, err := cmd.CombinedOutput()
+		if cmd.ProcessState == nil {
+			t.Fatalf("citadelctl %v did not run: %v", args, err)
+		}
 		return cmd.ProcessState.ExitCode(), string(out)
 	}
-	if code, out := as("status"); code != 0 || !strings.Contains(out, "ready") {
-		t.Errorf("status as nobody: exit %d\n%s", code, out)
+	reader := &syscall.Credential{Uid: 65534, Gid: uint32(readGID), Groups: []uint32{}}
+	if code, out := as(reader, "status"); code != 0 || !strings.Contains(out, "ready") {
+		t.Errorf("status as a reader: exit %d\n%s", code, out)
 	}
-	code, out := as("stop", "a")
-	if code != 1 || !strings.Contains(out, "permission denied: uid 65534 is not root") {
-		t.Errorf("stop as nobody: exit %d\n%s", code, out)
+	if code, out := as(reader, "health"); code != 0 {
+		t.Errorf("health as a reader: exit %d\n%s", code, out)
+	}
+	for _, args := range [][]string{{"stop", "a"}, {"restart", "a"}, {"sleep", "a"}, {"reload"}} {
+		code, out := as(reader, args...)
+		if code != exitFailed || !strings.Contains(out, "permission denied: uid 65534 is not root") ||
+			!strings.Contains(out, "you may read but not change state") {
+			t.Errorf("%v as a reader: exit %d, want %d and the refusal\n%s", args, code, exitFailed, out)
+		}
 	}
 	if st := d.state(t, "a"); st.State != supervisor.Ready {
-		t.Errorf("a is %s after a refused stop", st.State)
+		t.Errorf("a is %s after refused operations", st.State)
+	}
+	// The same user with the control group (gid 0, the daemon's) among
+	// its supplementary groups may change state.
+	operator := &syscall.Credential{Uid: 65534, Gid: uint32(readGID), Groups: []uint32{0}}
+	if code, out := as(operator, "stop", "b"); code != 0 {
+		t.Errorf("stop as a member of the control group: exit %d\n%s", code, out)
+	}
+	if st := d.state(t, "b"); st.State != supervisor.Stopped {
+		t.Errorf("b is %s after a permitted stop", st.State)
+	}
+	// In neither group: the file system refuses, and citadelctl says so.
+	stranger := &syscall.Credential{Uid: 65534, Gid: 65533, Groups: []uint32{}}
+	if code, out := as(stranger, "status"); code != exitFailed || !strings.Contains(out, "permission denied") {
+		t.Errorf("status as a stranger: exit %d\n%s", code, out)
 	}
 }
 
