@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"os/user"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -523,6 +525,135 @@ func TestCompletionScripts(t *testing.T) {
 	// What the scripts call for model names.
 	if code, out, _ := d.ctl(t, "__models"); code != 0 || out != "alpha\nbeta\n" {
 		t.Errorf("__models: exit %d %q", code, out)
+	}
+}
+
+// completionCases are command lines being completed (the last word is the
+// one under the cursor) and what the scripts offer. The fake citadelctl
+// of completionSite names different models per --socket.
+var completionCases = []struct {
+	words      []string // bash's COMP_WORDS: "--socket=/y" is split at "="
+	zshWords   []string // when zsh's words differ
+	want       string   // sorted, space-separated
+	wantZsh    string   // when zsh's differs (file completion is _files there)
+	wantCalled string   // the fake's argument list, if it must be called
+}{
+	{words: []string{""}, want: "completion gpus health help logs reload reset restart sleep start status stop wake"},
+	{words: []string{"st"}, want: "start status stop"},
+	{words: []string{"-"}, want: "--help --socket --version -o"},
+	{words: []string{"status", ""}, want: "all default-model", wantCalled: "__models"},
+	{words: []string{"--socket", "/x", "status", ""}, want: "all alpha beta", wantCalled: "--socket /x __models"},
+	{words: []string{"-o", "json", "--socket", "/x", "logs", ""}, want: "alpha beta", wantCalled: "--socket /x __models"},
+	{words: []string{"--socket", "=", "/y", "wake", ""}, zshWords: []string{"--socket=/y", "wake", ""}, want: "all gamma"},
+	{words: []string{"--socket", "/x", "stop", "a"}, want: "all alpha"},
+	{words: []string{"--socket", "/x", "stop", "--"}, want: "--help --timeout"},
+	{words: []string{"logs", "-"}, want: "--help -f -n -o"},
+	{words: []string{"status", "-"}, want: "--help -l -o"},
+	{words: []string{"-o", ""}, want: "json table"},
+	{words: []string{"--socket", ""}, want: "sock-here", wantZsh: "_files"},
+	{words: []string{"completion", ""}, want: "bash zsh"},
+}
+
+// completionSite writes the script and a fake citadelctl to a directory
+// and returns it; the fake logs its arguments to dir/called. Completions
+// run in dir/cwd, which holds one file.
+func completionSite(t *testing.T, shell string) string {
+	t.Helper()
+	dir := t.TempDir()
+	var out, errb bytes.Buffer
+	if code := run(context.Background(), []string{"completion", shell}, nil, &out, &errb); code != 0 {
+		t.Fatalf("completion %s: exit %d: %s", shell, code, errb.String())
+	}
+	fake := `#!/bin/sh
+echo "$*" >> "$(dirname "$0")/called"
+case "$*" in
+"--socket /x __models") printf 'alpha\nbeta\n' ;;
+"--socket=/y __models" | "--socket /y __models") printf 'gamma\n' ;;
+"__models") printf 'default-model\n' ;;
+*) echo "unexpected arguments: $*" >&2; exit 2 ;;
+esac
+`
+	if err := os.Mkdir(filepath.Join(dir, "cwd"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, body := range map[string]string{"script": out.String(), "citadelctl": fake, "cwd/sock-here": ""} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// completeWith runs one completion in a fresh shell in dir and returns the
+// candidates sorted and what the fake was called with.
+func completeWith(t *testing.T, dir string, args ...string) (string, string) {
+	t.Helper()
+	os.Remove(filepath.Join(dir, "called"))
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Dir = filepath.Join(dir, "cwd")
+	cmd.Env = []string{"PATH=" + dir + ":/usr/bin:/bin", "HOME=" + dir}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %v\n%s", args, err, out)
+	}
+	got := strings.Fields(string(out))
+	slices.Sort(got)
+	called, _ := os.ReadFile(filepath.Join(dir, "called"))
+	return strings.Join(got, " "), strings.TrimSpace(string(called))
+}
+
+// TestCompletionBash runs the bash script's function as bash's completion
+// would, for each case.
+func TestCompletionBash(t *testing.T) {
+	bash, err := exec.LookPath("bash")
+	if err != nil {
+		t.Fatal("bash is needed to check the bash completion script")
+	}
+	dir := completionSite(t, "bash")
+	const harness = `source ../script
+COMP_WORDS=("${@:2}"); COMP_CWORD=$1; _citadelctl
+printf '%s\n' "${COMPREPLY[@]}"`
+	for _, tc := range completionCases {
+		words := append([]string{"citadelctl"}, tc.words...)
+		args := append([]string{bash, "--norc", "-c", harness, "bash", strconv.Itoa(len(words) - 1)}, words...)
+		got, called := completeWith(t, dir, args...)
+		if got != tc.want || (tc.wantCalled != "" && called != tc.wantCalled) {
+			t.Errorf("bash %q: got %q (called %q), want %q (called %q)", words, got, called, tc.want, tc.wantCalled)
+		}
+	}
+}
+
+// TestCompletionZsh runs the zsh script's function with zsh's completion
+// builtins replaced by ones that print what they are given (filtered by
+// the prefix under the cursor, as compadd does).
+func TestCompletionZsh(t *testing.T) {
+	zsh, err := exec.LookPath("zsh")
+	if err != nil {
+		t.Skip("zsh is not installed: TestCompletionBash covers the bash script only")
+	}
+	dir := completionSite(t, "zsh")
+	const harness = `compdef() { : }
+_files() { print -- _files }
+compadd() {
+    local -a c
+    if [[ $1 == -a ]]; then c=(${(P)2}); else [[ $1 == -- ]] && shift; c=("$@"); fi
+    local w; for w in $c; do [[ $w == ${PREFIX}* ]] && print -r -- $w; done
+}
+source ../script
+CURRENT=$1; shift; words=("$@"); PREFIX=$words[CURRENT]
+_citadelctl
+true`
+	for _, tc := range completionCases {
+		words := append([]string{"citadelctl"}, tc.words...)
+		if tc.zshWords != nil {
+			words = append([]string{"citadelctl"}, tc.zshWords...)
+		}
+		args := append([]string{zsh, "-f", "-c", harness, "zsh", strconv.Itoa(len(words))}, words...)
+		got, called := completeWith(t, dir, args...)
+		want := cmp.Or(tc.wantZsh, tc.want)
+		if got != want || (tc.wantCalled != "" && called != tc.wantCalled) {
+			t.Errorf("zsh %q: got %q (called %q), want %q (called %q)", words, got, called, want, tc.wantCalled)
+		}
 	}
 }
 
