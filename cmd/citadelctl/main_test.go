@@ -64,7 +64,12 @@ func startDaemon(t *testing.T, top string, models ...model) *daemon {
 // adjusted by opt.
 func startDaemonWith(t *testing.T, opt func(*control.Options), top string, models ...model) *daemon {
 	t.Helper()
-	site := supervisortest.NewSite(t, top, models...)
+	return startSite(t, supervisortest.NewSite(t, top, models...), opt)
+}
+
+// startSite runs a daemon and its control socket on site's configuration.
+func startSite(t *testing.T, site *supervisortest.Site, opt func(*control.Options)) *daemon {
+	t.Helper()
 	cfg, err := config.Load(site.Path, nil)
 	if err != nil {
 		t.Fatal(err)
