@@ -317,9 +317,11 @@ func opCmd(op api.Op) func(*cli, context.Context, []string) int {
 				return c.fail(err)
 			}
 		}
-		st, err := c.client.Status(ctx, ok...)
-		if err != nil {
-			return c.fail(err)
+		var st []api.Status
+		if len(ok) > 0 { // none named would ask for every model's
+			if st, err = c.client.Status(ctx, ok...); err != nil {
+				return c.fail(err)
+			}
 		}
 		if c.output == "json" {
 			// Each model's outcome with the state it is in now.

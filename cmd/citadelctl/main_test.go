@@ -823,3 +823,19 @@ func TestStatusPipedAndJSONOps(t *testing.T) {
 		t.Errorf("restart -o json: exit %d %v\n%s", code, err, out)
 	}
 }
+
+// TestFailedOpShowsOnlyItsModels: an operation that fails for every model
+// named prints the failure, not the state of every other model.
+func TestFailedOpShowsOnlyItsModels(t *testing.T) {
+	d := startDaemon(t, "", model{Name: "a"}, model{Name: "b"})
+	d.waitAll(t, supervisor.Ready)
+	code, out, errOut := d.ctl(t, "sleep", "a")
+	if code != exitFailed || out != "" || !strings.HasPrefix(errOut, "a: ") {
+		t.Errorf("sleep of an always-on model: exit %d\nstdout %q\nstderr %q", code, out, errOut)
+	}
+	code, out, _ = d.ctl(t, "-o", "json", "sleep", "a")
+	var res []map[string]string
+	if err := json.Unmarshal([]byte(out), &res); code != exitFailed || err != nil || len(res) != 1 || res[0]["model"] != "a" || res[0]["error"] == "" {
+		t.Errorf("-o json sleep: exit %d %v\n%s", code, err, out)
+	}
+}
