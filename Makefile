@@ -12,7 +12,7 @@ export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 DEMO_MODELS := mixtral-8x7b-instruct nous-hermes-2-mixtral openchat-3.5 phi-3-mini-128k \
                yi-34b-chat deepcoder-14b-instruct mimo-vl-7b-rl
 
-.PHONY: all build test vet bench soak fuzz fuzz-short check-deploy e2e e2e-systemd nvml-check install package demo clean
+.PHONY: all build test vet bench soak fuzz fuzz-short check-deploy e2e e2e-systemd nvml-check install package demo docs clean
 
 PREFIX    ?= /usr
 NFPM      := go run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.44.0
@@ -34,6 +34,12 @@ vet:
 # The tests run with a TMPDIR of their own, so every process they start
 # names it; .ci/test-procs fails if any is still running afterwards (none
 # may be: the tests kill what they start, also what a SIGKILLed daemon left).
+# docs/cli.md's "What you see" examples, written again from a run of the
+# commands against a daemon with fake models (TestDocsCLIExamples, which
+# `make test` runs too, fails when they differ). Review the diff.
+docs:
+	$(GO) test -count=1 -run 'TestDocsCLIExamples' ./cmd/citadelctl/ -update
+
 test: vet check-deploy
 	@d=$$(mktemp -d /tmp/citadel-test.XXXXXX) && \
 	TMPDIR=$$d $(GO) test -race -count=1 ./... && \

@@ -21,10 +21,13 @@ type Config struct {
 	ControlSocket string `koanf:"control_socket"`
 	// ControlGroup may change state through the control socket besides
 	// root and the daemon's user; "" means the daemon's own group.
-	ControlGroup string  `koanf:"control_socket_group"`
-	Log          Log     `koanf:"log"`
-	GPU          GPU     `koanf:"gpu"`
-	Gateway      Gateway `koanf:"gateway"`
+	ControlGroup string `koanf:"control_socket_group"`
+	// ControlReadGroup, when set, is the socket file's group: its members
+	// may read (status, logs, health, gpus) but not change state.
+	ControlReadGroup string  `koanf:"control_socket_read_group"`
+	Log              Log     `koanf:"log"`
+	GPU              GPU     `koanf:"gpu"`
+	Gateway          Gateway `koanf:"gateway"`
 	// SleepHostMemory bounds the host memory held by on-demand models
 	// asleep at level 1 (their weights, in pinned RAM); past it a model
 	// sleeps at level 2 instead. 0: no bound.
@@ -180,10 +183,11 @@ func (c *Config) LongestStopTimeout() time.Duration {
 // the contract of SPEC §2; a file only needs to say what differs.
 func builtin() map[string]any {
 	return map[string]any{
-		"listen":               "127.0.0.1:9400",
-		"control_socket":       "/run/citadel/supervisor.sock",
-		"control_socket_group": "",
-		"log":                  map[string]any{"level": "info", "format": "json"},
+		"listen":                    "127.0.0.1:9400",
+		"control_socket":            "/run/citadel/supervisor.sock",
+		"control_socket_group":      "",
+		"control_socket_read_group": "",
+		"log":                       map[string]any{"level": "info", "format": "json"},
 		"gpu": map[string]any{
 			"backend":         "nvml",
 			"headroom":        "1GiB",

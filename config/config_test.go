@@ -334,6 +334,13 @@ func TestRestartOnly(t *testing.T) {
 	if got := RestartOnly(a, b); strings.Join(got, ",") != "listen,gpu" {
 		t.Errorf("RestartOnly = %v", got)
 	}
+	c, err := Parse([]byte("gpu: {backend: none}\ncontrol_socket_read_group: adm\n"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := RestartOnly(a, c); strings.Join(got, ",") != "control_socket_read_group" {
+		t.Errorf("RestartOnly on a new read group = %v", got)
+	}
 	if got := RestartOnly(a, a); len(got) != 0 {
 		t.Errorf("same config: %v", got)
 	}

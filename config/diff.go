@@ -109,6 +109,9 @@ func RestartOnly(old, new *Config) []string {
 	if old.ControlGroup != new.ControlGroup {
 		out = append(out, "control_socket_group")
 	}
+	if old.ControlReadGroup != new.ControlReadGroup {
+		out = append(out, "control_socket_read_group")
+	}
 	if !reflect.DeepEqual(old.Log, new.Log) {
 		out = append(out, "log")
 	}

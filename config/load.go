@@ -24,7 +24,7 @@ const EnvPrefix = "CITADEL_"
 // deliberately absent: a model's settings live in the file, where a reload
 // sees them, not in the daemon's environment, which a reload cannot change.
 var envKeys = []string{
-	"listen", "control_socket", "control_socket_group", "log.level", "log.format", "log.model_dir",
+	"listen", "control_socket", "control_socket_group", "control_socket_read_group", "log.level", "log.format", "log.model_dir",
 	"gpu.backend", "gpu.headroom", "gpu.release_timeout", "gpu.sim.state_file",
 	"gateway.listen", "gateway.api_keys_file",
 }
@@ -212,6 +212,7 @@ type fileShape struct {
 	Listen        string           `koanf:"listen"`
 	ControlSocket string           `koanf:"control_socket"`
 	ControlGroup  string           `koanf:"control_socket_group"`
+	ControlRead   string           `koanf:"control_socket_read_group"`
 	Log           Log              `koanf:"log"`
 	GPU           GPU              `koanf:"gpu"`
 	Gateway       Gateway          `koanf:"gateway"`

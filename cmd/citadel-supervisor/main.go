@@ -251,14 +251,15 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		}
 		ul, _ := ln.(*net.UnixListener)
 		srv, err := control.Listen(control.Options{
-			Listener: ul,
-			Upgrade:  func(ctx context.Context) (api.UpgradeResponse, func(), error) { return u.prepare(ctx, true) },
-			Path:     cfg.ControlSocket,
-			Group:    cfg.ControlGroup,
-			Logger:   log.Named("control"),
-			Backend:  sup,
-			Reload:   reload,
-			MaxConns: maxConns,
+			Listener:  ul,
+			Upgrade:   func(ctx context.Context) (api.UpgradeResponse, func(), error) { return u.prepare(ctx, true) },
+			Path:      cfg.ControlSocket,
+			Group:     cfg.ControlGroup,
+			ReadGroup: cfg.ControlReadGroup,
+			Logger:    log.Named("control"),
+			Backend:   sup,
+			Reload:    reload,
+			MaxConns:  maxConns,
 			Daemon: func() api.Daemon {
 				d := api.Daemon{Ownership: sup.Ownership(), Cgroup: sup.CgroupRoot()}
 				u.daemon(&d)

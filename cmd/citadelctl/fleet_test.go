@@ -14,7 +14,7 @@ import (
 	"testing"
 )
 
-var update = flag.Bool("update", false, "rewrite testdata golden files")
+var update = flag.Bool("update", false, "rewrite the golden files in testdata and the generated examples in docs/cli.md from this run (make docs)")
 
 // gatewayStub stands in for one host's gateway: GET /v1/models lists
 // models (id → fleet state), and answers 401 without token when set.

@@ -164,7 +164,7 @@ func (c *cli) fail(err error) int {
 	}
 	var re *client.RequestError
 	if errors.As(err, &re) && re.Code == 403 {
-		fmt.Fprintf(c.err, "citadelctl: %v (run as root, as the supervisor's user, or as a member of its control_socket_group)\n", err)
+		fmt.Fprintf(c.err, "citadelctl: %v (use sudo, or join control_socket_group)\n", err)
 		return exitFailed
 	}
 	fmt.Fprintf(c.err, "citadelctl: %v\n", err)
@@ -319,9 +319,11 @@ func opCmd(op api.Op) func(*cli, context.Context, []string) int {
 				return c.fail(err)
 			}
 		}
-		st, err := c.client.Status(ctx, ok...)
-		if err != nil {
-			return c.fail(err)
+		var st []api.Status
+		if len(ok) > 0 { // none named would ask for every model's
+			if st, err = c.client.Status(ctx, ok...); err != nil {
+				return c.fail(err)
+			}
 		}
 		if c.output == "json" {
 			// Each model's outcome with the state it is in now.

@@ -2,14 +2,19 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"io"
 	"net"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -53,7 +58,19 @@ type daemon struct {
 
 func startDaemon(t *testing.T, top string, models ...model) *daemon {
 	t.Helper()
-	site := supervisortest.NewSite(t, top, models...)
+	return startDaemonWith(t, nil, top, models...)
+}
+
+// startDaemonWith is startDaemon with the control socket's options
+// adjusted by opt.
+func startDaemonWith(t *testing.T, opt func(*control.Options), top string, models ...model) *daemon {
+	t.Helper()
+	return startSite(t, supervisortest.NewSite(t, top, models...), opt)
+}
+
+// startSite runs a daemon and its control socket on site's configuration.
+func startSite(t *testing.T, site *supervisortest.Site, opt func(*control.Options)) *daemon {
+	t.Helper()
 	cfg, err := config.Load(site.Path, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -71,12 +88,16 @@ func startDaemon(t *testing.T, top string, models ...model) *daemon {
 		}
 	})
 	<-sup.Ready()
-	srv, err := control.Listen(control.Options{
+	o := control.Options{
 		Path: site.Socket, Logger: log, Backend: sup,
 		Reload: func(ctx context.Context) ([]config.Change, error) {
 			return sup.ReloadFile(ctx, site.Path, nil)
 		},
-	})
+	}
+	if opt != nil {
+		opt(&o)
+	}
+	srv, err := control.Listen(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -408,25 +429,37 @@ func TestGPUs(t *testing.T) {
 	}
 }
 
-// TestPeerWithoutRightsRefused connects as an unprivileged user: it may read
-// status, but not change state.
+// TestPeerWithoutRightsRefused runs citadelctl as other users against a
+// daemon whose socket belongs to a read-only group (control_socket_read_group):
+// a member may read but not change state, and is told so; a member of the
+// control group (here the daemon's own, root's) may change state; a user in
+// neither group cannot open the socket at all.
 func TestPeerWithoutRightsRefused(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to run a client as another user; control.TestAuthorize covers the rule")
 	}
-	d := startDaemon(t, "", model{Name: "a"})
+	g, err := user.LookupGroup("nogroup")
+	if err != nil {
+		t.Skipf("no group nogroup to be the read-only group: %v", err)
+	}
+	readGID, _ := strconv.ParseUint(g.Gid, 10, 32)
+	d := startDaemonWith(t, func(o *control.Options) { o.ReadGroup = "nogroup" }, "", model{Name: "a"}, model{Name: "b"})
 	d.waitAll(t, supervisor.Ready)
-	// Let "nobody" reach the socket at all, so the refusal is the
-	// daemon's (SO_PEERCRED), not the file system's.
-	if err := os.Chmod(d.site.Socket, 0o666); err != nil {
+	fi, err := os.Stat(d.site.Socket)
+	if err != nil {
 		t.Fatal(err)
 	}
+	if st := fi.Sys().(*syscall.Stat_t); st.Gid != uint32(readGID) || fi.Mode().Perm() != 0o660 {
+		t.Fatalf("socket is group %d mode %v, want group %d mode 0660", st.Gid, fi.Mode().Perm(), readGID)
+	}
+	// Let other users reach the socket's directory, so what decides is
+	// the socket's own group and the daemon's check (SO_PEERCRED).
 	for p := filepath.Dir(d.site.Socket); p != "/" && p != "/tmp"; p = filepath.Dir(p) {
 		if err := os.Chmod(p, 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}
-	// Go's build directory is root's alone: run a copy nobody can execute.
+	// Go's build directory is root's alone: run a copy others can execute.
 	self, err := os.ReadFile(os.Args[0])
 	if err != nil {
 		t.Fatal(err)
@@ -435,22 +468,47 @@ func TestPeerWithoutRightsRefused(t *testing.T) {
 	if err := os.WriteFile(bin, self, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	as := func(args ...string) (int, string) {
+	as := func(cred *syscall.Credential, args ...string) (int, string) {
+		t.Helper()
 		cmd := exec.Command(bin, append([]string{"--socket", d.site.Socket}, args...)...)
 		cmd.Env = []string{clientEnv + "=1"}
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
-		out, _ := cmd.CombinedOutput()
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+		out, err := cmd.CombinedOutput()
+		if cmd.ProcessState == nil {
+			t.Fatalf("citadelctl %v did not run: %v", args, err)
+		}
 		return cmd.ProcessState.ExitCode(), string(out)
 	}
-	if code, out := as("status"); code != 0 || !strings.Contains(out, "ready") {
-		t.Errorf("status as nobody: exit %d\n%s", code, out)
+	reader := &syscall.Credential{Uid: 65534, Gid: uint32(readGID), Groups: []uint32{}}
+	if code, out := as(reader, "status"); code != 0 || !strings.Contains(out, "ready") {
+		t.Errorf("status as a reader: exit %d\n%s", code, out)
 	}
-	code, out := as("stop", "a")
-	if code != 1 || !strings.Contains(out, "permission denied: uid 65534 is not root") {
-		t.Errorf("stop as nobody: exit %d\n%s", code, out)
+	if code, out := as(reader, "health"); code != 0 {
+		t.Errorf("health as a reader: exit %d\n%s", code, out)
+	}
+	for _, args := range [][]string{{"stop", "a"}, {"restart", "a"}, {"sleep", "a"}, {"reload"}} {
+		code, out := as(reader, args...)
+		if code != exitFailed || !strings.Contains(out, "permission denied: uid 65534 is not root") ||
+			!strings.Contains(out, "you may read but not change state") {
+			t.Errorf("%v as a reader: exit %d, want %d and the refusal\n%s", args, code, exitFailed, out)
+		}
 	}
 	if st := d.state(t, "a"); st.State != supervisor.Ready {
-		t.Errorf("a is %s after a refused stop", st.State)
+		t.Errorf("a is %s after refused operations", st.State)
+	}
+	// The same user with the control group (gid 0, the daemon's) among
+	// its supplementary groups may change state.
+	operator := &syscall.Credential{Uid: 65534, Gid: uint32(readGID), Groups: []uint32{0}}
+	if code, out := as(operator, "stop", "b"); code != 0 {
+		t.Errorf("stop as a member of the control group: exit %d\n%s", code, out)
+	}
+	if st := d.state(t, "b"); st.State != supervisor.Stopped {
+		t.Errorf("b is %s after a permitted stop", st.State)
+	}
+	// In neither group: the file system refuses, and citadelctl says so.
+	stranger := &syscall.Credential{Uid: 65534, Gid: 65533, Groups: []uint32{}}
+	if code, out := as(stranger, "status"); code != exitFailed || !strings.Contains(out, "permission denied") {
+		t.Errorf("status as a stranger: exit %d\n%s", code, out)
 	}
 }
 
@@ -473,6 +531,138 @@ func TestCompletionScripts(t *testing.T) {
 	// What the scripts call for model names.
 	if code, out, _ := d.ctl(t, "__models"); code != 0 || out != "alpha\nbeta\n" {
 		t.Errorf("__models: exit %d %q", code, out)
+	}
+}
+
+// completionCases are command lines being completed (the last word is the
+// one under the cursor) and what the scripts offer. The fake citadelctl
+// of completionSite names different models per --socket.
+var completionCases = []struct {
+	words      []string // bash's COMP_WORDS: "--socket=/y" is split at "="
+	zshWords   []string // when zsh's words differ
+	want       string   // sorted, space-separated
+	wantZsh    string   // when zsh's differs (file completion is _files there)
+	wantCalled string   // the fake's argument list, if it must be called
+}{
+	{words: []string{""}, want: "completion fleet gpus health help logs reload reset restart sleep start status stop upgrade wake"},
+	{words: []string{"st"}, want: "start status stop"},
+	{words: []string{"-"}, want: "--help --socket --version -o"},
+	{words: []string{"status", ""}, want: "all default-model", wantCalled: "__models"},
+	{words: []string{"--socket", "/x", "status", ""}, want: "all alpha beta", wantCalled: "--socket /x __models"},
+	{words: []string{"-o", "json", "--socket", "/x", "logs", ""}, want: "alpha beta", wantCalled: "--socket /x __models"},
+	{words: []string{"--socket", "=", "/y", "wake", ""}, zshWords: []string{"--socket=/y", "wake", ""}, want: "all gamma"},
+	{words: []string{"--socket", "/x", "stop", "a"}, want: "all alpha"},
+	{words: []string{"--socket", "/x", "stop", "--"}, want: "--help --timeout"},
+	{words: []string{"logs", "-"}, want: "--help -f -n -o"},
+	{words: []string{"status", "-"}, want: "--help -l -o"},
+	{words: []string{"-o", ""}, want: "json table"},
+	{words: []string{"--socket", ""}, want: "sock-here", wantZsh: "_files"},
+	{words: []string{"completion", ""}, want: "bash zsh"},
+}
+
+// completionSite writes the script and a fake citadelctl to a directory
+// and returns it; the fake logs its arguments to dir/called. Completions
+// run in dir/cwd, which holds one file.
+func completionSite(t *testing.T, shell string) string {
+	t.Helper()
+	dir := t.TempDir()
+	var out, errb bytes.Buffer
+	if code := run(context.Background(), []string{"completion", shell}, nil, &out, &errb); code != 0 {
+		t.Fatalf("completion %s: exit %d: %s", shell, code, errb.String())
+	}
+	fake := `#!/bin/sh
+echo "$*" >> "$(dirname "$0")/called"
+case "$*" in
+"--socket /x __models") printf 'alpha\nbeta\n' ;;
+"--socket=/y __models" | "--socket /y __models") printf 'gamma\n' ;;
+"__models") printf 'default-model\n' ;;
+*) echo "unexpected arguments: $*" >&2; exit 2 ;;
+esac
+`
+	if err := os.Mkdir(filepath.Join(dir, "cwd"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, body := range map[string]string{"script": out.String(), "citadelctl": fake, "cwd/sock-here": ""} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// completeWith runs one completion in a fresh shell in dir and returns the
+// candidates sorted and what the fake was called with.
+func completeWith(t *testing.T, dir string, args ...string) (string, string) {
+	t.Helper()
+	os.Remove(filepath.Join(dir, "called"))
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Dir = filepath.Join(dir, "cwd")
+	cmd.Env = []string{"PATH=" + dir + ":/usr/bin:/bin", "HOME=" + dir}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %v\n%s", args, err, out)
+	}
+	got := strings.Fields(string(out))
+	slices.Sort(got)
+	called, _ := os.ReadFile(filepath.Join(dir, "called"))
+	return strings.Join(got, " "), strings.TrimSpace(string(called))
+}
+
+// TestCompletionBash runs the bash script's function as bash's completion
+// would, for each case.
+func TestCompletionBash(t *testing.T) {
+	bash, err := exec.LookPath("bash")
+	if err != nil {
+		t.Fatal("bash is needed to check the bash completion script")
+	}
+	dir := completionSite(t, "bash")
+	const harness = `source ../script
+COMP_WORDS=("${@:2}"); COMP_CWORD=$1; _citadelctl
+printf '%s\n' "${COMPREPLY[@]}"`
+	for _, tc := range completionCases {
+		words := append([]string{"citadelctl"}, tc.words...)
+		args := append([]string{bash, "--norc", "-c", harness, "bash", strconv.Itoa(len(words) - 1)}, words...)
+		got, called := completeWith(t, dir, args...)
+		if got != tc.want || (tc.wantCalled != "" && called != tc.wantCalled) {
+			t.Errorf("bash %q: got %q (called %q), want %q (called %q)", words, got, called, tc.want, tc.wantCalled)
+		}
+	}
+}
+
+// TestCompletionZsh runs the zsh script's function with zsh's completion
+// builtins replaced by ones that print what they are given (filtered by
+// the prefix under the cursor, as compadd does).
+func TestCompletionZsh(t *testing.T) {
+	zsh, err := exec.LookPath("zsh")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("CI: zsh is needed to check the zsh completion script (.ci/run installs it)")
+		}
+		t.Skip("zsh is not installed (apt-get install zsh): TestCompletionBash covers the bash script only")
+	}
+	dir := completionSite(t, "zsh")
+	const harness = `compdef() { : }
+_files() { print -- _files }
+compadd() {
+    local -a c
+    if [[ $1 == -a ]]; then c=(${(P)2}); else [[ $1 == -- ]] && shift; c=("$@"); fi
+    local w; for w in $c; do [[ $w == ${PREFIX}* ]] && print -r -- $w; done
+}
+source ../script
+CURRENT=$1; shift; words=("$@"); PREFIX=$words[CURRENT]
+_citadelctl
+true`
+	for _, tc := range completionCases {
+		words := append([]string{"citadelctl"}, tc.words...)
+		if tc.zshWords != nil {
+			words = append([]string{"citadelctl"}, tc.zshWords...)
+		}
+		args := append([]string{zsh, "-f", "-c", harness, "zsh", strconv.Itoa(len(words))}, words...)
+		got, called := completeWith(t, dir, args...)
+		want := cmp.Or(tc.wantZsh, tc.want)
+		if got != want || (tc.wantCalled != "" && called != tc.wantCalled) {
+			t.Errorf("zsh %q: got %q (called %q), want %q (called %q)", words, got, called, want, tc.wantCalled)
+		}
 	}
 }
 
@@ -635,5 +825,48 @@ func TestStatusPipedAndJSONOps(t *testing.T) {
 	var res []map[string]string
 	if err := json.Unmarshal([]byte(out), &res); code != 0 || err != nil || len(res) != 1 || res[0]["model"] != "a" || res[0]["state"] == "" {
 		t.Errorf("restart -o json: exit %d %v\n%s", code, err, out)
+	}
+}
+
+// TestFailedOpShowsOnlyItsModels: an operation that fails for every model
+// named prints the failure, not the state of every other model.
+func TestFailedOpShowsOnlyItsModels(t *testing.T) {
+	d := startDaemon(t, "", model{Name: "a"}, model{Name: "b"})
+	d.waitAll(t, supervisor.Ready)
+	code, out, errOut := d.ctl(t, "sleep", "a")
+	if code != exitFailed || out != "" || !strings.HasPrefix(errOut, "a: ") {
+		t.Errorf("sleep of an always-on model: exit %d\nstdout %q\nstderr %q", code, out, errOut)
+	}
+	code, out, _ = d.ctl(t, "-o", "json", "sleep", "a")
+	var res []map[string]string
+	if err := json.Unmarshal([]byte(out), &res); code != exitFailed || err != nil || len(res) != 1 || res[0]["model"] != "a" || res[0]["error"] == "" {
+		t.Errorf("-o json sleep: exit %d %v\n%s", code, err, out)
+	}
+}
+
+// TestCompletionListsEveryCommand: both scripts offer exactly the commands
+// citadelctl has (a new command is completed, a removed one is not).
+func TestCompletionListsEveryCommand(t *testing.T) {
+	var want []string
+	for name := range commands {
+		if !strings.HasPrefix(name, "__") {
+			want = append(want, name)
+		}
+	}
+	want = append(want, "help")
+	slices.Sort(want)
+	for script, re := range map[string]*regexp.Regexp{
+		bashCompletion: regexp.MustCompile(`local cmds="([^"]*)"`),
+		zshCompletion:  regexp.MustCompile(`cmds=\(([^)]*)\)`),
+	} {
+		m := re.FindStringSubmatch(script)
+		if m == nil {
+			t.Fatalf("no command list in\n%s", script)
+		}
+		got := strings.Fields(m[1])
+		slices.Sort(got)
+		if !slices.Equal(got, want) {
+			t.Errorf("completion offers %v, citadelctl has %v", got, want)
+		}
 	}
 }

@@ -42,11 +42,17 @@ func withPeer(ctx context.Context, c net.Conn) context.Context {
 	}); err != nil || credErr != nil {
 		return ctx
 	}
-	return context.WithValue(ctx, peerKey{}, Peer{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid, Groups: groupsOf(cred.Pid)})
+	return context.WithValue(ctx, peerKey{}, Peer{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid, Groups: groupsOf(cred.Pid, cred.Uid)})
 }
 
-// groupsOf reads a process's supplementary groups.
-func groupsOf(pid int32) []uint32 {
+// groupsOf reads a process's supplementary groups, as the kernel holds
+// them for that process now (what it also used to let the peer open the
+// socket file), rather than what the group database says of the user:
+// those differ until the user logs in again, and a database lookup may go
+// over the network. If the process is gone, or its PID now belongs to a
+// process of another effective user, it has none: the peer is then judged
+// on its uid and primary gid alone, which can only refuse more.
+func groupsOf(pid int32, uid uint32) []uint32 {
 	f, err := os.Open("/proc/" + strconv.Itoa(int(pid)) + "/status")
 	if err != nil {
 		return nil
@@ -54,6 +60,13 @@ func groupsOf(pid int32) []uint32 {
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "Uid:"); ok {
+			f := strings.Fields(rest) // real, effective, saved, fs
+			if len(f) < 2 || f[1] != strconv.FormatUint(uint64(uid), 10) {
+				return nil
+			}
+			continue
+		}
 		rest, ok := strings.CutPrefix(sc.Text(), "Groups:")
 		if !ok {
 			continue

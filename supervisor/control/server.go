@@ -42,10 +42,13 @@ var _ Backend = (*supervisor.Supervisor)(nil)
 
 // Options configure a Server. Path, Logger and Backend are required.
 type Options struct {
-	Path    string
-	Group   string // may change state besides root and the daemon's user; "" = the daemon's group
-	Logger  *zap.Logger
-	Backend Backend
+	Path  string
+	Group string // may change state besides root and the daemon's user; "" = the daemon's group
+	// ReadGroup, when set, owns the socket file instead of Group: its
+	// members can open the socket and read, but not change state.
+	ReadGroup string
+	Logger    *zap.Logger
+	Backend   Backend
 	// Reload loads and applies the configuration file, as SIGHUP does.
 	Reload func(context.Context) ([]config.Change, error)
 	// Daemon describes the daemon (PathDaemon); nil answers an empty one.
@@ -64,18 +67,20 @@ type Options struct {
 
 // Server serves the control API on a Unix socket.
 type Server struct {
-	o    Options
-	ln   *netguard.Listener
-	unix *net.UnixListener
-	gid  uint32 // the group allowed to change state
-	uid  uint32 // the daemon's user
-	srv  *http.Server
+	o       Options
+	ln      *netguard.Listener
+	unix    *net.UnixListener
+	gid     uint32 // the group allowed to change state
+	fileGID uint32 // the socket file's group: gid, or ReadGroup's
+	uid     uint32 // the daemon's user
+	srv     *http.Server
 }
 
 // maxBody bounds a request body; the largest legitimate one names every model.
 const maxBody = 1 << 20
 
-// Listen creates the socket with mode 0660 and the configured group. A stale
+// Listen creates the socket with mode 0660 and the configured group: the
+// read group when one is set, else the group that may change state. A stale
 // socket file (nothing answers on it) is replaced; a live one, or a path
 // that is not a socket, is an error: nothing else's file is ever removed.
 func Listen(o Options) (*Server, error) {
@@ -88,10 +93,19 @@ func Listen(o Options) (*Server, error) {
 		gid, _ := strconv.ParseUint(g.Gid, 10, 32)
 		s.gid = uint32(gid)
 	}
+	s.fileGID = s.gid
+	if o.ReadGroup != "" {
+		g, err := user.LookupGroup(o.ReadGroup)
+		if err != nil {
+			return nil, fmt.Errorf("control_socket_read_group: %w", err)
+		}
+		gid, _ := strconv.ParseUint(g.Gid, 10, 32)
+		s.fileGID = uint32(gid)
+	}
 	ln := o.Listener
 	if ln == nil {
 		var err error
-		if ln, err = create(o.Path, s.gid); err != nil {
+		if ln, err = create(o.Path, s.fileGID); err != nil {
 			return nil, err
 		}
 	}
@@ -196,7 +210,7 @@ func (s *Server) Run(ctx context.Context) error {
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+api.PathStatus, s.status)
-	mux.HandleFunc("POST "+api.PathOp+"{op}", s.mutating(s.op))
+	mux.HandleFunc("POST "+api.PathOp+"{op}", s.opGate)
 	mux.HandleFunc("POST "+api.PathReload, s.mutating(s.reload))
 	mux.HandleFunc("POST "+api.PathUpgrade, s.mutating(s.upgrade))
 	mux.HandleFunc("GET "+api.PathLogs, s.logs)
@@ -233,12 +247,22 @@ func (s *Server) mutating(h http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
+// opGate checks the peer's right to change state for every operation that
+// does (api.Op.Mutates, unknown ones included), then runs it.
+func (s *Server) opGate(w http.ResponseWriter, r *http.Request) {
+	if api.Op(r.PathValue("op")).Mutates() {
+		s.mutating(s.op)(w, r)
+		return
+	}
+	s.op(w, r)
+}
+
 // authorize says whether peer may change state.
 func (s *Server) authorize(p Peer) error {
 	if p.UID == 0 || p.UID == s.uid || p.GID == s.gid || slices.Contains(p.Groups, s.gid) {
 		return nil
 	}
-	return fmt.Errorf("permission denied: uid %d is not root, the supervisor's user (uid %d) or in its group (gid %d)", p.UID, s.uid, s.gid)
+	return fmt.Errorf("permission denied: uid %d is not root, the supervisor's user (uid %d) or in its control group (gid %d): you may read but not change state", p.UID, s.uid, s.gid)
 }
 
 func (s *Server) status(w http.ResponseWriter, r *http.Request) {

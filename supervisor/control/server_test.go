@@ -3,6 +3,8 @@ package control
 import (
 	"context"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -32,7 +34,7 @@ func TestAuthorize(t *testing.T) {
 			if (err == nil) != tc.ok {
 				t.Errorf("authorize(%+v) = %v, want ok=%v", tc.peer, err, tc.ok)
 			}
-			if err != nil && err.Error() != "permission denied: uid 1000 is not root, the supervisor's user (uid 990) or in its group (gid 991)" {
+			if err != nil && err.Error() != "permission denied: uid 1000 is not root, the supervisor's user (uid 990) or in its control group (gid 991): you may read but not change state" {
 				t.Errorf("message: %v", err)
 			}
 		})
@@ -111,4 +113,27 @@ func TestListenSocketFile(t *testing.T) {
 			t.Errorf("socket file left behind: %v", err)
 		}
 	})
+}
+
+// TestOpGate: a peer that may only read is refused every operation, an
+// unknown one included (refused before being told it does not exist).
+func TestOpGate(t *testing.T) {
+	s := &Server{o: Options{Logger: zap.NewNop(), Backend: nobackend{}}, uid: 990, gid: 991}
+	h := s.routes()
+	for _, op := range []string{"stop", "wake", "no-such-op"} {
+		r := httptest.NewRequest("POST", "/v1/op/"+op, strings.NewReader(`{"models":["a"]}`))
+		r = r.WithContext(context.WithValue(r.Context(), peerKey{}, Peer{UID: 1000, GID: 1000}))
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		if w.Code != http.StatusForbidden || !strings.Contains(w.Body.String(), "you may read but not change state") {
+			t.Errorf("%s as a reader: %d %s", op, w.Code, w.Body)
+		}
+	}
+	r := httptest.NewRequest("POST", "/v1/op/no-such-op", strings.NewReader(`{"models":["a"]}`))
+	r = r.WithContext(context.WithValue(r.Context(), peerKey{}, Peer{UID: 0}))
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, r)
+	if w.Code != http.StatusNotFound {
+		t.Errorf("unknown op as root: %d %s", w.Code, w.Body)
+	}
 }

@@ -49,6 +49,25 @@ func (o Op) Valid() bool {
 	return false
 }
 
+// opMutates classifies every operation: true when it changes state, so
+// that only a peer allowed to change state may ask for it. A new operation
+// adds its line here; one missing from this table counts as changing state.
+var opMutates = map[Op]bool{
+	OpStart:   true,
+	OpStop:    true,
+	OpRestart: true,
+	OpReset:   true,
+	OpSleep:   true,
+	OpWake:    true,
+}
+
+// Mutates reports whether o changes state. An unknown operation does: the
+// server refuses it to a read-only peer before saying it does not exist.
+func (o Op) Mutates() bool {
+	m, known := opMutates[o]
+	return m || !known
+}
+
 // OpRequest names the models of an operation; ["all"] means every model.
 type OpRequest struct {
 	Models []string `json:"models"`

@@ -72,7 +72,7 @@ func (c *Client) send(ctx context.Context, method, path string, q url.Values, bo
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("%w at %s: %v", ErrUnreachable, c.path, err)
+		return nil, fmt.Errorf("%w at %s: %w", ErrUnreachable, c.path, err)
 	}
 	if resp.StatusCode/100 == 2 || slices.Contains(also, resp.StatusCode) {
 		return resp, nil
