@@ -252,8 +252,12 @@ func hostileSIGKILLs(t *testing.T, s *site, mode string, trials int) {
 		first := s.startMode(mode)
 		waitFor(t, 30*time.Second, "models healthy", s.healthy)
 		waitFor(t, 10*time.Second, "every hostile child running", func() bool { return escaped(s.Site, t) })
+		var before map[string]int
+		waitFor(t, 10*time.Second, "the daemon says every model is ready", func() bool {
+			before = readyPIDs(s.Socket)
+			return len(before) == len(s.Models)
+		})
 		jitter()
-		before := readyPIDs(s.Socket)
 		first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 		first.wait(t)
 
