@@ -229,19 +229,11 @@ func hostileSIGTERMs(t *testing.T, s *site, mode string, trials int) {
 }
 
 // readyPIDs maps each ready model to its PID, as the daemon says.
-func readyPIDs(socket string) map[string]int {
-	c := client.New(socket)
-	defer c.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	st, err := c.Status(ctx)
-	if err != nil {
-		return nil
-	}
+func readyPIDs(t *testing.T, socket string) map[string]int {
 	out := map[string]int{}
-	for _, m := range st {
+	for name, m := range statusOf(t, socket) {
 		if m.State == api.Ready {
-			out[m.Name] = m.PID
+			out[name] = m.PID
 		}
 	}
 	return out
@@ -254,7 +246,7 @@ func hostileSIGKILLs(t *testing.T, s *site, mode string, trials int) {
 		waitFor(t, 10*time.Second, "every hostile child running", func() bool { return escaped(s.Site, t) })
 		var before map[string]int
 		waitFor(t, 10*time.Second, "the daemon says every model is ready", func() bool {
-			before = readyPIDs(s.Socket)
+			before = readyPIDs(t, s.Socket)
 			return len(before) == len(s.Models)
 		})
 		jitter()
@@ -271,7 +263,7 @@ func hostileSIGKILLs(t *testing.T, s *site, mode string, trials int) {
 						t.Fatalf("trial %d: a model runs %d servers", trial, n)
 					}
 				}
-				after := readyPIDs(s.Socket)
+				after := readyPIDs(t, s.Socket)
 				return len(after) == len(s.Models) && maps.Equal(after, before)
 			})
 		} else {

@@ -149,8 +149,28 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 		t.Fatalf("a: %d %s", code, body)
 	}
 	// A 40-token stream on a: 2 s.
+	stream := startStream(t, gw, "a")
+	code, body := chat(t, gw, "b") // waits for a's stream, a's sleep, b's start
+	streamed := <-stream
+	if code != 200 {
+		t.Fatalf("b: %d %s", code, body)
+	}
+	if !wholeStream(streamed) {
+		t.Errorf("a's stream was cut: %d events\n%s", strings.Count(streamed, "data: "), streamed)
+	}
+	for _, m := range s.Models {
+		if st := supervisortest.FakeStats(t, m.Port); st["refused_sleeps"] != 0 || st["refused_asleep"] != 0 {
+			t.Errorf("%s's fake: %v", m.Name, st)
+		}
+	}
+}
+
+// startStream sends a 40-token streaming completion for model through the
+// gateway; the channel gets the whole body once it ends.
+func startStream(t *testing.T, gw, model string) <-chan string {
+	t.Helper()
 	resp, err := http.Post(gw+"/v1/completions", "application/json",
-		strings.NewReader(`{"model":"a","prompt":"hi","max_tokens":40,"stream":true}`))
+		strings.NewReader(`{"model":"`+model+`","prompt":"hi","max_tokens":40,"stream":true}`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -160,17 +180,11 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 		resp.Body.Close()
 		stream <- string(b)
 	}()
-	code, body := chat(t, gw, "b") // waits for a's stream, a's sleep, b's start
-	streamed := <-stream
-	if code != 200 {
-		t.Fatalf("b: %d %s", code, body)
-	}
-	if strings.Count(streamed, "data: ") != 41 || !strings.HasSuffix(strings.TrimSpace(streamed), "data: [DONE]") {
-		t.Errorf("a's stream was cut: %d events\n%s", strings.Count(streamed, "data: "), streamed)
-	}
-	for _, m := range s.Models {
-		if st := supervisortest.FakeStats(t, m.Port); st["refused_sleeps"] != 0 || st["refused_asleep"] != 0 {
-			t.Errorf("%s's fake: %v", m.Name, st)
-		}
-	}
+	return stream
+}
+
+// wholeStream reports whether a 40-token stream arrived whole: 40 events
+// and the end.
+func wholeStream(s string) bool {
+	return strings.Count(s, "data: ") == 41 && strings.HasSuffix(strings.TrimSpace(s), "data: [DONE]")
 }

@@ -3,10 +3,8 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"maps"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -243,11 +241,7 @@ func TestSIGKILLThenRestartAdopts(t *testing.T) {
 	if code := second.wait(t); code != 0 {
 		t.Errorf("second daemon exit code %d", code)
 	}
-	for _, m := range []string{"a", "b", "c"} {
-		if l := live(s.procs(m), ""); len(l) != 0 {
-			t.Errorf("%s: alive after stop: %v", m, l)
-		}
-	}
+	s.noneLive(t, "a", "b", "c")
 	if st := sd.stored(); len(st) != 0 {
 		t.Errorf("descriptors left in the store after a stop: %v", st)
 	}
@@ -336,17 +330,7 @@ func TestUpgradeInPlace(t *testing.T) {
 		}
 	}()
 	// A 40-token stream through the gateway (2 s), in flight at the upgrade.
-	resp, err := http.Post(gw+"/v1/completions", "application/json",
-		strings.NewReader(`{"model":"a","prompt":"hi","max_tokens":40,"stream":true}`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	stream := make(chan string, 1)
-	go func() {
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		stream <- string(b)
-	}()
+	stream := startStream(t, gw, "a")
 
 	install("v2")
 	res, err := c.Upgrade(ctx)
@@ -356,8 +340,7 @@ func TestUpgradeInPlace(t *testing.T) {
 	if res.From != "v1" || res.To != "v2" || res.Models != 3 || res.Running != 2 {
 		t.Errorf("upgrade answer %+v", res)
 	}
-	streamed := <-stream
-	if strings.Count(streamed, "data: ") != 41 || !strings.HasSuffix(strings.TrimSpace(streamed), "data: [DONE]") {
+	if streamed := <-stream; !wholeStream(streamed) {
 		t.Errorf("the stream through the gateway was cut by the upgrade: %d events\n%s", strings.Count(streamed, "data: "), streamed)
 	}
 	waitFor(t, 30*time.Second, "the new image answering", func() bool {
@@ -411,11 +394,7 @@ func TestUpgradeInPlace(t *testing.T) {
 	if code := d.wait(t); code != 0 {
 		t.Errorf("exit code %d after SIGTERM", code)
 	}
-	for _, m := range []string{"a", "b", "held"} {
-		if l := live(s.procs(m), ""); len(l) != 0 {
-			t.Errorf("%s: alive after stop: %v", m, l)
-		}
-	}
+	s.noneLive(t, "a", "b", "held")
 }
 
 // TestUpgradeRefusesABadBinary: a binary that cannot take over is never
@@ -463,5 +442,15 @@ func TestUpgradeRefusesABadBinary(t *testing.T) {
 	}
 	if d.cmd.ProcessState != nil {
 		t.Fatalf("the daemon exited: %v", d.cmd.ProcessState)
+	}
+}
+
+// noneLive fails for every process of models still alive.
+func (s *site) noneLive(t *testing.T, models ...string) {
+	t.Helper()
+	for _, m := range models {
+		if l := live(s.procs(m), ""); len(l) != 0 {
+			t.Errorf("%s: alive after stop: %v", m, l)
+		}
 	}
 }

@@ -292,7 +292,7 @@ func (u *upgrader) exec(servers []drained, h *supervisor.Handover, files map[str
 			if f == nil {
 				continue
 			}
-			fd, err := dupNoCloexec(f)
+			fd, err := netguard.DupForExec(f)
 			if err != nil {
 				return fmt.Errorf("%s %s: %w", is.Model, stream, err)
 			}
@@ -334,20 +334,6 @@ func (u *upgrader) exec(servers []drained, h *supervisor.Handover, files map[str
 		zap.Int("models", len(h.Models)), zap.Int("descriptors", len(opened)))
 	_ = u.log.Sync()
 	return syscall.Exec(u.exe, u.args, env)
-}
-
-// dupNoCloexec duplicates f's descriptor for the next image.
-func dupNoCloexec(f *os.File) (int, error) {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	fd := -1
-	var derr error
-	if err := rc.Control(func(s uintptr) { fd, derr = unix.Dup(int(s)) }); err != nil {
-		return -1, err
-	}
-	return fd, derr
 }
 
 // preflight asks the new binary which handover it takes and whether it

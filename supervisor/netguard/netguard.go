@@ -125,7 +125,13 @@ func (l *Listener) Dup() (int, error) {
 	if !ok {
 		return -1, fmt.Errorf("listener %T has no descriptor", l.Listener)
 	}
-	rc, err := sc.SyscallConn()
+	return DupForExec(sc)
+}
+
+// DupForExec duplicates c's descriptor without close-on-exec (a listener,
+// a pipe), for the next image of this process; the caller closes it.
+func DupForExec(c syscall.Conn) (int, error) {
+	rc, err := c.SyscallConn()
 	if err != nil {
 		return -1, err
 	}
