@@ -271,7 +271,11 @@ func (l *loop) freeze(req freezeReq) {
 		}
 	}
 	req.reply <- frozen{st: st, files: files}
-	<-req.thaw
+	// The daemon may be told to stop meanwhile: its stop goes first.
+	select {
+	case <-req.thaw:
+	case <-l.ctx.Done():
+	}
 }
 
 // Freeze writes every model down for an upgrade and holds every runner

@@ -173,6 +173,7 @@ type loop struct {
 	m       *machine
 	timers  [numTimers]<-chan time.Time // nil: not armed; replacing one drops its fire
 	timerAt [numTimers]time.Time        // when each armed timer fires
+	ctx     context.Context             // run's: a freeze ends with it (the daemon stops)
 	results chan event                  // probes and stops report here
 	seq     uint64                      // of the last published status
 	// later is work that must wait until the step's status is published
@@ -194,6 +195,7 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 		r:       r,
 		m:       newMachine(cfg, r.d.now, r.d.jitter, r.log),
 		results: make(chan event, 4),
+		ctx:     ctx,
 	}
 	if from != nil {
 		r.out.restore(from.st.Output)

@@ -230,6 +230,8 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	defer signal.Stop(hup)
 
 	g, gctx := errgroup.WithContext(ctx)
+	// An upgrade never executes a new image once the daemon is stopping.
+	u.stopping = func() bool { return gctx.Err() != nil }
 	reapCtx, stopReaper := context.WithCancel(context.Background())
 	g.Go(func() error { return reaper.Run(reapCtx) })
 	g.Go(func() error {

@@ -131,6 +131,7 @@ type upgrader struct {
 	sup                    *supervisor.Supervisor
 	gateway, http, control *drained
 	keep                   func() // keeps the control socket's file when it closes
+	stopping               func() bool
 
 	started  time.Time
 	upgrades int
@@ -254,7 +255,12 @@ func (u *upgrader) prepare(ctx context.Context, viaControl bool) (api.UpgradeRes
 			_ = u.control.guard.Quiet(qctx, 0)
 			cancel()
 		}
-		err := u.exec(servers, h, files)
+		var err error
+		if u.stopping != nil && u.stopping() {
+			err = errors.New("the daemon is stopping")
+		} else {
+			err = u.exec(servers, h, files)
+		}
 		u.failed(fmt.Errorf("exec %s: %w", u.exe, err))
 		thaw()
 		resume()
