@@ -230,6 +230,8 @@ func describe(efs []effect) string {
 			out = append(out, fmt.Sprintf("woke(%d)", ef.level))
 		case efDecline:
 			out = append(out, "decline")
+		case efAdopt:
+			out = append(out, fmt.Sprintf("adopt(%v)", ef.phase))
 		default:
 			out = append(out, fmt.Sprintf("%T", ef))
 		}

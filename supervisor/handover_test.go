@@ -1,0 +1,98 @@
+package supervisor
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"citadel-supervisor/config"
+)
+
+// TestMachineRestore: what a machine becomes when it takes over a
+// predecessor's state (an upgrade) or process (a crash), by case.
+func TestMachineRestore(t *testing.T) {
+	cfg := testModelCfg()
+	digest := cfg.SpawnDigest()
+	inst := func(mod func(*InstanceState)) *InstanceState {
+		is := &InstanceState{Model: "m", PID: 100, Started: t0.Add(-time.Minute), GPUs: []string{"GPU-0"}, Digest: digest}
+		if mod != nil {
+			mod(is)
+		}
+		return is
+	}
+	onDemand := func(c *config.Model) { c.Activation = "on_demand"; c.SleepLevel = 1; c.IdleAfter = time.Hour }
+	for _, tc := range []struct {
+		name    string
+		cfg     func(*config.Model)
+		st      ModelState
+		running bool // the process is still there
+		state   State
+		effects string // a prefix of the effects, as describe writes them
+		reason  string // a part of the reason
+	}{
+		{name: "ready, upgraded", st: ModelState{State: Ready, Instance: inst(nil)}, running: true,
+			state: Ready, effects: "adopt(running) arm(tick,1s)"},
+		{name: "unhealthy, upgraded: probed again from zero", st: ModelState{State: Unhealthy, Instance: inst(nil)}, running: true,
+			state: Ready, effects: "adopt(running) arm(tick,1s)"},
+		{name: "starting, upgraded: the rest of its startup_timeout", st: ModelState{State: Starting, Reason: "loading", Instance: inst(nil)}, running: true,
+			state: Starting, effects: "adopt(starting) arm(deadline,19m0s) arm(tick,0s)", reason: "loading"},
+		{name: "found after a crash: probed at once", st: ModelState{Instance: inst(nil)}, running: true,
+			state: Starting, effects: "adopt(starting) arm(deadline,20m0s) arm(tick,0s)", reason: "adopted"},
+		{name: "configuration changed meanwhile: restarted", st: ModelState{State: Ready, Instance: inst(func(is *InstanceState) { is.Digest = "other" })}, running: true,
+			state: Stopping, effects: "adopt(running) disarm(tick) disarm(deadline) disarm(idle) stop(term)", reason: "configuration changed while the daemon was away"},
+		{name: "held meanwhile (disabled): stopped", cfg: func(c *config.Model) { c.Enabled = false }, st: ModelState{State: Ready, Instance: inst(nil)}, running: true,
+			state: Stopping, effects: "adopt(running) disarm(tick) disarm(deadline) disarm(idle) stop(term)", reason: "enabled: false"},
+		{name: "asleep, on demand", cfg: onDemand, st: ModelState{State: Sleeping, Instance: inst(func(is *InstanceState) { is.SleepLevel = 1; is.SleepCause = "idle" })}, running: true,
+			state: Sleeping, effects: "adopt(asleep)", reason: "asleep (level 1, idle)"},
+		{name: "gone during the exec: a failure, backed off", st: ModelState{State: Ready, Instance: inst(nil)},
+			state: Backoff, effects: "arm(tick,", reason: "exited while the daemon was away"},
+		{name: "in backoff: the rest of its delay", st: ModelState{State: Backoff, Reason: "exited (exit code 1); restarting in 10s", TimerAt: t0.Add(4 * time.Second)},
+			state: Backoff, effects: "arm(tick,4s)", reason: "restarting in 10s"},
+		{name: "failed: retried when retry_failed_after ends", st: ModelState{State: Failed, Reason: "start limit", TimerAt: t0.Add(time.Minute)},
+			state: Failed, effects: "arm(tick,1m0s)", reason: "start limit"},
+		{name: "held stopped", st: ModelState{State: Stopped, Hold: true, HoldReason: "held stopped by operator"},
+			state: Stopped, effects: "", reason: "held stopped by operator"},
+		{name: "pending: checks again", st: ModelState{State: Pending},
+			state: Pending, effects: "disarm(tick) check"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := testModelCfg()
+			if tc.cfg != nil {
+				tc.cfg(&c)
+			}
+			m := newMachine(c, func() time.Time { return t0 }, func() float64 { return 0.5 }, zap.NewNop())
+			if is := tc.st.Instance; is != nil && is.Digest == digest {
+				is.Digest = c.SpawnDigest() // started under the configuration it is restored with
+			}
+			var in *instance
+			if tc.running {
+				in = &instance{pid: 100, started: tc.st.Instance.Started, gpus: tc.st.Instance.GPUs, done: make(chan struct{})}
+			}
+			got := describe(m.restore(tc.st, in, c.SpawnDigest()))
+			if !strings.HasPrefix(got, tc.effects) || (tc.effects == "" && got != "") {
+				t.Errorf("effects %q, want %q…", got, tc.effects)
+			}
+			if m.state != tc.state || !strings.Contains(m.reason, tc.reason) {
+				t.Errorf("state %s %q, want %s with %q", m.state, m.reason, tc.state, tc.reason)
+			}
+		})
+	}
+}
+
+// TestMachineSnapshotRoundTrip: a machine written down and restored is the
+// machine it was, as far as the operator sees (status).
+func TestMachineSnapshotRoundTrip(t *testing.T) {
+	mt := newMTest(t).toReady()
+	mt.m.restarts[ReasonExit] = 2
+	st := mt.m.snapshot()
+	before := mt.m.status()
+	m := newMachine(testModelCfg(), func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
+	st.Instance.Digest = testModelCfg().SpawnDigest()
+	m.restore(st, mt.m.inst, testModelCfg().SpawnDigest())
+	after := m.status()
+	if after.State != before.State || after.PID != before.PID || after.Restarts != before.Restarts || !after.ReadyAt.Equal(before.ReadyAt) {
+		t.Errorf("before %+v\nafter  %+v", before, after)
+	}
+}
