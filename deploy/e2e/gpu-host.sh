@@ -74,6 +74,20 @@ ctl status | tee "$out/status-ready.txt"
 curl -fsS http://127.0.0.1:9400/metrics | grep -E '^citadel_(gpu|model_gpu)_' | tee "$out/gpu-metrics.txt"
 check "citadel_gpu_up is 1" grep -q '^citadel_gpu_up{.*} 1$' "$out/gpu-metrics.txt"
 check "backend info says nvml" waitfor 5 sh -c "curl -fsS http://127.0.0.1:9400/metrics | grep -q 'citadel_gpu_backend_info{.*backend=\"nvml\"'"
+# Live restore on the real GPU: an upgrade in place, then a SIGKILL of the
+# daemon and a new one, keep the model's process and its GPU memory.
+hogpid() { ctl status hog | awk '$1 == "hog" && $2 == "ready" {print $3}'; }
+same_hog() { [ "$(hogpid)" = "$1" ]; }
+p1=$(hogpid)
+check "citadelctl upgrade on nvml" ctl upgrade
+check "the upgrade kept hog's process" waitfor 10 same_hog "$p1"
+check "its GPU memory is still attributed to it after the upgrade" waitfor 30 attributed
+kill -9 "$daemon"; wait "$daemon" 2>/dev/null
+bin/citadel-supervisor --config "$work/supervisor.yaml" >>"$work/daemon.log" 2>&1 &
+daemon=$!
+check "a new daemon adopts hog after a SIGKILL (same process, ready)" waitfor 30 same_hog "$p1"
+check "its GPU memory is attributed to it by the new daemon" waitfor 30 attributed
+check "no second copy took GPU memory" sh -c "[ \$(nvidia-smi --query-compute-apps=pid --format=csv,noheader | wc -l) = 1 ]"
 used_before=$(metric 'citadel_gpu_memory_used_bytes{')
 ctl stop hog
 freed() { v=$(metric 'citadel_gpu_memory_used_bytes{'); awk -v a="$v" -v b="$used_before" 'BEGIN {exit !(b - a >= 2^32)}'; }
