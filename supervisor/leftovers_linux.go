@@ -123,6 +123,7 @@ func (s *Supervisor) takeOrStop(cfg *config.Config, adopt bool) map[string]*take
 					// Removed from the file meanwhile: it goes.
 					_ = t.out.Close()
 					_ = t.err.Close()
+					s.d.reaper.Done(is.PID) // the reaper reaps it once stopped
 					stop = append(stop, leftover{st.Name, t.tree.(*proc.Tree)})
 					continue
 				}

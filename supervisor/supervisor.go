@@ -158,6 +158,10 @@ type Supervisor struct {
 
 	applyMu  sync.Mutex // a reload and an upgrade's freeze exclude each other
 	handover *Handover  // from the previous image (an upgrade), consumed by Run
+	// handedOver holds the markers of the instances the previous image
+	// handed over until their runners own them (Run): meanwhile they are
+	// this process's children that no runner accounts for.
+	handedOver atomic.Pointer[map[string]bool]
 
 	demandMu sync.Mutex      // orders Demand against runners being added
 	early    map[string]bool // models demanded before their runner existed
@@ -242,6 +246,20 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 				return nil, fmt.Errorf("register metrics: %w", err)
 			}
 		}
+	}
+	if h := o.Handover; h != nil {
+		// Before the reaper runs: a handed-over model that exited across
+		// the exec is a zombie whose status its runner is owed, and one
+		// that runs is no stray while the takeover stops what no longer
+		// belongs (which takes a stop_timeout).
+		markers := map[string]bool{}
+		for _, m := range h.Models {
+			if is := m.Instance; is != nil {
+				markers[is.Marker] = true
+				o.Reaper.adopt(is.PID)
+			}
+		}
+		s.handedOver.Store(&markers)
 	}
 	if o.KillStrays && o.Reaper != nil {
 		o.Reaper.KillStrays(s.accounts)
@@ -346,6 +364,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		startRunner(m, takeOver[m.Name])
 	}
 	s.publishRunners(byName)
+	s.handedOver.Store(nil) // each runner owns its marker now
 	close(s.ready)
 	s.d.log.Info("supervisor running", zap.Int("models", len(cfg.Models)), zap.String("identity", s.d.id))
 
