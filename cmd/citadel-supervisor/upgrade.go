@@ -209,6 +209,16 @@ func (u *upgrader) prepare(ctx context.Context, viaControl bool) (api.UpgradeRes
 	if u.control == nil {
 		return res, nil, errors.New("not ready for an upgrade yet: the control socket is not up")
 	}
+	// Every model between two states before anything pauses: a model in
+	// a long stop or wake refuses the upgrade while the daemon serves
+	// (status, the gateway) throughout. It is checked again once frozen.
+	sctx, cancel := context.WithTimeout(ctx, freezeBound)
+	_, _, thaw, err := u.sup.Freeze(sctx)
+	cancel()
+	if err != nil {
+		return res, nil, u.failed(fmt.Errorf("upgrade refused: %w; the running daemon (version %s) keeps running", err, version))
+	}
+	thaw()
 	servers := u.servers()
 	for _, s := range servers {
 		s.guard.Pause()
