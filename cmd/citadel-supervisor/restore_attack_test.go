@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -139,7 +140,7 @@ func TestUpgradeWhileTakeoverStopsARemovedModel(t *testing.T) {
 // a second upgrade (SIGUSR2 this time) goes through.
 func TestUpgradeWhileModelsMove(t *testing.T) {
 	gwPort := supervisortest.FreePort(t)
-	top := fmt.Sprintf("log: {level: debug}\ngpu: {backend: none}\ngateway: {listen: 127.0.0.1:%d, max_wait: 1m}\n", gwPort)
+	top := fmt.Sprintf("listen: \"\"\nlog: {level: debug}\ngpu: {backend: none}\ngateway: {listen: 127.0.0.1:%d, max_wait: 1m}\n", gwPort)
 	s := &site{Site: supervisortest.NewSite(t, top,
 		testModel{Name: "a"},
 		testModel{Name: "slow", Fake: []string{"--fake-load-time", "6s"}},
@@ -285,4 +286,158 @@ func killStop(t *testing.T, s *site, stopped <-chan error) {
 		t.Fatal("st's stop never completed")
 	}
 	waitFor(t, 10*time.Second, "st stopped", func() bool { return statusOf(t, s.Socket)["st"].State == api.Stopped })
+}
+
+// TestCrashAdoptionCornerCases: after a daemon's SIGKILL the next one
+// stops a model disabled meanwhile (and holds it) and one removed, adopts
+// a sleeping on-demand model asleep (a request through the gateway wakes
+// it on its process), takes the engine's word where the record is a step
+// behind (the daemon died while a model went to sleep), and restarts an adopted model that later dies, its
+// exit status unknown. systemd's descriptor store then holds exactly the
+// running instances' two pipes. --stop-leftovers refuses while a daemon
+// runs, leaves everything after a crash (SERVICE_RESULT=signal) and stops
+// everything after a stop that timed out, leaving no record behind.
+func TestCrashAdoptionCornerCases(t *testing.T) {
+	sd := newFakeSystemd(t)
+	gwPort := supervisortest.FreePort(t)
+	top := fmt.Sprintf("listen: \"\"\nlog: {level: debug}\ngpu: {backend: none}\ngateway: {listen: 127.0.0.1:%d, max_wait: 1m}\n", gwPort)
+	s := &site{Site: supervisortest.NewSite(t, top,
+		testModel{Name: "a"},
+		testModel{Name: "k"},
+		testModel{Name: "od", YAML: "activation: on_demand\nsleep_level: 1\nidle_after: 1h\nmin_awake: 0s"},
+		testModel{Name: "od2", YAML: "activation: on_demand\nsleep_level: 1\nidle_after: 1h\nmin_awake: 0s"},
+		testModel{Name: "r", Fake: []string{"--fake-workers", "1"}},
+	), t: t}
+	first := sd.start(s, os.Args[0])
+	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
+	supervisortest.WaitGateway(t, gw)
+	c := client.New(s.Socket)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for _, m := range []string{"od", "od2"} {
+		if code, body := chat(t, gw, m); code != 200 {
+			t.Fatalf("%s: %d %s", m, code, body)
+		}
+	}
+	if _, err := c.Op(ctx, api.OpSleep, "od"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "a, k, r, od2 ready, od asleep, all pipes stored", func() bool {
+		st := statusOf(t, s.Socket)
+		return st["a"].State == api.Ready && st["k"].State == api.Ready && st["r"].State == api.Ready && st["od2"].State == api.Ready &&
+			st["od"].State == api.Sleeping && strings.HasPrefix(st["od"].Reason, "asleep") && len(sd.stored()) == 10
+	})
+	before := statusOf(t, s.Socket)
+	odPort, od2Port := s.Models[2].Port, s.Models[3].Port
+	// od2 goes to sleep as the daemon dies: its record still says awake.
+	resp, err := http.Post(fmt.Sprintf("http://127.0.0.1:%d/sleep?level=1", od2Port), "application/json", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("od2's engine /sleep: %d", resp.StatusCode)
+	}
+
+	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
+	first.wait(t)
+	cfg := strings.Replace(withoutLast(t, s, "r"), "\n  a:\n", "\n  a:\n    enabled: false\n", 1)
+	if err := os.WriteFile(s.Path, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	second := sd.start(s, os.Args[0])
+	waitFor(t, 30*time.Second, "k adopted ready, od and od2 adopted asleep, a held stopped", func() bool {
+		st := statusOf(t, s.Socket)
+		return st["k"].State == api.Ready && st["od"].State == api.Sleeping && st["od2"].State == api.Sleeping &&
+			st["a"].State == api.Stopped && st["a"].Held
+	})
+	after := statusOf(t, s.Socket)
+	for _, m := range []string{"k", "od", "od2"} {
+		if after[m].PID != before[m].PID || after[m].Restarts != 0 {
+			t.Errorf("%s: pid %d restarts %d, was pid %d", m, after[m].PID, after[m].Restarts, before[m].PID)
+		}
+	}
+	if _, ok := after["r"]; ok {
+		t.Errorf("r (removed) has a status: %+v", after["r"])
+	}
+	for _, m := range []string{"a", "r"} {
+		if l := live(s.procs(m), ""); len(l) != 0 {
+			t.Errorf("%s: still running after the restart: %v", m, l)
+		}
+	}
+	// The gateway wakes od and od2 on their processes rather than sending
+	// to a sleeping engine.
+	for m, port := range map[string]int{"od": odPort, "od2": od2Port} {
+		if code, body := chat(t, gw, m); code != 200 {
+			t.Errorf("%s through the gateway after adoption: %d %s", m, code, body)
+		}
+		if st := supervisortest.FakeStats(t, port); st["refused_asleep"] != 0 || st["wakes_l1"] != 1 {
+			t.Errorf("%s's engine: %v; want one wake and no request refused asleep", m, st)
+		}
+		if st := statusOf(t, s.Socket)[m]; st.State != api.Ready || st.PID != before[m].PID {
+			t.Errorf("%s after the request: %s pid %d, want ready pid %d", m, st.State, st.PID, before[m].PID)
+		}
+	}
+	// An adopted model that dies is restarted; how it ended is unknown.
+	if err := syscall.Kill(before["k"].PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "k restarted", func() bool {
+		st := statusOf(t, s.Socket)["k"]
+		return st.State == api.Ready && st.PID != before["k"].PID
+	})
+	if st := statusOf(t, s.Socket)["k"]; st.RestartsByReason["exit"] != 1 || !strings.Contains(st.LastExit, "unknown") {
+		t.Errorf("k: restarts %v, last exit %q; want one restart for an exit of unknown status", st.RestartsByReason, st.LastExit)
+	}
+	// The store: two pipes for each running instance (k's new one, od,
+	// od2), nothing of a, r, or k's first instance.
+	waitFor(t, 10*time.Second, "the descriptor store holds k's, od's and od2's pipes only", func() bool {
+		st := sd.stored()
+		if len(st) != 6 {
+			return false
+		}
+		for _, name := range st {
+			if !strings.HasPrefix(name, "k@") && !strings.HasPrefix(name, "od@") && !strings.HasPrefix(name, "od2@") {
+				return false
+			}
+		}
+		return true
+	})
+	recs := filepath.Join(filepath.Dir(s.Socket), "instances")
+	if ents, err := os.ReadDir(recs); err != nil || len(ents) != 3 {
+		t.Errorf("instance records: %v, %v; want k's, od's and od2's", ents, err)
+	}
+
+	leftovers := func(result string) (int, string) {
+		cmd := exec.Command(os.Args[0], "--config", s.Path, "--stop-leftovers")
+		cmd.Env = append(os.Environ(), roleEnv+"=1", "SERVICE_RESULT="+result)
+		out, _ := cmd.CombinedOutput()
+		return cmd.ProcessState.ExitCode(), string(out)
+	}
+	running := statusOf(t, s.Socket)
+	if code, out := leftovers("success"); code == 0 || !strings.Contains(out, "another citadel-supervisor is running") {
+		t.Errorf("--stop-leftovers while the daemon runs: exit %d\n%s", code, out)
+	}
+	second.cmd.Process.Kill() //nolint:errcheck // checked by wait
+	second.wait(t)
+	if code, out := leftovers("signal"); code != 0 {
+		t.Errorf("--stop-leftovers after a crash: exit %d\n%s", code, out)
+	}
+	for _, m := range []string{"k", "od", "od2"} {
+		if !supervisortest.Running(running[m].PID) {
+			t.Errorf("%s: stopped by --stop-leftovers after a crash", m)
+		}
+	}
+	if code, out := leftovers("timeout"); code != 0 {
+		t.Errorf("--stop-leftovers after a stop that timed out: exit %d\n%s", code, out)
+	}
+	for _, m := range []string{"a", "k", "od", "od2", "r"} {
+		if l := live(s.procs(m), ""); len(l) != 0 {
+			t.Errorf("%s: still running after --stop-leftovers: %v", m, l)
+		}
+	}
+	if ents, _ := os.ReadDir(recs); len(ents) != 0 {
+		t.Errorf("instance records left after --stop-leftovers: %v", ents)
+	}
 }
