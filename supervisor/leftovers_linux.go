@@ -124,6 +124,7 @@ func (s *Supervisor) takeOrStop(cfg *config.Config, adopt bool) map[string]*take
 					_ = t.out.Close()
 					_ = t.err.Close()
 					s.d.reaper.Done(is.PID) // the reaper reaps it once stopped
+					s.d.forgetInstance(is.Marker)
 					stop = append(stop, leftover{st.Name, t.tree.(*proc.Tree)})
 					continue
 				}

@@ -441,3 +441,116 @@ func TestCrashAdoptionCornerCases(t *testing.T) {
 		t.Errorf("instance records left after --stop-leftovers: %v", ents)
 	}
 }
+
+// TestUpgradeThenCrashAdopts: a daemon upgraded in place, then killed,
+// is succeeded by one that adopts its models: the ones handed over at the
+// upgrade and one the new image restarted since, their output still
+// captured; the descriptor store holds each running instance's two pipes.
+func TestUpgradeThenCrashAdopts(t *testing.T) {
+	sd := newFakeSystemd(t)
+	s := newSite(t,
+		testModel{Name: "a", Fake: []string{"--fake-log-every", "50ms"}},
+		testModel{Name: "b"},
+	)
+	in := newInstalled(t)
+	first := sd.start(s, in.exe)
+	waitFor(t, 30*time.Second, "a and b ready, pipes stored", func() bool {
+		st := statusOf(t, s.Socket)
+		return st["a"].State == api.Ready && st["b"].State == api.Ready && len(sd.stored()) == 4
+	})
+	before := statusOf(t, s.Socket)
+	c := client.New(s.Socket)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	in.install(t, "v2")
+	if _, err := c.Upgrade(ctx); err != nil {
+		t.Fatalf("upgrade: %v", err)
+	}
+	waitFor(t, 30*time.Second, "v2 answering", func() bool {
+		dv, err := c.Daemon(ctx)
+		return err == nil && dv.Version == "v2"
+	})
+	// b dies under the new image, which restarts it.
+	if err := syscall.Kill(before["b"].PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "b restarted by v2", func() bool {
+		st := statusOf(t, s.Socket)["b"]
+		return st.State == api.Ready && st.PID != before["b"].PID
+	})
+	if st := statusOf(t, s.Socket)["b"]; st.LastExit != "killed by SIGKILL" {
+		t.Errorf("b's exit under the new image: %q, want killed by SIGKILL (it is the daemon's child)", st.LastExit)
+	}
+	waitFor(t, 10*time.Second, "the store holds a's and b's new pipes", func() bool { return len(sd.stored()) == 4 })
+	mid := statusOf(t, s.Socket)
+
+	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
+	first.wait(t)
+	second := sd.start(s, in.exe)
+	waitFor(t, 30*time.Second, "a and b adopted", func() bool {
+		st := statusOf(t, s.Socket)
+		return st["a"].State == api.Ready && st["a"].PID == mid["a"].PID && st["b"].State == api.Ready && st["b"].PID == mid["b"].PID
+	})
+	if !strings.Contains(second.logText(), "adopting a model left running by a previous supervisor") {
+		t.Errorf("the successor did not adopt:\n%s", second.logText())
+	}
+	if strings.Contains(second.logText(), "output pipes are lost") {
+		t.Errorf("the successor lost output pipes")
+	}
+	var was []string
+	_ = c.Logs(ctx, "a", 1000, false, func(l string) { was = append(was, l) })
+	waitFor(t, 10*time.Second, "a's output reaching the successor", func() bool {
+		var now []string
+		_ = c.Logs(ctx, "a", 1000, false, func(l string) { now = append(now, l) })
+		return len(now) > len(was) || (len(now) > 0 && len(was) > 0 && now[len(now)-1] != was[len(was)-1])
+	})
+	if st := sd.stored(); len(st) != 4 {
+		t.Errorf("descriptor store after the adoption: %v, want a's and b's two pipes", st)
+	}
+}
+
+// TestUpgradeForgetsARemovedModel: a model removed from the file before
+// an upgrade is stopped by the new image, and nothing of it outlives it:
+// no record, no pipes in systemd's descriptor store.
+func TestUpgradeForgetsARemovedModel(t *testing.T) {
+	sd := newFakeSystemd(t)
+	s := newSite(t, testModel{Name: "a"}, testModel{Name: "x"})
+	in := newInstalled(t)
+	sd.start(s, in.exe)
+	waitFor(t, 30*time.Second, "a and x ready, pipes stored", func() bool {
+		st := statusOf(t, s.Socket)
+		return st["a"].State == api.Ready && st["x"].State == api.Ready && len(sd.stored()) == 4
+	})
+	before := statusOf(t, s.Socket)
+	if err := os.WriteFile(s.Path, []byte(withoutLast(t, s, "x")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c := client.New(s.Socket)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	in.install(t, "v2")
+	if _, err := c.Upgrade(ctx); err != nil {
+		t.Fatalf("upgrade: %v", err)
+	}
+	waitFor(t, 30*time.Second, "v2 answering without x", func() bool {
+		dv, err := c.Daemon(ctx)
+		_, hasX := statusOf(t, s.Socket)["x"]
+		return err == nil && dv.Version == "v2" && !hasX
+	})
+	if l := live(s.procs("x"), ""); len(l) != 0 {
+		t.Errorf("x still runs: %v", l)
+	}
+	if st := statusOf(t, s.Socket)["a"]; st.PID != before["a"].PID {
+		t.Errorf("a: pid %d, was %d", st.PID, before["a"].PID)
+	}
+	waitFor(t, 10*time.Second, "only a's pipes in the store", func() bool {
+		st := sd.stored()
+		return len(st) == 2 && strings.HasPrefix(st[0], "a@") && strings.HasPrefix(st[1], "a@")
+	})
+	ents, err := os.ReadDir(filepath.Join(filepath.Dir(s.Socket), "instances"))
+	if err != nil || len(ents) != 1 || !strings.HasPrefix(ents[0].Name(), "a@") {
+		t.Errorf("instance records after the upgrade: %v, %v; want a's only", ents, err)
+	}
+}
