@@ -554,3 +554,40 @@ func TestUpgradeForgetsARemovedModel(t *testing.T) {
 		t.Errorf("instance records after the upgrade: %v, %v; want a's only", ents, err)
 	}
 }
+
+// TestDescriptorStoreHygiene: through many crashes, restarts, stops and
+// starts, systemd's descriptor store holds exactly the two pipes of each
+// running instance, and the instance records match.
+func TestDescriptorStoreHygiene(t *testing.T) {
+	sd := newFakeSystemd(t)
+	s := newSite(t,
+		testModel{Name: "a"},
+		testModel{Name: "c", Fake: []string{"--fake-crash-after", "150ms"}, YAML: "restart: {delay: 10ms, max_delay: 20ms, burst: 1000, interval: 1m}"},
+	)
+	sd.start(s, os.Args[0])
+	c := client.New(s.Socket)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
+	for range 5 {
+		for _, op := range []api.Op{api.OpStop, api.OpStart, api.OpRestart} {
+			if _, err := c.Op(ctx, op, "a"); err != nil {
+				t.Fatalf("%s a: %v", op, err)
+			}
+		}
+	}
+	waitFor(t, 30*time.Second, "c restarted 10 times", func() bool { return statusOf(t, s.Socket)["c"].RestartsByReason["exit"] >= 10 })
+	if _, err := c.Op(ctx, api.OpStop, "c"); err != nil {
+		t.Fatal(err)
+	}
+	recs := filepath.Join(filepath.Dir(s.Socket), "instances")
+	waitFor(t, 10*time.Second, "a ready, c stopped, the store and the records a's alone", func() bool {
+		st := statusOf(t, s.Socket)
+		stored := sd.stored()
+		ents, _ := os.ReadDir(recs)
+		return st["a"].State == api.Ready && st["c"].State == api.Stopped &&
+			len(stored) == 2 && strings.HasPrefix(stored[0], "a@") && strings.HasPrefix(stored[1], "a@") &&
+			len(ents) == 1 && strings.HasPrefix(ents[0].Name(), "a@")
+	})
+}
