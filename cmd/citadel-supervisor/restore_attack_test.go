@@ -74,7 +74,8 @@ func withoutLast(t *testing.T, s *site, name string) string {
 // models are the daemon's children that no runner owns yet: the reaper
 // must neither kill them as strays (marker mode: nothing else says whose
 // they are) nor reap one that exits then, whose exit status the new image
-// is owed. A removed model's stop_timeout is unknown to the new image: it
+// is owed; and a SIGUSR2 then is no upgrade and no death. A removed
+// model's stop_timeout is unknown to the new image: it
 // is given the longest configured, here a's 6 s, past the reaper's tick.
 func TestUpgradeWhileTakeoverStopsARemovedModel(t *testing.T) {
 	s := newSite(t,
@@ -108,6 +109,11 @@ func TestUpgradeWhileTakeoverStopsARemovedModel(t *testing.T) {
 	if err := syscall.Kill(before["b"].PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
+	// A second SIGUSR2 (an impatient operator) while the new image takes
+	// over: no upgrade can start yet, and it must not kill the daemon.
+	if err := d.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, 30*time.Second, "the new image answering, x gone, b back", func() bool {
 		dv, err := c.Daemon(ctx)
 		if err != nil || dv.Version != "v2" {
@@ -124,6 +130,9 @@ func TestUpgradeWhileTakeoverStopsARemovedModel(t *testing.T) {
 	if a := after["a"]; a.PID != before["a"].PID || a.Restarts != before["a"].Restarts {
 		t.Errorf("a: pid %d restarts %d after the upgrade, pid %d restarts %d before (killed as a stray while the new image took over?)",
 			a.PID, a.Restarts, before["a"].PID, before["a"].Restarts)
+	}
+	if dv, err := c.Daemon(ctx); err != nil || dv.Upgrades != 1 {
+		t.Errorf("daemon after the upgrade: %+v, %v; want 1 upgrade", dv, err)
 	}
 	if b := after["b"]; b.LastExit != "killed by SIGKILL" || b.RestartsByReason["exit"] != 1 {
 		t.Errorf("b: last exit %q, restarts %v; want its exit known (killed by SIGKILL) and one restart for it", b.LastExit, b.RestartsByReason)
