@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"os"
@@ -599,4 +600,65 @@ func TestDescriptorStoreHygiene(t *testing.T) {
 			len(stored) == 2 && strings.HasPrefix(stored[0], "a@") && strings.HasPrefix(stored[1], "a@") &&
 			len(ents) == 1 && strings.HasPrefix(ents[0].Name(), "a@")
 	})
+}
+
+// TestCrashAdoptionRefusesAReusedPID: a record whose PID now belongs to
+// another process (its start time differs) is not adopted: the stranger
+// is left alone, what is left of the model's tree is stopped, and the
+// model starts afresh.
+func TestCrashAdoptionRefusesAReusedPID(t *testing.T) {
+	sd := newFakeSystemd(t)
+	s := newSite(t, testModel{Name: "a", Fake: []string{"--fake-detached-workers", "1"}})
+	first := sd.start(s, os.Args[0])
+	waitFor(t, 30*time.Second, "a ready with its worker", func() bool {
+		return statusOf(t, s.Socket)["a"].State == api.Ready && len(live(s.procs("a"), "worker")) == 1
+	})
+	before := statusOf(t, s.Socket)["a"]
+	worker := live(s.procs("a"), "worker")[0]
+	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
+	first.wait(t)
+	// a's server dies too, and its PID "is reused" by a stranger.
+	if err := syscall.Kill(before.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	stranger := exec.Command("sleep", "120")
+	if err := stranger.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { stranger.Process.Kill(); stranger.Wait() }() //nolint:errcheck // best effort
+	recs := filepath.Join(filepath.Dir(s.Socket), "instances")
+	ents, err := os.ReadDir(recs)
+	if err != nil || len(ents) != 1 {
+		t.Fatalf("records: %v, %v", ents, err)
+	}
+	p := filepath.Join(recs, ents[0].Name())
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rec map[string]any
+	if err := json.Unmarshal(b, &rec); err != nil {
+		t.Fatal(err)
+	}
+	rec["pid"] = stranger.Process.Pid
+	if b, err = json.Marshal(rec); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	second := sd.start(s, os.Args[0])
+	waitFor(t, 30*time.Second, "a started afresh", func() bool {
+		st := statusOf(t, s.Socket)["a"]
+		return st.State == api.Ready && st.PID != before.PID && st.PID != stranger.Process.Pid
+	})
+	if !supervisortest.Running(stranger.Process.Pid) {
+		t.Errorf("the stranger holding the recorded PID was killed")
+	}
+	if supervisortest.Running(worker) {
+		t.Errorf("a's old worker %d survives", worker)
+	}
+	if strings.Contains(second.logText(), "adopting a model left running") {
+		t.Errorf("the successor adopted a stranger:\n%s", second.logText())
+	}
 }
