@@ -200,7 +200,15 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 		if !from.st.LastRequest.IsZero() {
 			r.lastRequest.Store(from.st.LastRequest.UnixNano())
 		}
-		l.handleEffects(l.m.restore(from.st, from.inst, cfg.SpawnDigest()))
+		// Its env_files read now, as a reload would: a secret rotated
+		// while no daemon watched must reach the model.
+		envChanged := false
+		if is := from.st.Instance; from.inst != nil && is != nil && len(cfg.EnvFiles) > 0 {
+			if secrets, err := readEnvFiles(cfg.EnvFiles); err == nil && envDigest(secrets) != is.EnvDigest {
+				envChanged = true
+			}
+		}
+		l.handleEffects(l.m.restore(from.st, from.inst, cfg.SpawnDigest(), envChanged))
 	} else {
 		l.handleEffects(l.m.begin())
 	}

@@ -662,3 +662,59 @@ func TestCrashAdoptionRefusesAReusedPID(t *testing.T) {
 		t.Errorf("the successor adopted a stranger:\n%s", second.logText())
 	}
 }
+
+// TestTakeoverRestartsARotatedSecret: a model whose env_files changed
+// while no daemon watched it (rotated before an upgrade, or while the
+// daemon was dead) is restarted, deliberately, as a reload would: its
+// process still has the old secret.
+func TestTakeoverRestartsARotatedSecret(t *testing.T) {
+	sd := newFakeSystemd(t)
+	secrets := filepath.Join(t.TempDir(), "secrets.env")
+	rotate := func(v string) {
+		t.Helper()
+		if err := os.WriteFile(secrets, []byte("HF_TOKEN="+v+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rotate("one")
+	s := newSite(t, testModel{Name: "a", YAML: "env_files: [" + secrets + "]"}, testModel{Name: "b"})
+	in := newInstalled(t)
+	first := sd.start(s, in.exe)
+	waitFor(t, 30*time.Second, "a and b ready", func() bool {
+		st := statusOf(t, s.Socket)
+		return st["a"].State == api.Ready && st["b"].State == api.Ready
+	})
+	before := statusOf(t, s.Socket)
+	c := client.New(s.Socket)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	rotate("two")
+	in.install(t, "v2")
+	if _, err := c.Upgrade(ctx); err != nil {
+		t.Fatalf("upgrade: %v", err)
+	}
+	waitFor(t, 30*time.Second, "v2 answering, a restarted for its new secret", func() bool {
+		dv, err := c.Daemon(ctx)
+		st := statusOf(t, s.Socket)["a"]
+		return err == nil && dv.Version == "v2" && st.State == api.Ready && st.PID != before["a"].PID
+	})
+	if st := statusOf(t, s.Socket); st["a"].RestartsByReason["reload"] != 1 || st["b"].PID != before["b"].PID {
+		t.Errorf("after the upgrade: a restarts %v (want one for reload), b pid %d (was %d)", st["a"].RestartsByReason, st["b"].PID, before["b"].PID)
+	}
+	mid := statusOf(t, s.Socket)
+
+	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
+	first.wait(t)
+	rotate("three")
+	sd.start(s, in.exe)
+	waitFor(t, 30*time.Second, "a restarted for its new secret after the crash", func() bool {
+		st := statusOf(t, s.Socket)["a"]
+		return st.State == api.Ready && st.PID != mid["a"].PID
+	})
+	// A new daemon counts afresh: one restart, for the secret.
+	if st := statusOf(t, s.Socket); st["a"].RestartsByReason["reload"] != 1 || st["b"].PID != before["b"].PID {
+		t.Errorf("after the crash: a restarts %v (want one for reload), b pid %d (was %d)", st["a"].RestartsByReason, st["b"].PID, before["b"].PID)
+	}
+}
