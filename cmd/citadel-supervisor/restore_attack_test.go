@@ -299,7 +299,7 @@ func killStop(t *testing.T, s *site, stopped <-chan error) {
 }
 
 // TestCrashAdoptionCornerCases: after a daemon's SIGKILL the next one
-// stops a model disabled meanwhile (and holds it) and one removed, adopts
+// adopts a model still loading (ready later, on its process), stops a model disabled meanwhile (and holds it) and one removed, adopts
 // a sleeping on-demand model asleep (a request through the gateway wakes
 // it on its process), takes the engine's word where the record is a step
 // behind (the daemon died while a model went to sleep), and restarts an adopted model that later dies, its
@@ -308,6 +308,12 @@ func killStop(t *testing.T, s *site, stopped <-chan error) {
 // runs, leaves everything after a crash (SERVICE_RESULT=signal) and stops
 // everything after a stop that timed out, leaving no record behind.
 func TestCrashAdoptionCornerCases(t *testing.T) {
+	for _, mode := range []string{"auto", "marker"} { // auto: cgroup where usable
+		t.Run(mode, func(t *testing.T) { crashAdoptionCornerCases(t, mode) })
+	}
+}
+
+func crashAdoptionCornerCases(t *testing.T, mode string) {
 	sd := newFakeSystemd(t)
 	gwPort := supervisortest.FreePort(t)
 	top := fmt.Sprintf("listen: \"\"\nlog: {level: debug}\ngpu: {backend: none}\ngateway: {listen: 127.0.0.1:%d, max_wait: 1m}\n", gwPort)
@@ -316,9 +322,10 @@ func TestCrashAdoptionCornerCases(t *testing.T) {
 		testModel{Name: "k"},
 		testModel{Name: "od", YAML: "activation: on_demand\nsleep_level: 1\nidle_after: 1h\nmin_awake: 0s"},
 		testModel{Name: "od2", YAML: "activation: on_demand\nsleep_level: 1\nidle_after: 1h\nmin_awake: 0s"},
+		testModel{Name: "slow", Fake: []string{"--fake-load-time", "4s"}},
 		testModel{Name: "r", Fake: []string{"--fake-workers", "1"}},
 	), t: t}
-	first := sd.start(s, os.Args[0])
+	first := sd.start(s, os.Args[0], "--ownership", mode)
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
 	supervisortest.WaitGateway(t, gw)
 	c := client.New(s.Socket)
@@ -333,10 +340,11 @@ func TestCrashAdoptionCornerCases(t *testing.T) {
 	if _, err := c.Op(ctx, api.OpSleep, "od"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "a, k, r, od2 ready, od asleep, all pipes stored", func() bool {
+	waitFor(t, 30*time.Second, "a, k, r, od2 ready, od asleep, slow loading, all pipes stored", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["k"].State == api.Ready && st["r"].State == api.Ready && st["od2"].State == api.Ready &&
-			st["od"].State == api.Sleeping && strings.HasPrefix(st["od"].Reason, "asleep") && len(sd.stored()) == 10
+			st["od"].State == api.Sleeping && strings.HasPrefix(st["od"].Reason, "asleep") && st["slow"].State == api.Starting &&
+			len(sd.stored()) == 12
 	})
 	before := statusOf(t, s.Socket)
 	odPort, od2Port := s.Models[2].Port, s.Models[3].Port
@@ -356,14 +364,14 @@ func TestCrashAdoptionCornerCases(t *testing.T) {
 	if err := os.WriteFile(s.Path, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	second := sd.start(s, os.Args[0])
-	waitFor(t, 30*time.Second, "k adopted ready, od and od2 adopted asleep, a held stopped", func() bool {
+	second := sd.start(s, os.Args[0], "--ownership", mode)
+	waitFor(t, 30*time.Second, "k and slow adopted ready, od and od2 adopted asleep, a held stopped", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["k"].State == api.Ready && st["od"].State == api.Sleeping && st["od2"].State == api.Sleeping &&
-			st["a"].State == api.Stopped && st["a"].Held
+			st["a"].State == api.Stopped && st["a"].Held && st["slow"].State == api.Ready
 	})
 	after := statusOf(t, s.Socket)
-	for _, m := range []string{"k", "od", "od2"} {
+	for _, m := range []string{"k", "od", "od2", "slow"} {
 		if after[m].PID != before[m].PID || after[m].Restarts != 0 {
 			t.Errorf("%s: pid %d restarts %d, was pid %d", m, after[m].PID, after[m].Restarts, before[m].PID)
 		}
@@ -401,22 +409,22 @@ func TestCrashAdoptionCornerCases(t *testing.T) {
 		t.Errorf("k: restarts %v, last exit %q; want one restart for an exit of unknown status", st.RestartsByReason, st.LastExit)
 	}
 	// The store: two pipes for each running instance (k's new one, od,
-	// od2), nothing of a, r, or k's first instance.
-	waitFor(t, 10*time.Second, "the descriptor store holds k's, od's and od2's pipes only", func() bool {
+	// od2, slow), nothing of a, r, or k's first instance.
+	waitFor(t, 10*time.Second, "the descriptor store holds k's, od's, od2's and slow's pipes only", func() bool {
 		st := sd.stored()
-		if len(st) != 6 {
+		if len(st) != 8 {
 			return false
 		}
 		for _, name := range st {
-			if !strings.HasPrefix(name, "k@") && !strings.HasPrefix(name, "od@") && !strings.HasPrefix(name, "od2@") {
+			if !strings.HasPrefix(name, "k@") && !strings.HasPrefix(name, "od@") && !strings.HasPrefix(name, "od2@") && !strings.HasPrefix(name, "slow@") {
 				return false
 			}
 		}
 		return true
 	})
 	recs := filepath.Join(filepath.Dir(s.Socket), "instances")
-	if ents, err := os.ReadDir(recs); err != nil || len(ents) != 3 {
-		t.Errorf("instance records: %v, %v; want k's, od's and od2's", ents, err)
+	if ents, err := os.ReadDir(recs); err != nil || len(ents) != 4 {
+		t.Errorf("instance records: %v, %v; want k's, od's, od2's and slow's", ents, err)
 	}
 
 	leftovers := func(result string) (int, string) {
@@ -434,7 +442,7 @@ func TestCrashAdoptionCornerCases(t *testing.T) {
 	if code, out := leftovers("signal"); code != 0 {
 		t.Errorf("--stop-leftovers after a crash: exit %d\n%s", code, out)
 	}
-	for _, m := range []string{"k", "od", "od2"} {
+	for _, m := range []string{"k", "od", "od2", "slow"} {
 		if !supervisortest.Running(running[m].PID) {
 			t.Errorf("%s: stopped by --stop-leftovers after a crash", m)
 		}
@@ -442,7 +450,7 @@ func TestCrashAdoptionCornerCases(t *testing.T) {
 	if code, out := leftovers("timeout"); code != 0 {
 		t.Errorf("--stop-leftovers after a stop that timed out: exit %d\n%s", code, out)
 	}
-	for _, m := range []string{"a", "k", "od", "od2", "r"} {
+	for _, m := range []string{"a", "k", "od", "od2", "slow", "r"} {
 		if l := live(s.procs(m), ""); len(l) != 0 {
 			t.Errorf("%s: still running after --stop-leftovers: %v", m, l)
 		}

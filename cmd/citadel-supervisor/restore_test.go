@@ -125,8 +125,8 @@ func (f *fakeSystemd) sent(prefix string) int {
 
 // start starts the daemon as systemd would: NOTIFY_SOCKET, and the stored
 // descriptors handed back from descriptor 3 on, named, with LISTEN_PID set
-// to the daemon's PID (by a shell that then execs it).
-func (f *fakeSystemd) start(s *site, exe string) *daemon {
+// to the daemon's PID (by a shell that then execs it), with extra flags.
+func (f *fakeSystemd) start(s *site, exe string, args ...string) *daemon {
 	// Copies: the store may close its own while the daemon starts.
 	f.mu.Lock()
 	names := slices.Sorted(maps.Keys(f.fds))
@@ -151,7 +151,7 @@ func (f *fakeSystemd) start(s *site, exe string) *daemon {
 		}
 	}()
 	return s.startCmd(func(cmd *exec.Cmd) {
-		cmd.Args = append([]string{"sh", "-c", `LISTEN_PID=$$ exec "$@"`, "sh", exe}, cmd.Args[1:]...)
+		cmd.Args = append(append([]string{"sh", "-c", `LISTEN_PID=$$ exec "$@"`, "sh", exe}, cmd.Args[1:]...), args...)
 		cmd.Path = "/bin/sh"
 		cmd.ExtraFiles = files
 		cmd.Env = append(cmd.Env, "NOTIFY_SOCKET="+f.sock)
