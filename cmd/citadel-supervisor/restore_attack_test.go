@@ -726,3 +726,110 @@ func TestTakeoverRestartsARotatedSecret(t *testing.T) {
 		t.Errorf("after the crash: a restarts %v (want one for reload), b pid %d (was %d)", st["a"].RestartsByReason, st["b"].PID, before["b"].PID)
 	}
 }
+
+// socketInodes lists the socket inodes pid holds open.
+func socketInodes(t *testing.T, pid int) map[string]bool {
+	t.Helper()
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]bool{}
+	for _, e := range ents {
+		if l, err := os.Readlink(filepath.Join(dir, e.Name())); err == nil && strings.HasPrefix(l, "socket:[") {
+			out[strings.TrimSuffix(strings.TrimPrefix(l, "socket:["), "]")] = true
+		}
+	}
+	return out
+}
+
+// listeningInodes are the inodes of the TCP sockets listening on port and
+// of the unix socket bound at path.
+func listeningInodes(t *testing.T, port int, path string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			fs := strings.Fields(line)
+			if len(fs) > 9 && fs[3] == "0A" && strings.HasSuffix(fs[1], fmt.Sprintf(":%04X", port)) {
+				out[fs[9]] = fmt.Sprintf("tcp listener :%d", port)
+			}
+		}
+	}
+	b, err := os.ReadFile("/proc/net/unix")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		fs := strings.Fields(line)
+		if len(fs) >= 8 && fs[3] == "00010000" && fs[len(fs)-1] == path { // listening
+			out[fs[6]] = "control socket " + path
+		}
+	}
+	return out
+}
+
+// TestModelsInheritNoListenerAfterAnUpgrade: the new image of an upgrade
+// inherits the listeners and the control socket; a model it spawns before
+// it has taken them up (one that died across the exec, restarted at once)
+// must not inherit them too, or a listener outlives the daemon in a
+// model, and the next daemon cannot bind its port.
+func TestModelsInheritNoListenerAfterAnUpgrade(t *testing.T) {
+	httpPort, gwPort := supervisortest.FreePort(t), supervisortest.FreePort(t)
+	top := fmt.Sprintf("listen: 127.0.0.1:%d\nlog: {level: debug}\ngpu: {backend: none}\ngateway: {listen: 127.0.0.1:%d}\n", httpPort, gwPort)
+	s := &site{Site: supervisortest.NewSite(t, top,
+		testModel{Name: "a", YAML: "stop_timeout: 3s"},
+		testModel{Name: "b", YAML: "restart: {delay: 1ms, max_delay: 1ms}"},
+		testModel{Name: "x", Fake: []string{"--fake-ignore-sigterm"}},
+	), t: t}
+	in := newInstalled(t)
+	d := in.start(s)
+	waitFor(t, 30*time.Second, "a, b and x ready", func() bool {
+		st := statusOf(t, s.Socket)
+		return st["a"].State == api.Ready && st["b"].State == api.Ready && st["x"].State == api.Ready
+	})
+	before := statusOf(t, s.Socket)
+	if err := os.WriteFile(s.Path, []byte(withoutLast(t, s, "x")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	in.install(t, "v2")
+	c := client.New(s.Socket)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := c.Upgrade(ctx); err != nil {
+		t.Fatalf("upgrade: %v", err)
+	}
+	waitFor(t, 20*time.Second, "the new image stopping x", func() bool {
+		return strings.Contains(d.logText(), `left by a previous supervisor","model":"x"`)
+	})
+	if err := syscall.Kill(before["b"].PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "v2 answering, b back", func() bool {
+		dv, err := c.Daemon(ctx)
+		st := statusOf(t, s.Socket)["b"]
+		return err == nil && dv.Version == "v2" && st.State == api.Ready && st.PID != before["b"].PID
+	})
+	listeners := listeningInodes(t, httpPort, s.Socket)
+	for k, v := range listeningInodes(t, gwPort, "") {
+		listeners[k] = v
+	}
+	if len(listeners) != 3 {
+		t.Fatalf("the daemon's listeners: %v, want http, gateway and control", listeners)
+	}
+	for _, m := range []string{"a", "b"} {
+		for _, pid := range live(s.procs(m), "") {
+			for ino := range socketInodes(t, pid) {
+				if what, ok := listeners[ino]; ok {
+					t.Errorf("%s's process %d holds the daemon's %s", m, pid, what)
+				}
+			}
+		}
+	}
+}

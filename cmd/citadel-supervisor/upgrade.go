@@ -89,6 +89,21 @@ func readHandover(environ []string) (*handoverPayload, []string, error) {
 	if p.Version != supervisor.HandoverVersion {
 		return nil, kept, fmt.Errorf("handover version %d; this binary takes %d", p.Version, supervisor.HandoverVersion)
 	}
+	// None of them may reach a model this image spawns before it has taken
+	// them up (a model that died across the exec restarts at once): a
+	// listener held by a model outlives the daemon.
+	for _, fd := range p.Listeners {
+		unix.CloseOnExec(fd)
+	}
+	for _, m := range p.Supervisor.Models {
+		if is := m.Instance; is != nil {
+			for _, fd := range []int{is.StdoutFD, is.StderrFD} {
+				if fd > 2 {
+					unix.CloseOnExec(fd)
+				}
+			}
+		}
+	}
 	return &p, kept, nil
 }
 
