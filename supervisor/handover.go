@@ -169,8 +169,10 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 			m.sleepLevel, m.sleepCause = is.SleepLevel, is.SleepCause
 			m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s)", is.SleepLevel, cmpOr(is.SleepCause, "adopted")))
 			return []effect{efAdopt{phase: gpu.Asleep}}
-		case st.State == Ready || st.State == Unhealthy:
-			// Probed within a period; a failing probe counts from zero.
+		case st.State == Ready || st.State == Unhealthy || (st.State == "" && !is.ReadyAt.IsZero()):
+			// Probed within a period; a failing probe counts from zero. A
+			// record (a crash) that says it was ready: it is no longer
+			// loading, a failing probe is a failure.
 			m.enter(Ready, "")
 			return append([]effect{efAdopt{phase: gpu.Running}, efArm{tick, min(m.cfg.Probe.Period, maxStartupPoll)}}, m.awake()...)
 		default:

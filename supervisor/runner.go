@@ -326,6 +326,9 @@ func (l *loop) do(ef effect) event {
 		return l.spawn(ef.gpus)
 	case efReady:
 		r.d.sched.Ready(r.name)
+		// A successor after a crash must know it was ready: one that no
+		// longer answers is then failing, not loading.
+		l.record()
 	case efProbe:
 		inst := m.inst
 		inst.tree.Refresh()
@@ -382,7 +385,7 @@ func (l *loop) do(ef effect) event {
 }
 
 // record rewrites the live instance's record: a successor after a crash
-// must know whether it sleeps.
+// must know whether it was ready, and whether it sleeps.
 func (l *loop) record() {
 	st := l.m.snapshot()
 	if st.Instance == nil || l.m.inst == nil {

@@ -833,3 +833,34 @@ func TestModelsInheritNoListenerAfterAnUpgrade(t *testing.T) {
 		}
 	}
 }
+
+// TestCrashAdoptedReadyModelFailsFast: a model that was ready when its
+// daemon died, and stopped answering meanwhile, is restarted after its
+// probe's failure_threshold, not after a whole startup_timeout (minutes on
+// a real GPU): its record says it was ready, so the successor does not
+// take it for one still loading.
+func TestCrashAdoptedReadyModelFailsFast(t *testing.T) {
+	sd := newFakeSystemd(t)
+	s := newSite(t, testModel{Name: "u", Fake: []string{"--fake-unhealthy-after", "2s"},
+		YAML: "probe: {period: 50ms, timeout: 1s, failure_threshold: 3, startup_timeout: 2m}"})
+	first := sd.start(s, os.Args[0])
+	waitFor(t, 30*time.Second, "u ready", func() bool { return statusOf(t, s.Socket)["u"].State == api.Ready })
+	before := statusOf(t, s.Socket)["u"]
+	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
+	first.wait(t)
+	waitFor(t, 10*time.Second, "u unhealthy while no daemon watches", func() bool {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/health", s.Models[0].Port))
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusServiceUnavailable
+	})
+	sd.start(s, os.Args[0])
+	// Restarted within a few probe periods: the wait is far below
+	// startup_timeout.
+	waitFor(t, 20*time.Second, "u restarted after failing its probes", func() bool {
+		st := statusOf(t, s.Socket)["u"]
+		return st.PID != before.PID && st.PID != 0
+	})
+}
