@@ -312,7 +312,24 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	s.d.log.Info("process ownership", zap.String("mode", s.Ownership()), zap.String("cgroup", s.cgroupRoot()))
 	// What a predecessor left: handed over (an upgrade), adopted (it died
 	// with its models running), or stopped (they no longer match).
+	// It takes up to the longest stop_timeout when something must be
+	// stopped: progress, which the heartbeat (the watchdog) must not take
+	// for a stall.
+	tookOver := make(chan struct{})
+	go func() {
+		beat := time.NewTicker(s.heartbeat)
+		defer beat.Stop()
+		for {
+			select {
+			case <-tookOver:
+				return
+			case <-beat.C:
+				s.beat.Store(s.d.now().UnixNano())
+			}
+		}
+	}()
 	takeOver := s.takeOver(cfg)
+	close(tookOver)
 	// The scheduler outlives every runner: their last act is to release
 	// their GPUs.
 	schedCtx, stopSched := context.WithCancel(context.Background())

@@ -864,3 +864,36 @@ func TestCrashAdoptedReadyModelFailsFast(t *testing.T) {
 		return st.PID != before.PID && st.PID != 0
 	})
 }
+
+// TestTakeoverKeepsTheWatchdogFed: a takeover that stops a predecessor's
+// leftovers takes their stop_timeout, during which the watchdog must
+// still be pinged: the daemon is making progress, and a watchdog kill
+// then would cost the very restart the takeover is there to avoid.
+func TestTakeoverKeepsTheWatchdogFed(t *testing.T) {
+	t.Setenv("WATCHDOG_USEC", "2000000")
+	sd := newFakeSystemd(t)
+	s := newSite(t,
+		testModel{Name: "a", YAML: "stop_timeout: 6s"},
+		testModel{Name: "x", Fake: []string{"--fake-ignore-sigterm"}},
+	)
+	first := sd.start(s, os.Args[0])
+	waitFor(t, 30*time.Second, "a and x ready", func() bool {
+		st := statusOf(t, s.Socket)
+		return st["a"].State == api.Ready && st["x"].State == api.Ready
+	})
+	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
+	first.wait(t)
+	if err := os.WriteFile(s.Path, []byte(withoutLast(t, s, "x")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	pings := sd.sent("WATCHDOG=1")
+	second := sd.start(s, os.Args[0])
+	// x ignores SIGTERM: its stop takes a's 6 s, the longest configured.
+	waitFor(t, 30*time.Second, "the takeover done", func() bool { return strings.Contains(second.logText(), `"supervisor running"`) })
+	if n := sd.sent("WATCHDOG=1") - pings; n < 3 {
+		t.Errorf("%d watchdog pings during a 6 s takeover with WatchdogSec=2s", n)
+	}
+	if l := live(s.procs("x"), ""); len(l) != 0 {
+		t.Errorf("x still runs: %v", l)
+	}
+}
