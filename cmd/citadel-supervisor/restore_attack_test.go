@@ -267,6 +267,9 @@ func TestUpgradeWhileModelsMove(t *testing.T) {
 	if code, body := chat(t, gw, "slow"); code != 200 {
 		t.Errorf("gateway after two upgrades: %d %s", code, body)
 	}
+	if _, err := c.Reload(ctx); err != nil {
+		t.Errorf("reload after two upgrades: %v", err)
+	}
 	if _, err := c.Op(ctx, api.OpStart, "st"); err != nil {
 		t.Fatal(err)
 	}
