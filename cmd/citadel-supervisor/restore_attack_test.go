@@ -72,25 +72,26 @@ func withoutLast(t *testing.T, s *site, name string) string {
 // TestUpgradeWhileTakeoverStopsARemovedModel: the new image of an upgrade
 // stops a model removed from the file meanwhile before it adopts the
 // others, which takes that model's stop_timeout. Meanwhile the handed-over
-// models are the daemon's children that no runner owns yet: the reaper
-// must neither kill them as strays (marker mode: nothing else says whose
-// they are) nor reap one that exits then, whose exit status the new image
+// models (and a's worker, orphaned and re-parented to the daemon) are the
+// daemon's children that no runner owns yet: the reaper must neither kill
+// them as strays (marker mode: nothing else says whose they are) nor reap one that exits then, whose exit status the new image
 // is owed; and a SIGUSR2 then is no upgrade and no death. A removed
 // model's stop_timeout is unknown to the new image: it
 // is given the longest configured, here a's 6 s, past the reaper's tick.
 func TestUpgradeWhileTakeoverStopsARemovedModel(t *testing.T) {
 	s := newSite(t,
-		testModel{Name: "a", YAML: "stop_timeout: 6s"},
+		testModel{Name: "a", YAML: "stop_timeout: 6s", Fake: []string{"--fake-orphan-workers", "1"}},
 		testModel{Name: "b"},
 		testModel{Name: "x", Fake: []string{"--fake-ignore-sigterm"}},
 	)
 	in := newInstalled(t)
 	d := in.start(s, "--ownership", "marker")
-	waitFor(t, 30*time.Second, "a, b and x ready", func() bool {
+	waitFor(t, 30*time.Second, "a, b and x ready, a's worker up", func() bool {
 		st := statusOf(t, s.Socket)
-		return st["a"].State == api.Ready && st["b"].State == api.Ready && st["x"].State == api.Ready
+		return st["a"].State == api.Ready && st["b"].State == api.Ready && st["x"].State == api.Ready && len(live(s.procs("a"), "worker")) == 1
 	})
 	before := statusOf(t, s.Socket)
+	worker := live(s.procs("a"), "worker")[0]
 	if err := os.WriteFile(s.Path, []byte(withoutLast(t, s, "x")), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -134,6 +135,9 @@ func TestUpgradeWhileTakeoverStopsARemovedModel(t *testing.T) {
 	}
 	if dv, err := c.Daemon(ctx); err != nil || dv.Upgrades != 1 {
 		t.Errorf("daemon after the upgrade: %+v, %v; want 1 upgrade", dv, err)
+	}
+	if !supervisortest.Running(worker) {
+		t.Errorf("a's worker %d was killed during the takeover", worker)
 	}
 	if b := after["b"]; b.LastExit != "killed by SIGKILL" || b.RestartsByReason["exit"] != 1 {
 		t.Errorf("b: last exit %q, restarts %v; want its exit known (killed by SIGKILL) and one restart for it", b.LastExit, b.RestartsByReason)
