@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -149,9 +150,12 @@ func (r *runner) adoptInstance(is InstanceState, child bool, tree processTree, o
 	}
 	if child {
 		r.d.reaper.adopt(is.PID)
-		if err := proc.Check(is.PID, is.Start); err != nil {
+		// A zombie is taken too: it exited across the exec, and only this
+		// process can say how (nothing reaps a child it has not waited
+		// for, so its PID is not reused meanwhile).
+		if st, err := proc.ReadStat(is.PID); err != nil || st.Start != is.Start {
 			r.d.reaper.Done(is.PID)
-			return nil, err
+			return nil, cmp.Or(err, proc.ErrGone)
 		}
 		go func() {
 			var ws unix.WaitStatus

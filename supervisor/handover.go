@@ -132,9 +132,9 @@ func (m *machine) snapshot() ModelState {
 
 // restore takes over st, with inst its process (nil when it is gone or
 // there was none), instead of begin. A process started under another
-// configuration is restarted, deliberately; one that is gone is a failure
-// like any exit.
-func (m *machine) restore(st ModelState, inst *instance, digest string) []effect {
+// configuration (or env_files contents, envChanged) is restarted,
+// deliberately; one that is gone is a failure like any exit.
+func (m *machine) restore(st ModelState, inst *instance, digest string, envChanged bool) []effect {
 	m.since, m.hold, m.holdReason = st.Since, st.Hold, st.HoldReason
 	if st.Restarts != nil {
 		m.restarts = st.Restarts
@@ -156,17 +156,23 @@ func (m *machine) restore(st ModelState, inst *instance, digest string) []effect
 			// Held (or disabled) while the daemon was away: stop it.
 			m.enter(st.State, st.Reason)
 			return append([]effect{efAdopt{phase: gpu.Running}}, m.beginStop("stopping: "+m.holdReason)...)
-		case is.Digest != digest:
+		case is.Digest != digest || envChanged:
+			what := "configuration"
+			if is.Digest == digest {
+				what = "env_files contents"
+			}
 			m.enter(Ready, "")
 			m.restarts[ReasonReload]++
-			m.log.Info("its configuration changed while the daemon was away; restarting it", zap.Int("pid", inst.pid))
-			return append([]effect{efAdopt{phase: gpu.Running}}, m.respawn("configuration changed while the daemon was away")...)
+			m.log.Info("its "+what+" changed while the daemon was away; restarting it", zap.Int("pid", inst.pid))
+			return append([]effect{efAdopt{phase: gpu.Running}}, m.respawn(what+" changed while the daemon was away")...)
 		case is.SleepLevel > 0 && m.cfg.OnDemand():
 			m.sleepLevel, m.sleepCause = is.SleepLevel, is.SleepCause
 			m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s)", is.SleepLevel, cmpOr(is.SleepCause, "adopted")))
 			return []effect{efAdopt{phase: gpu.Asleep}}
-		case st.State == Ready || st.State == Unhealthy:
-			// Probed within a period; a failing probe counts from zero.
+		case st.State == Ready || st.State == Unhealthy || (st.State == "" && !is.ReadyAt.IsZero()):
+			// Probed within a period; a failing probe counts from zero. A
+			// record (a crash) that says it was ready: it is no longer
+			// loading, a failing probe is a failure.
 			m.enter(Ready, "")
 			return append([]effect{efAdopt{phase: gpu.Running}, efArm{tick, min(m.cfg.Probe.Period, maxStartupPoll)}}, m.awake()...)
 		default:

@@ -24,13 +24,14 @@ func TestMachineRestore(t *testing.T) {
 	}
 	onDemand := func(c *config.Model) { c.Activation = "on_demand"; c.SleepLevel = 1; c.IdleAfter = time.Hour }
 	for _, tc := range []struct {
-		name    string
-		cfg     func(*config.Model)
-		st      ModelState
-		running bool // the process is still there
-		state   State
-		effects string // a prefix of the effects, as describe writes them
-		reason  string // a part of the reason
+		name       string
+		cfg        func(*config.Model)
+		st         ModelState
+		running    bool // the process is still there
+		envChanged bool // its env_files contents differ now
+		state      State
+		effects    string // a prefix of the effects, as describe writes them
+		reason     string // a part of the reason
 	}{
 		{name: "ready, upgraded", st: ModelState{State: Ready, Instance: inst(nil)}, running: true,
 			state: Ready, effects: "adopt(running) arm(tick,1s)"},
@@ -42,6 +43,10 @@ func TestMachineRestore(t *testing.T) {
 			state: Starting, effects: "adopt(starting) arm(deadline,20m0s) arm(tick,0s)", reason: "adopted"},
 		{name: "configuration changed meanwhile: restarted", st: ModelState{State: Ready, Instance: inst(func(is *InstanceState) { is.Digest = "other" })}, running: true,
 			state: Stopping, effects: "adopt(running) disarm(tick) disarm(deadline) disarm(idle) stop(term)", reason: "configuration changed while the daemon was away"},
+		{name: "env_files rotated meanwhile: restarted", st: ModelState{State: Ready, Instance: inst(nil)}, running: true, envChanged: true,
+			state: Stopping, effects: "adopt(running) disarm(tick) disarm(deadline) disarm(idle) stop(term)", reason: "env_files contents changed while the daemon was away"},
+		{name: "found after a crash, its record says ready: probed as ready", st: ModelState{Instance: inst(func(is *InstanceState) { is.ReadyAt = t0.Add(-30 * time.Second) })}, running: true,
+			state: Ready, effects: "adopt(running) arm(tick,1s)"},
 		{name: "held meanwhile (disabled): stopped", cfg: func(c *config.Model) { c.Enabled = false }, st: ModelState{State: Ready, Instance: inst(nil)}, running: true,
 			state: Stopping, effects: "adopt(running) disarm(tick) disarm(deadline) disarm(idle) stop(term)", reason: "enabled: false"},
 		{name: "asleep, on demand", cfg: onDemand, st: ModelState{State: Sleeping, Instance: inst(func(is *InstanceState) { is.SleepLevel = 1; is.SleepCause = "idle" })}, running: true,
@@ -70,7 +75,7 @@ func TestMachineRestore(t *testing.T) {
 			if tc.running {
 				in = &instance{pid: 100, started: tc.st.Instance.Started, gpus: tc.st.Instance.GPUs, done: make(chan struct{})}
 			}
-			got := describe(m.restore(tc.st, in, c.SpawnDigest()))
+			got := describe(m.restore(tc.st, in, c.SpawnDigest(), tc.envChanged))
 			if !strings.HasPrefix(got, tc.effects) || (tc.effects == "" && got != "") {
 				t.Errorf("effects %q, want %q…", got, tc.effects)
 			}
@@ -90,7 +95,7 @@ func TestMachineSnapshotRoundTrip(t *testing.T) {
 	before := mt.m.status()
 	m := newMachine(testModelCfg(), func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
 	st.Instance.Digest = testModelCfg().SpawnDigest()
-	m.restore(st, mt.m.inst, testModelCfg().SpawnDigest())
+	m.restore(st, mt.m.inst, testModelCfg().SpawnDigest(), false)
 	after := m.status()
 	if after.State != before.State || after.PID != before.PID || after.Restarts != before.Restarts || !after.ReadyAt.Equal(before.ReadyAt) {
 		t.Errorf("before %+v\nafter  %+v", before, after)

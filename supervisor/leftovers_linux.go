@@ -123,6 +123,8 @@ func (s *Supervisor) takeOrStop(cfg *config.Config, adopt bool) map[string]*take
 					// Removed from the file meanwhile: it goes.
 					_ = t.out.Close()
 					_ = t.err.Close()
+					s.d.reaper.Done(is.PID) // the reaper reaps it once stopped
+					s.d.forgetInstance(is.Marker)
 					stop = append(stop, leftover{st.Name, t.tree.(*proc.Tree)})
 					continue
 				}
@@ -242,9 +244,9 @@ func inherited(fd int, name string) *os.File {
 	return os.NewFile(uintptr(fd), name)
 }
 
-// adopt takes t's instance over for r: nil when it is gone, which the
-// machine counts as an exit while no daemon watched.
-func (s *Supervisor) adopt(r *runner, t *takeover) *restored {
+// adopt takes t's instance over for r, a runner of m: nil when it is
+// gone, which the machine counts as an exit while no daemon watched.
+func (s *Supervisor) adopt(r *runner, t *takeover, m config.Model) *restored {
 	from := &restored{st: t.st}
 	is := t.st.Instance
 	if is == nil {
@@ -263,5 +265,23 @@ func (s *Supervisor) adopt(r *runner, t *takeover) *restored {
 		return from
 	}
 	from.inst = inst
+	if !t.child && m.OnDemand() && m.SleepLevel > 0 && s.d.prober != nil {
+		// After a crash the record may be a step behind the engine: the
+		// daemon died while it was going to sleep or waking. The engine
+		// knows; a request must never go to an engine believed awake.
+		ctx, cancel := context.WithTimeout(context.Background(), m.Probe.Timeout)
+		asleep, err := s.d.prober.IsSleeping(ctx, baseURL(m))
+		cancel()
+		if err == nil && asleep != (is.SleepLevel > 0) {
+			c := *is
+			c.SleepLevel, c.SleepCause = 0, ""
+			if asleep {
+				c.SleepLevel, c.SleepCause = m.SleepLevel, "found asleep"
+			}
+			r.log.Info("adopted: the engine's sleep state differs from its record; the engine's is taken",
+				zap.Bool("asleep", asleep), zap.Int("recorded_level", is.SleepLevel))
+			from.st.Instance = &c
+		}
+	}
 	return from
 }

@@ -40,6 +40,9 @@ func (s *Supervisor) CgroupRoot() string { return s.cgroupRoot() }
 // stop has not begun. A process with the marker of a stopped instance
 // (a link of a chain that forked past its stop) is a stray.
 func (s *Supervisor) liveMarker(v string) bool {
+	if h := s.handedOver.Load(); h != nil && (*h)[v] {
+		return true
+	}
 	for _, r := range *s.runners.Load() {
 		if m := r.marker.Load(); m != nil && *m == v {
 			return true

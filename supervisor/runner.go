@@ -202,7 +202,15 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 		if !from.st.LastRequest.IsZero() {
 			r.lastRequest.Store(from.st.LastRequest.UnixNano())
 		}
-		l.handleEffects(l.m.restore(from.st, from.inst, cfg.SpawnDigest()))
+		// Its env_files read now, as a reload would: a secret rotated
+		// while no daemon watched must reach the model.
+		envChanged := false
+		if is := from.st.Instance; from.inst != nil && is != nil && len(cfg.EnvFiles) > 0 {
+			if secrets, err := readEnvFiles(cfg.EnvFiles); err == nil && envDigest(secrets) != is.EnvDigest {
+				envChanged = true
+			}
+		}
+		l.handleEffects(l.m.restore(from.st, from.inst, cfg.SpawnDigest(), envChanged))
 	} else {
 		l.handleEffects(l.m.begin())
 	}
@@ -320,6 +328,9 @@ func (l *loop) do(ef effect) event {
 		return l.spawn(ef.gpus)
 	case efReady:
 		r.d.sched.Ready(r.name)
+		// A successor after a crash must know it was ready: one that no
+		// longer answers is then failing, not loading.
+		l.record()
 	case efProbe:
 		inst := m.inst
 		inst.tree.Refresh()
@@ -376,7 +387,7 @@ func (l *loop) do(ef effect) event {
 }
 
 // record rewrites the live instance's record: a successor after a crash
-// must know whether it sleeps.
+// must know whether it was ready, and whether it sleeps.
 func (l *loop) record() {
 	st := l.m.snapshot()
 	if st.Instance == nil || l.m.inst == nil {

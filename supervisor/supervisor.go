@@ -158,6 +158,10 @@ type Supervisor struct {
 
 	applyMu  sync.Mutex // a reload and an upgrade's freeze exclude each other
 	handover *Handover  // from the previous image (an upgrade), consumed by Run
+	// handedOver holds the markers of the instances the previous image
+	// handed over until their runners own them (Run): meanwhile they are
+	// this process's children that no runner accounts for.
+	handedOver atomic.Pointer[map[string]bool]
 
 	demandMu sync.Mutex      // orders Demand against runners being added
 	early    map[string]bool // models demanded before their runner existed
@@ -243,6 +247,20 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 			}
 		}
 	}
+	if h := o.Handover; h != nil {
+		// Before the reaper runs: a handed-over model that exited across
+		// the exec is a zombie whose status its runner is owed, and one
+		// that runs is no stray while the takeover stops what no longer
+		// belongs (which takes a stop_timeout).
+		markers := map[string]bool{}
+		for _, m := range h.Models {
+			if is := m.Instance; is != nil {
+				markers[is.Marker] = true
+				o.Reaper.adopt(is.PID)
+			}
+		}
+		s.handedOver.Store(&markers)
+	}
 	if o.KillStrays && o.Reaper != nil {
 		o.Reaper.KillStrays(s.accounts)
 	}
@@ -294,7 +312,24 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	s.d.log.Info("process ownership", zap.String("mode", s.Ownership()), zap.String("cgroup", s.cgroupRoot()))
 	// What a predecessor left: handed over (an upgrade), adopted (it died
 	// with its models running), or stopped (they no longer match).
+	// It takes up to the longest stop_timeout when something must be
+	// stopped: progress, which the heartbeat (the watchdog) must not take
+	// for a stall.
+	tookOver := make(chan struct{})
+	go func() {
+		beat := time.NewTicker(s.heartbeat)
+		defer beat.Stop()
+		for {
+			select {
+			case <-tookOver:
+				return
+			case <-beat.C:
+				s.beat.Store(s.d.now().UnixNano())
+			}
+		}
+	}()
 	takeOver := s.takeOver(cfg)
+	close(tookOver)
 	// The scheduler outlives every runner: their last act is to release
 	// their GPUs.
 	schedCtx, stopSched := context.WithCancel(context.Background())
@@ -310,7 +345,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		r := newRunner(m, s.d)
 		var from *restored
 		if t != nil {
-			from = s.adopt(r, t)
+			from = s.adopt(r, t, m)
 		}
 		byName[m.Name] = r
 		// Listed before it runs: the scheduler's answers find it, and a
@@ -346,6 +381,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		startRunner(m, takeOver[m.Name])
 	}
 	s.publishRunners(byName)
+	s.handedOver.Store(nil) // each runner owns its marker now
 	close(s.ready)
 	s.d.log.Info("supervisor running", zap.Int("models", len(cfg.Models)), zap.String("identity", s.d.id))
 

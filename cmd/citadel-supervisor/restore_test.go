@@ -123,17 +123,33 @@ func (f *fakeSystemd) sent(prefix string) int {
 
 // start starts the daemon as systemd would: NOTIFY_SOCKET, and the stored
 // descriptors handed back from descriptor 3 on, named, with LISTEN_PID set
-// to the daemon's PID (by a shell that then execs it).
-func (f *fakeSystemd) start(s *site, exe string) *daemon {
+// to the daemon's PID (by a shell that then execs it), with extra flags.
+func (f *fakeSystemd) start(s *site, exe string, args ...string) *daemon {
+	// Copies: the store may close its own while the daemon starts.
 	f.mu.Lock()
 	names := slices.Sorted(maps.Keys(f.fds))
 	files := make([]*os.File, len(names))
 	for i, n := range names {
-		files[i] = f.fds[n]
+		fd, err := -1, error(nil)
+		if rc, cerr := f.fds[n].SyscallConn(); cerr != nil {
+			err = cerr
+		} else if cerr := rc.Control(func(s uintptr) { fd, err = unix.Dup(int(s)) }); cerr != nil {
+			err = cerr
+		}
+		if err != nil {
+			f.mu.Unlock()
+			f.t.Fatal(err)
+		}
+		files[i] = os.NewFile(uintptr(fd), n)
 	}
 	f.mu.Unlock()
+	defer func() {
+		for _, file := range files {
+			file.Close()
+		}
+	}()
 	return s.startCmd(func(cmd *exec.Cmd) {
-		cmd.Args = append([]string{"sh", "-c", `LISTEN_PID=$$ exec "$@"`, "sh", exe}, cmd.Args[1:]...)
+		cmd.Args = append(append([]string{"sh", "-c", `LISTEN_PID=$$ exec "$@"`, "sh", exe}, cmd.Args[1:]...), args...)
 		cmd.Path = "/bin/sh"
 		cmd.ExtraFiles = files
 		cmd.Env = append(cmd.Env, "NOTIFY_SOCKET="+f.sock)

@@ -89,6 +89,21 @@ func readHandover(environ []string) (*handoverPayload, []string, error) {
 	if p.Version != supervisor.HandoverVersion {
 		return nil, kept, fmt.Errorf("handover version %d; this binary takes %d", p.Version, supervisor.HandoverVersion)
 	}
+	// None of them may reach a model this image spawns before it has taken
+	// them up (a model that died across the exec restarts at once): a
+	// listener held by a model outlives the daemon.
+	for _, fd := range p.Listeners {
+		unix.CloseOnExec(fd)
+	}
+	for _, m := range p.Supervisor.Models {
+		if is := m.Instance; is != nil {
+			for _, fd := range []int{is.StdoutFD, is.StderrFD} {
+				if fd > 2 {
+					unix.CloseOnExec(fd)
+				}
+			}
+		}
+	}
 	return &p, kept, nil
 }
 
@@ -210,6 +225,16 @@ func (u *upgrader) prepare(ctx context.Context, viaControl bool) (api.UpgradeRes
 	if u.control == nil {
 		return res, nil, errors.New("not ready for an upgrade yet: the control socket is not up")
 	}
+	// Every model between two states before anything pauses: a model in
+	// a long stop or wake refuses the upgrade while the daemon serves
+	// (status, the gateway) throughout. It is checked again once frozen.
+	sctx, cancel := context.WithTimeout(ctx, freezeBound)
+	_, _, thaw, err := u.sup.Freeze(sctx)
+	cancel()
+	if err != nil {
+		return res, nil, u.failed(fmt.Errorf("upgrade refused: %w; the running daemon (version %s) keeps running", err, version))
+	}
+	thaw()
 	servers := u.servers()
 	for _, s := range servers {
 		s.guard.Pause()
