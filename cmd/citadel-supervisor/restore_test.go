@@ -431,6 +431,7 @@ func TestUpgradeRefusesABadBinary(t *testing.T) {
 	before := statusOf(t, s.Socket)["a"]
 	c := client.New(s.Socket)
 	defer c.Close()
+	failures := 0
 	for name, content := range map[string]string{
 		"a truncated binary": "\x7fELF",
 		"an older daemon":    "#!/bin/sh\necho 'flag provided but not defined: -handover-version' >&2\nexit 2\n",
@@ -448,9 +449,10 @@ func TestUpgradeRefusesABadBinary(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "upgrade refused") || !strings.Contains(err.Error(), "keeps running") {
 			t.Errorf("%s: upgrade answered %v", name, err)
 		}
+		failures++
 		dv, derr := c.Daemon(context.Background())
-		if derr != nil || !strings.Contains(dv.LastUpgradeError, "upgrade refused") || dv.Upgrades != 0 {
-			t.Errorf("%s: daemon says %+v, %v", name, dv, derr)
+		if derr != nil || !strings.Contains(dv.LastUpgradeError, "upgrade refused") || dv.Upgrades != 0 || dv.UpgradeFailures != failures {
+			t.Errorf("%s: daemon says %+v, %v; want %d failures", name, dv, derr, failures)
 		}
 		if st := statusOf(t, s.Socket)["a"]; st.PID != before.PID || st.State != api.Ready {
 			t.Errorf("%s: a is %s pid %d, was ready pid %d", name, st.State, st.PID, before.PID)

@@ -151,9 +151,10 @@ type upgrader struct {
 	started  time.Time
 	upgrades int
 
-	mu      sync.Mutex // held from prepare to a failed commit, or to the exec
-	errMu   sync.Mutex
-	lastErr string
+	mu       sync.Mutex // held from prepare to a failed commit, or to the exec
+	errMu    sync.Mutex
+	lastErr  string
+	failures int
 }
 
 // serve registers a server to drain at an upgrade.
@@ -185,13 +186,14 @@ func (u *upgrader) servers() []drained {
 func (u *upgrader) daemon(d *api.Daemon) {
 	d.Version, d.PID, d.ImageStarted, d.Upgrades = version, os.Getpid(), u.started, u.upgrades
 	u.errMu.Lock()
-	d.LastUpgradeError = u.lastErr
+	d.LastUpgradeError, d.UpgradeFailures = u.lastErr, u.failures
 	u.errMu.Unlock()
 }
 
 func (u *upgrader) failed(err error) error {
 	u.errMu.Lock()
 	u.lastErr = err.Error()
+	u.failures++
 	u.errMu.Unlock()
 	u.log.Error("upgrade in place failed; this image keeps running", zap.Error(err))
 	return err

@@ -68,7 +68,7 @@ func (c *cli) waitImage(ctx context.Context, before api.Daemon) (api.Daemon, err
 				return d, fmt.Errorf("the daemon answers with pid %d, not %d: it was restarted, not upgraded in place", d.PID, before.PID)
 			}
 			return d, nil
-		case err == nil && d.LastUpgradeError != "" && d.LastUpgradeError != before.LastUpgradeError:
+		case err == nil && d.UpgradeFailures > before.UpgradeFailures && d.PID == before.PID:
 			return d, errors.New("the upgrade failed; the daemon keeps running its previous image: " + d.LastUpgradeError)
 		}
 		select {

@@ -127,6 +127,9 @@ type Daemon struct {
 	// LastUpgradeError says why the last upgrade failed (the daemon kept
 	// running the image it had); empty when it did not.
 	LastUpgradeError string `json:"last_upgrade_error,omitempty"`
+	// UpgradeFailures counts the upgrades that failed since the image
+	// started: a client tells a new failure from an old one by it.
+	UpgradeFailures int `json:"upgrade_failures"`
 }
 
 // UpgradeResponse is the daemon's answer to PathUpgrade: it is about to
