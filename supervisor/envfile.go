@@ -83,6 +83,17 @@ func envDigest(vars map[string]string) string {
 	return fmt.Sprintf("%x", h.Sum(nil))
 }
 
+// envFilesChanged reports whether the contents of files now differ from
+// those fingerprinted by digest (what a process was started with). A file
+// that cannot be read is an error, not a change.
+func envFilesChanged(files []string, digest string) (bool, error) {
+	secrets, err := readEnvFiles(files)
+	if err != nil {
+		return false, err
+	}
+	return envDigest(secrets) != digest, nil
+}
+
 // CheckEnvFile reads an env file the way a start does and says what would
 // keep a model pending, naming the file and line, never a value. For
 // `citadel-supervisor --check`.

@@ -206,9 +206,7 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 		// while no daemon watched must reach the model.
 		envChanged := false
 		if is := from.st.Instance; from.inst != nil && is != nil && len(cfg.EnvFiles) > 0 {
-			if secrets, err := readEnvFiles(cfg.EnvFiles); err == nil && envDigest(secrets) != is.EnvDigest {
-				envChanged = true
-			}
+			envChanged, _ = envFilesChanged(cfg.EnvFiles, is.EnvDigest)
 		}
 		l.handleEffects(l.m.restore(from.st, from.inst, cfg.SpawnDigest(), envChanged))
 	} else {

@@ -453,12 +453,12 @@ func (s *Supervisor) envChanges(changes []config.Change, cfg *config.Config, byN
 		if len(m.EnvFiles) == 0 || r == nil || r.envDigest.Load() == nil {
 			continue
 		}
-		secrets, err := readEnvFiles(m.EnvFiles)
+		changed, err := envFilesChanged(m.EnvFiles, *r.envDigest.Load())
 		if err != nil {
 			s.d.log.Warn("reload: cannot read env file; the model keeps its current environment", zap.String("model", c.Name), zap.Error(err))
 			continue
 		}
-		if envDigest(secrets) != *r.envDigest.Load() {
+		if changed {
 			changes[i].Kind = config.Respawn
 			changes[i].Fields = append(changes[i].Fields, "env_files contents")
 		}

@@ -116,7 +116,7 @@ func (p *handoverPayload) listener(name string) (net.Listener, error) {
 	if !ok {
 		return nil, nil
 	}
-	unix.CloseOnExec(fd)
+	// Close-on-exec already: readHandover marks every inherited descriptor.
 	f := os.NewFile(uintptr(fd), name)
 	defer f.Close()
 	ln, err := net.FileListener(f)
