@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -167,7 +168,7 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 			return append([]effect{efAdopt{phase: gpu.Running}}, m.respawn(what+" changed while the daemon was away")...)
 		case is.SleepLevel > 0 && m.cfg.OnDemand():
 			m.sleepLevel, m.sleepCause = is.SleepLevel, is.SleepCause
-			m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s)", is.SleepLevel, cmpOr(is.SleepCause, "adopted")))
+			m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s)", is.SleepLevel, cmp.Or(is.SleepCause, "adopted")))
 			return []effect{efAdopt{phase: gpu.Asleep}}
 		case st.State == Ready || st.State == Unhealthy || (st.State == "" && !is.ReadyAt.IsZero()):
 			// Probed within a period; a failing probe counts from zero. A
@@ -223,13 +224,6 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 		return nil
 	}
 	return m.begin()
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 // freezeReq asks a runner to write its machine down and then do nothing
