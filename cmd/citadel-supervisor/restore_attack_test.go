@@ -101,25 +101,12 @@ func TestUpgradeWhileTakeoverStopsARemovedModel(t *testing.T) {
 	})
 	before := statusOf(t, s.Socket)
 	worker := live(s.procs("a"), "worker")[0]
-	if err := os.WriteFile(s.Path, []byte(withoutLast(t, s, "x")), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	in.install(t, "v2")
 	c := client.New(s.Socket)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if _, err := c.Upgrade(ctx); err != nil {
-		t.Fatalf("upgrade: %v", err)
-	}
-	// The new image is stopping x (6 s, it ignores SIGTERM): b's server
-	// crashes now.
-	waitFor(t, 20*time.Second, "the new image stopping x", func() bool {
-		return strings.Contains(d.logText(), `left by a previous supervisor","model":"x"`)
-	})
-	if err := syscall.Kill(before["b"].PID, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
+	// b's server crashes while the new image stops x (6 s).
+	upgradeRemovingX(ctx, t, s, in, d, c, before["b"].PID)
 	// A second SIGUSR2 (an impatient operator) while the new image takes
 	// over: no upgrade can start yet, and it must not kill the daemon.
 	if err := d.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
@@ -810,23 +797,11 @@ func TestModelsInheritNoListenerAfterAnUpgrade(t *testing.T) {
 		return st["a"].State == api.Ready && st["b"].State == api.Ready && st["x"].State == api.Ready
 	})
 	before := statusOf(t, s.Socket)
-	if err := os.WriteFile(s.Path, []byte(withoutLast(t, s, "x")), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	in.install(t, "v2")
 	c := client.New(s.Socket)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if _, err := c.Upgrade(ctx); err != nil {
-		t.Fatalf("upgrade: %v", err)
-	}
-	waitFor(t, 20*time.Second, "the new image stopping x", func() bool {
-		return strings.Contains(d.logText(), `left by a previous supervisor","model":"x"`)
-	})
-	if err := syscall.Kill(before["b"].PID, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
+	upgradeRemovingX(ctx, t, s, in, d, c, before["b"].PID)
 	waitFor(t, 30*time.Second, "v2 answering, b back", func() bool {
 		dv, err := c.Daemon(ctx)
 		st := statusOf(t, s.Socket)["b"]
@@ -911,5 +886,25 @@ func TestTakeoverKeepsTheWatchdogFed(t *testing.T) {
 	}
 	if l := live(s.procs("x"), ""); len(l) != 0 {
 		t.Errorf("x still runs: %v", l)
+	}
+}
+
+// upgradeRemovingX removes model x (it ignores SIGTERM) from the file,
+// upgrades to v2, and SIGKILLs b's server (pid b) while the new image is
+// still stopping x during its takeover.
+func upgradeRemovingX(ctx context.Context, t *testing.T, s *site, in *installedDaemon, d *daemon, c *client.Client, b int) {
+	t.Helper()
+	if err := os.WriteFile(s.Path, []byte(withoutLast(t, s, "x")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	in.install(t, "v2")
+	if _, err := c.Upgrade(ctx); err != nil {
+		t.Fatalf("upgrade: %v", err)
+	}
+	waitFor(t, 20*time.Second, "the new image stopping x", func() bool {
+		return strings.Contains(d.logText(), `left by a previous supervisor","model":"x"`)
+	})
+	if err := syscall.Kill(b, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
 	}
 }
