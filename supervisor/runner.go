@@ -41,6 +41,7 @@ type runner struct {
 
 	cancel  context.CancelFunc          // ends run: the model is removed or the daemon stops
 	stopped chan struct{}               // closed when run has returned
+	began   chan struct{}               // closed once its first real status is published
 	pids    atomic.Pointer[[]int]       // the current instance's processes, for GPU attribution
 	cpu     cpuCounter                  // citadel_model_cpu_seconds_total, kept monotonic
 	cg      atomic.Pointer[proc.Cgroup] // the current instance's cgroup leaf, for its accounting
@@ -144,6 +145,7 @@ func newRunner(m config.Model, d *deps) *runner {
 		log:     d.log.With(zap.String("model", m.Name)),
 		out:     newRing(OutputLines),
 		stopped: make(chan struct{}),
+		began:   make(chan struct{}),
 		mail:    mailbox{signal: make(chan struct{}, 1)},
 	}
 	// Readable before the goroutine runs: Status never misses a model.
@@ -212,6 +214,7 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 	} else {
 		l.handleEffects(l.m.begin())
 	}
+	close(r.began)
 	shutdown := ctx.Done()
 	for !l.m.done() {
 		var exited <-chan struct{}

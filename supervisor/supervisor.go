@@ -382,6 +382,12 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	}
 	s.publishRunners(byName)
 	s.handedOver.Store(nil) // each runner owns its marker now
+	// Ready (the control socket comes up) once every runner has published
+	// its first status: after an upgrade or an adoption, status shows the
+	// state taken over, never the placeholder a runner starts with.
+	for _, r := range byName {
+		<-r.began
+	}
 	close(s.ready)
 	s.d.log.Info("supervisor running", zap.Int("models", len(cfg.Models)), zap.String("identity", s.d.id))
 
