@@ -29,6 +29,7 @@ build:
 
 vet:
 	$(GO) vet ./...
+	@$(GO) mod tidy -diff >/dev/null || { echo "go.mod/go.sum are not tidy:"; $(GO) mod tidy -diff; exit 1; }
 	@test -z "$$(gofmt -l $(GOFILES))" || { echo "gofmt needed:"; gofmt -l $(GOFILES); exit 1; }
 
 # The tests run with a TMPDIR of their own, so every process they start
