@@ -63,11 +63,18 @@ func (v gatewayView) Models() []gateway.Model {
 			Enabled: m.Enabled, MaxConcurrency: m.MaxConcurrency,
 			State: string(Pending), Reason: "supervisor starting",
 		}
+		gm.Loading.Bound = m.Probe.StartupTimeout
 		if s := st[m.Name]; s != nil {
 			gm.State, gm.Reason = string(s.State), s.Reason
 			gm.OnDemand, gm.Held, gm.Seq = s.OnDemand, s.Held, s.Seq
+			gm.Loading.Began, gm.Loading.Typical = s.LoadBegan, s.TypicalStartup
+			if s.State == Sleeping || s.State == Waking {
+				gm.Loading.Waking, gm.Loading.Level, gm.Loading.Typical = true, s.WakeLevel, s.TypicalWake
+			}
 		}
 		out = append(out, gm)
 	}
 	return out
 }
+
+func (v gatewayView) Unwanted(name string) { v.s.Unwanted(name) }
