@@ -115,10 +115,11 @@ type Gateway struct {
 	ups      map[string]*upstream // by model name; owned by the watch loop
 	// keys are the API keys' states by NAME ("" for requests without a
 	// key), rebuilt by Apply around states that last (limits.go).
-	keys   atomic.Pointer[map[string]*keyState]
-	keysMu sync.Mutex // serialises Apply
-	usage  usageTable
-	ids    requestIDs
+	keys    atomic.Pointer[map[string]*keyState]
+	keysMu  sync.Mutex // serialises Apply
+	usage   usageTable
+	ids     requestIDs
+	started time.Time // for `citadelctl usage`: counted since then
 	// holdFirst and holdEvery time a held stream's comments (held.go).
 	holdFirst, holdEvery time.Duration
 
@@ -141,6 +142,7 @@ func Listen(addr string, o Options) (*Gateway, error) {
 		g.timer = realTimer
 	}
 	g.ids.prefix = newIDPrefix()
+	g.started = g.now()
 	g.holdFirst, g.holdEvery = holdFirst, holdEvery
 	if o.HoldEvery > 0 {
 		g.holdFirst, g.holdEvery = min(holdFirst, o.HoldEvery), o.HoldEvery
@@ -174,6 +176,9 @@ func Listen(addr string, o Options) (*Gateway, error) {
 	}
 	return g, nil
 }
+
+// Started is when the gateway began counting its usage.
+func (g *Gateway) Started() time.Time { return g.started }
 
 // Addr is the bound address (useful with port 0).
 func (g *Gateway) Addr() string { return g.ln.Addr().String() }
