@@ -68,8 +68,11 @@ func (v gatewayView) Models() []gateway.Model {
 			gm.State, gm.Reason = string(s.State), s.Reason
 			gm.OnDemand, gm.Held, gm.Seq = s.OnDemand, s.Held, s.Seq
 			gm.Loading.Began, gm.Loading.Typical = s.LoadBegan, s.TypicalStartup
+			// Readiness is seen at a probe: up to one startup poll late.
+			gm.Loading.Poll = min(m.Probe.Period, maxStartupPoll)
 			if s.State == Sleeping || s.State == Waking {
 				gm.Loading.Waking, gm.Loading.Level, gm.Loading.Typical = true, s.WakeLevel, s.TypicalWake
+				gm.Loading.Poll = 0 // a wake ends with its canary, not a probe
 			}
 		}
 		out = append(out, gm)

@@ -101,9 +101,12 @@ type machine struct {
 	demanded bool
 
 	// Recent durations, for the gateway's estimate of how long a start or
-	// wake will take (startups: spawn to ready; wakes by sleep level).
-	startups []time.Duration
-	wakes    map[int][]time.Duration
+	// wake will take, as a request waits for it: startups from the start
+	// asked (pending) to ready, wakes from the wake asked to awake, by
+	// sleep level.
+	startups   []time.Duration
+	wakes      map[int][]time.Duration
+	startBegan time.Time // when the start in progress was asked for
 
 	// opErr is the answer to the last operation: set by onOp, read by the
 	// runner for the operator.
@@ -379,6 +382,7 @@ func (m *machine) probed() bool {
 
 // toPending enters pending and checks what a start needs.
 func (m *machine) toPending(reason string) []effect {
+	m.startBegan = m.now()
 	m.cause = CauseChecking
 	m.awaiting = false
 	m.enter(Pending, reason)
@@ -499,7 +503,7 @@ func (m *machine) onProbed(ev evProbed) []effect {
 		}
 		m.readyAt = m.now()
 		m.startup = m.readyAt.Sub(m.inst.started)
-		m.startups = recent(m.startups, m.startup)
+		m.startups = recent(m.startups, m.readyAt.Sub(m.startBegan))
 		m.enter(Ready, "")
 		return append([]effect{efDisarm{deadline}, efReady{}, efArm{tick, p.Period}}, m.awake()...)
 	}
@@ -826,10 +830,8 @@ func (m *machine) status() *Status {
 		if m.state == Waking {
 			s.LoadBegan = m.wakeStart
 		}
-	case Starting:
-		if m.inst != nil {
-			s.LoadBegan = m.inst.started
-		}
+	case Pending, Starting:
+		s.LoadBegan = m.startBegan
 	}
 	return s
 }

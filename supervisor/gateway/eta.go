@@ -18,6 +18,9 @@ type Loading struct {
 	Typical time.Duration
 	// Bound is startup_timeout: a start never takes longer.
 	Bound time.Duration
+	// Poll is how often a starting model is probed: its readiness is seen
+	// up to one poll after it is ready.
+	Poll time.Duration
 }
 
 // Retry-After floors: with history the estimate is trusted down to a
@@ -28,9 +31,12 @@ const (
 )
 
 // left is how long the start or wake will likely still take at now: its
-// typical duration less what already passed (at least a second: it is
-// late), or, without history, as long again as it took so far (at least a
-// few seconds), and never past startup_timeout.
+// typical duration less what already passed, plus a margin (a probe poll,
+// since the typical start may have been seen at a lucky probe, and a tenth
+// of the typical duration: a retry that lands just before the model is
+// ready finds the queue still full), at least a second (it is
+// late); or, without history, as long again as it took so far, at least a
+// few seconds; never past startup_timeout.
 func (l Loading) left(now time.Time) time.Duration {
 	var elapsed time.Duration
 	if !l.Began.IsZero() {
@@ -38,7 +44,7 @@ func (l Loading) left(now time.Time) time.Duration {
 	}
 	d, floor := elapsed, minRetryUnknown
 	if l.Typical > 0 {
-		d, floor = l.Typical-elapsed, minRetryKnown
+		d, floor = l.Typical-elapsed+l.Poll+l.Typical/10, minRetryKnown
 	}
 	if l.Bound > elapsed && d > l.Bound-elapsed {
 		d = l.Bound - elapsed

@@ -123,8 +123,8 @@ func TestRetryAfterFromLoading(t *testing.T) {
 		l        Loading
 		ms, secs string
 	}{
-		{"a start of 40s, 15s in", Loading{Began: clock.now().Add(-15 * time.Second), Typical: 40 * time.Second, Bound: time.Hour}, "25000", "25"},
-		{"a wake of 4.5s, just begun", Loading{Waking: true, Level: 1, Began: clock.now(), Typical: 4500 * time.Millisecond}, "4500", "5"},
+		{"a start of 40s, 15s in, probed every second", Loading{Began: clock.now().Add(-15 * time.Second), Typical: 40 * time.Second, Bound: time.Hour, Poll: time.Second}, "30000", "30"},
+		{"a wake of 4.5s, just begun", Loading{Waking: true, Level: 1, Began: clock.now(), Typical: 4500 * time.Millisecond}, "4950", "5"},
 		{"late: a second", Loading{Began: clock.now().Add(-time.Minute), Typical: 40 * time.Second}, "1000", "1"},
 		{"no history, 20s in: 20s more", Loading{Began: clock.now().Add(-20 * time.Second), Bound: time.Hour}, "20000", "20"},
 		{"no history, not begun: a few seconds", Loading{Bound: time.Hour}, "3000", "3"},
