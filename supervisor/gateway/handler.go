@@ -167,6 +167,7 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 		return
 	}
 	if e := req.keyState.admit(g.now(), w.Header()); e != nil {
+		g.metrics.limited.WithLabelValues(req.key, e.typ).Inc()
 		req.reject(w, e)
 		return
 	}

@@ -16,6 +16,7 @@ type metrics struct {
 	rejected  *prometheus.CounterVec   // model, reason
 	tokens    *prometheus.CounterVec   // model, key, kind
 	tpot      *prometheus.HistogramVec // model
+	limited   *prometheus.CounterVec   // key, limit
 }
 
 func newMetrics() *metrics {
@@ -52,11 +53,15 @@ func newMetrics() *metrics {
 			Help:    "Per streamed answer, the time between its first and last events divided by its completion tokens less one.",
 			Buckets: []float64{.001, .0025, .005, .01, .015, .02, .03, .04, .05, .075, .1, .15, .2, .3, .5, 1},
 		}, []string{"model"}),
+		limited: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "citadel_gateway_rate_limited_total",
+			Help: "Requests refused 429 rate_limit_exceeded, by API key NAME and the limit it reached (requests: requests_per_minute, tokens: tokens_per_minute).",
+		}, []string{"key", "limit"}),
 	}
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.requests, m.duration, m.ttfb, m.queueWait, m.rejected, m.tokens, m.tpot}
+	return []prometheus.Collector{m.requests, m.duration, m.ttfb, m.queueWait, m.rejected, m.tokens, m.tpot, m.limited}
 }
 
 // forget deletes a removed model's series.

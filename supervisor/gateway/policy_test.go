@@ -198,6 +198,9 @@ func TestKeyRequestsPerMinute(t *testing.T) {
 	if got := s.value(t, "citadel_gateway_rejected_total", map[string]string{"model": "alpha", "reason": "rate_limit"}); got != 1 {
 		t.Errorf("rejected_total{reason=rate_limit} = %v, want 1", got)
 	}
+	if got := s.value(t, "citadel_gateway_rate_limited_total", map[string]string{"key": "alice", "limit": "requests"}); got != 1 {
+		t.Errorf("rate_limited_total{key=alice,limit=requests} = %v, want 1", got)
+	}
 
 	// A reload keeps what the key spent: it does not get a fresh minute.
 	keys, _ := LoadKeys(writeKeys(t, 0o600, "alice "+aliceToken+"\nbob "+bobToken+"\n"))
@@ -260,6 +263,9 @@ func TestKeyTokensPerMinute(t *testing.T) {
 	msg, typ, ecode := apiErr(t, body)
 	if code != 429 || typ != "tokens" || ecode != "rate_limit_exceeded" || h.Get("Retry-After") != "25" || h.Get("X-Ratelimit-Remaining-Tokens") != "0" {
 		t.Fatalf("third stream: %d %s %s %q Retry-After %q remaining %q", code, typ, ecode, msg, h.Get("Retry-After"), h.Get("X-Ratelimit-Remaining-Tokens"))
+	}
+	if got := s.value(t, "citadel_gateway_rate_limited_total", map[string]string{"key": "alice", "limit": "tokens"}); got != 1 {
+		t.Errorf("rate_limited_total{key=alice,limit=tokens} = %v, want 1", got)
 	}
 	// 12 tokens of debt refill in 24 s.
 	clock.add(24*time.Second + time.Millisecond)
