@@ -35,8 +35,8 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	set := g.settings.Load()
 	req := &reqInfo{id: g.ids.requestID(r.Header.Get("X-Request-Id"))}
 	// On every answer, and to the model (requestid.go).
-	w.Header().Set("X-Request-Id", req.id)
-	r.Header.Set("X-Request-Id", req.id)
+	w.Header()["X-Request-Id"] = []string{req.id}
+	r.Header["X-Request-Id"] = []string{req.id}
 	defer func() { g.finish(rec, r, req, start) }()
 
 	p := r.URL.Path

@@ -176,16 +176,25 @@ func refill(lim *rate.Limiter, n float64) time.Duration {
 	return d.Truncate(time.Millisecond) + time.Millisecond
 }
 
+// rateHeaderNames are OpenAI's x-ratelimit-{limit,remaining,reset}-KIND,
+// in Go's canonical form: set directly, every answer to a limited key
+// carries them.
+var rateHeaderNames = map[string][3]string{
+	"requests": {"X-Ratelimit-Limit-Requests", "X-Ratelimit-Remaining-Requests", "X-Ratelimit-Reset-Requests"},
+	"tokens":   {"X-Ratelimit-Limit-Tokens", "X-Ratelimit-Remaining-Tokens", "X-Ratelimit-Reset-Tokens"},
+}
+
 // rateHeaders writes OpenAI's x-ratelimit-{limit,remaining,reset}-KIND.
 func rateHeaders(h http.Header, kind string, lim *rate.Limiter, now time.Time) {
 	if lim == nil {
 		return
 	}
 	left := lim.TokensAt(now)
-	burst := float64(lim.Burst())
-	h.Set("X-Ratelimit-Limit-"+kind, strconv.Itoa(lim.Burst()))
-	h.Set("X-Ratelimit-Remaining-"+kind, strconv.Itoa(int(math.Max(0, math.Floor(left)))))
-	h.Set("X-Ratelimit-Reset-"+kind, resetString(time.Duration((burst-left)/float64(lim.Limit())*float64(time.Second))))
+	burst := lim.Burst()
+	n := rateHeaderNames[kind]
+	h[n[0]] = []string{strconv.Itoa(burst)}
+	h[n[1]] = []string{strconv.Itoa(int(math.Max(0, math.Floor(left))))}
+	h[n[2]] = []string{resetString(time.Duration((float64(burst) - left) / float64(lim.Limit()) * float64(time.Second)))}
 }
 
 // resetString writes a duration as OpenAI's reset headers do: "20ms",

@@ -189,8 +189,13 @@ func lastUsage(b []byte) (tokenUsage, bool) {
 		if len(rest) == 0 || rest[0] != ':' {
 			continue
 		}
+		// Only the usage object is decoded: find its end first.
+		sc := &scanner{r: bytes.NewReader(nil), buf: rest[1:]}
+		if sc.skipValue() != nil {
+			continue
+		}
 		var u *tokenUsage
-		if err := json.NewDecoder(bytes.NewReader(rest[1:])).Decode(&u); err != nil || u == nil {
+		if err := json.Unmarshal(rest[1:1+sc.i], &u); err != nil || u == nil {
 			continue
 		}
 		return *u, true
