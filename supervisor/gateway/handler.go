@@ -103,8 +103,10 @@ type reqInfo struct {
 	wait     time.Duration
 	err      *apiError // the gateway's own answer, if any
 	// asked: the gateway asked the model for the stream's usage, so the
-	// usage chunk is not the client's (usage.go).
-	asked bool
+	// usage chunk is not the client's (usage.go); for a large body, the
+	// appender says so once the body is sent (usagestream.go).
+	asked    bool
+	appender *usageAppender
 }
 
 func (q *reqInfo) reject(w http.ResponseWriter, e *apiError) {
@@ -222,7 +224,13 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 		// issue 22088): a second write and packet for every request.
 		r.Body = io.NopCloser(bytes.NewReader(read))
 	} else {
-		r.Body = readCloser{io.MultiReader(bytes.NewReader(read), body), body}
+		rd := io.MultiReader(bytes.NewReader(read), body)
+		if p == "/v1/chat/completions" || p == "/v1/completions" {
+			// Too large to edit in memory: asked for usage as it passes.
+			req.appender = &usageAppender{r: rd}
+			rd, r.ContentLength = req.appender, -1
+		}
+		r.Body = readCloser{rd, body}
 	}
 	up.serve(w, r, g, req)
 }

@@ -81,6 +81,11 @@ func (up *upstream) serve(w *recorder, r *http.Request, g *Gateway, req *reqInfo
 		heldError(w, res)
 		return
 	}
+	if req.appender != nil {
+		// The model answers once it has read the whole body: the
+		// appender has decided.
+		req.asked = req.appender.asked.Load()
+	}
 	flush := res.ContentLength == -1
 	body := io.Reader(res.Body)
 	// Usage is read as the answer passes (usage.go), and charged after.

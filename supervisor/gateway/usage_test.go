@@ -198,3 +198,73 @@ func BenchmarkSSETap(b *testing.B) {
 		}
 	}
 }
+
+// TestUsageAppender: a large streaming body asked for its usage as it
+// passes, whatever its read boundaries.
+func TestUsageAppender(t *testing.T) {
+	const add = `,"stream_options":{"include_usage":true}`
+	for _, tc := range []struct {
+		name, in string
+		asked    bool
+	}{
+		{"a stream", `{"model":"m","messages":[{"role":"user","content":"x } \" {"}],"stream":true}`, true},
+		{"stream first", `{"stream" : true, "model":"m","messages":[{"content":[{"type":"image_url","image_url":{"url":"data:,"}}]}]}` + "\n", true},
+		{"not a stream", `{"model":"m","stream":false}`, false},
+		{"no stream key", `{"model":"m","messages":[{"stream":true}]}`, false},
+		{"asks itself", `{"model":"m","stream":true,"stream_options":{"include_usage":true}}`, false},
+		{"asks not", `{"model":"m","stream":true,"stream_options":{"include_usage":false}}`, true},
+		{"other options", `{"stream_options":{"continuous_usage_stats":true},"model":"m","stream":true}`, true},
+		{"nested include_usage is not the options'", `{"model":"m","stream":true,"metadata":{"include_usage":true}}`, true},
+		{"escaped key", `{"model":"m","str\u0065am":true}`, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			want := tc.in
+			if tc.asked {
+				i := strings.LastIndexByte(tc.in, '}')
+				want = tc.in[:i] + add + tc.in[i:]
+			}
+			for _, size := range []int{1, 2, 3, 7, 4096} {
+				u := &usageAppender{r: io.LimitReader(&chunked{s: tc.in, n: size}, 1<<20)}
+				got, err := io.ReadAll(u)
+				if err != nil || string(got) != want || u.asked.Load() != tc.asked {
+					t.Fatalf("reads of %d: %q asked %v (%v), want %q", size, got, u.asked.Load(), err, want)
+				}
+			}
+		})
+	}
+}
+
+// chunked reads s n bytes at a time.
+type chunked struct {
+	s string
+	n int
+}
+
+func (c *chunked) Read(p []byte) (int, error) {
+	if c.s == "" {
+		return 0, io.EOF
+	}
+	n := copy(p[:min(len(p), c.n)], c.s)
+	c.s = c.s[n:]
+	return n, nil
+}
+
+// TestLargeStreamAskedForUsage: a streaming request too large to be read
+// whole (an image) is asked for its usage too; its usage chunk is kept
+// from the client and its tokens counted.
+func TestLargeStreamAskedForUsage(t *testing.T) {
+	up := startFake(t, "alpha")
+	s := startGateway(t, newStub(ready("alpha", "alpha", up.base)), defaultSettings(), nil)
+	image := strings.Repeat("A", inMemoryBody+1000)
+	body := `{"model":"alpha","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,` + image + `"}}]}],"max_tokens":5,"stream":true}`
+	got := readAll(t, post(t, context.Background(), s.url+"/v1/chat/completions", body, ""))
+	if strings.Count(got, "data: ") != 6 || strings.Contains(got, `"usage"`) {
+		t.Fatalf("five events and [DONE], no usage chunk:\n%.500s", got)
+	}
+	if c := s.value(t, "citadel_gateway_tokens_total", map[string]string{"model": "alpha", "key": "", "kind": "completion"}); c != 5 {
+		t.Errorf("completion tokens %v, want 5 (from the usage chunk)", c)
+	}
+	if p := s.value(t, "citadel_gateway_tokens_total", map[string]string{"model": "alpha", "key": "", "kind": "prompt"}); p != 1 {
+		t.Errorf("prompt tokens %v, want 1: the usage chunk's, not an estimate", p)
+	}
+}
