@@ -1,12 +1,16 @@
 package gateway
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"runtime"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -264,4 +268,125 @@ func fairQueueRun(t *testing.T, seed int64) bool {
 		}
 	}
 	return ok
+}
+
+// TestAdmissionRandom runs requests of several keys, some with a
+// max_concurrency, through one model's admission while the model's state
+// and max_concurrency change and clients give up, and checks what must
+// always hold: never more in flight than the model's limit or a key's
+// cap, every request answered, and every count back to zero at the end.
+// A failure prints the seed; -fairqueue.seed replays the choices.
+func TestAdmissionRandom(t *testing.T) {
+	seed := *fqSeed
+	if seed == 0 {
+		seed = time.Now().UnixNano()
+	}
+	rng := rand.New(rand.NewPCG(uint64(seed), 1))
+	defer func() {
+		if t.Failed() {
+			t.Logf("failing seed %d: go test -run TestAdmissionRandom ./supervisor/gateway -fairqueue.seed=%d", seed, seed)
+		}
+	}()
+	var keys []*keyState
+	for i := range 4 {
+		k := testKey(fmt.Sprintf("k%d", i), Policy{MaxConcurrency: rng.IntN(3), Weight: 1 + rng.IntN(3)})
+		keys = append(keys, k)
+	}
+	var limit atomic.Int64 // the model's max_concurrency now, 1 to 3
+	limit.Store(2)
+	a := &admission{}
+	a.setState(gateOpen, "", 2, 0)
+	var seq uint64
+	for _, k := range keys {
+		k.poke = a.redispatch
+	}
+	var model atomic.Int64
+	perKey := make([]atomic.Int64, len(keys))
+	var wg sync.WaitGroup
+	var granted, refused, gone atomic.Int64
+	const requests = 400
+	plans := make([]struct {
+		key    int
+		cancel bool
+		spin   int
+	}, requests)
+	for i := range plans {
+		plans[i].key, plans[i].cancel, plans[i].spin = rng.IntN(len(keys)), rng.IntN(5) == 0, rng.IntN(50)
+	}
+	for i := range requests {
+		p := plans[i]
+		wg.Go(func() {
+			k := keys[p.key]
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			if p.cancel {
+				go func() {
+					for range p.spin {
+						runtime.Gosched()
+					}
+					cancel()
+				}()
+			}
+			_, err := a.acquire(ctx, k, 16, time.Hour, realTimer, nil)
+			switch {
+			case err == errClientGone:
+				gone.Add(1)
+				return
+			case err != nil:
+				refused.Add(1)
+				return
+			}
+			granted.Add(1)
+			// A lowered limit leaves requests in flight above it; none
+			// ever exceeds the highest limit set (3).
+			if n := model.Add(1); n > 3 {
+				t.Errorf("%d in flight over every limit set (at most 3)", n)
+			}
+			if n, c := perKey[p.key].Add(1), k.policy().maxConc; c > 0 && n > c {
+				t.Errorf("key %s: %d in flight over its max_concurrency %d", k.name, n, c)
+			}
+			for range p.spin {
+				runtime.Gosched()
+			}
+			perKey[p.key].Add(-1)
+			model.Add(-1)
+			a.release(k)
+		})
+	}
+	// The model's state changes while they run: busy, closed, back.
+	for range 30 {
+		seq++
+		switch r := rng.IntN(10); {
+		case r < 7:
+			l := 1 + rng.IntN(3)
+			limit.Store(int64(l))
+			a.setState(gateOpen, "", l, seq)
+		case r < 9:
+			a.setState(gateHold, "starting", int(limit.Load()), seq)
+		default:
+			a.setState(gateClosed, "failed", int(limit.Load()), seq)
+		}
+		runtime.Gosched()
+	}
+	seq++
+	a.setState(gateOpen, "", int(limit.Load()), seq)
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		inFlight, queued := a.load()
+		t.Fatalf("requests still waiting after 30s: %d in flight, %d queued", inFlight, queued)
+	}
+	if inFlight, queued := a.load(); inFlight != 0 || queued != 0 {
+		t.Errorf("at the end: %d in flight, %d queued", inFlight, queued)
+	}
+	for _, k := range keys {
+		if n := k.inFlight.Load(); n != 0 {
+			t.Errorf("key %s: %d in flight at the end", k.name, n)
+		}
+	}
+	if g, r, c := granted.Load(), refused.Load(), gone.Load(); g+r+c != requests {
+		t.Errorf("granted %d + refused %d + gone %d != %d", g, r, c, requests)
+	}
 }

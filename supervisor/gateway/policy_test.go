@@ -282,3 +282,27 @@ func TestKeyTokensPerMinute(t *testing.T) {
 		t.Errorf("bob: %d %v", code, h)
 	}
 }
+
+// TestKeyBurst: twenty requests of one key at once against 5 a minute:
+// exactly five go through, whatever their order.
+func TestKeyBurst(t *testing.T) {
+	s, _ := keysSite(t, map[string]Policy{"alice": {RequestsPerMinute: 5}})
+	codes := make(chan int, 20)
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Go(func() {
+			resp := post(t, context.Background(), s.url+"/v1/completions", `{"model":"alpha","max_tokens":1}`, aliceToken)
+			readAll(t, resp)
+			codes <- resp.StatusCode
+		})
+	}
+	wg.Wait()
+	close(codes)
+	n := map[int]int{}
+	for c := range codes {
+		n[c]++
+	}
+	if n[200] != 5 || n[429] != 15 {
+		t.Errorf("answers %v, want five 200 and fifteen 429", n)
+	}
+}
