@@ -213,9 +213,10 @@ type sseTap struct {
 	now   func() time.Time
 
 	buf     []byte // read, not yet framed
-	out     []byte // framed, to give out
-	passing bool   // in an event too large to be a usage chunk
-	prevNL  bool   // the last byte passed on in passing mode was '\n'
+	out     []byte // framed, to give out from outPos
+	outPos  int
+	passing bool // in an event too large to be a usage chunk
+	prevNL  bool // the last byte passed on in passing mode was '\n'
 	err     error
 
 	usage tokenUsage
@@ -228,7 +229,9 @@ type sseTap struct {
 const maxUsageEvent = 4 << 10
 
 func (t *sseTap) Read(p []byte) (int, error) {
-	for len(t.out) == 0 && t.err == nil {
+	for t.outPos == len(t.out) && t.err == nil {
+		// The buffers keep their capacity between reads.
+		t.out, t.outPos = t.out[:0], 0
 		// p is the read buffer too: feed copies what it keeps.
 		n, err := t.src.Read(p)
 		t.feed(p[:n])
@@ -240,9 +243,9 @@ func (t *sseTap) Read(p []byte) (int, error) {
 			}
 		}
 	}
-	n := copy(p, t.out)
-	t.out = t.out[n:]
-	if len(t.out) == 0 && t.err != nil {
+	n := copy(p, t.out[t.outPos:])
+	t.outPos += n
+	if t.outPos == len(t.out) && t.err != nil {
 		return n, t.err
 	}
 	return n, nil
@@ -270,26 +273,27 @@ func (t *sseTap) feed(b []byte) {
 		}
 		t.buf = append(t.buf, b...)
 		b = nil
+		rest := t.buf
 		for {
-			i := bytes.Index(t.buf, []byte("\n\n"))
+			i := bytes.Index(rest, []byte("\n\n"))
 			if i < 0 {
 				break
 			}
-			ev := t.buf[:i+2]
+			ev := rest[:i+2]
 			if t.event(ev) {
 				t.out = append(t.out, ev...)
 			}
-			t.buf = t.buf[i+2:]
+			rest = rest[i+2:]
 		}
+		// What is left of an event moves to the front: the buffer keeps
+		// its capacity, at most an event's worth.
+		t.buf = t.buf[:copy(t.buf, rest)]
 		if len(t.buf) > maxUsageEvent {
 			t.out = append(t.out, t.buf...)
 			t.prevNL = t.buf[len(t.buf)-1] == '\n'
 			t.buf = t.buf[:0]
 			t.passing = true
 		}
-	}
-	if len(t.buf) == 0 {
-		t.buf = nil // do not pin a large backing array between events
 	}
 }
 
