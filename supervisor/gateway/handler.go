@@ -58,6 +58,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		r.Header.Del("Authorization")
 	}
 	req.keyState = g.key(req.key)
+	req.keyState.headers(start, rec.Header())
 	switch {
 	case p == "/v1/models":
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {

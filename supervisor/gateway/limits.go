@@ -154,6 +154,15 @@ func (k *keyState) admit(now time.Time, h http.Header) *apiError {
 	return err
 }
 
+// headers writes the x-ratelimit-* headers for the key's limits as they
+// stand, taking nothing: every answer to a limited key carries them, also
+// those given before a request is admitted (a 403, a 404, /v1/models).
+func (k *keyState) headers(now time.Time, h http.Header) {
+	p := k.policy()
+	rateHeaders(h, "requests", p.requests, now)
+	rateHeaders(h, "tokens", p.tokens, now)
+}
+
 // charge takes n tokens from the key's budget, into debt if need be.
 // ReserveN refuses more than the bucket holds, so a large answer is
 // charged in bucket-sized parts.

@@ -184,6 +184,20 @@ func TestKeyRequestsPerMinute(t *testing.T) {
 	if !strings.Contains(msg, "requests_per_minute") || !strings.Contains(msg, "12s") {
 		t.Errorf("message %q", msg)
 	}
+	// Every answer to the limited key says where it stands, also those
+	// that took nothing from its bucket.
+	for _, path := range []string{"/v1/models", "/v1/models/nope"} {
+		req, _ := http.NewRequest(http.MethodGet, s.url+path, nil)
+		req.Header.Set("Authorization", "Bearer "+aliceToken)
+		r, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		readAll(t, r)
+		if r.Header.Get("X-Ratelimit-Remaining-Requests") != "0" || r.Header.Get("X-Ratelimit-Limit-Requests") != "5" {
+			t.Errorf("GET %s as alice: %d, headers %v", path, r.StatusCode, r.Header)
+		}
+	}
 	if resp := post(t, ctx, s.url+"/v1/completions", body, bobToken); resp.StatusCode != 200 || resp.Header.Get("X-Ratelimit-Limit-Requests") != "" {
 		t.Errorf("bob: %d, headers %v", resp.StatusCode, resp.Header)
 	} else {
