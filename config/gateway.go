@@ -2,9 +2,14 @@ package config
 
 import (
 	"fmt"
+	"maps"
 	"net"
 	"path/filepath"
+	"regexp"
+	"slices"
+	"sort"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -24,7 +29,33 @@ type Gateway struct {
 	// MaxBody caps a request body; base64 images to a vision model make
 	// bodies of several MiB.
 	MaxBody ByteSize `koanf:"max_body"`
+	// Keys holds a policy per key NAME of the api_keys_file: the models it
+	// may use, its rate limits and its share of a busy model's queue. A
+	// key without a policy may use every model without limit, at weight 1.
+	Keys map[string]KeyPolicy `koanf:"keys"`
 }
+
+// KeyPolicy is one API key's scope and limits (gateway.keys.NAME).
+type KeyPolicy struct {
+	// Models this key may use, by configured or served name; empty: all.
+	Models []string `koanf:"models"`
+	// RequestsPerMinute and TokensPerMinute limit the key; 0 = no limit.
+	// Tokens are prompt plus completion tokens as the models' answers
+	// report them (usage), charged once the answer is complete.
+	RequestsPerMinute int `koanf:"requests_per_minute"`
+	TokensPerMinute   int `koanf:"tokens_per_minute"`
+	// MaxConcurrency caps the key's requests in flight across all models;
+	// beyond it they wait in the model's queue. 0 = no cap.
+	MaxConcurrency int `koanf:"max_concurrency"`
+	// Weight is the key's share when keys wait for one model; 0 means 1.
+	Weight int `koanf:"weight"`
+}
+
+// Share is the policy's weight: 1 unless set.
+func (p KeyPolicy) Share() int { return max(p.Weight, 1) }
+
+// keyNamePattern is what api_keys_file accepts as a NAME.
+var keyNamePattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$`)
 
 // builtinGateway holds the gateway's defaults: disabled.
 func builtinGateway() map[string]any {
@@ -34,6 +65,7 @@ func builtinGateway() map[string]any {
 		"max_queue":     64,
 		"max_wait":      "3m",
 		"max_body":      "32MiB",
+		"keys":          map[string]any{},
 	}
 }
 
@@ -56,6 +88,7 @@ func (c *Config) validateGateway(add func(key, format string, args ...any)) {
 			add("models."+m.Name+".max_concurrency", "%d: must not be negative (0 = no cap)", m.MaxConcurrency)
 		}
 	}
+	c.validateKeys(add)
 	if g.Listen == "" {
 		return
 	}
@@ -104,4 +137,44 @@ func (c *Config) GatewayWarnings() []string {
 		out = append(out, fmt.Sprintf("models.%s.host: %s is reachable around the gateway (its keys and limits); bind models to 127.0.0.1", m.Name, m.Host))
 	}
 	return out
+}
+
+// validateKeys checks gateway.keys: each NAME as api_keys_file writes it,
+// each scope naming configured models, no negative limit.
+func (c *Config) validateKeys(add func(key, format string, args ...any)) {
+	g := c.Gateway
+	if len(g.Keys) > 0 && g.APIKeysFile == "" {
+		add("gateway.keys", "policies need keys: set gateway.api_keys_file (one `NAME TOKEN` per line) and name its NAMEs here")
+	}
+	known := map[string]bool{}
+	var names []string
+	for _, m := range c.Models {
+		known[m.Name], known[m.ServedName] = true, true
+		names = append(names, m.Name)
+	}
+	sort.Strings(names)
+	for _, name := range slices.Sorted(maps.Keys(g.Keys)) {
+		p, key := g.Keys[name], "gateway.keys."+name
+		if !keyNamePattern.MatchString(name) {
+			add(key, "a key NAME is letters, digits, '_', '.', '@' or '-' (at most 64), as in api_keys_file")
+		}
+		for i, m := range p.Models {
+			if !known[m] {
+				add(fmt.Sprintf("%s.models[%d]", key, i), "%q names no model (configured: %s)", m, strings.Join(names, ", "))
+			}
+		}
+		for _, l := range []struct {
+			sub, zero string
+			v         int
+		}{
+			{"requests_per_minute", "no limit", p.RequestsPerMinute},
+			{"tokens_per_minute", "no limit", p.TokensPerMinute},
+			{"max_concurrency", "no cap", p.MaxConcurrency},
+			{"weight", "1", p.Weight},
+		} {
+			if l.v < 0 {
+				add(key+"."+l.sub, "%d: must not be negative (0 = %s)", l.v, l.zero)
+			}
+		}
+	}
 }

@@ -2,6 +2,7 @@ package config
 
 import (
 	"os"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -13,7 +14,12 @@ func TestGatewayDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Gateway{Listen: "", MaxQueue: 64, MaxWait: 3 * time.Minute, MaxBody: 32 * MiB}
-	if c.Gateway != want || c.Models[0].MaxConcurrency != 0 {
+	got := c.Gateway
+	if len(got.Keys) != 0 {
+		t.Errorf("keys by default: %v", got.Keys)
+	}
+	got.Keys = nil
+	if !reflect.DeepEqual(got, want) || c.Models[0].MaxConcurrency != 0 {
 		t.Errorf("defaults %+v, max_concurrency %d", c.Gateway, c.Models[0].MaxConcurrency)
 	}
 	c, err = Parse([]byte("gpu: {backend: none}\ngateway: {listen: \":8000\"}\n"), []string{"CITADEL_GATEWAY_LISTEN=127.0.0.1:8001"})
@@ -72,5 +78,47 @@ func TestGatewayDiffAndWarnings(t *testing.T) {
 	}
 	if w := old.GatewayWarnings(); len(w) != 0 {
 		t.Errorf("no gateway, no warning: %q", w)
+	}
+}
+
+func TestGatewayKeys(t *testing.T) {
+	const models = "gpu: {backend: none}\nmodels:\n  a: {model: /m/a, port: 11400, served_name: org/a}\n  b: {model: /m/b, port: 11401}\n"
+	c, err := Parse([]byte(models+`gateway:
+  listen: ":8000"
+  api_keys_file: /etc/citadel/api-keys
+  keys:
+    team-a: {models: [org/a], requests_per_minute: 5, tokens_per_minute: 30, max_concurrency: 2, weight: 3}
+    batch: {}
+`), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]KeyPolicy{
+		"team-a": {Models: []string{"org/a"}, RequestsPerMinute: 5, TokensPerMinute: 30, MaxConcurrency: 2, Weight: 3},
+		"batch":  {},
+	}
+	if !reflect.DeepEqual(c.Gateway.Keys, want) {
+		t.Errorf("keys %+v, want %+v", c.Gateway.Keys, want)
+	}
+	if c.Gateway.Keys["batch"].Share() != 1 || c.Gateway.Keys["team-a"].Share() != 3 {
+		t.Error("weight: 0 means 1")
+	}
+
+	_, err = Parse([]byte(models+`gateway:
+  listen: ":8000"
+  keys:
+    "bad name": {}
+    team-b: {models: [a, c], requests_per_minute: -1, tokens_per_minute: -2, max_concurrency: -3, weight: -4, burst: 3}
+`), nil)
+	wantErr := `gateway.keys: policies need keys: set gateway.api_keys_file (one ` + "`NAME TOKEN`" + ` per line) and name its NAMEs here
+gateway.keys.<key on line 8>: a key NAME is letters, digits, '_', '.', '@' or '-' (at most 64), as in api_keys_file
+gateway.keys.team-b.burst: unknown key (line 9)
+gateway.keys.team-b.max_concurrency: -3: must not be negative (0 = no cap)
+gateway.keys.team-b.models[1]: "c" names no model (configured: a, b)
+gateway.keys.team-b.requests_per_minute: -1: must not be negative (0 = no limit)
+gateway.keys.team-b.tokens_per_minute: -2: must not be negative (0 = no limit)
+gateway.keys.team-b.weight: -4: must not be negative (0 = 1)`
+	if err == nil || err.Error() != wantErr {
+		t.Errorf("got:\n%v\nwant:\n%s", err, wantErr)
 	}
 }

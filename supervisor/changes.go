@@ -63,11 +63,21 @@ func (v gatewayView) Models() []gateway.Model {
 			Enabled: m.Enabled, MaxConcurrency: m.MaxConcurrency,
 			State: string(Pending), Reason: "supervisor starting",
 		}
+		gm.Loading.Bound = m.Probe.StartupTimeout
 		if s := st[m.Name]; s != nil {
 			gm.State, gm.Reason = string(s.State), s.Reason
 			gm.OnDemand, gm.Held, gm.Seq = s.OnDemand, s.Held, s.Seq
+			gm.Loading.Began, gm.Loading.Typical = s.LoadBegan, s.TypicalStartup
+			// Readiness is seen at a probe: up to one startup poll late.
+			gm.Loading.Poll = min(m.Probe.Period, maxStartupPoll)
+			if s.State == Sleeping || s.State == Waking {
+				gm.Loading.Waking, gm.Loading.Level, gm.Loading.Typical = true, s.WakeLevel, s.TypicalWake
+				gm.Loading.Poll = 0 // a wake ends with its canary, not a probe
+			}
 		}
 		out = append(out, gm)
 	}
 	return out
 }
+
+func (v gatewayView) Unwanted(name string) { v.s.Unwanted(name) }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"time"
 
 	"go.uber.org/zap"
@@ -94,6 +95,18 @@ type machine struct {
 	sleepLevel int       // the level it sleeps at
 	wakeAfter  bool      // a request came during the sleep in flight: wake once asleep
 	wakeStart  time.Time // when the wake in flight began
+	// demanded: the start or wake in progress (or the wake to follow a
+	// sleep in flight) was asked for by a request, not an operator, so it
+	// is abandoned if every request waiting for it leaves (evUnwanted).
+	demanded bool
+
+	// Recent durations, for the gateway's estimate of how long a start or
+	// wake will take, as a request waits for it: startups from the start
+	// asked (pending) to ready, wakes from the wake asked to awake, by
+	// sleep level.
+	startups   []time.Duration
+	wakes      map[int][]time.Duration
+	startBegan time.Time // when the start in progress was asked for
 
 	// opErr is the answer to the last operation: set by onOp, read by the
 	// runner for the operator.
@@ -148,6 +161,10 @@ type (
 	// evDemand: a request wants the model (the gateway): start or wake an
 	// on-demand model that is not awake.
 	evDemand struct{}
+	// evUnwanted: every request that waited for the model left before it
+	// was ready: a start or wake they asked for that has not begun is
+	// abandoned, so it makes no room for nobody.
+	evUnwanted struct{}
 	// evEvict: the scheduler puts it to sleep to make room for another.
 	evEvict struct{ forModel string }
 	// evIdle: the idle timer fired, with the model's traffic: its last
@@ -179,6 +196,7 @@ func (evConfig) isEvent()   {}
 func (evStopped) isEvent()  {}
 func (evShutdown) isEvent() {}
 func (evDemand) isEvent()   {}
+func (evUnwanted) isEvent() {}
 func (evEvict) isEvent()    {}
 func (evIdle) isEvent()     {}
 func (evSlept) isEvent()    {}
@@ -245,24 +263,27 @@ type (
 	}
 	// efDecline: it cannot be put to sleep for another model now.
 	efDecline struct{}
+	// efWithdraw: withdraw a sleeper's want to wake; it keeps its claim.
+	efWithdraw struct{}
 )
 
-func (efCheck) isEffect()   {}
-func (efWant) isEffect()    {}
-func (efDrop) isEffect()    {}
-func (efSpawn) isEffect()   {}
-func (efReady) isEffect()   {}
-func (efProbe) isEffect()   {}
-func (efObserve) isEffect() {}
-func (efStop) isEffect()    {}
-func (efRelease) isEffect() {}
-func (efArm) isEffect()     {}
-func (efDisarm) isEffect()  {}
-func (efSleep) isEffect()   {}
-func (efSlept) isEffect()   {}
-func (efWake) isEffect()    {}
-func (efWoke) isEffect()    {}
-func (efDecline) isEffect() {}
+func (efCheck) isEffect()    {}
+func (efWant) isEffect()     {}
+func (efDrop) isEffect()     {}
+func (efSpawn) isEffect()    {}
+func (efReady) isEffect()    {}
+func (efProbe) isEffect()    {}
+func (efObserve) isEffect()  {}
+func (efStop) isEffect()     {}
+func (efRelease) isEffect()  {}
+func (efArm) isEffect()      {}
+func (efDisarm) isEffect()   {}
+func (efSleep) isEffect()    {}
+func (efSlept) isEffect()    {}
+func (efWake) isEffect()     {}
+func (efWoke) isEffect()     {}
+func (efDecline) isEffect()  {}
+func (efWithdraw) isEffect() {}
 
 func newMachine(cfg config.Model, now func() time.Time, jitter func() float64, log *zap.Logger) *machine {
 	return &machine{cfg: cfg, now: now, jitter: jitter, log: log, restarts: map[string]int{}, since: now()}
@@ -314,7 +335,14 @@ func (m *machine) step(ev event) []effect {
 	case evShutdown:
 		return m.onShutdown()
 	case evDemand:
-		return m.onDemand("started on demand")
+		state, wakeAfter := m.state, m.wakeAfter
+		out := m.onDemand("started on demand")
+		if m.state != state || m.wakeAfter != wakeAfter {
+			m.demanded = true
+		}
+		return out
+	case evUnwanted:
+		return m.onUnwanted()
 	case evEvict:
 		return m.onEvict(ev.forModel)
 	case evIdle:
@@ -354,6 +382,7 @@ func (m *machine) probed() bool {
 
 // toPending enters pending and checks what a start needs.
 func (m *machine) toPending(reason string) []effect {
+	m.startBegan = m.now()
 	m.cause = CauseChecking
 	m.awaiting = false
 	m.enter(Pending, reason)
@@ -417,6 +446,7 @@ func (m *machine) onSpawned(ev evSpawned) []effect {
 		return []effect{efDrop{}, efArm{tick, recheckInterval}}
 	}
 	m.inst, m.exited, m.probeOK, m.probing = ev.inst, false, nil, false
+	m.demanded = false
 	m.tracker.started(ev.inst.started)
 	m.probeFails = 0
 	m.readyAt, m.startup = time.Time{}, 0
@@ -473,6 +503,7 @@ func (m *machine) onProbed(ev evProbed) []effect {
 		}
 		m.readyAt = m.now()
 		m.startup = m.readyAt.Sub(m.inst.started)
+		m.startups = recent(m.startups, m.readyAt.Sub(m.startBegan))
 		m.enter(Ready, "")
 		return append([]effect{efDisarm{deadline}, efReady{}, efArm{tick, p.Period}}, m.awake()...)
 	}
@@ -682,9 +713,12 @@ func (m *machine) onOp(op Op) []effect {
 			m.opErr = fmt.Errorf("%s is held stopped: start it instead", m.cfg.Name)
 			return nil
 		}
-		return m.onDemand("woken by operator")
+		out := m.onDemand("woken by operator")
+		m.demanded = false // the operator's: it goes on whoever waits
+		return out
 	case OpStart:
 		m.hold = false
+		m.demanded = false
 		switch m.state {
 		case Stopped, Failed, Backoff:
 			m.tracker.reset()
@@ -788,6 +822,17 @@ func (m *machine) status() *Status {
 	if m.state == Sleeping && !m.sleepOp {
 		s.SleepLevel = m.sleepLevel
 	}
+	s.TypicalStartup = typical(m.startups)
+	switch m.state {
+	case Sleeping, Waking:
+		s.WakeLevel = m.sleepLevel
+		s.TypicalWake = typical(m.wakes[m.sleepLevel])
+		if m.state == Waking {
+			s.LoadBegan = m.wakeStart
+		}
+	case Pending, Starting:
+		s.LoadBegan = m.startBegan
+	}
 	return s
 }
 
@@ -831,6 +876,56 @@ func (m *machine) onDemand(reason string) []effect {
 		}
 	}
 	return nil
+}
+
+// onUnwanted abandons a start or wake that requests asked for and that
+// has not begun, now that no request waits for it: a sleeper whose memory
+// is not back yet stays asleep (the scheduler stops making room for it), a
+// model not spawned yet goes back to stopped, and a sleep or stop in
+// flight is no longer followed by a wake. What has begun (a spawn, a
+// wake_up) goes on: stopping it halfway would cost more than finishing,
+// and the model then sleeps when idle.
+func (m *machine) onUnwanted() []effect {
+	if !m.cfg.OnDemand() || m.shutdown || !m.demanded {
+		return nil
+	}
+	switch {
+	case m.wakeAfter:
+		m.wakeAfter, m.demanded = false, false
+	case m.state == Waking && m.awaiting:
+		m.awaiting, m.demanded = false, false
+		m.wantSeq++ // an answer to the withdrawn want is ignored
+		m.enter(Sleeping, fmt.Sprintf("asleep (level %d); the requests that would have woken it left", m.sleepLevel))
+		return []effect{efWithdraw{}}
+	case m.state == Pending && !m.spawning && m.inst == nil:
+		m.awaiting, m.demanded = false, false
+		m.wantSeq++
+		m.enter(Stopped, "on demand: not started, the requests that asked for it left; starts at its next request")
+		return []effect{efDisarm{tick}, efDrop{}}
+	}
+	return nil
+}
+
+// recentStarts is how many recent starts or wakes the estimate uses.
+const recentStarts = 5
+
+// recent appends d to the last durations, keeping recentStarts.
+func recent(ds []time.Duration, d time.Duration) []time.Duration {
+	if len(ds) >= recentStarts {
+		ds = append(ds[:0:0], ds[len(ds)-recentStarts+1:]...)
+	}
+	return append(ds, d)
+}
+
+// typical is the median of ds (0 when empty): one slow start after a
+// cold cache does not make every estimate slow.
+func typical(ds []time.Duration) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2]
 }
 
 // wake asks the scheduler for the sleeper's memory back on its GPUs.
@@ -940,6 +1035,11 @@ func (m *machine) onWoke(ev evWoke) []effect {
 	}
 	level := m.sleepLevel
 	m.sleepLevel = 0
+	m.demanded = false
+	if m.wakes == nil {
+		m.wakes = map[int][]time.Duration{}
+	}
+	m.wakes[level] = recent(m.wakes[level], m.now().Sub(m.wakeStart))
 	m.readyAt = m.now()
 	m.probeFails = 0
 	m.enter(Ready, "")

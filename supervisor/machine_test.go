@@ -230,6 +230,8 @@ func describe(efs []effect) string {
 			out = append(out, fmt.Sprintf("woke(%d)", ef.level))
 		case efDecline:
 			out = append(out, "decline")
+		case efWithdraw:
+			out = append(out, "withdraw")
 		case efAdopt:
 			out = append(out, fmt.Sprintf("adopt(%v)", ef.phase))
 		default:
@@ -289,6 +291,8 @@ func describeEvent(ev event) string {
 		return "shutdown"
 	case evDemand:
 		return "demand"
+	case evUnwanted:
+		return "unwanted"
 	case evEvict:
 		return "evict"
 	case evIdle:
@@ -336,6 +340,13 @@ func TestMachineTransitions(t *testing.T) {
 		{"on demand: ready", func(mt *mtest) *mtest { mt.m.cfg = onDemandCfg(); return mt.toODReady() }},
 		{"on demand: going to sleep", func(mt *mtest) *mtest { mt.m.cfg = onDemandCfg(); return mt.toGoingToSleep() }},
 		{"on demand: asleep", func(mt *mtest) *mtest { mt.m.cfg = onDemandCfg(); return mt.toAsleep() }},
+		{"on demand: started by a request (awaiting GPUs)", func(mt *mtest) *mtest {
+			mt.m.cfg = onDemandCfg()
+			mt.toIdleStopped()
+			mt.step(evDemand{})
+			mt.step(evChecked{})
+			return mt
+		}},
 		{"on demand: waking (awaiting GPUs)", func(mt *mtest) *mtest { mt.m.cfg = onDemandCfg(); return mt.toWakingAwaiting() }},
 		{"on demand: waking", func(mt *mtest) *mtest { mt.m.cfg = onDemandCfg(); return mt.toWaking() }},
 	}
@@ -373,6 +384,7 @@ func TestMachineTransitions(t *testing.T) {
 		},
 		func(*mtest) event { return evShutdown{} },
 		func(*mtest) event { return evDemand{} },
+		func(*mtest) event { return evUnwanted{} },
 		func(*mtest) event { return evEvict{forModel: "other"} },
 		func(*mtest) event { return evIdle{last: t0} },
 		func(*mtest) event { return evIdle{last: t0, inFlight: 1} },
@@ -799,4 +811,119 @@ func TestMachineSleepOnlyOnDemand(t *testing.T) {
 		t.Errorf("opErr %v", mt.m.opErr)
 	}
 	mt.state(Ready)
+}
+
+// TestMachineUnwantedAbandons: when every request waiting for an on-demand
+// model leaves, a start or wake they asked for that has not begun is
+// abandoned; one an operator asked for, or one under way, goes on.
+func TestMachineUnwantedAbandons(t *testing.T) {
+	t.Run("wake awaiting its memory", func(t *testing.T) {
+		mt := newODTest(t).toWakingAwaiting()
+		seq := mt.m.wantSeq
+		mt.expect(evUnwanted{}, "withdraw")
+		mt.state(Sleeping)
+		if st := mt.m.status(); st.SleepLevel != 1 || !st.Serving() {
+			t.Errorf("asleep again: level %d serving %v", st.SleepLevel, st.Serving())
+		}
+		// The scheduler's answer to the withdrawn want changes nothing.
+		mt.expect(evPlaced{placement{seq: seq, gpus: []string{"GPU-a"}}}, "")
+		mt.state(Sleeping)
+		mt.expect(evDemand{}, "want(4)") // the next request wakes it
+		mt.state(Waking)
+	})
+	t.Run("start awaiting GPUs", func(t *testing.T) {
+		mt := newODTest(t).toIdleStopped()
+		mt.expect(evDemand{}, "disarm(tick) check")
+		mt.expect(evChecked{}, "want(1)")
+		mt.expect(evUnwanted{}, "disarm(tick) drop")
+		mt.state(Stopped)
+		if st := mt.m.status(); st.Held || !st.Serving() {
+			t.Errorf("startable again: held %v serving %v", st.Held, st.Serving())
+		}
+		mt.expect(evPlaced{placement{seq: 1, gpus: []string{"GPU-a"}}}, "")
+		mt.expect(evDemand{}, "disarm(tick) check")
+	})
+	t.Run("wake after a sleep in flight", func(t *testing.T) {
+		mt := newODTest(t).toGoingToSleep()
+		mt.expect(evDemand{}, "")
+		mt.expect(evUnwanted{}, "")
+		mt.expect(evSlept{}, "slept(1,idle)") // no want(2): nobody waits
+		mt.state(Sleeping)
+	})
+	t.Run("a wake under way goes on", func(t *testing.T) {
+		mt := newODTest(t).toWaking()
+		mt.expect(evUnwanted{}, "")
+		mt.state(Waking)
+		mt.expect(evWoke{}, "ready woke(1) arm(tick,10s) arm(idle,10m0s)")
+	})
+	t.Run("a spawned start goes on", func(t *testing.T) {
+		mt := newODTest(t).toIdleStopped()
+		mt.step(evDemand{})
+		mt.step(evChecked{})
+		mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+		mt.step(evSpawned{inst: mt.newInst()})
+		mt.expect(evUnwanted{}, "")
+		mt.state(Starting)
+	})
+	t.Run("an operator's wake goes on", func(t *testing.T) {
+		mt := newODTest(t).toAsleep()
+		mt.expect(evOp{OpWake}, "want(2)")
+		mt.expect(evDemand{}, "") // a request joins the operator's wake
+		mt.expect(evUnwanted{}, "")
+		mt.state(Waking)
+	})
+}
+
+// TestMachineLoadEstimates: the status carries the median of the recent
+// starts and wakes, and when the one in progress began, for the gateway's
+// Retry-After.
+func TestMachineLoadEstimates(t *testing.T) {
+	mt := newODTest(t).toIdleStopped()
+	for i, took := range []time.Duration{40, 10, 12, 11, 90, 13} {
+		asked := mt.now
+		mt.step(evDemand{})
+		mt.now = mt.now.Add(time.Second) // placement takes its time: counted
+		took--
+		mt.step(evChecked{})
+		mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+		inst := mt.newInst()
+		mt.step(evSpawned{inst: inst})
+		if st := mt.m.status(); !st.LoadBegan.Equal(asked) {
+			t.Fatalf("start %d: began %v, want when it was asked for %v", i, st.LoadBegan, asked)
+		}
+		mt.now = mt.now.Add(took * time.Second)
+		mt.step(evProbed{inst: inst})
+		mt.state(Ready)
+		mt.now = mt.now.Add(time.Hour)
+		mt.step(evIdle{})
+		mt.step(evSlept{})
+		mt.state(Sleeping)
+		mt.step(evDemand{})
+		mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+		if st := mt.m.status(); st.State != Waking || !st.LoadBegan.Equal(mt.now) || st.WakeLevel != 1 {
+			t.Fatalf("wake %d: %s began %v level %d", i, st.State, st.LoadBegan, st.WakeLevel)
+		}
+		mt.now = mt.now.Add(took * time.Second / 10)
+		mt.step(evWoke{})
+		// Back to stopped for the next start.
+		mt.now = mt.now.Add(time.Hour)
+		mt.step(evIdle{})
+		mt.step(evSlept{})
+		mt.step(evEvict{forModel: "other"})
+		mt.step(evStopped{inst: mt.m.inst})
+		mt.state(Stopped)
+	}
+	// The last five starts: 10 12 11 90 13 → 12; wakes a tenth of each
+	// less the placement second: .9 1.1 1 8.9 1.2 → 1.1.
+	st := mt.m.status()
+	if st.TypicalStartup != 12*time.Second {
+		t.Errorf("typical startup %v, want 12s (the median of the last five)", st.TypicalStartup)
+	}
+	if got := typical(mt.m.wakes[1]); got != 1100*time.Millisecond {
+		t.Errorf("typical wake %v, want 1.1s", got)
+	}
+	mt.step(evDemand{})
+	if st := mt.m.status(); st.TypicalStartup != 12*time.Second || !st.LoadBegan.Equal(mt.now) {
+		t.Errorf("pending: %v began %v, want now", st.TypicalStartup, st.LoadBegan)
+	}
 }

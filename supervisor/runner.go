@@ -325,6 +325,8 @@ func (l *loop) do(ef effect) event {
 		r.d.sched.Want(m.cfg, ef.seq)
 	case efDrop:
 		r.d.sched.Drop(r.name)
+	case efWithdraw:
+		r.d.sched.Withdraw(r.name)
 	case efSpawn:
 		return l.spawn(ef.gpus)
 	case efReady:

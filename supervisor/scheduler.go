@@ -262,6 +262,21 @@ func (s *scheduler) Drop(name string) {
 	})
 }
 
+// Withdraw takes back a sleeper's want to wake (nobody waits for it any
+// more). It stays asleep on its GPUs: a wake granted meanwhile, but not
+// begun (the runner ignores the answer), is asleep again.
+func (s *scheduler) Withdraw(name string) {
+	s.send(func() {
+		delete(s.wants, name)
+		delete(s.answered, name)
+		if c, ok := s.claims[name]; ok && c.Phase == gpu.Starting {
+			c.Phase, c.Since = gpu.Asleep, s.now()
+			s.claims[name] = c
+		}
+		s.pokeReader()
+	})
+}
+
 // decide runs gpu.Decide over the current state, keeps its outcome and
 // tells each waiting runner its answer.
 func (s *scheduler) decide() {

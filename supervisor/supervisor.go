@@ -638,6 +638,24 @@ func (s *Supervisor) Demand(name string) {
 	}
 }
 
+// Unwanted says no request waits for the model any more (the gateway's
+// queue emptied before it was ready): an on-demand model's start or wake
+// that has not begun is abandoned (machine.onUnwanted).
+func (s *Supervisor) Unwanted(name string) {
+	if m, ok := s.cfg.Load().Model(name); !ok || !m.OnDemand() {
+		return
+	}
+	s.demandMu.Lock()
+	r := s.runner(name)
+	if r == nil {
+		delete(s.early, name) // its runner need not start it after all
+	}
+	s.demandMu.Unlock()
+	if r != nil {
+		r.mail.put(message{ev: evUnwanted{}})
+	}
+}
+
 func (s *Supervisor) runner(name string) *runner {
 	for _, r := range *s.runners.Load() {
 		if r.name == name {

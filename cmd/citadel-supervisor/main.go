@@ -267,6 +267,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 				u.daemon(&d)
 				return d
 			},
+			Usage: func() api.Usage { return gatewayUsage(gw) },
 		})
 		if err != nil {
 			return err
@@ -358,8 +359,28 @@ func gatewaySettings(c config.Gateway) (gateway.Settings, error) {
 			return s, err
 		}
 		s.Keys = keys
+		s.Policies = make(map[string]gateway.Policy, len(c.Keys))
+		for name, p := range c.Keys {
+			s.Policies[name] = gateway.Policy{
+				Models: p.Models, RequestsPerMinute: p.RequestsPerMinute, TokensPerMinute: p.TokensPerMinute,
+				MaxConcurrency: p.MaxConcurrency, Weight: p.Weight,
+			}
+		}
 	}
 	return s, nil
+}
+
+// gatewayUsage is the gateway's usage on the control wire.
+func gatewayUsage(gw *gateway.Gateway) api.Usage {
+	u := api.Usage{Rows: []api.UsageRow{}}
+	if gw == nil {
+		return u
+	}
+	u.Gateway, u.Since = true, gw.Started()
+	for _, r := range gw.Usage() {
+		u.Rows = append(u.Rows, api.UsageRow{Model: r.Model, Key: r.Key, Requests: r.Requests, PromptTokens: r.Prompt, CompletionTokens: r.Completion})
+	}
+	return u
 }
 
 // buildInfo is citadel_build_info, set at build time by `make build`.

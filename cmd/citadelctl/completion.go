@@ -32,6 +32,7 @@ _citadelctl() {
     case $prev in
         --socket|-socket) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         -o|--o) COMPREPLY=($(compgen -W "table json" -- "$cur")); return ;;
+        --by|-by) COMPREPLY=($(compgen -W "key model" -- "$cur")); return ;;
     esac
     if [[ $cur == -* ]]; then
         local flags="-o --help"
@@ -40,11 +41,12 @@ _citadelctl() {
             status) flags="-l -o --help" ;;
             stop|upgrade) flags="--timeout -o --help" ;;
             logs) flags="-n -f -o --help" ;;
+            usage) flags="--by -o --help" ;;
         esac
         COMPREPLY=($(compgen -W "$flags" -- "$cur"))
         return
     fi
-    local cmds="status start stop restart reset sleep wake reload upgrade logs health gpus fleet completion help"
+    local cmds="status start stop restart reset sleep wake reload upgrade logs health gpus usage fleet completion help"
     if [[ -z $cmd ]]; then
         COMPREPLY=($(compgen -W "$cmds" -- "$cur"))
         return
@@ -68,7 +70,7 @@ const zshCompletion = `#compdef citadelctl
 _citadelctl() {
     local -a cmds global models
     local i=2 cmd="" w
-    cmds=(status start stop restart reset sleep wake reload upgrade logs health gpus fleet completion help)
+    cmds=(status start stop restart reset sleep wake reload upgrade logs health gpus usage fleet completion help)
     while (( i < CURRENT )); do
         w=$words[i]
         case $w in
@@ -85,6 +87,7 @@ _citadelctl() {
     case $words[CURRENT-1] in
         --socket|-socket) _files; return ;;
         -o|--o) compadd -- table json; return ;;
+        --by|-by) compadd -- key model; return ;;
     esac
     if [[ $PREFIX == -* ]]; then
         case $cmd in
@@ -92,6 +95,7 @@ _citadelctl() {
             status) compadd -- -l -o --help ;;
             stop|upgrade) compadd -- --timeout -o --help ;;
             logs) compadd -- -n -f -o --help ;;
+            usage) compadd -- --by -o --help ;;
             *) compadd -- -o --help ;;
         esac
         return

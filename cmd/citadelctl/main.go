@@ -71,6 +71,7 @@ var commands = map[string]command{
 	"logs":    {"logs MODEL [-n N] [-f]", "The model's recent output, newest last; -f follows new lines until interrupted.", (*cli).logs},
 	"health":  {"health", "A readiness summary; exit 0 only when every enabled model is serving: ready, or on demand and asleep or startable. Models held stopped are listed, not counted.", (*cli).health},
 	"gpus":    {"gpus", "Each GPU: index, UUID, name, memory total/used/free, models placed on it.", (*cli).gpus},
+	"usage":   {"usage [--by key|model]", "The gateway's requests and tokens (prompt, completion, as the models reported them) since the daemon started: per model and API key NAME, or summed by key or by model.", (*cli).usageCmd},
 	"completion": {"completion bash|zsh", "A shell completion script; model names come from the daemon.", func(c *cli, _ context.Context, args []string) int {
 		return c.completion(args)
 	}},
@@ -494,6 +495,102 @@ func (c *cli) gpus(ctx context.Context, _ []string) int {
 	}
 	tw.Flush()
 	return exitOK
+}
+
+func (c *cli) usageCmd(ctx context.Context, args []string) int {
+	fs := flag.NewFlagSet("usage", flag.ContinueOnError)
+	fs.SetOutput(c.err)
+	by := fs.String("by", "", "sum by key or by model")
+	if err := fs.Parse(args); err != nil || fs.NArg() != 0 || (*by != "" && *by != "key" && *by != "model") {
+		fmt.Fprintln(c.err, "usage: citadelctl usage [--by key|model]")
+		return exitUsage
+	}
+	u, err := c.client.Usage(ctx)
+	if err != nil {
+		return c.fail(err)
+	}
+	if !u.Gateway {
+		fmt.Fprintln(c.err, "citadelctl: no gateway runs (gateway.listen is empty): nothing is counted")
+		return exitFailed
+	}
+	rows := sumUsage(u.Rows, *by)
+	if c.output == "json" {
+		u.Rows = rows
+		return c.writeJSON(u)
+	}
+	fmt.Fprintf(c.out, "since %s (%s ago)\n", u.Since.Local().Format(time.DateTime), human(c.now().Sub(u.Since)))
+	tw := tabwriter.NewWriter(c.out, 0, 0, 2, ' ', 0)
+	head := "MODEL\tKEY\t"
+	switch *by {
+	case "key":
+		head = "KEY\t"
+	case "model":
+		head = "MODEL\t"
+	}
+	fmt.Fprintln(tw, head+"REQUESTS\tPROMPT\tCOMPLETION\tTOTAL")
+	var total api.UsageRow
+	for _, r := range rows {
+		key := r.Key
+		if key == "" {
+			key = "-"
+		}
+		cells := r.Model + "\t" + key + "\t"
+		switch *by {
+		case "key":
+			cells = key + "\t"
+		case "model":
+			cells = r.Model + "\t"
+		}
+		fmt.Fprintf(tw, "%s%d\t%d\t%d\t%d\n", cells, r.Requests, r.PromptTokens, r.CompletionTokens, r.PromptTokens+r.CompletionTokens)
+		total.Requests += r.Requests
+		total.PromptTokens += r.PromptTokens
+		total.CompletionTokens += r.CompletionTokens
+	}
+	if len(rows) > 1 {
+		cells := "all\t\t"
+		if *by != "" {
+			cells = "all\t"
+		}
+		fmt.Fprintf(tw, "%s%d\t%d\t%d\t%d\n", cells, total.Requests, total.PromptTokens, total.CompletionTokens, total.PromptTokens+total.CompletionTokens)
+	}
+	tw.Flush()
+	return exitOK
+}
+
+// sumUsage sums rows by key or by model ("" keeps them as they are),
+// sorted by what they are summed by.
+func sumUsage(rows []api.UsageRow, by string) []api.UsageRow {
+	if by == "" {
+		return rows
+	}
+	sums := map[string]*api.UsageRow{}
+	var names []string
+	for _, r := range rows {
+		name := r.Model
+		if by == "key" {
+			name = r.Key
+		}
+		s := sums[name]
+		if s == nil {
+			s = &api.UsageRow{}
+			if by == "key" {
+				s.Key = name
+			} else {
+				s.Model = name
+			}
+			sums[name] = s
+			names = append(names, name)
+		}
+		s.Requests += r.Requests
+		s.PromptTokens += r.PromptTokens
+		s.CompletionTokens += r.CompletionTokens
+	}
+	slices.Sort(names)
+	out := make([]api.UsageRow, 0, len(names))
+	for _, n := range names {
+		out = append(out, *sums[n])
+	}
+	return out
 }
 
 func (c *cli) modelNames(ctx context.Context, _ []string) int {

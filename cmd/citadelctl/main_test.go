@@ -30,6 +30,7 @@ import (
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control"
+	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/control/client"
 	"citadel-supervisor/supervisor/supervisortest"
 )
@@ -544,7 +545,7 @@ var completionCases = []struct {
 	wantZsh    string   // when zsh's differs (file completion is _files there)
 	wantCalled string   // the fake's argument list, if it must be called
 }{
-	{words: []string{""}, want: "completion fleet gpus health help logs reload reset restart sleep start status stop upgrade wake"},
+	{words: []string{""}, want: "completion fleet gpus health help logs reload reset restart sleep start status stop upgrade usage wake"},
 	{words: []string{"st"}, want: "start status stop"},
 	{words: []string{"-"}, want: "--help --socket --version -o"},
 	{words: []string{"status", ""}, want: "all default-model", wantCalled: "__models"},
@@ -554,6 +555,8 @@ var completionCases = []struct {
 	{words: []string{"--socket", "/x", "stop", "a"}, want: "all alpha"},
 	{words: []string{"--socket", "/x", "stop", "--"}, want: "--help --timeout"},
 	{words: []string{"logs", "-"}, want: "--help -f -n -o"},
+	{words: []string{"usage", "-"}, want: "--by --help -o"},
+	{words: []string{"usage", "--by", ""}, want: "key model"},
 	{words: []string{"status", "-"}, want: "--help -l -o"},
 	{words: []string{"-o", ""}, want: "json table"},
 	{words: []string{"--socket", ""}, want: "sock-here", wantZsh: "_files"},
@@ -868,5 +871,68 @@ func TestCompletionListsEveryCommand(t *testing.T) {
 		if !slices.Equal(got, want) {
 			t.Errorf("completion offers %v, citadelctl has %v", got, want)
 		}
+	}
+}
+
+// TestUsage: citadelctl usage prints the gateway's requests and tokens per
+// model and key, summed by key or by model, and says when no gateway runs.
+func TestUsage(t *testing.T) {
+	since := time.Date(2025, 6, 1, 12, 0, 0, 0, time.UTC)
+	rows := []api.UsageRow{
+		{Model: "coder", Key: "team-a", Requests: 3, PromptTokens: 30, CompletionTokens: 300},
+		{Model: "mixtral", Key: "team-a", Requests: 5, PromptTokens: 50, CompletionTokens: 500},
+		{Model: "mixtral", Key: "team-b", Requests: 2, PromptTokens: 20, CompletionTokens: 200},
+	}
+	var gateway atomic.Bool
+	gateway.Store(true)
+	d := startDaemonWith(t, func(o *control.Options) {
+		o.Usage = func() api.Usage {
+			if !gateway.Load() {
+				return api.Usage{Rows: []api.UsageRow{}}
+			}
+			return api.Usage{Gateway: true, Since: since, Rows: rows}
+		}
+	}, "gpu: {backend: none}\n")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{nil, `
+MODEL    KEY     REQUESTS  PROMPT  COMPLETION  TOTAL
+coder    team-a  3         30      300         330
+mixtral  team-a  5         50      500         550
+mixtral  team-b  2         20      200         220
+all              10        100     1000        1100
+`},
+		{[]string{"--by", "key"}, `
+KEY     REQUESTS  PROMPT  COMPLETION  TOTAL
+team-a  8         80      800         880
+team-b  2         20      200         220
+all     10        100     1000        1100
+`},
+		{[]string{"--by", "model"}, `
+MODEL    REQUESTS  PROMPT  COMPLETION  TOTAL
+coder    3         30      300         330
+mixtral  7         70      700         770
+all      10        100     1000        1100
+`},
+	} {
+		code, out, errOut := d.ctl(t, append([]string{"usage"}, tc.args...)...)
+		head, table, _ := strings.Cut(out, "\n")
+		if code != 0 || !strings.HasPrefix(head, "since ") || "\n"+strings.ReplaceAll(table, " \n", "\n") != tc.want {
+			t.Errorf("usage %v: exit %d %s\n%s\nwant:%s", tc.args, code, errOut, out, tc.want)
+		}
+	}
+	code, out, _ := d.ctl(t, "-o", "json", "usage", "--by", "key")
+	var u api.Usage
+	if err := json.Unmarshal([]byte(out), &u); code != 0 || err != nil || len(u.Rows) != 2 || u.Rows[0].Key != "team-a" || u.Rows[0].CompletionTokens != 800 {
+		t.Errorf("json: %d %v %s", code, err, out)
+	}
+	if code, _, _ := d.ctl(t, "usage", "--by", "host"); code != 2 {
+		t.Errorf("--by host: exit %d, want 2", code)
+	}
+	gateway.Store(false)
+	if code, _, errOut := d.ctl(t, "usage"); code != 1 || !strings.Contains(errOut, "no gateway runs") {
+		t.Errorf("no gateway: %d %q", code, errOut)
 	}
 }

@@ -57,6 +57,8 @@ type Options struct {
 	// answer is written, and commit runs once the handler has returned
 	// (it executes the new image).
 	Upgrade func(ctx context.Context) (api.UpgradeResponse, func(), error)
+	// Usage reports the gateway's usage (PathUsage); nil: no gateway.
+	Usage func() api.Usage
 	// Listener, when set, is the socket to serve: inherited from the
 	// previous image at an upgrade, so it is neither created nor
 	// re-permissioned.
@@ -217,6 +219,7 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("GET "+api.PathHealth, s.health)
 	mux.HandleFunc("GET "+api.PathGPUs, s.gpus)
 	mux.HandleFunc("GET "+api.PathDaemon, s.daemon)
+	mux.HandleFunc("GET "+api.PathUsage, s.usage)
 	return mux
 }
 
@@ -227,6 +230,14 @@ func (s *Server) daemon(w http.ResponseWriter, _ *http.Request) {
 		d = s.o.Daemon()
 	}
 	writeJSON(w, http.StatusOK, d)
+}
+
+func (s *Server) usage(w http.ResponseWriter, _ *http.Request) {
+	u := api.Usage{Rows: []api.UsageRow{}}
+	if s.o.Usage != nil {
+		u = s.o.Usage()
+	}
+	writeJSON(w, http.StatusOK, u)
 }
 
 // mutating admits only root, the daemon's user and its control group.

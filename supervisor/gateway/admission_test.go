@@ -10,7 +10,7 @@ import (
 func try(a *admission, ctx context.Context, maxQueue int, clock *manualTimer) <-chan *apiError {
 	ch := make(chan *apiError, 1)
 	go func() {
-		_, err := a.acquire(ctx, maxQueue, time.Minute, clock.timer)
+		_, err := a.acquire(ctx, noKey, maxQueue, time.Minute, clock.timer, nil)
 		ch <- err
 	}()
 	return ch
@@ -36,17 +36,17 @@ func TestAdmissionFIFO(t *testing.T) {
 	a := &admission{}
 	a.setState(gateOpen, "", 1, 0)
 	clock := &manualTimer{}
-	if _, err := a.acquire(context.Background(), 2, time.Minute, clock.timer); err != nil {
+	if _, err := a.acquire(context.Background(), noKey, 2, time.Minute, clock.timer, nil); err != nil {
 		t.Fatal(err)
 	}
 	first := try(a, context.Background(), 2, clock)
 	queued(t, a, 1)
 	second := try(a, context.Background(), 2, clock)
 	queued(t, a, 2)
-	if _, err := a.acquire(context.Background(), 2, time.Minute, clock.timer); err == nil || err.status != 429 {
+	if _, err := a.acquire(context.Background(), noKey, 2, time.Minute, clock.timer, nil); err == nil || err.status != 429 {
 		t.Fatalf("third waiter with max_queue 2: %v", err)
 	}
-	a.release()
+	a.release(noKey)
 	if err := outcome(t, first); err != nil {
 		t.Fatalf("oldest waiter: %v", err)
 	}
@@ -55,7 +55,7 @@ func TestAdmissionFIFO(t *testing.T) {
 		t.Fatal("the second waiter got the slot too: max_concurrency 1")
 	default:
 	}
-	a.release()
+	a.release(noKey)
 	if err := outcome(t, second); err != nil {
 		t.Fatal(err)
 	}
@@ -74,13 +74,13 @@ func TestAdmissionFollowsState(t *testing.T) {
 	if err := outcome(t, w); err != nil {
 		t.Fatalf("ready admits the waiter: %v", err)
 	}
-	a.release()
+	a.release(noKey)
 
 	a.setState(gateHold, "model m is backoff", 0, 0)
 	w = try(a, context.Background(), 4, clock)
 	queued(t, a, 1)
 	clock.fire()
-	if err := outcome(t, w); err == nil || err.status != 503 || err.retryAfter != retryLoading || err.reject != RejectMaxWait {
+	if err := outcome(t, w); err == nil || err.status != 503 || err.retryAfter != minRetryUnknown || err.reject != RejectMaxWait {
 		t.Fatalf("max_wait while held: %+v", err)
 	}
 
@@ -90,7 +90,7 @@ func TestAdmissionFollowsState(t *testing.T) {
 	if err := outcome(t, w); err == nil || err.status != 503 || err.msg != "model m is failed: start limit" {
 		t.Fatalf("closing refuses waiters with the reason: %+v", err)
 	}
-	if _, err := a.acquire(context.Background(), 4, time.Minute, clock.timer); err == nil || err.reject != RejectUnavailable {
+	if _, err := a.acquire(context.Background(), noKey, 4, time.Minute, clock.timer, nil); err == nil || err.reject != RejectUnavailable {
 		t.Fatalf("closed: %+v", err)
 	}
 
@@ -118,7 +118,7 @@ func TestAdmissionDrain(t *testing.T) {
 	a := &admission{}
 	a.setState(gateOpen, "", 0, 4)
 	clock := &manualTimer{}
-	if _, err := a.acquire(context.Background(), 8, time.Minute, clock.timer); err != nil {
+	if _, err := a.acquire(context.Background(), noKey, 8, time.Minute, clock.timer, nil); err != nil {
 		t.Fatal(err)
 	}
 	drained := make(chan error, 1)
@@ -138,7 +138,7 @@ func TestAdmissionDrain(t *testing.T) {
 		t.Fatalf("drained with a request in flight: %v", err)
 	default:
 	}
-	a.release()
+	a.release(noKey)
 	select {
 	case err := <-drained:
 		if err != nil {
@@ -163,7 +163,7 @@ func TestAdmissionDrain(t *testing.T) {
 func TestAdmissionDrainGivesUp(t *testing.T) {
 	a := &admission{}
 	a.setState(gateOpen, "", 0, 1)
-	if _, err := a.acquire(context.Background(), 8, time.Minute, (&manualTimer{}).timer); err != nil {
+	if _, err := a.acquire(context.Background(), noKey, 8, time.Minute, (&manualTimer{}).timer, nil); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())

@@ -19,6 +19,10 @@ type apiError struct {
 	retryAfter time.Duration // Retry-After, when > 0
 	// reject is citadel_gateway_rejected_total's reason; "" counts none.
 	reject string
+	// final: only an operator can fix it (the model failed, is held
+	// stopped, disabled or removed): the answer says x-should-retry:
+	// false, which OpenAI's SDKs obey instead of retrying a 503 in vain.
+	final bool
 }
 
 func (e *apiError) Error() string { return e.msg }
@@ -31,15 +35,14 @@ const (
 	RejectMaxWait      = "max_wait"      // waited gateway.max_wait
 	RejectUnavailable  = "unavailable"   // failed, held stopped, disabled or removed
 	RejectBadRequest   = "bad_request"   // no JSON body naming a model, a path never forwarded, a body too large
+	RejectRateLimit    = "rate_limit"    // the key's requests_per_minute or tokens_per_minute
+	RejectScope        = "scope"         // the key may not use the model (gateway.keys.NAME.models)
 )
 
-// Retry-After values. A model that is not ready is loading weights or
-// backing off: seconds to minutes. A ready model that is busy frees a slot
-// as soon as one request ends.
-const (
-	retryBusy    = time.Second
-	retryLoading = 10 * time.Second
-)
+// retryBusy is the Retry-After for a ready model that is busy: it frees a
+// slot as soon as one request ends. A model that is not ready says how
+// long it will likely take (eta.go).
+const retryBusy = time.Second
 
 // errClientGone marks a request whose client went away; nothing is written.
 var errClientGone = &apiError{status: statusClientGone, msg: "client closed the request"}
@@ -49,25 +52,26 @@ var errClientGone = &apiError{status: statusClientGone, msg: "client closed the 
 const statusClientGone = 499
 
 func errUnavailable(reason string) *apiError {
-	return &apiError{status: http.StatusServiceUnavailable, typ: "server_error", code: "model_unavailable", msg: reason, reject: RejectUnavailable}
+	return &apiError{status: http.StatusServiceUnavailable, typ: "server_error", code: "model_unavailable", msg: reason, reject: RejectUnavailable, final: true}
 }
 
-func errQueueFull(maxQueue int, busy bool) *apiError {
+// errQueueFull: retry is how long the model will likely take to be ready
+// (eta.go), or a second when it is only busy.
+func errQueueFull(maxQueue int, busy bool, retry time.Duration) *apiError {
 	what := "is not ready"
 	if busy {
 		what = "is at max_concurrency"
 	}
 	return &apiError{status: http.StatusTooManyRequests, typ: "rate_limit_error", code: "queue_full",
 		msg:        fmt.Sprintf("the model %s and %d requests are already waiting (gateway.max_queue); retry later", what, maxQueue),
-		retryAfter: retryBusy, reject: RejectQueueFull}
+		retryAfter: retry, reject: RejectQueueFull}
 }
 
-func errMaxWait(d time.Duration, loading bool, reason string) *apiError {
+func errMaxWait(d time.Duration, loading bool, reason string, retry time.Duration) *apiError {
 	e := &apiError{status: http.StatusServiceUnavailable, typ: "server_error", code: "max_wait_exceeded",
-		retryAfter: retryBusy, reject: RejectMaxWait}
+		retryAfter: retry, reject: RejectMaxWait}
 	if loading {
 		e.msg = fmt.Sprintf("waited %s (gateway.max_wait) for the model: %s", d, reason)
-		e.retryAfter = retryLoading
 	} else {
 		e.msg = fmt.Sprintf("waited %s (gateway.max_wait) for a free slot (max_concurrency)", d)
 	}
@@ -98,7 +102,13 @@ func (e *apiError) write(w http.ResponseWriter) {
 	h := w.Header()
 	h.Set("Content-Type", "application/json")
 	if e.retryAfter > 0 {
+		// Whole seconds, rounded up, as RFC 9110 has it; retry-after-ms is
+		// the precise figure, read first by OpenAI's SDKs.
 		h.Set("Retry-After", strconv.Itoa(int(math.Ceil(e.retryAfter.Seconds()))))
+		h.Set("Retry-After-Ms", strconv.FormatInt(e.retryAfter.Milliseconds(), 10))
+	}
+	if e.final {
+		h.Set("X-Should-Retry", "false")
 	}
 	w.WriteHeader(e.status)
 	w.Write(e.body()) //nolint:errcheck // the client went away

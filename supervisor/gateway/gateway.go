@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"sort"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -33,6 +34,12 @@ type Models interface {
 	// starts or wakes an on-demand model that is not awake. It never
 	// blocks; the request then waits in the model's queue like any other.
 	Demand(name string)
+	// Unwanted says no request waits for the model any more: every one
+	// that was queued for its start or wake left (their clients hung up,
+	// or max_wait passed). A start or wake that has not begun yet is
+	// abandoned, so it does not put other models to sleep for nobody. It
+	// never blocks; a later Demand starts or wakes the model again.
+	Unwanted(name string)
 }
 
 // Model is one configured model as the gateway sees it.
@@ -51,6 +58,9 @@ type Model struct {
 	// Seq orders the model's published states: a state older than a
 	// drain's (see Drain) never reopens the model's queue.
 	Seq uint64
+	// Loading describes its start or wake, for Retry-After and for the
+	// comments a held stream receives (eta.go).
+	Loading Loading
 }
 
 // Settings are the gateway's limits and keys; Apply replaces them whole on
@@ -61,6 +71,9 @@ type Settings struct {
 	MaxBody  int64
 	// Keys, when not nil, are required: 401 without one of their tokens.
 	Keys *Keys
+	// Policies are the keys' scopes and limits by NAME (gateway.keys); a
+	// key without one may use every model without limit.
+	Policies map[string]Policy
 }
 
 // Options are the gateway's collaborators. Models and Logger are required.
@@ -76,6 +89,9 @@ type Options struct {
 	// Listener, when set, is served instead of binding the address:
 	// inherited from the previous image at an upgrade.
 	Listener net.Listener
+	// HoldEvery is how often a held stream gets a comment line (held.go);
+	// 0 means every 4 s, the first after a second.
+	HoldEvery time.Duration
 }
 
 // Server timeouts. No write or read timeout: a generation streams for
@@ -97,6 +113,15 @@ type Gateway struct {
 	settings atomic.Pointer[Settings]
 	table    atomic.Pointer[table]
 	ups      map[string]*upstream // by model name; owned by the watch loop
+	// keys are the API keys' states by NAME ("" for requests without a
+	// key), rebuilt by Apply around states that last (limits.go).
+	keys    atomic.Pointer[map[string]*keyState]
+	keysMu  sync.Mutex // serialises Apply
+	usage   usageTable
+	ids     requestIDs
+	started time.Time // for `citadelctl usage`: counted since then
+	// holdFirst and holdEvery time a held stream's comments (held.go).
+	holdFirst, holdEvery time.Duration
 
 	ln      *netguard.Listener
 	srv     *http.Server
@@ -116,8 +141,13 @@ func Listen(addr string, o Options) (*Gateway, error) {
 	if g.timer == nil {
 		g.timer = realTimer
 	}
-	s := o.Settings
-	g.settings.Store(&s)
+	g.ids.prefix = newIDPrefix()
+	g.started = g.now()
+	g.holdFirst, g.holdEvery = holdFirst, holdEvery
+	if o.HoldEvery > 0 {
+		g.holdFirst, g.holdEvery = min(holdFirst, o.HoldEvery), o.HoldEvery
+	}
+	g.Apply(o.Settings)
 	g.table.Store(&table{byName: map[string]*route{}})
 	g.update(o.Models.Models())
 	if o.Registerer != nil {
@@ -147,6 +177,9 @@ func Listen(addr string, o Options) (*Gateway, error) {
 	return g, nil
 }
 
+// Started is when the gateway began counting its usage.
+func (g *Gateway) Started() time.Time { return g.started }
+
 // Addr is the bound address (useful with port 0).
 func (g *Gateway) Addr() string { return g.ln.Addr().String() }
 
@@ -157,9 +190,60 @@ func (g *Gateway) Guard() *netguard.Listener { return g.ln }
 // HTTP is the server, whose keep-alives an upgrade turns off.
 func (g *Gateway) HTTP() *http.Server { return g.srv }
 
-// Apply replaces the limits and keys (on reload). Requests already waiting
-// keep the limits they started with.
-func (g *Gateway) Apply(s Settings) { g.settings.Store(&s) }
+// Apply replaces the limits, keys and policies (on reload). Requests
+// already waiting keep the limits they started with; a key's buckets and
+// requests in flight carry over to its new policy.
+func (g *Gateway) Apply(s Settings) {
+	g.keysMu.Lock()
+	defer g.keysMu.Unlock()
+	old := map[string]*keyState{}
+	if p := g.keys.Load(); p != nil {
+		old = *p
+	}
+	names := map[string]bool{"": true}
+	if s.Keys != nil {
+		for _, n := range s.Keys.Names() {
+			names[n] = true
+		}
+	}
+	for n := range s.Policies {
+		if !names[n] {
+			g.log.Warn("gateway.keys names a key that api_keys_file does not have: its policy applies to no request", zap.String("key", n))
+		}
+	}
+	now := g.now()
+	keys := make(map[string]*keyState, len(names))
+	for n := range names {
+		ks := old[n]
+		if ks == nil {
+			ks = &keyState{name: n, poke: g.redispatch}
+		}
+		ks.pol.Store(newPolicy(s.Policies[n], ks.pol.Load(), now))
+		keys[n] = ks
+	}
+	g.keys.Store(&keys)
+	g.settings.Store(&s)
+}
+
+// key is the state of the key NAME ("" for requests without a key).
+func (g *Gateway) key(name string) *keyState {
+	if ks := (*g.keys.Load())[name]; ks != nil {
+		return ks
+	}
+	// Not in the map only between a keys file read and its Apply: the
+	// key is unlimited until then.
+	ks := &keyState{name: name, poke: g.redispatch}
+	ks.pol.Store(newPolicy(Policy{}, nil, g.now()))
+	return ks
+}
+
+// redispatch asks every model's queue to look again: a key at its
+// max_concurrency has a free slot.
+func (g *Gateway) redispatch() {
+	for _, rt := range g.table.Load().list {
+		rt.up.adm.redispatch()
+	}
+}
 
 // Serving returns nil while the listener is serving; /readyz asks it.
 func (g *Gateway) Serving() error {
@@ -248,6 +332,7 @@ func (g *Gateway) update(models []Model) {
 			g.ups[m.Name] = up
 		}
 		gt, reason := gateOf(m)
+		up.adm.setLoading(m.Loading)
 		up.adm.setState(gt, reason, m.MaxConcurrency, m.Seq)
 		rt := &route{model: m, up: up}
 		t.list = append(t.list, rt)

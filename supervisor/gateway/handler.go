@@ -33,7 +33,10 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := g.now()
 	rec := &recorder{ResponseWriter: w, now: g.now}
 	set := g.settings.Load()
-	req := &reqInfo{}
+	req := &reqInfo{id: g.ids.requestID(r.Header.Get("X-Request-Id"))}
+	// On every answer, and to the model (requestid.go).
+	w.Header()["X-Request-Id"] = []string{req.id}
+	r.Header["X-Request-Id"] = []string{req.id}
 	defer func() { g.finish(rec, r, req, start) }()
 
 	p := r.URL.Path
@@ -54,13 +57,15 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// The token is the gateway's; the model never sees it.
 		r.Header.Del("Authorization")
 	}
+	req.keyState = g.key(req.key)
+	req.keyState.headers(start, rec.Header())
 	switch {
 	case p == "/v1/models":
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			req.reject(rec, errMethod("GET"))
 			return
 		}
-		g.listModels(rec)
+		g.listModels(rec, req.keyState)
 		return
 	case strings.HasPrefix(p, "/v1/models/"):
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
@@ -91,20 +96,38 @@ func errMethod(allow string) *apiError {
 
 // reqInfo is what the access log and the metrics learn about a request.
 type reqInfo struct {
-	model  string // configured name, once routed
-	key    string // the API key's NAME
-	waited bool
-	wait   time.Duration
-	err    *apiError // the gateway's own answer, if any
+	id       string // X-Request-Id
+	model    string // configured name, once routed
+	key      string // the API key's NAME
+	keyState *keyState
+	waited   bool
+	wait     time.Duration
+	err      *apiError // the gateway's own answer, if any
+	// asked: the gateway asked the model for the stream's usage, so the
+	// usage chunk is not the client's (usage.go); for a large body, the
+	// appender says so once the body is sent (usagestream.go).
+	asked    bool
+	appender *usageAppender
 }
 
 func (q *reqInfo) reject(w http.ResponseWriter, e *apiError) {
 	q.err = e
 	if e.status != statusClientGone {
-		e.write(w)
+		writeError(w, e)
 	} else if rec, ok := w.(*recorder); ok {
 		rec.status = statusClientGone
 	}
+}
+
+// writeError answers e: as a JSON error, or as a stream's error event once
+// held comments committed the answer to a stream (held.go).
+func writeError(w http.ResponseWriter, e *apiError) {
+	if rec, ok := w.(*recorder); ok && rec.held {
+		rec.event(e.body())
+		rec.status = e.status // what the metrics and the log record
+		return
+	}
+	e.write(w)
 }
 
 // inMemoryBody: bodies up to this size are read whole before forwarding;
@@ -113,6 +136,7 @@ const inMemoryBody = 1 << 20
 
 // forward routes a POST by its body's model and proxies it.
 func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Settings, start time.Time) {
+	p := r.URL.Path
 	if r.ContentLength > set.MaxBody {
 		req.reject(w, errBadRequest(http.StatusRequestEntityTooLarge, "request_too_large",
 			fmt.Sprintf("request body of %d bytes is over %d (gateway.max_body)", r.ContentLength, set.MaxBody)))
@@ -141,21 +165,19 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 	}
 	up := rt.up
 	req.model = rt.model.Name
+	if !req.keyState.allows(rt.model) {
+		req.reject(w, errScope(req.key, rt.model))
+		return
+	}
+	if e := req.keyState.admit(g.now(), w.Header()); e != nil {
+		g.metrics.limited.WithLabelValues(req.key, e.typ).Inc()
+		req.reject(w, e)
+		return
+	}
 	up.lastRequest.Store(start.UnixNano())
 	// An on-demand model that sleeps or is stopped is woken or started by
 	// this; the request waits in the queue whatever it waits for.
 	g.models.Demand(rt.model.Name)
-
-	waitStart := g.now()
-	waited, aerr := up.adm.acquire(r.Context(), set.MaxQueue, set.MaxWait, g.timer)
-	if waited {
-		req.waited, req.wait = true, g.now().Sub(waitStart)
-	}
-	if aerr != nil {
-		req.reject(w, aerr)
-		return
-	}
-	defer up.adm.release()
 
 	if name != rt.model.ServedName {
 		// The client used the configured name; vLLM knows only its
@@ -175,15 +197,43 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 		}
 		read = append(read, rest...)
 	}
-	if int64(len(read)) == r.ContentLength {
+	inMemory := int64(len(read)) == r.ContentLength
+	var hold *holder
+	if inMemory && (p == "/v1/chat/completions" || p == "/v1/completions") {
+		out, asked, stream := askUsage(read)
+		read, req.asked = out, asked
+		r.ContentLength = int64(len(read))
+		if stream {
+			hold = g.newHolder(w, rt.model.Name)
+		}
+	}
+
+	waitStart := g.now()
+	waited, aerr := up.adm.acquire(r.Context(), req.keyState, set.MaxQueue, set.MaxWait, g.timer, hold)
+	if waited {
+		req.waited, req.wait = true, g.now().Sub(waitStart)
+	}
+	if aerr != nil {
+		req.reject(w, aerr)
+		return
+	}
+	defer up.adm.release(req.keyState)
+
+	if inMemory {
 		// A body in memory goes out with its headers in one write; any
 		// other reader makes the transport flush the headers first (Go
 		// issue 22088): a second write and packet for every request.
 		r.Body = io.NopCloser(bytes.NewReader(read))
 	} else {
-		r.Body = readCloser{io.MultiReader(bytes.NewReader(read), body), body}
+		rd := io.MultiReader(bytes.NewReader(read), body)
+		if p == "/v1/chat/completions" || p == "/v1/completions" {
+			// Too large to edit in memory: asked for usage as it passes.
+			req.appender = &usageAppender{r: rd}
+			rd, r.ContentLength = req.appender, -1
+		}
+		r.Body = readCloser{rd, body}
 	}
-	up.serve(w, r, g)
+	up.serve(w, r, g, req)
 }
 
 type readCloser struct {
@@ -204,6 +254,9 @@ func (g *Gateway) finish(w *recorder, r *http.Request, req *reqInfo, start time.
 		req.model = ""
 	}
 	m.requests.WithLabelValues(req.model, strconv.Itoa(status), req.key).Inc()
+	if req.model != "" {
+		g.usage.row(req.model, req.key).requests.Add(1)
+	}
 	if req.err != nil && req.err.reject != "" {
 		m.rejected.WithLabelValues(req.model, req.err.reject).Inc()
 	}
@@ -220,7 +273,7 @@ func (g *Gateway) finish(w *recorder, r *http.Request, req *reqInfo, start time.
 		fields := []zap.Field{
 			zap.String("method", r.Method), zap.String("path", r.URL.Path), zap.Int("status", status),
 			zap.String("model", req.model), zap.Duration("duration", end.Sub(start)),
-			zap.Int64("bytes", w.bytes), zap.String("remote", r.RemoteAddr),
+			zap.Int64("bytes", w.bytes), zap.String("remote", r.RemoteAddr), zap.String("request_id", req.id),
 		}
 		if req.key != "" {
 			fields = append(fields, zap.String("key", req.key))
@@ -243,6 +296,26 @@ type recorder struct {
 	status int
 	first  time.Time
 	bytes  int64
+	// held: comments committed the answer to 200 text/event-stream while
+	// the request waited (held.go); what follows is written as events.
+	held bool
+}
+
+// comment writes an SSE comment line of a held stream. It is not the
+// answer's first byte: time_to_first_byte waits for the first event.
+func (w *recorder) comment(line string) {
+	n, _ := io.WriteString(w.ResponseWriter, line+"\n\n") //nolint:errcheck // a client gone ends the wait through its context
+	w.bytes += int64(n)
+	w.Flush()
+}
+
+// event ends a held stream with an error event and [DONE], the way vLLM
+// ends a stream that fails.
+func (w *recorder) event(errBody []byte) {
+	w.Write([]byte("data: "))               //nolint:errcheck // the client went away
+	w.Write(bytes.TrimSpace(errBody))       //nolint:errcheck // the client went away
+	w.Write([]byte("\n\ndata: [DONE]\n\n")) //nolint:errcheck // the client went away
+	w.Flush()
 }
 
 func (w *recorder) WriteHeader(code int) {
@@ -327,14 +400,15 @@ func (g *Gateway) object(rt *route) modelObject {
 	}
 }
 
-// listModels lists every enabled model whatever its state (SPEC §8).
-func (g *Gateway) listModels(w http.ResponseWriter) {
+// listModels lists every enabled model whatever its state (SPEC §8), of
+// those the key may use.
+func (g *Gateway) listModels(w http.ResponseWriter, k *keyState) {
 	out := struct {
 		Object string        `json:"object"`
 		Data   []modelObject `json:"data"`
 	}{Object: "list", Data: []modelObject{}}
 	for _, rt := range g.table.Load().list {
-		if rt.model.Enabled {
+		if rt.model.Enabled && k.allows(rt.model) {
 			out.Data = append(out.Data, g.object(rt))
 		}
 	}
@@ -348,6 +422,10 @@ func (g *Gateway) getModel(w http.ResponseWriter, req *reqInfo, id string) {
 		return
 	}
 	req.model = rt.model.Name
+	if !req.keyState.allows(rt.model) {
+		req.reject(w, errScope(req.key, rt.model))
+		return
+	}
 	obj := g.object(rt)
 	if !obj.Citadel.Servable {
 		// A load balancer's health check polls this: 503 takes the host

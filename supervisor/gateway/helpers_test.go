@@ -126,6 +126,7 @@ type stubModels struct {
 	models  []Model
 	changed chan struct{}
 	demands map[string]int // Demand calls by model
+	unwants map[string]int // Unwanted calls by model
 }
 
 func newStub(models ...Model) *stubModels {
@@ -151,6 +152,22 @@ func (s *stubModels) Demand(name string) {
 		s.demands = map[string]int{}
 	}
 	s.demands[name]++
+}
+
+func (s *stubModels) Unwanted(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.unwants == nil {
+		s.unwants = map[string]int{}
+	}
+	s.unwants[name]++
+}
+
+// calls reads how often Demand and Unwanted were called for name.
+func (s *stubModels) calls(name string) (demands, unwants int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.demands[name], s.unwants[name]
 }
 
 // set changes one model's state and tells the gateway.

@@ -91,3 +91,12 @@ func (k *Keys) lookup(authorization string) (string, bool) {
 	name, ok := k.byDigest[sha256.Sum256([]byte(strings.TrimSpace(token)))]
 	return name, ok
 }
+
+// Names lists the keys' NAMEs.
+func (k *Keys) Names() []string {
+	out := make([]string, 0, len(k.byDigest))
+	for _, n := range k.byDigest {
+		out = append(out, n)
+	}
+	return out
+}

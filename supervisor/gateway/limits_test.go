@@ -156,7 +156,7 @@ func TestRequestsWaitForTheirModel(t *testing.T) {
 	waitFor(t, 5*time.Second, "the request held", func() bool { return s.value(t, "citadel_gateway_queue_depth", alpha) == 1 })
 	clock.fire()
 	got := wait(t, r)
-	if msg, _, _ := apiErr(t, got.body); got.code != 503 || got.retryAfter != "10" || !strings.Contains(msg, "model alpha is starting: loading") {
+	if msg, _, _ := apiErr(t, got.body); got.code != 503 || got.retryAfter != "3" || !strings.Contains(msg, "model alpha is starting: loading") {
 		t.Errorf("max_wait while starting: %d Retry-After %q %q", got.code, got.retryAfter, msg)
 	}
 

@@ -14,6 +14,9 @@ type metrics struct {
 	ttfb      *prometheus.HistogramVec // model
 	queueWait *prometheus.HistogramVec // model
 	rejected  *prometheus.CounterVec   // model, reason
+	tokens    *prometheus.CounterVec   // model, key, kind
+	tpot      *prometheus.HistogramVec // model
+	limited   *prometheus.CounterVec   // key, limit
 }
 
 func newMetrics() *metrics {
@@ -39,13 +42,26 @@ func newMetrics() *metrics {
 		}, []string{"model"}),
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "citadel_gateway_rejected_total",
-			Help: "Requests the gateway answered itself without reaching a model, by reason (unauthorized, unknown_model, bad_request, queue_full, max_wait, unavailable).",
+			Help: "Requests the gateway answered itself without reaching a model, by reason (unauthorized, unknown_model, bad_request, queue_full, max_wait, unavailable, rate_limit, scope).",
 		}, []string{"model", "reason"}),
+		tokens: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "citadel_gateway_tokens_total",
+			Help: "Tokens the models reported in their answers' usage, by model, API key NAME (empty without api_keys_file) and kind (prompt, completion).",
+		}, []string{"model", "key", "kind"}),
+		tpot: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "citadel_gateway_time_per_output_token_seconds",
+			Help:    "Per streamed answer, the time between its first and last events divided by its completion tokens less one.",
+			Buckets: []float64{.001, .0025, .005, .01, .015, .02, .03, .04, .05, .075, .1, .15, .2, .3, .5, 1},
+		}, []string{"model"}),
+		limited: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "citadel_gateway_rate_limited_total",
+			Help: "Requests refused 429 rate_limit_exceeded, by API key NAME and the limit it reached (requests: requests_per_minute, tokens: tokens_per_minute).",
+		}, []string{"key", "limit"}),
 	}
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.requests, m.duration, m.ttfb, m.queueWait, m.rejected}
+	return []prometheus.Collector{m.requests, m.duration, m.ttfb, m.queueWait, m.rejected, m.tokens, m.tpot, m.limited}
 }
 
 // forget deletes a removed model's series.
@@ -56,6 +72,8 @@ func (m *metrics) forget(model string) {
 	m.ttfb.DeletePartialMatch(l)
 	m.queueWait.DeletePartialMatch(l)
 	m.rejected.DeletePartialMatch(l)
+	m.tokens.DeletePartialMatch(l)
+	m.tpot.DeletePartialMatch(l)
 }
 
 var (

@@ -75,8 +75,13 @@ func TestBodyUnchanged(t *testing.T) {
 		if resp.StatusCode != 200 {
 			t.Fatalf("%d", resp.StatusCode)
 		}
-		if want := fmt.Sprintf("%x %d", sha256.Sum256([]byte(body)), len(body)); <-got != want {
-			t.Errorf("the model received another body")
+		// A large chat body read only as far as its model is sent chunked:
+		// it is asked for its stream's usage as it passes (usagestream.go),
+		// which may lengthen it. This one does not stream: not one byte
+		// changes.
+		sum := fmt.Sprintf("%x", sha256.Sum256([]byte(body)))
+		if g := <-got; g != fmt.Sprintf("%s %d", sum, len(body)) && g != sum+" -1" {
+			t.Errorf("the model received %s, want %s and its length, or chunked", g, sum)
 		}
 	}
 	big := `{"model":"org/vision","prompt":"` + strings.Repeat("x", 4<<20) + `"}`

@@ -1,7 +1,10 @@
 package gateway
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/url"
@@ -45,7 +48,7 @@ next:
 // httputil.ReverseProxy does for this one case (HTTP/1.1 to a model on
 // loopback, no trailers, no upgrades) without cloning the request or
 // tracing 1xx answers: every request passes here.
-func (up *upstream) serve(w *recorder, r *http.Request, g *Gateway) {
+func (up *upstream) serve(w *recorder, r *http.Request, g *Gateway, req *reqInfo) {
 	out := &http.Request{
 		Method:        r.Method,
 		URL:           &url.URL{Scheme: up.target.Scheme, Host: up.target.Host, Path: r.URL.Path, RawQuery: r.URL.RawQuery},
@@ -71,15 +74,47 @@ func (up *upstream) serve(w *recorder, r *http.Request, g *Gateway) {
 		return
 	}
 	defer res.Body.Close()
-	copyHeaders(w.Header(), res.Header)
+	sse := strings.HasPrefix(res.Header.Get("Content-Type"), "text/event-stream")
+	if w.held && (!sse || res.StatusCode != http.StatusOK) {
+		// The held comments committed the answer to a stream: the
+		// model's own error becomes its error event (held.go).
+		heldError(w, res)
+		return
+	}
+	if req.appender != nil {
+		// The model answers once it has read the whole body: the
+		// appender has decided.
+		req.asked = req.appender.asked.Load()
+	}
 	flush := res.ContentLength == -1
 	body := io.Reader(res.Body)
-	if strings.HasPrefix(res.Header.Get("Content-Type"), "text/event-stream") {
-		w.Header().Set("X-Accel-Buffering", "no")
-		body = &sseGuard{body: res.Body, ctx: r.Context()}
+	// Usage is read as the answer passes (usage.go), and charged after.
+	var tap usageTap
+	switch {
+	case sse:
+		t := &sseTap{src: res.Body, strip: req.asked, now: g.now}
+		tap, body = t, &sseGuard{body: t, ctx: r.Context()}
 		flush = true
+	case res.StatusCode == http.StatusOK && strings.HasPrefix(res.Header.Get("Content-Type"), "application/json"):
+		t := &jsonTap{src: res.Body}
+		tap, body = t, t
 	}
-	w.WriteHeader(res.StatusCode)
+	if tap != nil {
+		defer func() {
+			u, ok, st := tap.result()
+			g.account(req, u, ok, st)
+		}()
+	}
+	if !w.held {
+		copyHeaders(w.Header(), res.Header)
+		if sse {
+			w.Header().Set("X-Accel-Buffering", "no")
+			if req.asked {
+				w.Header().Del("Content-Length") // the usage chunk is not passed on
+			}
+		}
+		w.WriteHeader(res.StatusCode)
+	}
 	buf := copyBuffers.Get()
 	defer copyBuffers.Put(buf)
 	for {
@@ -104,4 +139,24 @@ func (up *upstream) serve(w *recorder, r *http.Request, g *Gateway) {
 			return
 		}
 	}
+}
+
+// heldError passes the model's answer to a held stream as its error event:
+// vLLM's error object as it is, or the answer's text as the message.
+func heldError(w *recorder, res *http.Response) {
+	b, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10)) //nolint:errcheck // what arrived is what there is
+	var v struct {
+		Error json.RawMessage `json:"error"`
+	}
+	switch {
+	case json.Unmarshal(b, &v) == nil && len(v.Error) > 0 && v.Error[0] == '{':
+		w.event(b)
+	case json.Valid(b) && len(bytes.TrimSpace(b)) > 0 && bytes.TrimSpace(b)[0] == '{':
+		// vLLM before 0.10 answers {"object":"error","message",...}.
+		w.event(append(append([]byte(`{"error":`), bytes.TrimSpace(b)...), '}'))
+	default:
+		e := errUpstream(fmt.Sprintf("the model answered %d: %s", res.StatusCode, strings.TrimSpace(string(b))))
+		w.event(e.body())
+	}
+	w.status = res.StatusCode
 }

@@ -40,7 +40,12 @@ const (
 )
 
 func (g *Gateway) newUpstream(m Model, old *upstream) *upstream {
-	up := &upstream{name: m.Name, base: m.Upstream, adm: &admission{gate: gateHold}, lastRequest: &atomic.Int64{}}
+	name := m.Name
+	up := &upstream{name: m.Name, base: m.Upstream, lastRequest: &atomic.Int64{}, adm: &admission{
+		gate: gateHold, now: g.now,
+		demand:   func() { g.models.Demand(name) },
+		unwanted: func() { g.models.Unwanted(name) },
+	}}
 	if old != nil {
 		up.adm, up.lastRequest = old.adm, old.lastRequest
 	}
@@ -89,20 +94,20 @@ func (g *Gateway) proxyError(up *upstream) func(http.ResponseWriter, *http.Reque
 		var tooLarge *http.MaxBytesError
 		switch {
 		case errors.As(err, &tooLarge):
-			errBadRequest(http.StatusRequestEntityTooLarge, "request_too_large",
-				fmt.Sprintf("request body over %d bytes (gateway.max_body)", tooLarge.Limit)).write(w)
+			writeError(w, errBadRequest(http.StatusRequestEntityTooLarge, "request_too_large",
+				fmt.Sprintf("request body over %d bytes (gateway.max_body)", tooLarge.Limit)))
 		case r.Context().Err() != nil:
 			if rec, ok := w.(*recorder); ok {
 				rec.status = statusClientGone
 			}
 		default:
-			g.log.Warn("model failed a request", zap.String("model", up.name), zap.Error(err))
+			g.log.Warn("model failed a request", zap.String("model", up.name), zap.String("request_id", r.Header.Get("X-Request-Id")), zap.Error(err))
 			_, reason := up.adm.state()
 			msg := fmt.Sprintf("model %s did not answer (it may have crashed or be restarting)", up.name)
 			if reason != "" {
 				msg += "; now: " + reason
 			}
-			errUpstream(msg).write(w)
+			writeError(w, errUpstream(msg))
 		}
 	}
 }

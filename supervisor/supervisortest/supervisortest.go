@@ -91,7 +91,10 @@ func NewSite(t testing.TB, top string, models ...Model) *Site {
 	s := &Site{Dir: t.TempDir()}
 	s.Socket = filepath.Join(s.Dir, "s.sock")
 	var b strings.Builder
-	if !strings.Contains(top, "listen:") {
+	// Only a top-level listen counts: "gateway: {listen: …}" is not one,
+	// and a daemon left on the default 127.0.0.1:9400 collides with any
+	// other test daemon on the machine.
+	if !strings.HasPrefix(top, "listen:") && !strings.Contains(top, "\nlisten:") {
 		b.WriteString("listen: \"\"\n")
 	}
 	fmt.Fprintf(&b, "control_socket: %s\n", s.Socket)

@@ -22,7 +22,30 @@ const (
 	// PathUpgrade re-executes the daemon's binary in place (SPEC §9): POST,
 	// answered with UpgradeResponse just before the exec.
 	PathUpgrade = "/v1/upgrade"
+	// PathUsage is the gateway's requests and tokens since the daemon
+	// started: GET, answered with Usage.
+	PathUsage = "/v1/usage"
 )
+
+// Usage is the gateway's requests and tokens per model and API key NAME
+// since the running image started (citadelctl usage).
+type Usage struct {
+	// Gateway is false when no gateway runs (gateway.listen is "").
+	Gateway bool       `json:"gateway"`
+	Since   time.Time  `json:"since,omitzero"`
+	Rows    []UsageRow `json:"rows"`
+}
+
+// UsageRow is one model's and key's totals. Key is "" for requests
+// without a key (no api_keys_file). Tokens are as the models' answers
+// reported them (usage).
+type UsageRow struct {
+	Model            string `json:"model,omitempty"`
+	Key              string `json:"key,omitempty"`
+	Requests         int64  `json:"requests"`
+	PromptTokens     int64  `json:"prompt_tokens"`
+	CompletionTokens int64  `json:"completion_tokens"`
+}
 
 // Op is an operator's operation on models, the last element of PathOp.
 type Op string

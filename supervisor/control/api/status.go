@@ -64,6 +64,15 @@ type Status struct {
 	// Seq numbers the model's published snapshots, in order (the daemon's
 	// own bookkeeping; not on the wire).
 	Seq uint64 `json:"-"`
+	// For the gateway's estimate of how long a start or wake will take
+	// (not on the wire): the typical duration of the model's recent starts
+	// (spawn to ready) and of its recent wakes from the level it sleeps at
+	// (WakeLevel, while sleeping or waking), and when the start or wake in
+	// progress began.
+	TypicalStartup time.Duration `json:"-"`
+	TypicalWake    time.Duration `json:"-"`
+	WakeLevel      int           `json:"-"`
+	LoadBegan      time.Time     `json:"-"`
 }
 
 // Serving reports whether the model is what operators mean by serving

@@ -171,3 +171,10 @@ func (c *Client) Daemon(ctx context.Context) (api.Daemon, error) {
 	err := c.do(ctx, http.MethodGet, api.PathDaemon, nil, nil, &out)
 	return out, err
 }
+
+// Usage returns the gateway's requests and tokens since the daemon started.
+func (c *Client) Usage(ctx context.Context) (api.Usage, error) {
+	var out api.Usage
+	err := c.do(ctx, http.MethodGet, api.PathUsage, nil, nil, &out)
+	return out, err
+}

@@ -20,6 +20,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -636,9 +637,10 @@ func (a *inference) serve(w http.ResponseWriter, r *http.Request, kind string) {
 		return
 	}
 	var req struct {
-		Model     string `json:"model"`
-		Stream    bool   `json:"stream"`
-		MaxTokens int    `json:"max_tokens"`
+		Model         string         `json:"model"`
+		Stream        bool           `json:"stream"`
+		MaxTokens     int            `json:"max_tokens"`
+		StreamOptions *streamOptions `json:"stream_options"`
 	}
 	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
 		vllmError(w, http.StatusBadRequest, "BadRequestError", "invalid JSON body: "+err.Error())
@@ -707,6 +709,9 @@ func (a *inference) serve(w http.ResponseWriter, r *http.Request, kind string) {
 				flusher.Flush()
 			}
 		}
+		if req.StreamOptions != nil && req.StreamOptions.IncludeUsage {
+			usageChunk(w, chunk(0, nil), n)
+		}
 		fmt.Fprint(w, "data: [DONE]\n\n")
 		a.requests.Add(1)
 		return
@@ -748,4 +753,21 @@ func blockForever() {
 	for {
 		time.Sleep(time.Hour)
 	}
+}
+
+// streamOptions is the request's stream_options, as vLLM reads them.
+type streamOptions struct {
+	IncludeUsage bool `json:"include_usage"`
+}
+
+// usageChunk writes the last chunk vLLM sends before [DONE] when a stream
+// asks for stream_options.include_usage (serving_chat.py and
+// serving_completion.py since 0.4): the stream's id, object, created and
+// model, no choices, and the usage of the whole request. like is any
+// chunk of the stream.
+func usageChunk(w io.Writer, like map[string]any, completion int) {
+	c := map[string]any{"id": like["id"], "object": like["object"], "created": like["created"], "model": like["model"],
+		"choices": []any{}, "usage": map[string]int{"prompt_tokens": 1, "completion_tokens": completion, "total_tokens": completion + 1}}
+	b, _ := json.Marshal(c)
+	fmt.Fprintf(w, "data: %s\n\n", b)
 }
