@@ -43,7 +43,8 @@ func TestLoadGood(t *testing.T) {
 		{"unquoted scalar env value", coder.Env["OMP_NUM_THREADS"], "8"},
 		{"builtin tensor_parallel", phi3.TensorParallel, 1},
 		{"enabled by default", mixtral.Enabled, true},
-		{"derived vllm_port", mixtral.VLLMPort, DefaultVLLMPort(11400)},
+		{"derived vllm_port", mixtral.VLLMPortStart(), DefaultVLLMPort(11400, EphemeralPorts())},
+		{"vllm_port as written stays 0 when derived", mixtral.VLLMPort, 0},
 		{"headroom", c.GPU.Headroom, GiB},
 		{"sim memory", c.GPU.Sim.Devices[0].Memory, 80 * GiB},
 		{"builtin release_timeout", c.GPU.ReleaseTimeout, 60 * time.Second},
@@ -130,7 +131,7 @@ gpu.sim.devices[0].colour: unknown key (line 2)
 listn: unknown key (line 1; did you mean "listen"?)
 models.mixtral.tensor_paralel: unknown key (line 9; did you mean "tensor_parallel"?)`,
 		"vllm_port.yaml": `models.a.port: 11400 lies in models.c's VLLM_PORT block; move one of them
-models.b.vllm_port: block 50368-50383 overlaps models.a's block; set vllm_port to a free range
+models.b.vllm_port: block 62280-62295 overlaps models.a's block; set vllm_port to a free range
 models.c.port: 11401 lies in models.c's VLLM_PORT block; move one of them`,
 	}
 	files, _ := filepath.Glob("testdata/bad/*.yaml")
