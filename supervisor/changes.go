@@ -53,8 +53,10 @@ func (v gatewayView) Demand(name string) { v.s.Demand(name) }
 func (v gatewayView) Models() []gateway.Model {
 	cfg := v.s.cfg.Load()
 	st := map[string]*Status{}
+	keys := map[string]string{}
 	for _, r := range *v.s.runners.Load() {
 		st[r.name] = r.status.Load()
+		keys[r.name] = r.key()
 	}
 	out := make([]gateway.Model, 0, len(cfg.Models))
 	for _, m := range cfg.Models {
@@ -62,10 +64,12 @@ func (v gatewayView) Models() []gateway.Model {
 			Name: m.Name, ServedName: m.ServedName, Upstream: baseURL(m),
 			Enabled: m.Enabled, MaxConcurrency: m.MaxConcurrency,
 			State: string(Pending), Reason: "supervisor starting",
+			Root: m.Path, MaxModelLen: m.MaxModelLen, APIKey: keys[m.Name],
 		}
 		if s := st[m.Name]; s != nil {
 			gm.State, gm.Reason = string(s.State), s.Reason
 			gm.OnDemand, gm.Held, gm.Seq = s.OnDemand, s.Held, s.Seq
+			gm.VLLMVersion = s.VLLMVersion
 		}
 		out = append(out, gm)
 	}

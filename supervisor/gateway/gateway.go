@@ -51,6 +51,16 @@ type Model struct {
 	// Seq orders the model's published states: a state older than a
 	// drain's (see Drain) never reopens the model's queue.
 	Seq uint64
+	// Root and MaxModelLen are what vLLM's own /v1/models says of the
+	// model: its --model path, and max_model_len (0: vLLM's choice).
+	Root        string
+	MaxModelLen int
+	// VLLMVersion is the model's vLLM release, "" while unknown.
+	VLLMVersion string
+	// APIKey is the key the model's vLLM wants (VLLM_API_KEY or
+	// --api-key), "" when none: the gateway sets it on every request it
+	// forwards. Never logged nor shown.
+	APIKey string
 }
 
 // Settings are the gateway's limits and keys; Apply replaces them whole on
