@@ -11,6 +11,9 @@ LDFLAGS   := -s -w -X main.version=$(VERSION) -X main.revision=$(REVISION)
 export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 DEMO_MODELS := mixtral-8x7b-instruct nous-hermes-2-mixtral openchat-3.5 phi-3-mini-128k \
                yi-34b-chat deepcoder-14b-instruct mimo-vl-7b-rl
+# The vLLM release the demo's fake-vllm plays, learned by the daemon from
+# package metadata in a virtualenv in miniature (docs/vllm.md).
+DEMO_VLLM   := 0.20.1
 
 .PHONY: all build test vet bench soak fuzz fuzz-short check-deploy e2e e2e-systemd nvml-check install package demo docs clean
 
@@ -104,6 +107,12 @@ demo:
 	@$(MAKE) --no-print-directory build >/dev/null
 	@echo "starting the demo: gateway on 127.0.0.1:8000, /metrics on 127.0.0.1:9400, citadelctl --socket .demo/run/supervisor.sock"
 	@mkdir -p $(addprefix .demo/models/,$(DEMO_MODELS)) .demo/run/gpu-usage .demo/cache
+	@# Each fake model directory gets its real model's config.json (--check
+	@# sizes the KV cache from it); the venv's python is fake-vllm.
+	@for m in $(DEMO_MODELS); do cp vllm/testdata/models/$$m/config.json .demo/models/$$m/; done
+	@rm -rf .demo/venv/lib && mkdir -p .demo/venv/bin .demo/venv/lib/python3.12/site-packages/vllm-$(DEMO_VLLM).dist-info
+	@printf 'Metadata-Version: 2.1\nName: vllm\nVersion: $(DEMO_VLLM)\n' > .demo/venv/lib/python3.12/site-packages/vllm-$(DEMO_VLLM).dist-info/METADATA
+	@ln -sf ../../../bin/fake-vllm .demo/venv/bin/python3
 	./bin/citadel-supervisor --config deploy/demo.yaml
 
 # Everything the package holds, under DESTDIR (empty: this machine).
