@@ -257,6 +257,8 @@ func (g *Gateway) update(models []Model) {
 			up = g.newUpstream(m, up)
 			g.ups[m.Name] = up
 		}
+		key := m.APIKey
+		up.key.Store(&key)
 		gt, reason := gateOf(m)
 		up.adm.setState(gt, reason, m.MaxConcurrency, m.Seq)
 		rt := &route{model: m, up: up}

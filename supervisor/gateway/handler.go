@@ -183,7 +183,7 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 	} else {
 		r.Body = readCloser{io.MultiReader(bytes.NewReader(read), body), body}
 	}
-	upstreamAuth(r.Header, rt.model.APIKey)
+	upstreamAuth(r.Header, up.apiKey())
 	up.serve(w, r, g)
 }
 

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // TestModelKeyReplacesClientKey: the gateway sets the model's own API key on
@@ -111,5 +112,47 @@ func TestModelsListVLLMFields(t *testing.T) {
 	resp.Body.Close()
 	if obj.ID != "phi-3-mini" || obj.Root != m.Root || obj.MaxModelLen != 128000 || obj.Citadel.VLLMVersion != "0.10.1" {
 		t.Errorf("/v1/models/phi3 = %+v", obj)
+	}
+}
+
+// TestHeldRequestTakesTheStartedModelsKey: a request that arrives while an
+// on-demand model is stopped (no process, no key yet) waits in the queue;
+// when the model is ready it goes out with the key of the process that
+// serves it, not the empty one of the snapshot it arrived with.
+func TestHeldRequestTakesTheStartedModelsKey(t *testing.T) {
+	const modelKey = "sk-model-started-19af"
+	seen := make(chan string, 1)
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		seen <- r.Header.Get("Authorization")
+		w.Write([]byte(`{"choices":[{"text":"ok"}]}`))
+	}))
+	defer up.Close()
+	m := Model{Name: "od", ServedName: "od", State: "stopped", Upstream: up.URL, Enabled: true, OnDemand: true}
+	stub := newStub(m)
+	s := startGateway(t, stub, defaultSettings(), nil)
+	done := make(chan int, 1)
+	go func() {
+		resp := post(t, context.Background(), s.url+"/v1/completions", `{"model":"od","prompt":"x"}`, "")
+		readAll(t, resp)
+		done <- resp.StatusCode
+	}()
+	waitFor(t, 5*time.Second, "the request queued", func() bool {
+		_, queued := s.gw.table.Load().byName["od"].up.adm.load()
+		return queued == 1
+	})
+	stub.mu.Lock()
+	stub.models[0].APIKey = modelKey
+	stub.mu.Unlock()
+	stub.set("od", "ready", "")
+	select {
+	case got := <-seen:
+		if got != "Bearer "+modelKey {
+			t.Errorf("held request went out with Authorization %q", got)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the held request never reached the model")
+	}
+	if code := <-done; code != 200 {
+		t.Errorf("status %d", code)
 	}
 }
