@@ -346,3 +346,36 @@ func TestRestartOnly(t *testing.T) {
 		t.Errorf("same config: %v", got)
 	}
 }
+
+// TestSpawnDigestOfEarlierBuilds: a configuration hashes as the builds
+// before derived settings left the digest did (their numbers, computed by
+// that build from testdata/digest/earlier-build.yaml), so the models they
+// started are adopted after an upgrade or a crash, not restarted: the
+// derived VLLM_PORT block, GPU naming and cache directory reach a model at
+// its next start (docs/vllm.md). `make upgrade-compat` shows the same with
+// the earlier daemon itself.
+func TestSpawnDigestOfEarlierBuilds(t *testing.T) {
+	c, err := Load("testdata/digest/earlier-build.yaml", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]string{
+		"mixtral": "0e2f7a6adf4487af2221517579997865",
+		"phi3":    "8c03ccf3cb9feedc0cef40502eaf27a9",
+		"pinned":  "a7c14e74c923b134f0ab1f5eef0cdfea",
+	} {
+		m, _ := c.Model(name)
+		if got := m.SpawnDigest(); got != want {
+			t.Errorf("%s: digest %s, the earlier build's %s: its running model would be restarted at the upgrade", name, got, want)
+		}
+	}
+	// Whatever the host's ephemeral range makes of the derived block.
+	localPortRange = func() PortRange { return PortRange{1024, 65535} }
+	defer func() { localPortRange = func() PortRange { return linuxDefaultEphemeral } }()
+	c2, _ := Load("testdata/digest/earlier-build.yaml", nil)
+	for i, m := range c2.Models {
+		if m.SpawnDigest() != c.Models[i].SpawnDigest() {
+			t.Errorf("%s: the digest depends on the host's ephemeral range", m.Name)
+		}
+	}
+}
