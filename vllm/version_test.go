@@ -153,3 +153,32 @@ func TestParseOutput(t *testing.T) {
 		t.Error("empty output parsed")
 	}
 }
+
+// TestDocsTableInStep: docs/vllm.md's table says, for every feature, the
+// release this package has for it, its first vLLM reference, and whether
+// the release was inferred.
+func TestDocsTableInStep(t *testing.T) {
+	b, err := os.ReadFile("../docs/vllm.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(string(b), "\n")
+	for _, f := range Features {
+		ref, _, _ := strings.Cut(f.Refs, ",")
+		ref = strings.Fields(ref)[0]
+		var row string
+		for _, l := range lines {
+			if strings.HasPrefix(l, "| ") && strings.Contains(l, ref) && strings.Contains(l, "| "+f.Since.String()) {
+				row = l
+				break
+			}
+		}
+		if row == "" {
+			t.Errorf("docs/vllm.md has no table row with %s and %s (%s)", ref, f.Since, f.Name)
+			continue
+		}
+		if strings.Contains(row, f.Since.String()+" (inferred)") != f.Inferred {
+			t.Errorf("docs/vllm.md's row for %s: inferred %v in the code, row %q", f.Name, f.Inferred, row)
+		}
+	}
+}
