@@ -902,11 +902,15 @@ func (m *machine) sleep(cause, reason string) []effect {
 		m.idleAfter = "on demand: stopped (" + cause + "); starts at its next request"
 		if why != "" {
 			m.idleAfter += "; " + why
+			m.log.Info("stopping instead of sleeping", zap.String("why", why))
 		}
 		out := m.beginStop("stopping: " + reason)
 		return append(out, efSlept{level: 0, cause: cause})
 	}
 	m.levelNote = why
+	if why != "" {
+		m.log.Info("sleeping at a shallower level than sleep_level", zap.Int("level", level), zap.String("why", why))
+	}
 	m.sleepOp, m.sleepCause, m.sleepLevel = true, cause, level
 	m.probing = false
 	m.enter(Sleeping, "going to sleep: "+reason)
