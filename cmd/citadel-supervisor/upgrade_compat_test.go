@@ -42,7 +42,8 @@ func TestUpgradeFromEarlierBuild(t *testing.T) {
 	var s *site
 	gwPort, usage := supervisortest.FreePort(t), t.TempDir()
 	for try := 0; ; try++ {
-		top := fmt.Sprintf(`log: {level: debug}
+		top := fmt.Sprintf(`listen: ""
+log: {level: debug}
 gpu:
   backend: sim
   sim:

@@ -32,7 +32,10 @@ func TestVLLMVersions(t *testing.T) {
 	}{{"0.6.3", 0}, {"0.10.1", 1}, {"0.20.1", 2}, {"0.33.0", 2}} {
 		t.Run(tc.version, func(t *testing.T) {
 			gwPort, usage := supervisortest.FreePort(t), t.TempDir()
-			top := fmt.Sprintf(`gpu:
+			// listen "" said, or the gateway's "listen:" hides NewSite's
+			// default and the daemon takes 127.0.0.1:9400, shared by the host.
+			top := fmt.Sprintf(`listen: ""
+gpu:
   backend: sim
   sim:
     devices: [{uuid: GPU-00000000-0000-0000-0000-000000000000, name: Sim H100, memory: 80GiB}]
