@@ -11,8 +11,13 @@ LDFLAGS   := -s -w -X main.version=$(VERSION) -X main.revision=$(REVISION)
 export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 DEMO_MODELS := mixtral-8x7b-instruct nous-hermes-2-mixtral openchat-3.5 phi-3-mini-128k \
                yi-34b-chat deepcoder-14b-instruct mimo-vl-7b-rl
+# The vLLM release the demo's fake-vllm plays, learned by the daemon from
+# package metadata in a virtualenv in miniature (docs/vllm.md).
+DEMO_VLLM   := 0.20.1
 
-.PHONY: all build test vet bench soak fuzz fuzz-short check-deploy e2e e2e-systemd nvml-check install package demo docs clean
+SHELL_SCRIPTS := deploy/check.sh deploy/e2e/gpu-host.sh deploy/e2e/in-container.sh deploy/e2e/run.sh deploy/e2e/vllm-host.sh .ci/run .ci/test-procs
+
+.PHONY: all build test vet bench soak fuzz fuzz-short check-deploy e2e e2e-systemd nvml-check upgrade-compat install package demo docs clean
 
 PREFIX    ?= /usr
 NFPM      := go run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.44.0
@@ -76,6 +81,12 @@ check-deploy:
 	@if command -v promtool >/dev/null; then deploy/check.sh; \
 	elif [ -n "$$CI" ]; then echo "CI: promtool missing; .ci/run installs it (apt-get install prometheus)"; exit 1; \
 	else echo "NOTE: promtool not installed: deploy/prometheus and deploy/grafana NOT checked (apt-get install prometheus)"; fi
+	@# The shell scripts shipped and run on hosts (deploy/e2e/vllm-host.sh
+	@# runs on a GPU host only: here it is at least parsed and linted).
+	@for f in $(SHELL_SCRIPTS); do bash -n $$f || exit 1; done
+	@if command -v shellcheck >/dev/null; then shellcheck $(SHELL_SCRIPTS) && echo "shellcheck: $(words $(SHELL_SCRIPTS)) scripts clean"; \
+	elif [ -n "$$CI" ]; then echo "CI: shellcheck missing; .ci/run installs it (apt-get install shellcheck)"; exit 1; \
+	else echo "NOTE: shellcheck not installed: $(SHELL_SCRIPTS) only parsed (apt-get install shellcheck)"; fi
 
 # End-to-end, as root: a real Prometheus (Debian's package) scrapes a
 # running daemon and the models it discovers through /sd; two daemons serve
@@ -95,6 +106,14 @@ nvml-check: build
 	CGO_ENABLED=1 $(GO) test -c -tags nvml -o bin/nvml.test ./gpu/nvmlgpu/
 	deploy/e2e/gpu-host.sh
 
+# Upgrades a daemon built from an earlier commit (UPGRADE_FROM) in place to
+# this build, then adopts its models after a SIGKILL: every model keeps its
+# process though this build derives children's settings differently
+# (docs/vllm.md). Needs this repository's git history and a C compiler.
+UPGRADE_FROM ?= b0460ca
+upgrade-compat:
+	$(GO) test -tags upgradecompat -count=1 -timeout 20m -run TestUpgradeFromEarlierBuild -v ./cmd/citadel-supervisor/ -args -from=$(UPGRADE_FROM)
+
 e2e-systemd: package
 	deploy/e2e/run.sh
 
@@ -105,6 +124,12 @@ demo:
 	@$(MAKE) --no-print-directory build >/dev/null
 	@echo "starting the demo: gateway on 127.0.0.1:8000, /metrics on 127.0.0.1:9400, citadelctl --socket .demo/run/supervisor.sock"
 	@mkdir -p $(addprefix .demo/models/,$(DEMO_MODELS)) .demo/run/gpu-usage .demo/cache
+	@# Each fake model directory gets its real model's config.json (--check
+	@# sizes the KV cache from it); the venv's python is fake-vllm.
+	@for m in $(DEMO_MODELS); do cp vllm/testdata/models/$$m/config.json .demo/models/$$m/; done
+	@rm -rf .demo/venv/lib && mkdir -p .demo/venv/bin .demo/venv/lib/python3.12/site-packages/vllm-$(DEMO_VLLM).dist-info
+	@printf 'Metadata-Version: 2.1\nName: vllm\nVersion: $(DEMO_VLLM)\n' > .demo/venv/lib/python3.12/site-packages/vllm-$(DEMO_VLLM).dist-info/METADATA
+	@ln -sf ../../../bin/fake-vllm .demo/venv/bin/python3
 	./bin/citadel-supervisor --config deploy/demo.yaml
 
 # Everything the package holds, under DESTDIR (empty: this machine).

@@ -38,11 +38,17 @@ type Finding struct {
 	// pending and starts once it is fixed): a warning. False means the
 	// model cannot start as configured, whatever happens at run time.
 	Wait bool
+	// Note: something --check could not look at (a model directory
+	// without config.json yet); neither an error nor a warning.
+	Note bool
 }
 
 func (f Finding) String() string {
 	level := "error"
-	if f.Wait {
+	switch {
+	case f.Note:
+		level = "note"
+	case f.Wait:
 		level = "warning"
 	}
 	return level + ": " + f.Key + ": " + f.Msg
@@ -57,6 +63,9 @@ func (c *Config) Check(h Host) []Finding {
 	var out []Finding
 	add := func(key string, wait bool, format string, args ...any) {
 		out = append(out, Finding{Key: key, Msg: fmt.Sprintf(format, args...), Wait: wait})
+	}
+	note := func(key, format string, args ...any) {
+		out = append(out, Finding{Key: key, Msg: fmt.Sprintf(format, args...), Wait: true, Note: true})
 	}
 	if len(c.Models) == 0 {
 		add("models", true, "no models: the daemon would run none until a reload adds some")
@@ -93,11 +102,21 @@ func (c *Config) Check(h Host) []Finding {
 		if haveGPUs {
 			c.checkGPUs(key, m, uuids, add)
 		}
+		if vh, ok := h.(VLLMHost); ok {
+			c.checkVLLM(vh, key, m, add, note)
+		}
 	}
+	c.sharedCacheRoots(add)
 	out = c.attributeFindings(out)
 	slices.SortStableFunc(out, func(a, b Finding) int {
 		if k := strings.Compare(a.Key, b.Key); k != 0 {
 			return k
+		}
+		if a.Note != b.Note {
+			if !a.Note {
+				return -1
+			}
+			return 1
 		}
 		if a.Wait != b.Wait {
 			if !a.Wait {

@@ -54,13 +54,16 @@ type ownedVar struct {
 }
 
 var ownedVars = []ownedVar{
-	// Full UUIDs: indexes differ between NVML and CUDA's default order.
-	// With no GPUs placed (backend none, no pins) the inherited value stands.
+	// The placed GPUs as the child must name them: NVML indices (with
+	// PCI_BUS_ID order CUDA's index is NVML's; vLLM before 0.24 calls int()
+	// on every entry, vllm#13815), or UUIDs with gpu.visible_devices: uuid.
+	// The caller works them out at each spawn. With no GPUs placed
+	// (backend none, no pins) the inherited value stands.
 	{"CUDA_VISIBLE_DEVICES", "set gpus instead", func(_ Model, gpus []string) (string, bool) {
 		return strings.Join(gpus, ","), len(gpus) > 0
 	}},
 	{"CUDA_DEVICE_ORDER", "the supervisor always sets PCI_BUS_ID", func(Model, []string) (string, bool) { return "PCI_BUS_ID", true }},
-	{"VLLM_PORT", "set vllm_port instead", func(m Model, _ []string) (string, bool) { return strconv.Itoa(m.VLLMPort), true }},
+	{"VLLM_PORT", "set vllm_port instead", func(m Model, _ []string) (string, bool) { return strconv.Itoa(m.VLLMPortStart()), true }},
 	// vLLM serves /sleep, /wake_up and /is_sleeping only in its development
 	// mode; the gateway never forwards them.
 	{"VLLM_SERVER_DEV_MODE", "set activation: on_demand instead", func(m Model, _ []string) (string, bool) { return "1", m.Sleeps() }},
@@ -108,6 +111,32 @@ func inheritedDrop(key string) bool {
 	return false
 }
 
+// CacheRootVar is vLLM's cache directory variable.
+const CacheRootVar = "VLLM_CACHE_ROOT"
+
+// APIKeyVar is vLLM's API key variable: with it (or --api-key), vLLM wants
+// Authorization: Bearer on every /v1 route.
+const APIKeyVar = "VLLM_API_KEY"
+
+// APIKey is the key the model's vLLM requires of its clients, "" when
+// none: --api-key in args (vLLM lets it win over the variable), else
+// VLLM_API_KEY from env, else from the env_files values (secrets). The
+// daemon sends it on every call it makes to the model; it never shows it.
+func (m Model) APIKey(secrets map[string]string) string {
+	for i, a := range m.Args {
+		if v, ok := strings.CutPrefix(a, "--api-key="); ok {
+			return v
+		}
+		if a == "--api-key" && i+1 < len(m.Args) {
+			return m.Args[i+1]
+		}
+	}
+	if v := m.Env[APIKeyVar]; v != "" {
+		return v
+	}
+	return secrets[APIKeyVar]
+}
+
 // ChildEnv is the child's environment (SPEC §2), sorted: base (the daemon's
 // own) minus systemd's and EnvPrefix variables, then secrets (the env_files
 // values: they go here and nowhere else), env, the variables the supervisor
@@ -120,6 +149,12 @@ func (m Model) ChildEnv(base []string, secrets map[string]string, gpus []string,
 		if !inheritedDrop(k) {
 			env[k] = v
 		}
+	}
+	// Each model its own compile caches (they race between instances,
+	// vllm#24601), where they survive restarts; an operator's own
+	// VLLM_CACHE_ROOT in env or env_files wins.
+	if m.CacheRoot != "" {
+		env[CacheRootVar] = m.CacheRoot
 	}
 	maps.Copy(env, secrets)
 	maps.Copy(env, m.Env)

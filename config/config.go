@@ -32,6 +32,11 @@ type Config struct {
 	// asleep at level 1 (their weights, in pinned RAM); past it a model
 	// sleeps at level 2 instead. 0: no bound.
 	SleepHostMemory ByteSize `koanf:"sleep_host_memory"`
+	// CacheDir holds a directory per model for vLLM's caches
+	// (VLLM_CACHE_ROOT=<cache_dir>/vllm/<model>): compiled graphs survive
+	// restarts, and two models never share one (vllm#24601). "" is the
+	// unit's CacheDirectory= ($CACHE_DIRECTORY), else /var/cache/citadel.
+	CacheDir string `koanf:"cache_dir"`
 
 	// Models holds every model, sorted by name, with defaults merged in.
 	Models []Model `koanf:"-"`
@@ -58,8 +63,18 @@ type GPU struct {
 	Backend        string        `koanf:"backend"` // nvml | sim | none
 	Headroom       ByteSize      `koanf:"headroom"`
 	ReleaseTimeout time.Duration `koanf:"release_timeout"`
-	Sim            Sim           `koanf:"sim"`
+	// VisibleDevices is how a child's CUDA_VISIBLE_DEVICES names its GPUs:
+	// index (NVML indices, with CUDA_DEVICE_ORDER=PCI_BUS_ID; every vLLM)
+	// or uuid (full UUIDs; vLLM 0.24 and newer, needed for MIG).
+	VisibleDevices string `koanf:"visible_devices"`
+	Sim            Sim    `koanf:"sim"`
 }
+
+// How CUDA_VISIBLE_DEVICES names GPUs (gpu.visible_devices).
+const (
+	VisibleIndex = "index"
+	VisibleUUID  = "uuid"
+)
 
 // Sim declares the GPUs of the simulated backend.
 type Sim struct {
@@ -91,9 +106,11 @@ type Model struct {
 	Restart     Restart           `koanf:"restart"`
 	Probe       Probe             `koanf:"probe"`
 
-	Path                 string   `koanf:"model"`
-	ServedName           string   `koanf:"served_name"`
-	Port                 int      `koanf:"port"`
+	Path       string `koanf:"model"`
+	ServedName string `koanf:"served_name"`
+	Port       int    `koanf:"port"`
+	// VLLMPort is vllm_port as written; 0 means derived (DerivedVLLMPort).
+	// Use VLLMPortStart for the port a child gets.
 	VLLMPort             int      `koanf:"vllm_port"`
 	TensorParallel       int      `koanf:"tensor_parallel"`
 	GPUMemoryUtilization float64  `koanf:"gpu_memory_utilization"`
@@ -118,6 +135,27 @@ type Model struct {
 	// MinAwake: an on-demand model is not put to sleep for another model
 	// within this long of waking (no thrash).
 	MinAwake time.Duration `koanf:"min_awake"`
+
+	// Derived at load from other keys and the host, never written by an
+	// operator. They are not in SpawnDigest nor compared by Diff: a
+	// change of how the daemon derives them (an upgrade) or of the host
+	// reaches a model at its next spawn, never restarts it (docs/vllm.md).
+	//
+	// DerivedVLLMPort is the VLLM_PORT block a model without vllm_port
+	// gets: outside the host's ephemeral port range (DefaultVLLMPort).
+	DerivedVLLMPort int `koanf:"-"`
+	// CacheRoot is the model's default VLLM_CACHE_ROOT, under cache_dir;
+	// the model's env or env_files may set another.
+	CacheRoot string `koanf:"-"`
+}
+
+// VLLMPortStart is the first port of the model's VLLM_PORT block: vllm_port
+// when set, else the derived one.
+func (m Model) VLLMPortStart() int {
+	if m.VLLMPort != 0 {
+		return m.VLLMPort
+	}
+	return m.DerivedVLLMPort
 }
 
 // The activations.
@@ -192,10 +230,12 @@ func builtin() map[string]any {
 			"backend":         "nvml",
 			"headroom":        "1GiB",
 			"release_timeout": "60s",
+			"visible_devices": VisibleIndex,
 			"sim":             map[string]any{"devices": []any{}, "state_file": ""},
 		},
 		"gateway":           builtinGateway(),
 		"sleep_host_memory": "0",
+		"cache_dir":         "",
 	}
 }
 

@@ -43,7 +43,8 @@ func TestLoadGood(t *testing.T) {
 		{"unquoted scalar env value", coder.Env["OMP_NUM_THREADS"], "8"},
 		{"builtin tensor_parallel", phi3.TensorParallel, 1},
 		{"enabled by default", mixtral.Enabled, true},
-		{"derived vllm_port", mixtral.VLLMPort, DefaultVLLMPort(11400)},
+		{"derived vllm_port", mixtral.VLLMPortStart(), DefaultVLLMPort(11400, EphemeralPorts())},
+		{"vllm_port as written stays 0 when derived", mixtral.VLLMPort, 0},
 		{"headroom", c.GPU.Headroom, GiB},
 		{"sim memory", c.GPU.Sim.Devices[0].Memory, 80 * GiB},
 		{"builtin release_timeout", c.GPU.ReleaseTimeout, 60 * time.Second},
@@ -130,7 +131,7 @@ gpu.sim.devices[0].colour: unknown key (line 2)
 listn: unknown key (line 1; did you mean "listen"?)
 models.mixtral.tensor_paralel: unknown key (line 9; did you mean "tensor_parallel"?)`,
 		"vllm_port.yaml": `models.a.port: 11400 lies in models.c's VLLM_PORT block; move one of them
-models.b.vllm_port: block 50368-50383 overlaps models.a's block; set vllm_port to a free range
+models.b.vllm_port: block 62280-62295 overlaps models.a's block; set vllm_port to a free range
 models.c.port: 11401 lies in models.c's VLLM_PORT block; move one of them`,
 	}
 	files, _ := filepath.Glob("testdata/bad/*.yaml")
@@ -343,5 +344,38 @@ func TestRestartOnly(t *testing.T) {
 	}
 	if got := RestartOnly(a, a); len(got) != 0 {
 		t.Errorf("same config: %v", got)
+	}
+}
+
+// TestSpawnDigestOfEarlierBuilds: a configuration hashes as the builds
+// before derived settings left the digest did (their numbers, computed by
+// that build from testdata/digest/earlier-build.yaml), so the models they
+// started are adopted after an upgrade or a crash, not restarted: the
+// derived VLLM_PORT block, GPU naming and cache directory reach a model at
+// its next start (docs/vllm.md). `make upgrade-compat` shows the same with
+// the earlier daemon itself.
+func TestSpawnDigestOfEarlierBuilds(t *testing.T) {
+	c, err := Load("testdata/digest/earlier-build.yaml", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, want := range map[string]string{
+		"mixtral": "0e2f7a6adf4487af2221517579997865",
+		"phi3":    "8c03ccf3cb9feedc0cef40502eaf27a9",
+		"pinned":  "a7c14e74c923b134f0ab1f5eef0cdfea",
+	} {
+		m, _ := c.Model(name)
+		if got := m.SpawnDigest(); got != want {
+			t.Errorf("%s: digest %s, the earlier build's %s: its running model would be restarted at the upgrade", name, got, want)
+		}
+	}
+	// Whatever the host's ephemeral range makes of the derived block.
+	localPortRange = func() PortRange { return PortRange{1024, 65535} }
+	defer func() { localPortRange = func() PortRange { return linuxDefaultEphemeral } }()
+	c2, _ := Load("testdata/digest/earlier-build.yaml", nil)
+	for i, m := range c2.Models {
+		if m.SpawnDigest() != c.Models[i].SpawnDigest() {
+			t.Errorf("%s: the digest depends on the host's ephemeral range", m.Name)
+		}
 	}
 }

@@ -139,6 +139,14 @@ func (m Model) SpawnDigest() string {
 			continue
 		}
 		f := v.Field(i)
+		if tag == "vllm_port" && m.VLLMPort == 0 {
+			// Derived: hashed as the value builds before the derivation
+			// looked at the host derived, which they hashed. The digest
+			// says "derived" either way, and a model they started is
+			// adopted, not restarted, after an upgrade (docs/vllm.md).
+			fmt.Fprintf(h, "%s=%d\n", tag, legacyVLLMPort(m.Port))
+			continue
+		}
 		if (f.Kind() == reflect.Slice || f.Kind() == reflect.Map) && f.Len() == 0 {
 			fmt.Fprintf(h, "%s=empty\n", tag) // nil and empty are the same, as in Diff
 			continue

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"sort"
@@ -25,7 +26,7 @@ const EnvPrefix = "CITADEL_"
 // sees them, not in the daemon's environment, which a reload cannot change.
 var envKeys = []string{
 	"listen", "control_socket", "control_socket_group", "control_socket_read_group", "log.level", "log.format", "log.model_dir",
-	"gpu.backend", "gpu.headroom", "gpu.release_timeout", "gpu.sim.state_file",
+	"gpu.backend", "gpu.headroom", "gpu.release_timeout", "gpu.visible_devices", "gpu.sim.state_file", "cache_dir",
 	"gateway.listen", "gateway.api_keys_file",
 }
 
@@ -85,12 +86,16 @@ func Parse(data []byte, environ []string) (*Config, error) {
 	if err := decode(top, cfg); err != nil {
 		errs = append(errs, err)
 	}
+	cfg.CacheDir = resolveCacheDir(cfg.CacheDir, environ)
+	ephemeral := localPortRange()
 	for _, name := range names {
 		m, err := loadModel(file, name)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
+		m.DerivedVLLMPort = DefaultVLLMPort(m.Port, ephemeral)
+		m.CacheRoot = filepath.Join(cfg.CacheDir, "vllm", m.Name)
 		cfg.Models = append(cfg.Models, m)
 	}
 	for _, p := range cfg.attribute(cfg.problems()) {
@@ -217,6 +222,7 @@ type fileShape struct {
 	GPU           GPU              `koanf:"gpu"`
 	Gateway       Gateway          `koanf:"gateway"`
 	SleepHost     ByteSize         `koanf:"sleep_host_memory"`
+	CacheDir      string           `koanf:"cache_dir"`
 	Defaults      Model            `koanf:"defaults"`
 	Models        map[string]Model `koanf:"models"`
 }
@@ -242,20 +248,8 @@ func loadModel(file *koanf.Koanf, name string) (Model, error) {
 	if m.ServedName == "" {
 		m.ServedName = name
 	}
-	if m.VLLMPort == 0 && m.Port > 0 {
-		m.VLLMPort = DefaultVLLMPort(m.Port)
-	}
 	return m, nil
 }
-
-// VLLMPortBlock is how many consecutive ports starting at VLLM_PORT one model
-// may use for vLLM's internal sockets (distributed init, ZMQ queues).
-const VLLMPortBlock = 16
-
-// DefaultVLLMPort derives a model's VLLM_PORT from its API port, so that the
-// value is stable across reloads (it never depends on which other models are
-// configured) and distinct for ports that differ by less than 1536.
-func DefaultVLLMPort(port int) int { return 40000 + VLLMPortBlock*(port%1536) }
 
 func decode(k *koanf.Koanf, out any) error {
 	return k.UnmarshalWithConf("", out, koanf.UnmarshalConf{

@@ -76,9 +76,10 @@ func (c *Config) problems() []error {
 		} else if m.Port > 0 {
 			ports[m.Port] = m.Name
 		}
-		for p := m.VLLMPort; p < m.VLLMPort+VLLMPortBlock && m.VLLMPort > 0; p++ {
+		start := m.VLLMPortStart()
+		for p := start; p < start+VLLMPortBlock && start > 0; p++ {
 			if other, ok := blocks[p]; ok {
-				add(key+".vllm_port", "block %d-%d overlaps models.%s's block; set vllm_port to a free range", m.VLLMPort, m.VLLMPort+VLLMPortBlock-1, other)
+				add(key+".vllm_port", "block %d-%d overlaps models.%s's block; set vllm_port to a free range", start, start+VLLMPortBlock-1, other)
 				break
 			}
 			blocks[p] = m.Name
@@ -95,6 +96,9 @@ func (c *Config) problems() []error {
 func (c *Config) validateGPU(add func(key, format string, args ...any)) {
 	if !slices.Contains([]string{"nvml", "sim", "none"}, c.GPU.Backend) {
 		add("gpu.backend", "%q: use nvml, sim or none", c.GPU.Backend)
+	}
+	if !slices.Contains([]string{VisibleIndex, VisibleUUID}, c.GPU.VisibleDevices) {
+		add("gpu.visible_devices", "%q: use index (NVML indices, every vLLM) or uuid (vLLM 0.24 and newer; MIG)", c.GPU.VisibleDevices)
 	}
 	if c.GPU.ReleaseTimeout <= 0 {
 		add("gpu.release_timeout", "must be positive")
@@ -129,8 +133,8 @@ func (c *Config) validateModel(m Model, add func(key, format string, args ...any
 		add(key+".port", "required: a TCP port from 1 to 65535")
 	}
 	// vllm_port is derived from port: when port is missing, its error says it.
-	if (m.VLLMPort != 0 || m.Port > 0) && (m.VLLMPort < 1024 || m.VLLMPort > 65535-VLLMPortBlock+1) {
-		add(key+".vllm_port", "%d: must be from 1024 to %d", m.VLLMPort, 65535-VLLMPortBlock+1)
+	if start := m.VLLMPortStart(); (m.VLLMPort != 0 || m.Port > 0) && (start < 1024 || start > 65535-VLLMPortBlock+1) {
+		add(key+".vllm_port", "%d: must be from 1024 to %d", start, 65535-VLLMPortBlock+1)
 	}
 	if len(m.Command) == 0 || m.Command[0] == "" {
 		add(key+".command", "must name the program to run, e.g. [/opt/citadel/vllm-env/bin/python, -m, vllm.entrypoints.openai.api_server]")

@@ -6,7 +6,8 @@
 //
 // The sim backend behaves like a driver: it declares the configured GPUs
 // and finds the processes using them itself, from the process table. A
-// process whose environment has CUDA_VISIBLE_DEVICES naming sim GPU UUIDs
+// process whose environment has CUDA_VISIBLE_DEVICES naming sim GPUs (by
+// index in the declared order, or by UUID)
 // and whose argv has --gpu-memory-utilization U (as the supervisor starts
 // vLLM) uses U × that GPU's total on each of them, reported under its pid as
 // NVML reports compute processes; its memory is free again when it exits.

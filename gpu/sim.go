@@ -110,6 +110,7 @@ func (s *Sim) Read(context.Context) ([]Device, error) {
 			if !ok {
 				continue
 			}
+			uuids = s.byIndex(uuids)
 			override, overridden := s.usage(p.PID)
 			for i := range out {
 				if slices.Contains(uuids, out[i].UUID) {
@@ -128,6 +129,23 @@ func (s *Sim) Read(context.Context) ([]Device, error) {
 		out[i].MemoryFree = out[i].MemoryTotal - out[i].MemoryUsed
 	}
 	return out, nil
+}
+
+// byIndex turns the entries of a CUDA_VISIBLE_DEVICES that are indices
+// into the UUIDs of the declared devices at those positions, as the driver
+// (with CUDA_DEVICE_ORDER=PCI_BUS_ID) maps indices to devices in bus order.
+func (s *Sim) byIndex(entries []string) []string {
+	out := make([]string, 0, len(entries))
+	for _, e := range entries {
+		if i, err := strconv.Atoi(e); err == nil {
+			if i >= 0 && i < len(s.devices) {
+				out = append(out, s.devices[i].UUID)
+			}
+			continue
+		}
+		out = append(out, e)
+	}
+	return out
 }
 
 // usage reads pid's file in usage_dir: the bytes per GPU it says the
@@ -172,7 +190,7 @@ func (s *Sim) state() (simState, error) {
 
 // simClaim reads what p would hold on GPUs as a vLLM server: the
 // --gpu-memory-utilization of its argv, on every GPU that its
-// CUDA_VISIBLE_DEVICES names by UUID. ok is false for any other process
+// CUDA_VISIBLE_DEVICES names (by UUID, or by index: see byIndex). ok is false for any other process
 // (vLLM's own workers and EngineCore have neither in their argv).
 func simClaim(p SimProcess) (util float64, uuids []string, ok bool) {
 	for i, a := range p.Args {

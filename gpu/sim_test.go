@@ -123,3 +123,15 @@ func TestSimUsesWhenGiven(t *testing.T) {
 		t.Errorf("GPU-sim-c: %+v", d)
 	}
 }
+
+// TestSimIndexNamesDeclaredDevice: children name their GPUs by NVML index
+// (docs/placement.md); the sim maps an index to the declared device at that
+// position, and keeps UUIDs (gpu.visible_devices: uuid, or a process
+// started before indices) as they are.
+func TestSimIndexNamesDeclaredDevice(t *testing.T) {
+	s := NewSim(config.GPU{Sim: config.Sim{Devices: []config.SimDevice{{UUID: "GPU-a", Memory: 80 << 30}, {UUID: "GPU-b", Memory: 80 << 30}}}}, nil)
+	got := s.byIndex([]string{"1", "GPU-a", "7", "0"})
+	if want := []string{"GPU-b", "GPU-a", "GPU-a"}; !slices.Equal(got, want) {
+		t.Errorf("byIndex = %v, want %v (an index past the devices names none)", got, want)
+	}
+}

@@ -24,6 +24,27 @@ type StatusError struct{ Code int }
 
 func (e *StatusError) Error() string { return fmt.Sprintf("HTTP %d", e.Code) }
 
+// keyCtx carries a model's API key to every request made with the context.
+type keyCtx struct{}
+
+// WithKey returns ctx carrying key, the model's own API key (VLLM_API_KEY or
+// --api-key): every request of this package made with it says
+// Authorization: Bearer key. vLLM with a key answers 401 on /v1/* without
+// it; sending it on the other routes too costs nothing and keeps working
+// where vLLM guards more of them. The key is never part of an error.
+func WithKey(ctx context.Context, key string) context.Context {
+	if key == "" {
+		return ctx
+	}
+	return context.WithValue(ctx, keyCtx{}, key)
+}
+
+func authorize(r *http.Request) {
+	if key, _ := r.Context().Value(keyCtx{}).(string); key != "" {
+		r.Header.Set("Authorization", "Bearer "+key)
+	}
+}
+
 // HTTP probes a URL with GET; any 2xx answer is healthy.
 type HTTP struct {
 	client *http.Client
@@ -53,6 +74,7 @@ func (h *HTTP) get(ctx context.Context, url string, limit int64) ([]byte, error)
 	if err != nil {
 		return nil, err
 	}
+	authorize(req)
 	resp, err := h.client.Do(req)
 	if err != nil {
 		if errors.Is(err, syscall.ECONNREFUSED) {

@@ -57,6 +57,21 @@ func (h *HTTP) Identity(ctx context.Context, base, served string) error {
 	return nil
 }
 
+// Version asks base's GET /version (every vLLM since 0.4.0, vllm#3161)
+// which vLLM serves: {"version": "0.10.1"}.
+func (h *HTTP) Version(ctx context.Context, base string) (string, error) {
+	var out struct {
+		Version string `json:"version"`
+	}
+	if err := h.getJSON(ctx, base+"/version", &out); err != nil {
+		return "", fmt.Errorf("/version: %w", err)
+	}
+	if out.Version == "" {
+		return "", fmt.Errorf("/version: no version in the answer")
+	}
+	return out.Version, nil
+}
+
 // Traffic sums vLLM's vllm:request_success_total from base's /metrics: the
 // requests it has finished, all finish reasons together.
 func (h *HTTP) Traffic(ctx context.Context, base string) (float64, error) {
@@ -97,6 +112,7 @@ func (h *HTTP) Complete(ctx context.Context, base, served string) error {
 		return err
 	}
 	r.Header.Set("Content-Type", "application/json")
+	authorize(r)
 	resp, err := h.client.Do(r)
 	if err != nil {
 		if ctx.Err() != nil {

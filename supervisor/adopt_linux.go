@@ -146,7 +146,10 @@ func (r *runner) adoptInstance(is InstanceState, child bool, tree processTree, o
 		tree: tree, started: is.Started, gpus: is.GPUs,
 		deep: &probe.Deep{Now: r.d.now},
 		done: done,
-		kill: func() error { return proc.Signal(is.PID, is.Start, unix.SIGKILL) },
+		// Started with --enable-sleep-mode unless its record says not
+		// (records before this field: every sleeper was).
+		noSleepMode: is.NoSleepMode,
+		kill:        func() error { return proc.Signal(is.PID, is.Start, unix.SIGKILL) },
 	}
 	if child {
 		r.d.reaper.adopt(is.PID)

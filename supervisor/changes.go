@@ -53,8 +53,10 @@ func (v gatewayView) Demand(name string) { v.s.Demand(name) }
 func (v gatewayView) Models() []gateway.Model {
 	cfg := v.s.cfg.Load()
 	st := map[string]*Status{}
+	keys := map[string]string{}
 	for _, r := range *v.s.runners.Load() {
 		st[r.name] = r.status.Load()
+		keys[r.name] = r.key()
 	}
 	out := make([]gateway.Model, 0, len(cfg.Models))
 	for _, m := range cfg.Models {
@@ -62,6 +64,7 @@ func (v gatewayView) Models() []gateway.Model {
 			Name: m.Name, ServedName: m.ServedName, Upstream: baseURL(m),
 			Enabled: m.Enabled, MaxConcurrency: m.MaxConcurrency,
 			State: string(Pending), Reason: "supervisor starting",
+			Root: m.Path, MaxModelLen: m.MaxModelLen, APIKey: keys[m.Name],
 		}
 		gm.Loading.Bound = m.Probe.StartupTimeout
 		if s := st[m.Name]; s != nil {
@@ -74,6 +77,7 @@ func (v gatewayView) Models() []gateway.Model {
 				gm.Loading.Waking, gm.Loading.Level, gm.Loading.Typical = true, s.WakeLevel, s.TypicalWake
 				gm.Loading.Poll = 0 // a wake ends with its canary, not a probe
 			}
+			gm.VLLMVersion = s.VLLMVersion
 		}
 		out = append(out, gm)
 	}

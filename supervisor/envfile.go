@@ -94,6 +94,16 @@ func envFilesChanged(files []string, digest string) (bool, error) {
 	return envDigest(secrets) != digest, nil
 }
 
+// EnvFileKeys lists the variables an env file sets, never their values.
+// For `citadel-supervisor --check`.
+func EnvFileKeys(path string) ([]string, error) {
+	vars, err := readEnvFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return sortedKeys(vars), nil
+}
+
 // CheckEnvFile reads an env file the way a start does and says what would
 // keep a model pending, naming the file and line, never a value. For
 // `citadel-supervisor --check`.

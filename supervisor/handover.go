@@ -14,6 +14,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
+	"citadel-supervisor/vllm"
 )
 
 // Live restore (SPEC §9): a daemon hands its models to its successor
@@ -87,6 +88,12 @@ type InstanceState struct {
 	SleepLevel int           `json:"sleep_level,omitempty"` // > 0: asleep at this level
 	SleepCause string        `json:"sleep_cause,omitempty"`
 	HostHeld   uint64        `json:"host_held,omitempty"`
+	// Its vLLM, as known when the state was written ("" unknown: learned
+	// again), and whether it was started without --enable-sleep-mode (its
+	// vLLM had no sleep mode then), so no sleep is asked of it.
+	VLLMVersion string `json:"vllm_version,omitempty"`
+	VLLMSource  string `json:"vllm_source,omitempty"`
+	NoSleepMode bool   `json:"no_sleep_mode,omitempty"`
 	// Its output pipes' read ends: descriptor numbers in the next image
 	// (an upgrade), or names in systemd's descriptor store (a crash).
 	StdoutFD int `json:"stdout_fd,omitempty"`
@@ -127,6 +134,10 @@ func (m *machine) snapshot() ModelState {
 		if m.state == Sleeping {
 			st.Instance.SleepLevel, st.Instance.SleepCause = m.sleepLevel, m.sleepCause
 		}
+		if m.vllm.known() {
+			st.Instance.VLLMVersion, st.Instance.VLLMSource = m.vllm.version.String(), m.vllm.source
+		}
+		st.Instance.NoSleepMode = m.inst.noSleepMode
 	}
 	return st
 }
@@ -151,6 +162,9 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 	if inst != nil {
 		is := st.Instance
 		m.inst, m.exited = inst, false
+		if v, err := vllm.Parse(is.VLLMVersion); err == nil && is.VLLMVersion != "" {
+			m.vllm = vllmInfo{version: v, source: is.VLLMSource}
+		}
 		m.readyAt, m.startup, m.awakeAt = is.ReadyAt, is.Startup, is.AwakeAt
 		switch {
 		case m.hold:

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor/proc"
 )
 
@@ -269,7 +270,8 @@ func (s *Supervisor) adopt(r *runner, t *takeover, m config.Model) *restored {
 		// After a crash the record may be a step behind the engine: the
 		// daemon died while it was going to sleep or waking. The engine
 		// knows; a request must never go to an engine believed awake.
-		ctx, cancel := context.WithTimeout(context.Background(), m.Probe.Timeout)
+		secrets, _ := readEnvFiles(m.EnvFiles)
+		ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), m.APIKey(secrets)), m.Probe.Timeout)
 		asleep, err := s.d.prober.IsSleeping(ctx, baseURL(m))
 		cancel()
 		if err == nil && asleep != (is.SleepLevel > 0) {

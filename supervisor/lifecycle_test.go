@@ -222,7 +222,7 @@ func TestSecretsReachOnlyTheChild(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{`"HF_TOKEN":"` + secret + `"`, `"CUDA_DEVICE_ORDER":"PCI_BUS_ID"`, `"VLLM_PORT":"` + strconv.Itoa(h.cfg.Models[0].VLLMPort) + `"`} {
+	for _, want := range []string{`"HF_TOKEN":"` + secret + `"`, `"CUDA_DEVICE_ORDER":"PCI_BUS_ID"`, `"VLLM_PORT":"` + strconv.Itoa(h.cfg.Models[0].VLLMPortStart()) + `"`} {
 		if !strings.Contains(string(b), want) {
 			t.Errorf("child environment lacks %s", want)
 		}

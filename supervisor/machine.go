@@ -11,6 +11,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/vllm"
 )
 
 // machine is one model's lifecycle: SPEC §3's states, driven by typed
@@ -111,6 +112,14 @@ type machine struct {
 	// opErr is the answer to the last operation: set by onOp, read by the
 	// runner for the operator.
 	opErr error
+
+	// The model's vLLM (versions.go): learned before the first spawn,
+	// confirmed by GET /version. learning: a lookup is in flight; learnSeq
+	// numbers lookups, so one for a command since changed is ignored.
+	vllm      vllmInfo
+	learning  bool
+	learnSeq  int
+	levelNote string // why it sleeps at a lower level than sleep_level
 }
 
 // failure is a run that ended badly: why (a restart reason) and the detail.
@@ -136,11 +145,13 @@ type (
 		inst *instance
 		exit exitInfo
 	}
-	// evProbed: a probe of inst finished.
+	// evProbed: a probe of inst finished; version is what its GET
+	// /version said, when asked and answered.
 	evProbed struct {
-		inst *instance
-		err  error
-		took time.Duration
+		inst    *instance
+		err     error
+		took    time.Duration
+		version string
 	}
 	// evTimer: a timer the machine armed fired.
 	evTimer struct{ t timerKind }
@@ -183,6 +194,12 @@ type (
 	}
 	// evWoke: the wake in flight (wake_up and a one-token canary) finished.
 	evWoke struct{ err error }
+	// evLearned: the lookup of the model's vLLM version finished.
+	evLearned struct {
+		seq     int
+		version vllm.Version
+		err     error
+	}
 )
 
 func (evChecked) isEvent()  {}
@@ -201,6 +218,7 @@ func (evEvict) isEvent()    {}
 func (evIdle) isEvent()     {}
 func (evSlept) isEvent()    {}
 func (evWoke) isEvent()     {}
+func (evLearned) isEvent()  {}
 
 // timerKind names the machine's timers; arming one replaces it.
 type timerKind int
@@ -226,6 +244,7 @@ type (
 	efSpawn   struct{ gpus []string } // check again and spawn → evSpawned
 	efReady   struct{}                // tell the scheduler the start is done
 	efProbe   struct{ live bool }     // probe inst → evProbed
+	efLearn   struct{ seq int }       // learn the model's vLLM version → evLearned
 	efObserve struct {                // record a liveness probe's metrics
 		took time.Duration
 		err  error
@@ -273,6 +292,7 @@ func (efDrop) isEffect()     {}
 func (efSpawn) isEffect()    {}
 func (efReady) isEffect()    {}
 func (efProbe) isEffect()    {}
+func (efLearn) isEffect()    {}
 func (efObserve) isEffect()  {}
 func (efStop) isEffect()     {}
 func (efRelease) isEffect()  {}
@@ -351,6 +371,8 @@ func (m *machine) step(ev event) []effect {
 		return m.onSlept(ev)
 	case evWoke:
 		return m.onWoke(ev)
+	case evLearned:
+		return m.onLearned(ev)
 	}
 	panic(fmt.Sprintf("machine: unknown event %T", ev))
 }
@@ -398,6 +420,21 @@ func (m *machine) onChecked(ev evChecked) []effect {
 		m.enter(Pending, ev.reason)
 		return []effect{efDrop{}, efArm{tick, recheckInterval}}
 	}
+	if !m.vllm.known() {
+		// Its flags and GPU naming depend on it: learn it first.
+		if m.learning {
+			return nil
+		}
+		m.learning = true
+		m.learnSeq++
+		m.enter(Pending, "learning its vLLM version")
+		return []effect{efLearn{seq: m.learnSeq}}
+	}
+	return m.wantGPUs()
+}
+
+// wantGPUs asks the scheduler for GPUs: the checks passed.
+func (m *machine) wantGPUs() []effect {
 	m.cause = CauseGPU
 	m.wantSeq++
 	m.awaiting = true
@@ -485,6 +522,9 @@ func (m *machine) onProbed(ev evProbed) []effect {
 			return []effect{efArm{tick, min(m.cfg.Probe.Period, maxStartupPoll)}}
 		}
 		return []effect{efArm{tick, m.cfg.Probe.Period}}
+	}
+	if ev.version != "" {
+		m.confirmVersion(ev.version)
 	}
 	err := ev.err
 	ok := err == nil
@@ -748,6 +788,11 @@ func (m *machine) onOp(op Op) []effect {
 func (m *machine) onConfig(ev evConfig) []effect {
 	old := m.cfg
 	m.cfg = ev.cfg
+	if !slices.Equal(old.Command, ev.cfg.Command) || !maps.Equal(old.Env, ev.cfg.Env) {
+		// Another interpreter, or another PYTHONPATH: learn it again.
+		m.vllm, m.learning = vllmInfo{}, false
+		m.learnSeq++
+	}
 	if m.shutdown {
 		return nil
 	}
@@ -819,6 +864,12 @@ func (m *machine) status() *Status {
 	}
 	s.OnDemand = m.cfg.OnDemand()
 	s.Held = m.hold
+	if m.vllm.known() {
+		s.VLLMVersion, s.VLLMVersionSource = m.vllm.version.String(), m.vllm.source
+	}
+	if _, why := m.effectiveLevel(); why != "" {
+		s.VLLMNote = why
+	}
 	if m.state == Sleeping && !m.sleepOp {
 		s.SleepLevel = m.sleepLevel
 	}
@@ -940,12 +991,21 @@ func (m *machine) wake() []effect {
 // sleep gives an awake on-demand model's GPUs back: vLLM's sleep mode, or
 // a stop with sleep_level 0.
 func (m *machine) sleep(cause, reason string) []effect {
-	if m.cfg.SleepLevel == 0 {
+	level, why := m.effectiveLevel()
+	if level == 0 {
 		m.idleAfter = "on demand: stopped (" + cause + "); starts at its next request"
+		if why != "" {
+			m.idleAfter += "; " + why
+			m.log.Info("stopping instead of sleeping", zap.String("why", why))
+		}
 		out := m.beginStop("stopping: " + reason)
 		return append(out, efSlept{level: 0, cause: cause})
 	}
-	m.sleepOp, m.sleepCause, m.sleepLevel = true, cause, m.cfg.SleepLevel
+	m.levelNote = why
+	if why != "" {
+		m.log.Info("sleeping at a shallower level than sleep_level", zap.Int("level", level), zap.String("why", why))
+	}
+	m.sleepOp, m.sleepCause, m.sleepLevel = true, cause, level
 	m.probing = false
 	m.enter(Sleeping, "going to sleep: "+reason)
 	return []effect{efDisarm{tick}, efDisarm{idle}, efSleep{level: m.sleepLevel, cause: cause}}
@@ -1011,6 +1071,9 @@ func (m *machine) onSlept(ev evSlept) []effect {
 	reason := fmt.Sprintf("asleep (level %d, %s)", m.sleepLevel, m.sleepCause)
 	if ev.note != "" {
 		reason += "; " + ev.note
+	}
+	if m.levelNote != "" {
+		reason += "; " + m.levelNote
 	}
 	m.enter(Sleeping, reason)
 	out := []effect{efSlept{level: m.sleepLevel, cause: m.sleepCause}}

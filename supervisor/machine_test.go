@@ -17,6 +17,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/vllm"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata golden files")
@@ -47,6 +48,9 @@ type mtest struct {
 func newMTest(t testing.TB) *mtest {
 	mt := &mtest{t: t, now: t0, pid: 100}
 	mt.m = newMachine(testModelCfg(), func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
+	// Its vLLM known, so the checks lead straight to a want; the lookup
+	// before the first spawn is machine_vllm_test.go's.
+	mt.m.vllm = vllmInfo{version: vllm.Newest, source: VersionFromServer}
 	return mt
 }
 
@@ -234,6 +238,8 @@ func describe(efs []effect) string {
 			out = append(out, "withdraw")
 		case efAdopt:
 			out = append(out, fmt.Sprintf("adopt(%v)", ef.phase))
+		case efLearn:
+			out = append(out, fmt.Sprintf("learn(%d)", ef.seq))
 		default:
 			out = append(out, fmt.Sprintf("%T", ef))
 		}

@@ -87,7 +87,7 @@ func (m *metrics) forget(model string) {
 type modelCollector struct {
 	s *Supervisor
 
-	up, state, cause, restarts, lastExit, startTime, startup, rss, cpu, probeOK, reloadOK, reloadTime, hostHeld, ownership *prometheus.Desc
+	up, state, cause, restarts, lastExit, startTime, startup, rss, cpu, probeOK, reloadOK, reloadTime, hostHeld, ownership, vllmInfo *prometheus.Desc
 }
 
 func newModelCollector(s *Supervisor) *modelCollector {
@@ -107,12 +107,13 @@ func newModelCollector(s *Supervisor) *modelCollector {
 		reloadOK:   prometheus.NewDesc("citadel_config_last_reload_successful", "1 if the last configuration load succeeded, 0 if it was rejected (the previous one stays in force).", nil, nil),
 		hostHeld:   prometheus.NewDesc("citadel_model_sleep_host_memory_bytes", "Host memory an on-demand model holds asleep at level 1 (its weights in pinned RAM), measured as its resident memory grown across the sleep; bounded by sleep_host_memory.", m, nil),
 		reloadTime: prometheus.NewDesc("citadel_config_last_reload_success_timestamp_seconds", "Unix time of the last successful configuration load.", nil, nil),
+		vllmInfo:   prometheus.NewDesc("citadel_model_vllm_info", "1, labelled with the model's vLLM release (learned from its interpreter's package metadata before it starts, confirmed by its GET /version; docs/vllm.md). Absent while unknown.", []string{"model", "version"}, nil),
 		ownership:  prometheus.NewDesc("citadel_ownership_mode", "1 for how the daemon owns the models' processes (cgroup: a cgroup v2 leaf per instance; marker: marker variable, parent links and subreaper), 0 for the other.", []string{"mode"}, nil),
 	}
 }
 
 func (c *modelCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.up, c.state, c.cause, c.restarts, c.lastExit, c.startTime, c.startup, c.rss, c.cpu, c.probeOK, c.reloadOK, c.reloadTime, c.hostHeld, c.ownership} {
+	for _, d := range []*prometheus.Desc{c.up, c.state, c.cause, c.restarts, c.lastExit, c.startTime, c.startup, c.rss, c.cpu, c.probeOK, c.reloadOK, c.reloadTime, c.hostHeld, c.ownership, c.vllmInfo} {
 		ch <- d
 	}
 }
@@ -131,6 +132,9 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		name := st.Name
 		ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, boolf(st.State == Ready), name)
+		if st.VLLMVersion != "" {
+			ch <- prometheus.MustNewConstMetric(c.vllmInfo, prometheus.GaugeValue, 1, name, st.VLLMVersion)
+		}
 		for _, s := range States {
 			ch <- prometheus.MustNewConstMetric(c.state, prometheus.GaugeValue, boolf(st.State == s), name, string(s))
 		}

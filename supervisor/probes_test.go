@@ -79,7 +79,8 @@ func TestSlowLoaderIsNotKilledBeforeStartupTimeout(t *testing.T) {
 	// Loading takes 1.5 s: fifteen probe periods of refused connections.
 	h := newHarness(t,
 		modelSpec{Name: "slow", YAML: "probe: {period: 100ms, startup_timeout: 5s}", Fake: []string{"--fake-load-time", "1500ms"}},
-		// Newer vLLM binds first and answers nothing while loading: timeouts, not refusals.
+		// vLLM binds its port before loading and listens after (vllm#8204):
+		// refusals while it loads, whatever the probe timeout.
 		modelSpec{Name: "early", YAML: "probe: {period: 100ms, timeout: 100ms, startup_timeout: 5s}", Fake: []string{"--fake-load-time", "1500ms", "--fake-bind-early"}},
 	).start(Options{})
 	for _, n := range []string{"slow", "early"} {

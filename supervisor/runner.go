@@ -16,6 +16,7 @@ import (
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor/proc"
+	"citadel-supervisor/vllm"
 )
 
 // recheckInterval is how often a pending model re-checks what it waits for
@@ -56,6 +57,18 @@ type runner struct {
 	// weights in pinned RAM), measured as its processes' resident memory
 	// grown across the sleep; 0 otherwise.
 	hostHeld atomic.Uint64
+	// apiKey is the key the live instance's vLLM wants (VLLM_API_KEY or
+	// --api-key), sent on every call to it; nil or "" when none. Never
+	// logged, published or written down.
+	apiKey atomic.Pointer[string]
+}
+
+// key is the live instance's API key, "" when it has none.
+func (r *runner) key() string {
+	if k := r.apiKey.Load(); k != nil {
+		return *k
+	}
+	return ""
 }
 
 // message is what others send a runner: an event, and for operations a
@@ -115,10 +128,14 @@ type instance struct {
 	tree    processTree
 	started time.Time
 	gpus    []string
-	kill    func() error  // SIGKILLs the main process (through its pidfd)
-	deep    *probe.Deep   // the deep probe's schedule, owned by the probe in flight
-	done    chan struct{} // closed once the main process is reaped
-	exit    exitInfo      // valid after done is closed
+	kill    func() error // SIGKILLs the main process (through its pidfd)
+	deep    *probe.Deep  // the deep probe's schedule, owned by the probe in flight
+	// noSleepMode: it was started without --enable-sleep-mode (its vLLM
+	// had no sleep mode, or it does not sleep), so no sleep is asked of
+	// it. Adopted processes have it from their record.
+	noSleepMode bool
+	done        chan struct{} // closed once the main process is reaped
+	exit        exitInfo      // valid after done is closed
 	// Its output pipes' read ends, handed to the next image at an upgrade.
 	stdout, stderr *os.File
 }
@@ -210,7 +227,11 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 		if is := from.st.Instance; from.inst != nil && is != nil && len(cfg.EnvFiles) > 0 {
 			envChanged, _ = envFilesChanged(cfg.EnvFiles, is.EnvDigest)
 		}
+		if from.inst != nil {
+			r.loadKey(cfg)
+		}
 		l.handleEffects(l.m.restore(from.st, from.inst, cfg.SpawnDigest(), envChanged))
+		l.handleEffects(l.m.learnIfUnknown())
 	} else {
 		l.handleEffects(l.m.begin())
 	}
@@ -338,11 +359,17 @@ func (l *loop) do(ef effect) event {
 		inst := m.inst
 		inst.tree.Refresh()
 		r.publishPIDs(inst.tree)
-		go l.probe(probeJob{
+		job := probeJob{
 			inst: inst, health: probeURL(m.cfg), base: baseURL(m.cfg), served: m.cfg.ServedName,
 			timeout: m.cfg.Probe.Timeout, deepPeriod: m.cfg.Probe.DeepPeriod, deepTimeout: m.cfg.Probe.DeepTimeout,
-			live: ef.live,
-		})
+			live: ef.live, key: r.key(),
+		}
+		if m.askVersion() {
+			job.versionKey = versionKey(m.cfg, r.d.environ)
+		}
+		go l.probe(job)
+	case efLearn:
+		go l.learn(m.cfg, ef.seq)
 	case efObserve:
 		r.d.metrics.observe(r.name, ef.took, ef.err)
 	case efStop:
@@ -359,9 +386,11 @@ func (l *loop) do(ef effect) event {
 		r.cg.Store(nil)
 		r.hostHeld.Store(0)
 	case efSleep:
-		base, grace := baseURL(m.cfg), m.cfg.StopTimeout
+		base, grace, key := baseURL(m.cfg), m.cfg.StopTimeout, r.key()
+		maxLevel := m.deepestLevel()
+		ask := m.hasIsSleeping()
 		// After the sleeping state is published: the drain names it.
-		l.later = append(l.later, func() { go l.sleep(base, ef.level, grace, l.seq) })
+		l.later = append(l.later, func() { go l.sleep(base, key, ef.level, maxLevel, ask, grace, l.seq) })
 	case efSlept:
 		if ef.level > 0 {
 			r.d.sched.Slept(r.name)
@@ -369,7 +398,7 @@ func (l *loop) do(ef effect) event {
 		}
 		r.d.metrics.slept(r.name, ef.level, ef.cause)
 	case efWake:
-		go l.wake(m.inst, m.cfg, ef.level)
+		go l.wake(m.inst, m.cfg, r.key(), ef.level, m.hasIsSleeping())
 	case efWoke:
 		r.hostHeld.Store(0)
 		l.record()
@@ -435,10 +464,17 @@ func (l *loop) spawn(gpus []string) event {
 	if err != nil {
 		return evSpawned{cause: CauseEnvFiles, reason: err.Error()}
 	}
-	inst, err := r.spawn(m, secrets, gpus)
+	eff := l.m.spawnConfig()
+	visible, note := r.d.visibleDevices(gpus, l.m.vllm)
+	if note != "" {
+		r.log.Warn(note)
+	}
+	inst, err := r.spawn(m, eff, secrets, gpus, visible)
 	if err != nil {
 		return evSpawned{err: err}
 	}
+	key := m.APIKey(secrets)
+	r.apiKey.Store(&key)
 	// A digest, not the values: a reload compares it with the files'
 	// contents then, to restart a model whose secret was rotated.
 	digest := envDigest(secrets)
@@ -446,7 +482,10 @@ func (l *loop) spawn(gpus []string) event {
 	r.publishPIDs(inst.tree)
 	is := InstanceState{
 		Model: m.Name, PID: inst.pid, Start: inst.start, Marker: inst.marker, Started: inst.started,
-		GPUs: gpus, Digest: inst.digest, EnvDigest: digest,
+		GPUs: gpus, Digest: inst.digest, EnvDigest: digest, NoSleepMode: inst.noSleepMode,
+	}
+	if l.m.vllm.known() {
+		is.VLLMVersion, is.VLLMSource = l.m.vllm.version.String(), l.m.vllm.source
 	}
 	if cg := r.cg.Load(); cg != nil {
 		is.Cgroup = cg.Path
@@ -464,7 +503,11 @@ type probeJob struct {
 	health, base, served    string
 	timeout                 time.Duration
 	deepPeriod, deepTimeout time.Duration
-	live                    bool // the model was ready: the deep probe may run
+	live                    bool   // the model was ready: the deep probe may run
+	key                     string // the model's API key, "" when none
+	// versionKey, when set, asks GET /version too (the version is not
+	// confirmed yet), and names the cache entry its answer corrects.
+	versionKey string
 }
 
 // probe checks, in order: /health answers 2xx; /v1/models lists the
@@ -473,33 +516,45 @@ type probeJob struct {
 // completion (a hung engine still answers /health).
 func (l *loop) probe(j probeJob) {
 	d := l.r.d
-	hctx, cancel := context.WithTimeout(context.Background(), j.timeout)
+	bg := probe.WithKey(context.Background(), j.key)
+	hctx, cancel := context.WithTimeout(bg, j.timeout)
 	start := d.now()
 	err := d.prober.Probe(hctx, j.health)
 	took := d.now().Sub(start)
 	if err == nil {
 		err = d.prober.Identity(hctx, j.base, j.served)
 	}
+	var version string
+	if err == nil && j.versionKey != "" {
+		// Not part of the verdict: a model that answers everything but
+		// /version is healthy; it is asked again at the next probe.
+		if v, verr := d.prober.Version(hctx, j.base); verr == nil {
+			version = v
+			if pv, perr := vllm.Parse(v); perr == nil {
+				d.versions.set(j.versionKey, pv)
+			}
+		}
+	}
 	cancel()
 	// One probe is in flight per runner, so this goroutine owns the deep
 	// probe's state now.
 	j.inst.deep.Period = j.deepPeriod
 	if err == nil && j.live && j.inst.deep.Due() {
-		dctx, cancel := context.WithTimeout(context.Background(), j.deepTimeout)
+		dctx, cancel := context.WithTimeout(bg, j.deepTimeout)
 		_, err = j.inst.deep.Check(dctx, d.prober, j.base, j.served)
 		cancel()
 	}
 	if probe.Local(err) {
 		err = fmt.Errorf("%w: %w", errNoVerdict, err)
 	}
-	l.results <- evProbed{inst: j.inst, err: err, took: took}
+	l.results <- evProbed{inst: j.inst, err: err, took: took, version: version}
 }
 
 // sleep drains the model's requests in the gateway, then puts it to sleep
 // and checks that it sleeps. A model must never be told to sleep with
 // requests in flight (it has crashed TP>1 engines), so a drain that does
 // not finish within grace abandons the sleep.
-func (l *loop) sleep(base string, level int, grace time.Duration, seq uint64) {
+func (l *loop) sleep(base, key string, level, maxLevel int, askAsleep bool, grace time.Duration, seq uint64) {
 	d := l.r.d
 	if d.traffic != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), grace)
@@ -513,17 +568,17 @@ func (l *loop) sleep(base string, level int, grace time.Duration, seq uint64) {
 	// Level 1 keeps the weights in pinned host memory: past the budget,
 	// level 2 (they are reloaded from disk at the wake) instead.
 	var note string
-	if budget := d.sleepBudget(); level == 1 && budget > 0 {
+	if budget := d.sleepBudget(); level == 1 && maxLevel >= 2 && budget > 0 {
 		if held := d.level1Held(l.r.name); held >= budget {
 			level = 2
 			note = fmt.Sprintf("level 2, not 1: level-1 sleepers hold %s of sleep_host_memory %s", config.ByteSize(held), config.ByteSize(budget))
 		}
 	}
 	before := l.r.rss()
-	ctx, cancel := context.WithTimeout(context.Background(), sleepTimeout)
+	ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), key), sleepTimeout)
 	defer cancel()
 	err := d.prober.Sleep(ctx, base, level)
-	if err == nil {
+	if err == nil && askAsleep {
 		var asleep bool
 		if asleep, err = d.prober.IsSleeping(ctx, base); err == nil && !asleep {
 			err = errors.New("is_sleeping says it is awake after /sleep")
@@ -554,13 +609,13 @@ func (r *runner) rss() uint64 {
 // that it is awake, and sends one-token canary before any client request:
 // the first request after a wake is slow, and a failed wake must be seen
 // before a client sees it.
-func (l *loop) wake(inst *instance, m config.Model, level int) {
+func (l *loop) wake(inst *instance, m config.Model, key string, level int, askAsleep bool) {
 	d := l.r.d
 	base := baseURL(m)
-	ctx, cancel := context.WithTimeout(context.Background(), m.Probe.StartupTimeout)
+	ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), key), m.Probe.StartupTimeout)
 	defer cancel()
 	err := d.prober.WakeUp(ctx, base, level)
-	if err == nil {
+	if err == nil && askAsleep {
 		var asleep bool
 		if asleep, err = d.prober.IsSleeping(ctx, base); err == nil && asleep {
 			err = errors.New("is_sleeping says it still sleeps after /wake_up")

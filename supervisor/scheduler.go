@@ -59,6 +59,7 @@ type scheduler struct {
 	notes    map[string]string
 	answered map[string]placement // last answer per model: unchanged ones are not re-sent
 	snapshot atomic.Pointer[schedSnapshot]
+	indices  atomic.Pointer[[]gpu.Device] // the latest readings, stored before any answer made from them
 }
 
 // schedSnapshot is what `citadelctl gpus` shows: published after every
@@ -144,6 +145,7 @@ func (s *scheduler) readLoop(ctx context.Context) {
 				return
 			}
 			s.devs, s.readErr = devs, ""
+			s.indices.Store(&devs)
 		})
 	}
 }
@@ -419,4 +421,19 @@ func (s *scheduler) Views(ctx context.Context) ([]GPUView, error) {
 		out = append(out, v)
 	}
 	return out, nil
+}
+
+// indexOf is the NVML index of the GPU uuid in the latest readings. Any
+// goroutine may call it.
+func (s *scheduler) indexOf(uuid string) (int, bool) {
+	devs := s.indices.Load()
+	if devs == nil {
+		return 0, false
+	}
+	for _, d := range *devs {
+		if d.UUID == uuid {
+			return d.Index, true
+		}
+	}
+	return 0, false
 }

@@ -19,12 +19,15 @@ import (
 )
 
 // spawn starts one instance of m in a new process group, with its output
-// captured line by line.
-func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string) (*instance, error) {
-	args := m.Argv()
+// captured line by line. eff is m as its vLLM can have it (spawnConfig):
+// the command line and environment are built from it, the digest from m.
+// gpus are the placed GPUs, visible how the child's CUDA_VISIBLE_DEVICES
+// names them.
+func (r *runner) spawn(m, eff config.Model, secrets map[string]string, gpus, visible []string) (*instance, error) {
+	args := eff.Argv()
 	marker := r.d.id + "/" + m.Name + "/" + rand.Text()[:16]
 	cmd := exec.Command(args[0], args[1:]...)
-	cmd.Env = childEnv(r.d.environ, m, secrets, gpus, marker)
+	cmd.Env = childEnv(r.d.environ, eff, secrets, visible, marker)
 	// Its own process group, so a terminal's or systemd's signal to the
 	// daemon's group does not reach models behind the supervisor's back.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -92,11 +95,12 @@ func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string)
 		deep:    &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},
 		done:    make(chan struct{}),
 	}
+	inst.noSleepMode = !eff.Sleeps()
 	if st, err := proc.ReadStat(inst.pid); err == nil {
 		inst.start = st.Start
 	}
 	r.d.storeOutput(marker, outR, errR)
-	r.log.Info("spawned", zap.Int("pid", inst.pid), zap.Strings("argv", config.MaskArgs(args)), zap.Strings("gpus", gpus))
+	r.log.Info("spawned", zap.Int("pid", inst.pid), zap.Strings("argv", config.MaskArgs(args)), zap.Strings("gpus", gpus), zap.Strings("cuda_visible_devices", visible))
 	go r.capture(outR, "stdout")
 	go r.capture(errR, "stderr")
 	go func() {

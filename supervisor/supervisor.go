@@ -43,6 +43,8 @@ type Prober interface {
 	// Traffic and Complete serve the deep probe; Complete is also the
 	// canary after a wake.
 	probe.Client
+	// Version asks the running model which vLLM it is (GET /version).
+	Version(ctx context.Context, base string) (string, error)
 	// Sleep, WakeUp and IsSleeping drive vLLM's sleep mode (SPEC §8).
 	Sleep(ctx context.Context, base string, level int) error
 	WakeUp(ctx context.Context, base string, level int) error
@@ -143,6 +145,9 @@ type deps struct {
 	cgroups     *proc.Cgroups
 	records     records // the live instances' records, for a successor
 	fdstore     FDStore // nil without systemd's descriptor store
+	versions    *versionCache
+	visible     string                        // gpu.visible_devices
+	gpuIndex    func(uuid string) (int, bool) // the NVML index of a GPU, from the latest readings
 }
 
 // Supervisor runs every configured model.
@@ -206,6 +211,9 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		cgroups: o.Cgroups,
 		records: records{dir: filepath.Join(filepath.Dir(cfg.ControlSocket), "instances")},
 		fdstore: o.FDStore,
+		// Read once, like every gpu key: a reload does not change them.
+		versions: &versionCache{},
+		visible:  cfg.GPU.VisibleDevices,
 	}
 	// The gateway's queues follow the models' states (changes.go).
 	d.changed = d.changes.notify
@@ -234,6 +242,7 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		gpuStatus = cmp.Or(o.GPUStatus, "disabled")
 	}
 	d.sched = newScheduler(cfg, reader, o.NoGPUs, d.log, d.now)
+	d.gpuIndex = d.sched.indexOf
 	s.reloadOK.Store(true)
 	s.reloadAt.Store(d.now().Unix())
 	s.beat.Store(d.now().UnixNano())

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
@@ -16,6 +17,7 @@ import (
 	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/supervisor"
+	"citadel-supervisor/vllm"
 )
 
 // Exit codes of --check. 0 and 1 are SPEC §1's; the others let a script
@@ -40,7 +42,7 @@ func runCheck(path string, environ []string, strict bool, stdout, stderr io.Writ
 		return checkInvalid
 	}
 	devs, why := readGPUs(cfg)
-	host := &osHost{devs: devs, haveGPUs: why == ""}
+	host := &osHost{devs: devs, haveGPUs: why == "", versions: supervisor.NewVersions(environ), learned: map[string]versionResult{}}
 	if daemonRunning(cfg.ControlSocket) {
 		// Its models hold their ports, and it holds listen: every port
 		// would look taken.
@@ -66,9 +68,11 @@ func runCheck(path string, environ []string, strict bool, stdout, stderr io.Writ
 	}
 	errs, warns := 0, 0
 	for _, f := range findings {
-		if f.Wait {
+		switch {
+		case f.Note:
+		case f.Wait:
 			warns++
-		} else {
+		default:
 			errs++
 		}
 		fmt.Fprintln(stderr, f)
@@ -82,6 +86,7 @@ func runCheck(path string, environ []string, strict bool, stdout, stderr io.Writ
 	if host.skipPorts {
 		fmt.Fprintf(stdout, "ports: not checked, a daemon is running on %s (its models hold their ports)\n", cfg.ControlSocket)
 	}
+	printVersions(stdout, cfg, host)
 	printPlacement(stdout, cfg, devs, why)
 	switch {
 	case errs > 0:
@@ -139,9 +144,84 @@ type osHost struct {
 	devs      []gpu.Device
 	haveGPUs  bool
 	skipPorts bool
+	versions  *supervisor.Versions
+	learned   map[string]versionResult // by model
 }
 
-var _ config.Host = (*osHost)(nil)
+type versionResult struct {
+	v   vllm.Version
+	err error
+}
+
+var _ config.VLLMHost = (*osHost)(nil)
+
+func (h *osHost) ReadFile(path string) ([]byte, error) { return os.ReadFile(path) }
+
+func (h *osHost) ReadDir(path string) ([]fs.DirEntry, error) { return os.ReadDir(path) }
+
+func (h *osHost) EnvKeys(path string) ([]string, error) { return supervisor.EnvFileKeys(path) }
+
+// Version learns m's vLLM as the daemon would before starting it.
+func (h *osHost) Version(m config.Model) (vllm.Version, error) {
+	if r, ok := h.learned[m.Name]; ok {
+		return r.v, r.err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	v, err := h.versions.Learn(ctx, m)
+	h.learned[m.Name] = versionResult{v, err}
+	return v, err
+}
+
+func (h *osHost) GPUTotal() (uint64, bool) {
+	var total uint64
+	for _, d := range h.devs {
+		if total == 0 || d.MemoryTotal < total {
+			total = d.MemoryTotal
+		}
+	}
+	return total, h.haveGPUs && total > 0
+}
+
+func (h *osHost) EphemeralPorts() config.PortRange { return config.EphemeralPorts() }
+
+// printVersions shows each enabled model's vLLM, as the daemon will learn
+// it before starting the model.
+func printVersions(w io.Writer, cfg *config.Config, h *osHost) {
+	var lines []string
+	unknown := false
+	for _, m := range cfg.Models {
+		if !m.Enabled {
+			continue
+		}
+		v, err := h.Version(m)
+		switch {
+		case err == nil:
+			lines = append(lines, fmt.Sprintf("  %-12s %s", m.Name, v))
+		case errors.Is(err, vllm.ErrNoInterpreter):
+			unknown = true
+			lines = append(lines, fmt.Sprintf("  %-12s unknown: %s", m.Name, strings.TrimPrefix(err.Error(), vllm.ErrNoInterpreter.Error()+": ")))
+		default:
+			unknown = true
+			lines = append(lines, fmt.Sprintf("  %-12s unknown: %s", m.Name, firstLine(err.Error())))
+		}
+	}
+	if len(lines) == 0 {
+		return
+	}
+	fmt.Fprintln(w, "vLLM (each model's interpreter's package metadata, read as the daemon does before a start):")
+	for _, l := range lines {
+		fmt.Fprintln(w, l)
+	}
+	if unknown {
+		fmt.Fprintf(w, "  (an unknown version is taken as %s, the newest known, until the model's GET /version answers)\n", vllm.Newest)
+	}
+}
+
+func firstLine(s string) string {
+	first, _, _ := strings.Cut(s, "\n")
+	return first
+}
 
 func (h *osHost) Stat(path string) (fs.FileInfo, error) { return os.Stat(path) }
 

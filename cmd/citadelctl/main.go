@@ -215,10 +215,16 @@ func (c *cli) status(ctx context.Context, args []string) int {
 		}
 		fmt.Fprintln(c.out, truncate(line, c.width))
 	}
-	// Asked about models by name: an on-demand one says how it is used,
-	// a failed one why, with its last output.
+	// Asked about models by name: its vLLM, how an on-demand one is used,
+	// why a failed one failed, with its last output.
 	if len(args) > 0 {
 		for _, s := range st {
+			if s.VLLMVersion != "" {
+				fmt.Fprintf(c.out, "\n%s: vLLM %s (%s)\n", s.Name, s.VLLMVersion, versionSource(s.VLLMVersionSource))
+				if s.VLLMNote != "" {
+					fmt.Fprintln(c.out, "  "+s.VLLMNote)
+				}
+			}
 			if s.OnDemand {
 				awake := "awake"
 				switch {
@@ -242,6 +248,19 @@ func (c *cli) status(ctx context.Context, args []string) int {
 		}
 	}
 	return exitOK
+}
+
+// versionSource says where a model's vLLM version comes from.
+func versionSource(src string) string {
+	switch src {
+	case "package":
+		return "its interpreter's package metadata"
+	case "server":
+		return "its GET /version"
+	case "assumed":
+		return "not learnable before it answers: the newest the daemon knows"
+	}
+	return src
 }
 
 // truncate cuts s to n runes, marking the cut.

@@ -10,7 +10,7 @@
 # Models are fake-vllm behind a wrapper that also takes GPU memory with
 # PyTorch (python3 must import torch), as a vLLM would.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 2
 out=${OUT:-$(mktemp -d)}
 work=$(mktemp -d)
 pass=0 fail=0

@@ -16,6 +16,8 @@ if ((${#missing[@]})); then
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# The newest package (make package names them by version, no spaces).
+# shellcheck disable=SC2012
 deb=$(ls -t "$repo"/dist/citadel-supervisor_*.deb 2>/dev/null | head -1)
 [ -n "$deb" ] || { echo "e2e-systemd: no package in dist/ (make package)" >&2; exit 1; }
 

@@ -61,6 +61,16 @@ type Model struct {
 	// Loading describes its start or wake, for Retry-After and for the
 	// comments a held stream receives (eta.go).
 	Loading Loading
+	// Root and MaxModelLen are what vLLM's own /v1/models says of the
+	// model: its --model path, and max_model_len (0: vLLM's choice).
+	Root        string
+	MaxModelLen int
+	// VLLMVersion is the model's vLLM release, "" while unknown.
+	VLLMVersion string
+	// APIKey is the key the model's vLLM wants (VLLM_API_KEY or
+	// --api-key), "" when none: the gateway sets it on every request it
+	// forwards. Never logged nor shown.
+	APIKey string
 }
 
 // Settings are the gateway's limits and keys; Apply replaces them whole on
@@ -331,6 +341,8 @@ func (g *Gateway) update(models []Model) {
 			up = g.newUpstream(m, up)
 			g.ups[m.Name] = up
 		}
+		key := m.APIKey
+		up.key.Store(&key)
 		gt, reason := gateOf(m)
 		up.adm.setLoading(m.Loading)
 		up.adm.setState(gt, reason, m.MaxConcurrency, m.Seq)

@@ -233,7 +233,19 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 		}
 		r.Body = readCloser{rd, body}
 	}
+	upstreamAuth(r.Header, up.apiKey())
 	up.serve(w, r, g, req)
+}
+
+// upstreamAuth makes a request's credentials the model's own: the client's
+// Authorization (checked against api_keys_file, or none) never reaches the
+// model, and a model whose vLLM wants a key (VLLM_API_KEY, --api-key) gets
+// it, so a client never needs to know it.
+func upstreamAuth(h http.Header, key string) {
+	h.Del("Authorization")
+	if key != "" {
+		h.Set("Authorization", "Bearer "+key)
+	}
 }
 
 type readCloser struct {
@@ -355,11 +367,15 @@ func (w *recorder) code() int {
 // modelObject is one entry of GET /v1/models: OpenAI's fields, and what an
 // operator would ask next in "citadel".
 type modelObject struct {
-	ID      string      `json:"id"`
-	Object  string      `json:"object"`
-	Created int64       `json:"created"`
-	OwnedBy string      `json:"owned_by"`
-	Citadel citadelInfo `json:"citadel"`
+	ID      string `json:"id"`
+	Object  string `json:"object"`
+	Created int64  `json:"created"`
+	OwnedBy string `json:"owned_by"`
+	// vLLM's own: the --model path, and max_model_len when configured
+	// (0 leaves it to vLLM, which the gateway does not ask).
+	Root        string      `json:"root,omitempty"`
+	MaxModelLen int         `json:"max_model_len,omitempty"`
+	Citadel     citadelInfo `json:"citadel"`
 }
 
 type citadelInfo struct {
@@ -373,6 +389,8 @@ type citadelInfo struct {
 	// "startable" (an on-demand model a request starts) or "unavailable".
 	Fleet    string `json:"fleet"`
 	Servable bool   `json:"servable"`
+	// VLLMVersion is the model's vLLM release ("" while unknown).
+	VLLMVersion string `json:"vllm_version,omitempty"`
 }
 
 // fleetState is a model's state as a fleet router sees it.
@@ -392,8 +410,10 @@ func (g *Gateway) object(rt *route) modelObject {
 	inFlight, queued := rt.up.adm.load()
 	return modelObject{
 		ID: rt.model.ServedName, Object: "model", Created: g.now().Unix(), OwnedBy: "citadel",
+		Root: rt.model.Root, MaxModelLen: rt.model.MaxModelLen,
 		Citadel: citadelInfo{
-			Name: rt.model.Name, State: rt.model.State, Reason: rt.model.Reason,
+			VLLMVersion: rt.model.VLLMVersion,
+			Name:        rt.model.Name, State: rt.model.State, Reason: rt.model.Reason,
 			MaxConcurrency: rt.model.MaxConcurrency, InFlight: inFlight, Queued: queued,
 			Fleet: fleetState(rt.model), Servable: fleetState(rt.model) != "unavailable",
 		},

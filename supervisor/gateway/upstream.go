@@ -27,6 +27,18 @@ type upstream struct {
 	lastRequest *atomic.Int64 // unix nanoseconds
 	target      *url.URL
 	transport   *http.Transport
+	// key is the model's own API key as of the latest snapshot: a request
+	// held in the queue while the model started takes the key of the
+	// process that serves it, not of the snapshot it arrived with.
+	key atomic.Pointer[string]
+}
+
+// apiKey is the model's API key now, "" when it has none.
+func (up *upstream) apiKey() string {
+	if k := up.key.Load(); k != nil {
+		return *k
+	}
+	return ""
 }
 
 // Upstream connection settings. vLLM is on loopback: connecting is instant

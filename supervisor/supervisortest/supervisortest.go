@@ -244,3 +244,29 @@ func WaitGateway(t testing.TB, base string) {
 		return resp.StatusCode == 200
 	})
 }
+
+// FakeVenv makes a virtualenv in miniature whose interpreter is this test
+// binary as fake-vllm (bin/python3, a link) and whose site-packages hold
+// vllm-VERSION.dist-info: a model whose command is that python is learned
+// as VERSION before it starts, and its fake-vllm plays VERSION. A test
+// binary only acts as fake-vllm with SelfEnv in the model's env, which
+// NewSite's defaults set. Returns the interpreter's path.
+func FakeVenv(t testing.TB, version string) string {
+	t.Helper()
+	venv := filepath.Join(t.TempDir(), "vllm-"+version)
+	bin := filepath.Join(venv, "bin")
+	info := filepath.Join(venv, "lib", "python3.12", "site-packages", "vllm-"+version+".dist-info")
+	for _, d := range []string{bin, info} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(info, "METADATA"), []byte("Metadata-Version: 2.1\nName: vllm\nVersion: "+version+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	python := filepath.Join(bin, "python3")
+	if err := os.Symlink(os.Args[0], python); err != nil {
+		t.Fatal(err)
+	}
+	return python
+}

@@ -61,6 +61,15 @@ type Status struct {
 	LastRequest time.Time `json:"last_request,omitzero"`
 	// SleepLevel is the vLLM sleep level it sleeps at, while sleeping.
 	SleepLevel int `json:"sleep_level,omitempty"`
+	// VLLMVersion is the model's vLLM release, and VLLMVersionSource where
+	// that comes from: "package" (its interpreter's package metadata,
+	// before it started), "server" (its GET /version), "assumed" (it could
+	// not be learned: the newest the daemon knows, until /version answers).
+	VLLMVersion       string `json:"vllm_version,omitempty"`
+	VLLMVersionSource string `json:"vllm_version_source,omitempty"`
+	// VLLMNote says which configured feature its vLLM lacks and what the
+	// daemon does instead (sleep_level 2 → 1 → 0).
+	VLLMNote string `json:"vllm_note,omitempty"`
 	// Seq numbers the model's published snapshots, in order (the daemon's
 	// own bookkeeping; not on the wire).
 	Seq uint64 `json:"-"`

@@ -5,6 +5,10 @@
 // "loaded". Completions stream as SSE with "stream": true; --fake-tokens
 // and --fake-token-delay set how many tokens and how fast.
 //
+// It plays one vLLM release (--fake-vllm-version X.Y.Z, or package-style
+// metadata: see versions.go), and can be run as its model's python to
+// answer the supervisor's version lookup (-c).
+//
 // Flags starting with --fake- make it misbehave the ways a real vLLM does:
 // load slowly, crash, hang (all of it, or only the engine while /health
 // still answers), return 503, ignore SIGTERM, exit at start, fork
@@ -65,6 +69,14 @@ type options struct {
 
 	escapeEnv, undumpable, pidHop bool // start the hostile children
 
+	// The vLLM release played (versions.go) and what it was told.
+	version         string
+	release         release
+	apiKeys         []string // --api-key (repeatable), else VLLM_API_KEY
+	disableLogStats bool
+	pythonCode      string // -c CODE: run as the model's interpreter
+	stats           fakeStats
+
 	worker, workerDetached, workerOrphan bool
 	escapeMiddle, escapee, hop, hidden   bool // the hostile children's roles
 }
@@ -76,6 +88,9 @@ func Main(args []string) int {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "fake-vllm:", err)
 		return 2
+	}
+	if o.pythonCode != "" {
+		return asInterpreter(o.pythonCode)
 	}
 	// Python ignores SIGPIPE, so vLLM keeps running when the reader of its
 	// stdout (a killed supervisor) goes away. Do the same, or the "daemon
@@ -105,8 +120,16 @@ func parse(args []string) (*options, error) {
 		sleep: sleepOptions{wakeL1: 200 * time.Millisecond, wakeL2: time.Second, modelBytes: 0, residue: 2 << 30}, tokens: 16}
 	for i := 0; i < len(args); i++ {
 		a := args[i]
-		if !strings.HasPrefix(a, "--") {
+		if !strings.HasPrefix(a, "-") {
 			return nil, fmt.Errorf("unexpected argument %q", a)
+		}
+		if a == "-m" && i+1 < len(args) {
+			i++ // -m vllm.entrypoints.openai.api_server: run as the module
+			continue
+		}
+		if a == "-c" && i+1 < len(args) {
+			o.pythonCode = args[i+1]
+			return o, nil
 		}
 		name, val, hasVal := strings.Cut(a, "=")
 		// Value for a flag given as "--flag value".
@@ -207,6 +230,12 @@ func parse(args []string) (*options, error) {
 			o.escapee = true
 		case "--fake-hidden":
 			o.hidden = true
+		case "--fake-vllm-version":
+			o.version = next()
+		case "--api-key":
+			o.apiKeys = append(o.apiKeys, next())
+		case "--disable-log-stats":
+			o.disableLogStats = true
 		default:
 			if strings.HasPrefix(name, "--fake-") {
 				return nil, fmt.Errorf("unknown flag %s", name)
@@ -224,6 +253,19 @@ func parse(args []string) (*options, error) {
 	if !o.worker && (o.port <= 0 || o.model == "") {
 		return nil, fmt.Errorf("--model and --port are required")
 	}
+	if o.version == "" {
+		o.version = defaultVersion
+		if v, ok := metadataVersion(os.Args[0]); ok {
+			o.version = v
+		}
+	}
+	var err error
+	if o.release, err = parseRelease(o.version); err != nil {
+		return nil, fmt.Errorf("--fake-vllm-version: %w", err)
+	}
+	if len(o.apiKeys) == 0 && os.Getenv("VLLM_API_KEY") != "" {
+		o.apiKeys = []string{os.Getenv("VLLM_API_KEY")}
+	}
 	if o.servedName == "" {
 		o.servedName = o.model
 	}
@@ -239,8 +281,17 @@ func runServer(o *options) int {
 		// The sim GPU backend must not count a residue for a process gone.
 		defer os.Remove(filepath.Join(o.sleep.usageDir, strconv.Itoa(os.Getpid()))) //nolint:errcheck // gone is the goal
 	}
-	logf("vLLM API server version fake, args: model=%s tp=%d gpu_memory_utilization=%.2f max_model_len=%d",
-		o.model, o.tp, o.gpuUtil, o.maxModelLen)
+	logf("vLLM API server version %s (fake), args: model=%s tp=%d gpu_memory_utilization=%.2f max_model_len=%d",
+		o.version, o.model, o.tp, o.gpuUtil, o.maxModelLen)
+	if o.sleep.enabled && !o.release.atLeast("0.7.0") {
+		// argparse, before anything else (vllm#11743 added the flag).
+		fmt.Fprintf(os.Stderr, "usage: api_server.py [-h] ...\napi_server.py: error: unrecognized arguments: --enable-sleep-mode\n")
+		return 2
+	}
+	if tb, ok := checkVisibleDevices(o.release); !ok {
+		fmt.Fprint(os.Stderr, tb)
+		return 1
+	}
 	if o.envFile != "" {
 		if err := dumpEnv(o.envFile); err != nil {
 			fmt.Fprintln(os.Stderr, "fake-vllm:", err)
@@ -288,17 +339,25 @@ func runServer(o *options) int {
 	start := time.Now()
 	var ln net.Listener
 	var err error
+	var bound *boundSocket
 	if o.bindEarly {
-		// Newer vLLM binds its socket before loading weights, so probes
-		// connect and then wait instead of being refused.
-		if ln, err = listen(o); err != nil {
-			fmt.Fprintln(os.Stderr, "fake-vllm:", err)
+		// vLLM binds its socket before loading the weights (so Ray cannot
+		// take the port, vllm#8204) but listens only once loaded: the port
+		// is taken, and a connection is refused meanwhile.
+		if bound, err = bindOnly(o); err != nil {
+			fmt.Fprintf(os.Stderr, "ERROR fake-vllm: [Errno 98] error while attempting to bind on address: %v\n", err)
 			return 1
 		}
 	}
 	logf("Loading weights from %s (%s)", o.model, o.loadTime)
 	if code, stop := waitOrSignal(o, sigs, o.loadTime); stop {
 		return code
+	}
+	if bound != nil {
+		if ln, err = bound.listen(); err != nil {
+			fmt.Fprintln(os.Stderr, "fake-vllm:", err)
+			return 1
+		}
 	}
 	if ln == nil {
 		if ln, err = listen(o); err != nil {
@@ -377,6 +436,12 @@ func newHandler(o *options, start time.Time) http.Handler {
 	var requests atomic.Int64
 	hung := func() bool { return o.hangAfter > 0 && time.Since(start) > o.hangAfter }
 	mux := http.NewServeMux()
+	mux.HandleFunc("GET /version", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, map[string]string{"version": o.version})
+	})
+	mux.HandleFunc("GET /fake/auth", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, map[string]int64{"unauthorized": o.stats.unauthorized.Load()})
+	})
 	mux.HandleFunc("/health", func(w http.ResponseWriter, r *http.Request) {
 		if hung() {
 			<-r.Context().Done() // a wedged engine: the request never returns
@@ -422,10 +487,14 @@ func newHandler(o *options, start time.Time) http.Handler {
 		})
 	}
 	mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintf(w, "# TYPE process_open_fds gauge\nprocess_open_fds 20\n")
+		if o.disableLogStats {
+			return // no stat logger: none of vLLM's own series
+		}
 		fmt.Fprintf(w, "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=%q} %d\n", o.servedName, api.running.Load())
 		fmt.Fprintf(w, "# TYPE vllm:request_success_total counter\nvllm:request_success_total{model_name=%q} %d\n", o.servedName, requests.Load())
 	})
-	return mux
+	return gate(o, errorFormat(o, mux))
 }
 
 // chatter writes periodic output, or a stream of bytes, to exercise the
@@ -637,10 +706,13 @@ func (a *inference) serve(w http.ResponseWriter, r *http.Request, kind string) {
 		return
 	}
 	var req struct {
-		Model         string         `json:"model"`
-		Stream        bool           `json:"stream"`
-		MaxTokens     int            `json:"max_tokens"`
-		StreamOptions *streamOptions `json:"stream_options"`
+		Model         string `json:"model"`
+		Stream        bool   `json:"stream"`
+		MaxTokens     int    `json:"max_tokens"`
+		StreamOptions *struct {
+			IncludeUsage bool `json:"include_usage"`
+		} `json:"stream_options"`
+		EncodingFormat string `json:"encoding_format"`
 	}
 	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
 		vllmError(w, http.StatusBadRequest, "BadRequestError", "invalid JSON body: "+err.Error())
@@ -659,9 +731,19 @@ func (a *inference) serve(w http.ResponseWriter, r *http.Request, kind string) {
 	}
 	created := time.Now().Unix()
 	if kind == "embedding" {
+		vec := []float64{0.1, -0.2, 0.3, 0.05}
+		var emb any = vec
+		switch req.EncodingFormat {
+		case "", "float":
+		case "base64":
+			emb = base64Embedding(vec)
+		default:
+			vllmError(w, http.StatusBadRequest, "BadRequestError", fmt.Sprintf("encoding_format %q: use float or base64", req.EncodingFormat))
+			return
+		}
 		writeJSON(w, map[string]any{
 			"object": "list", "model": a.o.servedName,
-			"data":  []map[string]any{{"object": "embedding", "index": 0, "embedding": []float64{0.1, -0.2, 0.3, 0.05}}},
+			"data":  []map[string]any{{"object": "embedding", "index": 0, "embedding": emb}},
 			"usage": map[string]int{"prompt_tokens": 1, "total_tokens": 1},
 		})
 		a.requests.Add(1)
@@ -695,6 +777,15 @@ func (a *inference) serve(w http.ResponseWriter, r *http.Request, kind string) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		w.Header().Set("Cache-Control", "no-cache")
 		flusher, _ := w.(http.Flusher)
+		if kind == "chat" {
+			// vLLM's first chat chunk carries the role and no content.
+			b, _ := json.Marshal(map[string]any{"id": fmt.Sprintf("chatcmpl-%d", id), "object": "chat.completion.chunk", "created": created, "model": a.o.servedName,
+				"choices": []map[string]any{{"index": 0, "delta": map[string]any{"role": "assistant", "content": ""}, "logprobs": nil, "finish_reason": nil}}})
+			fmt.Fprintf(w, "data: %s\n\n", b)
+			if flusher != nil {
+				flusher.Flush()
+			}
+		}
 		for i := range n {
 			if !wait(i) {
 				return
@@ -710,7 +801,7 @@ func (a *inference) serve(w http.ResponseWriter, r *http.Request, kind string) {
 			}
 		}
 		if req.StreamOptions != nil && req.StreamOptions.IncludeUsage {
-			usageChunk(w, chunk(0, nil), n)
+			usageChunk(w, chunk(n, nil), n)
 		}
 		fmt.Fprint(w, "data: [DONE]\n\n")
 		a.requests.Add(1)
@@ -736,14 +827,49 @@ func (a *inference) serve(w http.ResponseWriter, r *http.Request, kind string) {
 
 func writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Type", "application/json")
+	writeJSONBody(w, v)
+}
+
+func writeJSONBody(w http.ResponseWriter, v any) {
 	json.NewEncoder(w).Encode(v) //nolint:errcheck // best effort
 }
 
-// vllmError answers as vLLM's OpenAI server does.
+// vllmError answers as vLLM's OpenAI server of the release played does:
+// nested {"error": {...}} from 0.10.1 (vllm#22099), flat before.
 func vllmError(w http.ResponseWriter, code int, typ, msg string) {
+	body := map[string]any{"error": map[string]any{"message": msg, "type": typ, "param": nil, "code": code}}
+	if f, ok := w.(*formatWriter); ok && !f.nested {
+		body = map[string]any{"object": "error", "message": msg, "type": typ, "param": nil, "code": code}
+	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)
-	json.NewEncoder(w).Encode(map[string]any{"object": "error", "message": msg, "type": typ, "param": nil, "code": code}) //nolint:errcheck // best effort
+	writeJSONBody(w, body)
+}
+
+// formatWriter tells vllmError which error shape the release played uses.
+type formatWriter struct {
+	http.ResponseWriter
+	nested bool
+}
+
+func (f *formatWriter) Flush() {
+	if fl, ok := f.ResponseWriter.(http.Flusher); ok {
+		fl.Flush()
+	}
+}
+
+func (f *formatWriter) Unwrap() http.ResponseWriter { return f.ResponseWriter }
+
+func errorFormat(o *options, next http.Handler) http.Handler {
+	nested := o.release.atLeast("0.10.1")
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		next.ServeHTTP(&formatWriter{ResponseWriter: w, nested: nested}, r)
+	})
+}
+
+// fakeStats counts what tests ask the fake about.
+type fakeStats struct {
+	unauthorized atomic.Int64 // /v1 requests refused for want of the key
 }
 
 // blockForever parks the process. Not select{}: with no other goroutine the
@@ -753,11 +879,6 @@ func blockForever() {
 	for {
 		time.Sleep(time.Hour)
 	}
-}
-
-// streamOptions is the request's stream_options, as vLLM reads them.
-type streamOptions struct {
-	IncludeUsage bool `json:"include_usage"`
 }
 
 // usageChunk writes the last chunk vLLM sends before [DONE] when a stream

@@ -1,0 +1,125 @@
+package supervisor
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"citadel-supervisor/config"
+	"citadel-supervisor/vllm"
+)
+
+// TestMachineLearnsVersionBeforeFirstSpawn: the checks lead to a lookup of
+// the model's vLLM version, its answer to the want; a lookup that fails
+// takes the newest known version; one for a command since changed counts
+// for nothing.
+func TestMachineLearnsVersionBeforeFirstSpawn(t *testing.T) {
+	t.Run("learned", func(t *testing.T) {
+		mt := newMTest(t)
+		mt.m.vllm = vllmInfo{}
+		mt.m.begin()
+		mt.expect(evChecked{}, "learn(1)")
+		mt.state(Pending)
+		if !strings.Contains(mt.m.reason, "learning its vLLM version") {
+			t.Errorf("reason %q", mt.m.reason)
+		}
+		// A second check meanwhile (a tick) starts no second lookup.
+		mt.expect(evChecked{}, "")
+		mt.expect(evLearned{seq: 1, version: vllm.MustParse("0.10.1")}, "want(1)")
+		if st := mt.m.status(); st.VLLMVersion != "0.10.1" || st.VLLMVersionSource != VersionFromPackage {
+			t.Errorf("status version %q from %q", st.VLLMVersion, st.VLLMVersionSource)
+		}
+	})
+	t.Run("not learnable: the newest known, until /version answers", func(t *testing.T) {
+		mt := newMTest(t)
+		mt.m.vllm = vllmInfo{}
+		mt.m.begin()
+		mt.expect(evChecked{}, "learn(1)")
+		mt.expect(evLearned{seq: 1, err: errors.New("cannot tell which Python interpreter the command runs")}, "want(1)")
+		if st := mt.m.status(); st.VLLMVersion != vllm.Newest.String() || st.VLLMVersionSource != VersionAssumed {
+			t.Errorf("status version %q from %q", st.VLLMVersion, st.VLLMVersionSource)
+		}
+		if !mt.m.askVersion() {
+			t.Error("an assumed version must be confirmed by GET /version")
+		}
+		mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+		mt.step(evSpawned{inst: mt.newInst()})
+		mt.step(evTimer{tick})
+		mt.step(evProbed{inst: mt.m.inst, version: "0.6.3"})
+		mt.state(Ready)
+		if st := mt.m.status(); st.VLLMVersion != "0.6.3" || st.VLLMVersionSource != VersionFromServer || mt.m.askVersion() {
+			t.Errorf("after /version: %q from %q, ask again %v", st.VLLMVersion, st.VLLMVersionSource, mt.m.askVersion())
+		}
+	})
+	t.Run("a lookup for a command changed since is ignored", func(t *testing.T) {
+		mt := newMTest(t)
+		mt.m.vllm = vllmInfo{}
+		mt.m.begin()
+		mt.expect(evChecked{}, "learn(1)")
+		c := mt.m.cfg
+		c.Command = []string{"/opt/other-env/bin/python", "-m", "vllm.entrypoints.openai.api_server"}
+		mt.step(evConfig{cfg: c, kind: config.Respawn})
+		mt.expect(evLearned{seq: 1, version: vllm.MustParse("0.6.3")}, "")
+		if mt.m.vllm.known() {
+			t.Errorf("kept %s from a lookup of the old command", mt.m.vllm.version)
+		}
+	})
+}
+
+// TestMachineSleepLevelFollowsVersion: sleep_level 2 → 1 → 0 by what the
+// model's vLLM has, and the model says why.
+func TestMachineSleepLevelFollowsVersion(t *testing.T) {
+	for _, tc := range []struct {
+		version string
+		want    string // effects of the idle check
+		reason  string
+	}{
+		{"0.33.0", "disarm(tick) disarm(idle) sleep(2,idle)", "going to sleep"},
+		{"0.10.2", "disarm(tick) disarm(idle) sleep(2,idle)", "going to sleep"},
+		{"0.10.1", "disarm(tick) disarm(idle) sleep(1,idle)", "going to sleep"},
+		{"0.7.3", "disarm(tick) disarm(idle) sleep(1,idle)", "going to sleep"},
+		{"0.7.2", "disarm(tick) disarm(deadline) disarm(idle) stop(term) slept(0,idle)", "stopping"},
+		{"0.6.3", "disarm(tick) disarm(deadline) disarm(idle) stop(term) slept(0,idle)", "stopping"},
+	} {
+		t.Run(tc.version, func(t *testing.T) {
+			mt := newODTest(t)
+			mt.m.cfg.SleepLevel = 2
+			mt.m.vllm = vllmInfo{version: vllm.MustParse(tc.version), source: VersionFromServer}
+			mt.toODReady()
+			mt.now = mt.now.Add(11 * mt.m.cfg.IdleAfter)
+			mt.expect(evIdle{}, tc.want)
+			if !strings.Contains(mt.m.reason, tc.reason) {
+				t.Errorf("reason %q, want %q", mt.m.reason, tc.reason)
+			}
+			note := mt.m.status().VLLMNote
+			if lvl, _ := mt.m.vllm.version.SleepLevel(2); (lvl < 2) != (note != "") {
+				t.Errorf("vllm_note %q for level %d", note, lvl)
+			}
+			if strings.HasPrefix(tc.version, "0.10.1") {
+				mt.expect(evSlept{level: 1}, "slept(1,idle)")
+				if !strings.Contains(mt.m.reason, "sleep_level 2 needs vLLM 0.10.2") {
+					t.Errorf("asleep reason %q does not say why level 1", mt.m.reason)
+				}
+			}
+			if tc.version == "0.6.3" {
+				mt.expect(evStopped{inst: mt.m.inst}, "release")
+				if !strings.Contains(mt.m.reason, "has no sleep mode") {
+					t.Errorf("stopped reason %q does not say why", mt.m.reason)
+				}
+			}
+		})
+	}
+}
+
+// TestMachineSpawnConfigDropsSleepModeFlag: a vLLM without sleep mode is not
+// started with --enable-sleep-mode (it would exit on the unknown flag).
+func TestMachineSpawnConfigDropsSleepModeFlag(t *testing.T) {
+	mt := newODTest(t)
+	for version, flag := range map[string]bool{"0.6.3": false, "0.7.2": false, "0.7.3": true, "0.10.1": true} {
+		mt.m.vllm = vllmInfo{version: vllm.MustParse(version), source: VersionFromPackage}
+		argv := strings.Join(mt.m.spawnConfig().Argv(), " ")
+		if strings.Contains(argv, "--enable-sleep-mode") != flag {
+			t.Errorf("vLLM %s: argv %q, --enable-sleep-mode wanted: %v", version, argv, flag)
+		}
+	}
+}
