@@ -210,8 +210,8 @@ func TestHeldStreamComments(t *testing.T) {
 		}
 	}
 	resp.Body.Close()
-	if len(events) != 4 || strings.Contains(strings.Join(events, ""), `"usage"`) {
-		t.Errorf("after the comments, the model's stream without a usage chunk: %q", events)
+	if len(events) != 5 || strings.Contains(strings.Join(events, ""), `"usage"`) {
+		t.Errorf("after the comments, the model's stream (the role chunk, three tokens, [DONE]) without a usage chunk: %q", events)
 	}
 	if got := s.value(t, "citadel_gateway_time_to_first_byte_seconds", map[string]string{"model": "alpha"}); got != 1 {
 		t.Errorf("ttfb observations %v", got)

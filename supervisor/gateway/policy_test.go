@@ -259,7 +259,7 @@ func TestKeyTokensPerMinute(t *testing.T) {
 	// second is admitted (the budget is positive) and leaves -12.
 	for i := range 2 {
 		code, h, body := streamAs(t, s.url, aliceToken, "")
-		if code != 200 || strings.Count(body, "data: ") != 21 || !strings.HasSuffix(body, "data: [DONE]\n\n") {
+		if code != 200 || strings.Count(body, "data: ") != 22 || !strings.HasSuffix(body, "data: [DONE]\n\n") {
 			t.Fatalf("stream %d: %d\n%s", i, code, body)
 		}
 		if strings.Contains(body, `"usage"`) {

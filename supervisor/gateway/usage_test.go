@@ -258,8 +258,8 @@ func TestLargeStreamAskedForUsage(t *testing.T) {
 	image := strings.Repeat("A", inMemoryBody+1000)
 	body := `{"model":"alpha","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,` + image + `"}}]}],"max_tokens":5,"stream":true}`
 	got := readAll(t, post(t, context.Background(), s.url+"/v1/chat/completions", body, ""))
-	if strings.Count(got, "data: ") != 6 || strings.Contains(got, `"usage"`) {
-		t.Fatalf("five events and [DONE], no usage chunk:\n%.500s", got)
+	if strings.Count(got, "data: ") != 7 || strings.Contains(got, `"usage"`) {
+		t.Fatalf("the role chunk, five events and [DONE], no usage chunk:\n%.500s", got)
 	}
 	if c := s.value(t, "citadel_gateway_tokens_total", map[string]string{"model": "alpha", "key": "", "kind": "completion"}); c != 5 {
 		t.Errorf("completion tokens %v, want 5 (from the usage chunk)", c)
