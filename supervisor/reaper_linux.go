@@ -79,6 +79,18 @@ func (r *Reaper) Start(cmd *exec.Cmd) error {
 	return nil
 }
 
+// Exec runs cmd to its end as a child of the daemon's own (an upgrade's
+// preflight): started through Start, so the reaper neither takes its exit
+// status from os/exec nor kills it as a stray while it runs, and forgotten
+// once waited for.
+func (r *Reaper) Exec(cmd *exec.Cmd) error {
+	if err := r.Start(cmd); err != nil {
+		return err
+	}
+	defer r.Done(cmd.Process.Pid)
+	return cmd.Wait()
+}
+
 // adopt records pid, a child the previous image of this process started
 // (an upgrade keeps the children), as one that is waited for elsewhere.
 func (r *Reaper) adopt(pid int) {

@@ -174,7 +174,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		log.Error("build supervisor", zap.Error(err))
 		return 1
 	}
-	u.sup = sup
+	u.sup, u.reaper = sup, reaper
 	var gw *gateway.Gateway
 	var readyChecks []web.Check
 	if cfg.Gateway.Listen != "" {

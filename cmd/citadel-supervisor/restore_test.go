@@ -472,3 +472,60 @@ func (s *site) noneLive(t *testing.T, models ...string) {
 		}
 	}
 }
+
+// TestUpgradeToAWrapperWithASlowCheck: the new binary is a packager's
+// wrapper script whose --check takes 5 s (a big configuration, a slow
+// disk). The preflight is the daemon's own child, started through its
+// reaper: the reaper neither takes its exit status nor kills it as a stray
+// (it did, after strayGrace: "upgrade refused: … --check …: signal:
+// killed"). The upgrade goes through with the same PIDs.
+func TestUpgradeToAWrapperWithASlowCheck(t *testing.T) {
+	s := newSite(t, testModel{Name: "a"})
+	dir := t.TempDir()
+	exe, real := filepath.Join(dir, "citadel-supervisor"), filepath.Join(dir, "citadel-supervisor.real")
+	b, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{exe, real} {
+		if err := os.WriteFile(p, b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(real+".version", []byte("v2"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d := s.startCmd(func(cmd *exec.Cmd) { cmd.Path, cmd.Args[0] = exe, exe })
+	waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
+	before := statusOf(t, s.Socket)["a"]
+
+	// On --check it also leaves two short-lived orphans, as a wrapper's
+	// helpers may: their exits make the daemon's reaper look at its
+	// children at 1 s and 3.5 s, so a preflight it takes for a stray is
+	// killed for sure.
+	wrapper := "#!/bin/sh\nfor a; do [ \"$a\" = --check ] && { (sleep 1 &); (sleep 3.5 &); sleep 5; }; done\nexec " + real + " \"$@\"\n"
+	if err := os.WriteFile(exe+".new", []byte(wrapper), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(exe+".new", exe); err != nil {
+		t.Fatal(err)
+	}
+	c := client.New(s.Socket)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := c.Upgrade(ctx); err != nil {
+		t.Fatalf("upgrade to a wrapper whose --check takes 5 s: %v", err)
+	}
+	waitFor(t, 30*time.Second, "the daemon at v2", func() bool {
+		dv, err := c.Daemon(ctx)
+		return err == nil && dv.Version == "v2"
+	})
+	dv, err := c.Daemon(ctx)
+	if err != nil || dv.PID != d.cmd.Process.Pid || dv.UpgradeFailures != 0 {
+		t.Fatalf("daemon after the upgrade: %+v, %v; want pid %d, no failure", dv, err, d.cmd.Process.Pid)
+	}
+	if st := statusOf(t, s.Socket)["a"]; st.PID != before.PID || st.State != api.Ready {
+		t.Errorf("a is %s pid %d after the upgrade, was ready pid %d", st.State, st.PID, before.PID)
+	}
+}

@@ -143,6 +143,7 @@ type upgrader struct {
 	args                   []string // its arguments, kept
 	environ                []string // the environment it was started with
 	config                 string
+	reaper                 *supervisor.Reaper // every child of the daemon's is started through it
 	sup                    *supervisor.Supervisor
 	gateway, http, control *drained
 	keep                   func() // keeps the control socket's file when it closes
@@ -220,7 +221,7 @@ func (u *upgrader) prepare(ctx context.Context, viaControl bool) (api.UpgradeRes
 		}
 	}()
 	u.log.Info("upgrade in place: checking the new binary", zap.String("binary", u.exe))
-	to, err := preflight(ctx, u.exe, u.config)
+	to, err := preflight(ctx, u.reaper, u.exe, u.config)
 	if err != nil {
 		return res, nil, u.failed(fmt.Errorf("upgrade refused: %w; the running daemon (version %s) keeps running", err, version))
 	}
@@ -372,21 +373,31 @@ func (u *upgrader) exec(servers []drained, h *supervisor.Handover, files map[str
 // preflight asks the new binary which handover it takes and whether it
 // accepts the configuration: a binary that cannot run, or would refuse
 // to start, is never executed in place of this one.
-func preflight(ctx context.Context, exe, config string) (string, error) {
+//
+// Both run through the daemon's reaper (reaper.Exec): a child started
+// behind its back is, to the reaper, a stray to kill after strayGrace and
+// an exit status to take, so a --check of a few seconds was refused as
+// "signal: killed".
+func preflight(ctx context.Context, reaper *supervisor.Reaper, exe, config string) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, preflightTimeout)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, exe, "--handover-version").Output()
-	if err != nil {
-		return "", fmt.Errorf("%s --handover-version: %w (not a citadel-supervisor that can take over in place?)", exe, cmdErr(err))
+	ask := exec.CommandContext(ctx, exe, "--handover-version")
+	var out, stderr bytes.Buffer
+	ask.Stdout, ask.Stderr = &out, &stderr
+	if err := reaper.Exec(ask); err != nil {
+		if stderr.Len() > 0 {
+			err = fmt.Errorf("%w: %s", err, strings.TrimSpace(stderr.String()))
+		}
+		return "", fmt.Errorf("%s --handover-version: %w (not a citadel-supervisor that can take over in place?)", exe, err)
 	}
-	n, to, _ := strings.Cut(strings.TrimSpace(string(out)), " ")
+	n, to, _ := strings.Cut(strings.TrimSpace(out.String()), " ")
 	if n != strconv.Itoa(supervisor.HandoverVersion) {
 		return "", fmt.Errorf("%s takes handover version %q, this daemon hands over version %d: restart instead (systemctl restart citadel-supervisor restarts every model)", exe, n, supervisor.HandoverVersion)
 	}
 	check := exec.CommandContext(ctx, exe, "--check", "--config", config)
 	var buf bytes.Buffer
 	check.Stdout, check.Stderr = &buf, &buf
-	if err := check.Run(); err != nil {
+	if err := reaper.Exec(check); err != nil {
 		var ee *exec.ExitError
 		// 3 and 4: a model cannot start here, or warnings: the running
 		// daemon has the same problem. 1: the new binary refuses the file.
@@ -395,16 +406,8 @@ func preflight(ctx context.Context, exe, config string) (string, error) {
 			if len(lines) > 10 {
 				lines = append(lines[:10], "…")
 			}
-			return "", fmt.Errorf("%s --check --config %s: %w:\n%s", exe, config, cmdErr(err), strings.Join(lines, "\n"))
+			return "", fmt.Errorf("%s --check --config %s: %w:\n%s", exe, config, err, strings.Join(lines, "\n"))
 		}
 	}
 	return to, nil
-}
-
-func cmdErr(err error) error {
-	var ee *exec.ExitError
-	if errors.As(err, &ee) && len(ee.Stderr) > 0 {
-		return fmt.Errorf("%w: %s", err, strings.TrimSpace(string(ee.Stderr)))
-	}
-	return err
 }
