@@ -24,6 +24,29 @@ type Gateway struct {
 	// MaxBody caps a request body; base64 images to a vision model make
 	// bodies of several MiB.
 	MaxBody ByteSize `koanf:"max_body"`
+	// BodyTimeout: a request body that brings no byte for this long is
+	// answered 408 (nginx's client_body_timeout).
+	BodyTimeout time.Duration `koanf:"body_timeout"`
+	// MinBodyRate: past the first BodyTimeout, a body must arrive at this
+	// many bytes per second on average, else 408 (Apache mod_reqtimeout's
+	// MinRate). 0 = only BodyTimeout applies.
+	MinBodyRate ByteSize `koanf:"min_body_rate"`
+	// SendTimeout: an answer the client reads nothing of for this long is
+	// cut (nginx's send_timeout).
+	SendTimeout time.Duration `koanf:"send_timeout"`
+	// BodyMemory bounds the request bodies held in memory, all requests
+	// together; beyond it bodies are written to temporary files.
+	BodyMemory ByteSize `koanf:"body_memory"`
+	// BodySpool bounds the bodies held in temporary files; beyond it the
+	// gateway answers 429. 0 = no files: 429 once BodyMemory is full.
+	BodySpool ByteSize `koanf:"body_spool"`
+	// MaxConnections caps the gateway's client connections; 0 = derived
+	// from the descriptor limit (docs/gateway.md). Read at start-up.
+	MaxConnections int `koanf:"max_connections"`
+	// MaxConnectionsPerAddress caps one client address's connections; 0 =
+	// no cap (the default: a fleet's HAProxy is one address). Read at
+	// start-up.
+	MaxConnectionsPerAddress int `koanf:"max_connections_per_address"`
 }
 
 // builtinGateway holds the gateway's defaults: disabled.
@@ -34,6 +57,14 @@ func builtinGateway() map[string]any {
 		"max_queue":     64,
 		"max_wait":      "3m",
 		"max_body":      "32MiB",
+		"body_timeout":  "10s",
+		"min_body_rate": "16KiB",
+		"send_timeout":  "60s",
+		"body_memory":   "64MiB",
+		"body_spool":    "2GiB",
+		// Bound once, at start-up.
+		"max_connections":             0,
+		"max_connections_per_address": 0,
 	}
 }
 
@@ -47,6 +78,24 @@ func (c *Config) validateGateway(add func(key, format string, args ...any)) {
 	}
 	if g.MaxBody < KiB {
 		add("gateway.max_body", "must be at least 1KiB")
+	}
+	if g.BodyTimeout <= 0 {
+		add("gateway.body_timeout", "must be positive")
+	}
+	if g.SendTimeout <= 0 {
+		add("gateway.send_timeout", "must be positive")
+	}
+	if g.BodyMemory < MiB {
+		add("gateway.body_memory", "must be at least 1MiB")
+	}
+	if g.MaxBody >= KiB && g.BodyMemory >= MiB && g.BodyMemory+g.BodySpool < g.MaxBody {
+		add("gateway.body_spool", "body_memory + body_spool (%s) is less than max_body (%s): the largest body allowed could never be held", g.BodyMemory+g.BodySpool, g.MaxBody)
+	}
+	if g.MaxConnections < 0 {
+		add("gateway.max_connections", "%d: must not be negative (0 = derived from the descriptor limit)", g.MaxConnections)
+	}
+	if g.MaxConnectionsPerAddress < 0 {
+		add("gateway.max_connections_per_address", "%d: must not be negative (0 = no cap)", g.MaxConnectionsPerAddress)
 	}
 	if g.APIKeysFile != "" && !filepath.IsAbs(g.APIKeysFile) {
 		add("gateway.api_keys_file", "%q: must be an absolute path", g.APIKeysFile)
