@@ -62,7 +62,7 @@ soak:
 	$(GO) test -count=1 -timeout 30m -run '^TestSoak$$' -v ./supervisor -args -soak.models=200 -soak.duration=2m
 
 # The fuzz targets' seed corpora run with every `go test`; these explore.
-FUZZ_TARGETS := FuzzParse:./config FuzzOpRequest:./supervisor/control
+FUZZ_TARGETS := FuzzParse:./config FuzzOpRequest:./supervisor/control FuzzBodyScan:./supervisor/gateway
 fuzz-short:
 	@for t in $(FUZZ_TARGETS); do $(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime 10s "$${t#*:}" || exit 1; done
 

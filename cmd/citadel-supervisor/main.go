@@ -188,6 +188,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		if err == nil {
 			gw, err = gateway.Listen(cfg.Gateway.Listen, gateway.Options{
 				Models: sup.Gateway(), Logger: log.Named("gateway"), Registerer: reg, Settings: settings, Listener: ln,
+				MaxConnections: cfg.Gateway.MaxConnections, MaxConnectionsPerAddress: cfg.Gateway.MaxConnectionsPerAddress,
 			})
 		}
 		if err != nil {
@@ -197,7 +198,8 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		u.serve(&drained{name: "gateway", guard: gw.Guard(), srv: gw.HTTP(), bound: gatewayDrain}, nil)
 		// On-demand models drain their requests here before they sleep.
 		sup.SetTraffic(gw)
-		log.Info("gateway listening", zap.String("addr", gw.Addr()), zap.Bool("api_keys", settings.Keys != nil))
+		log.Info("gateway listening", zap.String("addr", gw.Addr()), zap.Bool("api_keys", settings.Keys != nil),
+			zap.Int("max_connections", gw.Guard().Cap()))
 		readyChecks = append(readyChecks, web.Check{Name: "gateway", Err: gw.Serving})
 	}
 	reload := func(ctx context.Context) ([]config.Change, error) {
@@ -351,7 +353,9 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 // gatewaySettings are the gateway's limits and its keys, read from
 // api_keys_file now (at start and at each reload).
 func gatewaySettings(c config.Gateway) (gateway.Settings, error) {
-	s := gateway.Settings{MaxQueue: c.MaxQueue, MaxWait: c.MaxWait, MaxBody: int64(c.MaxBody)}
+	s := gateway.Settings{MaxQueue: c.MaxQueue, MaxWait: c.MaxWait, MaxBody: int64(c.MaxBody),
+		BodyTimeout: c.BodyTimeout, MinBodyRate: int64(c.MinBodyRate), SendTimeout: c.SendTimeout,
+		BodyMemory: int64(c.BodyMemory), BodySpool: int64(c.BodySpool)}
 	if c.APIKeysFile != "" && c.Listen != "" {
 		keys, err := gateway.LoadKeys(c.APIKeysFile)
 		if err != nil {

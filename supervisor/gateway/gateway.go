@@ -61,6 +61,13 @@ type Settings struct {
 	MaxBody  int64
 	// Keys, when not nil, are required: 401 without one of their tokens.
 	Keys *Keys
+	// The bounds of timeouts.go and bodies.go; zero values take the
+	// configuration's defaults.
+	BodyTimeout time.Duration
+	MinBodyRate int64 // bytes per second
+	SendTimeout time.Duration
+	BodyMemory  int64
+	BodySpool   int64
 }
 
 // Options are the gateway's collaborators. Models and Logger are required.
@@ -76,6 +83,15 @@ type Options struct {
 	// Listener, when set, is served instead of binding the address:
 	// inherited from the previous image at an upgrade.
 	Listener net.Listener
+	// MaxConnections caps client connections; 0 derives it from the
+	// descriptor limit (netguard.GatewayLimit).
+	MaxConnections int
+	// MaxConnectionsPerAddress caps one client address's connections; 0 =
+	// none.
+	MaxConnectionsPerAddress int
+	// SpoolDir holds the temporary files of bodies over the memory budget;
+	// "" = os.TempDir().
+	SpoolDir string
 }
 
 // Server timeouts. No write or read timeout: a generation streams for
@@ -97,6 +113,8 @@ type Gateway struct {
 	settings atomic.Pointer[Settings]
 	table    atomic.Pointer[table]
 	ups      map[string]*upstream // by model name; owned by the watch loop
+	bodies   *bodyBudget
+	guard    *guardMetrics
 
 	ln      *netguard.Listener
 	srv     *http.Server
@@ -109,19 +127,19 @@ func Listen(addr string, o Options) (*Gateway, error) {
 	if o.Models == nil || o.Logger == nil {
 		return nil, errors.New("gateway: Models and Logger are required")
 	}
-	g := &Gateway{models: o.Models, log: o.Logger, now: o.Now, timer: o.Timer, metrics: newMetrics(), ups: map[string]*upstream{}}
+	g := &Gateway{models: o.Models, log: o.Logger, now: o.Now, timer: o.Timer, metrics: newMetrics(), ups: map[string]*upstream{},
+		bodies: &bodyBudget{dir: o.SpoolDir}, guard: newGuardMetrics()}
 	if g.now == nil {
 		g.now = time.Now
 	}
 	if g.timer == nil {
 		g.timer = realTimer
 	}
-	s := o.Settings
-	g.settings.Store(&s)
+	g.Apply(o.Settings)
 	g.table.Store(&table{byName: map[string]*route{}})
 	g.update(o.Models.Models())
 	if o.Registerer != nil {
-		for _, c := range append(g.metrics.collectors(), collector{g}) {
+		for _, c := range append(g.metrics.collectors(), collector{g}, g.guard.stalls, guardCollector{g}) {
 			if err := o.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("gateway: register metrics: %w", err)
 			}
@@ -134,10 +152,19 @@ func Listen(addr string, o Options) (*Gateway, error) {
 			return nil, fmt.Errorf("gateway: listen %s: %w", addr, err)
 		}
 	}
-	// Not capped (clients are the gateway's business), but guarded: out of
-	// descriptors it refuses a client rather than spinning, and an upgrade
-	// pauses it.
-	g.ln = netguard.Limit(ln, 1<<16, o.Logger)
+	// Capped so the daemon keeps the descriptors it needs for probes,
+	// spawns, the metrics port and the control socket (more clients wait
+	// in the kernel's backlog, holding none of the daemon's descriptors);
+	// out of descriptors all the same, it refuses a client rather than
+	// spinning; an upgrade pauses it.
+	limit := o.MaxConnections
+	if limit <= 0 {
+		limit = netguard.GatewayLimit(netguard.Descriptors(), len(o.Models.Models()))
+	}
+	g.ln = netguard.Limit(ln, limit, o.Logger)
+	if o.MaxConnectionsPerAddress > 0 {
+		g.ln.LimitPerAddress(o.MaxConnectionsPerAddress, refuseAddress)
+	}
 	g.srv = &http.Server{
 		Handler:           g,
 		ReadHeaderTimeout: readHeaderTimeout,
@@ -158,8 +185,32 @@ func (g *Gateway) Guard() *netguard.Listener { return g.ln }
 func (g *Gateway) HTTP() *http.Server { return g.srv }
 
 // Apply replaces the limits and keys (on reload). Requests already waiting
-// keep the limits they started with.
-func (g *Gateway) Apply(s Settings) { g.settings.Store(&s) }
+// keep the limits they started with; the body budget applies to every
+// body from now on.
+func (g *Gateway) Apply(s Settings) {
+	s.fill()
+	g.bodies.setLimits(s.BodyMemory, s.BodySpool)
+	g.settings.Store(&s)
+}
+
+// fill gives the bounds left at zero the configuration's defaults.
+func (s *Settings) fill() {
+	if s.BodyTimeout <= 0 {
+		s.BodyTimeout = 10 * time.Second
+	}
+	if s.SendTimeout <= 0 {
+		s.SendTimeout = time.Minute
+	}
+	if s.BodyMemory <= 0 {
+		s.BodyMemory = 64 << 20
+	}
+	if s.MinBodyRate < 0 {
+		s.MinBodyRate = 0
+	}
+	if s.BodySpool < 0 {
+		s.BodySpool = 0
+	}
+}
 
 // Serving returns nil while the listener is serving; /readyz asks it.
 func (g *Gateway) Serving() error {

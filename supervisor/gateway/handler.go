@@ -1,11 +1,8 @@
 package gateway
 
 import (
-	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"path"
 	"strconv"
@@ -35,6 +32,8 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	set := g.settings.Load()
 	req := &reqInfo{}
 	defer func() { g.finish(rec, r, req, start) }()
+	// Every answer must be taken within send_timeout (timeouts.go).
+	newSendBound(w, set.SendTimeout).next()
 
 	p := r.URL.Path
 	// The decoded path must be canonical: "/v1/../sleep", "/v1/%2e%2e/x"
@@ -107,33 +106,22 @@ func (q *reqInfo) reject(w http.ResponseWriter, e *apiError) {
 	}
 }
 
-// inMemoryBody: bodies up to this size are read whole before forwarding;
-// larger ones (images) stream through.
-const inMemoryBody = 1 << 20
-
-// forward routes a POST by its body's model and proxies it.
+// forward routes a POST by its body's model and proxies it. The body is
+// received whole first (bodies.go): only then does the request name a
+// model to the queue, hold a slot or count toward a drain.
 func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Settings, start time.Time) {
 	if r.ContentLength > set.MaxBody {
 		req.reject(w, errBadRequest(http.StatusRequestEntityTooLarge, "request_too_large",
 			fmt.Sprintf("request body of %d bytes is over %d (gateway.max_body)", r.ContentLength, set.MaxBody)))
 		return
 	}
-	body := http.MaxBytesReader(w, r.Body, set.MaxBody)
-	name, read, at, end, err := peekModel(body)
-	if err != nil {
-		var tooLarge *http.MaxBytesError
-		switch {
-		case errors.As(err, &tooLarge):
-			req.reject(w, errBadRequest(http.StatusRequestEntityTooLarge, "request_too_large",
-				fmt.Sprintf("request body over %d bytes (gateway.max_body)", set.MaxBody)))
-		case r.Context().Err() != nil:
-			req.reject(w, errClientGone)
-		default:
-			req.reject(w, errBadRequest(http.StatusBadRequest, "invalid_request",
-				fmt.Sprintf(`the body must be a JSON object naming its "model": %v`, err)))
-		}
+	b, berr := g.receive(w, r, set)
+	defer b.release()
+	if berr != nil {
+		req.reject(w, berr)
 		return
 	}
+	name := b.scan.name
 	rt := g.table.Load().byName[name]
 	if rt == nil {
 		req.reject(w, errUnknownModel(name))
@@ -157,38 +145,11 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 	}
 	defer up.adm.release()
 
-	if name != rt.model.ServedName {
-		// The client used the configured name; vLLM knows only its
-		// --served-model-name. The one change the gateway makes to a body.
-		rewritten := withModel(read, at, end, rt.model.ServedName)
-		if r.ContentLength > 0 {
-			r.ContentLength += int64(len(rewritten) - len(read))
-		}
-		read = rewritten
-	}
-	if r.ContentLength >= 0 && r.ContentLength <= inMemoryBody && int64(len(read)) < r.ContentLength {
-		// A small body is read whole (most are, in the first read).
-		rest := make([]byte, r.ContentLength-int64(len(read)))
-		if _, err := io.ReadFull(body, rest); err != nil {
-			req.reject(w, errClientGone)
-			return
-		}
-		read = append(read, rest...)
-	}
-	if int64(len(read)) == r.ContentLength {
-		// A body in memory goes out with its headers in one write; any
-		// other reader makes the transport flush the headers first (Go
-		// issue 22088): a second write and packet for every request.
-		r.Body = io.NopCloser(bytes.NewReader(read))
-	} else {
-		r.Body = readCloser{io.MultiReader(bytes.NewReader(read), body), body}
-	}
+	// vLLM knows only its --served-model-name: a client that used the
+	// configured name has it replaced, the one change the gateway makes
+	// to a body.
+	r.Body, r.ContentLength = b.forwardBody(rt.model.ServedName)
 	up.serve(w, r, g)
-}
-
-type readCloser struct {
-	io.Reader
-	io.Closer
 }
 
 // finish records a request's metrics and, at debug level only, its access

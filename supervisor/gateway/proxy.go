@@ -82,14 +82,20 @@ func (up *upstream) serve(w *recorder, r *http.Request, g *Gateway) {
 	w.WriteHeader(res.StatusCode)
 	buf := copyBuffers.Get()
 	defer copyBuffers.Put(buf)
+	send := newSendBound(w, g.settings.Load().SendTimeout)
 	for {
 		n, rerr := body.Read(buf)
 		if n > 0 {
+			send.next()
 			if _, werr := w.Write(buf[:n]); werr != nil {
+				send.failed(g, werr)
 				return // the client went away; the context ends the upstream request
 			}
 			if flush {
-				w.Flush()
+				if err := send.flush(); err != nil {
+					send.failed(g, err)
+					return
+				}
 			}
 		}
 		if errors.Is(rerr, io.EOF) {
