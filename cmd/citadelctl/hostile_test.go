@@ -52,7 +52,7 @@ func hostileClient(spec, socket string) int {
 		conns = append(conns, c)
 		if i < follow {
 			io.WriteString(c, "GET "+api.PathLogs+"?model=a&follow=1 HTTP/1.1\r\nHost: x\r\n\r\n") //nolint:errcheck // seen below
-			c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))                           //nolint:errcheck // a daemon that waits is the bug
+			c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))                              //nolint:errcheck // a daemon that waits is the bug
 			if resp, err := http.ReadResponse(bufio.NewReader(c), nil); err == nil && resp.StatusCode == 200 {
 				admitted++
 			}

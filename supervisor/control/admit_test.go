@@ -175,7 +175,7 @@ func TestControlSocketNotMonopolised(t *testing.T) {
 				conns = append(conns, c)
 				if tc.follow {
 					io.WriteString(c, "GET "+api.PathLogs+"?model=a&follow=1 HTTP/1.1\r\nHost: x\r\n\r\n") //nolint:errcheck // seen by the answer
-					c.SetReadDeadline(time.Now().Add(5 * time.Second))                                  //nolint:errcheck // seen by the answer
+					c.SetReadDeadline(time.Now().Add(5 * time.Second))                                     //nolint:errcheck // seen by the answer
 					resp, err := http.ReadResponse(bufio.NewReader(c), nil)
 					if err != nil {
 						t.Fatalf("follower %d: %v", i, err)
