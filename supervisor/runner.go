@@ -435,6 +435,14 @@ func (l *loop) spawn(gpus []string) event {
 	}
 	inst, err := r.spawn(m, secrets, gpus)
 	if err != nil {
+		if daemonShort(err) {
+			// Out of descriptors (pipe2, pidfd_open), memory or processes:
+			// the daemon's own trouble, often a flood on its listeners. The
+			// model is tried again like any pending model, without counting
+			// a start nor failing it.
+			r.log.Warn("spawn not made: the daemon is short of resources", zap.Error(err))
+			return evSpawned{cause: CauseDaemon, reason: "the daemon is short of resources to start it: " + errText(err) + "; retrying"}
+		}
 		return evSpawned{err: err}
 	}
 	// A digest, not the values: a reload compares it with the files'
