@@ -12,6 +12,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
 )
 
 // Hostile and careless clients, one attack each, against a gateway in
@@ -323,4 +326,44 @@ func (h *holdServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.got <- fmt.Sprintf("%x", sha256.Sum256(b))
 	<-h.release
 	w.Write([]byte(`{}`)) //nolint:errcheck // test
+}
+
+// TestConnectionsPerAddress: with max_connections_per_address, an address
+// holding its share of connections gets a 429 in OpenAI's shape on the
+// next, counted; other connections are served as before.
+func TestConnectionsPerAddress(t *testing.T) {
+	f := startFake(t, "a")
+	reg := prometheus.NewRegistry()
+	gw, err := Listen("127.0.0.1:0", Options{Models: newStub(ready("a", "a", f.base)), Logger: zap.NewNop(),
+		Settings: defaultSettings(), Registerer: reg, MaxConnections: 64, MaxConnectionsPerAddress: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- gw.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	s := &site{gw: gw, url: "http://" + gw.Addr(), reg: reg}
+	waitFor(t, 5*time.Second, "gateway serving", func() bool { return gw.Serving() == nil })
+
+	// Two connections sending their body, held.
+	for range 2 {
+		defer rawConn(t, s, 100, "").Close()
+	}
+	waitFor(t, 5*time.Second, "both accepted", func() bool { return gw.Guard().Open() == 2 })
+	c, err := net.Dial("tcp", gw.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	code, body := answer(t, c, 5*time.Second)
+	if _, _, ecode := apiErr(t, body); code != 429 || ecode != "too_many_connections" {
+		t.Errorf("the third connection: %d %s", code, body)
+	}
+	if v := s.value(t, "citadel_gateway_connections_refused_total", map[string]string{"reason": "per_address"}); v != 1 {
+		t.Errorf("connections_refused_total{reason=per_address} = %v", v)
+	}
+	if v := s.value(t, "citadel_gateway_connections_max", nil); v != 64 {
+		t.Errorf("connections_max = %v", v)
+	}
 }

@@ -31,11 +31,13 @@ type upstream struct {
 
 // Upstream connection settings. vLLM is on loopback: connecting is instant
 // or refused. Idle connections are kept for as many requests as a busy
-// model serves at once; a generation may take minutes before its first
-// header, so there is no response-header timeout.
+// model serves at once, up to 64: they hold descriptors that
+// netguard.ReservePerModel sets aside for them, outside the gateway's
+// connection cap. A generation may take minutes before its first header,
+// so there is no response-header timeout.
 const (
 	dialTimeout     = 5 * time.Second
-	maxIdlePerModel = 256
+	maxIdlePerModel = 64
 	upstreamIdle    = 90 * time.Second
 )
 
