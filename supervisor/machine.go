@@ -10,6 +10,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/control/api"
 )
 
 // machine is one model's lifecycle: SPEC §3's states, driven by typed
@@ -98,6 +99,8 @@ type machine struct {
 	// opErr is the answer to the last operation: set by onOp, read by the
 	// runner for the operator.
 	opErr error
+	// lastOp is the last operation that changed what the model should do.
+	lastOp *api.OpRecord
 }
 
 // failure is a run that ended badly: why (a restart reason) and the detail.
@@ -131,8 +134,11 @@ type (
 	}
 	// evTimer: a timer the machine armed fired.
 	evTimer struct{ t timerKind }
-	// evOp: an operator's operation.
-	evOp struct{ op Op }
+	// evOp: an operator's operation; by says who (op.go's Actor).
+	evOp struct {
+		op Op
+		by string
+	}
 	// evConfig: a reload changed the model.
 	evConfig struct {
 		cfg  config.Model
@@ -306,8 +312,12 @@ func (m *machine) step(ev event) []effect {
 	case evTimer:
 		return m.onTimer(ev.t)
 	case evOp:
+		m.lastOp = &api.OpRecord{Op: string(ev.op), By: ev.by, At: m.now()}
 		return m.onOp(ev.op)
 	case evConfig:
+		if ev.kind == config.Respawn || ev.cfg.Enabled != m.cfg.Enabled {
+			m.lastOp = &api.OpRecord{Op: "reload", At: m.now()}
+		}
 		return m.onConfig(ev)
 	case evStopped:
 		return m.onStopped(ev)
@@ -785,6 +795,10 @@ func (m *machine) status() *Status {
 	}
 	s.OnDemand = m.cfg.OnDemand()
 	s.Held = m.hold
+	if m.lastOp != nil {
+		op := *m.lastOp
+		s.LastOp = &op
+	}
 	if m.state == Sleeping && !m.sleepOp {
 		s.SleepLevel = m.sleepLevel
 	}

@@ -718,7 +718,7 @@ func (s *Supervisor) Do(ctx context.Context, op Op, names ...string) (map[string
 	var wg sync.WaitGroup
 	for _, r := range rs {
 		wg.Go(func() {
-			err := r.send(ctx, evOp{op: op})
+			err := r.send(ctx, evOp{op: op, by: actorOf(ctx)})
 			mu.Lock()
 			out[r.name] = err
 			mu.Unlock()

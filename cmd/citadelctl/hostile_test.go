@@ -137,3 +137,41 @@ func TestControlSocketHostileReader(t *testing.T) {
 		})
 	}
 }
+
+// TestStopLosesRace: `citadelctl stop` while another operator starts the
+// model again reports that operation and exits 1 as soon as it happens.
+// It used to wait its whole --timeout, then exit 3 saying the daemon was
+// unreachable while it ran.
+func TestStopLosesRace(t *testing.T) {
+	// A stop that takes 2 s (SIGTERM ignored, then SIGKILL): room for the
+	// other operator's start.
+	d := startDaemon(t, "", model{Name: "a", YAML: "stop_timeout: 2s", Fake: []string{"--fake-ignore-sigterm"}})
+	d.waitAll(t, supervisor.Ready)
+	type res struct {
+		code      int
+		out, errs string
+		took      time.Duration
+	}
+	done := make(chan res, 1)
+	start := time.Now()
+	go func() {
+		code, out, errs := d.ctl(t, "stop", "--timeout", "20s", "a")
+		done <- res{code, out, errs, time.Since(start)}
+	}()
+	waitFor(t, 10*time.Second, "a stopping", func() bool { return d.state(t, "a").State == supervisor.Stopping })
+	if code, _, errs := d.ctl(t, "start", "a"); code != 0 {
+		t.Fatalf("start: exit %d %s", code, errs)
+	}
+	var r res
+	select {
+	case r = <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("stop still waiting 15 s after the start that undid it")
+	}
+	if r.code != exitFailed || !strings.Contains(r.errs, "a: not stopped: start by uid ") || !strings.Contains(r.errs, "came after this stop") {
+		t.Errorf("stop: exit %d after %s\nstdout: %s\nstderr: %s", r.code, r.took, r.out, r.errs)
+	}
+	if st := d.state(t, "a"); st.LastOp == nil || st.LastOp.Op != "start" || !strings.HasPrefix(st.LastOp.By, "uid ") {
+		t.Errorf("last_op %+v", st.LastOp)
+	}
+}

@@ -352,7 +352,11 @@ func (s *Server) op(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "name at least one model, or all")
 		return
 	}
-	res, err := s.o.Backend.Do(r.Context(), op, req.Models...)
+	ctx := r.Context()
+	if p, ok := ctx.Value(peerKey{}).(Peer); ok {
+		ctx = supervisor.WithActor(ctx, fmt.Sprintf("uid %d (pid %d)", p.UID, p.PID))
+	}
+	res, err := s.o.Backend.Do(ctx, op, req.Models...)
 	if err != nil {
 		writeBackendError(w, err)
 		return

@@ -61,6 +61,10 @@ type Status struct {
 	LastRequest time.Time `json:"last_request,omitzero"`
 	// SleepLevel is the vLLM sleep level it sleeps at, while sleeping.
 	SleepLevel int `json:"sleep_level,omitempty"`
+	// LastOp is the last operation that changed what the model should do:
+	// an operator's (citadelctl start, stop …) or a reload's. A `citadelctl
+	// stop` that finds its stop undone names it.
+	LastOp *OpRecord `json:"last_op,omitempty"`
 	// Seq numbers the model's published snapshots, in order (the daemon's
 	// own bookkeeping; not on the wire).
 	Seq uint64 `json:"-"`
@@ -132,4 +136,21 @@ func Summary(st []Status) string {
 		}
 	}
 	return out
+}
+
+// OpRecord is one operation on a model: what, by whom, when.
+type OpRecord struct {
+	Op string    `json:"op"`           // start, stop, restart, reset, sleep, wake, reload
+	By string    `json:"by,omitempty"` // "uid 1000 (pid 4242)"; empty for a reload or SIGHUP
+	At time.Time `json:"at"`
+}
+
+// String says it the way citadelctl reports it: "start by uid 1000 (pid
+// 4242) at 12:00:03".
+func (o OpRecord) String() string {
+	s := o.Op
+	if o.By != "" {
+		s += " by " + o.By
+	}
+	return s + " at " + o.At.Format("15:04:05")
 }
