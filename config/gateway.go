@@ -47,6 +47,9 @@ type Gateway struct {
 	// no cap (the default: a fleet's HAProxy is one address). Read at
 	// start-up.
 	MaxConnectionsPerAddress int `koanf:"max_connections_per_address"`
+	// UpgradeDrain: how long an upgrade in place lets the requests in
+	// flight finish before it ends them (a stream with an error event).
+	UpgradeDrain time.Duration `koanf:"upgrade_drain"`
 }
 
 // builtinGateway holds the gateway's defaults: disabled.
@@ -62,6 +65,7 @@ func builtinGateway() map[string]any {
 		"send_timeout":  "60s",
 		"body_memory":   "64MiB",
 		"body_spool":    "2GiB",
+		"upgrade_drain": "30s",
 		// Bound once, at start-up.
 		"max_connections":             0,
 		"max_connections_per_address": 0,
@@ -84,6 +88,9 @@ func (c *Config) validateGateway(add func(key, format string, args ...any)) {
 	}
 	if g.SendTimeout <= 0 {
 		add("gateway.send_timeout", "must be positive")
+	}
+	if g.UpgradeDrain <= 0 {
+		add("gateway.upgrade_drain", "must be positive")
 	}
 	if g.BodyMemory < MiB {
 		add("gateway.body_memory", "must be at least 1MiB")

@@ -13,7 +13,7 @@ func TestGatewayDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Gateway{Listen: "", MaxQueue: 64, MaxWait: 3 * time.Minute, MaxBody: 32 * MiB,
-		BodyTimeout: 10 * time.Second, MinBodyRate: 16 * KiB, SendTimeout: time.Minute, BodyMemory: 64 * MiB, BodySpool: 2 * GiB}
+		BodyTimeout: 10 * time.Second, MinBodyRate: 16 * KiB, SendTimeout: time.Minute, BodyMemory: 64 * MiB, BodySpool: 2 * GiB, UpgradeDrain: 30 * time.Second}
 	if c.Gateway != want || c.Models[0].MaxConcurrency != 0 {
 		t.Errorf("defaults %+v, max_concurrency %d", c.Gateway, c.Models[0].MaxConcurrency)
 	}

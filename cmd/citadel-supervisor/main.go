@@ -195,7 +195,10 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 			log.Error("cannot serve the gateway", zap.Error(err))
 			return 1
 		}
-		u.serve(&drained{name: "gateway", guard: gw.Guard(), srv: gw.HTTP(), bound: gatewayDrain}, nil)
+		// Requests in flight (a stream) finish within gateway.upgrade_drain,
+		// or are ended with an error event.
+		u.serve(&drained{name: "gateway", guard: gw.Guard(), srv: gw.HTTP(), cut: gw.Cut,
+			boundOf: func() time.Duration { return sup.Config().Gateway.UpgradeDrain }}, nil)
 		// On-demand models drain their requests here before they sleep.
 		sup.SetTraffic(gw)
 		log.Info("gateway listening", zap.String("addr", gw.Addr()), zap.Bool("api_keys", settings.Keys != nil),

@@ -115,6 +115,7 @@ type Gateway struct {
 	ups      map[string]*upstream // by model name; owned by the watch loop
 	bodies   *bodyBudget
 	guard    *guardMetrics
+	cut      *cutter
 
 	ln      *netguard.Listener
 	srv     *http.Server
@@ -128,7 +129,7 @@ func Listen(addr string, o Options) (*Gateway, error) {
 		return nil, errors.New("gateway: Models and Logger are required")
 	}
 	g := &Gateway{models: o.Models, log: o.Logger, now: o.Now, timer: o.Timer, metrics: newMetrics(), ups: map[string]*upstream{},
-		bodies: &bodyBudget{dir: o.SpoolDir}, guard: newGuardMetrics()}
+		bodies: &bodyBudget{dir: o.SpoolDir}, guard: newGuardMetrics(), cut: newCutter()}
 	if g.now == nil {
 		g.now = time.Now
 	}

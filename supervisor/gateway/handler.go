@@ -134,10 +134,18 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 	// this; the request waits in the queue whatever it waits for.
 	g.models.Demand(rt.model.Name)
 
+	// From here an upgrade past its drain bound may end the request (cut.go).
+	ctx, done := g.cut.cuttable(r.Context())
+	defer done()
+	r = r.WithContext(ctx)
+
 	waitStart := g.now()
 	waited, aerr := up.adm.acquire(r.Context(), set.MaxQueue, set.MaxWait, g.timer)
 	if waited {
 		req.waited, req.wait = true, g.now().Sub(waitStart)
+	}
+	if aerr == errClientGone && wasCut(ctx) {
+		aerr = errUpgrading()
 	}
 	if aerr != nil {
 		req.reject(w, aerr)

@@ -367,3 +367,40 @@ func TestConnectionsPerAddress(t *testing.T) {
 		t.Errorf("connections_max = %v", v)
 	}
 }
+
+// TestCutEndsStreamsWithAnEvent: an upgrade that must cut requests past
+// its drain bound ends a stream with an SSE error event and [DONE], and
+// answers a request still waiting in its queue 503 with Retry-After;
+// requests after the cut are served as usual.
+func TestCutEndsStreamsWithAnEvent(t *testing.T) {
+	f := startFake(t, "a", "--fake-tokens", "100000", "--fake-token-delay", "20ms")
+	stub := newStub(ready("a", "a", f.base))
+	stub.models[0].MaxConcurrency = 1
+	s := startGateway(t, stub, defaultSettings(), nil)
+	resp := post(t, context.Background(), s.url+"/v1/completions", `{"model":"a","prompt":"hi","stream":true}`, "")
+	if resp.StatusCode != 200 {
+		t.Fatalf("stream: %d", resp.StatusCode)
+	}
+	ev := events(resp.Body)
+	next(t, ev)
+	queued := async(t, context.Background(), s.url+"/v1/completions", `{"model":"a","prompt":"hi"}`)
+	waitFor(t, 5*time.Second, "the second request queued", func() bool { _, q := s.gw.table.Load().byName["a"].up.adm.load(); return q == 1 })
+
+	s.gw.Cut()
+	var last []string
+	for e := range ev {
+		last = append(last, e)
+	}
+	if n := len(last); n < 2 || last[n-1] != "[DONE]" || !strings.Contains(last[n-2], "gateway_upgrading") {
+		t.Errorf("the stream's last events: %q", last[max(0, len(last)-2):])
+	}
+	r := wait(t, queued)
+	if r.code != 503 || !strings.Contains(r.body, "gateway_upgrading") || r.retryAfter != "1" {
+		t.Errorf("the queued request: %d %s (Retry-After %q)", r.code, r.body, r.retryAfter)
+	}
+	waitFor(t, 5*time.Second, "the model's slot free", func() bool { return s.gw.InFlight("a") == 0 })
+	after := post(t, context.Background(), s.url+"/v1/completions", `{"model":"a","prompt":"hi","max_tokens":2}`, "")
+	if b := readAll(t, after); after.StatusCode != 200 {
+		t.Errorf("after the cut: %d %s", after.StatusCode, b)
+	}
+}

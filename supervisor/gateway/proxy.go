@@ -102,7 +102,7 @@ func (up *upstream) serve(w *recorder, r *http.Request, g *Gateway) {
 			return
 		}
 		if rerr != nil {
-			if r.Context().Err() == nil {
+			if r.Context().Err() == nil || wasCut(r.Context()) {
 				// The answer was torn mid-way and its status is sent:
 				// all that is left is to cut the client's connection too.
 				panic(http.ErrAbortHandler)

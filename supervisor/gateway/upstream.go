@@ -93,6 +93,9 @@ func (g *Gateway) proxyError(up *upstream) func(http.ResponseWriter, *http.Reque
 		case errors.As(err, &tooLarge):
 			errBadRequest(http.StatusRequestEntityTooLarge, "request_too_large",
 				fmt.Sprintf("request body over %d bytes (gateway.max_body)", tooLarge.Limit)).write(w)
+		case wasCut(r.Context()):
+			w.Header().Set("Connection", "close")
+			errUpgrading().write(w)
 		case r.Context().Err() != nil:
 			if rec, ok := w.(*recorder); ok {
 				rec.status = statusClientGone
@@ -132,7 +135,7 @@ func (s *sseGuard) Read(p []byte) (int, error) {
 	if n > 0 {
 		s.last = p[n-1]
 	}
-	if err == nil || errors.Is(err, io.EOF) || s.ctx.Err() != nil {
+	if err == nil || errors.Is(err, io.EOF) || (s.ctx.Err() != nil && !wasCut(s.ctx)) {
 		return n, err
 	}
 	if n > 0 {
@@ -150,6 +153,9 @@ func (s *sseGuard) fail() {
 		b.WriteString("\n\n") // end the torn event so the error is its own
 	}
 	e := errUpstream("the model stopped answering mid-stream (it may have crashed or be restarting)")
+	if wasCut(s.ctx) {
+		e = errUpgrading()
+	}
 	b.WriteString("data: ")
 	b.Write(bytes.TrimSpace(e.body()))
 	b.WriteString("\n\ndata: [DONE]\n\n")
