@@ -61,7 +61,7 @@ bench:
 # a short one of each).
 soak:
 	$(GO) test -count=1 -timeout 30m -run '^TestSoak$$' -v ./supervisor -args -soak.models=200 -soak.duration=2m
-	$(GO) test -count=1 -timeout 30m -run '^TestSoakHostileClients$$' -v ./cmd/citadel-supervisor -args -hostile-clients.duration=2m -hostile-clients.workers=24 | grep -v '"level"'
+	$(GO) test -count=1 -timeout 30m -run '^TestSoakHostileClients$$' -v ./cmd/citadel-supervisor -args -hostile-clients.duration=2m -hostile-clients.workers=24
 
 # The fuzz targets' seed corpora run with every `go test`; these explore.
 FUZZ_TARGETS := FuzzParse:./config FuzzOpRequest:./supervisor/control FuzzBodyScan:./supervisor/gateway
