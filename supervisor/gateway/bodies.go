@@ -68,10 +68,19 @@ func take(counter, limit *atomic.Int64, n int64) bool {
 
 var errBodyBudget = errors.New("body budget exhausted")
 
+// unmapFailures counts mappings that could not be given back.
+var unmapFailures atomic.Int64
+
 // segment is one piece of a body in memory.
 type segment struct {
 	b      []byte // len: bytes written; cap: the piece's size
 	mapped bool   // an anonymous mapping (else Go heap)
+	m      []byte // the whole mapping, as Munmap wants it back
+	// charged is what the segment holds of budget.mem: a heap piece all
+	// of its size; a mapping only the pages handed to reads so far (its
+	// other pages are address space, not memory), so a client that
+	// declares a large body and sends little holds little.
+	charged int64
 }
 
 // body is one request's body, whole once received: in memory segments or
@@ -91,14 +100,18 @@ type body struct {
 	probe   [1]byte    // reads past the declared length, to see its end
 }
 
+// chargeWindow: a mapping is charged to the budget this much at a time,
+// before the reads that fill it.
+const chargeWindow = 64 << 10
+
 // pageRound rounds n up to the page size: a mapping's real size.
 func pageRound(n int64) int64 {
 	p := int64(os.Getpagesize())
 	return (n + p - 1) / p * p
 }
 
-// space returns where the next bytes of the body go, reserving what it
-// allocates. length is the body's declared length, -1 when unknown.
+// space returns where the next bytes of the body go, charging the budget
+// for them first. length is the body's declared length, -1 when unknown.
 func (b *body) space(length int64) ([]byte, error) {
 	if length >= 0 && b.size >= length {
 		return b.probe[:], nil // net/http ends the body at its length
@@ -111,7 +124,20 @@ func (b *body) space(length int64) ([]byte, error) {
 	}
 	if n := len(b.segs); n > 0 {
 		if s := &b.segs[n-1]; len(s.b) < cap(s.b) {
-			return s.b[len(s.b):cap(s.b)], nil
+			if int64(len(s.b)) < s.charged {
+				return s.b[len(s.b):s.charged], nil
+			}
+			// A mapping's next window: charged before it is touched.
+			w := min(pageRound(int64(len(s.b))+chargeWindow), int64(cap(s.b))) - s.charged
+			if take(&b.budget.mem, &b.budget.memLimit, w) {
+				s.charged += w
+				b.mem += w
+				return s.b[len(s.b):s.charged], nil
+			}
+			if err := b.toSpool(); err != nil {
+				return nil, err
+			}
+			return b.space(length)
 		}
 	}
 	size := int64(chunkedSegment)
@@ -123,35 +149,30 @@ func (b *body) space(length int64) ([]byte, error) {
 	}
 	seg, err := b.allocate(size)
 	if err != nil {
-		if serr := b.toSpool(length); serr != nil {
+		if serr := b.toSpool(); serr != nil {
 			return nil, serr
 		}
 		return b.space(length)
 	}
 	b.segs = append(b.segs, seg)
-	return seg.b[:0:cap(seg.b)], nil
+	return b.space(length)
 }
 
-// allocate takes size bytes of memory within the budget.
+// allocate makes a piece of size bytes: heap, charged whole, for a small
+// one; a mapping, charged as it fills, for a larger one.
 func (b *body) allocate(size int64) (segment, error) {
 	if size <= heapBody {
 		if !take(&b.budget.mem, &b.budget.memLimit, size) {
 			return segment{}, errBodyBudget
 		}
 		b.mem += size
-		return segment{b: make([]byte, 0, size)}, nil
+		return segment{b: make([]byte, 0, size), charged: size}, nil
 	}
-	real := pageRound(size)
-	if !take(&b.budget.mem, &b.budget.memLimit, real) {
-		return segment{}, errBodyBudget
-	}
-	m, err := unix.Mmap(-1, 0, int(real), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	m, err := unix.Mmap(-1, 0, int(pageRound(size)), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
-		b.budget.mem.Add(-real)
-		return segment{}, fmt.Errorf("map %d bytes: %w", real, err)
+		return segment{}, fmt.Errorf("map %d bytes: %w", size, err)
 	}
-	b.mem += real
-	return segment{b: m[:0:size], mapped: true}, nil
+	return segment{b: m[:0:size], mapped: true, m: m}, nil
 }
 
 // wrote records n bytes written into the last space.
@@ -177,8 +198,8 @@ func (b *body) wrote(p []byte) error {
 	return nil
 }
 
-// reserveSpool makes sure n more bytes are reserved in budget.spool (a
-// body of known length reserves all of it when it starts spooling).
+// reserveSpool makes sure the body's bytes so far and n more are reserved
+// in budget.spool.
 func (b *body) reserveSpool(n int64) bool {
 	if need := b.size + n - b.spool; need > 0 {
 		if !take(&b.budget.spool, &b.budget.spoolLimit, need) {
@@ -189,20 +210,14 @@ func (b *body) reserveSpool(n int64) bool {
 	return true
 }
 
-// toSpool moves the body to a temporary file, freeing its memory.
-func (b *body) toSpool(length int64) error {
-	want := b.size
-	if length > want {
-		want = length
-	}
-	if !take(&b.budget.spool, &b.budget.spoolLimit, want) {
+// toSpool moves the body to a temporary file, freeing its memory. The
+// file is charged to budget.spool for what it holds, as it grows.
+func (b *body) toSpool() error {
+	if !b.reserveSpool(0) {
 		return errBodyBudget
 	}
-	b.spool = want
 	f, err := os.CreateTemp(b.budget.dir, "citadel-body-*")
 	if err != nil {
-		b.budget.spool.Add(-want)
-		b.spool = 0
 		return fmt.Errorf("spool a request body: %w", err)
 	}
 	// Unlinked at once: the file lives as long as the descriptor, and a
@@ -211,8 +226,6 @@ func (b *body) toSpool(length int64) error {
 	for _, s := range b.segs {
 		if _, err := f.Write(s.b); err != nil {
 			f.Close()
-			b.budget.spool.Add(-want)
-			b.spool = 0
 			return fmt.Errorf("spool a request body: %w", err)
 		}
 	}
@@ -224,7 +237,11 @@ func (b *body) toSpool(length int64) error {
 func (b *body) freeSegments() {
 	for _, s := range b.segs {
 		if s.mapped {
-			_ = unix.Munmap(s.b[:cap(s.b)])
+			if err := unix.Munmap(s.m); err != nil {
+				// Cannot happen with the mapping Mmap gave; counted so a
+				// test would see a leak.
+				unmapFailures.Add(1)
+			}
 		}
 	}
 	b.segs = nil

@@ -312,6 +312,35 @@ func TestBodyBudget(t *testing.T) {
 		mem, spool := s.gw.bodies.held()
 		return mem == 0 && spool == 0
 	})
+	if n := unmapFailures.Load(); n != 0 {
+		t.Errorf("%d mappings not given back", n)
+	}
+}
+
+// TestDeclaredIsNotHeld: clients that declare large bodies and send little
+// hold only what they sent (and a window of 64 KiB each) of the budget, so
+// a handful of them cannot fill it and turn everyone else away.
+func TestDeclaredIsNotHeld(t *testing.T) {
+	f := startFake(t, "a")
+	set := defaultSettings()
+	set.BodyMemory, set.BodySpool = 2<<20, 2<<20
+	s := startGateway(t, newStub(ready("a", "a", f.base)), set, nil)
+	s.gw.bodies.dir = t.TempDir()
+	for range 20 {
+		rawConn(t, s, 30<<20, `{"model":"a","prompt":"`+strings.Repeat("x", 1000))
+	}
+	waitFor(t, 5*time.Second, "the twenty bodies begun", func() bool {
+		mem, spool := s.gw.bodies.held()
+		return mem+spool >= 20*1000
+	})
+	mem, spool := s.gw.bodies.held()
+	if mem+spool > 20*(chargeWindow+4096) {
+		t.Errorf("20 bodies of 1000 bytes hold %d bytes in memory and %d in files", mem, spool)
+	}
+	resp := post(t, context.Background(), s.url+"/v1/completions", `{"model":"a","prompt":"`+strings.Repeat("y", 1<<20)+`","max_tokens":1}`, "")
+	if b := readAll(t, resp); resp.StatusCode != 200 {
+		t.Errorf("a 1 MiB request beside them: %d %s", resp.StatusCode, b)
+	}
 }
 
 // holdServer reads each body, reports its digest, and answers once
