@@ -189,6 +189,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 			gw, err = gateway.Listen(cfg.Gateway.Listen, gateway.Options{
 				Models: sup.Gateway(), Logger: log.Named("gateway"), Registerer: reg, Settings: settings, Listener: ln,
 				MaxConnections: cfg.Gateway.MaxConnections, MaxConnectionsPerAddress: cfg.Gateway.MaxConnectionsPerAddress,
+				SpoolDir: spoolDir(environ),
 			})
 		}
 		if err != nil {
@@ -351,6 +352,15 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	}
 	log.Info("stopped")
 	return 0
+}
+
+// spoolDir is where the gateway writes the request bodies over its memory
+// budget: the unit's StateDirectory (systemd sets STATE_DIRECTORY), on
+// disk, rather than a /tmp that may be a tmpfs (Debian 13's is), whose
+// files are memory; else $TMPDIR.
+func spoolDir(environ []string) string {
+	dir, _, _ := strings.Cut(config.Getenv(environ, "STATE_DIRECTORY", ""), ":")
+	return dir
 }
 
 // gatewaySettings are the gateway's limits and its keys, read from
