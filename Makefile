@@ -55,6 +55,7 @@ bench:
 	BENCH_TABLE=$(CURDIR)/build/bench-table.md $(GO) test -tags benchdriver -count=1 -run TestBenchTable -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'
 	$(GO) test -tags benchdriver -count=1 -run TestBenchGateway -v ./supervisor/gateway/ | grep -E '^ +\||PASS|FAIL'
 	$(GO) test -tags benchdriver -count=1 -run TestBenchOnDemand -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'
+	$(GO) test -tags benchdriver -count=1 -run TestBenchGatewayMemory -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'
 
 # 200 models on sim GPUs under random faults for two minutes, then the
 # gateway under every hostile client at once for two minutes (make test runs
