@@ -239,6 +239,10 @@ func (w *recorder) Flush() {
 	}
 }
 
+// FlushError is Flush that says whether the client took the bytes (a
+// write past send_timeout fails here as often as in Write).
+func (w *recorder) FlushError() error { return http.NewResponseController(w.ResponseWriter).Flush() }
+
 func (w *recorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 func (w *recorder) code() int {
