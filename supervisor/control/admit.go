@@ -39,7 +39,8 @@ type Limits struct {
 	FollowersPerUID int // `logs -f` connections one user may hold (root excepted)
 }
 
-// DefaultLimits derives the limits from the connection cap (MaxConns).
+// DefaultLimits derives the limits from the connection cap (MaxConns). Their
+// total stays within twice it, which netguard.GatewayLimit sets aside.
 func DefaultLimits(conns int) Limits {
 	conns = max(conns, 4)
 	return Limits{

@@ -70,7 +70,10 @@ const (
 // connection can hold; at least 16.
 func GatewayLimit(nofile, models int) int {
 	http, control := limitsFor(nofile)
-	left := nofile - ReserveBase - http - control - models*ReservePerModel
+	// The control socket holds up to twice its cap: the connections kept
+	// for root and the control group, and `logs -f` followers, are
+	// counted apart (control.Limits).
+	left := nofile - ReserveBase - http - 2*control - models*ReservePerModel
 	return clamp(left/PerGatewayConn, 16, MaxGatewayConns)
 }
 

@@ -201,8 +201,8 @@ func TestGatewayLimit(t *testing.T) {
 	for _, tc := range []struct{ nofile, models, want int }{
 		{65536, 7, MaxGatewayConns},
 		{20000, 7, MaxGatewayConns},
-		{8192, 7, (8192 - ReserveBase - 256 - 64 - 7*ReservePerModel) / PerGatewayConn},
-		{2048, 2, (2048 - ReserveBase - 256 - 64 - 2*ReservePerModel) / PerGatewayConn},
+		{8192, 7, (8192 - ReserveBase - 256 - 2*64 - 7*ReservePerModel) / PerGatewayConn},
+		{2048, 2, (2048 - ReserveBase - 256 - 2*64 - 2*ReservePerModel) / PerGatewayConn},
 		{1024, 7, 16},
 	} {
 		if got := GatewayLimit(tc.nofile, tc.models); got != tc.want {
@@ -212,7 +212,7 @@ func TestGatewayLimit(t *testing.T) {
 	// What the gateway can hold at its cap, with every reserve, fits.
 	for _, n := range []int{1024, 4096, 20000, 65536} {
 		http, control := limitsFor(n)
-		used := GatewayLimit(n, 7)*PerGatewayConn + ReserveBase + http + control + 7*ReservePerModel
+		used := GatewayLimit(n, 7)*PerGatewayConn + ReserveBase + http + 2*control + 7*ReservePerModel
 		if used > n && GatewayLimit(n, 7) > 16 {
 			t.Errorf("nofile %d: %d descriptors at the cap", n, used)
 		}
