@@ -697,6 +697,9 @@ func (s *Supervisor) lookup(names []string) ([]*runner, error) {
 			}
 		}
 		if !found {
+			if len(n) > 80 { // the client's input, quoted bounded
+				n = strings.ToValidUTF8(n[:80], "") + "…"
+			}
 			return nil, fmt.Errorf("%w %q", ErrUnknownModel, n)
 		}
 	}

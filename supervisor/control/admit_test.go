@@ -244,3 +244,38 @@ func TestHalfSentRequestCut(t *testing.T) {
 		t.Errorf("%s after %s", resp.Status, time.Since(start))
 	}
 }
+
+// TestClientInputQuotedBounded: answers quote at most a bounded prefix of
+// what the client sent: an unknown operation, model or field of a megabyte
+// is not echoed back whole.
+func TestClientInputQuotedBounded(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.sock")
+	s, err := Listen(Options{Path: path, Logger: zap.NewNop(), Backend: &followBackend{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	huge := strings.Repeat("x", 500<<10)
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", path)
+	}}}
+	for _, tc := range []struct{ method, path, body string }{
+		{"POST", api.PathOp + huge, `{"models":["a"]}`},
+		{"POST", api.PathOp + "start", `{"models":["a"],"` + huge + `":1}`},
+		{"GET", api.PathLogs + "?model=a&n=" + huge, ""},
+	} {
+		req, _ := http.NewRequest(tc.method, "http://citadel"+tc.path, strings.NewReader(tc.body))
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode/100 != 4 || len(b) > 512 {
+			t.Errorf("%s %.40s…: %d, %d bytes", tc.method, tc.path, resp.StatusCode, len(b))
+		}
+	}
+}

@@ -340,7 +340,7 @@ func (s *Server) op(w http.ResponseWriter, r *http.Request) {
 		for i, o := range api.Ops {
 			names[i] = string(o)
 		}
-		writeError(w, http.StatusNotFound, fmt.Sprintf("unknown operation %q: use %s", op, strings.Join(names, ", ")))
+		writeError(w, http.StatusNotFound, fmt.Sprintf("unknown operation %s: use %s", clientText(string(op)), strings.Join(names, ", ")))
 		return
 	}
 	var req api.OpRequest
@@ -412,7 +412,7 @@ func (s *Server) logs(w http.ResponseWriter, r *http.Request) {
 	if v := q.Get("n"); v != "" {
 		var err error
 		if n, err = strconv.Atoi(v); err != nil || n < 0 {
-			writeError(w, http.StatusBadRequest, fmt.Sprintf("n=%q: want a whole number", v))
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("n=%s: want a whole number", clientText(v)))
 			return
 		}
 	}
@@ -516,9 +516,27 @@ func decode(r *http.Request, v any) error {
 	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		return fmt.Errorf("bad request body: %w", err)
+		// A decoding error may quote the client's input (an unknown
+		// field's name): at most a bounded prefix of it.
+		msg := err.Error()
+		if len(msg) > 2*maxQuoted {
+			msg = msg[:2*maxQuoted] + "…"
+		}
+		return fmt.Errorf("bad request body: %s", msg)
 	}
 	return nil
+}
+
+// maxQuoted bounds what an answer quotes of the client's own input.
+const maxQuoted = 80
+
+// clientText quotes s, at most maxQuoted bytes of it, saying its length
+// when it is cut.
+func clientText(s string) string {
+	if len(s) <= maxQuoted {
+		return strconv.Quote(s)
+	}
+	return strconv.Quote(strings.ToValidUTF8(s[:maxQuoted], "")) + fmt.Sprintf("… (%d bytes)", len(s))
 }
 
 func writeBackendError(w http.ResponseWriter, err error) {
