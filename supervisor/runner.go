@@ -415,9 +415,16 @@ func (l *loop) check() (cause, reason string) {
 		return CauseStorage, fmt.Sprintf("storage: %s: %s", m.Path, errText(err))
 	}
 	if _, err := readEnvFiles(m.EnvFiles); err != nil {
+		if daemonShort(err) {
+			return CauseDaemon, "the daemon is short of resources to check it: " + errText(err) + "; retrying"
+		}
 		return CauseEnvFiles, err.Error()
 	}
 	if err := checkPort(m.Host, m.Port); err != nil {
+		if daemonShort(err) {
+			// Out of descriptors, the test bind says nothing of the port.
+			return CauseDaemon, "the daemon is short of resources to check it: " + errText(err) + "; retrying"
+		}
 		return CausePort, err.Error()
 	}
 	return "", ""

@@ -229,10 +229,14 @@ func TestSpawnShortOfDescriptorsIsTheDaemonsProblem(t *testing.T) {
 			syscall.Kill(pid, syscall.SIGKILL) //nolint:errcheck // its restart is the check
 		}
 	}
-	waitFor(t, 20*time.Second, "a's respawn tried during the flood", func() bool {
-		return strings.Contains(d.logText(), "spawn not made: the daemon is short of resources") ||
-			strings.Contains(d.logText(), `"state":"failed"`)
+	waitFor(t, 20*time.Second, "a's crash seen during the flood", func() bool {
+		return strings.Contains(d.logText(), `"msg":"restarting model","model":"a","reason":"exit"`)
 	})
+	// Its restart is tried, and tried again, while the flood lasts.
+	waitFor(t, 20*time.Second, "a pending for the daemon's want of descriptors, or failed", func() bool {
+		return strings.Contains(d.logText(), `"reason":"the daemon is short of resources`) || strings.Contains(d.logText(), `"state":"failed"`)
+	})
+	<-time.After(2 * time.Second) // the flood goes on a while: more tries
 	flood.close()
 	waitFor(t, 30*time.Second, "a ready again once the flood is gone", func() bool {
 		return statusOf(t, s.Socket)["a"].State == api.Ready

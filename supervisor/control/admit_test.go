@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -148,7 +149,7 @@ func TestControlSocketNotMonopolised(t *testing.T) {
 		{"64 half-sent requests, 64 users", 64, false, 64},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			path := filepath.Join(t.TempDir(), "s.sock")
+			path := shortSocket(t)
 			pp := &peers{}
 			s, err := Listen(Options{Path: path, Logger: zap.NewNop(), Backend: &followBackend{}, PeerOf: pp.of})
 			if err != nil {
@@ -219,7 +220,7 @@ func TestControlSocketNotMonopolised(t *testing.T) {
 // TestHalfSentRequestCut: a request whose body stops half-way is answered
 // 408 after the body's read bound, and its connection closed.
 func TestHalfSentRequestCut(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "s.sock")
+	path := shortSocket(t)
 	s, err := Listen(Options{Path: path, Logger: zap.NewNop(), Backend: &followBackend{}})
 	if err != nil {
 		t.Fatal(err)
@@ -249,7 +250,7 @@ func TestHalfSentRequestCut(t *testing.T) {
 // what the client sent: an unknown operation, model or field of a megabyte
 // is not echoed back whole.
 func TestClientInputQuotedBounded(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "s.sock")
+	path := shortSocket(t)
 	s, err := Listen(Options{Path: path, Logger: zap.NewNop(), Backend: &followBackend{}})
 	if err != nil {
 		t.Fatal(err)
@@ -278,4 +279,16 @@ func TestClientInputQuotedBounded(t *testing.T) {
 			t.Errorf("%s %.40s…: %d, %d bytes", tc.method, tc.path, resp.StatusCode, len(b))
 		}
 	}
+}
+
+// shortSocket is a socket path within the 108 bytes a Unix socket's name
+// may have, whatever the test's name and $TMPDIR.
+func shortSocket(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "ctl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return filepath.Join(dir, "s.sock")
 }
