@@ -23,7 +23,7 @@ import (
 var (
 	clientSoakDuration = flag.Duration("hostile-clients.duration", 8*time.Second, "how long TestSoakHostileClients attacks (make soak: 2m)")
 	clientSoakSeed     = flag.Uint64("hostile-clients.seed", 0, "the seed of TestSoakHostileClients' attacks; 0 = a new one (printed)")
-	clientSoakWorkers  = flag.Int("hostile-clients.workers", 12, "attackers at once in TestSoakHostileClients")
+	clientSoakWorkers  = flag.Int("hostile-clients.workers", 8, "attackers at once in TestSoakHostileClients")
 )
 
 // clientSoakNofile is the daemon's descriptor limit in the soak: small, so
