@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
 	"testing"
@@ -295,6 +296,11 @@ func TestBodyBudget(t *testing.T) {
 	}
 	if sp := s.value(t, "citadel_gateway_body_bytes", map[string]string{"store": "spool"}); sp < 2<<20 || sp > 3<<20 {
 		t.Errorf("body_bytes{store=spool} = %v", sp)
+	}
+	// The spooled body's file is unlinked as it is made: a daemon killed
+	// now leaves nothing behind.
+	if ents, err := os.ReadDir(s.gw.bodies.dir); err != nil || len(ents) != 0 {
+		t.Errorf("spool directory holds %d entries (%v)", len(ents), err)
 	}
 	close(release)
 	for range 2 {
