@@ -61,14 +61,17 @@ bench:
 	BENCH_TABLE=$(CURDIR)/build/bench-table.md $(GO) test -tags benchdriver -count=1 -run TestBenchTable -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'
 	$(GO) test -tags benchdriver -count=1 -run TestBenchGateway -v ./supervisor/gateway/ | grep -E '^ +\||PASS|FAIL'
 	$(GO) test -tags benchdriver -count=1 -run TestBenchOnDemand -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'
+	$(GO) test -tags benchdriver -count=1 -run TestBenchGatewayMemory -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'
 
-# 200 models on sim GPUs under random faults for two minutes (make test runs
-# a short one).
+# 200 models on sim GPUs under random faults for two minutes, then the
+# gateway under every hostile client at once for two minutes (make test runs
+# a short one of each).
 soak:
 	$(GO) test -count=1 -timeout 30m -run '^TestSoak$$' -v ./supervisor -args -soak.models=200 -soak.duration=2m
+	$(GO) test -count=1 -timeout 30m -run '^TestSoakHostileClients$$' -v ./cmd/citadel-supervisor -args -hostile-clients.duration=2m -hostile-clients.workers=24
 
 # The fuzz targets' seed corpora run with every `go test`; these explore.
-FUZZ_TARGETS := FuzzParse:./config FuzzOpRequest:./supervisor/control
+FUZZ_TARGETS := FuzzParse:./config FuzzOpRequest:./supervisor/control FuzzBodyScan:./supervisor/gateway
 fuzz-short:
 	@for t in $(FUZZ_TARGETS); do $(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime 10s "$${t#*:}" || exit 1; done
 

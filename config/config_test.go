@@ -379,3 +379,30 @@ func TestSpawnDigestOfEarlierBuilds(t *testing.T) {
 		}
 	}
 }
+
+// TestTokenKeysNotEchoed: a token pasted where a key goes (a mis-indented
+// env: block, a line of an env file copied into the YAML) is shown by its
+// line, never printed: hf_… and sk-… are made of a key's characters, so
+// their shape decides.
+func TestTokenKeysNotEchoed(t *testing.T) {
+	const hf, sk = "hf_NotShownAbCdEfGhIjKlMn0123456789", "sk-proj-NotShown0123456789abcdefAB"
+	cases := map[string]struct{ yaml, want string }{
+		"mis-indented env block": {"gpu: {backend: none}\nmodels:\n  a:\n    model: /m/a\n    port: 11400\n    env:\n    " + hf + ": x\n",
+			"models.a.<key on line 7>: unknown key (line 7)"},
+		"at the top": {"gpu: {backend: none}\n" + sk + ": 1\n",
+			"<key on line 2>: unknown key (line 2)"},
+		"an ordinary misspelling is still named": {"gpu: {backend: none}\nmodels:\n  a: {model: /m/a, port: 11400, tensor_paralel: 2}\n",
+			`models.a.tensor_paralel: unknown key (line 3; did you mean "tensor_parallel"?)`},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			_, err := Parse([]byte(tc.yaml), nil)
+			if err == nil || err.Error() != tc.want {
+				t.Errorf("got %v\nwant %s", err, tc.want)
+			}
+			if err != nil && strings.Contains(err.Error(), "NotShown") {
+				t.Error("the error prints the token")
+			}
+		})
+	}
+}

@@ -121,6 +121,12 @@ func RestartOnly(old, new *Config) []string {
 	if old.Gateway.Listen != new.Gateway.Listen {
 		out = append(out, "gateway.listen") // the gateway binds once, like listen
 	}
+	if old.Gateway.MaxConnections != new.Gateway.MaxConnections {
+		out = append(out, "gateway.max_connections")
+	}
+	if old.Gateway.MaxConnectionsPerAddress != new.Gateway.MaxConnectionsPerAddress {
+		out = append(out, "gateway.max_connections_per_address")
+	}
 	return out
 }
 

@@ -33,6 +33,32 @@ type Gateway struct {
 	// may use, its rate limits and its share of a busy model's queue. A
 	// key without a policy may use every model without limit, at weight 1.
 	Keys map[string]KeyPolicy `koanf:"keys"`
+	// BodyTimeout: a request body that brings no byte for this long is
+	// answered 408 (nginx's client_body_timeout).
+	BodyTimeout time.Duration `koanf:"body_timeout"`
+	// MinBodyRate: past the first BodyTimeout, a body must arrive at this
+	// many bytes per second on average, else 408 (Apache mod_reqtimeout's
+	// MinRate). 0 = only BodyTimeout applies.
+	MinBodyRate ByteSize `koanf:"min_body_rate"`
+	// SendTimeout: an answer the client reads nothing of for this long is
+	// cut (nginx's send_timeout).
+	SendTimeout time.Duration `koanf:"send_timeout"`
+	// BodyMemory bounds the request bodies held in memory, all requests
+	// together; beyond it bodies are written to temporary files.
+	BodyMemory ByteSize `koanf:"body_memory"`
+	// BodySpool bounds the bodies held in temporary files; beyond it the
+	// gateway answers 429. 0 = no files: 429 once BodyMemory is full.
+	BodySpool ByteSize `koanf:"body_spool"`
+	// MaxConnections caps the gateway's client connections; 0 = derived
+	// from the descriptor limit (docs/gateway.md). Read at start-up.
+	MaxConnections int `koanf:"max_connections"`
+	// MaxConnectionsPerAddress caps one client address's connections; 0 =
+	// no cap (the default: a fleet's HAProxy is one address). Read at
+	// start-up.
+	MaxConnectionsPerAddress int `koanf:"max_connections_per_address"`
+	// UpgradeDrain: how long an upgrade in place lets the requests in
+	// flight finish before it ends them (a stream with an error event).
+	UpgradeDrain time.Duration `koanf:"upgrade_drain"`
 }
 
 // KeyPolicy is one API key's scope and limits (gateway.keys.NAME).
@@ -66,6 +92,15 @@ func builtinGateway() map[string]any {
 		"max_wait":      "3m",
 		"max_body":      "32MiB",
 		"keys":          map[string]any{},
+		"body_timeout":  "10s",
+		"min_body_rate": "16KiB",
+		"send_timeout":  "60s",
+		"body_memory":   "64MiB",
+		"body_spool":    "2GiB",
+		"upgrade_drain": "30s",
+		// Bound once, at start-up.
+		"max_connections":             0,
+		"max_connections_per_address": 0,
 	}
 }
 
@@ -79,6 +114,27 @@ func (c *Config) validateGateway(add func(key, format string, args ...any)) {
 	}
 	if g.MaxBody < KiB {
 		add("gateway.max_body", "must be at least 1KiB")
+	}
+	if g.BodyTimeout <= 0 {
+		add("gateway.body_timeout", "must be positive")
+	}
+	if g.SendTimeout <= 0 {
+		add("gateway.send_timeout", "must be positive")
+	}
+	if g.UpgradeDrain <= 0 {
+		add("gateway.upgrade_drain", "must be positive")
+	}
+	if g.BodyMemory < MiB {
+		add("gateway.body_memory", "must be at least 1MiB")
+	}
+	if g.MaxBody >= KiB && g.BodyMemory >= MiB && g.BodyMemory+g.BodySpool < g.MaxBody {
+		add("gateway.body_spool", "body_memory + body_spool (%s) is less than max_body (%s): the largest body allowed could never be held", g.BodyMemory+g.BodySpool, g.MaxBody)
+	}
+	if g.MaxConnections < 0 {
+		add("gateway.max_connections", "%d: must not be negative (0 = derived from the descriptor limit)", g.MaxConnections)
+	}
+	if g.MaxConnectionsPerAddress < 0 {
+		add("gateway.max_connections_per_address", "%d: must not be negative (0 = no cap)", g.MaxConnectionsPerAddress)
 	}
 	if g.APIKeysFile != "" && !filepath.IsAbs(g.APIKeysFile) {
 		add("gateway.api_keys_file", "%q: must be an absolute path", g.APIKeysFile)

@@ -13,7 +13,8 @@ func TestGatewayDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Gateway{Listen: "", MaxQueue: 64, MaxWait: 3 * time.Minute, MaxBody: 32 * MiB}
+	want := Gateway{Listen: "", MaxQueue: 64, MaxWait: 3 * time.Minute, MaxBody: 32 * MiB,
+		BodyTimeout: 10 * time.Second, MinBodyRate: 16 * KiB, SendTimeout: time.Minute, BodyMemory: 64 * MiB, BodySpool: 2 * GiB, UpgradeDrain: 30 * time.Second}
 	got := c.Gateway
 	if len(got.Keys) != 0 {
 		t.Errorf("keys by default: %v", got.Keys)
@@ -44,15 +45,33 @@ func TestGatewayBadConfig(t *testing.T) {
 	data := strings.Replace(string(raw), "  max_queu: 3\n", "", 1)
 	_, err = Parse([]byte(data), nil)
 	want := `gateway.api_keys_file: "keys.txt": must be an absolute path
+gateway.body_memory: must be at least 1MiB
+gateway.body_timeout: must be positive
 gateway.listen: port 11401 is models.beta's port
 gateway.max_body: must be at least 1KiB
+gateway.max_connections: -1: must not be negative (0 = derived from the descriptor limit)
+gateway.max_connections_per_address: -3: must not be negative (0 = no cap)
 gateway.max_queue: -1: must not be negative (0 = no queue: 429 when a model is busy)
 gateway.max_wait: must be positive
+gateway.send_timeout: must be positive
 models.alpha.max_concurrency: -2: must not be negative (0 = no cap)
 models.alpha.served_name: "beta" already names models.beta: the gateway could not tell them apart
 models.gamma.served_name: "shared" already names models.delta: the gateway could not tell them apart`
 	if err == nil || err.Error() != want {
 		t.Errorf("got:\n%v\nwant:\n%s", err, want)
+	}
+}
+
+// TestGatewayBodyBudget: a budget that could never hold the largest body
+// allowed is refused, naming both keys.
+func TestGatewayBodyBudget(t *testing.T) {
+	_, err := Parse([]byte("gpu: {backend: none}\ngateway: {max_body: 64MiB, body_memory: 16MiB, body_spool: 0}\n"), nil)
+	want := "gateway.body_spool: body_memory + body_spool (16.0 MiB) is less than max_body (64.0 MiB): the largest body allowed could never be held"
+	if err == nil || err.Error() != want {
+		t.Errorf("got %v\nwant %s", err, want)
+	}
+	if _, err := Parse([]byte("gpu: {backend: none}\ngateway: {max_body: 64MiB, body_memory: 16MiB, body_spool: 48MiB}\n"), nil); err != nil {
+		t.Errorf("exactly enough: %v", err)
 	}
 }
 
@@ -71,6 +90,10 @@ func TestGatewayDiffAndWarnings(t *testing.T) {
 	}
 	if got := RestartOnly(old, nw); strings.Join(got, ",") != "gateway.listen" {
 		t.Errorf("RestartOnly = %v: only gateway.listen of the gateway's keys", got)
+	}
+	nw.Gateway.MaxConnections, nw.Gateway.MaxConnectionsPerAddress, nw.Gateway.BodyMemory = 100, 4, 128*MiB
+	if got := RestartOnly(old, nw); strings.Join(got, ",") != "gateway.listen,gateway.max_connections,gateway.max_connections_per_address" {
+		t.Errorf("RestartOnly = %v: the connection caps are bound at start-up, body_memory is not", got)
 	}
 	nw.Models[0].Host = "0.0.0.0"
 	if w := nw.GatewayWarnings(); len(w) != 1 || !strings.HasPrefix(w[0], "models.a.host: 0.0.0.0 is reachable around the gateway") {

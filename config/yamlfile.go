@@ -185,8 +185,14 @@ func scrubYAMLError(err error) string {
 // plainKey is what a configuration key looks like. A key that does not is
 // not echoed in a message: a file that is not a citadel configuration (a
 // symlink to another file) would otherwise have its lines printed as
-// "unknown key" errors.
+// "unknown key" errors, and a token pasted where a key goes (a mis-indented
+// env: block) would be printed by --check and in the reload's errors.
+// Tokens are made of the same characters as keys (hf_…, sk-…), so their
+// shape is checked too (TokenShaped).
 var plainKey = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
+
+// shownKey reports whether a key may be named in a message.
+func shownKey(name string) bool { return plainKey.MatchString(name) && !TokenShaped(name) }
 
 // safeKeyPath returns path with every segment that is not a plain key
 // replaced by a mention of its line, for messages.
@@ -195,7 +201,7 @@ func safeKeyPath(path string, lines lineIndex) string {
 	out := make([]string, 0, len(segs))
 	for i, s := range segs {
 		name, _ := parseSeg(s)
-		if !plainKey.MatchString(name) {
+		if !shownKey(name) {
 			// The key may itself hold dots: its line is under the longest
 			// prefix of the path that was indexed.
 			line := 0

@@ -11,6 +11,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/vllm"
 )
 
@@ -120,6 +121,8 @@ type machine struct {
 	learning  bool
 	learnSeq  int
 	levelNote string // why it sleeps at a lower level than sleep_level
+	// lastOp is the last operation that changed what the model should do.
+	lastOp *api.OpRecord
 }
 
 // failure is a run that ended badly: why (a restart reason) and the detail.
@@ -155,8 +158,11 @@ type (
 	}
 	// evTimer: a timer the machine armed fired.
 	evTimer struct{ t timerKind }
-	// evOp: an operator's operation.
-	evOp struct{ op Op }
+	// evOp: an operator's operation; by says who (op.go's Actor).
+	evOp struct {
+		op Op
+		by string
+	}
 	// evConfig: a reload changed the model.
 	evConfig struct {
 		cfg  config.Model
@@ -347,8 +353,12 @@ func (m *machine) step(ev event) []effect {
 	case evTimer:
 		return m.onTimer(ev.t)
 	case evOp:
+		m.lastOp = &api.OpRecord{Op: string(ev.op), By: ev.by, At: m.now()}
 		return m.onOp(ev.op)
 	case evConfig:
+		if ev.kind == config.Respawn || ev.cfg.Enabled != m.cfg.Enabled {
+			m.lastOp = &api.OpRecord{Op: "reload", At: m.now()}
+		}
 		return m.onConfig(ev)
 	case evStopped:
 		return m.onStopped(ev)
@@ -869,6 +879,10 @@ func (m *machine) status() *Status {
 	}
 	if _, why := m.effectiveLevel(); why != "" {
 		s.VLLMNote = why
+	}
+	if m.lastOp != nil {
+		op := *m.lastOp
+		s.LastOp = &op
 	}
 	if m.state == Sleeping && !m.sleepOp {
 		s.SleepLevel = m.sleepLevel

@@ -446,9 +446,16 @@ func (l *loop) check() (cause, reason string) {
 		return CauseStorage, fmt.Sprintf("storage: %s: %s", m.Path, errText(err))
 	}
 	if _, err := readEnvFiles(m.EnvFiles); err != nil {
+		if daemonShort(err) {
+			return CauseDaemon, "the daemon is short of resources to check it: " + errText(err) + "; retrying"
+		}
 		return CauseEnvFiles, err.Error()
 	}
 	if err := checkPort(m.Host, m.Port); err != nil {
+		if daemonShort(err) {
+			// Out of descriptors, the test bind says nothing of the port.
+			return CauseDaemon, "the daemon is short of resources to check it: " + errText(err) + "; retrying"
+		}
 		return CausePort, err.Error()
 	}
 	return "", ""
@@ -471,6 +478,14 @@ func (l *loop) spawn(gpus []string) event {
 	}
 	inst, err := r.spawn(m, eff, secrets, gpus, visible)
 	if err != nil {
+		if daemonShort(err) {
+			// Out of descriptors (pipe2, pidfd_open), memory or processes:
+			// the daemon's own trouble, often a flood on its listeners. The
+			// model is tried again like any pending model, without counting
+			// a start nor failing it.
+			r.log.Warn("spawn not made: the daemon is short of resources", zap.Error(err))
+			return evSpawned{cause: CauseDaemon, reason: "the daemon is short of resources to start it: " + errText(err) + "; retrying"}
+		}
 		return evSpawned{err: err}
 	}
 	key := m.APIKey(secrets)

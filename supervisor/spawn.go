@@ -1,8 +1,10 @@
 package supervisor
 
 import (
+	"errors"
 	"maps"
 	"slices"
+	"syscall"
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/supervisor/proc"
@@ -18,4 +20,16 @@ func childEnv(base []string, m config.Model, secrets map[string]string, gpus []s
 
 func sortedKeys[V any](m map[string]V) []string {
 	return slices.Sorted(maps.Keys(m))
+}
+
+// daemonShort reports whether a spawn failed for want of the daemon's own
+// resources: descriptors (EMFILE, ENFILE), memory (ENOMEM) or processes
+// (EAGAIN from fork or clone). Such a failure says nothing about the model.
+func daemonShort(err error) bool {
+	for _, e := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOMEM, syscall.EAGAIN} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }

@@ -49,10 +49,13 @@ const (
 	CauseEnvFiles = "env_files"
 	CausePort     = "port" // someone else listens on the model's port
 	CauseGPU      = "gpu"  // GPU memory, priority, a start or a release on its GPUs
+	// CauseDaemon: the daemon itself was short of descriptors, memory or
+	// processes to spawn it; its own problem, retried, never the model's.
+	CauseDaemon = "daemon"
 )
 
 // PendingCauses lists every cause.
-var PendingCauses = []string{CauseChecking, CauseStorage, CauseEnvFiles, CausePort, CauseGPU}
+var PendingCauses = []string{CauseChecking, CauseStorage, CauseEnvFiles, CausePort, CauseGPU, CauseDaemon}
 
 // Restart reasons, the values of citadel_model_restarts_total's reason label.
 const (

@@ -724,6 +724,9 @@ func (s *Supervisor) lookup(names []string) ([]*runner, error) {
 			}
 		}
 		if !found {
+			if len(n) > 80 { // the client's input, quoted bounded
+				n = strings.ToValidUTF8(n[:80], "") + "…"
+			}
 			return nil, fmt.Errorf("%w %q", ErrUnknownModel, n)
 		}
 	}
@@ -745,7 +748,7 @@ func (s *Supervisor) Do(ctx context.Context, op Op, names ...string) (map[string
 	var wg sync.WaitGroup
 	for _, r := range rs {
 		wg.Go(func() {
-			err := r.send(ctx, evOp{op: op})
+			err := r.send(ctx, evOp{op: op, by: actorOf(ctx)})
 			mu.Lock()
 			out[r.name] = err
 			mu.Unlock()

@@ -188,16 +188,22 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		if err == nil {
 			gw, err = gateway.Listen(cfg.Gateway.Listen, gateway.Options{
 				Models: sup.Gateway(), Logger: log.Named("gateway"), Registerer: reg, Settings: settings, Listener: ln,
+				MaxConnections: cfg.Gateway.MaxConnections, MaxConnectionsPerAddress: cfg.Gateway.MaxConnectionsPerAddress,
+				SpoolDir: spoolDir(environ),
 			})
 		}
 		if err != nil {
 			log.Error("cannot serve the gateway", zap.Error(err))
 			return 1
 		}
-		u.serve(&drained{name: "gateway", guard: gw.Guard(), srv: gw.HTTP(), bound: gatewayDrain}, nil)
+		// Requests in flight (a stream) finish within gateway.upgrade_drain,
+		// or are ended with an error event.
+		u.serve(&drained{name: "gateway", guard: gw.Guard(), srv: gw.HTTP(), cut: gw.Cut,
+			boundOf: func() time.Duration { return sup.Config().Gateway.UpgradeDrain }}, nil)
 		// On-demand models drain their requests here before they sleep.
 		sup.SetTraffic(gw)
-		log.Info("gateway listening", zap.String("addr", gw.Addr()), zap.Bool("api_keys", settings.Keys != nil))
+		log.Info("gateway listening", zap.String("addr", gw.Addr()), zap.Bool("api_keys", settings.Keys != nil),
+			zap.Int("max_connections", gw.Guard().Cap()))
 		readyChecks = append(readyChecks, web.Check{Name: "gateway", Err: gw.Serving})
 	}
 	reload := func(ctx context.Context) ([]config.Change, error) {
@@ -349,10 +355,21 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
+// spoolDir is where the gateway writes the request bodies over its memory
+// budget: the unit's StateDirectory (systemd sets STATE_DIRECTORY), on
+// disk, rather than a /tmp that may be a tmpfs (Debian 13's is), whose
+// files are memory; else $TMPDIR.
+func spoolDir(environ []string) string {
+	dir, _, _ := strings.Cut(config.Getenv(environ, "STATE_DIRECTORY", ""), ":")
+	return dir
+}
+
 // gatewaySettings are the gateway's limits and its keys, read from
 // api_keys_file now (at start and at each reload).
 func gatewaySettings(c config.Gateway) (gateway.Settings, error) {
-	s := gateway.Settings{MaxQueue: c.MaxQueue, MaxWait: c.MaxWait, MaxBody: int64(c.MaxBody)}
+	s := gateway.Settings{MaxQueue: c.MaxQueue, MaxWait: c.MaxWait, MaxBody: int64(c.MaxBody),
+		BodyTimeout: c.BodyTimeout, MinBodyRate: int64(c.MinBodyRate), SendTimeout: c.SendTimeout,
+		BodyMemory: int64(c.BodyMemory), BodySpool: int64(c.BodySpool)}
 	if c.APIKeysFile != "" && c.Listen != "" {
 		keys, err := gateway.LoadKeys(c.APIKeysFile)
 		if err != nil {

@@ -45,10 +45,10 @@ const handoverEnv = "CITADEL_HANDOVER_FD"
 // Bounds of an upgrade's steps, documented in docs/operations.md.
 const (
 	preflightTimeout = 20 * time.Second
-	gatewayDrain     = 30 * time.Second // requests in flight (a stream) finish, or are cut
 	httpDrain        = 5 * time.Second  // a scrape in flight
 	controlDrain     = 2 * time.Second  // citadelctl requests in flight; `logs -f` is cut
 	freezeBound      = 10 * time.Second // models between states (a stop, a wake) settle
+	cutGrace         = 2 * time.Second  // cut requests write their last event or answer
 )
 
 // handoverPayload is what one image writes for the next.
@@ -133,6 +133,12 @@ type drained struct {
 	guard *netguard.Listener
 	srv   *http.Server
 	bound time.Duration
+	// cut, when set, ends the requests still running at the bound, each
+	// with an answer that says why (the gateway's Cut).
+	cut func()
+	// boundOf, when set, gives the bound at each upgrade (a setting a
+	// reload may change).
+	boundOf func() time.Duration
 }
 
 // upgrader carries out upgrades in place, one at a time.
@@ -239,27 +245,37 @@ func (u *upgrader) prepare(ctx context.Context, viaControl bool) (api.UpgradeRes
 	}
 	thaw()
 	servers := u.servers()
-	for _, s := range servers {
-		s.guard.Pause()
-		s.srv.SetKeepAlivesEnabled(false)
-	}
 	resume := func() {
 		for _, s := range servers {
 			s.srv.SetKeepAlivesEnabled(true)
 			s.guard.Resume()
 		}
 	}
+	// The gateway drains first and alone: its bound is the long one, and
+	// meanwhile citadelctl and scrapes are still answered. Then the
+	// metrics port and the control socket drain together.
+	var first, rest []drained
 	for _, s := range servers {
-		allow := 0
-		if viaControl && s.name == "control" {
-			allow = 1 // the upgrade's own request
+		if s.name == "gateway" {
+			first = append(first, s)
+		} else {
+			rest = append(rest, s)
 		}
-		dctx, cancel := context.WithTimeout(ctx, s.bound)
-		if err := s.guard.Quiet(dctx, allow); err != nil {
-			u.log.Warn("upgrade in place: connections still open after the drain bound are cut at the exec",
-				zap.String("listener", s.name), zap.Duration("bound", s.bound), zap.Error(err))
+	}
+	for _, group := range [][]drained{first, rest} {
+		for _, s := range group {
+			s.guard.Pause()
+			s.srv.SetKeepAlivesEnabled(false)
 		}
-		cancel()
+		var wg sync.WaitGroup
+		for _, s := range group {
+			allow := 0
+			if viaControl && s.name == "control" {
+				allow = 1 // the upgrade's own request
+			}
+			wg.Go(func() { u.drain(ctx, s, allow) })
+		}
+		wg.Wait()
 	}
 	fctx, cancel := context.WithTimeout(ctx, freezeBound)
 	h, files, thaw, err := u.sup.Freeze(fctx)
@@ -296,6 +312,35 @@ func (u *upgrader) prepare(ctx context.Context, viaControl bool) (api.UpgradeRes
 		u.mu.Unlock()
 	}
 	return res, commit, nil
+}
+
+// drain waits for s's connections to close within its bound. Past it, a
+// server that can cut its requests (the gateway: streams end with an SSE
+// error event, waiting requests get 503) does, and gets cutGrace for its
+// handlers to write that; what is still open then is cut at the exec.
+func (u *upgrader) drain(ctx context.Context, s drained, allow int) {
+	if s.boundOf != nil {
+		s.bound = s.boundOf()
+	}
+	dctx, cancel := context.WithTimeout(ctx, s.bound)
+	err := s.guard.Quiet(dctx, allow)
+	cancel()
+	if err == nil {
+		return
+	}
+	if s.cut != nil {
+		u.log.Warn("upgrade in place: requests still running after the drain bound are ended with an error event",
+			zap.String("listener", s.name), zap.Duration("bound", s.bound), zap.Int("connections", s.guard.Open()))
+		s.cut()
+		cctx, cancel := context.WithTimeout(ctx, cutGrace)
+		err = s.guard.Quiet(cctx, allow)
+		cancel()
+		if err == nil {
+			return
+		}
+	}
+	u.log.Warn("upgrade in place: connections still open after the drain bound are cut at the exec",
+		zap.String("listener", s.name), zap.Duration("bound", s.bound), zap.Error(err))
 }
 
 // exec hands everything over and replaces this image; it returns only on

@@ -374,10 +374,12 @@ func opCmd(op api.Op) func(*cli, context.Context, []string) int {
 }
 
 // waitStopped polls until every model is stopped (or failed), like
-// systemctl stop, which returns once the unit is down.
+// systemctl stop, which returns once the unit is down. A model whose stop
+// was undone meanwhile (another operator's start, restart or reset, or a
+// reload that changed it: it is no longer held) ends the wait at once,
+// naming that operation: the request failed, the daemon answered.
 func (c *cli) waitStopped(ctx context.Context, models []string, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
+	deadline := time.Now().Add(timeout)
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -386,17 +388,32 @@ func (c *cli) waitStopped(ctx context.Context, models []string, timeout time.Dur
 			return err
 		}
 		done := true
+		var lost []string
 		for _, s := range st {
-			if s.State != api.Stopped && s.State != api.Failed {
+			switch {
+			case s.State == api.Stopped || s.State == api.Failed:
+			case !s.Held:
+				what := "another operation"
+				if s.LastOp != nil && s.LastOp.Op != string(api.OpStop) {
+					what = s.LastOp.String()
+				}
+				lost = append(lost, fmt.Sprintf("%s: not stopped: %s came after this stop (now %s)", s.Name, what, s.State))
+			default:
 				done = false
 			}
+		}
+		if len(lost) > 0 {
+			return errors.New(strings.Join(lost, "; "))
 		}
 		if done {
 			return nil
 		}
+		if !time.Now().Before(deadline) {
+			return fmt.Errorf("models not stopped within %s", timeout)
+		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("models not stopped within %s", timeout)
+			return ctx.Err()
 		case <-tick.C:
 		}
 	}

@@ -44,6 +44,9 @@ func TestMain(m *testing.M) {
 	if os.Getenv(clientEnv) == "1" {
 		os.Exit(run(context.Background(), os.Args[1:], nil, os.Stdout, os.Stderr))
 	}
+	if spec := os.Getenv(hostileEnv); spec != "" {
+		os.Exit(hostileClient(spec, os.Args[1]))
+	}
 	os.Exit(m.Run())
 }
 

@@ -22,27 +22,48 @@ type Peer struct {
 
 type peerKey struct{}
 
-// withPeer stores the connection's peer credentials in its context.
+// withPeer stores the connection's peer credentials, read when it was
+// admitted (admit.go), and its place in its context.
 func withPeer(ctx context.Context, c net.Conn) context.Context {
-	if w, ok := c.(interface{ NetConn() net.Conn }); ok {
-		c = w.NetConn() // the connection cap's wrapper
+	ac, ok := c.(*admittedConn)
+	if !ok {
+		if p, ok := peerCred(c); ok {
+			return context.WithValue(ctx, peerKey{}, p)
+		}
+		return ctx
+	}
+	ctx = context.WithValue(ctx, admittedKey{}, ac.adm)
+	if ac.adm.known {
+		ctx = context.WithValue(ctx, peerKey{}, ac.adm.peer)
+	}
+	return ctx
+}
+
+// peerCred reads the peer of a Unix connection from the kernel.
+func peerCred(c net.Conn) (Peer, bool) {
+	for {
+		w, ok := c.(interface{ NetConn() net.Conn })
+		if !ok {
+			break
+		}
+		c = w.NetConn() // the connection cap's wrappers
 	}
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
-		return ctx
+		return Peer{}, false
 	}
 	raw, err := uc.SyscallConn()
 	if err != nil {
-		return ctx
+		return Peer{}, false
 	}
 	var cred *unix.Ucred
 	var credErr error
 	if err := raw.Control(func(fd uintptr) {
 		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 	}); err != nil || credErr != nil {
-		return ctx
+		return Peer{}, false
 	}
-	return context.WithValue(ctx, peerKey{}, Peer{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid, Groups: groupsOf(cred.Pid, cred.Uid)})
+	return Peer{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid, Groups: groupsOf(cred.Pid, cred.Uid)}, true
 }
 
 // groupsOf reads a process's supplementary groups, as the kernel holds

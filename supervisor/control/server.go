@@ -6,6 +6,7 @@
 package control
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/json"
@@ -63,14 +64,20 @@ type Options struct {
 	// previous image at an upgrade, so it is neither created nor
 	// re-permissioned.
 	Listener *net.UnixListener
-	// MaxConns caps concurrent connections; 0 means 64.
+	// MaxConns caps concurrent connections for requests; 0 means 64.
 	MaxConns int
+	// Limits, when set, replace DefaultLimits(MaxConns) (admit.go).
+	Limits *Limits
+	// PeerOf reads a connection's peer; nil reads SO_PEERCRED. Tests
+	// inject peers of other users.
+	PeerOf func(net.Conn) (Peer, bool)
 }
 
 // Server serves the control API on a Unix socket.
 type Server struct {
 	o       Options
 	ln      *netguard.Listener
+	admit   *admitListener
 	unix    *net.UnixListener
 	gid     uint32 // the group allowed to change state
 	fileGID uint32 // the socket file's group: gid, or ReadGroup's
@@ -80,6 +87,16 @@ type Server struct {
 
 // maxBody bounds a request body; the largest legitimate one names every model.
 const maxBody = 1 << 20
+
+// Read bounds: a request's headers, then its body, must arrive within
+// these; a client that sends half a request is cut, not waited for.
+const (
+	headerTimeout = 5 * time.Second
+	bodyTimeout   = 5 * time.Second
+	// followWrite: a `logs -f` follower that reads nothing for this long
+	// is cut (its lines would only pile up).
+	followWrite = 10 * time.Second
+)
 
 // Listen creates the socket with mode 0660 and the configured group: the
 // read group when one is set, else the group that may change state. A stale
@@ -113,20 +130,62 @@ func Listen(o Options) (*Server, error) {
 	}
 	s.unix = ln
 	ln.SetUnlinkOnClose(true)
-	// Capped, so clients cannot take the descriptors the daemon needs. No
-	// WriteTimeout nor ReadTimeout: either would cut `citadelctl logs -f`
-	// (an expired read deadline cancels the request); a request's own
-	// work is bounded by the supervisor, and idle connections go after
-	// IdleTimeout.
-	s.ln = netguard.Limit(ln, cmp.Or(o.MaxConns, 64), o.Logger)
+	// Capped, so clients cannot take the descriptors the daemon needs, and
+	// admitted by peer (admit.go), so no user can take every connection.
+	// No WriteTimeout nor ReadTimeout: either would cut `citadelctl logs
+	// -f` (an expired read deadline cancels the request); the body has its
+	// own read bound (readBody), a request's own work is bounded by the
+	// supervisor, and idle connections go after IdleTimeout.
+	lim := DefaultLimits(cmp.Or(o.MaxConns, 64))
+	if o.Limits != nil {
+		lim = *o.Limits
+	}
+	s.ln = netguard.Limit(ln, lim.Total(), o.Logger)
+	peerOf := o.PeerOf
+	if peerOf == nil {
+		peerOf = peerCred
+	}
+	s.admit = &admitListener{Listener: s.ln, a: newAdmitter(lim), peerOf: peerOf, privilege: func(p Peer) bool { return s.authorize(p) == nil }}
 	s.srv = &http.Server{
-		Handler:           s.routes(),
-		ReadHeaderTimeout: 5 * time.Second,
+		Handler:           readBody(s.routes()),
+		ReadHeaderTimeout: headerTimeout,
 		IdleTimeout:       30 * time.Second,
 		ConnContext:       withPeer,
 		ErrorLog:          zap.NewStdLog(o.Logger),
 	}
 	return s, nil
+}
+
+// Refused counts the connections refused by the limits of admit.go.
+func (s *Server) Refused() uint64 { return s.admit.a.refused.Load() }
+
+// readBody reads a request's body whole within bodyTimeout (and maxBody)
+// before the handler runs, then clears the read deadline: a half-sent
+// request is answered 408 instead of holding its connection, and the
+// deadline never lingers to cancel a long answer such as `logs -f`.
+func readBody(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Body == nil || r.Body == http.NoBody {
+			h.ServeHTTP(w, r)
+			return
+		}
+		rc := http.NewResponseController(w)
+		_ = rc.SetReadDeadline(time.Now().Add(bodyTimeout))
+		b, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
+		if err != nil {
+			_ = rc.SetReadDeadline(time.Unix(1, 0)) // the rest is not read
+			w.Header().Set("Connection", "close")
+			writeError(w, http.StatusRequestTimeout, fmt.Sprintf("the request did not arrive whole within %s", bodyTimeout))
+			return
+		}
+		_ = rc.SetReadDeadline(time.Time{})
+		if len(b) > maxBody {
+			writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body over %d bytes", maxBody))
+			return
+		}
+		r.Body = io.NopCloser(bytes.NewReader(b))
+		h.ServeHTTP(w, r)
+	})
 }
 
 // create makes the socket with mode 0660 and group gid.
@@ -191,7 +250,7 @@ func removeStale(path string) error {
 // Run serves until ctx ends, then closes the socket (removing its file).
 func (s *Server) Run(ctx context.Context) error {
 	errc := make(chan error, 1)
-	go func() { errc <- s.srv.Serve(s.ln) }()
+	go func() { errc <- s.srv.Serve(s.admit) }()
 	select {
 	case err := <-errc:
 		return fmt.Errorf("control socket: %w", err)
@@ -292,7 +351,7 @@ func (s *Server) op(w http.ResponseWriter, r *http.Request) {
 		for i, o := range api.Ops {
 			names[i] = string(o)
 		}
-		writeError(w, http.StatusNotFound, fmt.Sprintf("unknown operation %q: use %s", op, strings.Join(names, ", ")))
+		writeError(w, http.StatusNotFound, fmt.Sprintf("unknown operation %s: use %s", clientText(string(op)), strings.Join(names, ", ")))
 		return
 	}
 	var req api.OpRequest
@@ -304,7 +363,11 @@ func (s *Server) op(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "name at least one model, or all")
 		return
 	}
-	res, err := s.o.Backend.Do(r.Context(), op, req.Models...)
+	ctx := r.Context()
+	if p, ok := ctx.Value(peerKey{}).(Peer); ok {
+		ctx = supervisor.WithActor(ctx, fmt.Sprintf("uid %d (pid %d)", p.UID, p.PID))
+	}
+	res, err := s.o.Backend.Do(ctx, op, req.Models...)
 	if err != nil {
 		writeBackendError(w, err)
 		return
@@ -360,13 +423,19 @@ func (s *Server) logs(w http.ResponseWriter, r *http.Request) {
 	if v := q.Get("n"); v != "" {
 		var err error
 		if n, err = strconv.Atoi(v); err != nil || n < 0 {
-			writeError(w, http.StatusBadRequest, fmt.Sprintf("n=%q: want a whole number", v))
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("n=%s: want a whole number", clientText(v)))
 			return
 		}
 	}
 	// Subscribe before reading the backlog, so no line falls between.
 	var follow <-chan string
 	if q.Get("follow") == "1" {
+		if adm := admittedOf(r.Context()); adm != nil {
+			if why := adm.follow(); why != "" {
+				writeError(w, http.StatusTooManyRequests, "too many connections: "+why)
+				return
+			}
+		}
 		ch, cancel, err := s.o.Backend.Follow(name)
 		if err != nil {
 			writeBackendError(w, err)
@@ -388,16 +457,22 @@ func (s *Server) logs(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	flush := http.NewResponseController(w)
-	flush.Flush() //nolint:errcheck // best effort
+	_ = flush.SetWriteDeadline(time.Now().Add(followWrite))
+	if flush.Flush() != nil {
+		return
+	}
 	for {
 		select {
 		case <-r.Context().Done():
 			return
 		case l := <-follow:
+			_ = flush.SetWriteDeadline(time.Now().Add(followWrite))
 			if _, err := io.WriteString(w, l+"\n"); err != nil {
 				return
 			}
-			flush.Flush() //nolint:errcheck // best effort
+			if flush.Flush() != nil {
+				return // a follower that reads nothing is cut
+			}
 		}
 	}
 }
@@ -452,9 +527,27 @@ func decode(r *http.Request, v any) error {
 	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		return fmt.Errorf("bad request body: %w", err)
+		// A decoding error may quote the client's input (an unknown
+		// field's name): at most a bounded prefix of it.
+		msg := err.Error()
+		if len(msg) > 2*maxQuoted {
+			msg = msg[:2*maxQuoted] + "…"
+		}
+		return fmt.Errorf("bad request body: %s", msg)
 	}
 	return nil
+}
+
+// maxQuoted bounds what an answer quotes of the client's own input.
+const maxQuoted = 80
+
+// clientText quotes s, at most maxQuoted bytes of it, saying its length
+// when it is cut.
+func clientText(s string) string {
+	if len(s) <= maxQuoted {
+		return strconv.Quote(s)
+	}
+	return strconv.Quote(strings.ToValidUTF8(s[:maxQuoted], "")) + fmt.Sprintf("… (%d bytes)", len(s))
 }
 
 func writeBackendError(w http.ResponseWriter, err error) {

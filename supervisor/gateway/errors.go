@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strconv"
 	"time"
+	"unicode/utf8"
 )
 
 // apiError is an answer the gateway gives itself, in OpenAI's shape
@@ -37,6 +38,8 @@ const (
 	RejectBadRequest   = "bad_request"   // no JSON body naming a model, a path never forwarded, a body too large
 	RejectRateLimit    = "rate_limit"    // the key's requests_per_minute or tokens_per_minute
 	RejectScope        = "scope"         // the key may not use the model (gateway.keys.NAME.models)
+	RejectClientStall  = "client_stall"  // the client stopped sending its body (408)
+	RejectBodyBudget   = "body_budget"   // the gateway holds as many bodies as gateway.body_memory and body_spool allow
 )
 
 // retryBusy is the Retry-After for a ready model that is busy: it frees a
@@ -80,7 +83,24 @@ func errMaxWait(d time.Duration, loading bool, reason string, retry time.Duratio
 
 func errUnknownModel(name string) *apiError {
 	return &apiError{status: http.StatusNotFound, typ: "invalid_request_error", code: "model_not_found",
-		msg: fmt.Sprintf("The model `%s` does not exist; GET /v1/models lists the models", name), reject: RejectUnknownModel}
+		msg: fmt.Sprintf("The model `%s` does not exist; GET /v1/models lists the models", clientText(name)), reject: RejectUnknownModel}
+}
+
+// maxQuoted bounds what an answer quotes of the client's own input: enough
+// to recognise a typo, never a megabyte echoed back.
+const maxQuoted = 80
+
+// clientText is s as an answer may quote it: at most maxQuoted bytes, cut
+// on a character boundary, and marked when cut.
+func clientText(s string) string {
+	if len(s) <= maxQuoted {
+		return s
+	}
+	cut := maxQuoted
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + fmt.Sprintf("… (%d bytes)", len(s))
 }
 
 func errUnauthorized() *apiError {

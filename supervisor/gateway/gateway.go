@@ -84,6 +84,13 @@ type Settings struct {
 	// Policies are the keys' scopes and limits by NAME (gateway.keys); a
 	// key without one may use every model without limit.
 	Policies map[string]Policy
+	// The bounds of timeouts.go and bodies.go; zero values take the
+	// configuration's defaults.
+	BodyTimeout time.Duration
+	MinBodyRate int64 // bytes per second
+	SendTimeout time.Duration
+	BodyMemory  int64
+	BodySpool   int64
 }
 
 // Options are the gateway's collaborators. Models and Logger are required.
@@ -102,6 +109,15 @@ type Options struct {
 	// HoldEvery is how often a held stream gets a comment line (held.go);
 	// 0 means every 4 s, the first after a second.
 	HoldEvery time.Duration
+	// MaxConnections caps client connections; 0 derives it from the
+	// descriptor limit (netguard.GatewayLimit).
+	MaxConnections int
+	// MaxConnectionsPerAddress caps one client address's connections; 0 =
+	// none.
+	MaxConnectionsPerAddress int
+	// SpoolDir holds the temporary files of bodies over the memory budget;
+	// "" = os.TempDir().
+	SpoolDir string
 }
 
 // Server timeouts. No write or read timeout: a generation streams for
@@ -132,6 +148,9 @@ type Gateway struct {
 	started time.Time // for `citadelctl usage`: counted since then
 	// holdFirst and holdEvery time a held stream's comments (held.go).
 	holdFirst, holdEvery time.Duration
+	bodies               *bodyBudget
+	guard                *guardMetrics
+	cut                  *cutter
 
 	ln      *netguard.Listener
 	srv     *http.Server
@@ -144,7 +163,8 @@ func Listen(addr string, o Options) (*Gateway, error) {
 	if o.Models == nil || o.Logger == nil {
 		return nil, errors.New("gateway: Models and Logger are required")
 	}
-	g := &Gateway{models: o.Models, log: o.Logger, now: o.Now, timer: o.Timer, metrics: newMetrics(), ups: map[string]*upstream{}}
+	g := &Gateway{models: o.Models, log: o.Logger, now: o.Now, timer: o.Timer, metrics: newMetrics(), ups: map[string]*upstream{},
+		bodies: &bodyBudget{dir: o.SpoolDir}, guard: newGuardMetrics(), cut: newCutter()}
 	if g.now == nil {
 		g.now = time.Now
 	}
@@ -161,7 +181,7 @@ func Listen(addr string, o Options) (*Gateway, error) {
 	g.table.Store(&table{byName: map[string]*route{}})
 	g.update(o.Models.Models())
 	if o.Registerer != nil {
-		for _, c := range append(g.metrics.collectors(), collector{g}) {
+		for _, c := range append(g.metrics.collectors(), collector{g}, g.guard.stalls, guardCollector{g}) {
 			if err := o.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("gateway: register metrics: %w", err)
 			}
@@ -174,10 +194,19 @@ func Listen(addr string, o Options) (*Gateway, error) {
 			return nil, fmt.Errorf("gateway: listen %s: %w", addr, err)
 		}
 	}
-	// Not capped (clients are the gateway's business), but guarded: out of
-	// descriptors it refuses a client rather than spinning, and an upgrade
-	// pauses it.
-	g.ln = netguard.Limit(ln, 1<<16, o.Logger)
+	// Capped so the daemon keeps the descriptors it needs for probes,
+	// spawns, the metrics port and the control socket (more clients wait
+	// in the kernel's backlog, holding none of the daemon's descriptors);
+	// out of descriptors all the same, it refuses a client rather than
+	// spinning; an upgrade pauses it.
+	limit := o.MaxConnections
+	if limit <= 0 {
+		limit = netguard.GatewayLimit(netguard.Descriptors(), len(o.Models.Models()))
+	}
+	g.ln = netguard.Limit(ln, limit, o.Logger)
+	if o.MaxConnectionsPerAddress > 0 {
+		g.ln.LimitPerAddress(o.MaxConnectionsPerAddress, refuseAddress)
+	}
 	g.srv = &http.Server{
 		Handler:           g,
 		ReadHeaderTimeout: readHeaderTimeout,
@@ -202,8 +231,11 @@ func (g *Gateway) HTTP() *http.Server { return g.srv }
 
 // Apply replaces the limits, keys and policies (on reload). Requests
 // already waiting keep the limits they started with; a key's buckets and
-// requests in flight carry over to its new policy.
+// requests in flight carry over to its new policy; the body budget applies
+// to every body from now on.
 func (g *Gateway) Apply(s Settings) {
+	s.fill()
+	g.bodies.setLimits(s.BodyMemory, s.BodySpool)
 	g.keysMu.Lock()
 	defer g.keysMu.Unlock()
 	old := map[string]*keyState{}
@@ -252,6 +284,25 @@ func (g *Gateway) key(name string) *keyState {
 func (g *Gateway) redispatch() {
 	for _, rt := range g.table.Load().list {
 		rt.up.adm.redispatch()
+	}
+}
+
+// fill gives the bounds left at zero the configuration's defaults.
+func (s *Settings) fill() {
+	if s.BodyTimeout <= 0 {
+		s.BodyTimeout = 10 * time.Second
+	}
+	if s.SendTimeout <= 0 {
+		s.SendTimeout = time.Minute
+	}
+	if s.BodyMemory <= 0 {
+		s.BodyMemory = 64 << 20
+	}
+	if s.MinBodyRate < 0 {
+		s.MinBodyRate = 0
+	}
+	if s.BodySpool < 0 {
+		s.BodySpool = 0
 	}
 }
 

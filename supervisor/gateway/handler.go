@@ -3,7 +3,6 @@ package gateway
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -38,6 +37,8 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header()["X-Request-Id"] = []string{req.id}
 	r.Header["X-Request-Id"] = []string{req.id}
 	defer func() { g.finish(rec, r, req, start) }()
+	// Every answer must be taken within send_timeout (timeouts.go).
+	newSendBound(w, set.SendTimeout).next()
 
 	p := r.URL.Path
 	// The decoded path must be canonical: "/v1/../sleep", "/v1/%2e%2e/x"
@@ -130,11 +131,9 @@ func writeError(w http.ResponseWriter, e *apiError) {
 	e.write(w)
 }
 
-// inMemoryBody: bodies up to this size are read whole before forwarding;
-// larger ones (images) stream through.
-const inMemoryBody = 1 << 20
-
-// forward routes a POST by its body's model and proxies it.
+// forward routes a POST by its body's model and proxies it. The body is
+// received whole first (bodies.go): only then does the request name a
+// model to the queue, hold a slot or count toward a drain.
 func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Settings, start time.Time) {
 	p := r.URL.Path
 	if r.ContentLength > set.MaxBody {
@@ -142,22 +141,13 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 			fmt.Sprintf("request body of %d bytes is over %d (gateway.max_body)", r.ContentLength, set.MaxBody)))
 		return
 	}
-	body := http.MaxBytesReader(w, r.Body, set.MaxBody)
-	name, read, at, end, err := peekModel(body)
-	if err != nil {
-		var tooLarge *http.MaxBytesError
-		switch {
-		case errors.As(err, &tooLarge):
-			req.reject(w, errBadRequest(http.StatusRequestEntityTooLarge, "request_too_large",
-				fmt.Sprintf("request body over %d bytes (gateway.max_body)", set.MaxBody)))
-		case r.Context().Err() != nil:
-			req.reject(w, errClientGone)
-		default:
-			req.reject(w, errBadRequest(http.StatusBadRequest, "invalid_request",
-				fmt.Sprintf(`the body must be a JSON object naming its "model": %v`, err)))
-		}
+	b, berr := g.receive(w, r, set)
+	defer b.release()
+	if berr != nil {
+		req.reject(w, berr)
 		return
 	}
+	name := b.scan.name
 	rt := g.table.Load().byName[name]
 	if rt == nil {
 		req.reject(w, errUnknownModel(name))
@@ -179,39 +169,33 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 	// this; the request waits in the queue whatever it waits for.
 	g.models.Demand(rt.model.Name)
 
-	if name != rt.model.ServedName {
-		// The client used the configured name; vLLM knows only its
-		// --served-model-name. The one change the gateway makes to a body.
-		rewritten := withModel(read, at, end, rt.model.ServedName)
-		if r.ContentLength > 0 {
-			r.ContentLength += int64(len(rewritten) - len(read))
-		}
-		read = rewritten
-	}
-	if r.ContentLength >= 0 && r.ContentLength <= inMemoryBody && int64(len(read)) < r.ContentLength {
-		// A small body is read whole (most are, in the first read).
-		rest := make([]byte, r.ContentLength-int64(len(read)))
-		if _, err := io.ReadFull(body, rest); err != nil {
-			req.reject(w, errClientGone)
-			return
-		}
-		read = append(read, rest...)
-	}
-	inMemory := int64(len(read)) == r.ContentLength
+	// A streamed chat or completion is counted from its usage chunk: a
+	// stream that does not ask for it is asked upstream (usage.go), a
+	// small body edited in memory now, a larger one (a mapping, a file)
+	// as it is sent (usagestream.go); its client is told why it waits
+	// (held.go). An answer that is not a stream carries its usage.
+	stream := b.scan.stream && (p == "/v1/chat/completions" || p == "/v1/completions")
+	small, inMemory := b.heapBytes(rt.model.ServedName)
 	var hold *holder
-	if inMemory && (p == "/v1/chat/completions" || p == "/v1/completions") {
-		out, asked, stream := askUsage(read)
-		read, req.asked = out, asked
-		r.ContentLength = int64(len(read))
-		if stream {
-			hold = g.newHolder(w, rt.model.Name)
+	if stream {
+		if inMemory {
+			small, req.asked, _ = askUsage(small)
 		}
+		hold = g.newHolder(w, rt.model.Name)
 	}
+
+	// From here an upgrade past its drain bound may end the request (cut.go).
+	ctx, done := g.cut.cuttable(r.Context())
+	defer done()
+	r = r.WithContext(ctx)
 
 	waitStart := g.now()
 	waited, aerr := up.adm.acquire(r.Context(), req.keyState, set.MaxQueue, set.MaxWait, g.timer, hold)
 	if waited {
 		req.waited, req.wait = true, g.now().Sub(waitStart)
+	}
+	if aerr == errClientGone && wasCut(ctx) {
+		aerr = errUpgrading()
 	}
 	if aerr != nil {
 		req.reject(w, aerr)
@@ -220,18 +204,20 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 	defer up.adm.release(req.keyState)
 
 	if inMemory {
-		// A body in memory goes out with its headers in one write; any
-		// other reader makes the transport flush the headers first (Go
-		// issue 22088): a second write and packet for every request.
-		r.Body = io.NopCloser(bytes.NewReader(read))
+		// A small body goes out with its headers in one write; any other
+		// reader makes the transport flush the headers first (Go issue
+		// 22088): a second write and packet for every request.
+		r.Body, r.ContentLength = io.NopCloser(bytes.NewReader(small)), int64(len(small))
 	} else {
-		rd := io.MultiReader(bytes.NewReader(read), body)
-		if p == "/v1/chat/completions" || p == "/v1/completions" {
-			// Too large to edit in memory: asked for usage as it passes.
+		// vLLM knows only its --served-model-name: a client that used the
+		// configured name has it replaced, the one change the gateway
+		// makes to a body besides asking for usage.
+		rd, n := b.forwardBody(rt.model.ServedName)
+		r.Body, r.ContentLength = rd, n
+		if stream {
 			req.appender = &usageAppender{r: rd}
-			rd, r.ContentLength = req.appender, -1
+			r.Body, r.ContentLength = readCloser{req.appender, rd}, -1
 		}
-		r.Body = readCloser{rd, body}
 	}
 	upstreamAuth(r.Header, up.apiKey())
 	up.serve(w, r, g, req)
@@ -354,6 +340,10 @@ func (w *recorder) Flush() {
 		f.Flush()
 	}
 }
+
+// FlushError is Flush that says whether the client took the bytes (a
+// write past send_timeout fails here as often as in Write).
+func (w *recorder) FlushError() error { return http.NewResponseController(w.ResponseWriter).Flush() }
 
 func (w *recorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 

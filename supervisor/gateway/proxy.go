@@ -117,21 +117,27 @@ func (up *upstream) serve(w *recorder, r *http.Request, g *Gateway, req *reqInfo
 	}
 	buf := copyBuffers.Get()
 	defer copyBuffers.Put(buf)
+	send := newSendBound(w, g.settings.Load().SendTimeout)
 	for {
 		n, rerr := body.Read(buf)
 		if n > 0 {
+			send.next()
 			if _, werr := w.Write(buf[:n]); werr != nil {
+				send.failed(g, werr)
 				return // the client went away; the context ends the upstream request
 			}
 			if flush {
-				w.Flush()
+				if err := send.flush(); err != nil {
+					send.failed(g, err)
+					return
+				}
 			}
 		}
 		if errors.Is(rerr, io.EOF) {
 			return
 		}
 		if rerr != nil {
-			if r.Context().Err() == nil {
+			if r.Context().Err() == nil || wasCut(r.Context()) {
 				// The answer was torn mid-way and its status is sent:
 				// all that is left is to cut the client's connection too.
 				panic(http.ErrAbortHandler)

@@ -43,11 +43,13 @@ func (up *upstream) apiKey() string {
 
 // Upstream connection settings. vLLM is on loopback: connecting is instant
 // or refused. Idle connections are kept for as many requests as a busy
-// model serves at once; a generation may take minutes before its first
-// header, so there is no response-header timeout.
+// model serves at once, up to 64: they hold descriptors that
+// netguard.ReservePerModel sets aside for them, outside the gateway's
+// connection cap. A generation may take minutes before its first header,
+// so there is no response-header timeout.
 const (
 	dialTimeout     = 5 * time.Second
-	maxIdlePerModel = 256
+	maxIdlePerModel = 64
 	upstreamIdle    = 90 * time.Second
 )
 
@@ -108,6 +110,9 @@ func (g *Gateway) proxyError(up *upstream) func(http.ResponseWriter, *http.Reque
 		case errors.As(err, &tooLarge):
 			writeError(w, errBadRequest(http.StatusRequestEntityTooLarge, "request_too_large",
 				fmt.Sprintf("request body over %d bytes (gateway.max_body)", tooLarge.Limit)))
+		case wasCut(r.Context()):
+			w.Header().Set("Connection", "close")
+			writeError(w, errUpgrading())
 		case r.Context().Err() != nil:
 			if rec, ok := w.(*recorder); ok {
 				rec.status = statusClientGone
@@ -147,7 +152,7 @@ func (s *sseGuard) Read(p []byte) (int, error) {
 	if n > 0 {
 		s.last = p[n-1]
 	}
-	if err == nil || errors.Is(err, io.EOF) || s.ctx.Err() != nil {
+	if err == nil || errors.Is(err, io.EOF) || (s.ctx.Err() != nil && !wasCut(s.ctx)) {
 		return n, err
 	}
 	if n > 0 {
@@ -165,6 +170,9 @@ func (s *sseGuard) fail() {
 		b.WriteString("\n\n") // end the torn event so the error is its own
 	}
 	e := errUpstream("the model stopped answering mid-stream (it may have crashed or be restarting)")
+	if wasCut(s.ctx) {
+		e = errUpgrading()
+	}
 	b.WriteString("data: ")
 	b.Write(bytes.TrimSpace(e.body()))
 	b.WriteString("\n\ndata: [DONE]\n\n")

@@ -249,13 +249,14 @@ func (c *chunked) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// TestLargeStreamAskedForUsage: a streaming request too large to be read
-// whole (an image) is asked for its usage too; its usage chunk is kept
+// TestLargeStreamAskedForUsage: a streaming request too large to be held on
+// the heap (an image: its body is in a mapping or a file) is asked for its
+// usage too, as it is sent; its usage chunk is kept
 // from the client and its tokens counted.
 func TestLargeStreamAskedForUsage(t *testing.T) {
 	up := startFake(t, "alpha")
 	s := startGateway(t, newStub(ready("alpha", "alpha", up.base)), defaultSettings(), nil)
-	image := strings.Repeat("A", inMemoryBody+1000)
+	image := strings.Repeat("A", heapBody+1000)
 	body := `{"model":"alpha","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,` + image + `"}}]}],"max_tokens":5,"stream":true}`
 	got := readAll(t, post(t, context.Background(), s.url+"/v1/chat/completions", body, ""))
 	if strings.Count(got, "data: ") != 7 || strings.Contains(got, `"usage"`) {

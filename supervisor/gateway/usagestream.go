@@ -6,8 +6,8 @@ import (
 	"sync/atomic"
 )
 
-// usageAppender asks a large streaming body (one too big to be read whole,
-// over inMemoryBody: images) for its stream's usage as it passes, by
+// usageAppender asks a large streaming body (one held in a mapping or a
+// file, over heapBody: images) for its stream's usage as it is sent, by
 // adding `,"stream_options":{"include_usage":true}` before the body's
 // closing brace when the body says "stream": true and does not ask for
 // usage itself. Everything else passes unchanged. It cannot edit what

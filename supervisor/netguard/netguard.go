@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -25,16 +26,56 @@ import (
 // socket, from the process's descriptor limit: together at most a quarter
 // of it, so most descriptors stay for the daemon's own work (model pipes,
 // probes, /proc, the log).
-func Limits() (http, control int) {
-	var rl unix.Rlimit
-	n := 1024
-	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err == nil && rl.Cur < 1<<20 {
-		n = int(rl.Cur)
-	}
+func Limits() (http, control int) { return limitsFor(Descriptors()) }
+
+func limitsFor(n int) (http, control int) {
 	return clamp(n/6, 4, 256), clamp(n/12, 4, 64)
 }
 
 func clamp(v, lo, hi int) int { return max(lo, min(v, hi)) }
+
+// Descriptors is the process's descriptor limit (RLIMIT_NOFILE's soft
+// limit, which Go raises to the hard limit at start-up).
+func Descriptors() int {
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err == nil && rl.Cur < 1<<30 {
+		return int(rl.Cur)
+	}
+	return 1024
+}
+
+// Descriptors the gateway leaves to the rest of the daemon. The gateway is
+// the one listener anyone can reach in numbers, so its cap is what is left
+// of the descriptor limit once these are set aside (docs/gateway.md,
+// "Connections"):
+const (
+	// ReserveBase: the daemon's own (listeners, log, journald, NVML, the
+	// cgroup and /proc files it reads, spawns in flight).
+	ReserveBase = 256
+	// ReservePerModel: a model's output pipes, pidfd and cgroup leaf, its
+	// probe's connection, and the gateway's idle connections to it.
+	ReservePerModel = 80
+	// PerGatewayConn: one gateway request can hold a client socket, a
+	// socket to its model and a temporary file for its body.
+	PerGatewayConn = 3
+	// MaxGatewayConns bounds the derived cap: each connection costs some
+	// 30 KiB of memory besides its body; more clients than this belong
+	// behind a load balancer (docs/scaling.md).
+	MaxGatewayConns = 4096
+)
+
+// GatewayLimit is the gateway's connection cap for a descriptor limit and
+// a number of models: what the metrics port, the control socket, the
+// daemon and each model keep set aside, divided by what one gateway
+// connection can hold; at least 16.
+func GatewayLimit(nofile, models int) int {
+	http, control := limitsFor(nofile)
+	// The control socket holds up to twice its cap: the connections kept
+	// for root and the control group, and `logs -f` followers, are
+	// counted apart (control.Limits).
+	left := nofile - ReserveBase - http - 2*control - models*ReservePerModel
+	return clamp(left/PerGatewayConn, 16, MaxGatewayConns)
+}
 
 // Listener caps concurrent connections at n: Accept waits while n are
 // open (the rest wait in the kernel's backlog, holding none of the
@@ -54,6 +95,57 @@ type Listener struct {
 	once    sync.Once
 	gate    chan struct{} // closed while accepting; open (nil-closed) again after Resume
 	open    atomic.Int64  // connections accepted and not closed
+
+	perAddr   int                // 0 = no cap per client address
+	byAddr    map[netip.Addr]int // open connections per address (with perAddr)
+	refuse    func(net.Conn)     // answers a connection refused by perAddr
+	refused   atomic.Uint64      // connections refused by perAddr
+	shedCount atomic.Uint64      // connections shed for want of descriptors
+}
+
+// LimitPerAddress caps the connections one client address may hold open at
+// n (TCP only). A connection beyond it is handed to refuse (which may write
+// a short answer; it must not block) and closed, and Accept goes on. Call
+// it before serving.
+func (l *Listener) LimitPerAddress(n int, refuse func(net.Conn)) {
+	l.perAddr, l.refuse = n, refuse
+	l.byAddr = map[netip.Addr]int{}
+}
+
+// Cap is the connection cap.
+func (l *Listener) Cap() int { return cap(l.sem) }
+
+// Refused counts the connections refused by the per-address cap, and those
+// shed for want of descriptors.
+func (l *Listener) Refused() (perAddress, descriptors uint64) {
+	return l.refused.Load(), l.shedCount.Load()
+}
+
+// admitAddr counts c against its address's cap; false when it is over.
+func (l *Listener) admitAddr(c net.Conn) (netip.Addr, bool) {
+	ta, ok := c.RemoteAddr().(*net.TCPAddr)
+	if l.perAddr <= 0 || !ok {
+		return netip.Addr{}, true
+	}
+	ip := ta.AddrPort().Addr().Unmap()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.byAddr[ip] >= l.perAddr {
+		return ip, false
+	}
+	l.byAddr[ip]++
+	return ip, true
+}
+
+func (l *Listener) forgetAddr(ip netip.Addr) {
+	if !ip.IsValid() {
+		return
+	}
+	l.mu.Lock()
+	if l.byAddr[ip]--; l.byAddr[ip] <= 0 {
+		delete(l.byAddr, ip)
+	}
+	l.mu.Unlock()
 }
 
 // Limit wraps ln.
@@ -169,8 +261,17 @@ func (l *Listener) Accept() (net.Conn, error) {
 		}
 		c, err := l.Listener.Accept()
 		if err == nil {
+			ip, ok := l.admitAddr(c)
+			if !ok {
+				l.refused.Add(1)
+				if l.refuse != nil {
+					l.refuse(c)
+				}
+				c.Close()
+				continue
+			}
 			l.open.Add(1)
-			return &conn{Conn: c, release: func() { l.open.Add(-1); <-l.sem }}, nil
+			return &conn{Conn: c, release: func() { l.forgetAddr(ip); l.open.Add(-1); <-l.sem }}, nil
 		}
 		if os.IsTimeout(err) {
 			continue // woken by Pause (or the shed's own deadline)
@@ -186,6 +287,7 @@ func (l *Listener) Accept() (net.Conn, error) {
 // shed uses the reserve descriptor to accept one waiting connection and
 // close it, then takes the reserve back.
 func (l *Listener) shed() {
+	l.shedCount.Add(1)
 	l.mu.Lock()
 	if l.reserve >= 0 {
 		unix.Close(l.reserve)

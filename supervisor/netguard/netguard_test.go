@@ -138,3 +138,83 @@ func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
 }
+
+// TestPerAddressCap: one address may hold n connections; the next is
+// handed to refuse and closed at once, Accept goes on, and a connection
+// closed frees its address's place.
+func TestPerAddressCap(t *testing.T) {
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := Limit(inner, 16, zap.NewNop())
+	refused := make(chan struct{}, 4)
+	l.LimitPerAddress(2, func(c net.Conn) {
+		c.Write([]byte("no\n")) //nolint:errcheck // the client reads it
+		refused <- struct{}{}
+	})
+	defer l.Close()
+	accepted := make(chan net.Conn, 4)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- c
+		}
+	}()
+	dial := func() net.Conn {
+		c, err := net.Dial("tcp", inner.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	dial()
+	dial()
+	first := <-accepted
+	<-accepted
+	third := dial()
+	third.SetReadDeadline(time.Now().Add(5 * time.Second)) //nolint:errcheck // checked by Read
+	b := make([]byte, 8)
+	if n, _ := third.Read(b); string(b[:n]) != "no\n" {
+		t.Errorf("the third connection read %q, want the refusal", b[:n])
+	}
+	if per, _ := l.Refused(); per != 1 {
+		t.Errorf("refused per address: %d", per)
+	}
+	first.Close()
+	dial()
+	select {
+	case c := <-accepted:
+		c.Close()
+	case <-time.After(5 * time.Second):
+		t.Fatal("a place freed by a close was not given to the next connection")
+	}
+}
+
+// TestGatewayLimit: the cap leaves every reserve, and stays within its
+// bounds.
+func TestGatewayLimit(t *testing.T) {
+	for _, tc := range []struct{ nofile, models, want int }{
+		{65536, 7, MaxGatewayConns},
+		{20000, 7, MaxGatewayConns},
+		{8192, 7, (8192 - ReserveBase - 256 - 2*64 - 7*ReservePerModel) / PerGatewayConn},
+		{2048, 2, (2048 - ReserveBase - 256 - 2*64 - 2*ReservePerModel) / PerGatewayConn},
+		{1024, 7, 16},
+	} {
+		if got := GatewayLimit(tc.nofile, tc.models); got != tc.want {
+			t.Errorf("GatewayLimit(%d, %d) = %d, want %d", tc.nofile, tc.models, got, tc.want)
+		}
+	}
+	// What the gateway can hold at its cap, with every reserve, fits.
+	for _, n := range []int{1024, 4096, 20000, 65536} {
+		http, control := limitsFor(n)
+		used := GatewayLimit(n, 7)*PerGatewayConn + ReserveBase + http + 2*control + 7*ReservePerModel
+		if used > n && GatewayLimit(n, 7) > 16 {
+			t.Errorf("nofile %d: %d descriptors at the cap", n, used)
+		}
+	}
+}

@@ -70,6 +70,10 @@ type Status struct {
 	// VLLMNote says which configured feature its vLLM lacks and what the
 	// daemon does instead (sleep_level 2 → 1 → 0).
 	VLLMNote string `json:"vllm_note,omitempty"`
+	// LastOp is the last operation that changed what the model should do:
+	// an operator's (citadelctl start, stop …) or a reload's. A `citadelctl
+	// stop` that finds its stop undone names it.
+	LastOp *OpRecord `json:"last_op,omitempty"`
 	// Seq numbers the model's published snapshots, in order (the daemon's
 	// own bookkeeping; not on the wire).
 	Seq uint64 `json:"-"`
@@ -150,4 +154,21 @@ func Summary(st []Status) string {
 		}
 	}
 	return out
+}
+
+// OpRecord is one operation on a model: what, by whom, when.
+type OpRecord struct {
+	Op string    `json:"op"`           // start, stop, restart, reset, sleep, wake, reload
+	By string    `json:"by,omitempty"` // "uid 1000 (pid 4242)"; empty for a reload or SIGHUP
+	At time.Time `json:"at"`
+}
+
+// String says it the way citadelctl reports it: "start by uid 1000 (pid
+// 4242) at 12:00:03".
+func (o OpRecord) String() string {
+	s := o.Op
+	if o.By != "" {
+		s += " by " + o.By
+	}
+	return s + " at " + o.At.Format("15:04:05")
 }
