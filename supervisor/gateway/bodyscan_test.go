@@ -65,6 +65,40 @@ func TestBodyScan(t *testing.T) {
 	}
 }
 
+// TestBodyScanStream: the scan notes a top-level "stream": true as it
+// finds the model, so a streaming request of any size is told why it waits
+// (held.go) and asked for its usage; the last "stream" wins, as in vLLM's
+// parser, and a nested one is not the request's.
+func TestBodyScanStream(t *testing.T) {
+	for _, tc := range []struct {
+		name, body string
+		stream     bool
+	}{
+		{"true", `{"model":"m","stream":true}`, true},
+		{"before the model", `{"stream":true,"messages":[],"model":"m"}`, true},
+		{"false", `{"model":"m","stream":false}`, false},
+		{"absent", `{"model":"m"}`, false},
+		{"null", `{"model":"m","stream":null}`, false},
+		{"escaped key", `{"model":"m","str\u0065am":true}`, true},
+		{"the last one wins", `{"stream":true,"model":"m","stream":false}`, false},
+		{"nested is not the request's", `{"model":"m","x":{"stream":true}}`, false},
+		{"in a string is not a key", `{"model":"m","prompt":"\"stream\":true"}`, false},
+		{"a string value is not true", `{"model":"m","stream":"true"}`, false},
+	} {
+		for _, step := range []int{len(tc.body) + 1, 1} {
+			var s bodyScan
+			for i := 0; i < len(tc.body); i += step {
+				if err := s.write([]byte(tc.body[i:min(i+step, len(tc.body))])); err != nil {
+					t.Fatalf("%s: %v", tc.name, err)
+				}
+			}
+			if _, err := s.finish(); err != nil || s.stream != tc.stream {
+				t.Errorf("%s (step %d): stream %v (%v), want %v", tc.name, step, s.stream, err, tc.stream)
+			}
+		}
+	}
+}
+
 // topModels decodes body with encoding/json and returns its top-level
 // "model" values, raw, in order (duplicates kept), or ok=false when body is
 // not one valid JSON object.

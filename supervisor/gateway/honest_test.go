@@ -243,3 +243,37 @@ func TestHeldStreamComments(t *testing.T) {
 		return s.value(t, "citadel_gateway_requests_total", map[string]string{"model": "alpha", "code": "503"}) == 1
 	})
 }
+
+// TestHeldLargeStreamComments: a streaming request whose body is too large
+// for the heap (an image, held in a mapping or a file) is told why it
+// waits too: the body arrives whole before it waits, and its scan says it
+// streams.
+func TestHeldLargeStreamComments(t *testing.T) {
+	up := startFake(t, "alpha")
+	m := ready("alpha", "alpha", up.base)
+	m.State, m.OnDemand = "waking", true
+	m.Loading = Loading{Waking: true, Level: 1, Began: time.Now()}
+	stub := newStub(m)
+	s := startGatewayOpts(t, Options{Models: stub, Settings: defaultSettings(), HoldEvery: 20 * time.Millisecond})
+	image := strings.Repeat("A", heapBody+1000)
+	body := `{"model":"alpha","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,` + image + `"}}]}],"max_tokens":3,"stream":true}`
+	resp := post(t, context.Background(), s.url+"/v1/chat/completions", body, "")
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("held large stream: %d %v", resp.StatusCode, resp.Header)
+	}
+	first := make(chan string, 1)
+	go func() {
+		l, _ := bufio.NewReader(resp.Body).ReadString('\n')
+		first <- l
+	}()
+	select {
+	case l := <-first:
+		if !strings.HasPrefix(l, ": waking alpha (level 1), ") {
+			t.Fatalf("first line %q, want a comment", l)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no comment within 10s")
+	}
+	s.setAndWait(t, stub, "alpha", "ready", "")
+}
