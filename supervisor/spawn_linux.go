@@ -80,17 +80,18 @@ func (r *runner) spawn(m config.Model, secrets map[string]string, gpus []string)
 	}
 	r.marker.Store(&marker)
 	inst := &instance{
-		pid:     cmd.Process.Pid,
-		marker:  marker,
-		digest:  m.SpawnDigest(),
-		stdout:  outR,
-		stderr:  errR,
-		tree:    tree,
-		kill:    cmd.Process.Kill,
-		started: r.d.now(),
-		gpus:    gpus,
-		deep:    &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},
-		done:    make(chan struct{}),
+		pid:       cmd.Process.Pid,
+		marker:    marker,
+		digest:    m.SpawnDigest(),
+		sleepMode: m.Sleeps(),
+		stdout:    outR,
+		stderr:    errR,
+		tree:      tree,
+		kill:      cmd.Process.Kill,
+		started:   r.d.now(),
+		gpus:      gpus,
+		deep:      &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},
+		done:      make(chan struct{}),
 	}
 	if st, err := proc.ReadStat(inst.pid); err == nil {
 		inst.start = st.Start

@@ -30,6 +30,10 @@ import (
 type sleepMode struct {
 	o        *options
 	inFlight atomic.Int64 // inference requests running (admitted under mu)
+	// engine is held through each /sleep and /wake_up: vLLM's engine core
+	// runs one such call at a time, so a wake sent during a sleep runs
+	// once the sleep is done.
+	engine sync.Mutex
 
 	mu        sync.Mutex
 	asleep    bool
@@ -142,6 +146,8 @@ func (s *sleepMode) sleep(w http.ResponseWriter, r *http.Request) {
 		}
 		level = n
 	}
+	s.engine.Lock()
+	defer s.engine.Unlock()
 	s.mu.Lock()
 	if n := s.inFlight.Load(); n > 0 {
 		s.refusedSleeps.Add(1)
@@ -152,15 +158,12 @@ func (s *sleepMode) sleep(w http.ResponseWriter, r *http.Request) {
 	}
 	s.going = true
 	s.mu.Unlock()
+	s.o.events.log("sleep_begin", map[string]any{"level": level})
 	if d := s.o.sleep.sleepTime; d > 0 {
 		// vLLM's /sleep returns once the memory is moved; /is_sleeping
-		// says false meanwhile.
-		t := time.NewTimer(d)
-		select {
-		case <-t.C:
-		case <-r.Context().Done():
-		}
-		t.Stop()
+		// says false meanwhile. The engine goes on when the caller goes
+		// away (a daemon killed mid-sleep).
+		time.Sleep(d)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -194,6 +197,8 @@ func (s *sleepMode) wakeUp(w http.ResponseWriter, r *http.Request) {
 	if len(tags) == 0 {
 		tags = []string{"weights", "kv_cache"}
 	}
+	s.engine.Lock()
+	defer s.engine.Unlock()
 	s.mu.Lock()
 	level := s.level
 	s.mu.Unlock()
