@@ -3,6 +3,7 @@ package gpu
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -113,11 +114,13 @@ func (s *Sim) Read(context.Context) ([]Device, error) {
 		if err != nil {
 			return nil, fmt.Errorf("sim GPUs: read the process table: %w", err)
 		}
+		seen := map[int]bool{}
 		for _, p := range procs {
 			util, uuids, ok := simClaim(p)
 			if !ok {
 				continue
 			}
+			seen[p.PID] = true
 			for i := range out {
 				if slices.Contains(uuids, out[i].UUID) {
 					b := Share(util, out[i].MemoryTotal)
@@ -129,12 +132,42 @@ func (s *Sim) Read(context.Context) ([]Device, error) {
 				}
 			}
 		}
+		if err := s.ledgerHolders(out, seen); err != nil {
+			return nil, err
+		}
 	}
 	for i := range out {
 		out[i].MemoryUsed = min(out[i].MemoryUsed, out[i].MemoryTotal)
 		out[i].MemoryFree = out[i].MemoryTotal - out[i].MemoryUsed
 	}
 	return out, nil
+}
+
+// ledgerHolders adds the live processes of the ledger that are not the
+// daemon's descendants: models a predecessor started, adopted after its
+// death (re-parented, they are nobody's descendants now), hold memory as
+// a driver would still show. Their line says on which GPUs.
+func (s *Sim) ledgerHolders(out []Device, seen map[int]bool) error {
+	if s.usageDir == "" {
+		return nil
+	}
+	all, err := SimLedger{Dir: s.usageDir}.read()
+	if err != nil {
+		return fmt.Errorf("gpu.sim.usage_dir: %w", err)
+	}
+	for _, pid := range slices.Sorted(maps.Keys(all)) {
+		if seen[pid] {
+			continue
+		}
+		for i := range out {
+			if b, ok := all[pid].ByGPU[out[i].UUID]; ok {
+				b = min(b, out[i].MemoryTotal)
+				out[i].MemoryUsed += b
+				out[i].Processes = append(out[i].Processes, Process{PID: pid, UsedMemory: b})
+			}
+		}
+	}
+	return nil
 }
 
 // usage is what pid's line in the ledger (usage_dir) says it holds on

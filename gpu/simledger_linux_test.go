@@ -1,6 +1,7 @@
 package gpu
 
 import (
+	"context"
 	"errors"
 	"os"
 	"os/exec"
@@ -50,6 +51,14 @@ func TestSimLedgerRefusesOvercommit(t *testing.T) {
 	held, err := l.Held()
 	if err != nil || held["GPU-sim-a"] != 80*gib {
 		t.Fatalf("held %v %v, want 80 GiB on a", held, err)
+	}
+	// The sim reads what the ledger says of processes that are not the
+	// daemon's descendants (adopted after a predecessor's death).
+	sim := NewSim(cfg, nil)
+	sim.procs = func() ([]SimProcess, error) { return nil, nil }
+	devs, err := sim.Read(context.Background())
+	if err != nil || devs[0].MemoryUsed != 80*gib || len(devs[0].Processes) != 2 {
+		t.Fatalf("the sim reads %+v %v; want both lines on GPU-sim-a", devs[0], err)
 	}
 	// The other process dies: its line holds nothing.
 	other.Process.Kill() //nolint:errcheck // it is a child
