@@ -98,6 +98,10 @@ type InstanceState struct {
 	// covered sleep_level).
 	SleepMode *bool  `json:"sleep_mode,omitempty"`
 	HostHeld  uint64 `json:"host_held,omitempty"`
+	// Adopted: the process is not the daemon's child (a successor adopted
+	// it after its parent daemon died): an upgrade hands it on as such,
+	// and the next image watches it through a pidfd, not wait4.
+	Adopted bool `json:"adopted,omitempty"`
 	// Its output pipes' read ends: descriptor numbers in the next image
 	// (an upgrade), or names in systemd's descriptor store (a crash).
 	StdoutFD int `json:"stdout_fd,omitempty"`
@@ -301,6 +305,7 @@ func (l *loop) freeze(req freezeReq) {
 			is.Cgroup = cg.Path
 		}
 		is.HostHeld = l.r.hostHeld.Load()
+		is.Adopted = inst.adopted
 		for _, f := range []*os.File{inst.stdout, inst.stderr} {
 			if f != nil {
 				files = append(files, f)

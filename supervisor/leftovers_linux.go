@@ -116,6 +116,9 @@ func (s *Supervisor) takeOrStop(cfg *config.Config, adopt bool) map[string]*take
 		for _, st := range h.Models {
 			t := &takeover{st: st, child: true}
 			if is := st.Instance; is != nil {
+				// One a predecessor adopted after a crash was re-parented:
+				// it is not this process's child.
+				t.child = !is.Adopted
 				handled[instanceKey(is.Marker)] = true
 				t.tree = s.treeOf(*is)
 				t.out, t.err = inherited(is.StdoutFD, is.Model+" stdout"), inherited(is.StderrFD, is.Model+" stderr")

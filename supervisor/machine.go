@@ -254,6 +254,8 @@ type (
 		level   int
 		timeout time.Duration
 	}
+	// efRecord: rewrite the instance's record (a sleep that did not happen).
+	efRecord struct{}
 	// efRedigest: a reload changed only what the process does not see:
 	// it counts as started under the new configuration (its record says
 	// so, for a successor).
@@ -282,6 +284,7 @@ func (efSleep) isEffect()    {}
 func (efSlept) isEffect()    {}
 func (efWake) isEffect()     {}
 func (efRedigest) isEffect() {}
+func (efRecord) isEffect()   {}
 func (efWoke) isEffect()     {}
 func (efDecline) isEffect()  {}
 
@@ -965,7 +968,7 @@ func (m *machine) onSlept(ev evSlept) []effect {
 		// Requests were still in flight: it stays awake, and says why.
 		m.log.Info("sleep abandoned: requests still in flight", zap.String("cause", m.sleepCause))
 		m.enter(Ready, "")
-		out := []effect{efArm{tick, m.cfg.Probe.Period}, efArm{idle, m.cfg.IdleAfter}}
+		out := []effect{efRecord{}, efArm{tick, m.cfg.Probe.Period}, efArm{idle, m.cfg.IdleAfter}}
 		if m.sleepCause == "evicted" {
 			out = append(out, efDecline{})
 		}

@@ -228,6 +228,8 @@ func describe(efs []effect) string {
 			out = append(out, fmt.Sprintf("wake(%d,%s)", ef.level, ef.timeout))
 		case efRedigest:
 			out = append(out, "redigest")
+		case efRecord:
+			out = append(out, "record")
 		case efWoke:
 			out = append(out, fmt.Sprintf("woke(%d)", ef.level))
 		case efDecline:
@@ -795,7 +797,7 @@ func TestMachineSleepAbortedStaysAwake(t *testing.T) {
 	mt := newODTest(t).toODReady()
 	mt.now = mt.now.Add(2 * time.Minute) // past min_awake
 	mt.expect(evEvict{forModel: "big"}, "disarm(tick) disarm(idle) sleep(1,evicted)")
-	mt.expect(evSlept{aborted: true}, "arm(tick,10s) arm(idle,10m0s) decline")
+	mt.expect(evSlept{aborted: true}, "record arm(tick,10s) arm(idle,10m0s) decline")
 	mt.state(Ready)
 }
 

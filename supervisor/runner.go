@@ -112,6 +112,9 @@ type instance struct {
 	start  uint64 // the main process's start time: with pid, its identity
 	marker string
 	digest string // the configuration's SpawnDigest it was started with
+	// adopted: not this process's child (taken over after its daemon
+	// died): its end is seen through a pidfd.
+	adopted bool
 	// sleepMode: it was started with vLLM's sleep mode (--enable-sleep-mode):
 	// it can be put to sleep; without, it is stopped instead.
 	sleepMode bool
@@ -362,15 +365,20 @@ func (l *loop) do(ef effect) event {
 		r.hostHeld.Store(0)
 	case efSleep:
 		base, grace := baseURL(m.cfg), m.cfg.StopTimeout
-		// The record a successor reads if the daemon dies during the
-		// sleep: it says the sleep began (the engine says it is awake
-		// until /sleep returns), so the model is never taken for awake.
-		rec := l.recordState()
-		if rec != nil {
-			rec.SleepLevel, rec.SleepCause, rec.SleepBegan = ef.level, ef.cause, r.d.now()
+		level, note := l.sleepLevel(ef.level)
+		// The record a successor reads if the daemon dies from here on:
+		// it says the sleep began, at the level it will be (the engine
+		// says it is awake until /sleep returns), so the model is never
+		// taken for awake, and is woken the way it slept. A drain that
+		// does not complete rewrites it.
+		if rec := l.recordState(); rec != nil {
+			rec.SleepLevel, rec.SleepCause, rec.SleepBegan = level, ef.cause, r.d.now()
+			r.writeRecord(*rec)
 		}
 		// After the sleeping state is published: the drain names it.
-		l.later = append(l.later, func() { go l.sleep(base, ef.level, grace, l.seq, rec) })
+		l.later = append(l.later, func() { go l.sleep(base, level, note, grace, l.seq) })
+	case efRecord:
+		l.record()
 	case efSlept:
 		if ef.level > 0 {
 			r.d.sched.Slept(r.name)
@@ -522,12 +530,25 @@ func (l *loop) probe(j probeJob) {
 	l.results <- evProbed{inst: j.inst, err: err, took: took}
 }
 
+// sleepLevel is the level a sleep asked at level happens at: level-1
+// sleepers keep their weights in pinned host memory, so past
+// sleep_host_memory it is level 2 (the weights are reloaded from disk at
+// the wake) instead; note says why.
+func (l *loop) sleepLevel(level int) (int, string) {
+	d := l.r.d
+	if budget := d.sleepBudget(); level == 1 && budget > 0 {
+		if held := d.level1Held(l.r.name); held >= budget {
+			return 2, fmt.Sprintf("level 2, not 1: level-1 sleepers hold %s of sleep_host_memory %s", config.ByteSize(held), config.ByteSize(budget))
+		}
+	}
+	return level, ""
+}
+
 // sleep drains the model's requests in the gateway, then puts it to sleep
-// and checks that it sleeps. A model must never be told to sleep with
-// requests in flight (it has crashed TP>1 engines), so a drain that does
-// not finish within grace abandons the sleep. rec, written just before
-// /sleep, tells a successor that the sleep began.
-func (l *loop) sleep(base string, level int, grace time.Duration, seq uint64, rec *InstanceState) {
+// at level and checks that it sleeps. A model must never be told to sleep
+// with requests in flight (it has crashed TP>1 engines), so a drain that
+// does not finish within grace abandons the sleep.
+func (l *loop) sleep(base string, level int, note string, grace time.Duration, seq uint64) {
 	d := l.r.d
 	if d.traffic != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), grace)
@@ -537,19 +558,6 @@ func (l *loop) sleep(base string, level int, grace time.Duration, seq uint64, re
 			l.results <- evSlept{aborted: true}
 			return
 		}
-	}
-	// Level 1 keeps the weights in pinned host memory: past the budget,
-	// level 2 (they are reloaded from disk at the wake) instead.
-	var note string
-	if budget := d.sleepBudget(); level == 1 && budget > 0 {
-		if held := d.level1Held(l.r.name); held >= budget {
-			level = 2
-			note = fmt.Sprintf("level 2, not 1: level-1 sleepers hold %s of sleep_host_memory %s", config.ByteSize(held), config.ByteSize(budget))
-		}
-	}
-	if rec != nil {
-		rec.SleepLevel = level
-		l.r.writeRecord(*rec)
 	}
 	before := l.r.rss()
 	ctx, cancel := context.WithTimeout(context.Background(), sleepTimeout)

@@ -258,7 +258,9 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		for _, m := range h.Models {
 			if is := m.Instance; is != nil {
 				markers[is.Marker] = true
-				o.Reaper.adopt(is.PID)
+				if !is.Adopted { // one adopted after a crash is not our child
+					o.Reaper.adopt(is.PID)
+				}
 			}
 		}
 		s.handedOver.Store(&markers)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -201,4 +202,57 @@ func TestCrashDuringSleepAdoptsAsleep(t *testing.T) {
 	if st := statusOf(t, s.Socket)["a"]; st.State != api.Ready || st.PID != before.PID {
 		t.Errorf("a after the request: %s pid %d; want ready on pid %d", st.State, st.PID, before.PID)
 	}
+}
+
+// TestUpgradeAfterCrashAdoption: a model adopted after a daemon's SIGKILL
+// is not the daemon's child (it was re-parented); an upgrade in place
+// hands it to the new image as such, which watches it through a pidfd. (It
+// was handed over as a child: waiting for it failed at once, ECHILD, the
+// new image took it for exited and restarted it, cutting its requests.)
+func TestUpgradeAfterCrashAdoption(t *testing.T) {
+	s, gw := swapSite(t)
+	sd := newFakeSystemd(t)
+	in := newInstalled(t)
+	first := sd.start(s, in.exe)
+	supervisortest.WaitGateway(t, gw)
+	if code, body := chat(t, gw, "a"); code != 200 {
+		t.Fatalf("a: %d %s", code, body)
+	}
+	before := statusOf(t, s.Socket)["a"]
+	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
+	first.wait(t)
+	sd.start(s, in.exe)
+	waitFor(t, 30*time.Second, "a adopted, ready", func() bool {
+		st := statusOf(t, s.Socket)["a"]
+		return st.State == api.Ready && st.PID == before.PID
+	})
+	c := client.New(s.Socket)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	in.install(t, "v2")
+	if _, err := c.Upgrade(ctx); err != nil {
+		t.Fatalf("upgrade: %v", err)
+	}
+	waitFor(t, 30*time.Second, "v2 answering", func() bool {
+		dv, err := c.Daemon(ctx)
+		return err == nil && dv.Version == "v2"
+	})
+	// Two probe periods: a model taken for exited is restarted by then.
+	deadline := time.Now().Add(time.Second)
+	waitFor(t, 5*time.Second, "a second after the upgrade", func() bool { return time.Now().After(deadline) })
+	if st := statusOf(t, s.Socket)["a"]; st.State != api.Ready || st.PID != before.PID || st.Restarts != 0 {
+		t.Fatalf("a after the upgrade: %s pid %d restarts %d (%s); want ready on pid %d, no restart", st.State, st.PID, st.Restarts, st.LastExit, before.PID)
+	}
+	if code, body := chat(t, gw, "a"); code != 200 {
+		t.Errorf("a after the upgrade: %d %s", code, body)
+	}
+	// Its end is still seen, through its pidfd.
+	if err := syscall.Kill(before.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "a's exit seen", func() bool {
+		st := statusOf(t, s.Socket)["a"]
+		return st.RestartsByReason["exit"] == 1
+	})
 }
