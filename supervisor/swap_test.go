@@ -3,6 +3,7 @@ package supervisor
 import (
 	"context"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -120,10 +121,12 @@ func TestCrashedSleeperStaysStopped(t *testing.T) {
 // time published after it decided).
 func TestMinAwakeFromTheInstantOfReady(t *testing.T) {
 	const minAwake = 3 * time.Second
+	usage := t.TempDir()
 	spec := func(name, prio string) modelSpec {
-		return modelSpec{Name: name, YAML: od + "gpu_memory_utilization: 0.6\nmin_awake: 3s\npriority: " + prio}
+		return modelSpec{Name: name, YAML: od + "gpu_memory_utilization: 0.6\nmin_awake: 3s\npriority: " + prio,
+			Fake: []string{"--fake-usage-dir", usage, "--fake-wake-time-l1", "1s"}}
 	}
-	h := sleepSite(t, 1, spec("a", "5"), spec("b", "1"))
+	h := newHarnessWith(t, simGPUs("", 1)+"    usage_dir: "+usage+"\n", spec("a", "5"), spec("b", "1")).start(Options{})
 	h.demandReady("a")
 	// Ready long enough ago that a stale ready time is past min_awake.
 	deadline := time.Now().Add(minAwake)
@@ -132,7 +135,9 @@ func TestMinAwakeFromTheInstantOfReady(t *testing.T) {
 		t.Fatalf("sleep a: %v %v", res, err)
 	}
 	waitFor(t, 20*time.Second, "a asleep", func() bool { return h.asleep("a") })
-	h.sup.Demand("a") // a wakes first (higher priority); b waits for it
+	// a wakes (1 s); b asks meanwhile and waits for the GPU.
+	h.sup.Demand("a")
+	waitFor(t, 20*time.Second, "a's wake under way", func() bool { return strings.HasPrefix(h.status("a").Reason, "waking") })
 	h.sup.Demand("b")
 	h.waitState("b", Ready, 30*time.Second)
 	var woke, slept time.Time
@@ -143,12 +148,12 @@ func TestMinAwakeFromTheInstantOfReady(t *testing.T) {
 		switch e.Ev {
 		case "wake":
 			woke = time.Unix(0, e.T)
-		case "sleep":
+		case "sleep_begin":
 			slept = time.Unix(0, e.T)
 		}
 	}
 	if woke.IsZero() || !slept.After(woke) {
-		t.Fatalf("a's engine: woke %s, slept %s", woke, slept)
+		t.Fatalf("a's engine: woke %s, went to sleep %s", woke, slept)
 	}
 	if awake := slept.Sub(woke); awake < minAwake {
 		t.Errorf("a was put to sleep for b %s after it woke, within min_awake %s", awake, minAwake)
