@@ -440,7 +440,9 @@ func (k *swapSoak) killModel(model string) {
 	}
 	at := time.Now()
 	if syscall.Kill(pid, syscall.SIGKILL) == nil {
-		k.markHit(model, at, at)
+		// Cut: the requests in flight, and one sent to the dead engine
+		// before the daemon saw it die (it reaps it within moments).
+		k.markHit(model, at, at.Add(time.Second))
 		k.count("kill -9 model")
 	}
 }
