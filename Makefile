@@ -63,12 +63,15 @@ bench:
 	$(GO) test -tags benchdriver -count=1 -run TestBenchOnDemand -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'
 	$(GO) test -tags benchdriver -count=1 -run TestBenchGatewayMemory -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'
 
-# 200 models on sim GPUs under random faults for two minutes, then the
-# gateway under every hostile client at once for two minutes (make test runs
-# a short one of each).
+# 200 models on sim GPUs under random faults for two minutes; the gateway
+# under every hostile client at once for two minutes; then the swap soak:
+# five on-demand models on two sim GPUs, eight clients and faults for ten
+# minutes, every invariant of docs/on-demand.md checked at every step (make
+# test runs a short one of each).
 soak:
 	$(GO) test -count=1 -timeout 30m -run '^TestSoak$$' -v ./supervisor -args -soak.models=200 -soak.duration=2m
 	$(GO) test -count=1 -timeout 30m -run '^TestSoakHostileClients$$' -v ./cmd/citadel-supervisor -args -hostile-clients.duration=2m -hostile-clients.workers=24
+	$(GO) test -count=1 -timeout 40m -run '^TestSwapSoak$$' -v ./cmd/citadel-supervisor -args -swap.duration=10m
 
 # The fuzz targets' seed corpora run with every `go test`; these explore.
 FUZZ_TARGETS := FuzzParse:./config FuzzOpRequest:./supervisor/control FuzzBodyScan:./supervisor/gateway

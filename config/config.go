@@ -135,6 +135,9 @@ type Model struct {
 	// MinAwake: an on-demand model is not put to sleep for another model
 	// within this long of waking (no thrash).
 	MinAwake time.Duration `koanf:"min_awake"`
+	// WakeTimeout bounds a wake (wake_up to the canary's answer); 0 derives
+	// it from the model's recent wakes (docs/on-demand.md).
+	WakeTimeout time.Duration `koanf:"wake_timeout"`
 
 	// Derived at load from other keys and the host, never written by an
 	// operator. They are not in SpawnDigest nor compared by Diff: a
@@ -276,6 +279,7 @@ func builtinModel() map[string]any {
 		"sleep_level":            1,
 		"idle_after":             "10m",
 		"min_awake":              "1m",
+		"wake_timeout":           "0s",
 	}
 }
 

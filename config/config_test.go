@@ -130,6 +130,9 @@ models.mixtral.stop_timeout: not a duration: write it like 30s, 5m or 1h (line 8
 gpu.sim.devices[0].colour: unknown key (line 2)
 listn: unknown key (line 1; did you mean "listen"?)
 models.mixtral.tensor_paralel: unknown key (line 9; did you mean "tensor_parallel"?)`,
+		"wake.yaml": `models.a.wake_timeout: must not be negative (0 derives it from the model's recent wakes)
+models.b.wake_timeout: 30m0s: must be below probe.startup_timeout 20m0s (a wake that takes as long as a cold start has failed); 0 derives it from the model's recent wakes
+models.c.wake_timeout: 2m0s: must be below probe.startup_timeout 1m0s (a wake that takes as long as a cold start has failed); 0 derives it from the model's recent wakes`,
 		"vllm_port.yaml": `models.a.port: 11400 lies in models.c's VLLM_PORT block; move one of them
 models.b.vllm_port: block 62280-62295 overlaps models.a's block; set vllm_port to a free range
 models.c.port: 11401 lies in models.c's VLLM_PORT block; move one of them`,
@@ -272,6 +275,8 @@ models:
   c: {model: /m/c, port: 11402, env: {X: "1"}}
   d: {model: /m/d, port: 11403}
   e: {model: /m/e, port: 11404}
+  g: {model: /m/g, port: 11406, activation: on_demand, sleep_level: 1}
+  h: {model: /m/h, port: 11407, activation: on_demand, sleep_level: 0}
 `
 	next := `
 gpu: {backend: none}
@@ -281,6 +286,8 @@ models:
   c: {model: /m/c, port: 11402, env: {X: "2"}}
   d: {model: /m/d, port: 11403, enabled: false}
   f: {model: /m/f, port: 11405}
+  g: {model: /m/g, port: 11406, activation: on_demand, sleep_level: 2, wake_timeout: 1m}
+  h: {model: /m/h, port: 11407, activation: on_demand, sleep_level: 1}
 `
 	old, err := Parse([]byte(base), nil)
 	if err != nil {
@@ -301,6 +308,10 @@ models:
 		"d respawn enabled",
 		"e removed ",
 		"f added ",
+		// sleep_level and wake_timeout are read when they are used: a
+		// change from 0 applies from the next start (docs/configuration.md).
+		"g update sleep_level,wake_timeout",
+		"h update sleep_level",
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Diff:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))

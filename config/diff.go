@@ -61,12 +61,24 @@ func Diff(old, new *Config) []Change {
 	return out
 }
 
-// policyKeys are the model keys that change only the supervisor's behaviour.
+// policyKeys are the model keys that change only the supervisor's
+// behaviour: a reload that changes nothing else keeps the process.
 var policyKeys = map[string]bool{
 	"stop_timeout": true, "restart": true, "probe": true, "priority": true,
-	"idle_after": true, "min_awake": true,
+	"idle_after": true, "min_awake": true, "wake_timeout": true,
 	"max_concurrency": true, // the gateway's cap; the process never sees it
+	// sleep_level is read at each sleep: 1 and 2 are the same process. A
+	// change to or from 0 changes the child's flags (--enable-sleep-mode)
+	// and so applies from the model's next start; the running process
+	// keeps what it was started with (stopped rather than put to sleep
+	// when it has no sleep mode).
+	"sleep_level": true,
 }
+
+// digestKeys are the policy keys a SpawnDigest still covers: sleep_level
+// did decide the child's flags, and records written by earlier versions
+// hash it; a reload that changes it re-digests the running instance.
+var digestKeys = map[string]bool{"sleep_level": true}
 
 func diffModel(o, n Model) Change {
 	c := Change{Name: n.Name, Kind: Unchanged}
@@ -141,7 +153,7 @@ func (m Model) SpawnDigest() string {
 	h := sha256.New()
 	for i := range t.NumField() {
 		tag := t.Field(i).Tag.Get("koanf")
-		if tag == "" || tag == "-" || policyKeys[tag] {
+		if tag == "" || tag == "-" || (policyKeys[tag] && !digestKeys[tag]) {
 			continue
 		}
 		f := v.Field(i)

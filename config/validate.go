@@ -168,6 +168,12 @@ func (c *Config) validateModel(m Model, add func(key, format string, args ...any
 	if m.MinAwake < 0 {
 		add(key+".min_awake", "must not be negative")
 	}
+	switch {
+	case m.WakeTimeout < 0:
+		add(key+".wake_timeout", "must not be negative (0 derives it from the model's recent wakes)")
+	case m.WakeTimeout > 0 && m.WakeTimeout >= m.Probe.StartupTimeout:
+		add(key+".wake_timeout", "%s: must be below probe.startup_timeout %s (a wake that takes as long as a cold start has failed); 0 derives it from the model's recent wakes", m.WakeTimeout, m.Probe.StartupTimeout)
+	}
 	for i, a := range m.Command {
 		if strings.IndexByte(a, 0) >= 0 {
 			add(fmt.Sprintf("%s.command[%d]", key, i), "contains a NUL byte, which a program's argument cannot hold")

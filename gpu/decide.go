@@ -43,6 +43,11 @@ type Want struct {
 	// wait for it, so that the order of start-up checks never decides who
 	// is resident.
 	Checking bool
+	// Since is when the model asked: of two wants of equal priority the
+	// earlier goes first (a model put to sleep for another, whose waiting
+	// requests ask for it again at once, does not jump ahead of the one
+	// it was put to sleep for).
+	Since time.Time
 }
 
 // Claim is GPU memory granted to a model.
@@ -67,6 +72,12 @@ type Claim struct {
 	// LastUsed is its last request (or its wake): least recently used
 	// models are put to sleep first.
 	LastUsed time.Time
+	// Waiting is the number of requests waiting in its queue: a model
+	// others wait for is put to sleep after one nobody waits for.
+	Waiting int
+	// AwakeAt is when it last became ready (started or woke), as its own
+	// lifecycle saw it: min_awake counts from here.
+	AwakeAt time.Time
 	// Evicting: it has been told to sleep to make room; its memory comes
 	// back once it sleeps.
 	Evicting bool
@@ -88,6 +99,10 @@ type Input struct {
 	// Notes are earlier notes by GPU UUID (a release that timed out), kept
 	// until something is placed there.
 	Notes map[string]string
+	// NotBefore, when set, is when claims were restored (an upgrade, or a
+	// successor adopting a predecessor's models): nothing is granted and
+	// nobody is put to sleep until a reading taken after it.
+	NotBefore time.Time
 }
 
 // Outcome is what Decide decided.
@@ -114,7 +129,8 @@ type Outcome struct {
 //  1. A release completes when none of its processes holds memory on its
 //     GPUs any more, or after the release timeout (then the GPUs get a
 //     note). A completed release with Keep becomes a reservation.
-//  2. Wants are taken by priority, higher first, ties by name.
+//  2. Wants are taken by priority, higher first; of equal priority the
+//     earlier want first, then by name.
 //  3. A want behind a higher-priority want that is still Checking waits.
 //  4. A want with a reservation gets the same GPUs once no other model is
 //     starting there, if it asks for the same thing and the GPUs are up;
@@ -186,21 +202,17 @@ func Decide(in Input) Outcome {
 	slots := Slots(in.Devices, claims, out.Notes)
 	// Evictions are decided on readings that show every sleep so far: a
 	// model that just fell asleep still looks as if it held its memory.
-	stale := false
-	for _, c := range claims {
-		// A model that just fell asleep: its memory is back only once a
-		// reading taken after it shows so.
-		if c.Phase == Asleep && !in.ReadAt.After(c.Since) {
-			stale = true
-			for i := range slots {
-				if slices.Contains(c.UUIDs, slots[i].UUID) && slots[i].Busy == "" {
-					slots[i].Busy = c.Name + " is going to sleep"
-				}
-			}
-		}
-	}
+	stale := markStale(slots, claims, in.ReadAt)
 	order := slices.Clone(in.Wants)
-	slices.SortStableFunc(order, func(a, b Want) int { return compareRequests(a.Request, b.Request) })
+	slices.SortStableFunc(order, func(a, b Want) int {
+		if a.Priority != b.Priority {
+			return compareRequests(a.Request, b.Request)
+		}
+		if c := a.Since.Compare(b.Since); c != 0 {
+			return c
+		}
+		return compareRequests(a.Request, b.Request)
+	})
 	var checking []string
 	for _, w := range order {
 		if w.Checking {
@@ -217,13 +229,32 @@ func Decide(in Input) Outcome {
 					out.Waits[w.Name] = "waiting for " + busy
 					continue
 				}
-				c.Phase, c.Since = Starting, in.Now
-				markBusy(slots, c.UUIDs, w.Name)
-				out.Grants[w.Name] = slices.Clone(c.UUIDs)
-				continue
+				if reason := restoreWait(in); reason != "" {
+					out.Waits[w.Name] = reason
+					continue
+				}
+				// Its memory was kept for it, but something outside (another
+				// process, the state file) may have taken it since: the same
+				// check as any start, on its own GPUs, its reservation aside.
+				own := Request{Name: w.Name, TP: w.TP, Util: w.Util, Pins: slices.Clone(c.UUIDs)}
+				if d := Fit(own, withoutClaim(slots, c), in.Headroom); d.GPUs == nil {
+					out.Log = append(out.Log, fmt.Sprintf("%s: its reserved GPUs no longer have its memory (%s); placing it afresh", w.Name, d.Reason))
+					delete(claims, w.Name)
+					slots = Slots(in.Devices, claims, out.Notes)
+					markStale(slots, claims, in.ReadAt)
+				} else {
+					c.Phase, c.Since = Starting, in.Now
+					markBusy(slots, c.UUIDs, w.Name)
+					out.Grants[w.Name] = slices.Clone(c.UUIDs)
+					continue
+				}
 			case Asleep:
 				if len(checking) > 0 {
 					out.Waits[w.Name] = fmt.Sprintf("waiting for higher-priority models to be placed first (%s)", strings.Join(checking, ", "))
+					continue
+				}
+				if reason := restoreWait(in); reason != "" {
+					out.Waits[w.Name] = reason
 					continue
 				}
 				if reason := wakeFits(c, slots, in.Headroom); reason != "" {
@@ -243,7 +274,7 @@ func Decide(in Input) Outcome {
 				markBusy(slots, c.UUIDs, w.Name)
 				out.Grants[w.Name] = slices.Clone(c.UUIDs)
 				continue
-			default: // granted already: the same answer again
+			case Starting, Running: // granted already: the same answer again
 				out.Grants[w.Name] = slices.Clone(c.UUIDs)
 				continue
 			}
@@ -258,6 +289,10 @@ func Decide(in Input) Outcome {
 		}
 		if len(slots) == 0 {
 			out.Waits[w.Name] = "no GPU readings yet"
+			continue
+		}
+		if reason := restoreWait(in); reason != "" {
+			out.Waits[w.Name] = reason
 			continue
 		}
 		d := Fit(w.Request, slots, in.Headroom)
@@ -292,10 +327,64 @@ func Decide(in Input) Outcome {
 	return out
 }
 
+// markStale marks busy the GPUs of models that fell asleep after the
+// readings were taken (their memory is back only once a reading taken
+// after shows so) and reports whether there are any.
+func markStale(slots []Slot, claims map[string]*Claim, readAt time.Time) bool {
+	stale := false
+	for _, name := range sortedNames(claims) {
+		c := claims[name]
+		if c.Phase == Asleep && !readAt.After(c.Since) {
+			stale = true
+			for i := range slots {
+				if slices.Contains(c.UUIDs, slots[i].UUID) && slots[i].Busy == "" {
+					slots[i].Busy = c.Name + " is going to sleep"
+				}
+			}
+		}
+	}
+	return stale
+}
+
+// restoreWait says why nothing is granted yet after claims were restored
+// ("" once a reading taken after the restore is in).
+func restoreWait(in Input) string {
+	if !in.NotBefore.IsZero() && !in.ReadAt.After(in.NotBefore) {
+		return "waiting for a GPU reading taken after the takeover"
+	}
+	return ""
+}
+
+// withoutClaim is slots as if c held nothing: its unallocated share no
+// longer claimed, its GPUs not busy on its account.
+func withoutClaim(slots []Slot, c *Claim) []Slot {
+	out := slices.Clone(slots)
+	for i := range out {
+		s := &out[i]
+		if !slices.Contains(c.UUIDs, s.UUID) {
+			continue
+		}
+		if c.Phase != Asleep {
+			share, used := Share(c.Req.Util, s.MemoryTotal), usedBy(*s, c.PIDs)
+			s.Claimed -= min(share-min(used, share), s.Claimed)
+		}
+	}
+	return out
+}
+
 // wakeFits says why sleeping model c cannot wake on its GPUs now ("" when
 // it can): each needs its share, less what it still holds there, plus the
-// headroom, and no other start in progress.
+// headroom, and no other start in progress. A GPU of its that the
+// readings do not show (none yet, or no longer) is no room to wake on.
 func wakeFits(c *Claim, slots []Slot, headroom config.ByteSize) string {
+	for _, u := range c.UUIDs {
+		if !slices.ContainsFunc(slots, func(s Slot) bool { return s.UUID == u }) {
+			if len(slots) == 0 {
+				return "no GPU readings yet"
+			}
+			return fmt.Sprintf("its GPU %s is not in the readings", u)
+		}
+	}
 	var short []string
 	for _, s := range slots {
 		if !slices.Contains(c.UUIDs, s.UUID) {
@@ -374,6 +463,14 @@ func makeRoom(r Request, asleep *Claim, slots []Slot, claims map[string]*Claim, 
 		slices.SortFunc(cs, func(a, b *Claim) int {
 			if a.Req.Priority != b.Req.Priority {
 				return a.Req.Priority - b.Req.Priority
+			}
+			// One that requests wait for is put to sleep last: its wake
+			// would be wasted, and they would wait for the next.
+			if (a.Waiting > 0) != (b.Waiting > 0) {
+				if a.Waiting > 0 {
+					return 1
+				}
+				return -1
 			}
 			if c := a.LastUsed.Compare(b.LastUsed); c != 0 {
 				return c

@@ -2,12 +2,8 @@ package gpu
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"io/fs"
-	"os"
-	"path/filepath"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -48,6 +44,7 @@ type Sim struct {
 	usageDir  string
 	uses      func() []SimUse
 	procs     func() ([]SimProcess, error) // the processes that may use the GPUs
+	ledgerErr error                        // the ledger's devices could not be written
 }
 
 var _ Reader = (*Sim)(nil)
@@ -56,8 +53,17 @@ var _ Reader = (*Sim)(nil)
 // processes using its GPUs in the process table, among the daemon's
 // descendants. A non-nil uses instead says what runs where (the caller
 // keeps that state); it is kept for callers that still do.
+//
+// With a usage_dir it writes the declared GPUs there (devices.json), for
+// the processes that keep the ledger of held memory (SimLedger).
 func NewSim(cfg config.GPU, uses func() []SimUse) *Sim {
-	return &Sim{devices: cfg.Sim.Devices, stateFile: cfg.Sim.StateFile, usageDir: cfg.Sim.UsageDir, uses: uses, procs: descendantProcesses}
+	s := &Sim{devices: cfg.Sim.Devices, stateFile: cfg.Sim.StateFile, usageDir: cfg.Sim.UsageDir, uses: uses, procs: descendantProcesses}
+	if s.usageDir != "" {
+		if err := (SimLedger{Dir: s.usageDir}).writeDevices(s.devices, s.stateFile); err != nil {
+			s.ledgerErr = fmt.Errorf("gpu.sim.usage_dir: %w", err)
+		}
+	}
+	return s
 }
 
 type simState struct {
@@ -68,6 +74,9 @@ type simState struct {
 // Read returns the declared devices with the models' shares and the state
 // file's extra usage.
 func (s *Sim) Read(context.Context) ([]Device, error) {
+	if s.ledgerErr != nil {
+		return nil, s.ledgerErr
+	}
 	st, err := s.state()
 	if err != nil {
 		return nil, err
@@ -105,23 +114,27 @@ func (s *Sim) Read(context.Context) ([]Device, error) {
 		if err != nil {
 			return nil, fmt.Errorf("sim GPUs: read the process table: %w", err)
 		}
+		seen := map[int]bool{}
 		for _, p := range procs {
 			util, uuids, ok := simClaim(p)
 			if !ok {
 				continue
 			}
 			uuids = s.byIndex(uuids)
-			override, overridden := s.usage(p.PID)
+			seen[p.PID] = true
 			for i := range out {
 				if slices.Contains(uuids, out[i].UUID) {
 					b := Share(util, out[i].MemoryTotal)
-					if overridden {
+					if override, overridden := s.usage(p.PID, out[i].UUID); overridden {
 						b = min(override, out[i].MemoryTotal)
 					}
 					out[i].MemoryUsed += b
 					out[i].Processes = append(out[i].Processes, Process{PID: p.PID, UsedMemory: b})
 				}
 			}
+		}
+		if err := s.ledgerHolders(out, seen); err != nil {
+			return nil, err
 		}
 	}
 	for i := range out {
@@ -148,45 +161,47 @@ func (s *Sim) byIndex(entries []string) []string {
 	return out
 }
 
-// usage reads pid's file in usage_dir: the bytes per GPU it says the
-// process holds now (a sleeping fake-vllm's residue).
-func (s *Sim) usage(pid int) (uint64, bool) {
+// ledgerHolders adds the live processes of the ledger that are not the
+// daemon's descendants: models a predecessor started, adopted after its
+// death (re-parented, they are nobody's descendants now), hold memory as
+// a driver would still show. Their line says on which GPUs.
+func (s *Sim) ledgerHolders(out []Device, seen map[int]bool) error {
+	if s.usageDir == "" {
+		return nil
+	}
+	all, err := SimLedger{Dir: s.usageDir}.read()
+	if err != nil {
+		return fmt.Errorf("gpu.sim.usage_dir: %w", err)
+	}
+	for _, pid := range slices.Sorted(maps.Keys(all)) {
+		if seen[pid] {
+			continue
+		}
+		for i := range out {
+			if b, ok := all[pid].ByGPU[out[i].UUID]; ok {
+				b = min(b, out[i].MemoryTotal)
+				out[i].MemoryUsed += b
+				out[i].Processes = append(out[i].Processes, Process{PID: pid, UsedMemory: b})
+			}
+		}
+	}
+	return nil
+}
+
+// usage is what pid's line in the ledger (usage_dir) says it holds on
+// the GPU uuid now (a sleeping fake-vllm's residue, a loaded one's share).
+func (s *Sim) usage(pid int, uuid string) (uint64, bool) {
 	if s.usageDir == "" {
 		return 0, false
 	}
-	b, err := os.ReadFile(filepath.Join(s.usageDir, strconv.Itoa(pid)))
-	if err != nil {
+	h, ok := SimLedger{Dir: s.usageDir}.holding(pid)
+	if !ok {
 		return 0, false
 	}
-	var v struct {
-		Bytes *uint64 `json:"bytes"`
-	}
-	if json.Unmarshal(b, &v) != nil || v.Bytes == nil {
-		return 0, false
-	}
-	return *v.Bytes, true
+	return h.on(uuid)
 }
 
-func (s *Sim) state() (simState, error) {
-	var st simState
-	if s.stateFile == "" {
-		return st, nil
-	}
-	b, err := os.ReadFile(s.stateFile)
-	if errors.Is(err, fs.ErrNotExist) {
-		return st, nil // no extra usage yet
-	}
-	if err != nil {
-		return st, fmt.Errorf("gpu.sim.state_file: %w", err)
-	}
-	if len(strings.TrimSpace(string(b))) == 0 {
-		return st, nil
-	}
-	if err := json.Unmarshal(b, &st); err != nil {
-		return st, fmt.Errorf("gpu.sim.state_file %s: %w", s.stateFile, err)
-	}
-	return st, nil
-}
+func (s *Sim) state() (simState, error) { return readSimState(s.stateFile) }
 
 // simClaim reads what p would hold on GPUs as a vLLM server: the
 // --gpu-memory-utilization of its argv, on every GPU that its

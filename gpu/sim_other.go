@@ -9,3 +9,14 @@ import "errors"
 func descendantProcesses() ([]SimProcess, error) {
 	return nil, errors.New("the sim backend reads the process table from /proc, which needs Linux")
 }
+
+func simAlive(int, uint64) bool { return false }
+
+// SimProcStart needs /proc.
+func SimProcStart(int) (uint64, byte, error) {
+	return 0, 0, errors.New("the sim ledger reads /proc, which needs Linux")
+}
+
+func simLock(string) (func(), error) {
+	return nil, errors.New("the sim ledger needs Linux")
+}

@@ -61,11 +61,24 @@ func (rs records) write(is InstanceState) error {
 	if err != nil {
 		return err
 	}
+	// A temporary file of its own: two writers of one record (the runner,
+	// a sleep about to begin) never rename each other's file away.
 	p := rs.path(instanceKey(is.Marker))
-	if err := os.WriteFile(p+".tmp", b, 0o600); err != nil {
+	f, err := os.CreateTemp(rs.dir, filepath.Base(p)+".*.tmp")
+	if err != nil {
 		return err
 	}
-	return os.Rename(p+".tmp", p)
+	_, err = f.Write(b)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), p)
+	}
+	if err != nil {
+		_ = os.Remove(f.Name())
+	}
+	return err
 }
 
 func (rs records) remove(marker string) {
@@ -146,10 +159,7 @@ func (r *runner) adoptInstance(is InstanceState, child bool, tree processTree, o
 		tree: tree, started: is.Started, gpus: is.GPUs,
 		deep: &probe.Deep{Now: r.d.now},
 		done: done,
-		// Started with --enable-sleep-mode unless its record says not
-		// (records before this field: every sleeper was).
-		noSleepMode: is.NoSleepMode,
-		kill:        func() error { return proc.Signal(is.PID, is.Start, unix.SIGKILL) },
+		kill: func() error { return proc.Signal(is.PID, is.Start, unix.SIGKILL) },
 	}
 	if child {
 		r.d.reaper.adopt(is.PID)
@@ -168,6 +178,7 @@ func (r *runner) adoptInstance(is InstanceState, child bool, tree processTree, o
 			close(done)
 		}()
 	} else {
+		inst.adopted = true
 		gone, err := proc.Exited(is.PID, is.Start)
 		if err != nil {
 			return nil, err

@@ -97,7 +97,9 @@ func TestAlwaysPreemptsLowerOnDemand(t *testing.T) {
 		modelSpec{Name: "od", YAML: od + "min_awake: 0s\npriority: 1\ngpu_memory_utilization: 0.6"},
 	)
 	h.demandReady("od")
-	more := newHarnessWith(t, simGPUs("", 1), modelSpec{Name: "always", YAML: "priority: 50\ngpu_memory_utilization: 0.6"}).cfg.Models[0]
+	// On the same ledger of GPU memory as the site's models.
+	more := newHarnessWith(t, simGPUs("", 1), modelSpec{Name: "always", YAML: "priority: 50\ngpu_memory_utilization: 0.6",
+		Fake: []string{"--fake-usage-dir", h.site.Ledger}}).cfg.Models[0]
 	next := *h.cfg
 	next.Models = append(slices.Clone(h.cfg.Models), more)
 	slices.SortFunc(next.Models, func(x, y config.Model) int { return compareNames(x.Name, y.Name) })

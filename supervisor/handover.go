@@ -58,6 +58,9 @@ type ModelState struct {
 	Output      []string       `json:"output,omitempty"`      // the output ring
 	TimerAt     time.Time      `json:"timer_at,omitzero"`     // when a backoff or a failed retry ends
 	LastRequest time.Time      `json:"last_request,omitzero"`
+	// WakeTimes are its engine's recent wakes by level, from which
+	// wake_timeout 0 derives the bound of the next.
+	WakeTimes map[int][]time.Duration `json:"wake_times,omitempty"`
 	// Instance is the live process, nil when none runs.
 	Instance *InstanceState `json:"instance,omitempty"`
 }
@@ -87,13 +90,24 @@ type InstanceState struct {
 	AwakeAt    time.Time     `json:"awake_at,omitzero"`
 	SleepLevel int           `json:"sleep_level,omitempty"` // > 0: asleep at this level
 	SleepCause string        `json:"sleep_cause,omitempty"`
-	HostHeld   uint64        `json:"host_held,omitempty"`
+	// SleepBegan: the daemon was putting it to sleep (the record is
+	// written just before /sleep): a successor takes it for asleep, even
+	// if the engine still says awake (it does until /sleep returns).
+	SleepBegan time.Time `json:"sleep_began,omitzero"`
+	// SleepMode: it was started with vLLM's sleep mode (false: its vLLM
+	// had none then, or it does not sleep), so no sleep is asked of it
+	// without. Absent in records of earlier versions: then as its
+	// configuration says (the digest covered sleep_level).
+	SleepMode *bool  `json:"sleep_mode,omitempty"`
+	HostHeld  uint64 `json:"host_held,omitempty"`
+	// Adopted: the process is not the daemon's child (a successor adopted
+	// it after its parent daemon died): an upgrade hands it on as such,
+	// and the next image watches it through a pidfd, not wait4.
+	Adopted bool `json:"adopted,omitempty"`
 	// Its vLLM, as known when the state was written ("" unknown: learned
-	// again), and whether it was started without --enable-sleep-mode (its
-	// vLLM had no sleep mode then), so no sleep is asked of it.
+	// again).
 	VLLMVersion string `json:"vllm_version,omitempty"`
 	VLLMSource  string `json:"vllm_source,omitempty"`
-	NoSleepMode bool   `json:"no_sleep_mode,omitempty"`
 	// Its output pipes' read ends: descriptor numbers in the next image
 	// (an upgrade), or names in systemd's descriptor store (a crash).
 	StdoutFD int `json:"stdout_fd,omitempty"`
@@ -122,6 +136,7 @@ func (m *machine) snapshot() ModelState {
 		Name: m.cfg.Name, State: m.state, Reason: m.reason, Since: m.since,
 		Hold: m.hold, HoldReason: m.holdReason, Restarts: m.restarts,
 		Starts: m.tracker.starts, Failures: m.tracker.failures, LastOutput: m.lastOut,
+		WakeTimes: m.wakeTimes,
 	}
 	if m.lastExit != nil {
 		st.LastExit = &ExitState{Code: m.lastExit.code, Desc: m.lastExit.desc}
@@ -131,13 +146,14 @@ func (m *machine) snapshot() ModelState {
 			Model: m.cfg.Name, PID: m.inst.pid, Started: m.inst.started, GPUs: m.inst.gpus,
 			ReadyAt: m.readyAt, Startup: m.startup, AwakeAt: m.awakeAt,
 		}
+		sleepMode := m.inst.sleepMode
+		st.Instance.SleepMode = &sleepMode
 		if m.state == Sleeping {
 			st.Instance.SleepLevel, st.Instance.SleepCause = m.sleepLevel, m.sleepCause
 		}
 		if m.vllm.known() {
 			st.Instance.VLLMVersion, st.Instance.VLLMSource = m.vllm.version.String(), m.vllm.source
 		}
-		st.Instance.NoSleepMode = m.inst.noSleepMode
 	}
 	return st
 }
@@ -153,6 +169,7 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 	}
 	m.tracker = restartTracker{starts: st.Starts, failures: st.Failures}
 	m.lastOut = st.LastOutput
+	m.wakeTimes = st.WakeTimes
 	if st.LastExit != nil {
 		m.lastExit = &exitInfo{code: st.LastExit.Code, desc: st.LastExit.Desc}
 	}
@@ -166,11 +183,16 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 			m.vllm = vllmInfo{version: v, source: is.VLLMSource}
 		}
 		m.readyAt, m.startup, m.awakeAt = is.ReadyAt, is.Startup, is.AwakeAt
+		inst.sleepMode = m.cfg.Sleeps()
+		if is.SleepMode != nil {
+			inst.sleepMode = *is.SleepMode
+		}
+		running := efAdopt{phase: gpu.Running, awakeAt: m.awakeAt}
 		switch {
 		case m.hold:
 			// Held (or disabled) while the daemon was away: stop it.
 			m.enter(st.State, st.Reason)
-			return append([]effect{efAdopt{phase: gpu.Running}}, m.beginStop("stopping: "+m.holdReason)...)
+			return append([]effect{running}, m.beginStop("stopping: "+m.holdReason)...)
 		case is.Digest != digest || envChanged:
 			what := "configuration"
 			if is.Digest == digest {
@@ -179,17 +201,34 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 			m.enter(Ready, "")
 			m.restarts[ReasonReload]++
 			m.log.Info("its "+what+" changed while the daemon was away; restarting it", zap.Int("pid", inst.pid))
-			return append([]effect{efAdopt{phase: gpu.Running}}, m.respawn(what+" changed while the daemon was away")...)
+			return append([]effect{running}, m.respawn(what+" changed while the daemon was away")...)
 		case is.SleepLevel > 0 && m.cfg.OnDemand():
-			m.sleepLevel, m.sleepCause = is.SleepLevel, is.SleepCause
-			m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s)", is.SleepLevel, cmp.Or(is.SleepCause, "adopted")))
+			// Asleep, or being put to sleep when the daemon died: never
+			// taken for awake until a wake proves it (a wake_up of an
+			// engine that never slept does nothing; the canary tells).
+			m.sleepLevel, m.sleepCause = is.SleepLevel, cmp.Or(is.SleepCause, "adopted")
+			reason := fmt.Sprintf("asleep (level %d, %s)", is.SleepLevel, m.sleepCause)
+			if !is.SleepBegan.IsZero() {
+				reason = fmt.Sprintf("asleep (level %d, %s; adopted while going to sleep)", is.SleepLevel, m.sleepCause)
+			}
+			m.enter(Sleeping, reason)
 			return []effect{efAdopt{phase: gpu.Asleep}}
 		case st.State == Ready || st.State == Unhealthy || (st.State == "" && !is.ReadyAt.IsZero()):
 			// Probed within a period; a failing probe counts from zero. A
 			// record (a crash) that says it was ready: it is no longer
 			// loading, a failing probe is a failure.
 			m.enter(Ready, "")
-			return append([]effect{efAdopt{phase: gpu.Running}, efArm{tick, min(m.cfg.Probe.Period, maxStartupPoll)}}, m.awake()...)
+			if m.awakeAt.IsZero() {
+				m.awakeAt = m.now()
+			}
+			running.awakeAt = m.awakeAt
+			out := []effect{running, efArm{tick, min(m.cfg.Probe.Period, maxStartupPoll)}}
+			if m.cfg.OnDemand() {
+				// Awake since its predecessor saw it wake: min_awake and
+				// idle_after go on from there.
+				out = append(out, efArm{idle, m.cfg.IdleAfter})
+			}
+			return out
 		default:
 			// Starting, or found after a crash (ready or not, the first
 			// probe tells): loading is not failure, and a loaded model is
@@ -204,7 +243,7 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 			if st.State != Starting {
 				left = m.cfg.Probe.StartupTimeout
 			}
-			return []effect{efAdopt{phase: gpu.Starting}, efArm{deadline, max(left, time.Second)}, efArm{tick, 0}}
+			return []effect{efAdopt{phase: gpu.Starting, awakeAt: m.awakeAt}, efArm{deadline, max(left, time.Second)}, efArm{tick, 0}}
 		}
 	}
 	if st.Instance != nil && (st.State == Ready || st.State == Unhealthy || st.State == Starting || st.State == Sleeping) {
@@ -278,6 +317,7 @@ func (l *loop) freeze(req freezeReq) {
 			is.Cgroup = cg.Path
 		}
 		is.HostHeld = l.r.hostHeld.Load()
+		is.Adopted = inst.adopted
 		for _, f := range []*os.File{inst.stdout, inst.stderr} {
 			if f != nil {
 				files = append(files, f)
@@ -358,19 +398,25 @@ func (s *Supervisor) freezeOnce() (*Handover, map[string]*os.File, func(), error
 }
 
 // efAdopt: the restored model holds GPUs already: tell the scheduler.
-type efAdopt struct{ phase gpu.Phase }
+type efAdopt struct {
+	phase   gpu.Phase
+	awakeAt time.Time // when it last became ready, for min_awake
+}
 
 func (efAdopt) isEffect() {}
 
 // Adopt records the claim of a model restored with its process: it holds
-// gpus in phase (running, starting or asleep).
-func (s *scheduler) Adopt(m config.Model, gpus []string, phase gpu.Phase) {
+// gpus in phase (running, starting or asleep), awake since awakeAt. No
+// decision is made until a reading taken after it: the memory the
+// restored processes hold is known only then.
+func (s *scheduler) Adopt(m config.Model, gpus []string, phase gpu.Phase, awakeAt time.Time) {
 	s.send(func() {
 		delete(s.wants, m.Name)
+		s.restoredAt = s.now()
 		if len(gpus) == 0 {
 			return
 		}
-		s.claims[m.Name] = gpu.Claim{Name: m.Name, Req: PlacementRequest(m), UUIDs: slices.Clone(gpus), Phase: phase, Since: s.now()}
+		s.claims[m.Name] = gpu.Claim{Name: m.Name, Req: PlacementRequest(m), UUIDs: slices.Clone(gpus), Phase: phase, Since: s.now(), AwakeAt: awakeAt}
 		s.pokeReader()
 	})
 }

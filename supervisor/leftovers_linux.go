@@ -117,6 +117,9 @@ func (s *Supervisor) takeOrStop(cfg *config.Config, adopt bool) map[string]*take
 		for _, st := range h.Models {
 			t := &takeover{st: st, child: true}
 			if is := st.Instance; is != nil {
+				// One a predecessor adopted after a crash was re-parented:
+				// it is not this process's child.
+				t.child = !is.Adopted
 				handled[instanceKey(is.Marker)] = true
 				t.tree = s.treeOf(*is)
 				t.out, t.err = inherited(is.StdoutFD, is.Model+" stdout"), inherited(is.StderrFD, is.Model+" stderr")
@@ -266,22 +269,21 @@ func (s *Supervisor) adopt(r *runner, t *takeover, m config.Model) *restored {
 		return from
 	}
 	from.inst = inst
-	if !t.child && m.OnDemand() && m.SleepLevel > 0 && s.d.prober != nil {
+	if !t.child && m.OnDemand() && m.SleepLevel > 0 && is.SleepLevel == 0 && s.d.prober != nil {
 		// After a crash the record may be a step behind the engine: the
-		// daemon died while it was going to sleep or waking. The engine
-		// knows; a request must never go to an engine believed awake.
+		// daemon died as it went to sleep by itself. The engine knows; a
+		// request must never go to an engine believed awake. The other
+		// way round (the record says asleep, or that a sleep began, and
+		// the engine says awake: it died mid-sleep or mid-wake) the record
+		// is kept: asleep until a wake proves it awake.
 		secrets, _ := readEnvFiles(m.EnvFiles)
 		ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), m.APIKey(secrets)), m.Probe.Timeout)
 		asleep, err := s.d.prober.IsSleeping(ctx, baseURL(m))
 		cancel()
-		if err == nil && asleep != (is.SleepLevel > 0) {
+		if err == nil && asleep {
 			c := *is
-			c.SleepLevel, c.SleepCause = 0, ""
-			if asleep {
-				c.SleepLevel, c.SleepCause = m.SleepLevel, "found asleep"
-			}
-			r.log.Info("adopted: the engine's sleep state differs from its record; the engine's is taken",
-				zap.Bool("asleep", asleep), zap.Int("recorded_level", is.SleepLevel))
+			c.SleepLevel, c.SleepCause = m.SleepLevel, "found asleep"
+			r.log.Info("adopted: the engine sleeps although its record says awake; the engine's word is taken", zap.Int("recorded_level", is.SleepLevel))
 			from.st.Instance = &c
 		}
 	}

@@ -96,7 +96,12 @@ type machine struct {
 	sleepCause string    // idle, evicted, manual
 	sleepLevel int       // the level it sleeps at
 	wakeAfter  bool      // a request came during the sleep in flight: wake once asleep
-	wakeStart  time.Time // when the wake in flight began
+	wakeStart  time.Time // when the wake in flight began (its demand)
+	wakeBegan  time.Time // when its engine was told to wake (the memory granted)
+	// wakeTimes are the engine's recent wakes (wake_up to canary), by the
+	// level it slept at: wake_timeout 0 derives the bound of the next one
+	// from them.
+	wakeTimes map[int][]time.Duration
 	// demanded: the start or wake in progress (or the wake to follow a
 	// sleep in flight) was asked for by a request, not an operator, so it
 	// is abandoned if every request waiting for it leaves (evUnwanted).
@@ -168,10 +173,12 @@ type (
 		cfg  config.Model
 		kind config.ChangeKind
 	}
-	// evStopped: the stop of inst finished; err names survivors.
+	// evStopped: the stop of inst finished; err names survivors. waiting
+	// is the requests waiting in its queue then.
 	evStopped struct {
-		inst *instance
-		err  error
+		inst    *instance
+		err     error
+		waiting int
 	}
 	// evShutdown: the daemon is stopping (or the model was removed).
 	evShutdown struct{}
@@ -197,9 +204,14 @@ type (
 		aborted bool
 		level   int    // the level it sleeps at (the host memory budget may have raised it)
 		note    string // why the level differs from sleep_level
+		waiting int    // requests waiting in its queue once asleep: they want it back
 	}
-	// evWoke: the wake in flight (wake_up and a one-token canary) finished.
-	evWoke struct{ err error }
+	// evWoke: the wake of inst in flight (wake_up and a one-token canary)
+	// finished.
+	evWoke struct {
+		inst *instance
+		err  error
+	}
 	// evLearned: the lookup of the model's vLLM version finished.
 	evLearned struct {
 		seq     int
@@ -248,7 +260,7 @@ type (
 	efWant    struct{ seq int }       // ask the scheduler for GPUs → evPlaced
 	efDrop    struct{}                // withdraw the want, give up the claim
 	efSpawn   struct{ gpus []string } // check again and spawn → evSpawned
-	efReady   struct{}                // tell the scheduler the start is done
+	efReady   struct{ at time.Time }  // tell the scheduler the start is done, and when it became ready
 	efProbe   struct{ live bool }     // probe inst → evProbed
 	efLearn   struct{ seq int }       // learn the model's vLLM version → evLearned
 	efObserve struct {                // record a liveness probe's metrics
@@ -279,8 +291,17 @@ type (
 		level int
 		cause string
 	}
-	// efWake: wake it and run the canary → evWoke.
-	efWake struct{ level int }
+	// efWake: wake it and run the canary, within timeout → evWoke.
+	efWake struct {
+		level   int
+		timeout time.Duration
+	}
+	// efRecord: rewrite the instance's record (a sleep that did not happen).
+	efRecord struct{}
+	// efRedigest: a reload changed only what the process does not see:
+	// it counts as started under the new configuration (its record says
+	// so, for a successor).
+	efRedigest struct{}
 	// efWoke: it is awake: record the wake's duration.
 	efWoke struct {
 		level int
@@ -307,6 +328,8 @@ func (efDisarm) isEffect()   {}
 func (efSleep) isEffect()    {}
 func (efSlept) isEffect()    {}
 func (efWake) isEffect()     {}
+func (efRedigest) isEffect() {}
+func (efRecord) isEffect()   {}
 func (efWoke) isEffect()     {}
 func (efDecline) isEffect()  {}
 func (efWithdraw) isEffect() {}
@@ -407,10 +430,15 @@ func (m *machine) live() bool {
 }
 
 // probed reports whether the model is probed in its state: not while it
-// sleeps or wakes (its engine is not there to answer).
+// sleeps or waits for its memory to wake; while its engine wakes, yes (a
+// wake that hangs is seen as a hang).
 func (m *machine) probed() bool {
-	return m.state == Starting || m.state == Ready || m.state == Unhealthy
+	return m.state == Starting || m.state == Ready || m.state == Unhealthy || m.wakeInFlight()
 }
+
+// wakeInFlight reports whether its engine is being woken (the memory was
+// granted; wake_up and the canary run).
+func (m *machine) wakeInFlight() bool { return m.state == Waking && !m.awaiting }
 
 // toPending enters pending and checks what a start needs.
 func (m *machine) toPending(reason string) []effect {
@@ -462,8 +490,10 @@ func (m *machine) onPlaced(p placement) []effect {
 			return nil
 		}
 		m.awaiting = false
-		m.enter(Waking, "waking")
-		return []effect{efWake{level: m.sleepLevel}}
+		bound := m.wakeBound(m.sleepLevel)
+		m.wakeBegan, m.probeFails, m.probing = m.now(), 0, false
+		m.enter(Waking, fmt.Sprintf("waking (bound %s)", roundDuration(bound)))
+		return []effect{efWake{level: m.sleepLevel, timeout: bound}, efArm{deadline, bound}, efArm{tick, m.cfg.Probe.Period}}
 	}
 	if p.gpus == nil {
 		m.cause = CauseGPU
@@ -513,6 +543,14 @@ func (m *machine) onExited(ev evExited) []effect {
 		return nil // being stopped: expected
 	}
 	m.log.Warn("model exited", zap.Int("pid", m.inst.pid), zap.String("exit", ex.desc))
+	if m.state == Sleeping && m.cfg.OnDemand() {
+		// A sleeper nobody asked for: it stays stopped until a request
+		// does, and then starts as any start does (asking for memory that
+		// went to others meanwhile).
+		m.restarts[ReasonExit]++
+		m.idleAfter = "on demand: exited while asleep (" + ex.desc + "); starts at its next request"
+		return m.beginStop("stopping what is left of it: exited while asleep (" + ex.desc + ")")
+	}
 	return m.failAndStop(ReasonExit, "exited ("+ex.desc+")", fmt.Sprintf("exited (%s); stopping what is left of it", ex.desc))
 }
 
@@ -523,6 +561,9 @@ func (m *machine) onProbed(ev evProbed) []effect {
 	m.probing = false
 	if m.exited || !m.probed() {
 		return nil
+	}
+	if m.state == Waking {
+		return m.onWakeProbed(ev)
 	}
 	if errors.Is(ev.err, errNoVerdict) {
 		// The daemon could not probe (out of descriptors, memory, ports):
@@ -555,7 +596,7 @@ func (m *machine) onProbed(ev evProbed) []effect {
 		m.startup = m.readyAt.Sub(m.inst.started)
 		m.startups = recent(m.startups, m.readyAt.Sub(m.startBegan))
 		m.enter(Ready, "")
-		return append([]effect{efDisarm{deadline}, efReady{}, efArm{tick, p.Period}}, m.awake()...)
+		return append([]effect{efDisarm{deadline}, efReady{at: m.readyAt}, efArm{tick, p.Period}}, m.awake()...)
 	}
 	out := []effect{efObserve{took: ev.took, err: err}}
 	switch {
@@ -584,6 +625,9 @@ func (m *machine) onTimer(t timerKind) []effect {
 		return nil // the runner sends evIdle instead
 	}
 	if t == deadline {
+		if m.wakeInFlight() {
+			return m.wakeFailed(fmt.Sprintf("not awake within %s", roundDuration(m.wakeBound(m.sleepLevel))))
+		}
 		if m.state != Starting {
 			return nil
 		}
@@ -602,9 +646,9 @@ func (m *machine) onTimer(t timerKind) []effect {
 		m.tracker.reset()
 		m.log.Info("retrying failed model", zap.Duration("retry_failed_after", m.cfg.Restart.RetryFailedAfter))
 		return m.toPending("retrying after failure")
-	case Starting, Ready, Unhealthy:
-		if t == idle {
-			return nil // the runner sends evIdle instead
+	case Starting, Ready, Unhealthy, Waking:
+		if m.state == Waking && m.awaiting {
+			return nil // asleep until its memory is granted
 		}
 		var out []effect
 		if m.state != Starting {
@@ -615,7 +659,8 @@ func (m *machine) onTimer(t timerKind) []effect {
 		}
 		if !m.probing {
 			m.probing = true
-			out = append(out, efProbe{live: m.state != Starting})
+			// A waking engine is checked for life only: no deep probe.
+			out = append(out, efProbe{live: m.state == Ready || m.state == Unhealthy})
 		}
 		return out
 	}
@@ -648,7 +693,9 @@ func (m *machine) onStopped(ev evStopped) []effect {
 	}
 	fail, start, idled := m.failure, m.startAfter, m.idleAfter
 	m.failure, m.startAfter, m.idleAfter = nil, "", ""
-	wake := m.wakeAfter
+	// A request came meanwhile, or requests wait in its queue: they want
+	// it back (nothing else would ask for it again).
+	wake := m.wakeAfter || ev.waiting > 0
 	m.wakeAfter = false
 	inst := m.inst
 	m.inst, m.exited, m.probing = nil, false, false
@@ -817,7 +864,17 @@ func (m *machine) onConfig(ev evConfig) []effect {
 			m.restarts[ReasonReload]++
 		}
 		m.tracker.reset()
+		if m.state == Sleeping && ev.cfg.OnDemand() {
+			// Nobody asked for it: stopped, it starts at its next request
+			// (and asks for memory then), rather than now, awake, putting
+			// others to sleep for nothing.
+			m.hold = false
+			m.idleAfter = "on demand: stopped for a configuration change; starts at its next request"
+			return m.beginStop("stopping: configuration changed")
+		}
 		return m.respawn("configuration changed")
+	case ev.kind == config.Update && m.live():
+		return []effect{efRedigest{}}
 	}
 	return nil
 }
@@ -912,7 +969,8 @@ func roundDuration(d time.Duration) time.Duration {
 	return d.Round(time.Millisecond)
 }
 
-// awake arms what an awake on-demand model needs: its idle check.
+// awake arms what an awake on-demand model needs: its idle check; it has
+// been awake since now.
 func (m *machine) awake() []effect {
 	if !m.cfg.OnDemand() {
 		return nil
@@ -1003,7 +1061,9 @@ func (m *machine) wake() []effect {
 }
 
 // sleep gives an awake on-demand model's GPUs back: vLLM's sleep mode, or
-// a stop with sleep_level 0.
+// a stop with sleep_level 0. sleep_level is read now: a reload that
+// changed it between 1 and 2 applies here; one from 0 applies from the
+// next start (a process started without sleep mode is stopped instead).
 func (m *machine) sleep(cause, reason string) []effect {
 	level, why := m.effectiveLevel()
 	if level == 0 {
@@ -1028,6 +1088,9 @@ func (m *machine) sleep(cause, reason string) []effect {
 func (m *machine) onEvict(forModel string) []effect {
 	switch {
 	case !m.cfg.OnDemand() || m.shutdown:
+	case m.state == Ready && m.now().Sub(m.awakeAt) < m.cfg.MinAwake:
+		// Within min_awake of becoming ready, by its own clock: the
+		// scheduler decided on an older view.
 	case m.state == Ready:
 		return m.sleep("evicted", "making room for "+forModel)
 	case m.state == Sleeping && !m.sleepOp && !m.wakeAfter:
@@ -1067,7 +1130,7 @@ func (m *machine) onSlept(ev evSlept) []effect {
 		// Requests were still in flight: it stays awake, and says why.
 		m.log.Info("sleep abandoned: requests still in flight", zap.String("cause", m.sleepCause))
 		m.enter(Ready, "")
-		out := []effect{efArm{tick, m.cfg.Probe.Period}, efArm{idle, m.cfg.IdleAfter}}
+		out := []effect{efRecord{}, efArm{tick, m.cfg.Probe.Period}, efArm{idle, m.cfg.IdleAfter}}
 		if m.sleepCause == "evicted" {
 			out = append(out, efDecline{})
 		}
@@ -1091,7 +1154,9 @@ func (m *machine) onSlept(ev evSlept) []effect {
 	}
 	m.enter(Sleeping, reason)
 	out := []effect{efSlept{level: m.sleepLevel, cause: m.sleepCause}}
-	if m.wakeAfter {
+	// Requests that waited in its queue while it went to sleep (queued for
+	// it while it woke, say) want it back: demand it again at once.
+	if m.wakeAfter || ev.waiting > 0 {
 		m.wakeAfter = false
 		out = append(out, m.wake()...)
 	}
@@ -1099,16 +1164,11 @@ func (m *machine) onSlept(ev evSlept) []effect {
 }
 
 func (m *machine) onWoke(ev evWoke) []effect {
-	if m.state != Waking || m.awaiting {
-		return nil
+	if !m.wakeInFlight() || ev.inst != m.inst {
+		return nil // a wake given up on since
 	}
 	if ev.err != nil {
-		// A wake can fail when another process took the memory, and a
-		// woken engine that fails its canary cannot be trusted: start it
-		// cold. Requests keep waiting in the gateway's queue.
-		m.log.Warn("wake failed; restarting the model cold", zap.Error(ev.err))
-		m.startAfter = "restarting cold after a failed wake: " + errText(ev.err)
-		return m.beginStop("stopping: wake failed: " + errText(ev.err))
+		return m.wakeFailed(errText(ev.err))
 	}
 	level := m.sleepLevel
 	m.sleepLevel = 0
@@ -1118,8 +1178,81 @@ func (m *machine) onWoke(ev evWoke) []effect {
 	}
 	m.wakes[level] = recent(m.wakes[level], m.now().Sub(m.wakeStart))
 	m.readyAt = m.now()
-	m.probeFails = 0
+	m.probeFails, m.probing = 0, false
+	m.noteWake(level, m.now().Sub(m.wakeBegan))
 	m.enter(Ready, "")
-	out := []effect{efReady{}, efWoke{level: level, took: m.now().Sub(m.wakeStart)}, efArm{tick, m.cfg.Probe.Period}}
+	out := []effect{efDisarm{deadline}, efReady{at: m.readyAt}, efWoke{level: level, took: m.now().Sub(m.wakeStart)}, efArm{tick, m.cfg.Probe.Period}}
 	return append(out, m.awake()...)
+}
+
+// wakeFailed gives up on the wake in flight: a wake can fail when another
+// process took the memory, hang (no answer within its bound, its engine
+// no longer answering probes), and a woken engine that fails its canary
+// cannot be trusted. The model is started cold; requests keep waiting in
+// the gateway's queue.
+func (m *machine) wakeFailed(why string) []effect {
+	m.log.Warn("wake failed; restarting the model cold", zap.String("why", why))
+	m.restarts[ReasonWake]++
+	m.startAfter = "restarting cold after a failed wake: " + why
+	return m.beginStop("stopping: wake failed: " + why)
+}
+
+// onWakeProbed takes a liveness probe of a waking engine: one that stops
+// answering (hung, SIGSTOPped, its GPU gone) fails the wake after
+// failure_threshold probes, or at once on a 5xx, rather than at the
+// wake's bound.
+func (m *machine) onWakeProbed(ev evProbed) []effect {
+	p := m.cfg.Probe
+	if errors.Is(ev.err, errNoVerdict) {
+		return nil // the next tick asks again
+	}
+	out := []effect{efObserve{took: ev.took, err: ev.err}}
+	switch {
+	case ev.err == nil:
+		m.probeFails = 0
+	case probe.Fatal(ev.err):
+		return append(out, m.wakeFailed("engine dead: /health answered "+ev.err.Error())...)
+	default:
+		m.probeFails++
+		if m.probeFails >= p.FailureThreshold {
+			return append(out, m.wakeFailed(fmt.Sprintf("probe failed %d/%d while waking: %s", m.probeFails, p.FailureThreshold, errText(ev.err)))...)
+		}
+	}
+	return out
+}
+
+// The bound of a wake when wake_timeout is 0: a multiple of the model's
+// recent wakes at that level, at least wakeTimeoutFloor; before any,
+// wakeTimeoutFirst. Always at most half its startup_timeout: a wake that
+// takes as long as a cold start has failed.
+const (
+	wakeTimeoutFirst  = 2 * time.Minute
+	wakeTimeoutFloor  = 30 * time.Second
+	wakeTimeoutFactor = 4
+	wakeHistory       = 8 // recent wakes kept per level
+)
+
+// wakeBound is how long a wake from level may take.
+func (m *machine) wakeBound(level int) time.Duration {
+	if m.cfg.WakeTimeout > 0 {
+		return m.cfg.WakeTimeout
+	}
+	limit := max(m.cfg.Probe.StartupTimeout/2, time.Second)
+	recent := m.wakeTimes[level]
+	if len(recent) == 0 {
+		return min(wakeTimeoutFirst, limit)
+	}
+	return min(max(wakeTimeoutFactor*slices.Max(recent), wakeTimeoutFloor), limit)
+}
+
+// noteWake keeps a wake's duration among the recent ones of its level.
+func (m *machine) noteWake(level int, took time.Duration) {
+	if m.wakeTimes == nil {
+		m.wakeTimes = map[int][]time.Duration{}
+	}
+	w := append(m.wakeTimes[level], took)
+	if len(w) > wakeHistory {
+		w = w[len(w)-wakeHistory:]
+	}
+	m.wakeTimes[level] = w
 }

@@ -74,7 +74,7 @@ func (mt *mtest) state(want State) {
 // newInst is a process as the runner would report it, without a process.
 func (mt *mtest) newInst() *instance {
 	mt.pid++
-	return &instance{pid: mt.pid, started: mt.now, gpus: []string{"GPU-a"}, done: make(chan struct{})}
+	return &instance{pid: mt.pid, started: mt.now, gpus: []string{"GPU-a"}, done: make(chan struct{}), sleepMode: mt.m.cfg.Sleeps()}
 }
 
 // The paths to each state, from the start.
@@ -229,7 +229,11 @@ func describe(efs []effect) string {
 		case efSlept:
 			out = append(out, fmt.Sprintf("slept(%d,%s)", ef.level, ef.cause))
 		case efWake:
-			out = append(out, fmt.Sprintf("wake(%d)", ef.level))
+			out = append(out, fmt.Sprintf("wake(%d,%s)", ef.level, ef.timeout))
+		case efRedigest:
+			out = append(out, "redigest")
+		case efRecord:
+			out = append(out, "record")
 		case efWoke:
 			out = append(out, fmt.Sprintf("woke(%d)", ef.level))
 		case efDecline:
@@ -343,7 +347,13 @@ func TestMachineTransitions(t *testing.T) {
 		{"failed", (*mtest).toFailed},
 		{"stopped", (*mtest).toStopped},
 		{"on demand: stopped (idle)", func(mt *mtest) *mtest { mt.m.cfg = onDemandCfg(); return mt.toIdleStopped() }},
-		{"on demand: ready", func(mt *mtest) *mtest { mt.m.cfg = onDemandCfg(); return mt.toODReady() }},
+		{"on demand: ready (within min_awake)", func(mt *mtest) *mtest { mt.m.cfg = onDemandCfg(); return mt.toODReady() }},
+		{"on demand: ready", func(mt *mtest) *mtest {
+			mt.m.cfg = onDemandCfg()
+			mt.toODReady()
+			mt.now = mt.now.Add(2 * time.Minute)
+			return mt
+		}},
 		{"on demand: going to sleep", func(mt *mtest) *mtest { mt.m.cfg = onDemandCfg(); return mt.toGoingToSleep() }},
 		{"on demand: asleep", func(mt *mtest) *mtest { mt.m.cfg = onDemandCfg(); return mt.toAsleep() }},
 		{"on demand: started by a request (awaiting GPUs)", func(mt *mtest) *mtest {
@@ -397,8 +407,8 @@ func TestMachineTransitions(t *testing.T) {
 		func(*mtest) event { return evSlept{} },
 		func(*mtest) event { return evSlept{aborted: true} },
 		func(*mtest) event { return evSlept{err: errors.New("HTTP 500")} },
-		func(*mtest) event { return evWoke{} },
-		func(*mtest) event { return evWoke{err: errors.New("canary: HTTP 500")} },
+		func(mt *mtest) event { return evWoke{inst: mt.m.inst} },
+		func(mt *mtest) event { return evWoke{inst: mt.m.inst, err: errors.New("canary: HTTP 500")} },
 		func(*mtest) event { return evOp{op: OpSleep} },
 		func(*mtest) event { return evOp{op: OpWake} },
 	}
@@ -771,9 +781,9 @@ func TestMachineOnDemandCycle(t *testing.T) {
 	if !strings.Contains(mt.m.reason, "to wake: needs") {
 		t.Errorf("reason %q", mt.m.reason)
 	}
-	mt.expect(evPlaced{placement{seq: 2, gpus: []string{"GPU-a"}}}, "wake(1)")
+	mt.expect(evPlaced{placement{seq: 2, gpus: []string{"GPU-a"}}}, "wake(1,2m0s) arm(deadline,2m0s) arm(tick,10s)")
 	mt.now = mt.now.Add(3 * time.Second)
-	mt.expect(evWoke{}, "ready woke(1) arm(tick,10s) arm(idle,10m0s)")
+	mt.expect(evWoke{inst: inst}, "disarm(deadline) ready woke(1) arm(tick,10s) arm(idle,10m0s)")
 	mt.state(Ready)
 	if mt.m.inst != inst {
 		t.Error("the wake changed the process")
@@ -803,8 +813,9 @@ func TestMachineSleepLevelZeroStops(t *testing.T) {
 // the model awake; an eviction that cannot happen is declined.
 func TestMachineSleepAbortedStaysAwake(t *testing.T) {
 	mt := newODTest(t).toODReady()
+	mt.now = mt.now.Add(2 * time.Minute) // past min_awake
 	mt.expect(evEvict{forModel: "big"}, "disarm(tick) disarm(idle) sleep(1,evicted)")
-	mt.expect(evSlept{aborted: true}, "arm(tick,10s) arm(idle,10m0s) decline")
+	mt.expect(evSlept{aborted: true}, "record arm(tick,10s) arm(idle,10m0s) decline")
 	mt.state(Ready)
 }
 
@@ -860,7 +871,7 @@ func TestMachineUnwantedAbandons(t *testing.T) {
 		mt := newODTest(t).toWaking()
 		mt.expect(evUnwanted{}, "")
 		mt.state(Waking)
-		mt.expect(evWoke{}, "ready woke(1) arm(tick,10s) arm(idle,10m0s)")
+		mt.expect(evWoke{inst: mt.m.inst}, "disarm(deadline) ready woke(1) arm(tick,10s) arm(idle,10m0s)")
 	})
 	t.Run("a spawned start goes on", func(t *testing.T) {
 		mt := newODTest(t).toIdleStopped()
@@ -910,7 +921,7 @@ func TestMachineLoadEstimates(t *testing.T) {
 			t.Fatalf("wake %d: %s began %v level %d", i, st.State, st.LoadBegan, st.WakeLevel)
 		}
 		mt.now = mt.now.Add(took * time.Second / 10)
-		mt.step(evWoke{})
+		mt.step(evWoke{inst: mt.m.inst})
 		// Back to stopped for the next start.
 		mt.now = mt.now.Add(time.Hour)
 		mt.step(evIdle{})

@@ -64,7 +64,7 @@ func (m *machine) effectiveLevel() (int, string) {
 	if m.vllm.known() {
 		level, why = m.vllm.version.SleepLevel(want)
 	}
-	if m.inst != nil && m.inst.noSleepMode && level > 0 {
+	if m.inst != nil && !m.inst.sleepMode && level > 0 {
 		level = 0
 		if why == "" {
 			why = "its process was started without sleep mode; it sleeps from its next start"
@@ -106,7 +106,7 @@ func (m *machine) hasIsSleeping() bool {
 // sleep to 2, where there is a level 2 to go to.
 func (m *machine) deepestLevel() int {
 	switch {
-	case m.inst != nil && m.inst.noSleepMode:
+	case m.inst != nil && !m.inst.sleepMode:
 		return 0
 	case !m.vllm.known():
 		return 2

@@ -97,7 +97,7 @@ func newModelCollector(s *Supervisor) *modelCollector {
 		up:         prometheus.NewDesc("citadel_model_up", "1 when the model is ready (answering its health probe), else 0.", m, nil),
 		state:      prometheus.NewDesc("citadel_model_state", "1 for the model's current state, 0 for the others.", []string{"model", "state"}, nil),
 		cause:      prometheus.NewDesc("citadel_model_pending_cause", "For a pending model, 1 for what it waits for (gpu is normal when models outnumber memory; storage, port and env_files need an operator; daemon: the daemon itself was short of descriptors or memory to spawn it, and retries), 0 for the other causes.", []string{"model", "cause"}, nil),
-		restarts:   prometheus.NewDesc("citadel_model_restarts_total", "Restarts of the model, by reason (exit, probe, startup, manual, reload).", []string{"model", "reason"}, nil),
+		restarts:   prometheus.NewDesc("citadel_model_restarts_total", "Restarts of the model, by reason (exit, probe, startup, manual, reload, wake).", []string{"model", "reason"}, nil),
 		lastExit:   prometheus.NewDesc("citadel_model_last_exit_code", "Exit code of the model's last process (128+signal when killed).", m, nil),
 		startTime:  prometheus.NewDesc("citadel_model_start_time_seconds", "Unix time the model's current process was spawned.", m, nil),
 		startup:    prometheus.NewDesc("citadel_model_startup_duration_seconds", "Spawn to first healthy answer, of the model's last start.", m, nil),

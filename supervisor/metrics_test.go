@@ -50,18 +50,20 @@ citadel_model_pending_cause{cause="env_files",model="phi3"} 0
 citadel_model_pending_cause{cause="gpu",model="phi3"} 0
 citadel_model_pending_cause{cause="port",model="phi3"} 0
 citadel_model_pending_cause{cause="storage",model="phi3"} 1
-# HELP citadel_model_restarts_total Restarts of the model, by reason (exit, probe, startup, manual, reload).
+# HELP citadel_model_restarts_total Restarts of the model, by reason (exit, probe, startup, manual, reload, wake).
 # TYPE citadel_model_restarts_total counter
 citadel_model_restarts_total{model="mixtral",reason="exit"} 2
 citadel_model_restarts_total{model="mixtral",reason="manual"} 1
 citadel_model_restarts_total{model="mixtral",reason="probe"} 0
 citadel_model_restarts_total{model="mixtral",reason="reload"} 0
 citadel_model_restarts_total{model="mixtral",reason="startup"} 0
+citadel_model_restarts_total{model="mixtral",reason="wake"} 0
 citadel_model_restarts_total{model="phi3",reason="exit"} 0
 citadel_model_restarts_total{model="phi3",reason="manual"} 0
 citadel_model_restarts_total{model="phi3",reason="probe"} 0
 citadel_model_restarts_total{model="phi3",reason="reload"} 0
 citadel_model_restarts_total{model="phi3",reason="startup"} 0
+citadel_model_restarts_total{model="phi3",reason="wake"} 0
 # HELP citadel_model_start_time_seconds Unix time the model's current process was spawned.
 # TYPE citadel_model_start_time_seconds gauge
 citadel_model_start_time_seconds{model="mixtral"} 1.7950001005e+09

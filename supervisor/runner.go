@@ -121,21 +121,23 @@ func (b *mailbox) take() ([]message, *placement) {
 
 // instance is one spawned process tree of a model.
 type instance struct {
-	pid     int
-	start   uint64 // the main process's start time: with pid, its identity
-	marker  string
-	digest  string // the configuration's SpawnDigest it was started with
-	tree    processTree
-	started time.Time
-	gpus    []string
-	kill    func() error // SIGKILLs the main process (through its pidfd)
-	deep    *probe.Deep  // the deep probe's schedule, owned by the probe in flight
-	// noSleepMode: it was started without --enable-sleep-mode (its vLLM
-	// had no sleep mode, or it does not sleep), so no sleep is asked of
-	// it. Adopted processes have it from their record.
-	noSleepMode bool
-	done        chan struct{} // closed once the main process is reaped
-	exit        exitInfo      // valid after done is closed
+	pid    int
+	start  uint64 // the main process's start time: with pid, its identity
+	marker string
+	digest string // the configuration's SpawnDigest it was started with
+	// adopted: not this process's child (taken over after its daemon
+	// died): its end is seen through a pidfd.
+	adopted bool
+	// sleepMode: it was started with vLLM's sleep mode (--enable-sleep-mode):
+	// it can be put to sleep; without, it is stopped instead.
+	sleepMode bool
+	tree      processTree
+	started   time.Time
+	gpus      []string
+	kill      func() error  // SIGKILLs the main process (through its pidfd)
+	deep      *probe.Deep   // the deep probe's schedule, owned by the probe in flight
+	done      chan struct{} // closed once the main process is reaped
+	exit      exitInfo      // valid after done is closed
 	// Its output pipes' read ends, handed to the next image at an upgrade.
 	stdout, stderr *os.File
 }
@@ -351,7 +353,7 @@ func (l *loop) do(ef effect) event {
 	case efSpawn:
 		return l.spawn(ef.gpus)
 	case efReady:
-		r.d.sched.Ready(r.name)
+		r.d.sched.Ready(r.name, ef.at)
 		// A successor after a crash must know it was ready: one that no
 		// longer answers is then failing, not loading.
 		l.record()
@@ -376,7 +378,8 @@ func (l *loop) do(ef effect) event {
 		r.marker.Store(nil) // its processes are nobody's now: strays once orphaned
 		inst, grace, mainAlive := ef.inst, m.cfg.StopTimeout, ef.mainAlive
 		go func() {
-			l.results <- evStopped{inst: inst, err: r.stopInstance(inst, grace, mainAlive)}
+			err := r.stopInstance(inst, grace, mainAlive)
+			l.results <- evStopped{inst: inst, err: err, waiting: r.waiting()}
 		}()
 	case efRelease:
 		// Its GPUs stay busy until its processes have left them.
@@ -387,10 +390,21 @@ func (l *loop) do(ef effect) event {
 		r.hostHeld.Store(0)
 	case efSleep:
 		base, grace, key := baseURL(m.cfg), m.cfg.StopTimeout, r.key()
-		maxLevel := m.deepestLevel()
+		level, note := l.sleepLevel(ef.level, m.deepestLevel())
 		ask := m.hasIsSleeping()
+		// The record a successor reads if the daemon dies from here on:
+		// it says the sleep began, at the level it will be (the engine
+		// says it is awake until /sleep returns), so the model is never
+		// taken for awake, and is woken the way it slept. A drain that
+		// does not complete rewrites it.
+		if rec := l.recordState(); rec != nil {
+			rec.SleepLevel, rec.SleepCause, rec.SleepBegan = level, ef.cause, r.d.now()
+			r.writeRecord(*rec)
+		}
 		// After the sleeping state is published: the drain names it.
-		l.later = append(l.later, func() { go l.sleep(base, key, ef.level, maxLevel, ask, grace, l.seq) })
+		l.later = append(l.later, func() { go l.sleep(base, key, level, note, ask, grace, l.seq) })
+	case efRecord:
+		l.record()
 	case efSlept:
 		if ef.level > 0 {
 			r.d.sched.Slept(r.name)
@@ -398,7 +412,13 @@ func (l *loop) do(ef effect) event {
 		}
 		r.d.metrics.slept(r.name, ef.level, ef.cause)
 	case efWake:
-		go l.wake(m.inst, m.cfg, r.key(), ef.level, m.hasIsSleeping())
+		go l.wake(m.inst, m.cfg, r.key(), ef.level, m.hasIsSleeping(), ef.timeout)
+	case efRedigest:
+		// Only policy keys changed: the process is what the new
+		// configuration would start, as far as it can see (its sleep mode
+		// is kept apart), so a successor keeps it.
+		m.inst.digest = m.cfg.SpawnDigest()
+		l.record()
 	case efWoke:
 		r.hostHeld.Store(0)
 		l.record()
@@ -409,7 +429,7 @@ func (l *loop) do(ef effect) event {
 		l.timers[ef.t] = r.d.after(ef.d)
 		l.timerAt[ef.t] = r.d.now().Add(ef.d)
 	case efAdopt:
-		r.d.sched.Adopt(m.cfg, m.inst.gpus, ef.phase)
+		r.d.sched.Adopt(m.cfg, m.inst.gpus, ef.phase, ef.awakeAt)
 	case efDisarm:
 		l.timers[ef.t] = nil
 	default:
@@ -421,9 +441,23 @@ func (l *loop) do(ef effect) event {
 // record rewrites the live instance's record: a successor after a crash
 // must know whether it was ready, and whether it sleeps.
 func (l *loop) record() {
+	if is := l.recordState(); is != nil {
+		l.r.writeRecord(*is)
+	}
+}
+
+// writeRecord writes is as the instance's record.
+func (r *runner) writeRecord(is InstanceState) {
+	if err := r.d.records.write(is); err != nil {
+		r.log.Warn("cannot write the instance record: a daemon restarted after a crash would stop this model instead of adopting it", zap.Error(err))
+	}
+}
+
+// recordState is the live instance's record as of now; nil when none runs.
+func (l *loop) recordState() *InstanceState {
 	st := l.m.snapshot()
 	if st.Instance == nil || l.m.inst == nil {
-		return
+		return nil
 	}
 	is := st.Instance
 	is.Marker, is.Start, is.Digest = l.m.inst.marker, l.m.inst.start, l.m.inst.digest
@@ -433,9 +467,7 @@ func (l *loop) record() {
 	if d := l.r.envDigest.Load(); d != nil {
 		is.EnvDigest = *d
 	}
-	if err := l.r.d.records.write(*is); err != nil {
-		l.r.log.Warn("cannot write the instance record: a daemon restarted after a crash would stop this model instead of adopting it", zap.Error(err))
-	}
+	return is
 }
 
 // check looks at everything a start needs, in the order an operator would
@@ -495,9 +527,10 @@ func (l *loop) spawn(gpus []string) event {
 	digest := envDigest(secrets)
 	r.envDigest.Store(&digest)
 	r.publishPIDs(inst.tree)
+	sleepMode := inst.sleepMode
 	is := InstanceState{
 		Model: m.Name, PID: inst.pid, Start: inst.start, Marker: inst.marker, Started: inst.started,
-		GPUs: gpus, Digest: inst.digest, EnvDigest: digest, NoSleepMode: inst.noSleepMode,
+		GPUs: gpus, Digest: inst.digest, EnvDigest: digest, SleepMode: &sleepMode,
 	}
 	if l.m.vllm.known() {
 		is.VLLMVersion, is.VLLMSource = l.m.vllm.version.String(), l.m.vllm.source
@@ -565,11 +598,28 @@ func (l *loop) probe(j probeJob) {
 	l.results <- evProbed{inst: j.inst, err: err, took: took, version: version}
 }
 
+// sleepLevel is the level a sleep asked at level happens at: level-1
+// sleepers keep their weights in pinned host memory, so past
+// sleep_host_memory it is level 2 (the weights are reloaded from disk at
+// the wake) instead, where its vLLM has a level 2 (deepest); note says
+// why.
+func (l *loop) sleepLevel(level, deepest int) (int, string) {
+	d := l.r.d
+	if budget := d.sleepBudget(); level == 1 && deepest >= 2 && budget > 0 {
+		if held := d.level1Held(l.r.name); held >= budget {
+			return 2, fmt.Sprintf("level 2, not 1: level-1 sleepers hold %s of sleep_host_memory %s", config.ByteSize(held), config.ByteSize(budget))
+		}
+	}
+	return level, ""
+}
+
 // sleep drains the model's requests in the gateway, then puts it to sleep
-// and checks that it sleeps. A model must never be told to sleep with
-// requests in flight (it has crashed TP>1 engines), so a drain that does
-// not finish within grace abandons the sleep.
-func (l *loop) sleep(base, key string, level, maxLevel int, askAsleep bool, grace time.Duration, seq uint64) {
+// sleep drains the model's requests in the gateway, then puts it to sleep
+// at level and checks that it sleeps (where its vLLM answers /is_sleeping:
+// askAsleep). A model must never be told to sleep with requests in flight
+// (it has crashed TP>1 engines), so a drain that does not finish within
+// grace abandons the sleep.
+func (l *loop) sleep(base, key string, level int, note string, askAsleep bool, grace time.Duration, seq uint64) {
 	d := l.r.d
 	if d.traffic != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), grace)
@@ -578,15 +628,6 @@ func (l *loop) sleep(base, key string, level, maxLevel int, askAsleep bool, grac
 		if err != nil {
 			l.results <- evSlept{aborted: true}
 			return
-		}
-	}
-	// Level 1 keeps the weights in pinned host memory: past the budget,
-	// level 2 (they are reloaded from disk at the wake) instead.
-	var note string
-	if budget := d.sleepBudget(); level == 1 && maxLevel >= 2 && budget > 0 {
-		if held := d.level1Held(l.r.name); held >= budget {
-			level = 2
-			note = fmt.Sprintf("level 2, not 1: level-1 sleepers hold %s of sleep_host_memory %s", config.ByteSize(held), config.ByteSize(budget))
 		}
 	}
 	before := l.r.rss()
@@ -604,7 +645,9 @@ func (l *loop) sleep(base, key string, level, maxLevel int, askAsleep bool, grac
 			l.r.hostHeld.Store(after - before)
 		}
 	}
-	l.results <- evSlept{err: err, level: level, note: note}
+	// Requests that wait in its queue now came for it while it went to
+	// sleep, or before: they want it back.
+	l.results <- evSlept{err: err, level: level, note: note, waiting: l.r.waiting()}
 }
 
 // rss is the resident memory of the model's processes.
@@ -623,11 +666,11 @@ func (r *runner) rss() uint64 {
 // wake wakes the model (the level-2 sequence reloads its weights), checks
 // that it is awake, and sends one-token canary before any client request:
 // the first request after a wake is slow, and a failed wake must be seen
-// before a client sees it.
-func (l *loop) wake(inst *instance, m config.Model, key string, level int, askAsleep bool) {
+// before a client sees it. All of it within timeout (the wake's bound).
+func (l *loop) wake(inst *instance, m config.Model, key string, level int, askAsleep bool, timeout time.Duration) {
 	d := l.r.d
 	base := baseURL(m)
-	ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), key), m.Probe.StartupTimeout)
+	ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), key), timeout)
 	defer cancel()
 	err := d.prober.WakeUp(ctx, base, level)
 	if err == nil && askAsleep {
@@ -643,7 +686,10 @@ func (l *loop) wake(inst *instance, m config.Model, key string, level int, askAs
 		}
 		ccancel()
 	}
-	l.results <- evWoke{err: err}
+	if err != nil && ctx.Err() != nil {
+		err = fmt.Errorf("not awake within %s: %w", roundDuration(timeout), err)
+	}
+	l.results <- evWoke{inst: inst, err: err}
 }
 
 // Bounds of sleep mode's calls. A sleep moves the weights to host memory
@@ -665,6 +711,15 @@ func (r *runner) inFlight() int {
 		return 0
 	}
 	return r.d.traffic.InFlight(r.name)
+}
+
+// waiting is the number of requests waiting in the gateway's queue for
+// the model.
+func (r *runner) waiting() int {
+	if r.d.traffic == nil {
+		return 0
+	}
+	return r.d.traffic.Waiting(r.name)
 }
 
 // errNoVerdict marks a probe that failed for the daemon's own reason (out

@@ -40,9 +40,9 @@ type scheduler struct {
 	log      *zap.Logger
 	owners   func() map[int]string // pid → model, from the runners' trees
 	deliver  func(name string, p placement)
-	// usage says whether a model may be put to sleep to make room: on
-	// demand, why not now (protected), and when it was last used.
-	usage func(name string) (onDemand bool, protected string, lastUsed time.Time)
+	// usage says what decides whether a model may be put to sleep to make
+	// room (modelUsage).
+	usage func(name string) modelUsage
 	evict func(victim, forModel string) // tell a model to sleep for another
 
 	inbox   chan func()
@@ -50,16 +50,30 @@ type scheduler struct {
 	stopped chan struct{}
 	active  atomic.Bool // wants or releases outstanding: keep reading
 
-	wants    map[string]gpu.Want
-	seqs     map[string]int // the seq of each want, echoed in placements
-	claims   map[string]gpu.Claim
-	devs     []gpu.Device
-	readAt   time.Time
-	readErr  string
-	notes    map[string]string
-	answered map[string]placement // last answer per model: unchanged ones are not re-sent
-	snapshot atomic.Pointer[schedSnapshot]
-	indices  atomic.Pointer[[]gpu.Device] // the latest readings, stored before any answer made from them
+	wants   map[string]gpu.Want
+	seqs    map[string]int // the seq of each want, echoed in placements
+	claims  map[string]gpu.Claim
+	devs    []gpu.Device
+	readAt  time.Time
+	readErr string
+	// restoredAt is when claims were last restored (Adopt): nothing is
+	// decided on a reading older than that.
+	restoredAt time.Time
+	notes      map[string]string
+	answered   map[string]placement // last answer per model: unchanged ones are not re-sent
+	snapshot   atomic.Pointer[schedSnapshot]
+	indices    atomic.Pointer[[]gpu.Device] // the latest readings, stored before any answer made from them
+}
+
+// modelUsage is what the scheduler asks of a model when it may put it to
+// sleep for another: on demand, its min_awake (counted from the instant
+// its lifecycle saw it ready, which Ready carries), its last request, and
+// the requests waiting in its queue now.
+type modelUsage struct {
+	onDemand    bool
+	minAwake    time.Duration
+	lastRequest time.Time
+	waiting     int
 }
 
 // schedSnapshot is what `citadelctl gpus` shows: published after every
@@ -81,7 +95,7 @@ func newScheduler(cfg *config.Config, reader gpu.Reader, why string, log *zap.Lo
 		log:      log.Named("gpu"),
 		owners:   func() map[int]string { return nil },
 		deliver:  func(string, placement) {},
-		usage:    func(string) (bool, string, time.Time) { return false, "", time.Time{} },
+		usage:    func(string) modelUsage { return modelUsage{} },
 		evict:    func(string, string) {},
 		inbox:    make(chan func(), 64),
 		poke:     make(chan struct{}, 1),
@@ -176,7 +190,7 @@ func (s *scheduler) Expect(models []config.Model) {
 		for _, m := range models {
 			// On-demand models start when a request comes, not now.
 			if m.Enabled && !m.OnDemand() {
-				s.wants[m.Name] = gpu.Want{Request: PlacementRequest(m), Checking: true}
+				s.wants[m.Name] = gpu.Want{Request: PlacementRequest(m), Checking: true, Since: s.now()}
 			}
 		}
 	})
@@ -190,18 +204,25 @@ func (s *scheduler) Want(m config.Model, seq int) {
 		if c, ok := s.claims[m.Name]; ok && (c.Phase == gpu.Starting || c.Phase == gpu.Running) {
 			delete(s.claims, m.Name)
 		}
-		s.wants[m.Name] = gpu.Want{Request: PlacementRequest(m)}
+		w := gpu.Want{Request: PlacementRequest(m), Since: s.now()}
+		if old, ok := s.wants[m.Name]; ok && !old.Checking {
+			w.Since = old.Since // asked again: its place in line stays
+		}
+		s.wants[m.Name] = w
 		s.seqs[m.Name] = seq
 		delete(s.answered, m.Name)
 		s.pokeReader()
 	})
 }
 
-// Ready lifts the model's start serialisation on its GPUs.
-func (s *scheduler) Ready(name string) {
+// Ready lifts the model's start serialisation on its GPUs. at is the
+// instant its lifecycle saw it ready: min_awake counts from there, not
+// from a status published later (a decision in between would put a model
+// to sleep in the millisecond it woke).
+func (s *scheduler) Ready(name string, at time.Time) {
 	s.send(func() {
 		if c, ok := s.claims[name]; ok && c.Phase == gpu.Starting {
-			c.Phase, c.Since = gpu.Running, s.now()
+			c.Phase, c.Since, c.AwakeAt = gpu.Running, s.now(), at
 			s.claims[name] = c
 		}
 	})
@@ -216,6 +237,11 @@ func (s *scheduler) Release(name string, pids []int, keep bool) {
 		c, ok := s.claims[name]
 		if !ok {
 			return
+		}
+		if c.Phase == gpu.Asleep {
+			// A sleeper's memory went to others: there is nothing to keep.
+			// Its next start asks for memory as any start does.
+			keep = false
 		}
 		c.Phase, c.PIDs, c.Since, c.Keep = gpu.Releasing, pids, s.now(), keep
 		s.claims[name] = c
@@ -302,7 +328,7 @@ func (s *scheduler) decide() {
 	owners := s.owners()
 	in := gpu.Input{
 		Devices: s.devs, ReadAt: s.readAt, ReadErr: s.readErr, Headroom: s.headroom, ReleaseTimeout: s.release,
-		Now: s.now(), Notes: s.notes,
+		Now: s.now(), Notes: s.notes, NotBefore: s.restoredAt,
 	}
 	for _, w := range s.wants {
 		in.Wants = append(in.Wants, w)
@@ -313,7 +339,14 @@ func (s *scheduler) decide() {
 			// remembers the ones it waits for.
 			c.PIDs = pidsOf(owners, name)
 		}
-		c.OnDemand, c.Protected, c.LastUsed = s.usage(name)
+		u := s.usage(name)
+		c.OnDemand, c.Waiting, c.LastUsed, c.Protected = u.onDemand, u.waiting, u.lastRequest, ""
+		if c.AwakeAt.After(c.LastUsed) {
+			c.LastUsed = c.AwakeAt
+		}
+		if awake := in.Now.Sub(c.AwakeAt); c.Phase == gpu.Running && u.onDemand && awake < u.minAwake {
+			c.Protected = fmt.Sprintf("awake for %s (min_awake %s)", roundDuration(awake), u.minAwake)
+		}
 		in.Claims = append(in.Claims, c)
 	}
 	out := gpu.Decide(in)

@@ -83,19 +83,19 @@ func (r *runner) spawn(m, eff config.Model, secrets map[string]string, gpus, vis
 	}
 	r.marker.Store(&marker)
 	inst := &instance{
-		pid:     cmd.Process.Pid,
-		marker:  marker,
-		digest:  m.SpawnDigest(),
-		stdout:  outR,
-		stderr:  errR,
-		tree:    tree,
-		kill:    cmd.Process.Kill,
-		started: r.d.now(),
-		gpus:    gpus,
-		deep:    &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},
-		done:    make(chan struct{}),
+		pid:       cmd.Process.Pid,
+		marker:    marker,
+		digest:    m.SpawnDigest(),
+		sleepMode: eff.Sleeps(),
+		stdout:    outR,
+		stderr:    errR,
+		tree:      tree,
+		kill:      cmd.Process.Kill,
+		started:   r.d.now(),
+		gpus:      gpus,
+		deep:      &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},
+		done:      make(chan struct{}),
 	}
-	inst.noSleepMode = !eff.Sleeps()
 	if st, err := proc.ReadStat(inst.pid); err == nil {
 		inst.start = st.Start
 	}

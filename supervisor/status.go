@@ -64,7 +64,10 @@ const (
 	ReasonStartup = "startup"
 	ReasonManual  = "manual"
 	ReasonReload  = "reload"
+	// ReasonWake: a wake failed (hung, its engine dead, its canary failed)
+	// and the model was started cold.
+	ReasonWake = "wake"
 )
 
 // RestartReasons lists every restart reason.
-var RestartReasons = []string{ReasonExit, ReasonProbe, ReasonStartup, ReasonManual, ReasonReload}
+var RestartReasons = []string{ReasonExit, ReasonProbe, ReasonStartup, ReasonManual, ReasonReload, ReasonWake}

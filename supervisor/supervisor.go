@@ -62,6 +62,8 @@ type Traffic interface {
 	Drain(ctx context.Context, model string, seq uint64) error
 	// InFlight is the number of requests model is serving.
 	InFlight(model string) int
+	// Waiting is the number of requests waiting in model's queue.
+	Waiting(model string) int
 }
 
 var _ Prober = (*probe.HTTP)(nil)
@@ -265,7 +267,9 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		for _, m := range h.Models {
 			if is := m.Instance; is != nil {
 				markers[is.Marker] = true
-				o.Reaper.adopt(is.PID)
+				if !is.Adopted { // one adopted after a crash is not our child
+					o.Reaper.adopt(is.PID)
+				}
 			}
 		}
 		s.handedOver.Store(&markers)
@@ -595,27 +599,17 @@ func (s *Supervisor) deliver(name string, p placement) {
 	}
 }
 
-// usage tells the scheduler whether a model may be put to sleep to make
-// room: on demand, not within min_awake of becoming ready, and when it was
-// last used (its last request, or when it became ready).
-func (s *Supervisor) usage(name string) (onDemand bool, protected string, lastUsed time.Time) {
+// usage tells the scheduler what decides whether a model may be put to
+// sleep to make room: whether it is on demand, its min_awake, its last
+// request and the requests waiting for it now. When it became ready is
+// the scheduler's own (Ready): a status is published later.
+func (s *Supervisor) usage(name string) modelUsage {
 	r := s.runner(name)
-	if r == nil {
-		return false, "", time.Time{}
-	}
-	st := r.status.Load()
 	cfg, ok := s.cfg.Load().Model(name)
-	if !ok || !st.OnDemand {
-		return false, "", time.Time{}
+	if r == nil || !ok || !cfg.OnDemand() {
+		return modelUsage{}
 	}
-	lastUsed = st.ReadyAt
-	if lr := r.lastRequestTime(); lr.After(lastUsed) {
-		lastUsed = lr
-	}
-	if awake := s.d.now().Sub(st.ReadyAt); awake < cfg.MinAwake {
-		protected = fmt.Sprintf("awake for %s (min_awake %s)", roundDuration(awake), cfg.MinAwake)
-	}
-	return true, protected, lastUsed
+	return modelUsage{onDemand: true, minAwake: cfg.MinAwake, lastRequest: r.lastRequestTime(), waiting: r.waiting()}
 }
 
 // evict tells victim to sleep to make room for forModel.

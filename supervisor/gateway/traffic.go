@@ -28,3 +28,14 @@ func (g *Gateway) InFlight(model string) int {
 	n, _ := rt.up.adm.load()
 	return n
 }
+
+// Waiting is the number of requests waiting in model's queue (for a slot,
+// or for the model to be ready).
+func (g *Gateway) Waiting(model string) int {
+	rt := g.table.Load().byName[model]
+	if rt == nil {
+		return 0
+	}
+	_, n := rt.up.adm.load()
+	return n
+}

@@ -6,11 +6,13 @@ package supervisortest
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -75,6 +77,14 @@ type Site struct {
 	YAML   string
 	Socket string
 	Models []Model
+	// Events is the fake models' shared event log (--fake-event-log).
+	Events string
+	// Ledger is the sim backend's usage_dir, the ledger of GPU memory the
+	// fakes keep (gpu.SimLedger); "" without the sim backend.
+	Ledger string
+	// Tolerate lists the event kinds (oom, misuse) a test provokes on
+	// purpose; any other is a failure at cleanup.
+	Tolerate []string
 }
 
 // Defaults are the test defaults: fast probes and restarts.
@@ -90,6 +100,8 @@ func NewSite(t testing.TB, top string, models ...Model) *Site {
 	t.Helper()
 	s := &Site{Dir: t.TempDir()}
 	s.Socket = filepath.Join(s.Dir, "s.sock")
+	s.Events = filepath.Join(s.Dir, "events.jsonl")
+	top, s.Ledger = withLedger(top, filepath.Join(s.Dir, "gpu-ledger"))
 	var b strings.Builder
 	// Only a top-level listen counts: "gateway: {listen: …}" is not one,
 	// and a daemon left on the default 127.0.0.1:9400 collides with any
@@ -124,7 +136,11 @@ func NewSite(t testing.TB, top string, models ...Model) *Site {
 		}
 		held = append(held, ln)
 		m.Port = ln.Addr().(*net.TCPAddr).Port
-		args := append([]string{"--fake-pid-dir", filepath.Join(s.Dir, "pids", m.Name)}, m.Fake...)
+		args := []string{"--fake-pid-dir", filepath.Join(s.Dir, "pids", m.Name), "--fake-event-log", s.Events}
+		if s.Ledger != "" && !slices.Contains(m.Fake, "--fake-usage-dir") {
+			args = append(args, "--fake-usage-dir", s.Ledger)
+		}
+		args = append(args, m.Fake...)
 		// vllm_port set explicitly: the value derived from random ports
 		// could clash between models, which validation rightly refuses.
 		fmt.Fprintf(&b, "  %s:\n    model: %s\n    port: %d\n    vllm_port: %d\n    args: [%s]\n",
@@ -141,7 +157,70 @@ func NewSite(t testing.TB, top string, models ...Model) *Site {
 	if err := os.WriteFile(s.Path, []byte(s.YAML), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// What no test may leave unsaid: a model that ran out of GPU memory
+	// (the supervisor overcommitted a GPU) or was misused (a request while
+	// asleep, a sleep mid-request). Checked last: cleanups run in reverse,
+	// so after the daemon and its models are gone.
+	t.Cleanup(func() {
+		for _, e := range s.ReadEvents(t) {
+			if (e.Ev == "oom" || e.Ev == "misuse") && !slices.Contains(s.Tolerate, e.Ev) {
+				t.Errorf("fake model %s (pid %d) reports %s: %v", e.Model, e.PID, e.Ev, e.More)
+			}
+		}
+	})
 	return s
+}
+
+// withLedger gives a sim backend without a usage_dir the ledger dir: the
+// fakes then keep the ledger of GPU memory and fail loudly on
+// out-of-memory. It returns top unchanged when it has no sim backend or
+// names its own usage_dir (which the ledger is then, if its models are
+// given --fake-usage-dir).
+func withLedger(top, dir string) (string, string) {
+	if !strings.Contains(top, "backend: sim") {
+		return top, ""
+	}
+	if i := strings.Index(top, "usage_dir: "); i >= 0 {
+		rest := top[i+len("usage_dir: "):]
+		if j := strings.IndexByte(rest, '\n'); j >= 0 {
+			rest = rest[:j]
+		}
+		return top, strings.Trim(strings.TrimSpace(rest), `"`)
+	}
+	const simKey = "\n  sim:\n"
+	i := strings.Index(top, simKey)
+	if i < 0 {
+		return top, ""
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return top, ""
+	}
+	i += len(simKey)
+	return top[:i] + "    usage_dir: " + dir + "\n" + top[i:], dir
+}
+
+// ReadEvents reads the fake models' event log.
+func (s *Site) ReadEvents(t testing.TB) []fakevllm.Event {
+	t.Helper()
+	b, err := os.ReadFile(s.Events)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []fakevllm.Event
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		if len(bytes.TrimSpace(line)) == 0 {
+			continue
+		}
+		var e fakevllm.Event
+		if err := json.Unmarshal(line, &e); err != nil {
+			t.Fatalf("event log %s: %v: %q", s.Events, err, line)
+		}
+		out = append(out, e)
+	}
+	return out
 }
 
 func quoteAll(ss []string) string {

@@ -66,6 +66,10 @@ type options struct {
 	tokenDelay      time.Duration // between generated tokens (and stream events)
 	tokens          int           // tokens generated when max_tokens is not given
 	sleep           sleepOptions  // vLLM's sleep mode (sleep.go)
+	eventLogPath    string        // --fake-event-log (memory.go)
+
+	events *eventLog  // the event log, nil without one
+	mem    *gpuMemory // its memory on the sim's ledger, nil without one
 
 	escapeEnv, undumpable, pidHop bool // start the hostile children
 
@@ -209,6 +213,10 @@ func parse(args []string) (*options, error) {
 			o.sleep.usageDir = next()
 		case "--fake-fail-wake":
 			o.sleep.failWake = true
+		case "--fake-sleep-time":
+			o.sleep.sleepTime, err = time.ParseDuration(next())
+		case "--fake-event-log":
+			o.eventLogPath = next()
 		case "--fake-sleep-residue":
 			o.sleep.residue, err = parseSize(next())
 		case "--fake-token-delay":
@@ -277,9 +285,10 @@ func logf(format string, args ...any) {
 }
 
 func runServer(o *options) int {
-	if o.sleep.usageDir != "" {
-		// The sim GPU backend must not count a residue for a process gone.
-		defer os.Remove(filepath.Join(o.sleep.usageDir, strconv.Itoa(os.Getpid()))) //nolint:errcheck // gone is the goal
+	var err error
+	if o.events, err = openEventLog(o.eventLogPath, o.servedName); err != nil {
+		fmt.Fprintln(os.Stderr, "fake-vllm:", err)
+		return 1
 	}
 	logf("vLLM API server version %s (fake), args: model=%s tp=%d gpu_memory_utilization=%.2f max_model_len=%d",
 		o.version, o.model, o.tp, o.gpuUtil, o.maxModelLen)
@@ -292,6 +301,14 @@ func runServer(o *options) int {
 		fmt.Fprint(os.Stderr, tb)
 		return 1
 	}
+	if o.mem, err = newGPUMemory(o, o.events); err != nil {
+		fmt.Fprintln(os.Stderr, "fake-vllm:", err)
+		return 1
+	}
+	// The sim GPU backend must not count memory for a process gone.
+	defer o.mem.release()
+	o.events.log("start", map[string]any{"gpus": os.Getenv("CUDA_VISIBLE_DEVICES")})
+	defer o.events.log("exit", nil)
 	if o.envFile != "" {
 		if err := dumpEnv(o.envFile); err != nil {
 			fmt.Fprintln(os.Stderr, "fake-vllm:", err)
@@ -338,7 +355,6 @@ func runServer(o *options) int {
 
 	start := time.Now()
 	var ln net.Listener
-	var err error
 	var bound *boundSocket
 	if o.bindEarly {
 		// vLLM binds its socket before loading the weights (so Ray cannot
@@ -350,6 +366,8 @@ func runServer(o *options) int {
 		}
 	}
 	logf("Loading weights from %s (%s)", o.model, o.loadTime)
+	// vLLM takes its memory as it loads: out of memory ends the start.
+	o.mem.take("load")
 	if code, stop := waitOrSignal(o, sigs, o.loadTime); stop {
 		return code
 	}
@@ -368,6 +386,7 @@ func runServer(o *options) int {
 	srv := &http.Server{Handler: newHandler(o, start), ReadHeaderTimeout: 5 * time.Second}
 	go srv.Serve(ln) //nolint:errcheck // ends with the process
 	logf("Starting vLLM API server on http://%s", ln.Addr())
+	o.events.log("serving", nil)
 	go chatter(o)
 
 	var crash <-chan time.Time
@@ -407,6 +426,7 @@ func waitOrSignal(o *options, sigs chan os.Signal, d time.Duration) (int, bool) 
 }
 
 func onSignal(o *options, s os.Signal) (int, bool) {
+	o.events.log("signal", map[string]any{"signal": s.String()})
 	if s == syscall.SIGTERM && o.ignoreSIGTERM {
 		logf("received SIGTERM, ignoring it")
 		return 0, false
@@ -477,13 +497,17 @@ func newHandler(o *options, start time.Time) http.Handler {
 				<-r.Context().Done()
 				return
 			}
+			client := r.Header.Get("X-Fake-Client")
 			if o.devMode() {
-				if !sm.admit(w) {
+				if !sm.admit(w, client) {
 					return
 				}
 				defer sm.done()
 			}
-			api.serve(w, r, kind)
+			id := api.seq.Add(1)
+			o.events.log("req", map[string]any{"id": id, "client": client})
+			defer o.events.log("req_end", map[string]any{"id": id, "client": client})
+			api.serve(w, r, kind, id)
 		})
 	}
 	mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
@@ -700,7 +724,7 @@ type inference struct {
 	seq      atomic.Int64
 }
 
-func (a *inference) serve(w http.ResponseWriter, r *http.Request, kind string) {
+func (a *inference) serve(w http.ResponseWriter, r *http.Request, kind string, id int64) {
 	if r.Method != http.MethodPost {
 		http.Error(w, "use POST", http.StatusMethodNotAllowed)
 		return
@@ -724,7 +748,6 @@ func (a *inference) serve(w http.ResponseWriter, r *http.Request, kind string) {
 	}
 	a.running.Add(1)
 	defer a.running.Add(-1)
-	id := a.seq.Add(1)
 	n := a.o.tokens
 	if req.MaxTokens > 0 {
 		n = req.MaxTokens

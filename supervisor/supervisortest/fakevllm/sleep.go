@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -23,14 +22,22 @@ import (
 // takes, by the level slept at); --fake-model-bytes (the weights' size: a
 // level-1 sleeper allocates it in host memory, as vLLM pins the weights
 // there; reported in /fake/stats; 0 by default);
-// --fake-usage-dir and --fake-sleep-residue (for the sim GPU backend: while
-// asleep the fake writes <dir>/<pid> with the GPU memory it still holds).
+// --fake-usage-dir and --fake-sleep-residue (the sim GPU backend's ledger:
+// while asleep the fake holds only its residue there; awake, its share, and
+// a wake that does not fit exits as CUDA does, memory.go); --fake-sleep-time
+// (how long /sleep takes: /is_sleeping says false until it is done, as
+// vLLM's does).
 type sleepMode struct {
 	o        *options
 	inFlight atomic.Int64 // inference requests running (admitted under mu)
+	// engine is held through each /sleep and /wake_up: vLLM's engine core
+	// runs one such call at a time, so a wake sent during a sleep runs
+	// once the sleep is done.
+	engine sync.Mutex
 
 	mu        sync.Mutex
 	asleep    bool
+	going     bool // a /sleep is in progress: the engine is busy moving its memory
 	level     int
 	needWake  map[string]bool // tags still to wake: weights, kv_cache
 	discarded bool            // level 2: weights dropped and not reloaded yet
@@ -49,6 +56,7 @@ type sleepOptions struct {
 	usageDir   string
 	residue    int64
 	failWake   bool // --fake-fail-wake: every /wake_up fails (the memory was taken)
+	sleepTime  time.Duration
 }
 
 // parseSize reads 2GiB, 512MiB or a byte count.
@@ -138,13 +146,28 @@ func (s *sleepMode) sleep(w http.ResponseWriter, r *http.Request) {
 		}
 		level = n
 	}
+	s.engine.Lock()
+	defer s.engine.Unlock()
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if n := s.inFlight.Load(); n > 0 {
 		s.refusedSleeps.Add(1)
+		s.o.events.log("misuse", map[string]any{"what": "sleep with requests in flight", "in_flight": n})
 		s.loud(w, fmt.Sprintf("told to sleep with %d requests in flight (this crashes TP>1 engines)", n))
+		s.mu.Unlock()
 		return
 	}
+	s.going = true
+	s.mu.Unlock()
+	s.o.events.log("sleep_begin", map[string]any{"level": level})
+	if d := s.o.sleep.sleepTime; d > 0 {
+		// vLLM's /sleep returns once the memory is moved; /is_sleeping
+		// says false meanwhile. The engine goes on when the caller goes
+		// away (a daemon killed mid-sleep).
+		time.Sleep(d)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.going = false
 	s.asleep, s.level = true, level
 	s.needWake = map[string]bool{"weights": true, "kv_cache": true}
 	s.discarded = level == 2
@@ -157,7 +180,8 @@ func (s *sleepMode) sleep(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	s.sleeps.Add(1)
-	s.writeUsage()
+	s.o.mem.keep(uint64(s.o.sleep.residue))
+	s.o.events.log("sleep", map[string]any{"level": level})
 	logf("sleeping at level %d", level)
 	w.WriteHeader(http.StatusOK)
 }
@@ -173,6 +197,8 @@ func (s *sleepMode) wakeUp(w http.ResponseWriter, r *http.Request) {
 	if len(tags) == 0 {
 		tags = []string{"weights", "kv_cache"}
 	}
+	s.engine.Lock()
+	defer s.engine.Unlock()
 	s.mu.Lock()
 	level := s.level
 	s.mu.Unlock()
@@ -191,10 +217,12 @@ func (s *sleepMode) wakeUp(w http.ResponseWriter, r *http.Request) {
 		delete(s.needWake, t)
 	}
 	if s.asleep && len(s.needWake) == 0 {
+		// The memory comes back: out of memory if another took it.
+		s.o.mem.take("wake")
 		s.asleep = false
 		s.hostMem = nil
 		s.wakes[min(max(level, 1), 2)].Add(1)
-		s.removeUsage()
+		s.o.events.log("wake", map[string]any{"level": level})
 		logf("awake (slept at level %d)", level)
 	}
 	w.WriteHeader(http.StatusOK)
@@ -202,16 +230,18 @@ func (s *sleepMode) wakeUp(w http.ResponseWriter, r *http.Request) {
 
 // admit says whether an inference request may run: not while asleep, not
 // with weights discarded and never reloaded. It answers the refusal.
-func (s *sleepMode) admit(w http.ResponseWriter) bool {
+func (s *sleepMode) admit(w http.ResponseWriter, client string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	switch {
-	case s.asleep:
+	case s.asleep, s.going:
 		s.refusedAsleep.Add(1)
+		s.o.events.log("misuse", map[string]any{"what": "inference request while asleep", "client": client})
 		s.loud(w, "inference request while asleep (a real engine has crashed on this)")
 		return false
 	case s.discarded:
 		s.garbage.Add(1)
+		s.o.events.log("misuse", map[string]any{"what": "inference request with discarded weights", "client": client})
 		s.loud(w, "weights were discarded (sleep level 2) and not reloaded")
 		return false
 	}
@@ -222,27 +252,3 @@ func (s *sleepMode) admit(w http.ResponseWriter) bool {
 
 // done ends a request admit let in.
 func (s *sleepMode) done() { s.inFlight.Add(-1) }
-
-// usageFile is where the sim GPU backend reads this process's GPU memory
-// while it sleeps.
-func (s *sleepMode) usageFile() string {
-	if s.o.sleep.usageDir == "" {
-		return ""
-	}
-	return filepath.Join(s.o.sleep.usageDir, strconv.Itoa(os.Getpid()))
-}
-
-func (s *sleepMode) writeUsage() {
-	if f := s.usageFile(); f != "" {
-		b, _ := json.Marshal(map[string]int64{"bytes": s.o.sleep.residue})
-		if err := os.WriteFile(f, b, 0o644); err != nil {
-			fmt.Fprintln(os.Stderr, "fake-vllm: usage file:", err)
-		}
-	}
-}
-
-func (s *sleepMode) removeUsage() {
-	if f := s.usageFile(); f != "" {
-		os.Remove(f) //nolint:errcheck // gone is the goal
-	}
-}

@@ -1,0 +1,182 @@
+package supervisor
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"citadel-supervisor/config"
+)
+
+// The swap core's transitions, step by step on an injected clock.
+
+// TestMachineEvictWithinMinAwakeDeclined: an eviction that reaches a model
+// within min_awake of becoming ready (by its own clock) is declined; past
+// it, the model goes to sleep.
+func TestMachineEvictWithinMinAwakeDeclined(t *testing.T) {
+	mt := newODTest(t).toODReady()
+	mt.now = mt.now.Add(59 * time.Second)
+	mt.expect(evEvict{forModel: "b"}, "decline")
+	mt.state(Ready)
+	mt.now = mt.now.Add(time.Second)
+	mt.expect(evEvict{forModel: "b"}, "disarm(tick) disarm(idle) sleep(1,evicted)")
+}
+
+// TestMachineReadyCarriesItsInstant: the scheduler is told when the model
+// became ready, with the ready itself.
+func TestMachineReadyCarriesItsInstant(t *testing.T) {
+	mt := newODTest(t).toWaking()
+	mt.now = mt.now.Add(3 * time.Second)
+	for _, ef := range mt.step(evWoke{inst: mt.m.inst}) {
+		if r, ok := ef.(efReady); ok {
+			if !r.at.Equal(mt.now) {
+				t.Errorf("ready at %s, want %s", r.at, mt.now)
+			}
+			return
+		}
+	}
+	t.Error("no ready effect")
+}
+
+// TestMachineSleeperExitStaysStopped: a sleeper's process that exits is
+// cleaned up and the model stays stopped (idle, not held) until a request;
+// its exit is counted and kept. One that exits while waking (a request
+// wants it) starts again.
+func TestMachineSleeperExitStaysStopped(t *testing.T) {
+	mt := newODTest(t).toAsleep()
+	inst := mt.m.inst
+	mt.expect(evExited{inst: inst, exit: exitInfo{code: 137, desc: "killed by SIGKILL"}}, "disarm(tick) disarm(deadline) disarm(idle) stop(rest)")
+	mt.expect(evStopped{inst: inst}, "release")
+	mt.state(Stopped)
+	if st := mt.m.status(); st.Held || !strings.Contains(st.Reason, "exited while asleep (killed by SIGKILL)") || st.RestartsByReason[ReasonExit] != 1 {
+		t.Errorf("after: held=%v reason %q restarts %v", st.Held, st.Reason, st.RestartsByReason)
+	}
+	mt.expect(evDemand{}, "disarm(tick) check")
+
+	// Waking: requests wait for it, so it restarts.
+	mt = newODTest(t).toWakingAwaiting()
+	mt.expect(evExited{inst: mt.m.inst, exit: exitInfo{code: 1, desc: "exit code 1"}}, "disarm(tick) disarm(deadline) disarm(idle) stop(rest)")
+	mt.expect(evStopped{inst: mt.m.inst}, "release(keep) arm(tick,10s)")
+	mt.state(Backoff)
+}
+
+// TestMachineSleptWithWaitersWakesAgain: a model that falls asleep while
+// requests wait in its queue (nothing else would ask for it) is woken at
+// once; one stopped (sleep_level 0) with waiters starts again.
+func TestMachineSleptWithWaitersWakesAgain(t *testing.T) {
+	mt := newODTest(t).toGoingToSleep()
+	mt.expect(evSlept{waiting: 2}, "slept(1,idle) want(2)")
+	mt.state(Waking)
+
+	mt = newODTest(t)
+	cfg := onDemandCfg()
+	cfg.SleepLevel = 0
+	mt.m.cfg = cfg
+	mt.toODReady()
+	mt.now = mt.now.Add(time.Hour)
+	mt.step(evIdle{})
+	mt.expect(evStopped{inst: mt.m.inst, waiting: 1}, "release(keep) disarm(tick) check")
+	mt.state(Pending)
+}
+
+// TestMachineSleepLevelIsPolicy: sleep_level is read at each sleep: a
+// change between 1 and 2 applies at the next; a process started without
+// sleep mode (sleep_level 0 then) is stopped instead, whatever the level
+// now; an update re-digests the running process.
+func TestMachineSleepLevelIsPolicy(t *testing.T) {
+	mt := newODTest(t).toODReady()
+	two := onDemandCfg()
+	two.SleepLevel = 2
+	mt.expect(evConfig{cfg: two, kind: config.Update}, "redigest")
+	mt.now = mt.now.Add(time.Hour)
+	mt.expect(evIdle{}, "disarm(tick) disarm(idle) sleep(2,idle)")
+
+	mt = newODTest(t)
+	zero := onDemandCfg()
+	zero.SleepLevel = 0
+	mt.m.cfg = zero
+	mt.toODReady() // started without sleep mode
+	mt.step(evConfig{cfg: onDemandCfg(), kind: config.Update})
+	mt.now = mt.now.Add(time.Hour)
+	mt.expect(evIdle{}, "disarm(tick) disarm(deadline) disarm(idle) stop(term) slept(0,idle)")
+}
+
+// TestMachineReloadOfASleeperStopsIt: a reload that changes a sleeping
+// on-demand model stops it; it starts at its next request, not now.
+func TestMachineReloadOfASleeperStopsIt(t *testing.T) {
+	mt := newODTest(t).toAsleep()
+	changed := onDemandCfg()
+	changed.MaxModelLen = 4096
+	mt.expect(evConfig{cfg: changed, kind: config.Respawn}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.expect(evStopped{inst: mt.m.inst}, "release")
+	mt.state(Stopped)
+	if st := mt.m.status(); st.Held || st.RestartsByReason[ReasonReload] != 1 {
+		t.Errorf("held=%v restarts %v", st.Held, st.RestartsByReason)
+	}
+}
+
+// TestMachineWakeBound: a wake's bound is wake_timeout when set; else 2
+// minutes before any wake, then four times the slowest recent wake (at
+// least 30 s), never more than half of startup_timeout. A wake past it,
+// or whose engine stops answering probes, fails: the model starts cold.
+func TestMachineWakeBound(t *testing.T) {
+	mt := newODTest(t).toWakingAwaiting()
+	mt.expect(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}}, "wake(1,2m0s) arm(deadline,2m0s) arm(tick,10s)")
+	mt.now = mt.now.Add(20 * time.Second)
+	mt.step(evWoke{inst: mt.m.inst})
+	if got := mt.m.wakeBound(1); got != 80*time.Second {
+		t.Errorf("after a 20 s wake: bound %s, want 1m20s", got)
+	}
+	mt.m.noteWake(1, time.Second)
+	if got := mt.m.wakeBound(1); got != 80*time.Second {
+		t.Errorf("the slowest recent wake counts: %s", got)
+	}
+	if got := mt.m.wakeBound(2); got != 2*time.Minute {
+		t.Errorf("level 2, no wake yet: %s", got)
+	}
+	for range wakeHistory {
+		mt.m.noteWake(1, time.Second)
+	}
+	if got := mt.m.wakeBound(1); got != wakeTimeoutFloor {
+		t.Errorf("fast wakes: %s, want the floor %s", got, wakeTimeoutFloor)
+	}
+	mt.m.cfg.Probe.StartupTimeout = 40 * time.Second
+	if got := mt.m.wakeBound(2); got != 20*time.Second {
+		t.Errorf("startup_timeout 40s: %s, want 20s", got)
+	}
+	mt.m.cfg.WakeTimeout = 7 * time.Second
+	if got := mt.m.wakeBound(1); got != 7*time.Second {
+		t.Errorf("wake_timeout 7s: %s", got)
+	}
+
+	// Past its bound: started cold, counted.
+	mt = newODTest(t).toWaking()
+	mt.now = mt.now.Add(2 * time.Minute)
+	mt.expect(evTimer{deadline}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	if st := mt.m.status(); !strings.Contains(st.Reason, "wake failed: not awake within 2m0s") || st.RestartsByReason[ReasonWake] != 1 {
+		t.Errorf("reason %q restarts %v", st.Reason, st.RestartsByReason)
+	}
+	mt.expect(evStopped{inst: mt.m.inst}, "release(keep) disarm(tick) check")
+	mt.state(Pending)
+
+	// Probed while it wakes: failure_threshold failures fail the wake.
+	mt = newODTest(t).toWaking()
+	inst := mt.m.inst
+	mt.expect(evTimer{tick}, "arm(tick,10s) probe")
+	mt.expect(evProbed{inst: inst, err: errors.New("timeout")}, "observe")
+	mt.step(evTimer{tick})
+	mt.expect(evProbed{inst: inst}, "observe")
+	for range 2 {
+		mt.step(evTimer{tick})
+		mt.expect(evProbed{inst: inst, err: errors.New("timeout")}, "observe")
+	}
+	mt.step(evTimer{tick})
+	mt.expect(evProbed{inst: inst, err: errors.New("timeout")}, "observe disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	if !strings.Contains(mt.m.reason, "probe failed 3/3 while waking") {
+		t.Errorf("reason %q", mt.m.reason)
+	}
+	// The wake's own answer, late, changes nothing.
+	mt.expect(evWoke{inst: inst}, "")
+	mt.state(Stopping)
+}
