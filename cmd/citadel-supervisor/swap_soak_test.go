@@ -287,7 +287,8 @@ func (k *swapSoak) faultLoop(ctx context.Context) {
 		began := time.Now()
 		switch f := k.rng.IntN(100); {
 		case f < 10:
-			k.op(api.OpRestart, model, true)
+			// A planned stop drains the model first: nothing is cut.
+			k.op(api.OpRestart, model, false)
 		case f < 18:
 			k.op(api.OpSleep, model, false)
 		case f < 24:
@@ -380,16 +381,14 @@ func (k *swapSoak) stopStart(ctx context.Context, model string) {
 }
 
 // reloadEnv changes a model's environment: a reload restarts it (a
-// sleeper is stopped and starts at its next request).
+// sleeper is stopped and starts at its next request), drained first.
 func (k *swapSoak) reloadEnv(model string) {
 	k.mu.Lock()
 	k.reloadSeq++
 	k.yaml = editModelKey(k.yaml, model, "env", fmt.Sprintf(`{SOAK: "%d"}`, k.reloadSeq))
 	k.mu.Unlock()
-	from := time.Now()
-	err := k.reload()
-	k.markHit(model, from, time.Now().Add(2*time.Second))
-	k.count("reload (env)" + errSuffix(err))
+	// Its restart drains it first: nothing is cut.
+	k.count("reload (env)" + errSuffix(k.reload()))
 }
 
 // reloadSleepLevel moves a sleeping model between levels 1 and 2: it keeps

@@ -160,7 +160,7 @@ func NewSite(t testing.TB, top string, models ...Model) *Site {
 	// so after the daemon and its models are gone.
 	t.Cleanup(func() {
 		for _, e := range s.ReadEvents(t) {
-			if (e.Ev == "oom" || e.Ev == "misuse") && !slices.Contains(s.Tolerate, e.Ev) {
+			if (e.Ev == "oom" || e.Ev == "misuse" || e.Ev == "profile_failed") && !slices.Contains(s.Tolerate, e.Ev) {
 				t.Errorf("fake model %s (pid %d) reports %s: %v", e.Model, e.PID, e.Ev, e.More)
 			}
 		}

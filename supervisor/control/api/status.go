@@ -61,6 +61,13 @@ type Status struct {
 	LastRequest time.Time `json:"last_request,omitzero"`
 	// SleepLevel is the vLLM sleep level it sleeps at, while sleeping.
 	SleepLevel int `json:"sleep_level,omitempty"`
+	// Canary says how a wake of its current process is proven: "known
+	// answer" (recorded after its start: a wake must give it again), or
+	// why any answer will do (not deterministic, not recorded).
+	Canary string `json:"canary,omitempty"`
+	// WakeFailures counts its failed wakes (restarted cold) since the
+	// daemon started.
+	WakeFailures int `json:"wake_failures,omitempty"`
 	// Seq numbers the model's published snapshots, in order (the daemon's
 	// own bookkeeping; not on the wire).
 	Seq uint64 `json:"-"`
