@@ -647,10 +647,16 @@ func (l *loop) sleepLevel(level, deepest int) (int, string) {
 }
 
 // drainBudget is how much of stop_timeout a planned stop's drain may take:
-// the rest (half of it, at most 5 s) is left to the SIGTERM grace, in
-// which vLLM shuts its engine down and gives its GPU memory back.
+// the rest is left to the SIGTERM grace.
 func drainBudget(stopTimeout time.Duration) time.Duration {
-	return stopTimeout - min(stopTimeout/2, 5*time.Second)
+	return stopTimeout - sigtermGrace(stopTimeout)
+}
+
+// sigtermGrace is the part of stop_timeout left between SIGTERM and
+// SIGKILL after a planned stop's drain (half of it, at most 5 s), in which
+// vLLM shuts its engine down and gives its GPU memory back.
+func sigtermGrace(stopTimeout time.Duration) time.Duration {
+	return min(stopTimeout/2, 5*time.Second)
 }
 
 // engineGrace is how long a drain waits for an engine that does not say

@@ -71,6 +71,7 @@ type options struct {
 	extraGPU         int64         // --fake-extra-gpu-memory: held beyond the share (vllm#40256)
 	abortDelay       time.Duration // --fake-abort-delay: an engine notices a client gone this late (vLLM: at its next write to it)
 	shutdownTimeout  time.Duration // vLLM's --shutdown-timeout (0.18): drain in-flight requests at SIGTERM
+	shutdownFlag     bool          // --shutdown-timeout was given (argparse knows it from 0.18.0)
 	breakOnWake      bool          // --fake-break-on-wake: every wake leaves it answering garbage
 	nondeterministic bool          // --fake-nondeterministic: no two answers alike
 	embeddingOnly    bool          // --fake-embedding-only: a pooling model: no completions
@@ -232,6 +233,7 @@ func parse(args []string) (*options, error) {
 			var secs int
 			secs, err = strconv.Atoi(next())
 			o.shutdownTimeout = time.Duration(secs) * time.Second
+			o.shutdownFlag = true
 		case "--fake-break-on-wake":
 			o.breakOnWake = true
 		case "--fake-nondeterministic":
@@ -316,6 +318,11 @@ func runServer(o *options) int {
 	if o.sleep.enabled && !o.release.atLeast("0.7.0") {
 		// argparse, before anything else (vllm#11743 added the flag).
 		fmt.Fprintf(os.Stderr, "usage: api_server.py [-h] ...\napi_server.py: error: unrecognized arguments: --enable-sleep-mode\n")
+		return 2
+	}
+	if o.shutdownFlag && !o.release.atLeast("0.18.0") {
+		// argparse again (vllm#34730 added the flag, in 0.18.0).
+		fmt.Fprintf(os.Stderr, "usage: api_server.py [-h] ...\napi_server.py: error: unrecognized arguments: --shutdown-timeout\n")
 		return 2
 	}
 	if tb, ok := checkVisibleDevices(o.release); !ok {
