@@ -93,7 +93,11 @@ func (m *machine) spawnConfig() config.Model {
 	if c.OnDemand() && c.SleepLevel > 0 {
 		c.SleepLevel, _ = m.vllm.version.SleepLevel(c.SleepLevel)
 	}
-	if m.vllm.version.Has(vllm.ShutdownTimeout) && !hasFlag(c.Args, "--shutdown-timeout") {
+	// Only on a version learned, never one assumed (the newest, while the
+	// lookup could not tell): an older vLLM would exit at start on the
+	// flag and go on doing so until the start limit failed it. The first
+	// GET /version settles it for the next spawn.
+	if m.vllm.source != VersionAssumed && m.vllm.version.Has(vllm.ShutdownTimeout) && !hasFlag(c.Args, "--shutdown-timeout") {
 		secs := max(int((sigtermGrace(c.StopTimeout)-time.Second)/time.Second), 1)
 		c.Args = append(slices.Clip(c.Args), "--shutdown-timeout", strconv.Itoa(secs))
 	}

@@ -128,9 +128,9 @@ func TestMachineSpawnConfigDropsSleepModeFlag(t *testing.T) {
 
 // TestSpawnConfigShutdownTimeout: from vLLM 0.18 a spawn passes
 // --shutdown-timeout, the SIGTERM grace of stop_timeout less a second, as a
-// second line of defence behind the drain; never to an older or unknown
-// vLLM (it would exit at start on the unknown flag), and never over the
-// operator's own.
+// second line of defence behind the drain; never to an older, unknown or
+// merely assumed vLLM (it would exit at start on the unknown flag, again
+// and again), and never over the operator's own.
 func TestSpawnConfigShutdownTimeout(t *testing.T) {
 	for _, tc := range []struct {
 		version string
@@ -143,11 +143,17 @@ func TestSpawnConfigShutdownTimeout(t *testing.T) {
 		{"0.17.1", 30 * time.Second, nil, nil},
 		{"", 30 * time.Second, nil, nil},
 		{"0.20.1", 30 * time.Second, []string{"--shutdown-timeout=60"}, []string{"--shutdown-timeout=60"}},
+		{"assumed", 30 * time.Second, nil, nil},
 	} {
 		mt := newMTest(t)
 		mt.m.cfg.StopTimeout, mt.m.cfg.Args = tc.stop, tc.args
-		mt.m.vllm = vllmInfo{} // not learned yet
-		if tc.version != "" {
+		switch tc.version {
+		case "":
+			mt.m.vllm = vllmInfo{} // not learned yet
+		case "assumed":
+			// The lookup could not tell: the newest, until GET /version.
+			mt.m.vllm = vllmInfo{version: vllm.Newest, source: VersionAssumed}
+		default:
 			mt.m.vllm = vllmInfo{version: vllm.MustParse(tc.version), source: VersionFromPackage}
 		}
 		if got := mt.m.spawnConfig().Args; !slices.Equal(got, tc.want) {
