@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/gpu"
 	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/control/client"
 	"citadel-supervisor/supervisor/supervisortest"
@@ -81,6 +82,18 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 			t.Fatal(err)
 		}
 	}
+	// This build's fake-vllm keeps the sim's ledger of GPU memory and
+	// needs the GPUs it declares (devices.json), which this build's sim
+	// backend writes when the daemon starts and the earlier one did not.
+	cfg, err := config.Parse([]byte(s.YAML), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gpu.NewSim(cfg.GPU, nil)
+	if _, err := os.Stat(filepath.Join(usage, "devices.json")); err != nil {
+		t.Fatal(err)
+	}
+
 	install(old)
 	d := s.startCmd(func(cmd *exec.Cmd) { cmd.Path, cmd.Args[0] = exe, exe })
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
