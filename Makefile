@@ -37,6 +37,12 @@ vet:
 	@$(GO) mod tidy -diff >/dev/null || { echo "go.mod/go.sum are not tidy:"; $(GO) mod tidy -diff; exit 1; }
 	@test -z "$$(gofmt -l $(GOFILES))" || { echo "gofmt needed:"; gofmt -l $(GOFILES); exit 1; }
 
+# A process built with -race sleeps a second at its exit by default (so that
+# goroutines still running can report races); every test binary and every
+# process the tests start from one is such a process. Races are reported
+# all the same. A GORACE of your own still wins.
+RACE_EXIT := atexit_sleep_ms=0
+
 # The tests run with a TMPDIR of their own, so every process they start
 # names it; .ci/test-procs fails if any is still running afterwards (none
 # may be: the tests kill what they start, also what a SIGKILLed daemon left).
@@ -48,7 +54,7 @@ docs:
 
 test: vet check-deploy
 	@d=$$(mktemp -d /tmp/citadel-test.XXXXXX) && \
-	TMPDIR=$$d $(GO) test -race -count=1 ./... && \
+	TMPDIR=$$d GORACE="$(RACE_EXIT) $$GORACE" $(GO) test -race -count=1 ./... && \
 	TMPDIR=$$d $(MAKE) --no-print-directory fuzz-short && \
 	.ci/test-procs $$d && rm -rf $$d
 

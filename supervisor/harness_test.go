@@ -21,6 +21,7 @@ var testReaper *Reaper
 
 func TestMain(m *testing.M) {
 	supervisortest.RunFakeIfAsked()
+	supervisortest.ExitWithoutDelay()
 	r, err := NewReaper()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "NewReaper:", err)

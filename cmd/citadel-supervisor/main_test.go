@@ -30,6 +30,7 @@ const roleEnv = "CITADEL_TEST_AS_DAEMON"
 
 func TestMain(m *testing.M) {
 	supervisortest.RunFakeIfAsked()
+	supervisortest.ExitWithoutDelay()
 	if os.Getenv(roleEnv) == "1" {
 		// An upgrade test installs a copy of this binary with a version
 		// beside it (restore_test.go).

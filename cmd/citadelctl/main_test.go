@@ -41,6 +41,7 @@ const clientEnv = "CITADELCTL_TEST_AS_CLIENT"
 
 func TestMain(m *testing.M) {
 	supervisortest.RunFakeIfAsked()
+	supervisortest.ExitWithoutDelay()
 	if os.Getenv(clientEnv) == "1" {
 		os.Exit(run(context.Background(), os.Args[1:], nil, os.Stdout, os.Stderr))
 	}

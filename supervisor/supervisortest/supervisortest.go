@@ -38,6 +38,21 @@ func RunFakeIfAsked() {
 	}
 }
 
+// ExitWithoutDelay makes the processes a test starts from now on exit at
+// once when they are built with the race detector. By default
+// (GORACE=atexit_sleep_ms=1000) every instrumented process sleeps a second
+// at its exit, so that goroutines still running can report races; every
+// fake model, daemon and client of the real-process tests is this test
+// binary, built with -race, so each stop of a model took a second longer,
+// and those seconds were most of a real-process test's time. A race is
+// still reported when it happens, and the process still exits 66; only the
+// wait at exit goes. A TestMain calls it before m.Run. Options the caller
+// set in GORACE still win: they come after, and the last of an option
+// counts.
+func ExitWithoutDelay() {
+	os.Setenv("GORACE", strings.TrimSpace("atexit_sleep_ms=0 "+os.Getenv("GORACE"))) //nolint:errcheck // cannot fail for this name
+}
+
 // WaitFor polls cond until it holds or d passes. Every wait in the tests has
 // a deadline; none sleeps to synchronise.
 func WaitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
