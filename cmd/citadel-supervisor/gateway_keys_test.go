@@ -55,7 +55,7 @@ func TestGatewayKeysInTheDaemon(t *testing.T) {
 	}
 
 	// The file's new policy: team-a may use b, without a rate limit.
-	y := strings.Replace(s.YAML, "team-a: {models: [a], requests_per_minute: 2}", "team-a: {models: [a, b]}", 1)
+	y := s.Edit(t, supervisortest.Set("gateway.keys.team-a", map[string]any{"models": []string{"a", "b"}}))
 	if err := os.WriteFile(s.Path, []byte(y), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -109,7 +109,7 @@ func (s *site) startWrapped(wrapper []string, args ...string) *daemon {
 func (s *site) startCmd(prep func(cmd *exec.Cmd)) *daemon {
 	s.t.Helper()
 	cmd := exec.Command(os.Args[0], "--config", s.Path)
-	cmd.Env = append(os.Environ(), roleEnv+"=1")
+	cmd.Env = supervisortest.DaemonEnviron(roleEnv + "=1")
 	if prep != nil {
 		prep(cmd)
 	}
@@ -258,7 +258,7 @@ func TestSIGHUPReloadsOverTheSocket(t *testing.T) {
 	})
 
 	// An invalid file changes nothing.
-	if err := os.WriteFile(s.Path, []byte(s.YAML+"bogus: 1\n"), 0o644); err != nil {
+	if err := os.WriteFile(s.Path, []byte(s.Edit(t, supervisortest.Set("bogus", 1))), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // the daemon's log says
@@ -270,7 +270,7 @@ func TestSIGHUPReloadsOverTheSocket(t *testing.T) {
 	}
 
 	// A valid change restarts only b.
-	next := strings.Replace(s.YAML, "  b:\n", "  b:\n    env: {EXTRA: \"1\"}\n", 1)
+	next := s.Edit(t, supervisortest.Set("models.b.env.EXTRA", "1"))
 	if err := os.WriteFile(s.Path, []byte(next), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -403,7 +403,7 @@ func TestMetricsOfARunningDaemon(t *testing.T) {
 	}
 
 	// A reload that removes b leaves no series of b behind.
-	next := s.YAML[:strings.Index(s.YAML, "  b:\n")]
+	next := s.Edit(t, supervisortest.Delete("models.b"))
 	if err := os.WriteFile(s.Path, []byte(next), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -502,7 +502,7 @@ func TestSystemdNotifySequence(t *testing.T) {
 	envDump := filepath.Join(t.TempDir(), "env.json")
 	s := newSite(t, testModel{Name: "a", Fake: []string{"--fake-load-time", "500ms", "--fake-env-file", envDump}})
 	cmd := exec.Command(os.Args[0], "--config", s.Path)
-	cmd.Env = append(os.Environ(), roleEnv+"=1", "NOTIFY_SOCKET="+sockPath, "WATCHDOG_USEC=2000000", "WATCHDOG_PID=")
+	cmd.Env = supervisortest.DaemonEnviron(roleEnv+"=1", "NOTIFY_SOCKET="+sockPath, "WATCHDOG_USEC=2000000", "WATCHDOG_PID=")
 	d := &daemon{cmd: cmd, log: &supervisortest.SyncBuffer{}, done: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = d.log, d.log
 	if err := cmd.Start(); err != nil {

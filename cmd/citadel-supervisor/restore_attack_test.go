@@ -59,14 +59,10 @@ func (in *installedDaemon) start(s *site, args ...string) *daemon {
 	})
 }
 
-// withoutLast is s's configuration without its last model, name.
-func withoutLast(t *testing.T, s *site, name string) string {
+// without is s's configuration without the model name.
+func without(t *testing.T, s *site, name string) string {
 	t.Helper()
-	i := strings.Index(s.YAML, "\n  "+name+":\n")
-	if i < 0 || name != s.Models[len(s.Models)-1].Name {
-		t.Fatalf("%s is not the last model of\n%s", name, s.YAML)
-	}
-	return s.YAML[:i+1]
+	return s.Edit(t, supervisortest.Delete("models."+name))
 }
 
 // TestUpgradeWhileTakeoverStopsARemovedModel: the new image of an upgrade
@@ -363,7 +359,7 @@ func crashAdoptionCornerCases(t *testing.T, mode string) {
 
 	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 	first.wait(t)
-	cfg := strings.Replace(withoutLast(t, s, "r"), "\n  a:\n", "\n  a:\n    enabled: false\n", 1)
+	cfg := s.Edit(t, supervisortest.Delete("models.r"), supervisortest.Set("models.a.enabled", false))
 	if err := os.WriteFile(s.Path, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -432,7 +428,7 @@ func crashAdoptionCornerCases(t *testing.T, mode string) {
 
 	leftovers := func(result string) (int, string) {
 		cmd := exec.Command(os.Args[0], "--config", s.Path, "--stop-leftovers")
-		cmd.Env = append(os.Environ(), roleEnv+"=1", "SERVICE_RESULT="+result)
+		cmd.Env = supervisortest.DaemonEnviron(roleEnv+"=1", "SERVICE_RESULT="+result)
 		out, _ := cmd.CombinedOutput()
 		return cmd.ProcessState.ExitCode(), string(out)
 	}
@@ -544,7 +540,7 @@ func TestUpgradeForgetsARemovedModel(t *testing.T) {
 		return st["a"].State == api.Ready && st["x"].State == api.Ready && len(sd.stored()) == 4
 	})
 	before := statusOf(t, s.Socket)
-	if err := os.WriteFile(s.Path, []byte(withoutLast(t, s, "x")), 0o644); err != nil {
+	if err := os.WriteFile(s.Path, []byte(without(t, s, "x")), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	c := client.New(s.Socket)
@@ -861,8 +857,8 @@ func TestCrashAdoptedReadyModelFailsFast(t *testing.T) {
 // still be pinged: the daemon is making progress, and a watchdog kill
 // then would cost the very restart the takeover is there to avoid.
 func TestTakeoverKeepsTheWatchdogFed(t *testing.T) {
-	t.Setenv("WATCHDOG_USEC", "2000000")
 	sd := newFakeSystemd(t)
+	sd.env = []string{"WATCHDOG_USEC=2000000"}
 	s := newSite(t,
 		testModel{Name: "a", YAML: "stop_timeout: 6s"},
 		testModel{Name: "x", Fake: []string{"--fake-ignore-sigterm"}},
@@ -874,7 +870,7 @@ func TestTakeoverKeepsTheWatchdogFed(t *testing.T) {
 	})
 	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 	first.wait(t)
-	if err := os.WriteFile(s.Path, []byte(withoutLast(t, s, "x")), 0o644); err != nil {
+	if err := os.WriteFile(s.Path, []byte(without(t, s, "x")), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	pings := sd.sent("WATCHDOG=1")
@@ -894,7 +890,7 @@ func TestTakeoverKeepsTheWatchdogFed(t *testing.T) {
 // still stopping x during its takeover.
 func upgradeRemovingX(ctx context.Context, t *testing.T, s *site, in *installedDaemon, d *daemon, c *client.Client, b int) {
 	t.Helper()
-	if err := os.WriteFile(s.Path, []byte(withoutLast(t, s, "x")), 0o644); err != nil {
+	if err := os.WriteFile(s.Path, []byte(without(t, s, "x")), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	in.install(t, "v2")

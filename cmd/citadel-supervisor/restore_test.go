@@ -36,6 +36,8 @@ type fakeSystemd struct {
 	mu   sync.Mutex
 	fds  map[string]*os.File
 	msgs []string
+	// env is more of the daemon's environment (WATCHDOG_USEC=…).
+	env []string
 }
 
 func newFakeSystemd(t *testing.T) *fakeSystemd {
@@ -152,7 +154,7 @@ func (f *fakeSystemd) start(s *site, exe string, args ...string) *daemon {
 		cmd.Args = append(append([]string{"sh", "-c", `LISTEN_PID=$$ exec "$@"`, "sh", exe}, cmd.Args[1:]...), args...)
 		cmd.Path = "/bin/sh"
 		cmd.ExtraFiles = files
-		cmd.Env = append(cmd.Env, "NOTIFY_SOCKET="+f.sock)
+		cmd.Env = append(append(cmd.Env, f.env...), "NOTIFY_SOCKET="+f.sock)
 		if len(files) > 0 {
 			cmd.Env = append(cmd.Env, fmt.Sprintf("LISTEN_FDS=%d", len(files)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
 		}
@@ -200,7 +202,7 @@ func TestSIGKILLThenRestartAdopts(t *testing.T) {
 
 	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 	first.wait(t)
-	if err := os.WriteFile(s.Path, []byte(strings.Replace(s.YAML, `env: {V: "1"}`, `env: {V: "2"}`, 1)), 0o644); err != nil {
+	if err := os.WriteFile(s.Path, []byte(s.Edit(t, supervisortest.Set("models.c.env.V", "2"))), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	killedAt := time.Now()

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -384,10 +385,17 @@ func (k *swapSoak) stopStart(ctx context.Context, model string) {
 func (k *swapSoak) reloadEnv(model string) {
 	k.mu.Lock()
 	k.reloadSeq++
-	k.yaml = editModelKey(k.yaml, model, "env", fmt.Sprintf(`{SOAK: "%d"}`, k.reloadSeq))
+	y, err := supervisortest.EditYAML(k.yaml, supervisortest.Set("models."+model+".env", map[string]string{"SOAK": strconv.Itoa(k.reloadSeq)}))
+	if err == nil {
+		k.yaml = y
+	}
 	k.mu.Unlock()
+	if err != nil {
+		k.t.Errorf("reload (env): %v", err)
+		return
+	}
 	from := time.Now()
-	err := k.reload()
+	err = k.reload()
 	k.markHit(model, from, time.Now().Add(2*time.Second))
 	k.count("reload (env)" + errSuffix(err))
 }
@@ -396,18 +404,25 @@ func (k *swapSoak) reloadEnv(model string) {
 // its process.
 func (k *swapSoak) reloadSleepLevel(model string) {
 	k.mu.Lock()
-	level := blockValue(k.yaml, model, "sleep_level")
-	switch level {
+	var level int
+	switch v, _ := supervisortest.Value(k.yaml, "models."+model+".sleep_level"); v {
 	case "1":
-		level = "2"
+		level = 2
 	case "2":
-		level = "1"
+		level = 1
 	default:
 		k.mu.Unlock()
 		return // sleep_level 0 stays: it has no sleep mode
 	}
-	k.yaml = editModelKey(k.yaml, model, "sleep_level", level)
+	y, err := supervisortest.EditYAML(k.yaml, supervisortest.Set("models."+model+".sleep_level", level))
+	if err == nil {
+		k.yaml = y
+	}
 	k.mu.Unlock()
+	if err != nil {
+		k.t.Errorf("reload (sleep_level): %v", err)
+		return
+	}
 	k.count("reload (sleep_level)" + errSuffix(k.reload()))
 }
 
@@ -748,56 +763,4 @@ func (e *eventState) apply(ev fakevllm.Event, manual map[string][]time.Time) []s
 		delete(e.pids, ev.PID)
 	}
 	return nil
-}
-
-// editModelKey sets key to value in model's block of a configuration as
-// supervisortest writes it (four-space keys under "  <model>:").
-func editModelKey(y, model, key, value string) string {
-	start := strings.Index(y, "\n  "+model+":\n")
-	if start < 0 {
-		return y
-	}
-	start += len("\n  " + model + ":\n")
-	end := start
-	for end < len(y) {
-		nl := strings.IndexByte(y[end:], '\n')
-		if nl < 0 {
-			end = len(y)
-			break
-		}
-		line := y[end : end+nl]
-		if !strings.HasPrefix(line, "    ") {
-			break
-		}
-		end += nl + 1
-	}
-	block := y[start:end]
-	lines := strings.Split(strings.TrimSuffix(block, "\n"), "\n")
-	set := false
-	for i, l := range lines {
-		if strings.HasPrefix(l, "    "+key+":") {
-			lines[i], set = "    "+key+": "+value, true
-		}
-	}
-	if !set {
-		lines = append(lines, "    "+key+": "+value)
-	}
-	return y[:start] + strings.Join(lines, "\n") + "\n" + y[end:]
-}
-
-// blockValue reads key's value in model's block.
-func blockValue(y, model, key string) string {
-	start := strings.Index(y, "\n  "+model+":\n")
-	if start < 0 {
-		return ""
-	}
-	for _, l := range strings.Split(y[start+1:], "\n")[1:] {
-		if !strings.HasPrefix(l, "    ") {
-			break
-		}
-		if v, ok := strings.CutPrefix(l, "    "+key+":"); ok {
-			return strings.TrimSpace(v)
-		}
-	}
-	return ""
 }

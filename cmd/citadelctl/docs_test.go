@@ -63,7 +63,11 @@ func TestDocsCLIExamples(t *testing.T) {
 	}
 	site := supervisortest.NewSite(t, docsTop, docsModels...)
 	// Relative model paths, as in the demo: the daemon runs in site.Dir.
-	site.YAML = strings.ReplaceAll(site.YAML, filepath.Join(site.Dir, "models")+"/", "models/")
+	var relative []supervisortest.Edit
+	for _, m := range site.Models {
+		relative = append(relative, supervisortest.Set("models."+m.Name+".model", "models/"+m.Name))
+	}
+	site.YAML = site.Edit(t, relative...)
 	if err := os.WriteFile(site.Path, []byte(site.YAML), 0o644); err != nil {
 		t.Fatal(err)
 	}

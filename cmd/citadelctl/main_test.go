@@ -382,7 +382,7 @@ func TestReload(t *testing.T) {
 		t.Errorf("no-op reload: exit %d %q", code, out)
 	}
 	// Give b one more variable.
-	cfg := strings.Replace(d.site.YAML, "  b:\n", "  b:\n    env: {EXTRA: \"1\"}\n", 1)
+	cfg := d.site.Edit(t, supervisortest.Set("models.b.env.EXTRA", "1"))
 	if err := os.WriteFile(d.site.Path, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}

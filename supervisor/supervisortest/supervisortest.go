@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"citadel-supervisor/config"
 	"citadel-supervisor/supervisor/supervisortest/fakevllm"
 )
 
@@ -51,6 +52,29 @@ func RunFakeIfAsked() {
 // counts.
 func ExitWithoutDelay() {
 	os.Setenv("GORACE", strings.TrimSpace("atexit_sleep_ms=0 "+os.Getenv("GORACE"))) //nolint:errcheck // cannot fail for this name
+}
+
+// daemonUnset are variables of this process's environment a daemon under
+// test must not see: systemd's (a test run from a unit would hand the
+// daemon the unit's notify socket, descriptors and directories); and the
+// CITADEL_* overrides of the configuration's keys (CITADEL_LISTEN …) are
+// left out by prefix.
+var daemonUnset = []string{"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+	"INVOCATION_ID", "STATE_DIRECTORY", "CACHE_DIRECTORY", "RUNTIME_DIRECTORY", "SERVICE_RESULT"}
+
+// DaemonEnviron is the environment for a daemon a test starts: this
+// process's without what would make the daemon run on anything but its
+// site's configuration and the test's own settings (see daemonUnset), and
+// extra after it.
+func DaemonEnviron(extra ...string) []string {
+	var out []string
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		if !strings.HasPrefix(k, config.EnvPrefix) && !slices.Contains(daemonUnset, k) {
+			out = append(out, kv)
+		}
+	}
+	return append(out, extra...)
 }
 
 // WaitFor polls cond until it holds or d passes. Every wait in the tests has
@@ -108,29 +132,21 @@ const Defaults = `  stop_timeout: 2s
   probe: {period: 50ms, timeout: 1s, failure_threshold: 3, startup_timeout: 30s}
 `
 
-// NewSite writes a configuration for models: backend none unless top says
-// otherwise, the test binary as every model's command, free ports, model
-// directories and a pid directory per model (see PIDs).
+// NewSite writes a configuration for models: top's keys (YAML: gpu, the
+// gateway, log …) and what the harness sets (see buildSite): no HTTP
+// server and no gateway unless top asks for one, on a port from the kernel
+// (a fixed port or a production default fails the test), backend none
+// unless top says otherwise, the test binary as every model's command,
+// free ports, model directories and a pid directory per model (see PIDs).
 func NewSite(t testing.TB, top string, models ...Model) *Site {
 	t.Helper()
 	s := &Site{Dir: t.TempDir()}
 	s.Socket = filepath.Join(s.Dir, "s.sock")
 	s.Events = filepath.Join(s.Dir, "events.jsonl")
-	top, s.Ledger = withLedger(top, filepath.Join(s.Dir, "gpu-ledger"))
-	var b strings.Builder
-	// Only a top-level listen counts: "gateway: {listen: …}" is not one,
-	// and a daemon left on the default 127.0.0.1:9400 collides with any
-	// other test daemon on the machine.
-	if !strings.HasPrefix(top, "listen:") && !strings.Contains(top, "\nlisten:") {
-		b.WriteString("listen: \"\"\n")
+	spec := siteSpec{
+		dir: s.Dir, socket: s.Socket, events: s.Events, cacheDir: filepath.Join(s.Dir, "cache"),
+		ledger: filepath.Join(s.Dir, "gpu-ledger"), command: os.Args[0],
 	}
-	fmt.Fprintf(&b, "control_socket: %s\n", s.Socket)
-	if !strings.Contains(top, "gpu:") {
-		top += "gpu: {backend: none}\n"
-	}
-	b.WriteString(top)
-	fmt.Fprintf(&b, "defaults:\n  command: [%q]\n  env: {%s: \"1\"}\n%s", os.Args[0], SelfEnv, Defaults)
-	b.WriteString("models:\n")
 	// Hold every chosen port until all are chosen: a port released at once
 	// can be handed out again by the next request.
 	var held []net.Listener
@@ -139,7 +155,7 @@ func NewSite(t testing.TB, top string, models ...Model) *Site {
 			ln.Close()
 		}
 	}()
-	for i, m := range models {
+	for _, m := range models {
 		for _, d := range []string{"models/" + m.Name, "pids/" + m.Name} {
 			if err := os.MkdirAll(filepath.Join(s.Dir, d), 0o755); err != nil {
 				t.Fatal(err)
@@ -151,23 +167,24 @@ func NewSite(t testing.TB, top string, models ...Model) *Site {
 		}
 		held = append(held, ln)
 		m.Port = ln.Addr().(*net.TCPAddr).Port
-		args := []string{"--fake-pid-dir", filepath.Join(s.Dir, "pids", m.Name), "--fake-event-log", s.Events}
-		if s.Ledger != "" && !slices.Contains(m.Fake, "--fake-usage-dir") {
-			args = append(args, "--fake-usage-dir", s.Ledger)
-		}
-		args = append(args, m.Fake...)
-		// vllm_port set explicitly: the value derived from random ports
-		// could clash between models, which validation rightly refuses.
-		fmt.Fprintf(&b, "  %s:\n    model: %s\n    port: %d\n    vllm_port: %d\n    args: [%s]\n",
-			m.Name, filepath.Join(s.Dir, "models", m.Name), m.Port, 20000+16*i, quoteAll(args))
-		for _, line := range strings.Split(strings.TrimSpace(m.YAML), "\n") {
-			if line != "" {
-				fmt.Fprintf(&b, "    %s\n", line)
-			}
-		}
-		s.Models = append(s.Models, m)
+		spec.models = append(spec.models, m)
 	}
-	s.YAML = b.String()
+	root, ledger, err := buildSite(top, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ledger != "" {
+		if err := os.MkdirAll(ledger, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Ledger, s.Models = ledger, spec.models
+	if s.YAML, err = encode(root); err != nil {
+		t.Fatal(err)
+	}
+	if err := checkListeners(s.YAML); err != nil {
+		t.Fatal(err)
+	}
 	s.Path = filepath.Join(s.Dir, "supervisor.yaml")
 	if err := os.WriteFile(s.Path, []byte(s.YAML), 0o644); err != nil {
 		t.Fatal(err)
@@ -186,32 +203,15 @@ func NewSite(t testing.TB, top string, models ...Model) *Site {
 	return s
 }
 
-// withLedger gives a sim backend without a usage_dir the ledger dir: the
-// fakes then keep the ledger of GPU memory and fail loudly on
-// out-of-memory. It returns top unchanged when it has no sim backend or
-// names its own usage_dir (which the ledger is then, if its models are
-// given --fake-usage-dir).
-func withLedger(top, dir string) (string, string) {
-	if !strings.Contains(top, "backend: sim") {
-		return top, ""
+// Edit returns the site's configuration with edits applied (Set, Delete);
+// the test writes it where it wants it.
+func (s *Site) Edit(t testing.TB, edits ...Edit) string {
+	t.Helper()
+	y, err := EditYAML(s.YAML, edits...)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if i := strings.Index(top, "usage_dir: "); i >= 0 {
-		rest := top[i+len("usage_dir: "):]
-		if j := strings.IndexByte(rest, '\n'); j >= 0 {
-			rest = rest[:j]
-		}
-		return top, strings.Trim(strings.TrimSpace(rest), `"`)
-	}
-	const simKey = "\n  sim:\n"
-	i := strings.Index(top, simKey)
-	if i < 0 {
-		return top, ""
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return top, ""
-	}
-	i += len(simKey)
-	return top[:i] + "    usage_dir: " + dir + "\n" + top[i:], dir
+	return y
 }
 
 // ReadEvents reads the fake models' event log.
@@ -236,14 +236,6 @@ func (s *Site) ReadEvents(t testing.TB) []fakevllm.Event {
 		out = append(out, e)
 	}
 	return out
-}
-
-func quoteAll(ss []string) string {
-	q := make([]string, len(ss))
-	for i, s := range ss {
-		q[i] = strconv.Quote(s)
-	}
-	return strings.Join(q, ", ")
 }
 
 // PIDs lists every process a model ever started, from fake-vllm's own
