@@ -63,7 +63,7 @@ func TestApply(t *testing.T) {
 	}
 	h.waitState("added", Ready, 20*time.Second)
 	var env Status
-	waitFor(t, 20*time.Second, "envchange restarted and ready", func() bool {
+	h.waitFor(t, 20*time.Second, "envchange restarted and ready", func() bool {
 		env = h.status("envchange")
 		return env.State == Ready && env.PID != before["envchange"].PID
 	})
@@ -118,7 +118,7 @@ func TestReloadRestartsOnRotatedSecret(t *testing.T) {
 	if want := "other:unchanged: uses:respawn:env_files contents"; strings.Join(got, " ") != want {
 		t.Errorf("changes = %v, want %s", got, want)
 	}
-	waitFor(t, 20*time.Second, "uses restarted", func() bool {
+	h.waitFor(t, 20*time.Second, "uses restarted", func() bool {
 		st := h.status("uses")
 		return st.State == Ready && st.PID != uses.PID
 	})

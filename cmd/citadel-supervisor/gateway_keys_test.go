@@ -44,7 +44,7 @@ func TestGatewayKeysInTheDaemon(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode
 	}
-	waitFor(t, 30*time.Second, "both models served", func() bool { return ask(bToken, "a") == 200 && ask(bToken, "b") == 200 })
+	d.waitFor(t, 30*time.Second, "both models served", func() bool { return ask(bToken, "a") == 200 && ask(bToken, "b") == 200 })
 	if code := ask(aToken, "b"); code != 403 {
 		t.Errorf("team-a on b: %d, want 403", code)
 	}
@@ -60,7 +60,7 @@ func TestGatewayKeysInTheDaemon(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // checked below
-	waitFor(t, 10*time.Second, "the new policy in force", func() bool { return ask(aToken, "b") == 200 })
+	d.waitFor(t, 10*time.Second, "the new policy in force", func() bool { return ask(aToken, "b") == 200 })
 	if code := ask(aToken, "a"); code != 200 {
 		t.Errorf("team-a on a after the reload: %d", code)
 	}

@@ -171,15 +171,15 @@ func hostileStops(t *testing.T, s *site, mode string, trials int) {
 	c := client.New(s.Socket)
 	defer c.Close()
 	for trial := range trials {
-		waitFor(t, 30*time.Second, "models healthy", s.healthy)
-		waitFor(t, 10*time.Second, "every hostile child running", func() bool { return escaped(s.Site, t) })
+		d.waitFor(t, 30*time.Second, "models healthy", s.healthy)
+		d.waitFor(t, 10*time.Second, "every hostile child running", func() bool { return escaped(s.Site, t) })
 		jitter()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		if _, err := c.Op(ctx, api.OpStop, "all"); err != nil {
 			t.Fatalf("trial %d: stop: %v", trial, err)
 		}
 		cancel()
-		waitFor(t, 30*time.Second, "every model stopped", func() bool {
+		d.waitFor(t, 30*time.Second, "every model stopped", func() bool {
 			st, err := c.Status(context.Background())
 			if err != nil {
 				return false
@@ -210,8 +210,8 @@ func hostileStops(t *testing.T, s *site, mode string, trials int) {
 func hostileSIGTERMs(t *testing.T, s *site, mode string, trials int) {
 	for trial := range trials {
 		d := s.startMode(mode)
-		waitFor(t, 30*time.Second, "models healthy", s.healthy)
-		waitFor(t, 10*time.Second, "every hostile child running", func() bool { return escaped(s.Site, t) })
+		d.waitFor(t, 30*time.Second, "models healthy", s.healthy)
+		d.waitFor(t, 10*time.Second, "every hostile child running", func() bool { return escaped(s.Site, t) })
 		jitter()
 		start := time.Now()
 		d.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // checked by wait
@@ -242,10 +242,10 @@ func readyPIDs(t *testing.T, socket string) map[string]int {
 func hostileSIGKILLs(t *testing.T, s *site, mode string, trials int) {
 	for trial := range trials {
 		first := s.startMode(mode)
-		waitFor(t, 30*time.Second, "models healthy", s.healthy)
-		waitFor(t, 10*time.Second, "every hostile child running", func() bool { return escaped(s.Site, t) })
+		first.waitFor(t, 30*time.Second, "models healthy", s.healthy)
+		first.waitFor(t, 10*time.Second, "every hostile child running", func() bool { return escaped(s.Site, t) })
 		var before map[string]int
-		waitFor(t, 10*time.Second, "the daemon says every model is ready", func() bool {
+		first.waitFor(t, 10*time.Second, "the daemon says every model is ready", func() bool {
 			before = readyPIDs(t, s.Socket)
 			return len(before) == len(s.Models)
 		})
@@ -257,7 +257,7 @@ func hostileSIGKILLs(t *testing.T, s *site, mode string, trials int) {
 		if mode == supervisor.OwnershipCgroup {
 			// Adopted (SPEC §9): the same server per model, ready again,
 			// never a second copy.
-			waitFor(t, 30*time.Second, "every model adopted: ready on the process it had, one server each", func() bool {
+			second.waitFor(t, 30*time.Second, "every model adopted: ready on the process it had, one server each", func() bool {
 				for _, n := range servers(s.Site, t) {
 					if n != 1 {
 						t.Fatalf("trial %d: a model runs %d servers", trial, n)

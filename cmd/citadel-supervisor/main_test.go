@@ -78,6 +78,23 @@ type daemon struct {
 
 func (d *daemon) logText() string { return d.log.String() }
 
+var _ supervisortest.Daemon = (*daemon)(nil)
+
+// Done is closed when the daemon has exited.
+func (d *daemon) Done() <-chan struct{} { return d.done }
+
+// Exit says how the daemon exited and what it said last.
+func (d *daemon) Exit() string {
+	return fmt.Sprintf("pid %d, %s; its output ends:\n%s", d.cmd.Process.Pid, d.cmd.ProcessState, supervisortest.Tail(d.log.String(), 20))
+}
+
+// waitFor waits for cond, which the running daemon d is to bring about:
+// it fails at once, with d's output, if d exits first.
+func (d *daemon) waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	supervisortest.WaitOn(t, d, timeout, what, cond)
+}
+
 func (s *site) start() *daemon {
 	s.t.Helper()
 	return s.startArgs()
@@ -188,8 +205,8 @@ func TestSIGTERMStopsEveryTreeAndExitsZero(t *testing.T) {
 		testModel{Name: "b", Fake: []string{"--fake-detached-workers", "2"}},
 	)
 	d := s.start()
-	waitFor(t, 30*time.Second, "models healthy", s.healthy)
-	waitFor(t, 10*time.Second, "all workers recorded", func() bool {
+	d.waitFor(t, 30*time.Second, "models healthy", s.healthy)
+	d.waitFor(t, 10*time.Second, "all workers recorded", func() bool {
 		return len(live(s.procs("a"), "")) == 3 && len(live(s.procs("b"), "")) == 3
 	})
 	all := s.allProcs("a", "b")
@@ -208,7 +225,7 @@ func TestSIGTERMStopsEveryTreeAndExitsZero(t *testing.T) {
 func TestSecondDaemonOnSameSocketRefuses(t *testing.T) {
 	s := newSite(t, testModel{Name: "a"})
 	first := s.start()
-	waitFor(t, 30*time.Second, "model healthy", s.healthy)
+	first.waitFor(t, 30*time.Second, "model healthy", s.healthy)
 	server := live(s.procs("a"), "server")
 
 	second := s.start()
@@ -252,7 +269,7 @@ func TestSIGHUPReloadsOverTheSocket(t *testing.T) {
 		return out
 	}
 	var before map[string]int
-	waitFor(t, 30*time.Second, "both ready over the socket", func() bool {
+	d.waitFor(t, 30*time.Second, "both ready over the socket", func() bool {
 		before = pids()
 		return len(before) == 2
 	})
@@ -262,7 +279,7 @@ func TestSIGHUPReloadsOverTheSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // the daemon's log says
-	waitFor(t, 10*time.Second, "the rejection logged", func() bool {
+	d.waitFor(t, 10*time.Second, "the rejection logged", func() bool {
 		return strings.Contains(d.logText(), "bogus: unknown key")
 	})
 	if now := pids(); now["a"] != before["a"] || now["b"] != before["b"] {
@@ -275,7 +292,7 @@ func TestSIGHUPReloadsOverTheSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // checked below
-	waitFor(t, 30*time.Second, "b restarted and ready", func() bool {
+	d.waitFor(t, 30*time.Second, "b restarted and ready", func() bool {
 		now := pids()
 		return len(now) == 2 && now["b"] != before["b"]
 	})
@@ -341,18 +358,18 @@ func TestMetricsOfARunningDaemon(t *testing.T) {
 	), t: t}
 	d := s.start()
 	base := "http://127.0.0.1:" + strconv.Itoa(port)
-	waitFor(t, 30*time.Second, "both models healthy", s.healthy)
+	d.waitFor(t, 30*time.Second, "both models healthy", s.healthy)
 
 	// b crashes once, so it has a last exit code.
 	bServer := live(s.procs("b"), "server")
 	syscall.Kill(bServer[0], syscall.SIGKILL) //nolint:errcheck // checked by the wait
-	waitFor(t, 30*time.Second, "b restarted", func() bool {
+	d.waitFor(t, 30*time.Second, "b restarted", func() bool {
 		l := live(s.procs("b"), "server")
 		return len(l) == 1 && l[0] != bServer[0] && s.healthy()
 	})
 	var body string
 	var fams map[string]*dto.MetricFamily
-	waitFor(t, 30*time.Second, "every SPEC family", func() bool {
+	d.waitFor(t, 30*time.Second, "every SPEC family", func() bool {
 		body, fams = scrape(t, base+"/metrics")
 		for _, f := range specFamilies {
 			if fams[f] == nil {
@@ -371,7 +388,7 @@ func TestMetricsOfARunningDaemon(t *testing.T) {
 		t.Errorf("b's last exit code = %v", got)
 	}
 	// The daemon sees b ready at its next probe, a moment after we did.
-	waitFor(t, 10*time.Second, "/readyz 200", func() bool {
+	d.waitFor(t, 10*time.Second, "/readyz 200", func() bool {
 		resp, err := http.Get(base + "/readyz")
 		if err != nil {
 			return false
@@ -408,7 +425,7 @@ func TestMetricsOfARunningDaemon(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // checked below
-	waitFor(t, 30*time.Second, "b's series gone", func() bool {
+	d.waitFor(t, 30*time.Second, "b's series gone", func() bool {
 		body, _ = scrape(t, base+"/metrics")
 		return !strings.Contains(body, `model="b"`)
 	})
@@ -563,7 +580,7 @@ func TestRepeatedDaemonSIGKILL(t *testing.T) {
 		d := s.start()
 		// Let it get somewhere: models starting, running, crashing.
 		deadline := time.Now().Add(after)
-		waitFor(t, after+10*time.Second, "time to pass", func() bool { return time.Now().After(deadline) })
+		d.waitFor(t, after+10*time.Second, "time to pass", func() bool { return time.Now().After(deadline) })
 		d.cmd.Process.Kill() //nolint:errcheck // checked by wait
 		d.wait(t)
 		t.Logf("round %d: daemon killed after %s", i, after)
@@ -573,7 +590,7 @@ func TestRepeatedDaemonSIGKILL(t *testing.T) {
 	// Ask the new daemon itself: its models ready on processes of its own.
 	c := client.New(s.Socket)
 	current := map[int]bool{}
-	waitFor(t, 30*time.Second, "steady, slow and stubborn ready", func() bool {
+	final.waitFor(t, 30*time.Second, "steady, slow and stubborn ready", func() bool {
 		st, err := c.Status(context.Background(), "steady", "slow", "stubborn")
 		if err != nil {
 			return false
@@ -614,6 +631,36 @@ func TestRepeatedDaemonSIGKILL(t *testing.T) {
 	for _, m := range []string{"steady", "crashy", "slow", "stubborn"} {
 		if l := live(s.procs(m), ""); len(l) != 0 {
 			t.Errorf("%s: processes alive after the final stop: %v", m, l)
+		}
+	}
+}
+
+// TestAWaitSeesTheDaemonExit: a daemon that cannot start (another process
+// holds its listen port, as another daemon on the host may) fails the
+// test's wait at once, with the daemon's own words, rather than after the
+// wait's deadline (an hour here).
+func TestAWaitSeesTheDaemonExit(t *testing.T) {
+	held, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	s := &site{Site: supervisortest.NewSite(t, "listen: "+held.Addr().String()+"\n", testModel{Name: "a"}), t: t}
+	d := s.start()
+	client := &http.Client{Timeout: 100 * time.Millisecond}
+	got := supervisortest.FailureOf(t, func(tb testing.TB) {
+		d.waitFor(tb, time.Hour, "the daemon's /healthz", func() bool {
+			resp, err := client.Get("http://" + held.Addr().String() + "/healthz")
+			if err != nil {
+				return false
+			}
+			resp.Body.Close()
+			return resp.StatusCode == 200
+		})
+	})
+	for _, want := range []string{"the daemon exited while the test waited for the daemon's /healthz: pid ", "exit status 1", "address already in use"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("the wait's failure does not say %q:\n%s", want, got)
 		}
 	}
 }

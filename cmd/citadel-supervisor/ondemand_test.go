@@ -63,9 +63,9 @@ func chat(t *testing.T, gw, model string) (int, string) {
 // they stop).
 func TestSevenModelsOnTwoGPUs(t *testing.T) {
 	s, gw := onDemandSite(t, "activation: on_demand\nsleep_level: 0\nmin_awake: 0s")
-	s.start()
+	d := s.start()
 	names := []string{"mixtral", "hermes", "openchat", "phi3", "yi34b", "coder", "vision"}
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, d, gw)
 	for round := range 2 {
 		for _, m := range names {
 			if code, body := chat(t, gw, m); code != 200 || !strings.Contains(body, `"model":"`+m+`"`) {
@@ -80,8 +80,8 @@ func TestSevenModelsOnTwoGPUs(t *testing.T) {
 // asleep nor told to sleep with one in flight.
 func TestSevenModelsAsleepInTurn(t *testing.T) {
 	s, gw := onDemandSite(t, "activation: on_demand\nsleep_level: 1\nmin_awake: 0s", "--fake-wake-time-l1", "50ms")
-	s.start()
-	supervisortest.WaitGateway(t, gw)
+	d := s.start()
+	supervisortest.WaitGateway(t, d, gw)
 	for round := range 3 {
 		for _, m := range []string{"mixtral", "hermes", "openchat", "phi3", "yi34b", "coder", "vision"} {
 			if code, body := chat(t, gw, m); code != 200 {
@@ -107,8 +107,8 @@ func TestSevenModelsAsleepInTurn(t *testing.T) {
 // that fit together causes no sleep and no restart: each keeps its process.
 func TestTwoThatFitNeverSwap(t *testing.T) {
 	s, gw := onDemandSite(t, "activation: on_demand\nsleep_level: 0\nmin_awake: 0s")
-	s.start()
-	supervisortest.WaitGateway(t, gw)
+	d := s.start()
+	supervisortest.WaitGateway(t, d, gw)
 	// phi3 (0.6) and coder (0.8) fit on the two GPUs, one each.
 	for i := range 20 {
 		for _, m := range []string{"phi3", "coder"} {
@@ -142,9 +142,9 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 	od := "activation: on_demand\nsleep_level: 1\nmin_awake: 0s\ngpu_memory_utilization: 0.6"
 	fake := []string{"--fake-usage-dir", usage, "--fake-token-delay", "50ms", "--fake-wake-time-l1", "100ms"}
 	s := &site{Site: supervisortest.NewSite(t, top, testModel{Name: "a", YAML: od, Fake: fake}, testModel{Name: "b", YAML: od, Fake: fake}), t: t}
-	s.start()
+	d := s.start()
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, d, gw)
 	if code, body := chat(t, gw, "a"); code != 200 {
 		t.Fatalf("a: %d %s", code, body)
 	}

@@ -82,7 +82,7 @@ func TestUpgradeWhileTakeoverStopsARemovedModel(t *testing.T) {
 	)
 	in := newInstalled(t)
 	d := in.start(s, "--ownership", "marker")
-	waitFor(t, 30*time.Second, "a, b and x ready, a's worker up", func() bool {
+	d.waitFor(t, 30*time.Second, "a, b and x ready, a's worker up", func() bool {
 		st := statusOf(t, s.Socket)
 		// The orphan's parent records itself as a worker too, and exits
 		// once the orphan runs: both recorded, one alive.
@@ -108,7 +108,7 @@ func TestUpgradeWhileTakeoverStopsARemovedModel(t *testing.T) {
 	if err := d.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "the new image answering, x gone, b back", func() bool {
+	d.waitFor(t, 30*time.Second, "the new image answering, x gone, b back", func() bool {
 		dv, err := c.Daemon(ctx)
 		if err != nil || dv.Version != "v2" {
 			return false
@@ -155,12 +155,12 @@ func TestUpgradeWhileModelsMove(t *testing.T) {
 	in := newInstalled(t)
 	d := in.start(s)
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, d, gw)
 	c := client.New(s.Socket)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	waitFor(t, 30*time.Second, "a and st ready, slow loading", func() bool {
+	d.waitFor(t, 30*time.Second, "a and st ready, slow loading", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["st"].State == api.Ready && st["slow"].State == api.Starting && st["slow"].PID != 0
 	})
@@ -171,7 +171,7 @@ func TestUpgradeWhileModelsMove(t *testing.T) {
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatalf("upgrade while slow loads: %v", err)
 	}
-	waitFor(t, 30*time.Second, "v2 answering, slow ready on its process", func() bool {
+	d.waitFor(t, 30*time.Second, "v2 answering, slow ready on its process", func() bool {
 		dv, err := c.Daemon(ctx)
 		st := statusOf(t, s.Socket)
 		return err == nil && dv.Version == "v2" && st["slow"].State == api.Ready
@@ -189,7 +189,7 @@ func TestUpgradeWhileModelsMove(t *testing.T) {
 		_, err := c.Op(ctx, api.OpStop, "st")
 		stopped <- err
 	}()
-	waitFor(t, 10*time.Second, "st stopping", func() bool { return statusOf(t, s.Socket)["st"].State == api.Stopping })
+	d.waitFor(t, 10*time.Second, "st stopping", func() bool { return statusOf(t, s.Socket)["st"].State == api.Stopping })
 	t0 := time.Now()
 	in.install(t, "v3")
 	// Status answers while the upgrade waits for st, and the gateway
@@ -241,13 +241,13 @@ func TestUpgradeWhileModelsMove(t *testing.T) {
 	}
 	t.Logf("refused after %s", time.Since(t0).Round(time.Millisecond))
 	// The stop goes on: st's processes die at the test's hand.
-	killStop(t, s, stopped)
+	killStop(t, s, d, stopped)
 
 	// 3. Settled: SIGUSR2 upgrades.
 	if err := d.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "v3 answering after SIGUSR2", func() bool {
+	d.waitFor(t, 30*time.Second, "v3 answering after SIGUSR2", func() bool {
 		dv, err := c.Daemon(ctx)
 		return err == nil && dv.Version == "v3" && dv.Upgrades == 2 && dv.PID == d.cmd.Process.Pid
 	})
@@ -269,19 +269,19 @@ func TestUpgradeWhileModelsMove(t *testing.T) {
 	if _, err := c.Op(ctx, api.OpStart, "st"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "st started again by the new image", func() bool { return statusOf(t, s.Socket)["st"].State == api.Ready })
+	d.waitFor(t, 30*time.Second, "st started again by the new image", func() bool { return statusOf(t, s.Socket)["st"].State == api.Ready })
 	go func() {
 		_, err := c.Op(ctx, api.OpStop, "st")
 		stopped <- err
 	}()
-	waitFor(t, 10*time.Second, "st stopping", func() bool { return statusOf(t, s.Socket)["st"].State == api.Stopping })
-	killStop(t, s, stopped)
+	d.waitFor(t, 10*time.Second, "st stopping", func() bool { return statusOf(t, s.Socket)["st"].State == api.Stopping })
+	killStop(t, s, d, stopped)
 }
 
 // killStop ends the stop of st, a model that ignores SIGTERM under a long
 // stop_timeout, by SIGKILLing its processes, and waits for the stop's
 // answer.
-func killStop(t *testing.T, s *site, stopped <-chan error) {
+func killStop(t *testing.T, s *site, d *daemon, stopped <-chan error) {
 	t.Helper()
 	for _, pid := range live(s.procs("st"), "") {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
@@ -294,7 +294,7 @@ func killStop(t *testing.T, s *site, stopped <-chan error) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("st's stop never completed")
 	}
-	waitFor(t, 10*time.Second, "st stopped", func() bool { return statusOf(t, s.Socket)["st"].State == api.Stopped })
+	d.waitFor(t, 10*time.Second, "st stopped", func() bool { return statusOf(t, s.Socket)["st"].State == api.Stopped })
 }
 
 // TestCrashAdoptionCornerCases: after a daemon's SIGKILL the next one
@@ -326,7 +326,7 @@ func crashAdoptionCornerCases(t *testing.T, mode string) {
 	), t: t}
 	first := sd.start(s, os.Args[0], "--ownership", mode)
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, first, gw)
 	c := client.New(s.Socket)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -339,7 +339,7 @@ func crashAdoptionCornerCases(t *testing.T, mode string) {
 	if _, err := c.Op(ctx, api.OpSleep, "od"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "a, k, r, od2 ready, od asleep, slow loading, all pipes stored", func() bool {
+	first.waitFor(t, 30*time.Second, "a, k, r, od2 ready, od asleep, slow loading, all pipes stored", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["k"].State == api.Ready && st["r"].State == api.Ready && st["od2"].State == api.Ready &&
 			st["od"].State == api.Sleeping && strings.HasPrefix(st["od"].Reason, "asleep") && st["slow"].State == api.Starting &&
@@ -364,7 +364,7 @@ func crashAdoptionCornerCases(t *testing.T, mode string) {
 		t.Fatal(err)
 	}
 	second := sd.start(s, os.Args[0], "--ownership", mode)
-	waitFor(t, 30*time.Second, "k and slow adopted ready, od and od2 adopted asleep, a held stopped", func() bool {
+	second.waitFor(t, 30*time.Second, "k and slow adopted ready, od and od2 adopted asleep, a held stopped", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["k"].State == api.Ready && st["od"].State == api.Sleeping && st["od2"].State == api.Sleeping &&
 			st["a"].State == api.Stopped && st["a"].Held && st["slow"].State == api.Ready
@@ -400,7 +400,7 @@ func crashAdoptionCornerCases(t *testing.T, mode string) {
 	if err := syscall.Kill(before["k"].PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "k restarted", func() bool {
+	second.waitFor(t, 30*time.Second, "k restarted", func() bool {
 		st := statusOf(t, s.Socket)["k"]
 		return st.State == api.Ready && st.PID != before["k"].PID
 	})
@@ -409,7 +409,7 @@ func crashAdoptionCornerCases(t *testing.T, mode string) {
 	}
 	// The store: two pipes for each running instance (k's new one, od,
 	// od2, slow), nothing of a, r, or k's first instance.
-	waitFor(t, 10*time.Second, "the descriptor store holds k's, od's, od2's and slow's pipes only", func() bool {
+	second.waitFor(t, 10*time.Second, "the descriptor store holds k's, od's, od2's and slow's pipes only", func() bool {
 		st := sd.stored()
 		if len(st) != 8 {
 			return false
@@ -471,7 +471,7 @@ func TestUpgradeThenCrashAdopts(t *testing.T) {
 	)
 	in := newInstalled(t)
 	first := sd.start(s, in.exe)
-	waitFor(t, 30*time.Second, "a and b ready, pipes stored", func() bool {
+	first.waitFor(t, 30*time.Second, "a and b ready, pipes stored", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["b"].State == api.Ready && len(sd.stored()) == 4
 	})
@@ -484,7 +484,7 @@ func TestUpgradeThenCrashAdopts(t *testing.T) {
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatalf("upgrade: %v", err)
 	}
-	waitFor(t, 30*time.Second, "v2 answering", func() bool {
+	first.waitFor(t, 30*time.Second, "v2 answering", func() bool {
 		dv, err := c.Daemon(ctx)
 		return err == nil && dv.Version == "v2"
 	})
@@ -492,20 +492,20 @@ func TestUpgradeThenCrashAdopts(t *testing.T) {
 	if err := syscall.Kill(before["b"].PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "b restarted by v2", func() bool {
+	first.waitFor(t, 30*time.Second, "b restarted by v2", func() bool {
 		st := statusOf(t, s.Socket)["b"]
 		return st.State == api.Ready && st.PID != before["b"].PID
 	})
 	if st := statusOf(t, s.Socket)["b"]; st.LastExit != "killed by SIGKILL" {
 		t.Errorf("b's exit under the new image: %q, want killed by SIGKILL (it is the daemon's child)", st.LastExit)
 	}
-	waitFor(t, 10*time.Second, "the store holds a's and b's new pipes", func() bool { return len(sd.stored()) == 4 })
+	first.waitFor(t, 10*time.Second, "the store holds a's and b's new pipes", func() bool { return len(sd.stored()) == 4 })
 	mid := statusOf(t, s.Socket)
 
 	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 	first.wait(t)
 	second := sd.start(s, in.exe)
-	waitFor(t, 30*time.Second, "a and b adopted", func() bool {
+	second.waitFor(t, 30*time.Second, "a and b adopted", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["a"].PID == mid["a"].PID && st["b"].State == api.Ready && st["b"].PID == mid["b"].PID
 	})
@@ -517,7 +517,7 @@ func TestUpgradeThenCrashAdopts(t *testing.T) {
 	}
 	var was []string
 	_ = c.Logs(ctx, "a", 1000, false, func(l string) { was = append(was, l) })
-	waitFor(t, 10*time.Second, "a's output reaching the successor", func() bool {
+	second.waitFor(t, 10*time.Second, "a's output reaching the successor", func() bool {
 		var now []string
 		_ = c.Logs(ctx, "a", 1000, false, func(l string) { now = append(now, l) })
 		return len(now) > len(was) || (len(now) > 0 && len(was) > 0 && now[len(now)-1] != was[len(was)-1])
@@ -534,8 +534,8 @@ func TestUpgradeForgetsARemovedModel(t *testing.T) {
 	sd := newFakeSystemd(t)
 	s := newSite(t, testModel{Name: "a"}, testModel{Name: "x"})
 	in := newInstalled(t)
-	sd.start(s, in.exe)
-	waitFor(t, 30*time.Second, "a and x ready, pipes stored", func() bool {
+	d := sd.start(s, in.exe)
+	d.waitFor(t, 30*time.Second, "a and x ready, pipes stored", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["x"].State == api.Ready && len(sd.stored()) == 4
 	})
@@ -551,7 +551,7 @@ func TestUpgradeForgetsARemovedModel(t *testing.T) {
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatalf("upgrade: %v", err)
 	}
-	waitFor(t, 30*time.Second, "v2 answering without x", func() bool {
+	d.waitFor(t, 30*time.Second, "v2 answering without x", func() bool {
 		dv, err := c.Daemon(ctx)
 		_, hasX := statusOf(t, s.Socket)["x"]
 		return err == nil && dv.Version == "v2" && !hasX
@@ -562,7 +562,7 @@ func TestUpgradeForgetsARemovedModel(t *testing.T) {
 	if st := statusOf(t, s.Socket)["a"]; st.PID != before["a"].PID {
 		t.Errorf("a: pid %d, was %d", st.PID, before["a"].PID)
 	}
-	waitFor(t, 10*time.Second, "only a's pipes in the store", func() bool {
+	d.waitFor(t, 10*time.Second, "only a's pipes in the store", func() bool {
 		st := sd.stored()
 		return len(st) == 2 && strings.HasPrefix(st[0], "a@") && strings.HasPrefix(st[1], "a@")
 	})
@@ -581,12 +581,12 @@ func TestDescriptorStoreHygiene(t *testing.T) {
 		testModel{Name: "a"},
 		testModel{Name: "c", Fake: []string{"--fake-crash-after", "150ms"}, YAML: "restart: {delay: 10ms, max_delay: 20ms, burst: 1000, interval: 1m}"},
 	)
-	sd.start(s, os.Args[0])
+	d := sd.start(s, os.Args[0])
 	c := client.New(s.Socket)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
+	d.waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
 	for range 5 {
 		for _, op := range []api.Op{api.OpStop, api.OpStart, api.OpRestart} {
 			if _, err := c.Op(ctx, op, "a"); err != nil {
@@ -594,12 +594,12 @@ func TestDescriptorStoreHygiene(t *testing.T) {
 			}
 		}
 	}
-	waitFor(t, 30*time.Second, "c restarted 10 times", func() bool { return statusOf(t, s.Socket)["c"].RestartsByReason["exit"] >= 10 })
+	d.waitFor(t, 30*time.Second, "c restarted 10 times", func() bool { return statusOf(t, s.Socket)["c"].RestartsByReason["exit"] >= 10 })
 	if _, err := c.Op(ctx, api.OpStop, "c"); err != nil {
 		t.Fatal(err)
 	}
 	recs := filepath.Join(filepath.Dir(s.Socket), "instances")
-	waitFor(t, 10*time.Second, "a ready, c stopped, the store and the records a's alone", func() bool {
+	d.waitFor(t, 10*time.Second, "a ready, c stopped, the store and the records a's alone", func() bool {
 		st := statusOf(t, s.Socket)
 		stored := sd.stored()
 		ents, _ := os.ReadDir(recs)
@@ -617,7 +617,7 @@ func TestCrashAdoptionRefusesAReusedPID(t *testing.T) {
 	sd := newFakeSystemd(t)
 	s := newSite(t, testModel{Name: "a", Fake: []string{"--fake-detached-workers", "1"}})
 	first := sd.start(s, os.Args[0])
-	waitFor(t, 30*time.Second, "a ready with its worker", func() bool {
+	first.waitFor(t, 30*time.Second, "a ready with its worker", func() bool {
 		return statusOf(t, s.Socket)["a"].State == api.Ready && len(live(s.procs("a"), "worker")) == 1
 	})
 	before := statusOf(t, s.Socket)["a"]
@@ -655,7 +655,7 @@ func TestCrashAdoptionRefusesAReusedPID(t *testing.T) {
 		t.Fatal(err)
 	}
 	second := sd.start(s, os.Args[0])
-	waitFor(t, 30*time.Second, "a started afresh", func() bool {
+	second.waitFor(t, 30*time.Second, "a started afresh", func() bool {
 		st := statusOf(t, s.Socket)["a"]
 		return st.State == api.Ready && st.PID != before.PID && st.PID != stranger.Process.Pid
 	})
@@ -687,7 +687,7 @@ func TestTakeoverRestartsARotatedSecret(t *testing.T) {
 	s := newSite(t, testModel{Name: "a", YAML: "env_files: [" + secrets + "]"}, testModel{Name: "b"})
 	in := newInstalled(t)
 	first := sd.start(s, in.exe)
-	waitFor(t, 30*time.Second, "a and b ready", func() bool {
+	first.waitFor(t, 30*time.Second, "a and b ready", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["b"].State == api.Ready
 	})
@@ -702,7 +702,7 @@ func TestTakeoverRestartsARotatedSecret(t *testing.T) {
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatalf("upgrade: %v", err)
 	}
-	waitFor(t, 30*time.Second, "v2 answering, a restarted for its new secret", func() bool {
+	first.waitFor(t, 30*time.Second, "v2 answering, a restarted for its new secret", func() bool {
 		dv, err := c.Daemon(ctx)
 		st := statusOf(t, s.Socket)["a"]
 		return err == nil && dv.Version == "v2" && st.State == api.Ready && st.PID != before["a"].PID
@@ -715,8 +715,8 @@ func TestTakeoverRestartsARotatedSecret(t *testing.T) {
 	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 	first.wait(t)
 	rotate("three")
-	sd.start(s, in.exe)
-	waitFor(t, 30*time.Second, "a restarted for its new secret after the crash", func() bool {
+	third := sd.start(s, in.exe)
+	third.waitFor(t, 30*time.Second, "a restarted for its new secret after the crash", func() bool {
 		st := statusOf(t, s.Socket)["a"]
 		return st.State == api.Ready && st.PID != mid["a"].PID
 	})
@@ -788,7 +788,7 @@ func TestModelsInheritNoListenerAfterAnUpgrade(t *testing.T) {
 	), t: t}
 	in := newInstalled(t)
 	d := in.start(s)
-	waitFor(t, 30*time.Second, "a, b and x ready", func() bool {
+	d.waitFor(t, 30*time.Second, "a, b and x ready", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["b"].State == api.Ready && st["x"].State == api.Ready
 	})
@@ -798,7 +798,7 @@ func TestModelsInheritNoListenerAfterAnUpgrade(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	upgradeRemovingX(ctx, t, s, in, d, c, before["b"].PID)
-	waitFor(t, 30*time.Second, "v2 answering, b back", func() bool {
+	d.waitFor(t, 30*time.Second, "v2 answering, b back", func() bool {
 		dv, err := c.Daemon(ctx)
 		st := statusOf(t, s.Socket)["b"]
 		return err == nil && dv.Version == "v2" && st.State == api.Ready && st.PID != before["b"].PID
@@ -831,10 +831,11 @@ func TestCrashAdoptedReadyModelFailsFast(t *testing.T) {
 	s := newSite(t, testModel{Name: "u", Fake: []string{"--fake-unhealthy-after", "2s"},
 		YAML: "probe: {period: 50ms, timeout: 1s, failure_threshold: 3, startup_timeout: 2m}"})
 	first := sd.start(s, os.Args[0])
-	waitFor(t, 30*time.Second, "u ready", func() bool { return statusOf(t, s.Socket)["u"].State == api.Ready })
+	first.waitFor(t, 30*time.Second, "u ready", func() bool { return statusOf(t, s.Socket)["u"].State == api.Ready })
 	before := statusOf(t, s.Socket)["u"]
 	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 	first.wait(t)
+	// No daemon runs: a plain wait.
 	waitFor(t, 10*time.Second, "u unhealthy while no daemon watches", func() bool {
 		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/health", s.Models[0].Port))
 		if err != nil {
@@ -843,10 +844,10 @@ func TestCrashAdoptedReadyModelFailsFast(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode == http.StatusServiceUnavailable
 	})
-	sd.start(s, os.Args[0])
+	second := sd.start(s, os.Args[0])
 	// Restarted within a few probe periods: the wait is far below
 	// startup_timeout.
-	waitFor(t, 20*time.Second, "u restarted after failing its probes", func() bool {
+	second.waitFor(t, 20*time.Second, "u restarted after failing its probes", func() bool {
 		st := statusOf(t, s.Socket)["u"]
 		return st.PID != before.PID && st.PID != 0
 	})
@@ -864,7 +865,7 @@ func TestTakeoverKeepsTheWatchdogFed(t *testing.T) {
 		testModel{Name: "x", Fake: []string{"--fake-ignore-sigterm"}},
 	)
 	first := sd.start(s, os.Args[0])
-	waitFor(t, 30*time.Second, "a and x ready", func() bool {
+	first.waitFor(t, 30*time.Second, "a and x ready", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["x"].State == api.Ready
 	})
@@ -876,7 +877,7 @@ func TestTakeoverKeepsTheWatchdogFed(t *testing.T) {
 	pings := sd.sent("WATCHDOG=1")
 	second := sd.start(s, os.Args[0])
 	// x ignores SIGTERM: its stop takes a's 6 s, the longest configured.
-	waitFor(t, 30*time.Second, "the takeover done", func() bool { return strings.Contains(second.logText(), `"supervisor running"`) })
+	second.waitFor(t, 30*time.Second, "the takeover done", func() bool { return strings.Contains(second.logText(), `"supervisor running"`) })
 	if n := sd.sent("WATCHDOG=1") - pings; n < 3 {
 		t.Errorf("%d watchdog pings during a 6 s takeover with WatchdogSec=2s", n)
 	}
@@ -897,7 +898,7 @@ func upgradeRemovingX(ctx context.Context, t *testing.T, s *site, in *installedD
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatalf("upgrade: %v", err)
 	}
-	waitFor(t, 20*time.Second, "the new image stopping x", func() bool {
+	d.waitFor(t, 20*time.Second, "the new image stopping x", func() bool {
 		return strings.Contains(d.logText(), `left by a previous supervisor","model":"x"`)
 	})
 	if err := syscall.Kill(b, syscall.SIGKILL); err != nil {

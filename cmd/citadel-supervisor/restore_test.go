@@ -192,11 +192,11 @@ func TestSIGKILLThenRestartAdopts(t *testing.T) {
 		testModel{Name: "c", YAML: `env: {V: "1"}`},
 	)
 	first := sd.start(s, os.Args[0])
-	waitFor(t, 30*time.Second, "models healthy", s.healthy)
-	waitFor(t, 10*time.Second, "all workers recorded", func() bool {
+	first.waitFor(t, 30*time.Second, "models healthy", s.healthy)
+	first.waitFor(t, 10*time.Second, "all workers recorded", func() bool {
 		return len(live(s.procs("a"), "")) == 3 && len(live(s.procs("b"), "")) == 2
 	})
-	waitFor(t, 10*time.Second, "every model's pipes in the descriptor store", func() bool { return len(sd.stored()) == 6 })
+	first.waitFor(t, 10*time.Second, "every model's pipes in the descriptor store", func() bool { return len(sd.stored()) == 6 })
 	before := statusOf(t, s.Socket)
 	old := s.allProcs("a", "b", "c")
 
@@ -207,7 +207,7 @@ func TestSIGKILLThenRestartAdopts(t *testing.T) {
 	}
 	killedAt := time.Now()
 	second := sd.start(s, os.Args[0])
-	waitFor(t, 30*time.Second, "a and b adopted (same pid, ready), c restarted on a new pid", func() bool {
+	second.waitFor(t, 30*time.Second, "a and b adopted (same pid, ready), c restarted on a new pid", func() bool {
 		now := statusOf(t, s.Socket)
 		for _, m := range []string{"a", "b"} {
 			if now[m].State != api.Ready || now[m].PID != before[m].PID {
@@ -237,7 +237,7 @@ func TestSIGKILLThenRestartAdopts(t *testing.T) {
 	// daemon reads it.
 	c := client.New(s.Socket)
 	defer c.Close()
-	waitFor(t, 10*time.Second, "a's output after the restart", func() bool {
+	second.waitFor(t, 10*time.Second, "a's output after the restart", func() bool {
 		lines, err := c.Status(context.Background())
 		if err != nil || len(lines) == 0 {
 			return false
@@ -301,7 +301,7 @@ func TestUpgradeInPlace(t *testing.T) {
 	sd := newFakeSystemd(t)
 	d := sd.start(s, exe)
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, d, gw)
 	c := client.New(s.Socket)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -314,7 +314,7 @@ func TestUpgradeInPlace(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitFor(t, 30*time.Second, "a ready, b asleep, held stopped", func() bool {
+	d.waitFor(t, 30*time.Second, "a ready, b asleep, held stopped", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["b"].State == api.Sleeping && st["held"].State == api.Stopped
 	})
@@ -361,7 +361,7 @@ func TestUpgradeInPlace(t *testing.T) {
 	if streamed := <-stream; !wholeStream(streamed) {
 		t.Errorf("the stream through the gateway was cut by the upgrade: %d events\n%s", strings.Count(streamed, "data: "), streamed)
 	}
-	waitFor(t, 30*time.Second, "the new image answering", func() bool {
+	d.waitFor(t, 30*time.Second, "the new image answering", func() bool {
 		dv, err := c.Daemon(ctx)
 		return err == nil && dv.Version == "v2" && dv.Upgrades == 1
 	})
@@ -395,7 +395,7 @@ func TestUpgradeInPlace(t *testing.T) {
 	var lines []string
 	_ = c.Logs(ctx, "a", 1000, false, func(l string) { lines = append(lines, l) })
 	n := len(lines)
-	waitFor(t, 10*time.Second, "a's output captured by the new image", func() bool {
+	d.waitFor(t, 10*time.Second, "a's output captured by the new image", func() bool {
 		var now []string
 		_ = c.Logs(ctx, "a", 1000, false, func(l string) { now = append(now, l) })
 		return len(now) > n || (len(now) == n && len(now) > 0 && now[len(now)-1] != lines[len(lines)-1])
@@ -429,7 +429,7 @@ func TestUpgradeRefusesABadBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := s.startCmd(func(cmd *exec.Cmd) { cmd.Path, cmd.Args[0] = exe, exe })
-	waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
+	d.waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
 	before := statusOf(t, s.Socket)["a"]
 	c := client.New(s.Socket)
 	defer c.Close()
@@ -498,7 +498,7 @@ func TestUpgradeToAWrapperWithASlowCheck(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := s.startCmd(func(cmd *exec.Cmd) { cmd.Path, cmd.Args[0] = exe, exe })
-	waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
+	d.waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
 	before := statusOf(t, s.Socket)["a"]
 
 	// On --check it also leaves two short-lived orphans, as a wrapper's
@@ -519,7 +519,7 @@ func TestUpgradeToAWrapperWithASlowCheck(t *testing.T) {
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatalf("upgrade to a wrapper whose --check takes 5 s: %v", err)
 	}
-	waitFor(t, 30*time.Second, "the daemon at v2", func() bool {
+	d.waitFor(t, 30*time.Second, "the daemon at v2", func() bool {
 		dv, err := c.Daemon(ctx)
 		return err == nil && dv.Version == "v2"
 	})

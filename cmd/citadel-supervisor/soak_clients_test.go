@@ -87,8 +87,8 @@ gateway:
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
 	addr := fmt.Sprintf("127.0.0.1:%d", gwPort)
 	metricsURL := fmt.Sprintf("http://127.0.0.1:%d/metrics", httpPort)
-	supervisortest.WaitGateway(t, gw)
-	waitFor(t, 30*time.Second, "a and c ready", func() bool {
+	supervisortest.WaitGateway(t, d, gw)
+	d.waitFor(t, 30*time.Second, "a and c ready", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["c"].State == api.Ready
 	})
@@ -178,7 +178,7 @@ gateway:
 			t.Logf("still held at the end: %s", held)
 		}
 	}()
-	waitFor(t, 30*time.Second, "everything let go", func() bool {
+	d.waitFor(t, 30*time.Second, "everything let go", func() bool {
 		_, m := scrape(t, metricsURL)
 		var out []string
 		for _, model := range []string{"a", "b", "c"} {

@@ -182,7 +182,7 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 3m, max_queue: 1024}
 
 func (k *swapSoak) start() {
 	k.d = k.sd.start(k.s, k.in.exe)
-	supervisortest.WaitGateway(k.t, k.gw)
+	supervisortest.WaitGateway(k.t, k.d, k.gw)
 }
 
 // client sends requests until ctx ends: a model chosen by weight, one at a
@@ -514,7 +514,7 @@ func (k *swapSoak) killDaemon() {
 	}
 	d.wait(k.t)
 	next := k.sd.start(k.s, k.in.exe)
-	supervisortest.WaitGateway(k.t, k.gw)
+	supervisortest.WaitGateway(k.t, next, k.gw)
 	k.mu.Lock()
 	k.d = next
 	k.down = append(k.down, window{from, time.Now().Add(time.Second)})
@@ -543,7 +543,10 @@ func (k *swapSoak) settle() {
 			t.Errorf("(e) %s does not answer at the end: %d %s", m.name, code, body)
 		}
 	}
-	waitFor(t, 30*time.Second, "(e) the gateway's in-flight and queue gauges at zero", func() bool {
+	k.mu.Lock()
+	d := k.d
+	k.mu.Unlock()
+	d.waitFor(t, 30*time.Second, "(e) the gateway's in-flight and queue gauges at zero", func() bool {
 		_, fams := scrape(t, k.listen+"/metrics")
 		sum := 0.0
 		for _, name := range []string{"citadel_gateway_in_flight", "citadel_gateway_queue_depth"} {

@@ -50,9 +50,9 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 				testModel{Name: "a", YAML: od, Fake: fake},
 				testModel{Name: "b", YAML: od, Fake: fake},
 			), t: t}
-			s.start()
+			d := s.start()
 			gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-			supervisortest.WaitGateway(t, gw)
+			supervisortest.WaitGateway(t, d, gw)
 			for round := range 3 {
 				for _, m := range []string{"resident", "a", "b"} {
 					if code, body := chat(t, gw, m); code != 200 || !strings.Contains(body, `"model":"`+m+`"`) {
@@ -131,7 +131,7 @@ func TestKeyedModelBehindKeyedGateway(t *testing.T) {
 	}), t: t}
 	d := s.start()
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	waitFor(t, 30*time.Second, "the gateway up", func() bool {
+	d.waitFor(t, 30*time.Second, "the gateway up", func() bool {
 		code, _ := keyedChat(gw, "m", clientKey)
 		return code == 200
 	})
@@ -143,7 +143,7 @@ func TestKeyedModelBehindKeyedGateway(t *testing.T) {
 	}
 	c := client.New(s.Socket)
 	defer c.Close()
-	waitFor(t, 30*time.Second, "m asleep when idle", func() bool {
+	d.waitFor(t, 30*time.Second, "m asleep when idle", func() bool {
 		st, err := c.Status(context.Background(), "m")
 		return err == nil && st[0].State == api.Sleeping
 	})

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -78,7 +79,8 @@ func DaemonEnviron(extra ...string) []string {
 }
 
 // WaitFor polls cond until it holds or d passes. Every wait in the tests has
-// a deadline; none sleeps to synchronise.
+// a deadline; none sleeps to synchronise. A wait for something a daemon
+// does is WaitOn.
 func WaitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
@@ -88,6 +90,128 @@ func WaitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// A Daemon is what a wait watches besides its condition: the daemon (a
+// process, or a Supervisor's Run) the condition depends on. Once it has
+// exited the condition will not come true, so WaitOn fails at once,
+// saying so, rather than waiting out its deadline.
+type Daemon interface {
+	// Done is closed when the daemon has exited.
+	Done() <-chan struct{}
+	// Exit says how it exited, with the end of its output.
+	Exit() string
+}
+
+// WaitOn is WaitFor on a daemon: it also fails as soon as d has exited
+// with cond still false.
+func WaitOn(t testing.TB, d Daemon, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		select {
+		case <-d.Done():
+			if cond() {
+				return
+			}
+			t.Fatalf("the daemon exited while the test waited for %s: %s", what, d.Exit())
+		case <-deadline.C:
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		case <-tick.C:
+		}
+	}
+}
+
+// AnyOf is a Daemon that has exited once any of ds has: for a wait on
+// what several daemons do together.
+func AnyOf(ds ...Daemon) Daemon {
+	a := &anyOf{ds: ds, done: make(chan struct{})}
+	var once sync.Once
+	for _, d := range ds {
+		go func() {
+			<-d.Done()
+			once.Do(func() { close(a.done) })
+		}()
+	}
+	return a
+}
+
+type anyOf struct {
+	ds   []Daemon
+	done chan struct{}
+}
+
+func (a *anyOf) Done() <-chan struct{} { return a.done }
+
+func (a *anyOf) Exit() string {
+	for _, d := range a.ds {
+		select {
+		case <-d.Done():
+			return d.Exit()
+		default:
+		}
+	}
+	return "none has exited"
+}
+
+// FailureOf runs f as a test would, with a testing.TB whose failures are
+// recorded instead of failing t (a Fatal ends f's goroutine, as in a
+// test), and returns what f failed with, "" if nothing: for tests of the
+// harness's own checks. f must return within two minutes.
+func FailureOf(t testing.TB, f func(tb testing.TB)) string {
+	t.Helper()
+	r := &recorder{TB: t}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f(r)
+	}()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("the function under test did not return within 2m")
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return strings.Join(r.failures, "\n")
+}
+
+// recorder is a testing.TB that records failures; see FailureOf.
+type recorder struct {
+	testing.TB
+	mu       sync.Mutex
+	failures []string
+}
+
+func (r *recorder) Helper() {}
+
+func (r *recorder) Errorf(format string, args ...any) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.failures = append(r.failures, fmt.Sprintf(format, args...))
+}
+
+func (r *recorder) Error(args ...any) { r.Errorf("%s", fmt.Sprint(args...)) }
+
+func (r *recorder) Fatalf(format string, args ...any) {
+	r.Errorf(format, args...)
+	runtime.Goexit()
+}
+
+func (r *recorder) Fatal(args ...any) { r.Fatalf("%s", fmt.Sprint(args...)) }
+
+func (r *recorder) FailNow() { r.Fatalf("FailNow") }
+
+// Tail is the end of a daemon's output for a failure: its last n lines.
+func Tail(out string, n int) string {
+	lines := strings.Split(strings.TrimRight(out, "\n"), "\n")
+	if len(lines) > n {
+		lines = append([]string{fmt.Sprintf("[%d lines before]", len(lines)-n)}, lines[len(lines)-n:]...)
+	}
+	return strings.Join(lines, "\n")
 }
 
 // FreePort returns a loopback port that was free a moment ago.
@@ -318,10 +442,11 @@ func FakeStats(t testing.TB, port int) map[string]float64 {
 	return out
 }
 
-// WaitGateway waits until the gateway at base answers GET /v1/models.
-func WaitGateway(t testing.TB, base string) {
+// WaitGateway waits until the gateway at base, d's, answers GET
+// /v1/models.
+func WaitGateway(t testing.TB, d Daemon, base string) {
 	t.Helper()
-	WaitFor(t, 30*time.Second, "the gateway up", func() bool {
+	WaitOn(t, d, 30*time.Second, "the gateway up", func() bool {
 		resp, err := http.Get(base + "/v1/models")
 		if err != nil {
 			return false

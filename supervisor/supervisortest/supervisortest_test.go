@@ -3,10 +3,12 @@ package supervisortest
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"citadel-supervisor/config"
 )
@@ -213,5 +215,63 @@ func TestDaemonEnviron(t *testing.T) {
 	}
 	if !slices.Contains(env, "PATH="+os.Getenv("PATH")) {
 		t.Error("PATH lost")
+	}
+}
+
+// proc is a process as a Daemon.
+type proc struct {
+	cmd  *exec.Cmd
+	out  SyncBuffer
+	done chan struct{}
+}
+
+func startProc(t *testing.T, script string) *proc {
+	t.Helper()
+	p := &proc{cmd: exec.Command("sh", "-c", script), done: make(chan struct{})}
+	p.cmd.Stdout, p.cmd.Stderr = &p.out, &p.out
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.cmd.Wait(); close(p.done) }() //nolint:errcheck // ProcessState says
+	t.Cleanup(func() {
+		p.cmd.Process.Kill() //nolint:errcheck // gone already, mostly
+		<-p.done
+	})
+	return p
+}
+
+func (p *proc) Done() <-chan struct{} { return p.done }
+func (p *proc) Exit() string          { return p.cmd.ProcessState.String() + "; " + Tail(p.out.String(), 2) }
+
+// TestWaitOnSeesTheDaemonExit: a wait on a daemon that exits fails at once
+// (long before its deadline, an hour here), saying that the daemon exited,
+// how, and what it said last; a condition that holds is no failure, even
+// once the daemon is gone.
+func TestWaitOnSeesTheDaemonExit(t *testing.T) {
+	p := startProc(t, "echo one; echo two; echo 'listen: address already in use'; exit 3")
+	got := FailureOf(t, func(tb testing.TB) {
+		WaitOn(tb, p, time.Hour, "the gateway up", func() bool { return false })
+	})
+	want := "the daemon exited while the test waited for the gateway up: exit status 3; [1 lines before]\ntwo\nlisten: address already in use"
+	if got != want {
+		t.Errorf("got %q\nwant %q", got, want)
+	}
+	if got := FailureOf(t, func(tb testing.TB) {
+		WaitOn(tb, p, time.Hour, "the output", func() bool { return strings.Contains(p.out.String(), "two") })
+	}); got != "" {
+		t.Errorf("a condition that holds failed: %s", got)
+	}
+
+	alive := startProc(t, "exec sleep 3600")
+	n := 0
+	if got := FailureOf(t, func(tb testing.TB) {
+		WaitOn(tb, alive, time.Hour, "the third look", func() bool { n++; return n == 3 })
+	}); got != "" {
+		t.Errorf("a wait on a running daemon failed: %s", got)
+	}
+	if got, want := FailureOf(t, func(tb testing.TB) {
+		WaitOn(tb, alive, 50*time.Millisecond, "nothing", func() bool { return false })
+	}), "timed out after 50ms waiting for nothing"; got != want {
+		t.Errorf("got %q, want %q", got, want)
 	}
 }
