@@ -1,3 +1,5 @@
+//go:build !e2e
+
 package main
 
 import (
@@ -98,16 +100,6 @@ func TestGatewayInTheDaemon(t *testing.T) {
 			t.Errorf("a token in the daemon's log or metrics")
 		}
 	}
-}
-
-func grepLines(s, sub string) string {
-	var out []string
-	for _, l := range strings.Split(s, "\n") {
-		if strings.Contains(l, sub) {
-			out = append(out, l)
-		}
-	}
-	return strings.Join(out, "\n")
 }
 
 func TestCheckGateway(t *testing.T) {

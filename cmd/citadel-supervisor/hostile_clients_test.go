@@ -1,3 +1,5 @@
+//go:build e2e
+
 package main
 
 import (
@@ -5,7 +7,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -25,44 +26,6 @@ import (
 // outsider would (hostile children have theirs in hostile_test.go). Each
 // test names the bound it holds; TestSoakHostileClients (soak_clients_test.go)
 // runs them mixed, at random, for as long as asked.
-
-// halfSent opens a connection to addr and sends the headers of a chat
-// request whose body stops after its model: the client then goes silent.
-func halfSent(addr, model string) (net.Conn, error) {
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		return nil, err
-	}
-	body := `{"model":"` + model + `","messages":[`
-	_, err = io.WriteString(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4096\r\n\r\n"+body)
-	if err != nil {
-		c.Close()
-		return nil, err
-	}
-	return c, nil
-}
-
-// procStatus reads a field of /proc/PID/status, in kB for the memory ones.
-func procStatus(t testing.TB, pid int, field string) int64 {
-	t.Helper()
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(l, field+":"); ok {
-			f := strings.Fields(rest)
-			n, _ := strconv.ParseInt(f[0], 10, 64)
-			return n
-		}
-	}
-	t.Fatalf("no %s in /proc/%d/status", field, pid)
-	return 0
-}
-
-// daemonPID is the daemon's own PID: through prlimit, the process prlimit
-// became (it execs).
-func daemonPID(d *daemon) int { return d.cmd.Process.Pid }
 
 // quickly runs f with a deadline of one second and says how it went.
 func quickly(f func(ctx context.Context) error) (time.Duration, error) {
@@ -306,53 +269,6 @@ func TestQueuedBodiesStayWithinTheirBudget(t *testing.T) {
 		return procStatus(t, pid, "VmRSS")-before < 64<<10 &&
 			value(m["citadel_gateway_body_bytes"], "store=memory") == 0 && value(m["citadel_gateway_body_bytes"], "store=spool") == 0
 	})
-}
-
-// repeatReader reads c for ever.
-type repeatReader byte
-
-func (r repeatReader) Read(p []byte) (int, error) {
-	for i := range p {
-		p[i] = byte(r)
-	}
-	return len(p), nil
-}
-
-// flood is many half-sent requests held open.
-type flood struct {
-	mu    sync.Mutex
-	conns []net.Conn
-}
-
-// openFlood opens up to n half-sent requests to addr (fewer if the
-// kernel's backlog is full), and holds them until close.
-func openFlood(t *testing.T, addr string, n int) *flood {
-	t.Helper()
-	f := &flood{}
-	t.Cleanup(f.close)
-	for range n {
-		c, err := halfSent(addr, "a")
-		if err != nil {
-			break
-		}
-		f.conns = append(f.conns, c)
-	}
-	return f
-}
-
-func (f *flood) len() int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return len(f.conns)
-}
-
-func (f *flood) close() {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	for _, c := range f.conns {
-		c.Close()
-	}
-	f.conns = nil
 }
 
 func countFDs(t testing.TB, pid int) int {

@@ -1,3 +1,5 @@
+//go:build e2e
+
 package main
 
 import (
@@ -8,7 +10,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -18,7 +19,6 @@ import (
 	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/control/client"
-	"citadel-supervisor/supervisor/proc"
 	"citadel-supervisor/supervisor/supervisortest"
 )
 
@@ -52,28 +52,6 @@ func hostileModels() []testModel {
 
 // hostileRoles is the role of the process each model's escape is about.
 var hostileRoles = map[string]string{"scrub": "escapee", "hidden": "hidden", "hop": "hopper", "bare": "server"}
-
-// siteProcs lists the running processes of the site: every process any of
-// its models recorded, confirmed by its command line naming the site's
-// directory (so a reused PID is not counted).
-func siteProcs(s *supervisortest.Site) []int {
-	var out []int
-	for _, m := range s.Models {
-		ents, _ := os.ReadDir(filepath.Join(s.Dir, "pids", m.Name))
-		for _, e := range ents {
-			pid, err := strconv.Atoi(e.Name())
-			if err != nil || !supervisortest.Running(pid) {
-				continue
-			}
-			cmdline, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
-			if err == nil && strings.Contains(string(cmdline), s.Dir) {
-				out = append(out, pid)
-			}
-		}
-	}
-	slices.Sort(out)
-	return out
-}
 
 // escaped reports whether every model's hostile child has started this
 // trial: the moment the old tracking lost them. Started, not running: in
@@ -300,32 +278,4 @@ func describe(pids []int) string {
 		fmt.Fprintf(&b, "\n  %d %s", pid, strings.ReplaceAll(string(cmdline), "\x00", " "))
 	}
 	return b.String()
-}
-
-// killSite kills whatever a site's daemons left: the processes in its
-// cgroup subtree, the ones carrying its marker, and every process its
-// models recorded. Tests that SIGKILL a daemon on purpose call it (through
-// newSite's cleanup too), so `make test` leaves no process behind.
-func killSite(s *supervisortest.Site) {
-	id := supervisor.Identity(s.Socket)
-	if cg, ok := proc.FindCgroups(id); ok {
-		root := &proc.Cgroup{Path: cg.Root}
-		_ = root.Kill()
-		ctx, cancel := context.WithTimeout(context.Background(), proc.KillBound)
-		_ = root.WaitEmpty(ctx)
-		cancel()
-		leaves, _ := cg.Leaves()
-		for _, l := range leaves {
-			_ = l.Remove()
-		}
-		_ = root.Remove()
-	}
-	if groups, err := proc.Marked(id + "/"); err == nil {
-		for _, t := range groups {
-			_ = t.Kill()
-		}
-	}
-	for _, pid := range siteProcs(s) {
-		_ = syscall.Kill(pid, syscall.SIGKILL)
-	}
 }

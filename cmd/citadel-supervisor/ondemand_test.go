@@ -1,9 +1,10 @@
+//go:build e2e
+
 package main
 
 import (
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -43,18 +44,6 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 		models[i].Fake = fake
 	}
 	return &site{Site: supervisortest.NewSite(t, top, models...), t: t}, fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-}
-
-func chat(t *testing.T, gw, model string) (int, string) {
-	t.Helper()
-	resp, err := http.Post(gw+"/v1/chat/completions", "application/json",
-		strings.NewReader(`{"model":"`+model+`","messages":[{"role":"user","content":"hi"}],"max_tokens":2}`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
 }
 
 // TestSevenModelsOnTwoGPUs: a request to each of the seven models in turn,
@@ -163,28 +152,4 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 			t.Errorf("%s's fake: %v", m.Name, st)
 		}
 	}
-}
-
-// startStream sends a 40-token streaming completion for model through the
-// gateway; the channel gets the whole body once it ends.
-func startStream(t *testing.T, gw, model string) <-chan string {
-	t.Helper()
-	resp, err := http.Post(gw+"/v1/completions", "application/json",
-		strings.NewReader(`{"model":"`+model+`","prompt":"hi","max_tokens":40,"stream":true}`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	stream := make(chan string, 1)
-	go func() {
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		stream <- string(b)
-	}()
-	return stream
-}
-
-// wholeStream reports whether a 40-token stream arrived whole: 40 events
-// and the end.
-func wholeStream(s string) bool {
-	return strings.Count(s, "data: ") == 41 && strings.HasSuffix(strings.TrimSpace(s), "data: [DONE]")
 }

@@ -1,6 +1,9 @@
+//go:build e2e
+
 package main
 
 import (
+	"citadel-supervisor/supervisor"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -903,5 +906,74 @@ func upgradeRemovingX(ctx context.Context, t *testing.T, s *site, in *installedD
 	})
 	if err := syscall.Kill(b, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestRepeatedDaemonSIGKILL kills the daemon again and again while its
+// models start, run and crash, then starts it once more: exactly one copy
+// of each model, nothing of the earlier incarnations, nothing after stop.
+func TestRepeatedDaemonSIGKILL(t *testing.T) {
+	s := newSite(t,
+		testModel{Name: "steady"},
+		testModel{Name: "crashy", YAML: "restart: {delay: 100ms, burst: 1000}", Fake: []string{"--fake-crash-after", "700ms"}},
+		testModel{Name: "slow", Fake: []string{"--fake-load-time", "1s"}},
+		testModel{Name: "stubborn", YAML: "stop_timeout: 300ms", Fake: stubborn},
+	)
+	for i, after := range []time.Duration{200 * time.Millisecond, 900 * time.Millisecond, 1500 * time.Millisecond, 2500 * time.Millisecond} {
+		d := s.start()
+		// Let it get somewhere: models starting, running, crashing.
+		deadline := time.Now().Add(after)
+		d.waitFor(t, after+10*time.Second, "time to pass", func() bool { return time.Now().After(deadline) })
+		d.cmd.Process.Kill() //nolint:errcheck // checked by wait
+		d.wait(t)
+		t.Logf("round %d: daemon killed after %s", i, after)
+	}
+	old := s.allProcs("steady", "crashy", "slow", "stubborn")
+	final := s.start()
+	// Ask the new daemon itself: its models ready on processes of its own.
+	c := client.New(s.Socket)
+	current := map[int]bool{}
+	final.waitFor(t, 30*time.Second, "steady, slow and stubborn ready", func() bool {
+		st, err := c.Status(context.Background(), "steady", "slow", "stubborn")
+		if err != nil {
+			return false
+		}
+		for _, m := range st {
+			if m.State != supervisor.Ready {
+				return false
+			}
+			current[m.PID] = true
+		}
+		return true
+	})
+	// crashy's current process too (it may be an adopted one that has not
+	// crashed yet), read after the others: an earlier process it had then
+	// is not running by now.
+	if st, err := c.Status(context.Background(), "crashy"); err == nil && len(st) == 1 && st[0].PID != 0 {
+		current[st[0].PID] = true
+	}
+	// An earlier incarnation's server lives on only as a model's current
+	// process (adopted); nothing else of theirs is left.
+	for pid, role := range old {
+		if role == "server" && supervisortest.Running(pid) && !current[pid] {
+			t.Errorf("server %d of an earlier incarnation is alive and nobody's", pid)
+		}
+	}
+	for _, m := range []string{"steady", "slow", "stubborn", "crashy"} {
+		if n := len(live(s.procs(m), "server")); n > 1 {
+			t.Errorf("%s: %d servers", m, n)
+		}
+	}
+	if n := len(live(s.procs("stubborn"), "worker")); n != 2 {
+		t.Errorf("stubborn: %d live workers, want its 2", n)
+	}
+	final.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // checked by wait
+	if code := final.wait(t); code != 0 {
+		t.Errorf("final daemon exit %d", code)
+	}
+	for _, m := range []string{"steady", "crashy", "slow", "stubborn"} {
+		if l := live(s.procs(m), ""); len(l) != 0 {
+			t.Errorf("%s: processes alive after the final stop: %v", m, l)
+		}
 	}
 }

@@ -1,3 +1,5 @@
+//go:build e2e
+
 package main
 
 import (
@@ -8,7 +10,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -215,20 +216,4 @@ func modelPort(s *site, name string) int {
 		}
 	}
 	return 0
-}
-
-// procEnviron reads a live process's environment.
-func procEnviron(t *testing.T, pid int) map[string]string {
-	t.Helper()
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
-	if err != nil {
-		t.Fatal(err)
-	}
-	env := map[string]string{}
-	for _, kv := range bytes.Split(b, []byte{0}) {
-		if k, v, ok := strings.Cut(string(kv), "="); ok {
-			env[k] = v
-		}
-	}
-	return env
 }
