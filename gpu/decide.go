@@ -43,6 +43,9 @@ type Want struct {
 	// wait for it, so that the order of start-up checks never decides who
 	// is resident.
 	Checking bool
+	// Held, for a wake, is what the sleeper held on each GPU before it
+	// slept (Claim.Held).
+	Held map[string]uint64
 	// Since is when the model asked: of two wants of equal priority the
 	// earlier goes first (a model put to sleep for another, whose waiting
 	// requests ask for it again at once, does not jump ahead of the one
@@ -78,9 +81,24 @@ type Claim struct {
 	// AwakeAt is when it last became ready (started or woke), as its own
 	// lifecycle saw it: min_awake counts from here.
 	AwakeAt time.Time
+	// Held is what a sleeper held on each GPU before it slept, as read:
+	// its wake needs that much, when it is more than its share (with sleep
+	// mode vLLM can size its KV cache above gpu_memory_utilization × total,
+	// vllm#40256).
+	Held map[string]uint64
 	// Evicting: it has been told to sleep to make room; its memory comes
 	// back once it sleeps.
 	Evicting bool
+	// Changing: it is going to sleep or being stopped: its GPUs' memory
+	// changes, so no start or wake begins there meanwhile (vLLM aborts a
+	// start whose GPU memory changes while it profiles, vllm#56830).
+	Changing bool
+}
+
+// share is what the claim needs on the GPU uuid of total memory: its
+// share, or what it held there before it slept when that is more.
+func (c *Claim) share(uuid string, total uint64) uint64 {
+	return max(Share(c.Req.Util, total), min(c.Held[uuid], total))
 }
 
 // Input is everything a decision depends on.
@@ -257,6 +275,9 @@ func Decide(in Input) Outcome {
 					out.Waits[w.Name] = reason
 					continue
 				}
+				if w.Held != nil {
+					c.Held = w.Held
+				}
 				if reason := wakeFits(c, slots, in.Headroom); reason != "" {
 					// Only memory is made room for; a GPU busy with another
 					// start or a sleep in progress is waited for.
@@ -365,7 +386,7 @@ func withoutClaim(slots []Slot, c *Claim) []Slot {
 			continue
 		}
 		if c.Phase != Asleep {
-			share, used := Share(c.Req.Util, s.MemoryTotal), usedBy(*s, c.PIDs)
+			share, used := c.share(s.UUID, s.MemoryTotal), usedBy(*s, c.PIDs)
 			s.Claimed -= min(share-min(used, share), s.Claimed)
 		}
 	}
@@ -420,7 +441,7 @@ func notBusy(slots []Slot) []Slot {
 }
 
 func wakeNeed(c *Claim, s Slot, headroom config.ByteSize) uint64 {
-	share, held := Share(c.Req.Util, s.MemoryTotal), usedBy(s, c.PIDs)
+	share, held := c.share(s.UUID, s.MemoryTotal), usedBy(s, c.PIDs)
 	return share - min(held, share) + uint64(headroom)
 }
 
@@ -519,6 +540,10 @@ func makeRoom(r Request, asleep *Claim, slots []Slot, claims map[string]*Claim, 
 	return nil
 }
 
+// givingBack ends the busy note of a GPU whose model is going to sleep
+// or stopping (Claim.Changing).
+const givingBack = " is giving its memory back"
+
 // freeing returns slots as they will be once victims sleep: their memory
 // free, their claims gone, their GPUs not busy on their account.
 func freeing(slots []Slot, victims []*Claim) []Slot {
@@ -529,7 +554,10 @@ func freeing(slots []Slot, victims []*Claim) []Slot {
 			if !slices.Contains(v.UUIDs, s.UUID) {
 				continue
 			}
-			share, used := Share(v.Req.Util, s.MemoryTotal), usedBy(*s, v.PIDs)
+			if s.Busy == v.Name+givingBack {
+				s.Busy = "" // the room it gives back is what is waited for
+			}
+			share, used := v.share(s.UUID, s.MemoryTotal), usedBy(*s, v.PIDs)
 			// What it allocated goes back to free; what it had claimed but
 			// not allocated is no longer claimed (a sleeper claims nothing).
 			s.MemoryFree += min(used, s.MemoryTotal-s.MemoryFree)
@@ -585,16 +613,18 @@ func Slots(devs []Device, claims map[string]*Claim, notes map[string]string) []S
 			if !slices.Contains(c.UUIDs, s.UUID) {
 				continue
 			}
-			share, used := Share(c.Req.Util, s.MemoryTotal), usedBy(*s, c.PIDs)
+			share, used := c.share(s.UUID, s.MemoryTotal), usedBy(*s, c.PIDs)
 			if c.Phase != Asleep {
 				// A sleeper holds only what the readings show.
 				s.Claimed += share - min(used, share)
 			}
-			switch c.Phase {
-			case Starting:
+			switch {
+			case c.Phase == Starting:
 				s.Busy = name + " is starting"
-			case Releasing:
+			case c.Phase == Releasing:
 				s.Busy = name + "'s memory is being released"
+			case c.Changing && s.Busy == "":
+				s.Busy = name + givingBack
 			}
 		}
 	}

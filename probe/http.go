@@ -39,10 +39,17 @@ func WithKey(ctx context.Context, key string) context.Context {
 	return context.WithValue(ctx, keyCtx{}, key)
 }
 
-func authorize(r *http.Request) {
+// keyTransport sets the context's key on every request it sends: one
+// place, so no call of this package can reach a keyed model without it (the
+// canary's did, and was answered 401).
+type keyTransport struct{ next http.RoundTripper }
+
+func (t keyTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	if key, _ := r.Context().Value(keyCtx{}).(string); key != "" {
+		r = r.Clone(r.Context()) // a RoundTripper must not change the caller's request
 		r.Header.Set("Authorization", "Bearer "+key)
 	}
+	return t.next.RoundTrip(r)
 }
 
 // HTTP probes a URL with GET; any 2xx answer is healthy.
@@ -55,7 +62,7 @@ type HTTP struct {
 // ignores proxy variables: models are probed on this host.
 func NewHTTP() *HTTP {
 	return &HTTP{client: &http.Client{
-		Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true},
+		Transport: keyTransport{&http.Transport{Proxy: nil, DisableKeepAlives: true}},
 		CheckRedirect: func(*http.Request, []*http.Request) error {
 			return http.ErrUseLastResponse
 		},
@@ -74,7 +81,6 @@ func (h *HTTP) get(ctx context.Context, url string, limit int64) ([]byte, error)
 	if err != nil {
 		return nil, err
 	}
-	authorize(req)
 	resp, err := h.client.Do(req)
 	if err != nil {
 		if errors.Is(err, syscall.ECONNREFUSED) {

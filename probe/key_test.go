@@ -32,7 +32,7 @@ func TestEveryCallSendsTheModelsKey(t *testing.T) {
 		case "/v1/completions":
 			w.Write([]byte(`{"choices":[{"text":"x"}]}`))
 		case "/metrics":
-			w.Write([]byte("vllm:request_success_total{model_name=\"m\"} 3\n"))
+			w.Write([]byte("vllm:request_success_total{model_name=\"m\"} 3\nvllm:num_requests_running{model_name=\"m\"} 0\n"))
 		case "/version":
 			w.Write([]byte(`{"version":"0.10.1"}`))
 		case "/is_sleeping":
@@ -42,26 +42,35 @@ func TestEveryCallSendsTheModelsKey(t *testing.T) {
 	defer srv.Close()
 	p := NewHTTP()
 	ctx := WithKey(context.Background(), key)
-	calls := map[string]func(context.Context) error{
-		"/health":         func(c context.Context) error { return p.Probe(c, srv.URL+"/health") },
-		"/v1/models":      func(c context.Context) error { return p.Identity(c, srv.URL, "m") },
-		"/v1/completions": func(c context.Context) error { return p.Complete(c, srv.URL, "m") },
-		"/metrics":        func(c context.Context) error { _, err := p.Traffic(c, srv.URL); return err },
-		"/version":        func(c context.Context) error { _, err := p.Version(c, srv.URL); return err },
-		"/sleep":          func(c context.Context) error { return p.Sleep(c, srv.URL, 1) },
-		"/wake_up":        func(c context.Context) error { return p.WakeUp(c, srv.URL, 1) },
-		"/is_sleeping":    func(c context.Context) error { _, err := p.IsSleeping(c, srv.URL); return err },
-		"/collective_rpc": func(c context.Context) error { return p.WakeUp(c, srv.URL, 2) },
+	calls := []struct {
+		path string
+		call func(context.Context) error
+	}{
+		{"/health", func(c context.Context) error { return p.Probe(c, srv.URL+"/health") }},
+		{"/v1/models", func(c context.Context) error { return p.Identity(c, srv.URL, "m") }},
+		{"/v1/completions", func(c context.Context) error { return p.Complete(c, srv.URL, "m") }},
+		{"/v1/completions", func(c context.Context) error { _, err := p.KnownAnswer(c, srv.URL, "m"); return err }},
+		{"/metrics", func(c context.Context) error { _, err := p.Traffic(c, srv.URL); return err }},
+		{"/metrics", func(c context.Context) error { _, err := p.Running(c, srv.URL); return err }},
+		{"/version", func(c context.Context) error { _, err := p.Version(c, srv.URL); return err }},
+		{"/sleep", func(c context.Context) error { return p.Sleep(c, srv.URL, 1) }},
+		{"/wake_up", func(c context.Context) error { return p.WakeUp(c, srv.URL, 1) }},
+		{"/is_sleeping", func(c context.Context) error { _, err := p.IsSleeping(c, srv.URL); return err }},
+		{"/collective_rpc", func(c context.Context) error { return p.WakeUp(c, srv.URL, 2) }},
+		{"/reset_prefix_cache", func(c context.Context) error { return p.ResetPrefixCache(c, srv.URL) }},
 	}
-	for path, call := range calls {
-		if err := call(ctx); err != nil {
-			t.Errorf("%s with the key: %v", path, err)
+	for i, c := range calls {
+		mu.Lock()
+		clear(seen)
+		mu.Unlock()
+		if err := c.call(ctx); err != nil {
+			t.Errorf("%s (call %d) with the key: %v", c.path, i, err)
 		}
 		mu.Lock()
-		got := seen[path]
+		got := seen[c.path]
 		mu.Unlock()
 		if got != "Bearer "+key {
-			t.Errorf("%s: Authorization %q", path, got)
+			t.Errorf("%s (call %d): Authorization %q", c.path, i, got)
 		}
 	}
 	err := p.Identity(context.Background(), srv.URL, "m")
@@ -73,9 +82,9 @@ func TestEveryCallSendsTheModelsKey(t *testing.T) {
 		t.Errorf("a call without WithKey sent %q", seen["/v1/models"])
 	}
 	mu.Unlock()
-	for path, call := range calls {
-		if err := call(WithKey(context.Background(), "wrong")); err != nil && strings.Contains(err.Error(), key) {
-			t.Errorf("%s: the key is in the error %q", path, err)
+	for _, c := range calls {
+		if err := c.call(WithKey(context.Background(), "wrong")); err != nil && strings.Contains(err.Error(), key) {
+			t.Errorf("%s: the key is in the error %q", c.path, err)
 		}
 	}
 }

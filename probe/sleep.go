@@ -77,7 +77,6 @@ func (h *HTTP) post(ctx context.Context, url string, body any) error {
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	authorize(req)
 	resp, err := h.client.Do(req)
 	if err != nil {
 		return fmt.Errorf("POST %s: %w", pathOf(req), err)

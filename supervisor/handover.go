@@ -14,6 +14,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
+	"citadel-supervisor/probe"
 	"citadel-supervisor/vllm"
 )
 
@@ -100,6 +101,13 @@ type InstanceState struct {
 	// configuration says (the digest covered sleep_level).
 	SleepMode *bool  `json:"sleep_mode,omitempty"`
 	HostHeld  uint64 `json:"host_held,omitempty"`
+	// Known is the canary's answer recorded after the process started,
+	// which its wakes must give again; KnownNote says why there is none.
+	Known     *probe.Answer `json:"known,omitempty"`
+	KnownNote string        `json:"known_note,omitempty"`
+	// Held is what it held on each GPU before it last slept: its wake
+	// asks for that much again.
+	Held map[string]uint64 `json:"held,omitempty"`
 	// Adopted: the process is not the daemon's child (a successor adopted
 	// it after its parent daemon died): an upgrade hands it on as such,
 	// and the next image watches it through a pidfd, not wait4.
@@ -148,6 +156,8 @@ func (m *machine) snapshot() ModelState {
 		}
 		sleepMode := m.inst.sleepMode
 		st.Instance.SleepMode = &sleepMode
+		st.Instance.Known, st.Instance.KnownNote = m.known, m.knownNote
+		st.Instance.Held = m.held
 		if m.state == Sleeping {
 			st.Instance.SleepLevel, st.Instance.SleepCause = m.sleepLevel, m.sleepCause
 		}
@@ -186,6 +196,10 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 		inst.sleepMode = m.cfg.Sleeps()
 		if is.SleepMode != nil {
 			inst.sleepMode = *is.SleepMode
+		}
+		m.known, m.knownNote, m.held = is.Known, is.KnownNote, is.Held
+		if m.known == nil && m.knownNote == "" && inst.sleepMode {
+			m.knownNote = "not recorded (taken over from a daemon that did not record it): a wake is proven by any answer"
 		}
 		running := efAdopt{phase: gpu.Running, awakeAt: m.awakeAt}
 		switch {

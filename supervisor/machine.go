@@ -1,10 +1,12 @@
 package supervisor
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -114,6 +116,26 @@ type machine struct {
 	startups   []time.Duration
 	wakes      map[int][]time.Duration
 	startBegan time.Time // when the start in progress was asked for
+	// known is the canary's answer recorded after the current process
+	// started (nil: none; knownNote says why), which every wake must give
+	// again.
+	known     *probe.Answer
+	knownNote string
+	// wakeFailures counts the failed wakes since the daemon started.
+	wakeFailures int
+	// held is what the process held on each GPU (by UUID) before it last
+	// slept, as the GPUs were read: its wake asks for that much again.
+	held map[string]uint64
+
+	// A planned sleep or stop waits until its GPUs are quiet: no other
+	// model starting or waking there (vLLM aborts a start whose GPU memory
+	// changes while it profiles, vllm#56830). quiet is what waits, quietSeq
+	// the request in flight with the scheduler.
+	quiet       quietKind
+	quietSeq    int
+	quietCause  string // a sleep's cause
+	quietReason string // a sleep's reason, or the stop's
+	quietSlept  bool   // the stop gives the GPUs back for sleep_level 0: count it as a sleep (cause quietCause)
 
 	// opErr is the answer to the last operation: set by onOp, read by the
 	// runner for the operator.
@@ -202,15 +224,32 @@ type (
 	evSlept struct {
 		err     error
 		aborted bool
-		level   int    // the level it sleeps at (the host memory budget may have raised it)
-		note    string // why the level differs from sleep_level
-		waiting int    // requests waiting in its queue once asleep: they want it back
+		level   int               // the level it sleeps at (the host memory budget may have raised it)
+		note    string            // why the level differs from sleep_level
+		waiting int               // requests waiting in its queue once asleep: they want it back
+		held    map[string]uint64 // what it held on each GPU just before /sleep
 	}
 	// evWoke: the wake of inst in flight (wake_up and a one-token canary)
 	// finished.
 	evWoke struct {
 		inst *instance
 		err  error
+		why  string // what failed: canary, error (timeout and probe are the machine's own)
+	}
+	// evQuiet: the scheduler's answer to a quiet request: its GPUs are
+	// quiet (ok), or what it waits for.
+	evQuiet struct {
+		seq    int
+		ok     bool
+		reason string
+	}
+	// evCanary: the canary's known answer of inst was asked twice after its
+	// start: answer, or differs (two answers not alike), or err.
+	evCanary struct {
+		inst    *instance
+		answer  probe.Answer
+		differs bool
+		err     error
 	}
 	// evLearned: the lookup of the model's vLLM version finished.
 	evLearned struct {
@@ -237,6 +276,8 @@ func (evIdle) isEvent()     {}
 func (evSlept) isEvent()    {}
 func (evWoke) isEvent()     {}
 func (evLearned) isEvent()  {}
+func (evCanary) isEvent()   {}
+func (evQuiet) isEvent()    {}
 
 // timerKind names the machine's timers; arming one replaces it.
 type timerKind int
@@ -256,8 +297,11 @@ const (
 type effect interface{ isEffect() }
 
 type (
-	efCheck   struct{}                // run the pre-start checks → evChecked
-	efWant    struct{ seq int }       // ask the scheduler for GPUs → evPlaced
+	efCheck struct{} // run the pre-start checks → evChecked
+	efWant  struct { // ask the scheduler for GPUs → evPlaced
+		seq  int
+		held map[string]uint64 // a wake: what it held on each GPU before it slept
+	}
 	efDrop    struct{}                // withdraw the want, give up the claim
 	efSpawn   struct{ gpus []string } // check again and spawn → evSpawned
 	efReady   struct{ at time.Time }  // tell the scheduler the start is done, and when it became ready
@@ -270,6 +314,7 @@ type (
 	efStop struct { // stop inst's tree → evStopped
 		inst      *instance
 		mainAlive bool
+		drain     bool // a planned stop of a serving model: drain it first
 	}
 	efRelease struct { // the tree is gone: release its GPUs
 		inst *instance
@@ -291,11 +336,21 @@ type (
 		level int
 		cause string
 	}
-	// efWake: wake it and run the canary, within timeout → evWoke.
+	// efWake: wake it and run the canary, within timeout → evWoke. known
+	// is the answer the canary must give (nil: any answer will do).
 	efWake struct {
 		level   int
 		timeout time.Duration
+		known   *probe.Answer
 	}
+	// efCanary: ask the canary's known answer, twice → evCanary.
+	efCanary struct{}
+	// efQuiet: ask the scheduler for quiet GPUs → evQuiet; efUnquiet:
+	// withdraw the request (or end the change it granted).
+	efQuiet   struct{ seq int }
+	efUnquiet struct{}
+	// efWakeFailed: count a failed wake, by what failed.
+	efWakeFailed struct{ why string }
 	// efRecord: rewrite the instance's record (a sleep that did not happen).
 	efRecord struct{}
 	// efRedigest: a reload changed only what the process does not see:
@@ -313,26 +368,30 @@ type (
 	efWithdraw struct{}
 )
 
-func (efCheck) isEffect()    {}
-func (efWant) isEffect()     {}
-func (efDrop) isEffect()     {}
-func (efSpawn) isEffect()    {}
-func (efReady) isEffect()    {}
-func (efProbe) isEffect()    {}
-func (efLearn) isEffect()    {}
-func (efObserve) isEffect()  {}
-func (efStop) isEffect()     {}
-func (efRelease) isEffect()  {}
-func (efArm) isEffect()      {}
-func (efDisarm) isEffect()   {}
-func (efSleep) isEffect()    {}
-func (efSlept) isEffect()    {}
-func (efWake) isEffect()     {}
-func (efRedigest) isEffect() {}
-func (efRecord) isEffect()   {}
-func (efWoke) isEffect()     {}
-func (efDecline) isEffect()  {}
-func (efWithdraw) isEffect() {}
+func (efCheck) isEffect()      {}
+func (efWant) isEffect()       {}
+func (efDrop) isEffect()       {}
+func (efSpawn) isEffect()      {}
+func (efReady) isEffect()      {}
+func (efProbe) isEffect()      {}
+func (efLearn) isEffect()      {}
+func (efObserve) isEffect()    {}
+func (efStop) isEffect()       {}
+func (efRelease) isEffect()    {}
+func (efArm) isEffect()        {}
+func (efDisarm) isEffect()     {}
+func (efSleep) isEffect()      {}
+func (efSlept) isEffect()      {}
+func (efWake) isEffect()       {}
+func (efRedigest) isEffect()   {}
+func (efRecord) isEffect()     {}
+func (efCanary) isEffect()     {}
+func (efQuiet) isEffect()      {}
+func (efUnquiet) isEffect()    {}
+func (efWakeFailed) isEffect() {}
+func (efWoke) isEffect()       {}
+func (efDecline) isEffect()    {}
+func (efWithdraw) isEffect()   {}
 
 func newMachine(cfg config.Model, now func() time.Time, jitter func() float64, log *zap.Logger) *machine {
 	return &machine{cfg: cfg, now: now, jitter: jitter, log: log, restarts: map[string]int{}, since: now()}
@@ -406,6 +465,10 @@ func (m *machine) step(ev event) []effect {
 		return m.onWoke(ev)
 	case evLearned:
 		return m.onLearned(ev)
+	case evCanary:
+		return m.onCanary(ev)
+	case evQuiet:
+		return m.onQuiet(ev)
 	}
 	panic(fmt.Sprintf("machine: unknown event %T", ev))
 }
@@ -493,7 +556,7 @@ func (m *machine) onPlaced(p placement) []effect {
 		bound := m.wakeBound(m.sleepLevel)
 		m.wakeBegan, m.probeFails, m.probing = m.now(), 0, false
 		m.enter(Waking, fmt.Sprintf("waking (bound %s)", roundDuration(bound)))
-		return []effect{efWake{level: m.sleepLevel, timeout: bound}, efArm{deadline, bound}, efArm{tick, m.cfg.Probe.Period}}
+		return []effect{efWake{level: m.sleepLevel, timeout: bound, known: m.known}, efArm{deadline, bound}, efArm{tick, m.cfg.Probe.Period}}
 	}
 	if p.gpus == nil {
 		m.cause = CauseGPU
@@ -596,7 +659,14 @@ func (m *machine) onProbed(ev evProbed) []effect {
 		m.startup = m.readyAt.Sub(m.inst.started)
 		m.startups = recent(m.startups, m.readyAt.Sub(m.startBegan))
 		m.enter(Ready, "")
-		return append([]effect{efDisarm{deadline}, efReady{at: m.readyAt}, efArm{tick, p.Period}}, m.awake()...)
+		out := append([]effect{efDisarm{deadline}, efReady{at: m.readyAt}, efArm{tick, p.Period}}, m.awake()...)
+		if m.cfg.OnDemand() && m.inst.sleepMode {
+			// The answer its wakes must give again, asked while it is
+			// fresh from a cold start.
+			m.known, m.knownNote = nil, "being recorded"
+			out = append(out, efCanary{})
+		}
+		return out
 	}
 	out := []effect{efObserve{took: ev.took, err: err}}
 	switch {
@@ -625,8 +695,12 @@ func (m *machine) onTimer(t timerKind) []effect {
 		return nil // the runner sends evIdle instead
 	}
 	if t == deadline {
+		if m.quiet != quietNone {
+			m.log.Warn("its GPUs were not quiet within startup_timeout; going ahead", zap.Duration("startup_timeout", m.cfg.Probe.StartupTimeout))
+			return append([]effect{efUnquiet{}}, m.quietNow()...)
+		}
 		if m.wakeInFlight() {
-			return m.wakeFailed(fmt.Sprintf("not awake within %s", roundDuration(m.wakeBound(m.sleepLevel))))
+			return m.wakeFailed("timeout", fmt.Sprintf("not awake within %s", roundDuration(m.wakeBound(m.sleepLevel))))
 		}
 		if m.state != Starting {
 			return nil
@@ -677,10 +751,82 @@ func (m *machine) failAndStop(why, reason, stopping string) []effect {
 }
 
 // beginStop hands the tree to a stop; evStopped follows.
+// A planned stop (an operator's stop or restart, a reload, an eviction by
+// stop, the daemon's shutdown) of a model that serves drains it first, as
+// a sleep does: vLLM aborts the requests in flight at SIGTERM. A stop
+// after a failure does not wait for a dead engine.
 func (m *machine) beginStop(reason string) []effect {
+	drain := m.failure == nil && !m.exited && (m.state == Ready || m.state == Unhealthy)
+	m.quiet = quietNone // it stops now: whatever waited for quiet GPUs is moot
 	m.enter(Stopping, reason)
 	m.sleepOp, m.sleepLevel = false, 0
-	return []effect{efDisarm{tick}, efDisarm{deadline}, efDisarm{idle}, efStop{inst: m.inst, mainAlive: !m.exited}}
+	return []effect{efDisarm{tick}, efDisarm{deadline}, efDisarm{idle}, efStop{inst: m.inst, mainAlive: !m.exited, drain: drain}}
+}
+
+// quietKind is what waits for quiet GPUs.
+type quietKind int
+
+const (
+	quietNone quietKind = iota
+	quietSleep
+	quietStop
+)
+
+// plannedStop stops a model that serves or sleeps once its GPUs are quiet
+// (no other model starting or waking there); slept counts the stop as a
+// sleep at level 0 (an on-demand model giving its GPUs back). A model
+// loading, or one not running, is not waited for.
+func (m *machine) plannedStop(reason string, slept bool, cause string) []effect {
+	if m.shutdown || !(m.state == Ready || m.state == Unhealthy || (m.state == Sleeping && !m.sleepOp)) {
+		out := m.beginStop(reason)
+		if slept {
+			out = append(out, efSlept{level: 0, cause: cause})
+		}
+		return out
+	}
+	pending := m.quiet != quietNone
+	m.quiet, m.quietReason, m.quietSlept, m.quietCause = quietStop, reason, slept, cause
+	m.enter(m.state, "waiting for its GPUs to be quiet before it stops: "+strings.TrimPrefix(reason, "stopping: "))
+	if pending {
+		return nil // the request in flight answers this too
+	}
+	return m.askQuiet()
+}
+
+// askQuiet asks the scheduler for quiet GPUs, for at most startup_timeout
+// (a neighbour's start ends within its own; past that, go ahead).
+func (m *machine) askQuiet() []effect {
+	m.quietSeq++
+	return []effect{efQuiet{seq: m.quietSeq}, efArm{deadline, m.cfg.Probe.StartupTimeout}}
+}
+
+// onQuiet carries out what waited for quiet GPUs, or says what it waits
+// for.
+func (m *machine) onQuiet(ev evQuiet) []effect {
+	if m.quiet == quietNone || ev.seq != m.quietSeq {
+		return nil
+	}
+	if !ev.ok {
+		what := map[quietKind]string{quietSleep: "sleeps", quietStop: "stops"}[m.quiet]
+		m.enter(m.state, fmt.Sprintf("waiting for %s before it %s", ev.reason, what))
+		return nil
+	}
+	return m.quietNow()
+}
+
+// quietNow does what waited for quiet GPUs.
+func (m *machine) quietNow() []effect {
+	kind, cause, reason, slept := m.quiet, m.quietCause, m.quietReason, m.quietSlept
+	m.quiet = quietNone
+	out := []effect{efDisarm{deadline}}
+	if kind == quietSleep {
+		return append(out, m.doSleep(cause, reason)...)
+	}
+	out = append(out, m.beginStop(reason)...)
+	if slept {
+		out = append(out, efSlept{level: 0, cause: cause})
+	}
+	return out
 }
 
 func (m *machine) onStopped(ev evStopped) []effect {
@@ -756,7 +902,7 @@ func (m *machine) stopHeld(reason string) []effect {
 	m.startAfter = ""
 	switch {
 	case m.live():
-		return m.beginStop("stopping: " + reason)
+		return m.plannedStop("stopping: "+reason, false, "")
 	case m.state == Stopping:
 		return nil // held once the stop completes
 	}
@@ -772,7 +918,7 @@ func (m *machine) respawn(reason string) []effect {
 	switch {
 	case m.live():
 		m.startAfter = reason
-		return m.beginStop("stopping: " + reason)
+		return m.plannedStop("stopping: "+reason, false, "")
 	case m.state == Stopping:
 		m.startAfter = reason
 		return nil
@@ -870,7 +1016,7 @@ func (m *machine) onConfig(ev evConfig) []effect {
 			// others to sleep for nothing.
 			m.hold = false
 			m.idleAfter = "on demand: stopped for a configuration change; starts at its next request"
-			return m.beginStop("stopping: configuration changed")
+			return m.plannedStop("stopping: configuration changed", false, "")
 		}
 		return m.respawn("configuration changed")
 	case ev.kind == config.Update && m.live():
@@ -941,6 +1087,10 @@ func (m *machine) status() *Status {
 		op := *m.lastOp
 		s.LastOp = &op
 	}
+	if m.inst != nil && m.cfg.OnDemand() {
+		s.Canary = m.knownNote
+	}
+	s.WakeFailures = m.wakeFailures
 	if m.state == Sleeping && !m.sleepOp {
 		s.SleepLevel = m.sleepLevel
 	}
@@ -1057,7 +1207,7 @@ func (m *machine) wake() []effect {
 	m.wantSeq++
 	m.awaiting = true
 	m.enter(Waking, "waiting for its GPU memory")
-	return []effect{efWant{seq: m.wantSeq}}
+	return []effect{efWant{seq: m.wantSeq, held: m.held}}
 }
 
 // sleep gives an awake on-demand model's GPUs back: vLLM's sleep mode, or
@@ -1067,13 +1217,35 @@ func (m *machine) wake() []effect {
 func (m *machine) sleep(cause, reason string) []effect {
 	level, why := m.effectiveLevel()
 	if level == 0 {
-		m.idleAfter = "on demand: stopped (" + cause + "); starts at its next request"
-		if why != "" {
-			m.idleAfter += "; " + why
-			m.log.Info("stopping instead of sleeping", zap.String("why", why))
-		}
-		out := m.beginStop("stopping: " + reason)
-		return append(out, efSlept{level: 0, cause: cause})
+		m.idleAfter = m.stoppedOnDemand(cause, why)
+		return m.plannedStop("stopping: "+reason, true, cause)
+	}
+	if m.quiet != quietNone {
+		return nil // a sleep or a stop waits already
+	}
+	m.quiet, m.quietCause, m.quietReason = quietSleep, cause, reason
+	m.enter(m.state, "waiting for its GPUs to be quiet before it sleeps: "+reason)
+	return append([]effect{efDisarm{idle}}, m.askQuiet()...)
+}
+
+// stoppedOnDemand is what an on-demand model stopped instead of put to
+// sleep says (sleep_level 0, or why is what its vLLM or process lacks).
+func (m *machine) stoppedOnDemand(cause, why string) string {
+	s := "on demand: stopped (" + cause + "); starts at its next request"
+	if why != "" {
+		s += "; " + why
+		m.log.Info("stopping instead of sleeping", zap.String("why", why))
+	}
+	return s
+}
+
+// doSleep puts the model to sleep (its GPUs are quiet): drain, then /sleep.
+// The level is read again: a reload may have changed it meanwhile.
+func (m *machine) doSleep(cause, reason string) []effect {
+	level, why := m.effectiveLevel()
+	if level == 0 {
+		m.idleAfter = m.stoppedOnDemand(cause, why)
+		return append(m.beginStop("stopping: "+reason), efSlept{level: 0, cause: cause})
 	}
 	m.levelNote = why
 	if why != "" {
@@ -1091,13 +1263,15 @@ func (m *machine) onEvict(forModel string) []effect {
 	case m.state == Ready && m.now().Sub(m.awakeAt) < m.cfg.MinAwake:
 		// Within min_awake of becoming ready, by its own clock: the
 		// scheduler decided on an older view.
+	case m.quiet != quietNone:
+		// A sleep or stop of its own waits already.
 	case m.state == Ready:
 		return m.sleep("evicted", "making room for "+forModel)
 	case m.state == Sleeping && !m.sleepOp && !m.wakeAfter:
 		// Asleep, it still holds CUDA graphs and NCCL buffers: stop it to
 		// give those back too. It starts afresh at its next request.
 		m.idleAfter = "on demand: stopped to make room for " + forModel + "; starts at its next request"
-		return append(m.beginStop("stopping: making room for "+forModel), efSlept{level: 0, cause: "evicted"})
+		return m.plannedStop("stopping: making room for "+forModel, true, "evicted")
 	}
 	return []effect{efDecline{}}
 }
@@ -1130,7 +1304,7 @@ func (m *machine) onSlept(ev evSlept) []effect {
 		// Requests were still in flight: it stays awake, and says why.
 		m.log.Info("sleep abandoned: requests still in flight", zap.String("cause", m.sleepCause))
 		m.enter(Ready, "")
-		out := []effect{efRecord{}, efArm{tick, m.cfg.Probe.Period}, efArm{idle, m.cfg.IdleAfter}}
+		out := []effect{efRecord{}, efUnquiet{}, efArm{tick, m.cfg.Probe.Period}, efArm{idle, m.cfg.IdleAfter}}
 		if m.sleepCause == "evicted" {
 			out = append(out, efDecline{})
 		}
@@ -1144,6 +1318,9 @@ func (m *machine) onSlept(ev evSlept) []effect {
 	}
 	if ev.level > 0 {
 		m.sleepLevel = ev.level
+	}
+	if len(ev.held) > 0 {
+		m.held = ev.held
 	}
 	reason := fmt.Sprintf("asleep (level %d, %s)", m.sleepLevel, m.sleepCause)
 	if ev.note != "" {
@@ -1168,7 +1345,7 @@ func (m *machine) onWoke(ev evWoke) []effect {
 		return nil // a wake given up on since
 	}
 	if ev.err != nil {
-		return m.wakeFailed(errText(ev.err))
+		return m.wakeFailed(cmp.Or(ev.why, "error"), errText(ev.err))
 	}
 	level := m.sleepLevel
 	m.sleepLevel = 0
@@ -1190,11 +1367,34 @@ func (m *machine) onWoke(ev evWoke) []effect {
 // no longer answering probes), and a woken engine that fails its canary
 // cannot be trusted. The model is started cold; requests keep waiting in
 // the gateway's queue.
-func (m *machine) wakeFailed(why string) []effect {
-	m.log.Warn("wake failed; restarting the model cold", zap.String("why", why))
+func (m *machine) wakeFailed(kind, why string) []effect {
+	m.log.Warn("wake failed; restarting the model cold", zap.String("what", kind), zap.String("why", why))
 	m.restarts[ReasonWake]++
+	m.wakeFailures++
 	m.startAfter = "restarting cold after a failed wake: " + why
-	return m.beginStop("stopping: wake failed: " + why)
+	return append([]effect{efWakeFailed{why: kind}}, m.beginStop("stopping: wake failed: "+why)...)
+}
+
+// onCanary keeps the canary's known answer of the current process: the
+// answer every wake must give again. A model that answers the same prompt
+// differently twice in a row, fresh from its start, is not deterministic:
+// its wakes are proven by any answer, as it says.
+func (m *machine) onCanary(ev evCanary) []effect {
+	if ev.inst != m.inst || m.inst == nil {
+		return nil
+	}
+	switch {
+	case ev.err != nil:
+		m.known, m.knownNote = nil, "not recorded ("+errText(ev.err)+"): a wake is proven by any answer"
+		m.log.Warn("the canary's known answer could not be recorded; wakes are proven by any answer", zap.Error(ev.err))
+	case ev.differs:
+		m.known, m.knownNote = nil, "not deterministic (two greedy answers after its start differed): a wake is proven by any answer"
+		m.log.Warn("the model answers a greedy request differently twice: its wakes are proven by any answer, not a known one")
+	default:
+		a := ev.answer
+		m.known, m.knownNote = &a, "known answer"
+	}
+	return nil
 }
 
 // onWakeProbed takes a liveness probe of a waking engine: one that stops
@@ -1211,11 +1411,11 @@ func (m *machine) onWakeProbed(ev evProbed) []effect {
 	case ev.err == nil:
 		m.probeFails = 0
 	case probe.Fatal(ev.err):
-		return append(out, m.wakeFailed("engine dead: /health answered "+ev.err.Error())...)
+		return append(out, m.wakeFailed("probe", "engine dead: /health answered "+ev.err.Error())...)
 	default:
 		m.probeFails++
 		if m.probeFails >= p.FailureThreshold {
-			return append(out, m.wakeFailed(fmt.Sprintf("probe failed %d/%d while waking: %s", m.probeFails, p.FailureThreshold, errText(ev.err)))...)
+			return append(out, m.wakeFailed("probe", fmt.Sprintf("probe failed %d/%d while waking: %s", m.probeFails, p.FailureThreshold, errText(ev.err)))...)
 		}
 	}
 	return out

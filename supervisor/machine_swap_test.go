@@ -20,7 +20,7 @@ func TestMachineEvictWithinMinAwakeDeclined(t *testing.T) {
 	mt.expect(evEvict{forModel: "b"}, "decline")
 	mt.state(Ready)
 	mt.now = mt.now.Add(time.Second)
-	mt.expect(evEvict{forModel: "b"}, "disarm(tick) disarm(idle) sleep(1,evicted)")
+	mt.quiet(evEvict{forModel: "b"}, "disarm(deadline) disarm(tick) disarm(idle) sleep(1,evicted)")
 }
 
 // TestMachineReadyCarriesItsInstant: the scheduler is told when the model
@@ -76,6 +76,7 @@ func TestMachineSleptWithWaitersWakesAgain(t *testing.T) {
 	mt.toODReady()
 	mt.now = mt.now.Add(time.Hour)
 	mt.step(evIdle{})
+	mt.quietOK()
 	mt.expect(evStopped{inst: mt.m.inst, waiting: 1}, "release(keep) disarm(tick) check")
 	mt.state(Pending)
 }
@@ -90,7 +91,7 @@ func TestMachineSleepLevelIsPolicy(t *testing.T) {
 	two.SleepLevel = 2
 	mt.expect(evConfig{cfg: two, kind: config.Update}, "redigest")
 	mt.now = mt.now.Add(time.Hour)
-	mt.expect(evIdle{}, "disarm(tick) disarm(idle) sleep(2,idle)")
+	mt.quiet(evIdle{}, "disarm(deadline) disarm(tick) disarm(idle) sleep(2,idle)")
 
 	mt = newODTest(t)
 	zero := onDemandCfg()
@@ -99,7 +100,7 @@ func TestMachineSleepLevelIsPolicy(t *testing.T) {
 	mt.toODReady() // started without sleep mode
 	mt.step(evConfig{cfg: onDemandCfg(), kind: config.Update})
 	mt.now = mt.now.Add(time.Hour)
-	mt.expect(evIdle{}, "disarm(tick) disarm(deadline) disarm(idle) stop(term) slept(0,idle)")
+	mt.quiet(evIdle{}, "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term) slept(0,idle)")
 }
 
 // TestMachineReloadOfASleeperStopsIt: a reload that changes a sleeping
@@ -108,7 +109,7 @@ func TestMachineReloadOfASleeperStopsIt(t *testing.T) {
 	mt := newODTest(t).toAsleep()
 	changed := onDemandCfg()
 	changed.MaxModelLen = 4096
-	mt.expect(evConfig{cfg: changed, kind: config.Respawn}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.quiet(evConfig{cfg: changed, kind: config.Respawn}, "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
 	mt.expect(evStopped{inst: mt.m.inst}, "release")
 	mt.state(Stopped)
 	if st := mt.m.status(); st.Held || st.RestartsByReason[ReasonReload] != 1 {
@@ -153,7 +154,7 @@ func TestMachineWakeBound(t *testing.T) {
 	// Past its bound: started cold, counted.
 	mt = newODTest(t).toWaking()
 	mt.now = mt.now.Add(2 * time.Minute)
-	mt.expect(evTimer{deadline}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.expect(evTimer{deadline}, "wake-failed(timeout) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
 	if st := mt.m.status(); !strings.Contains(st.Reason, "wake failed: not awake within 2m0s") || st.RestartsByReason[ReasonWake] != 1 {
 		t.Errorf("reason %q restarts %v", st.Reason, st.RestartsByReason)
 	}
@@ -172,7 +173,7 @@ func TestMachineWakeBound(t *testing.T) {
 		mt.expect(evProbed{inst: inst, err: errors.New("timeout")}, "observe")
 	}
 	mt.step(evTimer{tick})
-	mt.expect(evProbed{inst: inst, err: errors.New("timeout")}, "observe disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.expect(evProbed{inst: inst, err: errors.New("timeout")}, "observe wake-failed(probe) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
 	if !strings.Contains(mt.m.reason, "probe failed 3/3 while waking") {
 		t.Errorf("reason %q", mt.m.reason)
 	}

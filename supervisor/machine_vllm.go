@@ -1,6 +1,11 @@
 package supervisor
 
 import (
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
@@ -75,13 +80,30 @@ func (m *machine) effectiveLevel() (int, string) {
 
 // spawnConfig is the configuration a spawn builds the child's command line
 // and environment from: its sleep_level as its vLLM can have it (an older
-// vLLM exits at start on --enable-sleep-mode).
+// vLLM exits at start on --enable-sleep-mode), and, where its vLLM has it
+// (0.18), --shutdown-timeout: a second line of defence behind the drain
+// before a planned stop, so a request still in flight at SIGTERM finishes
+// within the grace rather than being aborted. Neither is in the spawn
+// digest: a running model is never restarted for them.
 func (m *machine) spawnConfig() config.Model {
 	c := m.cfg
-	if c.OnDemand() && c.SleepLevel > 0 && m.vllm.known() {
+	if !m.vllm.known() {
+		return c
+	}
+	if c.OnDemand() && c.SleepLevel > 0 {
 		c.SleepLevel, _ = m.vllm.version.SleepLevel(c.SleepLevel)
 	}
+	if m.vllm.version.Has(vllm.ShutdownTimeout) && !hasFlag(c.Args, "--shutdown-timeout") {
+		secs := max(int((sigtermGrace(c.StopTimeout)-time.Second)/time.Second), 1)
+		c.Args = append(slices.Clip(c.Args), "--shutdown-timeout", strconv.Itoa(secs))
+	}
 	return c
+}
+
+// hasFlag reports whether args sets flag (as "--flag value" or
+// "--flag=value"): an operator's own value is kept.
+func hasFlag(args []string, flag string) bool {
+	return slices.ContainsFunc(args, func(a string) bool { return a == flag || strings.HasPrefix(a, flag+"=") })
 }
 
 // learnIfUnknown looks up the version of a running model the machine does

@@ -2,8 +2,10 @@ package supervisor
 
 import (
 	"errors"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/vllm"
@@ -71,15 +73,15 @@ func TestMachineLearnsVersionBeforeFirstSpawn(t *testing.T) {
 func TestMachineSleepLevelFollowsVersion(t *testing.T) {
 	for _, tc := range []struct {
 		version string
-		want    string // effects of the idle check
+		want    string // effects of the idle check, once its GPUs are quiet
 		reason  string
 	}{
-		{"0.33.0", "disarm(tick) disarm(idle) sleep(2,idle)", "going to sleep"},
-		{"0.10.2", "disarm(tick) disarm(idle) sleep(2,idle)", "going to sleep"},
-		{"0.10.1", "disarm(tick) disarm(idle) sleep(1,idle)", "going to sleep"},
-		{"0.7.3", "disarm(tick) disarm(idle) sleep(1,idle)", "going to sleep"},
-		{"0.7.2", "disarm(tick) disarm(deadline) disarm(idle) stop(term) slept(0,idle)", "stopping"},
-		{"0.6.3", "disarm(tick) disarm(deadline) disarm(idle) stop(term) slept(0,idle)", "stopping"},
+		{"0.33.0", "disarm(deadline) disarm(tick) disarm(idle) sleep(2,idle)", "going to sleep"},
+		{"0.10.2", "disarm(deadline) disarm(tick) disarm(idle) sleep(2,idle)", "going to sleep"},
+		{"0.10.1", "disarm(deadline) disarm(tick) disarm(idle) sleep(1,idle)", "going to sleep"},
+		{"0.7.3", "disarm(deadline) disarm(tick) disarm(idle) sleep(1,idle)", "going to sleep"},
+		{"0.7.2", "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term) slept(0,idle)", "stopping"},
+		{"0.6.3", "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term) slept(0,idle)", "stopping"},
 	} {
 		t.Run(tc.version, func(t *testing.T) {
 			mt := newODTest(t)
@@ -87,7 +89,7 @@ func TestMachineSleepLevelFollowsVersion(t *testing.T) {
 			mt.m.vllm = vllmInfo{version: vllm.MustParse(tc.version), source: VersionFromServer}
 			mt.toODReady()
 			mt.now = mt.now.Add(11 * mt.m.cfg.IdleAfter)
-			mt.expect(evIdle{}, tc.want)
+			mt.quiet(evIdle{}, tc.want) // a sleep waits for quiet GPUs
 			if !strings.Contains(mt.m.reason, tc.reason) {
 				t.Errorf("reason %q, want %q", mt.m.reason, tc.reason)
 			}
@@ -120,6 +122,39 @@ func TestMachineSpawnConfigDropsSleepModeFlag(t *testing.T) {
 		argv := strings.Join(mt.m.spawnConfig().Argv(), " ")
 		if strings.Contains(argv, "--enable-sleep-mode") != flag {
 			t.Errorf("vLLM %s: argv %q, --enable-sleep-mode wanted: %v", version, argv, flag)
+		}
+	}
+}
+
+// TestSpawnConfigShutdownTimeout: from vLLM 0.18 a spawn passes
+// --shutdown-timeout, the SIGTERM grace of stop_timeout less a second, as a
+// second line of defence behind the drain; never to an older or unknown
+// vLLM (it would exit at start on the unknown flag), and never over the
+// operator's own.
+func TestSpawnConfigShutdownTimeout(t *testing.T) {
+	for _, tc := range []struct {
+		version string
+		stop    time.Duration
+		args    []string
+		want    []string
+	}{
+		{"0.18.0", 30 * time.Second, nil, []string{"--shutdown-timeout", "4"}},
+		{"0.33.0", 4 * time.Second, []string{"--trust-remote-code"}, []string{"--trust-remote-code", "--shutdown-timeout", "1"}},
+		{"0.17.1", 30 * time.Second, nil, nil},
+		{"", 30 * time.Second, nil, nil},
+		{"0.20.1", 30 * time.Second, []string{"--shutdown-timeout=60"}, []string{"--shutdown-timeout=60"}},
+	} {
+		mt := newMTest(t)
+		mt.m.cfg.StopTimeout, mt.m.cfg.Args = tc.stop, tc.args
+		mt.m.vllm = vllmInfo{} // not learned yet
+		if tc.version != "" {
+			mt.m.vllm = vllmInfo{version: vllm.MustParse(tc.version), source: VersionFromPackage}
+		}
+		if got := mt.m.spawnConfig().Args; !slices.Equal(got, tc.want) {
+			t.Errorf("%q, stop_timeout %s, args %q: spawn args %q, want %q", tc.version, tc.stop, tc.args, got, tc.want)
+		}
+		if !slices.Equal(mt.m.cfg.Args, tc.args) {
+			t.Errorf("%q: the configuration's args changed to %q", tc.version, mt.m.cfg.Args)
 		}
 	}
 }

@@ -29,6 +29,7 @@ type metrics struct {
 	probeFailures *prometheus.CounterVec
 	sleeps        *prometheus.CounterVec
 	wakeDuration  *prometheus.HistogramVec
+	wakeFailures  *prometheus.CounterVec
 }
 
 // wakeBuckets span a small model's level-1 wake (0.1 s) to a large one's
@@ -50,6 +51,10 @@ func newMetrics() *metrics {
 			Name: "citadel_model_sleeps_total",
 			Help: "Times an on-demand model gave its GPUs back, by sleep level (0: stopped) and cause (idle, evicted, manual).",
 		}, []string{"model", "level", "cause"}),
+		wakeFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "citadel_model_wake_failures_total",
+			Help: "Failed wakes of an on-demand model (it was started cold), by what failed: canary (a wrong answer), timeout, probe (its engine stopped answering while it woke), error.",
+		}, []string{"model", "reason"}),
 		wakeDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "citadel_model_wake_duration_seconds",
 			Help:    "From a sleeping on-demand model's wake request to ready (memory granted, wake_up, canary), by the level it slept at.",
@@ -60,6 +65,10 @@ func newMetrics() *metrics {
 
 func (m *metrics) slept(model string, level int, cause string) {
 	m.sleeps.WithLabelValues(model, strconv.Itoa(level), cause).Inc()
+}
+
+func (m *metrics) wakeFailed(model, why string) {
+	m.wakeFailures.WithLabelValues(model, why).Inc()
 }
 
 func (m *metrics) woke(model string, level int, took time.Duration) {
@@ -81,6 +90,7 @@ func (m *metrics) forget(model string) {
 	m.probeFailures.DeleteLabelValues(model)
 	m.sleeps.DeletePartialMatch(prometheus.Labels{"model": model})
 	m.wakeDuration.DeletePartialMatch(prometheus.Labels{"model": model})
+	m.wakeFailures.DeletePartialMatch(prometheus.Labels{"model": model})
 }
 
 // modelCollector reads the supervisor's snapshot at scrape time.
@@ -105,7 +115,7 @@ func newModelCollector(s *Supervisor) *modelCollector {
 		cpu:        prometheus.NewDesc("citadel_model_cpu_seconds_total", "CPU time of the model's processes (user and system), across its restarts; a process's time since the last scrape before it exited is not counted.", m, nil),
 		probeOK:    prometheus.NewDesc("citadel_probe_success", "1 if the model's last health probe succeeded, else 0.", m, nil),
 		reloadOK:   prometheus.NewDesc("citadel_config_last_reload_successful", "1 if the last configuration load succeeded, 0 if it was rejected (the previous one stays in force).", nil, nil),
-		hostHeld:   prometheus.NewDesc("citadel_model_sleep_host_memory_bytes", "Host memory an on-demand model holds asleep at level 1 (its weights in pinned RAM), measured as its resident memory grown across the sleep; bounded by sleep_host_memory.", m, nil),
+		hostHeld:   prometheus.NewDesc("citadel_model_sleep_host_memory_bytes", "Host memory an on-demand model holds for its level-1 sleeps (its weights in pinned RAM), measured as its resident memory grown across its first; vLLM keeps it until the process ends. Bounded by sleep_host_memory.", m, nil),
 		reloadTime: prometheus.NewDesc("citadel_config_last_reload_success_timestamp_seconds", "Unix time of the last successful configuration load.", nil, nil),
 		vllmInfo:   prometheus.NewDesc("citadel_model_vllm_info", "1, labelled with the model's vLLM release (learned from its interpreter's package metadata before it starts, confirmed by its GET /version; docs/vllm.md). Absent while unknown.", []string{"model", "version"}, nil),
 		ownership:  prometheus.NewDesc("citadel_ownership_mode", "1 for how the daemon owns the models' processes (cgroup: a cgroup v2 leaf per instance; marker: marker variable, parent links and subreaper), 0 for the other.", []string{"mode"}, nil),

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -53,10 +54,15 @@ type runner struct {
 	// lastRequest is the unix nanoseconds of the gateway's last request
 	// for the model.
 	lastRequest atomic.Int64
-	// hostHeld is the host memory the model holds asleep at level 1 (its
-	// weights in pinned RAM), measured as its processes' resident memory
-	// grown across the sleep; 0 otherwise.
+	// hostHeld is the pinned host memory the model holds for its level-1
+	// sleeps (its weights), measured as its processes' resident memory
+	// grown across its first: vLLM keeps it after the wake (vllm#16663)
+	// and reuses it, so it counts until the process ends; 0 before.
 	hostHeld atomic.Uint64
+	// own counts the daemon's own requests to the model in flight (probes,
+	// deep probes, the canary): a sleep or a planned stop waits for them
+	// as for the gateway's.
+	own atomic.Int64
 	// apiKey is the key the live instance's vLLM wants (VLLM_API_KEY or
 	// --api-key), sent on every call to it; nil or "" when none. Never
 	// logged, published or written down.
@@ -345,7 +351,7 @@ func (l *loop) do(ef effect) event {
 		cause, reason := l.check()
 		return evChecked{cause: cause, reason: reason}
 	case efWant:
-		r.d.sched.Want(m.cfg, ef.seq)
+		r.d.sched.Want(m.cfg, ef.seq, ef.held)
 	case efDrop:
 		r.d.sched.Drop(r.name)
 	case efWithdraw:
@@ -361,6 +367,7 @@ func (l *loop) do(ef effect) event {
 		inst := m.inst
 		inst.tree.Refresh()
 		r.publishPIDs(inst.tree)
+		r.own.Add(1)
 		job := probeJob{
 			inst: inst, health: probeURL(m.cfg), base: baseURL(m.cfg), served: m.cfg.ServedName,
 			timeout: m.cfg.Probe.Timeout, deepPeriod: m.cfg.Probe.DeepPeriod, deepTimeout: m.cfg.Probe.DeepTimeout,
@@ -376,11 +383,28 @@ func (l *loop) do(ef effect) event {
 		r.d.metrics.observe(r.name, ef.took, ef.err)
 	case efStop:
 		r.marker.Store(nil) // its processes are nobody's now: strays once orphaned
-		inst, grace, mainAlive := ef.inst, m.cfg.StopTimeout, ef.mainAlive
-		go func() {
-			err := r.stopInstance(inst, grace, mainAlive)
-			l.results <- evStopped{inst: inst, err: err, waiting: r.waiting()}
-		}()
+		// Its GPUs' memory changes from now on: no start or wake there
+		// until it is released.
+		r.d.sched.Changing(r.name)
+		inst, grace, mainAlive, base := ef.inst, m.cfg.StopTimeout, ef.mainAlive, baseURL(m.cfg)
+		stop := func(seq uint64) {
+			go func() {
+				if ef.drain {
+					// The drain and the SIGTERM grace share stop_timeout.
+					start := r.d.now()
+					l.drain(base, drainBudget(grace), seq)
+					grace = max(grace-r.d.now().Sub(start), 0)
+				}
+				err := r.stopInstance(inst, grace, mainAlive)
+				l.results <- evStopped{inst: inst, err: err, waiting: r.waiting()}
+			}()
+		}
+		if ef.drain {
+			// After the stopping state is published: the drain names it.
+			l.later = append(l.later, func() { stop(l.seq) })
+		} else {
+			stop(0)
+		}
 	case efRelease:
 		// Its GPUs stay busy until its processes have left them.
 		r.d.sched.Release(r.name, ef.inst.tree.SeenPIDs(), ef.keep)
@@ -412,7 +436,16 @@ func (l *loop) do(ef effect) event {
 		}
 		r.d.metrics.slept(r.name, ef.level, ef.cause)
 	case efWake:
-		go l.wake(m.inst, m.cfg, r.key(), ef.level, m.hasIsSleeping(), ef.timeout)
+		go l.wake(m.inst, m.cfg, r.key(), ef.level, m.hasIsSleeping(), ef.timeout, ef.known)
+	case efCanary:
+		r.own.Add(1)
+		go l.recordCanary(m.inst, m.cfg, r.key())
+	case efQuiet:
+		r.d.sched.Quiet(r.name, ef.seq)
+	case efUnquiet:
+		r.d.sched.Unquiet(r.name)
+	case efWakeFailed:
+		r.d.metrics.wakeFailed(r.name, ef.why)
 	case efRedigest:
 		// Only policy keys changed: the process is what the new
 		// configuration would start, as far as it can see (its sleep mode
@@ -420,7 +453,6 @@ func (l *loop) do(ef effect) event {
 		m.inst.digest = m.cfg.SpawnDigest()
 		l.record()
 	case efWoke:
-		r.hostHeld.Store(0)
 		l.record()
 		r.d.metrics.woke(r.name, ef.level, ef.took)
 	case efDecline:
@@ -595,6 +627,7 @@ func (l *loop) probe(j probeJob) {
 	if probe.Local(err) {
 		err = fmt.Errorf("%w: %w", errNoVerdict, err)
 	}
+	l.r.own.Add(-1)
 	l.results <- evProbed{inst: j.inst, err: err, took: took, version: version}
 }
 
@@ -613,6 +646,75 @@ func (l *loop) sleepLevel(level, deepest int) (int, string) {
 	return level, ""
 }
 
+// drainBudget is how much of stop_timeout a planned stop's drain may take:
+// the rest is left to the SIGTERM grace.
+func drainBudget(stopTimeout time.Duration) time.Duration {
+	return stopTimeout - sigtermGrace(stopTimeout)
+}
+
+// sigtermGrace is the part of stop_timeout left between SIGTERM and
+// SIGKILL after a planned stop's drain (half of it, at most 5 s), in which
+// vLLM shuts its engine down and gives its GPU memory back.
+func sigtermGrace(stopTimeout time.Duration) time.Duration {
+	return min(stopTimeout/2, 5*time.Second)
+}
+
+// engineGrace is how long a drain waits for an engine that does not say
+// how many requests it runs (no vllm:num_requests_running): a request the
+// gateway let go of (its client went away) may run until the engine
+// notices, at its next write.
+const engineGrace = time.Second
+
+// drain waits, within budget, until the model serves nothing: the
+// gateway's requests (Drain holds its door for the state seq announced),
+// the daemon's own (probes, the canary), and what its engine still runs
+// for clients that went away (the gateway counts those finished at once;
+// the engine lets go only when it notices). It reports whether it did.
+func (l *loop) drain(base string, budget time.Duration, seq uint64) bool {
+	d := l.r.d
+	ctx, cancel := context.WithTimeout(context.Background(), budget)
+	defer cancel()
+	if d.traffic != nil {
+		if err := d.traffic.Drain(ctx, l.r.name, seq); err != nil {
+			return false
+		}
+	}
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for l.r.own.Load() > 0 {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-tick.C:
+		}
+	}
+	for {
+		n, err := d.prober.Running(ctx, base)
+		switch {
+		case errors.Is(err, probe.ErrNoRunningGauge):
+			t := time.NewTimer(engineGrace)
+			defer t.Stop()
+			select {
+			case <-ctx.Done():
+				return false
+			case <-t.C:
+				return true
+			}
+		case err != nil:
+			// No answer: nothing it runs can be waited for (it may be
+			// dead); the stop or the sleep will tell.
+			return true
+		case n == 0:
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-tick.C:
+		}
+	}
+}
+
 // sleep drains the model's requests in the gateway, then puts it to sleep
 // sleep drains the model's requests in the gateway, then puts it to sleep
 // at level and checks that it sleeps (where its vLLM answers /is_sleeping:
@@ -621,15 +723,14 @@ func (l *loop) sleepLevel(level, deepest int) (int, string) {
 // grace abandons the sleep.
 func (l *loop) sleep(base, key string, level int, note string, askAsleep bool, grace time.Duration, seq uint64) {
 	d := l.r.d
-	if d.traffic != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), grace)
-		err := d.traffic.Drain(ctx, l.r.name, seq)
-		cancel()
-		if err != nil {
-			l.results <- evSlept{aborted: true}
-			return
-		}
+	if !l.drain(base, grace, seq) {
+		l.results <- evSlept{aborted: true}
+		return
 	}
+	// What it holds on its GPUs now, read fresh: its wake asks for that
+	// much again (with sleep mode vLLM may size its KV cache above its
+	// share, vllm#40256).
+	held := l.r.heldOnGPUs()
 	before := l.r.rss()
 	ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), key), sleepTimeout)
 	defer cancel()
@@ -641,13 +742,41 @@ func (l *loop) sleep(base, key string, level int, note string, askAsleep bool, g
 		}
 	}
 	if err == nil && level == 1 {
-		if after := l.r.rss(); after > before {
+		// vLLM keeps the pinned host memory of a level-1 sleep after the
+		// wake (vllm#16663; PR #55206 open) and reuses it at the next: it
+		// counts from the first until the process ends, not what the
+		// latest sleep added (nothing, the second time).
+		if after := l.r.rss(); after > before && after-before > l.r.hostHeld.Load() {
 			l.r.hostHeld.Store(after - before)
 		}
 	}
 	// Requests that wait in its queue now came for it while it went to
 	// sleep, or before: they want it back.
-	l.results <- evSlept{err: err, level: level, note: note, waiting: l.r.waiting()}
+	l.results <- evSlept{err: err, level: level, note: note, waiting: l.r.waiting(), held: held}
+}
+
+// heldOnGPUs reads the GPUs now and returns what the model's processes
+// hold on each; nil without readings.
+func (r *runner) heldOnGPUs() map[string]uint64 {
+	rd, p := r.d.sched.reader, r.pids.Load()
+	if rd == nil || p == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	devs, err := rd.Read(ctx)
+	if err != nil {
+		return nil
+	}
+	out := map[string]uint64{}
+	for _, d := range devs {
+		for _, pr := range d.Processes {
+			if slices.Contains(*p, pr.PID) {
+				out[d.UUID] += pr.UsedMemory
+			}
+		}
+	}
+	return out
 }
 
 // rss is the resident memory of the model's processes.
@@ -664,14 +793,19 @@ func (r *runner) rss() uint64 {
 }
 
 // wake wakes the model (the level-2 sequence reloads its weights), checks
-// that it is awake, and sends one-token canary before any client request:
-// the first request after a wake is slow, and a failed wake must be seen
-// before a client sees it. All of it within timeout (the wake's bound).
-func (l *loop) wake(inst *instance, m config.Model, key string, level int, askAsleep bool, timeout time.Duration) {
+// that it is awake, resets its prefix cache (after a level-1 wake it may
+// be stale: vllm#16234, #17103, fixed in vLLM by PR #22726), then proves
+// it with the canary before any client request: the known answer its
+// process gave after its start, again (a wake can "succeed" into an engine
+// that answers nonsense: vllm#25800, #29341, #54235). A wrong answer gets
+// one more chance after another reset; then the wake has failed. Without a
+// known answer, any completion will do. All of it within timeout.
+func (l *loop) wake(inst *instance, m config.Model, key string, level int, askAsleep bool, timeout time.Duration, known *probe.Answer) {
 	d := l.r.d
 	base := baseURL(m)
 	ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), key), timeout)
 	defer cancel()
+	why := "error"
 	err := d.prober.WakeUp(ctx, base, level)
 	if err == nil && askAsleep {
 		var asleep bool
@@ -680,16 +814,57 @@ func (l *loop) wake(inst *instance, m config.Model, key string, level int, askAs
 		}
 	}
 	if err == nil {
+		err = d.prober.ResetPrefixCache(ctx, base)
+	}
+	if err == nil {
 		cctx, ccancel := context.WithTimeout(ctx, canaryTimeout)
-		if cerr := d.prober.Complete(cctx, base, m.ServedName); cerr != nil {
-			err = fmt.Errorf("canary: %w", cerr)
+		if known == nil {
+			if cerr := d.prober.Complete(cctx, base, m.ServedName); cerr != nil {
+				err = fmt.Errorf("canary: %w", cerr)
+			}
+		} else {
+			for try := range 2 {
+				got, cerr := d.prober.KnownAnswer(cctx, base, m.ServedName)
+				switch {
+				case cerr != nil:
+					err = fmt.Errorf("canary: %w", cerr)
+				case !got.Same(*known):
+					why = "canary"
+					err = fmt.Errorf("canary answered %s, not %s as after its start", got, *known)
+				default:
+					err = nil
+				}
+				if err == nil || try == 1 || d.prober.ResetPrefixCache(cctx, base) != nil {
+					break
+				}
+				l.r.log.Warn("the woken engine gave a wrong canary answer; resetting its prefix cache and asking once more", zap.Error(err))
+			}
 		}
 		ccancel()
 	}
 	if err != nil && ctx.Err() != nil {
 		err = fmt.Errorf("not awake within %s: %w", roundDuration(timeout), err)
 	}
-	l.results <- evWoke{inst: inst, err: err}
+	l.results <- evWoke{inst: inst, err: err, why: why}
+}
+
+// recordCanary asks the canary's known answer of a process fresh from its
+// start, twice: two answers not alike mean the model is not deterministic.
+func (l *loop) recordCanary(inst *instance, m config.Model, key string) {
+	defer l.r.own.Add(-1)
+	ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), key), canaryTimeout)
+	defer cancel()
+	base := baseURL(m)
+	ev := evCanary{inst: inst}
+	a, err := l.r.d.prober.KnownAnswer(ctx, base, m.ServedName)
+	if err == nil {
+		var b probe.Answer
+		if b, err = l.r.d.prober.KnownAnswer(ctx, base, m.ServedName); err == nil {
+			ev.answer, ev.differs = a, !a.Same(b)
+		}
+	}
+	ev.err = err
+	l.results <- ev
 }
 
 // Bounds of sleep mode's calls. A sleep moves the weights to host memory

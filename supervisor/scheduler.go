@@ -59,10 +59,16 @@ type scheduler struct {
 	// restoredAt is when claims were last restored (Adopt): nothing is
 	// decided on a reading older than that.
 	restoredAt time.Time
-	notes      map[string]string
-	answered   map[string]placement // last answer per model: unchanged ones are not re-sent
-	snapshot   atomic.Pointer[schedSnapshot]
-	indices    atomic.Pointer[[]gpu.Device] // the latest readings, stored before any answer made from them
+	// quiet holds the models waiting for quiet GPUs (Quiet), with the seq
+	// of their request; quietSaid the last answer sent to each.
+	quiet     map[string]int
+	quietSaid map[string]string
+	// tellQuiet hands a quiet answer to the model's runner.
+	tellQuiet func(name string, seq int, ok bool, reason string)
+	notes     map[string]string
+	answered  map[string]placement // last answer per model: unchanged ones are not re-sent
+	snapshot  atomic.Pointer[schedSnapshot]
+	indices   atomic.Pointer[[]gpu.Device] // the latest readings, stored before any answer made from them
 }
 
 // modelUsage is what the scheduler asks of a model when it may put it to
@@ -87,24 +93,27 @@ type schedSnapshot struct {
 
 func newScheduler(cfg *config.Config, reader gpu.Reader, why string, log *zap.Logger, now func() time.Time) *scheduler {
 	s := &scheduler{
-		reader:   reader,
-		why:      why,
-		headroom: cfg.GPU.Headroom,
-		release:  cfg.GPU.ReleaseTimeout,
-		now:      now,
-		log:      log.Named("gpu"),
-		owners:   func() map[int]string { return nil },
-		deliver:  func(string, placement) {},
-		usage:    func(string) modelUsage { return modelUsage{} },
-		evict:    func(string, string) {},
-		inbox:    make(chan func(), 64),
-		poke:     make(chan struct{}, 1),
-		stopped:  make(chan struct{}),
-		wants:    map[string]gpu.Want{},
-		seqs:     map[string]int{},
-		claims:   map[string]gpu.Claim{},
-		notes:    map[string]string{},
-		answered: map[string]placement{},
+		reader:    reader,
+		why:       why,
+		headroom:  cfg.GPU.Headroom,
+		release:   cfg.GPU.ReleaseTimeout,
+		now:       now,
+		log:       log.Named("gpu"),
+		owners:    func() map[int]string { return nil },
+		deliver:   func(string, placement) {},
+		usage:     func(string) modelUsage { return modelUsage{} },
+		evict:     func(string, string) {},
+		inbox:     make(chan func(), 64),
+		poke:      make(chan struct{}, 1),
+		stopped:   make(chan struct{}),
+		wants:     map[string]gpu.Want{},
+		seqs:      map[string]int{},
+		claims:    map[string]gpu.Claim{},
+		notes:     map[string]string{},
+		answered:  map[string]placement{},
+		quiet:     map[string]int{},
+		quietSaid: map[string]string{},
+		tellQuiet: func(string, int, bool, string) {},
 	}
 	s.snapshot.Store(&schedSnapshot{})
 	return s
@@ -199,12 +208,14 @@ func (s *scheduler) Expect(models []config.Model) {
 // Want asks for GPUs for m; the answer, tagged with seq, goes to the
 // model's mailbox. A claim granted to an earlier want and never used is
 // given back first.
-func (s *scheduler) Want(m config.Model, seq int) {
+// held, for a wake, is what the model held on each GPU before it slept:
+// it is given that much back, not only its share.
+func (s *scheduler) Want(m config.Model, seq int, held map[string]uint64) {
 	s.send(func() {
 		if c, ok := s.claims[m.Name]; ok && (c.Phase == gpu.Starting || c.Phase == gpu.Running) {
 			delete(s.claims, m.Name)
 		}
-		w := gpu.Want{Request: PlacementRequest(m), Since: s.now()}
+		w := gpu.Want{Request: PlacementRequest(m), Since: s.now(), Held: held}
 		if old, ok := s.wants[m.Name]; ok && !old.Checking {
 			w.Since = old.Since // asked again: its place in line stays
 		}
@@ -243,7 +254,7 @@ func (s *scheduler) Release(name string, pids []int, keep bool) {
 			// Its next start asks for memory as any start does.
 			keep = false
 		}
-		c.Phase, c.PIDs, c.Since, c.Keep = gpu.Releasing, pids, s.now(), keep
+		c.Phase, c.PIDs, c.Since, c.Keep, c.Changing = gpu.Releasing, pids, s.now(), keep, false
 		s.claims[name] = c
 		s.pokeReader()
 	})
@@ -254,11 +265,102 @@ func (s *scheduler) Release(name string, pids []int, keep bool) {
 func (s *scheduler) Slept(name string) {
 	s.send(func() {
 		if c, ok := s.claims[name]; ok {
-			c.Phase, c.Since, c.Evicting = gpu.Asleep, s.now(), false
+			c.Phase, c.Since, c.Evicting, c.Changing = gpu.Asleep, s.now(), false, false
 			s.claims[name] = c
 			s.pokeReader()
 		}
 	})
+}
+
+// Quiet asks for the model's GPUs to be quiet: no other model starting or
+// waking there. The answer (tagged seq) goes to its runner once they are;
+// meanwhile, what it waits for. Granted, the model's GPUs count as busy
+// (its memory changes) until it sleeps, is released, or Unquiet.
+func (s *scheduler) Quiet(name string, seq int) {
+	s.send(func() {
+		s.quiet[name] = seq
+		delete(s.quietSaid, name)
+	})
+}
+
+// Unquiet withdraws a quiet request, or ends the change it granted (a
+// sleep abandoned).
+func (s *scheduler) Unquiet(name string) {
+	s.send(func() {
+		delete(s.quiet, name)
+		if c, ok := s.claims[name]; ok {
+			c.Changing = false
+			s.claims[name] = c
+		}
+	})
+}
+
+// Changing says the model's memory changes from now (a stop begins): its
+// GPUs are busy until it is released.
+func (s *scheduler) Changing(name string) {
+	s.send(func() {
+		delete(s.quiet, name)
+		if c, ok := s.claims[name]; ok && c.Phase != gpu.Releasing {
+			c.Changing = true
+			s.claims[name] = c
+		}
+	})
+}
+
+// answerQuiet answers the quiet requests: granted where no other model is
+// starting or waking on the model's GPUs. Called after each decision, so
+// a start granted in it goes first.
+func (s *scheduler) answerQuiet() {
+	for _, name := range slices.Sorted(maps.Keys(s.quiet)) {
+		seq := s.quiet[name]
+		c, ok := s.claims[name]
+		busy := ""
+		if ok {
+			for _, other := range slices.Sorted(maps.Keys(s.claims)) {
+				o := s.claims[other]
+				if other == name || o.Phase != gpu.Starting {
+					continue
+				}
+				if u := sharedGPU(c.UUIDs, o.UUIDs); u != "" {
+					busy = fmt.Sprintf("%s, which is starting or waking on %s", other, s.gpuName(u))
+					break
+				}
+			}
+		}
+		if busy == "" {
+			delete(s.quiet, name)
+			delete(s.quietSaid, name)
+			if ok {
+				c.Changing = true
+				s.claims[name] = c
+			}
+			s.tellQuiet(name, seq, true, "")
+			continue
+		}
+		if s.quietSaid[name] != busy {
+			s.quietSaid[name] = busy
+			s.tellQuiet(name, seq, false, busy)
+		}
+	}
+}
+
+func sharedGPU(a, b []string) string {
+	for _, u := range a {
+		if slices.Contains(b, u) {
+			return u
+		}
+	}
+	return ""
+}
+
+// gpuName is "GPU<index>" for uuid as last read, else the UUID.
+func (s *scheduler) gpuName(uuid string) string {
+	for _, d := range s.devs {
+		if d.UUID == uuid {
+			return fmt.Sprintf("GPU%d", d.Index)
+		}
+	}
+	return uuid
 }
 
 // Declined says the model could not be put to sleep for another (it was
@@ -266,7 +368,7 @@ func (s *scheduler) Slept(name string) {
 func (s *scheduler) Declined(name string) {
 	s.send(func() {
 		if c, ok := s.claims[name]; ok {
-			c.Evicting = false
+			c.Evicting, c.Changing = false, false
 			s.claims[name] = c
 		}
 	})
@@ -278,6 +380,7 @@ func (s *scheduler) Declined(name string) {
 func (s *scheduler) Drop(name string) {
 	s.send(func() {
 		delete(s.wants, name)
+		delete(s.quiet, name)
 		c, ok := s.claims[name]
 		switch {
 		case !ok:
@@ -309,6 +412,7 @@ func (s *scheduler) Withdraw(name string) {
 // tells each waiting runner its answer.
 func (s *scheduler) decide() {
 	defer s.publish()
+	defer s.answerQuiet()
 	if s.reader == nil {
 		// No readings: no placement and no memory checks. A pinned model
 		// gets its pins as written; an unpinned one sees every GPU.

@@ -49,6 +49,13 @@ type Prober interface {
 	Sleep(ctx context.Context, base string, level int) error
 	WakeUp(ctx context.Context, base string, level int) error
 	IsSleeping(ctx context.Context, base string) (bool, error)
+	// KnownAnswer asks the canary (probe/canary.go); ResetPrefixCache
+	// drops the engine's prefix cache; Running is the requests its engine
+	// still runs (vllm:num_requests_running), probe.ErrNoRunningGauge when
+	// it does not say.
+	KnownAnswer(ctx context.Context, base, served string) (probe.Answer, error)
+	ResetPrefixCache(ctx context.Context, base string) error
+	Running(ctx context.Context, base string) (float64, error)
 }
 
 // Traffic is what the supervisor needs of the gateway for on-demand
@@ -250,7 +257,7 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 	s.beat.Store(d.now().UnixNano())
 	if o.Registerer != nil {
 		for _, c := range []prometheus.Collector{
-			d.metrics.probeDuration, d.metrics.probeFailures, d.metrics.sleeps, d.metrics.wakeDuration, newModelCollector(s),
+			d.metrics.probeDuration, d.metrics.probeFailures, d.metrics.sleeps, d.metrics.wakeDuration, d.metrics.wakeFailures, newModelCollector(s),
 			gpu.NewCollector(cfg.GPU.Backend, gpuStatus, reader, s.owners).LogTo(o.Logger.Named("gpu")),
 		} {
 			if err := o.Registerer.Register(c); err != nil {
@@ -281,6 +288,11 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 	d.sched.deliver = s.deliver
 	d.sched.usage = s.usage
 	d.sched.evict = s.evict
+	d.sched.tellQuiet = func(name string, seq int, ok bool, reason string) {
+		if r := s.runner(name); r != nil {
+			r.mail.put(message{ev: evQuiet{seq: seq, ok: ok, reason: reason}})
+		}
+	}
 	d.sleepBudget = func() uint64 { return uint64(s.cfg.Load().SleepHostMemory) }
 	d.level1Held = func(except string) uint64 {
 		var sum uint64

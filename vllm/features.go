@@ -39,13 +39,17 @@ var (
 	// CollectiveRPC: POST /collective_rpc, which level 2 needs to reload
 	// the weights after a wake.
 	CollectiveRPC = Feature{"collective_rpc", MustParse("0.10.2"), "POST /collective_rpc", "vllm#23075", true}
+	// ShutdownTimeout: --shutdown-timeout N: at SIGTERM the API server
+	// refuses new requests and lets those in flight finish for up to N
+	// seconds; before it (and with 0, its default), SIGTERM aborts them.
+	ShutdownTimeout = Feature{"shutdown timeout", MustParse("0.18.0"), "--shutdown-timeout", "vllm#34730, vllm#36666", false}
 	// UUIDDevices: GPU and MIG UUIDs in CUDA_VISIBLE_DEVICES; before it,
 	// vLLM calls int() on every entry and dies at start.
 	UUIDDevices = Feature{"UUIDs in CUDA_VISIBLE_DEVICES", MustParse("0.24.0"), "CUDA_VISIBLE_DEVICES=GPU-…", "vllm#45026 (bugs vllm#13815, #20939, #41848)", false}
 )
 
 // Features lists every feature, oldest first.
-var Features = []Feature{VersionEndpoint, StreamUsage, Base64Embeddings, SleepModeFlag, SleepEndpoints, IsSleeping, WakeTags, NestedErrors, CollectiveRPC, UUIDDevices}
+var Features = []Feature{VersionEndpoint, StreamUsage, Base64Embeddings, SleepModeFlag, SleepEndpoints, IsSleeping, WakeTags, NestedErrors, CollectiveRPC, ShutdownTimeout, UUIDDevices}
 
 // Oldest is the oldest release the supervisor is built for (docs/vllm.md).
 var Oldest = MustParse("0.6.0")

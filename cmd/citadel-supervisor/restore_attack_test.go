@@ -955,7 +955,7 @@ func TestRepeatedDaemonSIGKILL(t *testing.T) {
 	// An earlier incarnation's server lives on only as a model's current
 	// process (adopted); nothing else of theirs is left.
 	for pid, role := range old {
-		if role == "server" && supervisortest.Running(pid) && !current[pid] {
+		if role == "server" && len(live(map[int]string{pid: role}, "server")) == 1 && !current[pid] {
 			t.Errorf("server %d of an earlier incarnation is alive and nobody's", pid)
 		}
 	}

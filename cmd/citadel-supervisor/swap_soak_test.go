@@ -133,6 +133,7 @@ type swapSoak struct {
 	yaml      string
 	reloadSeq int
 
+	log     []string   // each fault, with when it ended, for a failure's report
 	eventMu sync.Mutex // the checks run from the check loop and the fault loop
 	events  eventState
 }
@@ -212,6 +213,11 @@ func (k *swapSoak) client(ctx context.Context, i int) {
 			strings.NewReader(`{"model":"`+model+`","messages":[{"role":"user","content":"hi"}],"max_tokens":4}`))
 		req.Header.Set("Content-Type", "application/json")
 		req.Header.Set("X-Fake-Client", r.client)
+		// Replayable, as OpenAI's clients retry: a request sent on an idle
+		// keep-alive connection the server closes at that instant (an
+		// upgrade pauses the gateway and closes its idle connections) is
+		// sent again on a new one; it never reached the server.
+		req.Header.Set("Idempotency-Key", r.client)
 		resp, err := hc.Do(req)
 		if err == nil {
 			b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
@@ -290,7 +296,8 @@ func (k *swapSoak) faultLoop(ctx context.Context) {
 		began := time.Now()
 		switch f := k.rng.IntN(100); {
 		case f < 10:
-			k.op(api.OpRestart, model, true)
+			// A planned stop drains the model first: nothing is cut.
+			k.op(api.OpRestart, model, false)
 		case f < 18:
 			k.op(api.OpSleep, model, false)
 		case f < 24:
@@ -311,7 +318,7 @@ func (k *swapSoak) faultLoop(ctx context.Context) {
 			k.killDaemon()
 		}
 		if took := time.Since(began); took > 5*time.Second {
-			k.t.Logf("a fault took %s", took.Round(time.Millisecond))
+			k.t.Logf("a fault at %s took %s", began.Format("15:04:05.000"), took.Round(time.Millisecond))
 		}
 		k.check()
 	}
@@ -320,6 +327,7 @@ func (k *swapSoak) faultLoop(ctx context.Context) {
 func (k *swapSoak) count(fault string) {
 	k.mu.Lock()
 	k.faults[fault]++
+	k.log = append(k.log, time.Now().Format("15:04:05.000")+" "+fault)
 	k.mu.Unlock()
 }
 
@@ -383,7 +391,7 @@ func (k *swapSoak) stopStart(ctx context.Context, model string) {
 }
 
 // reloadEnv changes a model's environment: a reload restarts it (a
-// sleeper is stopped and starts at its next request).
+// sleeper is stopped and starts at its next request), drained first.
 func (k *swapSoak) reloadEnv(model string) {
 	k.mu.Lock()
 	k.reloadSeq++
@@ -396,10 +404,8 @@ func (k *swapSoak) reloadEnv(model string) {
 		k.t.Errorf("reload (env): %v", err)
 		return
 	}
-	from := time.Now()
-	err = k.reload()
-	k.markHit(model, from, time.Now().Add(2*time.Second))
-	k.count("reload (env)" + errSuffix(err))
+	// Its restart drains it first: nothing is cut.
+	k.count("reload (env)" + errSuffix(k.reload()))
 }
 
 // reloadSleepLevel moves a sleeping model between levels 1 and 2: it keeps
@@ -607,6 +613,9 @@ func (k *swapSoak) checkRequests() {
 	}
 	if bad > 20 {
 		k.t.Errorf("(c) … %d requests failed in all", bad)
+	}
+	if bad > 0 {
+		k.t.Logf("the faults, each when it ended:\n%s", strings.Join(k.log, "\n"))
 	}
 }
 

@@ -17,6 +17,7 @@ import (
 	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/control/client"
 	"citadel-supervisor/supervisor/supervisortest"
+	"citadel-supervisor/vllm"
 )
 
 // TestVLLMVersions runs the daemon against fake-vllm playing the releases
@@ -78,6 +79,16 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 					env := procEnviron(t, m.PID)
 					if env["CUDA_VISIBLE_DEVICES"] != "0" || env["CUDA_DEVICE_ORDER"] != "PCI_BUS_ID" {
 						t.Errorf("resident: CUDA_VISIBLE_DEVICES=%q CUDA_DEVICE_ORDER=%q", env["CUDA_VISIBLE_DEVICES"], env["CUDA_DEVICE_ORDER"])
+					}
+					// From 0.18 the drain before a stop has vLLM's own as a
+					// second line of defence (docs/vllm.md).
+					argv, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", m.PID))
+					if err != nil {
+						t.Fatal(err)
+					}
+					has := strings.Contains(string(argv), "\x00--shutdown-timeout\x00")
+					if want := vllm.MustParse(tc.version).Has(vllm.ShutdownTimeout); has != want {
+						t.Errorf("resident on %s: --shutdown-timeout passed %v, want %v", tc.version, has, want)
 					}
 				}
 			}

@@ -5,6 +5,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -238,6 +239,10 @@ func (c *cli) status(ctx context.Context, args []string) int {
 					last = c.now().Sub(s.LastRequest).Round(time.Second).String() + " ago"
 				}
 				fmt.Fprintf(c.out, "\n%s: on demand, %s; last request %s\n", s.Name, awake, last)
+				if s.Canary != "" || s.WakeFailures > 0 {
+					// How its wakes are proven (docs/on-demand.md, the canary).
+					fmt.Fprintf(c.out, "  wakes proven by: %s; failed wakes: %d\n", cmp.Or(s.Canary, "-"), s.WakeFailures)
+				}
 			}
 			if s.State == api.Failed && len(s.LastOutput) > 0 {
 				fmt.Fprintf(c.out, "\n%s failed: %s\nlast output (%d lines kept; citadelctl -o json status %s for all):\n", s.Name, s.Reason, len(s.LastOutput), s.Name)

@@ -74,6 +74,13 @@ type Status struct {
 	// an operator's (citadelctl start, stop …) or a reload's. A `citadelctl
 	// stop` that finds its stop undone names it.
 	LastOp *OpRecord `json:"last_op,omitempty"`
+	// Canary says how a wake of its current process is proven: "known
+	// answer" (recorded after its start: a wake must give it again), or
+	// why any answer will do (not deterministic, not recorded).
+	Canary string `json:"canary,omitempty"`
+	// WakeFailures counts its failed wakes (restarted cold) since the
+	// daemon started.
+	WakeFailures int `json:"wake_failures,omitempty"`
 	// Seq numbers the model's published snapshots, in order (the daemon's
 	// own bookkeeping; not on the wire).
 	Seq uint64 `json:"-"`

@@ -25,6 +25,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -45,28 +46,35 @@ type options struct {
 	port, tp, maxModelLen   int
 	gpuUtil                 float64
 
-	loadTime        time.Duration
-	bindEarly       bool
-	exitAtStart     bool
-	exitCode        int
-	crashAfter      time.Duration
-	hangAfter       time.Duration
-	engineHangAfter time.Duration
-	unhealthyAfter  time.Duration
-	ignoreSIGTERM   bool
-	stopDelay       time.Duration
-	workers         int
-	detachedWorkers int
-	orphanWorkers   int
-	workerIgnore    bool
-	pidDir          string
-	envFile         string
-	logEvery        time.Duration
-	logBytesPerSec  int
-	tokenDelay      time.Duration // between generated tokens (and stream events)
-	tokens          int           // tokens generated when max_tokens is not given
-	sleep           sleepOptions  // vLLM's sleep mode (sleep.go)
-	eventLogPath    string        // --fake-event-log (memory.go)
+	loadTime         time.Duration
+	bindEarly        bool
+	exitAtStart      bool
+	exitCode         int
+	crashAfter       time.Duration
+	hangAfter        time.Duration
+	engineHangAfter  time.Duration
+	unhealthyAfter   time.Duration
+	ignoreSIGTERM    bool
+	stopDelay        time.Duration
+	workers          int
+	detachedWorkers  int
+	orphanWorkers    int
+	workerIgnore     bool
+	pidDir           string
+	envFile          string
+	logEvery         time.Duration
+	logBytesPerSec   int
+	tokenDelay       time.Duration // between generated tokens (and stream events)
+	tokens           int           // tokens generated when max_tokens is not given
+	sleep            sleepOptions  // vLLM's sleep mode (sleep.go)
+	eventLogPath     string        // --fake-event-log (memory.go)
+	extraGPU         int64         // --fake-extra-gpu-memory: held beyond the share (vllm#40256)
+	abortDelay       time.Duration // --fake-abort-delay: an engine notices a client gone this late (vLLM: at its next write to it)
+	shutdownTimeout  time.Duration // vLLM's --shutdown-timeout (0.18): drain in-flight requests at SIGTERM
+	shutdownFlag     bool          // --shutdown-timeout was given (argparse knows it from 0.18.0)
+	breakOnWake      bool          // --fake-break-on-wake: every wake leaves it answering garbage
+	nondeterministic bool          // --fake-nondeterministic: no two answers alike
+	embeddingOnly    bool          // --fake-embedding-only: a pooling model: no completions
 
 	events *eventLog  // the event log, nil without one
 	mem    *gpuMemory // its memory on the sim's ledger, nil without one
@@ -217,6 +225,21 @@ func parse(args []string) (*options, error) {
 			o.sleep.sleepTime, err = time.ParseDuration(next())
 		case "--fake-event-log":
 			o.eventLogPath = next()
+		case "--fake-extra-gpu-memory":
+			o.extraGPU, err = parseSize(next())
+		case "--fake-abort-delay":
+			o.abortDelay, err = time.ParseDuration(next())
+		case "--shutdown-timeout":
+			var secs int
+			secs, err = strconv.Atoi(next())
+			o.shutdownTimeout = time.Duration(secs) * time.Second
+			o.shutdownFlag = true
+		case "--fake-break-on-wake":
+			o.breakOnWake = true
+		case "--fake-nondeterministic":
+			o.nondeterministic = true
+		case "--fake-embedding-only":
+			o.embeddingOnly = true
 		case "--fake-sleep-residue":
 			o.sleep.residue, err = parseSize(next())
 		case "--fake-token-delay":
@@ -297,6 +320,11 @@ func runServer(o *options) int {
 		fmt.Fprintf(os.Stderr, "usage: api_server.py [-h] ...\napi_server.py: error: unrecognized arguments: --enable-sleep-mode\n")
 		return 2
 	}
+	if o.shutdownFlag && !o.release.atLeast("0.18.0") {
+		// argparse again (vllm#34730 added the flag, in 0.18.0).
+		fmt.Fprintf(os.Stderr, "usage: api_server.py [-h] ...\napi_server.py: error: unrecognized arguments: --shutdown-timeout\n")
+		return 2
+	}
 	if tb, ok := checkVisibleDevices(o.release); !ok {
 		fmt.Fprint(os.Stderr, tb)
 		return 1
@@ -366,11 +394,14 @@ func runServer(o *options) int {
 		}
 	}
 	logf("Loading weights from %s (%s)", o.model, o.loadTime)
-	// vLLM takes its memory as it loads: out of memory ends the start.
+	// vLLM takes its memory as it loads: out of memory ends the start. It
+	// profiles what the others hold meanwhile (vllm#56830).
 	o.mem.take("load")
+	neighbours := o.mem.neighbours()
 	if code, stop := waitOrSignal(o, sigs, o.loadTime); stop {
 		return code
 	}
+	o.mem.profileCheck(neighbours)
 	if bound != nil {
 		if ln, err = bound.listen(); err != nil {
 			fmt.Fprintln(os.Stderr, "fake-vllm:", err)
@@ -383,7 +414,8 @@ func runServer(o *options) int {
 			return 1
 		}
 	}
-	srv := &http.Server{Handler: newHandler(o, start), ReadHeaderTimeout: 5 * time.Second}
+	handler, api := newHandler(o, start)
+	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 5 * time.Second}
 	go srv.Serve(ln) //nolint:errcheck // ends with the process
 	logf("Starting vLLM API server on http://%s", ln.Addr())
 	o.events.log("serving", nil)
@@ -399,10 +431,23 @@ func runServer(o *options) int {
 			fmt.Fprintf(os.Stderr, "ERROR fake-vllm: engine died (crash after %s)\n", o.crashAfter)
 			return o.exitCode
 		case s := <-sigs:
-			if code, stop := onSignal(o, s); stop {
-				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			if s == syscall.SIGTERM && o.ignoreSIGTERM {
+				onSignal(o, s)
+				continue
+			}
+			// vLLM aborts the requests in flight at SIGTERM; from 0.18 its
+			// --shutdown-timeout lets them finish first.
+			if n := api.running.Load(); n > 0 {
+				o.events.log("sigterm_in_flight", map[string]any{"in_flight": n, "shutdown_timeout": o.shutdownTimeout.String()})
+			}
+			if o.shutdownTimeout > 0 {
+				ctx, cancel := context.WithTimeout(context.Background(), o.shutdownTimeout)
 				srv.Shutdown(ctx) //nolint:errcheck // exiting anyway
 				cancel()
+			} else {
+				srv.Close() //nolint:errcheck // exiting anyway
+			}
+			if code, stop := onSignal(o, s); stop {
 				return code
 			}
 		}
@@ -452,7 +497,7 @@ func listen(o *options) (net.Listener, error) {
 	return lc.Listen(context.Background(), "tcp", net.JoinHostPort(o.host, strconv.Itoa(o.port)))
 }
 
-func newHandler(o *options, start time.Time) http.Handler {
+func newHandler(o *options, start time.Time) (http.Handler, *inference) {
 	var requests atomic.Int64
 	hung := func() bool { return o.hangAfter > 0 && time.Since(start) > o.hangAfter }
 	mux := http.NewServeMux()
@@ -487,8 +532,8 @@ func newHandler(o *options, start time.Time) http.Handler {
 			}},
 		})
 	})
-	api := &inference{o: o, requests: &requests}
 	sm := &sleepMode{o: o}
+	api := &inference{o: o, requests: &requests, sm: sm}
 	sm.register(mux)
 	for path, kind := range map[string]string{"/v1/completions": "completion", "/v1/chat/completions": "chat", "/v1/embeddings": "embedding"} {
 		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
@@ -498,6 +543,10 @@ func newHandler(o *options, start time.Time) http.Handler {
 				return
 			}
 			client := r.Header.Get("X-Fake-Client")
+			if o.embeddingOnly && kind != "embedding" {
+				vllmError(w, http.StatusBadRequest, "BadRequestError", "The model does not support Completions API")
+				return
+			}
 			if o.devMode() {
 				if !sm.admit(w, client) {
 					return
@@ -518,7 +567,7 @@ func newHandler(o *options, start time.Time) http.Handler {
 		fmt.Fprintf(w, "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=%q} %d\n", o.servedName, api.running.Load())
 		fmt.Fprintf(w, "# TYPE vllm:request_success_total counter\nvllm:request_success_total{model_name=%q} %d\n", o.servedName, requests.Load())
 	})
-	return gate(o, errorFormat(o, mux))
+	return gate(o, errorFormat(o, mux)), api
 }
 
 // chatter writes periodic output, or a stream of bytes, to exercise the
@@ -719,6 +768,7 @@ func dumpEnv(path string) error {
 // that cancellation reached the model.
 type inference struct {
 	o        *options
+	sm       *sleepMode    // what the engine's state does to its answers
 	requests *atomic.Int64 // finished requests, vllm:request_success_total
 	running  atomic.Int64  // in flight, vllm:num_requests_running
 	seq      atomic.Int64
@@ -753,8 +803,14 @@ func (a *inference) serve(w http.ResponseWriter, r *http.Request, kind string, i
 		n = req.MaxTokens
 	}
 	created := time.Now().Unix()
+	mode := a.sm.answerMode()
 	if kind == "embedding" {
 		vec := []float64{0.1, -0.2, 0.3, 0.05}
+		if mode == "garbage" || a.o.nondeterministic {
+			for i := range vec {
+				vec[i] = rand.Float64()*2 - 1
+			}
+		}
 		var emb any = vec
 		switch req.EncodingFormat {
 		case "", "float":
@@ -772,8 +828,19 @@ func (a *inference) serve(w http.ResponseWriter, r *http.Request, kind string, i
 		a.requests.Add(1)
 		return
 	}
+	word := func(i int) string {
+		switch {
+		case mode == "garbage":
+			return fmt.Sprintf(" %x", rand.Uint32()) // a broken engine's nonsense
+		case mode == "stale":
+			return fmt.Sprintf(" stale%d", i) // a stale prefix cache's wrong continuation
+		case a.o.nondeterministic:
+			return fmt.Sprintf(" tok%d-%d", i, rand.IntN(1000))
+		}
+		return fmt.Sprintf(" tok%d", i)
+	}
 	chunk := func(i int, finish any) map[string]any {
-		text := fmt.Sprintf(" tok%d", i)
+		text := word(i)
 		if kind == "chat" {
 			return map[string]any{"id": fmt.Sprintf("chatcmpl-%d", id), "object": "chat.completion.chunk", "created": created, "model": a.o.servedName,
 				"choices": []map[string]any{{"index": 0, "delta": map[string]any{"content": text}, "finish_reason": finish}}}
@@ -793,6 +860,11 @@ func (a *inference) serve(w http.ResponseWriter, r *http.Request, kind string, i
 			return true
 		case <-r.Context().Done():
 			logf("request %d cancelled by the client after %d of %d tokens", id, i, n)
+			// The engine lets go only when it notices: it still runs (and
+			// counts in num_requests_running) until then.
+			if d := a.o.abortDelay; d > 0 {
+				time.Sleep(d)
+			}
 			return false
 		}
 	}
@@ -835,7 +907,7 @@ func (a *inference) serve(w http.ResponseWriter, r *http.Request, kind string, i
 		if !wait(i) {
 			return
 		}
-		fmt.Fprintf(&text, " tok%d", i)
+		text.WriteString(word(i))
 	}
 	out := map[string]any{"id": fmt.Sprintf("cmpl-%d", id), "object": "text_completion", "created": created, "model": a.o.servedName,
 		"choices": []map[string]any{{"index": 0, "text": text.String(), "finish_reason": "length"}},

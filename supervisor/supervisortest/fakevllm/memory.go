@@ -49,7 +49,9 @@ func newGPUMemory(o *options, events *eventLog) (*gpuMemory, error) {
 	}
 	m := &gpuMemory{ledger: l, pid: os.Getpid(), start: start, share: map[string]uint64{}, events: events}
 	for _, d := range devs {
-		m.share[d.UUID] = gpu.Share(o.gpuUtil, d.Memory)
+		// With sleep mode vLLM can size its KV cache above
+		// gpu_memory_utilization × total (vllm#40256): --fake-extra-gpu-memory.
+		m.share[d.UUID] = min(gpu.Share(o.gpuUtil, d.Memory)+uint64(o.extraGPU), d.Memory)
 		m.uuids = append(m.uuids, d.UUID)
 	}
 	return m, nil
@@ -86,6 +88,24 @@ func (m *gpuMemory) keep(b uint64) {
 	}
 	if err := m.ledger.Hold(m.pid, m.start, held, false); err != nil {
 		fmt.Fprintf(os.Stderr, "fake-vllm: sim ledger: %v\n", err)
+	}
+}
+
+// profileCheck is vLLM's memory profiling at start (vllm#56830): it
+// fails when the memory other processes hold on its GPUs changed while it
+// loaded (a neighbour fell asleep, stopped or started meanwhile). before
+// is what neighbours said when the load began. It exits as vLLM does.
+func (m *gpuMemory) profileCheck(before map[string]uint64) {
+	if m == nil {
+		return
+	}
+	after := m.neighbours()
+	for u, b := range before {
+		if a := after[u]; a != b {
+			m.events.log("profile_failed", map[string]any{"gpu": u, "before": b, "after": a})
+			fmt.Fprintf(os.Stderr, "ERROR fake-vllm: AssertionError: Error in memory profiling. Initial used memory by others %d MiB, currently %d MiB on %s: another process changed this GPU's memory while vLLM profiled (vllm#56830)\n", b>>20, a>>20, u)
+			os.Exit(1)
+		}
 	}
 }
 

@@ -32,7 +32,8 @@ func fake(t *testing.T, env []string, args ...string) *exec.Cmd {
 
 // TestFakeDiesAtStartLikeOldVLLM: before 0.24 a UUID in
 // CUDA_VISIBLE_DEVICES kills vLLM at start (int()); before 0.7.0
-// --enable-sleep-mode is an unknown flag. Indices start fine everywhere.
+// --enable-sleep-mode is an unknown flag, before 0.18.0 --shutdown-timeout.
+// Indices start fine everywhere.
 func TestFakeDiesAtStartLikeOldVLLM(t *testing.T) {
 	for _, tc := range []struct {
 		name, version, visible string
@@ -43,6 +44,7 @@ func TestFakeDiesAtStartLikeOldVLLM(t *testing.T) {
 		{"UUID on 0.20.1", "0.20.1", "GPU-52a3a85d-3c55-ca3a-a955-82c69ed360fc", nil, 1, "ValueError: invalid literal for int() with base 10: 'GPU-52a3a85d"},
 		{"MIG UUID on 0.23.0", "0.23.0", "MIG-377e0049-554c-540b-93c6-d0976f8426cb", nil, 1, "invalid literal for int()"},
 		{"sleep mode flag on 0.6.3", "0.6.3", "0", []string{"--enable-sleep-mode"}, 2, "unrecognized arguments: --enable-sleep-mode"},
+		{"shutdown timeout on 0.17.1", "0.17.1", "0", []string{"--shutdown-timeout", "4"}, 2, "unrecognized arguments: --shutdown-timeout"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			args := append([]string{"--model", "/m", "--port", strconv.Itoa(supervisortest.FreePort(t)), "--fake-vllm-version", tc.version, "--fake-load-time", "1h"}, tc.extra...)

@@ -43,6 +43,13 @@ type sleepMode struct {
 	discarded bool            // level 2: weights dropped and not reloaded yet
 
 	hostMem []byte // level 1: the weights "in pinned host memory", really allocated
+	// broken: a wake left the engine answering nonsense (--fake-break-on-wake;
+	// vllm#25800, #29341, #54235), until a cold start.
+	broken bool
+	// stale: a level-1 wake on 0.8.0–0.10.1 kept the prefix cache of before
+	// the sleep: answers are wrong until /reset_prefix_cache (vllm#16234,
+	// #17103; fixed by PR #22726).
+	stale bool
 
 	served, refusedAsleep, sleeps, refusedSleeps, garbage atomic.Int64
 	wakes                                                 [3]atomic.Int64
@@ -115,7 +122,13 @@ func (s *sleepMode) register(mux *http.ServeMux) {
 		}
 		writeJSON(w, map[string]any{"results": []any{nil}})
 	})
-	mux.HandleFunc("POST /reset_prefix_cache", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusOK) })
+	mux.HandleFunc("POST /reset_prefix_cache", func(w http.ResponseWriter, _ *http.Request) {
+		s.mu.Lock()
+		s.stale = false
+		s.mu.Unlock()
+		s.o.events.log("reset_prefix_cache", nil)
+		w.WriteHeader(http.StatusOK)
+	})
 	mux.HandleFunc("GET /fake/stats", func(w http.ResponseWriter, _ *http.Request) {
 		s.mu.Lock()
 		host := int64(len(s.hostMem))
@@ -171,9 +184,11 @@ func (s *sleepMode) sleep(w http.ResponseWriter, r *http.Request) {
 	s.asleep, s.level = true, level
 	s.needWake = map[string]bool{"weights": true, "kv_cache": true}
 	s.discarded = level == 2
-	if level == 1 && s.o.sleep.modelBytes > 0 {
-		// Level 1 moves the weights to host memory: take it for real (and
-		// touch it), so the supervisor measures it as a real one's.
+	if level == 1 && s.o.sleep.modelBytes > 0 && s.hostMem == nil {
+		// Level 1 moves the weights to pinned host memory: take it for real
+		// (and touch it), so the supervisor measures it as a real one's.
+		// vLLM keeps it after the wake (vllm#16663, PR #55206 open): the
+		// next sleep reuses it, and it goes only with the process.
 		s.hostMem = make([]byte, s.o.sleep.modelBytes)
 		for i := 0; i < len(s.hostMem); i += 4096 {
 			s.hostMem[i] = 1
@@ -220,8 +235,13 @@ func (s *sleepMode) wakeUp(w http.ResponseWriter, r *http.Request) {
 		// The memory comes back: out of memory if another took it.
 		s.o.mem.take("wake")
 		s.asleep = false
-		s.hostMem = nil
 		s.wakes[min(max(level, 1), 2)].Add(1)
+		if s.o.breakOnWake {
+			s.broken = true
+		}
+		if level == 1 && staleAfterWake(s.o.release) {
+			s.stale = true
+		}
 		s.o.events.log("wake", map[string]any{"level": level})
 		logf("awake (slept at level %d)", level)
 	}
@@ -248,6 +268,27 @@ func (s *sleepMode) admit(w http.ResponseWriter, client string) bool {
 	s.served.Add(1)
 	s.inFlight.Add(1) // under mu: a sleep sees it
 	return true
+}
+
+// answerMode is what the engine's state makes of an answer: "" (right),
+// "garbage" (broken by a wake) or "stale" (a stale prefix cache).
+func (s *sleepMode) answerMode() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.broken:
+		return "garbage"
+	case s.stale:
+		return "stale"
+	}
+	return ""
+}
+
+// staleAfterWake reports whether vLLM release r (--fake-vllm-version)
+// keeps a stale prefix cache after a level-1 wake: 0.8.0 to 0.10.1, before
+// PR #22726 reset it at the wake.
+func staleAfterWake(r release) bool {
+	return r.atLeast("0.8.0") && !r.atLeast("0.10.2")
 }
 
 // done ends a request admit let in.

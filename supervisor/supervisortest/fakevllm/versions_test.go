@@ -19,7 +19,8 @@ func fakeServer(t *testing.T, args ...string) *httptest.Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewServer(newHandler(o, time.Now()))
+	h, _ := newHandler(o, time.Now())
+	srv := httptest.NewServer(h)
 	t.Cleanup(srv.Close)
 	return srv
 }
