@@ -62,7 +62,7 @@ func TestSoakHostileClients(t *testing.T) {
 	t.Logf("seed %d (replay: -hostile-clients.seed=%d)", seed, seed)
 	defer func() {
 		if t.Failed() {
-			t.Logf("FAILED with seed %d: go test -run '^TestSoakHostileClients$' ./cmd/citadel-supervisor -args -hostile-clients.seed=%d", seed, seed)
+			t.Logf("FAILED with seed %d: go test -tags e2e -run '^TestSoakHostileClients$' ./cmd/citadel-supervisor -args -hostile-clients.seed=%d", seed, seed)
 		}
 	}()
 

@@ -81,7 +81,7 @@ func TestSwapSoak(t *testing.T) {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("replay: go test -count=1 -run '^TestSwapSoak$' ./cmd/citadel-supervisor -args -swap.seed=%d -swap.duration=%s -swap.faults=%v",
+			t.Logf("replay: go test -tags e2e -count=1 -run '^TestSwapSoak$' ./cmd/citadel-supervisor -args -swap.seed=%d -swap.duration=%s -swap.faults=%v",
 				seed, *swapDuration, *swapFaults)
 		}
 	})
