@@ -17,7 +17,7 @@ DEMO_VLLM   := 0.20.1
 
 SHELL_SCRIPTS := deploy/check.sh deploy/e2e/gpu-host.sh deploy/e2e/in-container.sh deploy/e2e/run.sh deploy/e2e/vllm-host.sh .ci/run .ci/test-procs
 
-.PHONY: all build test vet bench soak fuzz fuzz-short check-deploy e2e e2e-systemd nvml-check upgrade-compat install package demo docs clean
+.PHONY: all build test vet bench soak fuzz fuzz-short check-deploy e2e e2e-daemon e2e-systemd nvml-check upgrade-compat install package demo docs clean
 
 PREFIX    ?= /usr
 NFPM      := go run github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.44.0
@@ -32,23 +32,51 @@ build:
 	CGO_ENABLED=1 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ ./cmd/citadel-supervisor
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/ ./cmd/citadelctl ./cmd/fake-vllm
 
+# The second vet sees the files of the tagged suites (e2e, make bench's,
+# make upgrade-compat's, make nvml-check's), which the first does not.
 vet:
 	$(GO) vet ./...
+	$(GO) vet -tags e2e,benchdriver,upgradecompat,nvml ./...
 	@$(GO) mod tidy -diff >/dev/null || { echo "go.mod/go.sum are not tidy:"; $(GO) mod tidy -diff; exit 1; }
 	@test -z "$$(gofmt -l $(GOFILES))" || { echo "gofmt needed:"; gofmt -l $(GOFILES); exit 1; }
 
-# The tests run with a TMPDIR of their own, so every process they start
-# names it; .ci/test-procs fails if any is still running afterwards (none
-# may be: the tests kill what they start, also what a SIGKILLed daemon left).
+# A process built with -race sleeps a second at its exit by default (so that
+# goroutines still running can report races); every test binary and every
+# process the tests start from one is such a process. Races are reported
+# all the same. A GORACE of your own still wins.
+RACE_EXIT := atexit_sleep_ms=0
+
 # docs/cli.md's "What you see" examples, written again from a run of the
 # commands against a daemon with fake models (TestDocsCLIExamples, which
 # `make test` runs too, fails when they differ). Review the diff.
 docs:
 	$(GO) test -count=1 -run 'TestDocsCLIExamples' ./cmd/citadelctl/ -update
 
+# Which tests run where; each test runs in exactly one of make test and
+# make e2e (TestEveryTestRunsOnce checks), and CI (.ci/run) runs both, with
+# -race.
+#   make test: every package's tests, under 3 minutes on 2 cores. Of the
+#     daemon run as a process (cmd/citadel-supervisor, files tagged !e2e)
+#     only what the binary alone does and no lower-level test covers, once
+#     each: --check, --version, SIGTERM and SIGHUP, the socket's lock, the
+#     HTTP endpoints and the gateway in the daemon, systemd's notify
+#     sequence, one upgrade in place (and a refused one, and one to a slow
+#     --check), one crash adoption.
+#   make e2e: the suites that drive the daemon as a process hard, tagged
+#     e2e: upgrades and crash adoption in every corner, hostile children
+#     and clients, descriptor exhaustion, the soaks at CI size, the
+#     watchdog's timing, on-demand swapping and vLLM versions end to end
+#     (their decisions are tested in supervisor/ and gpu/), and a real
+#     Prometheus, HAProxy and OpenAI Node SDK; then the package under
+#     systemd.
+# The tests run with a TMPDIR of their own, so every process they start
+# names it; .ci/test-procs fails if any is still running afterwards (none
+# may be: the tests kill what they start, also what a SIGKILLed daemon left).
+E2E_PACKAGES := ./cmd/citadel-supervisor/
+
 test: vet check-deploy
 	@d=$$(mktemp -d /tmp/citadel-test.XXXXXX) && \
-	TMPDIR=$$d $(GO) test -race -count=1 ./... && \
+	TMPDIR=$$d GORACE="$(RACE_EXIT) $$GORACE" $(GO) test -race -count=1 ./... && \
 	TMPDIR=$$d $(MAKE) --no-print-directory fuzz-short && \
 	.ci/test-procs $$d && rm -rf $$d
 
@@ -67,11 +95,11 @@ bench:
 # under every hostile client at once for two minutes; then the swap soak:
 # five on-demand models on two sim GPUs, eight clients and faults for ten
 # minutes, every invariant of docs/on-demand.md checked at every step (make
-# test runs a short one of each).
+# test runs a short TestSoak, make e2e a short one of the other two).
 soak:
 	$(GO) test -count=1 -timeout 30m -run '^TestSoak$$' -v ./supervisor -args -soak.models=200 -soak.duration=2m
-	$(GO) test -count=1 -timeout 30m -run '^TestSoakHostileClients$$' -v ./cmd/citadel-supervisor -args -hostile-clients.duration=2m -hostile-clients.workers=24
-	$(GO) test -count=1 -timeout 40m -run '^TestSwapSoak$$' -v ./cmd/citadel-supervisor -args -swap.duration=10m
+	$(GO) test -tags e2e -count=1 -timeout 30m -run '^TestSoakHostileClients$$' -v ./cmd/citadel-supervisor -args -hostile-clients.duration=2m -hostile-clients.workers=24
+	$(GO) test -tags e2e -count=1 -timeout 40m -run '^TestSwapSoak$$' -v ./cmd/citadel-supervisor -args -swap.duration=10m
 
 # The fuzz targets' seed corpora run with every `go test`; these explore.
 FUZZ_TARGETS := FuzzParse:./config FuzzOpRequest:./supervisor/control FuzzBodyScan:./supervisor/gateway
@@ -94,15 +122,24 @@ check-deploy:
 	elif [ -n "$$CI" ]; then echo "CI: shellcheck missing; .ci/run installs it (apt-get install shellcheck)"; exit 1; \
 	else echo "NOTE: shellcheck not installed: $(SHELL_SCRIPTS) only parsed (apt-get install shellcheck)"; fi
 
-# End-to-end, as root: a real Prometheus (Debian's package) scrapes a
-# running daemon and the models it discovers through /sd; two daemons serve
-# behind a real HAProxy configured by citadelctl fleet haproxy; then the Debian
-# package is installed in a Debian booted with systemd under systemd-nspawn
-# (root filesystem cached in /var/cache/citadel-e2e) and driven with
-# systemctl: start, journal, reload, watchdog, stop.
-e2e: package
-	$(GO) test -tags e2e -count=1 -run E2E -v ./cmd/citadel-supervisor/
+# End-to-end, as root: the daemon as a process under the suites tagged e2e
+# (e2e-daemon), among them a real Prometheus (Debian's package) scraping a
+# running daemon and the models it discovers through /sd, and two daemons
+# behind a real HAProxy configured by citadelctl fleet haproxy; then the
+# Debian package is installed in a Debian booted with systemd under
+# systemd-nspawn (root filesystem cached in /var/cache/citadel-e2e) and
+# driven with systemctl: start, journal, reload, watchdog, stop.
+e2e: package e2e-daemon
 	deploy/e2e/run.sh
+
+# The suites tagged e2e alone (see "Which tests run where" above), with
+# -race. Any user may run them; as root the cgroup ownership mode is
+# tested too. TestE2E* need prometheus, haproxy, node and npm (.ci/run
+# installs them) and bin/citadelctl.
+e2e-daemon: build
+	@d=$$(mktemp -d /tmp/citadel-e2e.XXXXXX) && \
+	TMPDIR=$$d GORACE="$(RACE_EXIT) $$GORACE" $(GO) test -race -tags e2e -count=1 -timeout 30m -v $(E2E_PACKAGES) && \
+	.ci/test-procs $$d && rm -rf $$d
 
 # The NVML backend against a real driver, on a host with an NVIDIA GPU (CI
 # has none): builds bin/nvml.test (gpu/nvmlgpu/real_test.go) and runs

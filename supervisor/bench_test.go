@@ -24,7 +24,7 @@ func BenchmarkKillRespawn(b *testing.B) {
 	h := newHarness(b, modelSpec{Name: "m", YAML: "restart: {delay: 0s, max_delay: 0s, burst: 1000000, interval: 1h}"}).start(Options{})
 	waitReady := func(notPID int) Status {
 		var st Status
-		waitFor(b, 20*time.Second, "a ready replacement", func() bool {
+		h.waitFor(b, 20*time.Second, "a ready replacement", func() bool {
 			st = h.status("m")
 			return st.State == Ready && st.PID != notPID
 		})

@@ -92,7 +92,7 @@ func TestGatewayFollowsModelStates(t *testing.T) {
 	// between the crash and that is answered 502: the model did not
 	// answer), requests are held through backoff and starting, and
 	// answered by the new process.
-	waitFor(t, 10*time.Second, "the gateway to see alpha down", func() bool {
+	h.waitFor(t, 10*time.Second, "the gateway to see alpha down", func() bool {
 		resp, err := http.Get(url + "/v1/models/alpha")
 		if err != nil {
 			return false

@@ -90,7 +90,7 @@ func TestReloadOfTheTopModelKeepsItsGPUs(t *testing.T) {
 		t.Fatal(err)
 	}
 	var after Status
-	waitFor(t, 20*time.Second, "big restarted and ready", func() bool {
+	h.waitFor(t, 20*time.Second, "big restarted and ready", func() bool {
 		after = h.status("big")
 		return after.State == Ready && after.PID != before.PID
 	})
@@ -119,7 +119,7 @@ func TestStartDuringAFailureStopKeepsTheCrash(t *testing.T) {
 		t.Fatalf("start: %v %v", res, err)
 	}
 	var st Status
-	waitFor(t, 20*time.Second, "m ready again", func() bool {
+	h.waitFor(t, 20*time.Second, "m ready again", func() bool {
 		st = h.status("m")
 		return st.State == Ready && st.PID != first.PID
 	})

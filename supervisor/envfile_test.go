@@ -29,7 +29,7 @@ func TestEnvFileNULWaitsPending(t *testing.T) {
 
 	want := "env_files: " + envFile + " line 2: contains a NUL byte, which an environment variable cannot hold"
 	var st Status
-	waitFor(t, 10*time.Second, "pending: "+want, func() bool {
+	h.waitFor(t, 10*time.Second, "pending: "+want, func() bool {
 		st = h.status("m")
 		return st.State == Pending && st.PendingCause == CauseEnvFiles && st.Reason == want
 	})

@@ -111,7 +111,7 @@ func TestAlwaysPreemptsLowerOnDemand(t *testing.T) {
 		t.Errorf("od: %s (%s)", h.status("od").State, h.status("od").Reason)
 	}
 	h.sup.Demand("od")
-	waitFor(t, 10*time.Second, "od waiting for its memory", func() bool {
+	h.waitFor(t, 10*time.Second, "od waiting for its memory", func() bool {
 		st := h.status("od")
 		return st.State == Waking
 	})

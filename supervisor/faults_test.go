@@ -39,7 +39,7 @@ func TestLogFloodNeitherBlocksNorGrows(t *testing.T) {
 	first := lineNo()
 	// 2 MB/s is 20 000 lines/s; a blocked pipe would stall at a few
 	// hundred (the pipe buffer). Ask for a tenth of the rate.
-	waitFor(t, 20*time.Second, "the flood to keep flowing", func() bool { return lineNo() > first+2000*int(time.Since(start)/time.Second+1) })
+	h.waitFor(t, 20*time.Second, "the flood to keep flowing", func() bool { return lineNo() > first+2000*int(time.Since(start)/time.Second+1) })
 	if out, _ := h.sup.Output("chatty", 1000); len(out) != OutputLines {
 		t.Errorf("ring holds %d lines, want %d", len(out), OutputLines)
 	}

@@ -21,6 +21,7 @@ var testReaper *Reaper
 
 func TestMain(m *testing.M) {
 	supervisortest.RunFakeIfAsked()
+	supervisortest.ExitWithoutDelay()
 	r, err := NewReaper()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "NewReaper:", err)
@@ -49,7 +50,23 @@ type harness struct {
 	cfg    *config.Config
 	sup    *Supervisor
 	cancel context.CancelFunc
-	done   chan error
+	exited chan struct{} // closed when Run has returned
+	runErr error         // what it returned
+}
+
+var _ supervisortest.Daemon = (*harness)(nil)
+
+// Done is closed when the supervisor's Run has returned.
+func (h *harness) Done() <-chan struct{} { return h.exited }
+
+// Exit says what Run returned.
+func (h *harness) Exit() string { return fmt.Sprintf("Run returned %v", h.runErr) }
+
+// waitFor waits for cond, which the running supervisor is to bring about:
+// it fails at once if Run returns first.
+func (h *harness) waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	supervisortest.WaitOn(t, h, d, what, cond)
 }
 
 // newHarness writes a config for specs and returns it unstarted.
@@ -89,13 +106,16 @@ func (h *harness) start(o Options) *harness {
 	h.sup = sup
 	ctx, cancel := context.WithCancel(context.Background())
 	h.cancel = cancel
-	h.done = make(chan error, 1)
-	go func() { h.done <- sup.Run(ctx) }()
+	h.exited = make(chan struct{})
+	go func() {
+		h.runErr = sup.Run(ctx)
+		close(h.exited)
+	}()
 	h.t.Cleanup(func() { h.stop() })
 	select {
 	case <-sup.Ready():
-	case err := <-h.done:
-		h.t.Fatalf("Run returned early: %v", err)
+	case <-h.exited:
+		h.t.Fatalf("Run returned early: %v", h.runErr)
 	case <-time.After(10 * time.Second):
 		h.t.Fatal("supervisor not running after 10s")
 	}
@@ -110,9 +130,9 @@ func (h *harness) stop() {
 	h.cancel()
 	h.cancel = nil
 	select {
-	case err := <-h.done:
-		if err != nil {
-			h.t.Errorf("Run: %v", err)
+	case <-h.exited:
+		if h.runErr != nil {
+			h.t.Errorf("Run: %v", h.runErr)
 		}
 	case <-time.After(30 * time.Second):
 		h.t.Error("Run did not return within 30s of cancel")
@@ -131,7 +151,7 @@ func (h *harness) status(name string) Status {
 func (h *harness) waitState(name string, want State, d time.Duration) Status {
 	h.t.Helper()
 	var st Status
-	waitFor(h.t, d, fmt.Sprintf("%s to be %s", name, want), func() bool {
+	h.waitFor(h.t, d, fmt.Sprintf("%s to be %s", name, want), func() bool {
 		st = h.status(name)
 		return st.State == want
 	})

@@ -29,7 +29,7 @@ func TestKillNineRestartsAfterDelay(t *testing.T) {
 		t.Fatal(err)
 	}
 	var next Status
-	waitFor(t, 20*time.Second, "a new ready process", func() bool {
+	h.waitFor(t, 20*time.Second, "a new ready process", func() bool {
 		next = h.status("m")
 		return next.State == Ready && next.PID != first.PID
 	})
@@ -85,7 +85,7 @@ func TestResetClearsStartLimit(t *testing.T) {
 	if err != nil || res["m"] != nil {
 		t.Fatalf("reset: %v %v", res, err)
 	}
-	waitFor(t, 20*time.Second, "two more starts and failed again", func() bool {
+	h.waitFor(t, 20*time.Second, "two more starts and failed again", func() bool {
 		return len(h.procs("m")) == 4 && h.status("m").State == Failed
 	})
 }
@@ -105,7 +105,7 @@ func TestStopKillsDetachedStubbornTree(t *testing.T) {
 	var procs map[int]string
 	// Six processes start (the double fork's middle one exits at once);
 	// five stay: server, worker, two detached workers, the orphan.
-	waitFor(t, 10*time.Second, "6 processes started, 5 alive", func() bool {
+	h.waitFor(t, 10*time.Second, "6 processes started, 5 alive", func() bool {
 		procs = h.procs("m")
 		return len(procs) == 6 && len(liveOf(procs, "")) == 5
 	})
@@ -128,7 +128,7 @@ func TestStopKillsDetachedStubbornTree(t *testing.T) {
 	}
 	// The detached workers were re-parented to us (subreaper) and reaped:
 	// no zombie is left behind either.
-	waitFor(t, 10*time.Second, "workers reaped", func() bool {
+	h.waitFor(t, 10*time.Second, "workers reaped", func() bool {
 		for pid := range procs {
 			if _, err := proc.ReadStat(pid); err == nil {
 				return false
@@ -175,7 +175,7 @@ func TestPendingOnStorageThenStarts(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.start(Options{})
-	waitFor(t, 10*time.Second, "pending: storage", func() bool {
+	h.waitFor(t, 10*time.Second, "pending: storage", func() bool {
 		st := h.status("m")
 		return st.State == Pending && st.PendingCause == CauseStorage && st.Reason == "storage: "+m.Path+": no such file or directory"
 	})
@@ -195,7 +195,7 @@ func TestPendingOnForeignPort(t *testing.T) {
 	h.start(Options{})
 	self, _ := proc.ReadStat(os.Getpid())
 	want := "port " + strconv.Itoa(m.Port) + " in use by pid " + strconv.Itoa(os.Getpid()) + " (" + self.Comm + ")"
-	waitFor(t, 10*time.Second, "pending: "+want, func() bool {
+	h.waitFor(t, 10*time.Second, "pending: "+want, func() bool {
 		st := h.status("m")
 		return st.State == Pending && st.PendingCause == CausePort && st.Reason == want
 	})

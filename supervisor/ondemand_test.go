@@ -75,7 +75,7 @@ func TestAlwaysModelIsNeverEvicted(t *testing.T) {
 	h.waitState("always", Ready, 20*time.Second)
 	h.sup.Demand("od")
 	var st Status
-	waitFor(t, 20*time.Second, "od pending on the GPU", func() bool {
+	h.waitFor(t, 20*time.Second, "od pending on the GPU", func() bool {
 		st = h.status("od")
 		return st.State == Pending && st.PendingCause == CauseGPU && st.Reason != "waiting for GPUs"
 	})
@@ -118,7 +118,7 @@ func TestSleepAndWakeKeepTheProcess(t *testing.T) {
 	h.sup.Demand("m")
 	ready := h.waitState("m", Ready, 20*time.Second)
 	asleep := h.waitState("m", Sleeping, 20*time.Second)
-	waitFor(t, 10*time.Second, "asleep, not going to sleep", func() bool {
+	h.waitFor(t, 10*time.Second, "asleep, not going to sleep", func() bool {
 		asleep = h.status("m")
 		return asleep.SleepLevel == 1
 	})
@@ -127,7 +127,7 @@ func TestSleepAndWakeKeepTheProcess(t *testing.T) {
 	}
 	port := h.site.Models[0].Port
 	var used uint64
-	waitFor(t, 10*time.Second, "the sleeper's memory down to its residue", func() bool {
+	h.waitFor(t, 10*time.Second, "the sleeper's memory down to its residue", func() bool {
 		views, err := h.sup.GPUs(context.Background())
 		if err != nil || len(views) != 1 {
 			return false
@@ -165,7 +165,7 @@ func TestEvictionSleepsAndWakes(t *testing.T) {
 		t.Fatalf("a: %s (%s) pid %d, was %d", st.State, st.Reason, st.PID, a.PID)
 	}
 	h.sup.Demand("a")
-	waitFor(t, 30*time.Second, "a awake in its own process, b asleep", func() bool {
+	h.waitFor(t, 30*time.Second, "a awake in its own process, b asleep", func() bool {
 		sa, sb := h.status("a"), h.status("b")
 		return sa.State == Ready && sa.PID == a.PID && sb.State == Sleeping && sb.SleepLevel == 1 && sb.PID == b.PID
 	})
@@ -197,7 +197,7 @@ func TestSleepHostMemoryBudget(t *testing.T) {
 			t.Fatalf("sleep %s: %v %v", m, res, err)
 		}
 		var st Status
-		waitFor(t, 20*time.Second, m+" asleep", func() bool {
+		h.waitFor(t, 20*time.Second, m+" asleep", func() bool {
 			st = h.status(m)
 			return st.State == Sleeping && st.SleepLevel != 0
 		})
@@ -231,10 +231,10 @@ func TestFailedWakeRestartsCold(t *testing.T) {
 	if res, err := h.sup.Do(context.Background(), OpSleep, "m"); err != nil || res["m"] != nil {
 		t.Fatalf("sleep: %v %v", res, err)
 	}
-	waitFor(t, 20*time.Second, "asleep", func() bool { st := h.status("m"); return st.State == Sleeping && st.SleepLevel == 1 })
+	h.waitFor(t, 20*time.Second, "asleep", func() bool { st := h.status("m"); return st.State == Sleeping && st.SleepLevel == 1 })
 	h.sup.Demand("m")
 	var st Status
-	waitFor(t, 30*time.Second, "ready again, in a new process", func() bool {
+	h.waitFor(t, 30*time.Second, "ready again, in a new process", func() bool {
 		st = h.status("m")
 		return st.State == Ready && st.PID != first.PID
 	})
@@ -249,7 +249,7 @@ func TestConcurrentRequestsShareOneWake(t *testing.T) {
 	if res, err := h.sup.Do(context.Background(), OpSleep, "m"); err != nil || res["m"] != nil {
 		t.Fatalf("sleep: %v %v", res, err)
 	}
-	waitFor(t, 20*time.Second, "asleep", func() bool { st := h.status("m"); return st.State == Sleeping && st.SleepLevel == 1 })
+	h.waitFor(t, 20*time.Second, "asleep", func() bool { st := h.status("m"); return st.State == Sleeping && st.SleepLevel == 1 })
 	done := make(chan struct{})
 	for range 16 {
 		go func() { h.sup.Demand("m"); done <- struct{}{} }()

@@ -68,7 +68,7 @@ func TestPendingModelTakesTheGPUARemovedModelGaveBack(t *testing.T) {
 	).start(Options{})
 	h.waitState("big0", Ready, 30*time.Second)
 	big1 := h.waitState("big1", Ready, 30*time.Second)
-	waitFor(t, 10*time.Second, "waiter pending with the numbers", func() bool {
+	h.waitFor(t, 10*time.Second, "waiter pending with the numbers", func() bool {
 		st := h.status("waiter")
 		return st.State == Pending && st.PendingCause == CauseGPU && st.Reason == "needs 41.0 GiB on 1 GPU; free 8.0 GiB (GPU0), 8.0 GiB (GPU1)"
 	})
@@ -109,7 +109,7 @@ func TestPendingUntilMemoryFrees(t *testing.T) {
 		modelSpec{Name: "m", YAML: "gpu_memory_utilization: 0.5"},
 	).start(Options{})
 	small := h.waitState("small", Ready, 30*time.Second)
-	waitFor(t, 10*time.Second, "m pending for memory", func() bool {
+	h.waitFor(t, 10*time.Second, "m pending for memory", func() bool {
 		st := h.status("m")
 		return st.State == Pending && st.Reason == "needs 41.0 GiB on 1 GPU; free 6.0 GiB (GPU0)"
 	})
@@ -126,7 +126,7 @@ func TestPendingUntilMemoryFrees(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.sup.Do(context.Background(), "restart", "small") //nolint:errcheck // checked below
-	waitFor(t, 10*time.Second, "small pending: GPU down", func() bool {
+	h.waitFor(t, 10*time.Second, "small pending: GPU down", func() bool {
 		st := h.status("small")
 		return st.State == Pending && st.Reason == "needs 1 GPUs; the host has 0 usable (GPU0 down)"
 	})

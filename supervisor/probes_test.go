@@ -35,7 +35,7 @@ func TestHangAfterReadyIsRestarted(t *testing.T) {
 	}).start(Options{})
 	first := h.waitState("m", Ready, 20*time.Second)
 	var next Status
-	waitFor(t, 20*time.Second, "a restarted, ready replacement", func() bool {
+	h.waitFor(t, 20*time.Second, "a restarted, ready replacement", func() bool {
 		next = h.status("m")
 		return next.PID != first.PID && next.PID != 0
 	})
@@ -57,7 +57,7 @@ func TestHealth503RestartsAtOnce(t *testing.T) {
 		Fake: []string{"--fake-unhealthy-after", "300ms"},
 	}).start(Options{Logger: zap.New(core)})
 	first := h.waitState("m", Ready, 20*time.Second)
-	waitFor(t, 20*time.Second, "a probe restart", func() bool {
+	h.waitFor(t, 20*time.Second, "a probe restart", func() bool {
 		return h.status("m").RestartsByReason[ReasonProbe] == 1
 	})
 	// One 503 is enough: five failures would have taken ≥ 500 ms more.
@@ -131,7 +131,7 @@ func TestForeignServerOnThePortIsDetected(t *testing.T) {
 		impostor.Wait()         //nolint:errcheck // killed
 		testReaper.Done(impostor.Process.Pid)
 	})
-	waitFor(t, 20*time.Second, "a restart for the impostor", func() bool {
+	h.waitFor(t, 20*time.Second, "a restart for the impostor", func() bool {
 		for _, e := range logs.FilterMessage("restarting model").All() {
 			if strings.Contains(e.ContextMap()["detail"].(string), "the port answers for impostor, not m: another server shares the port") {
 				return true
@@ -142,7 +142,7 @@ func TestForeignServerOnThePortIsDetected(t *testing.T) {
 	// Restarted, ours finds the impostor holding the port and says who.
 	self, _ := proc.ReadStat(impostor.Process.Pid)
 	want := "port " + strconv.Itoa(port) + " in use by pid " + strconv.Itoa(impostor.Process.Pid) + " (" + self.Comm + ")"
-	waitFor(t, 20*time.Second, "pending: "+want, func() bool {
+	h.waitFor(t, 20*time.Second, "pending: "+want, func() bool {
 		st := h.status("m")
 		return st.State == Pending && st.Reason == want
 	})
@@ -162,7 +162,7 @@ func TestDeepProbeCatchesAHungEngine(t *testing.T) {
 		modelSpec{Name: "blind", YAML: "probe: {period: 50ms, failure_threshold: 2}", Fake: []string{"--fake-engine-hang-after", "300ms"}},
 	).start(Options{Logger: zap.New(core)})
 	blind := h.waitState("blind", Ready, 20*time.Second)
-	waitFor(t, 20*time.Second, "hung restarted by the deep probe", func() bool {
+	h.waitFor(t, 20*time.Second, "hung restarted by the deep probe", func() bool {
 		return h.status("hung").RestartsByReason[ReasonProbe] == 1
 	})
 	found := false

@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/supervisortest"
 	"context"
 	"os"
 	"path/filepath"
@@ -62,7 +63,7 @@ func TestApply(t *testing.T) {
 	}
 	h.waitState("added", Ready, 20*time.Second)
 	var env Status
-	waitFor(t, 20*time.Second, "envchange restarted and ready", func() bool {
+	h.waitFor(t, 20*time.Second, "envchange restarted and ready", func() bool {
 		env = h.status("envchange")
 		return env.State == Ready && env.PID != before["envchange"].PID
 	})
@@ -117,7 +118,7 @@ func TestReloadRestartsOnRotatedSecret(t *testing.T) {
 	if want := "other:unchanged: uses:respawn:env_files contents"; strings.Join(got, " ") != want {
 		t.Errorf("changes = %v, want %s", got, want)
 	}
-	waitFor(t, 20*time.Second, "uses restarted", func() bool {
+	h.waitFor(t, 20*time.Second, "uses restarted", func() bool {
 		st := h.status("uses")
 		return st.State == Ready && st.PID != uses.PID
 	})
@@ -137,8 +138,8 @@ func TestReloadFileRejectsBadFiles(t *testing.T) {
 		name, yaml, want string
 	}{
 		{"bad YAML", good + "models: [\n", "parse config: yaml"},
-		{"unknown key", good + "bogus: 1\n", "bogus: unknown key"},
-		{"duplicate port", strings.Replace(good, "port: "+strconv.Itoa(h.cfg.Models[1].Port), "port: "+strconv.Itoa(h.cfg.Models[0].Port), 1), "already used by models.a"},
+		{"unknown key", h.site.Edit(t, supervisortest.Set("bogus", 1)), "bogus: unknown key"},
+		{"duplicate port", h.site.Edit(t, supervisortest.Set("models.b.port", h.cfg.Models[0].Port)), "already used by models.a"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -179,8 +180,9 @@ func TestReloadKeepsTheDaemonsOwnPorts(t *testing.T) {
 	h.cfg.Listen = "127.0.0.1:" + strconv.Itoa(old)
 	h.start(Options{})
 	h.waitState("a", Ready, 20*time.Second)
-	moved := strings.Replace(h.site.YAML, "port: "+strconv.Itoa(h.cfg.Models[0].Port), "port: "+strconv.Itoa(old), 1)
-	moved = strings.Replace(moved, `listen: ""`, "listen: 127.0.0.1:1", 1)
+	// Nothing listens on either: the Supervisor serves no HTTP, and the
+	// reload is refused.
+	moved := h.site.Edit(t, supervisortest.Set("models.a.port", old), supervisortest.Set("listen", "127.0.0.1:1"))
 	if err := os.WriteFile(h.site.Path, []byte(moved), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -31,7 +31,7 @@ func (h *harness) sleepNow(name string) Status {
 func TestNotDeterministicModelIsSaidSo(t *testing.T) {
 	h := sleepSite(t, 1, modelSpec{Name: "m", YAML: od + "gpu_memory_utilization: 0.5", Fake: []string{"--fake-nondeterministic"}})
 	m := h.demandReady("m")["m"]
-	waitFor(t, 10*time.Second, "the canary recorded", func() bool { return strings.HasPrefix(h.status("m").Canary, "not deterministic") })
+	h.waitFor(t, 10*time.Second, "the canary recorded", func() bool { return strings.HasPrefix(h.status("m").Canary, "not deterministic") })
 	h.sleepNow("m")
 	h.sup.Demand("m")
 	if st := h.waitState("m", Ready, 20*time.Second); st.PID != m.PID || st.WakeFailures != 0 {
@@ -50,7 +50,7 @@ func TestEmbeddingModelCanary(t *testing.T) {
 	)
 	before := h.demandReady("good", "broken")
 	for _, m := range []string{"good", "broken"} {
-		waitFor(t, 10*time.Second, m+"'s known answer", func() bool { return h.status(m).Canary == "known answer" })
+		h.waitFor(t, 10*time.Second, m+"'s known answer", func() bool { return h.status(m).Canary == "known answer" })
 		h.sleepNow(m)
 		h.sup.Demand(m)
 	}
@@ -58,7 +58,7 @@ func TestEmbeddingModelCanary(t *testing.T) {
 		t.Errorf("good: pid %d, %d failed wakes; want pid %d, none", st.PID, st.WakeFailures, before["good"].PID)
 	}
 	var st Status
-	waitFor(t, 30*time.Second, "broken started cold", func() bool {
+	h.waitFor(t, 30*time.Second, "broken started cold", func() bool {
 		st = h.status("broken")
 		return st.State == Ready && st.PID != before["broken"].PID
 	})
@@ -81,17 +81,17 @@ func TestQuietGPUDuringANeighboursLoad(t *testing.T) {
 	)
 	h.demandReady("a", "c")
 	h.sup.Demand("b") // loads for 3 s; a falls idle 1 s into it
-	waitFor(t, 10*time.Second, "b loading", func() bool { return h.status("b").State == Starting })
+	h.waitFor(t, 10*time.Second, "b loading", func() bool { return h.status("b").State == Starting })
 	if res, err := h.sup.Do(context.Background(), OpStop, "c"); err != nil || res["c"] != nil {
 		t.Fatalf("stop c: %v %v", res, err)
 	}
-	waitFor(t, 5*time.Second, "c's stop waiting for b's load", func() bool {
+	h.waitFor(t, 5*time.Second, "c's stop waiting for b's load", func() bool {
 		st := h.status("c")
 		return st.State == Ready && strings.Contains(st.Reason, "b, which is starting") && strings.Contains(st.Reason, "before it stops")
 	})
 	h.waitState("b", Ready, 30*time.Second)
 	h.waitState("c", Stopped, 20*time.Second)
-	waitFor(t, 20*time.Second, "a asleep", func() bool { return h.asleep("a") })
+	h.waitFor(t, 20*time.Second, "a asleep", func() bool { return h.asleep("a") })
 	var serving, aSleeps time.Time
 	for _, e := range h.site.ReadEvents(t) {
 		switch {
@@ -108,11 +108,11 @@ func TestQuietGPUDuringANeighboursLoad(t *testing.T) {
 	if res, err := h.sup.Do(context.Background(), OpRestart, "b"); err != nil || res["b"] != nil {
 		t.Fatalf("restart b: %v %v", res, err)
 	}
-	waitFor(t, 10*time.Second, "b loading again", func() bool { return h.status("b").State == Starting })
+	h.waitFor(t, 10*time.Second, "b loading again", func() bool { return h.status("b").State == Starting })
 	if res, err := h.sup.Do(context.Background(), OpStop, "b"); err != nil || res["b"] != nil {
 		t.Fatalf("stop b: %v %v", res, err)
 	}
-	waitFor(t, 5*time.Second, "b stopped at once", func() bool { return h.status("b").State == Stopped })
+	h.waitFor(t, 5*time.Second, "b stopped at once", func() bool { return h.status("b").State == Stopped })
 }
 
 // TestWakeAsksForWhatItHeld: with sleep mode, vLLM can size its KV cache
@@ -129,7 +129,7 @@ func TestWakeAsksForWhatItHeld(t *testing.T) {
 	h.sleepNow("a")
 	h.demandReady("b")
 	h.sup.Demand("a")
-	waitFor(t, 30*time.Second, "a awake on its process, b asleep", func() bool {
+	h.waitFor(t, 30*time.Second, "a awake on its process, b asleep", func() bool {
 		st := h.status("a")
 		return st.State == Ready && st.PID == a.PID && h.asleep("b")
 	})
@@ -186,7 +186,7 @@ func TestSleepWaitsForTheDaemonsOwnRequests(t *testing.T) {
 		Fake: []string{"--fake-token-delay", "400ms"}})
 	h.demandReady("m")
 	for range 3 {
-		waitFor(t, 10*time.Second, "a deep probe in flight", func() bool {
+		h.waitFor(t, 10*time.Second, "a deep probe in flight", func() bool {
 			n, _ := h.sup.d.prober.Running(context.Background(), baseURL(h.cfg.Models[0]))
 			return n > 0
 		})

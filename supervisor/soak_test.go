@@ -47,7 +47,7 @@ func TestSoak(t *testing.T) {
 	}
 	allReady := func(what string) {
 		t.Helper()
-		waitFor(t, time.Duration(n)*time.Second+30*time.Second, what, func() bool {
+		h.waitFor(t, time.Duration(n)*time.Second+30*time.Second, what, func() bool {
 			st, _ := h.sup.Status()
 			return len(st) == n && !slices.ContainsFunc(st, func(s Status) bool { return s.State != Ready })
 		})
@@ -91,7 +91,7 @@ func TestSoak(t *testing.T) {
 			faults["reload"]++
 		}
 		deadline := time.Now().Add(time.Duration(20+rng.IntN(60)) * time.Millisecond)
-		waitFor(t, time.Second, "the pause between faults", func() bool { return time.Now().After(deadline) })
+		h.waitFor(t, time.Second, "the pause between faults", func() bool { return time.Now().After(deadline) })
 	}
 	t.Logf("%d models, faults: %v", n, faults)
 
@@ -115,7 +115,7 @@ func TestSoak(t *testing.T) {
 	}
 	// Flat: no goroutine or memory left behind by thousands of transitions.
 	runtime.GC()
-	waitFor(t, 10*time.Second, "goroutines back to the baseline", func() bool { return runtime.NumGoroutine() <= goroutines+n/10+5 })
+	h.waitFor(t, 10*time.Second, "goroutines back to the baseline", func() bool { return runtime.NumGoroutine() <= goroutines+n/10+5 })
 	var after runtime.MemStats
 	runtime.ReadMemStats(&after)
 	if grown := int64(after.HeapInuse) - int64(mem.HeapInuse); grown > 64<<20 {

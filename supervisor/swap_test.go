@@ -30,7 +30,7 @@ func (h *harness) aAsleepBAwake() (a, b Status) {
 	h.t.Helper()
 	a = h.demandReady("a")["a"]
 	b = h.demandReady("b")["b"]
-	waitFor(h.t, 20*time.Second, "a asleep for b", func() bool { return h.asleep("a") })
+	h.waitFor(h.t, 20*time.Second, "a asleep for b", func() bool { return h.asleep("a") })
 	return a, b
 }
 
@@ -45,7 +45,7 @@ func TestRestartOfASleeperAsksForMemory(t *testing.T) {
 	if res, err := h.sup.Do(context.Background(), OpRestart, "a"); err != nil || res["a"] != nil {
 		t.Fatalf("restart a: %v %v", res, err)
 	}
-	waitFor(t, 30*time.Second, "a ready in a new process, b asleep", func() bool {
+	h.waitFor(t, 30*time.Second, "a ready in a new process, b asleep", func() bool {
 		st := h.status("a")
 		return st.State == Ready && st.PID != a.PID && h.asleep("b")
 	})
@@ -64,7 +64,7 @@ func TestReloadOfASleeperLeavesItStopped(t *testing.T) {
 	if _, err := h.sup.Apply(context.Background(), &next); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "a stopped, not held, its process gone", func() bool {
+	h.waitFor(t, 30*time.Second, "a stopped, not held, its process gone", func() bool {
 		st := h.status("a")
 		return st.State == Stopped && !st.Held && !running(a.PID)
 	})
@@ -72,7 +72,7 @@ func TestReloadOfASleeperLeavesItStopped(t *testing.T) {
 		t.Errorf("b: %s pid %d, was ready pid %d", st.State, st.PID, b.PID)
 	}
 	h.sup.Demand("a")
-	waitFor(t, 30*time.Second, "a started by its next request, b asleep", func() bool {
+	h.waitFor(t, 30*time.Second, "a started by its next request, b asleep", func() bool {
 		return h.status("a").State == Ready && h.asleep("b")
 	})
 }
@@ -88,7 +88,7 @@ func TestCrashedSleeperStaysStopped(t *testing.T) {
 		t.Fatal(err)
 	}
 	var st Status
-	waitFor(t, 20*time.Second, "a stopped, not held", func() bool {
+	h.waitFor(t, 20*time.Second, "a stopped, not held", func() bool {
 		st = h.status("a")
 		return st.State == Stopped && !st.Held
 	})
@@ -97,7 +97,7 @@ func TestCrashedSleeperStaysStopped(t *testing.T) {
 	}
 	// It stays so: no start of its own (the restart delay is 50 ms).
 	deadline := time.Now().Add(time.Second)
-	waitFor(t, 5*time.Second, "a second to pass", func() bool {
+	h.waitFor(t, 5*time.Second, "a second to pass", func() bool {
 		if s := h.status("a"); s.State != Stopped {
 			t.Fatalf("a left stopped by itself: %s (%s)", s.State, s.Reason)
 		}
@@ -110,7 +110,7 @@ func TestCrashedSleeperStaysStopped(t *testing.T) {
 		t.Errorf("b disturbed: %s pid %d", s.State, s.PID)
 	}
 	h.sup.Demand("a")
-	waitFor(t, 30*time.Second, "a started on request, b asleep for it", func() bool {
+	h.waitFor(t, 30*time.Second, "a started on request, b asleep for it", func() bool {
 		return h.status("a").State == Ready && h.asleep("b")
 	})
 }
@@ -130,14 +130,14 @@ func TestMinAwakeFromTheInstantOfReady(t *testing.T) {
 	h.demandReady("a")
 	// Ready long enough ago that a stale ready time is past min_awake.
 	deadline := time.Now().Add(minAwake)
-	waitFor(t, 10*time.Second, "a awake past min_awake", func() bool { return time.Now().After(deadline) })
+	h.waitFor(t, 10*time.Second, "a awake past min_awake", func() bool { return time.Now().After(deadline) })
 	if res, err := h.sup.Do(context.Background(), OpSleep, "a"); err != nil || res["a"] != nil {
 		t.Fatalf("sleep a: %v %v", res, err)
 	}
-	waitFor(t, 20*time.Second, "a asleep", func() bool { return h.asleep("a") })
+	h.waitFor(t, 20*time.Second, "a asleep", func() bool { return h.asleep("a") })
 	// a wakes (1 s); b asks meanwhile and waits for the GPU.
 	h.sup.Demand("a")
-	waitFor(t, 20*time.Second, "a's wake under way", func() bool { return strings.HasPrefix(h.status("a").Reason, "waking") })
+	h.waitFor(t, 20*time.Second, "a's wake under way", func() bool { return strings.HasPrefix(h.status("a").Reason, "waking") })
 	h.sup.Demand("b")
 	h.waitState("b", Ready, 30*time.Second)
 	var woke, slept time.Time
@@ -188,7 +188,7 @@ func TestEvictedWithWaitersIsDemandedAgain(t *testing.T) {
 	// a sleeps for b; its waiting request wants it back and gets it (b has
 	// no min_awake) without another request: a wakes on its process, and
 	// b, which started meanwhile, sleeps.
-	waitFor(t, 30*time.Second, "b started, then a awake again and b asleep", func() bool {
+	h.waitFor(t, 30*time.Second, "b started, then a awake again and b asleep", func() bool {
 		st := h.status("a")
 		return st.State == Ready && st.PID == a.PID && h.asleep("b")
 	})
@@ -227,7 +227,7 @@ func TestSleepLevelChangeKeepsTheProcess(t *testing.T) {
 			t.Fatalf("sleep: %v %v", res, err)
 		}
 		var st Status
-		waitFor(t, 20*time.Second, "m asleep or stopped", func() bool {
+		h.waitFor(t, 20*time.Second, "m asleep or stopped", func() bool {
 			st = h.status("m")
 			return (st.State == Sleeping && st.SleepLevel > 0) || st.State == Stopped
 		})
@@ -260,14 +260,14 @@ func TestHungWakeIsProbed(t *testing.T) {
 	if res, err := h.sup.Do(context.Background(), OpSleep, "m"); err != nil || res["m"] != nil {
 		t.Fatalf("sleep: %v %v", res, err)
 	}
-	waitFor(t, 20*time.Second, "m asleep", func() bool { return h.asleep("m") })
+	h.waitFor(t, 20*time.Second, "m asleep", func() bool { return h.asleep("m") })
 	if err := syscall.Kill(m.PID, syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { syscall.Kill(m.PID, syscall.SIGCONT) }) //nolint:errcheck // it may be gone
 	h.sup.Demand("m")
 	var st Status
-	waitFor(t, 30*time.Second, "m ready again in a new process", func() bool {
+	h.waitFor(t, 30*time.Second, "m ready again in a new process", func() bool {
 		st = h.status("m")
 		return st.State == Ready && st.PID != m.PID
 	})

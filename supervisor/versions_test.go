@@ -53,7 +53,7 @@ func TestVersionLearnedBeforeSpawnConfirmedAfter(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	h := newHarness(t, modelSpec{Name: "m", YAML: venvCommand(t, "0.10.1")}).start(Options{Registerer: reg})
 	var sources []string
-	waitFor(t, 30*time.Second, "m ready with its version confirmed", func() bool {
+	h.waitFor(t, 30*time.Second, "m ready with its version confirmed", func() bool {
 		st := h.status("m")
 		if st.VLLMVersionSource != "" && (len(sources) == 0 || sources[len(sources)-1] != st.VLLMVersionSource) {
 			sources = append(sources, st.VLLMVersionSource)
@@ -89,7 +89,7 @@ func TestVersionLookupIsAJob(t *testing.T) {
 		modelSpec{Name: "hung", YAML: fmt.Sprintf("command: [%q, -m, vllm.entrypoints.openai.api_server]", hang)},
 		modelSpec{Name: "other"},
 	).start(Options{})
-	waitFor(t, 30*time.Second, "hung's lookup running", func() bool {
+	h.waitFor(t, 30*time.Second, "hung's lookup running", func() bool {
 		st := h.status("hung")
 		_, err := os.Stat(pidFile)
 		return err == nil && st.State == Pending && strings.Contains(st.Reason, "learning its vLLM version")
@@ -117,7 +117,10 @@ func TestVersionCacheSharesLookups(t *testing.T) {
 	python := supervisortest.FakeVenv(t, "0.8.5")
 	m := config.Model{Name: "a", Command: []string{python, "-m", "vllm.entrypoints.openai.api_server"}, Env: map[string]string{selfEnv: "1"}}
 	var runs atomic.Int32
-	start := func(cmd *exec.Cmd) error { runs.Add(1); return cmd.Start() }
+	// Through the reaper, as the runner starts it: this test binary is a
+	// subreaper whose Reaper takes the exit status of any child it was not
+	// told of ("waitid: no child processes").
+	start := func(cmd *exec.Cmd) error { runs.Add(1); return testReaper.Start(cmd) }
 	c := &versionCache{}
 	done := make(chan vllm.Version, 4)
 	for range 4 {
@@ -169,7 +172,7 @@ func TestModelKeyOnEveryCall(t *testing.T) {
 	st := h.waitState("m", Ready, 30*time.Second)
 	port := h.site.Models[0].Port
 	// A deep probe or two, then a sleep and a wake (with its canary).
-	waitFor(t, 10*time.Second, "a deep probe", func() bool { return supervisortest.FakeStats(t, port)["served"] >= 1 })
+	h.waitFor(t, 10*time.Second, "a deep probe", func() bool { return supervisortest.FakeStats(t, port)["served"] >= 1 })
 	if _, err := h.sup.Do(ctx, OpSleep, "m"); err != nil {
 		t.Fatal(err)
 	}

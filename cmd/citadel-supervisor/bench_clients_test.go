@@ -28,8 +28,8 @@ func TestBenchGatewayMemory(t *testing.T) {
 		YAML: "probe: {period: 50ms, timeout: 1s, failure_threshold: 3, startup_timeout: 1h}"}), t: t}
 	d := s.start()
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	supervisortest.WaitGateway(t, gw)
-	waitFor(t, 30*time.Second, "a starting", func() bool { return statusOf(t, s.Socket)["a"].State == api.Starting })
+	supervisortest.WaitGateway(t, d, gw)
+	d.waitFor(t, 30*time.Second, "a starting", func() bool { return statusOf(t, s.Socket)["a"].State == api.Starting })
 	pid := daemonPID(d)
 	var rows [][2]string
 
@@ -37,7 +37,7 @@ func TestBenchGatewayMemory(t *testing.T) {
 		before := procStatus(t, pid, "VmRSS")
 		f := openFlood(t, fmt.Sprintf("127.0.0.1:%d", gwPort), n)
 		metricsURL := fmt.Sprintf("http://127.0.0.1:%d/metrics", httpPort)
-		waitFor(t, 30*time.Second, "every connection accepted", func() bool {
+		d.waitFor(t, 30*time.Second, "every connection accepted", func() bool {
 			_, m := scrape(t, metricsURL)
 			return value(m["citadel_gateway_connections"]) >= float64(f.len())
 		})
@@ -45,7 +45,7 @@ func TestBenchGatewayMemory(t *testing.T) {
 		rows = append(rows, [2]string{fmt.Sprintf("RSS per connection holding a half-sent body (%d connections)", f.len()),
 			fmt.Sprintf("%.1f KiB", float64(after-before)/float64(f.len()))})
 		f.close()
-		waitFor(t, 30*time.Second, "connections gone", func() bool {
+		d.waitFor(t, 30*time.Second, "connections gone", func() bool {
 			_, m := scrape(t, metricsURL)
 			return value(m["citadel_gateway_connections"]) == 0
 		})
@@ -70,7 +70,7 @@ func TestBenchGatewayMemory(t *testing.T) {
 	}
 	metricsURL := fmt.Sprintf("http://127.0.0.1:%d/metrics", httpPort)
 	var peak int64
-	waitFor(t, 2*time.Minute, "40 requests queued", func() bool {
+	d.waitFor(t, 2*time.Minute, "40 requests queued", func() bool {
 		peak = max(peak, procStatus(t, pid, "VmRSS"))
 		_, m := scrape(t, metricsURL)
 		return value(m["citadel_gateway_queue_depth"], "model=a") == n
@@ -81,7 +81,7 @@ func TestBenchGatewayMemory(t *testing.T) {
 	wg.Wait()
 	var back time.Duration
 	gone := time.Now()
-	waitFor(t, 30*time.Second, "RSS back", func() bool { return procStatus(t, pid, "VmRSS")-before < 16<<10 })
+	d.waitFor(t, 30*time.Second, "RSS back", func() bool { return procStatus(t, pid, "VmRSS")-before < 16<<10 })
 	back = time.Since(gone)
 	rows = append(rows,
 		[2]string{"40 bodies of 30 MiB queued (1200 MiB): RSS growth at the peak", fmt.Sprintf("%d MiB", (peak-before)>>10)},

@@ -33,6 +33,15 @@ func median(ds []time.Duration) time.Duration {
 	return s[len(s)/2]
 }
 
+// process is supervisord as a supervisortest.Daemon.
+type process struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+func (p *process) Done() <-chan struct{} { return p.done }
+func (p *process) Exit() string          { return p.cmd.ProcessState.String() }
+
 func ms(d time.Duration) string { return fmt.Sprintf("%.1f ms", float64(d.Microseconds())/1000) }
 
 // newServer waits for a server pid not in seen to appear in dir.
@@ -51,7 +60,7 @@ func newServer(t *testing.T, s *supervisortest.Site, model string, seen map[int]
 	return 0
 }
 
-func killRespawn(t *testing.T, s *supervisortest.Site, model string, rounds int) time.Duration {
+func killRespawn(t *testing.T, d supervisortest.Daemon, s *supervisortest.Site, model string, rounds int) time.Duration {
 	var lat []time.Duration
 	for range rounds {
 		seen := s.PIDs(t, model)
@@ -64,7 +73,7 @@ func killRespawn(t *testing.T, s *supervisortest.Site, model string, rounds int)
 		newServer(t, s, model, seen)
 		lat = append(lat, time.Since(start))
 		// Let it become ready before the next kill.
-		waitFor(t, 10*time.Second, "ready", func() bool { return portUp(s, model) })
+		supervisortest.WaitOn(t, d, 10*time.Second, "ready", func() bool { return portUp(s, model) })
 	}
 	return median(lat)
 }
@@ -83,7 +92,7 @@ func portUp(s *supervisortest.Site, model string) bool {
 	return false
 }
 
-func rssAndIdleCPU(t *testing.T, pid int, over time.Duration) (string, string) {
+func rssAndIdleCPU(t *testing.T, d supervisortest.Daemon, pid int, over time.Duration) (string, string) {
 	read := func() (int64, float64) {
 		b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
@@ -94,7 +103,7 @@ func rssAndIdleCPU(t *testing.T, pid int, over time.Duration) (string, string) {
 	}
 	_, c0 := read()
 	deadline := time.Now().Add(over)
-	waitFor(t, over+5*time.Second, "the idle period", func() bool { return time.Now().After(deadline) })
+	supervisortest.WaitOn(t, d, over+5*time.Second, "the idle period", func() bool { return time.Now().After(deadline) })
 	rss, c1 := read()
 	return fmt.Sprintf("%.1f MiB", float64(rss)/(1<<20)), fmt.Sprintf("%.2f %%", 100*(c1-c0)/over.Seconds())
 }
@@ -121,9 +130,9 @@ func TestBenchTable(t *testing.T) {
 	s := &site{Site: supervisortest.NewSite(t, "listen: "+listen+"\n",
 		sevenModels("restart: {delay: 0s, max_delay: 0s, burst: 1000}\nprobe: {period: 10s}", true)...), t: t}
 	d := s.start()
-	waitFor(t, 60*time.Second, "seven models healthy", s.healthy)
-	kr := killRespawn(t, s.Site, "phi3", 20)
-	rss, cpu := rssAndIdleCPU(t, d.cmd.Process.Pid, idle)
+	d.waitFor(t, 60*time.Second, "seven models healthy", s.healthy)
+	kr := killRespawn(t, d, s.Site, "phi3", 20)
+	rss, cpu := rssAndIdleCPU(t, d, d.cmd.Process.Pid, idle)
 	c := client.New(s.Socket)
 	var reloads []time.Duration
 	for range 20 {
@@ -157,7 +166,7 @@ func TestBenchTable(t *testing.T) {
 	for range 5 {
 		var seen map[int]string
 		var cur []int
-		waitFor(t, 10*time.Second, "hangs up", func() bool {
+		hd.waitFor(t, 10*time.Second, "hangs up", func() bool {
 			seen = h.PIDs(t, "hangs")
 			cur = supervisortest.Live(seen, "server")
 			return len(cur) == 1
@@ -246,13 +255,13 @@ func supervisordRun(t *testing.T, idle time.Duration) map[string]string {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }() //nolint:errcheck // measured
-	t.Cleanup(func() { cmd.Process.Kill(); <-done })
+	p := &process{cmd: cmd, done: make(chan struct{})}
+	go func() { cmd.Wait(); close(p.done) }() //nolint:errcheck // measured
+	t.Cleanup(func() { cmd.Process.Kill(); <-p.done })
 	ss := &site{Site: sdSite, t: t}
-	waitFor(t, 60*time.Second, "supervisord's seven healthy", ss.healthy)
-	out["kill"] = ms(killRespawn(t, sdSite, "phi3", 20))
-	out["rss"], out["cpu"] = rssAndIdleCPU(t, cmd.Process.Pid, idle)
+	supervisortest.WaitOn(t, p, 60*time.Second, "supervisord's seven healthy", ss.healthy)
+	out["kill"] = ms(killRespawn(t, p, sdSite, "phi3", 20))
+	out["rss"], out["cpu"] = rssAndIdleCPU(t, p, cmd.Process.Pid, idle)
 	var reloads []time.Duration
 	for range 5 {
 		start := time.Now()
@@ -264,7 +273,7 @@ func supervisordRun(t *testing.T, idle time.Duration) map[string]string {
 	out["reload"] = ms(median(reloads))
 	start := time.Now()
 	cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // measured
-	<-done
+	<-p.done
 	out["stop"] = ms(time.Since(start))
 	return out
 }

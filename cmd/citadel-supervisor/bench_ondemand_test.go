@@ -34,11 +34,11 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 	od := "activation: on_demand\nsleep_level: 1\nidle_after: 1h\nmin_awake: 0s\ngpu_memory_utilization: 0.6\nprobe: {period: 10s, timeout: 2s, startup_timeout: 30s}"
 	fake := []string{"--fake-usage-dir", usage, "--fake-wake-time-l1", wake.String()}
 	s := &site{Site: supervisortest.NewSite(t, top, testModel{Name: "a", YAML: od, Fake: fake}, testModel{Name: "b", YAML: od, Fake: fake}), t: t}
-	s.start()
+	d := s.start()
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
 	c := client.New(s.Socket)
 	ctx := context.Background()
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, d, gw)
 	state := func(m string) api.Status {
 		st, err := c.Status(ctx, m)
 		if err != nil || len(st) != 1 {
@@ -60,7 +60,7 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 		if _, err := c.Op(ctx, api.OpSleep, "a"); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, 10*time.Second, "a asleep", func() bool { st := state("a"); return st.State == api.Sleeping && st.SleepLevel == 1 })
+		d.waitFor(t, 10*time.Second, "a asleep", func() bool { st := state("a"); return st.State == api.Sleeping && st.SleepLevel == 1 })
 		wakes = append(wakes, timed("a")-wake)
 	}
 	// Eviction and wake: b's request puts a to sleep and wakes b, and back.

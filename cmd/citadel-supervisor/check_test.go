@@ -1,3 +1,5 @@
+//go:build !e2e
+
 package main
 
 import (
@@ -10,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -52,18 +55,23 @@ func TestCheckGolden(t *testing.T) {
 				t.Fatal(err)
 			}
 			dir := t.TempDir()
-			base, held := portRun(t)
+			var fixed []int
+			for _, m := range fixedPort.FindAllStringSubmatch(string(src), -1) {
+				p, _ := strconv.Atoi(m[1])
+				fixed = append(fixed, p)
+			}
+			ports, held := portRun(t, fixed)
 			vars := map[string]string{
 				"${DIR}":      dir,
 				"${TESTDATA}": testdata,
-				"${HELD}":     strconv.Itoa(base + 3),
-				"${HELD2}":    strconv.Itoa(base + 4),
+				"${HELD}":     strconv.Itoa(ports[3]),
+				"${HELD2}":    strconv.Itoa(ports[4]),
 			}
 			for _, ln := range held {
 				defer ln.Close()
 			}
 			for i := 1; i <= 3; i++ {
-				vars[fmt.Sprintf("${FREE%d}", i)] = strconv.Itoa(base + i - 1)
+				vars[fmt.Sprintf("${FREE%d}", i)] = strconv.Itoa(ports[i-1])
 			}
 			text := string(src)
 			for k, v := range vars {
@@ -85,6 +93,14 @@ func TestCheckGolden(t *testing.T) {
 					defer ln.Close()
 				case line == "# symlink":
 					symlink = true
+				}
+			}
+			// --check test-binds the listen address: never the production
+			// default's, which a daemon on this host may hold.
+			if cfg, err := config.Parse([]byte(text), environ); err == nil {
+				builtin, _ := config.Parse(nil, nil)
+				if _, p, _ := net.SplitHostPort(cfg.Listen); cfg.Listen != "" && strings.HasSuffix(builtin.Listen, ":"+p) {
+					t.Fatalf("the fixture listens on %s, the production default's port: use ${HELD} or listen: \"\"", cfg.Listen)
 				}
 			}
 			path := filepath.Join(dir, "supervisor.yaml")
@@ -140,37 +156,51 @@ func normalize(s string, vars map[string]string) string {
 	return s
 }
 
-// portRun finds five consecutive ports, the first three free and the last
-// two held by this test. They lie below 40000 and at an offset within 1536
-// chosen so that the VLLM_PORT blocks derived from them (40000 + 16·(port
-// mod 1536)) can clash neither with each other nor with the fixtures' fixed
-// ports: random ports made the validation itself random.
-func portRun(t *testing.T) (int, []net.Listener) {
+// fixedPort finds the ports a fixture writes as numbers.
+var fixedPort = regexp.MustCompile(`\bport: (\d+)`)
+
+// portRun returns five ports from the kernel, the first three free again
+// and the last two held by this test (another process's, for --check).
+// They are drawn again until the VLLM_PORT blocks derived from them
+// (config.DefaultVLLMPort) clash neither with each other nor with those
+// of the fixture's fixed ports: a clash made the validation itself random.
+func portRun(t *testing.T, fixed []int) ([]int, []net.Listener) {
 	t.Helper()
-	for base := 20100; base < 39000; base += 1536 {
-		var held []net.Listener
-		ok := true
-		for p := base; p < base+5 && ok; p++ {
-			ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
+	eph := config.EphemeralPorts()
+	clash := func(p, q int) bool {
+		bp, bq := config.DefaultVLLMPort(p, eph), config.DefaultVLLMPort(q, eph)
+		in := func(port, block int) bool { return port >= block && port < block+config.VLLMPortBlock }
+		return in(p, bq) || in(q, bp) || in(bp, bq) || in(bq, bp)
+	}
+	for range 100 {
+		var lns []net.Listener
+		var ports []int
+		for range 5 {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
-				ok = false
-				break
+				t.Fatal(err)
 			}
-			if p < base+3 {
-				ln.Close()
-			} else {
-				held = append(held, ln)
+			lns = append(lns, ln)
+			ports = append(ports, ln.Addr().(*net.TCPAddr).Port)
+		}
+		ok := true
+		for i, p := range ports {
+			for _, q := range append(slices.Clone(ports[i+1:]), fixed...) {
+				ok = ok && !clash(p, q)
 			}
+		}
+		for _, ln := range lns[:3] {
+			ln.Close()
 		}
 		if ok {
-			return base, held
+			return ports, lns[3:]
 		}
-		for _, ln := range held {
+		for _, ln := range lns[3:] {
 			ln.Close()
 		}
 	}
-	t.Fatal("no five consecutive free ports")
-	return 0, nil
+	t.Fatal("no five ports from the kernel whose VLLM_PORT blocks keep apart")
+	return nil, nil
 }
 
 // TestCheckSleepersResidue: --check warns of an on-demand model too large

@@ -63,10 +63,11 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 	onDemand := "activation: on_demand\nsleep_level: 1\nmin_awake: 0s"
 	a, gwA := host(testModel{Name: "alpha"}, testModel{Name: "shared"})
 	b, gwB := host(testModel{Name: "beta"}, testModel{Name: "shared", YAML: onDemand})
-	dA, _ := a.start(), b.start()
-	supervisortest.WaitGateway(t, "http://"+gwA)
-	supervisortest.WaitGateway(t, "http://"+gwB)
-	waitFor(t, 30*time.Second, "A's models healthy", a.healthy)
+	dA, dB := a.start(), b.start()
+	fleet := supervisortest.AnyOf(dA, dB)
+	supervisortest.WaitGateway(t, dA, "http://"+gwA)
+	supervisortest.WaitGateway(t, dB, "http://"+gwB)
+	dA.waitFor(t, 30*time.Second, "A's models healthy", a.healthy)
 
 	// B's copy of shared: started by a request, then put to sleep.
 	if code, body := chat(t, "http://"+gwB, "shared"); code != 200 {
@@ -87,8 +88,8 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 		json.NewDecoder(resp.Body).Decode(&m) //nolint:errcheck // an empty state fails the wait
 		return m.Citadel.Fleet
 	}
-	waitFor(t, 30*time.Second, "shared asleep on B", func() bool { return fleetOf(gwB, "shared") == "sleeping" })
-	waitFor(t, 30*time.Second, "beta awake on B", func() bool { return fleetOf(gwB, "beta") == "awake" })
+	dB.waitFor(t, 30*time.Second, "shared asleep on B", func() bool { return fleetOf(gwB, "shared") == "sleeping" })
+	dB.waitFor(t, 30*time.Second, "beta awake on B", func() bool { return fleetOf(gwB, "beta") == "awake" })
 
 	// The configuration, from the hosts' own answers.
 	dir := t.TempDir()
@@ -163,7 +164,7 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 		return out
 	}
 	sA, sB := sanitizeAddr(gwA), sanitizeAddr(gwB)
-	waitFor(t, 30*time.Second, "every server UP in HAProxy", func() bool {
+	supervisortest.WaitOn(t, fleet, 30*time.Second, "every server UP in HAProxy", func() bool {
 		s := servers()
 		return s["m_alpha/"+sA] == "UP" && s["m_shared/"+sA] == "UP" && s["m_shared/"+sB] == "UP" && s["m_beta/"+sB] == "UP"
 	})
@@ -254,7 +255,7 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 			})
 		}
 	}
-	waitFor(t, 10*time.Second, "traffic flowing to every model", func() bool {
+	supervisortest.WaitOn(t, fleet, 10*time.Second, "traffic flowing to every model", func() bool {
 		return counts["alpha"].ok.Load() > 10 && counts["beta"].ok.Load() > 10 && counts["shared"].ok.Load() > 10
 	})
 	stopped := time.Now()
@@ -262,7 +263,7 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 		t.Fatal(err)
 	}
 	var outAfter time.Duration
-	waitFor(t, 30*time.Second, "host A out of rotation in HAProxy", func() bool {
+	dB.waitFor(t, 30*time.Second, "host A out of rotation in HAProxy", func() bool {
 		s := servers()
 		if s["m_alpha/"+sA] == "DOWN" && s["m_shared/"+sA] == "DOWN" {
 			outAfter = time.Since(stopped)
@@ -275,9 +276,9 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 	}
 	// shared now lives on B: the requests that follow wake it there.
 	sharedOnB := served(b, "shared")
-	waitFor(t, 30*time.Second, "shared served by B", func() bool { return served(b, "shared") > sharedOnB+10 })
+	dB.waitFor(t, 30*time.Second, "shared served by B", func() bool { return served(b, "shared") > sharedOnB+10 })
 	okBeta := counts["beta"].ok.Load()
-	waitFor(t, 10*time.Second, "more requests for beta", func() bool { return counts["beta"].ok.Load() > okBeta+10 })
+	dB.waitFor(t, 10*time.Second, "more requests for beta", func() bool { return counts["beta"].ok.Load() > okBeta+10 })
 	close(stop)
 	wg.Wait()
 

@@ -34,7 +34,7 @@ func TestE2EPrometheusScrapes(t *testing.T) {
 		testModel{Name: "beta", YAML: "gpu_memory_utilization: 0.3"},
 	), t: t}
 	d := s.start()
-	waitFor(t, 30*time.Second, "models healthy", s.healthy)
+	d.waitFor(t, 30*time.Second, "models healthy", s.healthy)
 
 	dir := t.TempDir()
 	promPort := supervisortest.FreePort(t)
@@ -82,11 +82,11 @@ scrape_configs:
 		}
 		return out.Data.Result
 	}
-	waitFor(t, 60*time.Second, "citadel_model_up == 1 for both models in Prometheus", func() bool {
+	d.waitFor(t, 60*time.Second, "citadel_model_up == 1 for both models in Prometheus", func() bool {
 		return len(query(`citadel_model_up == 1`)) == 2
 	})
 	// The models' own metrics, found through /sd, carry the model label.
-	waitFor(t, 60*time.Second, "vLLM metrics of both models scraped through /sd", func() bool {
+	d.waitFor(t, 60*time.Second, "vLLM metrics of both models scraped through /sd", func() bool {
 		r := query(`vllm:num_requests_running{job="vllm"}`)
 		if len(r) != 2 {
 			return false

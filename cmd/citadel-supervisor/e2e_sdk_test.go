@@ -73,10 +73,10 @@ func TestE2EOpenAINodeSDK(t *testing.T) {
 		YAML: "activation: on_demand\nsleep_level: 0\nprobe: {period: 10s, startup_timeout: 2m}",
 		Fake: []string{"--fake-load-time", "4s"},
 	}), t: t}
-	s.start()
+	d := s.start()
 	c := client.New(s.Socket)
 	defer c.Close()
-	waitFor(t, 30*time.Second, "alpha stopped, startable", func() bool {
+	d.waitFor(t, 30*time.Second, "alpha stopped, startable", func() bool {
 		st, err := c.Status(t.Context(), "alpha")
 		return err == nil && st[0].State == api.Stopped
 	})
@@ -107,7 +107,7 @@ func TestE2EOpenAINodeSDK(t *testing.T) {
 		if _, err := c.Op(t.Context(), api.OpSleep, "alpha"); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, 30*time.Second, "alpha stopped again", func() bool {
+		d.waitFor(t, 30*time.Second, "alpha stopped again", func() bool {
 			st, err := c.Status(t.Context(), "alpha")
 			return err == nil && st[0].State == api.Stopped
 		})

@@ -1,3 +1,5 @@
+//go:build e2e
+
 package main
 
 import (
@@ -29,10 +31,10 @@ func TestFDExhaustionRestartsNothing(t *testing.T) {
 	s := &site{Site: supervisortest.NewSite(t, fmt.Sprintf("listen: 127.0.0.1:%d\n", port),
 		testModel{Name: "a"}, testModel{Name: "b"}), t: t}
 	d := s.startWrapped([]string{"prlimit", "--nofile=128:128", "--"})
-	waitFor(t, 30*time.Second, "models healthy", s.healthy)
+	d.waitFor(t, 30*time.Second, "models healthy", s.healthy)
 	c := client.New(s.Socket)
 	defer c.Close()
-	waitFor(t, 10*time.Second, "both ready", func() bool {
+	d.waitFor(t, 10*time.Second, "both ready", func() bool {
 		st, err := c.Status(context.Background())
 		return err == nil && len(st) == 2 && st[0].State == api.Ready && st[1].State == api.Ready
 	})

@@ -1,3 +1,5 @@
+//go:build !e2e
+
 package main
 
 import (
@@ -44,7 +46,7 @@ func TestGatewayKeysInTheDaemon(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode
 	}
-	waitFor(t, 30*time.Second, "both models served", func() bool { return ask(bToken, "a") == 200 && ask(bToken, "b") == 200 })
+	d.waitFor(t, 30*time.Second, "both models served", func() bool { return ask(bToken, "a") == 200 && ask(bToken, "b") == 200 })
 	if code := ask(aToken, "b"); code != 403 {
 		t.Errorf("team-a on b: %d, want 403", code)
 	}
@@ -55,12 +57,12 @@ func TestGatewayKeysInTheDaemon(t *testing.T) {
 	}
 
 	// The file's new policy: team-a may use b, without a rate limit.
-	y := strings.Replace(s.YAML, "team-a: {models: [a], requests_per_minute: 2}", "team-a: {models: [a, b]}", 1)
+	y := s.Edit(t, supervisortest.Set("gateway.keys.team-a", map[string]any{"models": []string{"a", "b"}}))
 	if err := os.WriteFile(s.Path, []byte(y), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // checked below
-	waitFor(t, 10*time.Second, "the new policy in force", func() bool { return ask(aToken, "b") == 200 })
+	d.waitFor(t, 10*time.Second, "the new policy in force", func() bool { return ask(aToken, "b") == 200 })
 	if code := ask(aToken, "a"); code != 200 {
 		t.Errorf("team-a on a after the reload: %d", code)
 	}

@@ -1,3 +1,5 @@
+//go:build !e2e
+
 package main
 
 import (
@@ -39,7 +41,7 @@ func TestGatewayInTheDaemon(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b)
 	}
-	waitFor(t, 30*time.Second, "readyz 200 (model ready, gateway serving)", func() bool {
+	d.waitFor(t, 30*time.Second, "readyz 200 (model ready, gateway serving)", func() bool {
 		code, _ := get(fmt.Sprintf("http://127.0.0.1:%d/readyz", httpPort))
 		return code == 200
 	})
@@ -66,7 +68,7 @@ func TestGatewayInTheDaemon(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // checked below
-	waitFor(t, 10*time.Second, "the new key in force", func() bool { return ask(newToken) == 200 })
+	d.waitFor(t, 10*time.Second, "the new key in force", func() bool { return ask(newToken) == 200 })
 	if code := ask(oldToken); code != 401 {
 		t.Errorf("the old key after reload: %d", code)
 	}
@@ -75,7 +77,7 @@ func TestGatewayInTheDaemon(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // checked below
-	waitFor(t, 10*time.Second, "the refusal logged", func() bool {
+	d.waitFor(t, 10*time.Second, "the refusal logged", func() bool {
 		return strings.Contains(d.logText(), "the gateway keeps its previous keys")
 	})
 	if code := ask(newToken); code != 200 {
@@ -98,16 +100,6 @@ func TestGatewayInTheDaemon(t *testing.T) {
 			t.Errorf("a token in the daemon's log or metrics")
 		}
 	}
-}
-
-func grepLines(s, sub string) string {
-	var out []string
-	for _, l := range strings.Split(s, "\n") {
-		if strings.Contains(l, sub) {
-			out = append(out, l)
-		}
-	}
-	return strings.Join(out, "\n")
 }
 
 func TestCheckGateway(t *testing.T) {

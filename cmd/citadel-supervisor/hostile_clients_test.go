@@ -1,3 +1,5 @@
+//go:build e2e
+
 package main
 
 import (
@@ -5,7 +7,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -25,44 +26,6 @@ import (
 // outsider would (hostile children have theirs in hostile_test.go). Each
 // test names the bound it holds; TestSoakHostileClients (soak_clients_test.go)
 // runs them mixed, at random, for as long as asked.
-
-// halfSent opens a connection to addr and sends the headers of a chat
-// request whose body stops after its model: the client then goes silent.
-func halfSent(addr, model string) (net.Conn, error) {
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		return nil, err
-	}
-	body := `{"model":"` + model + `","messages":[`
-	_, err = io.WriteString(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4096\r\n\r\n"+body)
-	if err != nil {
-		c.Close()
-		return nil, err
-	}
-	return c, nil
-}
-
-// procStatus reads a field of /proc/PID/status, in kB for the memory ones.
-func procStatus(t testing.TB, pid int, field string) int64 {
-	t.Helper()
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(l, field+":"); ok {
-			f := strings.Fields(rest)
-			n, _ := strconv.ParseInt(f[0], 10, 64)
-			return n
-		}
-	}
-	t.Fatalf("no %s in /proc/%d/status", field, pid)
-	return 0
-}
-
-// daemonPID is the daemon's own PID: through prlimit, the process prlimit
-// became (it execs).
-func daemonPID(d *daemon) int { return d.cmd.Process.Pid }
 
 // quickly runs f with a deadline of one second and says how it went.
 func quickly(f func(ctx context.Context) error) (time.Duration, error) {
@@ -108,9 +71,9 @@ func TestSilentClientLetsItsModelSleep(t *testing.T) {
 	gwPort := supervisortest.FreePort(t)
 	top := fmt.Sprintf("gateway: {listen: 127.0.0.1:%d}\n", gwPort)
 	s := &site{Site: supervisortest.NewSite(t, top, testModel{Name: "a", YAML: "activation: on_demand\nsleep_level: 1\nidle_after: 2s\nmin_awake: 0s"}), t: t}
-	s.start()
+	d := s.start()
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, d, gw)
 	if code, body := chat(t, gw, "a"); code != 200 {
 		t.Fatalf("a: %d %s", code, body)
 	}
@@ -120,7 +83,7 @@ func TestSilentClientLetsItsModelSleep(t *testing.T) {
 	}
 	defer silent.Close()
 	sent := time.Now()
-	waitFor(t, 2*time.Second+8*time.Second, "a asleep, idle but for the silent client", func() bool {
+	d.waitFor(t, 2*time.Second+8*time.Second, "a asleep, idle but for the silent client", func() bool {
 		return statusOf(t, s.Socket)["a"].State == api.Sleeping
 	})
 	silent.SetReadDeadline(time.Now().Add(20 * time.Second)) //nolint:errcheck // seen by the read
@@ -149,8 +112,8 @@ func TestDescriptorFloodSparesTheControlPlane(t *testing.T) {
 	s := &site{Site: supervisortest.NewSite(t, top, testModel{Name: "a"}, testModel{Name: "b"}), t: t}
 	d := s.startWrapped([]string{"prlimit", "--nofile=1024:1024", "--"})
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	supervisortest.WaitGateway(t, gw)
-	waitFor(t, 30*time.Second, "both ready", func() bool {
+	supervisortest.WaitGateway(t, d, gw)
+	d.waitFor(t, 30*time.Second, "both ready", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["b"].State == api.Ready
 	})
@@ -187,7 +150,7 @@ func TestDescriptorFloodSparesTheControlPlane(t *testing.T) {
 		}
 		<-time.After(200 * time.Millisecond)
 	}
-	waitFor(t, 20*time.Second, "b restarted during the flood", func() bool {
+	d.waitFor(t, 20*time.Second, "b restarted during the flood", func() bool {
 		b := statusOf(t, s.Socket)["b"]
 		return b.State == api.Ready && b.Restarts == 1
 	})
@@ -217,11 +180,11 @@ func TestSpawnShortOfDescriptorsIsTheDaemonsProblem(t *testing.T) {
 	s := &site{Site: supervisortest.NewSite(t, top, testModel{Name: "a"}), t: t}
 	d := s.startWrapped([]string{"prlimit", "--nofile=256:256", "--"})
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	supervisortest.WaitGateway(t, gw)
-	waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
+	supervisortest.WaitGateway(t, d, gw)
+	d.waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
 
 	flood := openFlood(t, fmt.Sprintf("127.0.0.1:%d", gwPort), 600)
-	waitFor(t, 10*time.Second, "the daemon out of descriptors", func() bool {
+	d.waitFor(t, 10*time.Second, "the daemon out of descriptors", func() bool {
 		return strings.Contains(d.logText(), "out of file descriptors")
 	})
 	for pid, role := range s.procs("a") {
@@ -229,16 +192,16 @@ func TestSpawnShortOfDescriptorsIsTheDaemonsProblem(t *testing.T) {
 			syscall.Kill(pid, syscall.SIGKILL) //nolint:errcheck // its restart is the check
 		}
 	}
-	waitFor(t, 20*time.Second, "a's crash seen during the flood", func() bool {
+	d.waitFor(t, 20*time.Second, "a's crash seen during the flood", func() bool {
 		return strings.Contains(d.logText(), `"msg":"restarting model","model":"a","reason":"exit"`)
 	})
 	// Its restart is tried, and tried again, while the flood lasts.
-	waitFor(t, 20*time.Second, "a pending for the daemon's want of descriptors, or failed", func() bool {
+	d.waitFor(t, 20*time.Second, "a pending for the daemon's want of descriptors, or failed", func() bool {
 		return strings.Contains(d.logText(), `"reason":"the daemon is short of resources`) || strings.Contains(d.logText(), `"state":"failed"`)
 	})
 	<-time.After(2 * time.Second) // the flood goes on a while: more tries
 	flood.close()
-	waitFor(t, 30*time.Second, "a ready again once the flood is gone", func() bool {
+	d.waitFor(t, 30*time.Second, "a ready again once the flood is gone", func() bool {
 		return statusOf(t, s.Socket)["a"].State == api.Ready
 	})
 	if a := statusOf(t, s.Socket)["a"]; a.Restarts != 1 {
@@ -262,8 +225,8 @@ func TestQueuedBodiesStayWithinTheirBudget(t *testing.T) {
 		YAML: "probe: {period: 50ms, timeout: 1s, failure_threshold: 3, startup_timeout: 1h}"}), t: t}
 	d := s.start()
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	supervisortest.WaitGateway(t, gw)
-	waitFor(t, 30*time.Second, "a starting", func() bool { return statusOf(t, s.Socket)["a"].State == api.Starting })
+	supervisortest.WaitGateway(t, d, gw)
+	d.waitFor(t, 30*time.Second, "a starting", func() bool { return statusOf(t, s.Socket)["a"].State == api.Starting })
 	pid := daemonPID(d)
 	before := procStatus(t, pid, "VmRSS")
 
@@ -287,7 +250,7 @@ func TestQueuedBodiesStayWithinTheirBudget(t *testing.T) {
 	}
 	metricsURL := fmt.Sprintf("http://127.0.0.1:%d/metrics", httpPort)
 	var peak int64
-	waitFor(t, 2*time.Minute, "40 requests queued", func() bool {
+	d.waitFor(t, 2*time.Minute, "40 requests queued", func() bool {
 		peak = max(peak, procStatus(t, pid, "VmRSS"))
 		_, m := scrape(t, metricsURL)
 		return value(m["citadel_gateway_queue_depth"], "model=a") == n
@@ -301,58 +264,11 @@ func TestQueuedBodiesStayWithinTheirBudget(t *testing.T) {
 	}
 	cancel() // the clients give up: their bodies are let go
 	wg.Wait()
-	waitFor(t, 30*time.Second, "RSS back down and every body let go", func() bool {
+	d.waitFor(t, 30*time.Second, "RSS back down and every body let go", func() bool {
 		_, m := scrape(t, metricsURL)
 		return procStatus(t, pid, "VmRSS")-before < 64<<10 &&
 			value(m["citadel_gateway_body_bytes"], "store=memory") == 0 && value(m["citadel_gateway_body_bytes"], "store=spool") == 0
 	})
-}
-
-// repeatReader reads c for ever.
-type repeatReader byte
-
-func (r repeatReader) Read(p []byte) (int, error) {
-	for i := range p {
-		p[i] = byte(r)
-	}
-	return len(p), nil
-}
-
-// flood is many half-sent requests held open.
-type flood struct {
-	mu    sync.Mutex
-	conns []net.Conn
-}
-
-// openFlood opens up to n half-sent requests to addr (fewer if the
-// kernel's backlog is full), and holds them until close.
-func openFlood(t *testing.T, addr string, n int) *flood {
-	t.Helper()
-	f := &flood{}
-	t.Cleanup(f.close)
-	for range n {
-		c, err := halfSent(addr, "a")
-		if err != nil {
-			break
-		}
-		f.conns = append(f.conns, c)
-	}
-	return f
-}
-
-func (f *flood) len() int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return len(f.conns)
-}
-
-func (f *flood) close() {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	for _, c := range f.conns {
-		c.Close()
-	}
-	f.conns = nil
 }
 
 func countFDs(t testing.TB, pid int) int {

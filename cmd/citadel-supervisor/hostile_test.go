@@ -1,3 +1,5 @@
+//go:build e2e
+
 package main
 
 import (
@@ -8,7 +10,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -18,7 +19,6 @@ import (
 	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/control/client"
-	"citadel-supervisor/supervisor/proc"
 	"citadel-supervisor/supervisor/supervisortest"
 )
 
@@ -52,28 +52,6 @@ func hostileModels() []testModel {
 
 // hostileRoles is the role of the process each model's escape is about.
 var hostileRoles = map[string]string{"scrub": "escapee", "hidden": "hidden", "hop": "hopper", "bare": "server"}
-
-// siteProcs lists the running processes of the site: every process any of
-// its models recorded, confirmed by its command line naming the site's
-// directory (so a reused PID is not counted).
-func siteProcs(s *supervisortest.Site) []int {
-	var out []int
-	for _, m := range s.Models {
-		ents, _ := os.ReadDir(filepath.Join(s.Dir, "pids", m.Name))
-		for _, e := range ents {
-			pid, err := strconv.Atoi(e.Name())
-			if err != nil || !supervisortest.Running(pid) {
-				continue
-			}
-			cmdline, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
-			if err == nil && strings.Contains(string(cmdline), s.Dir) {
-				out = append(out, pid)
-			}
-		}
-	}
-	slices.Sort(out)
-	return out
-}
 
 // escaped reports whether every model's hostile child has started this
 // trial: the moment the old tracking lost them. Started, not running: in
@@ -171,15 +149,15 @@ func hostileStops(t *testing.T, s *site, mode string, trials int) {
 	c := client.New(s.Socket)
 	defer c.Close()
 	for trial := range trials {
-		waitFor(t, 30*time.Second, "models healthy", s.healthy)
-		waitFor(t, 10*time.Second, "every hostile child running", func() bool { return escaped(s.Site, t) })
+		d.waitFor(t, 30*time.Second, "models healthy", s.healthy)
+		d.waitFor(t, 10*time.Second, "every hostile child running", func() bool { return escaped(s.Site, t) })
 		jitter()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		if _, err := c.Op(ctx, api.OpStop, "all"); err != nil {
 			t.Fatalf("trial %d: stop: %v", trial, err)
 		}
 		cancel()
-		waitFor(t, 30*time.Second, "every model stopped", func() bool {
+		d.waitFor(t, 30*time.Second, "every model stopped", func() bool {
 			st, err := c.Status(context.Background())
 			if err != nil {
 				return false
@@ -210,8 +188,8 @@ func hostileStops(t *testing.T, s *site, mode string, trials int) {
 func hostileSIGTERMs(t *testing.T, s *site, mode string, trials int) {
 	for trial := range trials {
 		d := s.startMode(mode)
-		waitFor(t, 30*time.Second, "models healthy", s.healthy)
-		waitFor(t, 10*time.Second, "every hostile child running", func() bool { return escaped(s.Site, t) })
+		d.waitFor(t, 30*time.Second, "models healthy", s.healthy)
+		d.waitFor(t, 10*time.Second, "every hostile child running", func() bool { return escaped(s.Site, t) })
 		jitter()
 		start := time.Now()
 		d.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // checked by wait
@@ -242,10 +220,10 @@ func readyPIDs(t *testing.T, socket string) map[string]int {
 func hostileSIGKILLs(t *testing.T, s *site, mode string, trials int) {
 	for trial := range trials {
 		first := s.startMode(mode)
-		waitFor(t, 30*time.Second, "models healthy", s.healthy)
-		waitFor(t, 10*time.Second, "every hostile child running", func() bool { return escaped(s.Site, t) })
+		first.waitFor(t, 30*time.Second, "models healthy", s.healthy)
+		first.waitFor(t, 10*time.Second, "every hostile child running", func() bool { return escaped(s.Site, t) })
 		var before map[string]int
-		waitFor(t, 10*time.Second, "the daemon says every model is ready", func() bool {
+		first.waitFor(t, 10*time.Second, "the daemon says every model is ready", func() bool {
 			before = readyPIDs(t, s.Socket)
 			return len(before) == len(s.Models)
 		})
@@ -257,7 +235,7 @@ func hostileSIGKILLs(t *testing.T, s *site, mode string, trials int) {
 		if mode == supervisor.OwnershipCgroup {
 			// Adopted (SPEC §9): the same server per model, ready again,
 			// never a second copy.
-			waitFor(t, 30*time.Second, "every model adopted: ready on the process it had, one server each", func() bool {
+			second.waitFor(t, 30*time.Second, "every model adopted: ready on the process it had, one server each", func() bool {
 				for _, n := range servers(s.Site, t) {
 					if n != 1 {
 						t.Fatalf("trial %d: a model runs %d servers", trial, n)
@@ -300,32 +278,4 @@ func describe(pids []int) string {
 		fmt.Fprintf(&b, "\n  %d %s", pid, strings.ReplaceAll(string(cmdline), "\x00", " "))
 	}
 	return b.String()
-}
-
-// killSite kills whatever a site's daemons left: the processes in its
-// cgroup subtree, the ones carrying its marker, and every process its
-// models recorded. Tests that SIGKILL a daemon on purpose call it (through
-// newSite's cleanup too), so `make test` leaves no process behind.
-func killSite(s *supervisortest.Site) {
-	id := supervisor.Identity(s.Socket)
-	if cg, ok := proc.FindCgroups(id); ok {
-		root := &proc.Cgroup{Path: cg.Root}
-		_ = root.Kill()
-		ctx, cancel := context.WithTimeout(context.Background(), proc.KillBound)
-		_ = root.WaitEmpty(ctx)
-		cancel()
-		leaves, _ := cg.Leaves()
-		for _, l := range leaves {
-			_ = l.Remove()
-		}
-		_ = root.Remove()
-	}
-	if groups, err := proc.Marked(id + "/"); err == nil {
-		for _, t := range groups {
-			_ = t.Kill()
-		}
-	}
-	for _, pid := range siteProcs(s) {
-		_ = syscall.Kill(pid, syscall.SIGKILL)
-	}
 }

@@ -3,18 +3,23 @@ package main
 import (
 	"bytes"
 	"citadel-supervisor/supervisor"
+	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/control/client"
+	"citadel-supervisor/supervisor/proc"
 	"citadel-supervisor/supervisor/supervisortest"
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -22,14 +27,22 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+	"golang.org/x/sys/unix"
 )
 
 // The test binary plays three parts: the tests, the daemon (roleEnv) and
 // the models (supervisortest.SelfEnv).
+//
+// This file holds what every suite shares, in every build. The tests are
+// in files tagged !e2e (make test: the daemon's own behaviour, once each,
+// fast) or e2e (make e2e: the suites that drive it hard); each test is in
+// exactly one (TestEveryTestRunsOnce), and the Makefile says which is
+// where.
 const roleEnv = "CITADEL_TEST_AS_DAEMON"
 
 func TestMain(m *testing.M) {
 	supervisortest.RunFakeIfAsked()
+	supervisortest.ExitWithoutDelay()
 	if os.Getenv(roleEnv) == "1" {
 		// An upgrade test installs a copy of this binary with a version
 		// beside it (restore_test.go).
@@ -77,6 +90,23 @@ type daemon struct {
 
 func (d *daemon) logText() string { return d.log.String() }
 
+var _ supervisortest.Daemon = (*daemon)(nil)
+
+// Done is closed when the daemon has exited.
+func (d *daemon) Done() <-chan struct{} { return d.done }
+
+// Exit says how the daemon exited and what it said last.
+func (d *daemon) Exit() string {
+	return fmt.Sprintf("pid %d, %s; its output ends:\n%s", d.cmd.Process.Pid, d.cmd.ProcessState, supervisortest.Tail(d.log.String(), 20))
+}
+
+// waitFor waits for cond, which the running daemon d is to bring about:
+// it fails at once, with d's output, if d exits first.
+func (d *daemon) waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	supervisortest.WaitOn(t, d, timeout, what, cond)
+}
+
 func (s *site) start() *daemon {
 	s.t.Helper()
 	return s.startArgs()
@@ -108,7 +138,7 @@ func (s *site) startWrapped(wrapper []string, args ...string) *daemon {
 func (s *site) startCmd(prep func(cmd *exec.Cmd)) *daemon {
 	s.t.Helper()
 	cmd := exec.Command(os.Args[0], "--config", s.Path)
-	cmd.Env = append(os.Environ(), roleEnv+"=1")
+	cmd.Env = supervisortest.DaemonEnviron(roleEnv + "=1")
 	if prep != nil {
 		prep(cmd)
 	}
@@ -181,132 +211,6 @@ var live = supervisortest.Live
 
 var stubborn = []string{"--fake-ignore-sigterm", "--fake-workers", "1", "--fake-detached-workers", "1", "--fake-worker-ignore-sigterm"}
 
-func TestSIGTERMStopsEveryTreeAndExitsZero(t *testing.T) {
-	s := newSite(t,
-		testModel{Name: "a", Fake: stubborn},
-		testModel{Name: "b", Fake: []string{"--fake-detached-workers", "2"}},
-	)
-	d := s.start()
-	waitFor(t, 30*time.Second, "models healthy", s.healthy)
-	waitFor(t, 10*time.Second, "all workers recorded", func() bool {
-		return len(live(s.procs("a"), "")) == 3 && len(live(s.procs("b"), "")) == 3
-	})
-	all := s.allProcs("a", "b")
-
-	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if code := d.wait(t); code != 0 {
-		t.Errorf("exit code %d after SIGTERM, want 0", code)
-	}
-	if l := live(all, ""); len(l) != 0 {
-		t.Errorf("processes alive after the daemon exited: %v", l)
-	}
-}
-
-func TestSecondDaemonOnSameSocketRefuses(t *testing.T) {
-	s := newSite(t, testModel{Name: "a"})
-	first := s.start()
-	waitFor(t, 30*time.Second, "model healthy", s.healthy)
-	server := live(s.procs("a"), "server")
-
-	second := s.start()
-	if code := second.wait(t); code != 1 {
-		t.Errorf("second daemon exit code %d, want 1", code)
-	}
-	if !strings.Contains(second.log.String(), "another citadel-supervisor is running with this control_socket") {
-		t.Errorf("second daemon did not say why:\n%s", second.log.String())
-	}
-	// The first daemon's model was not touched.
-	if now := live(s.procs("a"), "server"); len(now) != 1 || now[0] != server[0] {
-		t.Errorf("model disturbed: before %v, after %v", server, now)
-	}
-	first.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // checked by wait
-	first.wait(t)
-}
-
-func TestVersion(t *testing.T) {
-	var out bytes.Buffer
-	if code := run([]string{"--version"}, nil, &out, &out); code != 0 || !strings.HasPrefix(out.String(), "citadel-supervisor dev") {
-		t.Errorf("exit %d: %q", code, out.String())
-	}
-}
-
-func TestSIGHUPReloadsOverTheSocket(t *testing.T) {
-	s := newSite(t, testModel{Name: "a"}, testModel{Name: "b"})
-	d := s.start()
-	c := client.New(s.Socket)
-	ctx := context.Background()
-	pids := func() map[string]int {
-		st, err := c.Status(ctx)
-		if err != nil {
-			return nil
-		}
-		out := map[string]int{}
-		for _, m := range st {
-			if m.State == supervisor.Ready {
-				out[m.Name] = m.PID
-			}
-		}
-		return out
-	}
-	var before map[string]int
-	waitFor(t, 30*time.Second, "both ready over the socket", func() bool {
-		before = pids()
-		return len(before) == 2
-	})
-
-	// An invalid file changes nothing.
-	if err := os.WriteFile(s.Path, []byte(s.YAML+"bogus: 1\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // the daemon's log says
-	waitFor(t, 10*time.Second, "the rejection logged", func() bool {
-		return strings.Contains(d.logText(), "bogus: unknown key")
-	})
-	if now := pids(); now["a"] != before["a"] || now["b"] != before["b"] {
-		t.Errorf("invalid reload changed models: %v → %v", before, now)
-	}
-
-	// A valid change restarts only b.
-	next := strings.Replace(s.YAML, "  b:\n", "  b:\n    env: {EXTRA: \"1\"}\n", 1)
-	if err := os.WriteFile(s.Path, []byte(next), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // checked below
-	waitFor(t, 30*time.Second, "b restarted and ready", func() bool {
-		now := pids()
-		return len(now) == 2 && now["b"] != before["b"]
-	})
-	if now := pids(); now["a"] != before["a"] {
-		t.Errorf("a restarted by a reload that did not change it: %d → %d", before["a"], now["a"])
-	}
-	d.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // checked by wait
-	if code := d.wait(t); code != 0 {
-		t.Errorf("exit %d", code)
-	}
-	if _, err := os.Stat(s.Socket); !os.IsNotExist(err) {
-		t.Errorf("control socket left behind: %v", err)
-	}
-}
-
-// specFamilies are the metric families of SPEC §6.
-var specFamilies = []string{
-	"citadel_model_up", "citadel_model_state", "citadel_model_restarts_total", "citadel_model_last_exit_code",
-	"citadel_model_start_time_seconds", "citadel_model_startup_duration_seconds", "citadel_model_resident_memory_bytes",
-	"citadel_model_cpu_seconds_total", "citadel_model_gpu_memory_bytes",
-	"citadel_probe_success", "citadel_probe_duration_seconds", "citadel_probe_failures_total",
-	"citadel_gpu_info", "citadel_gpu_up", "citadel_gpu_memory_total_bytes", "citadel_gpu_memory_used_bytes",
-	"citadel_gpu_memory_free_bytes",
-	"citadel_config_last_reload_successful", "citadel_config_last_reload_success_timestamp_seconds", "citadel_build_info",
-	"go_goroutines", "process_resident_memory_bytes",
-}
-
-// The families that are not in specFamilies are covered elsewhere:
-// citadel_gpu_xid_errors_total appears at the first Xid (gpu/nvmlgpu and
-// gpu's golden test); utilization, temperature and power are not
-// simulated (the gpu collector's golden test covers them).
-
 func scrape(t *testing.T, url string) (string, map[string]*dto.MetricFamily) {
 	t.Helper()
 	resp, err := http.Get(url)
@@ -324,96 +228,6 @@ func scrape(t *testing.T, url string) (string, map[string]*dto.MetricFamily) {
 		t.Fatalf("parse exposition: %v", err)
 	}
 	return string(body), fams
-}
-
-func TestMetricsOfARunningDaemon(t *testing.T) {
-	const secret = "hf_metrics_test_secret_value"
-	port := supervisortest.FreePort(t)
-	dir := t.TempDir()
-	secrets := filepath.Join(dir, "secrets.env")
-	if err := os.WriteFile(secrets, []byte("HF_TOKEN="+secret+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	s := &site{Site: supervisortest.NewSite(t, oneSimGPU(port),
-		testModel{Name: "a", YAML: "gpu_memory_utilization: 0.3\nenv_files: [" + secrets + "]"},
-		testModel{Name: "b", YAML: "gpu_memory_utilization: 0.3"},
-	), t: t}
-	d := s.start()
-	base := "http://127.0.0.1:" + strconv.Itoa(port)
-	waitFor(t, 30*time.Second, "both models healthy", s.healthy)
-
-	// b crashes once, so it has a last exit code.
-	bServer := live(s.procs("b"), "server")
-	syscall.Kill(bServer[0], syscall.SIGKILL) //nolint:errcheck // checked by the wait
-	waitFor(t, 30*time.Second, "b restarted", func() bool {
-		l := live(s.procs("b"), "server")
-		return len(l) == 1 && l[0] != bServer[0] && s.healthy()
-	})
-	var body string
-	var fams map[string]*dto.MetricFamily
-	waitFor(t, 30*time.Second, "every SPEC family", func() bool {
-		body, fams = scrape(t, base+"/metrics")
-		for _, f := range specFamilies {
-			if fams[f] == nil {
-				return false
-			}
-		}
-		return true
-	})
-	if strings.Contains(body, secret) {
-		t.Error("a secret is on /metrics")
-	}
-	if got := value(fams["citadel_model_restarts_total"], "model=b", "reason=exit"); got != 1 {
-		t.Errorf("b's exit restarts = %v", got)
-	}
-	if got := value(fams["citadel_model_last_exit_code"], "model=b"); got != 137 {
-		t.Errorf("b's last exit code = %v", got)
-	}
-	// The daemon sees b ready at its next probe, a moment after we did.
-	waitFor(t, 10*time.Second, "/readyz 200", func() bool {
-		resp, err := http.Get(base + "/readyz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
-	for _, path := range []string{"/healthz", "/readyz", "/sd"} {
-		resp, err := http.Get(base + path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != 200 || strings.Contains(string(b), secret) {
-			t.Errorf("%s: %d %s", path, resp.StatusCode, b)
-		}
-		if path == "/sd" && !strings.Contains(string(b), `"targets":["127.0.0.1:`+strconv.Itoa(s.Models[0].Port)+`"],"labels":{`) ||
-			path == "/sd" && !strings.Contains(string(b), `"model":"a"`) {
-			t.Errorf("/sd: %s", b)
-		}
-	}
-	resp, err := http.Post(base+"/metrics", "text/plain", nil)
-	if err == nil {
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusMethodNotAllowed {
-			t.Errorf("POST /metrics: %d", resp.StatusCode)
-		}
-	}
-
-	// A reload that removes b leaves no series of b behind.
-	next := s.YAML[:strings.Index(s.YAML, "  b:\n")]
-	if err := os.WriteFile(s.Path, []byte(next), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // checked below
-	waitFor(t, 30*time.Second, "b's series gone", func() bool {
-		body, _ = scrape(t, base+"/metrics")
-		return !strings.Contains(body, `model="b"`)
-	})
-	if !strings.Contains(body, `citadel_model_up{model="a"} 1`) {
-		t.Errorf("a's series went too:\n%s", body)
-	}
 }
 
 // value finds the sample of f whose labels include every "name=value".
@@ -443,11 +257,6 @@ next:
 	return -1
 }
 
-// TestSystemdNotifySequence runs the daemon as systemd would, with a real
-// notify socket: READY=1 once the control socket answers (not waiting for
-// models), STATUS= kept current, RELOADING=1 + MONOTONIC_USEC then READY=1
-// around a reload, STOPPING=1 at SIGTERM. NOTIFY_SOCKET must not reach a
-// model.
 // notifyMsg is one sd_notify datagram and when it arrived.
 type notifyMsg struct {
 	at   time.Time
@@ -480,139 +289,352 @@ func notifySocket(t *testing.T) (string, <-chan notifyMsg) {
 	return path, msgs
 }
 
-func TestSystemdNotifySequence(t *testing.T) {
-	sockPath, msgs := notifySocket(t)
-	next := func(what string, ok func(string) bool) string {
-		t.Helper()
-		deadline := time.After(30 * time.Second)
-		for {
-			select {
-			case m := <-msgs:
-				if ok(m.text) {
-					return m.text
-				}
-			case <-deadline:
-				t.Fatalf("no %s from the daemon", what)
-				return ""
-			}
-		}
-	}
+// fakeSystemd is the part of systemd a daemon's crash involves: the notify
+// socket with its file descriptor store (FDSTORE=1, FDSTOREREMOVE=1), and
+// the hand-back of the stored descriptors to the next daemon (LISTEN_FDS,
+// LISTEN_FDNAMES, LISTEN_PID), as systemd does for a service it restarts.
+type fakeSystemd struct {
+	t    *testing.T
+	sock string
+	mu   sync.Mutex
+	fds  map[string]*os.File
+	msgs []string
+	// env is more of the daemon's environment (WATCHDOG_USEC=…).
+	env []string
+}
 
-	envDump := filepath.Join(t.TempDir(), "env.json")
-	s := newSite(t, testModel{Name: "a", Fake: []string{"--fake-load-time", "500ms", "--fake-env-file", envDump}})
-	cmd := exec.Command(os.Args[0], "--config", s.Path)
-	cmd.Env = append(os.Environ(), roleEnv+"=1", "NOTIFY_SOCKET="+sockPath, "WATCHDOG_USEC=2000000", "WATCHDOG_PID=")
-	d := &daemon{cmd: cmd, log: &supervisortest.SyncBuffer{}, done: make(chan struct{})}
-	cmd.Stdout, cmd.Stderr = d.log, d.log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { cmd.Wait(); close(d.done) }() //nolint:errcheck // ProcessState says
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill() //nolint:errcheck // best effort
-			<-d.done
-		}
-		killSite(s.Site)
-		if t.Failed() {
-			t.Logf("daemon output:\n%s", d.log.String())
-		}
-	})
-
-	next("READY=1", func(m string) bool { return m == "READY=1" })
-	if _, err := os.Stat(s.Socket); err != nil {
-		t.Errorf("READY=1 before the control socket exists: %v", err)
-	}
-	if s.healthy() {
-		t.Error("READY=1 waited for the model (it must not)")
-	}
-	next("STATUS= with the model ready", func(m string) bool { return m == "STATUS=1/1 ready" })
-
-	d.cmd.Process.Signal(syscall.SIGHUP) //nolint:errcheck // checked below
-	next("RELOADING=1", func(m string) bool { return strings.HasPrefix(m, "RELOADING=1\nMONOTONIC_USEC=") })
-	next("READY=1 after the reload", func(m string) bool { return m == "READY=1" })
-
-	d.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // checked below
-	next("STOPPING=1", func(m string) bool { return m == "STOPPING=1" })
-	if code := d.wait(t); code != 0 {
-		t.Errorf("exit %d", code)
-	}
-	b, err := os.ReadFile(envDump)
+func newFakeSystemd(t *testing.T) *fakeSystemd {
+	f := &fakeSystemd{t: t, sock: filepath.Join(t.TempDir(), "notify.sock"), fds: map[string]*os.File{}}
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: f.sock, Net: "unixgram"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, v := range []string{"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} {
-		if strings.Contains(string(b), `"`+v+`"`) {
-			t.Errorf("%s leaked into the model's environment", v)
+	t.Cleanup(func() {
+		conn.Close()
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		for _, fd := range f.fds {
+			fd.Close()
 		}
+	})
+	go func() {
+		buf, oob := make([]byte, 4096), make([]byte, 4096)
+		for {
+			n, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
+			if err != nil {
+				return
+			}
+			var files []*os.File
+			if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+				for _, m := range msgs {
+					fds, _ := unix.ParseUnixRights(&m)
+					for _, fd := range fds {
+						files = append(files, os.NewFile(uintptr(fd), "stored"))
+					}
+				}
+			}
+			f.receive(string(buf[:n]), files)
+		}
+	}()
+	return f
+}
+
+func (f *fakeSystemd) receive(text string, files []*os.File) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.msgs = append(f.msgs, text)
+	kv := map[string]string{}
+	for _, line := range strings.Split(text, "\n") {
+		if k, v, ok := strings.Cut(line, "="); ok {
+			kv[k] = v
+		}
+	}
+	name := kv["FDNAME"]
+	switch {
+	case kv["FDSTORE"] == "1" && len(files) == 1 && name != "":
+		if old := f.fds[name]; old != nil {
+			old.Close()
+		}
+		f.fds[name] = files[0]
+		return
+	case kv["FDSTOREREMOVE"] == "1":
+		if old := f.fds[name]; old != nil {
+			old.Close()
+			delete(f.fds, name)
+		}
+	}
+	for _, fd := range files {
+		fd.Close()
 	}
 }
 
-// TestRepeatedDaemonSIGKILL kills the daemon again and again while its
-// models start, run and crash, then starts it once more: exactly one copy
-// of each model, nothing of the earlier incarnations, nothing after stop.
-func TestRepeatedDaemonSIGKILL(t *testing.T) {
-	s := newSite(t,
-		testModel{Name: "steady"},
-		testModel{Name: "crashy", YAML: "restart: {delay: 100ms, burst: 1000}", Fake: []string{"--fake-crash-after", "700ms"}},
-		testModel{Name: "slow", Fake: []string{"--fake-load-time", "1s"}},
-		testModel{Name: "stubborn", YAML: "stop_timeout: 300ms", Fake: stubborn},
-	)
-	for i, after := range []time.Duration{200 * time.Millisecond, 900 * time.Millisecond, 1500 * time.Millisecond, 2500 * time.Millisecond} {
-		d := s.start()
-		// Let it get somewhere: models starting, running, crashing.
-		deadline := time.Now().Add(after)
-		waitFor(t, after+10*time.Second, "time to pass", func() bool { return time.Now().After(deadline) })
-		d.cmd.Process.Kill() //nolint:errcheck // checked by wait
-		d.wait(t)
-		t.Logf("round %d: daemon killed after %s", i, after)
+func (f *fakeSystemd) stored() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Sorted(maps.Keys(f.fds))
+}
+
+func (f *fakeSystemd) sent(prefix string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, m := range f.msgs {
+		if strings.HasPrefix(m, prefix) {
+			n++
+		}
 	}
-	old := s.allProcs("steady", "crashy", "slow", "stubborn")
-	final := s.start()
-	// Ask the new daemon itself: its models ready on processes of its own.
-	c := client.New(s.Socket)
-	current := map[int]bool{}
-	waitFor(t, 30*time.Second, "steady, slow and stubborn ready", func() bool {
-		st, err := c.Status(context.Background(), "steady", "slow", "stubborn")
+	return n
+}
+
+// start starts the daemon as systemd would: NOTIFY_SOCKET, and the stored
+// descriptors handed back from descriptor 3 on, named, with LISTEN_PID set
+// to the daemon's PID (by a shell that then execs it), with extra flags.
+func (f *fakeSystemd) start(s *site, exe string, args ...string) *daemon {
+	// Copies: the store may close its own while the daemon starts.
+	f.mu.Lock()
+	names := slices.Sorted(maps.Keys(f.fds))
+	files := make([]*os.File, len(names))
+	for i, n := range names {
+		fd, err := -1, error(nil)
+		if rc, cerr := f.fds[n].SyscallConn(); cerr != nil {
+			err = cerr
+		} else if cerr := rc.Control(func(s uintptr) { fd, err = unix.Dup(int(s)) }); cerr != nil {
+			err = cerr
+		}
 		if err != nil {
-			return false
+			f.mu.Unlock()
+			f.t.Fatal(err)
 		}
-		for _, m := range st {
-			if m.State != supervisor.Ready {
-				return false
-			}
-			current[m.PID] = true
+		files[i] = os.NewFile(uintptr(fd), n)
+	}
+	f.mu.Unlock()
+	defer func() {
+		for _, file := range files {
+			file.Close()
 		}
-		return true
+	}()
+	return s.startCmd(func(cmd *exec.Cmd) {
+		cmd.Args = append(append([]string{"sh", "-c", `LISTEN_PID=$$ exec "$@"`, "sh", exe}, cmd.Args[1:]...), args...)
+		cmd.Path = "/bin/sh"
+		cmd.ExtraFiles = files
+		cmd.Env = append(append(cmd.Env, f.env...), "NOTIFY_SOCKET="+f.sock)
+		if len(files) > 0 {
+			cmd.Env = append(cmd.Env, fmt.Sprintf("LISTEN_FDS=%d", len(files)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
+		}
 	})
-	// crashy's current process too (it may be an adopted one that has not
-	// crashed yet), read after the others: an earlier process it had then
-	// is not running by now.
-	if st, err := c.Status(context.Background(), "crashy"); err == nil && len(st) == 1 && st[0].PID != 0 {
-		current[st[0].PID] = true
+}
+
+// statusOf maps each model to its status, as the daemon says.
+func statusOf(t *testing.T, socket string) map[string]api.Status {
+	t.Helper()
+	c := client.New(socket)
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := c.Status(ctx)
+	if err != nil {
+		return nil
 	}
-	// An earlier incarnation's server lives on only as a model's current
-	// process (adopted); nothing else of theirs is left.
-	for pid, role := range old {
-		if role == "server" && len(live(map[int]string{pid: role}, "server")) == 1 && !current[pid] {
-			t.Errorf("server %d of an earlier incarnation is alive and nobody's", pid)
+	out := map[string]api.Status{}
+	for _, m := range st {
+		out[m.Name] = m
+	}
+	return out
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
 		}
 	}
-	for _, m := range []string{"steady", "slow", "stubborn", "crashy"} {
-		if n := len(live(s.procs(m), "server")); n > 1 {
-			t.Errorf("%s: %d servers", m, n)
+	return strings.Join(out, "\n")
+}
+
+// killSite kills whatever a site's daemons left: the processes in its
+// cgroup subtree, the ones carrying its marker, and every process its
+// models recorded. Tests that SIGKILL a daemon on purpose call it (through
+// newSite's cleanup too), so `make test` leaves no process behind.
+func killSite(s *supervisortest.Site) {
+	id := supervisor.Identity(s.Socket)
+	if cg, ok := proc.FindCgroups(id); ok {
+		root := &proc.Cgroup{Path: cg.Root}
+		_ = root.Kill()
+		ctx, cancel := context.WithTimeout(context.Background(), proc.KillBound)
+		_ = root.WaitEmpty(ctx)
+		cancel()
+		leaves, _ := cg.Leaves()
+		for _, l := range leaves {
+			_ = l.Remove()
+		}
+		_ = root.Remove()
+	}
+	if groups, err := proc.Marked(id + "/"); err == nil {
+		for _, t := range groups {
+			_ = t.Kill()
 		}
 	}
-	if n := len(live(s.procs("stubborn"), "worker")); n != 2 {
-		t.Errorf("stubborn: %d live workers, want its 2", n)
+	for _, pid := range siteProcs(s) {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
 	}
-	final.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // checked by wait
-	if code := final.wait(t); code != 0 {
-		t.Errorf("final daemon exit %d", code)
+}
+
+// daemonPID is the daemon's own PID: through prlimit, the process prlimit
+// became (it execs).
+func daemonPID(d *daemon) int { return d.cmd.Process.Pid }
+
+// procStatus reads a field of /proc/PID/status, in kB for the memory ones.
+func procStatus(t testing.TB, pid int, field string) int64 {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		t.Fatal(err)
 	}
-	for _, m := range []string{"steady", "crashy", "slow", "stubborn"} {
-		if l := live(s.procs(m), ""); len(l) != 0 {
-			t.Errorf("%s: processes alive after the final stop: %v", m, l)
+	for _, l := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(l, field+":"); ok {
+			f := strings.Fields(rest)
+			n, _ := strconv.ParseInt(f[0], 10, 64)
+			return n
 		}
 	}
+	t.Fatalf("no %s in /proc/%d/status", field, pid)
+	return 0
+}
+
+// openFlood opens up to n half-sent requests to addr (fewer if the
+// kernel's backlog is full), and holds them until close.
+func openFlood(t *testing.T, addr string, n int) *flood {
+	t.Helper()
+	f := &flood{}
+	t.Cleanup(f.close)
+	for range n {
+		c, err := halfSent(addr, "a")
+		if err != nil {
+			break
+		}
+		f.conns = append(f.conns, c)
+	}
+	return f
+}
+
+// flood is many half-sent requests held open.
+type flood struct {
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+func (f *flood) len() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.conns)
+}
+
+func (f *flood) close() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, c := range f.conns {
+		c.Close()
+	}
+	f.conns = nil
+}
+
+// repeatReader reads c for ever.
+type repeatReader byte
+
+func (r repeatReader) Read(p []byte) (int, error) {
+	for i := range p {
+		p[i] = byte(r)
+	}
+	return len(p), nil
+}
+
+// siteProcs lists the running processes of the site: every process any of
+// its models recorded, confirmed by its command line naming the site's
+// directory (so a reused PID is not counted).
+func siteProcs(s *supervisortest.Site) []int {
+	var out []int
+	for _, m := range s.Models {
+		ents, _ := os.ReadDir(filepath.Join(s.Dir, "pids", m.Name))
+		for _, e := range ents {
+			pid, err := strconv.Atoi(e.Name())
+			if err != nil || !supervisortest.Running(pid) {
+				continue
+			}
+			cmdline, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+			if err == nil && strings.Contains(string(cmdline), s.Dir) {
+				out = append(out, pid)
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// halfSent opens a connection to addr and sends the headers of a chat
+// request whose body stops after its model: the client then goes silent.
+func halfSent(addr, model string) (net.Conn, error) {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	body := `{"model":"` + model + `","messages":[`
+	_, err = io.WriteString(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4096\r\n\r\n"+body)
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func chat(t *testing.T, gw, model string) (int, string) {
+	t.Helper()
+	resp, err := http.Post(gw+"/v1/chat/completions", "application/json",
+		strings.NewReader(`{"model":"`+model+`","messages":[{"role":"user","content":"hi"}],"max_tokens":2}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// startStream sends a 40-token streaming completion for model through the
+// gateway; the channel gets the whole body once it ends.
+func startStream(t *testing.T, gw, model string) <-chan string {
+	t.Helper()
+	resp, err := http.Post(gw+"/v1/completions", "application/json",
+		strings.NewReader(`{"model":"`+model+`","prompt":"hi","max_tokens":40,"stream":true}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream := make(chan string, 1)
+	go func() {
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		stream <- string(b)
+	}()
+	return stream
+}
+
+// wholeStream reports whether a 40-token stream arrived whole: 40 events
+// and the end.
+func wholeStream(s string) bool {
+	return strings.Count(s, "data: ") == 41 && strings.HasSuffix(strings.TrimSpace(s), "data: [DONE]")
+}
+
+// procEnviron reads a live process's environment.
+func procEnviron(t *testing.T, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := map[string]string{}
+	for _, kv := range bytes.Split(b, []byte{0}) {
+		if k, v, ok := strings.Cut(string(kv), "="); ok {
+			env[k] = v
+		}
+	}
+	return env
 }

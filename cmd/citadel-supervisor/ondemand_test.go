@@ -1,9 +1,10 @@
+//go:build e2e
+
 package main
 
 import (
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -45,27 +46,15 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 	return &site{Site: supervisortest.NewSite(t, top, models...), t: t}, fmt.Sprintf("http://127.0.0.1:%d", gwPort)
 }
 
-func chat(t *testing.T, gw, model string) (int, string) {
-	t.Helper()
-	resp, err := http.Post(gw+"/v1/chat/completions", "application/json",
-		strings.NewReader(`{"model":"`+model+`","messages":[{"role":"user","content":"hi"}],"max_tokens":2}`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
-}
-
 // TestSevenModelsOnTwoGPUs: a request to each of the seven models in turn,
 // twice round, succeeds through the one gateway on two GPUs: each starts
 // on demand, putting the idle ones out of its way (here sleep_level 0,
 // they stop).
 func TestSevenModelsOnTwoGPUs(t *testing.T) {
 	s, gw := onDemandSite(t, "activation: on_demand\nsleep_level: 0\nmin_awake: 0s")
-	s.start()
+	d := s.start()
 	names := []string{"mixtral", "hermes", "openchat", "phi3", "yi34b", "coder", "vision"}
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, d, gw)
 	for round := range 2 {
 		for _, m := range names {
 			if code, body := chat(t, gw, m); code != 200 || !strings.Contains(body, `"model":"`+m+`"`) {
@@ -80,8 +69,8 @@ func TestSevenModelsOnTwoGPUs(t *testing.T) {
 // asleep nor told to sleep with one in flight.
 func TestSevenModelsAsleepInTurn(t *testing.T) {
 	s, gw := onDemandSite(t, "activation: on_demand\nsleep_level: 1\nmin_awake: 0s", "--fake-wake-time-l1", "50ms")
-	s.start()
-	supervisortest.WaitGateway(t, gw)
+	d := s.start()
+	supervisortest.WaitGateway(t, d, gw)
 	for round := range 3 {
 		for _, m := range []string{"mixtral", "hermes", "openchat", "phi3", "yi34b", "coder", "vision"} {
 			if code, body := chat(t, gw, m); code != 200 {
@@ -107,8 +96,8 @@ func TestSevenModelsAsleepInTurn(t *testing.T) {
 // that fit together causes no sleep and no restart: each keeps its process.
 func TestTwoThatFitNeverSwap(t *testing.T) {
 	s, gw := onDemandSite(t, "activation: on_demand\nsleep_level: 0\nmin_awake: 0s")
-	s.start()
-	supervisortest.WaitGateway(t, gw)
+	d := s.start()
+	supervisortest.WaitGateway(t, d, gw)
 	// phi3 (0.6) and coder (0.8) fit on the two GPUs, one each.
 	for i := range 20 {
 		for _, m := range []string{"phi3", "coder"} {
@@ -142,9 +131,9 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 	od := "activation: on_demand\nsleep_level: 1\nmin_awake: 0s\ngpu_memory_utilization: 0.6"
 	fake := []string{"--fake-usage-dir", usage, "--fake-token-delay", "50ms", "--fake-wake-time-l1", "100ms"}
 	s := &site{Site: supervisortest.NewSite(t, top, testModel{Name: "a", YAML: od, Fake: fake}, testModel{Name: "b", YAML: od, Fake: fake}), t: t}
-	s.start()
+	d := s.start()
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, d, gw)
 	if code, body := chat(t, gw, "a"); code != 200 {
 		t.Fatalf("a: %d %s", code, body)
 	}
@@ -163,28 +152,4 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 			t.Errorf("%s's fake: %v", m.Name, st)
 		}
 	}
-}
-
-// startStream sends a 40-token streaming completion for model through the
-// gateway; the channel gets the whole body once it ends.
-func startStream(t *testing.T, gw, model string) <-chan string {
-	t.Helper()
-	resp, err := http.Post(gw+"/v1/completions", "application/json",
-		strings.NewReader(`{"model":"`+model+`","prompt":"hi","max_tokens":40,"stream":true}`))
-	if err != nil {
-		t.Fatal(err)
-	}
-	stream := make(chan string, 1)
-	go func() {
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		stream <- string(b)
-	}()
-	return stream
-}
-
-// wholeStream reports whether a 40-token stream arrived whole: 40 events
-// and the end.
-func wholeStream(s string) bool {
-	return strings.Count(s, "data: ") == 41 && strings.HasSuffix(strings.TrimSpace(s), "data: [DONE]")
 }

@@ -1,3 +1,5 @@
+//go:build e2e
+
 package main
 
 import (
@@ -35,7 +37,7 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 		testModel{Name: "b", YAML: od + "\nmin_awake: 0s", Fake: fake}), t: t}
 	d := s.start()
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, d, gw)
 	c := client.New(s.Socket)
 	defer c.Close()
 	status := func(name string) api.Status {
@@ -68,13 +70,13 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 		}
 		left <- err
 	}()
-	waitFor(t, 10*time.Second, "b waking, waiting for a to make room", func() bool {
+	d.waitFor(t, 10*time.Second, "b waking, waiting for a to make room", func() bool {
 		st := status("b")
 		return st.State == api.Waking && strings.Contains(st.Reason, "waiting for its GPU memory")
 	})
 	cancel()
 	<-left
-	waitFor(t, 10*time.Second, "b's wake called off", func() bool {
+	d.waitFor(t, 10*time.Second, "b's wake called off", func() bool {
 		st := status("b")
 		return st.State == api.Sleeping && strings.Contains(st.Reason, "left")
 	})

@@ -1,6 +1,9 @@
+//go:build e2e
+
 package main
 
 import (
+	"citadel-supervisor/supervisor"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -59,14 +62,10 @@ func (in *installedDaemon) start(s *site, args ...string) *daemon {
 	})
 }
 
-// withoutLast is s's configuration without its last model, name.
-func withoutLast(t *testing.T, s *site, name string) string {
+// without is s's configuration without the model name.
+func without(t *testing.T, s *site, name string) string {
 	t.Helper()
-	i := strings.Index(s.YAML, "\n  "+name+":\n")
-	if i < 0 || name != s.Models[len(s.Models)-1].Name {
-		t.Fatalf("%s is not the last model of\n%s", name, s.YAML)
-	}
-	return s.YAML[:i+1]
+	return s.Edit(t, supervisortest.Delete("models."+name))
 }
 
 // TestUpgradeWhileTakeoverStopsARemovedModel: the new image of an upgrade
@@ -86,7 +85,7 @@ func TestUpgradeWhileTakeoverStopsARemovedModel(t *testing.T) {
 	)
 	in := newInstalled(t)
 	d := in.start(s, "--ownership", "marker")
-	waitFor(t, 30*time.Second, "a, b and x ready, a's worker up", func() bool {
+	d.waitFor(t, 30*time.Second, "a, b and x ready, a's worker up", func() bool {
 		st := statusOf(t, s.Socket)
 		// The orphan's parent records itself as a worker too, and exits
 		// once the orphan runs: both recorded, one alive.
@@ -112,7 +111,7 @@ func TestUpgradeWhileTakeoverStopsARemovedModel(t *testing.T) {
 	if err := d.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "the new image answering, x gone, b back", func() bool {
+	d.waitFor(t, 30*time.Second, "the new image answering, x gone, b back", func() bool {
 		dv, err := c.Daemon(ctx)
 		if err != nil || dv.Version != "v2" {
 			return false
@@ -159,12 +158,12 @@ func TestUpgradeWhileModelsMove(t *testing.T) {
 	in := newInstalled(t)
 	d := in.start(s)
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, d, gw)
 	c := client.New(s.Socket)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	waitFor(t, 30*time.Second, "a and st ready, slow loading", func() bool {
+	d.waitFor(t, 30*time.Second, "a and st ready, slow loading", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["st"].State == api.Ready && st["slow"].State == api.Starting && st["slow"].PID != 0
 	})
@@ -175,7 +174,7 @@ func TestUpgradeWhileModelsMove(t *testing.T) {
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatalf("upgrade while slow loads: %v", err)
 	}
-	waitFor(t, 30*time.Second, "v2 answering, slow ready on its process", func() bool {
+	d.waitFor(t, 30*time.Second, "v2 answering, slow ready on its process", func() bool {
 		dv, err := c.Daemon(ctx)
 		st := statusOf(t, s.Socket)
 		return err == nil && dv.Version == "v2" && st["slow"].State == api.Ready
@@ -193,7 +192,7 @@ func TestUpgradeWhileModelsMove(t *testing.T) {
 		_, err := c.Op(ctx, api.OpStop, "st")
 		stopped <- err
 	}()
-	waitFor(t, 10*time.Second, "st stopping", func() bool { return statusOf(t, s.Socket)["st"].State == api.Stopping })
+	d.waitFor(t, 10*time.Second, "st stopping", func() bool { return statusOf(t, s.Socket)["st"].State == api.Stopping })
 	t0 := time.Now()
 	in.install(t, "v3")
 	// Status answers while the upgrade waits for st, and the gateway
@@ -245,13 +244,13 @@ func TestUpgradeWhileModelsMove(t *testing.T) {
 	}
 	t.Logf("refused after %s", time.Since(t0).Round(time.Millisecond))
 	// The stop goes on: st's processes die at the test's hand.
-	killStop(t, s, stopped)
+	killStop(t, s, d, stopped)
 
 	// 3. Settled: SIGUSR2 upgrades.
 	if err := d.cmd.Process.Signal(syscall.SIGUSR2); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "v3 answering after SIGUSR2", func() bool {
+	d.waitFor(t, 30*time.Second, "v3 answering after SIGUSR2", func() bool {
 		dv, err := c.Daemon(ctx)
 		return err == nil && dv.Version == "v3" && dv.Upgrades == 2 && dv.PID == d.cmd.Process.Pid
 	})
@@ -273,19 +272,19 @@ func TestUpgradeWhileModelsMove(t *testing.T) {
 	if _, err := c.Op(ctx, api.OpStart, "st"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "st started again by the new image", func() bool { return statusOf(t, s.Socket)["st"].State == api.Ready })
+	d.waitFor(t, 30*time.Second, "st started again by the new image", func() bool { return statusOf(t, s.Socket)["st"].State == api.Ready })
 	go func() {
 		_, err := c.Op(ctx, api.OpStop, "st")
 		stopped <- err
 	}()
-	waitFor(t, 10*time.Second, "st stopping", func() bool { return statusOf(t, s.Socket)["st"].State == api.Stopping })
-	killStop(t, s, stopped)
+	d.waitFor(t, 10*time.Second, "st stopping", func() bool { return statusOf(t, s.Socket)["st"].State == api.Stopping })
+	killStop(t, s, d, stopped)
 }
 
 // killStop ends the stop of st, a model that ignores SIGTERM under a long
 // stop_timeout, by SIGKILLing its processes, and waits for the stop's
 // answer.
-func killStop(t *testing.T, s *site, stopped <-chan error) {
+func killStop(t *testing.T, s *site, d *daemon, stopped <-chan error) {
 	t.Helper()
 	for _, pid := range live(s.procs("st"), "") {
 		_ = syscall.Kill(pid, syscall.SIGKILL)
@@ -298,7 +297,7 @@ func killStop(t *testing.T, s *site, stopped <-chan error) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("st's stop never completed")
 	}
-	waitFor(t, 10*time.Second, "st stopped", func() bool { return statusOf(t, s.Socket)["st"].State == api.Stopped })
+	d.waitFor(t, 10*time.Second, "st stopped", func() bool { return statusOf(t, s.Socket)["st"].State == api.Stopped })
 }
 
 // TestCrashAdoptionCornerCases: after a daemon's SIGKILL the next one
@@ -330,7 +329,7 @@ func crashAdoptionCornerCases(t *testing.T, mode string) {
 	), t: t}
 	first := sd.start(s, os.Args[0], "--ownership", mode)
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, first, gw)
 	c := client.New(s.Socket)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -343,7 +342,7 @@ func crashAdoptionCornerCases(t *testing.T, mode string) {
 	if _, err := c.Op(ctx, api.OpSleep, "od"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "a, k, r, od2 ready, od asleep, slow loading, all pipes stored", func() bool {
+	first.waitFor(t, 30*time.Second, "a, k, r, od2 ready, od asleep, slow loading, all pipes stored", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["k"].State == api.Ready && st["r"].State == api.Ready && st["od2"].State == api.Ready &&
 			st["od"].State == api.Sleeping && strings.HasPrefix(st["od"].Reason, "asleep") && st["slow"].State == api.Starting &&
@@ -363,12 +362,12 @@ func crashAdoptionCornerCases(t *testing.T, mode string) {
 
 	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 	first.wait(t)
-	cfg := strings.Replace(withoutLast(t, s, "r"), "\n  a:\n", "\n  a:\n    enabled: false\n", 1)
+	cfg := s.Edit(t, supervisortest.Delete("models.r"), supervisortest.Set("models.a.enabled", false))
 	if err := os.WriteFile(s.Path, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	second := sd.start(s, os.Args[0], "--ownership", mode)
-	waitFor(t, 30*time.Second, "k and slow adopted ready, od and od2 adopted asleep, a held stopped", func() bool {
+	second.waitFor(t, 30*time.Second, "k and slow adopted ready, od and od2 adopted asleep, a held stopped", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["k"].State == api.Ready && st["od"].State == api.Sleeping && st["od2"].State == api.Sleeping &&
 			st["a"].State == api.Stopped && st["a"].Held && st["slow"].State == api.Ready
@@ -404,7 +403,7 @@ func crashAdoptionCornerCases(t *testing.T, mode string) {
 	if err := syscall.Kill(before["k"].PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "k restarted", func() bool {
+	second.waitFor(t, 30*time.Second, "k restarted", func() bool {
 		st := statusOf(t, s.Socket)["k"]
 		return st.State == api.Ready && st.PID != before["k"].PID
 	})
@@ -413,7 +412,7 @@ func crashAdoptionCornerCases(t *testing.T, mode string) {
 	}
 	// The store: two pipes for each running instance (k's new one, od,
 	// od2, slow), nothing of a, r, or k's first instance.
-	waitFor(t, 10*time.Second, "the descriptor store holds k's, od's, od2's and slow's pipes only", func() bool {
+	second.waitFor(t, 10*time.Second, "the descriptor store holds k's, od's, od2's and slow's pipes only", func() bool {
 		st := sd.stored()
 		if len(st) != 8 {
 			return false
@@ -432,7 +431,7 @@ func crashAdoptionCornerCases(t *testing.T, mode string) {
 
 	leftovers := func(result string) (int, string) {
 		cmd := exec.Command(os.Args[0], "--config", s.Path, "--stop-leftovers")
-		cmd.Env = append(os.Environ(), roleEnv+"=1", "SERVICE_RESULT="+result)
+		cmd.Env = supervisortest.DaemonEnviron(roleEnv+"=1", "SERVICE_RESULT="+result)
 		out, _ := cmd.CombinedOutput()
 		return cmd.ProcessState.ExitCode(), string(out)
 	}
@@ -475,7 +474,7 @@ func TestUpgradeThenCrashAdopts(t *testing.T) {
 	)
 	in := newInstalled(t)
 	first := sd.start(s, in.exe)
-	waitFor(t, 30*time.Second, "a and b ready, pipes stored", func() bool {
+	first.waitFor(t, 30*time.Second, "a and b ready, pipes stored", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["b"].State == api.Ready && len(sd.stored()) == 4
 	})
@@ -488,7 +487,7 @@ func TestUpgradeThenCrashAdopts(t *testing.T) {
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatalf("upgrade: %v", err)
 	}
-	waitFor(t, 30*time.Second, "v2 answering", func() bool {
+	first.waitFor(t, 30*time.Second, "v2 answering", func() bool {
 		dv, err := c.Daemon(ctx)
 		return err == nil && dv.Version == "v2"
 	})
@@ -496,20 +495,20 @@ func TestUpgradeThenCrashAdopts(t *testing.T) {
 	if err := syscall.Kill(before["b"].PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "b restarted by v2", func() bool {
+	first.waitFor(t, 30*time.Second, "b restarted by v2", func() bool {
 		st := statusOf(t, s.Socket)["b"]
 		return st.State == api.Ready && st.PID != before["b"].PID
 	})
 	if st := statusOf(t, s.Socket)["b"]; st.LastExit != "killed by SIGKILL" {
 		t.Errorf("b's exit under the new image: %q, want killed by SIGKILL (it is the daemon's child)", st.LastExit)
 	}
-	waitFor(t, 10*time.Second, "the store holds a's and b's new pipes", func() bool { return len(sd.stored()) == 4 })
+	first.waitFor(t, 10*time.Second, "the store holds a's and b's new pipes", func() bool { return len(sd.stored()) == 4 })
 	mid := statusOf(t, s.Socket)
 
 	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 	first.wait(t)
 	second := sd.start(s, in.exe)
-	waitFor(t, 30*time.Second, "a and b adopted", func() bool {
+	second.waitFor(t, 30*time.Second, "a and b adopted", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["a"].PID == mid["a"].PID && st["b"].State == api.Ready && st["b"].PID == mid["b"].PID
 	})
@@ -521,7 +520,7 @@ func TestUpgradeThenCrashAdopts(t *testing.T) {
 	}
 	var was []string
 	_ = c.Logs(ctx, "a", 1000, false, func(l string) { was = append(was, l) })
-	waitFor(t, 10*time.Second, "a's output reaching the successor", func() bool {
+	second.waitFor(t, 10*time.Second, "a's output reaching the successor", func() bool {
 		var now []string
 		_ = c.Logs(ctx, "a", 1000, false, func(l string) { now = append(now, l) })
 		return len(now) > len(was) || (len(now) > 0 && len(was) > 0 && now[len(now)-1] != was[len(was)-1])
@@ -538,13 +537,13 @@ func TestUpgradeForgetsARemovedModel(t *testing.T) {
 	sd := newFakeSystemd(t)
 	s := newSite(t, testModel{Name: "a"}, testModel{Name: "x"})
 	in := newInstalled(t)
-	sd.start(s, in.exe)
-	waitFor(t, 30*time.Second, "a and x ready, pipes stored", func() bool {
+	d := sd.start(s, in.exe)
+	d.waitFor(t, 30*time.Second, "a and x ready, pipes stored", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["x"].State == api.Ready && len(sd.stored()) == 4
 	})
 	before := statusOf(t, s.Socket)
-	if err := os.WriteFile(s.Path, []byte(withoutLast(t, s, "x")), 0o644); err != nil {
+	if err := os.WriteFile(s.Path, []byte(without(t, s, "x")), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	c := client.New(s.Socket)
@@ -555,7 +554,7 @@ func TestUpgradeForgetsARemovedModel(t *testing.T) {
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatalf("upgrade: %v", err)
 	}
-	waitFor(t, 30*time.Second, "v2 answering without x", func() bool {
+	d.waitFor(t, 30*time.Second, "v2 answering without x", func() bool {
 		dv, err := c.Daemon(ctx)
 		_, hasX := statusOf(t, s.Socket)["x"]
 		return err == nil && dv.Version == "v2" && !hasX
@@ -566,7 +565,7 @@ func TestUpgradeForgetsARemovedModel(t *testing.T) {
 	if st := statusOf(t, s.Socket)["a"]; st.PID != before["a"].PID {
 		t.Errorf("a: pid %d, was %d", st.PID, before["a"].PID)
 	}
-	waitFor(t, 10*time.Second, "only a's pipes in the store", func() bool {
+	d.waitFor(t, 10*time.Second, "only a's pipes in the store", func() bool {
 		st := sd.stored()
 		return len(st) == 2 && strings.HasPrefix(st[0], "a@") && strings.HasPrefix(st[1], "a@")
 	})
@@ -585,12 +584,12 @@ func TestDescriptorStoreHygiene(t *testing.T) {
 		testModel{Name: "a"},
 		testModel{Name: "c", Fake: []string{"--fake-crash-after", "150ms"}, YAML: "restart: {delay: 10ms, max_delay: 20ms, burst: 1000, interval: 1m}"},
 	)
-	sd.start(s, os.Args[0])
+	d := sd.start(s, os.Args[0])
 	c := client.New(s.Socket)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
+	d.waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
 	for range 5 {
 		for _, op := range []api.Op{api.OpStop, api.OpStart, api.OpRestart} {
 			if _, err := c.Op(ctx, op, "a"); err != nil {
@@ -598,12 +597,12 @@ func TestDescriptorStoreHygiene(t *testing.T) {
 			}
 		}
 	}
-	waitFor(t, 30*time.Second, "c restarted 10 times", func() bool { return statusOf(t, s.Socket)["c"].RestartsByReason["exit"] >= 10 })
+	d.waitFor(t, 30*time.Second, "c restarted 10 times", func() bool { return statusOf(t, s.Socket)["c"].RestartsByReason["exit"] >= 10 })
 	if _, err := c.Op(ctx, api.OpStop, "c"); err != nil {
 		t.Fatal(err)
 	}
 	recs := filepath.Join(filepath.Dir(s.Socket), "instances")
-	waitFor(t, 10*time.Second, "a ready, c stopped, the store and the records a's alone", func() bool {
+	d.waitFor(t, 10*time.Second, "a ready, c stopped, the store and the records a's alone", func() bool {
 		st := statusOf(t, s.Socket)
 		stored := sd.stored()
 		ents, _ := os.ReadDir(recs)
@@ -621,7 +620,7 @@ func TestCrashAdoptionRefusesAReusedPID(t *testing.T) {
 	sd := newFakeSystemd(t)
 	s := newSite(t, testModel{Name: "a", Fake: []string{"--fake-detached-workers", "1"}})
 	first := sd.start(s, os.Args[0])
-	waitFor(t, 30*time.Second, "a ready with its worker", func() bool {
+	first.waitFor(t, 30*time.Second, "a ready with its worker", func() bool {
 		return statusOf(t, s.Socket)["a"].State == api.Ready && len(live(s.procs("a"), "worker")) == 1
 	})
 	before := statusOf(t, s.Socket)["a"]
@@ -659,7 +658,7 @@ func TestCrashAdoptionRefusesAReusedPID(t *testing.T) {
 		t.Fatal(err)
 	}
 	second := sd.start(s, os.Args[0])
-	waitFor(t, 30*time.Second, "a started afresh", func() bool {
+	second.waitFor(t, 30*time.Second, "a started afresh", func() bool {
 		st := statusOf(t, s.Socket)["a"]
 		return st.State == api.Ready && st.PID != before.PID && st.PID != stranger.Process.Pid
 	})
@@ -691,7 +690,7 @@ func TestTakeoverRestartsARotatedSecret(t *testing.T) {
 	s := newSite(t, testModel{Name: "a", YAML: "env_files: [" + secrets + "]"}, testModel{Name: "b"})
 	in := newInstalled(t)
 	first := sd.start(s, in.exe)
-	waitFor(t, 30*time.Second, "a and b ready", func() bool {
+	first.waitFor(t, 30*time.Second, "a and b ready", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["b"].State == api.Ready
 	})
@@ -706,7 +705,7 @@ func TestTakeoverRestartsARotatedSecret(t *testing.T) {
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatalf("upgrade: %v", err)
 	}
-	waitFor(t, 30*time.Second, "v2 answering, a restarted for its new secret", func() bool {
+	first.waitFor(t, 30*time.Second, "v2 answering, a restarted for its new secret", func() bool {
 		dv, err := c.Daemon(ctx)
 		st := statusOf(t, s.Socket)["a"]
 		return err == nil && dv.Version == "v2" && st.State == api.Ready && st.PID != before["a"].PID
@@ -719,8 +718,8 @@ func TestTakeoverRestartsARotatedSecret(t *testing.T) {
 	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 	first.wait(t)
 	rotate("three")
-	sd.start(s, in.exe)
-	waitFor(t, 30*time.Second, "a restarted for its new secret after the crash", func() bool {
+	third := sd.start(s, in.exe)
+	third.waitFor(t, 30*time.Second, "a restarted for its new secret after the crash", func() bool {
 		st := statusOf(t, s.Socket)["a"]
 		return st.State == api.Ready && st.PID != mid["a"].PID
 	})
@@ -792,7 +791,7 @@ func TestModelsInheritNoListenerAfterAnUpgrade(t *testing.T) {
 	), t: t}
 	in := newInstalled(t)
 	d := in.start(s)
-	waitFor(t, 30*time.Second, "a, b and x ready", func() bool {
+	d.waitFor(t, 30*time.Second, "a, b and x ready", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["b"].State == api.Ready && st["x"].State == api.Ready
 	})
@@ -802,7 +801,7 @@ func TestModelsInheritNoListenerAfterAnUpgrade(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	upgradeRemovingX(ctx, t, s, in, d, c, before["b"].PID)
-	waitFor(t, 30*time.Second, "v2 answering, b back", func() bool {
+	d.waitFor(t, 30*time.Second, "v2 answering, b back", func() bool {
 		dv, err := c.Daemon(ctx)
 		st := statusOf(t, s.Socket)["b"]
 		return err == nil && dv.Version == "v2" && st.State == api.Ready && st.PID != before["b"].PID
@@ -835,10 +834,11 @@ func TestCrashAdoptedReadyModelFailsFast(t *testing.T) {
 	s := newSite(t, testModel{Name: "u", Fake: []string{"--fake-unhealthy-after", "2s"},
 		YAML: "probe: {period: 50ms, timeout: 1s, failure_threshold: 3, startup_timeout: 2m}"})
 	first := sd.start(s, os.Args[0])
-	waitFor(t, 30*time.Second, "u ready", func() bool { return statusOf(t, s.Socket)["u"].State == api.Ready })
+	first.waitFor(t, 30*time.Second, "u ready", func() bool { return statusOf(t, s.Socket)["u"].State == api.Ready })
 	before := statusOf(t, s.Socket)["u"]
 	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 	first.wait(t)
+	// No daemon runs: a plain wait.
 	waitFor(t, 10*time.Second, "u unhealthy while no daemon watches", func() bool {
 		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/health", s.Models[0].Port))
 		if err != nil {
@@ -847,10 +847,10 @@ func TestCrashAdoptedReadyModelFailsFast(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode == http.StatusServiceUnavailable
 	})
-	sd.start(s, os.Args[0])
+	second := sd.start(s, os.Args[0])
 	// Restarted within a few probe periods: the wait is far below
 	// startup_timeout.
-	waitFor(t, 20*time.Second, "u restarted after failing its probes", func() bool {
+	second.waitFor(t, 20*time.Second, "u restarted after failing its probes", func() bool {
 		st := statusOf(t, s.Socket)["u"]
 		return st.PID != before.PID && st.PID != 0
 	})
@@ -861,26 +861,26 @@ func TestCrashAdoptedReadyModelFailsFast(t *testing.T) {
 // still be pinged: the daemon is making progress, and a watchdog kill
 // then would cost the very restart the takeover is there to avoid.
 func TestTakeoverKeepsTheWatchdogFed(t *testing.T) {
-	t.Setenv("WATCHDOG_USEC", "2000000")
 	sd := newFakeSystemd(t)
+	sd.env = []string{"WATCHDOG_USEC=2000000"}
 	s := newSite(t,
 		testModel{Name: "a", YAML: "stop_timeout: 6s"},
 		testModel{Name: "x", Fake: []string{"--fake-ignore-sigterm"}},
 	)
 	first := sd.start(s, os.Args[0])
-	waitFor(t, 30*time.Second, "a and x ready", func() bool {
+	first.waitFor(t, 30*time.Second, "a and x ready", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["x"].State == api.Ready
 	})
 	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 	first.wait(t)
-	if err := os.WriteFile(s.Path, []byte(withoutLast(t, s, "x")), 0o644); err != nil {
+	if err := os.WriteFile(s.Path, []byte(without(t, s, "x")), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	pings := sd.sent("WATCHDOG=1")
 	second := sd.start(s, os.Args[0])
 	// x ignores SIGTERM: its stop takes a's 6 s, the longest configured.
-	waitFor(t, 30*time.Second, "the takeover done", func() bool { return strings.Contains(second.logText(), `"supervisor running"`) })
+	second.waitFor(t, 30*time.Second, "the takeover done", func() bool { return strings.Contains(second.logText(), `"supervisor running"`) })
 	if n := sd.sent("WATCHDOG=1") - pings; n < 3 {
 		t.Errorf("%d watchdog pings during a 6 s takeover with WatchdogSec=2s", n)
 	}
@@ -894,17 +894,86 @@ func TestTakeoverKeepsTheWatchdogFed(t *testing.T) {
 // still stopping x during its takeover.
 func upgradeRemovingX(ctx context.Context, t *testing.T, s *site, in *installedDaemon, d *daemon, c *client.Client, b int) {
 	t.Helper()
-	if err := os.WriteFile(s.Path, []byte(withoutLast(t, s, "x")), 0o644); err != nil {
+	if err := os.WriteFile(s.Path, []byte(without(t, s, "x")), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	in.install(t, "v2")
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatalf("upgrade: %v", err)
 	}
-	waitFor(t, 20*time.Second, "the new image stopping x", func() bool {
+	d.waitFor(t, 20*time.Second, "the new image stopping x", func() bool {
 		return strings.Contains(d.logText(), `left by a previous supervisor","model":"x"`)
 	})
 	if err := syscall.Kill(b, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestRepeatedDaemonSIGKILL kills the daemon again and again while its
+// models start, run and crash, then starts it once more: exactly one copy
+// of each model, nothing of the earlier incarnations, nothing after stop.
+func TestRepeatedDaemonSIGKILL(t *testing.T) {
+	s := newSite(t,
+		testModel{Name: "steady"},
+		testModel{Name: "crashy", YAML: "restart: {delay: 100ms, burst: 1000}", Fake: []string{"--fake-crash-after", "700ms"}},
+		testModel{Name: "slow", Fake: []string{"--fake-load-time", "1s"}},
+		testModel{Name: "stubborn", YAML: "stop_timeout: 300ms", Fake: stubborn},
+	)
+	for i, after := range []time.Duration{200 * time.Millisecond, 900 * time.Millisecond, 1500 * time.Millisecond, 2500 * time.Millisecond} {
+		d := s.start()
+		// Let it get somewhere: models starting, running, crashing.
+		deadline := time.Now().Add(after)
+		d.waitFor(t, after+10*time.Second, "time to pass", func() bool { return time.Now().After(deadline) })
+		d.cmd.Process.Kill() //nolint:errcheck // checked by wait
+		d.wait(t)
+		t.Logf("round %d: daemon killed after %s", i, after)
+	}
+	old := s.allProcs("steady", "crashy", "slow", "stubborn")
+	final := s.start()
+	// Ask the new daemon itself: its models ready on processes of its own.
+	c := client.New(s.Socket)
+	current := map[int]bool{}
+	final.waitFor(t, 30*time.Second, "steady, slow and stubborn ready", func() bool {
+		st, err := c.Status(context.Background(), "steady", "slow", "stubborn")
+		if err != nil {
+			return false
+		}
+		for _, m := range st {
+			if m.State != supervisor.Ready {
+				return false
+			}
+			current[m.PID] = true
+		}
+		return true
+	})
+	// crashy's current process too (it may be an adopted one that has not
+	// crashed yet), read after the others: an earlier process it had then
+	// is not running by now.
+	if st, err := c.Status(context.Background(), "crashy"); err == nil && len(st) == 1 && st[0].PID != 0 {
+		current[st[0].PID] = true
+	}
+	// An earlier incarnation's server lives on only as a model's current
+	// process (adopted); nothing else of theirs is left.
+	for pid, role := range old {
+		if role == "server" && len(live(map[int]string{pid: role}, "server")) == 1 && !current[pid] {
+			t.Errorf("server %d of an earlier incarnation is alive and nobody's", pid)
+		}
+	}
+	for _, m := range []string{"steady", "slow", "stubborn", "crashy"} {
+		if n := len(live(s.procs(m), "server")); n > 1 {
+			t.Errorf("%s: %d servers", m, n)
+		}
+	}
+	if n := len(live(s.procs("stubborn"), "worker")); n != 2 {
+		t.Errorf("stubborn: %d live workers, want its 2", n)
+	}
+	final.cmd.Process.Signal(syscall.SIGTERM) //nolint:errcheck // checked by wait
+	if code := final.wait(t); code != 0 {
+		t.Errorf("final daemon exit %d", code)
+	}
+	for _, m := range []string{"steady", "crashy", "slow", "stubborn"} {
+		if l := live(s.procs(m), ""); len(l) != 0 {
+			t.Errorf("%s: processes alive after the final stop: %v", m, l)
+		}
 	}
 }

@@ -1,22 +1,18 @@
+//go:build !e2e
+
 package main
 
 import (
 	"context"
 	"fmt"
-	"maps"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/control/client"
@@ -25,157 +21,6 @@ import (
 
 // Live restore (SPEC §9): an upgrade in place and a daemon's death cost no
 // model restart.
-
-// fakeSystemd is the part of systemd a daemon's crash involves: the notify
-// socket with its file descriptor store (FDSTORE=1, FDSTOREREMOVE=1), and
-// the hand-back of the stored descriptors to the next daemon (LISTEN_FDS,
-// LISTEN_FDNAMES, LISTEN_PID), as systemd does for a service it restarts.
-type fakeSystemd struct {
-	t    *testing.T
-	sock string
-	mu   sync.Mutex
-	fds  map[string]*os.File
-	msgs []string
-}
-
-func newFakeSystemd(t *testing.T) *fakeSystemd {
-	f := &fakeSystemd{t: t, sock: filepath.Join(t.TempDir(), "notify.sock"), fds: map[string]*os.File{}}
-	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: f.sock, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		conn.Close()
-		f.mu.Lock()
-		defer f.mu.Unlock()
-		for _, fd := range f.fds {
-			fd.Close()
-		}
-	})
-	go func() {
-		buf, oob := make([]byte, 4096), make([]byte, 4096)
-		for {
-			n, oobn, _, _, err := conn.ReadMsgUnix(buf, oob)
-			if err != nil {
-				return
-			}
-			var files []*os.File
-			if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
-				for _, m := range msgs {
-					fds, _ := unix.ParseUnixRights(&m)
-					for _, fd := range fds {
-						files = append(files, os.NewFile(uintptr(fd), "stored"))
-					}
-				}
-			}
-			f.receive(string(buf[:n]), files)
-		}
-	}()
-	return f
-}
-
-func (f *fakeSystemd) receive(text string, files []*os.File) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.msgs = append(f.msgs, text)
-	kv := map[string]string{}
-	for _, line := range strings.Split(text, "\n") {
-		if k, v, ok := strings.Cut(line, "="); ok {
-			kv[k] = v
-		}
-	}
-	name := kv["FDNAME"]
-	switch {
-	case kv["FDSTORE"] == "1" && len(files) == 1 && name != "":
-		if old := f.fds[name]; old != nil {
-			old.Close()
-		}
-		f.fds[name] = files[0]
-		return
-	case kv["FDSTOREREMOVE"] == "1":
-		if old := f.fds[name]; old != nil {
-			old.Close()
-			delete(f.fds, name)
-		}
-	}
-	for _, fd := range files {
-		fd.Close()
-	}
-}
-
-func (f *fakeSystemd) stored() []string {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return slices.Sorted(maps.Keys(f.fds))
-}
-
-func (f *fakeSystemd) sent(prefix string) int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	n := 0
-	for _, m := range f.msgs {
-		if strings.HasPrefix(m, prefix) {
-			n++
-		}
-	}
-	return n
-}
-
-// start starts the daemon as systemd would: NOTIFY_SOCKET, and the stored
-// descriptors handed back from descriptor 3 on, named, with LISTEN_PID set
-// to the daemon's PID (by a shell that then execs it), with extra flags.
-func (f *fakeSystemd) start(s *site, exe string, args ...string) *daemon {
-	// Copies: the store may close its own while the daemon starts.
-	f.mu.Lock()
-	names := slices.Sorted(maps.Keys(f.fds))
-	files := make([]*os.File, len(names))
-	for i, n := range names {
-		fd, err := -1, error(nil)
-		if rc, cerr := f.fds[n].SyscallConn(); cerr != nil {
-			err = cerr
-		} else if cerr := rc.Control(func(s uintptr) { fd, err = unix.Dup(int(s)) }); cerr != nil {
-			err = cerr
-		}
-		if err != nil {
-			f.mu.Unlock()
-			f.t.Fatal(err)
-		}
-		files[i] = os.NewFile(uintptr(fd), n)
-	}
-	f.mu.Unlock()
-	defer func() {
-		for _, file := range files {
-			file.Close()
-		}
-	}()
-	return s.startCmd(func(cmd *exec.Cmd) {
-		cmd.Args = append(append([]string{"sh", "-c", `LISTEN_PID=$$ exec "$@"`, "sh", exe}, cmd.Args[1:]...), args...)
-		cmd.Path = "/bin/sh"
-		cmd.ExtraFiles = files
-		cmd.Env = append(cmd.Env, "NOTIFY_SOCKET="+f.sock)
-		if len(files) > 0 {
-			cmd.Env = append(cmd.Env, fmt.Sprintf("LISTEN_FDS=%d", len(files)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
-		}
-	})
-}
-
-// statusOf maps each model to its status, as the daemon says.
-func statusOf(t *testing.T, socket string) map[string]api.Status {
-	t.Helper()
-	c := client.New(socket)
-	defer c.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	st, err := c.Status(ctx)
-	if err != nil {
-		return nil
-	}
-	out := map[string]api.Status{}
-	for _, m := range st {
-		out[m.Name] = m
-	}
-	return out
-}
 
 // TestSIGKILLThenRestartAdopts: after a daemon's SIGKILL, the next daemon
 // adopts the models still running as configured (same PIDs, ready again
@@ -190,22 +35,22 @@ func TestSIGKILLThenRestartAdopts(t *testing.T) {
 		testModel{Name: "c", YAML: `env: {V: "1"}`},
 	)
 	first := sd.start(s, os.Args[0])
-	waitFor(t, 30*time.Second, "models healthy", s.healthy)
-	waitFor(t, 10*time.Second, "all workers recorded", func() bool {
+	first.waitFor(t, 30*time.Second, "models healthy", s.healthy)
+	first.waitFor(t, 10*time.Second, "all workers recorded", func() bool {
 		return len(live(s.procs("a"), "")) == 3 && len(live(s.procs("b"), "")) == 2
 	})
-	waitFor(t, 10*time.Second, "every model's pipes in the descriptor store", func() bool { return len(sd.stored()) == 6 })
+	first.waitFor(t, 10*time.Second, "every model's pipes in the descriptor store", func() bool { return len(sd.stored()) == 6 })
 	before := statusOf(t, s.Socket)
 	old := s.allProcs("a", "b", "c")
 
 	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 	first.wait(t)
-	if err := os.WriteFile(s.Path, []byte(strings.Replace(s.YAML, `env: {V: "1"}`, `env: {V: "2"}`, 1)), 0o644); err != nil {
+	if err := os.WriteFile(s.Path, []byte(s.Edit(t, supervisortest.Set("models.c.env.V", "2"))), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	killedAt := time.Now()
 	second := sd.start(s, os.Args[0])
-	waitFor(t, 30*time.Second, "a and b adopted (same pid, ready), c restarted on a new pid", func() bool {
+	second.waitFor(t, 30*time.Second, "a and b adopted (same pid, ready), c restarted on a new pid", func() bool {
 		now := statusOf(t, s.Socket)
 		for _, m := range []string{"a", "b"} {
 			if now[m].State != api.Ready || now[m].PID != before[m].PID {
@@ -235,7 +80,7 @@ func TestSIGKILLThenRestartAdopts(t *testing.T) {
 	// daemon reads it.
 	c := client.New(s.Socket)
 	defer c.Close()
-	waitFor(t, 10*time.Second, "a's output after the restart", func() bool {
+	second.waitFor(t, 10*time.Second, "a's output after the restart", func() bool {
 		lines, err := c.Status(context.Background())
 		if err != nil || len(lines) == 0 {
 			return false
@@ -299,7 +144,7 @@ func TestUpgradeInPlace(t *testing.T) {
 	sd := newFakeSystemd(t)
 	d := sd.start(s, exe)
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, d, gw)
 	c := client.New(s.Socket)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -312,7 +157,7 @@ func TestUpgradeInPlace(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitFor(t, 30*time.Second, "a ready, b asleep, held stopped", func() bool {
+	d.waitFor(t, 30*time.Second, "a ready, b asleep, held stopped", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["b"].State == api.Sleeping && st["held"].State == api.Stopped
 	})
@@ -359,7 +204,7 @@ func TestUpgradeInPlace(t *testing.T) {
 	if streamed := <-stream; !wholeStream(streamed) {
 		t.Errorf("the stream through the gateway was cut by the upgrade: %d events\n%s", strings.Count(streamed, "data: "), streamed)
 	}
-	waitFor(t, 30*time.Second, "the new image answering", func() bool {
+	d.waitFor(t, 30*time.Second, "the new image answering", func() bool {
 		dv, err := c.Daemon(ctx)
 		return err == nil && dv.Version == "v2" && dv.Upgrades == 1
 	})
@@ -393,7 +238,7 @@ func TestUpgradeInPlace(t *testing.T) {
 	var lines []string
 	_ = c.Logs(ctx, "a", 1000, false, func(l string) { lines = append(lines, l) })
 	n := len(lines)
-	waitFor(t, 10*time.Second, "a's output captured by the new image", func() bool {
+	d.waitFor(t, 10*time.Second, "a's output captured by the new image", func() bool {
 		var now []string
 		_ = c.Logs(ctx, "a", 1000, false, func(l string) { now = append(now, l) })
 		return len(now) > n || (len(now) == n && len(now) > 0 && now[len(now)-1] != lines[len(lines)-1])
@@ -427,7 +272,7 @@ func TestUpgradeRefusesABadBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := s.startCmd(func(cmd *exec.Cmd) { cmd.Path, cmd.Args[0] = exe, exe })
-	waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
+	d.waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
 	before := statusOf(t, s.Socket)["a"]
 	c := client.New(s.Socket)
 	defer c.Close()
@@ -496,7 +341,7 @@ func TestUpgradeToAWrapperWithASlowCheck(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := s.startCmd(func(cmd *exec.Cmd) { cmd.Path, cmd.Args[0] = exe, exe })
-	waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
+	d.waitFor(t, 30*time.Second, "a ready", func() bool { return statusOf(t, s.Socket)["a"].State == api.Ready })
 	before := statusOf(t, s.Socket)["a"]
 
 	// On --check it also leaves two short-lived orphans, as a wrapper's
@@ -517,7 +362,7 @@ func TestUpgradeToAWrapperWithASlowCheck(t *testing.T) {
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatalf("upgrade to a wrapper whose --check takes 5 s: %v", err)
 	}
-	waitFor(t, 30*time.Second, "the daemon at v2", func() bool {
+	d.waitFor(t, 30*time.Second, "the daemon at v2", func() bool {
 		dv, err := c.Daemon(ctx)
 		return err == nil && dv.Version == "v2"
 	})

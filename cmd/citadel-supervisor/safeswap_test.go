@@ -1,3 +1,5 @@
+//go:build e2e
+
 package main
 
 import (
@@ -36,7 +38,7 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 
 const safeOD = "activation: on_demand\nsleep_level: 1\nidle_after: 1h\nmin_awake: 0s\ngpu_memory_utilization: 0.5"
 
-func opSleep(t *testing.T, s *site, model string) {
+func opSleep(t *testing.T, s *site, d *daemon, model string) {
 	t.Helper()
 	c := client.New(s.Socket)
 	defer c.Close()
@@ -45,7 +47,7 @@ func opSleep(t *testing.T, s *site, model string) {
 	if _, err := c.Op(ctx, api.OpSleep, model); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, model+" asleep", func() bool {
+	d.waitFor(t, 30*time.Second, model+" asleep", func() bool {
 		st := statusOf(t, s.Socket)[model]
 		return st.State == api.Sleeping && strings.HasPrefix(st.Reason, "asleep")
 	})
@@ -62,14 +64,14 @@ func rightAnswer(body string) bool { return strings.Contains(body, `"content":" 
 // answer; the failed wake is counted.
 func TestBrokenWakeNeverReachesAClient(t *testing.T) {
 	s, gw, web := safeSite(t, testModel{Name: "m", YAML: safeOD, Fake: []string{"--fake-break-on-wake"}})
-	s.start()
-	supervisortest.WaitGateway(t, gw)
+	d := s.start()
+	supervisortest.WaitGateway(t, d, gw)
 	if code, body := chat(t, gw, "m"); code != 200 || !rightAnswer(body) {
 		t.Fatalf("before the sleep: %d %s", code, body)
 	}
 	before := statusOf(t, s.Socket)["m"]
-	waitFor(t, 10*time.Second, "the known answer recorded", func() bool { return statusOf(t, s.Socket)["m"].Canary == "known answer" })
-	opSleep(t, s, "m")
+	d.waitFor(t, 10*time.Second, "the known answer recorded", func() bool { return statusOf(t, s.Socket)["m"].Canary == "known answer" })
+	opSleep(t, s, d, "m")
 	if code, body := chat(t, gw, "m"); code != 200 || !rightAnswer(body) {
 		t.Errorf("after the wake: %d %s; want the model's real answer", code, body)
 	}
@@ -90,13 +92,13 @@ func TestBrokenWakeNeverReachesAClient(t *testing.T) {
 // model's real answer.
 func TestStalePrefixCacheNeverReachesAClient(t *testing.T) {
 	s, gw, _ := safeSite(t, testModel{Name: "m", YAML: safeOD, Fake: []string{"--fake-vllm-version", "0.9.2"}})
-	s.start()
-	supervisortest.WaitGateway(t, gw)
+	d := s.start()
+	supervisortest.WaitGateway(t, d, gw)
 	if code, body := chat(t, gw, "m"); code != 200 || !rightAnswer(body) {
 		t.Fatalf("before the sleep: %d %s", code, body)
 	}
 	before := statusOf(t, s.Socket)["m"]
-	opSleep(t, s, "m")
+	opSleep(t, s, d, "m")
 	if code, body := chat(t, gw, "m"); code != 200 || !rightAnswer(body) {
 		t.Errorf("after the wake: %d %s; want the model's real answer", code, body)
 	}
@@ -110,14 +112,14 @@ func TestStalePrefixCacheNeverReachesAClient(t *testing.T) {
 // requests in flight at SIGTERM: it was cut after a few events).
 func TestRestartDrainsAStream(t *testing.T) {
 	s, gw, _ := safeSite(t, testModel{Name: "m", YAML: "gpu_memory_utilization: 0.5\nstop_timeout: 20s", Fake: []string{"--fake-token-delay", "75ms"}})
-	s.start()
-	supervisortest.WaitGateway(t, gw)
+	d := s.start()
+	supervisortest.WaitGateway(t, d, gw)
 	if code, body := chat(t, gw, "m"); code != 200 {
 		t.Fatalf("m: %d %s", code, body)
 	}
 	before := statusOf(t, s.Socket)["m"]
 	stream := startStream(t, gw, "m") // 40 tokens of 75 ms: 3 s
-	waitFor(t, 5*time.Second, "the stream under way", func() bool {
+	d.waitFor(t, 5*time.Second, "the stream under way", func() bool {
 		for _, e := range s.ReadEvents(t) {
 			if e.Model == "m" && e.Ev == "req" {
 				return true
@@ -135,7 +137,7 @@ func TestRestartDrainsAStream(t *testing.T) {
 	if got := <-stream; !wholeStream(got) {
 		t.Errorf("the stream was cut by the restart: %d events\n%s", strings.Count(got, "data: "), got)
 	}
-	waitFor(t, 30*time.Second, "m restarted", func() bool {
+	d.waitFor(t, 30*time.Second, "m restarted", func() bool {
 		st := statusOf(t, s.Socket)["m"]
 		return st.State == api.Ready && st.PID != before.PID
 	})
@@ -153,8 +155,8 @@ func TestRestartDrainsAStream(t *testing.T) {
 // reached the engine still generating (which has crashed TP>1 engines).
 func TestSleepWaitsForTheEngineAfterAHangUp(t *testing.T) {
 	s, gw, _ := safeSite(t, testModel{Name: "m", YAML: safeOD, Fake: []string{"--fake-token-delay", "100ms", "--fake-abort-delay", "1s"}})
-	s.start()
-	supervisortest.WaitGateway(t, gw)
+	d := s.start()
+	supervisortest.WaitGateway(t, d, gw)
 	if code, body := chat(t, gw, "m"); code != 200 {
 		t.Fatalf("m: %d %s", code, body)
 	}
@@ -172,7 +174,7 @@ func TestSleepWaitsForTheEngineAfterAHangUp(t *testing.T) {
 	}
 	hangUp()
 	resp.Body.Close()
-	opSleep(t, s, "m") // the site's cleanup fails the test on a sleep with a request in flight
+	opSleep(t, s, d, "m") // the site's cleanup fails the test on a sleep with a request in flight
 }
 
 // TestHostMemoryCountedAcrossAnUpgrade: a level-1 sleeper's pinned host
@@ -181,12 +183,12 @@ func TestSleepWaitsForTheEngineAfterAHangUp(t *testing.T) {
 func TestHostMemoryCountedAcrossAnUpgrade(t *testing.T) {
 	s, gw, web := safeSite(t, testModel{Name: "m", YAML: safeOD, Fake: []string{"--fake-model-bytes", "96MiB"}})
 	in := newInstalled(t)
-	in.start(s)
-	supervisortest.WaitGateway(t, gw)
+	d := in.start(s)
+	supervisortest.WaitGateway(t, d, gw)
 	if code, body := chat(t, gw, "m"); code != 200 {
 		t.Fatalf("m: %d %s", code, body)
 	}
-	opSleep(t, s, "m")
+	opSleep(t, s, d, "m")
 	// About 96 MiB (more under the race detector, whose shadow memory grows
 	// with the fake's), the same throughout.
 	var first float64
@@ -210,7 +212,7 @@ func TestHostMemoryCountedAcrossAnUpgrade(t *testing.T) {
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "v2 answering", func() bool {
+	d.waitFor(t, 30*time.Second, "v2 answering", func() bool {
 		dv, err := c.Daemon(ctx)
 		return err == nil && dv.Version == "v2"
 	})

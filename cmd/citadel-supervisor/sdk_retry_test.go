@@ -1,3 +1,5 @@
+//go:build e2e
+
 package main
 
 import (
@@ -57,10 +59,10 @@ func TestColdStartRetries(t *testing.T) {
 		YAML: "activation: on_demand\nsleep_level: 0",
 		Fake: []string{"--fake-load-time", "4s"},
 	}), t: t}
-	s.start()
+	d := s.start()
 	url := fmt.Sprintf("http://127.0.0.1:%d/v1/chat/completions", gwPort)
 	body := `{"model":"alpha","messages":[{"role":"user","content":"hi"}],"max_tokens":2}`
-	waitFor(t, 30*time.Second, "the gateway serving", func() bool {
+	d.waitFor(t, 30*time.Second, "the gateway serving", func() bool {
 		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/v1/models", gwPort))
 		if err == nil {
 			resp.Body.Close()

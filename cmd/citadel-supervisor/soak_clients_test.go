@@ -1,3 +1,5 @@
+//go:build e2e
+
 package main
 
 import (
@@ -60,7 +62,7 @@ func TestSoakHostileClients(t *testing.T) {
 	t.Logf("seed %d (replay: -hostile-clients.seed=%d)", seed, seed)
 	defer func() {
 		if t.Failed() {
-			t.Logf("FAILED with seed %d: go test -run '^TestSoakHostileClients$' ./cmd/citadel-supervisor -args -hostile-clients.seed=%d", seed, seed)
+			t.Logf("FAILED with seed %d: go test -tags e2e -run '^TestSoakHostileClients$' ./cmd/citadel-supervisor -args -hostile-clients.seed=%d", seed, seed)
 		}
 	}()
 
@@ -87,8 +89,8 @@ gateway:
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
 	addr := fmt.Sprintf("127.0.0.1:%d", gwPort)
 	metricsURL := fmt.Sprintf("http://127.0.0.1:%d/metrics", httpPort)
-	supervisortest.WaitGateway(t, gw)
-	waitFor(t, 30*time.Second, "a and c ready", func() bool {
+	supervisortest.WaitGateway(t, d, gw)
+	d.waitFor(t, 30*time.Second, "a and c ready", func() bool {
 		st := statusOf(t, s.Socket)
 		return st["a"].State == api.Ready && st["c"].State == api.Ready
 	})
@@ -178,7 +180,7 @@ gateway:
 			t.Logf("still held at the end: %s", held)
 		}
 	}()
-	waitFor(t, 30*time.Second, "everything let go", func() bool {
+	d.waitFor(t, 30*time.Second, "everything let go", func() bool {
 		_, m := scrape(t, metricsURL)
 		var out []string
 		for _, model := range []string{"a", "b", "c"} {

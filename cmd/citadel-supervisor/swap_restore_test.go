@@ -1,3 +1,5 @@
+//go:build e2e
+
 package main
 
 import (
@@ -40,9 +42,9 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 
 // bothAsleep serves a request of each through the gateway, then puts
 // both to sleep by hand.
-func bothAsleep(t *testing.T, s *site, gw string) map[string]api.Status {
+func bothAsleep(t *testing.T, s *site, d *daemon, gw string) map[string]api.Status {
 	t.Helper()
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, d, gw)
 	for _, m := range []string{"a", "b"} {
 		if code, body := chat(t, gw, m); code != 200 {
 			t.Fatalf("%s: %d %s", m, code, body)
@@ -56,7 +58,7 @@ func bothAsleep(t *testing.T, s *site, gw string) map[string]api.Status {
 		t.Fatal(err)
 	}
 	var st map[string]api.Status
-	waitFor(t, 30*time.Second, "a and b asleep", func() bool {
+	d.waitFor(t, 30*time.Second, "a and b asleep", func() bool {
 		st = statusOf(t, s.Socket)
 		return st["a"].State == api.Sleeping && st["b"].State == api.Sleeping &&
 			strings.HasPrefix(st["a"].Reason, "asleep") && strings.HasPrefix(st["b"].Reason, "asleep")
@@ -90,7 +92,7 @@ func TestUpgradeWithABacklogOfWakes(t *testing.T) {
 	s, gw := swapSite(t)
 	in := newInstalled(t)
 	d := in.start(s)
-	bothAsleep(t, s, gw)
+	bothAsleep(t, s, d, gw)
 	c := client.New(s.Socket)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -103,7 +105,7 @@ func TestUpgradeWithABacklogOfWakes(t *testing.T) {
 	}()
 	// The listeners are paused once the old image says it executes the
 	// new one: requests sent now wait in the kernel's backlog for it.
-	waitFor(t, 30*time.Second, "the old image executing the new one", func() bool {
+	d.waitFor(t, 30*time.Second, "the old image executing the new one", func() bool {
 		return strings.Contains(d.logText(), "upgrade in place: executing the new image")
 	})
 	answers := chatBoth(t, gw)
@@ -129,11 +131,11 @@ func TestCrashRestartWithABacklogOfWakes(t *testing.T) {
 	s, gw := swapSite(t)
 	sd := newFakeSystemd(t)
 	first := sd.start(s, os.Args[0])
-	before := bothAsleep(t, s, gw)
+	before := bothAsleep(t, s, first, gw)
 	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 	first.wait(t)
-	sd.start(s, os.Args[0])
-	supervisortest.WaitGateway(t, gw)
+	d := sd.start(s, os.Args[0])
+	supervisortest.WaitGateway(t, d, gw)
 	answers := chatBoth(t, gw)
 	for range 2 {
 		select {
@@ -162,7 +164,7 @@ func TestCrashDuringSleepAdoptsAsleep(t *testing.T) {
 	s, gw := swapSite(t, "--fake-sleep-time", "4s")
 	sd := newFakeSystemd(t)
 	first := sd.start(s, os.Args[0])
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, first, gw)
 	if code, body := chat(t, gw, "a"); code != 200 {
 		t.Fatalf("a: %d %s", code, body)
 	}
@@ -174,7 +176,7 @@ func TestCrashDuringSleepAdoptsAsleep(t *testing.T) {
 	if _, err := c.Op(ctx, api.OpSleep, "a"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "a's engine told to sleep", func() bool {
+	first.waitFor(t, 10*time.Second, "a's engine told to sleep", func() bool {
 		for _, e := range s.ReadEvents(t) {
 			if e.Model == "a" && e.Ev == "sleep_begin" {
 				return true
@@ -186,10 +188,10 @@ func TestCrashDuringSleepAdoptsAsleep(t *testing.T) {
 		t.Fatal(err)
 	}
 	first.wait(t)
-	sd.start(s, os.Args[0])
-	supervisortest.WaitGateway(t, gw)
+	second := sd.start(s, os.Args[0])
+	supervisortest.WaitGateway(t, second, gw)
 	var st api.Status
-	waitFor(t, 10*time.Second, "a adopted", func() bool {
+	second.waitFor(t, 10*time.Second, "a adopted", func() bool {
 		st = statusOf(t, s.Socket)["a"]
 		return st.PID != 0
 	})
@@ -214,15 +216,15 @@ func TestUpgradeAfterCrashAdoption(t *testing.T) {
 	sd := newFakeSystemd(t)
 	in := newInstalled(t)
 	first := sd.start(s, in.exe)
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, first, gw)
 	if code, body := chat(t, gw, "a"); code != 200 {
 		t.Fatalf("a: %d %s", code, body)
 	}
 	before := statusOf(t, s.Socket)["a"]
 	first.cmd.Process.Kill() //nolint:errcheck // checked by wait
 	first.wait(t)
-	sd.start(s, in.exe)
-	waitFor(t, 30*time.Second, "a adopted, ready", func() bool {
+	second := sd.start(s, in.exe)
+	second.waitFor(t, 30*time.Second, "a adopted, ready", func() bool {
 		st := statusOf(t, s.Socket)["a"]
 		return st.State == api.Ready && st.PID == before.PID
 	})
@@ -234,13 +236,13 @@ func TestUpgradeAfterCrashAdoption(t *testing.T) {
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatalf("upgrade: %v", err)
 	}
-	waitFor(t, 30*time.Second, "v2 answering", func() bool {
+	second.waitFor(t, 30*time.Second, "v2 answering", func() bool {
 		dv, err := c.Daemon(ctx)
 		return err == nil && dv.Version == "v2"
 	})
 	// Two probe periods: a model taken for exited is restarted by then.
 	deadline := time.Now().Add(time.Second)
-	waitFor(t, 5*time.Second, "a second after the upgrade", func() bool { return time.Now().After(deadline) })
+	second.waitFor(t, 5*time.Second, "a second after the upgrade", func() bool { return time.Now().After(deadline) })
 	if st := statusOf(t, s.Socket)["a"]; st.State != api.Ready || st.PID != before.PID || st.Restarts != 0 {
 		t.Fatalf("a after the upgrade: %s pid %d restarts %d (%s); want ready on pid %d, no restart", st.State, st.PID, st.Restarts, st.LastExit, before.PID)
 	}
@@ -251,7 +253,7 @@ func TestUpgradeAfterCrashAdoption(t *testing.T) {
 	if err := syscall.Kill(before.PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 30*time.Second, "a's exit seen", func() bool {
+	second.waitFor(t, 30*time.Second, "a's exit seen", func() bool {
 		st := statusOf(t, s.Socket)["a"]
 		return st.RestartsByReason["exit"] == 1
 	})

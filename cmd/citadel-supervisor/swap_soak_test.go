@@ -1,3 +1,5 @@
+//go:build e2e
+
 package main
 
 import (
@@ -12,6 +14,7 @@ import (
 	"net/http"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -78,7 +81,7 @@ func TestSwapSoak(t *testing.T) {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("replay: go test -count=1 -run '^TestSwapSoak$' ./cmd/citadel-supervisor -args -swap.seed=%d -swap.duration=%s -swap.faults=%v",
+			t.Logf("replay: go test -tags e2e -count=1 -run '^TestSwapSoak$' ./cmd/citadel-supervisor -args -swap.seed=%d -swap.duration=%s -swap.faults=%v",
 				seed, *swapDuration, *swapFaults)
 		}
 	})
@@ -182,7 +185,7 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 3m, max_queue: 1024}
 
 func (k *swapSoak) start() {
 	k.d = k.sd.start(k.s, k.in.exe)
-	supervisortest.WaitGateway(k.t, k.gw)
+	supervisortest.WaitGateway(k.t, k.d, k.gw)
 }
 
 // client sends requests until ctx ends: a model chosen by weight, one at a
@@ -392,8 +395,15 @@ func (k *swapSoak) stopStart(ctx context.Context, model string) {
 func (k *swapSoak) reloadEnv(model string) {
 	k.mu.Lock()
 	k.reloadSeq++
-	k.yaml = editModelKey(k.yaml, model, "env", fmt.Sprintf(`{SOAK: "%d"}`, k.reloadSeq))
+	y, err := supervisortest.EditYAML(k.yaml, supervisortest.Set("models."+model+".env", map[string]string{"SOAK": strconv.Itoa(k.reloadSeq)}))
+	if err == nil {
+		k.yaml = y
+	}
 	k.mu.Unlock()
+	if err != nil {
+		k.t.Errorf("reload (env): %v", err)
+		return
+	}
 	// Its restart drains it first: nothing is cut.
 	k.count("reload (env)" + errSuffix(k.reload()))
 }
@@ -402,18 +412,25 @@ func (k *swapSoak) reloadEnv(model string) {
 // its process.
 func (k *swapSoak) reloadSleepLevel(model string) {
 	k.mu.Lock()
-	level := blockValue(k.yaml, model, "sleep_level")
-	switch level {
+	var level int
+	switch v, _ := supervisortest.Value(k.yaml, "models."+model+".sleep_level"); v {
 	case "1":
-		level = "2"
+		level = 2
 	case "2":
-		level = "1"
+		level = 1
 	default:
 		k.mu.Unlock()
 		return // sleep_level 0 stays: it has no sleep mode
 	}
-	k.yaml = editModelKey(k.yaml, model, "sleep_level", level)
+	y, err := supervisortest.EditYAML(k.yaml, supervisortest.Set("models."+model+".sleep_level", level))
+	if err == nil {
+		k.yaml = y
+	}
 	k.mu.Unlock()
+	if err != nil {
+		k.t.Errorf("reload (sleep_level): %v", err)
+		return
+	}
 	k.count("reload (sleep_level)" + errSuffix(k.reload()))
 }
 
@@ -505,7 +522,7 @@ func (k *swapSoak) killDaemon() {
 	}
 	d.wait(k.t)
 	next := k.sd.start(k.s, k.in.exe)
-	supervisortest.WaitGateway(k.t, k.gw)
+	supervisortest.WaitGateway(k.t, next, k.gw)
 	k.mu.Lock()
 	k.d = next
 	k.down = append(k.down, window{from, time.Now().Add(time.Second)})
@@ -534,7 +551,10 @@ func (k *swapSoak) settle() {
 			t.Errorf("(e) %s does not answer at the end: %d %s", m.name, code, body)
 		}
 	}
-	waitFor(t, 30*time.Second, "(e) the gateway's in-flight and queue gauges at zero", func() bool {
+	k.mu.Lock()
+	d := k.d
+	k.mu.Unlock()
+	d.waitFor(t, 30*time.Second, "(e) the gateway's in-flight and queue gauges at zero", func() bool {
 		_, fams := scrape(t, k.listen+"/metrics")
 		sum := 0.0
 		for _, name := range []string{"citadel_gateway_in_flight", "citadel_gateway_queue_depth"} {
@@ -757,56 +777,4 @@ func (e *eventState) apply(ev fakevllm.Event, manual map[string][]time.Time) []s
 		delete(e.pids, ev.PID)
 	}
 	return nil
-}
-
-// editModelKey sets key to value in model's block of a configuration as
-// supervisortest writes it (four-space keys under "  <model>:").
-func editModelKey(y, model, key, value string) string {
-	start := strings.Index(y, "\n  "+model+":\n")
-	if start < 0 {
-		return y
-	}
-	start += len("\n  " + model + ":\n")
-	end := start
-	for end < len(y) {
-		nl := strings.IndexByte(y[end:], '\n')
-		if nl < 0 {
-			end = len(y)
-			break
-		}
-		line := y[end : end+nl]
-		if !strings.HasPrefix(line, "    ") {
-			break
-		}
-		end += nl + 1
-	}
-	block := y[start:end]
-	lines := strings.Split(strings.TrimSuffix(block, "\n"), "\n")
-	set := false
-	for i, l := range lines {
-		if strings.HasPrefix(l, "    "+key+":") {
-			lines[i], set = "    "+key+": "+value, true
-		}
-	}
-	if !set {
-		lines = append(lines, "    "+key+": "+value)
-	}
-	return y[:start] + strings.Join(lines, "\n") + "\n" + y[end:]
-}
-
-// blockValue reads key's value in model's block.
-func blockValue(y, model, key string) string {
-	start := strings.Index(y, "\n  "+model+":\n")
-	if start < 0 {
-		return ""
-	}
-	for _, l := range strings.Split(y[start+1:], "\n")[1:] {
-		if !strings.HasPrefix(l, "    ") {
-			break
-		}
-		if v, ok := strings.CutPrefix(l, "    "+key+":"); ok {
-			return strings.TrimSpace(v)
-		}
-	}
-	return ""
 }

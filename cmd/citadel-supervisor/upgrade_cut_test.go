@@ -1,3 +1,5 @@
+//go:build e2e
+
 package main
 
 import (
@@ -45,9 +47,9 @@ func TestUpgradeEndsLongStreamsWithAnEvent(t *testing.T) {
 	}
 	install("v1")
 	sd := newFakeSystemd(t)
-	sd.start(s, exe)
+	d := sd.start(s, exe)
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	supervisortest.WaitGateway(t, gw)
+	supervisortest.WaitGateway(t, d, gw)
 	c := client.New(s.Socket)
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -117,7 +119,7 @@ func TestUpgradeEndsLongStreamsWithAnEvent(t *testing.T) {
 	if n := len(data); n < 3 || data[n-1] != "[DONE]" || !strings.Contains(data[n-2], `"code":"gateway_upgrading"`) {
 		t.Errorf("the stream's end: %q", data[max(0, len(data)-2):])
 	}
-	waitFor(t, 30*time.Second, "the new image answering", func() bool {
+	d.waitFor(t, 30*time.Second, "the new image answering", func() bool {
 		dv, err := c.Daemon(ctx)
 		return err == nil && dv.Version == "v2"
 	})

@@ -1,3 +1,5 @@
+//go:build e2e
+
 package main
 
 import (
@@ -8,7 +10,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -51,9 +52,9 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 				testModel{Name: "a", YAML: od, Fake: fake},
 				testModel{Name: "b", YAML: od, Fake: fake},
 			), t: t}
-			s.start()
+			d := s.start()
 			gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-			supervisortest.WaitGateway(t, gw)
+			supervisortest.WaitGateway(t, d, gw)
 			for round := range 3 {
 				for _, m := range []string{"resident", "a", "b"} {
 					if code, body := chat(t, gw, m); code != 200 || !strings.Contains(body, `"model":"`+m+`"`) {
@@ -142,7 +143,7 @@ func TestKeyedModelBehindKeyedGateway(t *testing.T) {
 	}), t: t}
 	d := s.start()
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
-	waitFor(t, 30*time.Second, "the gateway up", func() bool {
+	d.waitFor(t, 30*time.Second, "the gateway up", func() bool {
 		code, _ := keyedChat(gw, "m", clientKey)
 		return code == 200
 	})
@@ -154,7 +155,7 @@ func TestKeyedModelBehindKeyedGateway(t *testing.T) {
 	}
 	c := client.New(s.Socket)
 	defer c.Close()
-	waitFor(t, 30*time.Second, "m asleep when idle", func() bool {
+	d.waitFor(t, 30*time.Second, "m asleep when idle", func() bool {
 		st, err := c.Status(context.Background(), "m")
 		return err == nil && st[0].State == api.Sleeping
 	})
@@ -226,20 +227,4 @@ func modelPort(s *site, name string) int {
 		}
 	}
 	return 0
-}
-
-// procEnviron reads a live process's environment.
-func procEnviron(t *testing.T, pid int) map[string]string {
-	t.Helper()
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
-	if err != nil {
-		t.Fatal(err)
-	}
-	env := map[string]string{}
-	for _, kv := range bytes.Split(b, []byte{0}) {
-		if k, v, ok := strings.Cut(string(kv), "="); ok {
-			env[k] = v
-		}
-	}
-	return env
 }

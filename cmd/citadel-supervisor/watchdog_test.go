@@ -1,10 +1,11 @@
+//go:build e2e
+
 package main
 
 import (
 	"os"
 	"os/exec"
 	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -31,17 +32,13 @@ func TestWatchdogPingGaps(t *testing.T) {
 func watchdogGaps(t *testing.T, interval time.Duration) {
 	sockPath, msgs := notifySocket(t)
 
-	// slow is last in the file, so the reload's file is the text before it.
 	s := newSite(t,
 		testModel{Name: "keep"},
 		testModel{Name: "slow", YAML: "stop_timeout: 3s", Fake: []string{"--fake-ignore-sigterm", "--fake-workers", "1", "--fake-worker-ignore-sigterm"}},
 	)
-	cut := strings.Index(s.YAML, "  slow:\n")
-	if cut < 0 {
-		t.Fatalf("no slow model in\n%s", s.YAML)
-	}
+	withoutSlow := s.Edit(t, supervisortest.Delete("models.slow"))
 	cmd := exec.Command(os.Args[0], "--config", s.Path)
-	cmd.Env = append(os.Environ(), roleEnv+"=1", "NOTIFY_SOCKET="+sockPath,
+	cmd.Env = supervisortest.DaemonEnviron(roleEnv+"=1", "NOTIFY_SOCKET="+sockPath,
 		"WATCHDOG_USEC="+strconv.FormatInt(interval.Microseconds(), 10), "WATCHDOG_PID=")
 	d := &daemon{cmd: cmd, log: &supervisortest.SyncBuffer{}, done: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = d.log, d.log
@@ -74,7 +71,7 @@ func watchdogGaps(t *testing.T, interval time.Duration) {
 			case m.text == "WATCHDOG=1":
 				pings = append(pings, m.at)
 			case m.text == "STATUS=2/2 ready" && reloadAt.IsZero():
-				if err := os.WriteFile(s.Path, []byte(s.YAML[:cut]), 0o644); err != nil {
+				if err := os.WriteFile(s.Path, []byte(withoutSlow), 0o644); err != nil {
 					t.Fatal(err)
 				}
 				reloadAt = time.Now()

@@ -63,7 +63,11 @@ func TestDocsCLIExamples(t *testing.T) {
 	}
 	site := supervisortest.NewSite(t, docsTop, docsModels...)
 	// Relative model paths, as in the demo: the daemon runs in site.Dir.
-	site.YAML = strings.ReplaceAll(site.YAML, filepath.Join(site.Dir, "models")+"/", "models/")
+	var relative []supervisortest.Edit
+	for _, m := range site.Models {
+		relative = append(relative, supervisortest.Set("models."+m.Name+".model", "models/"+m.Name))
+	}
+	site.YAML = site.Edit(t, relative...)
 	if err := os.WriteFile(site.Path, []byte(site.YAML), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -100,7 +104,7 @@ func TestDocsCLIExamples(t *testing.T) {
 			return true
 		}
 	}
-	waitFor(t, 30*time.Second, "the planted problems", func() bool {
+	d.waitFor(t, 30*time.Second, "the planted problems", func() bool {
 		return reasonHas("coder", "in use by pid")() && reasonHas("vision", "storage:")() && readyBut("coder", "vision")()
 	})
 	got := map[string]string{}
@@ -115,11 +119,11 @@ func TestDocsCLIExamples(t *testing.T) {
 		// on every run.
 		stray.Process.Kill()
 		stray.Wait()
-		waitFor(t, 30*time.Second, "coder to start by itself", readyBut("vision"))
+		d.waitFor(t, 30*time.Second, "coder to start by itself", readyBut("vision"))
 		if err := os.Mkdir(filepath.Join(site.Dir, "models", "vision"), 0o755); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, 30*time.Second, "vision to start by itself", readyBut())
+		d.waitFor(t, 30*time.Second, "vision to start by itself", readyBut())
 	}})
 	edit := func(old, new string) func() {
 		return func() {

@@ -158,7 +158,7 @@ func TestStopLosesRace(t *testing.T) {
 		code, out, errs := d.ctl(t, "stop", "--timeout", "20s", "a")
 		done <- res{code, out, errs, time.Since(start)}
 	}()
-	waitFor(t, 10*time.Second, "a stopping", func() bool { return d.state(t, "a").State == supervisor.Stopping })
+	d.waitFor(t, 10*time.Second, "a stopping", func() bool { return d.state(t, "a").State == supervisor.Stopping })
 	if code, _, errs := d.ctl(t, "start", "a"); code != 0 {
 		t.Fatalf("start: exit %d %s", code, errs)
 	}

@@ -5,6 +5,7 @@ import (
 	"cmp"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -41,6 +42,7 @@ const clientEnv = "CITADELCTL_TEST_AS_CLIENT"
 
 func TestMain(m *testing.M) {
 	supervisortest.RunFakeIfAsked()
+	supervisortest.ExitWithoutDelay()
 	if os.Getenv(clientEnv) == "1" {
 		os.Exit(run(context.Background(), os.Args[1:], nil, os.Stdout, os.Stderr))
 	}
@@ -56,8 +58,22 @@ type model = supervisortest.Model
 
 // daemon is a supervisor and its control server over a real socket.
 type daemon struct {
-	site *supervisortest.Site
-	sup  *supervisor.Supervisor
+	site   *supervisortest.Site
+	sup    *supervisor.Supervisor
+	done   chan struct{} // closed when the supervisor's Run has returned
+	runErr error
+}
+
+var _ supervisortest.Daemon = (*daemon)(nil)
+
+func (d *daemon) Done() <-chan struct{} { return d.done }
+func (d *daemon) Exit() string          { return fmt.Sprintf("Run returned %v", d.runErr) }
+
+// waitFor waits for cond, which the running daemon d is to bring about:
+// it fails at once if d's Run returns first.
+func (d *daemon) waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	supervisortest.WaitOn(t, d, timeout, what, cond)
 }
 
 func startDaemon(t *testing.T, top string, models ...model) *daemon {
@@ -86,9 +102,11 @@ func startSite(t *testing.T, site *supervisortest.Site, opt func(*control.Option
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
+	d := &daemon{site: site, sup: sup, done: make(chan struct{})}
 	wg.Go(func() {
-		if err := sup.Run(ctx); err != nil {
-			t.Errorf("Run: %v", err)
+		defer close(d.done)
+		if d.runErr = sup.Run(ctx); d.runErr != nil {
+			t.Errorf("Run: %v", d.runErr)
 		}
 	})
 	<-sup.Ready()
@@ -111,7 +129,7 @@ func startSite(t *testing.T, site *supervisortest.Site, opt func(*control.Option
 		}
 	})
 	t.Cleanup(func() { cancel(); wg.Wait() })
-	return &daemon{site: site, sup: sup}
+	return d
 }
 
 // ctl runs citadelctl against d and returns exit code, stdout, stderr.
@@ -124,7 +142,7 @@ func (d *daemon) ctl(t *testing.T, args ...string) (int, string, string) {
 
 func (d *daemon) waitAll(t *testing.T, want supervisor.State) {
 	t.Helper()
-	waitFor(t, 30*time.Second, "every model "+string(want), func() bool {
+	d.waitFor(t, 30*time.Second, "every model "+string(want), func() bool {
 		st, _ := d.sup.Status()
 		for _, s := range st {
 			if s.State != want {
@@ -207,7 +225,7 @@ func TestStatusJSONKeys(t *testing.T) {
 
 func TestVerbs(t *testing.T) {
 	d := startDaemon(t, "", model{Name: "a"}, model{Name: "b"}, model{Name: "c", Fake: []string{"--fake-exit-at-start"}, YAML: "restart: {delay: 10ms, burst: 2}"})
-	waitFor(t, 30*time.Second, "a, b ready and c failed", func() bool {
+	d.waitFor(t, 30*time.Second, "a, b ready and c failed", func() bool {
 		return d.state(t, "a").State == supervisor.Ready && d.state(t, "b").State == supervisor.Ready && d.state(t, "c").State == supervisor.Failed
 	})
 
@@ -227,13 +245,13 @@ func TestVerbs(t *testing.T) {
 	if code, _, _ := d.ctl(t, "start", "a"); code != 0 {
 		t.Errorf("start a: exit %d", code)
 	}
-	waitFor(t, 30*time.Second, "a ready again", func() bool { return d.state(t, "a").State == supervisor.Ready })
+	d.waitFor(t, 30*time.Second, "a ready again", func() bool { return d.state(t, "a").State == supervisor.Ready })
 
 	before := d.state(t, "b").PID
 	if code, _, _ := d.ctl(t, "restart", "b"); code != 0 {
 		t.Errorf("restart b: exit %d", code)
 	}
-	waitFor(t, 30*time.Second, "b ready with a new pid", func() bool {
+	d.waitFor(t, 30*time.Second, "b ready with a new pid", func() bool {
 		s := d.state(t, "b")
 		return s.State == supervisor.Ready && s.PID != before
 	})
@@ -245,7 +263,7 @@ func TestVerbs(t *testing.T) {
 	if code, _, _ := d.ctl(t, "reset", "c"); code != 0 {
 		t.Errorf("reset c: exit %d", code)
 	}
-	waitFor(t, 30*time.Second, "c started twice more and failed", func() bool {
+	d.waitFor(t, 30*time.Second, "c started twice more and failed", func() bool {
 		return len(d.site.PIDs(t, "c")) == starts+2 && d.state(t, "c").State == supervisor.Failed
 	})
 
@@ -255,7 +273,7 @@ func TestVerbs(t *testing.T) {
 	if code, _, _ := d.ctl(t, "start", "a", "b"); code != 0 {
 		t.Errorf("start a b: exit %d", code)
 	}
-	waitFor(t, 30*time.Second, "a, b ready", func() bool {
+	d.waitFor(t, 30*time.Second, "a, b ready", func() bool {
 		return d.state(t, "a").State == supervisor.Ready && d.state(t, "b").State == supervisor.Ready
 	})
 	if code, out, _ := d.ctl(t, "stop", "c"); code != 0 {
@@ -269,7 +287,7 @@ func TestVerbs(t *testing.T) {
 
 func TestHealthExitCodes(t *testing.T) {
 	d := startDaemon(t, "", model{Name: "a"}, model{Name: "off", YAML: "enabled: false"})
-	waitFor(t, 30*time.Second, "a ready", func() bool { return d.state(t, "a").State == supervisor.Ready })
+	d.waitFor(t, 30*time.Second, "a ready", func() bool { return d.state(t, "a").State == supervisor.Ready })
 	// A disabled model does not count against health.
 	if code, out, _ := d.ctl(t, "health"); code != 0 || out != "1/1 enabled models serving\n" {
 		t.Errorf("healthy: exit %d %q", code, out)
@@ -279,7 +297,7 @@ func TestHealthExitCodes(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.ctl(t, "restart", "a")
-	waitFor(t, 30*time.Second, "a pending on storage", func() bool { return d.state(t, "a").State == supervisor.Pending })
+	d.waitFor(t, 30*time.Second, "a pending on storage", func() bool { return d.state(t, "a").State == supervisor.Pending })
 	if code, out, _ := d.ctl(t, "health"); code != 1 || !strings.HasPrefix(out, "0/1 enabled models serving\n  a: pending: storage: ") {
 		t.Errorf("unhealthy: exit %d %q", code, out)
 	}
@@ -344,7 +362,7 @@ func TestDaemonNotRunning(t *testing.T) {
 func TestLogs(t *testing.T) {
 	d := startDaemon(t, "", model{Name: "a", Fake: []string{"--fake-log-every", "20ms"}})
 	d.waitAll(t, supervisor.Ready)
-	waitFor(t, 10*time.Second, "a few ticks", func() bool {
+	d.waitFor(t, 10*time.Second, "a few ticks", func() bool {
 		_, out, _ := d.ctl(t, "logs", "a", "-n", "3")
 		return strings.Count(out, "tick") == 3
 	})
@@ -360,7 +378,7 @@ func TestLogs(t *testing.T) {
 	go func() {
 		done <- run(ctx, []string{"--socket", d.site.Socket, "logs", "-f", "-n", "0", "a"}, nil, &w, &w)
 	}()
-	waitFor(t, 10*time.Second, "5 streamed lines", func() bool { return strings.Count(w.String(), "tick") >= 5 })
+	d.waitFor(t, 10*time.Second, "5 streamed lines", func() bool { return strings.Count(w.String(), "tick") >= 5 })
 	cancel()
 	select {
 	case code := <-done:
@@ -381,14 +399,14 @@ func TestReload(t *testing.T) {
 		t.Errorf("no-op reload: exit %d %q", code, out)
 	}
 	// Give b one more variable.
-	cfg := strings.Replace(d.site.YAML, "  b:\n", "  b:\n    env: {EXTRA: \"1\"}\n", 1)
+	cfg := d.site.Edit(t, supervisortest.Set("models.b.env.EXTRA", "1"))
 	if err := os.WriteFile(d.site.Path, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if code, out, errb := d.ctl(t, "reload"); code != 0 || out != "b: respawn (env)\n" {
 		t.Errorf("reload: exit %d %q %q", code, out, errb)
 	}
-	waitFor(t, 30*time.Second, "b ready with a new pid", func() bool {
+	d.waitFor(t, 30*time.Second, "b ready with a new pid", func() bool {
 		s := d.state(t, "b")
 		return s.State == supervisor.Ready && s.PID != bPID
 	})
@@ -722,14 +740,14 @@ func TestControlSocketFlood(t *testing.T) {
 	if code, _, _ := d.ctl(t, "health"); code != 0 {
 		t.Error("health fails after the flood")
 	}
-	waitFor(t, 10*time.Second, "goroutines back to the baseline", func() bool { return runtime.NumGoroutine() <= base+4 })
+	d.waitFor(t, 10*time.Second, "goroutines back to the baseline", func() bool { return runtime.NumGoroutine() <= base+4 })
 }
 
 // TestOnDemandVerbs: an on-demand model by name says how it is used;
 // sleep and wake by hand; an always model refuses them, saying why.
 func TestOnDemandVerbs(t *testing.T) {
 	d := startDaemon(t, "", model{Name: "od", YAML: "activation: on_demand\nsleep_level: 0"}, model{Name: "al"})
-	waitFor(t, 30*time.Second, "al ready, od idle", func() bool {
+	d.waitFor(t, 30*time.Second, "al ready, od idle", func() bool {
 		return d.state(t, "al").State == supervisor.Ready && d.state(t, "od").State == supervisor.Stopped
 	})
 	if code, out, _ := d.ctl(t, "status", "od"); code != 0 || !strings.Contains(out, "od: on demand, not awake; last request never") {
@@ -738,11 +756,11 @@ func TestOnDemandVerbs(t *testing.T) {
 	if code, out, _ := d.ctl(t, "wake", "od"); code != 0 {
 		t.Errorf("wake od: exit %d %s", code, out)
 	}
-	waitFor(t, 30*time.Second, "od ready", func() bool { return d.state(t, "od").State == supervisor.Ready })
+	d.waitFor(t, 30*time.Second, "od ready", func() bool { return d.state(t, "od").State == supervisor.Ready })
 	if code, out, _ := d.ctl(t, "sleep", "od"); code != 0 {
 		t.Errorf("sleep od: exit %d %s", code, out)
 	}
-	waitFor(t, 30*time.Second, "od stopped (sleep_level 0)", func() bool { return d.state(t, "od").State == supervisor.Stopped })
+	d.waitFor(t, 30*time.Second, "od stopped (sleep_level 0)", func() bool { return d.state(t, "od").State == supervisor.Stopped })
 	if code, out, errb := d.ctl(t, "sleep", "al"); code != 1 || !strings.Contains(out+errb, "not on demand") {
 		t.Errorf("sleep al: exit %d %s %s", code, out, errb)
 	}
@@ -811,7 +829,7 @@ func TestFlagsSayWhatTheyWant(t *testing.T) {
 func TestStatusPipedAndJSONOps(t *testing.T) {
 	long := strings.Repeat("x", 300)
 	d := startDaemon(t, "", model{Name: "a"}, model{Name: "b", YAML: "env_files: [/nonexistent/" + long + "]"})
-	waitFor(t, 30*time.Second, "a ready", func() bool { return d.state(t, "a").State == supervisor.Ready })
+	d.waitFor(t, 30*time.Second, "a ready", func() bool { return d.state(t, "a").State == supervisor.Ready })
 	// Piped: the long reason whole.
 	r, w, err := os.Pipe()
 	if err != nil {

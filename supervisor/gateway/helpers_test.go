@@ -24,6 +24,7 @@ import (
 
 func TestMain(m *testing.M) {
 	supervisortest.RunFakeIfAsked()
+	supervisortest.ExitWithoutDelay()
 	os.Exit(m.Run())
 }
 

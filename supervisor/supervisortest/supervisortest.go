@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -19,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"citadel-supervisor/config"
 	"citadel-supervisor/supervisor/supervisortest/fakevllm"
 )
 
@@ -38,8 +40,47 @@ func RunFakeIfAsked() {
 	}
 }
 
+// ExitWithoutDelay makes the processes a test starts from now on exit at
+// once when they are built with the race detector. By default
+// (GORACE=atexit_sleep_ms=1000) every instrumented process sleeps a second
+// at its exit, so that goroutines still running can report races; every
+// fake model, daemon and client of the real-process tests is this test
+// binary, built with -race, so each stop of a model took a second longer,
+// and those seconds were most of a real-process test's time. A race is
+// still reported when it happens, and the process still exits 66; only the
+// wait at exit goes. A TestMain calls it before m.Run. Options the caller
+// set in GORACE still win: they come after, and the last of an option
+// counts.
+func ExitWithoutDelay() {
+	os.Setenv("GORACE", strings.TrimSpace("atexit_sleep_ms=0 "+os.Getenv("GORACE"))) //nolint:errcheck // cannot fail for this name
+}
+
+// daemonUnset are variables of this process's environment a daemon under
+// test must not see: systemd's (a test run from a unit would hand the
+// daemon the unit's notify socket, descriptors and directories); and the
+// CITADEL_* overrides of the configuration's keys (CITADEL_LISTEN …) are
+// left out by prefix.
+var daemonUnset = []string{"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+	"INVOCATION_ID", "STATE_DIRECTORY", "CACHE_DIRECTORY", "RUNTIME_DIRECTORY", "SERVICE_RESULT"}
+
+// DaemonEnviron is the environment for a daemon a test starts: this
+// process's without what would make the daemon run on anything but its
+// site's configuration and the test's own settings (see daemonUnset), and
+// extra after it.
+func DaemonEnviron(extra ...string) []string {
+	var out []string
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		if !strings.HasPrefix(k, config.EnvPrefix) && !slices.Contains(daemonUnset, k) {
+			out = append(out, kv)
+		}
+	}
+	return append(out, extra...)
+}
+
 // WaitFor polls cond until it holds or d passes. Every wait in the tests has
-// a deadline; none sleeps to synchronise.
+// a deadline; none sleeps to synchronise. A wait for something a daemon
+// does is WaitOn.
 func WaitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
@@ -49,6 +90,128 @@ func WaitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// A Daemon is what a wait watches besides its condition: the daemon (a
+// process, or a Supervisor's Run) the condition depends on. Once it has
+// exited the condition will not come true, so WaitOn fails at once,
+// saying so, rather than waiting out its deadline.
+type Daemon interface {
+	// Done is closed when the daemon has exited.
+	Done() <-chan struct{}
+	// Exit says how it exited, with the end of its output.
+	Exit() string
+}
+
+// WaitOn is WaitFor on a daemon: it also fails as soon as d has exited
+// with cond still false.
+func WaitOn(t testing.TB, d Daemon, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for !cond() {
+		select {
+		case <-d.Done():
+			if cond() {
+				return
+			}
+			t.Fatalf("the daemon exited while the test waited for %s: %s", what, d.Exit())
+		case <-deadline.C:
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		case <-tick.C:
+		}
+	}
+}
+
+// AnyOf is a Daemon that has exited once any of ds has: for a wait on
+// what several daemons do together.
+func AnyOf(ds ...Daemon) Daemon {
+	a := &anyOf{ds: ds, done: make(chan struct{})}
+	var once sync.Once
+	for _, d := range ds {
+		go func() {
+			<-d.Done()
+			once.Do(func() { close(a.done) })
+		}()
+	}
+	return a
+}
+
+type anyOf struct {
+	ds   []Daemon
+	done chan struct{}
+}
+
+func (a *anyOf) Done() <-chan struct{} { return a.done }
+
+func (a *anyOf) Exit() string {
+	for _, d := range a.ds {
+		select {
+		case <-d.Done():
+			return d.Exit()
+		default:
+		}
+	}
+	return "none has exited"
+}
+
+// FailureOf runs f as a test would, with a testing.TB whose failures are
+// recorded instead of failing t (a Fatal ends f's goroutine, as in a
+// test), and returns what f failed with, "" if nothing: for tests of the
+// harness's own checks. f must return within two minutes.
+func FailureOf(t testing.TB, f func(tb testing.TB)) string {
+	t.Helper()
+	r := &recorder{TB: t}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f(r)
+	}()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Minute):
+		t.Fatal("the function under test did not return within 2m")
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return strings.Join(r.failures, "\n")
+}
+
+// recorder is a testing.TB that records failures; see FailureOf.
+type recorder struct {
+	testing.TB
+	mu       sync.Mutex
+	failures []string
+}
+
+func (r *recorder) Helper() {}
+
+func (r *recorder) Errorf(format string, args ...any) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.failures = append(r.failures, fmt.Sprintf(format, args...))
+}
+
+func (r *recorder) Error(args ...any) { r.Errorf("%s", fmt.Sprint(args...)) }
+
+func (r *recorder) Fatalf(format string, args ...any) {
+	r.Errorf(format, args...)
+	runtime.Goexit()
+}
+
+func (r *recorder) Fatal(args ...any) { r.Fatalf("%s", fmt.Sprint(args...)) }
+
+func (r *recorder) FailNow() { r.Fatalf("FailNow") }
+
+// Tail is the end of a daemon's output for a failure: its last n lines.
+func Tail(out string, n int) string {
+	lines := strings.Split(strings.TrimRight(out, "\n"), "\n")
+	if len(lines) > n {
+		lines = append([]string{fmt.Sprintf("[%d lines before]", len(lines)-n)}, lines[len(lines)-n:]...)
+	}
+	return strings.Join(lines, "\n")
 }
 
 // FreePort returns a loopback port that was free a moment ago.
@@ -93,29 +256,21 @@ const Defaults = `  stop_timeout: 2s
   probe: {period: 50ms, timeout: 1s, failure_threshold: 3, startup_timeout: 30s}
 `
 
-// NewSite writes a configuration for models: backend none unless top says
-// otherwise, the test binary as every model's command, free ports, model
-// directories and a pid directory per model (see PIDs).
+// NewSite writes a configuration for models: top's keys (YAML: gpu, the
+// gateway, log …) and what the harness sets (see buildSite): no HTTP
+// server and no gateway unless top asks for one, on a port from the kernel
+// (a fixed port or a production default fails the test), backend none
+// unless top says otherwise, the test binary as every model's command,
+// free ports, model directories and a pid directory per model (see PIDs).
 func NewSite(t testing.TB, top string, models ...Model) *Site {
 	t.Helper()
 	s := &Site{Dir: t.TempDir()}
 	s.Socket = filepath.Join(s.Dir, "s.sock")
 	s.Events = filepath.Join(s.Dir, "events.jsonl")
-	top, s.Ledger = withLedger(top, filepath.Join(s.Dir, "gpu-ledger"))
-	var b strings.Builder
-	// Only a top-level listen counts: "gateway: {listen: …}" is not one,
-	// and a daemon left on the default 127.0.0.1:9400 collides with any
-	// other test daemon on the machine.
-	if !strings.HasPrefix(top, "listen:") && !strings.Contains(top, "\nlisten:") {
-		b.WriteString("listen: \"\"\n")
+	spec := siteSpec{
+		dir: s.Dir, socket: s.Socket, events: s.Events, cacheDir: filepath.Join(s.Dir, "cache"),
+		ledger: filepath.Join(s.Dir, "gpu-ledger"), command: os.Args[0],
 	}
-	fmt.Fprintf(&b, "control_socket: %s\n", s.Socket)
-	if !strings.Contains(top, "gpu:") {
-		top += "gpu: {backend: none}\n"
-	}
-	b.WriteString(top)
-	fmt.Fprintf(&b, "defaults:\n  command: [%q]\n  env: {%s: \"1\"}\n%s", os.Args[0], SelfEnv, Defaults)
-	b.WriteString("models:\n")
 	// Hold every chosen port until all are chosen: a port released at once
 	// can be handed out again by the next request.
 	var held []net.Listener
@@ -124,7 +279,7 @@ func NewSite(t testing.TB, top string, models ...Model) *Site {
 			ln.Close()
 		}
 	}()
-	for i, m := range models {
+	for _, m := range models {
 		for _, d := range []string{"models/" + m.Name, "pids/" + m.Name} {
 			if err := os.MkdirAll(filepath.Join(s.Dir, d), 0o755); err != nil {
 				t.Fatal(err)
@@ -136,23 +291,24 @@ func NewSite(t testing.TB, top string, models ...Model) *Site {
 		}
 		held = append(held, ln)
 		m.Port = ln.Addr().(*net.TCPAddr).Port
-		args := []string{"--fake-pid-dir", filepath.Join(s.Dir, "pids", m.Name), "--fake-event-log", s.Events}
-		if s.Ledger != "" && !slices.Contains(m.Fake, "--fake-usage-dir") {
-			args = append(args, "--fake-usage-dir", s.Ledger)
-		}
-		args = append(args, m.Fake...)
-		// vllm_port set explicitly: the value derived from random ports
-		// could clash between models, which validation rightly refuses.
-		fmt.Fprintf(&b, "  %s:\n    model: %s\n    port: %d\n    vllm_port: %d\n    args: [%s]\n",
-			m.Name, filepath.Join(s.Dir, "models", m.Name), m.Port, 20000+16*i, quoteAll(args))
-		for _, line := range strings.Split(strings.TrimSpace(m.YAML), "\n") {
-			if line != "" {
-				fmt.Fprintf(&b, "    %s\n", line)
-			}
-		}
-		s.Models = append(s.Models, m)
+		spec.models = append(spec.models, m)
 	}
-	s.YAML = b.String()
+	root, ledger, err := buildSite(top, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ledger != "" {
+		if err := os.MkdirAll(ledger, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Ledger, s.Models = ledger, spec.models
+	if s.YAML, err = encode(root); err != nil {
+		t.Fatal(err)
+	}
+	if err := checkListeners(s.YAML); err != nil {
+		t.Fatal(err)
+	}
 	s.Path = filepath.Join(s.Dir, "supervisor.yaml")
 	if err := os.WriteFile(s.Path, []byte(s.YAML), 0o644); err != nil {
 		t.Fatal(err)
@@ -171,32 +327,15 @@ func NewSite(t testing.TB, top string, models ...Model) *Site {
 	return s
 }
 
-// withLedger gives a sim backend without a usage_dir the ledger dir: the
-// fakes then keep the ledger of GPU memory and fail loudly on
-// out-of-memory. It returns top unchanged when it has no sim backend or
-// names its own usage_dir (which the ledger is then, if its models are
-// given --fake-usage-dir).
-func withLedger(top, dir string) (string, string) {
-	if !strings.Contains(top, "backend: sim") {
-		return top, ""
+// Edit returns the site's configuration with edits applied (Set, Delete);
+// the test writes it where it wants it.
+func (s *Site) Edit(t testing.TB, edits ...Edit) string {
+	t.Helper()
+	y, err := EditYAML(s.YAML, edits...)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if i := strings.Index(top, "usage_dir: "); i >= 0 {
-		rest := top[i+len("usage_dir: "):]
-		if j := strings.IndexByte(rest, '\n'); j >= 0 {
-			rest = rest[:j]
-		}
-		return top, strings.Trim(strings.TrimSpace(rest), `"`)
-	}
-	const simKey = "\n  sim:\n"
-	i := strings.Index(top, simKey)
-	if i < 0 {
-		return top, ""
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return top, ""
-	}
-	i += len(simKey)
-	return top[:i] + "    usage_dir: " + dir + "\n" + top[i:], dir
+	return y
 }
 
 // ReadEvents reads the fake models' event log.
@@ -221,14 +360,6 @@ func (s *Site) ReadEvents(t testing.TB) []fakevllm.Event {
 		out = append(out, e)
 	}
 	return out
-}
-
-func quoteAll(ss []string) string {
-	q := make([]string, len(ss))
-	for i, s := range ss {
-		q[i] = strconv.Quote(s)
-	}
-	return strings.Join(q, ", ")
 }
 
 // PIDs lists every process a model ever started, from fake-vllm's own
@@ -325,10 +456,11 @@ func FakeStats(t testing.TB, port int) map[string]float64 {
 	return out
 }
 
-// WaitGateway waits until the gateway at base answers GET /v1/models.
-func WaitGateway(t testing.TB, base string) {
+// WaitGateway waits until the gateway at base, d's, answers GET
+// /v1/models.
+func WaitGateway(t testing.TB, d Daemon, base string) {
 	t.Helper()
-	WaitFor(t, 30*time.Second, "the gateway up", func() bool {
+	WaitOn(t, d, 30*time.Second, "the gateway up", func() bool {
 		resp, err := http.Get(base + "/v1/models")
 		if err != nil {
 			return false

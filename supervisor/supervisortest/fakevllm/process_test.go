@@ -19,6 +19,7 @@ import (
 
 func TestMain(m *testing.M) {
 	supervisortest.RunFakeIfAsked()
+	supervisortest.ExitWithoutDelay()
 	os.Exit(m.Run())
 }
 
