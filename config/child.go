@@ -7,8 +7,8 @@ import (
 	"strings"
 )
 
-// What the supervisor owns of a child's command line and environment (SPEC
-// §2), listed once: Argv and ChildEnv build them from these tables and
+// What the supervisor owns of a child's command line and environment
+// (docs/configuration.md, "What the child gets"), listed once: Argv and ChildEnv build them from these tables and
 // Validate refuses a model that sets them itself in args or env, so a
 // flag added here is both passed and guarded.
 
@@ -80,7 +80,7 @@ func ownedVarHint(name string) (string, bool) {
 	return "", false
 }
 
-// Argv is the child's command line (SPEC §2): command, then the flags the
+// Argv is the child's command line (docs/configuration.md): command, then the flags the
 // supervisor owns, then the model's args.
 func (m Model) Argv() []string {
 	out := slices.Clone(m.Command)
@@ -137,7 +137,7 @@ func (m Model) APIKey(secrets map[string]string) string {
 	return secrets[APIKeyVar]
 }
 
-// ChildEnv is the child's environment (SPEC §2), sorted: base (the daemon's
+// ChildEnv is the child's environment (docs/configuration.md), sorted: base (the daemon's
 // own) minus systemd's and EnvPrefix variables, then secrets (the env_files
 // values: they go here and nowhere else), env, the variables the supervisor
 // owns for the GPUs placed, and last own: the supervisor's EnvPrefix

@@ -125,7 +125,7 @@ type Model struct {
 
 	// Activation is always (placed by priority, kept running) or on_demand
 	// (started or woken by a request, put to sleep when idle or to make
-	// room). SPEC §8.
+	// room). docs/on-demand.md.
 	Activation string `koanf:"activation"`
 	// SleepLevel is how an idle on-demand model gives its GPUs back: 1 or 2
 	// (vLLM's sleep levels), or 0 to stop the process.
@@ -167,7 +167,7 @@ const (
 	ActivationOnDemand = "on_demand"
 )
 
-// OnDemand reports whether m runs only while wanted (SPEC §8).
+// OnDemand reports whether m runs only while wanted (docs/on-demand.md).
 func (m Model) OnDemand() bool { return m.Activation == ActivationOnDemand }
 
 // Sleeps reports whether m gives its GPUs back with vLLM's sleep mode (an
@@ -221,7 +221,7 @@ func (c *Config) LongestStopTimeout() time.Duration {
 }
 
 // builtin holds the defaults every configuration starts from. Keys here are
-// the contract of SPEC §2; a file only needs to say what differs.
+// the contract of docs/configuration.md; a file only needs to say what differs.
 func builtin() map[string]any {
 	return map[string]any{
 		"listen":                    "127.0.0.1:9400",

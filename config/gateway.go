@@ -14,7 +14,7 @@ import (
 )
 
 // Gateway configures the OpenAI-compatible endpoint in front of every model
-// (SPEC §8). Listen "" disables it.
+// (docs/gateway.md). Listen "" disables it.
 type Gateway struct {
 	Listen string `koanf:"listen"`
 	// APIKeysFile, when set, holds one `NAME TOKEN` per line; a request

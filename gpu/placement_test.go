@@ -77,7 +77,7 @@ func TestPlan(t *testing.T) {
 			},
 		},
 		{
-			name: "the message the SPEC shows",
+			name: "the message docs/placement.md shows",
 			reqs: []Request{{Name: "mixtral", TP: 2, Util: 0.9}},
 			slots: func() []Slot {
 				s := twoH100(61*config.GiB+102*config.MiB, 58*config.GiB+307*config.MiB)

@@ -10,7 +10,7 @@ import (
 	"strconv"
 )
 
-// vLLM's sleep mode (SPEC §8), as the supervisor drives it. These endpoints
+// vLLM's sleep mode (docs/on-demand.md), as the supervisor drives it. These endpoints
 // exist only with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1; the
 // gateway never forwards them.
 

@@ -18,7 +18,7 @@ import (
 	"citadel-supervisor/vllm"
 )
 
-// Live restore (SPEC §9): a daemon hands its models to its successor
+// Live restore (docs/operations.md): a daemon hands its models to its successor
 // instead of stopping them.
 //
 //   - An upgrade re-executes the binary in place (same PID): each runner is

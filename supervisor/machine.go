@@ -17,7 +17,7 @@ import (
 	"citadel-supervisor/vllm"
 )
 
-// machine is one model's lifecycle: SPEC §3's states, driven by typed
+// machine is one model's lifecycle: the states of docs/architecture.md, driven by typed
 // events, returning typed effects. It does no I/O and reads no clock of its
 // own: its runner carries out the effects (spawning, stopping, probing,
 // timers, GPU claims) and feeds their outcomes back as events, so the whole
@@ -92,7 +92,7 @@ type machine struct {
 	startAfter string // non-empty: start again at once, with this reason
 	idleAfter  string // non-empty: an on-demand model stopped to give its GPUs back (sleep_level 0, a failed sleep)
 
-	// On-demand models (SPEC §8).
+	// On-demand models (docs/on-demand.md).
 	awakeAt    time.Time // when it last became ready (started or woke)
 	sleepOp    bool      // a sleep is in flight (draining, then /sleep)
 	sleepCause string    // idle, evicted, manual

@@ -24,7 +24,7 @@ var update = flag.Bool("update", false, "rewrite testdata golden files")
 
 var t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 
-// testModelCfg is a model with the defaults of SPEC §2.
+// testModelCfg is a model with the defaults of docs/configuration.md.
 func testModelCfg() config.Model {
 	return config.Model{
 		Name: "m", Port: 11400, Enabled: true, TensorParallel: 1, GPUMemoryUtilization: 0.5,

@@ -2,7 +2,7 @@ package supervisor
 
 import "sync"
 
-// OutputLines is how many lines of a model's output are kept (SPEC §4).
+// OutputLines is how many lines of a model's output are kept (docs/architecture.md).
 const OutputLines = 200
 
 // maxLineBytes bounds one captured line; a child writing a megabyte without

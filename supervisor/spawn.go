@@ -10,7 +10,7 @@ import (
 	"citadel-supervisor/supervisor/proc"
 )
 
-// childEnv is the child's environment: config.Model.ChildEnv (SPEC §2, with
+// childEnv is the child's environment: config.Model.ChildEnv (docs/configuration.md, with
 // the variables the supervisor owns) plus this instance's marker, by which
 // package proc finds every process the instance starts. The marker is an
 // EnvPrefix variable, so no model's env can set it nor inherit the daemon's.

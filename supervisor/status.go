@@ -6,10 +6,10 @@ import "citadel-supervisor/supervisor/control/api"
 // citadelctl links the types without the daemon. These aliases keep the
 // supervisor's own names.
 
-// State is a model's lifecycle state (SPEC §3).
+// State is a model's lifecycle state (docs/architecture.md).
 type State = api.State
 
-// The states of SPEC §3. Their names are part of the contract.
+// The states of docs/architecture.md. Their names are part of the contract.
 const (
 	Pending   = api.Pending
 	Starting  = api.Starting

@@ -45,7 +45,7 @@ type Prober interface {
 	probe.Client
 	// Version asks the running model which vLLM it is (GET /version).
 	Version(ctx context.Context, base string) (string, error)
-	// Sleep, WakeUp and IsSleeping drive vLLM's sleep mode (SPEC §8).
+	// Sleep, WakeUp and IsSleeping drive vLLM's sleep mode (docs/on-demand.md).
 	Sleep(ctx context.Context, base string, level int) error
 	WakeUp(ctx context.Context, base string, level int) error
 	IsSleeping(ctx context.Context, base string) (bool, error)
@@ -98,7 +98,7 @@ type Options struct {
 	Registerer prometheus.Registerer
 	// Reaper reaps orphans adopted as subreaper; nil spawns without one.
 	Reaper *Reaper
-	// Environ is the environment children inherit (before SPEC §2's edits).
+	// Environ is the environment children inherit (before docs/configuration.md's edits).
 	Environ []string
 	// Output receives model output lines; nil logs them at info level.
 	Output OutputFunc

@@ -20,7 +20,7 @@ import (
 	"citadel-supervisor/vllm"
 )
 
-// Exit codes of --check. 0 and 1 are SPEC §1's; the others let a script
+// Exit codes of --check. 0 and 1 are docs/configuration.md's; the others let a script
 // tell a bad file from a host that cannot run it. The unit's ExecStartPre
 // fails on anything but 0, so warnings (what a running daemon waits for:
 // storage, ports, env files) never keep the daemon from starting.

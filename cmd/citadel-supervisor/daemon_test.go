@@ -139,7 +139,7 @@ func TestSIGHUPReloadsOverTheSocket(t *testing.T) {
 	}
 }
 
-// specFamilies are the metric families of SPEC §6.
+// specFamilies are the metric families of docs/metrics.md.
 var specFamilies = []string{
 	"citadel_model_up", "citadel_model_state", "citadel_model_restarts_total", "citadel_model_last_exit_code",
 	"citadel_model_start_time_seconds", "citadel_model_startup_duration_seconds", "citadel_model_resident_memory_bytes",
@@ -181,7 +181,7 @@ func TestMetricsOfARunningDaemon(t *testing.T) {
 	})
 	var body string
 	var fams map[string]*dto.MetricFamily
-	d.waitFor(t, 30*time.Second, "every SPEC family", func() bool {
+	d.waitFor(t, 30*time.Second, "every family of docs/metrics.md", func() bool {
 		body, fams = scrape(t, base+"/metrics")
 		for _, f := range specFamilies {
 			if fams[f] == nil {

@@ -233,7 +233,7 @@ func hostileSIGKILLs(t *testing.T, s *site, mode string, trials int) {
 
 		second := s.startMode(mode)
 		if mode == supervisor.OwnershipCgroup {
-			// Adopted (SPEC §9): the same server per model, ready again,
+			// Adopted (docs/operations.md): the same server per model, ready again,
 			// never a second copy.
 			second.waitFor(t, 30*time.Second, "every model adopted: ready on the process it had, one server each", func() bool {
 				for _, n := range servers(s.Site, t) {

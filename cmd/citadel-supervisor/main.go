@@ -434,7 +434,7 @@ func indent(err error) string {
 // ExecStopPost after every end of the daemon: after `systemctl stop` it
 // stops what a daemon that hung left (SERVICE_RESULT success or timeout);
 // after a crash (signal, core-dump, watchdog, exit-code) it does nothing,
-// so the daemon systemd restarts adopts the models (SPEC §9).
+// so the daemon systemd restarts adopts the models (docs/operations.md).
 func runStopLeftovers(path string, environ []string, stderr io.Writer) int {
 	switch result := config.Getenv(environ, "SERVICE_RESULT", ""); result {
 	case "", "success", "timeout":

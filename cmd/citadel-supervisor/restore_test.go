@@ -19,7 +19,7 @@ import (
 	"citadel-supervisor/supervisor/supervisortest"
 )
 
-// Live restore (SPEC §9): an upgrade in place and a daemon's death cost no
+// Live restore (docs/operations.md): an upgrade in place and a daemon's death cost no
 // model restart.
 
 // TestSIGKILLThenRestartAdopts: after a daemon's SIGKILL, the next daemon

@@ -11,6 +11,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"slices"
 	"strings"
@@ -150,5 +151,44 @@ func moduleRoot(t *testing.T) string {
 			t.Fatal("no go.mod above the test's directory")
 		}
 		dir = parent
+	}
+}
+
+// TestCommentsCiteWhatExists: the code's comments and the docs cite the
+// operator documentation in docs/, which is in this repository; never a
+// contract file that is not (an outside specification by section).
+func TestCommentsCiteWhatExists(t *testing.T) {
+	root := moduleRoot(t)
+	cite := regexp.MustCompile(`docs/([a-z0-9_-]+\.md)`)
+	outside := "SPEC" + " §"
+	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && path != root && (strings.HasPrefix(d.Name(), ".") || d.Name() == "testdata" || d.Name() == "bin") {
+			return filepath.SkipDir
+		}
+		if d.IsDir() || !(strings.HasSuffix(path, ".go") || strings.HasSuffix(path, ".md")) {
+			return nil
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(root, path)
+		for i, line := range strings.Split(string(b), "\n") {
+			if strings.Contains(line, outside) {
+				t.Errorf("%s:%d cites %q, a file not in this repository: cite docs/ instead", rel, i+1, outside)
+			}
+			for _, m := range cite.FindAllStringSubmatch(line, -1) {
+				if _, err := os.Stat(filepath.Join(root, "docs", m[1])); err != nil {
+					t.Errorf("%s:%d cites docs/%s, which does not exist", rel, i+1, m[1])
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }

@@ -26,7 +26,7 @@ import (
 	"citadel-supervisor/supervisor/systemd"
 )
 
-// Upgrade in place (SPEC §9): `citadelctl upgrade` or SIGUSR2 re-executes
+// Upgrade in place (docs/operations.md): `citadelctl upgrade` or SIGUSR2 re-executes
 // the binary from its path on disk, with the same PID. The models stay
 // this process's children; the listeners, the control socket and the
 // models' output pipes stay open across the exec; the supervisor's state

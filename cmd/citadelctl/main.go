@@ -25,7 +25,7 @@ import (
 	"citadel-supervisor/supervisor/control/client"
 )
 
-// Exit codes (SPEC §1).
+// Exit codes (docs/cli.md).
 const (
 	exitOK          = 0
 	exitFailed      = 1
@@ -505,7 +505,7 @@ func (c *cli) health(ctx context.Context, _ []string) int {
 		c.writeJSON(h)
 		return code
 	}
-	// Serving: ready, or on demand and sleeping or startable (SPEC §8).
+	// Serving: ready, or on demand and sleeping or startable (docs/gateway.md).
 	fmt.Fprintf(c.out, "%d/%d enabled models serving\n", h.Ready, h.Enabled)
 	for _, s := range h.NotReady {
 		fmt.Fprintf(c.out, "  %s: %s%s\n", s.Name, s.State, withReason(s.Reason))

@@ -279,7 +279,7 @@ func TestVerbs(t *testing.T) {
 	if code, out, _ := d.ctl(t, "stop", "c"); code != 0 {
 		t.Errorf("stop c: exit %d %s", code, out)
 	}
-	// c is held stopped by an operator: reported, not counted (SPEC §8).
+	// c is held stopped by an operator: reported, not counted (docs/on-demand.md).
 	if code, out, _ := d.ctl(t, "health"); code != 0 || out != "2/2 enabled models serving\n  c: held stopped (not counted): held stopped by operator\n" {
 		t.Errorf("health: exit %d\n%s", code, out)
 	}

@@ -13,7 +13,7 @@ import (
 )
 
 // upgrade asks the daemon to re-execute its binary in place and waits for
-// the new image to answer: same PID, every model kept (SPEC §9).
+// the new image to answer: same PID, every model kept (docs/operations.md).
 func (c *cli) upgrade(ctx context.Context, args []string) int {
 	fs := flag.NewFlagSet("upgrade", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // the messages below say what is expected

@@ -1,5 +1,5 @@
 // Package gateway serves one OpenAI-compatible endpoint for every model the
-// supervisor runs (SPEC §8): requests are routed by the JSON body's
+// supervisor runs (docs/gateway.md): requests are routed by the JSON body's
 // "model", held in a per-model queue while the model is busy or not ready,
 // and forwarded to the model's own server with streams passed through event
 // by event. It knows the supervisor only through the Models interface.
@@ -46,7 +46,7 @@ type Models interface {
 type Model struct {
 	Name       string // the configuration's key
 	ServedName string // vLLM's --served-model-name; clients may use either
-	State      string // SPEC §3's state
+	State      string // its lifecycle state (api.State)
 	Reason     string // what `citadelctl status` shows
 	Upstream   string // the model's base URL, e.g. http://127.0.0.1:11400
 	Enabled    bool

@@ -14,8 +14,8 @@ import (
 	"go.uber.org/zap"
 )
 
-// devEndpoints are vLLM's development and administration endpoints (SPEC
-// §8): they put a model to sleep, run code in its workers or drop its
+// devEndpoints are vLLM's development and administration endpoints
+// (docs/gateway.md, "Never forwarded"): they put a model to sleep, run code in its workers or drop its
 // caches. Only /v1/ is forwarded, which excludes them already; naming them
 // again guards against a future vLLM moving one under /v1/, and covers the
 // LoRA admin endpoints that are under /v1/.
@@ -410,7 +410,7 @@ func (g *Gateway) object(rt *route) modelObject {
 	}
 }
 
-// listModels lists every enabled model whatever its state (SPEC §8), of
+// listModels lists every enabled model whatever its state (docs/gateway.md), of
 // those the key may use.
 func (g *Gateway) listModels(w http.ResponseWriter, k *keyState) {
 	out := struct {

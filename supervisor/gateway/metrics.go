@@ -4,7 +4,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// metrics are SPEC §8's citadel_gateway_* families. Counters and histograms
+// metrics are docs/metrics.md's citadel_gateway_* families. Counters and histograms
 // are vectors whose series of a removed model are deleted; the gauges are
 // read at scrape time from the models' queues (collector below), so they
 // come and go with the configuration.

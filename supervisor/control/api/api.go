@@ -19,7 +19,7 @@ const (
 	PathHealth = "/v1/health" // GET; 200 when every enabled model is ready, else 503
 	PathGPUs   = "/v1/gpus"   // GET
 	PathDaemon = "/v1/daemon" // GET: Daemon
-	// PathUpgrade re-executes the daemon's binary in place (SPEC §9): POST,
+	// PathUpgrade re-executes the daemon's binary in place (docs/operations.md): POST,
 	// answered with UpgradeResponse just before the exec.
 	PathUpgrade = "/v1/upgrade"
 	// PathUsage is the gateway's requests and tokens since the daemon
@@ -50,13 +50,13 @@ type UsageRow struct {
 // Op is an operator's operation on models, the last element of PathOp.
 type Op string
 
-// The operations (SPEC §1: citadelctl start|stop|restart|reset).
+// The operations (docs/cli.md: citadelctl start|stop|restart|reset).
 const (
 	OpStart   Op = "start"   // start a model held stopped, failed or in backoff
 	OpStop    Op = "stop"    // stop it and hold it stopped
 	OpRestart Op = "restart" // graceful stop, then start
 	OpReset   Op = "reset"   // clear the start limit and backoff, then start
-	OpSleep   Op = "sleep"   // put an on-demand model to sleep now (SPEC §8)
+	OpSleep   Op = "sleep"   // put an on-demand model to sleep now (docs/on-demand.md)
 	OpWake    Op = "wake"    // wake (or start) an on-demand model now
 )
 

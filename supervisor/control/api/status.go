@@ -5,10 +5,10 @@ import (
 	"time"
 )
 
-// State is a model's lifecycle state (SPEC §3).
+// State is a model's lifecycle state (docs/architecture.md).
 type State string
 
-// The states of SPEC §3. Their names are part of the contract.
+// The states of docs/architecture.md. Their names are part of the contract.
 const (
 	Pending   State = "pending"   // waiting for storage, port, env files or GPU memory; Reason says which
 	Starting  State = "starting"  // spawned, no healthy answer yet
@@ -51,7 +51,7 @@ type Status struct {
 	// LastOutput holds the model's last lines of output when it failed.
 	LastOutput []string `json:"last_output,omitempty"`
 
-	// OnDemand: activation on_demand (SPEC §8): started or woken by a
+	// OnDemand: activation on_demand (docs/on-demand.md): started or woken by a
 	// request, put to sleep when idle or to make room.
 	OnDemand bool `json:"on_demand,omitempty"`
 	// Held: stopped by an operator (citadelctl stop) or enabled: false, as
@@ -96,7 +96,7 @@ type Status struct {
 }
 
 // Serving reports whether the model is what operators mean by serving
-// (SPEC §8): an always model ready; an on-demand model ready, sleeping or
+// (docs/on-demand.md): an always model ready; an on-demand model ready, sleeping or
 // startable (stopped until a request, or waking or starting for one).
 func (s Status) Serving() bool {
 	if s.State == Ready {
@@ -114,7 +114,7 @@ func (s Status) Serving() bool {
 	return false
 }
 
-// Health summarises readiness (SPEC §8): healthy when every enabled model
+// Health summarises readiness (docs/cli.md, citadelctl health): healthy when every enabled model
 // is serving (Serving). A model held stopped by an operator is listed but
 // does not make it unhealthy. It is the body of PathHealth.
 type Health struct {

@@ -26,7 +26,7 @@ func TestHealthOf(t *testing.T) {
 	}
 }
 
-// TestStatusJSON pins the keys of `citadelctl status -o json` (SPEC §1).
+// TestStatusJSON pins the keys of `citadelctl status -o json` (docs/cli.md).
 func TestStatusJSON(t *testing.T) {
 	code := 1
 	b, err := json.Marshal(Status{Name: "a", State: Failed, Reason: "r", PID: 0, Port: 11400, GPUs: []string{"GPU-a"},

@@ -11,7 +11,7 @@ import (
 	"time"
 )
 
-// sleepMode is vLLM's sleep mode as the supervisor drives it (SPEC §8),
+// sleepMode is vLLM's sleep mode as the supervisor drives it (docs/on-demand.md),
 // served only with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1, as vLLM
 // does. It fails loudly (500 and an ERROR line) where a real engine would
 // crash or answer garbage, so tests catch a supervisor that sends an
