@@ -322,16 +322,7 @@ func (l *loop) freeze(req freezeReq) {
 	}
 	var files []*os.File
 	if is, inst := st.Instance, l.m.inst; is != nil {
-		is.Marker = inst.marker
-		is.Start, is.Digest = inst.start, inst.digest
-		if d := l.r.envDigest.Load(); d != nil {
-			is.EnvDigest = *d
-		}
-		if cg := l.r.cg.Load(); cg != nil {
-			is.Cgroup = cg.Path
-		}
-		is.HostHeld = l.r.hostHeld.Load()
-		is.Adopted = inst.adopted
+		l.fillRecord(is)
 		for _, f := range []*os.File{inst.stdout, inst.stderr} {
 			if f != nil {
 				files = append(files, f)

@@ -491,15 +491,27 @@ func (l *loop) recordState() *InstanceState {
 	if st.Instance == nil || l.m.inst == nil {
 		return nil
 	}
-	is := st.Instance
-	is.Marker, is.Start, is.Digest = l.m.inst.marker, l.m.inst.start, l.m.inst.digest
+	l.fillRecord(st.Instance)
+	return st.Instance
+}
+
+// fillRecord adds to the machine's view of the live instance what the
+// runner knows of it: the one builder of the record a successor reads,
+// whether an upgrade hands it over (freeze) or a crash leaves it behind
+// (record).
+func (l *loop) fillRecord(is *InstanceState) {
+	inst := l.m.inst
+	is.Marker, is.Start, is.Digest = inst.marker, inst.start, inst.digest
 	if cg := l.r.cg.Load(); cg != nil {
 		is.Cgroup = cg.Path
 	}
 	if d := l.r.envDigest.Load(); d != nil {
 		is.EnvDigest = *d
 	}
-	return is
+	// The pinned host memory of its level-1 sleeps: held until the
+	// process ends, so a successor must count it from the start.
+	is.HostHeld = l.r.hostHeld.Load()
+	is.Adopted = inst.adopted
 }
 
 // check looks at everything a start needs, in the order an operator would

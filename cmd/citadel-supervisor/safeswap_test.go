@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -219,6 +220,46 @@ func TestHostMemoryCountedAcrossAnUpgrade(t *testing.T) {
 	held("asleep, after the upgrade")
 	if code, body := chat(t, gw, "m"); code != 200 {
 		t.Fatalf("m after the upgrade: %d %s", code, body)
+	}
+	held("awake again")
+}
+
+// TestHostMemoryCountedAfterADaemonSIGKILL: a level-1 sleeper's pinned host
+// memory is still counted once a daemon SIGKILLed while it slept is
+// restarted and adopts it (the crash record carried it too), asleep and
+// once awake again.
+func TestHostMemoryCountedAfterADaemonSIGKILL(t *testing.T) {
+	s, gw, web := safeSite(t, testModel{Name: "m", YAML: safeOD, Fake: []string{"--fake-model-bytes", "96MiB"}})
+	d := s.start()
+	supervisortest.WaitGateway(t, d, gw)
+	if code, body := chat(t, gw, "m"); code != 200 {
+		t.Fatalf("m: %d %s", code, body)
+	}
+	opSleep(t, s, d, "m")
+	var first float64
+	held := func(when string) {
+		t.Helper()
+		_, fams := scrape(t, web+"/metrics")
+		v := value(fams["citadel_model_sleep_host_memory_bytes"], "model=m")
+		if first == 0 {
+			first = v
+		}
+		if v < 80<<20 || v != first {
+			t.Errorf("%s: citadel_model_sleep_host_memory_bytes = %.0f MiB, want about 96 (%.0f MiB at first)", when, v/(1<<20), first/(1<<20))
+		}
+	}
+	held("asleep")
+	pid := statusOf(t, s.Socket)["m"].PID
+	d.cmd.Process.Signal(syscall.SIGKILL) //nolint:errcheck // checked by wait
+	d.wait(t)
+	d = s.start()
+	d.waitFor(t, 30*time.Second, "m adopted asleep", func() bool {
+		st := statusOf(t, s.Socket)
+		return st != nil && st["m"].PID == pid && st["m"].State == api.Sleeping
+	})
+	held("asleep, adopted after a SIGKILL")
+	if code, body := chat(t, gw, "m"); code != 200 {
+		t.Fatalf("m after the restart: %d %s", code, body)
 	}
 	held("awake again")
 }
