@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"fmt"
-	"maps"
 	"os"
 	"regexp"
 	"strings"
@@ -59,20 +58,6 @@ func readEnvFile(path string) (map[string]string, error) {
 	return out, nil
 }
 
-// readEnvFiles reads every file of a model's env_files into one map, later
-// files overriding earlier ones.
-func readEnvFiles(files []string) (map[string]string, error) {
-	out := map[string]string{}
-	for _, f := range files {
-		vars, err := readEnvFile(f)
-		if err != nil {
-			return nil, err
-		}
-		maps.Copy(out, vars)
-	}
-	return out, nil
-}
-
 // envDigest fingerprints env file contents so a reload can tell whether a
 // secret changed without keeping or comparing the secret itself in the open.
 func envDigest(vars map[string]string) string {
@@ -87,7 +72,7 @@ func envDigest(vars map[string]string) string {
 // those fingerprinted by digest (what a process was started with). A file
 // that cannot be read is an error, not a change.
 func envFilesChanged(files []string, digest string) (bool, error) {
-	secrets, err := readEnvFiles(files)
+	secrets, err := loadEnvFiles(files)
 	if err != nil {
 		return false, err
 	}

@@ -276,7 +276,7 @@ func (s *Supervisor) adopt(r *runner, t *takeover, m config.Model) *restored {
 		// way round (the record says asleep, or that a sleep began, and
 		// the engine says awake: it died mid-sleep or mid-wake) the record
 		// is kept: asleep until a wake proves it awake.
-		secrets, _ := readEnvFiles(m.EnvFiles)
+		secrets, _ := loadEnvFiles(m.EnvFiles)
 		ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), m.APIKey(secrets)), m.Probe.Timeout)
 		asleep, err := s.d.prober.IsSleeping(ctx, baseURL(m))
 		cancel()

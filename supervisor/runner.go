@@ -518,10 +518,16 @@ func (l *loop) fillRecord(is *InstanceState) {
 // fix them.
 func (l *loop) check() (cause, reason string) {
 	m := l.m.cfg
-	if _, err := os.Stat(m.Path); err != nil {
+	// Through slowIO: a mount that does not answer leaves the model
+	// pending, saying so, and never holds the runner.
+	if err := statPath(m.Path); err != nil {
+		var hung *HungError
+		if errors.As(err, &hung) {
+			return CauseStorage, "storage: " + err.Error()
+		}
 		return CauseStorage, fmt.Sprintf("storage: %s: %s", m.Path, errText(err))
 	}
-	if _, err := readEnvFiles(m.EnvFiles); err != nil {
+	if _, err := loadEnvFiles(m.EnvFiles); err != nil {
 		if daemonShort(err) {
 			return CauseDaemon, "the daemon is short of resources to check it: " + errText(err) + "; retrying"
 		}
@@ -543,7 +549,7 @@ func (l *loop) spawn(gpus []string) event {
 	if cause, reason := l.check(); cause != "" {
 		return evSpawned{cause: cause, reason: reason}
 	}
-	secrets, err := readEnvFiles(m.EnvFiles)
+	secrets, err := loadEnvFiles(m.EnvFiles)
 	if err != nil {
 		return evSpawned{cause: CauseEnvFiles, reason: err.Error()}
 	}

@@ -26,7 +26,7 @@ func (l *loop) learn(m config.Model, seq int) {
 // its env_files as they are now (a rotated file restarts the model
 // anyway), its env and args.
 func (r *runner) loadKey(m config.Model) {
-	secrets, err := readEnvFiles(m.EnvFiles)
+	secrets, err := loadEnvFiles(m.EnvFiles)
 	if err != nil {
 		r.log.Warn("cannot read the env files of a model taken over: its API key, if one is there, is not sent", zap.Error(err))
 	}
