@@ -171,6 +171,7 @@ func (r *runner) adoptInstance(is InstanceState, child bool, tree processTree, o
 			return nil, cmp.Or(err, proc.ErrGone)
 		}
 		go func() {
+			awaitExit(is.PID, is.Start)
 			var ws unix.WaitStatus
 			_, err := waitPID(is.PID, &ws)
 			r.d.reaper.Done(is.PID)
@@ -209,6 +210,18 @@ func (r *runner) adoptInstance(is InstanceState, child bool, tree processTree, o
 	r.hostHeld.Store(is.HostHeld)
 	r.publishPIDs(tree)
 	return inst, nil
+}
+
+// awaitExit returns once the child pid (started at start) has exited, and
+// leaves it to be reaped. It parks on the runtime's poller, where a pidfd
+// polls readable at the process's exit: a wait4 or os/exec's Wait blocks
+// an OS thread until the child exits, one thread per model for as long as
+// it runs. Where no pidfd can be had, it returns at once and the caller's
+// wait blocks as before.
+func awaitExit(pid int, start uint64) {
+	if gone, err := proc.Exited(pid, start); err == nil {
+		<-gone
+	}
 }
 
 // waitPID waits for a child, retrying on EINTR.

@@ -104,6 +104,7 @@ func (r *runner) spawn(m, eff config.Model, secrets map[string]string, gpus, vis
 	go r.capture(outR, "stdout")
 	go r.capture(errR, "stderr")
 	go func() {
+		awaitExit(inst.pid, inst.start)
 		err := cmd.Wait()
 		r.d.reaper.Done(inst.pid)
 		inst.exit = describeExit(cmd.ProcessState, err)
