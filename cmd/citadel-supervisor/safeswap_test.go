@@ -190,20 +190,7 @@ func TestHostMemoryCountedAcrossAnUpgrade(t *testing.T) {
 		t.Fatalf("m: %d %s", code, body)
 	}
 	opSleep(t, s, d, "m")
-	// About 96 MiB (more under the race detector, whose shadow memory grows
-	// with the fake's), the same throughout.
-	var first float64
-	held := func(when string) {
-		t.Helper()
-		_, fams := scrape(t, web+"/metrics")
-		v := value(fams["citadel_model_sleep_host_memory_bytes"], "model=m")
-		if first == 0 {
-			first = v
-		}
-		if v < 80<<20 || v != first {
-			t.Errorf("%s: citadel_model_sleep_host_memory_bytes = %.0f MiB, want about 96 (%.0f MiB at first)", when, v/(1<<20), first/(1<<20))
-		}
-	}
+	held := hostHeldOf(t, web, "m")
 	held("asleep")
 	c := client.New(s.Socket)
 	defer c.Close()
@@ -236,18 +223,7 @@ func TestHostMemoryCountedAfterADaemonSIGKILL(t *testing.T) {
 		t.Fatalf("m: %d %s", code, body)
 	}
 	opSleep(t, s, d, "m")
-	var first float64
-	held := func(when string) {
-		t.Helper()
-		_, fams := scrape(t, web+"/metrics")
-		v := value(fams["citadel_model_sleep_host_memory_bytes"], "model=m")
-		if first == 0 {
-			first = v
-		}
-		if v < 80<<20 || v != first {
-			t.Errorf("%s: citadel_model_sleep_host_memory_bytes = %.0f MiB, want about 96 (%.0f MiB at first)", when, v/(1<<20), first/(1<<20))
-		}
-	}
+	held := hostHeldOf(t, web, "m")
 	held("asleep")
 	pid := statusOf(t, s.Socket)["m"].PID
 	d.cmd.Process.Signal(syscall.SIGKILL) //nolint:errcheck // checked by wait
@@ -262,4 +238,23 @@ func TestHostMemoryCountedAfterADaemonSIGKILL(t *testing.T) {
 		t.Fatalf("m after the restart: %d %s", code, body)
 	}
 	held("awake again")
+}
+
+// hostHeldOf returns a check of model's citadel_model_sleep_host_memory_bytes
+// on web's /metrics: about 96 MiB (more under the race detector, whose
+// shadow memory grows with the fake's), and the same at every check as at
+// the first.
+func hostHeldOf(t *testing.T, web, model string) func(when string) {
+	var first float64
+	return func(when string) {
+		t.Helper()
+		_, fams := scrape(t, web+"/metrics")
+		v := value(fams["citadel_model_sleep_host_memory_bytes"], "model="+model)
+		if first == 0 {
+			first = v
+		}
+		if v < 80<<20 || v != first {
+			t.Errorf("%s: citadel_model_sleep_host_memory_bytes = %.0f MiB, want about 96 (%.0f MiB at first)", when, v/(1<<20), first/(1<<20))
+		}
+	}
 }
