@@ -116,7 +116,7 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 	oldEnv := procEnviron(t, before["a"].PID)
 	t.Logf("under %s: a pid %d CUDA_VISIBLE_DEVICES=%s VLLM_PORT=%s; b pid %d", *from, before["a"].PID, oldEnv["CUDA_VISIBLE_DEVICES"], oldEnv["VLLM_PORT"], before["b"].PID)
 
-	same := func(what string) {
+	same := func(d *daemon, what string) {
 		t.Helper()
 		d.waitFor(t, 60*time.Second, what, func() bool {
 			st := statusOf(t, s.Socket)
@@ -137,7 +137,7 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatalf("upgrade from %s: %v\n%s", *from, err, d.logText())
 	}
-	same("the same processes after the upgrade")
+	same(d, "the same processes after the upgrade")
 	if v := statusOf(t, s.Socket)["b"]; v.VLLMVersion == "" {
 		t.Logf("b's version is learned once it answers: %+v", v)
 	}
@@ -146,7 +146,7 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 	d.cmd.Process.Signal(syscall.SIGKILL) //nolint:errcheck // checked by wait
 	d.wait(t)
 	second := s.start()
-	same("the same processes adopted after a SIGKILL")
+	same(second, "the same processes adopted after a SIGKILL")
 
 	// Their next start gets what this build derives.
 	if _, err := c.Op(ctx, api.OpRestart, "a"); err != nil {
