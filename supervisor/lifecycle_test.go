@@ -21,7 +21,9 @@ import (
 
 func TestKillNineRestartsAfterDelay(t *testing.T) {
 	const delay = 300 * time.Millisecond
-	h := newHarness(t, modelSpec{Name: "m", YAML: "restart: {delay: 300ms, max_delay: 1s}"}).start(Options{})
+	// The probe's failures take 2 s to add up, so the exit, not a probe
+	// (3 × 50 ms by default), is what a loaded machine shows first.
+	h := newHarness(t, modelSpec{Name: "m", YAML: "restart: {delay: 300ms, max_delay: 1s}\nprobe: {failure_threshold: 40}"}).start(Options{})
 	first := h.waitState("m", Ready, 20*time.Second)
 
 	killed := time.Now()
