@@ -157,9 +157,11 @@ func TestUpgradeInPlace(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// b's state is sleeping from the moment its sleep begins; its reason
+	// says when the engine is asleep.
 	d.waitFor(t, 30*time.Second, "a ready, b asleep, held stopped", func() bool {
 		st := statusOf(t, s.Socket)
-		return st["a"].State == api.Ready && st["b"].State == api.Sleeping && st["held"].State == api.Stopped
+		return st["a"].State == api.Ready && st["b"].State == api.Sleeping && strings.HasPrefix(st["b"].Reason, "asleep") && st["held"].State == api.Stopped
 	})
 	before := statusOf(t, s.Socket)
 	dv, err := c.Daemon(ctx)
