@@ -7,8 +7,11 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"runtime/pprof"
 	"slices"
 	"strconv"
@@ -21,6 +24,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+
+	"citadel-supervisor/supervisor/supervisortest"
 )
 
 // The gateway's share of `make bench`: the same fake-vllm process asked
@@ -69,36 +74,40 @@ func call(c *http.Client, url, body string) error {
 	return nil
 }
 
-// cpu is the CPU time used so far by this process and by pid.
-func cpu(t *testing.T, pid int) (self, other time.Duration) {
+// cpu is the CPU time used so far by this process and by the processes
+// pids (the model; HAProxy when it is in the path).
+func cpu(t *testing.T, pids ...int) (self, other time.Duration) {
 	var ru syscall.Rusage
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
 		t.Fatal(err)
 	}
 	self = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		t.Fatal(err)
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+		ut, _ := strconv.ParseInt(f[11], 10, 64) // utime, stime in clock ticks (100 Hz)
+		st, _ := strconv.ParseInt(f[12], 10, 64)
+		other += time.Duration(ut+st) * 10 * time.Millisecond
 	}
-	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
-	ut, _ := strconv.ParseInt(f[11], 10, 64) // utime, stime in clock ticks (100 Hz)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return self, time.Duration(ut+st) * 10 * time.Millisecond
+	return self, other
 }
 
 // throughput runs clients loops for d and returns requests per second.
 func throughput(t *testing.T, c *http.Client, url, body string, clients int, d time.Duration) float64 {
-	tp, _ := throughputCPU(t, c, url, body, clients, d, 0)
+	tp, _ := throughputCPU(t, c, url, body, clients, d)
 	return tp
 }
 
 // throughputCPU is throughput, also returning the CPU time per request of
 // this process (client, and gateway when it is in the path) and of the
-// model process pid.
-func throughputCPU(t *testing.T, c *http.Client, url, body string, clients int, d time.Duration, pid int) (float64, time.Duration) {
+// processes pids (the model, and HAProxy when it is in the path).
+func throughputCPU(t *testing.T, c *http.Client, url, body string, clients int, d time.Duration, pids ...int) (float64, time.Duration) {
 	var s0, o0 time.Duration
-	if pid > 0 {
-		s0, o0 = cpu(t, pid)
+	if len(pids) > 0 {
+		s0, o0 = cpu(t, pids...)
 	}
 	var n atomic.Int64
 	stop := time.Now().Add(d)
@@ -116,8 +125,8 @@ func throughputCPU(t *testing.T, c *http.Client, url, body string, clients int, 
 	}
 	wg.Wait()
 	var per time.Duration
-	if pid > 0 {
-		s1, o1 := cpu(t, pid)
+	if len(pids) > 0 {
+		s1, o1 := cpu(t, pids...)
 		per = (s1 - s0 + o1 - o0) / time.Duration(n.Load())
 	}
 	return float64(n.Load()) / d.Seconds(), per
@@ -227,6 +236,10 @@ func TestBenchGateway(t *testing.T) {
 
 	direct, via, viaK := up.base, "http://"+gw.Addr(), "http://"+gwK.Addr()
 	dc, gc, kc := newClient(), newClient(), newKeyClient(aliceToken)
+	// Debian's HAProxy in front of the same model, when it is installed:
+	// the hop the gateway's is measured against.
+	hp, hpPID := startHAProxy(t, up.base)
+	hc := newClient()
 	plain := `{"model":"m","prompt":"hi","max_tokens":1}`
 	stream := `{"model":"m","prompt":"hi","max_tokens":64,"stream":true}`
 	path := "/v1/completions"
@@ -234,12 +247,18 @@ func TestBenchGateway(t *testing.T) {
 	throughput(t, dc, direct+path, plain, 32, 300*time.Millisecond)
 	throughput(t, gc, via+path, plain, 32, 300*time.Millisecond)
 	throughput(t, kc, viaK+path, plain, 32, 300*time.Millisecond)
+	if hp != "" {
+		throughput(t, hc, hp+path, plain, 32, 300*time.Millisecond)
+	}
 
 	// Alternate direct and gateway rounds so all see the same machine.
 	var tpD, tpG, tpK float64
 	var cpuD, cpuG, cpuK time.Duration
 	pid := up.cmd.Process.Pid
 	var latD, latG, latK, ttfbD, ttfbG, ttfbK []time.Duration
+	var tpH float64
+	var cpuH time.Duration
+	var latH, ttfbH []time.Duration
 	const rounds = 3
 	for range rounds {
 		tp, c := throughputCPU(t, dc, direct+path, plain, 32, time.Second, pid)
@@ -248,6 +267,11 @@ func TestBenchGateway(t *testing.T) {
 		tpG, cpuG = tpG+tp/rounds, cpuG+c/rounds
 		tp, c = throughputCPU(t, kc, viaK+path, plain, 32, time.Second, pid)
 		tpK, cpuK = tpK+tp/rounds, cpuK+c/rounds
+		if hp != "" {
+			tp, c = throughputCPU(t, hc, hp+path, plain, 32, time.Second, pid, hpPID)
+			tpH, cpuH = tpH+tp/rounds, cpuH+c/rounds
+			latH = append(latH, latencies(t, hc, hp+path, plain, 8, 100)...)
+		}
 		latD = append(latD, latencies(t, dc, direct+path, plain, 8, 100)...)
 		latG = append(latG, latencies(t, gc, via+path, plain, 8, 100)...)
 		latK = append(latK, latencies(t, kc, viaK+path, plain, 8, 100)...)
@@ -255,6 +279,9 @@ func TestBenchGateway(t *testing.T) {
 			ttfbD = append(ttfbD, firstEvent(t, dc, direct+path, stream))
 			ttfbG = append(ttfbG, firstEvent(t, gc, via+path, stream))
 			ttfbK = append(ttfbK, firstEvent(t, kc, viaK+path, stream))
+			if hp != "" {
+				ttfbH = append(ttfbH, firstEvent(t, hc, hp+path, stream))
+			}
 		}
 	}
 	ratio := func(a, b float64) string { return fmt.Sprintf("%.0f %%", 100*a/b) }
@@ -270,5 +297,74 @@ func TestBenchGateway(t *testing.T) {
 	for _, r := range rows {
 		fmt.Fprintf(&b, "    | %s |\n", strings.Join(r, " | "))
 	}
+	if hp == "" {
+		b.WriteString("    (HAProxy not installed: apt-get install haproxy for the side-by-side rows)\n")
+	} else {
+		hrows := [][]string{
+			{"measure", "direct", "HAProxy", "HAProxy vs direct", "gateway vs direct", "gateway vs HAProxy", "target"},
+			{"---", "---", "---", "---", "---", "---", "---"},
+			{"throughput, 32 clients", fmt.Sprintf("%.0f req/s", tpD), fmt.Sprintf("%.0f req/s", tpH), ratio(tpH, tpD), ratio(tpG, tpD), fmt.Sprintf("%.2f×", tpG/tpH), "gateway ≥ HAProxy"},
+			{"CPU per request, 32 clients (client + proxy + model)", us(cpuD), us(cpuH), ratio(float64(cpuD), float64(cpuH)), ratio(float64(cpuD), float64(cpuG)), fmt.Sprintf("%.2f×", float64(cpuG)/float64(cpuH)), ""},
+			{fmt.Sprintf("median latency added, 8 clients (%d requests)", len(latD)), us(med(latD)), us(med(latH)), "+" + us(med(latH)-med(latD)), "+" + us(med(latG)-med(latD)), "", "gateway ≤ HAProxy"},
+			{fmt.Sprintf("median time to first event added (%d streams)", len(ttfbD)), us(med(ttfbD)), us(med(ttfbH)), "+" + us(med(ttfbH)-med(ttfbD)), "+" + us(med(ttfbG)-med(ttfbD)), "", ""},
+		}
+		b.WriteString("\n")
+		for _, r := range hrows {
+			fmt.Fprintf(&b, "    | %s |\n", strings.Join(r, " | "))
+		}
+	}
 	fmt.Fprint(os.Stdout, b.String())
+}
+
+// startHAProxy runs Debian's HAProxy in http mode in front of upstream,
+// keep-alive on both sides and server connections reused, as one would
+// put it in front of a model; "" when haproxy is not installed. It runs
+// in the foreground (-db): pid is the process that proxies.
+func startHAProxy(t *testing.T, upstream string) (base string, pid int) {
+	t.Helper()
+	bin, err := exec.LookPath("haproxy")
+	if err != nil {
+		return "", 0
+	}
+	port := supervisortest.FreePort(t)
+	cfg := fmt.Sprintf(`global
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+    http-reuse always
+frontend gateway
+    bind 127.0.0.1:%d
+    default_backend model
+backend model
+    server m %s
+`, port, strings.TrimPrefix(upstream, "http://"))
+	path := filepath.Join(t.TempDir(), "haproxy.cfg")
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "-db", "-f", path)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill() //nolint:errcheck // may be gone already
+		cmd.Wait()         //nolint:errcheck // killed
+	})
+	base = "http://127.0.0.1:" + strconv.Itoa(port)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(port)); err == nil {
+			conn.Close()
+			return base, cmd.Process.Pid
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("haproxy not listening after 10s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
