@@ -270,6 +270,10 @@ defaults
     # servable there). observe: a refused connection takes the host out at
     # once, not after the next checks.
     default-server check inter %s fall %d rise 2 observe layer4 error-limit 1 on-error mark-down
+    # Token streams: each event is sent on as it comes. By default HAProxy
+    # asks the kernel to hold small writes for more (MSG_MORE), and a
+    # stream's tokens then arrive late and in bursts.
+    option http-no-delay
 
 frontend citadel
     bind %s

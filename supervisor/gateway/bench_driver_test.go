@@ -238,7 +238,7 @@ func TestBenchGateway(t *testing.T) {
 	dc, gc, kc := newClient(), newClient(), newKeyClient(aliceToken)
 	// Debian's HAProxy in front of the same model, when it is installed:
 	// the hop the gateway's is measured against.
-	hp, hpPID := startHAProxy(t, up.base)
+	hp, hpPID := startHAProxy(t, up.base, true)
 	hc := newClient()
 	plain := `{"model":"m","prompt":"hi","max_tokens":1}`
 	stream := `{"model":"m","prompt":"hi","max_tokens":64,"stream":true}`
@@ -318,9 +318,10 @@ func TestBenchGateway(t *testing.T) {
 
 // startHAProxy runs Debian's HAProxy in http mode in front of upstream,
 // keep-alive on both sides and server connections reused, as one would
-// put it in front of a model; "" when haproxy is not installed. It runs
-// in the foreground (-db): pid is the process that proxies.
-func startHAProxy(t *testing.T, upstream string) (base string, pid int) {
+// put it in front of a model, with option http-no-delay when noDelay (as
+// citadelctl fleet haproxy writes it); "" when haproxy is not installed.
+// It runs in the foreground (-db): pid is the process that proxies.
+func startHAProxy(t *testing.T, upstream string, noDelay bool) (base string, pid int) {
 	t.Helper()
 	bin, err := exec.LookPath("haproxy")
 	if err != nil {
@@ -336,12 +337,12 @@ defaults
     timeout server 60s
     option http-keep-alive
     http-reuse always
-frontend gateway
+%sfrontend gateway
     bind 127.0.0.1:%d
     default_backend model
 backend model
     server m %s
-`, port, strings.TrimPrefix(upstream, "http://"))
+`, map[bool]string{true: "    option http-no-delay\n"}[noDelay], port, strings.TrimPrefix(upstream, "http://"))
 	path := filepath.Join(t.TempDir(), "haproxy.cfg")
 	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
@@ -366,5 +367,69 @@ backend model
 			t.Fatal("haproxy not listening after 10s")
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestBenchGatewayStreamPacing: a model that sends a token every 50 ms,
+// asked directly, through the gateway and through HAProxy at its defaults
+// and with option http-no-delay: when the first event arrives and the
+// longest wait between two. HAProxy at its defaults asks the kernel to
+// hold small writes for more (MSG_MORE), so a stream's events come late
+// and in bursts; citadelctl fleet haproxy therefore sets the option. A
+// measurement: nothing here fails on a figure.
+func TestBenchGatewayStreamPacing(t *testing.T) {
+	up := startFake(t, "m", "--fake-token-delay", "50ms")
+	gw, err := Listen("127.0.0.1:0", Options{
+		Models: newStub(ready("m", "m", up.base)), Logger: zap.NewNop(), Registerer: prometheus.NewRegistry(),
+		Settings: Settings{MaxQueue: 64, MaxWait: time.Minute, MaxBody: 32 << 20},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- gw.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	paths := [][2]string{{"direct", up.base}, {"gateway", "http://" + gw.Addr()}}
+	if hp, _ := startHAProxy(t, up.base, false); hp != "" {
+		hpNoDelay, _ := startHAProxy(t, up.base, true)
+		paths = append(paths, [2]string{"HAProxy, defaults", hp}, [2]string{"HAProxy, option http-no-delay", hpNoDelay})
+	}
+	c := newClient()
+	fmt.Printf("    | path (10 tokens, one every 50 ms; 10 streams) | first event, median | longest wait between events | events that came in a burst |\n    |---|---|---|---|\n")
+	for _, p := range paths {
+		var firsts []time.Duration
+		var longest time.Duration
+		burst, events := 0, 0
+		for range 10 {
+			start := time.Now()
+			resp, err := c.Post(p[1]+"/v1/completions", "application/json", strings.NewReader(`{"model":"m","prompt":"hi","max_tokens":10,"stream":true}`))
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := bufio.NewReader(resp.Body)
+			var last time.Time
+			for {
+				line, err := r.ReadString('\n')
+				if strings.HasPrefix(line, "data: ") && !strings.HasPrefix(line, "data: [DONE]") {
+					now := time.Now()
+					if last.IsZero() {
+						firsts = append(firsts, now.Sub(start))
+					} else {
+						longest = max(longest, now.Sub(last))
+						if now.Sub(last) < 5*time.Millisecond {
+							burst++
+						}
+					}
+					last = now
+					events++
+				}
+				if err != nil {
+					break
+				}
+			}
+			resp.Body.Close()
+		}
+		fmt.Printf("    | %s | %s | %s | %d of %d |\n", p[0], us(med(firsts)), us(longest), burst, events)
 	}
 }
