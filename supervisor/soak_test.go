@@ -39,6 +39,12 @@ func TestSoak(t *testing.T) {
 		top += fmt.Sprintf("      - {uuid: GPU-%d, memory: 80GiB}\n", g)
 	}
 	h := newHarnessWith(t, top, specs...)
+	// The soak SIGKILLs models at random: one killed while a neighbour
+	// loads changes the memory that neighbour profiles, which fails real
+	// vLLM's start too (vllm#56830). That start fails and is retried, as
+	// this test checks. The daemon's own rule (no planned change on a GPU
+	// while a model loads there) is TestQuietGPUDuringANeighboursLoad's.
+	h.site.Tolerate = append(h.site.Tolerate, "profile_failed")
 	reg := prometheus.NewRegistry()
 	h.start(Options{Logger: zap.NewNop(), Registerer: reg})
 	names := make([]string, n)
