@@ -1104,6 +1104,11 @@ func (m *machine) status() *Status {
 		}
 	case Pending, Starting:
 		s.LoadBegan = m.startBegan
+	case Ready, Unhealthy:
+		// What putting it to sleep would cost when it is wanted again: the
+		// eviction policy's data (gpu/evict.go).
+		s.WakeLevel, _ = m.effectiveLevel()
+		s.TypicalWake = typical(m.wakes[s.WakeLevel])
 	}
 	return s
 }

@@ -54,6 +54,9 @@ type runner struct {
 	// lastRequest is the unix nanoseconds of the gateway's last request
 	// for the model.
 	lastRequest atomic.Int64
+	// uses counts the gateway's requests for the model, fading (the
+	// eviction policy's frequency, gpu/evict.go).
+	uses useCounter
 	// hostHeld is the pinned host memory the model holds for its level-1
 	// sleeps (its weights), measured as its processes' resident memory
 	// grown across its first: vLLM keeps it after the wake (vllm#16663)
