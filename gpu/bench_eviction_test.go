@@ -22,13 +22,14 @@ func TestBenchEviction(t *testing.T) {
 	seeds := []uint64{1, 2, 3}
 	var table strings.Builder
 	fmt.Fprintf(&table, "| trace (a week; seed %d) | requests | policy | LRU | offline reference | llama-swap | policy ÷ LRU |\n|---|---|---|---|---|---|---|\n", seeds[0])
-	ratios, llama := map[string][]string{}, map[string][]string{}
+	ratios, llama, ref := map[string][]string{}, map[string][]string{}, map[string][]string{}
 	for i, seed := range seeds {
 		for _, row := range replayAll(seed, week) {
 			name, b := row.trace.name, row.bound()
 			ratio := row.policy.wait.Seconds() / row.lru.wait.Seconds()
 			ratios[name] = append(ratios[name], fmt.Sprintf("%.2f", ratio))
 			llama[name] = append(llama[name], fmt.Sprintf("%.2f", row.llamaSw.wait.Seconds()/row.lru.wait.Seconds()))
+			ref[name] = append(ref[name], fmt.Sprintf("%.2f", b.wait.Seconds()/row.lru.wait.Seconds()))
 			if i == 0 {
 				fmt.Fprintf(&table, "| %s | %d | %s | %s | %s | %s | %.2f |\n", name, len(row.trace.trace),
 					cell(row.policy), cell(row.lru), cell(b), cell(row.llamaSw), ratio)
@@ -43,9 +44,9 @@ func TestBenchEviction(t *testing.T) {
 			}
 		}
 	}
-	fmt.Fprintf(&table, "\n| trace | total wait ÷ LRU's, seeds %v: policy | llama-swap |\n|---|---|---|\n", seeds)
+	fmt.Fprintf(&table, "\n| trace | total wait ÷ LRU's, seeds %v: policy | offline reference | llama-swap |\n|---|---|---|---|\n", seeds)
 	for _, tr := range replayTraces(seeds[0], time.Hour) {
-		fmt.Fprintf(&table, "| %s | %s | %s |\n", tr.name, strings.Join(ratios[tr.name], ", "), strings.Join(llama[tr.name], ", "))
+		fmt.Fprintf(&table, "| %s | %s | %s | %s |\n", tr.name, strings.Join(ratios[tr.name], ", "), strings.Join(ref[tr.name], ", "), strings.Join(llama[tr.name], ", "))
 	}
 	for _, l := range strings.Split(strings.TrimSpace(table.String()), "\n") {
 		fmt.Println("    " + l)

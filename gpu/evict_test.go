@@ -135,12 +135,26 @@ func TestEvictionOrder(t *testing.T) {
 		},
 		want: "rare phi3 mixtral",
 	}, {
-		name: "sleepers: recency alone does not keep one (its session is over)",
+		name: "sleepers: recency counts for little (its session is mostly over)",
 		vs: []Victim{
-			asleepV(victim("recent", 0, time.Minute, 2*config.GiB, Cost{Wake: time.Second, Start: 60 * time.Second, Level: 1, Uses: uses(1, time.Minute)})),
+			asleepV(victim("recent", 0, 5*time.Minute, 2*config.GiB, Cost{Wake: time.Second, Start: 60 * time.Second, Level: 1, Uses: uses(1, 5*time.Minute)})),
 			asleepV(victim("regular", 0, time.Hour, 2*config.GiB, Cost{Wake: time.Second, Start: 60 * time.Second, Level: 1, Uses: uses(20, time.Hour)})),
 		},
 		want: "recent regular",
+	}, {
+		name: "sleepers: one put to sleep in a pause of its session is kept over one idle for hours",
+		vs: []Victim{
+			asleepV(victim("pause", 0, 10*time.Second, 2*config.GiB, Cost{Wake: time.Second, Start: 60 * time.Second, Level: 1, Uses: uses(3, 10*time.Second)})),
+			asleepV(victim("idle", 0, 3*time.Hour, 2*config.GiB, Cost{Wake: time.Second, Start: 60 * time.Second, Level: 1, Uses: uses(20, 3*time.Hour)})),
+		},
+		want: "idle pause",
+	}, {
+		name: "sleepers: nothing known, least recently used first",
+		vs: []Victim{
+			asleepV(victim("b", 0, time.Minute, 2*config.GiB, Cost{Level: 1})),
+			asleepV(victim("a", 0, time.Hour, 2*config.GiB, Cost{Level: 1})),
+		},
+		want: "a b",
 	}}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
