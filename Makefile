@@ -83,13 +83,17 @@ test: vet check-deploy
 # Go benchmarks, then the driver that runs the daemon and (if Debian's
 # supervisor package is installed) supervisord over the same fake-vllm
 # children and prints a table, then the gateway against the same fake-vllm
-# asked directly; docs/performance.md holds a recent run.
+# asked directly, the supervisor's share of a wake, the gateway's memory,
+# the eviction policy replayed against LRU, Belady's rule and llama-swap's,
+# and the daemon with 200 models; docs/performance.md holds a recent run.
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./supervisor/... ./gpu/...
 	BENCH_TABLE=$(CURDIR)/build/bench-table.md $(GO) test -tags benchdriver -count=1 -run TestBenchTable -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'
 	$(GO) test -tags benchdriver -count=1 -run TestBenchGateway -v ./supervisor/gateway/ | grep -E '^ +\||PASS|FAIL'
 	$(GO) test -tags benchdriver -count=1 -run TestBenchOnDemand -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'
 	$(GO) test -tags benchdriver -count=1 -run TestBenchGatewayMemory -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'
+	$(GO) test -tags benchdriver -count=1 -run TestBenchEviction -v ./gpu/ | grep -E '^ +\||PASS|FAIL'
+	$(GO) test -tags benchdriver -count=1 -run TestBenchScale -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'
 
 # 200 models on sim GPUs under random faults for two minutes; the gateway
 # under every hostile client at once for two minutes; then the swap soak:

@@ -93,6 +93,10 @@ type Claim struct {
 	// changes, so no start or wake begins there meanwhile (vLLM aborts a
 	// start whose GPU memory changes while it profiles, vllm#56830).
 	Changing bool
+	// Cost is what putting it to sleep (or stopping it) costs when it is
+	// wanted again, and how often it is: the eviction policy's data
+	// (evict.go).
+	Cost Cost
 }
 
 // share is what the claim needs on the GPU uuid of total memory: its
@@ -121,6 +125,10 @@ type Input struct {
 	// successor adopting a predecessor's models): nothing is granted and
 	// nobody is put to sleep until a reading taken after it.
 	NotBefore time.Time
+
+	// order, when set, replaces EvictionOrder (the replay benchmark
+	// compares policies with it).
+	order func([]Victim, time.Time)
 }
 
 // Outcome is what Decide decided.
@@ -162,8 +170,9 @@ type Outcome struct {
 //     cannot, and two wants never get the same memory.
 //  8. A want that does not fit (6 or 7) makes room by putting on-demand
 //     models to sleep: only ready ones that are not protected (min_awake),
-//     for an always model only lower-priority ones, lower priority first,
-//     then least recently used, and only as many as it needs, on exactly
+//     for an always model only lower-priority ones, in the order of
+//     EvictionOrder (lower priority first, then what each would cost its
+//     clients: evict.go), and only as many as it needs, on exactly
 //     the GPUs it needs. When putting awake models to sleep is not enough,
 //     sleeping ones are stopped for their residue. It waits until they sleep
 //     and the readings show their memory back. Models already being put to
@@ -282,7 +291,7 @@ func Decide(in Input) Outcome {
 					// Only memory is made room for; a GPU busy with another
 					// start or a sleep in progress is waited for.
 					if short := strings.HasPrefix(reason, wakeShort); short && !stale {
-						if victims := makeRoom(w.Request, c, slots, claims, in.Headroom); len(victims) > 0 {
+						if victims := makeRoom(w.Request, c, slots, claims, in); len(victims) > 0 {
 							evict(&out, claims, victims, w.Name)
 							out.Waits[w.Name] = "waiting for " + strings.Join(victims, ", ") + " to sleep to make room"
 							continue
@@ -324,7 +333,7 @@ func Decide(in Input) Outcome {
 				out.Waits[w.Name] = d.Reason
 				continue
 			}
-			if victims := makeRoom(w.Request, nil, slots, claims, in.Headroom); len(victims) > 0 {
+			if victims := makeRoom(w.Request, nil, slots, claims, in); len(victims) > 0 {
 				evict(&out, claims, victims, w.Name)
 				out.Waits[w.Name] = "waiting for " + strings.Join(victims, ", ") + " to sleep to make room"
 				continue
@@ -459,7 +468,8 @@ func usedBy(s Slot, pids []int) uint64 {
 // makeRoom chooses the on-demand models to put to sleep so that r fits:
 // on asleep's GPUs when it is a sleeping model waking, else wherever Fit
 // then places it. It returns nil when nothing eligible would make it fit.
-func makeRoom(r Request, asleep *Claim, slots []Slot, claims map[string]*Claim, headroom config.ByteSize) []string {
+func makeRoom(r Request, asleep *Claim, slots []Slot, claims map[string]*Claim, in Input) []string {
+	headroom := in.Headroom
 	var awake, sleepers, coming []*Claim
 	for _, c := range claims {
 		switch {
@@ -480,24 +490,21 @@ func makeRoom(r Request, asleep *Claim, slots []Slot, claims map[string]*Claim, 
 	if len(awake) == 0 && len(sleepers) == 0 && len(coming) == 0 {
 		return nil
 	}
+	// Awake models first, then sleepers, each in the policy's order
+	// (evict.go).
 	order := func(cs []*Claim) {
-		slices.SortFunc(cs, func(a, b *Claim) int {
-			if a.Req.Priority != b.Req.Priority {
-				return a.Req.Priority - b.Req.Priority
-			}
-			// One that requests wait for is put to sleep last: its wake
-			// would be wasted, and they would wait for the next.
-			if (a.Waiting > 0) != (b.Waiting > 0) {
-				if a.Waiting > 0 {
-					return 1
-				}
-				return -1
-			}
-			if c := a.LastUsed.Compare(b.LastUsed); c != 0 {
-				return c
-			}
-			return strings.Compare(a.Name, b.Name)
-		})
+		vs := make([]Victim, len(cs))
+		for i, c := range cs {
+			vs[i] = Victim{Claim: c, Frees: frees(c, slots)}
+		}
+		rank := in.order
+		if rank == nil {
+			rank = EvictionOrder
+		}
+		rank(vs, in.Now)
+		for i, v := range vs {
+			cs[i] = v.Claim
+		}
 	}
 	order(awake)
 	order(sleepers)
@@ -543,6 +550,23 @@ func makeRoom(r Request, asleep *Claim, slots []Slot, claims map[string]*Claim, 
 // givingBack ends the busy note of a GPU whose model is going to sleep
 // or stopping (Claim.Changing).
 const givingBack = " is giving its memory back"
+
+// frees is what c gives back on its GPUs when it is put to sleep (its
+// share) or, asleep, stopped (what it still holds there).
+func frees(c *Claim, slots []Slot) uint64 {
+	var n uint64
+	for _, s := range slots {
+		if !slices.Contains(c.UUIDs, s.UUID) {
+			continue
+		}
+		if c.Phase == Asleep {
+			n += usedBy(s, c.PIDs)
+		} else {
+			n += c.share(s.UUID, s.MemoryTotal)
+		}
+	}
+	return n
+}
 
 // freeing returns slots as they will be once victims sleep: their memory
 // free, their claims gone, their GPUs not busy on their account.

@@ -129,3 +129,34 @@ func compareNames(a, b string) int {
 	}
 	return 0
 }
+
+// TestEvictionWeighsWakeCost: the scheduler gets each model's measured
+// wakes (gpu.Cost, from its runner): of two models used a moment apart,
+// the one that wakes fast is put to sleep, not the one used first (LRU's
+// choice), whose wake takes twenty times as long.
+func TestEvictionWeighsWakeCost(t *testing.T) {
+	usage := t.TempDir()
+	spec := func(name, wake string) modelSpec {
+		return modelSpec{Name: name, YAML: od + "min_awake: 0s\ngpu_memory_utilization: 0.6",
+			Fake: []string{"--fake-usage-dir", usage, "--fake-wake-time-l1", wake}}
+	}
+	h := newHarnessWith(t, simGPUs("", 2)+"    usage_dir: "+usage+"\n",
+		spec("cheap", "50ms"), spec("dear", "1s"), spec("new", "50ms")).start(Options{})
+	h.demandReady("cheap", "dear")
+	// One wake each, so that their wakes are measured.
+	for _, m := range []string{"cheap", "dear"} {
+		if res, err := h.sup.Do(context.Background(), OpSleep, m); err != nil || res[m] != nil {
+			t.Fatalf("sleep %s: %v %v", m, err, res)
+		}
+		waitFor(t, 10*time.Second, m+" asleep", func() bool { return h.asleep(m) })
+		h.demandReady(m)
+	}
+	// dear used first, cheap a moment later: both within the second that
+	// the policy takes for a session in progress, so the wake decides.
+	h.sup.Demand("dear")
+	h.sup.Demand("cheap")
+	h.demandReady("new")
+	if !h.asleep("cheap") || h.status("dear").State != Ready {
+		t.Errorf("cheap %s, dear %s; want cheap asleep, dear ready", h.status("cheap").State, h.status("dear").State)
+	}
+}

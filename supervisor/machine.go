@@ -33,6 +33,7 @@ import (
 //	pending   spawn failed       → failed (the program is missing: retrying burns the limit)
 //	pending   tick               → check again
 //	starting  tick               → probe (not live: loading is not failure)
+//	starting  serving            → probe at once, then poll fast (the child said it serves)
 //	starting  probe ok           → ready (GPU start serialisation lifted)
 //	starting  startup deadline   → stopping, then backoff (reason startup)
 //	ready     tick               → probe (live; the period is fixed from each probe's start)
@@ -72,6 +73,12 @@ type machine struct {
 	lastExit *exitInfo
 	readyAt  time.Time
 	startup  time.Duration
+	// servingAt: the current process said it serves (evServing); it is
+	// probed fast from then until it answers.
+	servingAt time.Time
+	// loads are recent spawn-to-ready durations: while a start nears the
+	// typical one, it is probed fast (startupPoll).
+	loads []time.Duration
 
 	wantSeq  int  // the want in flight with the scheduler
 	awaiting bool // a want is in flight: a placement for wantSeq is expected
@@ -251,6 +258,10 @@ type (
 		differs bool
 		err     error
 	}
+	// evServing: the process's output said it serves or is about to
+	// (vLLM's "Starting vLLM API server …", uvicorn's "Application
+	// startup complete."; serving.go): probe it now, not at the next poll.
+	evServing struct{ inst *instance }
 	// evLearned: the lookup of the model's vLLM version finished.
 	evLearned struct {
 		seq     int
@@ -278,6 +289,7 @@ func (evWoke) isEvent()     {}
 func (evLearned) isEvent()  {}
 func (evCanary) isEvent()   {}
 func (evQuiet) isEvent()    {}
+func (evServing) isEvent()  {}
 
 // timerKind names the machine's timers; arming one replaces it.
 type timerKind int
@@ -469,6 +481,8 @@ func (m *machine) step(ev event) []effect {
 		return m.onCanary(ev)
 	case evQuiet:
 		return m.onQuiet(ev)
+	case evServing:
+		return m.onServing(ev)
 	}
 	panic(fmt.Sprintf("machine: unknown event %T", ev))
 }
@@ -589,10 +603,10 @@ func (m *machine) onSpawned(ev evSpawned) []effect {
 	m.demanded = false
 	m.tracker.started(ev.inst.started)
 	m.probeFails = 0
-	m.readyAt, m.startup = time.Time{}, 0
+	m.readyAt, m.startup, m.servingAt = time.Time{}, 0, time.Time{}
 	m.enter(Starting, "loading")
 	p := m.cfg.Probe
-	return []effect{efArm{deadline, p.StartupTimeout}, efArm{tick, min(p.Period, maxStartupPoll)}}
+	return []effect{efArm{deadline, p.StartupTimeout}, efArm{tick, m.startupPoll()}}
 }
 
 func (m *machine) onExited(ev evExited) []effect {
@@ -633,7 +647,7 @@ func (m *machine) onProbed(ev evProbed) []effect {
 		// no verdict on the model; ask again next period.
 		m.log.Warn("probe not made: the daemon is short of resources", zap.Error(ev.err))
 		if m.state == Starting {
-			return []effect{efArm{tick, min(m.cfg.Probe.Period, maxStartupPoll)}}
+			return []effect{efArm{tick, m.startupPoll()}}
 		}
 		return []effect{efArm{tick, m.cfg.Probe.Period}}
 	}
@@ -653,10 +667,11 @@ func (m *machine) onProbed(ev evProbed) []effect {
 				reason = "loading; " + err.Error()
 			}
 			m.enter(Starting, reason)
-			return []effect{efArm{tick, min(p.Period, maxStartupPoll)}}
+			return []effect{efArm{tick, m.startupPoll()}}
 		}
 		m.readyAt = m.now()
 		m.startup = m.readyAt.Sub(m.inst.started)
+		m.loads = recent(m.loads, m.startup)
 		m.startups = recent(m.startups, m.readyAt.Sub(m.startBegan))
 		m.enter(Ready, "")
 		out := append([]effect{efDisarm{deadline}, efReady{at: m.readyAt}, efArm{tick, p.Period}}, m.awake()...)
@@ -1104,6 +1119,11 @@ func (m *machine) status() *Status {
 		}
 	case Pending, Starting:
 		s.LoadBegan = m.startBegan
+	case Ready, Unhealthy:
+		// What putting it to sleep would cost when it is wanted again: the
+		// eviction policy's data (gpu/evict.go).
+		s.WakeLevel, _ = m.effectiveLevel()
+		s.TypicalWake = typical(m.wakes[s.WakeLevel])
 	}
 	return s
 }

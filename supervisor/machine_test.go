@@ -353,6 +353,8 @@ func describeEvent(ev event) string {
 			return "wake failed"
 		}
 		return "woke"
+	case evServing:
+		return "serving"
 	}
 	return fmt.Sprintf("%T", ev)
 }
@@ -422,6 +424,7 @@ func TestMachineTransitions(t *testing.T) {
 		func(mt *mtest) event { return evProbed{inst: mt.m.inst} },
 		func(mt *mtest) event { return evProbed{inst: mt.m.inst, err: errors.New("connection refused")} },
 		func(mt *mtest) event { return evProbed{inst: mt.m.inst, err: &probe.StatusError{Code: 503}} },
+		func(mt *mtest) event { return evServing{inst: mt.m.inst} },
 		func(*mtest) event { return evTimer{tick} },
 		func(*mtest) event { return evTimer{deadline} },
 		func(*mtest) event { return evOp{op: OpStart} },
@@ -989,4 +992,57 @@ func TestMachineLoadEstimates(t *testing.T) {
 	if st := mt.m.status(); st.TypicalStartup != 12*time.Second || !st.LoadBegan.Equal(mt.now) {
 		t.Errorf("pending: %v began %v, want now", st.TypicalStartup, st.LoadBegan)
 	}
+}
+
+// TestMachineServing: a starting model that says it serves is probed at
+// once, then every burstPoll, then every fastPoll until it answers (for
+// fastFor); a line from an
+// earlier process, or from a model not starting, changes nothing.
+func TestMachineServing(t *testing.T) {
+	mt := newMTest(t).toStarting()
+	inst := mt.m.inst
+	mt.expect(evServing{inst: &instance{}}, "")
+	mt.expect(evServing{inst: inst}, "probe")
+	mt.expect(evServing{inst: inst}, "") // the probe in flight answers
+	mt.expect(evProbed{inst: inst, err: errors.New("connection refused")}, "arm(tick,5ms)")
+	mt.now = mt.now.Add(burstFor)
+	mt.expect(evTimer{tick}, "probe")
+	mt.expect(evProbed{inst: inst, err: errors.New("connection refused")}, "arm(tick,50ms)")
+	mt.now = mt.now.Add(fastFor)
+	mt.expect(evTimer{tick}, "probe")
+	mt.expect(evProbed{inst: inst, err: errors.New("connection refused")}, "arm(tick,1s)")
+	mt.expect(evServing{inst: inst}, "probe")
+	mt.expect(evProbed{inst: inst}, "disarm(deadline) ready arm(tick,10s)")
+	mt.state(Ready)
+	mt.expect(evServing{inst: inst}, "")
+}
+
+// TestMachineStartupPollWindow: once a start's spawn-to-ready time is
+// known, the next start is probed every fastPoll from a fifth before that
+// time to half of it after (a second at least either side), and at the
+// startup poll outside, never sleeping past the window's start.
+func TestMachineStartupPollWindow(t *testing.T) {
+	mt := newMTest(t).toStarting()
+	mt.now = mt.now.Add(30 * time.Second)
+	mt.expect(evTimer{tick}, "probe")
+	mt.expect(evProbed{inst: mt.m.inst}, "disarm(deadline) ready arm(tick,10s)")
+	mt.step(evOp{op: OpRestart})
+	mt.quietOK()
+	mt.step(evStopped{inst: mt.m.inst})
+	mt.step(evChecked{})
+	mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+	if got := describe(mt.step(evSpawned{inst: mt.newInst()})); got != "arm(deadline,20m0s) arm(tick,1s)" {
+		t.Fatalf("spawned: %s", got)
+	}
+	refused := func(after time.Duration, want string) {
+		t.Helper()
+		mt.now = mt.m.inst.started.Add(after)
+		mt.step(evTimer{tick})
+		mt.expect(evProbed{inst: mt.m.inst, err: errors.New("connection refused")}, want)
+	}
+	refused(10*time.Second, "arm(tick,1s)")
+	refused(23500*time.Millisecond, "arm(tick,500ms)") // wakes at the window's start, 24s
+	refused(24*time.Second, "arm(tick,50ms)")
+	refused(44*time.Second, "arm(tick,50ms)")
+	refused(46*time.Second, "arm(tick,1s)")
 }

@@ -54,6 +54,12 @@ type runner struct {
 	// lastRequest is the unix nanoseconds of the gateway's last request
 	// for the model.
 	lastRequest atomic.Int64
+	// uses counts the gateway's requests for the model, fading (the
+	// eviction policy's frequency, gpu/evict.go).
+	uses useCounter
+	// serving is signalled by the output readers when the model says it
+	// serves (serving.go); the runner probes a starting model at once.
+	serving chan struct{}
 	// hostHeld is the pinned host memory the model holds for its level-1
 	// sleeps (its weights), measured as its processes' resident memory
 	// grown across its first: vLLM keeps it after the wake (vllm#16663)
@@ -172,6 +178,7 @@ func newRunner(m config.Model, d *deps) *runner {
 		stopped: make(chan struct{}),
 		began:   make(chan struct{}),
 		mail:    mailbox{signal: make(chan struct{}, 1)},
+		serving: make(chan struct{}, 1),
 	}
 	// Readable before the goroutine runs: Status never misses a model.
 	r.status.Store(&Status{Name: m.Name, State: Pending, Reason: "supervisor starting", Port: m.Port, Enabled: m.Enabled, Since: d.now()})
@@ -278,6 +285,10 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 			l.handle(evExited{inst: inst, exit: inst.exit})
 		case ev := <-l.results:
 			l.handle(ev)
+		case <-r.serving:
+			if inst := l.m.inst; inst != nil {
+				l.handle(evServing{inst: inst})
+			}
 		case <-l.timers[tick]:
 			l.timers[tick] = nil
 			l.handle(evTimer{t: tick})

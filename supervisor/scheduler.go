@@ -73,13 +73,16 @@ type scheduler struct {
 
 // modelUsage is what the scheduler asks of a model when it may put it to
 // sleep for another: on demand, its min_awake (counted from the instant
-// its lifecycle saw it ready, which Ready carries), its last request, and
-// the requests waiting in its queue now.
+// its lifecycle saw it ready, which Ready carries), its last request, the
+// requests waiting in its queue now, and what putting it to sleep (or
+// stopping it) would cost when it is wanted again (the eviction policy's
+// data, gpu/evict.go).
 type modelUsage struct {
 	onDemand    bool
 	minAwake    time.Duration
 	lastRequest time.Time
 	waiting     int
+	cost        gpu.Cost
 }
 
 // schedSnapshot is what `citadelctl gpus` shows: published after every
@@ -451,6 +454,7 @@ func (s *scheduler) decide() {
 		if awake := in.Now.Sub(c.AwakeAt); c.Phase == gpu.Running && u.onDemand && awake < u.minAwake {
 			c.Protected = fmt.Sprintf("awake for %s (min_awake %s)", roundDuration(awake), u.minAwake)
 		}
+		c.Cost = u.cost
 		in.Claims = append(in.Claims, c)
 	}
 	out := gpu.Decide(in)

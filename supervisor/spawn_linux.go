@@ -130,6 +130,12 @@ func (r *runner) capture(f *os.File, stream string) {
 	emit := func(text string) {
 		r.out.add(text)
 		r.d.output(log, r.name, stream, text)
+		if servingLine(text) {
+			select {
+			case r.serving <- struct{}{}:
+			default: // one signal pending is enough
+			}
+		}
 	}
 	buf := make([]byte, 64*1024)
 	line := make([]byte, 0, 256)

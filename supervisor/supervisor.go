@@ -380,6 +380,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		if s.early[m.Name] {
 			delete(s.early, m.Name)
 			r.lastRequest.Store(s.d.now().UnixNano())
+			r.uses.add(s.d.now())
 			if m.OnDemand() {
 				r.mail.put(message{ev: evDemand{}})
 			}
@@ -621,7 +622,7 @@ func (s *Supervisor) usage(name string) modelUsage {
 	if r == nil || !ok || !cfg.OnDemand() {
 		return modelUsage{}
 	}
-	return modelUsage{onDemand: true, minAwake: cfg.MinAwake, lastRequest: r.lastRequestTime(), waiting: r.waiting()}
+	return modelUsage{onDemand: true, minAwake: cfg.MinAwake, lastRequest: r.lastRequestTime(), waiting: r.waiting(), cost: r.evictCost()}
 }
 
 // evict tells victim to sleep to make room for forModel.
@@ -646,6 +647,7 @@ func (s *Supervisor) Demand(name string) {
 	}
 	s.demandMu.Unlock()
 	r.lastRequest.Store(s.d.now().UnixNano())
+	r.uses.add(s.d.now())
 	// The configuration, not the status: a runner that has not published
 	// yet must still get the request (its machine ignores it if awake).
 	if m, ok := s.cfg.Load().Model(name); ok && m.OnDemand() && r.status.Load().State != Ready {

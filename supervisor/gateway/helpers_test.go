@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -70,7 +71,17 @@ func startFake(t *testing.T, served string, args ...string) *fake {
 		f.cmd.Process.Kill() //nolint:errcheck // may be gone already
 		f.cmd.Wait()         //nolint:errcheck // killed
 	})
+	// vLLM (and the fake) print this just before they listen: wait for the
+	// line, then for the port to accept.
 	f.waitLine(t, "Starting vLLM API server", 10*time.Second)
+	supervisortest.WaitFor(t, 10*time.Second, "fake-vllm to listen", func() bool {
+		c, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(f.port))
+		if err != nil {
+			return false
+		}
+		c.Close()
+		return true
+	})
 	return f
 }
 

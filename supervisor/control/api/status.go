@@ -86,8 +86,9 @@ type Status struct {
 	Seq uint64 `json:"-"`
 	// For the gateway's estimate of how long a start or wake will take
 	// (not on the wire): the typical duration of the model's recent starts
-	// (spawn to ready) and of its recent wakes from the level it sleeps at
-	// (WakeLevel, while sleeping or waking), and when the start or wake in
+	// (asked to ready) and of its recent wakes from the level it sleeps at
+	// (WakeLevel, while sleeping or waking; while awake, the level it would
+	// sleep at, for the eviction policy), and when the start or wake in
 	// progress began.
 	TypicalStartup time.Duration `json:"-"`
 	TypicalWake    time.Duration `json:"-"`

@@ -21,6 +21,7 @@
 package fakevllm
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -47,6 +48,8 @@ type options struct {
 	gpuUtil                 float64
 
 	loadTime         time.Duration
+	listenFile       string // written with the time it began to accept (unix ns)
+	silentStart      bool   // --fake-silent-start: print none of vLLM's serving lines (output swallowed)
 	bindEarly        bool
 	exitAtStart      bool
 	exitCode         int
@@ -173,6 +176,10 @@ func parse(args []string) (*options, error) {
 			o.maxModelLen, err = strconv.Atoi(next())
 		case "--fake-load-time":
 			o.loadTime, err = time.ParseDuration(next())
+		case "--fake-listen-file":
+			o.listenFile = next()
+		case "--fake-silent-start":
+			o.silentStart = true
 		case "--fake-bind-early":
 			o.bindEarly = true
 		case "--fake-exit-at-start":
@@ -303,6 +310,44 @@ func parse(args []string) (*options, error) {
 	return o, nil
 }
 
+// serveLines prints what vLLM prints once loaded, just before uvicorn
+// listens on the socket vLLM bound at start: its own line (the API server's
+// rank from 0.10 on, inferred from logs of those releases: "(APIServer
+// pid=N) INFO … Starting vLLM API server 0 on http://…"), then uvicorn's
+// lifespan lines on stderr. "Uvicorn running on" is not printed: vLLM hands
+// uvicorn a socket, and uvicorn logs that line only for sockets it binds
+// itself (uvicorn server.py startup).
+func serveLines(o *options) {
+	if o.silentStart {
+		return
+	}
+	addr := "http://" + net.JoinHostPort(cmp.Or(o.host, "0.0.0.0"), strconv.Itoa(o.port))
+	if o.release.atLeast("0.10.0") {
+		fmt.Printf("(APIServer pid=%d) INFO %s [api_server.py:1945] Starting vLLM API server 0 on %s\n", os.Getpid(), time.Now().Format("01-02 15:04:05"), addr)
+	} else {
+		logf("Starting vLLM API server on %s", addr)
+	}
+	// serve_http lists the routes, then builds uvicorn's server: some
+	// milliseconds on a real host.
+	logf("Available routes are:")
+	for _, r := range []string{"/health, Methods: GET", "/v1/models, Methods: GET", "/v1/chat/completions, Methods: POST", "/v1/completions, Methods: POST"} {
+		logf("Route: %s", r)
+	}
+	time.Sleep(20 * time.Millisecond)
+	fmt.Fprintf(os.Stderr, "INFO:     Started server process [%d]\n", os.Getpid())
+	fmt.Fprintln(os.Stderr, "INFO:     Waiting for application startup.")
+	fmt.Fprintln(os.Stderr, "INFO:     Application startup complete.")
+}
+
+// writeAtomic writes s to path through a temporary file, so a reader never
+// sees it half written.
+func writeAtomic(path, s string) {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(s), 0o644); err == nil {
+		os.Rename(tmp, path) //nolint:errcheck // a benchmark's aid: it notices a missing file
+	}
+}
+
 func logf(format string, args ...any) {
 	fmt.Printf("INFO %s [fake-vllm] %s\n", time.Now().Format("01-02 15:04:05"), fmt.Sprintf(format, args...))
 }
@@ -402,6 +447,9 @@ func runServer(o *options) int {
 		return code
 	}
 	o.mem.profileCheck(neighbours)
+	// What vLLM prints as it begins to serve, before uvicorn listens on
+	// its socket (serveLines).
+	serveLines(o)
 	if bound != nil {
 		if ln, err = bound.listen(); err != nil {
 			fmt.Fprintln(os.Stderr, "fake-vllm:", err)
@@ -417,8 +465,12 @@ func runServer(o *options) int {
 	handler, api := newHandler(o, start)
 	srv := &http.Server{Handler: handler, ReadHeaderTimeout: 5 * time.Second}
 	go srv.Serve(ln) //nolint:errcheck // ends with the process
-	logf("Starting vLLM API server on http://%s", ln.Addr())
 	o.events.log("serving", nil)
+	if o.listenFile != "" {
+		// When it began to accept, for benchmarks of the supervisor's
+		// share of a start.
+		writeAtomic(o.listenFile, strconv.FormatInt(time.Now().UnixNano(), 10))
+	}
 	go chatter(o)
 
 	var crash <-chan time.Time

@@ -43,6 +43,10 @@ import (
 //   - While loading, the port is bound but not listening: connections are
 //     refused (vLLM binds before loading and listens after, vllm#8204),
 //     with or without --fake-bind-early.
+//   - Once loaded, before it listens, it prints what vLLM and uvicorn
+//     print then: "Starting vLLM API server on http://HOST:PORT" ("… API
+//     server 0 on …" from 0.10, inferred from logs of those releases),
+//     then uvicorn's "Application startup complete." on stderr.
 
 // defaultVersion is the release a fake-vllm plays when nothing says which.
 const defaultVersion = "0.33.0"
