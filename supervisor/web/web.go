@@ -146,6 +146,22 @@ func Handler(sup Supervisor, reg prometheus.Gatherer, log *zap.Logger, checks ..
 		for _, m := range h.NotReady {
 			out.NotReady = append(out.NotReady, notReady{m.Name, m.State, m.Reason})
 		}
+		// A model of the configuration with no status yet (the daemon is
+		// starting and has not made its runners) is not ready: without
+		// this, a daemon that knows no model yet was ready, 0 of 0.
+		if cfg := sup.Config(); cfg != nil {
+			known := map[string]bool{}
+			for _, m := range st {
+				known[m.Name] = true
+			}
+			for _, m := range cfg.Models {
+				if m.Enabled && !known[m.Name] {
+					out.Enabled++
+					out.NotReady = append(out.NotReady, notReady{m.Name, supervisor.Pending, "the supervisor is starting"})
+					code = http.StatusServiceUnavailable
+				}
+			}
+		}
 		// A daemon whose gateway is not serving is not serving its
 		// clients, however ready the models are.
 		for _, c := range checks {

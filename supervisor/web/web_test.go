@@ -74,7 +74,8 @@ func TestEndpoints(t *testing.T) {
 		t.Errorf("healthz with a stalled loop: %d %q", code, body)
 	}
 	all := []supervisor.Status{{Name: "lab", State: supervisor.Ready, Enabled: true}, {Name: "off", State: supervisor.Stopped, Enabled: false}}
-	ready := Handler(stub{alive: true, st: all, cfg: cfg}, prometheus.NewRegistry(), zap.NewNop())
+	two := &config.Config{Models: []config.Model{{Name: "lab", Enabled: true}, {Name: "off"}}}
+	ready := Handler(stub{alive: true, st: all, cfg: two}, prometheus.NewRegistry(), zap.NewNop())
 	if code, _ := get(t, ready, "GET", "/readyz", "h"); code != 200 {
 		t.Errorf("readyz with every enabled model ready: %d (a disabled model does not count)", code)
 	}
@@ -92,5 +93,16 @@ func TestReadyzJudgesTheGateway(t *testing.T) {
 	serving = nil
 	if code, body := get(t, h, "GET", "/readyz", "h"); code != 200 || strings.Contains(body, "not_serving") {
 		t.Errorf("readyz with the gateway serving: %d %s", code, body)
+	}
+}
+
+// TestReadyzBeforeTheModelsAreKnown: a daemon whose supervisor has not yet
+// made its models (it is starting) is not ready; it was, 0 of 0.
+func TestReadyzBeforeTheModelsAreKnown(t *testing.T) {
+	cfg := &config.Config{Models: []config.Model{{Name: "lab", Enabled: true}, {Name: "off"}}}
+	h := Handler(stub{alive: true, cfg: cfg}, prometheus.NewRegistry(), zap.NewNop())
+	code, body := get(t, h, "GET", "/readyz", "h")
+	if want := `{"ready":0,"enabled":1,"not_ready":[{"name":"lab","state":"pending","reason":"the supervisor is starting"}]}` + "\n"; code != 503 || body != want {
+		t.Errorf("readyz before any status: %d %s", code, body)
 	}
 }
