@@ -137,7 +137,11 @@ func (r *runner) capture(f *os.File, stream string) {
 			}
 		}
 	}
-	buf := make([]byte, 64*1024)
+	// A model's output is a few lines a second: a small read buffer serves
+	// it as well as a large one, and two of them are held for every model
+	// as long as it runs (64 KiB each was 25 MiB of a 200-model daemon).
+	// A longer line gathers in line, up to maxLineBytes.
+	buf := make([]byte, 4*1024)
 	line := make([]byte, 0, 256)
 	cut, afterCR := false, false // discarding the rest of a cut line; the last byte was \r
 	for {
