@@ -175,22 +175,34 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 		times := map[procKey]float64{}
 		pids := r.pids.Load()
 		if pids != nil {
-			for _, pid := range *pids {
-				ps, err := proc.ReadStat(pid)
-				if err != nil || ps.State == 'Z' {
-					continue
-				}
-				rss += float64(ps.RSSPages) * page
-				times[procKey{pid, ps.Start}] = float64(ps.UTime+ps.STime) / clockTicks
-			}
+			// The cgroup's own accounting, where there is one: every
+			// process of the instance, exited ones' CPU time included, in
+			// two reads however many processes it has. Each process's
+			// stat otherwise (three system calls a process, the most of a
+			// scrape of many models).
+			var cgMem, cgCPU bool
 			if cg := r.cg.Load(); cg != nil {
-				// The cgroup's own accounting: every process of the
-				// instance, exited ones' CPU time included.
-				if b, ok := cg.MemoryBytes(); ok {
+				var b int64
+				if b, cgMem = cg.MemoryBytes(); cgMem {
 					rss = float64(b)
 				}
-				if sec, ok := cg.CPUSeconds(); ok {
-					times = map[procKey]float64{{pid: -1, start: leafKey(cg.Path)}: sec}
+				var sec float64
+				if sec, cgCPU = cg.CPUSeconds(); cgCPU {
+					times[procKey{pid: -1, start: leafKey(cg.Path)}] = sec
+				}
+			}
+			if !cgMem || !cgCPU {
+				for _, pid := range *pids {
+					ps, err := proc.ReadStat(pid)
+					if err != nil || ps.State == 'Z' {
+						continue
+					}
+					if !cgMem {
+						rss += float64(ps.RSSPages) * page
+					}
+					if !cgCPU {
+						times[procKey{pid, ps.Start}] = float64(ps.UTime+ps.STime) / clockTicks
+					}
 				}
 			}
 			ch <- prometheus.MustNewConstMetric(c.rss, prometheus.GaugeValue, rss, name)
