@@ -196,21 +196,13 @@ func us(d time.Duration) string { return fmt.Sprintf("%.3f ms", float64(d.Nanose
 
 func TestBenchGateway(t *testing.T) {
 	up := startFake(t, "m")
-	gw, err := Listen("127.0.0.1:0", Options{
-		Models: newStub(ready("m", "m", up.base)), Logger: zap.NewNop(), Registerer: prometheus.NewRegistry(),
-		Settings: Settings{MaxQueue: 64, MaxWait: time.Minute, MaxBody: 32 << 20},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
 	// The gateway's goroutines carry a profiler label, so a CPU profile
 	// of this test (-cpuprofile, then pprof -tagfocus part=gateway, or
 	// part=gateway-keys for the one with keys and limits) shows the
 	// gateway's share alone.
-	go pprof.Do(ctx, pprof.Labels("part", "gateway"), func(ctx context.Context) { done <- gw.Run(ctx) })
-	defer func() { cancel(); <-done }()
+	via := benchGateway(t, up.base)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 
 	// The same gateway with API keys and every policy on: a scope, both
 	// rate limits (high enough not to refuse), a max_concurrency per key
@@ -234,7 +226,7 @@ func TestBenchGateway(t *testing.T) {
 	go pprof.Do(ctx, pprof.Labels("part", "gateway-keys"), func(ctx context.Context) { doneK <- gwK.Run(ctx) })
 	defer func() { cancel(); <-doneK }()
 
-	direct, via, viaK := up.base, "http://"+gw.Addr(), "http://"+gwK.Addr()
+	direct, viaK := up.base, "http://"+gwK.Addr()
 	dc, gc, kc := newClient(), newClient(), newKeyClient(aliceToken)
 	// Debian's HAProxy in front of the same model, when it is installed:
 	// the hop the gateway's is measured against.
@@ -379,18 +371,7 @@ backend model
 // measurement: nothing here fails on a figure.
 func TestBenchGatewayStreamPacing(t *testing.T) {
 	up := startFake(t, "m", "--fake-token-delay", "50ms")
-	gw, err := Listen("127.0.0.1:0", Options{
-		Models: newStub(ready("m", "m", up.base)), Logger: zap.NewNop(), Registerer: prometheus.NewRegistry(),
-		Settings: Settings{MaxQueue: 64, MaxWait: time.Minute, MaxBody: 32 << 20},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- gw.Run(ctx) }()
-	defer func() { cancel(); <-done }()
-	paths := [][2]string{{"direct", up.base}, {"gateway", "http://" + gw.Addr()}}
+	paths := [][2]string{{"direct", up.base}, {"gateway", benchGateway(t, up.base)}}
 	if hp, _ := startHAProxy(t, up.base, false); hp != "" {
 		hpNoDelay, _ := startHAProxy(t, up.base, true)
 		paths = append(paths, [2]string{"HAProxy, defaults", hp}, [2]string{"HAProxy, option http-no-delay", hpNoDelay})
@@ -432,4 +413,23 @@ func TestBenchGatewayStreamPacing(t *testing.T) {
 		}
 		fmt.Printf("    | %s | %s | %s | %d of %d |\n", p[0], us(med(firsts)), us(longest), burst, events)
 	}
+}
+
+// benchGateway runs a gateway with no keys in front of the model at
+// upstream until the test ends, its goroutines labelled part=gateway for
+// a CPU profile, and returns its base URL.
+func benchGateway(t *testing.T, upstream string) string {
+	t.Helper()
+	gw, err := Listen("127.0.0.1:0", Options{
+		Models: newStub(ready("m", "m", upstream)), Logger: zap.NewNop(), Registerer: prometheus.NewRegistry(),
+		Settings: Settings{MaxQueue: 64, MaxWait: time.Minute, MaxBody: 32 << 20},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go pprof.Do(ctx, pprof.Labels("part", "gateway"), func(ctx context.Context) { done <- gw.Run(ctx) })
+	t.Cleanup(func() { cancel(); <-done })
+	return "http://" + gw.Addr()
 }
