@@ -1,7 +1,6 @@
 package probe
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -11,7 +10,6 @@ import (
 	"math"
 	"net/http"
 	"strconv"
-	"strings"
 )
 
 // The known-answer canary: a woken engine must answer as it did right after
@@ -123,29 +121,11 @@ var ErrNoRunningGauge = errors.New("/metrics has no vllm:num_requests_running")
 // requests its engine still runs, those whose client went away included
 // until the engine notices (it does at its next write to the client).
 func (h *HTTP) Running(ctx context.Context, base string) (float64, error) {
-	body, err := h.get(ctx, base+"/metrics", 4<<20)
-	if err != nil {
-		return 0, err
+	sum, found, err := h.sumMetric(ctx, base, "vllm:num_requests_running")
+	if err == nil && !found {
+		err = ErrNoRunningGauge
 	}
-	var sum float64
-	found := false
-	sc := bufio.NewScanner(bytes.NewReader(body))
-	sc.Buffer(make([]byte, 64*1024), 1024*1024)
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, "vllm:num_requests_running") {
-			continue
-		}
-		f := strings.Fields(line)
-		if v, err := strconv.ParseFloat(f[len(f)-1], 64); err == nil {
-			sum += v
-			found = true
-		}
-	}
-	if !found {
-		return 0, ErrNoRunningGauge
-	}
-	return sum, nil
+	return sum, err
 }
 
 // postJSON posts body and returns the answer's body (at most 1 MiB), or a

@@ -75,17 +75,25 @@ func (h *HTTP) Version(ctx context.Context, base string) (string, error) {
 // Traffic sums vLLM's vllm:request_success_total from base's /metrics: the
 // requests it has finished, all finish reasons together.
 func (h *HTTP) Traffic(ctx context.Context, base string) (float64, error) {
+	sum, found, err := h.sumMetric(ctx, base, "vllm:request_success_total")
+	if err == nil && !found {
+		err = fmt.Errorf("/metrics has no vllm:request_success_total")
+	}
+	return sum, err
+}
+
+// sumMetric sums every sample of the family name on base's /metrics (all
+// its label sets), and says whether there was any.
+func (h *HTTP) sumMetric(ctx context.Context, base, name string) (sum float64, found bool, err error) {
 	body, err := h.get(ctx, base+"/metrics", 4<<20)
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
-	var sum float64
-	found := false
 	sc := bufio.NewScanner(bytes.NewReader(body))
 	sc.Buffer(make([]byte, 64*1024), 1024*1024)
 	for sc.Scan() {
 		line := sc.Text()
-		if !strings.HasPrefix(line, "vllm:request_success_total") {
+		if !strings.HasPrefix(line, name) {
 			continue
 		}
 		f := strings.Fields(line)
@@ -94,10 +102,7 @@ func (h *HTTP) Traffic(ctx context.Context, base string) (float64, error) {
 			found = true
 		}
 	}
-	if !found {
-		return 0, fmt.Errorf("/metrics has no vllm:request_success_total")
-	}
-	return sum, nil
+	return sum, found, nil
 }
 
 // Complete asks served for one token. /health answers 200 while a hung
