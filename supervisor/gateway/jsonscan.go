@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"bytes"
-	"errors"
 	"io"
 )
 
@@ -17,78 +16,39 @@ func orSyntax(err error) error {
 	return errSyntax
 }
 
-// scanner reads a JSON text incrementally, keeping every byte it read.
+// scanner walks a JSON text held whole in buf.
 type scanner struct {
-	r   io.Reader
 	buf []byte
 	i   int // next byte to look at
-	err error
-}
-
-// fill reads more; false at the end of the body or on an error.
-func (s *scanner) fill() bool {
-	if s.err != nil {
-		return false
-	}
-	if len(s.buf) == cap(s.buf) {
-		s.buf = append(s.buf, 0)[:len(s.buf)] // grow
-	}
-	n, err := s.r.Read(s.buf[len(s.buf):cap(s.buf)])
-	s.buf = s.buf[:len(s.buf)+n]
-	if err != nil {
-		s.err = err
-	}
-	return n > 0 || err == nil
-}
-
-func (s *scanner) eof() error {
-	if s.err != nil && !errors.Is(s.err, io.EOF) {
-		return s.err
-	}
-	return io.ErrUnexpectedEOF
 }
 
 // next returns the next byte that is not white space.
 func (s *scanner) next() (byte, error) {
-	for {
-		for s.i < len(s.buf) {
-			c := s.buf[s.i]
-			s.i++
-			if c != ' ' && c != '\t' && c != '\n' && c != '\r' {
-				return c, nil
-			}
-		}
-		if !s.fill() {
-			return 0, s.eof()
+	for s.i < len(s.buf) {
+		c := s.buf[s.i]
+		s.i++
+		if c != ' ' && c != '\t' && c != '\n' && c != '\r' {
+			return c, nil
 		}
 	}
+	return 0, io.ErrUnexpectedEOF
 }
 
 // skipString moves past the string whose opening quote was just read.
 func (s *scanner) skipString() error {
-	for {
-		for s.i < len(s.buf) {
-			j := bytes.IndexAny(s.buf[s.i:], `"\`)
-			if j < 0 {
-				s.i = len(s.buf)
-				break
-			}
-			s.i += j + 1
-			if s.buf[s.i-1] == '"' {
-				return nil
-			}
-			// A backslash escapes the next byte, which may not be read yet.
-			for s.i >= len(s.buf) {
-				if !s.fill() {
-					return s.eof()
-				}
-			}
-			s.i++
+	for s.i < len(s.buf) {
+		j := bytes.IndexAny(s.buf[s.i:], `"\`)
+		if j < 0 {
+			break
 		}
-		if !s.fill() {
-			return s.eof()
+		s.i += j + 1
+		if s.buf[s.i-1] == '"' {
+			return nil
 		}
+		s.i++ // a backslash escapes the next byte
 	}
+	s.i = len(s.buf)
+	return io.ErrUnexpectedEOF
 }
 
 // skipValue moves past one value: a string, an object or array (nesting
@@ -121,17 +81,12 @@ func (s *scanner) skipValue() error {
 		}
 		return nil
 	default: // number, true, false, null: up to the next delimiter
-		for {
-			for s.i < len(s.buf) {
-				switch s.buf[s.i] {
-				case ',', '}', ']', ' ', '\t', '\n', '\r':
-					return nil
-				}
-				s.i++
-			}
-			if !s.fill() {
-				return s.eof()
+		for ; s.i < len(s.buf); s.i++ {
+			switch s.buf[s.i] {
+			case ',', '}', ']', ' ', '\t', '\n', '\r':
+				return nil
 			}
 		}
+		return io.ErrUnexpectedEOF
 	}
 }

@@ -81,7 +81,7 @@ func askUsage(body []byte) (out []byte, asked, stream bool) {
 // value lies (b[at:end], white space trimmed), and returns where the
 // object's closing brace is.
 func members(b []byte, fn func(key string, at, end int)) (closeAt int, err error) {
-	s := &scanner{r: bytes.NewReader(nil), buf: b}
+	s := &scanner{buf: b}
 	if c, err := s.next(); err != nil || c != '{' {
 		return 0, orSyntax(err)
 	}
@@ -190,7 +190,7 @@ func lastUsage(b []byte) (tokenUsage, bool) {
 			continue
 		}
 		// Only the usage object is decoded: find its end first.
-		sc := &scanner{r: bytes.NewReader(nil), buf: rest[1:]}
+		sc := &scanner{buf: rest[1:]}
 		if sc.skipValue() != nil {
 			continue
 		}
