@@ -359,7 +359,7 @@ func (l *loop) do(ef effect) event {
 	r, m := l.r, l.m
 	switch ef := ef.(type) {
 	case efCheck:
-		cause, reason := l.check()
+		_, cause, reason := l.check()
 		return evChecked{cause: cause, reason: reason}
 	case efWant:
 		r.d.sched.Want(m.cfg, ef.seq, ef.held)
@@ -526,43 +526,42 @@ func (l *loop) fillRecord(is *InstanceState) {
 }
 
 // check looks at everything a start needs, in the order an operator would
-// fix them.
-func (l *loop) check() (cause, reason string) {
+// fix them, and returns the secrets of the model's env_files it read.
+func (l *loop) check() (secrets map[string]string, cause, reason string) {
 	m := l.m.cfg
 	// Through slowIO: a mount that does not answer leaves the model
 	// pending, saying so, and never holds the runner.
 	if err := statPath(m.Path); err != nil {
 		var hung *HungError
 		if errors.As(err, &hung) {
-			return CauseStorage, "storage: " + err.Error()
+			return nil, CauseStorage, "storage: " + err.Error()
 		}
-		return CauseStorage, fmt.Sprintf("storage: %s: %s", m.Path, errText(err))
+		return nil, CauseStorage, fmt.Sprintf("storage: %s: %s", m.Path, errText(err))
 	}
-	if _, err := loadEnvFiles(m.EnvFiles); err != nil {
+	secrets, err := loadEnvFiles(m.EnvFiles)
+	if err != nil {
 		if daemonShort(err) {
-			return CauseDaemon, "the daemon is short of resources to check it: " + errText(err) + "; retrying"
+			return nil, CauseDaemon, "the daemon is short of resources to check it: " + errText(err) + "; retrying"
 		}
-		return CauseEnvFiles, err.Error()
+		return nil, CauseEnvFiles, err.Error()
 	}
 	if err := checkPort(m.Host, m.Port); err != nil {
 		if daemonShort(err) {
 			// Out of descriptors, the test bind says nothing of the port.
-			return CauseDaemon, "the daemon is short of resources to check it: " + errText(err) + "; retrying"
+			return nil, CauseDaemon, "the daemon is short of resources to check it: " + errText(err) + "; retrying"
 		}
-		return CausePort, err.Error()
+		return nil, CausePort, err.Error()
 	}
-	return "", ""
+	return secrets, "", ""
 }
 
 // spawn checks again (the GPUs may have taken a while) and starts the model.
 func (l *loop) spawn(gpus []string) event {
 	r, m := l.r, l.m.cfg
-	if cause, reason := l.check(); cause != "" {
+	// The env_files the checks read are what the child gets.
+	secrets, cause, reason := l.check()
+	if cause != "" {
 		return evSpawned{cause: cause, reason: reason}
-	}
-	secrets, err := loadEnvFiles(m.EnvFiles)
-	if err != nil {
-		return evSpawned{cause: CauseEnvFiles, reason: err.Error()}
 	}
 	eff := l.m.spawnConfig()
 	visible, note := r.d.visibleDevices(gpus, l.m.vllm)
