@@ -7,7 +7,6 @@ import (
 	"net"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"citadel-supervisor/supervisor/control/api"
@@ -63,7 +62,6 @@ type admitter struct {
 	byUID     map[uint32]int // request connections by peer uid
 	followers int
 	followUID map[uint32]int
-	refused   atomic.Uint64
 }
 
 func newAdmitter(l Limits) *admitter {
@@ -179,7 +177,6 @@ func (l *admitListener) Accept() (net.Conn, error) {
 		peer, known := l.peerOf(c)
 		adm, why := l.a.admit(peer, known, known && l.privilege(peer))
 		if adm == nil {
-			l.a.refused.Add(1)
 			refuse(c, why)
 			continue
 		}

@@ -156,9 +156,6 @@ func Listen(o Options) (*Server, error) {
 	return s, nil
 }
 
-// Refused counts the connections refused by the limits of admit.go.
-func (s *Server) Refused() uint64 { return s.admit.a.refused.Load() }
-
 // readBody reads a request's body whole within bodyTimeout (and maxBody)
 // before the handler runs, then clears the read deadline: a half-sent
 // request is answered 408 instead of holding its connection, and the
