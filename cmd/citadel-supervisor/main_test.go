@@ -638,3 +638,41 @@ func procEnviron(t *testing.T, pid int) map[string]string {
 	}
 	return env
 }
+
+// installedDaemon runs the daemon from a copy of this binary, so a test
+// can replace it as a package upgrade does.
+type installedDaemon struct {
+	exe string
+}
+
+func newInstalled(t *testing.T) *installedDaemon {
+	t.Helper()
+	in := &installedDaemon{exe: filepath.Join(t.TempDir(), "citadel-supervisor")}
+	in.install(t, "v1")
+	return in
+}
+
+// install puts a new file (this binary, saying version v) in place.
+func (in *installedDaemon) install(t *testing.T, v string) {
+	t.Helper()
+	b, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(in.exe+".new", b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(in.exe+".new", in.exe); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(in.exe+".version", []byte(v), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (in *installedDaemon) start(s *site, args ...string) *daemon {
+	return s.startCmd(func(cmd *exec.Cmd) {
+		cmd.Path, cmd.Args[0] = in.exe, in.exe
+		cmd.Args = append(cmd.Args, args...)
+	})
+}

@@ -123,26 +123,9 @@ func TestUpgradeInPlace(t *testing.T) {
 	), t: t}
 	// The daemon runs from a copy, which the test replaces as a package
 	// upgrade does (a new file renamed over the old), with a new version.
-	exe := filepath.Join(t.TempDir(), "citadel-supervisor")
-	install := func(v string) {
-		t.Helper()
-		b, err := os.ReadFile(os.Args[0])
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(exe+".new", b, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Rename(exe+".new", exe); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(exe+".version", []byte(v), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	install("v1")
+	in := newInstalled(t)
 	sd := newFakeSystemd(t)
-	d := sd.start(s, exe)
+	d := sd.start(s, in.exe)
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
 	supervisortest.WaitGateway(t, d, gw)
 	c := client.New(s.Socket)
@@ -195,7 +178,7 @@ func TestUpgradeInPlace(t *testing.T) {
 	// A 40-token stream through the gateway (2 s), in flight at the upgrade.
 	stream := startStream(t, gw, "a")
 
-	install("v2")
+	in.install(t, "v2")
 	res, err := c.Upgrade(ctx)
 	if err != nil {
 		t.Fatalf("upgrade: %v", err)

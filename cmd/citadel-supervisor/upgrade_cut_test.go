@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -28,26 +26,9 @@ func TestUpgradeEndsLongStreamsWithAnEvent(t *testing.T) {
 	gwPort, httpPort := supervisortest.FreePort(t), supervisortest.FreePort(t)
 	top := fmt.Sprintf("listen: 127.0.0.1:%d\ngpu: {backend: none}\ngateway: {listen: 127.0.0.1:%d, upgrade_drain: 1s}\n", httpPort, gwPort)
 	s := &site{Site: supervisortest.NewSite(t, top, testModel{Name: "a", Fake: []string{"--fake-token-delay", "100ms"}}), t: t}
-	exe := filepath.Join(t.TempDir(), "citadel-supervisor")
-	install := func(v string) {
-		t.Helper()
-		b, err := os.ReadFile(os.Args[0])
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(exe+".new", b, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Rename(exe+".new", exe); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(exe+".version", []byte(v), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	install("v1")
+	in := newInstalled(t)
 	sd := newFakeSystemd(t)
-	d := sd.start(s, exe)
+	d := sd.start(s, in.exe)
 	gw := fmt.Sprintf("http://127.0.0.1:%d", gwPort)
 	supervisortest.WaitGateway(t, d, gw)
 	c := client.New(s.Socket)
@@ -93,7 +74,7 @@ func TestUpgradeEndsLongStreamsWithAnEvent(t *testing.T) {
 		}
 	}()
 
-	install("v2")
+	in.install(t, "v2")
 	if _, err := c.Upgrade(ctx); err != nil {
 		t.Fatalf("upgrade: %v", err)
 	}
