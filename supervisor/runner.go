@@ -424,6 +424,10 @@ func (l *loop) do(ef effect) event {
 		r.cg.Store(nil)
 		r.hostHeld.Store(0)
 	case efSleep:
+		// Its GPUs' memory changes from now on (granted quiet GPUs, or
+		// going ahead after waiting startup_timeout for them): no start or
+		// wake there until it has slept, or stays awake.
+		r.d.sched.Changing(r.name)
 		base, grace, key := baseURL(m.cfg), m.cfg.StopTimeout, r.key()
 		level, note := l.sleepLevel(ef.level, m.deepestLevel())
 		ask := m.hasIsSleeping()

@@ -59,6 +59,10 @@ type scheduler struct {
 	// restoredAt is when claims were last restored (Adopt): nothing is
 	// decided on a reading older than that.
 	restoredAt time.Time
+	// restoring is true from Restoring until Restored: runners are telling
+	// what the models taken over hold, and nothing is decided until all
+	// have (a GPU not yet known to be busy is not free).
+	restoring bool
 	// quiet holds the models waiting for quiet GPUs (Quiet), with the seq
 	// of their request; quietSaid the last answer sent to each.
 	quiet     map[string]int
@@ -367,11 +371,14 @@ func (s *scheduler) gpuName(uuid string) string {
 }
 
 // Declined says the model could not be put to sleep for another (it was
-// not ready, or requests would not drain): the scheduler looks again.
+// not ready, requests would not drain, or a sleep or stop of its own is
+// under way): the scheduler looks again. A change of its memory already
+// under way stays one (Unquiet, Slept or Release ends it): a decline
+// withdraws the eviction, never the busy GPU.
 func (s *scheduler) Declined(name string) {
 	s.send(func() {
 		if c, ok := s.claims[name]; ok {
-			c.Evicting, c.Changing = false, false
+			c.Evicting = false
 			s.claims[name] = c
 		}
 	})
@@ -411,9 +418,29 @@ func (s *scheduler) Withdraw(name string) {
 	})
 }
 
+// Restoring says models are being taken over (an upgrade, or adoption
+// after a crash): each runner tells what its model holds (Adopt) in its
+// own time. Until Restored, no start, wake or quiet GPU is granted: one
+// granted between two runners' Adopts would go to a GPU where a model
+// not told yet loads or holds memory.
+func (s *scheduler) Restoring() {
+	s.send(func() { s.restoring = true })
+}
+
+// Restored says every runner has told what it took over.
+func (s *scheduler) Restored() {
+	s.send(func() {
+		s.restoring = false
+		s.pokeReader()
+	})
+}
+
 // decide runs gpu.Decide over the current state, keeps its outcome and
 // tells each waiting runner its answer.
 func (s *scheduler) decide() {
+	if s.restoring {
+		return
+	}
 	defer s.publish()
 	defer s.answerQuiet()
 	if s.reader == nil {

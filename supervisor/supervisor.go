@@ -403,6 +403,10 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		}
 	}
 	s.d.sched.Expect(expect)
+	if len(takeOver) > 0 {
+		// Nothing is placed until every runner has told what it took over.
+		s.d.sched.Restoring()
+	}
 	for _, m := range cfg.Models {
 		startRunner(m, takeOver[m.Name])
 	}
@@ -410,9 +414,13 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	s.handedOver.Store(nil) // each runner owns its marker now
 	// Ready (the control socket comes up) once every runner has published
 	// its first status: after an upgrade or an adoption, status shows the
-	// state taken over, never the placeholder a runner starts with.
+	// state taken over, never the placeholder a runner starts with. A
+	// runner publishes it after its restore's effects, Adopt among them.
 	for _, r := range byName {
 		<-r.began
+	}
+	if len(takeOver) > 0 {
+		s.d.sched.Restored()
 	}
 	close(s.ready)
 	s.d.log.Info("supervisor running", zap.Int("models", len(cfg.Models)), zap.String("identity", s.d.id))
