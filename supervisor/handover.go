@@ -158,7 +158,10 @@ func (m *machine) snapshot() ModelState {
 		st.Instance.SleepMode = &sleepMode
 		st.Instance.Known, st.Instance.KnownNote = m.known, m.knownNote
 		st.Instance.Held = m.held
-		if m.state == Sleeping {
+		if m.state == Sleeping || m.state == Waking {
+			// Waiting for memory to wake, or waking, it sleeps at its level
+			// until the wake is proven: a successor wakes it the way it
+			// slept (a wake_up of an engine already awake does nothing).
 			st.Instance.SleepLevel, st.Instance.SleepCause = m.sleepLevel, m.sleepCause
 		}
 		if m.vllm.known() {

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+
 	"citadel-supervisor/config"
 )
 
@@ -180,4 +182,41 @@ func TestMachineWakeBound(t *testing.T) {
 	// The wake's own answer, late, changes nothing.
 	mt.expect(evWoke{inst: inst}, "")
 	mt.state(Stopping)
+}
+
+// TestMachineWakingIsRecordedAsleep: a sleeper waiting for memory to
+// wake, or waking, still sleeps at its level until the wake is proven:
+// its record says so, and a successor (an upgrade, or a crash and
+// adoption) wakes it the way it slept. Before, the record said awake from
+// the demand on; a successor found the engine asleep and woke a level-2
+// sleeper at level 1 (the sleep_level a reload had set meanwhile),
+// without reloading the weights it had discarded.
+func TestMachineWakingIsRecordedAsleep(t *testing.T) {
+	two := onDemandCfg()
+	two.SleepLevel = 2
+	for _, tc := range []struct {
+		name string
+		to   func(*mtest) *mtest
+	}{
+		{"waiting for memory", (*mtest).toWakingAwaiting},
+		{"waking", (*mtest).toWaking},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mt := newODTest(t)
+			mt.m.cfg = two
+			tc.to(mt)
+			mt.state(Waking)
+			st := mt.m.snapshot()
+			if st.Instance == nil || st.Instance.SleepLevel != 2 {
+				t.Fatalf("recorded %+v; want asleep at level 2", st.Instance)
+			}
+			one := onDemandCfg() // a reload set sleep_level 1 meanwhile
+			m := newMachine(one, func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
+			st.Instance.Digest = one.SpawnDigest()
+			m.restore(st, mt.m.inst, one.SpawnDigest(), false)
+			if m.state != Sleeping || m.sleepLevel != 2 {
+				t.Errorf("restored %s at level %d; want sleeping at level 2", m.state, m.sleepLevel)
+			}
+		})
+	}
 }
