@@ -70,7 +70,10 @@ const swapMinAwake = time.Second
 //	(d) no request reached a sleeping engine and no sleep was ordered with
 //	    one in flight;
 //	(e) at the end every model answers, the gateway's in-flight and queue
-//	    gauges are back to zero, and each model runs at most one server.
+//	    gauges are back to zero, and each model runs at most one server;
+//	(f) no engine's start failed its memory profiling (vLLM aborts a start
+//	    whose GPU's memory others change while it loads, vllm#56830), but
+//	    where the soak SIGKILLed a neighbour on that GPU during the load.
 //
 // The seed fixes the sequence of faults and requests (not their timing);
 // a failure prints it, and -swap.seed replays it.
@@ -128,6 +131,7 @@ type swapSoak struct {
 	held      map[string][]window // held stopped by the soak
 	hit       map[string][]window // a fault hit the model (killed, stopped, restarted)
 	manual    map[string][]time.Time
+	killed    []killing // the models' servers SIGKILLed, for (f)
 	results   []swapResult
 	faults    map[string]int
 	yaml      string
@@ -139,6 +143,12 @@ type swapSoak struct {
 }
 
 type window struct{ from, to time.Time }
+
+// killing is a server the soak SIGKILLed: its memory went at once.
+type killing struct {
+	pid int
+	at  time.Time
+}
 
 func (w window) overlaps(from, to time.Time) bool { return !to.Before(w.from) && !from.After(w.to) }
 
@@ -179,7 +189,9 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 3m, max_queue: 1024}
 		held: map[string][]window{}, hit: map[string][]window{}, manual: map[string][]time.Time{}, faults: map[string]int{},
 		yaml: s.YAML, version: 1,
 	}
-	k.events = eventState{path: s.Events, pids: map[int]*engine{}}
+	k.events = eventState{path: s.Events, pids: map[int]*engine{}, gpus: map[int][]string{}}
+	// (f) is checked here, where the soak's own SIGKILLs are known.
+	s.Tolerate = append(s.Tolerate, "profile_failed")
 	return k
 }
 
@@ -274,10 +286,11 @@ func (k *swapSoak) check() {
 	for m, ts := range k.manual {
 		manual[m] = slices.Clone(ts)
 	}
+	killed := slices.Clone(k.killed)
 	k.mu.Unlock()
 	k.eventMu.Lock()
 	defer k.eventMu.Unlock()
-	for _, v := range k.events.read(t, manual) {
+	for _, v := range k.events.read(t, manual, killed) {
 		t.Error(v)
 	}
 }
@@ -462,6 +475,9 @@ func (k *swapSoak) killModel(model string) {
 		return
 	}
 	at := time.Now()
+	k.mu.Lock()
+	k.killed = append(k.killed, killing{pid, at})
+	k.mu.Unlock()
 	if syscall.Kill(pid, syscall.SIGKILL) == nil {
 		// Cut: the requests in flight, and one sent to the dead engine
 		// before the daemon saw it die (it reaps it within moments).
@@ -680,6 +696,7 @@ type eventState struct {
 	path   string
 	offset int64
 	pids   map[int]*engine
+	gpus   map[int][]string // the GPUs each server took memory on, kept after it ends
 
 	wakes, wakesServed, starts, startsServed int
 }
@@ -687,6 +704,7 @@ type eventState struct {
 // engine is one fake engine's process as its events tell.
 type engine struct {
 	model   string
+	started time.Time // its process began (its load with it)
 	awakeAt time.Time // its last wake or its start serving
 	// open: an awake period (from a wake, or a cold start) whose first
 	// client request has not come yet.
@@ -696,8 +714,8 @@ type engine struct {
 }
 
 // read takes the events appended since the last read and returns the
-// violations of (a), (b) and (d) among them.
-func (e *eventState) read(t *testing.T, manual map[string][]time.Time) []string {
+// violations of (a), (b), (d) and (f) among them.
+func (e *eventState) read(t *testing.T, manual map[string][]time.Time, killed []killing) []string {
 	f, err := os.Open(e.path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -722,12 +740,12 @@ func (e *eventState) read(t *testing.T, manual map[string][]time.Time) []string 
 			out = append(out, fmt.Sprintf("event log: unreadable line %q", line))
 			continue
 		}
-		out = append(out, e.apply(ev, manual)...)
+		out = append(out, e.apply(ev, manual, killed)...)
 	}
 	return out
 }
 
-func (e *eventState) apply(ev fakevllm.Event, manual map[string][]time.Time) []string {
+func (e *eventState) apply(ev fakevllm.Event, manual map[string][]time.Time, killed []killing) []string {
 	at := time.Unix(0, ev.T)
 	en := e.pids[ev.PID]
 	if en == nil {
@@ -744,6 +762,24 @@ func (e *eventState) apply(ev fakevllm.Event, manual map[string][]time.Time) []s
 		return []string{fmt.Sprintf("(a) %s's engine (pid %d) ran out of GPU memory at %s: %v", ev.Model, ev.PID, at.Format("15:04:05.000"), ev.More)}
 	case "misuse":
 		return []string{fmt.Sprintf("(d) %s's engine (pid %d) was misused at %s: %v", ev.Model, ev.PID, at.Format("15:04:05.000"), ev.More)}
+	case "start":
+		en.started = at
+	case "alloc":
+		if b, ok := ev.More["bytes"].(map[string]any); ok {
+			for u := range b {
+				if !slices.Contains(e.gpus[ev.PID], u) {
+					e.gpus[ev.PID] = append(e.gpus[ev.PID], u)
+				}
+			}
+		}
+	case "profile_failed":
+		u, _ := ev.More["gpu"].(string)
+		for _, kl := range killed {
+			if kl.pid != ev.PID && !kl.at.Before(en.started) && !kl.at.After(at) && slices.Contains(e.gpus[kl.pid], u) {
+				return nil // a neighbour the soak killed mid-load
+			}
+		}
+		return []string{fmt.Sprintf("(f) %s's engine (pid %d) failed its memory profiling at %s, %s into its load: %v", ev.Model, ev.PID, at.Format("15:04:05.000"), at.Sub(en.started).Round(time.Millisecond), ev.More)}
 	case "serving":
 		en.awakeAt, en.open, en.woke, en.dirty = at, true, false, false
 		e.starts++
