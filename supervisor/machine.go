@@ -823,7 +823,7 @@ func (m *machine) onQuiet(ev evQuiet) []effect {
 	}
 	if !ev.ok {
 		what := map[quietKind]string{quietSleep: "sleeps", quietStop: "stops"}[m.quiet]
-		m.enter(m.state, fmt.Sprintf("waiting for %s before it %s", ev.reason, what))
+		m.enter(m.state, fmt.Sprintf("waiting for %s, before it %s", ev.reason, what))
 		return nil
 	}
 	return m.quietNow()

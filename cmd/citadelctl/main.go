@@ -382,11 +382,14 @@ func opCmd(op api.Op) func(*cli, context.Context, []string) int {
 // systemctl stop, which returns once the unit is down. A model whose stop
 // was undone meanwhile (another operator's start, restart or reset, or a
 // reload that changed it: it is no longer held) ends the wait at once,
-// naming that operation: the request failed, the daemon answered.
+// naming that operation: the request failed, the daemon answered. What a
+// stop waits for (quiet GPUs while a neighbour loads) is said on stderr as
+// it changes.
 func (c *cli) waitStopped(ctx context.Context, models []string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
+	said := map[string]string{}
 	for {
 		st, err := c.client.Status(ctx, models...)
 		if err != nil {
@@ -405,6 +408,10 @@ func (c *cli) waitStopped(ctx context.Context, models []string, timeout time.Dur
 				lost = append(lost, fmt.Sprintf("%s: not stopped: %s came after this stop (now %s)", s.Name, what, s.State))
 			default:
 				done = false
+				if strings.HasPrefix(s.Reason, "waiting for") && said[s.Name] != s.Reason {
+					said[s.Name] = s.Reason
+					fmt.Fprintf(c.err, "%s: %s\n", s.Name, s.Reason)
+				}
 			}
 		}
 		if len(lost) > 0 {

@@ -957,3 +957,29 @@ all      10        100     1000        1100
 		t.Errorf("no gateway: %d %q", code, errOut)
 	}
 }
+
+// TestStopSaysWhatItWaitsFor: a stop of a model on a GPU where another
+// loads waits until that one is ready (docs/on-demand.md, "Quiet GPUs"),
+// and citadelctl says so while it waits, then returns once it stopped.
+func TestStopSaysWhatItWaitsFor(t *testing.T) {
+	top := "gpu:\n  backend: sim\n  sim:\n    devices:\n      - {uuid: GPU-00000000-0000-0000-0000-000000000000, name: Sim H100, memory: 80GiB}\n"
+	d := startDaemon(t, top,
+		model{Name: "a", YAML: "gpu_memory_utilization: 0.3"},
+		model{Name: "b", YAML: "activation: on_demand\nsleep_level: 0\ngpu_memory_utilization: 0.3", Fake: []string{"--fake-load-time", "3s"}},
+	)
+	d.waitFor(t, 30*time.Second, "a ready", func() bool { return d.state(t, "a").State == supervisor.Ready })
+	if code, out, errb := d.ctl(t, "wake", "b"); code != 0 {
+		t.Fatalf("wake b: exit %d %s %s", code, out, errb)
+	}
+	d.waitFor(t, 10*time.Second, "b loading", func() bool { return d.state(t, "b").State == supervisor.Starting })
+	code, out, errb := d.ctl(t, "stop", "a")
+	if code != 0 || !strings.Contains(out, "a: stopped") {
+		t.Errorf("stop a: exit %d\n%s%s", code, out, errb)
+	}
+	if want := "a: waiting for b, which is starting or waking on GPU0, before it stops"; !strings.Contains(errb, want) {
+		t.Errorf("stop a said:\n%s\nwant a line %q", errb, want)
+	}
+	if st := d.state(t, "b"); st.State != supervisor.Ready {
+		t.Errorf("b %s (%s); want ready: a's stop waited for its load", st.State, st.Reason)
+	}
+}
