@@ -23,8 +23,8 @@ func (h *HTTP) Sleep(ctx context.Context, base string, level int) error {
 
 // WakeUp wakes the server at base from level. After a level-2 sleep the
 // weights were discarded and must be reloaded before use: wake the weights'
-// memory, reload them, wake the KV cache, then reset the prefix cache (it
-// refers to blocks of the old cache).
+// memory, reload them, wake the KV cache. The prefix cache (it refers to
+// blocks of the old cache) is the caller's to reset, after any wake.
 func (h *HTTP) WakeUp(ctx context.Context, base string, level int) error {
 	if level != 2 {
 		return h.post(ctx, base+"/wake_up", nil)
@@ -36,7 +36,6 @@ func (h *HTTP) WakeUp(ctx context.Context, base string, level int) error {
 		{"/wake_up?tags=weights", nil},
 		{"/collective_rpc", map[string]any{"method": "reload_weights"}},
 		{"/wake_up?tags=kv_cache", nil},
-		{"/reset_prefix_cache", nil},
 	} {
 		if err := h.post(ctx, base+step.path, step.body); err != nil {
 			return err
