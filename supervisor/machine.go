@@ -606,7 +606,8 @@ func (m *machine) onSpawned(ev evSpawned) []effect {
 	m.readyAt, m.startup, m.servingAt = time.Time{}, 0, time.Time{}
 	m.enter(Starting, "loading")
 	p := m.cfg.Probe
-	return []effect{efArm{deadline, p.StartupTimeout}, efArm{tick, m.startupPoll()}}
+	// Its record first: a successor after a crash adopts it from there.
+	return []effect{efRecord{}, efArm{deadline, p.StartupTimeout}, efArm{tick, m.startupPoll()}}
 }
 
 func (m *machine) onExited(ev evExited) []effect {

@@ -528,7 +528,7 @@ func TestMachineStartToReady(t *testing.T) {
 	}
 	mt.expect(evPlaced{placement{seq: 1, gpus: []string{"GPU-a"}}}, "spawn[GPU-a]")
 	inst := mt.newInst()
-	mt.expect(evSpawned{inst: inst}, "arm(deadline,20m0s) arm(tick,1s)")
+	mt.expect(evSpawned{inst: inst}, "record arm(deadline,20m0s) arm(tick,1s)")
 	mt.state(Starting)
 	mt.expect(evTimer{tick}, "probe")
 	mt.expect(evProbed{inst: inst, err: errors.New("connection refused")}, "arm(tick,1s)")
@@ -1031,7 +1031,7 @@ func TestMachineStartupPollWindow(t *testing.T) {
 	mt.step(evStopped{inst: mt.m.inst})
 	mt.step(evChecked{})
 	mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
-	if got := describe(mt.step(evSpawned{inst: mt.newInst()})); got != "arm(deadline,20m0s) arm(tick,1s)" {
+	if got := describe(mt.step(evSpawned{inst: mt.newInst()})); got != "record arm(deadline,20m0s) arm(tick,1s)" {
 		t.Fatalf("spawned: %s", got)
 	}
 	refused := func(after time.Duration, want string) {

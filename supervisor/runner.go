@@ -591,20 +591,9 @@ func (l *loop) spawn(gpus []string) event {
 	digest := envDigest(secrets)
 	r.envDigest.Store(&digest)
 	r.publishPIDs(inst.tree)
-	sleepMode := inst.sleepMode
-	is := InstanceState{
-		Model: m.Name, PID: inst.pid, Start: inst.start, Marker: inst.marker, Started: inst.started,
-		GPUs: gpus, Digest: inst.digest, EnvDigest: digest, SleepMode: &sleepMode,
-	}
-	if l.m.vllm.known() {
-		is.VLLMVersion, is.VLLMSource = l.m.vllm.version.String(), l.m.vllm.source
-	}
-	if cg := r.cg.Load(); cg != nil {
-		is.Cgroup = cg.Path
-	}
-	if err := r.d.records.write(is); err != nil {
-		r.log.Warn("cannot write the instance record: a daemon restarted after a crash would stop this model instead of adopting it", zap.Error(err))
-	}
+	r.hostHeld.Store(0)
+	// Its record is written as the machine takes the instance (efRecord
+	// from evSpawned, handled next on this goroutine): one builder.
 	return evSpawned{inst: inst}
 }
 
