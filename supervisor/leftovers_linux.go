@@ -2,50 +2,22 @@ package supervisor
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
 )
 
 // ErrAlreadyRunning means another supervisor holds this identity's lock.
-var ErrAlreadyRunning = errors.New("another citadel-supervisor is running with this control_socket")
-
-// lockIdentity takes an exclusive lock next to the control socket, so two
-// supervisors never share an identity: each would take the other's children
-// for leftovers. The lock dies with the process, also on SIGKILL.
-func lockIdentity(socket string) (func(), error) {
-	path := socket + ".lock"
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
-		return nil, fmt.Errorf("lock: %w", err)
-	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o640)
-	if err != nil {
-		return nil, fmt.Errorf("lock: %w", err)
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		b, _ := os.ReadFile(path)
-		f.Close()
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return nil, fmt.Errorf("%w (pid %s holds %s)", ErrAlreadyRunning, strings.TrimSpace(string(b)), path)
-		}
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	_ = f.Truncate(0)
-	_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
-	return func() { f.Close() }, nil
-}
+var ErrAlreadyRunning = liverestore.ErrAlreadyRunning
 
 // takeover is a predecessor's model instance this daemon takes over: from
 // the previous image at an upgrade (child: it is this process's child,
@@ -83,13 +55,13 @@ func (s *Supervisor) takeOver(cfg *config.Config) map[string]*takeover {
 // models itself (it hung and was killed). It refuses while a daemon of
 // that identity runs.
 func StopLeftovers(cfg *config.Config, log *zap.Logger) error {
-	unlock, err := lockIdentity(cfg.ControlSocket)
+	unlock, err := liverestore.LockIdentity(cfg.ControlSocket)
 	if err != nil {
 		return err
 	}
 	defer unlock()
 	id := Identity(cfg.ControlSocket)
-	s := &Supervisor{d: &deps{id: id, log: log, records: records{dir: filepath.Join(filepath.Dir(cfg.ControlSocket), "instances")}}}
+	s := &Supervisor{d: &deps{id: id, log: log, records: records{liverestore.RecordsFor(cfg.ControlSocket)}}}
 	if cg, ok := proc.FindCgroups(id); ok {
 		s.d.cgroups = cg
 	}
@@ -108,7 +80,7 @@ func (s *Supervisor) takeOrStop(cfg *config.Config, adopt bool) map[string]*take
 		tree  *proc.Tree
 	}
 	var stop []leftover
-	recs, err := s.d.records.all()
+	recs, err := s.d.records.All()
 	if err != nil {
 		s.d.log.Warn("instance records", zap.Error(err))
 	}
@@ -199,7 +171,7 @@ func (s *Supervisor) takeOrStop(cfg *config.Config, adopt bool) map[string]*take
 	// the descriptor store nobody took.
 	for key, rec := range recs {
 		if t := out[rec.Model]; t == nil || t.st.Instance == nil || instanceKey(t.st.Instance.Marker) != key {
-			s.d.records.remove(rec.Marker)
+			s.d.records.Remove(rec.Marker)
 		}
 	}
 	if s.d.fdstore != nil {

@@ -31,6 +31,7 @@ import (
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor/control/api"
+	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
 )
 
@@ -218,7 +219,7 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		jitter:  o.Jitter,
 		metrics: newMetrics(),
 		cgroups: o.Cgroups,
-		records: records{dir: filepath.Join(filepath.Dir(cfg.ControlSocket), "instances")},
+		records: records{liverestore.RecordsFor(cfg.ControlSocket)},
 		fdstore: o.FDStore,
 		// Read once, like every gpu key: a reload does not change them.
 		versions: &versionCache{},
@@ -329,7 +330,7 @@ func Identity(socket string) string {
 // waits for them. So the heartbeat (Alive) means the loop turns.
 func (s *Supervisor) Run(ctx context.Context) error {
 	cfg := s.cfg.Load()
-	unlock, err := lockIdentity(cfg.ControlSocket)
+	unlock, err := liverestore.LockIdentity(cfg.ControlSocket)
 	if err != nil {
 		return err
 	}
