@@ -8,7 +8,6 @@ import (
 	"sync"
 
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
@@ -94,7 +93,7 @@ func (s *Supervisor) takeOrStop(cfg *config.Config, adopt bool) map[string]*take
 				t.child = !is.Adopted
 				handled[instanceKey(is.Marker)] = true
 				t.tree = s.treeOf(*is)
-				t.out, t.err = inherited(is.StdoutFD, is.Model+" stdout"), inherited(is.StderrFD, is.Model+" stderr")
+				t.out, t.err = liverestore.Inherited(is.StdoutFD, is.Model+" stdout"), liverestore.Inherited(is.StderrFD, is.Model+" stderr")
 				if _, ok := cfg.Model(st.Name); !ok {
 					// Removed from the file meanwhile: it goes.
 					_ = t.out.Close()
@@ -208,16 +207,6 @@ func (s *Supervisor) treeOf(is InstanceState) processTree {
 		return proc.NewCgroupTree(is.Marker, is.PID, &proc.Cgroup{Path: is.Cgroup})
 	}
 	return proc.NewTree(is.Marker, is.PID)
-}
-
-// inherited is a descriptor the previous image left open for this one; it
-// is not passed on to the models.
-func inherited(fd int, name string) *os.File {
-	if fd <= 2 {
-		return nil
-	}
-	unix.CloseOnExec(fd)
-	return os.NewFile(uintptr(fd), name)
 }
 
 // adopt takes t's instance over for r, a runner of m: nil when it is
