@@ -34,7 +34,10 @@ type Payload struct {
 // once. An error means this image cannot take the handover over: past the
 // exec there is no way back, and a successor adopts the models as after a
 // crash (docs/operations.md).
-func Read(environ []string) (*Payload, []string, error) {
+func Read(environ []string) (*Payload, []string, error) { return read(environ, HandoverVersion) }
+
+// read is Read by an image that takes handover version takes.
+func read(environ []string, takes int) (*Payload, []string, error) {
 	v := ""
 	kept := environ[:0:0]
 	for _, kv := range environ {
@@ -58,8 +61,8 @@ func Read(environ []string) (*Payload, []string, error) {
 	if err := json.NewDecoder(f).Decode(&p); err != nil {
 		return nil, kept, fmt.Errorf("read the handover: %w", err)
 	}
-	if p.Version != HandoverVersion {
-		return nil, kept, fmt.Errorf("handover version %d; this binary takes %d", p.Version, HandoverVersion)
+	if p.Version != takes {
+		return nil, kept, fmt.Errorf("handover version %d; this binary takes %d", p.Version, takes)
 	}
 	// None of them may reach a model this image spawns before it has taken
 	// them up (a model that died across the exec restarts at once): a
