@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 
-	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
 	"citadel-supervisor/probe"
@@ -26,31 +25,19 @@ func (rs records) write(is InstanceState) error { return rs.Write(is) }
 // instanceKey is an instance's record, leaf and descriptor-store name.
 func instanceKey(marker string) string { return liverestore.InstanceKey(marker) }
 
+// keep is what the daemon keeps for its successor (liverestore.Keep).
+func (d *deps) keep() liverestore.Keep {
+	return liverestore.Keep{Records: d.records.Records, FDStore: d.fdstore, Log: d.log}
+}
+
 // storeOutput puts an instance's output pipes in the descriptor store.
 func (d *deps) storeOutput(marker string, out, errp *os.File) {
-	if d.fdstore == nil {
-		return
-	}
-	key := instanceKey(marker)
-	for suffix, f := range map[string]*os.File{".out": out, ".err": errp} {
-		if err := d.fdstore.Store(key+suffix, f); err != nil {
-			d.log.Warn("cannot keep a model's output pipe in systemd's descriptor store: after a daemon crash its output is lost until it restarts",
-				zap.String("instance", key), zap.Error(err))
-			return
-		}
-	}
+	d.keep().StoreOutput(marker, out, errp)
 }
 
 // forgetInstance drops what outlived an instance: its record and its pipes
 // in the descriptor store.
-func (d *deps) forgetInstance(marker string) {
-	d.records.Remove(marker)
-	if d.fdstore != nil {
-		key := instanceKey(marker)
-		_ = d.fdstore.Remove(key + ".out")
-		_ = d.fdstore.Remove(key + ".err")
-	}
-}
+func (d *deps) forgetInstance(marker string) { d.keep().Forget(marker) }
 
 // adoptInstance takes over a process tree a predecessor started. child
 // says it is this process's child (an upgrade keeps the PID): its exit is

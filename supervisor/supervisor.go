@@ -367,7 +367,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	defer stopAll()
 
 	byName := map[string]*runner{}
-	startRunner := func(m config.Model, t *takeover) {
+	startRunner := func(m config.Model, t *liverestore.Takeover) {
 		r := newRunner(m, s.d)
 		var from *restored
 		if t != nil {
