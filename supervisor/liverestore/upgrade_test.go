@@ -23,8 +23,10 @@ import (
 	"go.uber.org/zap/zaptest"
 	"golang.org/x/sys/unix"
 
+	"citadel-supervisor/config"
 	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/netguard"
+	"citadel-supervisor/supervisor/proc"
 )
 
 // The upgrade protocol in one test process: the old daemon is a fake
@@ -39,6 +41,7 @@ import (
 // freezes them as the supervisor would: their state and output pipes.
 type fakeModels struct {
 	t     *testing.T
+	id    string // the supervisor's identity in the children's markers
 	cmds  []*exec.Cmd
 	pipes map[string]*os.File // "<model>/stdout": the read ends
 	busy  error               // a model that cannot be written down now
@@ -48,7 +51,7 @@ type fakeModels struct {
 }
 
 func newFakeModels(t *testing.T, names ...string) *fakeModels {
-	f := &fakeModels{t: t, pipes: map[string]*os.File{}}
+	f := &fakeModels{t: t, id: fmt.Sprintf("test%d-%d", os.Getpid(), time.Now().UnixNano()), pipes: map[string]*os.File{}}
 	for _, name := range names {
 		r, w, err := os.Pipe()
 		if err != nil {
@@ -56,6 +59,7 @@ func newFakeModels(t *testing.T, names ...string) *fakeModels {
 		}
 		cmd := exec.Command("/bin/sh", "-c", `while :; do echo "$0 alive"; sleep 0.05; done`, name)
 		cmd.Stdout = w
+		cmd.Env = append(os.Environ(), proc.MarkerEnv+"="+f.marker(name))
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
@@ -74,6 +78,8 @@ func newFakeModels(t *testing.T, names ...string) *fakeModels {
 	})
 	return f
 }
+
+func (f *fakeModels) marker(name string) string { return f.id + "/" + name + "/token" }
 
 func (f *fakeModels) pids() map[string]int {
 	out := map[string]int{}
@@ -94,7 +100,7 @@ func (f *fakeModels) Freeze(ctx context.Context) (*Handover, map[string]*os.File
 	h := &Handover{Version: HandoverVersion}
 	for name, pid := range f.pids() {
 		h.Models = append(h.Models, ModelState{Name: name, State: "ready",
-			Instance: &InstanceState{Model: name, PID: pid, Marker: "id/" + name + "/token", GPUs: []string{"GPU-0"}}})
+			Instance: &InstanceState{Model: name, PID: pid, Marker: f.marker(name), GPUs: []string{"GPU-0"}}})
 	}
 	slices.SortFunc(h.Models, func(a, b ModelState) int { return strings.Compare(a.Name, b.Name) })
 	once := sync.OnceFunc(func() {
@@ -166,9 +172,12 @@ type oldDaemon struct {
 	kept   bool
 }
 
-func newOldDaemon(t *testing.T, exe string, execve ExecFunc) *oldDaemon {
+func newOldDaemon(t *testing.T, exe string, execve ExecFunc, models ...string) *oldDaemon {
 	t.Helper()
-	d := &oldDaemon{models: newFakeModels(t, "a", "b"), reaper: &reaper{}, notify: &notifier{}}
+	if len(models) == 0 {
+		models = []string{"a", "b"}
+	}
+	d := &oldDaemon{models: newFakeModels(t, models...), reaper: &reaper{}, notify: &notifier{}}
 	d.u = &Upgrader{
 		Log: zaptest.NewLogger(t), Notify: d.notify, Exe: exe, Args: []string{exe, "--config", "c.yaml"},
 		Environ: []string{"PATH=" + os.Getenv("PATH"), "LISTEN_FDS=3", Env + "=9"}, Config: "c.yaml",
@@ -436,21 +445,24 @@ func TestUpgradeExecFailsResumes(t *testing.T) {
 // TestNewImageThatCannotTakeOver: a new image that cannot take the
 // handover (here: a build of another handover version, put in place after
 // the preflight) exits without touching anything, as main does: the old
-// image is gone, so nothing is thawed; the models run on with their PIDs,
-// and their instance records stay for the successor that adopts them as
-// after a crash.
+// image is gone, so nothing is thawed, and the models run on with their
+// PIDs. The successor (systemd restarts the daemon) adopts them as after a
+// crash: by their markers and instance records; a process without a
+// record is stopped.
 func TestNewImageThatCannotTakeOver(t *testing.T) {
 	recs := Records{Dir: t.TempDir()}
 	var readErr error
-	var d *oldDaemon
-	d = newOldDaemon(t, binary(t, "1", 0), func(_ string, _, env []string) error {
+	d := newOldDaemon(t, binary(t, "1", 0), func(_ string, _, env []string) error {
 		_, _, readErr = read(env, HandoverVersion+1)
 		return nil // it was executed; it exits 1 on its own
-	})
-	before := map[string]int{}
-	for name, pid := range d.models.pids() {
-		before[name] = pid
-		if err := recs.Write(InstanceState{Model: name, PID: pid, Marker: "id/" + name + "/token"}); err != nil {
+	}, "a", "b", "c")
+	before := d.models.pids()
+	for _, name := range []string{"a", "b"} { // c's record is lost
+		st, err := proc.ReadStat(before[name])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := recs.Write(InstanceState{Model: name, PID: before[name], Start: st.Start, Marker: d.models.marker(name)}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -467,13 +479,33 @@ func TestNewImageThatCannotTakeOver(t *testing.T) {
 		t.Errorf("thawed %d times; want 1 (the check before the drain only: the old image is gone)", thawed)
 	}
 	d.models.alive(t)
-	all, err := recs.All()
-	if err != nil {
-		t.Fatal(err)
+
+	var cfg config.Config
+	for _, name := range []string{"a", "b", "c"} {
+		cfg.Models = append(cfg.Models, config.Model{Name: name, StopTimeout: time.Second})
 	}
-	for name, pid := range before {
-		if rec := all[InstanceKey("id/"+name+"/token")]; rec.PID != pid {
-			t.Errorf("%s: the successor finds the record %+v; want pid %d", name, rec, pid)
+	got := Successor{ID: d.models.id, Keep: Keep{Records: recs, Log: zaptest.NewLogger(t)}}.TakeOver(&cfg, nil)
+	for _, name := range []string{"a", "b"} {
+		tk := got[name]
+		if tk == nil || tk.State.Instance == nil {
+			t.Errorf("%s: not adopted", name)
+			continue
 		}
+		if tk.State.Instance.PID != before[name] || tk.Child {
+			t.Errorf("%s: adopted pid %d (child %v); want %d, not a child (a crash re-parents it)", name, tk.State.Instance.PID, tk.Child, before[name])
+		}
+		if err := syscall.Kill(before[name], 0); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	if got["c"] != nil {
+		t.Errorf("c, without a record, was adopted: %+v", got["c"])
+	}
+	if st, err := proc.ReadStat(before["c"]); err == nil && st.State != 'Z' {
+		t.Errorf("c (pid %d), without a record, still runs", before["c"])
+	}
+	all, err := recs.All()
+	if err != nil || len(all) != 2 {
+		t.Errorf("records after the adoption: %v, %v; want a's and b's", all, err)
 	}
 }
