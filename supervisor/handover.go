@@ -18,17 +18,19 @@ import (
 	"citadel-supervisor/vllm"
 )
 
-// Live restore (docs/operations.md): a daemon hands its models to its successor
-// instead of stopping them.
+// Live restore, the supervisor's side (docs/architecture.md, "Live
+// restore"): the protocol is supervisor/liverestore's; the supervisor
+// lends it what only it has.
 //
 //   - An upgrade re-executes the binary in place (same PID): each runner is
-//     frozen between two events, its state written down (ModelState), and
-//     the next image restores a runner from it, with the same process, its
-//     output pipes and its GPU claim.
+//     frozen between two events, its state written down (ModelState:
+//     Freeze, the liverestore.Freezer), and the next image restores a
+//     runner from it, with the same process, its output pipes and its GPU
+//     claim.
 //   - A daemon that died leaves its models running; the next one finds
-//     them by cgroup leaf (or marker) and by the instance record written
-//     at spawn (InstanceState), and adopts those whose configuration is
-//     still the one they were started with.
+//     them (liverestore.Successor) by cgroup leaf (or marker) and by the
+//     instance record written at spawn (InstanceState), and adopts those
+//     whose configuration is still the one they were started with.
 //
 // Both meet in machine.restore.
 
@@ -258,6 +260,8 @@ func (l *loop) freeze(req freezeReq) {
 	case <-l.ctx.Done():
 	}
 }
+
+var _ liverestore.Freezer = (*Supervisor)(nil)
 
 // Freeze writes every model down for an upgrade and holds every runner
 // between two events until thaw is called (the exec failed) or the

@@ -1,6 +1,6 @@
-// Package liverestore owns live restore (docs/operations.md, "Upgrades and
-// crashes"): how one daemon hands its running models to the next instead of
-// stopping them.
+// Package liverestore owns live restore (docs/architecture.md, "Live
+// restore"; docs/operations.md, "Upgrade"): how one daemon hands its
+// running models to the next instead of stopping them.
 //
 // Two ways, one state:
 //
@@ -17,7 +17,7 @@
 //
 // The supervisor owns the models; this package knows them only as the data
 // it hands over (ModelState, InstanceState) and through the small
-// interfaces it is given (Freezer, Starter, Notifier). The exec itself is
-// injected (Upgrader.Exec), so the whole sequence runs in one test process.
-// It never imports the supervisor.
+// interfaces it is given (Freezer, Starter, Notifier, FDStore). The exec
+// itself is injected (Upgrader.Exec), so the whole sequence runs in one
+// test process. It never imports the supervisor.
 package liverestore
