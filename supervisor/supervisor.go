@@ -271,15 +271,10 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		// the exec is a zombie whose status its runner is owed, and one
 		// that runs is no stray while the takeover stops what no longer
 		// belongs (which takes a stop_timeout).
-		markers := map[string]bool{}
-		for _, m := range h.Models {
-			if is := m.Instance; is != nil {
-				markers[is.Marker] = true
-				if !is.Adopted { // one adopted after a crash is not our child
-					o.Reaper.adopt(is.PID)
-				}
-			}
+		for _, pid := range h.Children() {
+			o.Reaper.adopt(pid)
 		}
+		markers := h.Markers()
 		s.handedOver.Store(&markers)
 	}
 	if o.KillStrays && o.Reaper != nil {

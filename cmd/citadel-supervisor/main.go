@@ -61,7 +61,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	if *handoverVersion {
-		fmt.Fprintf(stdout, "%d %s\n", liverestore.HandoverVersion, version)
+		liverestore.WriteHandoverVersion(stdout, version) //nolint:errcheck // a closed stdout: the preflight says so
 		return 0
 	}
 	// The binary's path now, before a package upgrade replaces the file:

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -18,6 +19,14 @@ import (
 // started through the reaper's Start, and forgets it once waited for.
 type Starter interface {
 	Exec(cmd *exec.Cmd) error
+}
+
+// WriteHandoverVersion is a binary's answer to the preflight's first
+// question (--handover-version): the handover version it takes, then its
+// own version, as Preflight reads them.
+func WriteHandoverVersion(w io.Writer, version string) error {
+	_, err := fmt.Fprintf(w, "%d %s\n", HandoverVersion, version)
+	return err
 }
 
 // PreflightTimeout bounds the preflight (docs/operations.md).

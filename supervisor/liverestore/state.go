@@ -18,6 +18,30 @@ type Handover struct {
 	Models  []ModelState `json:"models"`
 }
 
+// Markers are the markers of the instances handed over.
+func (h *Handover) Markers() map[string]bool {
+	out := map[string]bool{}
+	for _, m := range h.Models {
+		if is := m.Instance; is != nil {
+			out[is.Marker] = true
+		}
+	}
+	return out
+}
+
+// Children are the PIDs of the handed-over instances that are this
+// process's children: all but those a predecessor adopted after a crash
+// (re-parented, they are not).
+func (h *Handover) Children() []int {
+	var out []int
+	for _, m := range h.Models {
+		if is := m.Instance; is != nil && !is.Adopted {
+			out = append(out, is.PID)
+		}
+	}
+	return out
+}
+
 // ModelState is one model's lifecycle, written down between two events.
 type ModelState struct {
 	Name        string         `json:"name"`

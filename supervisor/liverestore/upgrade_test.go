@@ -303,6 +303,15 @@ func TestUpgradeKeepsEveryProcess(t *testing.T) {
 	if len(got.Supervisor.Models) != 2 {
 		t.Errorf("handed over %d models; want 2", len(got.Supervisor.Models))
 	}
+	// The new image's reaper is told these are its children, waited for
+	// by their runners.
+	children := got.Supervisor.Children()
+	slices.Sort(children)
+	want := []int{before["a"], before["b"]}
+	slices.Sort(want)
+	if !slices.Equal(children, want) {
+		t.Errorf("handed-over children %v; want %v", children, want)
+	}
 	d.models.alive(t)
 	select {
 	case s := <-queued:
@@ -319,9 +328,9 @@ func TestUpgradeKeepsEveryProcess(t *testing.T) {
 	if d.notify.reloading != 1 || d.notify.ready != 0 || !d.kept {
 		t.Errorf("reloading %d, ready %d, socket file kept %v; want 1, 0, true", d.notify.reloading, d.notify.ready, d.kept)
 	}
-	want := [][]string{{"--handover-version"}, {"--check", "--config", "c.yaml"}}
-	if !slices.EqualFunc(d.reaper.args, want, slices.Equal) {
-		t.Errorf("children started through the reaper: %q; want %q", d.reaper.args, want)
+	preflight := [][]string{{"--handover-version"}, {"--check", "--config", "c.yaml"}}
+	if !slices.EqualFunc(d.reaper.args, preflight, slices.Equal) {
+		t.Errorf("children started through the reaper: %q; want %q", d.reaper.args, preflight)
 	}
 }
 
@@ -507,5 +516,17 @@ func TestNewImageThatCannotTakeOver(t *testing.T) {
 	all, err := recs.All()
 	if err != nil || len(all) != 2 {
 		t.Errorf("records after the adoption: %v, %v; want a's and b's", all, err)
+	}
+}
+
+// TestHandoverVersionAnswer: the answer to --handover-version, as main
+// writes it and Preflight reads it.
+func TestHandoverVersionAnswer(t *testing.T) {
+	var b strings.Builder
+	if err := WriteHandoverVersion(&b, "v9"); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := b.String(), fmt.Sprintf("%d v9\n", HandoverVersion); got != want {
+		t.Errorf("answer %q; want %q", got, want)
 	}
 }
