@@ -22,9 +22,6 @@ type records struct{ liverestore.Records }
 
 func (rs records) write(is InstanceState) error { return rs.Write(is) }
 
-// instanceKey is an instance's record, leaf and descriptor-store name.
-func instanceKey(marker string) string { return liverestore.InstanceKey(marker) }
-
 // keep is what the daemon keeps for its successor (liverestore.Keep).
 func (d *deps) keep() liverestore.Keep {
 	return liverestore.Keep{Records: d.records.Records, FDStore: d.fdstore, Log: d.log}
