@@ -2,150 +2,39 @@ package supervisor
 
 import (
 	"cmp"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
-	"strings"
 
-	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
 )
 
-// FDStore keeps descriptors past the daemon's death: systemd's file
-// descriptor store (FDSTORE=1). The daemon puts each model's output pipes
-// there, so a model whose daemon died keeps writing into a pipe someone
-// holds (no SIGPIPE, nothing lost up to the pipe's buffer), and the next
-// daemon is handed the pipe back and reads on.
-type FDStore interface {
-	// Store keeps f under name (letters, digits, '@', '.', '-', '_').
-	Store(name string, f *os.File) error
-	// Remove forgets name.
-	Remove(name string) error
-	// Take returns the descriptor handed back under name at start, once.
-	Take(name string) *os.File
-	// Rest returns the names of the descriptors handed back and never
-	// taken.
-	Rest() []string
-}
+// FDStore is the descriptor store the models' output pipes outlive a
+// crash of the daemon in (liverestore.FDStore).
+type FDStore = liverestore.FDStore
 
-// records keeps one file per live instance (InstanceState) next to the
-// control socket: what a successor needs to tell a predecessor's process
-// from a stranger's, and whether its configuration is still the same.
-type records struct{ dir string }
+// records are the live instances' records (liverestore.Records).
+type records struct{ liverestore.Records }
 
-func (rs records) path(key string) string { return filepath.Join(rs.dir, key+".json") }
+func (rs records) write(is InstanceState) error { return rs.Write(is) }
 
-// key is an instance's record, leaf and descriptor-store name:
-// <model>@<token>, the token being the marker's random part.
-func instanceKey(marker string) string {
-	parts := strings.Split(marker, "/")
-	if len(parts) != 3 {
-		return strings.ReplaceAll(marker, "/", "@")
-	}
-	return parts[1] + "@" + parts[2]
-}
-
-func (rs records) write(is InstanceState) error {
-	if rs.dir == "" {
-		return nil
-	}
-	if err := os.MkdirAll(rs.dir, 0o700); err != nil {
-		return err
-	}
-	b, err := json.Marshal(is)
-	if err != nil {
-		return err
-	}
-	// A temporary file of its own: two writers of one record (the runner,
-	// a sleep about to begin) never rename each other's file away.
-	p := rs.path(instanceKey(is.Marker))
-	f, err := os.CreateTemp(rs.dir, filepath.Base(p)+".*.tmp")
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), p)
-	}
-	if err != nil {
-		_ = os.Remove(f.Name())
-	}
-	return err
-}
-
-func (rs records) remove(marker string) {
-	if rs.dir != "" {
-		_ = os.Remove(rs.path(instanceKey(marker)))
-	}
-}
-
-// all reads every record, by key.
-func (rs records) all() (map[string]InstanceState, error) {
-	out := map[string]InstanceState{}
-	if rs.dir == "" {
-		return out, nil
-	}
-	ents, err := os.ReadDir(rs.dir)
-	if errors.Is(err, os.ErrNotExist) {
-		return out, nil
-	}
-	if err != nil {
-		return out, err
-	}
-	var errs []error
-	for _, e := range ents {
-		key, ok := strings.CutSuffix(e.Name(), ".json")
-		if !ok {
-			_ = os.Remove(filepath.Join(rs.dir, e.Name())) // a write cut short
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join(rs.dir, e.Name()))
-		var is InstanceState
-		if err == nil {
-			err = json.Unmarshal(b, &is)
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("instance record %s: %w", e.Name(), err))
-			continue
-		}
-		out[key] = is
-	}
-	return out, errors.Join(errs...)
+// keep is what the daemon keeps for its successor (liverestore.Keep).
+func (d *deps) keep() liverestore.Keep {
+	return liverestore.Keep{Records: d.records.Records, FDStore: d.fdstore, Log: d.log}
 }
 
 // storeOutput puts an instance's output pipes in the descriptor store.
 func (d *deps) storeOutput(marker string, out, errp *os.File) {
-	if d.fdstore == nil {
-		return
-	}
-	key := instanceKey(marker)
-	for suffix, f := range map[string]*os.File{".out": out, ".err": errp} {
-		if err := d.fdstore.Store(key+suffix, f); err != nil {
-			d.log.Warn("cannot keep a model's output pipe in systemd's descriptor store: after a daemon crash its output is lost until it restarts",
-				zap.String("instance", key), zap.Error(err))
-			return
-		}
-	}
+	d.keep().StoreOutput(marker, out, errp)
 }
 
 // forgetInstance drops what outlived an instance: its record and its pipes
 // in the descriptor store.
-func (d *deps) forgetInstance(marker string) {
-	d.records.remove(marker)
-	if d.fdstore != nil {
-		key := instanceKey(marker)
-		_ = d.fdstore.Remove(key + ".out")
-		_ = d.fdstore.Remove(key + ".err")
-	}
-}
+func (d *deps) forgetInstance(marker string) { d.keep().Forget(marker) }
 
 // adoptInstance takes over a process tree a predecessor started. child
 // says it is this process's child (an upgrade keeps the PID): its exit is

@@ -14,113 +14,37 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
-	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/vllm"
 )
 
-// Live restore (docs/operations.md): a daemon hands its models to its successor
-// instead of stopping them.
+// Live restore, the supervisor's side (docs/architecture.md, "Live
+// restore"): the protocol is supervisor/liverestore's; the supervisor
+// lends it what only it has.
 //
 //   - An upgrade re-executes the binary in place (same PID): each runner is
-//     frozen between two events, its state written down (ModelState), and
-//     the next image restores a runner from it, with the same process, its
-//     output pipes and its GPU claim.
+//     frozen between two events, its state written down (ModelState:
+//     Freeze, the liverestore.Freezer), and the next image restores a
+//     runner from it, with the same process, its output pipes and its GPU
+//     claim.
 //   - A daemon that died leaves its models running; the next one finds
-//     them by cgroup leaf (or marker) and by the instance record written
-//     at spawn (InstanceState), and adopts those whose configuration is
-//     still the one they were started with.
+//     them (liverestore.Successor) by cgroup leaf (or marker) and by the
+//     instance record written at spawn (InstanceState), and adopts those
+//     whose configuration is still the one they were started with.
 //
 // Both meet in machine.restore.
 
-// HandoverVersion is the version of the state one image hands the next.
-// An image refuses a handover of another version, and the old image asks
-// the new binary which version it takes before it execs it.
-const HandoverVersion = 1
+// The state one image hands the next, and the instance records a crashed
+// daemon leaves, are the live-restore package's (docs/architecture.md,
+// "Live restore"); the machine writes and restores them.
+const HandoverVersion = liverestore.HandoverVersion
 
-// Handover is what an image hands the next across an upgrade.
-type Handover struct {
-	Version int          `json:"version"`
-	Models  []ModelState `json:"models"`
-}
-
-// ModelState is one model's lifecycle, written down between two events.
-type ModelState struct {
-	Name        string         `json:"name"`
-	State       State          `json:"state"`
-	Reason      string         `json:"reason"`
-	Since       time.Time      `json:"since"`
-	Hold        bool           `json:"hold,omitempty"`
-	HoldReason  string         `json:"hold_reason,omitempty"`
-	Restarts    map[string]int `json:"restarts,omitempty"`
-	Starts      []time.Time    `json:"starts,omitempty"` // the start limit's window
-	Failures    int            `json:"failures,omitempty"`
-	LastExit    *ExitState     `json:"last_exit,omitempty"`
-	LastOutput  []string       `json:"last_output,omitempty"` // kept when it failed
-	Output      []string       `json:"output,omitempty"`      // the output ring
-	TimerAt     time.Time      `json:"timer_at,omitzero"`     // when a backoff or a failed retry ends
-	LastRequest time.Time      `json:"last_request,omitzero"`
-	// WakeTimes are its engine's recent wakes by level, from which
-	// wake_timeout 0 derives the bound of the next.
-	WakeTimes map[int][]time.Duration `json:"wake_times,omitempty"`
-	// Instance is the live process, nil when none runs.
-	Instance *InstanceState `json:"instance,omitempty"`
-}
-
-// ExitState is a process's last exit.
-type ExitState struct {
-	Code int    `json:"code"`
-	Desc string `json:"desc"`
-}
-
-// InstanceState is one spawned process tree. Written at spawn as the
-// instance record (records.go), so a successor can tell a predecessor's
-// process from a stranger's; carried whole across an upgrade.
-type InstanceState struct {
-	Model     string    `json:"model"`
-	PID       int       `json:"pid"`
-	Start     uint64    `json:"start"` // /proc start time: with PID, the process's identity
-	Marker    string    `json:"marker"`
-	Cgroup    string    `json:"cgroup,omitempty"` // its leaf; "" in marker mode
-	Started   time.Time `json:"started"`
-	GPUs      []string  `json:"gpus"`
-	Digest    string    `json:"digest"` // config.Model.SpawnDigest it was started with
-	EnvDigest string    `json:"env_digest,omitempty"`
-	// What the runner knew of it; zero in a record (a crash).
-	ReadyAt    time.Time     `json:"ready_at,omitzero"`
-	Startup    time.Duration `json:"startup,omitempty"`
-	AwakeAt    time.Time     `json:"awake_at,omitzero"`
-	SleepLevel int           `json:"sleep_level,omitempty"` // > 0: asleep at this level
-	SleepCause string        `json:"sleep_cause,omitempty"`
-	// SleepBegan: the daemon was putting it to sleep (the record is
-	// written just before /sleep): a successor takes it for asleep, even
-	// if the engine still says awake (it does until /sleep returns).
-	SleepBegan time.Time `json:"sleep_began,omitzero"`
-	// SleepMode: it was started with vLLM's sleep mode (false: its vLLM
-	// had none then, or it does not sleep), so no sleep is asked of it
-	// without. Absent in records of earlier versions: then as its
-	// configuration says (the digest covered sleep_level).
-	SleepMode *bool  `json:"sleep_mode,omitempty"`
-	HostHeld  uint64 `json:"host_held,omitempty"`
-	// Known is the canary's answer recorded after the process started,
-	// which its wakes must give again; KnownNote says why there is none.
-	Known     *probe.Answer `json:"known,omitempty"`
-	KnownNote string        `json:"known_note,omitempty"`
-	// Held is what it held on each GPU before it last slept: its wake
-	// asks for that much again.
-	Held map[string]uint64 `json:"held,omitempty"`
-	// Adopted: the process is not the daemon's child (a successor adopted
-	// it after its parent daemon died): an upgrade hands it on as such,
-	// and the next image watches it through a pidfd, not wait4.
-	Adopted bool `json:"adopted,omitempty"`
-	// Its vLLM, as known when the state was written ("" unknown: learned
-	// again).
-	VLLMVersion string `json:"vllm_version,omitempty"`
-	VLLMSource  string `json:"vllm_source,omitempty"`
-	// Its output pipes' read ends: descriptor numbers in the next image
-	// (an upgrade), or names in systemd's descriptor store (a crash).
-	StdoutFD int `json:"stdout_fd,omitempty"`
-	StderrFD int `json:"stderr_fd,omitempty"`
-}
+type (
+	Handover      = liverestore.Handover
+	ModelState    = liverestore.ModelState
+	ExitState     = liverestore.ExitState
+	InstanceState = liverestore.InstanceState
+)
 
 // restorable reports whether the machine can be written down now: no
 // effect is in flight whose outcome the next image could not receive (a
@@ -339,6 +263,8 @@ func (l *loop) freeze(req freezeReq) {
 	case <-l.ctx.Done():
 	}
 }
+
+var _ liverestore.Freezer = (*Supervisor)(nil)
 
 // Freeze writes every model down for an upgrade and holds every runner
 // between two events until thaw is called (the exec failed) or the

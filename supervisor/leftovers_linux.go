@@ -2,274 +2,55 @@ package supervisor
 
 import (
 	"context"
-	"errors"
-	"fmt"
-	"os"
-	"path/filepath"
-	"strconv"
-	"strings"
-	"sync"
-	"syscall"
 
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
-	"citadel-supervisor/supervisor/proc"
+	"citadel-supervisor/supervisor/liverestore"
 )
 
 // ErrAlreadyRunning means another supervisor holds this identity's lock.
-var ErrAlreadyRunning = errors.New("another citadel-supervisor is running with this control_socket")
-
-// lockIdentity takes an exclusive lock next to the control socket, so two
-// supervisors never share an identity: each would take the other's children
-// for leftovers. The lock dies with the process, also on SIGKILL.
-func lockIdentity(socket string) (func(), error) {
-	path := socket + ".lock"
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
-		return nil, fmt.Errorf("lock: %w", err)
-	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o640)
-	if err != nil {
-		return nil, fmt.Errorf("lock: %w", err)
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		b, _ := os.ReadFile(path)
-		f.Close()
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return nil, fmt.Errorf("%w (pid %s holds %s)", ErrAlreadyRunning, strings.TrimSpace(string(b)), path)
-		}
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	_ = f.Truncate(0)
-	_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
-	return func() { f.Close() }, nil
-}
-
-// takeover is a predecessor's model instance this daemon takes over: from
-// the previous image at an upgrade (child: it is this process's child,
-// with its output pipes open here), or found running after a crash.
-type takeover struct {
-	st       ModelState
-	child    bool
-	tree     processTree
-	out, err *os.File // its output pipes; nil when lost
-}
+var ErrAlreadyRunning = liverestore.ErrAlreadyRunning
 
 // takeOver finds what a predecessor of this identity left, before any
-// model starts, and decides for each instance:
-//
-//   - handed over by the previous image (an upgrade): taken over with its
-//     whole state;
-//   - left running by a daemon that died: adopted when its instance record
-//     says it is the process it started, for a model still configured (a
-//     changed configuration restarts it once adopted, deliberately);
-//   - anything else (no record, a model since removed, a second instance of
-//     one model): stopped, each within its model's stop_timeout, in
-//     parallel, so GPU memory is freed cleanly before placement begins.
-//
-// In cgroup mode instances are found by cgroup first: every leaf under the
-// daemon's cgroup root is an instance of a predecessor, whatever its
-// processes did to their environment. The marker scan still runs, for
-// instances a predecessor in marker mode left.
-func (s *Supervisor) takeOver(cfg *config.Config) map[string]*takeover {
-	return s.takeOrStop(cfg, true)
+// model starts, and stops what is not to be taken over
+// (liverestore.Successor.TakeOver): the previous image's handover is
+// consumed here.
+func (s *Supervisor) takeOver(cfg *config.Config) map[string]*liverestore.Takeover {
+	h := s.handover
+	s.handover = nil
+	return liverestore.Successor{ID: s.d.id, Keep: s.d.keep(), Cgroups: s.d.cgroups, Reaper: s.d.reaper}.TakeOver(cfg, h)
 }
 
 // StopLeftovers stops every model process a dead daemon of cfg's identity
-// left running, and forgets their records and cgroup leaves: the last word
-// of `systemctl stop` (ExecStopPost) when the daemon could not stop its
-// models itself (it hung and was killed). It refuses while a daemon of
-// that identity runs.
+// left running (liverestore.StopLeftovers): `systemctl stop`'s last word.
 func StopLeftovers(cfg *config.Config, log *zap.Logger) error {
-	unlock, err := lockIdentity(cfg.ControlSocket)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	id := Identity(cfg.ControlSocket)
-	s := &Supervisor{d: &deps{id: id, log: log, records: records{dir: filepath.Join(filepath.Dir(cfg.ControlSocket), "instances")}}}
-	if cg, ok := proc.FindCgroups(id); ok {
-		s.d.cgroups = cg
-	}
-	s.takeOrStop(cfg, false)
-	if s.d.cgroups != nil {
-		return s.d.cgroups.Close()
-	}
-	return nil
-}
-
-func (s *Supervisor) takeOrStop(cfg *config.Config, adopt bool) map[string]*takeover {
-	out := map[string]*takeover{}
-	handled := map[string]bool{} // instance keys
-	type leftover struct {
-		model string
-		tree  *proc.Tree
-	}
-	var stop []leftover
-	recs, err := s.d.records.all()
-	if err != nil {
-		s.d.log.Warn("instance records", zap.Error(err))
-	}
-	if h := s.handover; h != nil {
-		s.handover = nil
-		for _, st := range h.Models {
-			t := &takeover{st: st, child: true}
-			if is := st.Instance; is != nil {
-				// One a predecessor adopted after a crash was re-parented:
-				// it is not this process's child.
-				t.child = !is.Adopted
-				handled[instanceKey(is.Marker)] = true
-				t.tree = s.treeOf(*is)
-				t.out, t.err = inherited(is.StdoutFD, is.Model+" stdout"), inherited(is.StderrFD, is.Model+" stderr")
-				if _, ok := cfg.Model(st.Name); !ok {
-					// Removed from the file meanwhile: it goes.
-					_ = t.out.Close()
-					_ = t.err.Close()
-					s.d.reaper.Done(is.PID) // the reaper reaps it once stopped
-					s.d.forgetInstance(is.Marker)
-					stop = append(stop, leftover{st.Name, t.tree.(*proc.Tree)})
-					continue
-				}
-			}
-			out[st.Name] = t
-		}
-	}
-	type found struct {
-		key, model string
-		tree       *proc.Tree
-	}
-	var groups []found
-	if s.d.cgroups != nil {
-		leaves, err := s.d.cgroups.Leaves()
-		if err != nil {
-			s.d.log.Error("scan for leftover model cgroups", zap.Error(err))
-		}
-		for _, leaf := range leaves {
-			// Leaves are named <model>@<token> ('@' is in no model name
-			// and no cgroup interface file).
-			key := filepath.Base(leaf.Path)
-			model := key
-			if i := strings.LastIndexByte(key, '@'); i > 0 {
-				model = key[:i]
-			}
-			groups = append(groups, found{key, model, proc.NewCgroupTree(s.d.id+"/"+model+"/", 0, leaf)})
-		}
-	}
-	marked, err := proc.Marked(s.d.id + "/")
-	if err != nil {
-		s.d.log.Error("scan for leftover model processes", zap.Error(err))
-	}
-	for marker, t := range marked {
-		groups = append(groups, found{instanceKey(marker), strings.Split(marker, "/")[1], t})
-	}
-	for _, g := range groups {
-		if handled[g.key] {
-			continue // handed over, or already decided through its leaf
-		}
-		handled[g.key] = true
-		rec, ok := recs[g.key]
-		_, configured := cfg.Model(g.model)
-		switch {
-		case !adopt:
-		case !ok:
-			s.d.log.Warn("stopping processes left by a previous supervisor: no instance record", zap.String("model", g.model), zap.Ints("pids", g.tree.PIDs()))
-		case !configured:
-			s.d.log.Warn("stopping processes left by a previous supervisor: the model is no longer configured", zap.String("model", g.model), zap.Ints("pids", g.tree.PIDs()))
-		case out[g.model] != nil:
-			s.d.log.Warn("stopping processes left by a previous supervisor: a second instance of the model", zap.String("model", g.model), zap.Ints("pids", g.tree.PIDs()))
-		case proc.Check(rec.PID, rec.Start) != nil:
-			s.d.log.Warn("stopping processes left by a previous supervisor: its main process is gone", zap.String("model", g.model), zap.Int("main_pid", rec.PID), zap.Ints("pids", g.tree.PIDs()))
-		default:
-			t := &takeover{st: ModelState{Name: g.model, Instance: &rec}, tree: s.treeOf(rec)}
-			if s.d.fdstore != nil {
-				t.out, t.err = s.d.fdstore.Take(g.key+".out"), s.d.fdstore.Take(g.key+".err")
-			}
-			if t.out == nil {
-				s.d.log.Warn("adopting a model whose output pipes are lost (no systemd descriptor store): its output is not captured until it restarts, and it may die writing to the closed pipe", zap.String("model", g.model))
-			}
-			s.d.log.Info("adopting a model left running by a previous supervisor", zap.String("model", g.model), zap.Int("pid", rec.PID))
-			out[g.model] = t
-			continue
-		}
-		stop = append(stop, leftover{g.model, g.tree})
-	}
-	// What no instance needs any more: records of the gone, and pipes in
-	// the descriptor store nobody took.
-	for key, rec := range recs {
-		if t := out[rec.Model]; t == nil || t.st.Instance == nil || instanceKey(t.st.Instance.Marker) != key {
-			s.d.records.remove(rec.Marker)
-		}
-	}
-	if s.d.fdstore != nil {
-		for _, name := range s.d.fdstore.Rest() {
-			if f := s.d.fdstore.Take(name); f != nil {
-				f.Close()
-			}
-			_ = s.d.fdstore.Remove(name)
-		}
-	}
-	var wg sync.WaitGroup
-	for _, g := range stop {
-		model, t := g.model, g.tree
-		grace := cfg.LongestStopTimeout()
-		if m, ok := cfg.Model(model); ok {
-			grace = m.StopTimeout
-		}
-		s.d.log.Warn("stopping processes left by a previous supervisor",
-			zap.String("model", model), zap.Ints("pids", t.PIDs()), zap.Duration("grace", grace))
-		wg.Go(func() {
-			if err := t.Stop(context.Background(), grace, false); err != nil {
-				s.d.log.Error("leftover processes survive", zap.String("model", model), zap.Error(err))
-			}
-		})
-	}
-	wg.Wait()
-	return out
-}
-
-// treeOf is the process tree of a predecessor's instance: its cgroup leaf
-// when it has one, else its marker and main process.
-func (s *Supervisor) treeOf(is InstanceState) processTree {
-	if is.Cgroup != "" {
-		return proc.NewCgroupTree(is.Marker, is.PID, &proc.Cgroup{Path: is.Cgroup})
-	}
-	return proc.NewTree(is.Marker, is.PID)
-}
-
-// inherited is a descriptor the previous image left open for this one; it
-// is not passed on to the models.
-func inherited(fd int, name string) *os.File {
-	if fd <= 2 {
-		return nil
-	}
-	unix.CloseOnExec(fd)
-	return os.NewFile(uintptr(fd), name)
+	return liverestore.StopLeftovers(cfg, Identity(cfg.ControlSocket), log)
 }
 
 // adopt takes t's instance over for r, a runner of m: nil when it is
 // gone, which the machine counts as an exit while no daemon watched.
-func (s *Supervisor) adopt(r *runner, t *takeover, m config.Model) *restored {
-	from := &restored{st: t.st}
-	is := t.st.Instance
+func (s *Supervisor) adopt(r *runner, t *liverestore.Takeover, m config.Model) *restored {
+	from := &restored{st: t.State}
+	is := t.State.Instance
 	if is == nil {
 		return from
 	}
-	inst, err := r.adoptInstance(*is, t.child, t.tree, t.out, t.err)
+	inst, err := r.adoptInstance(*is, t.Child, t.Tree, t.Out, t.Err)
 	if err != nil {
 		r.log.Warn("the process to take over is gone", zap.Int("pid", is.PID), zap.Error(err))
-		if t.out != nil {
-			t.out.Close()
+		if t.Out != nil {
+			t.Out.Close()
 		}
-		if t.err != nil {
-			t.err.Close()
+		if t.Err != nil {
+			t.Err.Close()
 		}
 		s.d.forgetInstance(is.Marker)
 		return from
 	}
 	from.inst = inst
-	if !t.child && m.OnDemand() && m.SleepLevel > 0 && is.SleepLevel == 0 && s.d.prober != nil {
+	if !t.Child && m.OnDemand() && m.SleepLevel > 0 && is.SleepLevel == 0 && s.d.prober != nil {
 		// After a crash the record may be a step behind the engine: the
 		// daemon died as it went to sleep by itself. The engine knows; a
 		// request must never go to an engine believed awake. The other

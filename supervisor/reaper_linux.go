@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
 )
 
@@ -79,8 +80,10 @@ func (r *Reaper) Start(cmd *exec.Cmd) error {
 	return nil
 }
 
+var _ liverestore.Starter = (*Reaper)(nil)
+
 // Exec runs cmd to its end as a child of the daemon's own (an upgrade's
-// preflight): started through Start, so the reaper neither takes its exit
+// preflight, liverestore.Preflight): started through Start, so the reaper neither takes its exit
 // status from os/exec nor kills it as a stray while it runs, and forgotten
 // once waited for.
 func (r *Reaper) Exec(cmd *exec.Cmd) error {

@@ -31,6 +31,7 @@ import (
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor/control/api"
+	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
 )
 
@@ -218,7 +219,7 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		jitter:  o.Jitter,
 		metrics: newMetrics(),
 		cgroups: o.Cgroups,
-		records: records{dir: filepath.Join(filepath.Dir(cfg.ControlSocket), "instances")},
+		records: records{liverestore.RecordsFor(cfg.ControlSocket)},
 		fdstore: o.FDStore,
 		// Read once, like every gpu key: a reload does not change them.
 		versions: &versionCache{},
@@ -270,15 +271,10 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		// the exec is a zombie whose status its runner is owed, and one
 		// that runs is no stray while the takeover stops what no longer
 		// belongs (which takes a stop_timeout).
-		markers := map[string]bool{}
-		for _, m := range h.Models {
-			if is := m.Instance; is != nil {
-				markers[is.Marker] = true
-				if !is.Adopted { // one adopted after a crash is not our child
-					o.Reaper.adopt(is.PID)
-				}
-			}
+		for _, pid := range h.Children() {
+			o.Reaper.adopt(pid)
 		}
+		markers := h.Markers()
 		s.handedOver.Store(&markers)
 	}
 	if o.KillStrays && o.Reaper != nil {
@@ -329,7 +325,7 @@ func Identity(socket string) string {
 // waits for them. So the heartbeat (Alive) means the loop turns.
 func (s *Supervisor) Run(ctx context.Context) error {
 	cfg := s.cfg.Load()
-	unlock, err := lockIdentity(cfg.ControlSocket)
+	unlock, err := liverestore.LockIdentity(cfg.ControlSocket)
 	if err != nil {
 		return err
 	}
@@ -366,7 +362,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	defer stopAll()
 
 	byName := map[string]*runner{}
-	startRunner := func(m config.Model, t *takeover) {
+	startRunner := func(m config.Model, t *liverestore.Takeover) {
 		r := newRunner(m, s.d)
 		var from *restored
 		if t != nil {

@@ -29,6 +29,7 @@ import (
 	"citadel-supervisor/supervisor/control"
 	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/gateway"
+	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/netguard"
 	"citadel-supervisor/supervisor/systemd"
 	"citadel-supervisor/supervisor/web"
@@ -60,7 +61,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	if *handoverVersion {
-		fmt.Fprintf(stdout, "%d %s\n", supervisor.HandoverVersion, version)
+		liverestore.WriteHandoverVersion(stdout, version) //nolint:errcheck // a closed stdout: the preflight says so
 		return 0
 	}
 	// The binary's path now, before a package upgrade replaces the file:
@@ -80,7 +81,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	started := time.Now()
 	// The state a previous image of this process handed over (an upgrade
 	// in place), if any.
-	handover, environ, herr := readHandover(environ)
+	handover, environ, herr := liverestore.Read(environ)
 	cfg, err := config.Load(*path, environ)
 	if err != nil {
 		fmt.Fprintf(stderr, "citadel-supervisor: %s is invalid:\n%s\n", *path, indent(err))
@@ -100,9 +101,9 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		log.Error("upgrade in place: cannot take over from the previous image", zap.Error(herr))
 		return 1
 	}
-	u := &upgrader{log: log.Named("upgrade"), exe: exe, args: os.Args, environ: environ, config: *path, started: started}
+	u := &liverestore.Upgrader{Log: log.Named("upgrade"), Exe: exe, Args: os.Args, Environ: environ, Config: *path, Version: version, Started: started}
 	if handover != nil {
-		u.upgrades = handover.Upgrades + 1
+		u.Upgrades = handover.Upgrades + 1
 		log.Info("upgraded in place", zap.String("from", handover.From), zap.String("to", version),
 			zap.Int("models", len(handover.Supervisor.Models)), zap.Int("pid", os.Getpid()))
 	}
@@ -125,7 +126,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	)
 	nv, noGPUs, gpuStatus := openGPUs(cfg, log)
 	notify := systemd.NewNotifier(log)
-	u.notify = notify
+	u.Notify = notify
 	var output supervisor.OutputFunc
 	if systemd.UnderJournald() {
 		// Each model's lines go to the journal as citadel-<model>.
@@ -174,7 +175,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		log.Error("build supervisor", zap.Error(err))
 		return 1
 	}
-	u.sup, u.reaper = sup, reaper
+	u.Models, u.Starter = sup, reaper
 	var gw *gateway.Gateway
 	var readyChecks []web.Check
 	if cfg.Gateway.Listen != "" {
@@ -184,7 +185,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 			log.Error("gateway", zap.Error(err))
 			return 1
 		}
-		ln, err := handover.listener("gateway")
+		ln, err := handover.Listener("gateway")
 		if err == nil {
 			gw, err = gateway.Listen(cfg.Gateway.Listen, gateway.Options{
 				Models: sup.Gateway(), Logger: log.Named("gateway"), Registerer: reg, Settings: settings, Listener: ln,
@@ -198,8 +199,8 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		}
 		// Requests in flight (a stream) finish within gateway.upgrade_drain,
 		// or are ended with an error event.
-		u.serve(&drained{name: "gateway", guard: gw.Guard(), srv: gw.HTTP(), cut: gw.Cut,
-			boundOf: func() time.Duration { return sup.Config().Gateway.UpgradeDrain }}, nil)
+		u.Serve(&liverestore.Server{Name: "gateway", Guard: gw.Guard(), HTTP: gw.HTTP(), Cut: gw.Cut,
+			BoundOf: func() time.Duration { return sup.Config().Gateway.UpgradeDrain }}, nil)
 		// On-demand models drain their requests here before they sleep.
 		sup.SetTraffic(gw)
 		log.Info("gateway listening", zap.String("addr", gw.Addr()), zap.Bool("api_keys", settings.Keys != nil),
@@ -237,7 +238,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 
 	g, gctx := errgroup.WithContext(ctx)
 	// An upgrade never executes a new image once the daemon is stopping.
-	u.stopping = func() bool { return gctx.Err() != nil }
+	u.Stopping = func() bool { return gctx.Err() != nil }
 	reapCtx, stopReaper := context.WithCancel(context.Background())
 	g.Go(func() error { return reaper.Run(reapCtx) })
 	g.Go(func() error {
@@ -253,14 +254,14 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 			return nil
 		}
 		_, maxConns := netguard.Limits()
-		ln, err := handover.listener("control")
+		ln, err := handover.Listener("control")
 		if err != nil {
 			return err
 		}
 		ul, _ := ln.(*net.UnixListener)
 		srv, err := control.Listen(control.Options{
 			Listener:  ul,
-			Upgrade:   func(ctx context.Context) (api.UpgradeResponse, func(), error) { return u.prepare(ctx, true) },
+			Upgrade:   func(ctx context.Context) (api.UpgradeResponse, func(), error) { return u.Prepare(ctx, true) },
 			Path:      cfg.ControlSocket,
 			Group:     cfg.ControlGroup,
 			ReadGroup: cfg.ControlReadGroup,
@@ -270,7 +271,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 			MaxConns:  maxConns,
 			Daemon: func() api.Daemon {
 				d := api.Daemon{Ownership: sup.Ownership(), Cgroup: sup.CgroupRoot()}
-				u.daemon(&d)
+				u.Daemon(&d)
 				return d
 			},
 			Usage: func() api.Usage { return gatewayUsage(gw) },
@@ -278,7 +279,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		if err != nil {
 			return err
 		}
-		u.serve(&drained{name: "control", guard: srv.Guard(), srv: srv.HTTP(), bound: controlDrain}, srv.KeepSocket)
+		u.Serve(&liverestore.Server{Name: "control", Guard: srv.Guard(), HTTP: srv.HTTP(), Bound: liverestore.ControlDrain}, srv.KeepSocket)
 		// SIGUSR2 upgrades in place, as `citadelctl upgrade` does.
 		usr2 := make(chan os.Signal, 1)
 		signal.Notify(usr2, syscall.SIGUSR2)
@@ -289,7 +290,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 				case <-gctx.Done():
 					return nil
 				case <-usr2:
-					u.signal(gctx)
+					u.Signal(gctx)
 				}
 			}
 		})
@@ -321,7 +322,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	if cfg.Listen != "" {
 		// listen changes need a restart: the HTTP server binds once.
 		var srv *web.Server
-		ln, err := handover.listener("http")
+		ln, err := handover.Listener("http")
 		switch {
 		case err != nil:
 		case ln != nil:
@@ -333,7 +334,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 			log.Error("cannot serve HTTP", zap.Error(err))
 			return 1
 		}
-		u.serve(&drained{name: "http", guard: srv.Guard(), srv: srv.HTTP(), bound: httpDrain}, nil)
+		u.Serve(&liverestore.Server{Name: "http", Guard: srv.Guard(), HTTP: srv.HTTP(), Bound: liverestore.HTTPDrain}, nil)
 		log.Info("HTTP listening", zap.String("addr", srv.Addr()))
 		g.Go(func() error { return srv.Run(gctx) })
 	}

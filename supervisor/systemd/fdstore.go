@@ -8,7 +8,7 @@ import (
 	"github.com/coreos/go-systemd/v22/activation"
 	"golang.org/x/sys/unix"
 
-	"citadel-supervisor/supervisor"
+	"citadel-supervisor/supervisor/liverestore"
 )
 
 // FDStore is systemd's file descriptor store (FileDescriptorStoreMax= in
@@ -23,7 +23,7 @@ type FDStore struct {
 	given  map[string]*os.File // handed back at start, not yet taken
 }
 
-var _ supervisor.FDStore = (*FDStore)(nil)
+var _ liverestore.FDStore = (*FDStore)(nil)
 
 // OpenFDStore returns the store when the daemon runs under systemd
 // (NOTIFY_SOCKET set), taking the descriptors systemd handed back at start
