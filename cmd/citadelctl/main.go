@@ -408,7 +408,9 @@ func (c *cli) waitStopped(ctx context.Context, models []string, timeout time.Dur
 				lost = append(lost, fmt.Sprintf("%s: not stopped: %s came after this stop (now %s)", s.Name, what, s.State))
 			default:
 				done = false
-				if strings.HasPrefix(s.Reason, "waiting for") && said[s.Name] != s.Reason {
+				// What it waits for, once the scheduler names it (not the
+				// moment of asking, which passes at once on a quiet GPU).
+				if strings.HasSuffix(s.Reason, ", before it stops") && said[s.Name] != s.Reason {
 					said[s.Name] = s.Reason
 					fmt.Fprintf(c.err, "%s: %s\n", s.Name, s.Reason)
 				}
