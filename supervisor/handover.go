@@ -87,6 +87,12 @@ func (m *machine) snapshot() ModelState {
 			// until the wake is proven: a successor wakes it the way it
 			// slept (a wake_up of an engine already awake does nothing).
 			st.Instance.SleepLevel, st.Instance.SleepCause = m.sleepLevel, m.sleepCause
+			if m.sleepOp {
+				st.Instance.SleepBegan = m.sleepBegan
+			}
+			if m.wakeInFlight() {
+				st.Instance.WakeBegan = m.wakeBegan
+			}
 		}
 		if m.vllm.known() {
 			st.Instance.VLLMVersion, st.Instance.VLLMSource = m.vllm.version.String(), m.vllm.source
@@ -131,9 +137,22 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 		running := efAdopt{phase: gpu.Running, awakeAt: m.awakeAt}
 		switch {
 		case m.hold:
-			// Held (or disabled) while the daemon was away: stop it.
-			m.enter(st.State, st.Reason)
-			return append([]effect{running}, m.beginStop("stopping: "+m.holdReason)...)
+			// Held (or disabled) while the daemon was away, or its stop
+			// waited for quiet GPUs when it was frozen: stop it as a
+			// planned stop does, once its GPUs are quiet (a neighbour may
+			// be taken over loading there). A loading one stops at once.
+			state, adopt := st.State, running
+			switch {
+			case is.SleepLevel > 0:
+				state, adopt = Sleeping, efAdopt{phase: gpu.Asleep}
+				m.sleepLevel, m.sleepCause = is.SleepLevel, cmp.Or(is.SleepCause, "adopted")
+			case state == Starting:
+				adopt = efAdopt{phase: gpu.Starting, awakeAt: m.awakeAt}
+			case state != Unhealthy:
+				state = Ready
+			}
+			m.enter(state, st.Reason)
+			return append([]effect{adopt}, m.plannedStop("stopping: "+m.holdReason, false, "")...)
 		case is.Digest != digest || envChanged:
 			what := "configuration"
 			if is.Digest == digest {
@@ -144,16 +163,30 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 			m.log.Info("its "+what+" changed while the daemon was away; restarting it", zap.Int("pid", inst.pid))
 			return append([]effect{running}, m.respawn(what+" changed while the daemon was away")...)
 		case is.SleepLevel > 0 && m.cfg.OnDemand():
-			// Asleep, or being put to sleep when the daemon died: never
-			// taken for awake until a wake proves it (a wake_up of an
-			// engine that never slept does nothing; the canary tells).
+			// Asleep, or being put to sleep or woken when the daemon died:
+			// never taken for awake until a wake proves it (a wake_up of
+			// an engine that never slept does nothing; the canary tells).
 			m.sleepLevel, m.sleepCause = is.SleepLevel, cmp.Or(is.SleepCause, "adopted")
 			reason := fmt.Sprintf("asleep (level %d, %s)", is.SleepLevel, m.sleepCause)
-			if !is.SleepBegan.IsZero() {
-				reason = fmt.Sprintf("asleep (level %d, %s; adopted while going to sleep)", is.SleepLevel, m.sleepCause)
+			during := ""
+			switch {
+			case !is.SleepBegan.IsZero():
+				during = "going to sleep"
+			case !is.WakeBegan.IsZero():
+				during = "waking"
 			}
-			m.enter(Sleeping, reason)
-			return []effect{efAdopt{phase: gpu.Asleep}}
+			if during == "" {
+				m.enter(Sleeping, reason)
+				return []effect{efAdopt{phase: gpu.Asleep}}
+			}
+			// Its /sleep or wake_up may still run in the engine (a
+			// level-2 wake reloads the weights: minutes): its GPUs'
+			// memory changes until it ends, so nothing starts or wakes
+			// there until then, bounded by its wake bound (vllm#56830).
+			m.settling = true
+			bound := m.wakeBound(is.SleepLevel)
+			m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s; adopted while %s: its GPUs count as changing for up to %s)", is.SleepLevel, m.sleepCause, during, roundDuration(bound)))
+			return []effect{efAdopt{phase: gpu.Asleep, changing: true}, efArm{settle, bound}}
 		case st.State == Ready || st.State == Unhealthy || (st.State == "" && !is.ReadyAt.IsZero()):
 			// Probed within a period; a failing probe counts from zero. A
 			// record (a crash) that says it was ready: it is no longer
@@ -335,22 +368,31 @@ func (s *Supervisor) freezeOnce() (*Handover, map[string]*os.File, func(), error
 type efAdopt struct {
 	phase   gpu.Phase
 	awakeAt time.Time // when it last became ready, for min_awake
+	// changing: its /sleep or wake_up may still run (the daemon died
+	// during it): its GPUs count as busy until efSettled.
+	changing bool
 }
 
 func (efAdopt) isEffect() {}
+
+// efSettled: a model taken over mid-sleep or mid-wake has had its bound to
+// finish: its GPUs' memory no longer changes on its account.
+type efSettled struct{}
+
+func (efSettled) isEffect() {}
 
 // Adopt records the claim of a model restored with its process: it holds
 // gpus in phase (running, starting or asleep), awake since awakeAt. No
 // decision is made until a reading taken after it: the memory the
 // restored processes hold is known only then.
-func (s *scheduler) Adopt(m config.Model, gpus []string, phase gpu.Phase, awakeAt time.Time) {
+func (s *scheduler) Adopt(m config.Model, gpus []string, phase gpu.Phase, awakeAt time.Time, changing bool) {
 	s.send(func() {
 		delete(s.wants, m.Name)
 		s.restoredAt = s.now()
 		if len(gpus) == 0 {
 			return
 		}
-		s.claims[m.Name] = gpu.Claim{Name: m.Name, Req: PlacementRequest(m), UUIDs: slices.Clone(gpus), Phase: phase, Since: s.now(), AwakeAt: awakeAt}
+		s.claims[m.Name] = gpu.Claim{Name: m.Name, Req: PlacementRequest(m), UUIDs: slices.Clone(gpus), Phase: phase, Since: s.now(), AwakeAt: awakeAt, Changing: changing}
 		s.pokeReader()
 	})
 }

@@ -102,6 +102,8 @@ type machine struct {
 	// On-demand models (docs/on-demand.md).
 	awakeAt    time.Time // when it last became ready (started or woke)
 	sleepOp    bool      // a sleep is in flight (draining, then /sleep)
+	sleepBegan time.Time // when the runner began the sleep in flight (sleepBegins)
+	settling   bool      // taken over mid-sleep or mid-wake: its GPUs count as changing until the settle timer
 	sleepCause string    // idle, evicted, manual
 	sleepLevel int       // the level it sleeps at
 	wakeAfter  bool      // a request came during the sleep in flight: wake once asleep
@@ -302,6 +304,9 @@ const (
 	// idle: an awake on-demand model checks whether it has been idle for
 	// idle_after (the runner turns it into evIdle).
 	idle
+	// settle: a model taken over while its /sleep or wake_up ran has had
+	// time to finish it; its GPUs are no longer changing (efSettled).
+	settle
 	numTimers
 )
 
@@ -710,10 +715,20 @@ func (m *machine) onTimer(t timerKind) []effect {
 	if t == idle {
 		return nil // the runner sends evIdle instead
 	}
+	if t == settle {
+		if !m.settling {
+			return nil
+		}
+		m.settling = false
+		return []effect{efSettled{}}
+	}
 	if t == deadline {
 		if m.quiet != quietNone {
+			// No Unquiet: the sleep or stop that goes ahead marks its GPUs
+			// busy (Changing, which ends the quiet request) in the same
+			// message, so no decision sees them free in between.
 			m.log.Warn("its GPUs were not quiet within startup_timeout; going ahead", zap.Duration("startup_timeout", m.cfg.Probe.StartupTimeout))
-			return append([]effect{efUnquiet{}}, m.quietNow()...)
+			return m.quietNow()
 		}
 		if m.wakeInFlight() {
 			return m.wakeFailed("timeout", fmt.Sprintf("not awake within %s", roundDuration(m.wakeBound(m.sleepLevel))))
@@ -775,7 +790,7 @@ func (m *machine) beginStop(reason string) []effect {
 	drain := m.failure == nil && !m.exited && (m.state == Ready || m.state == Unhealthy)
 	m.quiet = quietNone // it stops now: whatever waited for quiet GPUs is moot
 	m.enter(Stopping, reason)
-	m.sleepOp, m.sleepLevel = false, 0
+	m.sleepOp, m.sleepLevel, m.sleepBegan = false, 0, time.Time{}
 	return []effect{efDisarm{tick}, efDisarm{deadline}, efDisarm{idle}, efStop{inst: m.inst, mainAlive: !m.exited, drain: drain}}
 }
 
@@ -793,6 +808,16 @@ const (
 // sleep at level 0 (an on-demand model giving its GPUs back). A model
 // loading, or one not running, is not waited for.
 func (m *machine) plannedStop(reason string, slept bool, cause string) []effect {
+	var out []effect
+	if m.state == Waking && m.awaiting && !m.shutdown {
+		// A sleeper waiting for memory to wake (often because a neighbour
+		// loads on its GPU): it still sleeps. Its want goes, and it stops
+		// as a sleeper does, once its GPUs are quiet.
+		m.awaiting = false
+		m.wantSeq++ // an answer to the withdrawn want is ignored
+		m.enter(Sleeping, fmt.Sprintf("asleep (level %d)", m.sleepLevel))
+		out = append(out, efWithdraw{})
+	}
 	if m.shutdown || !(m.state == Ready || m.state == Unhealthy || (m.state == Sleeping && !m.sleepOp)) {
 		out := m.beginStop(reason)
 		if slept {
@@ -804,9 +829,9 @@ func (m *machine) plannedStop(reason string, slept bool, cause string) []effect 
 	m.quiet, m.quietReason, m.quietSlept, m.quietCause = quietStop, reason, slept, cause
 	m.enter(m.state, "waiting for its GPUs to be quiet before it stops: "+strings.TrimPrefix(reason, "stopping: "))
 	if pending {
-		return nil // the request in flight answers this too
+		return out // the request in flight answers this too
 	}
-	return m.askQuiet()
+	return append(out, m.askQuiet()...)
 }
 
 // askQuiet asks the scheduler for quiet GPUs, for at most startup_timeout
@@ -1159,8 +1184,11 @@ func (m *machine) onDemand(reason string) []effect {
 	case Stopped:
 		return m.toPending(reason)
 	case Sleeping:
-		if m.sleepOp {
-			m.wakeAfter = true // once the sleep in flight is done
+		if m.sleepOp || m.quiet == quietStop {
+			// Once the sleep in flight is done; or, a stop of its own
+			// waiting for quiet GPUs (one for its residue, say), once that
+			// stop is: waking it now would only have it stopped mid-wake.
+			m.wakeAfter = true
 			return nil
 		}
 		return m.wake()
@@ -1260,6 +1288,15 @@ func (m *machine) stoppedOnDemand(cause, why string) string {
 	return s
 }
 
+// sleepBegins is the runner's word, as it carries out efSleep, of the
+// level the sleep goes to (sleep_host_memory may deepen a level-1 sleep to
+// 2) and when it began: the record says so until the sleep is done.
+func (m *machine) sleepBegins(level int, at time.Time) {
+	if m.sleepOp {
+		m.sleepLevel, m.sleepBegan = level, at
+	}
+}
+
 // doSleep puts the model to sleep (its GPUs are quiet): drain, then /sleep.
 // The level is read again: a reload may have changed it meanwhile.
 func (m *machine) doSleep(cause, reason string) []effect {
@@ -1272,7 +1309,7 @@ func (m *machine) doSleep(cause, reason string) []effect {
 	if why != "" {
 		m.log.Info("sleeping at a shallower level than sleep_level", zap.Int("level", level), zap.String("why", why))
 	}
-	m.sleepOp, m.sleepCause, m.sleepLevel = true, cause, level
+	m.sleepOp, m.sleepCause, m.sleepLevel, m.sleepBegan = true, cause, level, time.Time{}
 	m.probing = false
 	m.enter(Sleeping, "going to sleep: "+reason)
 	return []effect{efDisarm{tick}, efDisarm{idle}, efSleep{level: m.sleepLevel, cause: cause}}
@@ -1319,7 +1356,7 @@ func (m *machine) onSlept(ev evSlept) []effect {
 	if m.state != Sleeping || !m.sleepOp {
 		return nil
 	}
-	m.sleepOp = false
+	m.sleepOp, m.sleepBegan = false, time.Time{}
 	switch {
 	case ev.aborted:
 		// Requests were still in flight: it stays awake, and says why.

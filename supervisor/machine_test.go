@@ -264,7 +264,13 @@ func describe(efs []effect) string {
 		case efWithdraw:
 			out = append(out, "withdraw")
 		case efAdopt:
-			out = append(out, fmt.Sprintf("adopt(%v)", ef.phase))
+			if ef.changing {
+				out = append(out, fmt.Sprintf("adopt(%v,changing)", ef.phase))
+			} else {
+				out = append(out, fmt.Sprintf("adopt(%v)", ef.phase))
+			}
+		case efSettled:
+			out = append(out, "settled")
 		case efLearn:
 			out = append(out, fmt.Sprintf("learn(%d)", ef.seq))
 		default:
@@ -274,7 +280,7 @@ func describe(efs []effect) string {
 	return strings.Join(out, " ")
 }
 
-func timerName(t timerKind) string { return [...]string{"tick", "deadline", "idle"}[t] }
+func timerName(t timerKind) string { return [...]string{"tick", "deadline", "idle", "settle"}[t] }
 
 func describeEvent(ev event) string {
 	switch ev := ev.(type) {

@@ -298,6 +298,9 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 		case <-l.timers[idle]:
 			l.timers[idle] = nil
 			l.handle(evIdle{last: l.r.lastRequestTime(), inFlight: l.r.inFlight()})
+		case <-l.timers[settle]:
+			l.timers[settle] = nil
+			l.handle(evTimer{t: settle})
 		}
 	}
 	// Operations that arrive now find the runner gone (send sees stopped).
@@ -431,15 +434,14 @@ func (l *loop) do(ef effect) event {
 		base, grace, key := baseURL(m.cfg), m.cfg.StopTimeout, r.key()
 		level, note := l.sleepLevel(ef.level, m.deepestLevel())
 		ask := m.hasIsSleeping()
-		// The record a successor reads if the daemon dies from here on:
-		// it says the sleep began, at the level it will be (the engine
-		// says it is awake until /sleep returns), so the model is never
-		// taken for awake, and is woken the way it slept. A drain that
-		// does not complete rewrites it.
-		if rec := l.recordState(); rec != nil {
-			rec.SleepLevel, rec.SleepCause, rec.SleepBegan = level, ef.cause, r.d.now()
-			r.writeRecord(*rec)
-		}
+		// The machine keeps the level chosen (sleep_host_memory may
+		// deepen it) and when the sleep began: every record from here on
+		// (this one, a reload's) says the sleep began, at the level it
+		// will be (the engine says it is awake until /sleep returns), so
+		// the model is never taken for awake, and is woken the way it
+		// slept. A drain that does not complete rewrites it.
+		m.sleepBegins(level, r.d.now())
+		l.record()
 		// After the sleeping state is published: the drain names it.
 		l.later = append(l.later, func() { go l.sleep(base, key, level, note, ask, grace, l.seq) })
 	case efRecord:
@@ -476,7 +478,9 @@ func (l *loop) do(ef effect) event {
 		l.timers[ef.t] = r.d.after(ef.d)
 		l.timerAt[ef.t] = r.d.now().Add(ef.d)
 	case efAdopt:
-		r.d.sched.Adopt(m.cfg, m.inst.gpus, ef.phase, ef.awakeAt)
+		r.d.sched.Adopt(m.cfg, m.inst.gpus, ef.phase, ef.awakeAt, ef.changing)
+	case efSettled:
+		r.d.sched.Slept(r.name)
 	case efDisarm:
 		l.timers[ef.t] = nil
 	default:

@@ -145,10 +145,10 @@ func TestDeclinedEvictionKeepsAChangeBusy(t *testing.T) {
 func TestNoQuietWhileModelsAreTakenOver(t *testing.T) {
 	sp := newSchedProbe(t)
 	sp.s.Restoring()
-	sp.s.Adopt(schedModel("a"), []string{oneGPU}, gpu.Asleep, time.Time{})
+	sp.s.Adopt(schedModel("a"), []string{oneGPU}, gpu.Asleep, time.Time{}, false)
 	sp.s.Quiet("a", 1)
 	sp.noQuietAnswer()
-	sp.s.Adopt(schedModel("b"), []string{oneGPU}, gpu.Starting, time.Time{})
+	sp.s.Adopt(schedModel("b"), []string{oneGPU}, gpu.Starting, time.Time{}, false)
 	sp.s.Restored()
 	if q := sp.quietAnswer("a"); q.ok || !strings.Contains(q.reason, "b, which is starting") {
 		t.Fatalf("quiet for a while b loads: %+v; want it to wait for b", q)

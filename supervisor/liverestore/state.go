@@ -94,6 +94,10 @@ type InstanceState struct {
 	// written just before /sleep): a successor takes it for asleep, even
 	// if the engine still says awake (it does until /sleep returns).
 	SleepBegan time.Time `json:"sleep_began,omitzero"`
+	// WakeBegan: the daemon was waking it (wake_up sent, not proven yet):
+	// a successor takes it for asleep at SleepLevel, its memory changing
+	// for a while.
+	WakeBegan time.Time `json:"wake_began,omitzero"`
 	// SleepMode: it was started with vLLM's sleep mode (false: its vLLM
 	// had none then, or it does not sleep), so no sleep is asked of it
 	// without. Absent in records of earlier versions: then as its
