@@ -67,6 +67,7 @@ type machine struct {
 	hold       bool   // an operator (or enabled: false) wants it stopped
 	holdReason string // what stopped says while held
 	shutdown   bool   // the daemon is stopping: stop, then stay stopped
+	removed    bool   // a reload removed it: stop, then its runner ends
 
 	inst     *instance // the spawned process tree, nil when none
 	exited   bool      // inst's main process has exited
@@ -211,8 +212,11 @@ type (
 		err     error
 		waiting int
 	}
-	// evShutdown: the daemon is stopping (or the model was removed).
+	// evShutdown: the daemon is stopping.
 	evShutdown struct{}
+	// evRemoved: a reload removed the model: it stops as a planned stop
+	// does (once its GPUs are quiet), then its runner ends.
+	evRemoved struct{}
 	// evDemand: a request wants the model (the gateway): start or wake an
 	// on-demand model that is not awake.
 	evDemand struct{}
@@ -282,6 +286,7 @@ func (evOp) isEvent()       {}
 func (evConfig) isEvent()   {}
 func (evStopped) isEvent()  {}
 func (evShutdown) isEvent() {}
+func (evRemoved) isEvent()  {}
 func (evDemand) isEvent()   {}
 func (evUnwanted) isEvent() {}
 func (evEvict) isEvent()    {}
@@ -434,7 +439,7 @@ const onDemandIdle = "on demand: starts at its first request"
 
 // done reports whether the machine has finished: shut down, nothing left
 // running.
-func (m *machine) done() bool { return m.shutdown && m.inst == nil }
+func (m *machine) done() bool { return (m.shutdown || m.removed) && m.inst == nil }
 
 // step applies one event and returns what the runner must do.
 func (m *machine) step(ev event) []effect {
@@ -461,6 +466,8 @@ func (m *machine) step(ev event) []effect {
 		return m.onConfig(ev)
 	case evStopped:
 		return m.onStopped(ev)
+	case evRemoved:
+		return m.onRemoved()
 	case evShutdown:
 		return m.onShutdown()
 	case evDemand:
@@ -1064,6 +1071,27 @@ func (m *machine) onConfig(ev evConfig) []effect {
 		return []effect{efRedigest{}}
 	}
 	return nil
+}
+
+// onRemoved stops a model a reload removed, as a planned stop (an
+// operator's stop) does: once its GPUs are quiet, its requests drained.
+// Its runner ends once it is stopped (done).
+func (m *machine) onRemoved() []effect {
+	if m.shutdown || m.removed {
+		return nil
+	}
+	m.removed = true
+	const why = "removed from the configuration"
+	m.hold, m.holdReason, m.startAfter, m.wakeAfter = true, why, "", false
+	switch {
+	case m.live():
+		return m.plannedStop("stopping: "+why, false, "")
+	case m.state == Stopping:
+		return nil // done once that stop completes
+	}
+	m.awaiting = false
+	m.enter(Stopped, why)
+	return []effect{efDisarm{tick}, efDisarm{deadline}, efDrop{}}
 }
 
 func (m *machine) onShutdown() []effect {

@@ -328,6 +328,8 @@ func describeEvent(ev event) string {
 		return "stopped"
 	case evShutdown:
 		return "shutdown"
+	case evRemoved:
+		return "removed"
 	case evDemand:
 		return "demand"
 	case evUnwanted:
@@ -445,6 +447,7 @@ func TestMachineTransitions(t *testing.T) {
 			return evStopped{inst: mt.m.inst, err: errors.New("processes survived SIGKILL: 7 (x, state D)")}
 		},
 		func(*mtest) event { return evShutdown{} },
+		func(*mtest) event { return evRemoved{} },
 		func(*mtest) event { return evDemand{} },
 		func(*mtest) event { return evUnwanted{} },
 		func(*mtest) event { return evEvict{forModel: "other"} },

@@ -278,3 +278,27 @@ func TestAdoptedMidSleepOrWakeKeepsItsGPUBusy(t *testing.T) {
 		})
 	}
 }
+
+// TestRemovedModelStopsOnceItsGPUsAreQuiet: a model a reload removes stops
+// as an operator's stop does, once its GPUs are quiet (a neighbour may
+// load there), drained; its runner ends once it is stopped. Before, a
+// removal was the daemon's shutdown to the model: SIGTERM at once. One not
+// running ends at once.
+func TestRemovedModelStopsOnceItsGPUsAreQuiet(t *testing.T) {
+	mt := newMTest(t).toReady()
+	mt.quiet(evRemoved{}, "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	if mt.m.done() {
+		t.Fatal("done before its stop completed")
+	}
+	mt.step(evStopped{inst: mt.m.inst})
+	if st := mt.m.status(); st.State != Stopped || !strings.Contains(st.Reason, "removed from the configuration") || !mt.m.done() {
+		t.Errorf("after its stop: %s %q, done %v; want stopped, removed, done", st.State, st.Reason, mt.m.done())
+	}
+
+	mt = newODTest(t)
+	mt.m.begin()
+	mt.step(evRemoved{})
+	if !mt.m.done() || mt.m.state != Stopped {
+		t.Errorf("an idle on-demand model removed: %s, done %v; want stopped and done", mt.m.state, mt.m.done())
+	}
+}

@@ -41,7 +41,6 @@ type runner struct {
 	status atomic.Pointer[Status]
 	mail   mailbox
 
-	cancel  context.CancelFunc          // ends run: the model is removed or the daemon stops
 	stopped chan struct{}               // closed when run has returned
 	began   chan struct{}               // closed once its first real status is published
 	pids    atomic.Pointer[[]int]       // the current instance's processes, for GPU attribution

@@ -383,9 +383,9 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		}
 		s.demandMu.Unlock()
 		rctx, cancel := context.WithCancel(runCtx)
-		r.cancel = cancel
 		g.Go(func() error {
 			defer close(r.stopped)
+			defer cancel()
 			r.run(rctx, m, from)
 			return nil
 		})
@@ -458,9 +458,10 @@ func (s *Supervisor) Run(ctx context.Context) error {
 				case config.Removed:
 					r := byName[c.Name]
 					delete(byName, c.Name)
-					// Its claim holds its GPUs until its processes are
-					// gone: nothing is placed there before.
-					r.cancel()
+					// It stops as an operator's stop does (once its GPUs
+					// are quiet); its claim holds its GPUs until its
+					// processes are gone: nothing is placed there before.
+					r.mail.put(message{ev: evRemoved{}})
 					removed = append(removed, r)
 					s.d.metrics.forget(c.Name)
 				case config.Respawn, config.Update:
