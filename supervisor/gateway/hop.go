@@ -24,8 +24,8 @@ import (
 // reads its answer on the request's own goroutine. net/http's Transport
 // hands every request to two goroutines of its connection (writeLoop,
 // readLoop) and back: on a fast model those hand-offs and the scheduler's
-// wake-ups cost the gateway about as much CPU as the hop's four system
-// calls (docs/performance.md). The parsing is the standard library's:
+// wake-ups were most of the gateway's CPU besides the hop's system calls
+// (docs/performance.md). The parsing is the standard library's:
 // http.ReadResponse reads the status, the headers and the body's framing
 // (Content-Length, chunked, or to the end of an HTTP/1.0 connection).
 // What is here is what a kept-alive connection needs, by the rules
@@ -36,10 +36,11 @@ import (
 //     an HTTP/1.0 answer without keep-alive; any other end closes it, so
 //     the model sees a client that hung up as a closed connection;
 //   - a request that finds its kept-alive connection closed by the model
-//     while idle (vLLM's uvicorn closes one idle for 5 s) is sent once
-//     more on a new connection, when no byte of an answer came back: the
-//     model never saw it. Bodies are held whole by the gateway (bodies.go),
-//     so the body can be sent again;
+//     while idle (vLLM closes one idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s
+//     by default) is sent once more on a new connection, when no byte of
+//     an answer came back: the model never saw it. Bodies are held whole
+//     by the gateway (bodies.go), so the body can be sent again. A request
+//     on a new connection is never sent twice;
 //   - the request's context ends it: the connection is closed under any
 //     read or write in progress;
 //   - a connection idle for upstreamIdle is closed, and at most
