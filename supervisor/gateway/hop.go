@@ -72,9 +72,41 @@ type hopClient struct {
 // hopConn is one connection to the model.
 type hopConn struct {
 	conn      net.Conn
-	br        *bufio.Reader
+	br        *bufio.Reader // reads through lim
+	lim       headLimit
 	idleSince time.Time
 	reused    bool // it served a request before
+}
+
+// maxAnswerHead bounds what the gateway reads of an answer's status line
+// and headers: net/http's Transport's default (MaxResponseHeaderBytes),
+// so a model that sends headers without end cannot grow the gateway's
+// memory.
+const maxAnswerHead = 10 << 20
+
+// headLimit is the reader under a connection's bufio.Reader: while an
+// answer's head is read, at most left bytes come from the connection
+// (left < 0: no bound, while its body is read).
+type headLimit struct {
+	conn net.Conn
+	left int64
+}
+
+var errAnswerHead = fmt.Errorf("the model's answer has over %d bytes of headers", maxAnswerHead)
+
+func (l *headLimit) Read(p []byte) (int, error) {
+	if l.left < 0 {
+		return l.conn.Read(p)
+	}
+	if l.left == 0 {
+		return 0, errAnswerHead
+	}
+	if int64(len(p)) > l.left {
+		p = p[:l.left]
+	}
+	n, err := l.conn.Read(p)
+	l.left -= int64(n)
+	return n, err
 }
 
 func newHopClient(host string) *hopClient {
@@ -135,6 +167,8 @@ func (c *hopClient) exchange(pc *hopConn, r *http.Request, body outBody, hb *[]b
 	if err := c.write(pc, r, body, hb); err != nil {
 		return nil, true, err
 	}
+	pc.lim.left = maxAnswerHead
+	defer func() { pc.lim.left = -1 }()
 	if _, err := pc.br.Peek(1); err != nil {
 		return nil, true, err
 	}
@@ -282,7 +316,9 @@ func (c *hopClient) dial(ctx context.Context) (*hopConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &hopConn{conn: conn, br: bufio.NewReaderSize(conn, 4<<10)}, nil
+	pc := &hopConn{conn: conn, lim: headLimit{conn: conn, left: -1}}
+	pc.br = bufio.NewReaderSize(&pc.lim, 4<<10)
+	return pc, nil
 }
 
 // open says whether an idle connection is still open at the model's end:

@@ -427,3 +427,34 @@ func TestHopConnectionNeverShared(t *testing.T) {
 		t.Errorf("%d idle connections kept, over %d", n, maxIdlePerModel)
 	}
 }
+
+// An answer whose headers do not end is refused past maxAnswerHead, as
+// net/http's Transport refuses one: 502, and the connection is closed
+// without reading the rest.
+func TestHopAnswerHeadBounded(t *testing.T) {
+	var sent atomic.Int64
+	m := startWire(t, func(w io.Writer, r *wireRequest) bool {
+		io.WriteString(w, "HTTP/1.1 200 OK\r\n") //nolint:errcheck // test
+		line := "X-Filler: " + strings.Repeat("x", 1000) + "\r\n"
+		for sent.Load() < 8*maxAnswerHead {
+			n, err := io.WriteString(w, line)
+			sent.Add(int64(n))
+			if err != nil {
+				break
+			}
+		}
+		return false
+	})
+	s, hop := wireSite(t, m)
+	code, body := postStatus(t, s.url, `{"model":"m"}`)
+	if _, _, c := apiErr(t, body); code != 502 || c != "upstream_error" {
+		t.Fatalf("%d %s", code, body)
+	}
+	waitFor(t, 5*time.Second, "the model's connection closed", func() bool { return m.open.Load() == 0 })
+	if n := sent.Load(); n >= 8*maxAnswerHead {
+		t.Errorf("the gateway read %d bytes of headers", n)
+	}
+	if n := hop.idleConns(); n != 0 {
+		t.Errorf("%d connections kept", n)
+	}
+}
