@@ -203,24 +203,26 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 	}
 	defer up.adm.release(req.keyState)
 
+	var out outBody
 	if inMemory {
-		// A small body goes out with its headers in one write; any other
-		// reader makes the transport flush the headers first (Go issue
-		// 22088): a second write and packet for every request.
-		r.Body, r.ContentLength = io.NopCloser(bytes.NewReader(small)), int64(len(small))
+		// A small body goes out with its head in one write.
+		out.small = small
 	} else {
 		// vLLM knows only its --served-model-name: a client that used the
 		// configured name has it replaced, the one change the gateway
-		// makes to a body besides asking for usage.
-		rd, n := b.forwardBody(rt.model.ServedName)
-		r.Body, r.ContentLength = rd, n
-		if stream {
+		// makes to a body besides asking for usage. Opened again if the
+		// request is sent again (hop.go).
+		out.open = func() (io.ReadCloser, int64) {
+			rd, n := b.forwardBody(rt.model.ServedName)
+			if !stream {
+				return rd, n
+			}
 			req.appender = &usageAppender{r: rd}
-			r.Body, r.ContentLength = readCloser{req.appender, rd}, -1
+			return readCloser{req.appender, rd}, -1
 		}
 	}
 	upstreamAuth(r.Header, up.apiKey())
-	up.serve(w, r, g, req)
+	up.serve(w, r, g, req, out)
 }
 
 // upstreamAuth makes a request's credentials the model's own: the client's

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"strings"
 )
 
@@ -20,55 +19,49 @@ var hopHeaders = []string{
 
 // copyHeaders copies src to dst without hop-by-hop headers.
 func copyHeaders(dst, src http.Header) {
+	named := connectionNamed(src)
+	for k, vv := range src {
+		if !hopHeader(k, named) {
+			dst[k] = vv
+		}
+	}
+}
+
+// connectionNamed are the headers h's Connection header names.
+func connectionNamed(h http.Header) []string {
 	var named []string
-	for _, v := range src["Connection"] {
+	for _, v := range h["Connection"] {
 		for _, f := range strings.Split(v, ",") {
 			if f = strings.TrimSpace(f); f != "" {
 				named = append(named, http.CanonicalHeaderKey(f))
 			}
 		}
 	}
-next:
-	for k, vv := range src {
-		for _, h := range hopHeaders {
-			if k == h {
-				continue next
-			}
-		}
-		for _, h := range named {
-			if k == h {
-				continue next
-			}
-		}
-		dst[k] = vv
-	}
+	return named
 }
 
-// serve forwards r to the model and copies the answer back. It does what
-// httputil.ReverseProxy does for this one case (HTTP/1.1 to a model on
-// loopback, no trailers, no upgrades) without cloning the request or
-// tracing 1xx answers: every request passes here.
-func (up *upstream) serve(w *recorder, r *http.Request, g *Gateway, req *reqInfo) {
-	out := &http.Request{
-		Method:        r.Method,
-		URL:           &url.URL{Scheme: up.target.Scheme, Host: up.target.Host, Path: r.URL.Path, RawQuery: r.URL.RawQuery},
-		Proto:         "HTTP/1.1",
-		ProtoMajor:    1,
-		ProtoMinor:    1,
-		Header:        make(http.Header, len(r.Header)),
-		Body:          r.Body,
-		ContentLength: r.ContentLength,
-		Host:          up.target.Host,
+// hopHeader says whether the header k belongs to one connection: one of
+// hopHeaders, or one the Connection header named.
+func hopHeader(k string, named []string) bool {
+	for _, h := range hopHeaders {
+		if k == h {
+			return true
+		}
 	}
-	copyHeaders(out.Header, r.Header)
-	if _, ok := out.Header["User-Agent"]; !ok {
-		out.Header["User-Agent"] = nil // no Go default
+	for _, h := range named {
+		if k == h {
+			return true
+		}
 	}
-	if r.ContentLength == 0 {
-		out.Body = nil
-	}
-	out = out.WithContext(r.Context())
-	res, err := up.transport.RoundTrip(out)
+	return false
+}
+
+// serve forwards r with body to the model and copies the answer back. It
+// does what httputil.ReverseProxy does for this one case (HTTP/1.1 to a
+// model on loopback, no trailers, no upgrades) on the request's own
+// goroutine (hop.go): every request passes here.
+func (up *upstream) serve(w *recorder, r *http.Request, g *Gateway, req *reqInfo, out outBody) {
+	res, err := up.hop.roundTrip(r.Context(), r, out)
 	if err != nil {
 		g.proxyError(up)(w, r, err)
 		return

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"sync"
@@ -17,16 +16,15 @@ import (
 )
 
 // upstream is what lasts of a model across routing snapshots: its queue,
-// its last request's time, and one transport whose kept-alive connections
-// serve every request to it. A new address (a reload moved its port) gets
-// a new transport; the queue stays.
+// its last request's time, and one pool of kept-alive connections that
+// serve every request to it (hop.go). A new address (a reload moved its
+// port) gets a new pool; the queue stays.
 type upstream struct {
 	name        string
 	base        string
 	adm         *admission
 	lastRequest *atomic.Int64 // unix nanoseconds
-	target      *url.URL
-	transport   *http.Transport
+	hop         *hopClient
 	// key is the model's own API key as of the latest snapshot: a request
 	// held in the queue while the model started takes the key of the
 	// process that serves it, not of the snapshot it arrived with.
@@ -70,16 +68,9 @@ func (g *Gateway) newUpstream(m Model, old *upstream) *upstream {
 		g.log.Error("bad upstream address", zap.String("model", m.Name), zap.String("upstream", m.Upstream))
 		target = &url.URL{Scheme: "http", Host: "invalid."}
 	}
-	up.transport = &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext,
-		MaxIdleConns:        maxIdlePerModel,
-		MaxIdleConnsPerHost: maxIdlePerModel,
-		IdleConnTimeout:     upstreamIdle,
-		// The body passes through as vLLM wrote it; a client that asked
-		// for gzip negotiates with vLLM itself.
-		DisableCompression: true,
-	}
-	up.target = target
+	// The body passes through as vLLM wrote it: nothing asks for gzip
+	// but a client, which negotiates with vLLM itself.
+	up.hop = newHopClient(target.Host)
 	return up
 }
 
@@ -98,7 +89,7 @@ func (b *bufferPool) Get() []byte {
 
 func (b *bufferPool) Put(buf []byte) { b.p.Put(&buf) }
 
-func (up *upstream) close() { up.transport.CloseIdleConnections() }
+func (up *upstream) close() { up.hop.close() }
 
 // proxyError answers a request the model could not: the model went away
 // (crash, restart) before answering, the client went away, or the body
