@@ -307,7 +307,7 @@ func (g *Cgroup) Remove() error {
 // MemoryBytes is the leaf's memory.current, when the memory controller is
 // enabled for it.
 func (g *Cgroup) MemoryBytes() (int64, bool) {
-	b, err := os.ReadFile(filepath.Join(g.Path, "memory.current"))
+	b, err := readSmall(filepath.Join(g.Path, "memory.current"), make([]byte, 64))
 	if err != nil {
 		return 0, false
 	}
@@ -318,13 +318,13 @@ func (g *Cgroup) MemoryBytes() (int64, bool) {
 // CPUSeconds is the leaf's cpu.stat usage_usec: all CPU time of every
 // process that ever ran in it, exited ones included, so it never goes back.
 func (g *Cgroup) CPUSeconds() (float64, bool) {
-	b, err := os.ReadFile(filepath.Join(g.Path, "cpu.stat"))
+	b, err := readSmall(filepath.Join(g.Path, "cpu.stat"), make([]byte, 512))
 	if err != nil {
 		return 0, false
 	}
-	for line := range strings.SplitSeq(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "usage_usec "); ok {
-			n, err := strconv.ParseUint(v, 10, 64)
+	for line := range bytes.SplitSeq(b, []byte("\n")) {
+		if v, ok := bytes.CutPrefix(line, []byte("usage_usec ")); ok {
+			n, err := strconv.ParseUint(string(v), 10, 64)
 			return float64(n) / 1e6, err == nil
 		}
 	}
