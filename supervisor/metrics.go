@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"citadel-supervisor/supervisor/proc"
 )
@@ -141,35 +142,36 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 			continue
 		}
 		name := st.Name
-		ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, boolf(st.State == Ready), name)
+		l := c.labelsOf(r, name)
+		ch <- gauge(c.up, l.model, boolf(st.State == Ready))
 		if st.VLLMVersion != "" {
 			ch <- prometheus.MustNewConstMetric(c.vllmInfo, prometheus.GaugeValue, 1, name, st.VLLMVersion)
 		}
-		for _, s := range States {
-			ch <- prometheus.MustNewConstMetric(c.state, prometheus.GaugeValue, boolf(st.State == s), name, string(s))
+		for i, s := range States {
+			ch <- gauge(c.state, l.state[i], boolf(st.State == s))
 		}
 		if st.State == Pending {
-			for _, cause := range PendingCauses {
-				ch <- prometheus.MustNewConstMetric(c.cause, prometheus.GaugeValue, boolf(st.PendingCause == cause), name, cause)
+			for i, cause := range PendingCauses {
+				ch <- gauge(c.cause, l.cause[i], boolf(st.PendingCause == cause))
 			}
 		}
-		for _, reason := range RestartReasons {
-			ch <- prometheus.MustNewConstMetric(c.restarts, prometheus.CounterValue, float64(st.RestartsByReason[reason]), name, reason)
+		for i, reason := range RestartReasons {
+			ch <- counter(c.restarts, l.reason[i], float64(st.RestartsByReason[reason]))
 		}
 		if st.LastExitCode != nil {
-			ch <- prometheus.MustNewConstMetric(c.lastExit, prometheus.GaugeValue, float64(*st.LastExitCode), name)
+			ch <- gauge(c.lastExit, l.model, float64(*st.LastExitCode))
 		}
 		if st.PID != 0 {
-			ch <- prometheus.MustNewConstMetric(c.startTime, prometheus.GaugeValue, float64(st.StartedAt.UnixNano())/1e9, name)
+			ch <- gauge(c.startTime, l.model, float64(st.StartedAt.UnixNano())/1e9)
 		}
 		if st.StartupDuration > 0 {
-			ch <- prometheus.MustNewConstMetric(c.startup, prometheus.GaugeValue, st.StartupDuration.Seconds(), name)
+			ch <- gauge(c.startup, l.model, st.StartupDuration.Seconds())
 		}
 		if held := r.hostHeld.Load(); held > 0 {
-			ch <- prometheus.MustNewConstMetric(c.hostHeld, prometheus.GaugeValue, float64(held), name)
+			ch <- gauge(c.hostHeld, l.model, float64(held))
 		}
 		if st.ProbeSuccess != nil {
-			ch <- prometheus.MustNewConstMetric(c.probeOK, prometheus.GaugeValue, boolf(*st.ProbeSuccess), name)
+			ch <- gauge(c.probeOK, l.model, boolf(*st.ProbeSuccess))
 		}
 		var rss float64
 		times := map[procKey]float64{}
@@ -205,14 +207,82 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 					}
 				}
 			}
-			ch <- prometheus.MustNewConstMetric(c.rss, prometheus.GaugeValue, rss, name)
+			ch <- gauge(c.rss, l.model, rss)
 		}
 		// The counter is exported once the model has run, and never goes
 		// backwards, also across its restarts.
 		if cpu := r.cpu.total(times); pids != nil || cpu > 0 {
-			ch <- prometheus.MustNewConstMetric(c.cpu, prometheus.CounterValue, cpu, name)
+			ch <- counter(c.cpu, l.model, cpu)
 		}
 	}
+}
+
+// modelLabels are the label pairs of one model's series, built once (at
+// the model's first scrape) and shared by every scrape after it, as a
+// const metric shares its own between writes. prometheus.NewConstMetric
+// builds and sorts them anew for every series: at 200 models, more than
+// half of a scrape's allocations.
+type modelLabels struct {
+	name   string
+	model  []*dto.LabelPair   // {model}
+	state  [][]*dto.LabelPair // {model, state}, like States
+	cause  [][]*dto.LabelPair // {cause, model}, like PendingCauses
+	reason [][]*dto.LabelPair // {model, reason}, like RestartReasons
+}
+
+// labelsOf returns r's label pairs, building them at its first scrape.
+// Concurrent scrapes may both build them; either set is the same.
+func (c *modelCollector) labelsOf(r *runner, name string) *modelLabels {
+	if l := r.labels.Load(); l != nil && l.name == name {
+		return l
+	}
+	l := &modelLabels{name: name, model: prometheus.MakeLabelPairs(c.up, []string{name})}
+	for _, s := range States {
+		l.state = append(l.state, prometheus.MakeLabelPairs(c.state, []string{name, string(s)}))
+	}
+	for _, cause := range PendingCauses {
+		l.cause = append(l.cause, prometheus.MakeLabelPairs(c.cause, []string{name, cause}))
+	}
+	for _, reason := range RestartReasons {
+		l.reason = append(l.reason, prometheus.MakeLabelPairs(c.restarts, []string{name, reason}))
+	}
+	r.labels.Store(l)
+	return l
+}
+
+// sample is a const metric over label pairs built beforehand: one
+// allocation a series where prometheus.NewConstMetric makes several.
+type sample struct {
+	desc    *prometheus.Desc
+	labels  []*dto.LabelPair
+	value   float64
+	gauge   dto.Gauge
+	counter dto.Counter
+	isCount bool
+}
+
+func gauge(d *prometheus.Desc, labels []*dto.LabelPair, v float64) prometheus.Metric {
+	s := &sample{desc: d, labels: labels, value: v}
+	s.gauge.Value = &s.value
+	return s
+}
+
+func counter(d *prometheus.Desc, labels []*dto.LabelPair, v float64) prometheus.Metric {
+	s := &sample{desc: d, labels: labels, value: v, isCount: true}
+	s.counter.Value = &s.value
+	return s
+}
+
+func (s *sample) Desc() *prometheus.Desc { return s.desc }
+
+func (s *sample) Write(out *dto.Metric) error {
+	out.Label = s.labels
+	if s.isCount {
+		out.Counter = &s.counter
+	} else {
+		out.Gauge = &s.gauge
+	}
+	return nil
 }
 
 // leafKey tells instances' cgroup leaves apart in cpuCounter.
