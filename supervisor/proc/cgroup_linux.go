@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -216,7 +217,18 @@ func (c *Cgroups) Holds(pid int) bool {
 }
 
 // Cgroup is one instance's leaf.
-type Cgroup struct{ Path string }
+type Cgroup struct {
+	Path string
+
+	// noMemory is set once the leaf has shown it has no memory.current
+	// (the memory controller is not enabled for it, as on a host whose
+	// memory controller is bound to cgroup v1): each scrape would
+	// otherwise try to open it again. Controllers are enabled for the
+	// leaves before they are created; one enabled later is not seen until
+	// the model's next instance, whose resident memory is the sum of its
+	// processes' meanwhile.
+	noMemory atomic.Bool
+}
 
 // OpenFD opens the leaf for clone3's CLONE_INTO_CGROUP
 // (syscall.SysProcAttr.CgroupFD). The caller closes it after the spawn.
@@ -307,7 +319,13 @@ func (g *Cgroup) Remove() error {
 // MemoryBytes is the leaf's memory.current, when the memory controller is
 // enabled for it.
 func (g *Cgroup) MemoryBytes() (int64, bool) {
+	if g.noMemory.Load() {
+		return 0, false
+	}
 	b, err := readSmall(filepath.Join(g.Path, "memory.current"), make([]byte, 64))
+	if errors.Is(err, fs.ErrNotExist) {
+		g.noMemory.Store(true)
+	}
 	if err != nil {
 		return 0, false
 	}
