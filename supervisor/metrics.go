@@ -193,7 +193,15 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 					times[procKey{pid: -1, start: leafKey(cg.Path)}] = sec
 				}
 			}
-			if !cgMem || !cgCPU {
+			if !cgMem && cgCPU {
+				// Only the resident memory is wanted of each process:
+				// statm has it, for less of the kernel's time than stat.
+				for _, pid := range *pids {
+					if pages, err := proc.ReadRSSPages(pid); err == nil {
+						rss += float64(pages) * page
+					}
+				}
+			} else if !cgMem || !cgCPU {
 				for _, pid := range *pids {
 					ps, err := proc.ReadStat(pid)
 					if err != nil || ps.State == 'Z' {
