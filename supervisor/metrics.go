@@ -258,38 +258,46 @@ func (c *modelCollector) labelsOf(r *runner, name string) *modelLabels {
 	return l
 }
 
-// sample is a const metric over label pairs built beforehand: one
-// allocation a series where prometheus.NewConstMetric makes several.
-type sample struct {
+// gaugeSample and counterSample are const metrics over label pairs built
+// beforehand: one allocation a series where prometheus.NewConstMetric
+// makes several.
+type gaugeSample struct {
+	desc   *prometheus.Desc
+	labels []*dto.LabelPair
+	value  float64
+	gauge  dto.Gauge
+}
+
+type counterSample struct {
 	desc    *prometheus.Desc
 	labels  []*dto.LabelPair
 	value   float64
-	gauge   dto.Gauge
 	counter dto.Counter
-	isCount bool
 }
 
 func gauge(d *prometheus.Desc, labels []*dto.LabelPair, v float64) prometheus.Metric {
-	s := &sample{desc: d, labels: labels, value: v}
+	s := &gaugeSample{desc: d, labels: labels, value: v}
 	s.gauge.Value = &s.value
 	return s
 }
 
 func counter(d *prometheus.Desc, labels []*dto.LabelPair, v float64) prometheus.Metric {
-	s := &sample{desc: d, labels: labels, value: v, isCount: true}
+	s := &counterSample{desc: d, labels: labels, value: v}
 	s.counter.Value = &s.value
 	return s
 }
 
-func (s *sample) Desc() *prometheus.Desc { return s.desc }
+func (s *gaugeSample) Desc() *prometheus.Desc { return s.desc }
 
-func (s *sample) Write(out *dto.Metric) error {
-	out.Label = s.labels
-	if s.isCount {
-		out.Counter = &s.counter
-	} else {
-		out.Gauge = &s.gauge
-	}
+func (s *gaugeSample) Write(out *dto.Metric) error {
+	out.Label, out.Gauge = s.labels, &s.gauge
+	return nil
+}
+
+func (s *counterSample) Desc() *prometheus.Desc { return s.desc }
+
+func (s *counterSample) Write(out *dto.Metric) error {
+	out.Label, out.Counter = s.labels, &s.counter
 	return nil
 }
 

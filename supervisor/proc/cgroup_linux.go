@@ -322,7 +322,8 @@ func (g *Cgroup) MemoryBytes() (int64, bool) {
 	if g.noMemory.Load() {
 		return 0, false
 	}
-	b, err := readSmall(filepath.Join(g.Path, "memory.current"), make([]byte, 64))
+	var buf [64]byte
+	b, err := readSmall(filepath.Join(g.Path, "memory.current"), buf[:])
 	if errors.Is(err, fs.ErrNotExist) {
 		g.noMemory.Store(true)
 	}

@@ -43,7 +43,8 @@ func ReadStat(pid int) (Stat, error) {
 // /proc/PID/statm: where that is all that is needed of it, a file the
 // kernel writes in a fraction of the time of stat. A zombie's is 0.
 func ReadRSSPages(pid int) (int64, error) {
-	b, err := readSmall("/proc/"+strconv.Itoa(pid)+"/statm", make([]byte, 128))
+	var buf [128]byte
+	b, err := readSmall("/proc/"+strconv.Itoa(pid)+"/statm", buf[:])
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ESRCH) {
 			return 0, ErrGone
