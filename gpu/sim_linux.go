@@ -23,9 +23,10 @@ func descendantProcesses() func() ([]SimProcess, error) {
 }
 
 // procWalk lists self's descendants under root (a procfs). It keeps the
-// argv and environment of the processes that claim sim GPUs, by pid and
-// start time, so that a later walk reads only each process's stat for
-// them: a running model's claim (its --gpu-memory-utilization and
+// argv and CUDA_VISIBLE_DEVICES of the processes that claim sim GPUs, by
+// pid and start time, so that a later walk reads only each process's stat
+// for them (and returns their environment as that one variable): a
+// running model's claim (its --gpu-memory-utilization and
 // CUDA_VISIBLE_DEVICES) stays where it was, as a driver keeps a process's
 // memory on the GPUs it allocated it on, and reading both files of every
 // model at every read was half of a /metrics scrape's time at 200 models.
@@ -96,13 +97,26 @@ func (w *procWalk) descendants() ([]SimProcess, error) {
 			p = SimProcess{PID: pid, Args: args, Env: env}
 		}
 		if _, _, claims := simClaim(p); claims {
-			claimed[id] = p
+			claimed[id] = claimOnly(p)
 		}
 		out = append(out, p)
 	}
 	w.claimed = claimed
 	slices.SortFunc(out, func(a, b SimProcess) int { return a.PID - b.PID })
 	return out, nil
+}
+
+// claimOnly is what is kept of a claiming process: its argv and the
+// environment's first CUDA_VISIBLE_DEVICES (the one getenv, and simClaim,
+// read), copied out of the whole environment, which is left to the
+// garbage collector.
+func claimOnly(p SimProcess) SimProcess {
+	for _, e := range p.Env {
+		if strings.HasPrefix(e, "CUDA_VISIBLE_DEVICES=") {
+			return SimProcess{PID: p.PID, Args: p.Args, Env: []string{strings.Clone(e)}}
+		}
+	}
+	return p
 }
 
 // procDescendants lists self's descendants under root in one walk, with

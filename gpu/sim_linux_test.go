@@ -241,4 +241,9 @@ func TestProcWalkKeepsClaims(t *testing.T) {
 	if len(w.claimed) != 1 {
 		t.Errorf("claims kept: %v, want 11's only", w.claimed)
 	}
+	for _, p := range w.claimed {
+		if !slices.Equal(p.Env, []string{"CUDA_VISIBLE_DEVICES=GPU-a"}) {
+			t.Errorf("kept of %d's environment: %q, want its CUDA_VISIBLE_DEVICES only", p.PID, p.Env)
+		}
+	}
 }
