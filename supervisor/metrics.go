@@ -99,27 +99,38 @@ type modelCollector struct {
 	s *Supervisor
 
 	up, state, cause, restarts, lastExit, startTime, startup, rss, cpu, probeOK, reloadOK, reloadTime, hostHeld, ownership, vllmInfo *prometheus.Desc
+
+	// The label pairs every model's sets share (modelLabels), like
+	// States, PendingCauses and RestartReasons.
+	statePairs, causePairs, reasonPairs []*dto.LabelPair
 }
 
 func newModelCollector(s *Supervisor) *modelCollector {
 	m := []string{"model"}
+	states := make([]string, len(States))
+	for i, st := range States {
+		states[i] = string(st)
+	}
 	return &modelCollector{
-		s:          s,
-		up:         prometheus.NewDesc("citadel_model_up", "1 when the model is ready (answering its health probe), else 0.", m, nil),
-		state:      prometheus.NewDesc("citadel_model_state", "1 for the model's current state, 0 for the others.", []string{"model", "state"}, nil),
-		cause:      prometheus.NewDesc("citadel_model_pending_cause", "For a pending model, 1 for what it waits for (gpu is normal when models outnumber memory; storage, port and env_files need an operator; daemon: the daemon itself was short of descriptors or memory to spawn it, and retries), 0 for the other causes.", []string{"model", "cause"}, nil),
-		restarts:   prometheus.NewDesc("citadel_model_restarts_total", "Restarts of the model, by reason (exit, probe, startup, manual, reload, wake).", []string{"model", "reason"}, nil),
-		lastExit:   prometheus.NewDesc("citadel_model_last_exit_code", "Exit code of the model's last process (128+signal when killed).", m, nil),
-		startTime:  prometheus.NewDesc("citadel_model_start_time_seconds", "Unix time the model's current process was spawned.", m, nil),
-		startup:    prometheus.NewDesc("citadel_model_startup_duration_seconds", "Spawn to first healthy answer, of the model's last start.", m, nil),
-		rss:        prometheus.NewDesc("citadel_model_resident_memory_bytes", "Resident memory of all of the model's processes.", m, nil),
-		cpu:        prometheus.NewDesc("citadel_model_cpu_seconds_total", "CPU time of the model's processes (user and system), across its restarts; a process's time since the last scrape before it exited is not counted.", m, nil),
-		probeOK:    prometheus.NewDesc("citadel_probe_success", "1 if the model's last health probe succeeded, else 0.", m, nil),
-		reloadOK:   prometheus.NewDesc("citadel_config_last_reload_successful", "1 if the last configuration load succeeded, 0 if it was rejected (the previous one stays in force).", nil, nil),
-		hostHeld:   prometheus.NewDesc("citadel_model_sleep_host_memory_bytes", "Host memory an on-demand model holds for its level-1 sleeps (its weights in pinned RAM), measured as its resident memory grown across its first; vLLM keeps it until the process ends. Bounded by sleep_host_memory.", m, nil),
-		reloadTime: prometheus.NewDesc("citadel_config_last_reload_success_timestamp_seconds", "Unix time of the last successful configuration load.", nil, nil),
-		vllmInfo:   prometheus.NewDesc("citadel_model_vllm_info", "1, labelled with the model's vLLM release (learned from its interpreter's package metadata before it starts, confirmed by its GET /version; docs/vllm.md). Absent while unknown.", []string{"model", "version"}, nil),
-		ownership:  prometheus.NewDesc("citadel_ownership_mode", "1 for how the daemon owns the models' processes (cgroup: a cgroup v2 leaf per instance; marker: marker variable, parent links and subreaper), 0 for the other.", []string{"mode"}, nil),
+		s:           s,
+		statePairs:  labelPairs("state", states),
+		causePairs:  labelPairs("cause", PendingCauses),
+		reasonPairs: labelPairs("reason", RestartReasons),
+		up:          prometheus.NewDesc("citadel_model_up", "1 when the model is ready (answering its health probe), else 0.", m, nil),
+		state:       prometheus.NewDesc("citadel_model_state", "1 for the model's current state, 0 for the others.", []string{"model", "state"}, nil),
+		cause:       prometheus.NewDesc("citadel_model_pending_cause", "For a pending model, 1 for what it waits for (gpu is normal when models outnumber memory; storage, port and env_files need an operator; daemon: the daemon itself was short of descriptors or memory to spawn it, and retries), 0 for the other causes.", []string{"model", "cause"}, nil),
+		restarts:    prometheus.NewDesc("citadel_model_restarts_total", "Restarts of the model, by reason (exit, probe, startup, manual, reload, wake).", []string{"model", "reason"}, nil),
+		lastExit:    prometheus.NewDesc("citadel_model_last_exit_code", "Exit code of the model's last process (128+signal when killed).", m, nil),
+		startTime:   prometheus.NewDesc("citadel_model_start_time_seconds", "Unix time the model's current process was spawned.", m, nil),
+		startup:     prometheus.NewDesc("citadel_model_startup_duration_seconds", "Spawn to first healthy answer, of the model's last start.", m, nil),
+		rss:         prometheus.NewDesc("citadel_model_resident_memory_bytes", "Resident memory of all of the model's processes.", m, nil),
+		cpu:         prometheus.NewDesc("citadel_model_cpu_seconds_total", "CPU time of the model's processes (user and system), across its restarts; a process's time since the last scrape before it exited is not counted.", m, nil),
+		probeOK:     prometheus.NewDesc("citadel_probe_success", "1 if the model's last health probe succeeded, else 0.", m, nil),
+		reloadOK:    prometheus.NewDesc("citadel_config_last_reload_successful", "1 if the last configuration load succeeded, 0 if it was rejected (the previous one stays in force).", nil, nil),
+		hostHeld:    prometheus.NewDesc("citadel_model_sleep_host_memory_bytes", "Host memory an on-demand model holds for its level-1 sleeps (its weights in pinned RAM), measured as its resident memory grown across its first; vLLM keeps it until the process ends. Bounded by sleep_host_memory.", m, nil),
+		reloadTime:  prometheus.NewDesc("citadel_config_last_reload_success_timestamp_seconds", "Unix time of the last successful configuration load.", nil, nil),
+		vllmInfo:    prometheus.NewDesc("citadel_model_vllm_info", "1, labelled with the model's vLLM release (learned from its interpreter's package metadata before it starts, confirmed by its GET /version; docs/vllm.md). Absent while unknown.", []string{"model", "version"}, nil),
+		ownership:   prometheus.NewDesc("citadel_ownership_mode", "1 for how the daemon owns the models' processes (cgroup: a cgroup v2 leaf per instance; marker: marker variable, parent links and subreaper), 0 for the other.", []string{"mode"}, nil),
 	}
 }
 
@@ -239,23 +250,40 @@ type modelLabels struct {
 }
 
 // labelsOf returns r's label pairs, building them at its first scrape.
-// Concurrent scrapes may both build them; either set is the same.
+// Concurrent scrapes may both build them; either set is the same. A pair
+// is shared by every set that has it (the model's by all of the model's,
+// state="ready" by every model's), as read-only as the sets: 200 models'
+// sets are then some 100 KiB, not a megabyte.
 func (c *modelCollector) labelsOf(r *runner, name string) *modelLabels {
 	if l := r.labels.Load(); l != nil && l.name == name {
 		return l
 	}
-	l := &modelLabels{name: name, model: prometheus.MakeLabelPairs(c.up, []string{name})}
-	for _, s := range States {
-		l.state = append(l.state, prometheus.MakeLabelPairs(c.state, []string{name, string(s)}))
+	model := labelPair("model", name)
+	// Each set sorted by label name, as MakeLabelPairs sorts them.
+	l := &modelLabels{name: name, model: []*dto.LabelPair{model}}
+	for _, p := range c.statePairs {
+		l.state = append(l.state, []*dto.LabelPair{model, p})
 	}
-	for _, cause := range PendingCauses {
-		l.cause = append(l.cause, prometheus.MakeLabelPairs(c.cause, []string{name, cause}))
+	for _, p := range c.causePairs {
+		l.cause = append(l.cause, []*dto.LabelPair{p, model})
 	}
-	for _, reason := range RestartReasons {
-		l.reason = append(l.reason, prometheus.MakeLabelPairs(c.restarts, []string{name, reason}))
+	for _, p := range c.reasonPairs {
+		l.reason = append(l.reason, []*dto.LabelPair{model, p})
 	}
 	r.labels.Store(l)
 	return l
+}
+
+func labelPair(name, value string) *dto.LabelPair {
+	return &dto.LabelPair{Name: &name, Value: &value}
+}
+
+func labelPairs(name string, values []string) []*dto.LabelPair {
+	out := make([]*dto.LabelPair, len(values))
+	for i, v := range values {
+		out[i] = labelPair(name, v)
+	}
+	return out
 }
 
 // gaugeSample and counterSample are const metrics over label pairs built
