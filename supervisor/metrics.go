@@ -191,8 +191,8 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 			// The cgroup's own accounting, where there is one: every
 			// process of the instance, exited ones' CPU time included, in
 			// two reads however many processes it has. Each process's
-			// stat otherwise (three system calls a process, the most of a
-			// scrape of many models).
+			// stat or statm otherwise (an open, two reads and a close a
+			// process: most of a scrape of many models).
 			var cgMem, cgCPU bool
 			if cg := r.cg.Load(); cg != nil {
 				var b int64
