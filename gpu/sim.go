@@ -57,7 +57,7 @@ var _ Reader = (*Sim)(nil)
 // With a usage_dir it writes the declared GPUs there (devices.json), for
 // the processes that keep the ledger of held memory (SimLedger).
 func NewSim(cfg config.GPU, uses func() []SimUse) *Sim {
-	s := &Sim{devices: cfg.Sim.Devices, stateFile: cfg.Sim.StateFile, usageDir: cfg.Sim.UsageDir, uses: uses, procs: descendantProcesses}
+	s := &Sim{devices: cfg.Sim.Devices, stateFile: cfg.Sim.StateFile, usageDir: cfg.Sim.UsageDir, uses: uses, procs: descendantProcesses()}
 	if s.usageDir != "" {
 		if err := (SimLedger{Dir: s.usageDir}).writeDevices(s.devices, s.stateFile); err != nil {
 			s.ledgerErr = fmt.Errorf("gpu.sim.usage_dir: %w", err)

@@ -3,82 +3,209 @@ package gpu
 import (
 	"bytes"
 	"fmt"
+	"io/fs"
 	"os"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+
+	"golang.org/x/sys/unix"
 )
 
-// descendantProcesses lists the daemon's descendants with their argv and
-// environment, from /proc. Only descendants: daemons (or test binaries)
-// running side by side on one host with the same sim UUIDs must not count
-// each other's models. Models' orphaned workers stay descendants, since
-// the daemon is their subreaper.
-func descendantProcesses() ([]SimProcess, error) {
-	return procDescendants("/proc", os.Getpid())
+// descendantProcesses returns a lister of the daemon's descendants with
+// their argv and environment, from /proc. Only descendants: daemons (or
+// test binaries) running side by side on one host with the same sim UUIDs
+// must not count each other's models. Models' orphaned workers stay
+// descendants, since the daemon is their subreaper.
+func descendantProcesses() func() ([]SimProcess, error) {
+	return (&procWalk{root: "/proc", self: os.Getpid()}).descendants
 }
 
-// procDescendants walks the parent links of every process under root (a
-// procfs) and returns those that descend from self. Processes that exit
-// during the walk, and zombies (which hold no GPU memory), are left out.
-func procDescendants(root string, self int) ([]SimProcess, error) {
-	entries, err := os.ReadDir(root)
+// procWalk lists self's descendants under root (a procfs). It keeps the
+// argv and CUDA_VISIBLE_DEVICES of the processes that claim sim GPUs, by
+// pid and start time, so that a later walk reads only each process's stat
+// for them (and returns their environment as that one variable): a
+// running model's claim (its --gpu-memory-utilization and
+// CUDA_VISIBLE_DEVICES) stays where it was, as a driver keeps a process's
+// memory on the GPUs it allocated it on, and reading both files of every
+// model at every read was half of a /metrics scrape's time at 200 models.
+// A process that claims nothing (yet: a wrapper that has still to exec the
+// model) is read again at every walk.
+type procWalk struct {
+	root string
+	self int
+
+	mu      sync.Mutex
+	claimed map[procID]SimProcess // claiming descendants seen at the last walk
+}
+
+// procID is a process's identity: a pid and its start time.
+type procID struct {
+	pid   int
+	start uint64
+}
+
+// descendants walks the parent links of every process under root and
+// returns those that descend from self. Processes that exit during the
+// walk, and zombies (which hold no GPU memory), are left out.
+func (w *procWalk) descendants() ([]SimProcess, error) {
+	entries, err := os.ReadDir(w.root)
 	if err != nil {
 		return nil, err
 	}
 	children := map[int][]int{}
 	zombie := map[int]bool{}
+	start := map[int]uint64{}
+	buf := make([]byte, 512)
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil {
 			continue
 		}
-		ppid, state, err := readParent(root, pid)
+		st, b, err := readStat(w.root, pid, buf)
+		buf = b
 		if err != nil {
 			continue // gone meanwhile
 		}
-		children[ppid] = append(children[ppid], pid)
-		zombie[pid] = state == 'Z'
+		children[st.ppid] = append(children[st.ppid], pid)
+		zombie[pid] = st.state == 'Z'
+		start[pid] = st.start
 	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	claimed := map[procID]SimProcess{}
 	var out []SimProcess
-	queue := slices.Clone(children[self])
+	queue := slices.Clone(children[w.self])
 	for len(queue) > 0 {
 		pid := queue[0]
 		queue = append(queue[1:], children[pid]...)
 		if zombie[pid] {
 			continue
 		}
-		args, err := readNulList(root, pid, "cmdline")
-		if err != nil {
-			continue
+		id := procID{pid, start[pid]}
+		p, ok := w.claimed[id]
+		if !ok {
+			args, err := readNulList(w.root, pid, "cmdline")
+			if err != nil {
+				continue
+			}
+			env, err := readNulList(w.root, pid, "environ")
+			if err != nil {
+				continue
+			}
+			p = SimProcess{PID: pid, Args: args, Env: env}
 		}
-		env, err := readNulList(root, pid, "environ")
-		if err != nil {
-			continue
+		if _, _, claims := simClaim(p); claims {
+			claimed[id] = claimOnly(p)
 		}
-		out = append(out, SimProcess{PID: pid, Args: args, Env: env})
+		out = append(out, p)
 	}
+	w.claimed = claimed
 	slices.SortFunc(out, func(a, b SimProcess) int { return a.PID - b.PID })
 	return out, nil
 }
 
-// readParent reads the parent pid and state of pid from <root>/PID/stat.
-func readParent(root string, pid int) (ppid int, state byte, err error) {
-	b, err := os.ReadFile(root + "/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, 0, err
+// claimOnly is what is kept of a claiming process: its argv and the
+// environment's first CUDA_VISIBLE_DEVICES (the one getenv, and simClaim,
+// read), copied out of the whole environment, which is left to the
+// garbage collector.
+func claimOnly(p SimProcess) SimProcess {
+	for _, e := range p.Env {
+		if strings.HasPrefix(e, "CUDA_VISIBLE_DEVICES=") {
+			return SimProcess{PID: p.PID, Args: p.Args, Env: []string{strings.Clone(e)}}
+		}
 	}
+	return p
+}
+
+// procDescendants lists self's descendants under root in one walk, with
+// nothing kept from walk to walk.
+func procDescendants(root string, self int) ([]SimProcess, error) {
+	return (&procWalk{root: root, self: self}).descendants()
+}
+
+// statFields is what the sim reads of /proc/PID/stat.
+type statFields struct {
+	ppid  int
+	state byte
+	start uint64
+}
+
+// readStat reads <root>/PID/stat into buf (grown if it is too small; the
+// buffer is returned for the next call) in an open, reads and a close:
+// os.ReadFile's two fstat calls and its *os.File cost as much again for a
+// file of a few hundred bytes, read for every process on the host at
+// every walk.
+func readStat(root string, pid int, buf []byte) (statFields, []byte, error) {
+	path := root + "/" + strconv.Itoa(pid) + "/stat"
+	b, err := readSmall(path, buf)
+	if err != nil {
+		return statFields{}, buf, err
+	}
+	buf = b[:cap(b)]
 	// comm may hold spaces and parentheses: it ends at the last ')'.
 	end := bytes.LastIndexByte(b, ')')
 	if end < 0 || end+2 >= len(b) {
-		return 0, 0, fmt.Errorf("parse %s/%d/stat: malformed", root, pid)
+		return statFields{}, buf, fmt.Errorf("parse %s: malformed", path)
 	}
-	f := strings.Fields(string(b[end+2:]))
-	if len(f) < 2 || len(f[0]) == 0 {
-		return 0, 0, fmt.Errorf("parse %s/%d/stat: %d fields", root, pid, len(f))
+	// Fields from 3 (state) on, space-separated; see proc(5).
+	var st statFields
+	n := 0
+	for f := range bytes.FieldsSeq(b[end+2:]) {
+		switch n {
+		case 0:
+			st.state = f[0]
+		case 1:
+			ppid, err := strconv.Atoi(string(f))
+			if err != nil {
+				return statFields{}, buf, fmt.Errorf("parse %s: ppid: %w", path, err)
+			}
+			st.ppid = ppid
+		case 19:
+			start, err := strconv.ParseUint(string(f), 10, 64)
+			if err != nil {
+				return statFields{}, buf, fmt.Errorf("parse %s: start time: %w", path, err)
+			}
+			st.start = start
+			return st, buf, nil
+		}
+		n++
 	}
-	ppid, err = strconv.Atoi(f[1])
-	return ppid, f[0][0], err
+	return statFields{}, buf, fmt.Errorf("parse %s: %d fields", path, n)
+}
+
+// readSmall reads a file that the kernel generates as it is read (procfs)
+// into buf, growing it as needed.
+func readSmall(path string, buf []byte) ([]byte, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &fs.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer unix.Close(fd) //nolint:errcheck // read-only
+	n := 0
+	for {
+		if n == len(buf) {
+			buf = append(buf, make([]byte, max(512, n))...)
+		}
+		m, err := unix.Read(fd, buf[n:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return nil, &fs.PathError{Op: "read", Path: path, Err: err}
+		}
+		if m == 0 {
+			return buf[:n], nil
+		}
+		n += m
+	}
+}
+
+// readParent reads the parent pid and state of pid from <root>/PID/stat.
+func readParent(root string, pid int) (ppid int, state byte, err error) {
+	st, _, err := readStat(root, pid, make([]byte, 512))
+	return st.ppid, st.state, err
 }
 
 // readNulList reads a NUL-separated list such as /proc/PID/cmdline.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"slices"
@@ -175,5 +176,74 @@ func endOrphan(t *testing.T, pid int) {
 			return
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestProcWalkKeepsClaims: a walk reads the argv and environment of a
+// process that claims sim GPUs once, while it lives (the same pid and
+// start time); a process that claims nothing is read again at every walk,
+// so a wrapper is seen once it execs the model; a reused pid is read anew.
+func TestProcWalkKeepsClaims(t *testing.T) {
+	root := t.TempDir()
+	proc := func(pid, ppid int, start uint64, args ...string) {
+		t.Helper()
+		dir := fmt.Sprintf("%s/%d", root, pid)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		stat := fmt.Sprintf("%d (a (b) c) S %d %d %d 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 %d 0 0\n", pid, ppid, pid, pid, start)
+		env := "PATH=/bin\x00CUDA_VISIBLE_DEVICES=GPU-a\x00"
+		for name, body := range map[string]string{"stat": stat, "cmdline": strings.Join(args, "\x00") + "\x00", "environ": env} {
+			if err := os.WriteFile(dir+"/"+name, []byte(body), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	claims := func(ps []SimProcess) map[int]bool {
+		out := map[int]bool{}
+		for _, p := range ps {
+			_, _, ok := simClaim(p)
+			out[p.PID] = ok
+		}
+		return out
+	}
+	w := &procWalk{root: root, self: 1}
+	proc(1, 0, 5, "daemon")
+	proc(10, 1, 100, "vllm", "--gpu-memory-utilization", "0.5")
+	proc(11, 1, 110, "sh", "-c", "exec vllm")
+	proc(12, 99, 120, "vllm", "--gpu-memory-utilization", "0.5") // not a descendant
+	ps, err := w.descendants()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := claims(ps), map[int]bool{10: true, 11: false}; !maps.Equal(got, want) {
+		t.Fatalf("first walk: claims %v, want %v", got, want)
+	}
+	// 10 rewrites its argv (setproctitle); 11 execs the model.
+	proc(10, 1, 100, "VLLM::EngineCore")
+	proc(11, 1, 110, "vllm", "--gpu-memory-utilization", "0.25")
+	ps, err = w.descendants()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := claims(ps), map[int]bool{10: true, 11: true}; !maps.Equal(got, want) {
+		t.Fatalf("second walk: claims %v, want %v", got, want)
+	}
+	// 10's pid is reused by another process: read anew.
+	proc(10, 1, 101, "python3")
+	ps, err = w.descendants()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := claims(ps), map[int]bool{10: false, 11: true}; !maps.Equal(got, want) {
+		t.Fatalf("after pid reuse: claims %v, want %v", got, want)
+	}
+	if len(w.claimed) != 1 {
+		t.Errorf("claims kept: %v, want 11's only", w.claimed)
+	}
+	for _, p := range w.claimed {
+		if !slices.Equal(p.Env, []string{"CUDA_VISIBLE_DEVICES=GPU-a"}) {
+			t.Errorf("kept of %d's environment: %q, want its CUDA_VISIBLE_DEVICES only", p.PID, p.Env)
+		}
 	}
 }

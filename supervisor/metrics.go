@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"citadel-supervisor/supervisor/proc"
 )
@@ -98,27 +99,38 @@ type modelCollector struct {
 	s *Supervisor
 
 	up, state, cause, restarts, lastExit, startTime, startup, rss, cpu, probeOK, reloadOK, reloadTime, hostHeld, ownership, vllmInfo *prometheus.Desc
+
+	// The label pairs every model's sets share (modelLabels), like
+	// States, PendingCauses and RestartReasons.
+	statePairs, causePairs, reasonPairs []*dto.LabelPair
 }
 
 func newModelCollector(s *Supervisor) *modelCollector {
 	m := []string{"model"}
+	states := make([]string, len(States))
+	for i, st := range States {
+		states[i] = string(st)
+	}
 	return &modelCollector{
-		s:          s,
-		up:         prometheus.NewDesc("citadel_model_up", "1 when the model is ready (answering its health probe), else 0.", m, nil),
-		state:      prometheus.NewDesc("citadel_model_state", "1 for the model's current state, 0 for the others.", []string{"model", "state"}, nil),
-		cause:      prometheus.NewDesc("citadel_model_pending_cause", "For a pending model, 1 for what it waits for (gpu is normal when models outnumber memory; storage, port and env_files need an operator; daemon: the daemon itself was short of descriptors or memory to spawn it, and retries), 0 for the other causes.", []string{"model", "cause"}, nil),
-		restarts:   prometheus.NewDesc("citadel_model_restarts_total", "Restarts of the model, by reason (exit, probe, startup, manual, reload, wake).", []string{"model", "reason"}, nil),
-		lastExit:   prometheus.NewDesc("citadel_model_last_exit_code", "Exit code of the model's last process (128+signal when killed).", m, nil),
-		startTime:  prometheus.NewDesc("citadel_model_start_time_seconds", "Unix time the model's current process was spawned.", m, nil),
-		startup:    prometheus.NewDesc("citadel_model_startup_duration_seconds", "Spawn to first healthy answer, of the model's last start.", m, nil),
-		rss:        prometheus.NewDesc("citadel_model_resident_memory_bytes", "Resident memory of all of the model's processes.", m, nil),
-		cpu:        prometheus.NewDesc("citadel_model_cpu_seconds_total", "CPU time of the model's processes (user and system), across its restarts; a process's time since the last scrape before it exited is not counted.", m, nil),
-		probeOK:    prometheus.NewDesc("citadel_probe_success", "1 if the model's last health probe succeeded, else 0.", m, nil),
-		reloadOK:   prometheus.NewDesc("citadel_config_last_reload_successful", "1 if the last configuration load succeeded, 0 if it was rejected (the previous one stays in force).", nil, nil),
-		hostHeld:   prometheus.NewDesc("citadel_model_sleep_host_memory_bytes", "Host memory an on-demand model holds for its level-1 sleeps (its weights in pinned RAM), measured as its resident memory grown across its first; vLLM keeps it until the process ends. Bounded by sleep_host_memory.", m, nil),
-		reloadTime: prometheus.NewDesc("citadel_config_last_reload_success_timestamp_seconds", "Unix time of the last successful configuration load.", nil, nil),
-		vllmInfo:   prometheus.NewDesc("citadel_model_vllm_info", "1, labelled with the model's vLLM release (learned from its interpreter's package metadata before it starts, confirmed by its GET /version; docs/vllm.md). Absent while unknown.", []string{"model", "version"}, nil),
-		ownership:  prometheus.NewDesc("citadel_ownership_mode", "1 for how the daemon owns the models' processes (cgroup: a cgroup v2 leaf per instance; marker: marker variable, parent links and subreaper), 0 for the other.", []string{"mode"}, nil),
+		s:           s,
+		statePairs:  labelPairs("state", states),
+		causePairs:  labelPairs("cause", PendingCauses),
+		reasonPairs: labelPairs("reason", RestartReasons),
+		up:          prometheus.NewDesc("citadel_model_up", "1 when the model is ready (answering its health probe), else 0.", m, nil),
+		state:       prometheus.NewDesc("citadel_model_state", "1 for the model's current state, 0 for the others.", []string{"model", "state"}, nil),
+		cause:       prometheus.NewDesc("citadel_model_pending_cause", "For a pending model, 1 for what it waits for (gpu is normal when models outnumber memory; storage, port and env_files need an operator; daemon: the daemon itself was short of descriptors or memory to spawn it, and retries), 0 for the other causes.", []string{"model", "cause"}, nil),
+		restarts:    prometheus.NewDesc("citadel_model_restarts_total", "Restarts of the model, by reason (exit, probe, startup, manual, reload, wake).", []string{"model", "reason"}, nil),
+		lastExit:    prometheus.NewDesc("citadel_model_last_exit_code", "Exit code of the model's last process (128+signal when killed).", m, nil),
+		startTime:   prometheus.NewDesc("citadel_model_start_time_seconds", "Unix time the model's current process was spawned.", m, nil),
+		startup:     prometheus.NewDesc("citadel_model_startup_duration_seconds", "Spawn to first healthy answer, of the model's last start.", m, nil),
+		rss:         prometheus.NewDesc("citadel_model_resident_memory_bytes", "Resident memory of all of the model's processes.", m, nil),
+		cpu:         prometheus.NewDesc("citadel_model_cpu_seconds_total", "CPU time of the model's processes (user and system), across its restarts; a process's time since the last scrape before it exited is not counted.", m, nil),
+		probeOK:     prometheus.NewDesc("citadel_probe_success", "1 if the model's last health probe succeeded, else 0.", m, nil),
+		reloadOK:    prometheus.NewDesc("citadel_config_last_reload_successful", "1 if the last configuration load succeeded, 0 if it was rejected (the previous one stays in force).", nil, nil),
+		hostHeld:    prometheus.NewDesc("citadel_model_sleep_host_memory_bytes", "Host memory an on-demand model holds for its level-1 sleeps (its weights in pinned RAM), measured as its resident memory grown across its first; vLLM keeps it until the process ends. Bounded by sleep_host_memory.", m, nil),
+		reloadTime:  prometheus.NewDesc("citadel_config_last_reload_success_timestamp_seconds", "Unix time of the last successful configuration load.", nil, nil),
+		vllmInfo:    prometheus.NewDesc("citadel_model_vllm_info", "1, labelled with the model's vLLM release (learned from its interpreter's package metadata before it starts, confirmed by its GET /version; docs/vllm.md). Absent while unknown.", []string{"model", "version"}, nil),
+		ownership:   prometheus.NewDesc("citadel_ownership_mode", "1 for how the daemon owns the models' processes (cgroup: a cgroup v2 leaf per instance; marker: marker variable, parent links and subreaper), 0 for the other.", []string{"mode"}, nil),
 	}
 }
 
@@ -141,35 +153,36 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 			continue
 		}
 		name := st.Name
-		ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, boolf(st.State == Ready), name)
+		l := c.labelsOf(r, name)
+		ch <- gauge(c.up, l.model, boolf(st.State == Ready))
 		if st.VLLMVersion != "" {
 			ch <- prometheus.MustNewConstMetric(c.vllmInfo, prometheus.GaugeValue, 1, name, st.VLLMVersion)
 		}
-		for _, s := range States {
-			ch <- prometheus.MustNewConstMetric(c.state, prometheus.GaugeValue, boolf(st.State == s), name, string(s))
+		for i, s := range States {
+			ch <- gauge(c.state, l.state[i], boolf(st.State == s))
 		}
 		if st.State == Pending {
-			for _, cause := range PendingCauses {
-				ch <- prometheus.MustNewConstMetric(c.cause, prometheus.GaugeValue, boolf(st.PendingCause == cause), name, cause)
+			for i, cause := range PendingCauses {
+				ch <- gauge(c.cause, l.cause[i], boolf(st.PendingCause == cause))
 			}
 		}
-		for _, reason := range RestartReasons {
-			ch <- prometheus.MustNewConstMetric(c.restarts, prometheus.CounterValue, float64(st.RestartsByReason[reason]), name, reason)
+		for i, reason := range RestartReasons {
+			ch <- counter(c.restarts, l.reason[i], float64(st.RestartsByReason[reason]))
 		}
 		if st.LastExitCode != nil {
-			ch <- prometheus.MustNewConstMetric(c.lastExit, prometheus.GaugeValue, float64(*st.LastExitCode), name)
+			ch <- gauge(c.lastExit, l.model, float64(*st.LastExitCode))
 		}
 		if st.PID != 0 {
-			ch <- prometheus.MustNewConstMetric(c.startTime, prometheus.GaugeValue, float64(st.StartedAt.UnixNano())/1e9, name)
+			ch <- gauge(c.startTime, l.model, float64(st.StartedAt.UnixNano())/1e9)
 		}
 		if st.StartupDuration > 0 {
-			ch <- prometheus.MustNewConstMetric(c.startup, prometheus.GaugeValue, st.StartupDuration.Seconds(), name)
+			ch <- gauge(c.startup, l.model, st.StartupDuration.Seconds())
 		}
 		if held := r.hostHeld.Load(); held > 0 {
-			ch <- prometheus.MustNewConstMetric(c.hostHeld, prometheus.GaugeValue, float64(held), name)
+			ch <- gauge(c.hostHeld, l.model, float64(held))
 		}
 		if st.ProbeSuccess != nil {
-			ch <- prometheus.MustNewConstMetric(c.probeOK, prometheus.GaugeValue, boolf(*st.ProbeSuccess), name)
+			ch <- gauge(c.probeOK, l.model, boolf(*st.ProbeSuccess))
 		}
 		var rss float64
 		times := map[procKey]float64{}
@@ -178,8 +191,8 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 			// The cgroup's own accounting, where there is one: every
 			// process of the instance, exited ones' CPU time included, in
 			// two reads however many processes it has. Each process's
-			// stat otherwise (three system calls a process, the most of a
-			// scrape of many models).
+			// stat or statm otherwise (an open, two reads and a close a
+			// process: most of a scrape of many models).
 			var cgMem, cgCPU bool
 			if cg := r.cg.Load(); cg != nil {
 				var b int64
@@ -191,7 +204,15 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 					times[procKey{pid: -1, start: leafKey(cg.Path)}] = sec
 				}
 			}
-			if !cgMem || !cgCPU {
+			if !cgMem && cgCPU {
+				// Only the resident memory is wanted of each process:
+				// statm has it, for less of the kernel's time than stat.
+				for _, pid := range *pids {
+					if pages, err := proc.ReadRSSPages(pid); err == nil {
+						rss += float64(pages) * page
+					}
+				}
+			} else if !cgMem || !cgCPU {
 				for _, pid := range *pids {
 					ps, err := proc.ReadStat(pid)
 					if err != nil || ps.State == 'Z' {
@@ -205,14 +226,107 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 					}
 				}
 			}
-			ch <- prometheus.MustNewConstMetric(c.rss, prometheus.GaugeValue, rss, name)
+			ch <- gauge(c.rss, l.model, rss)
 		}
 		// The counter is exported once the model has run, and never goes
 		// backwards, also across its restarts.
 		if cpu := r.cpu.total(times); pids != nil || cpu > 0 {
-			ch <- prometheus.MustNewConstMetric(c.cpu, prometheus.CounterValue, cpu, name)
+			ch <- counter(c.cpu, l.model, cpu)
 		}
 	}
+}
+
+// modelLabels are the label pairs of one model's series, built once (at
+// the model's first scrape) and shared by every scrape after it, as a
+// const metric shares its own between writes. prometheus.NewConstMetric
+// builds and sorts them anew for every series: at 200 models, more than
+// half of a scrape's allocations.
+type modelLabels struct {
+	name   string
+	model  []*dto.LabelPair   // {model}
+	state  [][]*dto.LabelPair // {model, state}, like States
+	cause  [][]*dto.LabelPair // {cause, model}, like PendingCauses
+	reason [][]*dto.LabelPair // {model, reason}, like RestartReasons
+}
+
+// labelsOf returns r's label pairs, building them at its first scrape.
+// Concurrent scrapes may both build them; either set is the same. A pair
+// is shared by every set that has it (the model's by all of the model's,
+// state="ready" by every model's), as read-only as the sets: 200 models'
+// sets are then some 100 KiB, not a megabyte.
+func (c *modelCollector) labelsOf(r *runner, name string) *modelLabels {
+	if l := r.labels.Load(); l != nil && l.name == name {
+		return l
+	}
+	model := labelPair("model", name)
+	// Each set sorted by label name, as MakeLabelPairs sorts them.
+	l := &modelLabels{name: name, model: []*dto.LabelPair{model}}
+	for _, p := range c.statePairs {
+		l.state = append(l.state, []*dto.LabelPair{model, p})
+	}
+	for _, p := range c.causePairs {
+		l.cause = append(l.cause, []*dto.LabelPair{p, model})
+	}
+	for _, p := range c.reasonPairs {
+		l.reason = append(l.reason, []*dto.LabelPair{model, p})
+	}
+	r.labels.Store(l)
+	return l
+}
+
+func labelPair(name, value string) *dto.LabelPair {
+	return &dto.LabelPair{Name: &name, Value: &value}
+}
+
+func labelPairs(name string, values []string) []*dto.LabelPair {
+	out := make([]*dto.LabelPair, len(values))
+	for i, v := range values {
+		out[i] = labelPair(name, v)
+	}
+	return out
+}
+
+// gaugeSample and counterSample are const metrics over label pairs built
+// beforehand: one allocation a series where prometheus.NewConstMetric
+// makes several.
+type gaugeSample struct {
+	desc   *prometheus.Desc
+	labels []*dto.LabelPair
+	value  float64
+	gauge  dto.Gauge
+}
+
+type counterSample struct {
+	desc    *prometheus.Desc
+	labels  []*dto.LabelPair
+	value   float64
+	counter dto.Counter
+}
+
+func gauge(d *prometheus.Desc, labels []*dto.LabelPair, v float64) prometheus.Metric {
+	s := &gaugeSample{desc: d, labels: labels, value: v}
+	s.gauge.Value = &s.value
+	return s
+}
+
+func counter(d *prometheus.Desc, labels []*dto.LabelPair, v float64) prometheus.Metric {
+	s := &counterSample{desc: d, labels: labels, value: v}
+	s.counter.Value = &s.value
+	return s
+}
+
+func (s *gaugeSample) Desc() *prometheus.Desc { return s.desc }
+
+func (s *gaugeSample) Write(out *dto.Metric) error {
+	out.Label, out.Gauge = s.labels, &s.gauge
+	return nil
+}
+
+func (s *counterSample) Desc() *prometheus.Desc { return s.desc }
+
+func (s *counterSample) Write(out *dto.Metric) error {
+	out.Label, out.Counter = s.labels, &s.counter
+	return nil
 }
 
 // leafKey tells instances' cgroup leaves apart in cpuCounter.

@@ -112,6 +112,41 @@ citadel_probe_success{model="mixtral"} 1
 		t.Errorf("lint: %v %v", problems, err)
 	}
 
+	// Label pairs are built once per model and kept: a later scrape reads
+	// the new snapshot's values under them.
+	ready.status.Store(&Status{Name: "mixtral", State: Failed, RestartsByReason: map[string]int{"exit": 3}})
+	wantLater := `
+# HELP citadel_model_state 1 for the model's current state, 0 for the others.
+# TYPE citadel_model_state gauge
+citadel_model_state{model="mixtral",state="backoff"} 0
+citadel_model_state{model="mixtral",state="failed"} 1
+citadel_model_state{model="mixtral",state="pending"} 0
+citadel_model_state{model="mixtral",state="ready"} 0
+citadel_model_state{model="mixtral",state="starting"} 0
+citadel_model_state{model="mixtral",state="stopped"} 0
+citadel_model_state{model="mixtral",state="sleeping"} 0
+citadel_model_state{model="mixtral",state="waking"} 0
+citadel_model_state{model="mixtral",state="stopping"} 0
+citadel_model_state{model="mixtral",state="unhealthy"} 0
+citadel_model_state{model="phi3",state="backoff"} 0
+citadel_model_state{model="phi3",state="failed"} 0
+citadel_model_state{model="phi3",state="pending"} 1
+citadel_model_state{model="phi3",state="ready"} 0
+citadel_model_state{model="phi3",state="starting"} 0
+citadel_model_state{model="phi3",state="stopped"} 0
+citadel_model_state{model="phi3",state="sleeping"} 0
+citadel_model_state{model="phi3",state="waking"} 0
+citadel_model_state{model="phi3",state="stopping"} 0
+citadel_model_state{model="phi3",state="unhealthy"} 0
+# HELP citadel_model_up 1 when the model is ready (answering its health probe), else 0.
+# TYPE citadel_model_up gauge
+citadel_model_up{model="mixtral"} 0
+citadel_model_up{model="phi3"} 0
+`
+	if err := testutil.CollectAndCompare(c, strings.NewReader(wantLater), "citadel_model_state", "citadel_model_up"); err != nil {
+		t.Errorf("a later scrape: %v", err)
+	}
+
 	// The per-process figures come from the model's live processes.
 	pids := []int{os.Getpid()} // a live process to read
 	ready.pids.Store(&pids)

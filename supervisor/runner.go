@@ -45,6 +45,7 @@ type runner struct {
 	began   chan struct{}               // closed once its first real status is published
 	pids    atomic.Pointer[[]int]       // the current instance's processes, for GPU attribution
 	cpu     cpuCounter                  // citadel_model_cpu_seconds_total, kept monotonic
+	labels  atomic.Pointer[modelLabels] // its series' label pairs, built at its first scrape
 	cg      atomic.Pointer[proc.Cgroup] // the current instance's cgroup leaf, for its accounting
 	marker  atomic.Pointer[string]      // the live instance's marker; nil once its stop begins
 	// envDigest fingerprints the env_files contents the current process

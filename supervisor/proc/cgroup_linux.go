@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -216,7 +217,18 @@ func (c *Cgroups) Holds(pid int) bool {
 }
 
 // Cgroup is one instance's leaf.
-type Cgroup struct{ Path string }
+type Cgroup struct {
+	Path string
+
+	// noMemory is set once the leaf has shown it has no memory.current
+	// (the memory controller is not enabled for it, as on a host whose
+	// memory controller is bound to cgroup v1): each scrape would
+	// otherwise try to open it again. Controllers are enabled for the
+	// leaves before they are created; one enabled later is not seen until
+	// the model's next instance, whose resident memory is the sum of its
+	// processes' meanwhile.
+	noMemory atomic.Bool
+}
 
 // OpenFD opens the leaf for clone3's CLONE_INTO_CGROUP
 // (syscall.SysProcAttr.CgroupFD). The caller closes it after the spawn.
@@ -307,7 +319,14 @@ func (g *Cgroup) Remove() error {
 // MemoryBytes is the leaf's memory.current, when the memory controller is
 // enabled for it.
 func (g *Cgroup) MemoryBytes() (int64, bool) {
-	b, err := os.ReadFile(filepath.Join(g.Path, "memory.current"))
+	if g.noMemory.Load() {
+		return 0, false
+	}
+	var buf [64]byte
+	b, err := readSmall(filepath.Join(g.Path, "memory.current"), buf[:])
+	if errors.Is(err, fs.ErrNotExist) {
+		g.noMemory.Store(true)
+	}
 	if err != nil {
 		return 0, false
 	}
@@ -318,13 +337,13 @@ func (g *Cgroup) MemoryBytes() (int64, bool) {
 // CPUSeconds is the leaf's cpu.stat usage_usec: all CPU time of every
 // process that ever ran in it, exited ones included, so it never goes back.
 func (g *Cgroup) CPUSeconds() (float64, bool) {
-	b, err := os.ReadFile(filepath.Join(g.Path, "cpu.stat"))
+	b, err := readSmall(filepath.Join(g.Path, "cpu.stat"), make([]byte, 512))
 	if err != nil {
 		return 0, false
 	}
-	for line := range strings.SplitSeq(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "usage_usec "); ok {
-			n, err := strconv.ParseUint(v, 10, 64)
+	for line := range bytes.SplitSeq(b, []byte("\n")) {
+		if v, ok := bytes.CutPrefix(line, []byte("usage_usec ")); ok {
+			n, err := strconv.ParseUint(string(v), 10, 64)
 			return float64(n) / 1e6, err == nil
 		}
 	}

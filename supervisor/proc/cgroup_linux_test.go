@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"syscall"
 	"testing"
@@ -84,4 +85,30 @@ func TestCgroupLeaf(t *testing.T) {
 func running(pid int) bool {
 	s, err := ReadStat(pid)
 	return err == nil && s.State != 'Z'
+}
+
+// TestCgroupAccountingFiles reads a leaf's accounting from its files, and
+// stops looking for memory.current once a leaf has shown it has none.
+func TestCgroupAccountingFiles(t *testing.T) {
+	with, without := &Cgroup{Path: t.TempDir()}, &Cgroup{Path: t.TempDir()}
+	for name, body := range map[string]string{"memory.current": "734003200\n", "cpu.stat": "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n"} {
+		if err := os.WriteFile(filepath.Join(with.Path, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if b, ok := with.MemoryBytes(); !ok || b != 734003200 {
+		t.Errorf("MemoryBytes = %d, %v; want 734003200", b, ok)
+	}
+	if s, ok := with.CPUSeconds(); !ok || s != 2.5 {
+		t.Errorf("CPUSeconds = %v, %v; want 2.5", s, ok)
+	}
+	if _, ok := without.MemoryBytes(); ok {
+		t.Error("MemoryBytes of a leaf without memory.current: ok")
+	}
+	if err := os.WriteFile(filepath.Join(without.Path, "memory.current"), []byte("1\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := without.MemoryBytes(); ok {
+		t.Error("memory.current looked for again after the leaf showed it had none")
+	}
 }

@@ -68,3 +68,22 @@ func TestExited(t *testing.T) {
 		t.Errorf("Exited of a gone process: %v, want ErrGone", err)
 	}
 }
+
+// TestReadRSSPages agrees with stat's resident set of the same process.
+func TestReadRSSPages(t *testing.T) {
+	pages, err := ReadRSSPages(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := ReadStat(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The heap may grow between the two reads; within a few pages.
+	if pages <= 0 || pages < st.RSSPages-256 || pages > st.RSSPages+256 {
+		t.Errorf("statm resident %d pages, stat %d", pages, st.RSSPages)
+	}
+	if _, err := ReadRSSPages(1 << 22); !errors.Is(err, ErrGone) {
+		t.Errorf("a pid that does not exist: %v, want ErrGone", err)
+	}
+}

@@ -36,6 +36,9 @@ var _ Supervisor = (*supervisor.Supervisor)(nil)
 // every model and the GPUs, and a stuck Prometheus must not multiply that.
 const maxScrapes = 4
 
+// scrapeTimeout bounds one /metrics answer.
+const scrapeTimeout = 30 * time.Second
+
 // aliveWithin is how recent the supervisor loop's heartbeat must be for
 // /healthz to answer 200.
 const aliveWithin = 5 * time.Second
@@ -109,11 +112,11 @@ func (s *Server) Run(ctx context.Context) error {
 // Handler routes the endpoints; only GET and HEAD are served.
 func Handler(sup Supervisor, reg prometheus.Gatherer, log *zap.Logger, checks ...Check) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{
+	mux.Handle("GET /metrics", http.TimeoutHandler(gzipFast(promhttp.HandlerFor(reg, promhttp.HandlerOpts{
 		ErrorLog:            zap.NewStdLog(log),
 		MaxRequestsInFlight: maxScrapes,
-		Timeout:             30 * time.Second,
-	}))
+		DisableCompression:  true, // gzipFast compresses
+	})), scrapeTimeout, fmt.Sprintf("Exceeded configured timeout of %v.\n", scrapeTimeout))) // promhttp's own Timeout answer
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		if !sup.Alive(aliveWithin) {
 			http.Error(w, "supervisor loop not responding", http.StatusServiceUnavailable)
