@@ -3,14 +3,13 @@ package gpu
 import (
 	"bytes"
 	"fmt"
-	"io/fs"
 	"os"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 
-	"golang.org/x/sys/unix"
+	"citadel-supervisor/supervisor/proc"
 )
 
 // descendantProcesses returns a lister of the daemon's descendants with
@@ -139,7 +138,7 @@ type statFields struct {
 // every walk.
 func readStat(root string, pid int, buf []byte) (statFields, []byte, error) {
 	path := root + "/" + strconv.Itoa(pid) + "/stat"
-	b, err := readSmall(path, buf)
+	b, err := proc.ReadSmall(path, buf)
 	if err != nil {
 		return statFields{}, buf, err
 	}
@@ -173,33 +172,6 @@ func readStat(root string, pid int, buf []byte) (statFields, []byte, error) {
 		n++
 	}
 	return statFields{}, buf, fmt.Errorf("parse %s: %d fields", path, n)
-}
-
-// readSmall reads a file that the kernel generates as it is read (procfs)
-// into buf, growing it as needed.
-func readSmall(path string, buf []byte) ([]byte, error) {
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, &fs.PathError{Op: "open", Path: path, Err: err}
-	}
-	defer unix.Close(fd) //nolint:errcheck // read-only
-	n := 0
-	for {
-		if n == len(buf) {
-			buf = append(buf, make([]byte, max(512, n))...)
-		}
-		m, err := unix.Read(fd, buf[n:])
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return nil, &fs.PathError{Op: "read", Path: path, Err: err}
-		}
-		if m == 0 {
-			return buf[:n], nil
-		}
-		n += m
-	}
 }
 
 // readParent reads the parent pid and state of pid from <root>/PID/stat.

@@ -1080,18 +1080,8 @@ func (m *machine) onRemoved() []effect {
 	if m.shutdown || m.removed {
 		return nil
 	}
-	m.removed = true
-	const why = "removed from the configuration"
-	m.hold, m.holdReason, m.startAfter, m.wakeAfter = true, why, "", false
-	switch {
-	case m.live():
-		return m.plannedStop("stopping: "+why, false, "")
-	case m.state == Stopping:
-		return nil // done once that stop completes
-	}
-	m.awaiting = false
-	m.enter(Stopped, why)
-	return []effect{efDisarm{tick}, efDisarm{deadline}, efDrop{}}
+	m.removed, m.wakeAfter = true, false
+	return m.stopHeld("removed from the configuration")
 }
 
 func (m *machine) onShutdown() []effect {

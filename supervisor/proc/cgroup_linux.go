@@ -323,7 +323,7 @@ func (g *Cgroup) MemoryBytes() (int64, bool) {
 		return 0, false
 	}
 	var buf [64]byte
-	b, err := readSmall(filepath.Join(g.Path, "memory.current"), buf[:])
+	b, err := ReadSmall(filepath.Join(g.Path, "memory.current"), buf[:])
 	if errors.Is(err, fs.ErrNotExist) {
 		g.noMemory.Store(true)
 	}
@@ -337,7 +337,7 @@ func (g *Cgroup) MemoryBytes() (int64, bool) {
 // CPUSeconds is the leaf's cpu.stat usage_usec: all CPU time of every
 // process that ever ran in it, exited ones included, so it never goes back.
 func (g *Cgroup) CPUSeconds() (float64, bool) {
-	b, err := readSmall(filepath.Join(g.Path, "cpu.stat"), make([]byte, 512))
+	b, err := ReadSmall(filepath.Join(g.Path, "cpu.stat"), make([]byte, 512))
 	if err != nil {
 		return 0, false
 	}

@@ -29,7 +29,7 @@ var ErrGone = errors.New("process gone")
 
 // ReadStat parses /proc/PID/stat.
 func ReadStat(pid int) (Stat, error) {
-	b, err := readSmall("/proc/"+strconv.Itoa(pid)+"/stat", make([]byte, 512))
+	b, err := ReadSmall("/proc/"+strconv.Itoa(pid)+"/stat", make([]byte, 512))
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ESRCH) {
 			return Stat{}, ErrGone
@@ -44,7 +44,7 @@ func ReadStat(pid int) (Stat, error) {
 // kernel writes in a fraction of the time of stat. A zombie's is 0.
 func ReadRSSPages(pid int) (int64, error) {
 	var buf [128]byte
-	b, err := readSmall("/proc/"+strconv.Itoa(pid)+"/statm", buf[:])
+	b, err := ReadSmall("/proc/"+strconv.Itoa(pid)+"/statm", buf[:])
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ESRCH) {
 			return 0, ErrGone
