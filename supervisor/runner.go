@@ -410,6 +410,15 @@ func (l *loop) do(ef effect) event {
 					grace = max(grace-r.d.now().Sub(start), 0)
 				}
 				err := r.stopInstance(inst, grace, mainAlive)
+				// Short of descriptors (a flood on the listeners) or memory,
+				// the daemon could not see the tree go or kill it: its own
+				// trouble, not the model's. It tries again, for a while.
+				for wait, tried := 100*time.Millisecond, time.Duration(0); daemonShort(err) && tried < stopRetryFor; wait = min(2*wait, 5*time.Second) {
+					r.log.Warn("stop not complete: the daemon is short of resources; trying again", zap.Error(err), zap.Duration("in", wait))
+					<-r.d.after(wait)
+					tried += wait
+					err = r.stopInstance(inst, 0, false)
+				}
 				l.results <- evStopped{inst: inst, err: err, waiting: r.waiting()}
 			}()
 		}
@@ -670,6 +679,11 @@ func (l *loop) sleepLevel(level, deepest int) (int, string) {
 	}
 	return level, ""
 }
+
+// stopRetryFor is how long a stop the daemon could not complete for want
+// of its own resources (descriptors, memory) is tried again before it is
+// reported failed.
+const stopRetryFor = time.Minute
 
 // drainBudget is how much of stop_timeout a planned stop's drain may take:
 // the rest is left to the SIGTERM grace.
