@@ -3,6 +3,7 @@ package web
 import (
 	"compress/gzip"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -21,8 +22,8 @@ import (
 func TestMetricsCompression(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "citadel_test_gauge", Help: "A gauge."}, []string{"model"})
-	for _, m := range []string{"a", "b", "c"} {
-		g.WithLabelValues(m).Set(1)
+	for i := range 100 { // an exposition the size of a few models' (small answers go out as written)
+		g.WithLabelValues(fmt.Sprintf("m%d", i)).Set(1)
 	}
 	reg.MustRegister(g)
 	h := Handler(stub{alive: true}, reg, zap.NewNop())
@@ -50,7 +51,7 @@ func TestMetricsCompression(t *testing.T) {
 		return resp, string(b)
 	}
 	plainResp, plain := scrape(h, "")
-	if !strings.Contains(plain, `citadel_test_gauge{model="b"} 1`) {
+	if !strings.Contains(plain, `citadel_test_gauge{model="m42"} 1`) {
 		t.Fatalf("uncompressed exposition:\n%s", plain)
 	}
 	for _, c := range []struct {
@@ -60,7 +61,6 @@ func TestMetricsCompression(t *testing.T) {
 		{"gzip", true},
 		{"gzip, deflate, br", true}, // Go's and browsers'
 		{"zstd;q=1, gzip;q=0.5", true},
-		{"*", true},
 		{"identity", false},
 		{"gzip;q=0", false},
 		{"gzip;q=0, *", false},
