@@ -96,7 +96,6 @@ func (r *runner) adoptInstance(is InstanceState, child bool, tree processTree, o
 		d := is.EnvDigest
 		r.envDigest.Store(&d)
 	}
-	r.hostHeld.Store(is.HostHeld)
 	r.publishPIDs(tree)
 	return inst, nil
 }

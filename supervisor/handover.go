@@ -82,6 +82,9 @@ func (m *machine) snapshot() ModelState {
 		st.Instance.SleepMode = &sleepMode
 		st.Instance.Known, st.Instance.KnownNote = m.known, m.knownNote
 		st.Instance.Held = m.held
+		// Held until the process ends, so a successor counts it from the
+		// start.
+		st.Instance.HostHeld = m.hostHeld
 		if m.state == Sleeping || m.state == Waking {
 			// Waiting for memory to wake, or waking, it sleeps at its level
 			// until the wake is proven: a successor wakes it the way it
@@ -130,7 +133,7 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 		if is.SleepMode != nil {
 			inst.sleepMode = *is.SleepMode
 		}
-		m.known, m.knownNote, m.held = is.Known, is.KnownNote, is.Held
+		m.known, m.knownNote, m.held, m.hostHeld = is.Known, is.KnownNote, is.Held, is.HostHeld
 		if m.known == nil && m.knownNote == "" && inst.sleepMode {
 			m.knownNote = "not recorded (taken over from a daemon that did not record it): a wake is proven by any answer"
 		}

@@ -104,6 +104,11 @@ type machine struct {
 	awakeAt    time.Time // when it last became ready (started or woke)
 	sleepOp    bool      // a sleep is in flight (draining, then /sleep)
 	sleepBegan time.Time // when the runner began the sleep in flight (sleepBegins)
+	// hostHeld is the pinned host memory the process holds for its level-1
+	// sleeps (its weights), measured as its resident memory grown across
+	// its first: vLLM keeps it after the wake (vllm#16663) and reuses it,
+	// so it counts from then until the process ends.
+	hostHeld   uint64
 	settling   bool      // taken over mid-sleep or mid-wake: its GPUs count as changing until the settle timer
 	sleepCause string    // idle, evicted, manual
 	sleepLevel int       // the level it sleeps at
@@ -241,6 +246,7 @@ type (
 		note    string            // why the level differs from sleep_level
 		waiting int               // requests waiting in its queue once asleep: they want it back
 		held    map[string]uint64 // what it held on each GPU just before /sleep
+		grown   uint64            // at level 1: its processes' resident memory grown across the sleep
 	}
 	// evWoke: the wake of inst in flight (wake_up and a one-token canary)
 	// finished.
@@ -612,7 +618,7 @@ func (m *machine) onSpawned(ev evSpawned) []effect {
 		return []effect{efDrop{}, efArm{tick, recheckInterval}}
 	}
 	m.inst, m.exited, m.probeOK, m.probing = ev.inst, false, nil, false
-	m.demanded = false
+	m.demanded, m.hostHeld = false, 0
 	m.tracker.started(ev.inst.started)
 	m.probeFails = 0
 	m.readyAt, m.startup, m.servingAt = time.Time{}, 0, time.Time{}
@@ -892,7 +898,7 @@ func (m *machine) onStopped(ev evStopped) []effect {
 	wake := m.wakeAfter || ev.waiting > 0
 	m.wakeAfter = false
 	inst := m.inst
-	m.inst, m.exited, m.probing = nil, false, false
+	m.inst, m.exited, m.probing, m.hostHeld = nil, false, false, 0
 	var out []effect
 	switch {
 	case m.shutdown:
@@ -1150,6 +1156,9 @@ func (m *machine) status() *Status {
 		s.Canary = m.knownNote
 	}
 	s.WakeFailures = m.wakeFailures
+	if m.inst != nil {
+		s.SleepHostMemory = m.hostHeld
+	}
 	if m.state == Sleeping && !m.sleepOp {
 		s.SleepLevel = m.sleepLevel
 	}
@@ -1395,6 +1404,9 @@ func (m *machine) onSlept(ev evSlept) []effect {
 	if ev.level > 0 {
 		m.sleepLevel = ev.level
 	}
+	// The latest sleep adds nothing the second time: vLLM reuses the
+	// pinned memory of its first.
+	m.hostHeld = max(m.hostHeld, ev.grown)
 	if len(ev.held) > 0 {
 		m.held = ev.held
 	}

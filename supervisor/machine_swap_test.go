@@ -220,3 +220,32 @@ func TestMachineWakingIsRecordedAsleep(t *testing.T) {
 		})
 	}
 }
+
+// TestMachineHostMemoryHeldUntilTheProcessEnds: the pinned host memory of
+// a level-1 sleep is the machine's: counted from the first sleep (the
+// second adds nothing: vLLM reuses it, vllm#16663), written in the record
+// a successor reads, and gone with the process.
+func TestMachineHostMemoryHeldUntilTheProcessEnds(t *testing.T) {
+	mt := newODTest(t).toGoingToSleep()
+	mt.step(evSlept{grown: 96 << 20})
+	for range 2 {
+		mt.step(evDemand{})
+		mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+		mt.step(evWoke{inst: mt.m.inst})
+		mt.state(Ready)
+		mt.now = mt.now.Add(time.Hour)
+		mt.step(evIdle{})
+		mt.quietOK()
+		mt.step(evSlept{grown: 0})
+		mt.state(Sleeping)
+	}
+	if st := mt.m.status(); st.SleepHostMemory != 96<<20 || mt.m.snapshot().Instance.HostHeld != 96<<20 {
+		t.Fatalf("after three sleeps: status %d, record %d; want 96 MiB both", st.SleepHostMemory, mt.m.snapshot().Instance.HostHeld)
+	}
+	mt.step(evOp{op: OpStop})
+	mt.quietOK()
+	mt.step(evStopped{inst: mt.m.inst})
+	if st := mt.m.status(); st.SleepHostMemory != 0 {
+		t.Errorf("stopped: %d bytes counted; want none", st.SleepHostMemory)
+	}
+}

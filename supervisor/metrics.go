@@ -178,7 +178,7 @@ func (c *modelCollector) Collect(ch chan<- prometheus.Metric) {
 		if st.StartupDuration > 0 {
 			ch <- gauge(c.startup, l.model, st.StartupDuration.Seconds())
 		}
-		if held := r.hostHeld.Load(); held > 0 {
+		if held := st.SleepHostMemory; held > 0 {
 			ch <- gauge(c.hostHeld, l.model, float64(held))
 		}
 		if st.ProbeSuccess != nil {

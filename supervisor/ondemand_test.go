@@ -210,7 +210,7 @@ func TestSleepHostMemoryBudget(t *testing.T) {
 	var held uint64
 	for _, r := range *h.sup.runners.Load() {
 		if r.name == "a" {
-			held = r.hostHeld.Load()
+			held = r.status.Load().SleepHostMemory
 		}
 	}
 	if held < 32<<20 {

@@ -60,11 +60,6 @@ type runner struct {
 	// serving is signalled by the output readers when the model says it
 	// serves (serving.go); the runner probes a starting model at once.
 	serving chan struct{}
-	// hostHeld is the pinned host memory the model holds for its level-1
-	// sleeps (its weights), measured as its processes' resident memory
-	// grown across its first: vLLM keeps it after the wake (vllm#16663)
-	// and reuses it, so it counts until the process ends; 0 before.
-	hostHeld atomic.Uint64
 	// own counts the daemon's own requests to the model in flight (probes,
 	// deep probes, the canary): a sleep or a planned stop waits for them
 	// as for the gateway's.
@@ -434,7 +429,6 @@ func (l *loop) do(ef effect) event {
 		r.d.forgetInstance(ef.inst.marker)
 		r.pids.Store(nil)
 		r.cg.Store(nil)
-		r.hostHeld.Store(0)
 	case efSleep:
 		// Its GPUs' memory changes from now on (granted quiet GPUs, or
 		// going ahead after waiting startup_timeout for them): no start or
@@ -536,9 +530,6 @@ func (l *loop) fillRecord(is *InstanceState) {
 	if d := l.r.envDigest.Load(); d != nil {
 		is.EnvDigest = *d
 	}
-	// The pinned host memory of its level-1 sleeps: held until the
-	// process ends, so a successor must count it from the start.
-	is.HostHeld = l.r.hostHeld.Load()
 	is.Adopted = inst.adopted
 }
 
@@ -604,7 +595,6 @@ func (l *loop) spawn(gpus []string) event {
 	digest := envDigest(secrets)
 	r.envDigest.Store(&digest)
 	r.publishPIDs(inst.tree)
-	r.hostHeld.Store(0)
 	// Its record is written as the machine takes the instance (efRecord
 	// from evSpawned, handled next on this goroutine): one builder.
 	return evSpawned{inst: inst}
@@ -780,18 +770,19 @@ func (l *loop) sleep(base, key string, level int, note string, askAsleep bool, g
 			err = errors.New("is_sleeping says it is awake after /sleep")
 		}
 	}
+	var grown uint64
 	if err == nil && level == 1 {
 		// vLLM keeps the pinned host memory of a level-1 sleep after the
-		// wake (vllm#16663; PR #55206 open) and reuses it at the next: it
-		// counts from the first until the process ends, not what the
-		// latest sleep added (nothing, the second time).
-		if after := l.r.rss(); after > before && after-before > l.r.hostHeld.Load() {
-			l.r.hostHeld.Store(after - before)
+		// wake (vllm#16663; PR #55206 open) and reuses it at the next: the
+		// machine counts it from the first until the process ends, not
+		// what the latest sleep added (nothing, the second time).
+		if after := l.r.rss(); after > before {
+			grown = after - before
 		}
 	}
 	// Requests that wait in its queue now came for it while it went to
 	// sleep, or before: they want it back.
-	l.results <- evSlept{err: err, level: level, note: note, waiting: l.r.waiting(), held: held}
+	l.results <- evSlept{err: err, level: level, note: note, waiting: l.r.waiting(), held: held, grown: grown}
 }
 
 // heldOnGPUs reads the GPUs now and returns what the model's processes

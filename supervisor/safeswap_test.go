@@ -155,7 +155,7 @@ func TestPinnedHostMemoryCountsUntilTheProcessEnds(t *testing.T) {
 	var first uint64
 	counted := func(when string) {
 		t.Helper()
-		held := r.hostHeld.Load()
+		held := r.status.Load().SleepHostMemory
 		if first == 0 {
 			first = held
 		}

@@ -294,7 +294,9 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		var sum uint64
 		for _, r := range *s.runners.Load() {
 			if r.name != except {
-				sum += r.hostHeld.Load()
+				if st := r.status.Load(); st != nil {
+					sum += st.SleepHostMemory
+				}
 			}
 		}
 		return sum

@@ -84,6 +84,10 @@ type Status struct {
 	// Seq numbers the model's published snapshots, in order (the daemon's
 	// own bookkeeping; not on the wire).
 	Seq uint64 `json:"-"`
+	// SleepHostMemory is the pinned host memory its process holds for its
+	// level-1 sleeps (citadel_model_sleep_host_memory_bytes; not on the
+	// wire): from its first until the process ends (vllm#16663).
+	SleepHostMemory uint64 `json:"-"`
 	// For the gateway's estimate of how long a start or wake will take
 	// (not on the wire): the typical duration of the model's recent starts
 	// (asked to ready) and of its recent wakes from the level it sleeps at
