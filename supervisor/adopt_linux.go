@@ -92,10 +92,6 @@ func (r *runner) adoptInstance(is InstanceState, child bool, tree processTree, o
 	}
 	marker := is.Marker
 	r.marker.Store(&marker)
-	if is.EnvDigest != "" {
-		d := is.EnvDigest
-		r.envDigest.Store(&d)
-	}
 	r.publishPIDs(tree)
 	return inst, nil
 }

@@ -85,6 +85,7 @@ func (m *machine) snapshot() ModelState {
 		// Held until the process ends, so a successor counts it from the
 		// start.
 		st.Instance.HostHeld = m.hostHeld
+		st.Instance.EnvDigest = m.envDigest
 		if m.state == Sleeping || m.state == Waking {
 			// Waiting for memory to wake, or waking, it sleeps at its level
 			// until the wake is proven: a successor wakes it the way it
@@ -134,6 +135,7 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 			inst.sleepMode = *is.SleepMode
 		}
 		m.known, m.knownNote, m.held, m.hostHeld = is.Known, is.KnownNote, is.Held, is.HostHeld
+		m.envDigest = is.EnvDigest
 		if m.known == nil && m.knownNote == "" && inst.sleepMode {
 			m.knownNote = "not recorded (taken over from a daemon that did not record it): a wake is proven by any answer"
 		}

@@ -108,7 +108,10 @@ type machine struct {
 	// sleeps (its weights), measured as its resident memory grown across
 	// its first: vLLM keeps it after the wake (vllm#16663) and reuses it,
 	// so it counts from then until the process ends.
-	hostHeld   uint64
+	hostHeld uint64
+	// envDigest fingerprints the env_files contents its last process was
+	// started with (kept after it ends, as a reload compares against it).
+	envDigest  string
 	settling   bool      // taken over mid-sleep or mid-wake: its GPUs count as changing until the settle timer
 	sleepCause string    // idle, evicted, manual
 	sleepLevel int       // the level it sleeps at
@@ -184,6 +187,7 @@ type (
 		inst          *instance
 		err           error
 		cause, reason string
+		envDigest     string // of the env_files contents the process was given
 	}
 	// evExited: inst's main process exited and was reaped.
 	evExited struct {
@@ -618,7 +622,7 @@ func (m *machine) onSpawned(ev evSpawned) []effect {
 		return []effect{efDrop{}, efArm{tick, recheckInterval}}
 	}
 	m.inst, m.exited, m.probeOK, m.probing = ev.inst, false, nil, false
-	m.demanded, m.hostHeld = false, 0
+	m.demanded, m.hostHeld, m.envDigest = false, 0, ev.envDigest
 	m.tracker.started(ev.inst.started)
 	m.probeFails = 0
 	m.readyAt, m.startup, m.servingAt = time.Time{}, 0, time.Time{}
@@ -1159,6 +1163,7 @@ func (m *machine) status() *Status {
 	if m.inst != nil {
 		s.SleepHostMemory = m.hostHeld
 	}
+	s.EnvDigest = m.envDigest
 	if m.state == Sleeping && !m.sleepOp {
 		s.SleepLevel = m.sleepLevel
 	}

@@ -48,9 +48,6 @@ type runner struct {
 	labels  atomic.Pointer[modelLabels] // its series' label pairs, built at its first scrape
 	cg      atomic.Pointer[proc.Cgroup] // the current instance's cgroup leaf, for its accounting
 	marker  atomic.Pointer[string]      // the live instance's marker; nil once its stop begins
-	// envDigest fingerprints the env_files contents the current process
-	// was started with.
-	envDigest atomic.Pointer[string]
 	// lastRequest is the unix nanoseconds of the gateway's last request
 	// for the model.
 	lastRequest atomic.Int64
@@ -527,9 +524,6 @@ func (l *loop) fillRecord(is *InstanceState) {
 	if cg := l.r.cg.Load(); cg != nil {
 		is.Cgroup = cg.Path
 	}
-	if d := l.r.envDigest.Load(); d != nil {
-		is.EnvDigest = *d
-	}
 	is.Adopted = inst.adopted
 }
 
@@ -590,14 +584,13 @@ func (l *loop) spawn(gpus []string) event {
 	}
 	key := m.APIKey(secrets)
 	r.apiKey.Store(&key)
-	// A digest, not the values: a reload compares it with the files'
-	// contents then, to restart a model whose secret was rotated.
-	digest := envDigest(secrets)
-	r.envDigest.Store(&digest)
 	r.publishPIDs(inst.tree)
 	// Its record is written as the machine takes the instance (efRecord
-	// from evSpawned, handled next on this goroutine): one builder.
-	return evSpawned{inst: inst}
+	// from evSpawned, handled next on this goroutine): one builder. A
+	// digest of the env_files, not the values: a reload compares it with
+	// the files' contents then, to restart a model whose secret was
+	// rotated.
+	return evSpawned{inst: inst, envDigest: envDigest(secrets)}
 }
 
 // probeJob is one check of a model, with copies of everything it needs:

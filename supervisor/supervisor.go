@@ -489,10 +489,14 @@ func (s *Supervisor) envChanges(changes []config.Change, cfg *config.Config, byN
 		}
 		m, _ := cfg.Model(c.Name)
 		r := byName[c.Name]
-		if len(m.EnvFiles) == 0 || r == nil || r.envDigest.Load() == nil {
+		if len(m.EnvFiles) == 0 || r == nil {
 			continue
 		}
-		changed, err := envFilesChanged(m.EnvFiles, *r.envDigest.Load())
+		st := r.status.Load()
+		if st == nil || st.EnvDigest == "" {
+			continue
+		}
+		changed, err := envFilesChanged(m.EnvFiles, st.EnvDigest)
 		if err != nil {
 			s.d.log.Warn("reload: cannot read env file; the model keeps its current environment", zap.String("model", c.Name), zap.Error(err))
 			continue

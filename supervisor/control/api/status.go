@@ -88,6 +88,10 @@ type Status struct {
 	// level-1 sleeps (citadel_model_sleep_host_memory_bytes; not on the
 	// wire): from its first until the process ends (vllm#16663).
 	SleepHostMemory uint64 `json:"-"`
+	// EnvDigest fingerprints the env_files contents its last process was
+	// started with (not the values; not on the wire): a reload compares it
+	// with the files to restart a model whose secret was rotated.
+	EnvDigest string `json:"-"`
 	// For the gateway's estimate of how long a start or wake will take
 	// (not on the wire): the typical duration of the model's recent starts
 	// (asked to ready) and of its recent wakes from the level it sleeps at
