@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -37,10 +38,26 @@ func TestUpgradeFromEarlierBuild(t *testing.T) {
 	old := buildAt(t, *from)
 
 	// Models without vllm_port: their blocks are derived, differently by
-	// the two builds. Ports are drawn until the earlier derivation has no
-	// clash (it would refuse the file).
+	// the two builds. Ports are drawn until neither derivation clashes
+	// (either would refuse the file): this build's parse, and the earlier
+	// build's own --check (exit 1: invalid).
 	var s *site
 	gwPort, usage := supervisortest.FreePort(t), t.TempDir()
+	validForBoth := func(y string) bool {
+		if _, err := config.Parse([]byte(y), nil); err != nil {
+			return false
+		}
+		if err := os.WriteFile(s.Path, []byte(y), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command(old, "--check", "--config", s.Path).CombinedOutput()
+		var exit *exec.ExitError
+		if errors.As(err, &exit) && exit.ExitCode() == 1 {
+			t.Logf("ports drawn again: the earlier build refuses them: %s", out)
+			return false
+		}
+		return true
+	}
 	for try := 0; ; try++ {
 		top := fmt.Sprintf(`listen: ""
 log: {level: debug}
@@ -57,12 +74,12 @@ gateway: {listen: 127.0.0.1:%d, max_wait: 1m}
 		), t: t}
 		// The earlier build knows no cache_dir either.
 		y := s.Edit(t, supervisortest.Delete("models.a.vllm_port"), supervisortest.Delete("models.b.vllm_port"), supervisortest.Delete("cache_dir"))
-		if _, err := config.Parse([]byte(y), nil); err == nil || try == 5 {
+		if validForBoth(y) {
 			s.YAML = y
-			if err := os.WriteFile(s.Path, []byte(y), 0o644); err != nil {
-				t.Fatal(err)
-			}
 			break
+		}
+		if try == 20 {
+			t.Fatal("no ports found that both builds accept in 20 draws")
 		}
 	}
 
