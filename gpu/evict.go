@@ -276,3 +276,28 @@ func compareWorth(a, b float64) int {
 	}
 	return 1
 }
+
+// recentStarts is how many recent starts or wakes of a model its
+// estimates use.
+const recentStarts = 5
+
+// Recent appends d to a model's last durations (its starts, or its wakes
+// from one level), keeping recentStarts.
+func Recent(ds []time.Duration, d time.Duration) []time.Duration {
+	if len(ds) >= recentStarts {
+		ds = append(ds[:0:0], ds[len(ds)-recentStarts+1:]...)
+	}
+	return append(ds, d)
+}
+
+// Typical is the median of ds (0 when empty): the cost a model's next
+// start or wake is taken to have. One slow start after a cold cache does
+// not make every estimate slow.
+func Typical(ds []time.Duration) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2]
+}

@@ -203,9 +203,9 @@ func (r *replayer) handle(e simEvent) {
 	case rStarting, rWaking:
 		took := r.now.Sub(m.askedAt)
 		if m.state == rStarting {
-			m.startups = recentOf(m.startups, took)
+			m.startups = Recent(m.startups, took)
 		} else {
-			m.wakeTimes = recentOf(m.wakeTimes, took)
+			m.wakeTimes = Recent(m.wakeTimes, took)
 		}
 		m.state, m.awakeAt = rAwake, r.now
 		if c, ok := r.claims[m.name]; ok {
@@ -243,22 +243,6 @@ func (r *replayer) handle(e simEvent) {
 			r.want(m)
 		}
 	}
-}
-
-func recentOf(ds []time.Duration, d time.Duration) []time.Duration {
-	if len(ds) >= 5 {
-		ds = ds[1:]
-	}
-	return append(ds, d)
-}
-
-func typicalOf(ds []time.Duration) time.Duration {
-	if len(ds) == 0 {
-		return 0
-	}
-	s := slices.Clone(ds)
-	slices.Sort(s)
-	return s[len(s)/2]
 }
 
 func (r *replayer) arrive(m *simModel) {
@@ -349,7 +333,7 @@ func (r *replayer) decide() {
 		if c.Phase == Running && r.now.Sub(m.awakeAt) < r.cfg.minAwake {
 			c.Protected = "min_awake"
 		}
-		c.Cost = Cost{Wake: typicalOf(m.wakeTimes), Start: typicalOf(m.startups), Level: 1, Uses: m.uses}
+		c.Cost = Cost{Wake: Typical(m.wakeTimes), Start: Typical(m.startups), Level: 1, Uses: m.uses}
 		in.Claims = append(in.Claims, c)
 	}
 	out := Decide(in)

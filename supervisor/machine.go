@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/vllm"
@@ -694,8 +695,8 @@ func (m *machine) onProbed(ev evProbed) []effect {
 		}
 		m.readyAt = m.now()
 		m.startup = m.readyAt.Sub(m.inst.started)
-		m.loads = recent(m.loads, m.startup)
-		m.startups = recent(m.startups, m.readyAt.Sub(m.startBegan))
+		m.loads = gpu.Recent(m.loads, m.startup)
+		m.startups = gpu.Recent(m.startups, m.readyAt.Sub(m.startBegan))
 		m.enter(Ready, "")
 		out := append([]effect{efDisarm{deadline}, efReady{at: m.readyAt}, efArm{tick, p.Period}}, m.awake()...)
 		if m.cfg.OnDemand() && m.inst.sleepMode {
@@ -1167,11 +1168,11 @@ func (m *machine) status() *Status {
 	if m.state == Sleeping && !m.sleepOp {
 		s.SleepLevel = m.sleepLevel
 	}
-	s.TypicalStartup = typical(m.startups)
+	s.TypicalStartup = gpu.Typical(m.startups)
 	switch m.state {
 	case Sleeping, Waking:
 		s.WakeLevel = m.sleepLevel
-		s.TypicalWake = typical(m.wakes[m.sleepLevel])
+		s.TypicalWake = gpu.Typical(m.wakes[m.sleepLevel])
 		if m.state == Waking {
 			s.LoadBegan = m.wakeStart
 		}
@@ -1181,7 +1182,7 @@ func (m *machine) status() *Status {
 		// What putting it to sleep would cost when it is wanted again: the
 		// eviction policy's data (gpu/evict.go).
 		s.WakeLevel, _ = m.effectiveLevel()
-		s.TypicalWake = typical(m.wakes[s.WakeLevel])
+		s.TypicalWake = gpu.Typical(m.wakes[s.WakeLevel])
 	}
 	return s
 }
@@ -1258,28 +1259,6 @@ func (m *machine) onUnwanted() []effect {
 		return []effect{efDisarm{tick}, efDrop{}}
 	}
 	return nil
-}
-
-// recentStarts is how many recent starts or wakes the estimate uses.
-const recentStarts = 5
-
-// recent appends d to the last durations, keeping recentStarts.
-func recent(ds []time.Duration, d time.Duration) []time.Duration {
-	if len(ds) >= recentStarts {
-		ds = append(ds[:0:0], ds[len(ds)-recentStarts+1:]...)
-	}
-	return append(ds, d)
-}
-
-// typical is the median of ds (0 when empty): one slow start after a
-// cold cache does not make every estimate slow.
-func typical(ds []time.Duration) time.Duration {
-	if len(ds) == 0 {
-		return 0
-	}
-	s := slices.Clone(ds)
-	slices.Sort(s)
-	return s[len(s)/2]
 }
 
 // wake asks the scheduler for the sleeper's memory back on its GPUs.
@@ -1446,7 +1425,7 @@ func (m *machine) onWoke(ev evWoke) []effect {
 	if m.wakes == nil {
 		m.wakes = map[int][]time.Duration{}
 	}
-	m.wakes[level] = recent(m.wakes[level], m.now().Sub(m.wakeStart))
+	m.wakes[level] = gpu.Recent(m.wakes[level], m.now().Sub(m.wakeStart))
 	m.readyAt = m.now()
 	m.probeFails, m.probing = 0, false
 	m.noteWake(level, m.now().Sub(m.wakeBegan))

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
 	"citadel-supervisor/vllm"
 )
@@ -994,7 +995,7 @@ func TestMachineLoadEstimates(t *testing.T) {
 	if st.TypicalStartup != 12*time.Second {
 		t.Errorf("typical startup %v, want 12s (the median of the last five)", st.TypicalStartup)
 	}
-	if got := typical(mt.m.wakes[1]); got != 1100*time.Millisecond {
+	if got := gpu.Typical(mt.m.wakes[1]); got != 1100*time.Millisecond {
 		t.Errorf("typical wake %v, want 1.1s", got)
 	}
 	mt.step(evDemand{})

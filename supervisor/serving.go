@@ -3,6 +3,8 @@ package supervisor
 import (
 	"strings"
 	"time"
+
+	"citadel-supervisor/gpu"
 )
 
 // Readiness without polling delay. A starting model is probed every
@@ -79,7 +81,7 @@ func (m *machine) startupPoll() time.Duration {
 		}
 		return fastPoll
 	}
-	typ := typical(m.loads)
+	typ := gpu.Typical(m.loads)
 	if typ <= 0 || m.inst == nil {
 		return slow
 	}
