@@ -807,6 +807,9 @@ func (m *machine) failAndStop(why, reason, stopping string) []effect {
 func (m *machine) beginStop(reason string) []effect {
 	drain := m.failure == nil && !m.exited && (m.state == Ready || m.state == Unhealthy)
 	m.quiet = quietNone // it stops now: whatever waited for quiet GPUs is moot
+	// Its claim is released from here on: a settle timer still armed must
+	// not mark it asleep again.
+	m.settling = false
 	m.enter(Stopping, reason)
 	m.sleepOp, m.sleepLevel, m.sleepBegan = false, 0, time.Time{}
 	return []effect{efDisarm{tick}, efDisarm{deadline}, efDisarm{idle}, efStop{inst: m.inst, mainAlive: !m.exited, drain: drain}}

@@ -302,3 +302,28 @@ func TestRemovedModelStopsOnceItsGPUsAreQuiet(t *testing.T) {
 		t.Errorf("an idle on-demand model removed: %s, done %v; want stopped and done", mt.m.state, mt.m.done())
 	}
 }
+
+// TestStopWhileSettlingEndsTheSettle: a model taken over mid-wake and
+// stopped before its settle timer fires is not said asleep (Slept) when
+// the timer fires: its claim is being released by then.
+func TestStopWhileSettlingEndsTheSettle(t *testing.T) {
+	two := onDemandCfg()
+	two.SleepLevel = 2
+	mt := newODTest(t)
+	mt.m.cfg = two
+	mt.toWaking()
+	is := *mt.m.snapshot().Instance
+	is.Digest = two.SpawnDigest()
+	m := newMachine(two, func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
+	if got := describe(m.restore(ModelState{Name: "m", Instance: &is}, mt.m.inst, two.SpawnDigest(), false)); !strings.Contains(got, "adopt(asleep,changing)") {
+		t.Fatalf("restore: %q; want an adoption that keeps its GPUs busy", got)
+	}
+	m.step(evOp{op: OpStop})
+	m.step(evQuiet{seq: m.quietSeq, ok: true})
+	if m.state != Stopping {
+		t.Fatalf("%s; want stopping", m.state)
+	}
+	if got := describe(m.onTimer(settle)); got != "" {
+		t.Errorf("settle timer after its stop began: effects %q; want none", got)
+	}
+}
