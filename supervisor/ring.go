@@ -1,9 +1,13 @@
 package supervisor
 
-import "sync"
+import (
+	"sync"
+
+	"citadel-supervisor/supervisor/control/api"
+)
 
 // OutputLines is how many lines of a model's output are kept (docs/architecture.md).
-const OutputLines = 200
+const OutputLines = api.OutputLines
 
 // maxLineBytes bounds one captured line; a child writing a megabyte without
 // a newline must not grow the daemon's memory.

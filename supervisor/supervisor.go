@@ -694,7 +694,36 @@ func (s *Supervisor) runner(name string) *runner {
 }
 
 // GPUs lists the host's GPUs with the models placed on each.
-func (s *Supervisor) GPUs(ctx context.Context) ([]GPUView, error) { return s.d.sched.Views(ctx) }
+func (s *Supervisor) GPUs(ctx context.Context) ([]api.GPU, error) {
+	views, err := s.d.sched.Views(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]api.GPU, 0, len(views))
+	for _, v := range views {
+		out = append(out, wireGPU(v))
+	}
+	return out, nil
+}
+
+// wireGPU copies the scheduler's view of a GPU into the control wire's
+// type; TestWireGPU keeps their JSON the same.
+func wireGPU(v GPUView) api.GPU {
+	g := api.GPU{
+		Index: v.Index, UUID: v.UUID, Name: v.Name, PCIBusID: v.PCIBusID,
+		MemoryTotal: v.MemoryTotal, MemoryUsed: v.MemoryUsed, MemoryFree: v.MemoryFree,
+		Utilization: v.Utilization, Temperature: v.Temperature, PowerWatts: v.PowerWatts,
+		Up: v.Up, Err: v.Err,
+		Models: v.Models, Claimed: v.Claimed, Busy: v.Busy, Note: v.Note,
+	}
+	if v.Processes != nil {
+		g.Processes = make([]api.GPUProcess, len(v.Processes))
+		for i, p := range v.Processes {
+			g.Processes[i] = api.GPUProcess{PID: p.PID, UsedMemory: p.UsedMemory}
+		}
+	}
+	return g
+}
 
 func (s *Supervisor) publishRunners(byName map[string]*runner) {
 	list := make([]*runner, 0, len(byName))
@@ -725,7 +754,7 @@ func (s *Supervisor) Status(names ...string) ([]Status, error) {
 }
 
 // ErrUnknownModel is returned for a model name not in the configuration.
-var ErrUnknownModel = errors.New("unknown model")
+var ErrUnknownModel = api.ErrUnknownModel
 
 func (s *Supervisor) lookup(names []string) ([]*runner, error) {
 	all := *s.runners.Load()
@@ -767,7 +796,7 @@ func (s *Supervisor) Do(ctx context.Context, op Op, names ...string) (map[string
 	var wg sync.WaitGroup
 	for _, r := range rs {
 		wg.Go(func() {
-			err := r.send(ctx, evOp{op: op, by: actorOf(ctx)})
+			err := r.send(ctx, evOp{op: op, by: api.ActorOf(ctx)})
 			mu.Lock()
 			out[r.name] = err
 			mu.Unlock()

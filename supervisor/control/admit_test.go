@@ -16,7 +16,6 @@ import (
 
 	"go.uber.org/zap"
 
-	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/control/client"
 )
@@ -89,8 +88,8 @@ type followBackend struct {
 	ops sync.Map
 }
 
-func (*followBackend) Status(...string) ([]supervisor.Status, error) {
-	return []supervisor.Status{{Name: "a", State: supervisor.Ready}}, nil
+func (*followBackend) Status(...string) ([]api.Status, error) {
+	return []api.Status{{Name: "a", State: api.Ready}}, nil
 }
 
 func (b *followBackend) Do(_ context.Context, op api.Op, names ...string) (map[string]error, error) {

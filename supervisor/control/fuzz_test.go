@@ -9,7 +9,6 @@ import (
 
 	"go.uber.org/zap"
 
-	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control/api"
 )
 
@@ -20,7 +19,7 @@ func (okBackend) Do(_ context.Context, _ api.Op, names ...string) (map[string]er
 	out := map[string]error{}
 	for _, n := range names {
 		if n != "a" && n != "b" && n != "all" {
-			return nil, supervisor.ErrUnknownModel
+			return nil, api.ErrUnknownModel
 		}
 		out[n] = nil
 	}

@@ -25,21 +25,18 @@ import (
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
-	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/netguard"
 )
 
 // Backend is what the server needs of the supervisor.
 type Backend interface {
-	Status(names ...string) ([]supervisor.Status, error)
+	Status(names ...string) ([]api.Status, error)
 	Do(ctx context.Context, op api.Op, names ...string) (map[string]error, error)
 	Output(name string, n int) ([]string, error)
 	Follow(name string) (<-chan string, func(), error)
-	GPUs(ctx context.Context) ([]supervisor.GPUView, error)
+	GPUs(ctx context.Context) ([]api.GPU, error)
 }
-
-var _ Backend = (*supervisor.Supervisor)(nil)
 
 // Options configure a Server. Path, Logger and Backend are required.
 type Options struct {
@@ -362,7 +359,7 @@ func (s *Server) op(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx := r.Context()
 	if p, ok := ctx.Value(peerKey{}).(Peer); ok {
-		ctx = supervisor.WithActor(ctx, fmt.Sprintf("uid %d (pid %d)", p.UID, p.PID))
+		ctx = api.WithActor(ctx, fmt.Sprintf("uid %d (pid %d)", p.UID, p.PID))
 	}
 	res, err := s.o.Backend.Do(ctx, op, req.Models...)
 	if err != nil {
@@ -416,7 +413,7 @@ func (s *Server) upgrade(w http.ResponseWriter, r *http.Request) {
 func (s *Server) logs(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	name := q.Get("model")
-	n := supervisor.OutputLines
+	n := api.OutputLines
 	if v := q.Get("n"); v != "" {
 		var err error
 		if n, err = strconv.Atoi(v); err != nil || n < 0 {
@@ -494,30 +491,11 @@ func (s *Server) gpus(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, api.GPUsResponse{GPUs: []api.GPU{}, Reason: err.Error()})
 		return
 	}
-	out := api.GPUsResponse{GPUs: make([]api.GPU, 0, len(devs))}
-	for _, d := range devs {
-		out.GPUs = append(out.GPUs, wireGPU(d))
+	out := api.GPUsResponse{GPUs: devs}
+	if out.GPUs == nil {
+		out.GPUs = []api.GPU{}
 	}
 	writeJSON(w, http.StatusOK, out)
-}
-
-// wireGPU copies the supervisor's view of a GPU into the wire type;
-// TestWireGPU keeps their JSON the same.
-func wireGPU(v supervisor.GPUView) api.GPU {
-	g := api.GPU{
-		Index: v.Index, UUID: v.UUID, Name: v.Name, PCIBusID: v.PCIBusID,
-		MemoryTotal: v.MemoryTotal, MemoryUsed: v.MemoryUsed, MemoryFree: v.MemoryFree,
-		Utilization: v.Utilization, Temperature: v.Temperature, PowerWatts: v.PowerWatts,
-		Up: v.Up, Err: v.Err,
-		Models: v.Models, Claimed: v.Claimed, Busy: v.Busy, Note: v.Note,
-	}
-	if v.Processes != nil {
-		g.Processes = make([]api.GPUProcess, len(v.Processes))
-		for i, p := range v.Processes {
-			g.Processes[i] = api.GPUProcess{PID: p.PID, UsedMemory: p.UsedMemory}
-		}
-	}
-	return g
 }
 
 func decode(r *http.Request, v any) error {
@@ -548,7 +526,7 @@ func clientText(s string) string {
 }
 
 func writeBackendError(w http.ResponseWriter, err error) {
-	if errors.Is(err, supervisor.ErrUnknownModel) {
+	if errors.Is(err, api.ErrUnknownModel) {
 		writeError(w, http.StatusNotFound, err.Error())
 		return
 	}

@@ -12,7 +12,7 @@ import (
 
 	"go.uber.org/zap"
 
-	"citadel-supervisor/supervisor"
+	"citadel-supervisor/supervisor/control/api"
 )
 
 func TestAuthorize(t *testing.T) {
@@ -43,7 +43,7 @@ func TestAuthorize(t *testing.T) {
 
 type nobackend struct{ Backend }
 
-func (nobackend) Status(...string) ([]supervisor.Status, error) { return nil, nil }
+func (nobackend) Status(...string) ([]api.Status, error) { return nil, nil }
 
 func listen(t *testing.T, path string) (*Server, error) {
 	t.Helper()

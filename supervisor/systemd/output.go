@@ -13,7 +13,6 @@ import (
 	"gopkg.in/natefinch/lumberjack.v2"
 
 	"citadel-supervisor/config"
-	"citadel-supervisor/supervisor"
 )
 
 // UnderJournald reports whether the daemon's stderr is the journal (systemd
@@ -23,11 +22,15 @@ func UnderJournald() bool {
 	return err == nil && ok && journal.Enabled()
 }
 
+// OutputFunc receives each line a model writes: the supervisor's
+// Options.Output.
+type OutputFunc = func(log *zap.Logger, model, stream, line string)
+
 // JournalOutput sends each model line to the journal as its own entry with
 // SYSLOG_IDENTIFIER=citadel-<model>, MODEL= and STREAM= (stderr lines at
 // warning priority), so `journalctl -t citadel-phi3` shows one model as the
 // per-model units did, while the daemon's own log stays under its unit.
-func JournalOutput(fallback *zap.Logger) supervisor.OutputFunc {
+func JournalOutput(fallback *zap.Logger) OutputFunc {
 	return func(log *zap.Logger, model, stream, line string) {
 		prio := journal.PriInfo
 		if stream == "stderr" {
@@ -59,7 +62,7 @@ const closeWait = 5 * time.Second
 // their pipes, then the models themselves.
 type ModelFiles struct {
 	open func(model string) io.Writer
-	next supervisor.OutputFunc
+	next OutputFunc
 
 	queueLen int // queueLines; tests that must not drop raise it
 
@@ -87,7 +90,7 @@ type queued struct {
 // only, and a write that fails (disk full) likewise; the ring buffer and
 // next still get every line, and each kind of loss is logged once when it
 // starts and once when it ends. Close ends the writers.
-func FileOutput(c config.Log, next supervisor.OutputFunc) *ModelFiles {
+func FileOutput(c config.Log, next OutputFunc) *ModelFiles {
 	return newModelFiles(func(model string) io.Writer {
 		return &lumberjack.Logger{
 			Filename:   filepath.Join(c.ModelDir, model+".log"),
@@ -97,11 +100,11 @@ func FileOutput(c config.Log, next supervisor.OutputFunc) *ModelFiles {
 	}, next)
 }
 
-func newModelFiles(open func(model string) io.Writer, next supervisor.OutputFunc) *ModelFiles {
+func newModelFiles(open func(model string) io.Writer, next OutputFunc) *ModelFiles {
 	return &ModelFiles{open: open, next: next, queueLen: queueLines, files: map[string]*modelFile{}, quit: make(chan struct{})}
 }
 
-// Output is a supervisor.OutputFunc.
+// Output is an OutputFunc.
 func (m *ModelFiles) Output(log *zap.Logger, model, stream, line string) {
 	if f := m.file(model); f != nil {
 		// Once dropping, keep dropping until the writer has drained half

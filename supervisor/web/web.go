@@ -19,18 +19,16 @@ import (
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
-	"citadel-supervisor/supervisor"
+	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/netguard"
 )
 
 // Supervisor is what the endpoints read.
 type Supervisor interface {
-	Status(names ...string) ([]supervisor.Status, error)
+	Status(names ...string) ([]api.Status, error)
 	Alive(maxAge time.Duration) bool
 	Config() *config.Config
 }
-
-var _ Supervisor = (*supervisor.Supervisor)(nil)
 
 // maxScrapes bounds concurrent /metrics requests: a scrape reads /proc for
 // every model and the GPUs, and a stuck Prometheus must not multiply that.
@@ -126,15 +124,15 @@ func Handler(sup Supervisor, reg prometheus.Gatherer, log *zap.Logger, checks ..
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
 		st, _ := sup.Status()
-		h := supervisor.HealthOf(st)
+		h := api.HealthOf(st)
 		code := http.StatusOK
 		if !h.Healthy {
 			code = http.StatusServiceUnavailable
 		}
 		type notReady struct {
-			Name   string           `json:"name"`
-			State  supervisor.State `json:"state"`
-			Reason string           `json:"reason"`
+			Name   string    `json:"name"`
+			State  api.State `json:"state"`
+			Reason string    `json:"reason"`
 		}
 		type notServing struct {
 			Name   string `json:"name"`
@@ -160,7 +158,7 @@ func Handler(sup Supervisor, reg prometheus.Gatherer, log *zap.Logger, checks ..
 			for _, m := range cfg.Models {
 				if m.Enabled && !known[m.Name] {
 					out.Enabled++
-					out.NotReady = append(out.NotReady, notReady{m.Name, supervisor.Pending, "the supervisor is starting"})
+					out.NotReady = append(out.NotReady, notReady{m.Name, api.Pending, "the supervisor is starting"})
 					code = http.StatusServiceUnavailable
 				}
 			}
@@ -196,14 +194,14 @@ type targetGroup struct {
 // targets lists ready models' vLLM endpoints. A model bound to a wildcard
 // address is announced under the host name the caller used to reach /sd,
 // which is how the fleet Prometheus can reach it too.
-func targets(cfg *config.Config, st []supervisor.Status, reqHost string) []targetGroup {
+func targets(cfg *config.Config, st []api.Status, reqHost string) []targetGroup {
 	host, _, err := net.SplitHostPort(reqHost)
 	if err != nil {
 		host = reqHost
 	}
 	out := []targetGroup{}
 	for _, s := range st {
-		if s.State != supervisor.Ready {
+		if s.State != api.Ready {
 			continue
 		}
 		m, ok := cfg.Model(s.Name)

@@ -12,18 +12,18 @@ import (
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
-	"citadel-supervisor/supervisor"
+	"citadel-supervisor/supervisor/control/api"
 )
 
 type stub struct {
 	alive bool
-	st    []supervisor.Status
+	st    []api.Status
 	cfg   *config.Config
 }
 
-func (s stub) Status(...string) ([]supervisor.Status, error) { return s.st, nil }
-func (s stub) Alive(time.Duration) bool                      { return s.alive }
-func (s stub) Config() *config.Config                        { return s.cfg }
+func (s stub) Status(...string) ([]api.Status, error) { return s.st, nil }
+func (s stub) Alive(time.Duration) bool               { return s.alive }
+func (s stub) Config() *config.Config                 { return s.cfg }
 
 func get(t *testing.T, h http.Handler, method, path, host string) (int, string) {
 	t.Helper()
@@ -40,10 +40,10 @@ func TestEndpoints(t *testing.T) {
 		{Name: "local", Host: "127.0.0.1", Port: 11401, ServedName: "local-7b", Enabled: true},
 		{Name: "loading", Host: "0.0.0.0", Port: 11402, ServedName: "loading", Enabled: true},
 	}}
-	st := []supervisor.Status{
-		{Name: "lab", State: supervisor.Ready, Enabled: true},
-		{Name: "local", State: supervisor.Ready, Enabled: true},
-		{Name: "loading", State: supervisor.Starting, Reason: "loading", Enabled: true},
+	st := []api.Status{
+		{Name: "lab", State: api.Ready, Enabled: true},
+		{Name: "local", State: api.Ready, Enabled: true},
+		{Name: "loading", State: api.Starting, Reason: "loading", Enabled: true},
 	}
 	h := Handler(stub{alive: true, st: st, cfg: cfg}, prometheus.NewRegistry(), zap.NewNop())
 
@@ -73,7 +73,7 @@ func TestEndpoints(t *testing.T) {
 	if code, body := get(t, stalled, "GET", "/healthz", "h"); code != 503 || !strings.Contains(body, "not responding") {
 		t.Errorf("healthz with a stalled loop: %d %q", code, body)
 	}
-	all := []supervisor.Status{{Name: "lab", State: supervisor.Ready, Enabled: true}, {Name: "off", State: supervisor.Stopped, Enabled: false}}
+	all := []api.Status{{Name: "lab", State: api.Ready, Enabled: true}, {Name: "off", State: api.Stopped, Enabled: false}}
 	two := &config.Config{Models: []config.Model{{Name: "lab", Enabled: true}, {Name: "off"}}}
 	ready := Handler(stub{alive: true, st: all, cfg: two}, prometheus.NewRegistry(), zap.NewNop())
 	if code, _ := get(t, ready, "GET", "/readyz", "h"); code != 200 {
@@ -83,7 +83,7 @@ func TestEndpoints(t *testing.T) {
 
 func TestReadyzJudgesTheGateway(t *testing.T) {
 	cfg := &config.Config{Models: []config.Model{{Name: "lab", Port: 11400, ServedName: "lab", Enabled: true}}}
-	st := []supervisor.Status{{Name: "lab", State: supervisor.Ready, Enabled: true}}
+	st := []api.Status{{Name: "lab", State: api.Ready, Enabled: true}}
 	var serving error = errors.New("gateway not serving on 0.0.0.0:8000")
 	h := Handler(stub{alive: true, st: st, cfg: cfg}, prometheus.NewRegistry(), zap.NewNop(), Check{Name: "gateway", Err: func() error { return serving }})
 	code, body := get(t, h, "GET", "/readyz", "h")

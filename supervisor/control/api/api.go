@@ -8,7 +8,34 @@
 // contract: `citadelctl -o json` prints these types as they are.
 package api
 
-import "time"
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// ErrUnknownModel is returned for a model name not in the configuration;
+// the server answers it with 404.
+var ErrUnknownModel = errors.New("unknown model")
+
+// OutputLines is how many lines of a model's output the daemon keeps, and
+// what a logs request without n returns (docs/architecture.md).
+const OutputLines = 200
+
+type actorKey struct{}
+
+// WithActor says who asks for the operations run with ctx ("uid 1000
+// (pid 4242)"): the control socket knows its peer; each model's status
+// names who last changed it (Status.LastOp).
+func WithActor(ctx context.Context, who string) context.Context {
+	return context.WithValue(ctx, actorKey{}, who)
+}
+
+// ActorOf is who WithActor said asks, or "".
+func ActorOf(ctx context.Context) string {
+	s, _ := ctx.Value(actorKey{}).(string)
+	return s
+}
 
 // The API's paths.
 const (
