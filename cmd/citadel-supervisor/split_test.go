@@ -154,9 +154,24 @@ func moduleRoot(t *testing.T) string {
 	}
 }
 
-// TestCommentsCiteWhatExists: the code's comments and the docs cite the
-// operator documentation in docs/, which is in this repository; never a
-// contract file that is not (an outside specification by section).
+// TestCommentsCiteWhatExists: the code's comments, the scripts, the units
+// and the docs cite the operator documentation in docs/, which is in this
+// repository; never a contract file that is not (an outside specification
+// by section).
+// cites says whether a file is one whose comments TestCommentsCiteWhatExists
+// reads.
+func cites(path string) bool {
+	switch filepath.Ext(path) {
+	case ".go", ".md", ".sh", ".service", ".yaml", ".yml", ".conf", ".cfg", ".json":
+		return true
+	}
+	switch filepath.Base(path) {
+	case "Makefile", "run", "test-procs":
+		return true
+	}
+	return false
+}
+
 func TestCommentsCiteWhatExists(t *testing.T) {
 	root := moduleRoot(t)
 	cite := regexp.MustCompile(`docs/([a-z0-9_-]+\.md)`)
@@ -168,7 +183,7 @@ func TestCommentsCiteWhatExists(t *testing.T) {
 		if d.IsDir() && path != root && (strings.HasPrefix(d.Name(), ".") || d.Name() == "testdata" || d.Name() == "bin") {
 			return filepath.SkipDir
 		}
-		if d.IsDir() || !(strings.HasSuffix(path, ".go") || strings.HasSuffix(path, ".md")) {
+		if d.IsDir() || !cites(path) {
 			return nil
 		}
 		b, err := os.ReadFile(path)

@@ -93,7 +93,7 @@ check "systemctl reload succeeds" systemctl reload citadel-supervisor
 check "reload restarted beta" waitfor 30 sh -c "p=\$(citadelctl status beta | awk '\$1==\"beta\" && \$2==\"ready\" {print \$3}'); [ -n \"\$p\" ] && [ \"\$p\" != $b1 ]"
 check "reload left alpha alone (same pid)" test "$(pidof_model alpha)" = "$a1"
 
-# Live restore (SPEC §9). A package upgrade re-executes the daemon in
+# Live restore (docs/operations.md). A package upgrade re-executes the daemon in
 # place: the same main process, every model kept.
 same_pid() { [ "$(pidof_model "$1")" = "$2" ]; }
 mainpid() { systemctl show -p MainPID --value citadel-supervisor; }
