@@ -35,6 +35,7 @@ func TestReloadRemovingASlowModelKeepsTheLoopAlive(t *testing.T) {
 		done <- err
 	}()
 	stalls := 0
+	deadline := time.After(30 * time.Second)
 	for {
 		select {
 		case err := <-done:
@@ -58,9 +59,34 @@ func TestReloadRemovingASlowModelKeepsTheLoopAlive(t *testing.T) {
 			if _, err := h.sup.Status(); err != nil {
 				t.Fatal(err)
 			}
-		case <-time.After(30 * time.Second):
+		case <-deadline:
 			t.Fatal("Apply did not return within 30s")
 		}
+	}
+}
+
+// TestReloadRemovesAModelAtOnce is the regression for a removed model that
+// kept running for its startup_timeout: its stop waits for quiet GPUs, and
+// the scheduler's answer went to the listed runners only, which a reload
+// had just taken it out of; it stopped when the wait gave up.
+func TestReloadRemovesAModelAtOnce(t *testing.T) {
+	h := newHarness(t,
+		modelSpec{Name: "keep"},
+		modelSpec{Name: "gone", YAML: "probe: {startup_timeout: 10m}"},
+	).start(Options{})
+	h.waitState("keep", Ready, 20*time.Second)
+	h.waitState("gone", Ready, 20*time.Second)
+	procs := h.procs("gone")
+
+	next := *h.cfg
+	next.Models = slices.DeleteFunc(slices.Clone(h.cfg.Models), func(m config.Model) bool { return m.Name == "gone" })
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := h.sup.Apply(ctx, &next); err != nil {
+		t.Fatalf("Apply: %v (a removed model's stop must not wait for its startup_timeout)", err)
+	}
+	if live := liveOf(procs, ""); len(live) != 0 {
+		t.Errorf("removed model's processes still alive: %v", live)
 	}
 }
 

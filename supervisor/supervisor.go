@@ -181,6 +181,12 @@ type Supervisor struct {
 	demandMu sync.Mutex      // orders Demand against runners being added
 	early    map[string]bool // models demanded before their runner existed
 
+	// leaving holds the runners of models a reload removed, until they
+	// end: no longer listed, they still stop through the scheduler, which
+	// must reach them (a planned stop waits for its answer on quiet GPUs).
+	leavingMu sync.Mutex
+	leaving   map[string]*runner
+
 	beat     atomic.Int64 // unix nanoseconds of the main loop's last turn
 	reloadOK atomic.Bool  // the last configuration load succeeded
 	reloadAt atomic.Int64 // unix seconds of the last successful load
@@ -239,7 +245,7 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 	if d.jitter == nil {
 		d.jitter = rand.Float64
 	}
-	s := &Supervisor{d: d, applyCh: make(chan applyReq), ready: make(chan struct{}), heartbeat: cmp.Or(o.Heartbeat, time.Second), early: map[string]bool{}, handover: o.Handover}
+	s := &Supervisor{d: d, applyCh: make(chan applyReq), ready: make(chan struct{}), heartbeat: cmp.Or(o.Heartbeat, time.Second), early: map[string]bool{}, leaving: map[string]*runner{}, handover: o.Handover}
 	if o.GPUs == nil && o.NoGPUs == "" {
 		o.NoGPUs = "gpu.backend is " + cfg.GPU.Backend + ": no GPU readings"
 	}
@@ -285,7 +291,7 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 	d.sched.usage = s.usage
 	d.sched.evict = s.evict
 	d.sched.tellQuiet = func(name string, seq int, ok bool, reason string) {
-		if r := s.runner(name); r != nil {
+		if r := s.reachable(name); r != nil {
 			r.mail.put(message{ev: evQuiet{seq: seq, ok: ok, reason: reason}})
 		}
 	}
@@ -388,6 +394,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		g.Go(func() error {
 			defer close(r.stopped)
 			defer cancel()
+			defer s.left(r)
 			r.run(rctx, m, from)
 			return nil
 		})
@@ -463,6 +470,9 @@ func (s *Supervisor) Run(ctx context.Context) error {
 					// It stops as an operator's stop does (once its GPUs
 					// are quiet); its claim holds its GPUs until its
 					// processes are gone: nothing is placed there before.
+					s.leavingMu.Lock()
+					s.leaving[c.Name] = r
+					s.leavingMu.Unlock()
 					r.mail.put(message{ev: evRemoved{}})
 					removed = append(removed, r)
 					s.d.metrics.forget(c.Name)
@@ -691,6 +701,26 @@ func (s *Supervisor) runner(name string) *runner {
 		}
 	}
 	return nil
+}
+
+// reachable is the model's runner for the scheduler's answers: the listed
+// one, else one a reload removed that is still stopping.
+func (s *Supervisor) reachable(name string) *runner {
+	if r := s.runner(name); r != nil {
+		return r
+	}
+	s.leavingMu.Lock()
+	defer s.leavingMu.Unlock()
+	return s.leaving[name]
+}
+
+// left forgets a removed model's runner once it has ended.
+func (s *Supervisor) left(r *runner) {
+	s.leavingMu.Lock()
+	defer s.leavingMu.Unlock()
+	if s.leaving[r.name] == r {
+		delete(s.leaving, r.name)
+	}
 }
 
 // GPUs lists the host's GPUs with the models placed on each.
