@@ -183,7 +183,7 @@ func TestPinnedHostMemoryCountsUntilTheProcessEnds(t *testing.T) {
 func TestSleepWaitsForTheDaemonsOwnRequests(t *testing.T) {
 	h := sleepSite(t, 1, modelSpec{Name: "m",
 		YAML: od + "gpu_memory_utilization: 0.5\nstop_timeout: 30s\nprobe: {period: 50ms, timeout: 2s, failure_threshold: 3, startup_timeout: 30s, deep_period: 10ms, deep_timeout: 5s}",
-		Fake: []string{"--fake-token-delay", "400ms"}})
+		Fake: []string{"--fake-token-delay", "100ms"}})
 	h.demandReady("m")
 	for range 3 {
 		h.waitFor(t, 10*time.Second, "a deep probe in flight", func() bool {
