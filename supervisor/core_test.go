@@ -1,12 +1,14 @@
 package supervisor
 
 import (
-	"citadel-supervisor/config"
 	"context"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"citadel-supervisor/config"
 )
 
 // stubbornArgs make a fake model whose server and worker ignore SIGTERM:
@@ -87,6 +89,56 @@ func TestReloadRemovesAModelAtOnce(t *testing.T) {
 	}
 	if live := liveOf(procs, ""); len(live) != 0 {
 		t.Errorf("removed model's processes still alive: %v", live)
+	}
+}
+
+// TestUpgradeWaitsForARemovedModelsStop: a model a reload removed is no
+// longer listed, so an upgrade could not hand it over; the freeze says so
+// and waits until its stop has ended.
+func TestUpgradeWaitsForARemovedModelsStop(t *testing.T) {
+	h := newHarness(t,
+		modelSpec{Name: "keep"},
+		modelSpec{Name: "slow", YAML: "stop_timeout: 3s", Fake: stubbornArgs},
+	).start(Options{})
+	h.waitState("keep", Ready, 20*time.Second)
+	h.waitState("slow", Ready, 20*time.Second)
+
+	next := *h.cfg
+	next.Models = slices.DeleteFunc(slices.Clone(h.cfg.Models), func(m config.Model) bool { return m.Name == "slow" })
+	done := make(chan error, 1)
+	go func() {
+		_, err := h.sup.Apply(context.Background(), &next)
+		done <- err
+	}()
+	waitFor(t, 10*time.Second, "slow unlisted", func() bool {
+		_, err := h.sup.Status("slow")
+		return err != nil
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if _, _, thaw, err := h.sup.Freeze(ctx); err == nil {
+		thaw()
+		t.Fatal("froze while a removed model was still stopping")
+	} else if !strings.Contains(err.Error(), "slow (removed by a reload) still stopping") {
+		t.Errorf("freeze: %v", err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Apply did not return")
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	hand, _, thaw, err := h.sup.Freeze(ctx)
+	if err != nil {
+		t.Fatalf("freeze after the stop: %v", err)
+	}
+	thaw()
+	if len(hand.Models) != 1 || hand.Models[0].Name != "keep" {
+		t.Errorf("handed over %+v", hand.Models)
 	}
 }
 

@@ -325,6 +325,13 @@ func (s *Supervisor) Freeze(ctx context.Context) (h *Handover, files map[string]
 
 func (s *Supervisor) freezeOnce() (*Handover, map[string]*os.File, func(), error) {
 	s.applyMu.Lock() // no reload adds or removes a runner meanwhile
+	// A model a reload removed is no longer listed and cannot be handed
+	// over: its stop ends first (the next image would find its processes
+	// no model accounts for, and kill them beside memory being freed).
+	if leaving := s.stillLeaving(); len(leaving) > 0 {
+		s.applyMu.Unlock()
+		return nil, nil, nil, fmt.Errorf("not now: %s (removed by a reload) still stopping", strings.Join(leaving, ", "))
+	}
 	runners := *s.runners.Load()
 	thawCh := make(chan struct{})
 	thawed := false

@@ -13,6 +13,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"path/filepath"
@@ -712,6 +713,13 @@ func (s *Supervisor) reachable(name string) *runner {
 	s.leavingMu.Lock()
 	defer s.leavingMu.Unlock()
 	return s.leaving[name]
+}
+
+// stillLeaving names the removed models whose runners have not ended.
+func (s *Supervisor) stillLeaving() []string {
+	s.leavingMu.Lock()
+	defer s.leavingMu.Unlock()
+	return slices.Sorted(maps.Keys(s.leaving))
 }
 
 // left forgets a removed model's runner once it has ended.
