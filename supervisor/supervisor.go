@@ -649,7 +649,9 @@ func (s *Supervisor) usage(name string) modelUsage {
 
 // evict tells victim to sleep to make room for forModel.
 func (s *Supervisor) evict(victim, forModel string) {
-	if r := s.runner(victim); r != nil {
+	// A removed model still stopping holds its claim: it declines, and the
+	// scheduler looks for another victim at once.
+	if r := s.reachable(victim); r != nil {
 		r.mail.put(message{ev: evEvict{forModel: forModel}})
 	}
 }
