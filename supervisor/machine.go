@@ -649,7 +649,7 @@ func (m *machine) onExited(ev evExited) []effect {
 		// does, and then starts as any start does (asking for memory that
 		// went to others meanwhile).
 		m.restarts[ReasonExit]++
-		m.idleAfter = "on demand: exited while asleep (" + ex.desc + "); starts at its next request"
+		m.idleAfterStop("on demand: exited while asleep (" + ex.desc + "); starts at its next request")
 		return m.beginStop("stopping what is left of it: exited while asleep (" + ex.desc + ")")
 	}
 	return m.failAndStop(ReasonExit, "exited ("+ex.desc+")", fmt.Sprintf("exited (%s); stopping what is left of it", ex.desc))
@@ -933,6 +933,21 @@ func (m *machine) onStopped(ev evStopped) []effect {
 	return append([]effect{efRelease{inst: inst, keep: keep}}, out...)
 }
 
+// startAfterStop has the stop in flight (or the one waiting for quiet
+// GPUs) followed by a start with reason: it replaces an idle stop's or a
+// failure's plan.
+func (m *machine) startAfterStop(reason string) {
+	m.startAfter, m.idleAfter = reason, ""
+}
+
+// idleAfterStop has the stop followed by an on-demand model's idle
+// (stopped, saying reason), unless a start follows it.
+func (m *machine) idleAfterStop(reason string) {
+	if m.startAfter == "" {
+		m.idleAfter = reason
+	}
+}
+
 // afterFailure decides between backoff and failed after a failed run.
 func (m *machine) afterFailure(f failure) []effect {
 	var readyFor time.Duration
@@ -979,10 +994,10 @@ func (m *machine) respawn(reason string) []effect {
 	m.hold = false
 	switch {
 	case m.live():
-		m.startAfter = reason
+		m.startAfterStop(reason)
 		return m.plannedStop("stopping: "+reason, false, "")
 	case m.state == Stopping:
-		m.startAfter = reason
+		m.startAfterStop(reason)
 		return nil
 	case m.state == Pending:
 		if m.awaiting {
@@ -1029,7 +1044,7 @@ func (m *machine) onOp(op Op) []effect {
 			m.tracker.reset()
 			return m.toPending("started by operator")
 		case Stopping:
-			m.startAfter = "started by operator"
+			m.startAfterStop("started by operator")
 		}
 	case OpStop:
 		return m.stopHeld("held stopped by operator")
@@ -1044,7 +1059,7 @@ func (m *machine) onOp(op Op) []effect {
 		case Failed, Backoff, Stopped:
 			return m.toPending("reset by operator")
 		case Stopping:
-			m.startAfter = "reset by operator"
+			m.startAfterStop("reset by operator")
 		}
 	}
 	return nil
@@ -1077,7 +1092,7 @@ func (m *machine) onConfig(ev evConfig) []effect {
 			// (and asks for memory then), rather than now, awake, putting
 			// others to sleep for nothing.
 			m.hold = false
-			m.idleAfter = "on demand: stopped for a configuration change; starts at its next request"
+			m.idleAfterStop("on demand: stopped for a configuration change; starts at its next request")
 			return m.plannedStop("stopping: configuration changed", false, "")
 		}
 		return m.respawn("configuration changed")
@@ -1280,7 +1295,7 @@ func (m *machine) wake() []effect {
 func (m *machine) sleep(cause, reason string) []effect {
 	level, why := m.effectiveLevel()
 	if level == 0 {
-		m.idleAfter = m.stoppedOnDemand(cause, why)
+		m.idleAfterStop(m.stoppedOnDemand(cause, why))
 		return m.plannedStop("stopping: "+reason, true, cause)
 	}
 	if m.quiet != quietNone {
@@ -1316,7 +1331,7 @@ func (m *machine) sleepBegins(level int, at time.Time) {
 func (m *machine) doSleep(cause, reason string) []effect {
 	level, why := m.effectiveLevel()
 	if level == 0 {
-		m.idleAfter = m.stoppedOnDemand(cause, why)
+		m.idleAfterStop(m.stoppedOnDemand(cause, why))
 		return append(m.beginStop("stopping: "+reason), efSlept{level: 0, cause: cause})
 	}
 	m.levelNote = why
@@ -1342,7 +1357,7 @@ func (m *machine) onEvict(forModel string) []effect {
 	case m.state == Sleeping && !m.sleepOp && !m.wakeAfter:
 		// Asleep, it still holds CUDA graphs and NCCL buffers: stop it to
 		// give those back too. It starts afresh at its next request.
-		m.idleAfter = "on demand: stopped to make room for " + forModel + "; starts at its next request"
+		m.idleAfterStop("on demand: stopped to make room for " + forModel + "; starts at its next request")
 		return m.plannedStop("stopping: making room for "+forModel, true, "evicted")
 	}
 	return []effect{efDecline{}}
@@ -1385,7 +1400,7 @@ func (m *machine) onSlept(ev evSlept) []effect {
 		// An engine that failed to sleep is in no state to trust: stop it;
 		// it starts afresh at its next request.
 		m.log.Warn("sleep failed; stopping the model", zap.Error(ev.err))
-		m.idleAfter = "on demand: stopped after a failed sleep (" + errText(ev.err) + "); starts at its next request"
+		m.idleAfterStop("on demand: stopped after a failed sleep (" + errText(ev.err) + "); starts at its next request")
 		return m.beginStop("stopping: sleep failed: " + errText(ev.err))
 	}
 	if ev.level > 0 {
@@ -1446,7 +1461,7 @@ func (m *machine) wakeFailed(kind, why string) []effect {
 	m.log.Warn("wake failed; restarting the model cold", zap.String("what", kind), zap.String("why", why))
 	m.restarts[ReasonWake]++
 	m.wakeFailures++
-	m.startAfter = "restarting cold after a failed wake: " + why
+	m.startAfterStop("restarting cold after a failed wake: " + why)
 	return append([]effect{efWakeFailed{why: kind}}, m.beginStop("stopping: wake failed: "+why)...)
 }
 
