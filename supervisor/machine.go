@@ -115,6 +115,7 @@ type machine struct {
 	settling   bool      // taken over mid-sleep or mid-wake: its GPUs count as changing until the settle timer
 	sleepCause string    // idle, evicted, manual
 	sleepLevel int       // the level it sleeps at
+	sleepNote  string    // why the sleep in flight goes deeper than asked (sleep_host_memory)
 	wakeAfter  bool      // a request came during the sleep in flight: wake once asleep
 	wakeStart  time.Time // when the wake in flight began (its demand)
 	wakeBegan  time.Time // when its engine was told to wake (the memory granted)
@@ -276,8 +277,6 @@ type (
 	evSlept struct {
 		err     error
 		aborted bool
-		level   int               // the level it sleeps at (the host memory budget may have raised it)
-		note    string            // why the level differs from sleep_level
 		waiting int               // requests waiting in its queue once asleep: they want it back
 		held    map[string]uint64 // what it held on each GPU just before /sleep
 		grown   uint64            // at level 1: its processes' resident memory grown across the sleep
@@ -1365,13 +1364,35 @@ func (m *machine) stoppedOnDemand(cause, why string) string {
 	return s
 }
 
-// sleepBegins is the runner's word, as it carries out efSleep, of the
-// level the sleep goes to (sleep_host_memory may deepen a level-1 sleep to
-// 2) and when it began: the record says so until the sleep is done.
-func (m *machine) sleepBegins(level int, at time.Time) {
+// hostMemory is what the level of a sleep depends on besides the model:
+// sleep_host_memory in force (0: no bound) and the pinned host memory the
+// other models' level-1 sleeps hold (their status's SleepHostMemory). The
+// runner reads it as it carries out efSleep.
+type hostMemory struct{ budget, othersHeld uint64 }
+
+// sleepBegins is the runner's word, as it carries out efSleep (asking for
+// level), that the sleep begins at, with host as it is: the machine
+// chooses the level the sleep goes to (sleepLevelFor) and keeps it and
+// when it began, so every record from here on says the sleep began, at the
+// level it will be. It returns that level.
+func (m *machine) sleepBegins(level int, host hostMemory, at time.Time) int {
+	level, note := m.sleepLevelFor(level, host)
 	if m.flight == flightSleep {
-		m.sleepLevel, m.sleepBegan = level, at
+		m.sleepLevel, m.sleepNote, m.sleepBegan = level, note, at
 	}
+	return level
+}
+
+// sleepLevelFor is the level a sleep asked at level goes to: level-1
+// sleepers keep their weights in pinned host memory, so once the others
+// hold sleep_host_memory it is level 2 instead (the weights are reloaded
+// from disk at the wake), where its vLLM and command line have a level 2
+// (deepestLevel); note says why.
+func (m *machine) sleepLevelFor(level int, host hostMemory) (int, string) {
+	if level == 1 && host.budget > 0 && host.othersHeld >= host.budget && m.deepestLevel() >= 2 {
+		return 2, fmt.Sprintf("level 2, not 1: level-1 sleepers hold %s of sleep_host_memory %s", config.ByteSize(host.othersHeld), config.ByteSize(host.budget))
+	}
+	return level, ""
 }
 
 // doSleep puts the model to sleep (its GPUs are quiet): drain, then /sleep.
@@ -1386,7 +1407,7 @@ func (m *machine) doSleep(cause, reason string) []effect {
 	if why != "" {
 		m.log.Info("sleeping at a shallower level than sleep_level", zap.Int("level", level), zap.String("why", why))
 	}
-	m.flight, m.sleepCause, m.sleepLevel, m.sleepBegan = flightSleep, cause, level, time.Time{}
+	m.flight, m.sleepCause, m.sleepLevel, m.sleepNote, m.sleepBegan = flightSleep, cause, level, "", time.Time{}
 	m.probing = false
 	m.enter(Sleeping, "going to sleep: "+reason)
 	return []effect{efDisarm{tick}, efDisarm{idle}, efSleep{level: m.sleepLevel, cause: cause}}
@@ -1451,9 +1472,6 @@ func (m *machine) onSlept(ev evSlept) []effect {
 		m.idleAfterStop("on demand: stopped after a failed sleep (" + errText(ev.err) + "); starts at its next request")
 		return m.beginStop("stopping: sleep failed: " + errText(ev.err))
 	}
-	if ev.level > 0 {
-		m.sleepLevel = ev.level
-	}
 	// The latest sleep adds nothing the second time: vLLM reuses the
 	// pinned memory of its first.
 	m.hostHeld = max(m.hostHeld, ev.grown)
@@ -1461,8 +1479,8 @@ func (m *machine) onSlept(ev evSlept) []effect {
 		m.held = ev.held
 	}
 	reason := fmt.Sprintf("asleep (level %d, %s)", m.sleepLevel, m.sleepCause)
-	if ev.note != "" {
-		reason += "; " + ev.note
+	if m.sleepNote != "" {
+		reason += "; " + m.sleepNote
 	}
 	if m.levelNote != "" {
 		reason += "; " + m.levelNote
