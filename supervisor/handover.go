@@ -51,11 +51,11 @@ type (
 // spawn, a stop, a sleep or a wake).
 func (m *machine) restorable() error {
 	switch {
-	case m.spawning:
+	case m.flight == flightSpawn:
 		return fmt.Errorf("%s is being spawned", m.cfg.Name)
 	case m.state == Stopping, m.state == Waking:
 		return fmt.Errorf("%s is %s", m.cfg.Name, m.state)
-	case m.sleepOp:
+	case m.flight == flightSleep:
 		return fmt.Errorf("%s is going to sleep", m.cfg.Name)
 	}
 	return nil
@@ -91,7 +91,7 @@ func (m *machine) snapshot() ModelState {
 			// until the wake is proven: a successor wakes it the way it
 			// slept (a wake_up of an engine already awake does nothing).
 			st.Instance.SleepLevel, st.Instance.SleepCause = m.sleepLevel, m.sleepCause
-			if m.sleepOp {
+			if m.flight == flightSleep {
 				st.Instance.SleepBegan = m.sleepBegan
 			}
 			if m.wakeInFlight() {
@@ -157,7 +157,7 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 				state = Ready
 			}
 			m.enter(state, st.Reason)
-			return append([]effect{adopt}, m.plannedStop("stopping: "+m.holdReason, false, "")...)
+			return append([]effect{adopt}, m.plannedStop("stopping: "+m.holdReason, "")...)
 		case is.Digest != digest || envChanged:
 			what := "configuration"
 			if is.Digest == digest {

@@ -82,9 +82,11 @@ type machine struct {
 	// typical one, it is probed fast (startupPoll).
 	loads []time.Duration
 
-	wantSeq  int  // the want in flight with the scheduler
-	awaiting bool // a want is in flight: a placement for wantSeq is expected
-	spawning bool // a spawn is in flight: evSpawned is expected
+	// flight is the operation in flight with the outside world whose
+	// outcome it waits for: a want (wantSeq numbers wants, so the answer to
+	// one withdrawn since is ignored), a spawn, a sleep or a wake.
+	flight  flight
+	wantSeq int
 
 	probing    bool
 	probeFails int
@@ -94,16 +96,13 @@ type machine struct {
 	restarts map[string]int
 	lastOut  []string
 
-	// What follows the stop in flight, decided by the events that led to
-	// it: a failure to back off from, or a start (operator, reload). hold
-	// and shutdown override both.
-	failure    *failure
-	startAfter string // non-empty: start again at once, with this reason
-	idleAfter  string // non-empty: an on-demand model stopped to give its GPUs back (sleep_level 0, a failed sleep)
+	// after is what follows the stop in flight (or the planned stop that
+	// waits for quiet GPUs), decided by the events that led to it; hold and
+	// shutdown override it.
+	after afterStop
 
 	// On-demand models (docs/on-demand.md).
 	awakeAt    time.Time // when it last became ready (started or woke)
-	sleepOp    bool      // a sleep is in flight (draining, then /sleep)
 	sleepBegan time.Time // when the runner began the sleep in flight (sleepBegins)
 	// hostHeld is the pinned host memory the process holds for its level-1
 	// sleeps (its weights), measured as its resident memory grown across
@@ -116,6 +115,7 @@ type machine struct {
 	settling   bool      // taken over mid-sleep or mid-wake: its GPUs count as changing until the settle timer
 	sleepCause string    // idle, evicted, manual
 	sleepLevel int       // the level it sleeps at
+	sleepNote  string    // why the sleep in flight goes deeper than asked (sleep_host_memory)
 	wakeAfter  bool      // a request came during the sleep in flight: wake once asleep
 	wakeStart  time.Time // when the wake in flight began (its demand)
 	wakeBegan  time.Time // when its engine was told to wake (the memory granted)
@@ -149,12 +149,9 @@ type machine struct {
 	// A planned sleep or stop waits until its GPUs are quiet: no other
 	// model starting or waking there (vLLM aborts a start whose GPU memory
 	// changes while it profiles, vllm#56830). quiet is what waits, quietSeq
-	// the request in flight with the scheduler.
-	quiet       quietKind
-	quietSeq    int
-	quietCause  string // a sleep's cause
-	quietReason string // a sleep's reason, or the stop's
-	quietSlept  bool   // the stop gives the GPUs back for sleep_level 0: count it as a sleep (cause quietCause)
+	// numbers the requests to the scheduler.
+	quiet    quietWait
+	quietSeq int
 
 	// opErr is the answer to the last operation: set by onOp, read by the
 	// runner for the operator.
@@ -173,6 +170,39 @@ type machine struct {
 
 // failure is a run that ended badly: why (a restart reason) and the detail.
 type failure struct{ why, reason string }
+
+// flight is the one operation in flight with the outside world whose
+// outcome the machine waits for; the states say which can be: a want while
+// pending or waking, a spawn while pending, a sleep while sleeping, a wake
+// while waking.
+type flight int
+
+const (
+	flightNone  flight = iota
+	flightWant         // a want with the scheduler: evPlaced for wantSeq (pending; waking, waiting for its memory)
+	flightSpawn        // a spawn: evSpawned
+	flightSleep        // a sleep (draining, then /sleep): evSlept
+	flightWake         // its engine is woken (wake_up, then the canary): evWoke
+)
+
+// afterStop is what follows a stop: a start again (the default, or with a
+// reason), idle (an on-demand model stopped to give its GPUs back:
+// sleep_level 0, an eviction, a failed sleep), or a failure to back off
+// from. A start replaces either other; idle replaces a failure.
+type afterStop struct {
+	kind    afterKind
+	reason  string  // afterStart: the start's; afterIdle: what stopped says
+	failure failure // afterFailure
+}
+
+type afterKind int
+
+const (
+	afterRestart afterKind = iota // nothing decided: start again ("restarting")
+	afterFailure                  // back off, or fail at the start limit
+	afterIdle                     // stopped until a request asks for it
+	afterStart                    // start again at once, with its reason
+)
 
 // event is something that happened to a model.
 type event interface{ isEvent() }
@@ -247,8 +277,6 @@ type (
 	evSlept struct {
 		err     error
 		aborted bool
-		level   int               // the level it sleeps at (the host memory budget may have raised it)
-		note    string            // why the level differs from sleep_level
 		waiting int               // requests waiting in its queue once asleep: they want it back
 		held    map[string]uint64 // what it held on each GPU just before /sleep
 		grown   uint64            // at level 1: its processes' resident memory grown across the sleep
@@ -538,19 +566,19 @@ func (m *machine) probed() bool {
 
 // wakeInFlight reports whether its engine is being woken (the memory was
 // granted; wake_up and the canary run).
-func (m *machine) wakeInFlight() bool { return m.state == Waking && !m.awaiting }
+func (m *machine) wakeInFlight() bool { return m.flight == flightWake }
 
 // toPending enters pending and checks what a start needs.
 func (m *machine) toPending(reason string) []effect {
 	m.startBegan = m.now()
 	m.cause = CauseChecking
-	m.awaiting = false
+	m.flight = flightNone
 	m.enter(Pending, reason)
 	return []effect{efDisarm{tick}, efCheck{}}
 }
 
 func (m *machine) onChecked(ev evChecked) []effect {
-	if m.state != Pending || m.awaiting {
+	if m.state != Pending || m.flight == flightWant {
 		return nil
 	}
 	if ev.cause != "" {
@@ -575,13 +603,13 @@ func (m *machine) onChecked(ev evChecked) []effect {
 func (m *machine) wantGPUs() []effect {
 	m.cause = CauseGPU
 	m.wantSeq++
-	m.awaiting = true
+	m.flight = flightWant
 	m.enter(Pending, "waiting for GPUs")
 	return []effect{efWant{seq: m.wantSeq}}
 }
 
 func (m *machine) onPlaced(p placement) []effect {
-	if (m.state != Pending && m.state != Waking) || !m.awaiting || p.seq != m.wantSeq {
+	if (m.state != Pending && m.state != Waking) || m.flight != flightWant || p.seq != m.wantSeq {
 		return nil // answers a want withdrawn since
 	}
 	if m.state == Waking {
@@ -589,7 +617,7 @@ func (m *machine) onPlaced(p placement) []effect {
 			m.enter(Waking, "waiting for its GPU memory: "+p.reason)
 			return nil
 		}
-		m.awaiting = false
+		m.flight = flightWake
 		bound := m.wakeBound(m.sleepLevel)
 		m.wakeBegan, m.probeFails, m.probing = m.now(), 0, false
 		m.enter(Waking, fmt.Sprintf("waking (bound %s)", roundDuration(bound)))
@@ -600,18 +628,18 @@ func (m *machine) onPlaced(p placement) []effect {
 		m.enter(Pending, p.reason)
 		return nil
 	}
-	m.awaiting, m.spawning = false, true
+	m.flight = flightSpawn
 	return []effect{efSpawn{gpus: p.gpus}}
 }
 
 func (m *machine) onSpawned(ev evSpawned) []effect {
-	if !m.spawning {
+	if m.flight != flightSpawn {
 		// The runner reports a spawn right after efSpawn, before any other
 		// event: this cannot happen. Say so rather than lose track.
 		m.log.Error("internal: spawn result without a spawn", zap.Bool("process", ev.inst != nil))
 		return nil
 	}
-	m.spawning = false
+	m.flight = flightNone
 	switch {
 	case ev.err != nil:
 		// The program is missing or not executable: retrying in seconds
@@ -649,7 +677,7 @@ func (m *machine) onExited(ev evExited) []effect {
 		// does, and then starts as any start does (asking for memory that
 		// went to others meanwhile).
 		m.restarts[ReasonExit]++
-		m.idleAfter = "on demand: exited while asleep (" + ex.desc + "); starts at its next request"
+		m.idleAfterStop("on demand: exited while asleep (" + ex.desc + "); starts at its next request")
 		return m.beginStop("stopping what is left of it: exited while asleep (" + ex.desc + ")")
 	}
 	return m.failAndStop(ReasonExit, "exited ("+ex.desc+")", fmt.Sprintf("exited (%s); stopping what is left of it", ex.desc))
@@ -741,7 +769,7 @@ func (m *machine) onTimer(t timerKind) []effect {
 		return []effect{efSettled{}}
 	}
 	if t == deadline {
-		if m.quiet != quietNone {
+		if m.quiet.kind != quietNone {
 			// No Unquiet: the sleep or stop that goes ahead marks its GPUs
 			// busy (Changing, which ends the quiet request) in the same
 			// message, so no decision sees them free in between.
@@ -759,7 +787,7 @@ func (m *machine) onTimer(t timerKind) []effect {
 	}
 	switch m.state {
 	case Pending:
-		if m.awaiting {
+		if m.flight == flightWant {
 			return nil // the scheduler answers when it can place it
 		}
 		return m.toPending(m.reason)
@@ -770,7 +798,7 @@ func (m *machine) onTimer(t timerKind) []effect {
 		m.log.Info("retrying failed model", zap.Duration("retry_failed_after", m.cfg.Restart.RetryFailedAfter))
 		return m.toPending("retrying after failure")
 	case Starting, Ready, Unhealthy, Waking:
-		if m.state == Waking && m.awaiting {
+		if m.state == Waking && m.flight == flightWant {
 			return nil // asleep until its memory is granted
 		}
 		var out []effect
@@ -795,8 +823,10 @@ func (m *machine) onTimer(t timerKind) []effect {
 func (m *machine) failAndStop(why, reason, stopping string) []effect {
 	m.log.Warn("restarting model", zap.String("reason", why), zap.String("detail", reason))
 	m.restarts[why]++
-	m.failure = &failure{why: why, reason: reason}
-	return m.beginStop(stopping)
+	if m.after.kind <= afterFailure {
+		m.after = afterStop{kind: afterFailure, failure: failure{why: why, reason: reason}}
+	}
+	return m.stop(stopping, true)
 }
 
 // beginStop hands the tree to a stop; evStopped follows.
@@ -804,15 +834,29 @@ func (m *machine) failAndStop(why, reason, stopping string) []effect {
 // stop, the daemon's shutdown) of a model that serves drains it first, as
 // a sleep does: vLLM aborts the requests in flight at SIGTERM. A stop
 // after a failure does not wait for a dead engine.
-func (m *machine) beginStop(reason string) []effect {
-	drain := m.failure == nil && !m.exited && (m.state == Ready || m.state == Unhealthy)
-	m.quiet = quietNone // it stops now: whatever waited for quiet GPUs is moot
+func (m *machine) beginStop(reason string) []effect { return m.stop(reason, false) }
+
+// stop hands the tree to a stop, after a failure (failed) or not.
+func (m *machine) stop(reason string, failed bool) []effect {
+	drain := !failed && !m.exited && (m.state == Ready || m.state == Unhealthy)
+	m.quiet = quietWait{} // it stops now: whatever waited for quiet GPUs is moot
 	// Its claim is released from here on: a settle timer still armed must
 	// not mark it asleep again.
 	m.settling = false
 	m.enter(Stopping, reason)
-	m.sleepOp, m.sleepLevel, m.sleepBegan = false, 0, time.Time{}
+	// Whatever was in flight (a sleep, a wake, a want for its memory) is
+	// moot too.
+	m.flight, m.sleepLevel, m.sleepBegan = flightNone, 0, time.Time{}
 	return []effect{efDisarm{tick}, efDisarm{deadline}, efDisarm{idle}, efStop{inst: m.inst, mainAlive: !m.exited, drain: drain}}
+}
+
+// quietWait is what waits for quiet GPUs, and what it carries out then.
+type quietWait struct {
+	kind   quietKind
+	reason string // the sleep's reason, or the stop's
+	// cause: a sleep's (idle, evicted, manual); a stop's when it gives an
+	// on-demand model's GPUs back, counted as a sleep at level 0.
+	cause string
 }
 
 // quietKind is what waits for quiet GPUs.
@@ -825,29 +869,29 @@ const (
 )
 
 // plannedStop stops a model that serves or sleeps once its GPUs are quiet
-// (no other model starting or waking there); slept counts the stop as a
-// sleep at level 0 (an on-demand model giving its GPUs back). A model
-// loading, or one not running, is not waited for.
-func (m *machine) plannedStop(reason string, slept bool, cause string) []effect {
+// (no other model starting or waking there); a sleepCause counts the stop
+// as a sleep at level 0 with that cause (an on-demand model giving its
+// GPUs back). A model loading, or one not running, is not waited for.
+func (m *machine) plannedStop(reason, sleepCause string) []effect {
 	var out []effect
-	if m.state == Waking && m.awaiting && !m.shutdown {
+	if m.state == Waking && m.flight == flightWant && !m.shutdown {
 		// A sleeper waiting for memory to wake (often because a neighbour
 		// loads on its GPU): it still sleeps. Its want goes, and it stops
 		// as a sleeper does, once its GPUs are quiet.
-		m.awaiting = false
+		m.flight = flightNone
 		m.wantSeq++ // an answer to the withdrawn want is ignored
 		m.enter(Sleeping, fmt.Sprintf("asleep (level %d)", m.sleepLevel))
 		out = append(out, efWithdraw{})
 	}
-	if m.shutdown || !(m.state == Ready || m.state == Unhealthy || (m.state == Sleeping && !m.sleepOp)) {
+	if m.shutdown || !(m.state == Ready || m.state == Unhealthy || (m.state == Sleeping && m.flight != flightSleep)) {
 		out := m.beginStop(reason)
-		if slept {
-			out = append(out, efSlept{level: 0, cause: cause})
+		if sleepCause != "" {
+			out = append(out, efSlept{level: 0, cause: sleepCause})
 		}
 		return out
 	}
-	pending := m.quiet != quietNone
-	m.quiet, m.quietReason, m.quietSlept, m.quietCause = quietStop, reason, slept, cause
+	pending := m.quiet.kind != quietNone
+	m.quiet = quietWait{kind: quietStop, reason: reason, cause: sleepCause}
 	m.enter(m.state, "waiting for its GPUs to be quiet before it stops: "+strings.TrimPrefix(reason, "stopping: "))
 	if pending {
 		return out // the request in flight answers this too
@@ -865,11 +909,11 @@ func (m *machine) askQuiet() []effect {
 // onQuiet carries out what waited for quiet GPUs, or says what it waits
 // for.
 func (m *machine) onQuiet(ev evQuiet) []effect {
-	if m.quiet == quietNone || ev.seq != m.quietSeq {
+	if m.quiet.kind == quietNone || ev.seq != m.quietSeq {
 		return nil
 	}
 	if !ev.ok {
-		what := map[quietKind]string{quietSleep: "sleeps", quietStop: "stops"}[m.quiet]
+		what := map[quietKind]string{quietSleep: "sleeps", quietStop: "stops"}[m.quiet.kind]
 		m.enter(m.state, fmt.Sprintf("waiting for %s, before it %s", ev.reason, what))
 		return nil
 	}
@@ -878,15 +922,15 @@ func (m *machine) onQuiet(ev evQuiet) []effect {
 
 // quietNow does what waited for quiet GPUs.
 func (m *machine) quietNow() []effect {
-	kind, cause, reason, slept := m.quiet, m.quietCause, m.quietReason, m.quietSlept
-	m.quiet = quietNone
+	q := m.quiet
+	m.quiet = quietWait{}
 	out := []effect{efDisarm{deadline}}
-	if kind == quietSleep {
-		return append(out, m.doSleep(cause, reason)...)
+	if q.kind == quietSleep {
+		return append(out, m.doSleep(q.cause, q.reason)...)
 	}
-	out = append(out, m.beginStop(reason)...)
-	if slept {
-		out = append(out, efSlept{level: 0, cause: cause})
+	out = append(out, m.beginStop(q.reason)...)
+	if q.cause != "" {
+		out = append(out, efSlept{level: 0, cause: q.cause})
 	}
 	return out
 }
@@ -899,14 +943,15 @@ func (m *machine) onStopped(ev evStopped) []effect {
 		ex := ev.inst.exit
 		m.lastExit = &ex
 	}
-	fail, start, idled := m.failure, m.startAfter, m.idleAfter
-	m.failure, m.startAfter, m.idleAfter = nil, "", ""
+	after := m.after
+	m.after = afterStop{}
 	// A request came meanwhile, or requests wait in its queue: they want
 	// it back (nothing else would ask for it again).
 	wake := m.wakeAfter || ev.waiting > 0
 	m.wakeAfter = false
 	inst := m.inst
 	m.inst, m.exited, m.probing, m.hostHeld = nil, false, false, 0
+	idled := after.kind == afterIdle
 	var out []effect
 	switch {
 	case m.shutdown:
@@ -916,14 +961,14 @@ func (m *machine) onStopped(ev evStopped) []effect {
 		out = m.fail("stop: " + ev.err.Error())
 	case m.hold:
 		m.enter(Stopped, m.holdReason)
-	case start != "":
-		out = m.toPending(start)
-	case idled != "" && wake:
+	case after.kind == afterStart:
+		out = m.toPending(after.reason)
+	case idled && wake:
 		out = m.toPending("started on demand")
-	case idled != "":
-		m.enter(Stopped, idled)
-	case fail != nil:
-		out = m.afterFailure(*fail)
+	case idled:
+		m.enter(Stopped, after.reason)
+	case after.kind == afterFailure:
+		out = m.afterFailure(after.failure)
 	default:
 		out = m.toPending("restarting")
 	}
@@ -931,6 +976,21 @@ func (m *machine) onStopped(ev evStopped) []effect {
 	// reserved for it; held, failed or shut down, they go to whoever waits.
 	keep := m.state == Pending || m.state == Backoff
 	return append([]effect{efRelease{inst: inst, keep: keep}}, out...)
+}
+
+// startAfterStop has the stop in flight (or the one waiting for quiet
+// GPUs) followed by a start with reason: it replaces an idle stop's or a
+// failure's plan.
+func (m *machine) startAfterStop(reason string) {
+	m.after = afterStop{kind: afterStart, reason: reason}
+}
+
+// idleAfterStop has the stop followed by an on-demand model's idle
+// (stopped, saying reason), unless a start follows it.
+func (m *machine) idleAfterStop(reason string) {
+	if m.after.kind != afterStart {
+		m.after = afterStop{kind: afterIdle, reason: reason}
+	}
 }
 
 // afterFailure decides between backoff and failed after a failed run.
@@ -961,14 +1021,16 @@ func (m *machine) fail(reason string) []effect {
 // stopHeld stops the model and holds it stopped with reason.
 func (m *machine) stopHeld(reason string) []effect {
 	m.hold, m.holdReason = true, reason
-	m.startAfter = ""
+	if m.after.kind == afterStart {
+		m.after = afterStop{}
+	}
 	switch {
 	case m.live():
-		return m.plannedStop("stopping: "+reason, false, "")
+		return m.plannedStop("stopping: "+reason, "")
 	case m.state == Stopping:
 		return nil // held once the stop completes
 	}
-	m.awaiting = false
+	m.flight = flightNone
 	m.enter(Stopped, reason)
 	return []effect{efDisarm{tick}, efDrop{}}
 }
@@ -979,13 +1041,13 @@ func (m *machine) respawn(reason string) []effect {
 	m.hold = false
 	switch {
 	case m.live():
-		m.startAfter = reason
-		return m.plannedStop("stopping: "+reason, false, "")
+		m.startAfterStop(reason)
+		return m.plannedStop("stopping: "+reason, "")
 	case m.state == Stopping:
-		m.startAfter = reason
+		m.startAfterStop(reason)
 		return nil
 	case m.state == Pending:
-		if m.awaiting {
+		if m.flight == flightWant {
 			// Its want may ask for something else now.
 			return append([]effect{efDrop{}}, m.toPending(reason)...)
 		}
@@ -1029,7 +1091,7 @@ func (m *machine) onOp(op Op) []effect {
 			m.tracker.reset()
 			return m.toPending("started by operator")
 		case Stopping:
-			m.startAfter = "started by operator"
+			m.startAfterStop("started by operator")
 		}
 	case OpStop:
 		return m.stopHeld("held stopped by operator")
@@ -1044,7 +1106,7 @@ func (m *machine) onOp(op Op) []effect {
 		case Failed, Backoff, Stopped:
 			return m.toPending("reset by operator")
 		case Stopping:
-			m.startAfter = "reset by operator"
+			m.startAfterStop("reset by operator")
 		}
 	}
 	return nil
@@ -1077,8 +1139,8 @@ func (m *machine) onConfig(ev evConfig) []effect {
 			// (and asks for memory then), rather than now, awake, putting
 			// others to sleep for nothing.
 			m.hold = false
-			m.idleAfter = "on demand: stopped for a configuration change; starts at its next request"
-			return m.plannedStop("stopping: configuration changed", false, "")
+			m.idleAfterStop("on demand: stopped for a configuration change; starts at its next request")
+			return m.plannedStop("stopping: configuration changed", "")
 		}
 		return m.respawn("configuration changed")
 	case ev.kind == config.Update && m.live():
@@ -1109,7 +1171,7 @@ func (m *machine) onShutdown() []effect {
 	case m.state == Stopping:
 		return nil
 	}
-	m.awaiting = false
+	m.flight = flightNone
 	m.enter(Stopped, "supervisor shut down")
 	return []effect{efDisarm{tick}, efDisarm{deadline}, efDrop{}}
 }
@@ -1168,7 +1230,7 @@ func (m *machine) status() *Status {
 		s.SleepHostMemory = m.hostHeld
 	}
 	s.EnvDigest = m.envDigest
-	if m.state == Sleeping && !m.sleepOp {
+	if m.state == Sleeping && m.flight != flightSleep {
 		s.SleepLevel = m.sleepLevel
 	}
 	s.TypicalStartup = gpu.Typical(m.startups)
@@ -1220,7 +1282,7 @@ func (m *machine) onDemand(reason string) []effect {
 	case Stopped:
 		return m.toPending(reason)
 	case Sleeping:
-		if m.sleepOp || m.quiet == quietStop {
+		if m.flight == flightSleep || m.quiet.kind == quietStop {
 			// Once the sleep in flight is done; or, a stop of its own
 			// waiting for quiet GPUs (one for its residue, say), once that
 			// stop is: waking it now would only have it stopped mid-wake.
@@ -1229,7 +1291,7 @@ func (m *machine) onDemand(reason string) []effect {
 		}
 		return m.wake()
 	case Stopping:
-		if m.idleAfter != "" {
+		if m.after.kind == afterIdle {
 			m.wakeAfter = true
 		}
 	}
@@ -1250,13 +1312,13 @@ func (m *machine) onUnwanted() []effect {
 	switch {
 	case m.wakeAfter:
 		m.wakeAfter, m.demanded = false, false
-	case m.state == Waking && m.awaiting:
-		m.awaiting, m.demanded = false, false
+	case m.state == Waking && m.flight == flightWant:
+		m.flight, m.demanded = flightNone, false
 		m.wantSeq++ // an answer to the withdrawn want is ignored
 		m.enter(Sleeping, fmt.Sprintf("asleep (level %d); the requests that would have woken it left", m.sleepLevel))
 		return []effect{efWithdraw{}}
-	case m.state == Pending && !m.spawning && m.inst == nil:
-		m.awaiting, m.demanded = false, false
+	case m.state == Pending && m.flight != flightSpawn && m.inst == nil:
+		m.flight, m.demanded = flightNone, false
 		m.wantSeq++
 		m.enter(Stopped, "on demand: not started, the requests that asked for it left; starts at its next request")
 		return []effect{efDisarm{tick}, efDrop{}}
@@ -1268,7 +1330,7 @@ func (m *machine) onUnwanted() []effect {
 func (m *machine) wake() []effect {
 	m.wakeStart = m.now()
 	m.wantSeq++
-	m.awaiting = true
+	m.flight = flightWant
 	m.enter(Waking, "waiting for its GPU memory")
 	return []effect{efWant{seq: m.wantSeq, held: m.held}}
 }
@@ -1280,13 +1342,13 @@ func (m *machine) wake() []effect {
 func (m *machine) sleep(cause, reason string) []effect {
 	level, why := m.effectiveLevel()
 	if level == 0 {
-		m.idleAfter = m.stoppedOnDemand(cause, why)
-		return m.plannedStop("stopping: "+reason, true, cause)
+		m.idleAfterStop(m.stoppedOnDemand(cause, why))
+		return m.plannedStop("stopping: "+reason, cause)
 	}
-	if m.quiet != quietNone {
+	if m.quiet.kind != quietNone {
 		return nil // a sleep or a stop waits already
 	}
-	m.quiet, m.quietCause, m.quietReason = quietSleep, cause, reason
+	m.quiet = quietWait{kind: quietSleep, reason: reason, cause: cause}
 	m.enter(m.state, "waiting for its GPUs to be quiet before it sleeps: "+reason)
 	return append([]effect{efDisarm{idle}}, m.askQuiet()...)
 }
@@ -1302,13 +1364,35 @@ func (m *machine) stoppedOnDemand(cause, why string) string {
 	return s
 }
 
-// sleepBegins is the runner's word, as it carries out efSleep, of the
-// level the sleep goes to (sleep_host_memory may deepen a level-1 sleep to
-// 2) and when it began: the record says so until the sleep is done.
-func (m *machine) sleepBegins(level int, at time.Time) {
-	if m.sleepOp {
-		m.sleepLevel, m.sleepBegan = level, at
+// hostMemory is what the level of a sleep depends on besides the model:
+// sleep_host_memory in force (0: no bound) and the pinned host memory the
+// other models' level-1 sleeps hold (their status's SleepHostMemory). The
+// runner reads it as it carries out efSleep.
+type hostMemory struct{ budget, othersHeld uint64 }
+
+// sleepBegins is the runner's word, as it carries out efSleep (asking for
+// level), that the sleep begins at, with host as it is: the machine
+// chooses the level the sleep goes to (sleepLevelFor) and keeps it and
+// when it began, so every record from here on says the sleep began, at the
+// level it will be. It returns that level.
+func (m *machine) sleepBegins(level int, host hostMemory, at time.Time) int {
+	level, note := m.sleepLevelFor(level, host)
+	if m.flight == flightSleep {
+		m.sleepLevel, m.sleepNote, m.sleepBegan = level, note, at
 	}
+	return level
+}
+
+// sleepLevelFor is the level a sleep asked at level goes to: level-1
+// sleepers keep their weights in pinned host memory, so once the others
+// hold sleep_host_memory it is level 2 instead (the weights are reloaded
+// from disk at the wake), where its vLLM and command line have a level 2
+// (deepestLevel); note says why.
+func (m *machine) sleepLevelFor(level int, host hostMemory) (int, string) {
+	if level == 1 && host.budget > 0 && host.othersHeld >= host.budget && m.deepestLevel() >= 2 {
+		return 2, fmt.Sprintf("level 2, not 1: level-1 sleepers hold %s of sleep_host_memory %s", config.ByteSize(host.othersHeld), config.ByteSize(host.budget))
+	}
+	return level, ""
 }
 
 // doSleep puts the model to sleep (its GPUs are quiet): drain, then /sleep.
@@ -1316,14 +1400,14 @@ func (m *machine) sleepBegins(level int, at time.Time) {
 func (m *machine) doSleep(cause, reason string) []effect {
 	level, why := m.effectiveLevel()
 	if level == 0 {
-		m.idleAfter = m.stoppedOnDemand(cause, why)
+		m.idleAfterStop(m.stoppedOnDemand(cause, why))
 		return append(m.beginStop("stopping: "+reason), efSlept{level: 0, cause: cause})
 	}
 	m.levelNote = why
 	if why != "" {
 		m.log.Info("sleeping at a shallower level than sleep_level", zap.Int("level", level), zap.String("why", why))
 	}
-	m.sleepOp, m.sleepCause, m.sleepLevel, m.sleepBegan = true, cause, level, time.Time{}
+	m.flight, m.sleepCause, m.sleepLevel, m.sleepNote, m.sleepBegan = flightSleep, cause, level, "", time.Time{}
 	m.probing = false
 	m.enter(Sleeping, "going to sleep: "+reason)
 	return []effect{efDisarm{tick}, efDisarm{idle}, efSleep{level: m.sleepLevel, cause: cause}}
@@ -1335,15 +1419,15 @@ func (m *machine) onEvict(forModel string) []effect {
 	case m.state == Ready && m.now().Sub(m.awakeAt) < m.cfg.MinAwake:
 		// Within min_awake of becoming ready, by its own clock: the
 		// scheduler decided on an older view.
-	case m.quiet != quietNone:
+	case m.quiet.kind != quietNone:
 		// A sleep or stop of its own waits already.
 	case m.state == Ready:
 		return m.sleep("evicted", "making room for "+forModel)
-	case m.state == Sleeping && !m.sleepOp && !m.wakeAfter:
+	case m.state == Sleeping && m.flight != flightSleep && !m.wakeAfter:
 		// Asleep, it still holds CUDA graphs and NCCL buffers: stop it to
 		// give those back too. It starts afresh at its next request.
-		m.idleAfter = "on demand: stopped to make room for " + forModel + "; starts at its next request"
-		return m.plannedStop("stopping: making room for "+forModel, true, "evicted")
+		m.idleAfterStop("on demand: stopped to make room for " + forModel + "; starts at its next request")
+		return m.plannedStop("stopping: making room for "+forModel, "evicted")
 	}
 	return []effect{efDecline{}}
 }
@@ -1367,10 +1451,10 @@ func (m *machine) onIdle(ev evIdle) []effect {
 }
 
 func (m *machine) onSlept(ev evSlept) []effect {
-	if m.state != Sleeping || !m.sleepOp {
+	if m.flight != flightSleep {
 		return nil
 	}
-	m.sleepOp, m.sleepBegan = false, time.Time{}
+	m.flight, m.sleepBegan = flightNone, time.Time{}
 	switch {
 	case ev.aborted:
 		// Requests were still in flight: it stays awake, and says why.
@@ -1385,11 +1469,8 @@ func (m *machine) onSlept(ev evSlept) []effect {
 		// An engine that failed to sleep is in no state to trust: stop it;
 		// it starts afresh at its next request.
 		m.log.Warn("sleep failed; stopping the model", zap.Error(ev.err))
-		m.idleAfter = "on demand: stopped after a failed sleep (" + errText(ev.err) + "); starts at its next request"
+		m.idleAfterStop("on demand: stopped after a failed sleep (" + errText(ev.err) + "); starts at its next request")
 		return m.beginStop("stopping: sleep failed: " + errText(ev.err))
-	}
-	if ev.level > 0 {
-		m.sleepLevel = ev.level
 	}
 	// The latest sleep adds nothing the second time: vLLM reuses the
 	// pinned memory of its first.
@@ -1398,8 +1479,8 @@ func (m *machine) onSlept(ev evSlept) []effect {
 		m.held = ev.held
 	}
 	reason := fmt.Sprintf("asleep (level %d, %s)", m.sleepLevel, m.sleepCause)
-	if ev.note != "" {
-		reason += "; " + ev.note
+	if m.sleepNote != "" {
+		reason += "; " + m.sleepNote
 	}
 	if m.levelNote != "" {
 		reason += "; " + m.levelNote
@@ -1423,7 +1504,7 @@ func (m *machine) onWoke(ev evWoke) []effect {
 		return m.wakeFailed(cmp.Or(ev.why, "error"), errText(ev.err))
 	}
 	level := m.sleepLevel
-	m.sleepLevel = 0
+	m.flight, m.sleepLevel = flightNone, 0
 	m.demanded = false
 	if m.wakes == nil {
 		m.wakes = map[int][]time.Duration{}
@@ -1446,7 +1527,7 @@ func (m *machine) wakeFailed(kind, why string) []effect {
 	m.log.Warn("wake failed; restarting the model cold", zap.String("what", kind), zap.String("why", why))
 	m.restarts[ReasonWake]++
 	m.wakeFailures++
-	m.startAfter = "restarting cold after a failed wake: " + why
+	m.startAfterStop("restarting cold after a failed wake: " + why)
 	return append([]effect{efWakeFailed{why: kind}}, m.beginStop("stopping: wake failed: "+why)...)
 }
 

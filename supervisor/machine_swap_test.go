@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -9,6 +10,7 @@ import (
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/vllm"
 )
 
 // The swap core's transitions, step by step on an injected clock.
@@ -247,5 +249,57 @@ func TestMachineHostMemoryHeldUntilTheProcessEnds(t *testing.T) {
 	mt.step(evStopped{inst: mt.m.inst})
 	if st := mt.m.status(); st.SleepHostMemory != 0 {
 		t.Errorf("stopped: %d bytes counted; want none", st.SleepHostMemory)
+	}
+}
+
+// TestMachineSleepLevelForHostMemory: the machine chooses the level of a
+// sleep from the host as the runner reads it when the sleep begins
+// (sleepBegins): a level-1 sleep goes to level 2 once the other models'
+// level-1 sleeps hold sleep_host_memory, where its vLLM has a level 2. The
+// record says so from then on, and the model says why once asleep.
+func TestMachineSleepLevelForHostMemory(t *testing.T) {
+	const gib = 1 << 30
+	for _, tc := range []struct {
+		name    string
+		version string
+		host    hostMemory
+		want    int
+	}{
+		{"no bound", "0.10.2", hostMemory{budget: 0, othersHeld: 8 * gib}, 1},
+		{"within the bound", "0.10.2", hostMemory{budget: 4 * gib, othersHeld: 3 * gib}, 1},
+		{"at the bound", "0.10.2", hostMemory{budget: 4 * gib, othersHeld: 4 * gib}, 2},
+		{"past the bound", "0.10.2", hostMemory{budget: 4 * gib, othersHeld: 6 * gib}, 2},
+		{"past the bound, no level 2 in its vLLM", "0.10.1", hostMemory{budget: 4 * gib, othersHeld: 6 * gib}, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mt := newODTest(t)
+			mt.m.vllm = vllmInfo{version: vllm.MustParse(tc.version), source: VersionFromServer}
+			mt.toGoingToSleep()
+			if got := mt.m.sleepBegins(1, tc.host, mt.now); got != tc.want {
+				t.Fatalf("sleep begins at level %d; want %d", got, tc.want)
+			}
+			if is := mt.m.snapshot().Instance; is.SleepLevel != tc.want || !is.SleepBegan.Equal(mt.now) {
+				t.Errorf("record: level %d, began %v; want level %d, began %v", is.SleepLevel, is.SleepBegan, tc.want, mt.now)
+			}
+			mt.expect(evSlept{}, fmt.Sprintf("slept(%d,idle)", tc.want))
+			deepened := strings.Contains(mt.m.reason, "level 2, not 1: level-1 sleepers hold ") && strings.Contains(mt.m.reason, " of sleep_host_memory 4.0 GiB")
+			if deepened != (tc.want == 2) {
+				t.Errorf("asleep reason %q", mt.m.reason)
+			}
+			if st := mt.m.status(); st.SleepLevel != tc.want {
+				t.Errorf("status sleep level %d; want %d", st.SleepLevel, tc.want)
+			}
+			// Its wake asks at the level it slept at.
+			mt.expect(evDemand{}, "want(2)")
+			if got := describe(mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})); !strings.HasPrefix(got, fmt.Sprintf("wake(%d,", tc.want)) {
+				t.Errorf("wake effects %q; want a wake from level %d", got, tc.want)
+			}
+		})
+	}
+	// A sleep no longer in flight is not changed by a late word.
+	mt := newODTest(t).toAsleep()
+	mt.m.sleepBegins(1, hostMemory{budget: 1, othersHeld: 2}, mt.now)
+	if st := mt.m.status(); st.SleepLevel != 1 {
+		t.Errorf("asleep at level 1, then told a sleep begins: level %d", st.SleepLevel)
 	}
 }

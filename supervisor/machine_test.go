@@ -885,6 +885,27 @@ func TestMachineSleepOnlyOnDemand(t *testing.T) {
 	mt.state(Ready)
 }
 
+// TestMachineRestartReplacesIdleStop: a restart asked while an on-demand
+// model's idle stop (sleep_level 0) waits for quiet GPUs replaces what
+// follows that stop; an operator's stop, then start, leaves the restart
+// undone, not the idle stop it replaced.
+func TestMachineRestartReplacesIdleStop(t *testing.T) {
+	cfg := onDemandCfg()
+	cfg.SleepLevel = 0
+	mt := newMTest(t)
+	mt.m.cfg = cfg
+	mt.toODReady()
+	mt.now = mt.now.Add(11 * time.Minute)
+	mt.step(evIdle{})
+	mt.step(evOp{op: OpRestart})
+	mt.step(evOp{op: OpStop})
+	mt.step(evOp{op: OpStart})
+	mt.quietOK()
+	mt.state(Stopping)
+	mt.step(evStopped{inst: mt.m.inst})
+	mt.state(Pending)
+}
+
 // TestMachineUnwantedAbandons: when every request waiting for an on-demand
 // model leaves, a start or wake they asked for that has not begun is
 // abandoned; one an operator asked for, or one under way, goes on.
@@ -936,6 +957,19 @@ func TestMachineUnwantedAbandons(t *testing.T) {
 		mt.step(evSpawned{inst: mt.newInst()})
 		mt.expect(evUnwanted{}, "")
 		mt.state(Starting)
+	})
+	t.Run("an operator's start during an idle stop goes on", func(t *testing.T) {
+		mt := newODTest(t).toAsleep()
+		mt.step(evEvict{forModel: "other"})
+		mt.quietOK()
+		mt.state(Stopping)
+		mt.step(evOp{op: OpStart})
+		mt.expect(evDemand{}, "") // a request joins the operator's start
+		mt.step(evStopped{inst: mt.m.inst})
+		mt.state(Pending)
+		mt.step(evChecked{})
+		mt.expect(evUnwanted{}, "")
+		mt.state(Pending)
 	})
 	t.Run("an operator's wake goes on", func(t *testing.T) {
 		mt := newODTest(t).toAsleep()

@@ -33,7 +33,7 @@ func (m *machine) onLearned(ev evLearned) []effect {
 			m.log.Warn("this vLLM is older than any the supervisor is built for (docs/vllm.md)", zap.String("version", ev.version.String()), zap.String("oldest", vllm.Oldest.String()))
 		}
 	}
-	if m.state == Pending && !m.awaiting && m.cause == CauseChecking {
+	if m.state == Pending && m.flight != flightWant && m.cause == CauseChecking {
 		return m.wantGPUs()
 	}
 	return nil

@@ -159,13 +159,13 @@ func TestDemandDoesNotWakeASleeperBeingStopped(t *testing.T) {
 	}
 }
 
-// TestRecordDuringADeepenedSleepKeepsItsLevel: the
-// host memory budget deepens a level-1 sleep to 2 in the runner (efSleep);
-// the machine keeps level 1 until evSlept. A reload of a policy key during
-// the drain or /sleep rewrites the record (efRedigest) from the machine's
-// snapshot: level 1, and no longer "a sleep began". A daemon that dies
-// then leaves a successor that wakes the level-2 sleeper at level 1,
-// without reloading the weights it discarded.
+// TestRecordDuringADeepenedSleepKeepsItsLevel: the host memory budget
+// deepens a level-1 sleep to 2 as the runner begins it (efSleep: the
+// machine chooses the level from what the runner reads, sleepBegins). A
+// reload of a policy key during the drain or /sleep rewrites the record
+// (efRedigest) from the machine's snapshot: it must say level 2, or a
+// daemon that dies then leaves a successor that wakes the level-2 sleeper
+// at level 1, without reloading the weights it discarded.
 func TestRecordDuringADeepenedSleepKeepsItsLevel(t *testing.T) {
 	mt := newODTest(t).toODReady()
 	mt.m.inst.marker = "m/tok"

@@ -432,18 +432,19 @@ func (l *loop) do(ef effect) event {
 		// wake there until it has slept, or stays awake.
 		r.d.sched.Changing(r.name)
 		base, grace, key := baseURL(m.cfg), m.cfg.StopTimeout, r.key()
-		level, note := l.sleepLevel(ef.level, m.deepestLevel())
 		ask := m.hasIsSleeping()
-		// The machine keeps the level chosen (sleep_host_memory may
-		// deepen it) and when the sleep began: every record from here on
-		// (this one, a reload's) says the sleep began, at the level it
-		// will be (the engine says it is awake until /sleep returns), so
-		// the model is never taken for awake, and is woken the way it
-		// slept. A drain that does not complete rewrites it.
-		m.sleepBegins(level, r.d.now())
+		// The machine chooses the level (sleep_host_memory may deepen it,
+		// from what the other models hold) and keeps it and when the sleep
+		// began: every record from here on (this one, a reload's) says the
+		// sleep began, at the level it will be (the engine says it is
+		// awake until /sleep returns), so the model is never taken for
+		// awake, and is woken the way it slept. A drain that does not
+		// complete rewrites it.
+		host := hostMemory{budget: r.d.sleepBudget(), othersHeld: r.d.level1Held(r.name)}
+		level := m.sleepBegins(ef.level, host, r.d.now())
 		l.record()
 		// After the sleeping state is published: the drain names it.
-		l.later = append(l.later, func() { go l.sleep(base, key, level, note, ask, grace, l.seq) })
+		l.later = append(l.later, func() { go l.sleep(base, key, level, ask, grace, l.seq) })
 	case efRecord:
 		l.record()
 	case efSlept:
@@ -648,21 +649,6 @@ func (l *loop) probe(j probeJob) {
 	l.results <- evProbed{inst: j.inst, err: err, took: took, version: version}
 }
 
-// sleepLevel is the level a sleep asked at level happens at: level-1
-// sleepers keep their weights in pinned host memory, so past
-// sleep_host_memory it is level 2 (the weights are reloaded from disk at
-// the wake) instead, where its vLLM has a level 2 (deepest); note says
-// why.
-func (l *loop) sleepLevel(level, deepest int) (int, string) {
-	d := l.r.d
-	if budget := d.sleepBudget(); level == 1 && deepest >= 2 && budget > 0 {
-		if held := d.level1Held(l.r.name); held >= budget {
-			return 2, fmt.Sprintf("level 2, not 1: level-1 sleepers hold %s of sleep_host_memory %s", config.ByteSize(held), config.ByteSize(budget))
-		}
-	}
-	return level, ""
-}
-
 // stopRetryFor is how long a stop the daemon could not complete for want
 // of its own resources (descriptors, memory) is tried again before it is
 // reported failed.
@@ -743,7 +729,7 @@ func (l *loop) drain(base string, budget time.Duration, seq uint64) bool {
 // askAsleep). A model must never be told to sleep with requests in flight
 // (it has crashed TP>1 engines), so a drain that does not finish within
 // grace abandons the sleep.
-func (l *loop) sleep(base, key string, level int, note string, askAsleep bool, grace time.Duration, seq uint64) {
+func (l *loop) sleep(base, key string, level int, askAsleep bool, grace time.Duration, seq uint64) {
 	d := l.r.d
 	if !l.drain(base, grace, seq) {
 		l.results <- evSlept{aborted: true}
@@ -775,7 +761,7 @@ func (l *loop) sleep(base, key string, level int, note string, askAsleep bool, g
 	}
 	// Requests that wait in its queue now came for it while it went to
 	// sleep, or before: they want it back.
-	l.results <- evSlept{err: err, level: level, note: note, waiting: l.r.waiting(), held: held, grown: grown}
+	l.results <- evSlept{err: err, waiting: l.r.waiting(), held: held, grown: grown}
 }
 
 // heldOnGPUs reads the GPUs now and returns what the model's processes
