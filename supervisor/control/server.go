@@ -28,6 +28,7 @@ import (
 	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/netguard"
+	"citadel-supervisor/supervisor/schedule"
 )
 
 // Backend is what the server needs of the supervisor.
@@ -36,7 +37,7 @@ type Backend interface {
 	Do(ctx context.Context, op api.Op, names ...string) (map[string]error, error)
 	Output(name string, n int) ([]string, error)
 	Follow(name string) (<-chan string, func(), error)
-	GPUs(ctx context.Context) ([]supervisor.GPUView, error)
+	GPUs(ctx context.Context) ([]schedule.GPUView, error)
 }
 
 var _ Backend = (*supervisor.Supervisor)(nil)
@@ -503,7 +504,7 @@ func (s *Server) gpus(w http.ResponseWriter, r *http.Request) {
 
 // wireGPU copies the supervisor's view of a GPU into the wire type;
 // TestWireGPU keeps their JSON the same.
-func wireGPU(v supervisor.GPUView) api.GPU {
+func wireGPU(v schedule.GPUView) api.GPU {
 	g := api.GPU{
 		Index: v.Index, UUID: v.UUID, Name: v.Name, PCIBusID: v.PCIBusID,
 		MemoryTotal: v.MemoryTotal, MemoryUsed: v.MemoryUsed, MemoryFree: v.MemoryFree,
