@@ -84,8 +84,10 @@ test: vet check-deploy
 # supervisor package is installed) supervisord over the same fake-vllm
 # children and prints a table, then the gateway against the same fake-vllm
 # asked directly, the supervisor's share of a wake, the gateway's memory,
-# the eviction policy replayed against LRU, Belady's rule and llama-swap's,
-# and the daemon with 200 models; docs/performance.md holds a recent run.
+# the eviction policy replayed against LRU, Belady's rule and llama-swap's
+# (in ./gpu/, beside gpu.Decide and gpu.EvictionOrder: the order supervisor/schedule
+# fills the claims for), and the daemon with 200 models; docs/performance.md
+# holds a recent run.
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./supervisor/... ./gpu/...
 	BENCH_TABLE=$(CURDIR)/build/bench-table.md $(GO) test -tags benchdriver -count=1 -run TestBenchTable -v ./cmd/citadel-supervisor/ | grep -E '^ +\||PASS|FAIL'

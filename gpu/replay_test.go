@@ -16,7 +16,7 @@ import (
 )
 
 // The trace replay: requests for on-demand models arrive on a simulated
-// clock; a small scheduler does what supervisor/scheduler.go does with
+// clock; a small scheduler does what supervisor/schedule does with
 // gpu.Decide's answers (starts, wakes, sleeps, stops, min_awake), and the
 // models take the time real ones take. The eviction order is the only thing
 // that differs between runs, so the replay compares policies on the same
@@ -321,7 +321,7 @@ func (r *replayer) decide() {
 				c.PIDs = []int{m.pid}
 			}
 		}
-		// As supervisor/scheduler.go fills them: min_awake from the ready
+		// As supervisor/schedule fills them (usage.go): min_awake from the ready
 		// instant, the requests in its queue, its GPUs' memory changing
 		// while it goes to sleep or stops.
 		c.OnDemand, c.LastUsed, c.Protected, c.AwakeAt = true, m.lastUsed, "", m.awakeAt

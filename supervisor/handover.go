@@ -12,7 +12,6 @@ import (
 
 	"go.uber.org/zap"
 
-	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/vllm"
@@ -392,19 +391,3 @@ func (efAdopt) isEffect() {}
 type efSettled struct{}
 
 func (efSettled) isEffect() {}
-
-// Adopt records the claim of a model restored with its process: it holds
-// gpus in phase (running, starting or asleep), awake since awakeAt. No
-// decision is made until a reading taken after it: the memory the
-// restored processes hold is known only then.
-func (s *scheduler) Adopt(m config.Model, gpus []string, phase gpu.Phase, awakeAt time.Time, changing bool) {
-	s.send(func() {
-		delete(s.wants, m.Name)
-		s.restoredAt = s.now()
-		if len(gpus) == 0 {
-			return
-		}
-		s.claims[m.Name] = gpu.Claim{Name: m.Name, Req: PlacementRequest(m), UUIDs: slices.Clone(gpus), Phase: phase, Since: s.now(), AwakeAt: awakeAt, Changing: changing}
-		s.pokeReader()
-	})
-}

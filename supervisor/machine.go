@@ -15,6 +15,7 @@ import (
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor/control/api"
+	"citadel-supervisor/supervisor/schedule"
 	"citadel-supervisor/vllm"
 )
 
@@ -211,7 +212,7 @@ type (
 	// evChecked: the pre-start checks ran; cause is "" when they passed.
 	evChecked struct{ cause, reason string }
 	// evPlaced: the scheduler answered a want.
-	evPlaced struct{ p placement }
+	evPlaced struct{ p schedule.Placement }
 	// evSpawned: the process was started (inst), or not: err is a
 	// permanent spawn failure; cause a check that failed just before.
 	evSpawned struct {
@@ -608,13 +609,13 @@ func (m *machine) wantGPUs() []effect {
 	return []effect{efWant{seq: m.wantSeq}}
 }
 
-func (m *machine) onPlaced(p placement) []effect {
-	if (m.state != Pending && m.state != Waking) || m.flight != flightWant || p.seq != m.wantSeq {
+func (m *machine) onPlaced(p schedule.Placement) []effect {
+	if (m.state != Pending && m.state != Waking) || m.flight != flightWant || p.Seq != m.wantSeq {
 		return nil // answers a want withdrawn since
 	}
 	if m.state == Waking {
-		if p.gpus == nil {
-			m.enter(Waking, "waiting for its GPU memory: "+p.reason)
+		if p.GPUs == nil {
+			m.enter(Waking, "waiting for its GPU memory: "+p.Reason)
 			return nil
 		}
 		m.flight = flightWake
@@ -623,13 +624,13 @@ func (m *machine) onPlaced(p placement) []effect {
 		m.enter(Waking, fmt.Sprintf("waking (bound %s)", roundDuration(bound)))
 		return []effect{efWake{level: m.sleepLevel, timeout: bound, known: m.known}, efArm{deadline, bound}, efArm{tick, m.cfg.Probe.Period}}
 	}
-	if p.gpus == nil {
+	if p.GPUs == nil {
 		m.cause = CauseGPU
-		m.enter(Pending, p.reason)
+		m.enter(Pending, p.Reason)
 		return nil
 	}
 	m.flight = flightSpawn
-	return []effect{efSpawn{gpus: p.gpus}}
+	return []effect{efSpawn{gpus: p.GPUs}}
 }
 
 func (m *machine) onSpawned(ev evSpawned) []effect {

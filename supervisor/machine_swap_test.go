@@ -10,6 +10,7 @@ import (
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/schedule"
 	"citadel-supervisor/vllm"
 )
 
@@ -127,7 +128,7 @@ func TestMachineReloadOfASleeperStopsIt(t *testing.T) {
 // or whose engine stops answering probes, fails: the model starts cold.
 func TestMachineWakeBound(t *testing.T) {
 	mt := newODTest(t).toWakingAwaiting()
-	mt.expect(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}}, "wake(1,2m0s) arm(deadline,2m0s) arm(tick,10s)")
+	mt.expect(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}}, "wake(1,2m0s) arm(deadline,2m0s) arm(tick,10s)")
 	mt.now = mt.now.Add(20 * time.Second)
 	mt.step(evWoke{inst: mt.m.inst})
 	if got := mt.m.wakeBound(1); got != 80*time.Second {
@@ -232,7 +233,7 @@ func TestMachineHostMemoryHeldUntilTheProcessEnds(t *testing.T) {
 	mt.step(evSlept{grown: 96 << 20})
 	for range 2 {
 		mt.step(evDemand{})
-		mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+		mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
 		mt.step(evWoke{inst: mt.m.inst})
 		mt.state(Ready)
 		mt.now = mt.now.Add(time.Hour)
@@ -291,7 +292,7 @@ func TestMachineSleepLevelForHostMemory(t *testing.T) {
 			}
 			// Its wake asks at the level it slept at.
 			mt.expect(evDemand{}, "want(2)")
-			if got := describe(mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})); !strings.HasPrefix(got, fmt.Sprintf("wake(%d,", tc.want)) {
+			if got := describe(mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})); !strings.HasPrefix(got, fmt.Sprintf("wake(%d,", tc.want)) {
 				t.Errorf("wake effects %q; want a wake from level %d", got, tc.want)
 			}
 		})

@@ -18,6 +18,7 @@ import (
 	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/schedule"
 	"citadel-supervisor/vllm"
 )
 
@@ -101,7 +102,7 @@ func (mt *mtest) toAwaiting() *mtest {
 
 func (mt *mtest) toStarting() *mtest {
 	mt.toAwaiting()
-	mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+	mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
 	mt.step(evSpawned{inst: mt.newInst()})
 	return mt
 }
@@ -141,7 +142,7 @@ func (mt *mtest) toBackoff() *mtest {
 
 func (mt *mtest) toFailed() *mtest {
 	mt.toAwaiting()
-	mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+	mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
 	mt.step(evSpawned{err: errors.New("exec: no such file")})
 	return mt
 }
@@ -180,7 +181,7 @@ func (mt *mtest) toODReady() *mtest {
 	mt.m.begin()
 	mt.step(evDemand{})
 	mt.step(evChecked{})
-	mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+	mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
 	mt.step(evSpawned{inst: mt.newInst()})
 	mt.step(evTimer{tick})
 	mt.step(evProbed{inst: mt.m.inst})
@@ -209,7 +210,7 @@ func (mt *mtest) toWakingAwaiting() *mtest {
 
 func (mt *mtest) toWaking() *mtest {
 	mt.toWakingAwaiting()
-	mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+	mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
 	return mt
 }
 
@@ -291,7 +292,7 @@ func describeEvent(ev event) string {
 		}
 		return "checked " + ev.cause
 	case evPlaced:
-		if ev.p.gpus == nil {
+		if ev.p.GPUs == nil {
 			return "placed wait"
 		}
 		return "placed"
@@ -421,9 +422,9 @@ func TestMachineTransitions(t *testing.T) {
 	events := []func(mt *mtest) event{
 		func(*mtest) event { return evChecked{} },
 		func(*mtest) event { return evChecked{cause: CausePort, reason: "port 11400 in use"} },
-		func(mt *mtest) event { return evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-b"}}} },
+		func(mt *mtest) event { return evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-b"}}} },
 		func(mt *mtest) event {
-			return evPlaced{placement{seq: mt.m.wantSeq, reason: "needs 41.0 GiB on 1 GPU; free 8.0 GiB (GPU0)"}}
+			return evPlaced{schedule.Placement{Seq: mt.m.wantSeq, Reason: "needs 41.0 GiB on 1 GPU; free 8.0 GiB (GPU0)"}}
 		},
 		func(mt *mtest) event { return evSpawned{inst: mt.newInst()} },
 		func(*mtest) event { return evSpawned{err: errors.New("exec: no such file")} },
@@ -532,11 +533,11 @@ func TestMachineStartToReady(t *testing.T) {
 	}
 	mt.state(Pending)
 	mt.expect(evChecked{}, "want(1)")
-	mt.expect(evPlaced{placement{seq: 1, reason: "waiting for GPU0: a is starting"}}, "")
+	mt.expect(evPlaced{schedule.Placement{Seq: 1, Reason: "waiting for GPU0: a is starting"}}, "")
 	if mt.m.reason != "waiting for GPU0: a is starting" || mt.m.cause != CauseGPU {
 		t.Errorf("pending reason %q cause %q", mt.m.reason, mt.m.cause)
 	}
-	mt.expect(evPlaced{placement{seq: 1, gpus: []string{"GPU-a"}}}, "spawn[GPU-a]")
+	mt.expect(evPlaced{schedule.Placement{Seq: 1, GPUs: []string{"GPU-a"}}}, "spawn[GPU-a]")
 	inst := mt.newInst()
 	mt.expect(evSpawned{inst: inst}, "record arm(deadline,20m0s) arm(tick,1s)")
 	mt.state(Starting)
@@ -556,7 +557,7 @@ func TestMachineStartToReady(t *testing.T) {
 // probe result about an earlier process change nothing.
 func TestMachineIgnoresStaleAnswers(t *testing.T) {
 	mt := newMTest(t).toAwaiting()
-	mt.expect(evPlaced{placement{seq: mt.m.wantSeq - 1, gpus: []string{"GPU-a"}}}, "")
+	mt.expect(evPlaced{schedule.Placement{Seq: mt.m.wantSeq - 1, GPUs: []string{"GPU-a"}}}, "")
 	old := newMTest(t).toReady().m.inst
 	mt = newMTest(t).toReady()
 	mt.expect(evProbed{inst: old, err: errors.New("refused")}, "")
@@ -650,7 +651,7 @@ func TestMachineBackoffAndStartLimit(t *testing.T) {
 		mt.now = mt.now.Add(time.Minute)
 		mt.step(evTimer{tick})
 		mt.step(evChecked{})
-		mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+		mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
 		mt.step(evSpawned{inst: mt.newInst()})
 	}
 	want := []string{
@@ -810,7 +811,7 @@ func TestMachineOnDemandCycle(t *testing.T) {
 	}
 	mt.expect(evDemand{}, "disarm(tick) check")
 	mt.expect(evChecked{}, "want(1)")
-	mt.expect(evPlaced{placement{seq: 1, gpus: []string{"GPU-a"}}}, "spawn[GPU-a]")
+	mt.expect(evPlaced{schedule.Placement{Seq: 1, GPUs: []string{"GPU-a"}}}, "spawn[GPU-a]")
 	inst := mt.newInst()
 	mt.step(evSpawned{inst: inst})
 	mt.step(evTimer{tick})
@@ -832,11 +833,11 @@ func TestMachineOnDemandCycle(t *testing.T) {
 	if st := mt.m.status(); !st.Serving() {
 		t.Error("a waking on-demand model is serving")
 	}
-	mt.expect(evPlaced{placement{seq: 2, reason: "to wake: needs 41.0 GiB on GPU0; free 8.0 GiB"}}, "")
+	mt.expect(evPlaced{schedule.Placement{Seq: 2, Reason: "to wake: needs 41.0 GiB on GPU0; free 8.0 GiB"}}, "")
 	if !strings.Contains(mt.m.reason, "to wake: needs") {
 		t.Errorf("reason %q", mt.m.reason)
 	}
-	mt.expect(evPlaced{placement{seq: 2, gpus: []string{"GPU-a"}}}, "wake(1,2m0s) arm(deadline,2m0s) arm(tick,10s)")
+	mt.expect(evPlaced{schedule.Placement{Seq: 2, GPUs: []string{"GPU-a"}}}, "wake(1,2m0s) arm(deadline,2m0s) arm(tick,10s)")
 	mt.now = mt.now.Add(3 * time.Second)
 	mt.expect(evWoke{inst: inst}, "disarm(deadline) ready woke(1) arm(tick,10s) arm(idle,10m0s)")
 	mt.state(Ready)
@@ -919,7 +920,7 @@ func TestMachineUnwantedAbandons(t *testing.T) {
 			t.Errorf("asleep again: level %d serving %v", st.SleepLevel, st.Serving())
 		}
 		// The scheduler's answer to the withdrawn want changes nothing.
-		mt.expect(evPlaced{placement{seq: seq, gpus: []string{"GPU-a"}}}, "")
+		mt.expect(evPlaced{schedule.Placement{Seq: seq, GPUs: []string{"GPU-a"}}}, "")
 		mt.state(Sleeping)
 		mt.expect(evDemand{}, "want(4)") // the next request wakes it
 		mt.state(Waking)
@@ -933,7 +934,7 @@ func TestMachineUnwantedAbandons(t *testing.T) {
 		if st := mt.m.status(); st.Held || !st.Serving() {
 			t.Errorf("startable again: held %v serving %v", st.Held, st.Serving())
 		}
-		mt.expect(evPlaced{placement{seq: 1, gpus: []string{"GPU-a"}}}, "")
+		mt.expect(evPlaced{schedule.Placement{Seq: 1, GPUs: []string{"GPU-a"}}}, "")
 		mt.expect(evDemand{}, "disarm(tick) check")
 	})
 	t.Run("wake after a sleep in flight", func(t *testing.T) {
@@ -953,7 +954,7 @@ func TestMachineUnwantedAbandons(t *testing.T) {
 		mt := newODTest(t).toIdleStopped()
 		mt.step(evDemand{})
 		mt.step(evChecked{})
-		mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+		mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
 		mt.step(evSpawned{inst: mt.newInst()})
 		mt.expect(evUnwanted{}, "")
 		mt.state(Starting)
@@ -991,7 +992,7 @@ func TestMachineLoadEstimates(t *testing.T) {
 		mt.now = mt.now.Add(time.Second) // placement takes its time: counted
 		took--
 		mt.step(evChecked{})
-		mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+		mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
 		inst := mt.newInst()
 		mt.step(evSpawned{inst: inst})
 		if st := mt.m.status(); !st.LoadBegan.Equal(asked) {
@@ -1006,7 +1007,7 @@ func TestMachineLoadEstimates(t *testing.T) {
 		mt.step(evSlept{})
 		mt.state(Sleeping)
 		mt.step(evDemand{})
-		mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+		mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
 		if st := mt.m.status(); st.State != Waking || !st.LoadBegan.Equal(mt.now) || st.WakeLevel != 1 {
 			t.Fatalf("wake %d: %s began %v level %d", i, st.State, st.LoadBegan, st.WakeLevel)
 		}
@@ -1074,7 +1075,7 @@ func TestMachineStartupPollWindow(t *testing.T) {
 	mt.quietOK()
 	mt.step(evStopped{inst: mt.m.inst})
 	mt.step(evChecked{})
-	mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+	mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
 	if got := describe(mt.step(evSpawned{inst: mt.newInst()})); got != "record arm(deadline,20m0s) arm(tick,1s)" {
 		t.Fatalf("spawned: %s", got)
 	}

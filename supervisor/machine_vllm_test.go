@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/schedule"
 	"citadel-supervisor/vllm"
 )
 
@@ -44,7 +45,7 @@ func TestMachineLearnsVersionBeforeFirstSpawn(t *testing.T) {
 		if !mt.m.askVersion() {
 			t.Error("an assumed version must be confirmed by GET /version")
 		}
-		mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}})
+		mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
 		mt.step(evSpawned{inst: mt.newInst()})
 		mt.step(evTimer{tick})
 		mt.step(evProbed{inst: mt.m.inst, version: "0.6.3"})

@@ -9,6 +9,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/supervisor/liverestore"
+	"citadel-supervisor/supervisor/schedule"
 )
 
 // Interleavings that would break "nothing changes a GPU's memory on
@@ -130,8 +131,8 @@ func TestQuietDeadlineLeavesNoWindow(t *testing.T) {
 	if !sent {
 		t.Fatalf("deadline effects %q: no message to the scheduler", describe(efs))
 	}
-	if p := sp.next("c"); p.gpus != nil {
-		t.Fatalf("c granted %v while a's sleep begins on its GPU (deadline effects %q); want it to wait for a", p.gpus, describe(efs))
+	if p := sp.next("c"); p.GPUs != nil {
+		t.Fatalf("c granted %v while a's sleep begins on its GPU (deadline effects %q); want it to wait for a", p.GPUs, describe(efs))
 	}
 }
 
@@ -151,7 +152,7 @@ func TestDemandDoesNotWakeASleeperBeingStopped(t *testing.T) {
 	seq := mt.m.quietSeq
 	efs := describe(mt.step(evDemand{}))
 	if strings.Contains(efs, "want(") {
-		efs += " | " + describe(mt.step(evPlaced{placement{seq: mt.m.wantSeq, gpus: []string{"GPU-a"}}}))
+		efs += " | " + describe(mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}}))
 	}
 	got := describe(mt.step(evQuiet{seq: seq, ok: true}))
 	if mt.m.wakeInFlight() || (strings.Contains(efs, "wake(") && strings.Contains(got, "stop(")) {
@@ -172,7 +173,7 @@ func TestRecordDuringADeepenedSleepKeepsItsLevel(t *testing.T) {
 	recs := liverestore.Records{Dir: t.TempDir()}
 	d := &deps{
 		now: func() time.Time { return mt.now }, log: zap.NewNop(),
-		sched:       newScheduler(&config.Config{}, nil, "", zap.NewNop(), time.Now),
+		sched:       schedule.New(schedule.Options{}),
 		records:     records{recs},
 		sleepBudget: func() uint64 { return 1 << 30 },
 		level1Held:  func(string) uint64 { return 2 << 30 }, // past the budget: level 2
@@ -264,9 +265,9 @@ func TestAdoptedMidSleepOrWakeKeepsItsGPUBusy(t *testing.T) {
 			sp.s.Restored()
 			sp.s.Want(schedModel("b"), 1, nil)
 			// Its answers until it names a: never GPUs while a may change.
-			for p := sp.next("b"); !strings.Contains(p.reason, "a is giving its memory back"); p = sp.next("b") {
-				if p.gpus != nil {
-					t.Fatalf("adopted %s (effects %q): b granted %v while a's engine may still be changing its memory there", m.state, describe(efs), p.gpus)
+			for p := sp.next("b"); !strings.Contains(p.Reason, "a is giving its memory back"); p = sp.next("b") {
+				if p.GPUs != nil {
+					t.Fatalf("adopted %s (effects %q): b granted %v while a's engine may still be changing its memory there", m.state, describe(efs), p.GPUs)
 				}
 			}
 			// Its bound passed: a no longer counts as changing.

@@ -17,6 +17,7 @@ import (
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor/proc"
+	"citadel-supervisor/supervisor/schedule"
 	"citadel-supervisor/vllm"
 )
 
@@ -53,7 +54,7 @@ type runner struct {
 	lastRequest atomic.Int64
 	// uses counts the gateway's requests for the model, fading (the
 	// eviction policy's frequency, gpu/evict.go).
-	uses useCounter
+	uses schedule.UseCounter
 	// serving is signalled by the output readers when the model says it
 	// serves (serving.go); the runner probes a starting model at once.
 	serving chan struct{}
@@ -88,7 +89,7 @@ type message struct {
 type mailbox struct {
 	mu     sync.Mutex
 	msgs   []message
-	placed *placement
+	placed *schedule.Placement
 	signal chan struct{} // one token: something is queued
 }
 
@@ -99,7 +100,7 @@ func (b *mailbox) put(m message) {
 	b.notify()
 }
 
-func (b *mailbox) place(p placement) {
+func (b *mailbox) place(p schedule.Placement) {
 	b.mu.Lock()
 	b.placed = &p
 	b.mu.Unlock()
@@ -115,7 +116,7 @@ func (b *mailbox) notify() {
 
 // take empties the mailbox: the placement first (it answers a want made
 // before any message now queued).
-func (b *mailbox) take() ([]message, *placement) {
+func (b *mailbox) take() ([]message, *schedule.Placement) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	msgs, p := b.msgs, b.placed
@@ -767,7 +768,7 @@ func (l *loop) sleep(base, key string, level int, askAsleep bool, grace time.Dur
 // heldOnGPUs reads the GPUs now and returns what the model's processes
 // hold on each; nil without readings.
 func (r *runner) heldOnGPUs() map[string]uint64 {
-	rd, p := r.d.sched.reader, r.pids.Load()
+	rd, p := r.d.reader, r.pids.Load()
 	if rd == nil || p == nil {
 		return nil
 	}

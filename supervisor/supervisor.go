@@ -34,6 +34,7 @@ import (
 	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
+	"citadel-supervisor/supervisor/schedule"
 )
 
 // Prober answers whether a model is healthy. The probe package implements it.
@@ -137,7 +138,7 @@ func (s *Supervisor) SetTraffic(t Traffic) { s.d.traffic = t }
 type deps struct {
 	id      string
 	log     *zap.Logger
-	sched   *scheduler
+	sched   *schedule.Scheduler
 	prober  Prober
 	reaper  *Reaper
 	environ []string
@@ -159,6 +160,7 @@ type deps struct {
 	versions    *versionCache
 	visible     string                        // gpu.visible_devices
 	gpuIndex    func(uuid string) (int, bool) // the NVML index of a GPU, from the latest readings
+	reader      gpu.Reader                    // reads the GPUs; nil without readings
 }
 
 // Supervisor runs every configured model.
@@ -258,8 +260,11 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 	} else if reader == nil {
 		gpuStatus = cmp.Or(o.GPUStatus, "disabled")
 	}
-	d.sched = newScheduler(cfg, reader, o.NoGPUs, d.log, d.now)
-	d.gpuIndex = d.sched.indexOf
+	d.sched = schedule.New(schedule.Options{
+		Reader: reader, NoReadings: o.NoGPUs, Headroom: cfg.GPU.Headroom, ReleaseTimeout: cfg.GPU.ReleaseTimeout,
+		Now: d.now, Log: d.log, Models: schedule.ModelsFunc(s.observe), Out: schedule.OutboxFunc(s.deliver),
+	})
+	d.gpuIndex, d.reader = d.sched.IndexOf, reader
 	s.reloadOK.Store(true)
 	s.reloadAt.Store(d.now().Unix())
 	s.beat.Store(d.now().UnixNano())
@@ -286,15 +291,6 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 	}
 	if o.KillStrays && o.Reaper != nil {
 		o.Reaper.KillStrays(s.accounts)
-	}
-	d.sched.owners = s.owners
-	d.sched.deliver = s.deliver
-	d.sched.usage = s.usage
-	d.sched.evict = s.evict
-	d.sched.tellQuiet = func(name string, seq int, ok bool, reason string) {
-		if r := s.reachable(name); r != nil {
-			r.mail.put(message{ev: evQuiet{seq: seq, ok: ok, reason: reason}})
-		}
 	}
 	d.sleepBudget = func() uint64 { return uint64(s.cfg.Load().SleepHostMemory) }
 	d.level1Held = func(except string) uint64 {
@@ -363,8 +359,8 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	// The scheduler outlives every runner: their last act is to release
 	// their GPUs.
 	schedCtx, stopSched := context.WithCancel(context.Background())
-	go s.d.sched.run(schedCtx)
-	defer func() { stopSched(); <-s.d.sched.stopped }()
+	go s.d.sched.Run(schedCtx)
+	defer func() { stopSched(); <-s.d.sched.Done() }()
 	// Runners outlive ctx's cancellation only as long as their stops take.
 	g, gctx := errgroup.WithContext(context.WithoutCancel(ctx))
 	runCtx, stopAll := context.WithCancel(gctx)
@@ -385,7 +381,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		if s.early[m.Name] {
 			delete(s.early, m.Name)
 			r.lastRequest.Store(s.d.now().UnixNano())
-			r.uses.add(s.d.now())
+			r.uses.Add(s.d.now())
 			if m.OnDemand() {
 				r.mail.put(message{ev: evDemand{}})
 			}
@@ -626,34 +622,51 @@ func (s *Supervisor) owners() map[int]string {
 	return out
 }
 
-// deliver hands the scheduler's answer to the model's runner. A runner
-// removed since has no use for it.
-func (s *Supervisor) deliver(name string, p placement) {
-	if r := s.runner(name); r != nil {
-		r.mail.place(p)
+// deliver hands the scheduler's answer to the model's runner: a placement
+// replaces any earlier one in its mailbox; a quiet answer and an eviction
+// are events. A model a reload removed gets them until its runner ends:
+// its stop waits for quiet GPUs, and it declines an eviction at once, so
+// the scheduler looks again.
+func (s *Supervisor) deliver(name string, a schedule.Answer) {
+	r := s.reachable(name)
+	if r == nil {
+		return
+	}
+	switch a := a.(type) {
+	case schedule.Placement:
+		r.mail.place(a)
+	case schedule.QuietAnswer:
+		r.mail.put(message{ev: evQuiet{seq: a.Seq, ok: a.OK, reason: a.Reason}})
+	case schedule.Eviction:
+		r.mail.put(message{ev: evEvict{forModel: a.For}})
 	}
 }
 
-// usage tells the scheduler what decides whether a model may be put to
-// sleep to make room: whether it is on demand, its min_awake, its last
-// request and the requests waiting for it now. When it became ready is
-// the scheduler's own (Ready): a status is published later.
-func (s *Supervisor) usage(name string) modelUsage {
-	r := s.runner(name)
-	cfg, ok := s.cfg.Load().Model(name)
-	if r == nil || !ok || !cfg.OnDemand() {
-		return modelUsage{}
+// observe is what the scheduler reads of the models at each decision, from
+// what the runners and the gateway publish: every model's processes, and
+// the usage of each claimed model on demand (schedule.Usage). When it
+// became ready is the scheduler's own (Ready): a status is published
+// later. The gateway's per-request records (last request, uses) are
+// atomics and a lock of the model's own, read here: nothing is sent per
+// request.
+func (s *Supervisor) observe(claimed []string) schedule.Observation {
+	out := schedule.Observation{PIDs: s.owners(), Usage: map[string]schedule.Usage{}}
+	cfg := s.cfg.Load()
+	for _, name := range claimed {
+		r := s.runner(name)
+		m, ok := cfg.Model(name)
+		if r == nil || !ok || !m.OnDemand() {
+			continue
+		}
+		u := schedule.Usage{MinAwake: m.MinAwake, LastRequest: r.lastRequestTime(), Waiting: r.waiting()}
+		if st := r.status.Load(); st != nil {
+			// What putting it to sleep (or stopping it) would cost its
+			// clients when they come back, as its runner measured it.
+			u.Cost = gpu.Cost{Wake: st.TypicalWake, Start: st.TypicalStartup, Level: st.WakeLevel, Uses: r.uses.Load()}
+		}
+		out.Usage[name] = u
 	}
-	return modelUsage{onDemand: true, minAwake: cfg.MinAwake, lastRequest: r.lastRequestTime(), waiting: r.waiting(), cost: r.evictCost()}
-}
-
-// evict tells victim to sleep to make room for forModel.
-func (s *Supervisor) evict(victim, forModel string) {
-	// A removed model still stopping holds its claim: it declines, and the
-	// scheduler looks for another victim at once.
-	if r := s.reachable(victim); r != nil {
-		r.mail.put(message{ev: evEvict{forModel: forModel}})
-	}
+	return out
 }
 
 // Demand says a request wants model (the gateway calls it for every
@@ -671,7 +684,7 @@ func (s *Supervisor) Demand(name string) {
 	}
 	s.demandMu.Unlock()
 	r.lastRequest.Store(s.d.now().UnixNano())
-	r.uses.add(s.d.now())
+	r.uses.Add(s.d.now())
 	// The configuration, not the status: a runner that has not published
 	// yet must still get the request (its machine ignores it if awake).
 	if m, ok := s.cfg.Load().Model(name); ok && m.OnDemand() && r.status.Load().State != Ready {
@@ -748,7 +761,7 @@ func (s *Supervisor) GPUs(ctx context.Context) ([]api.GPU, error) {
 
 // wireGPU copies the scheduler's view of a GPU into the control wire's
 // type; TestWireGPU keeps their JSON the same.
-func wireGPU(v GPUView) api.GPU {
+func wireGPU(v schedule.GPUView) api.GPU {
 	g := api.GPU{
 		Index: v.Index, UUID: v.UUID, Name: v.Name, PCIBusID: v.PCIBusID,
 		MemoryTotal: v.MemoryTotal, MemoryUsed: v.MemoryUsed, MemoryFree: v.MemoryFree,

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"citadel-supervisor/gpu"
+	"citadel-supervisor/supervisor/schedule"
 )
 
 // fill sets every field of v, recursively, to a value that is not zero, so
@@ -40,7 +41,7 @@ func fill(v reflect.Value) {
 // the supervisor's view (a gpu.Device and the placement): a field added to
 // either without the other fails here.
 func TestWireGPU(t *testing.T) {
-	var v GPUView
+	var v schedule.GPUView
 	fill(reflect.ValueOf(&v).Elem())
 	want, _ := json.Marshal(v)
 	got, _ := json.Marshal(wireGPU(v))
@@ -48,7 +49,7 @@ func TestWireGPU(t *testing.T) {
 		t.Errorf("wire GPU JSON differs from the supervisor's view:\ngot  %s\nwant %s", got, want)
 	}
 	// No processes stays null, as before.
-	v = GPUView{Device: gpu.Device{UUID: "GPU-a"}, Models: []string{}}
+	v = schedule.GPUView{Device: gpu.Device{UUID: "GPU-a"}, Models: []string{}}
 	want, _ = json.Marshal(v)
 	got, _ = json.Marshal(wireGPU(v))
 	if !bytes.Equal(got, want) {

@@ -17,6 +17,7 @@ import (
 	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/supervisor"
+	"citadel-supervisor/supervisor/schedule"
 	"citadel-supervisor/vllm"
 )
 
@@ -270,7 +271,7 @@ func printPlacement(w io.Writer, cfg *config.Config, devs []gpu.Device, why stri
 		case m.Enabled && m.OnDemand():
 			onDemand = append(onDemand, m.Name)
 		case m.Enabled:
-			reqs = append(reqs, supervisor.PlacementRequest(m))
+			reqs = append(reqs, schedule.Request(m))
 		}
 	}
 	fmt.Fprintf(w, "GPUs now (%s backend):\n  %s\n", cfg.GPU.Backend, strings.Join(names, "\n  "))

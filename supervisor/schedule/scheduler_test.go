@@ -1,12 +1,10 @@
-package supervisor
+package schedule
 
 import (
 	"context"
 	"strings"
 	"testing"
 	"time"
-
-	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
@@ -28,31 +26,34 @@ type quietAnswer struct {
 
 type schedProbe struct {
 	t      *testing.T
-	s      *scheduler
+	s      *Scheduler
 	placed chan placementTo
 	quiet  chan quietAnswer
 }
 
 type placementTo struct {
 	name string
-	p    placement
+	p    Placement
 }
 
 const oneGPU = "GPU-00000000-0000-0000-0000-000000000000"
 
 func newSchedProbe(t *testing.T) *schedProbe {
 	t.Helper()
-	cfg := &config.Config{}
-	cfg.GPU.ReleaseTimeout = 10 * time.Second
 	reader := staticReader{{UUID: oneGPU, Name: "Sim H100", MemoryTotal: 80 << 30, MemoryFree: 80 << 30, Up: true}}
 	sp := &schedProbe{t: t, placed: make(chan placementTo, 64), quiet: make(chan quietAnswer, 64)}
-	s := newScheduler(cfg, reader, "", zap.NewNop(), time.Now)
-	s.deliver = func(name string, p placement) { sp.placed <- placementTo{name, p} }
-	s.tellQuiet = func(name string, seq int, ok bool, reason string) { sp.quiet <- quietAnswer{name, seq, ok, reason} }
+	s := New(Options{Reader: reader, ReleaseTimeout: 10 * time.Second, Out: OutboxFunc(func(name string, a Answer) {
+		switch a := a.(type) {
+		case Placement:
+			sp.placed <- placementTo{name, a}
+		case QuietAnswer:
+			sp.quiet <- quietAnswer{name, a.Seq, a.OK, a.Reason}
+		}
+	})})
 	sp.s = s
 	ctx, cancel := context.WithCancel(context.Background())
-	go s.run(ctx)
-	t.Cleanup(func() { cancel(); <-s.stopped })
+	go s.Run(ctx)
+	t.Cleanup(func() { cancel(); <-s.Done() })
 	return sp
 }
 
@@ -61,7 +62,7 @@ func schedModel(name string) config.Model {
 }
 
 // next is the next answer for name: a placement with GPUs or a reason.
-func (sp *schedProbe) next(name string) placement {
+func (sp *schedProbe) next(name string) Placement {
 	sp.t.Helper()
 	deadline := time.After(10 * time.Second)
 	for {
@@ -79,7 +80,7 @@ func (sp *schedProbe) next(name string) placement {
 // granted waits until name is given GPUs.
 func (sp *schedProbe) granted(name string) {
 	sp.t.Helper()
-	for p := sp.next(name); p.gpus == nil; p = sp.next(name) {
+	for p := sp.next(name); p.GPUs == nil; p = sp.next(name) {
 	}
 }
 
@@ -130,7 +131,7 @@ func TestDeclinedEvictionKeepsAChangeBusy(t *testing.T) {
 	}
 	sp.s.Declined("a")
 	sp.s.Want(b, 1, nil)
-	if p := sp.next("b"); p.gpus != nil || !strings.Contains(p.reason, "a is giving its memory back") {
+	if p := sp.next("b"); p.GPUs != nil || !strings.Contains(p.Reason, "a is giving its memory back") {
 		t.Fatalf("b while a goes to sleep: %+v; want it to wait for a", p)
 	}
 	sp.s.Slept("a")

@@ -1,4 +1,4 @@
-package supervisor
+package schedule
 
 import (
 	"context"
@@ -18,32 +18,42 @@ import (
 // a stopped model's memory is being released.
 const readEvery = time.Second
 
-// placement is the scheduler's answer to a want: GPUs, or why it waits.
-type placement struct {
-	seq    int      // the want it answers
-	gpus   []string // granted; nil while waiting
-	reason string   // why it waits
+// Options builds a Scheduler.
+type Options struct {
+	// Reader reads the GPUs; nil: no readings (backend none, or NVML
+	// absent), no placement and no memory checks.
+	Reader gpu.Reader
+	// NoReadings says why Reader is nil (Views returns it).
+	NoReadings string
+	// Headroom and ReleaseTimeout are gpu.headroom and
+	// gpu.release_timeout.
+	Headroom       config.ByteSize
+	ReleaseTimeout time.Duration
+	Now            func() time.Time // nil: time.Now
+	Log            *zap.Logger      // nil: none
+	// Models is read at each decision; nil: no processes, no model on
+	// demand.
+	Models Models
+	// Out takes every answer; nil: they are dropped.
+	Out Outbox
 }
 
-// scheduler owns every GPU claim and want. Runners tell it what they want
-// and what they release; it never waits on them: answers go to each
-// runner's mailbox, which holds the latest one. GPU readings are taken on
-// a goroutine of their own and sent in, so the deciding loop never waits
-// on NVML. Every decision is gpu.Decide, a pure function of the wants, the
-// claims and the latest readings.
-type scheduler struct {
+// Scheduler owns every GPU claim and want. Runners tell it what they want
+// and what they release; it never waits on them: its answers go to the
+// Outbox, which puts each in the runner's mailbox (that holds the latest
+// placement). GPU readings are taken on a goroutine of their own and sent
+// in, so the deciding loop never waits on NVML. Every decision is
+// gpu.Decide, a pure function of the wants, the claims and the latest
+// readings.
+type Scheduler struct {
 	reader   gpu.Reader // nil: no readings (backend none, or NVML absent)
 	why      string     // why there are no readings
 	headroom config.ByteSize
 	release  time.Duration
 	now      func() time.Time
 	log      *zap.Logger
-	owners   func() map[int]string // pid → model, from the runners' trees
-	deliver  func(name string, p placement)
-	// usage says what decides whether a model may be put to sleep to make
-	// room (modelUsage).
-	usage func(name string) modelUsage
-	evict func(victim, forModel string) // tell a model to sleep for another
+	models   Models
+	out      Outbox
 
 	inbox   chan func()
 	poke    chan struct{} // ask the reading goroutine for a reading now
@@ -67,49 +77,48 @@ type scheduler struct {
 	// of their request; quietSaid the last answer sent to each.
 	quiet     map[string]int
 	quietSaid map[string]string
-	// tellQuiet hands a quiet answer to the model's runner.
-	tellQuiet func(name string, seq int, ok bool, reason string)
 	notes     map[string]string
-	answered  map[string]placement // last answer per model: unchanged ones are not re-sent
-	snapshot  atomic.Pointer[schedSnapshot]
+	answered  map[string]Placement // last answer per model: unchanged ones are not re-sent
+	snapshot  atomic.Pointer[snapshot]
 	indices   atomic.Pointer[[]gpu.Device] // the latest readings, stored before any answer made from them
 }
 
-// modelUsage is what the scheduler asks of a model when it may put it to
-// sleep for another: on demand, its min_awake (counted from the instant
-// its lifecycle saw it ready, which Ready carries), its last request, the
-// requests waiting in its queue now, and what putting it to sleep (or
-// stopping it) would cost when it is wanted again (the eviction policy's
-// data, gpu/evict.go).
-type modelUsage struct {
-	onDemand    bool
-	minAwake    time.Duration
-	lastRequest time.Time
-	waiting     int
-	cost        gpu.Cost
-}
-
-// schedSnapshot is what `citadelctl gpus` shows: published after every
+// snapshot is what `citadelctl gpus` shows: published after every
 // decision, read without touching the loop.
-type schedSnapshot struct {
+type snapshot struct {
 	devs    []gpu.Device
 	claims  []gpu.Claim
 	notes   map[string]string
 	readErr string
 }
 
-func newScheduler(cfg *config.Config, reader gpu.Reader, why string, log *zap.Logger, now func() time.Time) *scheduler {
-	s := &scheduler{
-		reader:    reader,
-		why:       why,
-		headroom:  cfg.GPU.Headroom,
-		release:   cfg.GPU.ReleaseTimeout,
-		now:       now,
-		log:       log.Named("gpu"),
-		owners:    func() map[int]string { return nil },
-		deliver:   func(string, placement) {},
-		usage:     func(string) modelUsage { return modelUsage{} },
-		evict:     func(string, string) {},
+type noModels struct{}
+
+func (noModels) Observe([]string) Observation { return Observation{} }
+
+// New builds a Scheduler; Run runs it.
+func New(o Options) *Scheduler {
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Log == nil {
+		o.Log = zap.NewNop()
+	}
+	if o.Models == nil {
+		o.Models = noModels{}
+	}
+	if o.Out == nil {
+		o.Out = OutboxFunc(func(string, Answer) {})
+	}
+	s := &Scheduler{
+		reader:    o.Reader,
+		why:       o.NoReadings,
+		headroom:  o.Headroom,
+		release:   o.ReleaseTimeout,
+		now:       o.Now,
+		log:       o.Log.Named("gpu"),
+		models:    o.Models,
+		out:       o.Out,
 		inbox:     make(chan func(), 64),
 		poke:      make(chan struct{}, 1),
 		stopped:   make(chan struct{}),
@@ -117,18 +126,17 @@ func newScheduler(cfg *config.Config, reader gpu.Reader, why string, log *zap.Lo
 		seqs:      map[string]int{},
 		claims:    map[string]gpu.Claim{},
 		notes:     map[string]string{},
-		answered:  map[string]placement{},
+		answered:  map[string]Placement{},
 		quiet:     map[string]int{},
 		quietSaid: map[string]string{},
-		tellQuiet: func(string, int, bool, string) {},
 	}
-	s.snapshot.Store(&schedSnapshot{})
+	s.snapshot.Store(&snapshot{})
 	return s
 }
 
-// run decides until ctx ends. It outlives every runner: their last act is
+// Run decides until ctx ends. It outlives every runner: their last act is
 // to release their GPUs.
-func (s *scheduler) run(ctx context.Context) {
+func (s *Scheduler) Run(ctx context.Context) {
 	defer close(s.stopped)
 	if s.reader != nil {
 		go s.readLoop(ctx)
@@ -144,9 +152,12 @@ func (s *scheduler) run(ctx context.Context) {
 	}
 }
 
+// Done is closed once Run has returned.
+func (s *Scheduler) Done() <-chan struct{} { return s.stopped }
+
 // readLoop reads the GPUs when poked, and every readEvery while something
 // waits on them, and sends the readings to the loop.
-func (s *scheduler) readLoop(ctx context.Context) {
+func (s *Scheduler) readLoop(ctx context.Context) {
 	tick := time.NewTicker(readEvery)
 	defer tick.Stop()
 	for {
@@ -182,14 +193,14 @@ func (s *scheduler) readLoop(ctx context.Context) {
 
 // send queues f for the loop. The loop never blocks, so neither does this
 // for longer than a decision takes; after the loop ended it is dropped.
-func (s *scheduler) send(f func()) {
+func (s *Scheduler) send(f func()) {
 	select {
 	case s.inbox <- f:
 	case <-s.stopped:
 	}
 }
 
-func (s *scheduler) pokeReader() {
+func (s *Scheduler) pokeReader() {
 	select {
 	case s.poke <- struct{}{}:
 	default:
@@ -198,7 +209,7 @@ func (s *scheduler) pokeReader() {
 
 // Expect declares models whose checks are about to run: lower-priority
 // models wait for them (gpu.Want.Checking).
-func (s *scheduler) Expect(models []config.Model) {
+func (s *Scheduler) Expect(models []config.Model) {
 	if s.reader == nil {
 		return
 	}
@@ -206,23 +217,23 @@ func (s *scheduler) Expect(models []config.Model) {
 		for _, m := range models {
 			// On-demand models start when a request comes, not now.
 			if m.Enabled && !m.OnDemand() {
-				s.wants[m.Name] = gpu.Want{Request: PlacementRequest(m), Checking: true, Since: s.now()}
+				s.wants[m.Name] = gpu.Want{Request: Request(m), Checking: true, Since: s.now()}
 			}
 		}
 	})
 }
 
-// Want asks for GPUs for m; the answer, tagged with seq, goes to the
-// model's mailbox. A claim granted to an earlier want and never used is
+// Want asks for GPUs for m; the answer, a Placement tagged with seq, goes
+// to the Outbox. A claim granted to an earlier want and never used is
 // given back first.
 // held, for a wake, is what the model held on each GPU before it slept:
 // it is given that much back, not only its share.
-func (s *scheduler) Want(m config.Model, seq int, held map[string]uint64) {
+func (s *Scheduler) Want(m config.Model, seq int, held map[string]uint64) {
 	s.send(func() {
 		if c, ok := s.claims[m.Name]; ok && (c.Phase == gpu.Starting || c.Phase == gpu.Running) {
 			delete(s.claims, m.Name)
 		}
-		w := gpu.Want{Request: PlacementRequest(m), Since: s.now(), Held: held}
+		w := gpu.Want{Request: Request(m), Since: s.now(), Held: held}
 		if old, ok := s.wants[m.Name]; ok && !old.Checking {
 			w.Since = old.Since // asked again: its place in line stays
 		}
@@ -237,7 +248,7 @@ func (s *scheduler) Want(m config.Model, seq int, held map[string]uint64) {
 // instant its lifecycle saw it ready: min_awake counts from there, not
 // from a status published later (a decision in between would put a model
 // to sleep in the millisecond it woke).
-func (s *scheduler) Ready(name string, at time.Time) {
+func (s *Scheduler) Ready(name string, at time.Time) {
 	s.send(func() {
 		if c, ok := s.claims[name]; ok && c.Phase == gpu.Starting {
 			c.Phase, c.Since, c.AwakeAt = gpu.Running, s.now(), at
@@ -249,7 +260,7 @@ func (s *scheduler) Ready(name string, at time.Time) {
 // Release says the model's processes were stopped: its GPUs stay busy
 // until none of pids is on them (or release_timeout passes). With keep the
 // claim then stays reserved for the model's restart; without, it goes.
-func (s *scheduler) Release(name string, pids []int, keep bool) {
+func (s *Scheduler) Release(name string, pids []int, keep bool) {
 	s.send(func() {
 		delete(s.wants, name)
 		c, ok := s.claims[name]
@@ -269,7 +280,7 @@ func (s *scheduler) Release(name string, pids []int, keep bool) {
 
 // Slept says the model sleeps on its GPUs: its memory comes back (the
 // readings will show how much) and it wakes there.
-func (s *scheduler) Slept(name string) {
+func (s *Scheduler) Slept(name string) {
 	s.send(func() {
 		if c, ok := s.claims[name]; ok {
 			c.Phase, c.Since, c.Evicting, c.Changing = gpu.Asleep, s.now(), false, false
@@ -280,10 +291,10 @@ func (s *scheduler) Slept(name string) {
 }
 
 // Quiet asks for the model's GPUs to be quiet: no other model starting or
-// waking there. The answer (tagged seq) goes to its runner once they are;
-// meanwhile, what it waits for. Granted, the model's GPUs count as busy
+// waking there. The answer (a QuietAnswer tagged seq) goes to the Outbox
+// once they are; meanwhile, what it waits for. Granted, the model's GPUs count as busy
 // (its memory changes) until it sleeps, is released, or Unquiet.
-func (s *scheduler) Quiet(name string, seq int) {
+func (s *Scheduler) Quiet(name string, seq int) {
 	s.send(func() {
 		s.quiet[name] = seq
 		delete(s.quietSaid, name)
@@ -292,7 +303,7 @@ func (s *scheduler) Quiet(name string, seq int) {
 
 // Unquiet withdraws a quiet request, or ends the change it granted (a
 // sleep abandoned).
-func (s *scheduler) Unquiet(name string) {
+func (s *Scheduler) Unquiet(name string) {
 	s.send(func() {
 		delete(s.quiet, name)
 		if c, ok := s.claims[name]; ok {
@@ -304,7 +315,7 @@ func (s *scheduler) Unquiet(name string) {
 
 // Changing says the model's memory changes from now (a stop begins): its
 // GPUs are busy until it is released.
-func (s *scheduler) Changing(name string) {
+func (s *Scheduler) Changing(name string) {
 	s.send(func() {
 		delete(s.quiet, name)
 		if c, ok := s.claims[name]; ok && c.Phase != gpu.Releasing {
@@ -317,7 +328,7 @@ func (s *scheduler) Changing(name string) {
 // answerQuiet answers the quiet requests: granted where no other model is
 // starting or waking on the model's GPUs. Called after each decision, so
 // a start granted in it goes first.
-func (s *scheduler) answerQuiet() {
+func (s *Scheduler) answerQuiet() {
 	for _, name := range slices.Sorted(maps.Keys(s.quiet)) {
 		seq := s.quiet[name]
 		c, ok := s.claims[name]
@@ -341,12 +352,12 @@ func (s *scheduler) answerQuiet() {
 				c.Changing = true
 				s.claims[name] = c
 			}
-			s.tellQuiet(name, seq, true, "")
+			s.out.Deliver(name, QuietAnswer{Seq: seq, OK: true})
 			continue
 		}
 		if s.quietSaid[name] != busy {
 			s.quietSaid[name] = busy
-			s.tellQuiet(name, seq, false, busy)
+			s.out.Deliver(name, QuietAnswer{Seq: seq, Reason: busy})
 		}
 	}
 }
@@ -361,7 +372,7 @@ func sharedGPU(a, b []string) string {
 }
 
 // gpuName is "GPU<index>" for uuid as last read, else the UUID.
-func (s *scheduler) gpuName(uuid string) string {
+func (s *Scheduler) gpuName(uuid string) string {
 	for _, d := range s.devs {
 		if d.UUID == uuid {
 			return fmt.Sprintf("GPU%d", d.Index)
@@ -375,7 +386,7 @@ func (s *scheduler) gpuName(uuid string) string {
 // under way): the scheduler looks again. A change of its memory already
 // under way stays one (Unquiet, Slept or Release ends it): a decline
 // withdraws the eviction, never the busy GPU.
-func (s *scheduler) Declined(name string) {
+func (s *Scheduler) Declined(name string) {
 	s.send(func() {
 		if c, ok := s.claims[name]; ok {
 			c.Evicting = false
@@ -387,7 +398,7 @@ func (s *scheduler) Declined(name string) {
 // Drop withdraws the model's want and gives up its claim: it will not
 // start soon (failed, held stopped, removed, or its checks failed). A
 // release in progress still completes first.
-func (s *scheduler) Drop(name string) {
+func (s *Scheduler) Drop(name string) {
 	s.send(func() {
 		delete(s.wants, name)
 		delete(s.quiet, name)
@@ -406,7 +417,7 @@ func (s *scheduler) Drop(name string) {
 // Withdraw takes back a sleeper's want to wake (nobody waits for it any
 // more). It stays asleep on its GPUs: a wake granted meanwhile, but not
 // begun (the runner ignores the answer), is asleep again.
-func (s *scheduler) Withdraw(name string) {
+func (s *Scheduler) Withdraw(name string) {
 	s.send(func() {
 		delete(s.wants, name)
 		delete(s.answered, name)
@@ -418,17 +429,33 @@ func (s *scheduler) Withdraw(name string) {
 	})
 }
 
+// Adopt records the claim of a model restored with its process: it holds
+// gpus in phase (running, starting or asleep), awake since awakeAt. No
+// decision is made until a reading taken after it: the memory the
+// restored processes hold is known only then.
+func (s *Scheduler) Adopt(m config.Model, gpus []string, phase gpu.Phase, awakeAt time.Time, changing bool) {
+	s.send(func() {
+		delete(s.wants, m.Name)
+		s.restoredAt = s.now()
+		if len(gpus) == 0 {
+			return
+		}
+		s.claims[m.Name] = gpu.Claim{Name: m.Name, Req: Request(m), UUIDs: slices.Clone(gpus), Phase: phase, Since: s.now(), AwakeAt: awakeAt, Changing: changing}
+		s.pokeReader()
+	})
+}
+
 // Restoring says models are being taken over (an upgrade, or adoption
 // after a crash): each runner tells what its model holds (Adopt) in its
 // own time. Until Restored, no start, wake or quiet GPU is granted: one
 // granted between two runners' Adopts would go to a GPU where a model
 // not told yet loads or holds memory.
-func (s *scheduler) Restoring() {
+func (s *Scheduler) Restoring() {
 	s.send(func() { s.restoring = true })
 }
 
 // Restored says every runner has told what it took over.
-func (s *scheduler) Restored() {
+func (s *Scheduler) Restored() {
 	s.send(func() {
 		s.restoring = false
 		s.pokeReader()
@@ -437,7 +464,7 @@ func (s *scheduler) Restored() {
 
 // decide runs gpu.Decide over the current state, keeps its outcome and
 // tells each waiting runner its answer.
-func (s *scheduler) decide() {
+func (s *Scheduler) decide() {
 	if s.restoring {
 		return
 	}
@@ -455,11 +482,11 @@ func (s *scheduler) decide() {
 				pins = []string{}
 			}
 			delete(s.wants, name)
-			s.deliver(name, placement{seq: s.seqs[name], gpus: pins})
+			s.out.Deliver(name, Placement{Seq: s.seqs[name], GPUs: pins})
 		}
 		return
 	}
-	owners := s.owners()
+	obs := s.models.Observe(slices.Sorted(maps.Keys(s.claims)))
 	in := gpu.Input{
 		Devices: s.devs, ReadAt: s.readAt, ReadErr: s.readErr, Headroom: s.headroom, ReleaseTimeout: s.release,
 		Now: s.now(), Notes: s.notes, NotBefore: s.restoredAt,
@@ -471,17 +498,10 @@ func (s *scheduler) decide() {
 		if c.Phase != gpu.Releasing {
 			// A stopped model no longer lists its pids; a releasing claim
 			// remembers the ones it waits for.
-			c.PIDs = pidsOf(owners, name)
+			c.PIDs = pidsOf(obs.PIDs, name)
 		}
-		u := s.usage(name)
-		c.OnDemand, c.Waiting, c.LastUsed, c.Protected = u.onDemand, u.waiting, u.lastRequest, ""
-		if c.AwakeAt.After(c.LastUsed) {
-			c.LastUsed = c.AwakeAt
-		}
-		if awake := in.Now.Sub(c.AwakeAt); c.Phase == gpu.Running && u.onDemand && awake < u.minAwake {
-			c.Protected = fmt.Sprintf("awake for %s (min_awake %s)", roundDuration(awake), u.minAwake)
-		}
-		c.Cost = u.cost
+		u, onDemand := obs.Usage[name]
+		fill(&c, u, onDemand, in.Now)
 		in.Claims = append(in.Claims, c)
 	}
 	out := gpu.Decide(in)
@@ -496,14 +516,14 @@ func (s *scheduler) decide() {
 	for name, uuids := range out.Grants {
 		delete(s.wants, name)
 		s.log.Info("placed", zap.String("model", name), zap.Strings("gpus", uuids))
-		s.answer(name, placement{seq: s.seqs[name], gpus: uuids})
+		s.answer(name, Placement{Seq: s.seqs[name], GPUs: uuids})
 	}
 	for name, reason := range out.Waits {
-		s.answer(name, placement{seq: s.seqs[name], reason: reason})
+		s.answer(name, Placement{Seq: s.seqs[name], Reason: reason})
 	}
 	for victim, forModel := range out.Evict {
 		s.log.Info("putting a model to sleep to make room", zap.String("model", victim), zap.String("for", forModel))
-		s.evict(victim, forModel)
+		s.out.Deliver(victim, Eviction{For: forModel})
 	}
 	busy := len(s.wants) > 0
 	for _, c := range s.claims {
@@ -513,16 +533,16 @@ func (s *scheduler) decide() {
 }
 
 // answer delivers p unless the runner has it already.
-func (s *scheduler) answer(name string, p placement) {
-	if last, ok := s.answered[name]; ok && last.seq == p.seq && last.reason == p.reason && slices.Equal(last.gpus, p.gpus) {
+func (s *Scheduler) answer(name string, p Placement) {
+	if last, ok := s.answered[name]; ok && last.Seq == p.Seq && last.Reason == p.Reason && slices.Equal(last.GPUs, p.GPUs) {
 		return
 	}
 	s.answered[name] = p
-	s.deliver(name, p)
+	s.out.Deliver(name, p)
 }
 
-func (s *scheduler) publish() {
-	snap := &schedSnapshot{devs: s.devs, notes: maps.Clone(s.notes), readErr: s.readErr}
+func (s *Scheduler) publish() {
+	snap := &snapshot{devs: s.devs, notes: maps.Clone(s.notes), readErr: s.readErr}
 	for _, name := range slices.Sorted(maps.Keys(s.claims)) {
 		snap.claims = append(snap.claims, s.claims[name])
 	}
@@ -540,8 +560,8 @@ func pidsOf(owners map[int]string, name string) []int {
 	return out
 }
 
-// PlacementRequest is what model m asks of the GPUs.
-func PlacementRequest(m config.Model) gpu.Request {
+// Request is what model m asks of the GPUs.
+func Request(m config.Model) gpu.Request {
 	r := gpu.Request{Name: m.Name, Priority: m.Priority, TP: m.TensorParallel, Util: m.GPUMemoryUtilization, OnDemand: m.OnDemand()}
 	for _, p := range m.GPUs {
 		r.Pins = append(r.Pins, string(p))
@@ -561,7 +581,7 @@ type GPUView struct {
 
 // Views reads the GPUs now and lists the models placed on each (claims as
 // of the last decision).
-func (s *scheduler) Views(ctx context.Context) ([]GPUView, error) {
+func (s *Scheduler) Views(ctx context.Context) ([]GPUView, error) {
 	if s.reader == nil {
 		return nil, fmt.Errorf("%s", s.why)
 	}
@@ -570,7 +590,7 @@ func (s *scheduler) Views(ctx context.Context) ([]GPUView, error) {
 		return nil, fmt.Errorf("GPU readings failed: %w", err)
 	}
 	snap := s.snapshot.Load()
-	owners := s.owners()
+	owners := s.models.Observe(nil).PIDs
 	claims := map[string]*gpu.Claim{}
 	for _, c := range snap.claims {
 		if c.Phase != gpu.Releasing {
@@ -591,9 +611,9 @@ func (s *scheduler) Views(ctx context.Context) ([]GPUView, error) {
 	return out, nil
 }
 
-// indexOf is the NVML index of the GPU uuid in the latest readings. Any
+// IndexOf is the NVML index of the GPU uuid in the latest readings. Any
 // goroutine may call it.
-func (s *scheduler) indexOf(uuid string) (int, bool) {
+func (s *Scheduler) IndexOf(uuid string) (int, bool) {
 	devs := s.indices.Load()
 	if devs == nil {
 		return 0, false
