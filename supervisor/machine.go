@@ -31,6 +31,8 @@ import (
 //	pending   checked failed     → pending with the cause; recheck after recheckInterval
 //	pending   placed             → spawn
 //	pending   spawned            → starting (startup deadline armed)
+//	spawning  stop, restart, reload, shutdown → applied once the spawn returns (spawning.go):
+//	                               the process it started is stopped first, never lost
 //	pending   spawn failed       → failed (the program is missing: retrying burns the limit)
 //	pending   tick               → check again
 //	starting  tick               → probe (not live: loading is not failure)
@@ -85,6 +87,8 @@ type machine struct {
 	wantSeq  int  // the want in flight with the scheduler
 	awaiting bool // a want is in flight: a placement for wantSeq is expected
 	spawning bool // a spawn is in flight: evSpawned is expected
+	// spawnNote says what the spawn in flight hangs on (evSpawnSlow).
+	spawnNote string
 
 	probing    bool
 	probeFails int
@@ -450,7 +454,7 @@ const onDemandIdle = "on demand: starts at its first request"
 
 // done reports whether the machine has finished: shut down, nothing left
 // running.
-func (m *machine) done() bool { return (m.shutdown || m.removed) && m.inst == nil }
+func (m *machine) done() bool { return (m.shutdown || m.removed) && m.inst == nil && !m.spawning }
 
 // step applies one event and returns what the runner must do.
 func (m *machine) step(ev event) []effect {
@@ -506,6 +510,8 @@ func (m *machine) step(ev event) []effect {
 		return m.onQuiet(ev)
 	case evServing:
 		return m.onServing(ev)
+	case evSpawnSlow:
+		return m.onSpawnSlow(ev)
 	}
 	panic(fmt.Sprintf("machine: unknown event %T", ev))
 }
@@ -550,7 +556,7 @@ func (m *machine) toPending(reason string) []effect {
 }
 
 func (m *machine) onChecked(ev evChecked) []effect {
-	if m.state != Pending || m.awaiting {
+	if m.state != Pending || m.awaiting || m.spawning {
 		return nil
 	}
 	if ev.cause != "" {
@@ -600,7 +606,8 @@ func (m *machine) onPlaced(p placement) []effect {
 		m.enter(Pending, p.reason)
 		return nil
 	}
-	m.awaiting, m.spawning = false, true
+	m.awaiting, m.spawning, m.spawnNote = false, true, ""
+	m.enter(Pending, "spawning")
 	return []effect{efSpawn{gpus: p.gpus}}
 }
 
@@ -611,7 +618,10 @@ func (m *machine) onSpawned(ev evSpawned) []effect {
 		m.log.Error("internal: spawn result without a spawn", zap.Bool("process", ev.inst != nil))
 		return nil
 	}
-	m.spawning = false
+	m.spawning, m.spawnNote = false, ""
+	if ev.inst == nil && m.askedDuringSpawn() {
+		return m.afterSpawn()
+	}
 	switch {
 	case ev.err != nil:
 		// The program is missing or not executable: retrying in seconds
@@ -627,6 +637,11 @@ func (m *machine) onSpawned(ev evSpawned) []effect {
 	m.tracker.started(ev.inst.started)
 	m.probeFails = 0
 	m.readyAt, m.startup, m.servingAt = time.Time{}, 0, time.Time{}
+	if m.askedDuringSpawn() {
+		// Stopped, restarted or shut down while its spawn was in flight:
+		// the process it returned is stopped, never lost.
+		return m.afterSpawn()
+	}
 	m.enter(Starting, "loading")
 	p := m.cfg.Probe
 	// Its record first: a successor after a crash adopts it from there.
@@ -759,8 +774,8 @@ func (m *machine) onTimer(t timerKind) []effect {
 	}
 	switch m.state {
 	case Pending:
-		if m.awaiting {
-			return nil // the scheduler answers when it can place it
+		if m.awaiting || m.spawning {
+			return nil // the scheduler answers when it can place it; the spawn's job when it returns
 		}
 		return m.toPending(m.reason)
 	case Backoff:
@@ -967,6 +982,8 @@ func (m *machine) stopHeld(reason string) []effect {
 		return m.plannedStop("stopping: "+reason, false, "")
 	case m.state == Stopping:
 		return nil // held once the stop completes
+	case m.spawning:
+		return m.duringSpawn()
 	}
 	m.awaiting = false
 	m.enter(Stopped, reason)
@@ -984,6 +1001,9 @@ func (m *machine) respawn(reason string) []effect {
 	case m.state == Stopping:
 		m.startAfter = reason
 		return nil
+	case m.spawning:
+		m.startAfter = reason
+		return m.duringSpawn()
 	case m.state == Pending:
 		if m.awaiting {
 			// Its want may ask for something else now.
@@ -1024,6 +1044,9 @@ func (m *machine) onOp(op Op) []effect {
 	case OpStart:
 		m.hold = false
 		m.demanded = false
+		if m.spawning {
+			return m.duringSpawn()
+		}
 		switch m.state {
 		case Stopped, Failed, Backoff:
 			m.tracker.reset()
@@ -1040,6 +1063,9 @@ func (m *machine) onOp(op Op) []effect {
 	case OpReset:
 		m.hold = false
 		m.tracker.reset()
+		if m.spawning {
+			return m.duringSpawn()
+		}
 		switch m.state {
 		case Failed, Backoff, Stopped:
 			return m.toPending("reset by operator")
@@ -1108,6 +1134,8 @@ func (m *machine) onShutdown() []effect {
 		return m.beginStop("supervisor shutting down")
 	case m.state == Stopping:
 		return nil
+	case m.spawning:
+		return m.duringSpawn()
 	}
 	m.awaiting = false
 	m.enter(Stopped, "supervisor shut down")

@@ -1,0 +1,234 @@
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/proc"
+)
+
+// TestMachineAskedDuringSpawn: what is asked while a spawn is in flight
+// (the runner goes on taking events meanwhile) is applied once the spawn
+// returns: a process it started is stopped first, never lost.
+func TestMachineAskedDuringSpawn(t *testing.T) {
+	t.Run("stop: its process is stopped, then held", func(t *testing.T) {
+		mt := newMTest(t).toSpawning()
+		mt.expect(evOp{op: OpStop}, "")
+		mt.state(Pending)
+		if !strings.Contains(mt.m.reason, "spawning; stopped once it returns (held stopped by operator)") {
+			t.Fatalf("reason %q", mt.m.reason)
+		}
+		inst := mt.newInst()
+		mt.expect(evSpawned{inst: inst}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+		mt.state(Stopping)
+		mt.expect(evStopped{inst: inst}, "release")
+		mt.state(Stopped)
+		if mt.m.reason != "held stopped by operator" {
+			t.Fatalf("reason %q", mt.m.reason)
+		}
+	})
+	t.Run("stop, then its spawn fails: held, its want dropped", func(t *testing.T) {
+		mt := newMTest(t).toSpawning()
+		mt.step(evOp{op: OpStop})
+		mt.expect(evSpawned{err: errors.New("exec: no such file")}, "disarm(tick) drop")
+		mt.state(Stopped)
+	})
+	t.Run("stop, then start: it starts as spawned", func(t *testing.T) {
+		mt := newMTest(t).toSpawning()
+		mt.step(evOp{op: OpStop})
+		mt.expect(evOp{op: OpStart}, "")
+		if mt.m.reason != "spawning" {
+			t.Fatalf("reason %q", mt.m.reason)
+		}
+		mt.expect(evSpawned{inst: mt.newInst()}, "record arm(deadline,20m0s) arm(tick,1s)")
+		mt.state(Starting)
+	})
+	t.Run("restart: stopped, then pending with its GPUs kept", func(t *testing.T) {
+		mt := newMTest(t).toSpawning()
+		mt.expect(evOp{op: OpRestart}, "")
+		inst := mt.newInst()
+		mt.expect(evSpawned{inst: inst}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+		mt.expect(evStopped{inst: inst}, "release(keep) disarm(tick) check")
+		mt.state(Pending)
+	})
+	t.Run("reload that changes it, its spawn failing a check: checked again", func(t *testing.T) {
+		mt := newMTest(t).toSpawning()
+		c := testModelCfg()
+		c.MaxModelLen = 4096
+		mt.expect(evConfig{cfg: c, kind: config.Respawn}, "")
+		mt.expect(evSpawned{cause: CausePort, reason: "port 11400 in use"}, "drop disarm(tick) check")
+		mt.state(Pending)
+	})
+	t.Run("shutdown: not done until its spawn returned and its process stopped", func(t *testing.T) {
+		mt := newMTest(t).toSpawning()
+		mt.expect(evShutdown{}, "")
+		if mt.m.done() {
+			t.Fatal("done with a spawn in flight")
+		}
+		inst := mt.newInst()
+		mt.expect(evSpawned{inst: inst}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+		mt.expect(evStopped{inst: inst}, "release")
+		mt.state(Stopped)
+		if !mt.m.done() {
+			t.Fatal("not done after its stop")
+		}
+	})
+	t.Run("removed: done once its spawn returned nothing", func(t *testing.T) {
+		mt := newMTest(t).toSpawning()
+		mt.expect(evRemoved{}, "")
+		if mt.m.done() {
+			t.Fatal("done with a spawn in flight")
+		}
+		mt.expect(evSpawned{cause: CauseDaemon, reason: "short"}, "disarm(tick) drop")
+		if !mt.m.done() {
+			t.Fatalf("not done: %s (%s)", mt.m.state, mt.m.reason)
+		}
+	})
+	t.Run("a spawn that hangs says on what; a tick does not check again", func(t *testing.T) {
+		mt := newMTest(t).toSpawning()
+		mt.expect(evSpawnSlow{what: "starting /opt/venv/bin/python3", after: spawnWait}, "")
+		if want := "spawn hangs: starting /opt/venv/bin/python3 has not returned after 2s"; mt.m.reason != want {
+			t.Fatalf("reason %q, want %q", mt.m.reason, want)
+		}
+		mt.expect(evTimer{tick}, "")
+		mt.expect(evOp{op: OpStop}, "")
+		if !strings.HasSuffix(mt.m.reason, "has not returned after 2s; stopped once it returns (held stopped by operator)") {
+			t.Fatalf("reason %q", mt.m.reason)
+		}
+		if err := mt.m.restorable(); err == nil {
+			t.Fatal("restorable with a spawn in flight")
+		}
+	})
+}
+
+// blockSpawns makes the spawns of model block before their fork and exec
+// until release is called; started is signalled at each.
+type blockSpawns struct {
+	model   string
+	started chan struct{}
+	gate    chan struct{}
+	once    sync.Once
+}
+
+func newBlockSpawns(model string) *blockSpawns {
+	return &blockSpawns{model: model, started: make(chan struct{}, 8), gate: make(chan struct{})}
+}
+
+func (b *blockSpawns) hook(model string) {
+	if model != b.model {
+		return
+	}
+	b.started <- struct{}{}
+	<-b.gate
+}
+
+func (b *blockSpawns) release() { b.once.Do(func() { close(b.gate) }) }
+
+// markedOf lists the live processes that carry a marker of model under
+// the supervisor's identity.
+func markedOf(t *testing.T, sup *Supervisor, model string) []int {
+	t.Helper()
+	trees, err := proc.Marked(sup.d.id + "/" + model + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pids []int
+	for _, tr := range trees {
+		for _, pid := range tr.PIDs() {
+			if running(pid) {
+				pids = append(pids, pid)
+			}
+		}
+	}
+	return pids
+}
+
+// TestSpawnHangsRunnerAnswers: a spawn that does not return keeps its
+// model pending, saying so, while status answers, another model starts,
+// an operator's stop is taken and an upgrade's freeze is refused at once;
+// once the spawn returns, its process is stopped and the model held.
+func TestSpawnHangsRunnerAnswers(t *testing.T) {
+	block := newBlockSpawns("a")
+	h := newHarness(t, modelSpec{Name: "a"}, modelSpec{Name: "b"})
+	t.Cleanup(block.release)
+	h.start(Options{beforeSpawn: block.hook})
+	select {
+	case <-block.started:
+	case <-time.After(20 * time.Second):
+		t.Fatal("a's spawn did not begin within 20s")
+	}
+	h.waitFor(t, 20*time.Second, "a's reason to say its spawn hangs", func() bool {
+		st := h.status("a")
+		return st.State == Pending && strings.Contains(st.Reason, "spawn hangs: starting ") && strings.Contains(st.Reason, "has not returned after 2s")
+	})
+	h.waitState("b", Ready, 20*time.Second)
+
+	// An operator's stop is taken at once, and applied once the spawn
+	// returns.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	res, err := h.sup.Do(ctx, OpStop, "a")
+	if err != nil || res["a"] != nil {
+		t.Fatalf("stop while spawning: %v %v", res, err)
+	}
+	if st := h.status("a"); !strings.Contains(st.Reason, "stopped once it returns (held stopped by operator)") {
+		t.Fatalf("after the stop: %s (%s)", st.State, st.Reason)
+	}
+	// An upgrade cannot write a spawn in flight down: refused, not hung.
+	fctx, fcancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer fcancel()
+	began := time.Now()
+	if _, _, _, err := h.sup.Freeze(fctx); err == nil || !strings.Contains(err.Error(), "a is being spawned") {
+		t.Fatalf("freeze during the spawn: %v", err)
+	}
+	if took := time.Since(began); took > 3*time.Second {
+		t.Errorf("the freeze took %s to be refused", took)
+	}
+
+	block.release()
+	st := h.waitState("a", Stopped, 20*time.Second)
+	if st.Reason != "held stopped by operator" || st.LastExit == "" {
+		t.Fatalf("after its spawn returned: %s (%s), last exit %q: want held, its process stopped", st.State, st.Reason, st.LastExit)
+	}
+	if pids := markedOf(t, h.sup, "a"); len(pids) > 0 {
+		t.Fatalf("a's processes %v survive its stop", pids)
+	}
+	if st := h.status("b"); st.State != Ready {
+		t.Fatalf("b: %s (%s)", st.State, st.Reason)
+	}
+}
+
+// TestSpawnHangsAtShutdown: the shutdown waits for a spawn in flight no
+// longer than the model's stop_timeout; the process it starts later is
+// stopped by its job.
+func TestSpawnHangsAtShutdown(t *testing.T) {
+	block := newBlockSpawns("a")
+	h := newHarness(t, modelSpec{Name: "a", YAML: "stop_timeout: 500ms"})
+	t.Cleanup(block.release)
+	h.start(Options{beforeSpawn: block.hook})
+	select {
+	case <-block.started:
+	case <-time.After(20 * time.Second):
+		t.Fatal("a's spawn did not begin within 20s")
+	}
+	h.cancel()
+	h.cancel = nil
+	select {
+	case <-h.exited:
+		if h.runErr != nil {
+			t.Fatalf("Run: %v", h.runErr)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return within 10s of the shutdown with a spawn hanging")
+	}
+	block.release()
+	waitFor(t, 20*time.Second, "the process spawned after the shutdown to be stopped by its job", func() bool {
+		recs, err := h.sup.d.records.All()
+		return len(markedOf(t, h.sup, "a")) == 0 && err == nil && len(recs) == 0
+	})
+}
