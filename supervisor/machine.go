@@ -512,6 +512,8 @@ func (m *machine) step(ev event) []effect {
 		return m.onServing(ev)
 	case evSpawnSlow:
 		return m.onSpawnSlow(ev)
+	case evEngineSleeps:
+		return m.onEngineSleeps(ev)
 	}
 	panic(fmt.Sprintf("machine: unknown event %T", ev))
 }
@@ -539,6 +541,9 @@ func (m *machine) live() bool {
 // sleeps or waits for its memory to wake; while its engine wakes, yes (a
 // wake that hangs is seen as a hang).
 func (m *machine) probed() bool {
+	if m.inst != nil && m.inst.asking {
+		return false // adopted: not before its engine says whether it sleeps
+	}
 	return m.state == Starting || m.state == Ready || m.state == Unhealthy || m.wakeInFlight()
 }
 

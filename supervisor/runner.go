@@ -144,6 +144,9 @@ type instance struct {
 	exit      exitInfo      // valid after done is closed
 	// Its output pipes' read ends, handed to the next image at an upgrade.
 	stdout, stderr *os.File
+	// asking: adopted after a crash, its engine is being asked whether it
+	// sleeps (efAskSleeping); askReady: its record says it was ready.
+	asking, askReady bool
 }
 
 type exitInfo struct {
@@ -509,6 +512,8 @@ func (l *loop) do(ef effect) event {
 		r.d.sched.Adopt(m.cfg, m.inst.gpus, ef.phase, ef.awakeAt, ef.changing)
 	case efSettled:
 		r.d.sched.Slept(r.name)
+	case efAskSleeping:
+		go l.askSleeping(m.inst, m.cfg, r.key())
 	case efDisarm:
 		l.timers[ef.t] = nil
 	default:
@@ -638,6 +643,15 @@ func (l *loop) probe(j probeJob) {
 	}
 	l.r.own.Add(-1)
 	l.results <- evProbed{inst: j.inst, err: err, took: took, version: version}
+}
+
+// askSleeping asks the engine of inst, adopted after a crash, whether it
+// sleeps, within probe.timeout.
+func (l *loop) askSleeping(inst *instance, m config.Model, key string) {
+	ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), key), m.Probe.Timeout)
+	defer cancel()
+	asleep, err := l.r.d.prober.IsSleeping(ctx, baseURL(m))
+	l.results <- evEngineSleeps{inst: inst, asleep: asleep, err: err}
 }
 
 // sleepLevel is the level a sleep asked at level happens at: level-1

@@ -3,12 +3,16 @@ package supervisor
 import (
 	"context"
 	"errors"
+	"net"
+	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
 )
 
@@ -104,6 +108,37 @@ func TestMachineAskedDuringSpawn(t *testing.T) {
 			t.Fatal("restorable with a spawn in flight")
 		}
 	})
+}
+
+// TestMachineAdoptedAsksWhetherItSleeps: an on-demand process adopted
+// after a crash, whose record says awake, counts as loading (no request
+// goes to it) until its engine says whether it sleeps; a stop meanwhile
+// makes the answer moot.
+func TestMachineAdoptedAsksWhetherItSleeps(t *testing.T) {
+	mt := newODTest(t)
+	inst := mt.newInst()
+	inst.adopted = true
+	digest := mt.m.cfg.SpawnDigest()
+	got := describe(mt.m.restore(ModelState{Instance: &InstanceState{Model: "m", PID: inst.pid, Started: mt.now, ReadyAt: mt.now, Digest: digest}}, inst, digest, false))
+	if got != "adopt(starting) ask-sleeping" {
+		t.Fatalf("restore: %s", got)
+	}
+	mt.state(Starting)
+	if err := mt.m.restorable(); err == nil || !strings.Contains(err.Error(), "asked whether it sleeps") {
+		t.Fatalf("restorable while asking: %v", err)
+	}
+	mt.expect(evTimer{tick}, "")
+	mt.expect(evServing{inst: inst}, "")
+	mt.expect(evOp{op: OpStop}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.expect(evEngineSleeps{inst: inst, asleep: true}, "")
+	mt.state(Stopping)
+
+	// Not adopted (an upgrade of its own child): nothing to ask.
+	mt = newODTest(t)
+	inst = mt.newInst()
+	if got := describe(mt.m.restore(ModelState{State: Ready, Instance: &InstanceState{Model: "m", PID: inst.pid, Digest: digest}}, inst, digest, false)); got != "adopt(running) arm(tick,1s) arm(idle,10m0s)" {
+		t.Fatalf("restore of a child: %s", got)
+	}
 }
 
 // blockSpawns makes the spawns of model block before their fork and exec
@@ -231,4 +266,59 @@ func TestSpawnHangsAtShutdown(t *testing.T) {
 		recs, err := h.sup.d.records.All()
 		return len(markedOf(t, h.sup, "a")) == 0 && err == nil && len(recs) == 0
 	})
+}
+
+// TestAdoptEngineSilent: a model adopted after a crash whose engine never
+// answers HTTP (asked whether it sleeps) holds neither the daemon's start
+// nor its status nor its shutdown: the question is its runner's job,
+// bounded by probe.timeout.
+func TestAdoptEngineSilent(t *testing.T) {
+	h := newHarness(t, modelSpec{Name: "od", YAML: "activation: on_demand\nsleep_level: 1\nprobe: {period: 1m, timeout: 1m, failure_threshold: 3, startup_timeout: 5m}"})
+	m, _ := h.cfg.Model("od")
+	// The engine: a port that takes connections and never answers.
+	ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(m.Port)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	// The process a dead daemon left, with its marker and its record.
+	marker := Identity(h.cfg.ControlSocket) + "/od/leftover0000000"
+	cmd := exec.Command("sleep", "600")
+	cmd.Env = []string{proc.MarkerEnv + "=" + marker}
+	if err := testReaper.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan struct{})
+	go func() { _ = cmd.Wait(); testReaper.Done(cmd.Process.Pid); close(waited) }()
+	t.Cleanup(func() { _ = cmd.Process.Kill(); <-waited })
+	var start uint64
+	waitFor(t, 10*time.Second, "the leftover to carry its marker", func() bool {
+		st, err := proc.ReadStat(cmd.Process.Pid)
+		if err != nil {
+			return false
+		}
+		start = st.Start
+		v, ok := proc.EnvironValue(cmd.Process.Pid, proc.MarkerEnv)
+		return ok && v == marker
+	})
+	rec := InstanceState{Model: "od", PID: cmd.Process.Pid, Start: start, Marker: marker, Started: time.Now(), Digest: m.SpawnDigest(), ReadyAt: time.Now()}
+	if err := liverestore.RecordsFor(h.cfg.ControlSocket).Write(rec); err != nil {
+		t.Fatal(err)
+	}
+
+	h.start(Options{}) // ready within 10s, or it fails
+	st := h.status("od")
+	if st.State != Starting || !strings.Contains(st.Reason, "asking its engine whether it sleeps") || st.PID != cmd.Process.Pid {
+		t.Fatalf("adopted: %s (%s) pid %d", st.State, st.Reason, st.PID)
+	}
+	began := time.Now()
+	h.stop()
+	if took := time.Since(began); took > 15*time.Second {
+		t.Errorf("the shutdown took %s with the engine silent", took)
+	}
+	select {
+	case <-waited:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the adopted process was not stopped at the shutdown")
+	}
 }
