@@ -71,9 +71,6 @@ func (r *runner) spawn(m, eff config.Model, secrets map[string]string, gpus, vis
 	}
 	cmd.Stdout, cmd.Stderr = outW, errW
 	doing("starting " + args[0])
-	if r.d.beforeSpawn != nil {
-		r.d.beforeSpawn(m.Name)
-	}
 	err = r.d.reaper.Start(cmd)
 	outW.Close()
 	errW.Close()

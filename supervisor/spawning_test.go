@@ -141,8 +141,10 @@ func TestMachineAdoptedAsksWhetherItSleeps(t *testing.T) {
 	}
 }
 
-// blockSpawns makes the spawns of model block before their fork and exec
-// until release is called; started is signalled at each.
+// blockSpawns makes the fork and exec of model's spawns hang (as an exec
+// of a binary on a mount that does not answer would), through the test
+// reaper's hook, until release is called; started is signalled at each.
+// Cleanup releases them and removes the hook.
 type blockSpawns struct {
 	model   string
 	started chan struct{}
@@ -150,16 +152,24 @@ type blockSpawns struct {
 	once    sync.Once
 }
 
-func newBlockSpawns(model string) *blockSpawns {
-	return &blockSpawns{model: model, started: make(chan struct{}, 8), gate: make(chan struct{})}
+func newBlockSpawns(t *testing.T, model string) *blockSpawns {
+	b := &blockSpawns{model: model, started: make(chan struct{}, 8), gate: make(chan struct{})}
+	testReaper.setHook(b.hook)
+	t.Cleanup(func() {
+		b.release()
+		testReaper.setHook(nil)
+	})
+	return b
 }
 
-func (b *blockSpawns) hook(model string) {
-	if model != b.model {
-		return
+func (b *blockSpawns) hook(cmd *exec.Cmd) {
+	for _, kv := range cmd.Env {
+		marker, ok := strings.CutPrefix(kv, proc.MarkerEnv+"=")
+		if parts := strings.Split(marker, "/"); ok && len(parts) == 3 && parts[1] == b.model {
+			b.started <- struct{}{}
+			<-b.gate
+		}
 	}
-	b.started <- struct{}{}
-	<-b.gate
 }
 
 func (b *blockSpawns) release() { b.once.Do(func() { close(b.gate) }) }
@@ -183,15 +193,15 @@ func markedOf(t *testing.T, sup *Supervisor, model string) []int {
 	return pids
 }
 
-// TestSpawnHangsRunnerAnswers: a spawn that does not return keeps its
-// model pending, saying so, while status answers, another model starts,
-// an operator's stop is taken and an upgrade's freeze is refused at once;
-// once the spawn returns, its process is stopped and the model held.
+// TestSpawnHangsRunnerAnswers: a spawn whose exec does not return keeps
+// its model pending, saying so, while status answers, another model
+// starts, an operator's stop is taken and an upgrade's freeze is refused
+// at once; once the spawn returns, its process is stopped and the model
+// held.
 func TestSpawnHangsRunnerAnswers(t *testing.T) {
-	block := newBlockSpawns("a")
-	h := newHarness(t, modelSpec{Name: "a"}, modelSpec{Name: "b"})
-	t.Cleanup(block.release)
-	h.start(Options{beforeSpawn: block.hook})
+	block := newBlockSpawns(t, "a")
+	h := newHarness(t, modelSpec{Name: "a", YAML: "priority: 10"}, modelSpec{Name: "b"})
+	h.start(Options{})
 	select {
 	case <-block.started:
 	case <-time.After(20 * time.Second):
@@ -201,12 +211,20 @@ func TestSpawnHangsRunnerAnswers(t *testing.T) {
 		st := h.status("a")
 		return st.State == Pending && strings.Contains(st.Reason, "spawn hangs: starting ") && strings.Contains(st.Reason, "has not returned after 2s")
 	})
+	// b is spawned after a: neither its spawn nor its stop waits for a's.
 	h.waitState("b", Ready, 20*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if res, err := h.sup.Do(ctx, OpRestart, "b"); err != nil || res["b"] != nil {
+		t.Fatalf("restart b: %v %v", res, err)
+	}
+	h.waitFor(t, 20*time.Second, "b restarted", func() bool {
+		st := h.status("b")
+		return st.State == Ready && st.RestartsByReason[ReasonManual] == 1
+	})
 
 	// An operator's stop is taken at once, and applied once the spawn
 	// returns.
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
 	res, err := h.sup.Do(ctx, OpStop, "a")
 	if err != nil || res["a"] != nil {
 		t.Fatalf("stop while spawning: %v %v", res, err)
@@ -242,10 +260,9 @@ func TestSpawnHangsRunnerAnswers(t *testing.T) {
 // longer than the model's stop_timeout; the process it starts later is
 // stopped by its job.
 func TestSpawnHangsAtShutdown(t *testing.T) {
-	block := newBlockSpawns("a")
+	block := newBlockSpawns(t, "a")
 	h := newHarness(t, modelSpec{Name: "a", YAML: "stop_timeout: 500ms"})
-	t.Cleanup(block.release)
-	h.start(Options{beforeSpawn: block.hook})
+	h.start(Options{})
 	select {
 	case <-block.started:
 	case <-time.After(20 * time.Second):
@@ -320,5 +337,39 @@ func TestAdoptEngineSilent(t *testing.T) {
 	case <-waited:
 	case <-time.After(10 * time.Second):
 		t.Fatal("the adopted process was not stopped at the shutdown")
+	}
+}
+
+// TestReaperLeavesChildOfStartInFlight: while a Start is in flight (its
+// fork and exec may hang, and holds no lock), a child younger than it may
+// be its own, not recorded yet: the reaper neither reaps it nor kills it
+// as a stray, so os/exec's Wait gets its exit status.
+func TestReaperLeavesChildOfStartInFlight(t *testing.T) {
+	inFlight := &exec.Cmd{}
+	testReaper.mu.Lock()
+	testReaper.starting[inFlight] = bootTicks()
+	testReaper.mu.Unlock()
+	cmd := exec.Command("true")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	waitFor(t, 10*time.Second, "the child to exit", func() bool {
+		st, err := proc.ReadStat(pid)
+		return err != nil || st.State == 'Z' // gone: reaped, which the check below reports
+	})
+	testReaper.Reap()
+	testReaper.sweepStrays()
+	if st, err := proc.ReadStat(pid); err != nil || st.State != 'Z' {
+		t.Fatalf("the child of a Start in flight was reaped: %v %v", st, err)
+	}
+	// The Start returns: it records its child, as Start does.
+	testReaper.mu.Lock()
+	delete(testReaper.starting, inFlight)
+	testReaper.managed[pid] = true
+	testReaper.mu.Unlock()
+	defer testReaper.Done(pid)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("Wait: %v, want its exit status", err)
 	}
 }

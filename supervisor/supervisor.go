@@ -126,9 +126,6 @@ type Options struct {
 	// FDStore keeps the models' output pipes past the daemon's death
 	// (systemd's descriptor store); nil without one.
 	FDStore FDStore
-
-	// beforeSpawn is deps.beforeSpawn (tests).
-	beforeSpawn func(model string)
 }
 
 // SetTraffic connects the gateway, once it is built (it needs the
@@ -161,9 +158,6 @@ type deps struct {
 	versions    *versionCache
 	visible     string                        // gpu.visible_devices
 	gpuIndex    func(uuid string) (int, bool) // the NVML index of a GPU, from the latest readings
-	// beforeSpawn, when set (tests), is called by a spawn just before its
-	// fork and exec: a spawn that hangs there.
-	beforeSpawn func(model string)
 }
 
 // Supervisor runs every configured model.
@@ -230,8 +224,6 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 		// Read once, like every gpu key: a reload does not change them.
 		versions: &versionCache{},
 		visible:  cfg.GPU.VisibleDevices,
-
-		beforeSpawn: o.beforeSpawn,
 	}
 	// The gateway's queues follow the models' states (changes.go).
 	d.changed = d.changes.notify
