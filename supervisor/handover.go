@@ -56,6 +56,8 @@ func (m *machine) restorable() error {
 		return fmt.Errorf("%s is %s", m.cfg.Name, m.state)
 	case m.flight == flightSleep:
 		return fmt.Errorf("%s is going to sleep", m.cfg.Name)
+	case m.inst != nil && m.inst.asking:
+		return fmt.Errorf("%s is being asked whether it sleeps", m.cfg.Name)
 	}
 	return nil
 }
@@ -191,37 +193,24 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 			bound := m.wakeBound(is.SleepLevel)
 			m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s; adopted while %s: its GPUs count as changing for up to %s)", is.SleepLevel, m.sleepCause, during, roundDuration(bound)))
 			return []effect{efAdopt{phase: gpu.Asleep, changing: true}, efArm{settle, bound}}
+		case inst.adopted && m.cfg.OnDemand() && m.cfg.SleepLevel > 0:
+			// After a crash the record may be a step behind the engine:
+			// the daemon died as it went to sleep by itself. The engine
+			// knows, and a request must never go to an engine believed
+			// awake: until it answers (a job, within probe.timeout) it
+			// counts as loading. The other way round (the record says
+			// asleep, or that a sleep began, and the engine says awake: it
+			// died mid-sleep or mid-wake) the record is kept, above:
+			// asleep until a wake proves it awake.
+			inst.asking = true
+			m.probing = true // no probe before it answers
+			inst.askReady = st.State == Ready || st.State == Unhealthy || (st.State == "" && !is.ReadyAt.IsZero())
+			m.enter(Starting, "adopted from a previous daemon: asking its engine whether it sleeps (GET /is_sleeping)")
+			return []effect{efAdopt{phase: gpu.Starting, awakeAt: m.awakeAt}, efAskSleeping{}}
 		case st.State == Ready || st.State == Unhealthy || (st.State == "" && !is.ReadyAt.IsZero()):
-			// Probed within a period; a failing probe counts from zero. A
-			// record (a crash) that says it was ready: it is no longer
-			// loading, a failing probe is a failure.
-			m.enter(Ready, "")
-			if m.awakeAt.IsZero() {
-				m.awakeAt = m.now()
-			}
-			running.awakeAt = m.awakeAt
-			out := []effect{running, efArm{tick, min(m.cfg.Probe.Period, maxStartupPoll)}}
-			if m.cfg.OnDemand() {
-				// Awake since its predecessor saw it wake: min_awake and
-				// idle_after go on from there.
-				out = append(out, efArm{idle, m.cfg.IdleAfter})
-			}
-			return out
+			return m.adoptedReady()
 		default:
-			// Starting, or found after a crash (ready or not, the first
-			// probe tells): loading is not failure, and a loaded model is
-			// ready within a second.
-			m.readyAt, m.startup = time.Time{}, 0
-			reason := st.Reason
-			if st.State != Starting {
-				reason = "adopted from a previous daemon: probing"
-			}
-			m.enter(Starting, reason)
-			left := m.cfg.Probe.StartupTimeout - m.now().Sub(inst.started)
-			if st.State != Starting {
-				left = m.cfg.Probe.StartupTimeout
-			}
-			return []effect{efAdopt{phase: gpu.Starting, awakeAt: m.awakeAt}, efArm{deadline, max(left, time.Second)}, efArm{tick, 0}}
+			return m.adoptedLoading(st.State, st.Reason)
 		}
 	}
 	if st.Instance != nil && (st.State == Ready || st.State == Unhealthy || st.State == Starting || st.State == Sleeping) {
@@ -255,6 +244,87 @@ func (m *machine) restore(st ModelState, inst *instance, digest string, envChang
 		return nil
 	}
 	return m.begin()
+}
+
+// adoptedReady goes on with a process taken over that was ready: probed
+// within a period; a failing probe counts from zero. A record (a crash)
+// that says it was ready: it is no longer loading, a failing probe is a
+// failure.
+func (m *machine) adoptedReady() []effect {
+	m.enter(Ready, "")
+	if m.awakeAt.IsZero() {
+		m.awakeAt = m.now()
+	}
+	out := []effect{efAdopt{phase: gpu.Running, awakeAt: m.awakeAt}, efArm{tick, min(m.cfg.Probe.Period, maxStartupPoll)}}
+	if m.cfg.OnDemand() {
+		// Awake since its predecessor saw it wake: min_awake and
+		// idle_after go on from there.
+		out = append(out, efArm{idle, m.cfg.IdleAfter})
+	}
+	return out
+}
+
+// adoptedLoading goes on with a process taken over that was starting
+// (state, saying reason), or found after a crash (ready or not, the first
+// probe tells): loading is not failure, and a loaded model is ready within
+// a second.
+func (m *machine) adoptedLoading(state State, reason string) []effect {
+	m.readyAt, m.startup = time.Time{}, 0
+	if state != Starting {
+		reason = "adopted from a previous daemon: probing"
+	}
+	m.enter(Starting, reason)
+	left := m.cfg.Probe.StartupTimeout - m.now().Sub(m.inst.started)
+	if state != Starting {
+		left = m.cfg.Probe.StartupTimeout
+	}
+	return []effect{efAdopt{phase: gpu.Starting, awakeAt: m.awakeAt}, efArm{deadline, max(left, time.Second)}, efArm{tick, 0}}
+}
+
+// efAskSleeping: ask the engine of a process adopted after a crash whether
+// it sleeps (GET /is_sleeping), off the runner's goroutine →
+// evEngineSleeps.
+type efAskSleeping struct{}
+
+func (efAskSleeping) isEffect() {}
+
+// evEngineSleeps: the engine of inst said whether it sleeps; err when it
+// did not answer.
+type evEngineSleeps struct {
+	inst   *instance
+	asleep bool
+	err    error
+}
+
+func (evEngineSleeps) isEvent() {}
+
+// onEngineSleeps takes the engine's word on a process adopted after a
+// crash: asleep, it sleeps at its sleep_level; awake (or no answer: the
+// record is believed, and the probes tell), it goes on as its record says.
+// A process stopped meanwhile is past asking.
+func (m *machine) onEngineSleeps(ev evEngineSleeps) []effect {
+	inst := m.inst
+	if inst == nil || ev.inst != inst || !inst.asking {
+		return nil
+	}
+	inst.asking = false
+	if m.state != Starting {
+		return nil
+	}
+	m.probing = false
+	switch {
+	case ev.err == nil && ev.asleep:
+		m.sleepLevel, m.sleepCause = m.cfg.SleepLevel, "found asleep"
+		m.log.Info("adopted: the engine sleeps although its record says awake; the engine's word is taken", zap.Int("level", m.sleepLevel))
+		m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s)", m.sleepLevel, m.sleepCause))
+		return []effect{efAdopt{phase: gpu.Asleep}, efRecord{}}
+	case ev.err != nil:
+		m.log.Warn("adopted: the engine did not say whether it sleeps; its record is believed", zap.Error(ev.err))
+	}
+	if inst.askReady {
+		return m.adoptedReady()
+	}
+	return m.adoptedLoading("", "")
 }
 
 // freezeReq asks a runner to write its machine down and then do nothing

@@ -1,12 +1,9 @@
 package supervisor
 
 import (
-	"context"
-
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
-	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor/liverestore"
 )
 
@@ -29,9 +26,9 @@ func StopLeftovers(cfg *config.Config, log *zap.Logger) error {
 	return liverestore.StopLeftovers(cfg, Identity(cfg.ControlSocket), log)
 }
 
-// adopt takes t's instance over for r, a runner of m: nil when it is
+// adopt takes t's instance over for r: nil when it is
 // gone, which the machine counts as an exit while no daemon watched.
-func (s *Supervisor) adopt(r *runner, t *liverestore.Takeover, m config.Model) *restored {
+func (s *Supervisor) adopt(r *runner, t *liverestore.Takeover) *restored {
 	from := &restored{st: t.State}
 	is := t.State.Instance
 	if is == nil {
@@ -49,24 +46,9 @@ func (s *Supervisor) adopt(r *runner, t *liverestore.Takeover, m config.Model) *
 		s.d.forgetInstance(is.Marker)
 		return from
 	}
+	// Whether its engine sleeps although its record says awake is asked
+	// by its runner (efAskSleeping), not here: this loop starts every
+	// model, and an engine that does not answer must hold none of them.
 	from.inst = inst
-	if !t.Child && m.OnDemand() && m.SleepLevel > 0 && is.SleepLevel == 0 && s.d.prober != nil {
-		// After a crash the record may be a step behind the engine: the
-		// daemon died as it went to sleep by itself. The engine knows; a
-		// request must never go to an engine believed awake. The other
-		// way round (the record says asleep, or that a sleep began, and
-		// the engine says awake: it died mid-sleep or mid-wake) the record
-		// is kept: asleep until a wake proves it awake.
-		secrets, _ := loadEnvFiles(m.EnvFiles)
-		ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), m.APIKey(secrets)), m.Probe.Timeout)
-		asleep, err := s.d.prober.IsSleeping(ctx, baseURL(m))
-		cancel()
-		if err == nil && asleep {
-			c := *is
-			c.SleepLevel, c.SleepCause = m.SleepLevel, "found asleep"
-			r.log.Info("adopted: the engine sleeps although its record says awake; the engine's word is taken", zap.Int("recorded_level", is.SleepLevel))
-			from.st.Instance = &c
-		}
-	}
 	return from
 }

@@ -32,6 +32,8 @@ import (
 //	pending   checked failed     → pending with the cause; recheck after recheckInterval
 //	pending   placed             → spawn
 //	pending   spawned            → starting (startup deadline armed)
+//	spawning  stop, restart, reload, shutdown → applied once the spawn returns (spawning.go):
+//	                               the process it started is stopped first, never lost
 //	pending   spawn failed       → failed (the program is missing: retrying burns the limit)
 //	pending   tick               → check again
 //	starting  tick               → probe (not live: loading is not failure)
@@ -88,6 +90,8 @@ type machine struct {
 	// one withdrawn since is ignored), a spawn, a sleep or a wake.
 	flight  flight
 	wantSeq int
+	// spawnNote says what the spawn in flight hangs on (evSpawnSlow).
+	spawnNote string
 
 	probing    bool
 	probeFails int
@@ -479,7 +483,9 @@ const onDemandIdle = "on demand: starts at its first request"
 
 // done reports whether the machine has finished: shut down, nothing left
 // running.
-func (m *machine) done() bool { return (m.shutdown || m.removed) && m.inst == nil }
+func (m *machine) done() bool {
+	return (m.shutdown || m.removed) && m.inst == nil && m.flight != flightSpawn
+}
 
 // step applies one event and returns what the runner must do.
 func (m *machine) step(ev event) []effect {
@@ -535,6 +541,10 @@ func (m *machine) step(ev event) []effect {
 		return m.onQuiet(ev)
 	case evServing:
 		return m.onServing(ev)
+	case evSpawnSlow:
+		return m.onSpawnSlow(ev)
+	case evEngineSleeps:
+		return m.onEngineSleeps(ev)
 	}
 	panic(fmt.Sprintf("machine: unknown event %T", ev))
 }
@@ -562,6 +572,9 @@ func (m *machine) live() bool {
 // sleeps or waits for its memory to wake; while its engine wakes, yes (a
 // wake that hangs is seen as a hang).
 func (m *machine) probed() bool {
+	if m.inst != nil && m.inst.asking {
+		return false // adopted: not before its engine says whether it sleeps
+	}
 	return m.state == Starting || m.state == Ready || m.state == Unhealthy || m.wakeInFlight()
 }
 
@@ -579,7 +592,7 @@ func (m *machine) toPending(reason string) []effect {
 }
 
 func (m *machine) onChecked(ev evChecked) []effect {
-	if m.state != Pending || m.flight == flightWant {
+	if m.state != Pending || m.flight == flightWant || m.flight == flightSpawn {
 		return nil
 	}
 	if ev.cause != "" {
@@ -629,7 +642,8 @@ func (m *machine) onPlaced(p schedule.Placement) []effect {
 		m.enter(Pending, p.Reason)
 		return nil
 	}
-	m.flight = flightSpawn
+	m.flight, m.spawnNote = flightSpawn, ""
+	m.enter(Pending, "spawning")
 	return []effect{efSpawn{gpus: p.GPUs}}
 }
 
@@ -640,7 +654,10 @@ func (m *machine) onSpawned(ev evSpawned) []effect {
 		m.log.Error("internal: spawn result without a spawn", zap.Bool("process", ev.inst != nil))
 		return nil
 	}
-	m.flight = flightNone
+	m.flight, m.spawnNote = flightNone, ""
+	if ev.inst == nil && m.askedDuringSpawn() {
+		return m.afterSpawn()
+	}
 	switch {
 	case ev.err != nil:
 		// The program is missing or not executable: retrying in seconds
@@ -656,6 +673,11 @@ func (m *machine) onSpawned(ev evSpawned) []effect {
 	m.tracker.started(ev.inst.started)
 	m.probeFails = 0
 	m.readyAt, m.startup, m.servingAt = time.Time{}, 0, time.Time{}
+	if m.askedDuringSpawn() {
+		// Stopped, restarted or shut down while its spawn was in flight:
+		// the process it returned is stopped, never lost.
+		return m.afterSpawn()
+	}
 	m.enter(Starting, "loading")
 	p := m.cfg.Probe
 	// Its record first: a successor after a crash adopts it from there.
@@ -788,8 +810,8 @@ func (m *machine) onTimer(t timerKind) []effect {
 	}
 	switch m.state {
 	case Pending:
-		if m.flight == flightWant {
-			return nil // the scheduler answers when it can place it
+		if m.flight == flightWant || m.flight == flightSpawn {
+			return nil // the scheduler answers when it can place it; the spawn's job when it returns
 		}
 		return m.toPending(m.reason)
 	case Backoff:
@@ -1030,6 +1052,8 @@ func (m *machine) stopHeld(reason string) []effect {
 		return m.plannedStop("stopping: "+reason, "")
 	case m.state == Stopping:
 		return nil // held once the stop completes
+	case m.flight == flightSpawn:
+		return m.duringSpawn()
 	}
 	m.flight = flightNone
 	m.enter(Stopped, reason)
@@ -1047,6 +1071,9 @@ func (m *machine) respawn(reason string) []effect {
 	case m.state == Stopping:
 		m.startAfterStop(reason)
 		return nil
+	case m.flight == flightSpawn:
+		m.startAfterStop(reason)
+		return m.duringSpawn()
 	case m.state == Pending:
 		if m.flight == flightWant {
 			// Its want may ask for something else now.
@@ -1087,6 +1114,9 @@ func (m *machine) onOp(op Op) []effect {
 	case OpStart:
 		m.hold = false
 		m.demanded = false
+		if m.flight == flightSpawn {
+			return m.duringSpawn()
+		}
 		switch m.state {
 		case Stopped, Failed, Backoff:
 			m.tracker.reset()
@@ -1103,6 +1133,9 @@ func (m *machine) onOp(op Op) []effect {
 	case OpReset:
 		m.hold = false
 		m.tracker.reset()
+		if m.flight == flightSpawn {
+			return m.duringSpawn()
+		}
 		switch m.state {
 		case Failed, Backoff, Stopped:
 			return m.toPending("reset by operator")
@@ -1171,6 +1204,8 @@ func (m *machine) onShutdown() []effect {
 		return m.beginStop("supervisor shutting down")
 	case m.state == Stopping:
 		return nil
+	case m.flight == flightSpawn:
+		return m.duringSpawn()
 	}
 	m.flight = flightNone
 	m.enter(Stopped, "supervisor shut down")

@@ -100,6 +100,23 @@ func (mt *mtest) toAwaiting() *mtest {
 	return mt
 }
 
+// toSpawning places it: its spawn is in flight.
+func (mt *mtest) toSpawning() *mtest {
+	mt.toAwaiting()
+	mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
+	return mt
+}
+
+// toAsking restores it from a crash's record that says it was ready: its
+// engine is asked whether it sleeps.
+func (mt *mtest) toAsking() *mtest {
+	inst := mt.newInst()
+	inst.adopted = true
+	digest := mt.m.cfg.SpawnDigest()
+	mt.m.restore(ModelState{Instance: &InstanceState{Model: "m", PID: inst.pid, Started: mt.now, ReadyAt: mt.now, Digest: digest}}, inst, digest, false)
+	return mt
+}
+
 func (mt *mtest) toStarting() *mtest {
 	mt.toAwaiting()
 	mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
@@ -275,6 +292,8 @@ func describe(efs []effect) string {
 			out = append(out, "settled")
 		case efLearn:
 			out = append(out, fmt.Sprintf("learn(%d)", ef.seq))
+		case efAskSleeping:
+			out = append(out, "ask-sleeping")
 		default:
 			out = append(out, fmt.Sprintf("%T", ef))
 		}
@@ -365,6 +384,16 @@ func describeEvent(ev event) string {
 		return "woke"
 	case evServing:
 		return "serving"
+	case evSpawnSlow:
+		return "spawn slow"
+	case evEngineSleeps:
+		switch {
+		case ev.err != nil:
+			return "engine silent"
+		case ev.asleep:
+			return "engine asleep"
+		}
+		return "engine awake"
 	}
 	return fmt.Sprintf("%T", ev)
 }
@@ -380,6 +409,7 @@ func TestMachineTransitions(t *testing.T) {
 	}{
 		{"pending (checks failing)", (*mtest).toBlocked},
 		{"pending (awaiting GPUs)", (*mtest).toAwaiting},
+		{"pending (spawning)", (*mtest).toSpawning},
 		{"starting", (*mtest).toStarting},
 		{"ready", (*mtest).toReady},
 		{"unhealthy", (*mtest).toUnhealthy},
@@ -414,6 +444,7 @@ func TestMachineTransitions(t *testing.T) {
 		}},
 		{"on demand: waking (awaiting GPUs)", func(mt *mtest) *mtest { mt.m.cfg = onDemandCfg(); return mt.toWakingAwaiting() }},
 		{"on demand: waking", func(mt *mtest) *mtest { mt.m.cfg = onDemandCfg(); return mt.toWaking() }},
+		{"on demand: adopted after a crash, asking its engine", func(mt *mtest) *mtest { mt.m.cfg = onDemandCfg(); return mt.toAsking() }},
 	}
 	respawn := testModelCfg()
 	respawn.MaxModelLen = 4096
@@ -465,6 +496,12 @@ func TestMachineTransitions(t *testing.T) {
 		func(mt *mtest) event { return evQuiet{seq: mt.m.quietSeq, ok: true} },
 		func(mt *mtest) event {
 			return evQuiet{seq: mt.m.quietSeq, reason: "b, which is starting or waking on GPU0"}
+		},
+		func(*mtest) event { return evSpawnSlow{what: "starting python3", after: spawnWait} },
+		func(mt *mtest) event { return evEngineSleeps{inst: mt.m.inst, asleep: true} },
+		func(mt *mtest) event { return evEngineSleeps{inst: mt.m.inst} },
+		func(mt *mtest) event {
+			return evEngineSleeps{inst: mt.m.inst, err: errors.New("context deadline exceeded")}
 		},
 	}
 	var b strings.Builder

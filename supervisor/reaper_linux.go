@@ -3,6 +3,7 @@ package supervisor
 import (
 	"context"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -31,6 +32,16 @@ import (
 type Reaper struct {
 	mu      sync.Mutex
 	managed map[int]bool
+	// starting holds when each Start in flight began, in /proc's clock
+	// ticks since boot: a child started since may be one of theirs, not
+	// recorded yet, so reap leaves it alone until they return. The lock is
+	// not held across a fork and exec: one that hangs (its binary on a
+	// mount that does not answer) holds its own spawn, not the reaping,
+	// the stops and exits of other models, or their spawns.
+	starting map[*exec.Cmd]uint64
+	// hook, when set (tests), is called by Start just before the fork and
+	// exec: an exec that hangs.
+	hook func(cmd *exec.Cmd)
 	// accounted, when set (KillStrays), tells whether a model accounts
 	// for an inherited orphan; strays holds when each unaccounted one was
 	// first seen, by PID and start time.
@@ -61,23 +72,55 @@ func NewReaper() (*Reaper, error) {
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		return nil, fmt.Errorf("prctl(PR_SET_CHILD_SUBREAPER): %w", err)
 	}
-	return &Reaper{managed: map[int]bool{}}, nil
+	return &Reaper{managed: map[int]bool{}, starting: map[*exec.Cmd]uint64{}}, nil
 }
 
-// Start starts cmd and records its PID as one os/exec will wait for.
-// Holding the lock across Start means a child that exits at once is not
-// reaped by Reap before it is recorded.
+// Start starts cmd and records its PID as one os/exec will wait for. A
+// child that exits at once is not reaped by Reap before it is recorded:
+// reap leaves every child younger than a Start in flight alone.
 func (r *Reaper) Start(cmd *exec.Cmd) error {
 	if r == nil {
 		return cmd.Start()
 	}
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	if err := cmd.Start(); err != nil {
-		return err
+	r.starting[cmd] = bootTicks()
+	hook := r.hook
+	r.mu.Unlock()
+	if hook != nil {
+		hook(cmd)
 	}
-	r.managed[cmd.Process.Pid] = true
-	return nil
+	err := cmd.Start()
+	r.mu.Lock()
+	delete(r.starting, cmd)
+	if err == nil {
+		r.managed[cmd.Process.Pid] = true
+	}
+	r.mu.Unlock()
+	return err
+}
+
+// setHook sets the test hook Start calls before its fork and exec.
+func (r *Reaper) setHook(hook func(cmd *exec.Cmd)) {
+	r.mu.Lock()
+	r.hook = hook
+	r.mu.Unlock()
+}
+
+// userHZ is the unit of /proc's process start times (USER_HZ).
+const userHZ = 100
+
+// bootTicks is the time since boot in /proc's clock ticks, a tick early
+// (a process started after it has a start time no lower); 0 when the
+// clock cannot be read (every child is then younger).
+func bootTicks() uint64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return 0
+	}
+	if t := uint64(ts.Nano()) / uint64(time.Second/userHZ); t > 0 {
+		return t - 1
+	}
+	return 0
 }
 
 var _ liverestore.Starter = (*Reaper)(nil)
@@ -153,12 +196,16 @@ func (r *Reaper) reap(grace time.Duration) int {
 	defer r.mu.Unlock()
 	n := 0
 	seen := map[[2]uint64]bool{}
+	young := uint64(math.MaxUint64) // a child started since may be a Start's in flight
+	for _, t := range r.starting {
+		young = min(young, t)
+	}
 	for _, pid := range proc.Children(os.Getpid()) {
 		if r.managed[pid] {
 			continue
 		}
 		s, err := proc.ReadStat(pid)
-		if err != nil {
+		if err != nil || s.Start >= young {
 			continue
 		}
 		if s.State != 'Z' {

@@ -145,6 +145,9 @@ type instance struct {
 	exit      exitInfo      // valid after done is closed
 	// Its output pipes' read ends, handed to the next image at an upgrade.
 	stdout, stderr *os.File
+	// asking: adopted after a crash, its engine is being asked whether it
+	// sleeps (efAskSleeping); askReady: its record says it was ready.
+	asking, askReady bool
 }
 
 type exitInfo struct {
@@ -206,6 +209,15 @@ type loop struct {
 	// later is work that must wait until the step's status is published
 	// (a sleep's drain names that status).
 	later []func()
+	// The spawn in flight (spawning.go): its outcome (unbuffered: a result
+	// the runner no longer takes is its job's to stop), what it does now,
+	// when it is said to hang, and, at the shutdown, how long it is still
+	// waited for. gone is closed once the loop has ended.
+	spawned     chan evSpawned
+	spawnJob    *spawnRun
+	spawnSlow   <-chan time.Time
+	spawnGiveUp <-chan time.Time
+	gone        chan struct{}
 }
 
 // restored is what a runner takes over instead of beginning afresh: the
@@ -223,7 +235,10 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 		m:       newMachine(cfg, r.d.now, r.d.jitter, r.log),
 		results: make(chan event, 4),
 		ctx:     ctx,
+		spawned: make(chan evSpawned),
+		gone:    make(chan struct{}),
 	}
+	defer close(l.gone)
 	if from != nil {
 		r.out.restore(from.st.Output)
 		if !from.st.LastRequest.IsZero() {
@@ -245,6 +260,7 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 	}
 	close(r.began)
 	shutdown := ctx.Done()
+loop:
 	for !l.m.done() {
 		var exited <-chan struct{}
 		if inst := l.m.inst; inst != nil && !l.m.exited {
@@ -254,6 +270,21 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 		case <-shutdown:
 			shutdown = nil
 			l.handle(evShutdown{})
+			if l.m.flight == flightSpawn {
+				// Waited for as its stop would be; past that, its job stops
+				// whatever it starts.
+				l.spawnGiveUp = r.d.after(l.m.cfg.StopTimeout)
+			}
+		case ev := <-l.spawned:
+			l.spawnJob, l.spawnSlow, l.spawnGiveUp = nil, nil, nil
+			l.handle(ev)
+		case <-l.spawnSlow:
+			l.spawnSlow = nil
+			l.handle(evSpawnSlow{what: l.spawnJob.now(), after: spawnWait})
+		case <-l.spawnGiveUp:
+			r.log.Error("shutting down with its spawn still in flight: the process it starts, if it ever returns, is stopped by its job",
+				zap.String("doing", l.spawnJob.now()), zap.Duration("waited", l.m.cfg.StopTimeout))
+			break loop
 		case <-r.mail.signal:
 			msgs, p := r.mail.take()
 			if p != nil {
@@ -355,7 +386,7 @@ func (l *loop) do(ef effect) event {
 	r, m := l.r, l.m
 	switch ef := ef.(type) {
 	case efCheck:
-		_, cause, reason := l.check()
+		_, cause, reason := checkStart(m.cfg)
 		return evChecked{cause: cause, reason: reason}
 	case efWant:
 		r.d.sched.Want(m.cfg, ef.seq, ef.held)
@@ -364,7 +395,7 @@ func (l *loop) do(ef effect) event {
 	case efWithdraw:
 		r.d.sched.Withdraw(r.name)
 	case efSpawn:
-		return l.spawn(ef.gpus)
+		l.startSpawn(ef.gpus)
 	case efReady:
 		r.d.sched.Ready(r.name, ef.at)
 		// A successor after a crash must know it was ready: one that no
@@ -483,6 +514,8 @@ func (l *loop) do(ef effect) event {
 		r.d.sched.Adopt(m.cfg, m.inst.gpus, ef.phase, ef.awakeAt, ef.changing)
 	case efSettled:
 		r.d.sched.Slept(r.name)
+	case efAskSleeping:
+		go l.askSleeping(m.inst, m.cfg, r.key())
 	case efDisarm:
 		l.timers[ef.t] = nil
 	default:
@@ -529,10 +562,10 @@ func (l *loop) fillRecord(is *InstanceState) {
 	is.Adopted = inst.adopted
 }
 
-// check looks at everything a start needs, in the order an operator would
-// fix them, and returns the secrets of the model's env_files it read.
-func (l *loop) check() (secrets map[string]string, cause, reason string) {
-	m := l.m.cfg
+// checkStart looks at everything a start of m needs, in the order an
+// operator would fix them, and returns the secrets of the model's
+// env_files it read.
+func checkStart(m config.Model) (secrets map[string]string, cause, reason string) {
 	// Through slowIO: a mount that does not answer leaves the model
 	// pending, saying so, and never holds the runner.
 	if err := statPath(m.Path); err != nil {
@@ -557,42 +590,6 @@ func (l *loop) check() (secrets map[string]string, cause, reason string) {
 		return nil, CausePort, err.Error()
 	}
 	return secrets, "", ""
-}
-
-// spawn checks again (the GPUs may have taken a while) and starts the model.
-func (l *loop) spawn(gpus []string) event {
-	r, m := l.r, l.m.cfg
-	// The env_files the checks read are what the child gets.
-	secrets, cause, reason := l.check()
-	if cause != "" {
-		return evSpawned{cause: cause, reason: reason}
-	}
-	eff := l.m.spawnConfig()
-	visible, note := r.d.visibleDevices(gpus, l.m.vllm)
-	if note != "" {
-		r.log.Warn(note)
-	}
-	inst, err := r.spawn(m, eff, secrets, gpus, visible)
-	if err != nil {
-		if daemonShort(err) {
-			// Out of descriptors (pipe2, pidfd_open), memory or processes:
-			// the daemon's own trouble, often a flood on its listeners. The
-			// model is tried again like any pending model, without counting
-			// a start nor failing it.
-			r.log.Warn("spawn not made: the daemon is short of resources", zap.Error(err))
-			return evSpawned{cause: CauseDaemon, reason: "the daemon is short of resources to start it: " + errText(err) + "; retrying"}
-		}
-		return evSpawned{err: err}
-	}
-	key := m.APIKey(secrets)
-	r.apiKey.Store(&key)
-	r.publishPIDs(inst.tree)
-	// Its record is written as the machine takes the instance (efRecord
-	// from evSpawned, handled next on this goroutine): one builder. A
-	// digest of the env_files, not the values: a reload compares it with
-	// the files' contents then, to restart a model whose secret was
-	// rotated.
-	return evSpawned{inst: inst, envDigest: envDigest(secrets)}
 }
 
 // probeJob is one check of a model, with copies of everything it needs:
@@ -648,6 +645,15 @@ func (l *loop) probe(j probeJob) {
 	}
 	l.r.own.Add(-1)
 	l.results <- evProbed{inst: j.inst, err: err, took: took, version: version}
+}
+
+// askSleeping asks the engine of inst, adopted after a crash, whether it
+// sleeps, within probe.timeout.
+func (l *loop) askSleeping(inst *instance, m config.Model, key string) {
+	ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), key), m.Probe.Timeout)
+	defer cancel()
+	asleep, err := l.r.d.prober.IsSleeping(ctx, baseURL(m))
+	l.results <- evEngineSleeps{inst: inst, asleep: asleep, err: err}
 }
 
 // stopRetryFor is how long a stop the daemon could not complete for want

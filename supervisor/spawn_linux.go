@@ -22,8 +22,9 @@ import (
 // captured line by line. eff is m as its vLLM can have it (spawnConfig):
 // the command line and environment are built from it, the digest from m.
 // gpus are the placed GPUs, visible how the child's CUDA_VISIBLE_DEVICES
-// names them.
-func (r *runner) spawn(m, eff config.Model, secrets map[string]string, gpus, visible []string) (*instance, error) {
+// names them. doing is told what it does now (a spawn that hangs says
+// so).
+func (r *runner) spawn(m, eff config.Model, secrets map[string]string, gpus, visible []string, doing func(string)) (*instance, error) {
 	args := eff.Argv()
 	marker := r.d.id + "/" + m.Name + "/" + rand.Text()[:16]
 	cmd := exec.Command(args[0], args[1:]...)
@@ -35,6 +36,7 @@ func (r *runner) spawn(m, eff config.Model, secrets map[string]string, gpus, vis
 	if r.d.cgroups != nil {
 		// Cloned straight into its own leaf (clone3 CLONE_INTO_CGROUP), not
 		// moved after: nothing it forks can run a moment outside it.
+		doing("creating its cgroup leaf")
 		leaf, err := r.d.cgroups.New(m.Name + "@" + marker[len(marker)-16:])
 		if err != nil {
 			return nil, err
@@ -68,6 +70,7 @@ func (r *runner) spawn(m, eff config.Model, secrets map[string]string, gpus, vis
 		return nil, fmt.Errorf("stderr pipe: %w", err)
 	}
 	cmd.Stdout, cmd.Stderr = outW, errW
+	doing("starting " + args[0])
 	err = r.d.reaper.Start(cmd)
 	outW.Close()
 	errW.Close()
@@ -96,6 +99,7 @@ func (r *runner) spawn(m, eff config.Model, secrets map[string]string, gpus, vis
 		deep:      &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},
 		done:      make(chan struct{}),
 	}
+	doing("reading the start time of its process")
 	if st, err := proc.ReadStat(inst.pid); err == nil {
 		inst.start = st.Start
 	}

@@ -371,7 +371,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		r := newRunner(m, s.d)
 		var from *restored
 		if t != nil {
-			from = s.adopt(r, t, m)
+			from = s.adopt(r, t)
 		}
 		byName[m.Name] = r
 		// Listed before it runs: the scheduler's answers find it, and a
