@@ -13,14 +13,10 @@ import (
 	"citadel-supervisor/supervisor/proc"
 )
 
-// FDStore is the descriptor store the models' output pipes outlive a
-// crash of the daemon in (liverestore.FDStore).
-type FDStore = liverestore.FDStore
-
 // records are the live instances' records (liverestore.Records).
 type records struct{ liverestore.Records }
 
-func (rs records) write(is InstanceState) error { return rs.Write(is) }
+func (rs records) write(is liverestore.InstanceState) error { return rs.Write(is) }
 
 // keep is what the daemon keeps for its successor (liverestore.Keep).
 func (d *deps) keep() liverestore.Keep {
@@ -41,7 +37,7 @@ func (d *deps) forgetInstance(marker string) { d.keep().Forget(marker) }
 // waited for and known; otherwise (a crash) its end is seen through a
 // pidfd and its exit status is unknown. out and errp are its output pipes,
 // nil when lost.
-func (r *runner) adoptInstance(is InstanceState, child bool, tree processTree, out, errp *os.File) (*instance, error) {
+func (r *runner) adoptInstance(is liverestore.InstanceState, child bool, tree processTree, out, errp *os.File) (*instance, error) {
 	done := make(chan struct{})
 	inst := &instance{
 		pid: is.PID, start: is.Start, marker: is.Marker, digest: is.Digest,

@@ -32,18 +32,10 @@ import (
 //     whose configuration is still the one they were started with.
 //
 // Both meet in machine.restore.
-
+//
 // The state one image hands the next, and the instance records a crashed
-// daemon leaves, are the live-restore package's (docs/architecture.md,
+// daemon leaves, are the live-restore package's types (docs/architecture.md,
 // "Live restore"); the machine writes and restores them.
-const HandoverVersion = liverestore.HandoverVersion
-
-type (
-	Handover      = liverestore.Handover
-	ModelState    = liverestore.ModelState
-	ExitState     = liverestore.ExitState
-	InstanceState = liverestore.InstanceState
-)
 
 // restorable reports whether the machine can be written down now: no
 // effect is in flight whose outcome the next image could not receive (a
@@ -64,18 +56,18 @@ func (m *machine) restorable() error {
 
 // snapshot writes the machine down; the runner adds the instance's
 // process details, output and timers.
-func (m *machine) snapshot() ModelState {
-	st := ModelState{
+func (m *machine) snapshot() liverestore.ModelState {
+	st := liverestore.ModelState{
 		Name: m.cfg.Name, State: m.state, Reason: m.reason, Since: m.since,
 		Hold: m.hold, HoldReason: m.holdReason, Restarts: m.restarts,
 		Starts: m.tracker.starts, Failures: m.tracker.failures, LastOutput: m.lastOut,
 		WakeTimes: m.wakeTimes,
 	}
 	if m.lastExit != nil {
-		st.LastExit = &ExitState{Code: m.lastExit.code, Desc: m.lastExit.desc}
+		st.LastExit = &liverestore.ExitState{Code: m.lastExit.code, Desc: m.lastExit.desc}
 	}
 	if m.inst != nil && !m.exited {
-		st.Instance = &InstanceState{
+		st.Instance = &liverestore.InstanceState{
 			Model: m.cfg.Name, PID: m.inst.pid, Started: m.inst.started, GPUs: m.inst.gpus,
 			ReadyAt: m.readyAt, Startup: m.startup, AwakeAt: m.awakeAt,
 		}
@@ -110,7 +102,7 @@ func (m *machine) snapshot() ModelState {
 // there was none), instead of begin. A process started under another
 // configuration (or env_files contents, envChanged) is restarted,
 // deliberately; one that is gone is a failure like any exit.
-func (m *machine) restore(st ModelState, inst *instance, digest string, envChanged bool) []effect {
+func (m *machine) restore(st liverestore.ModelState, inst *instance, digest string, envChanged bool) []effect {
 	m.since, m.hold, m.holdReason = st.Since, st.Hold, st.HoldReason
 	if st.Restarts != nil {
 		m.restarts = st.Restarts
@@ -336,7 +328,7 @@ type freezeReq struct {
 
 // frozen is a runner's answer to a freeze.
 type frozen struct {
-	st    ModelState
+	st    liverestore.ModelState
 	files []*os.File // the instance's output pipes, for the next image
 	err   error      // it cannot be written down now; it was not frozen
 }
@@ -378,7 +370,7 @@ var _ liverestore.Freezer = (*Supervisor)(nil)
 // process image is replaced. A model in the middle of a spawn, stop, sleep
 // or wake cannot be written down: Freeze retries until ctx ends, then
 // thaws whatever it froze and says which model was busy.
-func (s *Supervisor) Freeze(ctx context.Context) (h *Handover, files map[string]*os.File, thaw func(), err error) {
+func (s *Supervisor) Freeze(ctx context.Context) (h *liverestore.Handover, files map[string]*os.File, thaw func(), err error) {
 	for {
 		h, files, thaw, err = s.freezeOnce()
 		if err == nil {
@@ -392,7 +384,7 @@ func (s *Supervisor) Freeze(ctx context.Context) (h *Handover, files map[string]
 	}
 }
 
-func (s *Supervisor) freezeOnce() (*Handover, map[string]*os.File, func(), error) {
+func (s *Supervisor) freezeOnce() (*liverestore.Handover, map[string]*os.File, func(), error) {
 	s.applyMu.Lock() // no reload adds or removes a runner meanwhile
 	// A model a reload removed is no longer listed and cannot be handed
 	// over: its stop ends first (the next image would find its processes
@@ -415,7 +407,7 @@ func (s *Supervisor) freezeOnce() (*Handover, map[string]*os.File, func(), error
 	for _, r := range runners {
 		r.mail.put(message{freeze: &freezeReq{reply: replies, thaw: thawCh}})
 	}
-	h := &Handover{Version: HandoverVersion}
+	h := &liverestore.Handover{Version: liverestore.HandoverVersion}
 	files := map[string]*os.File{}
 	var busy []string
 	deadline := time.NewTimer(5 * time.Second)
@@ -441,7 +433,7 @@ func (s *Supervisor) freezeOnce() (*Handover, map[string]*os.File, func(), error
 		slices.Sort(busy)
 		return nil, nil, nil, fmt.Errorf("not now: %s", strings.Join(busy, "; "))
 	}
-	slices.SortFunc(h.Models, func(a, b ModelState) int { return strings.Compare(a.Name, b.Name) })
+	slices.SortFunc(h.Models, func(a, b liverestore.ModelState) int { return strings.Compare(a.Name, b.Name) })
 	return h, files, thaw, nil
 }
 

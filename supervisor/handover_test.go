@@ -8,6 +8,7 @@ import (
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/liverestore"
 )
 
 // TestMachineRestore: what a machine becomes when it takes over a
@@ -15,8 +16,8 @@ import (
 func TestMachineRestore(t *testing.T) {
 	cfg := testModelCfg()
 	digest := cfg.SpawnDigest()
-	inst := func(mod func(*InstanceState)) *InstanceState {
-		is := &InstanceState{Model: "m", PID: 100, Started: t0.Add(-time.Minute), GPUs: []string{"GPU-0"}, Digest: digest}
+	inst := func(mod func(*liverestore.InstanceState)) *liverestore.InstanceState {
+		is := &liverestore.InstanceState{Model: "m", PID: 100, Started: t0.Add(-time.Minute), GPUs: []string{"GPU-0"}, Digest: digest}
 		if mod != nil {
 			mod(is)
 		}
@@ -26,45 +27,45 @@ func TestMachineRestore(t *testing.T) {
 	for _, tc := range []struct {
 		name       string
 		cfg        func(*config.Model)
-		st         ModelState
+		st         liverestore.ModelState
 		running    bool // the process is still there
 		envChanged bool // its env_files contents differ now
 		state      State
 		effects    string // a prefix of the effects, as describe writes them
 		reason     string // a part of the reason
 	}{
-		{name: "ready, upgraded", st: ModelState{State: Ready, Instance: inst(nil)}, running: true,
+		{name: "ready, upgraded", st: liverestore.ModelState{State: Ready, Instance: inst(nil)}, running: true,
 			state: Ready, effects: "adopt(running) arm(tick,1s)"},
-		{name: "unhealthy, upgraded: probed again from zero", st: ModelState{State: Unhealthy, Instance: inst(nil)}, running: true,
+		{name: "unhealthy, upgraded: probed again from zero", st: liverestore.ModelState{State: Unhealthy, Instance: inst(nil)}, running: true,
 			state: Ready, effects: "adopt(running) arm(tick,1s)"},
-		{name: "starting, upgraded: the rest of its startup_timeout", st: ModelState{State: Starting, Reason: "loading", Instance: inst(nil)}, running: true,
+		{name: "starting, upgraded: the rest of its startup_timeout", st: liverestore.ModelState{State: Starting, Reason: "loading", Instance: inst(nil)}, running: true,
 			state: Starting, effects: "adopt(starting) arm(deadline,19m0s) arm(tick,0s)", reason: "loading"},
-		{name: "found after a crash: probed at once", st: ModelState{Instance: inst(nil)}, running: true,
+		{name: "found after a crash: probed at once", st: liverestore.ModelState{Instance: inst(nil)}, running: true,
 			state: Starting, effects: "adopt(starting) arm(deadline,20m0s) arm(tick,0s)", reason: "adopted"},
-		{name: "configuration changed meanwhile: restarted once its GPUs are quiet", st: ModelState{State: Ready, Instance: inst(func(is *InstanceState) { is.Digest = "other" })}, running: true,
+		{name: "configuration changed meanwhile: restarted once its GPUs are quiet", st: liverestore.ModelState{State: Ready, Instance: inst(func(is *liverestore.InstanceState) { is.Digest = "other" })}, running: true,
 			state: Ready, effects: "adopt(running) quiet(1) arm(deadline,20m0s)", reason: "before it stops: configuration changed while the daemon was away"},
-		{name: "env_files rotated meanwhile: restarted once its GPUs are quiet", st: ModelState{State: Ready, Instance: inst(nil)}, running: true, envChanged: true,
+		{name: "env_files rotated meanwhile: restarted once its GPUs are quiet", st: liverestore.ModelState{State: Ready, Instance: inst(nil)}, running: true, envChanged: true,
 			state: Ready, effects: "adopt(running) quiet(1) arm(deadline,20m0s)", reason: "before it stops: env_files contents changed while the daemon was away"},
-		{name: "found after a crash, its record says ready: probed as ready", st: ModelState{Instance: inst(func(is *InstanceState) { is.ReadyAt = t0.Add(-30 * time.Second) })}, running: true,
+		{name: "found after a crash, its record says ready: probed as ready", st: liverestore.ModelState{Instance: inst(func(is *liverestore.InstanceState) { is.ReadyAt = t0.Add(-30 * time.Second) })}, running: true,
 			state: Ready, effects: "adopt(running) arm(tick,1s)"},
-		{name: "held meanwhile (disabled): stopped once its GPUs are quiet", cfg: func(c *config.Model) { c.Enabled = false }, st: ModelState{State: Ready, Instance: inst(nil)}, running: true,
+		{name: "held meanwhile (disabled): stopped once its GPUs are quiet", cfg: func(c *config.Model) { c.Enabled = false }, st: liverestore.ModelState{State: Ready, Instance: inst(nil)}, running: true,
 			state: Ready, effects: "adopt(running) quiet(1) arm(deadline,20m0s)", reason: "before it stops: enabled: false"},
 		{name: "held meanwhile, asleep: stopped as a sleeper once its GPUs are quiet", cfg: func(c *config.Model) { c.Enabled = false; onDemand(c) },
-			st: ModelState{State: Sleeping, Instance: inst(func(is *InstanceState) { is.SleepLevel = 2 })}, running: true,
+			st: liverestore.ModelState{State: Sleeping, Instance: inst(func(is *liverestore.InstanceState) { is.SleepLevel = 2 })}, running: true,
 			state: Sleeping, effects: "adopt(asleep) quiet(1) arm(deadline,20m0s)", reason: "before it stops: enabled: false"},
-		{name: "held meanwhile, loading: stopped at once", cfg: func(c *config.Model) { c.Enabled = false }, st: ModelState{State: Starting, Instance: inst(nil)}, running: true,
+		{name: "held meanwhile, loading: stopped at once", cfg: func(c *config.Model) { c.Enabled = false }, st: liverestore.ModelState{State: Starting, Instance: inst(nil)}, running: true,
 			state: Stopping, effects: "adopt(starting) disarm(tick) disarm(deadline) disarm(idle) stop(term)", reason: "enabled: false"},
-		{name: "asleep, on demand", cfg: onDemand, st: ModelState{State: Sleeping, Instance: inst(func(is *InstanceState) { is.SleepLevel = 1; is.SleepCause = "idle" })}, running: true,
+		{name: "asleep, on demand", cfg: onDemand, st: liverestore.ModelState{State: Sleeping, Instance: inst(func(is *liverestore.InstanceState) { is.SleepLevel = 1; is.SleepCause = "idle" })}, running: true,
 			state: Sleeping, effects: "adopt(asleep)", reason: "asleep (level 1, idle)"},
-		{name: "gone during the exec: a failure, backed off", st: ModelState{State: Ready, Instance: inst(nil)},
+		{name: "gone during the exec: a failure, backed off", st: liverestore.ModelState{State: Ready, Instance: inst(nil)},
 			state: Backoff, effects: "arm(tick,", reason: "exited while the daemon was away"},
-		{name: "in backoff: the rest of its delay", st: ModelState{State: Backoff, Reason: "exited (exit code 1); restarting in 10s", TimerAt: t0.Add(4 * time.Second)},
+		{name: "in backoff: the rest of its delay", st: liverestore.ModelState{State: Backoff, Reason: "exited (exit code 1); restarting in 10s", TimerAt: t0.Add(4 * time.Second)},
 			state: Backoff, effects: "arm(tick,4s)", reason: "restarting in 10s"},
-		{name: "failed: retried when retry_failed_after ends", st: ModelState{State: Failed, Reason: "start limit", TimerAt: t0.Add(time.Minute)},
+		{name: "failed: retried when retry_failed_after ends", st: liverestore.ModelState{State: Failed, Reason: "start limit", TimerAt: t0.Add(time.Minute)},
 			state: Failed, effects: "arm(tick,1m0s)", reason: "start limit"},
-		{name: "held stopped", st: ModelState{State: Stopped, Hold: true, HoldReason: "held stopped by operator"},
+		{name: "held stopped", st: liverestore.ModelState{State: Stopped, Hold: true, HoldReason: "held stopped by operator"},
 			state: Stopped, effects: "", reason: "held stopped by operator"},
-		{name: "pending: checks again", st: ModelState{State: Pending},
+		{name: "pending: checks again", st: liverestore.ModelState{State: Pending},
 			state: Pending, effects: "disarm(tick) check"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

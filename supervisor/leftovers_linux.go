@@ -7,9 +7,6 @@ import (
 	"citadel-supervisor/supervisor/liverestore"
 )
 
-// ErrAlreadyRunning means another supervisor holds this identity's lock.
-var ErrAlreadyRunning = liverestore.ErrAlreadyRunning
-
 // takeOver finds what a predecessor of this identity left, before any
 // model starts, and stops what is not to be taken over
 // (liverestore.Successor.TakeOver): the previous image's handover is

@@ -18,6 +18,7 @@ import (
 	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/schedule"
 	"citadel-supervisor/vllm"
 )
@@ -113,7 +114,7 @@ func (mt *mtest) toAsking() *mtest {
 	inst := mt.newInst()
 	inst.adopted = true
 	digest := mt.m.cfg.SpawnDigest()
-	mt.m.restore(ModelState{Instance: &InstanceState{Model: "m", PID: inst.pid, Started: mt.now, ReadyAt: mt.now, Digest: digest}}, inst, digest, false)
+	mt.m.restore(liverestore.ModelState{Instance: &liverestore.InstanceState{Model: "m", PID: inst.pid, Started: mt.now, ReadyAt: mt.now, Digest: digest}}, inst, digest, false)
 	return mt
 }
 

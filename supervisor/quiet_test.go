@@ -57,19 +57,19 @@ func TestRestoredHeldModelWaitsForQuiet(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		enabled bool
-		st      ModelState
+		st      liverestore.ModelState
 	}{
 		{"upgrade: an operator's stop waiting for quiet GPUs", true,
-			ModelState{State: Ready, Hold: true, HoldReason: "held stopped by operator",
+			liverestore.ModelState{State: Ready, Hold: true, HoldReason: "held stopped by operator",
 				Reason: "waiting for b, which is starting or waking on GPU0, before it stops"}},
-		{"crash: disabled while the daemon was away", false, ModelState{}},
+		{"crash: disabled while the daemon was away", false, liverestore.ModelState{}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := testModelCfg()
 			c.Enabled = tc.enabled
 			m := newMachine(c, func() time.Time { return t0 }, func() float64 { return 0.5 }, zap.NewNop())
 			st := tc.st
-			st.Instance = &InstanceState{Model: "m", PID: 100, Started: t0.Add(-time.Hour), GPUs: []string{"GPU-0"},
+			st.Instance = &liverestore.InstanceState{Model: "m", PID: 100, Started: t0.Add(-time.Hour), GPUs: []string{"GPU-0"},
 				Digest: c.SpawnDigest(), ReadyAt: t0.Add(-50 * time.Minute)}
 			in := &instance{pid: 100, started: st.Instance.Started, gpus: st.Instance.GPUs, done: make(chan struct{})}
 			got := describe(m.restore(st, in, c.SpawnDigest(), false))
@@ -224,9 +224,9 @@ func TestAdoptedMidSleepOrWakeKeepsItsGPUBusy(t *testing.T) {
 	two.SleepLevel = 2
 	for _, tc := range []struct {
 		name   string
-		record func() (*mtest, InstanceState)
+		record func() (*mtest, liverestore.InstanceState)
 	}{
-		{"a sleep in flight (record: a sleep began)", func() (*mtest, InstanceState) {
+		{"a sleep in flight (record: a sleep began)", func() (*mtest, liverestore.InstanceState) {
 			mt := newODTest(t)
 			mt.m.cfg = two
 			mt.toGoingToSleep()
@@ -234,7 +234,7 @@ func TestAdoptedMidSleepOrWakeKeepsItsGPUBusy(t *testing.T) {
 			is.SleepLevel, is.SleepCause, is.SleepBegan = 2, "idle", mt.now // as efSleep writes it
 			return mt, is
 		}},
-		{"a wake in flight (wake_up sent)", func() (*mtest, InstanceState) {
+		{"a wake in flight (wake_up sent)", func() (*mtest, liverestore.InstanceState) {
 			mt := newODTest(t)
 			mt.m.cfg = two
 			mt.toWaking()
@@ -248,7 +248,7 @@ func TestAdoptedMidSleepOrWakeKeepsItsGPUBusy(t *testing.T) {
 			mt, is := tc.record()
 			is.Digest = two.SpawnDigest()
 			m := newMachine(two, func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
-			efs := m.restore(ModelState{Name: "m", Instance: &is}, mt.m.inst, two.SpawnDigest(), false)
+			efs := m.restore(liverestore.ModelState{Name: "m", Instance: &is}, mt.m.inst, two.SpawnDigest(), false)
 
 			sp := newSchedProbe(t)
 			sp.s.Restoring()
@@ -316,7 +316,7 @@ func TestStopWhileSettlingEndsTheSettle(t *testing.T) {
 	is := *mt.m.snapshot().Instance
 	is.Digest = two.SpawnDigest()
 	m := newMachine(two, func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
-	if got := describe(m.restore(ModelState{Name: "m", Instance: &is}, mt.m.inst, two.SpawnDigest(), false)); !strings.Contains(got, "adopt(asleep,changing)") {
+	if got := describe(m.restore(liverestore.ModelState{Name: "m", Instance: &is}, mt.m.inst, two.SpawnDigest(), false)); !strings.Contains(got, "adopt(asleep,changing)") {
 		t.Fatalf("restore: %q; want an adoption that keeps its GPUs busy", got)
 	}
 	m.step(evOp{op: OpStop})

@@ -16,6 +16,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
 	"citadel-supervisor/supervisor/schedule"
 	"citadel-supervisor/vllm"
@@ -223,7 +224,7 @@ type loop struct {
 // restored is what a runner takes over instead of beginning afresh: the
 // state a predecessor wrote down and, when it still runs, its process.
 type restored struct {
-	st   ModelState
+	st   liverestore.ModelState
 	inst *instance
 }
 
@@ -533,14 +534,14 @@ func (l *loop) record() {
 }
 
 // writeRecord writes is as the instance's record.
-func (r *runner) writeRecord(is InstanceState) {
+func (r *runner) writeRecord(is liverestore.InstanceState) {
 	if err := r.d.records.write(is); err != nil {
 		r.log.Warn("cannot write the instance record: a daemon restarted after a crash would stop this model instead of adopting it", zap.Error(err))
 	}
 }
 
 // recordState is the live instance's record as of now; nil when none runs.
-func (l *loop) recordState() *InstanceState {
+func (l *loop) recordState() *liverestore.InstanceState {
 	st := l.m.snapshot()
 	if st.Instance == nil || l.m.inst == nil {
 		return nil
@@ -553,7 +554,7 @@ func (l *loop) recordState() *InstanceState {
 // runner knows of it: the one builder of the record a successor reads,
 // whether an upgrade hands it over (freeze) or a crash leaves it behind
 // (record).
-func (l *loop) fillRecord(is *InstanceState) {
+func (l *loop) fillRecord(is *liverestore.InstanceState) {
 	inst := l.m.inst
 	is.Marker, is.Start, is.Digest = inst.marker, inst.start, inst.digest
 	if cg := l.r.cg.Load(); cg != nil {

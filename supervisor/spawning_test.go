@@ -119,7 +119,7 @@ func TestMachineAdoptedAsksWhetherItSleeps(t *testing.T) {
 	inst := mt.newInst()
 	inst.adopted = true
 	digest := mt.m.cfg.SpawnDigest()
-	got := describe(mt.m.restore(ModelState{Instance: &InstanceState{Model: "m", PID: inst.pid, Started: mt.now, ReadyAt: mt.now, Digest: digest}}, inst, digest, false))
+	got := describe(mt.m.restore(liverestore.ModelState{Instance: &liverestore.InstanceState{Model: "m", PID: inst.pid, Started: mt.now, ReadyAt: mt.now, Digest: digest}}, inst, digest, false))
 	if got != "adopt(starting) ask-sleeping" {
 		t.Fatalf("restore: %s", got)
 	}
@@ -136,7 +136,7 @@ func TestMachineAdoptedAsksWhetherItSleeps(t *testing.T) {
 	// Not adopted (an upgrade of its own child): nothing to ask.
 	mt = newODTest(t)
 	inst = mt.newInst()
-	if got := describe(mt.m.restore(ModelState{State: Ready, Instance: &InstanceState{Model: "m", PID: inst.pid, Digest: digest}}, inst, digest, false)); got != "adopt(running) arm(tick,1s) arm(idle,10m0s)" {
+	if got := describe(mt.m.restore(liverestore.ModelState{State: Ready, Instance: &liverestore.InstanceState{Model: "m", PID: inst.pid, Digest: digest}}, inst, digest, false)); got != "adopt(running) arm(tick,1s) arm(idle,10m0s)" {
 		t.Fatalf("restore of a child: %s", got)
 	}
 }
@@ -318,7 +318,7 @@ func TestAdoptEngineSilent(t *testing.T) {
 		v, ok := proc.EnvironValue(cmd.Process.Pid, proc.MarkerEnv)
 		return ok && v == marker
 	})
-	rec := InstanceState{Model: "od", PID: cmd.Process.Pid, Start: start, Marker: marker, Started: time.Now(), Digest: m.SpawnDigest(), ReadyAt: time.Now()}
+	rec := liverestore.InstanceState{Model: "od", PID: cmd.Process.Pid, Start: start, Marker: marker, Started: time.Now(), Digest: m.SpawnDigest(), ReadyAt: time.Now()}
 	if err := liverestore.RecordsFor(h.cfg.ControlSocket).Write(rec); err != nil {
 		t.Fatal(err)
 	}

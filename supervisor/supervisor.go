@@ -124,10 +124,10 @@ type Options struct {
 	// Handover is the state the previous image of this process handed
 	// over at an upgrade (the models are its children, their output pipes
 	// open descriptors); nil at an ordinary start.
-	Handover *Handover
+	Handover *liverestore.Handover
 	// FDStore keeps the models' output pipes past the daemon's death
 	// (systemd's descriptor store); nil without one.
-	FDStore FDStore
+	FDStore liverestore.FDStore
 }
 
 // SetTraffic connects the gateway, once it is built (it needs the
@@ -155,8 +155,8 @@ type deps struct {
 	sleepBudget func() uint64
 	level1Held  func(except string) uint64
 	cgroups     *proc.Cgroups
-	records     records // the live instances' records, for a successor
-	fdstore     FDStore // nil without systemd's descriptor store
+	records     records             // the live instances' records, for a successor
+	fdstore     liverestore.FDStore // nil without systemd's descriptor store
 	versions    *versionCache
 	visible     string                        // gpu.visible_devices
 	gpuIndex    func(uuid string) (int, bool) // the NVML index of a GPU, from the latest readings
@@ -174,8 +174,8 @@ type Supervisor struct {
 
 	boundAt *config.Config // the configuration the listeners were bound with (at start)
 
-	applyMu  sync.Mutex // a reload and an upgrade's freeze exclude each other
-	handover *Handover  // from the previous image (an upgrade), consumed by Run
+	applyMu  sync.Mutex            // a reload and an upgrade's freeze exclude each other
+	handover *liverestore.Handover // from the previous image (an upgrade), consumed by Run
 	// handedOver holds the markers of the instances the previous image
 	// handed over until their runners own them (Run): meanwhile they are
 	// this process's children that no runner accounts for.
