@@ -7,7 +7,6 @@ import (
 	"io"
 	"net/http"
 	"path"
-	"strconv"
 	"strings"
 	"time"
 
@@ -264,12 +263,16 @@ func (g *Gateway) finish(w *recorder, r *http.Request, req *reqInfo, start time.
 	end := g.now()
 	status := w.code()
 	m := g.metrics
-	if req.model != "" && g.table.Load().byName[req.model] == nil {
-		// Removed by a reload while this request ran: its series are gone
-		// and must not come back.
-		req.model = ""
+	var s *series
+	if req.model != "" {
+		var routed bool
+		if s, routed = g.seriesOf(req.model); !routed {
+			// Removed by a reload while this request ran: its series are
+			// gone and must not come back.
+			req.model = ""
+		}
 	}
-	m.requests.WithLabelValues(req.model, strconv.Itoa(status), req.key).Inc()
+	s.counter(m, req.model, famRequests, status, req.key).Inc()
 	if req.model != "" {
 		g.usage.row(req.model, req.key).requests.Add(1)
 	}
@@ -277,12 +280,12 @@ func (g *Gateway) finish(w *recorder, r *http.Request, req *reqInfo, start time.
 		m.rejected.WithLabelValues(req.model, req.err.reject).Inc()
 	}
 	if req.waited {
-		m.queueWait.WithLabelValues(req.model).Observe(req.wait.Seconds())
+		s.observer(m, req.model, famQueueWait).Observe(req.wait.Seconds())
 	}
 	if req.model != "" {
-		m.duration.WithLabelValues(req.model).Observe(end.Sub(start).Seconds())
+		s.observer(m, req.model, famDuration).Observe(end.Sub(start).Seconds())
 		if !w.first.IsZero() {
-			m.ttfb.WithLabelValues(req.model).Observe(w.first.Sub(start).Seconds())
+			s.observer(m, req.model, famTTFB).Observe(w.first.Sub(start).Seconds())
 		}
 	}
 	if ce := g.log.Check(zap.DebugLevel, "request"); ce != nil {

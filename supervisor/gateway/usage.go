@@ -498,12 +498,13 @@ func (g *Gateway) account(req *reqInfo, u tokenUsage, ok bool, st streamTimes) {
 	row.prompt.Add(int64(u.Prompt))
 	row.completion.Add(int64(u.Completion))
 	m := g.metrics
-	if g.table.Load().byName[req.model] == nil {
+	s, routed := g.seriesOf(req.model)
+	if !routed {
 		return // removed by a reload meanwhile: no series may come back
 	}
-	m.tokens.WithLabelValues(req.model, req.key, "prompt").Add(float64(u.Prompt))
-	m.tokens.WithLabelValues(req.model, req.key, "completion").Add(float64(u.Completion))
+	s.counter(m, req.model, famPrompt, 0, req.key).Add(float64(u.Prompt))
+	s.counter(m, req.model, famCompletion, 0, req.key).Add(float64(u.Completion))
 	if ok && u.Completion > 1 && st.events > 1 {
-		m.tpot.WithLabelValues(req.model).Observe(st.last.Sub(st.first).Seconds() / float64(u.Completion-1))
+		s.observer(m, req.model, famTPOT).Observe(st.last.Sub(st.first).Seconds() / float64(u.Completion-1))
 	}
 }
