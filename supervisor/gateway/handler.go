@@ -200,8 +200,8 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 	}
 
 	// From here an upgrade past its drain bound may end the request (cut.go).
-	ctx, done := g.cut.cuttable(r.Context())
-	defer done()
+	ctx, cut := g.cut.cuttable(r.Context())
+	defer cut.release()
 	r = r.WithContext(ctx)
 
 	waitStart := g.now()
