@@ -9,6 +9,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
@@ -31,6 +32,13 @@ import (
 //   - beyond that, gateway.body_spool in temporary files under $TMPDIR,
 //     unlinked as soon as created, so nothing is left behind by a crash.
 //   - beyond that, 429 with the reason.
+
+// smallBody: heap pieces up to this size come from a pool: a chat
+// request's body is usually this small, and one buffer per request would
+// be garbage on every request.
+const smallBody = 4 << 10
+
+var smallBodies = sync.Pool{New: func() any { b := make([]byte, smallBody); return &b }}
 
 // heapBody: bodies up to this size are Go heap; larger ones are mapped.
 const heapBody = 64 << 10
@@ -81,6 +89,9 @@ type segment struct {
 	// other pages are address space, not memory), so a client that
 	// declares a large body and sends little holds little.
 	charged int64
+	// pooled: a small piece's buffer, from smallBodies and back there
+	// once the body is released.
+	pooled *[]byte
 }
 
 // body is one request's body, whole once received: in memory segments or
@@ -98,6 +109,9 @@ type body struct {
 	owners  int        // the handler, and a reader given to the transport
 	scratch []byte     // read buffer while spooling
 	probe   [1]byte    // reads past the declared length, to see its end
+
+	timed timedBody // the request's body as it is received
+	seg0  [1]segment
 }
 
 // chargeWindow: a mapping is charged to the budget this much at a time,
@@ -154,6 +168,9 @@ func (b *body) space(length int64) ([]byte, error) {
 		}
 		return b.space(length)
 	}
+	if b.segs == nil {
+		b.segs = b.seg0[:0]
+	}
 	b.segs = append(b.segs, seg)
 	return b.space(length)
 }
@@ -166,6 +183,10 @@ func (b *body) allocate(size int64) (segment, error) {
 			return segment{}, errBodyBudget
 		}
 		b.mem += size
+		if size <= smallBody {
+			p := smallBodies.Get().(*[]byte)
+			return segment{b: (*p)[:0:size], charged: size, pooled: p}, nil
+		}
 		return segment{b: make([]byte, 0, size), charged: size}, nil
 	}
 	m, err := unix.Mmap(-1, 0, int(pageRound(size)), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
@@ -235,7 +256,11 @@ func (b *body) toSpool() error {
 }
 
 func (b *body) freeSegments() {
-	for _, s := range b.segs {
+	for i, s := range b.segs {
+		if s.pooled != nil {
+			smallBodies.Put(s.pooled)
+			b.segs[i] = segment{}
+		}
 		if s.mapped {
 			if err := unix.Munmap(s.m); err != nil {
 				// Cannot happen with the mapping Mmap gave; counted so a
@@ -277,8 +302,9 @@ func (b *body) release() {
 // releases the body.
 func (g *Gateway) receive(w http.ResponseWriter, r *http.Request, set *Settings) (*body, *apiError) {
 	b := &body{budget: g.bodies, owners: 1}
-	timed := newTimedBody(w, r.Body, readBounds{idle: set.BodyTimeout, rate: set.MinBodyRate})
-	src := http.MaxBytesReader(w, io.NopCloser(timed), set.MaxBody)
+	b.timed = timedBody{r: r.Body, rc: controller(w), b: readBounds{idle: set.BodyTimeout, rate: set.MinBodyRate}, start: time.Now()}
+	timed := &b.timed
+	src := http.MaxBytesReader(w, timed, set.MaxBody)
 	length := r.ContentLength
 	if length > set.MaxBody {
 		length = -1

@@ -39,6 +39,9 @@ type bodyScan struct {
 	// client is sent comments while it waits (held.go).
 	stream bool
 	err    error
+
+	keyBuf   [maxKeyScan]byte
+	modelBuf [64]byte
 }
 
 type scanState uint8
@@ -83,6 +86,10 @@ func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\n' || c == '\
 func (s *bodyScan) write(p []byte) error {
 	if s.err != nil {
 		return s.err
+	}
+	if s.key == nil {
+		// Most keys and models fit these: no allocation per body.
+		s.key, s.model = s.keyBuf[:0], s.modelBuf[:0]
 	}
 	for i := 0; i < len(p); {
 		c := p[i]

@@ -18,28 +18,37 @@ import (
 // errCut is the cause of a request ended by Cut.
 var errCut = errors.New("the gateway is being upgraded")
 
-// cutter is the context every request's own derives from, for Cut.
+// cutter knows the requests Cut would end.
 type cutter struct {
-	mu     sync.Mutex
-	ctx    context.Context
-	cancel context.CancelFunc
+	mu   sync.Mutex
+	live map[*cutReq]struct{}
 }
 
-func newCutter() *cutter {
-	c := &cutter{}
-	c.ctx, c.cancel = context.WithCancel(context.Background())
-	return c
+// cutReq is one request's hold on its context's end.
+type cutReq struct {
+	c      *cutter
+	cancel context.CancelCauseFunc
 }
+
+func newCutter() *cutter { return &cutter{live: map[*cutReq]struct{}{}} }
 
 // cuttable derives a request's context that Cut ends (with cause errCut);
 // release when the request is done.
-func (c *cutter) cuttable(parent context.Context) (context.Context, func()) {
+func (c *cutter) cuttable(parent context.Context) (context.Context, *cutReq) {
 	ctx, cancel := context.WithCancelCause(parent)
+	q := &cutReq{c: c, cancel: cancel}
 	c.mu.Lock()
-	all := c.ctx
+	c.live[q] = struct{}{}
 	c.mu.Unlock()
-	stop := context.AfterFunc(all, func() { cancel(errCut) })
-	return ctx, func() { stop(); cancel(nil) }
+	return ctx, q
+}
+
+// release ends the request's context: it is done.
+func (q *cutReq) release() {
+	q.c.mu.Lock()
+	delete(q.c.live, q)
+	q.c.mu.Unlock()
+	q.cancel(nil)
 }
 
 // Cut ends every request in flight or waiting: a stream with an error
@@ -49,10 +58,12 @@ func (c *cutter) cuttable(parent context.Context) (context.Context, func()) {
 func (g *Gateway) Cut() {
 	c := g.cut
 	c.mu.Lock()
-	cancel := c.cancel
-	c.ctx, c.cancel = context.WithCancel(context.Background())
+	live := c.live
+	c.live = map[*cutReq]struct{}{}
 	c.mu.Unlock()
-	cancel()
+	for q := range live {
+		q.cancel(errCut)
+	}
 }
 
 // wasCut reports whether ctx was ended by Cut.

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net/http"
 	"path"
-	"strconv"
 	"strings"
 	"time"
 
@@ -30,15 +29,19 @@ var devEndpoints = map[string]bool{
 // by the body's model, nothing else.
 func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := g.now()
-	rec := &recorder{ResponseWriter: w, now: g.now}
+	// The request's own state, in one allocation.
+	x := &exchange{rec: recorder{ResponseWriter: w, now: g.now}}
+	rec, req := &x.rec, &x.req
 	set := g.settings.Load()
-	req := &reqInfo{id: g.ids.requestID(r.Header.Get("X-Request-Id"))}
-	// On every answer, and to the model (requestid.go).
-	w.Header()["X-Request-Id"] = []string{req.id}
-	r.Header["X-Request-Id"] = []string{req.id}
-	defer func() { g.finish(rec, r, req, start) }()
+	req.id = g.ids.requestID(r.Header.Get("X-Request-Id"))
+	// On every answer, and to the model (requestid.go). The two headers
+	// share the one value: neither is changed in place.
+	x.id[0] = req.id
+	w.Header()["X-Request-Id"] = x.id[:]
+	r.Header["X-Request-Id"] = x.id[:]
+	defer g.finish(rec, r, req, start)
 	// Every answer must be taken within send_timeout (timeouts.go).
-	newSendBound(w, set.SendTimeout).next()
+	newSendBound(rec, set.SendTimeout).next()
 
 	p := r.URL.Path
 	// The decoded path must be canonical: "/v1/../sleep", "/v1/%2e%2e/x"
@@ -59,7 +62,9 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		r.Header.Del("Authorization")
 	}
 	req.keyState = g.key(req.key)
-	req.keyState.headers(start, rec.Header())
+	// Its x-ratelimit-* headers as of now go on every answer, written
+	// with its head (admit writes its own, newer, on an admitted one).
+	rec.rate, rec.rateAt = req.keyState, start
 	switch {
 	case p == "/v1/models":
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
@@ -83,12 +88,21 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func devPath(p string) bool {
-	for _, seg := range strings.Split(p, "/") {
+	for p != "" {
+		seg, rest, _ := strings.Cut(p, "/")
 		if devEndpoints[seg] {
 			return true
 		}
+		p = rest
 	}
 	return false
+}
+
+// exchange is what the gateway keeps of one request while it serves it.
+type exchange struct {
+	rec recorder
+	req reqInfo
+	id  [1]string // X-Request-Id's value, on the answer and to the model
 }
 
 func errMethod(allow string) *apiError {
@@ -159,6 +173,7 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 		req.reject(w, errScope(req.key, rt.model))
 		return
 	}
+	w.rate = nil
 	if e := req.keyState.admit(g.now(), w.Header()); e != nil {
 		g.metrics.limited.WithLabelValues(req.key, e.typ).Inc()
 		req.reject(w, e)
@@ -185,8 +200,8 @@ func (g *Gateway) forward(w *recorder, r *http.Request, req *reqInfo, set *Setti
 	}
 
 	// From here an upgrade past its drain bound may end the request (cut.go).
-	ctx, done := g.cut.cuttable(r.Context())
-	defer done()
+	ctx, cut := g.cut.cuttable(r.Context())
+	defer cut.release()
 	r = r.WithContext(ctx)
 
 	waitStart := g.now()
@@ -248,12 +263,16 @@ func (g *Gateway) finish(w *recorder, r *http.Request, req *reqInfo, start time.
 	end := g.now()
 	status := w.code()
 	m := g.metrics
-	if req.model != "" && g.table.Load().byName[req.model] == nil {
-		// Removed by a reload while this request ran: its series are gone
-		// and must not come back.
-		req.model = ""
+	var s *series
+	if req.model != "" {
+		var routed bool
+		if s, routed = g.seriesOf(req.model); !routed {
+			// Removed by a reload while this request ran: its series are
+			// gone and must not come back.
+			req.model = ""
+		}
 	}
-	m.requests.WithLabelValues(req.model, strconv.Itoa(status), req.key).Inc()
+	s.counter(m, req.model, famRequests, status, req.key).Inc()
 	if req.model != "" {
 		g.usage.row(req.model, req.key).requests.Add(1)
 	}
@@ -261,12 +280,12 @@ func (g *Gateway) finish(w *recorder, r *http.Request, req *reqInfo, start time.
 		m.rejected.WithLabelValues(req.model, req.err.reject).Inc()
 	}
 	if req.waited {
-		m.queueWait.WithLabelValues(req.model).Observe(req.wait.Seconds())
+		s.observer(m, req.model, famQueueWait).Observe(req.wait.Seconds())
 	}
 	if req.model != "" {
-		m.duration.WithLabelValues(req.model).Observe(end.Sub(start).Seconds())
+		s.observer(m, req.model, famDuration).Observe(end.Sub(start).Seconds())
 		if !w.first.IsZero() {
-			m.ttfb.WithLabelValues(req.model).Observe(w.first.Sub(start).Seconds())
+			s.observer(m, req.model, famTTFB).Observe(w.first.Sub(start).Seconds())
 		}
 	}
 	if ce := g.log.Check(zap.DebugLevel, "request"); ce != nil {
@@ -292,6 +311,7 @@ func (g *Gateway) finish(w *recorder, r *http.Request, req *reqInfo, start time.
 // answer. Flush and Unwrap keep streaming working through it.
 type recorder struct {
 	http.ResponseWriter
+	rc     http.ResponseController // of the ResponseWriter: deadlines, flushes
 	now    func() time.Time
 	status int
 	first  time.Time
@@ -299,11 +319,24 @@ type recorder struct {
 	// held: comments committed the answer to 200 text/event-stream while
 	// the request waited (held.go); what follows is written as events.
 	held bool
+	// rate: the key whose x-ratelimit-* headers (as of rateAt) are still
+	// to be written, before the answer's head.
+	rate   *keyState
+	rateAt time.Time
+}
+
+// head writes what goes in every answer's head, once, before it is sent.
+func (w *recorder) head() {
+	if k := w.rate; k != nil {
+		w.rate = nil
+		k.headers(w.rateAt, w.ResponseWriter.Header())
+	}
 }
 
 // comment writes an SSE comment line of a held stream. It is not the
 // answer's first byte: time_to_first_byte waits for the first event.
 func (w *recorder) comment(line string) {
+	w.head()
 	n, _ := io.WriteString(w.ResponseWriter, line+"\n\n") //nolint:errcheck // a client gone ends the wait through its context
 	w.bytes += int64(n)
 	w.Flush()
@@ -319,6 +352,7 @@ func (w *recorder) event(errBody []byte) {
 }
 
 func (w *recorder) WriteHeader(code int) {
+	w.head()
 	if w.status == 0 || w.status == statusClientGone {
 		w.status = code
 	}
@@ -326,6 +360,7 @@ func (w *recorder) WriteHeader(code int) {
 }
 
 func (w *recorder) Write(p []byte) (int, error) {
+	w.head()
 	if w.status == 0 {
 		w.status = http.StatusOK
 	}
@@ -338,6 +373,7 @@ func (w *recorder) Write(p []byte) (int, error) {
 }
 
 func (w *recorder) Flush() {
+	w.head()
 	if f, ok := w.ResponseWriter.(http.Flusher); ok {
 		f.Flush()
 	}
@@ -345,7 +381,18 @@ func (w *recorder) Flush() {
 
 // FlushError is Flush that says whether the client took the bytes (a
 // write past send_timeout fails here as often as in Write).
-func (w *recorder) FlushError() error { return http.NewResponseController(w.ResponseWriter).Flush() }
+func (w *recorder) FlushError() error {
+	w.head()
+	return w.controller().Flush()
+}
+
+// controller is the ResponseWriter's controller.
+func (w *recorder) controller() *http.ResponseController {
+	if w.rc == (http.ResponseController{}) {
+		w.rc = *http.NewResponseController(w.ResponseWriter)
+	}
+	return &w.rc
+}
 
 func (w *recorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 

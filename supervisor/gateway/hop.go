@@ -76,6 +76,9 @@ type hopConn struct {
 	lim       headLimit
 	idleSince time.Time
 	reused    bool // it served a request before
+	// abort closes the connection under the I/O in progress when the
+	// request's context ends: made once, for every request it serves.
+	abort func()
 }
 
 // maxAnswerHead bounds what the gateway reads of an answer's status line
@@ -143,7 +146,7 @@ func (c *hopClient) roundTrip(ctx context.Context, r *http.Request, body outBody
 		if err != nil {
 			return nil, err
 		}
-		stop := context.AfterFunc(ctx, func() { pc.conn.Close() }) //nolint:errcheck // ends the I/O in progress
+		stop := context.AfterFunc(ctx, pc.abort)
 		res, retry, err := c.exchange(pc, r, body, hb, stop)
 		if err == nil {
 			return res, nil
@@ -318,6 +321,7 @@ func (c *hopClient) dial(ctx context.Context) (*hopConn, error) {
 	}
 	pc := &hopConn{conn: conn, lim: headLimit{conn: conn, left: -1}}
 	pc.br = bufio.NewReaderSize(&pc.lim, 4<<10)
+	pc.abort = func() { conn.Close() } //nolint:errcheck // ends the I/O in progress
 	return pc, nil
 }
 

@@ -193,7 +193,9 @@ var rateHeaderNames = map[string][3]string{
 	"tokens":   {"X-Ratelimit-Limit-Tokens", "X-Ratelimit-Remaining-Tokens", "X-Ratelimit-Reset-Tokens"},
 }
 
-// rateHeaders writes OpenAI's x-ratelimit-{limit,remaining,reset}-KIND.
+// rateHeaders writes OpenAI's x-ratelimit-{limit,remaining,reset}-KIND:
+// its three values are one string, in one slice, as every answer to a
+// limited key carries them.
 func rateHeaders(h http.Header, kind string, lim *rate.Limiter, now time.Time) {
 	if lim == nil {
 		return
@@ -201,21 +203,30 @@ func rateHeaders(h http.Header, kind string, lim *rate.Limiter, now time.Time) {
 	left := lim.TokensAt(now)
 	burst := lim.Burst()
 	n := rateHeaderNames[kind]
-	h[n[0]] = []string{strconv.Itoa(burst)}
-	h[n[1]] = []string{strconv.Itoa(int(math.Max(0, math.Floor(left))))}
-	h[n[2]] = []string{resetString(time.Duration((float64(burst) - left) / float64(lim.Limit()) * float64(time.Second)))}
+	var buf [64]byte
+	b := strconv.AppendInt(buf[:0], int64(burst), 10)
+	i := len(b)
+	b = strconv.AppendInt(b, int64(math.Max(0, math.Floor(left))), 10)
+	j := len(b)
+	b = appendReset(b, time.Duration((float64(burst)-left)/float64(lim.Limit())*float64(time.Second)))
+	all := string(b)
+	v := [3]string{all[:i], all[i:j], all[j:]}
+	vs := v[:] // one allocation for the three
+	h[n[0]], h[n[1]], h[n[2]] = vs[0:1:1], vs[1:2:2], vs[2:3:3]
 }
 
 // resetString writes a duration as OpenAI's reset headers do: "20ms",
 // "1s", "6m0s" (what Go's time.ParseDuration reads back).
-func resetString(d time.Duration) string {
+func resetString(d time.Duration) string { return string(appendReset(nil, d)) }
+
+func appendReset(b []byte, d time.Duration) []byte {
 	switch {
 	case d <= 0:
-		return "0s"
+		return append(b, "0s"...)
 	case d < time.Second:
-		return strconv.FormatInt(int64((d+time.Millisecond-1)/time.Millisecond), 10) + "ms"
+		return append(strconv.AppendInt(b, int64((d+time.Millisecond-1)/time.Millisecond), 10), "ms"...)
 	}
-	return d.Round(10 * time.Millisecond).String()
+	return append(b, d.Round(10*time.Millisecond).String()...)
 }
 
 func errRateLimit(kind, key string, limit int, wait time.Duration) *apiError {

@@ -1,6 +1,10 @@
 package gateway
 
 import (
+	"strconv"
+	"sync"
+	"sync/atomic"
+
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -103,4 +107,113 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(lastRequestDesc, prometheus.GaugeValue, float64(ns)/1e9, rt.model.Name)
 		}
 	}
+}
+
+// series are one model's children of the vectors above, looked up once:
+// WithLabelValues hashes and checks its labels on every call, and every
+// request would make several. They live with the model's upstream, which
+// the removal that deletes the model's series drops too (update), so a
+// series deleted is never brought back from here.
+type series struct {
+	mu sync.Mutex
+	m  atomic.Pointer[map[seriesKey]seriesChild] // copied on write
+}
+
+// seriesKey is a child's family and its labels besides the model's.
+type seriesKey struct {
+	fam  family
+	code int    // requests
+	key  string // requests, tokens
+}
+
+type family uint8
+
+const (
+	famRequests family = iota
+	famDuration
+	famTTFB
+	famQueueWait
+	famPrompt     // tokens, kind prompt
+	famCompletion // tokens, kind completion
+	famTPOT
+)
+
+type seriesChild struct {
+	c prometheus.Counter
+	o prometheus.Observer
+}
+
+// counter is the model's counter of family fam for key and code.
+func (s *series) counter(m *metrics, model string, fam family, code int, key string) prometheus.Counter {
+	return s.child(m, model, seriesKey{fam: fam, code: code, key: key}).c
+}
+
+// observer is the model's histogram of family fam.
+func (s *series) observer(m *metrics, model string, fam family) prometheus.Observer {
+	return s.child(m, model, seriesKey{fam: fam}).o
+}
+
+// child is the child k, made at its first use as WithLabelValues makes
+// it. A nil s (a model no longer routed by its name) keeps nothing.
+func (s *series) child(m *metrics, model string, k seriesKey) seriesChild {
+	if s == nil {
+		return m.make(model, k)
+	}
+	if cur := s.m.Load(); cur != nil {
+		if c, ok := (*cur)[k]; ok {
+			return c
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	cur := s.m.Load()
+	var old map[seriesKey]seriesChild
+	if cur != nil {
+		old = *cur
+		if c, ok := old[k]; ok {
+			return c
+		}
+	}
+	c := m.make(model, k)
+	next := make(map[seriesKey]seriesChild, len(old)+1)
+	for k, v := range old {
+		next[k] = v
+	}
+	next[k] = c
+	s.m.Store(&next)
+	return c
+}
+
+func (m *metrics) make(model string, k seriesKey) seriesChild {
+	var c seriesChild
+	switch k.fam {
+	case famRequests:
+		c.c = m.requests.WithLabelValues(model, strconv.Itoa(k.code), k.key)
+	case famPrompt:
+		c.c = m.tokens.WithLabelValues(model, k.key, "prompt")
+	case famCompletion:
+		c.c = m.tokens.WithLabelValues(model, k.key, "completion")
+	case famDuration:
+		c.o = m.duration.WithLabelValues(model)
+	case famTTFB:
+		c.o = m.ttfb.WithLabelValues(model)
+	case famQueueWait:
+		c.o = m.queueWait.WithLabelValues(model)
+	case famTPOT:
+		c.o = m.tpot.WithLabelValues(model)
+	}
+	return c
+}
+
+// seriesOf is the series of the model routed as name now: nil when it is
+// no longer, or when name is another model's served name.
+func (g *Gateway) seriesOf(name string) (s *series, routed bool) {
+	rt := g.table.Load().byName[name]
+	if rt == nil {
+		return nil, false
+	}
+	if rt.model.Name != name {
+		return nil, true
+	}
+	return &rt.up.series, true
 }

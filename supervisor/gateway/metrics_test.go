@@ -78,4 +78,23 @@ func TestMetricsFollowRequests(t *testing.T) {
 	} else if b := readAll(t, r); !strings.Contains(b, "model_not_found") {
 		t.Errorf("removed model: %s", b)
 	}
+
+	// Added back, it counts from nothing again, in series of its own: the
+	// children the gateway kept for it went with its removal.
+	stub.mu.Lock()
+	stub.models = []Model{ready("alpha", "alpha", up.base)}
+	close(stub.changed)
+	stub.changed = make(chan struct{})
+	stub.mu.Unlock()
+	waitFor(t, 5*time.Second, "alpha routed again", func() bool {
+		_, ok := s.metric(t, "citadel_gateway_in_flight", alpha)
+		return ok
+	})
+	readAll(t, post(t, context.Background(), s.url+"/v1/chat/completions", `{"model":"alpha","max_tokens":4}`, ""))
+	if got := s.value(t, "citadel_gateway_requests_total", map[string]string{"model": "alpha", "code": "200"}); got != 1 {
+		t.Errorf("requests_total of alpha added back = %v, want 1", got)
+	}
+	if got := s.value(t, "citadel_gateway_request_duration_seconds", alpha); got != 1 {
+		t.Errorf("request_duration_seconds of alpha added back = %v observations, want 1", got)
+	}
 }

@@ -31,7 +31,8 @@ func newIDPrefix() string {
 }
 
 func (r *requestIDs) next() string {
-	return r.prefix + strconv.FormatUint(r.n.Add(1), 36)
+	var b [64]byte
+	return string(strconv.AppendUint(append(b[:0], r.prefix...), r.n.Add(1), 36))
 }
 
 // requestID is the client's id if it is usable (printable ASCII without

@@ -17,7 +17,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 )
 
-func writeKeys(t *testing.T, mode os.FileMode, content string) string {
+func writeKeys(t testing.TB, mode os.FileMode, content string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "api-keys")
 	if err := os.WriteFile(p, []byte(content), mode); err != nil {

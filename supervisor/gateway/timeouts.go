@@ -81,10 +81,23 @@ type timedBody struct {
 	b     readBounds
 	start time.Time
 	got   int64
+	clear bool // the read deadline is cleared
 }
 
+// Close is a no-op: the request's body is net/http's to close.
+func (t *timedBody) Close() error { return nil }
+
 func newTimedBody(w http.ResponseWriter, r io.Reader, b readBounds) *timedBody {
-	return &timedBody{r: r, rc: http.NewResponseController(w), b: b, start: time.Now()}
+	return &timedBody{r: r, rc: controller(w), b: b, start: time.Now()}
+}
+
+// controller is w's ResponseController: a recorder's own, made once per
+// request, or a new one.
+func controller(w http.ResponseWriter) *http.ResponseController {
+	if rec, ok := w.(*recorder); ok {
+		return rec.controller()
+	}
+	return http.NewResponseController(w)
 }
 
 func (t *timedBody) Read(p []byte) (int, error) {
@@ -100,6 +113,7 @@ func (t *timedBody) Read(p []byte) (int, error) {
 		set = floor
 	}
 	_ = t.rc.SetReadDeadline(set)
+	t.clear = false
 	n, err := t.r.Read(p)
 	t.got += int64(n)
 	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
@@ -111,7 +125,7 @@ func (t *timedBody) Read(p []byte) (int, error) {
 	if err != nil {
 		// The whole body (io.EOF) or the client gone: either way the
 		// connection's reads are net/http's again.
-		_ = t.rc.SetReadDeadline(time.Time{})
+		t.done()
 	}
 	return n, err
 }
@@ -126,10 +140,18 @@ func (t *timedBody) stalled(why string) error {
 
 // abandon gives up on the rest of the body: the connection closes after
 // the answer instead of reading it.
-func (t *timedBody) abandon() { _ = t.rc.SetReadDeadline(time.Unix(1, 0)) }
+func (t *timedBody) abandon() {
+	_ = t.rc.SetReadDeadline(time.Unix(1, 0))
+	t.clear = false
+}
 
 // done clears the read deadline once the body is read whole.
-func (t *timedBody) done() { _ = t.rc.SetReadDeadline(time.Time{}) }
+func (t *timedBody) done() {
+	if !t.clear {
+		_ = t.rc.SetReadDeadline(time.Time{})
+		t.clear = true
+	}
+}
 
 // sendBound bounds each write of an answer: the client must take it within
 // gateway.send_timeout. The deadline is left set after the last write, so
@@ -140,18 +162,18 @@ type sendBound struct {
 	d  time.Duration
 }
 
-func newSendBound(w http.ResponseWriter, d time.Duration) *sendBound {
-	return &sendBound{rc: http.NewResponseController(w), d: d}
+func newSendBound(w http.ResponseWriter, d time.Duration) sendBound {
+	return sendBound{rc: controller(w), d: d}
 }
 
 // next bounds the next write.
-func (s *sendBound) next() { _ = s.rc.SetWriteDeadline(time.Now().Add(s.d)) }
+func (s sendBound) next() { _ = s.rc.SetWriteDeadline(time.Now().Add(s.d)) }
 
-func (s *sendBound) flush() error { return s.rc.Flush() }
+func (s sendBound) flush() error { return s.rc.Flush() }
 
 // failed counts a write that ran out of its bound: the client read
 // nothing for send_timeout. (Any other failure is a client gone.)
-func (s *sendBound) failed(g *Gateway, err error) {
+func (s sendBound) failed(g *Gateway, err error) {
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		g.guard.stalls.WithLabelValues(StallSend).Inc()
 	}

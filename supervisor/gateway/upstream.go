@@ -29,6 +29,8 @@ type upstream struct {
 	// held in the queue while the model started takes the key of the
 	// process that serves it, not of the snapshot it arrived with.
 	key atomic.Pointer[string]
+	// series are the model's metric children (metrics.go).
+	series series
 }
 
 // apiKey is the model's API key now, "" when it has none.

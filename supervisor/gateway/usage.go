@@ -81,7 +81,19 @@ func askUsage(body []byte) (out []byte, asked, stream bool) {
 // value lies (b[at:end], white space trimmed), and returns where the
 // object's closing brace is.
 func members(b []byte, fn func(key string, at, end int)) (closeAt int, err error) {
-	s := &scanner{buf: b}
+	return rawMembers(b, func(raw []byte, at, end int) error {
+		var key string
+		if err := json.Unmarshal(raw, &key); err != nil {
+			return err
+		}
+		fn(key, at, end)
+		return nil
+	})
+}
+
+// rawMembers is members with each key as it is written, quotes included.
+func rawMembers(b []byte, fn func(key []byte, at, end int) error) (closeAt int, err error) {
+	s := scanner{buf: b}
 	if c, err := s.next(); err != nil || c != '{' {
 		return 0, orSyntax(err)
 	}
@@ -103,10 +115,7 @@ func members(b []byte, fn func(key string, at, end int)) (closeAt int, err error
 		if err := s.skipString(); err != nil {
 			return 0, err
 		}
-		var key string
-		if err := json.Unmarshal(b[kStart:s.i], &key); err != nil {
-			return 0, err
-		}
+		key := b[kStart:s.i]
 		if c, err := s.next(); err != nil || c != ':' {
 			return 0, orSyntax(err)
 		}
@@ -118,7 +127,9 @@ func members(b []byte, fn func(key string, at, end int)) (closeAt int, err error
 		if err := s.skipValue(); err != nil {
 			return 0, err
 		}
-		fn(key, at, s.i)
+		if err := fn(key, at, s.i); err != nil {
+			return 0, err
+		}
 	}
 }
 
@@ -146,16 +157,32 @@ type streamTimes struct {
 // (after "choices" or "data"; only prompt_logprobs and
 // kv_transfer_params may follow it), and reads it at the end.
 type jsonTap struct {
-	src  io.ReadCloser
-	tail []byte
+	src    io.ReadCloser
+	tail   []byte // from tails (pooled), until result
+	pooled *[]byte
+
+	done bool
+	u    tokenUsage
+	ok   bool
 }
+
+// tails are the JSON taps' tails: most answers are small, and one slice
+// per answer would be garbage on every request.
+var tails = sync.Pool{New: func() any { b := make([]byte, 0, 4<<10); return &b }}
+
+// maxPooledTail: a larger tail (a long answer's) is not kept for another.
+const maxPooledTail = 16 << 10
 
 // jsonTail bounds what a JSON answer's tap keeps.
 const jsonTail = 64 << 10
 
 func (t *jsonTap) Read(p []byte) (int, error) {
 	n, err := t.src.Read(p)
-	if n > 0 {
+	if n > 0 && !t.done {
+		if t.pooled == nil {
+			t.pooled = tails.Get().(*[]byte)
+			t.tail = (*t.pooled)[:0]
+		}
 		if n >= jsonTail {
 			t.tail = append(t.tail[:0], p[n-jsonTail:n]...)
 		} else {
@@ -170,9 +197,19 @@ func (t *jsonTap) Read(p []byte) (int, error) {
 
 func (t *jsonTap) Close() error { return t.src.Close() }
 
+// result reads the usage in the tail, and gives the tail back: call it
+// once the answer was read.
 func (t *jsonTap) result() (tokenUsage, bool, streamTimes) {
-	u, ok := lastUsage(t.tail)
-	return u, ok, streamTimes{}
+	if !t.done {
+		t.done = true
+		t.u, t.ok = lastUsage(t.tail)
+		if t.pooled != nil && cap(t.tail) <= maxPooledTail {
+			*t.pooled = t.tail[:0]
+			tails.Put(t.pooled)
+		}
+		t.tail, t.pooled = nil, nil
+	}
+	return t.u, t.ok, streamTimes{}
 }
 
 // lastUsage finds the last "usage" member in b and decodes it. Inside a
@@ -190,16 +227,84 @@ func lastUsage(b []byte) (tokenUsage, bool) {
 			continue
 		}
 		// Only the usage object is decoded: find its end first.
-		sc := &scanner{buf: rest[1:]}
+		sc := scanner{buf: rest[1:]}
 		if sc.skipValue() != nil {
 			continue
 		}
+		obj := rest[1 : 1+sc.i]
+		if u, ok, sure := plainUsage(obj); sure {
+			if !ok {
+				continue
+			}
+			return u, true
+		}
 		var u *tokenUsage
-		if err := json.Unmarshal(rest[1:1+sc.i], &u); err != nil || u == nil {
+		if err := json.Unmarshal(obj, &u); err != nil || u == nil {
 			continue
 		}
 		return *u, true
 	}
+}
+
+// plainUsage reads a usage object as json.Unmarshal into *tokenUsage
+// would, without its reflection and allocations, when the object is the
+// plain one vLLM writes: valid JSON whose members' keys have no escapes
+// and whose two counts, when present, are plain integers. sure false:
+// anything else (a key that matches a count's but for its case, a count
+// that is a float, null or out of range), left to json.Unmarshal.
+func plainUsage(obj []byte) (u tokenUsage, ok, sure bool) {
+	v := bytes.TrimLeft(obj, " \t\r\n")
+	if len(v) == 0 || v[0] != '{' || !json.Valid(obj) {
+		return tokenUsage{}, false, false
+	}
+	sure = true
+	_, err := rawMembers(v, func(key []byte, at, end int) error {
+		var dst *int
+		switch {
+		case string(key) == `"prompt_tokens"`:
+			dst = &u.Prompt
+		case string(key) == `"completion_tokens"`:
+			dst = &u.Completion
+		case bytes.IndexByte(key, '\\') >= 0 || bytes.EqualFold(key, []byte(`"prompt_tokens"`)) || bytes.EqualFold(key, []byte(`"completion_tokens"`)):
+			sure = false
+			return nil
+		default:
+			return nil
+		}
+		n, isInt := plainInt(v[at:end])
+		if !isInt {
+			sure = false
+			return nil
+		}
+		*dst = n
+		return nil
+	})
+	if err != nil {
+		return tokenUsage{}, false, false
+	}
+	return u, sure, sure
+}
+
+// plainInt reads a JSON integer of at most 18 digits, sign allowed.
+func plainInt(b []byte) (int, bool) {
+	neg := len(b) > 0 && b[0] == '-'
+	if neg {
+		b = b[1:]
+	}
+	if len(b) == 0 || len(b) > 18 {
+		return 0, false
+	}
+	n := 0
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = 10*n + int(c-'0')
+	}
+	if neg {
+		n = -n
+	}
+	return n, true
 }
 
 // sseTap passes a stream's events through as they come, reads the usage
@@ -393,12 +498,13 @@ func (g *Gateway) account(req *reqInfo, u tokenUsage, ok bool, st streamTimes) {
 	row.prompt.Add(int64(u.Prompt))
 	row.completion.Add(int64(u.Completion))
 	m := g.metrics
-	if g.table.Load().byName[req.model] == nil {
+	s, routed := g.seriesOf(req.model)
+	if !routed {
 		return // removed by a reload meanwhile: no series may come back
 	}
-	m.tokens.WithLabelValues(req.model, req.key, "prompt").Add(float64(u.Prompt))
-	m.tokens.WithLabelValues(req.model, req.key, "completion").Add(float64(u.Completion))
+	s.counter(m, req.model, famPrompt, 0, req.key).Add(float64(u.Prompt))
+	s.counter(m, req.model, famCompletion, 0, req.key).Add(float64(u.Completion))
 	if ok && u.Completion > 1 && st.events > 1 {
-		m.tpot.WithLabelValues(req.model).Observe(st.last.Sub(st.first).Seconds() / float64(u.Completion-1))
+		s.observer(m, req.model, famTPOT).Observe(st.last.Sub(st.first).Seconds() / float64(u.Completion-1))
 	}
 }

@@ -3,6 +3,7 @@ package gateway
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -268,4 +269,80 @@ func TestLargeStreamAskedForUsage(t *testing.T) {
 	if p := s.value(t, "citadel_gateway_tokens_total", map[string]string{"model": "alpha", "key": "", "kind": "prompt"}); p != 1 {
 		t.Errorf("prompt tokens %v, want 1: the usage chunk's, not an estimate", p)
 	}
+}
+
+// unmarshalUsage is lastUsage as it was, every usage object decoded by
+// json.Unmarshal: the reference plainUsage must agree with.
+func unmarshalUsage(b []byte) (tokenUsage, bool) {
+	for end := len(b); ; {
+		i := bytes.LastIndex(b[:end], []byte(`"usage"`))
+		if i < 0 {
+			return tokenUsage{}, false
+		}
+		end = i
+		rest := bytes.TrimLeft(b[i+len(`"usage"`):], " \t\r\n")
+		if len(rest) == 0 || rest[0] != ':' {
+			continue
+		}
+		sc := scanner{buf: rest[1:]}
+		if sc.skipValue() != nil {
+			continue
+		}
+		var u *tokenUsage
+		if err := json.Unmarshal(rest[1:1+sc.i], &u); err != nil || u == nil {
+			continue
+		}
+		return *u, true
+	}
+}
+
+var usageCases = []string{
+	`{"usage":{"prompt_tokens":12,"total_tokens":19,"completion_tokens":7,"prompt_tokens_details":null}}`,
+	`{"usage": { "prompt_tokens" : 3 , "completion_tokens" :5 } }`,
+	`{"usage":{}}`,
+	`{"usage":{"prompt_tokens":-4,"completion_tokens":0}}`,
+	`{"usage":{"prompt_tokens":1,"prompt_tokens":2}}`,
+	`{"usage":{"Prompt_Tokens":5,"completion_tokens":1}}`,
+	`{"usage":{"prompt_tokens":5,"PROMPT_TOKENS":6}}`,
+	`{"usage":{"prompt\u005ftokens":5}}`,
+	`{"usage":{"prompt_tokens":5.0}}`,
+	`{"usage":{"prompt_tokens":5e2}}`,
+	`{"usage":{"prompt_tokens":null,"completion_tokens":2}}`,
+	`{"usage":{"prompt_tokens":"5"}}`,
+	`{"usage":{"prompt_tokens":99999999999999999999999}}`,
+	`{"usage":{"prompt_tokens":123456789012345678}}`,
+	`{"usage":{"prompt_tokens":012}}`,
+	`{"usage":{"prompt_tokens":-}}`,
+	`{"usage":{"prompt_tokens":1,}}`,
+	`{"usage":{"prompt_tokens":1 2}}`,
+	`{"usage":{"details":{"prompt_tokens":9},"completion_tokens":[1]}}`,
+	`{"usage":{"completion_tokens":2},"x":{"usage":{"prompt_tokens":1}}}`,
+	`{"usage":[1,2]}`,
+	`{"usage":"x"}`,
+	`{"usage":{"prompt_tokens":1,"completion_tokens":2}`,
+}
+
+// TestPlainUsageAsUnmarshal: the usage read by hand is what json.Unmarshal
+// reads, whatever the object.
+func TestPlainUsageAsUnmarshal(t *testing.T) {
+	for _, in := range usageCases {
+		u, ok := lastUsage([]byte(in))
+		wu, wok := unmarshalUsage([]byte(in))
+		if u != wu || ok != wok {
+			t.Errorf("%s: got %+v %v, json.Unmarshal reads %+v %v", in, u, ok, wu, wok)
+		}
+	}
+}
+
+func FuzzPlainUsage(f *testing.F) {
+	for _, in := range usageCases {
+		f.Add([]byte(in))
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		u, ok := lastUsage(in)
+		wu, wok := unmarshalUsage(in)
+		if u != wu || ok != wok {
+			t.Errorf("%q: got %+v %v, json.Unmarshal reads %+v %v", in, u, ok, wu, wok)
+		}
+	})
 }
