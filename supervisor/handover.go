@@ -40,7 +40,7 @@ import (
 // restorable reports whether the machine can be written down now: no
 // effect is in flight whose outcome the next image could not receive (a
 // spawn, a stop, a sleep or a wake).
-func (m *machine) restorable() error {
+func (m *Machine) Restorable() error {
 	switch {
 	case m.flight == flightSpawn:
 		return fmt.Errorf("%s is being spawned", m.cfg.Name)
@@ -56,7 +56,7 @@ func (m *machine) restorable() error {
 
 // snapshot writes the machine down; the runner adds the instance's
 // process details, output and timers.
-func (m *machine) snapshot() liverestore.ModelState {
+func (m *Machine) Snapshot() liverestore.ModelState {
 	st := liverestore.ModelState{
 		Name: m.cfg.Name, State: m.state, Reason: m.reason, Since: m.since,
 		Hold: m.hold, HoldReason: m.holdReason, Restarts: m.restarts,
@@ -64,14 +64,14 @@ func (m *machine) snapshot() liverestore.ModelState {
 		WakeTimes: m.wakeTimes,
 	}
 	if m.lastExit != nil {
-		st.LastExit = &liverestore.ExitState{Code: m.lastExit.code, Desc: m.lastExit.desc}
+		st.LastExit = &liverestore.ExitState{Code: m.lastExit.Code, Desc: m.lastExit.Desc}
 	}
 	if m.inst != nil && !m.exited {
 		st.Instance = &liverestore.InstanceState{
-			Model: m.cfg.Name, PID: m.inst.pid, Started: m.inst.started, GPUs: m.inst.gpus,
+			Model: m.cfg.Name, PID: m.inst.PID, Started: m.inst.Started, GPUs: m.inst.GPUs,
 			ReadyAt: m.readyAt, Startup: m.startup, AwakeAt: m.awakeAt,
 		}
-		sleepMode := m.inst.sleepMode
+		sleepMode := m.inst.SleepMode
 		st.Instance.SleepMode = &sleepMode
 		st.Instance.Known, st.Instance.KnownNote = m.known, m.knownNote
 		st.Instance.Held = m.held
@@ -91,8 +91,8 @@ func (m *machine) snapshot() liverestore.ModelState {
 				st.Instance.WakeBegan = m.wakeBegan
 			}
 		}
-		if m.vllm.known() {
-			st.Instance.VLLMVersion, st.Instance.VLLMSource = m.vllm.version.String(), m.vllm.source
+		if m.vllm.Known() {
+			st.Instance.VLLMVersion, st.Instance.VLLMSource = m.vllm.Version.String(), m.vllm.Source
 		}
 	}
 	return st
@@ -102,7 +102,7 @@ func (m *machine) snapshot() liverestore.ModelState {
 // there was none), instead of begin. A process started under another
 // configuration (or env_files contents, envChanged) is restarted,
 // deliberately; one that is gone is a failure like any exit.
-func (m *machine) restore(st liverestore.ModelState, inst *instance, digest string, envChanged bool) []effect {
+func (m *Machine) Restore(st liverestore.ModelState, inst *instance, digest string, envChanged bool) []Effect {
 	m.since, m.hold, m.holdReason = st.Since, st.Hold, st.HoldReason
 	if st.Restarts != nil {
 		m.restarts = st.Restarts
@@ -111,7 +111,7 @@ func (m *machine) restore(st liverestore.ModelState, inst *instance, digest stri
 	m.lastOut = st.LastOutput
 	m.wakeTimes = st.WakeTimes
 	if st.LastExit != nil {
-		m.lastExit = &exitInfo{code: st.LastExit.Code, desc: st.LastExit.Desc}
+		m.lastExit = &Exit{Code: st.LastExit.Code, Desc: st.LastExit.Desc}
 	}
 	if !m.cfg.Enabled && !m.hold {
 		m.hold, m.holdReason = true, "enabled: false"
@@ -120,19 +120,19 @@ func (m *machine) restore(st liverestore.ModelState, inst *instance, digest stri
 		is := st.Instance
 		m.inst, m.exited = inst, false
 		if v, err := vllm.Parse(is.VLLMVersion); err == nil && is.VLLMVersion != "" {
-			m.vllm = vllmInfo{version: v, source: is.VLLMSource}
+			m.vllm = VLLM{Version: v, Source: is.VLLMSource}
 		}
 		m.readyAt, m.startup, m.awakeAt = is.ReadyAt, is.Startup, is.AwakeAt
-		inst.sleepMode = m.cfg.Sleeps()
+		inst.SleepMode = m.cfg.Sleeps()
 		if is.SleepMode != nil {
-			inst.sleepMode = *is.SleepMode
+			inst.SleepMode = *is.SleepMode
 		}
 		m.known, m.knownNote, m.held, m.hostHeld = is.Known, is.KnownNote, is.Held, is.HostHeld
 		m.envDigest = is.EnvDigest
-		if m.known == nil && m.knownNote == "" && inst.sleepMode {
+		if m.known == nil && m.knownNote == "" && inst.SleepMode {
 			m.knownNote = "not recorded (taken over from a daemon that did not record it): a wake is proven by any answer"
 		}
-		running := efAdopt{phase: gpu.Running, awakeAt: m.awakeAt}
+		running := EfAdopt{Phase: gpu.Running, AwakeAt: m.awakeAt}
 		switch {
 		case m.hold:
 			// Held (or disabled) while the daemon was away, or its stop
@@ -142,15 +142,15 @@ func (m *machine) restore(st liverestore.ModelState, inst *instance, digest stri
 			state, adopt := st.State, running
 			switch {
 			case is.SleepLevel > 0:
-				state, adopt = Sleeping, efAdopt{phase: gpu.Asleep}
+				state, adopt = Sleeping, EfAdopt{Phase: gpu.Asleep}
 				m.sleepLevel, m.sleepCause = is.SleepLevel, cmp.Or(is.SleepCause, "adopted")
 			case state == Starting:
-				adopt = efAdopt{phase: gpu.Starting, awakeAt: m.awakeAt}
+				adopt = EfAdopt{Phase: gpu.Starting, AwakeAt: m.awakeAt}
 			case state != Unhealthy:
 				state = Ready
 			}
 			m.enter(state, st.Reason)
-			return append([]effect{adopt}, m.plannedStop("stopping: "+m.holdReason, "")...)
+			return append([]Effect{adopt}, m.plannedStop("stopping: "+m.holdReason, "")...)
 		case is.Digest != digest || envChanged:
 			what := "configuration"
 			if is.Digest == digest {
@@ -158,8 +158,8 @@ func (m *machine) restore(st liverestore.ModelState, inst *instance, digest stri
 			}
 			m.enter(Ready, "")
 			m.restarts[ReasonReload]++
-			m.log.Info("its "+what+" changed while the daemon was away; restarting it", zap.Int("pid", inst.pid))
-			return append([]effect{running}, m.respawn(what+" changed while the daemon was away")...)
+			m.log.Info("its "+what+" changed while the daemon was away; restarting it", zap.Int("pid", inst.PID))
+			return append([]Effect{running}, m.respawn(what+" changed while the daemon was away")...)
 		case is.SleepLevel > 0 && m.cfg.OnDemand():
 			// Asleep, or being put to sleep or woken when the daemon died:
 			// never taken for awake until a wake proves it (a wake_up of
@@ -175,7 +175,7 @@ func (m *machine) restore(st liverestore.ModelState, inst *instance, digest stri
 			}
 			if during == "" {
 				m.enter(Sleeping, reason)
-				return []effect{efAdopt{phase: gpu.Asleep}}
+				return []Effect{EfAdopt{Phase: gpu.Asleep}}
 			}
 			// Its /sleep or wake_up may still run in the engine (a
 			// level-2 wake reloads the weights: minutes): its GPUs'
@@ -183,9 +183,9 @@ func (m *machine) restore(st liverestore.ModelState, inst *instance, digest stri
 			// there until then, bounded by its wake bound (vllm#56830).
 			m.settling = true
 			bound := m.wakeBound(is.SleepLevel)
-			m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s; adopted while %s: its GPUs count as changing for up to %s)", is.SleepLevel, m.sleepCause, during, roundDuration(bound)))
-			return []effect{efAdopt{phase: gpu.Asleep, changing: true}, efArm{settle, bound}}
-		case inst.adopted && m.cfg.OnDemand() && m.cfg.SleepLevel > 0:
+			m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s; adopted while %s: its GPUs count as changing for up to %s)", is.SleepLevel, m.sleepCause, during, RoundDuration(bound)))
+			return []Effect{EfAdopt{Phase: gpu.Asleep, Changing: true}, EfArm{Settle, bound}}
+		case inst.Adopted && m.cfg.OnDemand() && m.cfg.SleepLevel > 0:
 			// After a crash the record may be a step behind the engine:
 			// the daemon died as it went to sleep by itself. The engine
 			// knows, and a request must never go to an engine believed
@@ -198,7 +198,7 @@ func (m *machine) restore(st liverestore.ModelState, inst *instance, digest stri
 			m.probing = true // no probe before it answers
 			inst.askReady = st.State == Ready || st.State == Unhealthy || (st.State == "" && !is.ReadyAt.IsZero())
 			m.enter(Starting, "adopted from a previous daemon: asking its engine whether it sleeps (GET /is_sleeping)")
-			return []effect{efAdopt{phase: gpu.Starting, awakeAt: m.awakeAt}, efAskSleeping{}}
+			return []Effect{EfAdopt{Phase: gpu.Starting, AwakeAt: m.awakeAt}, EfAskSleeping{}}
 		case st.State == Ready || st.State == Unhealthy || (st.State == "" && !is.ReadyAt.IsZero()):
 			return m.adoptedReady()
 		default:
@@ -210,7 +210,7 @@ func (m *machine) restore(st liverestore.ModelState, inst *instance, digest stri
 		m.enter(st.State, st.Reason)
 		m.restarts[ReasonExit]++
 		f := failure{why: ReasonExit, reason: "exited while the daemon was away (exit status unknown)"}
-		m.lastExit = &exitInfo{code: -1, desc: "exit status unknown (it ended while the daemon was away)"}
+		m.lastExit = &Exit{Code: -1, Desc: "exit status unknown (it ended while the daemon was away)"}
 		if m.hold {
 			m.enter(Stopped, m.holdReason)
 			return nil
@@ -224,34 +224,34 @@ func (m *machine) restore(st liverestore.ModelState, inst *instance, digest stri
 		return nil
 	case st.State == Backoff:
 		m.enter(Backoff, st.Reason)
-		return []effect{efArm{tick, max(left, 0)}}
+		return []Effect{EfArm{Tick, max(left, 0)}}
 	case st.State == Failed:
 		m.enter(Failed, st.Reason)
 		if m.cfg.Restart.RetryFailedAfter > 0 {
-			return []effect{efArm{tick, max(left, 0)}}
+			return []Effect{EfArm{Tick, max(left, 0)}}
 		}
 		return nil
 	case st.State == Stopped && m.cfg.OnDemand():
 		m.enter(Stopped, st.Reason)
 		return nil
 	}
-	return m.begin()
+	return m.Begin()
 }
 
 // adoptedReady goes on with a process taken over that was ready: probed
 // within a period; a failing probe counts from zero. A record (a crash)
 // that says it was ready: it is no longer loading, a failing probe is a
 // failure.
-func (m *machine) adoptedReady() []effect {
+func (m *Machine) adoptedReady() []Effect {
 	m.enter(Ready, "")
 	if m.awakeAt.IsZero() {
 		m.awakeAt = m.now()
 	}
-	out := []effect{efAdopt{phase: gpu.Running, awakeAt: m.awakeAt}, efArm{tick, min(m.cfg.Probe.Period, maxStartupPoll)}}
+	out := []Effect{EfAdopt{Phase: gpu.Running, AwakeAt: m.awakeAt}, EfArm{Tick, min(m.cfg.Probe.Period, MaxStartupPoll)}}
 	if m.cfg.OnDemand() {
 		// Awake since its predecessor saw it wake: min_awake and
 		// idle_after go on from there.
-		out = append(out, efArm{idle, m.cfg.IdleAfter})
+		out = append(out, EfArm{Idle, m.cfg.IdleAfter})
 	}
 	return out
 }
@@ -260,43 +260,43 @@ func (m *machine) adoptedReady() []effect {
 // (state, saying reason), or found after a crash (ready or not, the first
 // probe tells): loading is not failure, and a loaded model is ready within
 // a second.
-func (m *machine) adoptedLoading(state State, reason string) []effect {
+func (m *Machine) adoptedLoading(state State, reason string) []Effect {
 	m.readyAt, m.startup = time.Time{}, 0
 	if state != Starting {
 		reason = "adopted from a previous daemon: probing"
 	}
 	m.enter(Starting, reason)
-	left := m.cfg.Probe.StartupTimeout - m.now().Sub(m.inst.started)
+	left := m.cfg.Probe.StartupTimeout - m.now().Sub(m.inst.Started)
 	if state != Starting {
 		left = m.cfg.Probe.StartupTimeout
 	}
-	return []effect{efAdopt{phase: gpu.Starting, awakeAt: m.awakeAt}, efArm{deadline, max(left, time.Second)}, efArm{tick, 0}}
+	return []Effect{EfAdopt{Phase: gpu.Starting, AwakeAt: m.awakeAt}, EfArm{Deadline, max(left, time.Second)}, EfArm{Tick, 0}}
 }
 
-// efAskSleeping: ask the engine of a process adopted after a crash whether
+// EfAskSleeping: ask the engine of a process adopted after a crash whether
 // it sleeps (GET /is_sleeping), off the runner's goroutine →
-// evEngineSleeps.
-type efAskSleeping struct{}
+// EvEngineSleeps.
+type EfAskSleeping struct{}
 
-func (efAskSleeping) isEffect() {}
+func (EfAskSleeping) isEffect() {}
 
-// evEngineSleeps: the engine of inst said whether it sleeps; err when it
+// EvEngineSleeps: the engine of inst said whether it sleeps; err when it
 // did not answer.
-type evEngineSleeps struct {
-	inst   *instance
-	asleep bool
-	err    error
+type EvEngineSleeps struct {
+	Inst   *instance
+	Asleep bool
+	Err    error
 }
 
-func (evEngineSleeps) isEvent() {}
+func (EvEngineSleeps) isEvent() {}
 
 // onEngineSleeps takes the engine's word on a process adopted after a
 // crash: asleep, it sleeps at its sleep_level; awake (or no answer: the
 // record is believed, and the probes tell), it goes on as its record says.
 // A process stopped meanwhile is past asking.
-func (m *machine) onEngineSleeps(ev evEngineSleeps) []effect {
+func (m *Machine) onEngineSleeps(ev EvEngineSleeps) []Effect {
 	inst := m.inst
-	if inst == nil || ev.inst != inst || !inst.asking {
+	if inst == nil || ev.Inst != inst || !inst.asking {
 		return nil
 	}
 	inst.asking = false
@@ -305,13 +305,13 @@ func (m *machine) onEngineSleeps(ev evEngineSleeps) []effect {
 	}
 	m.probing = false
 	switch {
-	case ev.err == nil && ev.asleep:
+	case ev.Err == nil && ev.Asleep:
 		m.sleepLevel, m.sleepCause = m.cfg.SleepLevel, "found asleep"
 		m.log.Info("adopted: the engine sleeps although its record says awake; the engine's word is taken", zap.Int("level", m.sleepLevel))
 		m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s)", m.sleepLevel, m.sleepCause))
-		return []effect{efAdopt{phase: gpu.Asleep}, efRecord{}}
-	case ev.err != nil:
-		m.log.Warn("adopted: the engine did not say whether it sleeps; its record is believed", zap.Error(ev.err))
+		return []Effect{EfAdopt{Phase: gpu.Asleep}, EfRecord{}}
+	case ev.Err != nil:
+		m.log.Warn("adopted: the engine did not say whether it sleeps; its record is believed", zap.Error(ev.Err))
 	}
 	if inst.askReady {
 		return m.adoptedReady()
@@ -336,15 +336,15 @@ type frozen struct {
 // freeze answers req from the runner goroutine and, when it could write
 // the machine down, waits for thaw.
 func (l *loop) freeze(req freezeReq) {
-	if err := l.m.restorable(); err != nil {
+	if err := l.m.Restorable(); err != nil {
 		req.reply <- frozen{err: err}
 		return
 	}
-	st := l.m.snapshot()
+	st := l.m.Snapshot()
 	st.Output = l.r.out.last(OutputLines)
 	st.LastRequest = l.r.lastRequestTime()
-	if l.timers[tick] != nil {
-		st.TimerAt = l.timerAt[tick]
+	if l.timers[Tick] != nil {
+		st.TimerAt = l.timerAt[Tick]
 	}
 	var files []*os.File
 	if is, inst := st.Instance, l.m.inst; is != nil {
@@ -437,19 +437,19 @@ func (s *Supervisor) freezeOnce() (*liverestore.Handover, map[string]*os.File, f
 	return h, files, thaw, nil
 }
 
-// efAdopt: the restored model holds GPUs already: tell the scheduler.
-type efAdopt struct {
-	phase   gpu.Phase
-	awakeAt time.Time // when it last became ready, for min_awake
+// EfAdopt: the restored model holds GPUs already: tell the scheduler.
+type EfAdopt struct {
+	Phase   gpu.Phase
+	AwakeAt time.Time // when it last became ready, for min_awake
 	// changing: its /sleep or wake_up may still run (the daemon died
-	// during it): its GPUs count as busy until efSettled.
-	changing bool
+	// during it): its GPUs count as busy until EfSettled.
+	Changing bool
 }
 
-func (efAdopt) isEffect() {}
+func (EfAdopt) isEffect() {}
 
-// efSettled: a model taken over mid-sleep or mid-wake has had its bound to
+// EfSettled: a model taken over mid-sleep or mid-wake has had its bound to
 // finish: its GPUs' memory no longer changes on its account.
-type efSettled struct{}
+type EfSettled struct{}
 
-func (efSettled) isEffect() {}
+func (EfSettled) isEffect() {}

@@ -79,9 +79,9 @@ func TestMachineRestore(t *testing.T) {
 			}
 			var in *instance
 			if tc.running {
-				in = &instance{pid: 100, started: tc.st.Instance.Started, gpus: tc.st.Instance.GPUs, done: make(chan struct{})}
+				in = &instance{PID: 100, Started: tc.st.Instance.Started, GPUs: tc.st.Instance.GPUs, done: make(chan struct{})}
 			}
-			got := describe(m.restore(tc.st, in, c.SpawnDigest(), tc.envChanged))
+			got := describe(m.Restore(tc.st, in, c.SpawnDigest(), tc.envChanged))
 			if !strings.HasPrefix(got, tc.effects) || (tc.effects == "" && got != "") {
 				t.Errorf("effects %q, want %q…", got, tc.effects)
 			}
@@ -97,12 +97,12 @@ func TestMachineRestore(t *testing.T) {
 func TestMachineSnapshotRoundTrip(t *testing.T) {
 	mt := newMTest(t).toReady()
 	mt.m.restarts[ReasonExit] = 2
-	st := mt.m.snapshot()
-	before := mt.m.status()
+	st := mt.m.Snapshot()
+	before := mt.m.Status()
 	m := newMachine(testModelCfg(), func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
 	st.Instance.Digest = testModelCfg().SpawnDigest()
-	m.restore(st, mt.m.inst, testModelCfg().SpawnDigest(), false)
-	after := m.status()
+	m.Restore(st, mt.m.inst, testModelCfg().SpawnDigest(), false)
+	after := m.Status()
 	if after.State != before.State || after.PID != before.PID || after.Restarts != before.Restarts || !after.ReadyAt.Equal(before.ReadyAt) {
 		t.Errorf("before %+v\nafter  %+v", before, after)
 	}

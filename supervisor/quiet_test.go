@@ -30,11 +30,11 @@ func TestStopOfASleeperWaitingToWakeWaitsForQuiet(t *testing.T) {
 	changed.MaxModelLen = 4096
 	for _, tc := range []struct {
 		name string
-		ev   event
+		ev   Event
 	}{
-		{"operator stop", evOp{op: OpStop}},
-		{"operator restart", evOp{op: OpRestart}},
-		{"reload that changes it", evConfig{cfg: changed, kind: config.Respawn}},
+		{"operator stop", EvOp{Op: OpStop}},
+		{"operator restart", EvOp{Op: OpRestart}},
+		{"reload that changes it", EvConfig{Config: changed, Kind: config.Respawn}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			mt := newODTest(t).toWakingAwaiting()
@@ -71,8 +71,8 @@ func TestRestoredHeldModelWaitsForQuiet(t *testing.T) {
 			st := tc.st
 			st.Instance = &liverestore.InstanceState{Model: "m", PID: 100, Started: t0.Add(-time.Hour), GPUs: []string{"GPU-0"},
 				Digest: c.SpawnDigest(), ReadyAt: t0.Add(-50 * time.Minute)}
-			in := &instance{pid: 100, started: st.Instance.Started, gpus: st.Instance.GPUs, done: make(chan struct{})}
-			got := describe(m.restore(st, in, c.SpawnDigest(), false))
+			in := &instance{PID: 100, Started: st.Instance.Started, GPUs: st.Instance.GPUs, done: make(chan struct{})}
+			got := describe(m.Restore(st, in, c.SpawnDigest(), false))
 			if strings.Contains(got, "stop(") || !strings.Contains(got, "quiet(") {
 				t.Fatalf("restored held: effects %q; want a quiet request before its stop (a neighbour may be adopted loading)", got)
 			}
@@ -82,7 +82,7 @@ func TestRestoredHeldModelWaitsForQuiet(t *testing.T) {
 
 // TestQuietDeadlineLeavesNoWindow: a sleep that goes
 // ahead after waiting startup_timeout for quiet GPUs sends Unquiet, then
-// Changing (efSleep). Between the two the scheduler decides with the
+// Changing (EfSleep). Between the two the scheduler decides with the
 // model's GPU not busy: a neighbour ready in between lets another start be
 // granted there, and the sleep then begins beside that load. The same
 // happens when the quiet grant crosses the deadline: Unquiet clears the
@@ -91,9 +91,9 @@ func TestQuietDeadlineLeavesNoWindow(t *testing.T) {
 	mt := newODTest(t).toODReady()
 	mt.m.cfg.Name = "a"
 	mt.now = mt.now.Add(11 * time.Minute)
-	mt.step(evIdle{})
+	mt.step(EvIdle{})
 	mt.now = mt.now.Add(mt.m.cfg.Probe.StartupTimeout)
-	efs := mt.step(evTimer{deadline})
+	efs := mt.step(EvTimer{Deadline})
 
 	sp := newSchedProbe(t)
 	a, b, c := schedModel("a"), schedModel("b"), schedModel("c")
@@ -116,9 +116,9 @@ func TestQuietDeadlineLeavesNoWindow(t *testing.T) {
 	sent := false
 	for _, ef := range efs {
 		switch ef.(type) {
-		case efUnquiet:
+		case EfUnquiet:
 			sp.s.Unquiet("a")
-		case efSleep, efStop:
+		case EfSleep, EfStop:
 			sp.s.Changing("a")
 		default:
 			continue
@@ -146,25 +146,25 @@ func TestQuietDeadlineLeavesNoWindow(t *testing.T) {
 // again at once.
 func TestDemandDoesNotWakeASleeperBeingStopped(t *testing.T) {
 	mt := newODTest(t).toAsleep()
-	if got := describe(mt.step(evEvict{forModel: "x"})); !strings.Contains(got, "quiet(") {
+	if got := describe(mt.step(EvEvict{ForModel: "x"})); !strings.Contains(got, "quiet(") {
 		t.Fatalf("evicted asleep: effects %q; want a quiet request (a stop for its residue)", got)
 	}
 	seq := mt.m.quietSeq
-	efs := describe(mt.step(evDemand{}))
+	efs := describe(mt.step(EvDemand{}))
 	if strings.Contains(efs, "want(") {
-		efs += " | " + describe(mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}}))
+		efs += " | " + describe(mt.step(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}}))
 	}
-	got := describe(mt.step(evQuiet{seq: seq, ok: true}))
+	got := describe(mt.step(EvQuiet{Seq: seq, OK: true}))
 	if mt.m.wakeInFlight() || (strings.Contains(efs, "wake(") && strings.Contains(got, "stop(")) {
 		t.Fatalf("demand while its stop waits: %q; then quiet granted: %q (state %s): a wake begun and then stopped", efs, got, mt.m.state)
 	}
 }
 
 // TestRecordDuringADeepenedSleepKeepsItsLevel: the host memory budget
-// deepens a level-1 sleep to 2 as the runner begins it (efSleep: the
-// machine chooses the level from what the runner reads, sleepBegins). A
+// deepens a level-1 sleep to 2 as the runner begins it (EfSleep: the
+// machine chooses the level from what the runner reads, SleepBegins). A
 // reload of a policy key during the drain or /sleep rewrites the record
-// (efRedigest) from the machine's snapshot: it must say level 2, or a
+// (EfRedigest) from the machine's snapshot: it must say level 2, or a
 // daemon that dies then leaves a successor that wakes the level-2 sleeper
 // at level 1, without reloading the weights it discarded.
 func TestRecordDuringADeepenedSleepKeepsItsLevel(t *testing.T) {
@@ -180,15 +180,15 @@ func TestRecordDuringADeepenedSleepKeepsItsLevel(t *testing.T) {
 		after:       func(time.Duration) <-chan time.Time { return nil },
 	}
 	r := newRunner(mt.m.cfg, d)
-	l := &loop{r: r, m: mt.m, results: make(chan event, 4)}
-	run := func(efs []effect) {
+	l := &loop{r: r, m: mt.m, results: make(chan Event, 4)}
+	run := func(efs []Effect) {
 		for _, ef := range efs {
 			l.do(ef)
 		}
 	}
 	mt.now = mt.now.Add(11 * time.Minute)
-	run(mt.step(evIdle{}))
-	run(mt.quietOK()) // efSleep: the record says level 2, a sleep began
+	run(mt.step(EvIdle{}))
+	run(mt.quietOK()) // EfSleep: the record says level 2, a sleep began
 	level := func() (int, bool) {
 		all, err := recs.All()
 		if err != nil || len(all) != 1 {
@@ -204,7 +204,7 @@ func TestRecordDuringADeepenedSleepKeepsItsLevel(t *testing.T) {
 	}
 	policy := mt.m.cfg
 	policy.IdleAfter = 20 * time.Minute // a policy key: the process is kept (Update)
-	efs := mt.step(evConfig{cfg: policy, kind: config.Update})
+	efs := mt.step(EvConfig{Config: policy, Kind: config.Update})
 	run(efs)
 	if lv, began := level(); lv != 2 {
 		t.Fatalf("after a reload during the sleep (effects %q): record says level %d (began %v); the engine sleeps at level 2", describe(efs), lv, began)
@@ -230,8 +230,8 @@ func TestAdoptedMidSleepOrWakeKeepsItsGPUBusy(t *testing.T) {
 			mt := newODTest(t)
 			mt.m.cfg = two
 			mt.toGoingToSleep()
-			is := *mt.m.snapshot().Instance
-			is.SleepLevel, is.SleepCause, is.SleepBegan = 2, "idle", mt.now // as efSleep writes it
+			is := *mt.m.Snapshot().Instance
+			is.SleepLevel, is.SleepCause, is.SleepBegan = 2, "idle", mt.now // as EfSleep writes it
 			return mt, is
 		}},
 		{"a wake in flight (wake_up sent)", func() (*mtest, liverestore.InstanceState) {
@@ -241,22 +241,22 @@ func TestAdoptedMidSleepOrWakeKeepsItsGPUBusy(t *testing.T) {
 			if !mt.m.wakeInFlight() {
 				t.Fatal("not waking")
 			}
-			return mt, *mt.m.snapshot().Instance
+			return mt, *mt.m.Snapshot().Instance
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			mt, is := tc.record()
 			is.Digest = two.SpawnDigest()
 			m := newMachine(two, func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
-			efs := m.restore(liverestore.ModelState{Name: "m", Instance: &is}, mt.m.inst, two.SpawnDigest(), false)
+			efs := m.Restore(liverestore.ModelState{Name: "m", Instance: &is}, mt.m.inst, two.SpawnDigest(), false)
 
 			sp := newSchedProbe(t)
 			sp.s.Restoring()
 			adopted := false
 			for _, ef := range efs {
-				if a, ok := ef.(efAdopt); ok {
+				if a, ok := ef.(EfAdopt); ok {
 					adopted = true
-					sp.s.Adopt(schedModel("a"), []string{oneGPU}, a.phase, a.awakeAt, a.changing)
+					sp.s.Adopt(schedModel("a"), []string{oneGPU}, a.Phase, a.AwakeAt, a.Changing)
 				}
 			}
 			if !adopted {
@@ -271,7 +271,7 @@ func TestAdoptedMidSleepOrWakeKeepsItsGPUBusy(t *testing.T) {
 				}
 			}
 			// Its bound passed: a no longer counts as changing.
-			if got := describe(m.onTimer(settle)); got != "settled" {
+			if got := describe(m.onTimer(Settle)); got != "settled" {
 				t.Fatalf("settle timer: effects %q, want settled", got)
 			}
 			sp.s.Slept("a")
@@ -287,20 +287,20 @@ func TestAdoptedMidSleepOrWakeKeepsItsGPUBusy(t *testing.T) {
 // running ends at once.
 func TestRemovedModelStopsOnceItsGPUsAreQuiet(t *testing.T) {
 	mt := newMTest(t).toReady()
-	mt.quiet(evRemoved{}, "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
-	if mt.m.done() {
+	mt.quiet(EvRemoved{}, "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	if mt.m.Done() {
 		t.Fatal("done before its stop completed")
 	}
-	mt.step(evStopped{inst: mt.m.inst})
-	if st := mt.m.status(); st.State != Stopped || !strings.Contains(st.Reason, "removed from the configuration") || !mt.m.done() {
-		t.Errorf("after its stop: %s %q, done %v; want stopped, removed, done", st.State, st.Reason, mt.m.done())
+	mt.step(EvStopped{Inst: mt.m.inst})
+	if st := mt.m.Status(); st.State != Stopped || !strings.Contains(st.Reason, "removed from the configuration") || !mt.m.Done() {
+		t.Errorf("after its stop: %s %q, done %v; want stopped, removed, done", st.State, st.Reason, mt.m.Done())
 	}
 
 	mt = newODTest(t)
-	mt.m.begin()
-	mt.step(evRemoved{})
-	if !mt.m.done() || mt.m.state != Stopped {
-		t.Errorf("an idle on-demand model removed: %s, done %v; want stopped and done", mt.m.state, mt.m.done())
+	mt.m.Begin()
+	mt.step(EvRemoved{})
+	if !mt.m.Done() || mt.m.state != Stopped {
+		t.Errorf("an idle on-demand model removed: %s, done %v; want stopped and done", mt.m.state, mt.m.Done())
 	}
 }
 
@@ -313,18 +313,18 @@ func TestStopWhileSettlingEndsTheSettle(t *testing.T) {
 	mt := newODTest(t)
 	mt.m.cfg = two
 	mt.toWaking()
-	is := *mt.m.snapshot().Instance
+	is := *mt.m.Snapshot().Instance
 	is.Digest = two.SpawnDigest()
 	m := newMachine(two, func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
-	if got := describe(m.restore(liverestore.ModelState{Name: "m", Instance: &is}, mt.m.inst, two.SpawnDigest(), false)); !strings.Contains(got, "adopt(asleep,changing)") {
+	if got := describe(m.Restore(liverestore.ModelState{Name: "m", Instance: &is}, mt.m.inst, two.SpawnDigest(), false)); !strings.Contains(got, "adopt(asleep,changing)") {
 		t.Fatalf("restore: %q; want an adoption that keeps its GPUs busy", got)
 	}
-	m.step(evOp{op: OpStop})
-	m.step(evQuiet{seq: m.quietSeq, ok: true})
+	m.Step(EvOp{Op: OpStop})
+	m.Step(EvQuiet{Seq: m.quietSeq, OK: true})
 	if m.state != Stopping {
 		t.Fatalf("%s; want stopping", m.state)
 	}
-	if got := describe(m.onTimer(settle)); got != "" {
+	if got := describe(m.onTimer(Settle)); got != "" {
 		t.Errorf("settle timer after its stop began: effects %q; want none", got)
 	}
 }

@@ -26,9 +26,9 @@ import (
 // (storage, env files, port).
 const recheckInterval = 2 * time.Second
 
-// maxStartupPoll bounds the probe interval while a model is starting, so a
+// MaxStartupPoll bounds the probe interval while a model is starting, so a
 // model is seen ready within a second of answering even with a 10 s period.
-const maxStartupPoll = time.Second
+const MaxStartupPoll = time.Second
 
 // runner carries out one model's machine: its goroutine is the only one
 // that touches the machine. It turns the machine's effects into I/O
@@ -80,7 +80,7 @@ func (r *runner) key() string {
 // message is what others send a runner: an event, and for operations a
 // channel for the answer.
 type message struct {
-	ev     event
+	ev     Event
 	done   chan error // nil: nobody waits
 	freeze *freezeReq // instead of ev: an upgrade writes the machine down
 }
@@ -127,33 +127,33 @@ func (b *mailbox) take() ([]message, *schedule.Placement) {
 
 // instance is one spawned process tree of a model.
 type instance struct {
-	pid    int
+	PID    int
 	start  uint64 // the main process's start time: with pid, its identity
 	marker string
 	digest string // the configuration's SpawnDigest it was started with
 	// adopted: not this process's child (taken over after its daemon
 	// died): its end is seen through a pidfd.
-	adopted bool
+	Adopted bool
 	// sleepMode: it was started with vLLM's sleep mode (--enable-sleep-mode):
 	// it can be put to sleep; without, it is stopped instead.
-	sleepMode bool
+	SleepMode bool
 	tree      processTree
-	started   time.Time
-	gpus      []string
+	Started   time.Time
+	GPUs      []string
 	kill      func() error  // SIGKILLs the main process (through its pidfd)
 	deep      *probe.Deep   // the deep probe's schedule, owned by the probe in flight
 	done      chan struct{} // closed once the main process is reaped
-	exit      exitInfo      // valid after done is closed
+	Exit      Exit          // valid after done is closed
 	// Its output pipes' read ends, handed to the next image at an upgrade.
 	stdout, stderr *os.File
 	// asking: adopted after a crash, its engine is being asked whether it
-	// sleeps (efAskSleeping); askReady: its record says it was ready.
+	// sleeps (EfAskSleeping); askReady: its record says it was ready.
 	asking, askReady bool
 }
 
-type exitInfo struct {
-	code int // the exit code, or 128+signal
-	desc string
+type Exit struct {
+	Code int // the exit code, or 128+signal
+	Desc string
 }
 
 // exited reports whether the main process has been reaped.
@@ -184,7 +184,7 @@ func newRunner(m config.Model, d *deps) *runner {
 
 // send delivers an operation or a configuration to the runner and waits
 // until the machine has taken it.
-func (r *runner) send(ctx context.Context, ev event) error {
+func (r *runner) send(ctx context.Context, ev Event) error {
 	m := message{ev: ev, done: make(chan error, 1)}
 	r.mail.put(m)
 	select {
@@ -201,11 +201,11 @@ func (r *runner) send(ctx context.Context, ev event) error {
 // flight on its behalf.
 type loop struct {
 	r       *runner
-	m       *machine
-	timers  [numTimers]<-chan time.Time // nil: not armed; replacing one drops its fire
-	timerAt [numTimers]time.Time        // when each armed timer fires
+	m       *Machine
+	timers  [NumTimers]<-chan time.Time // nil: not armed; replacing one drops its fire
+	timerAt [NumTimers]time.Time        // when each armed timer fires
 	ctx     context.Context             // run's: a freeze ends with it (the daemon stops)
-	results chan event                  // probes and stops report here
+	results chan Event                  // probes and stops report here
 	seq     uint64                      // of the last published status
 	// later is work that must wait until the step's status is published
 	// (a sleep's drain names that status).
@@ -214,7 +214,7 @@ type loop struct {
 	// the runner no longer takes is its job's to stop), what it does now,
 	// when it is said to hang, and, at the shutdown, how long it is still
 	// waited for. gone is closed once the loop has ended.
-	spawned     chan evSpawned
+	spawned     chan EvSpawned
 	spawnJob    *spawnRun
 	spawnSlow   <-chan time.Time
 	spawnGiveUp <-chan time.Time
@@ -234,9 +234,9 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 	l := &loop{
 		r:       r,
 		m:       newMachine(cfg, r.d.now, r.d.jitter, r.log),
-		results: make(chan event, 4),
+		results: make(chan Event, 4),
 		ctx:     ctx,
-		spawned: make(chan evSpawned),
+		spawned: make(chan EvSpawned),
 		gone:    make(chan struct{}),
 	}
 	defer close(l.gone)
@@ -254,15 +254,15 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 		if from.inst != nil {
 			r.loadKey(cfg)
 		}
-		l.handleEffects(l.m.restore(from.st, from.inst, cfg.SpawnDigest(), envChanged))
-		l.handleEffects(l.m.learnIfUnknown())
+		l.handleEffects(l.m.Restore(from.st, from.inst, cfg.SpawnDigest(), envChanged))
+		l.handleEffects(l.m.LearnIfUnknown())
 	} else {
-		l.handleEffects(l.m.begin())
+		l.handleEffects(l.m.Begin())
 	}
 	close(r.began)
 	shutdown := ctx.Done()
 loop:
-	for !l.m.done() {
+	for !l.m.Done() {
 		var exited <-chan struct{}
 		if inst := l.m.inst; inst != nil && !l.m.exited {
 			exited = inst.done
@@ -270,7 +270,7 @@ loop:
 		select {
 		case <-shutdown:
 			shutdown = nil
-			l.handle(evShutdown{})
+			l.handle(EvShutdown{})
 			if l.m.flight == flightSpawn {
 				// Waited for as its stop would be; past that, its job stops
 				// whatever it starts.
@@ -281,7 +281,7 @@ loop:
 			l.handle(ev)
 		case <-l.spawnSlow:
 			l.spawnSlow = nil
-			l.handle(evSpawnSlow{what: l.spawnJob.now(), after: spawnWait})
+			l.handle(EvSpawnSlow{What: l.spawnJob.now(), After: spawnWait})
 		case <-l.spawnGiveUp:
 			r.log.Error("shutting down with its spawn still in flight: the process it starts, if it ever returns, is stopped by its job",
 				zap.String("doing", l.spawnJob.now()), zap.Duration("waited", l.m.cfg.StopTimeout))
@@ -289,7 +289,7 @@ loop:
 		case <-r.mail.signal:
 			msgs, p := r.mail.take()
 			if p != nil {
-				l.handle(evPlaced{p: *p})
+				l.handle(EvPlaced{Placement: *p})
 			}
 			for _, msg := range msgs {
 				if msg.freeze != nil {
@@ -299,7 +299,7 @@ loop:
 				l.handle(msg.ev)
 				if msg.done != nil {
 					var err error
-					if _, ok := msg.ev.(evOp); ok {
+					if _, ok := msg.ev.(EvOp); ok {
 						err = l.m.opErr
 					}
 					msg.done <- err
@@ -307,25 +307,25 @@ loop:
 			}
 		case <-exited:
 			inst := l.m.inst
-			l.handle(evExited{inst: inst, exit: inst.exit})
+			l.handle(EvExited{Inst: inst, Exit: inst.Exit})
 		case ev := <-l.results:
 			l.handle(ev)
 		case <-r.serving:
 			if inst := l.m.inst; inst != nil {
-				l.handle(evServing{inst: inst})
+				l.handle(EvServing{Inst: inst})
 			}
-		case <-l.timers[tick]:
-			l.timers[tick] = nil
-			l.handle(evTimer{t: tick})
-		case <-l.timers[deadline]:
-			l.timers[deadline] = nil
-			l.handle(evTimer{t: deadline})
-		case <-l.timers[idle]:
-			l.timers[idle] = nil
-			l.handle(evIdle{last: l.r.lastRequestTime(), inFlight: l.r.inFlight()})
-		case <-l.timers[settle]:
-			l.timers[settle] = nil
-			l.handle(evTimer{t: settle})
+		case <-l.timers[Tick]:
+			l.timers[Tick] = nil
+			l.handle(EvTimer{Timer: Tick})
+		case <-l.timers[Deadline]:
+			l.timers[Deadline] = nil
+			l.handle(EvTimer{Timer: Deadline})
+		case <-l.timers[Idle]:
+			l.timers[Idle] = nil
+			l.handle(EvIdle{Last: l.r.lastRequestTime(), InFlight: l.r.inFlight()})
+		case <-l.timers[Settle]:
+			l.timers[Settle] = nil
+			l.handle(EvTimer{Timer: Settle})
 		}
 	}
 	// Operations that arrive now find the runner gone (send sees stopped).
@@ -339,12 +339,12 @@ loop:
 
 // handle steps the machine through ev and every event its effects produce
 // at once (checks, spawns), then publishes the result.
-func (l *loop) handle(ev event) {
+func (l *loop) handle(ev Event) {
 	was := l.m.state
-	queue := []event{ev}
+	queue := []Event{ev}
 	for len(queue) > 0 {
 		ev, queue = queue[0], queue[1:]
-		for _, ef := range l.m.step(ev) {
+		for _, ef := range l.m.Step(ev) {
 			if next := l.do(ef); next != nil {
 				queue = append(queue, next)
 			}
@@ -354,7 +354,7 @@ func (l *loop) handle(ev event) {
 }
 
 // handleEffects carries out effects not caused by an event (the first step).
-func (l *loop) handleEffects(efs []effect) {
+func (l *loop) handleEffects(efs []Effect) {
 	was := l.m.state
 	for _, ef := range efs {
 		if next := l.do(ef); next != nil {
@@ -370,7 +370,7 @@ func (l *loop) settle(was State) {
 		l.m.lastOut = l.r.out.last(OutputLines)
 		l.r.log.Error("model failed", zap.String("reason", l.m.reason), zap.Strings("last_output", l.r.out.last(20)))
 	}
-	st := l.m.status()
+	st := l.m.Status()
 	l.seq++
 	st.Seq = l.seq
 	l.r.status.Store(st)
@@ -383,26 +383,26 @@ func (l *loop) settle(was State) {
 
 // do carries out one effect; an outcome known at once is returned as the
 // next event.
-func (l *loop) do(ef effect) event {
+func (l *loop) do(ef Effect) Event {
 	r, m := l.r, l.m
 	switch ef := ef.(type) {
-	case efCheck:
+	case EfCheck:
 		_, cause, reason := checkStart(m.cfg)
-		return evChecked{cause: cause, reason: reason}
-	case efWant:
-		r.d.sched.Want(m.cfg, ef.seq, ef.held)
-	case efDrop:
+		return EvChecked{Cause: cause, Reason: reason}
+	case EfWant:
+		r.d.sched.Want(m.cfg, ef.Seq, ef.Held)
+	case EfDrop:
 		r.d.sched.Drop(r.name)
-	case efWithdraw:
+	case EfWithdraw:
 		r.d.sched.Withdraw(r.name)
-	case efSpawn:
-		l.startSpawn(ef.gpus)
-	case efReady:
-		r.d.sched.Ready(r.name, ef.at)
+	case EfSpawn:
+		l.startSpawn(ef.GPUs)
+	case EfReady:
+		r.d.sched.Ready(r.name, ef.At)
 		// A successor after a crash must know it was ready: one that no
 		// longer answers is then failing, not loading.
 		l.record()
-	case efProbe:
+	case EfProbe:
 		inst := m.inst
 		inst.tree.Refresh()
 		r.publishPIDs(inst.tree)
@@ -410,25 +410,25 @@ func (l *loop) do(ef effect) event {
 		job := probeJob{
 			inst: inst, health: probeURL(m.cfg), base: baseURL(m.cfg), served: m.cfg.ServedName,
 			timeout: m.cfg.Probe.Timeout, deepPeriod: m.cfg.Probe.DeepPeriod, deepTimeout: m.cfg.Probe.DeepTimeout,
-			live: ef.live, key: r.key(),
+			live: ef.Live, key: r.key(),
 		}
-		if m.askVersion() {
+		if m.AskVersion() {
 			job.versionKey = versionKey(m.cfg, r.d.environ)
 		}
 		go l.probe(job)
-	case efLearn:
-		go l.learn(m.cfg, ef.seq)
-	case efObserve:
-		r.d.metrics.observe(r.name, ef.took, ef.err)
-	case efStop:
+	case EfLearn:
+		go l.learn(m.cfg, ef.Seq)
+	case EfObserve:
+		r.d.metrics.observe(r.name, ef.Took, ef.Err)
+	case EfStop:
 		r.marker.Store(nil) // its processes are nobody's now: strays once orphaned
 		// Its GPUs' memory changes from now on: no start or wake there
 		// until it is released.
 		r.d.sched.Changing(r.name)
-		inst, grace, mainAlive, base := ef.inst, m.cfg.StopTimeout, ef.mainAlive, baseURL(m.cfg)
+		inst, grace, mainAlive, base := ef.Inst, m.cfg.StopTimeout, ef.MainAlive, baseURL(m.cfg)
 		stop := func(seq uint64) {
 			go func() {
-				if ef.drain {
+				if ef.Drain {
 					// The drain and the SIGTERM grace share stop_timeout.
 					start := r.d.now()
 					l.drain(base, drainBudget(grace), seq)
@@ -444,28 +444,28 @@ func (l *loop) do(ef effect) event {
 					tried += wait
 					err = r.stopInstance(inst, 0, false)
 				}
-				l.results <- evStopped{inst: inst, err: err, waiting: r.waiting()}
+				l.results <- EvStopped{Inst: inst, Err: err, Waiting: r.waiting()}
 			}()
 		}
-		if ef.drain {
+		if ef.Drain {
 			// After the stopping state is published: the drain names it.
 			l.later = append(l.later, func() { stop(l.seq) })
 		} else {
 			stop(0)
 		}
-	case efRelease:
+	case EfRelease:
 		// Its GPUs stay busy until its processes have left them.
-		r.d.sched.Release(r.name, ef.inst.tree.SeenPIDs(), ef.keep)
-		r.d.forgetInstance(ef.inst.marker)
+		r.d.sched.Release(r.name, ef.Inst.tree.SeenPIDs(), ef.Keep)
+		r.d.forgetInstance(ef.Inst.marker)
 		r.pids.Store(nil)
 		r.cg.Store(nil)
-	case efSleep:
+	case EfSleep:
 		// Its GPUs' memory changes from now on (granted quiet GPUs, or
 		// going ahead after waiting startup_timeout for them): no start or
 		// wake there until it has slept, or stays awake.
 		r.d.sched.Changing(r.name)
 		base, grace, key := baseURL(m.cfg), m.cfg.StopTimeout, r.key()
-		ask := m.hasIsSleeping()
+		ask := m.HasIsSleeping()
 		// The machine chooses the level (sleep_host_memory may deepen it,
 		// from what the other models hold) and keeps it and when the sleep
 		// began: every record from here on (this one, a reload's) says the
@@ -473,52 +473,52 @@ func (l *loop) do(ef effect) event {
 		// awake until /sleep returns), so the model is never taken for
 		// awake, and is woken the way it slept. A drain that does not
 		// complete rewrites it.
-		host := hostMemory{budget: r.d.sleepBudget(), othersHeld: r.d.level1Held(r.name)}
-		level := m.sleepBegins(ef.level, host, r.d.now())
+		host := HostMemory{Budget: r.d.sleepBudget(), OthersHeld: r.d.level1Held(r.name)}
+		level := m.SleepBegins(ef.Level, host, r.d.now())
 		l.record()
 		// After the sleeping state is published: the drain names it.
 		l.later = append(l.later, func() { go l.sleep(base, key, level, ask, grace, l.seq) })
-	case efRecord:
+	case EfRecord:
 		l.record()
-	case efSlept:
-		if ef.level > 0 {
+	case EfSlept:
+		if ef.Level > 0 {
 			r.d.sched.Slept(r.name)
 			l.record()
 		}
-		r.d.metrics.slept(r.name, ef.level, ef.cause)
-	case efWake:
-		go l.wake(m.inst, m.cfg, r.key(), ef.level, m.hasIsSleeping(), ef.timeout, ef.known)
-	case efCanary:
+		r.d.metrics.slept(r.name, ef.Level, ef.Cause)
+	case EfWake:
+		go l.wake(m.inst, m.cfg, r.key(), ef.Level, m.HasIsSleeping(), ef.Timeout, ef.Known)
+	case EfCanary:
 		r.own.Add(1)
 		go l.recordCanary(m.inst, m.cfg, r.key())
-	case efQuiet:
-		r.d.sched.Quiet(r.name, ef.seq)
-	case efUnquiet:
+	case EfQuiet:
+		r.d.sched.Quiet(r.name, ef.Seq)
+	case EfUnquiet:
 		r.d.sched.Unquiet(r.name)
-	case efWakeFailed:
-		r.d.metrics.wakeFailed(r.name, ef.why)
-	case efRedigest:
+	case EfWakeFailed:
+		r.d.metrics.wakeFailed(r.name, ef.Why)
+	case EfRedigest:
 		// Only policy keys changed: the process is what the new
 		// configuration would start, as far as it can see (its sleep mode
 		// is kept apart), so a successor keeps it.
 		m.inst.digest = m.cfg.SpawnDigest()
 		l.record()
-	case efWoke:
+	case EfWoke:
 		l.record()
-		r.d.metrics.woke(r.name, ef.level, ef.took)
-	case efDecline:
+		r.d.metrics.woke(r.name, ef.Level, ef.Took)
+	case EfDecline:
 		r.d.sched.Declined(r.name)
-	case efArm:
-		l.timers[ef.t] = r.d.after(ef.d)
-		l.timerAt[ef.t] = r.d.now().Add(ef.d)
-	case efAdopt:
-		r.d.sched.Adopt(m.cfg, m.inst.gpus, ef.phase, ef.awakeAt, ef.changing)
-	case efSettled:
+	case EfArm:
+		l.timers[ef.Timer] = r.d.after(ef.After)
+		l.timerAt[ef.Timer] = r.d.now().Add(ef.After)
+	case EfAdopt:
+		r.d.sched.Adopt(m.cfg, m.inst.GPUs, ef.Phase, ef.AwakeAt, ef.Changing)
+	case EfSettled:
 		r.d.sched.Slept(r.name)
-	case efAskSleeping:
+	case EfAskSleeping:
 		go l.askSleeping(m.inst, m.cfg, r.key())
-	case efDisarm:
-		l.timers[ef.t] = nil
+	case EfDisarm:
+		l.timers[ef.Timer] = nil
 	default:
 		panic(fmt.Sprintf("runner: unknown effect %T", ef))
 	}
@@ -542,7 +542,7 @@ func (r *runner) writeRecord(is liverestore.InstanceState) {
 
 // recordState is the live instance's record as of now; nil when none runs.
 func (l *loop) recordState() *liverestore.InstanceState {
-	st := l.m.snapshot()
+	st := l.m.Snapshot()
 	if st.Instance == nil || l.m.inst == nil {
 		return nil
 	}
@@ -560,7 +560,7 @@ func (l *loop) fillRecord(is *liverestore.InstanceState) {
 	if cg := l.r.cg.Load(); cg != nil {
 		is.Cgroup = cg.Path
 	}
-	is.Adopted = inst.adopted
+	is.Adopted = inst.Adopted
 }
 
 // checkStart looks at everything a start of m needs, in the order an
@@ -642,10 +642,10 @@ func (l *loop) probe(j probeJob) {
 		cancel()
 	}
 	if probe.Local(err) {
-		err = fmt.Errorf("%w: %w", errNoVerdict, err)
+		err = fmt.Errorf("%w: %w", ErrNoVerdict, err)
 	}
 	l.r.own.Add(-1)
-	l.results <- evProbed{inst: j.inst, err: err, took: took, version: version}
+	l.results <- EvProbed{Inst: j.inst, Err: err, Took: took, Version: version}
 }
 
 // askSleeping asks the engine of inst, adopted after a crash, whether it
@@ -654,7 +654,7 @@ func (l *loop) askSleeping(inst *instance, m config.Model, key string) {
 	ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), key), m.Probe.Timeout)
 	defer cancel()
 	asleep, err := l.r.d.prober.IsSleeping(ctx, baseURL(m))
-	l.results <- evEngineSleeps{inst: inst, asleep: asleep, err: err}
+	l.results <- EvEngineSleeps{Inst: inst, Asleep: asleep, Err: err}
 }
 
 // stopRetryFor is how long a stop the daemon could not complete for want
@@ -665,13 +665,13 @@ const stopRetryFor = time.Minute
 // drainBudget is how much of stop_timeout a planned stop's drain may take:
 // the rest is left to the SIGTERM grace.
 func drainBudget(stopTimeout time.Duration) time.Duration {
-	return stopTimeout - sigtermGrace(stopTimeout)
+	return stopTimeout - SigtermGrace(stopTimeout)
 }
 
-// sigtermGrace is the part of stop_timeout left between SIGTERM and
+// SigtermGrace is the part of stop_timeout left between SIGTERM and
 // SIGKILL after a planned stop's drain (half of it, at most 5 s), in which
 // vLLM shuts its engine down and gives its GPU memory back.
-func sigtermGrace(stopTimeout time.Duration) time.Duration {
+func SigtermGrace(stopTimeout time.Duration) time.Duration {
 	return min(stopTimeout/2, 5*time.Second)
 }
 
@@ -740,7 +740,7 @@ func (l *loop) drain(base string, budget time.Duration, seq uint64) bool {
 func (l *loop) sleep(base, key string, level int, askAsleep bool, grace time.Duration, seq uint64) {
 	d := l.r.d
 	if !l.drain(base, grace, seq) {
-		l.results <- evSlept{aborted: true}
+		l.results <- EvSlept{Aborted: true}
 		return
 	}
 	// What it holds on its GPUs now, read fresh: its wake asks for that
@@ -769,7 +769,7 @@ func (l *loop) sleep(base, key string, level int, askAsleep bool, grace time.Dur
 	}
 	// Requests that wait in its queue now came for it while it went to
 	// sleep, or before: they want it back.
-	l.results <- evSlept{err: err, waiting: l.r.waiting(), held: held, grown: grown}
+	l.results <- EvSlept{Err: err, Waiting: l.r.waiting(), Held: held, Grown: grown}
 }
 
 // heldOnGPUs reads the GPUs now and returns what the model's processes
@@ -860,9 +860,9 @@ func (l *loop) wake(inst *instance, m config.Model, key string, level int, askAs
 		ccancel()
 	}
 	if err != nil && ctx.Err() != nil {
-		err = fmt.Errorf("not awake within %s: %w", roundDuration(timeout), err)
+		err = fmt.Errorf("not awake within %s: %w", RoundDuration(timeout), err)
 	}
-	l.results <- evWoke{inst: inst, err: err, why: why}
+	l.results <- EvWoke{Inst: inst, Err: err, Why: why}
 }
 
 // recordCanary asks the canary's known answer of a process fresh from its
@@ -872,15 +872,15 @@ func (l *loop) recordCanary(inst *instance, m config.Model, key string) {
 	ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), key), canaryTimeout)
 	defer cancel()
 	base := baseURL(m)
-	ev := evCanary{inst: inst}
+	ev := EvCanary{Inst: inst}
 	a, err := l.r.d.prober.KnownAnswer(ctx, base, m.ServedName)
 	if err == nil {
 		var b probe.Answer
 		if b, err = l.r.d.prober.KnownAnswer(ctx, base, m.ServedName); err == nil {
-			ev.answer, ev.differs = a, !a.Same(b)
+			ev.Answer, ev.Differs = a, !a.Same(b)
 		}
 	}
-	ev.err = err
+	ev.Err = err
 	l.results <- ev
 }
 
@@ -914,10 +914,10 @@ func (r *runner) waiting() int {
 	return r.d.traffic.Waiting(r.name)
 }
 
-// errNoVerdict marks a probe that failed for the daemon's own reason (out
+// ErrNoVerdict marks a probe that failed for the daemon's own reason (out
 // of descriptors, memory or local ports): the machine counts it neither
 // for nor against the model.
-var errNoVerdict = errors.New("probe not made")
+var ErrNoVerdict = errors.New("probe not made")
 
 // publishPIDs makes the instance's processes known for GPU attribution.
 func (r *runner) publishPIDs(t processTree) {

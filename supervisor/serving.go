@@ -70,10 +70,10 @@ const (
 // burstPoll, then fastPoll, once it said it serves (for fastFor), and in the window around
 // the spawn-to-ready time its recent starts took (from a fifth before the
 // median to half of it after, at least a second either side); else the
-// startup poll (the probe period, at most maxStartupPoll), never sleeping
+// startup poll (the probe period, at most MaxStartupPoll), never sleeping
 // past the window's start.
-func (m *machine) startupPoll() time.Duration {
-	slow := min(m.cfg.Probe.Period, maxStartupPoll)
+func (m *Machine) startupPoll() time.Duration {
+	slow := min(m.cfg.Probe.Period, MaxStartupPoll)
 	now := m.now()
 	if since := now.Sub(m.servingAt); !m.servingAt.IsZero() && since < fastFor {
 		if since < burstFor {
@@ -85,7 +85,7 @@ func (m *machine) startupPoll() time.Duration {
 	if typ <= 0 || m.inst == nil {
 		return slow
 	}
-	elapsed := now.Sub(m.inst.started)
+	elapsed := now.Sub(m.inst.Started)
 	from := typ - max(typ/5, time.Second)
 	until := typ + max(typ/2, time.Second)
 	switch {
@@ -98,8 +98,8 @@ func (m *machine) startupPoll() time.Duration {
 }
 
 // onServing probes a starting model at once when its output said it serves.
-func (m *machine) onServing(ev evServing) []effect {
-	if ev.inst != m.inst || m.inst == nil || m.state != Starting || m.exited {
+func (m *Machine) onServing(ev EvServing) []Effect {
+	if ev.Inst != m.inst || m.inst == nil || m.state != Starting || m.exited {
 		return nil
 	}
 	m.servingAt = m.now()
@@ -107,5 +107,5 @@ func (m *machine) onServing(ev evServing) []effect {
 		return nil // the probe in flight answers; a refusal re-arms fast
 	}
 	m.probing = true
-	return []effect{efProbe{live: false}}
+	return []Effect{EfProbe{Live: false}}
 }

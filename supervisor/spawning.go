@@ -14,7 +14,7 @@ import (
 // A spawn (the checks once more, the cgroup leaf, fork and exec, the
 // output pipes) is a job of its own, like a probe or a stop: the runner
 // goes on taking operations, reloads and the shutdown while it runs, and
-// its outcome comes back as evSpawned. What is asked meanwhile (a stop, a
+// its outcome comes back as EvSpawned. What is asked meanwhile (a stop, a
 // restart, a reload that changes the model, the shutdown) is applied once
 // it returns: a process it started is stopped first, never lost.
 
@@ -24,26 +24,26 @@ import (
 // the command or the cgroup file system).
 const spawnWait = 2 * time.Second
 
-// evSpawnSlow: the spawn in flight has not returned after spawnWait; what
+// EvSpawnSlow: the spawn in flight has not returned after spawnWait; what
 // is what it was doing.
-type evSpawnSlow struct {
-	what  string
-	after time.Duration
+type EvSpawnSlow struct {
+	What  string
+	After time.Duration
 }
 
-func (evSpawnSlow) isEvent() {}
+func (EvSpawnSlow) isEvent() {}
 
 // askedDuringSpawn reports whether something was asked while the spawn was
 // in flight that the spawn's outcome must yield to: a stop (an operator's,
 // enabled: false, a removal), a start afresh (restart, a reload that
 // changes the model), or the shutdown.
-func (m *machine) askedDuringSpawn() bool {
+func (m *Machine) askedDuringSpawn() bool {
 	return m.shutdown || m.hold || m.after.kind == afterStart
 }
 
 // duringSpawn says, while a spawn is in flight, what it does and what
 // follows it.
-func (m *machine) duringSpawn() []effect {
+func (m *Machine) duringSpawn() []Effect {
 	reason := cmp.Or(m.spawnNote, "spawning")
 	switch {
 	case m.shutdown:
@@ -62,7 +62,7 @@ func (m *machine) duringSpawn() []effect {
 // process is stopped, and what follows its stop is decided as for any
 // stop (onStopped); without one, the model is held stopped, shut down, or
 // checked again for its new start.
-func (m *machine) afterSpawn() []effect {
+func (m *Machine) afterSpawn() []Effect {
 	if m.inst == nil {
 		start := m.after.reason
 		m.after = afterStop{}
@@ -72,9 +72,9 @@ func (m *machine) afterSpawn() []effect {
 		case m.hold:
 			m.enter(Stopped, m.holdReason)
 		default:
-			return append([]effect{efDrop{}}, m.toPending(start)...)
+			return append([]Effect{EfDrop{}}, m.toPending(start)...)
 		}
-		return []effect{efDisarm{tick}, efDrop{}}
+		return []Effect{EfDisarm{Tick}, EfDrop{}}
 	}
 	reason := "stopping: " + m.after.reason
 	switch {
@@ -83,18 +83,18 @@ func (m *machine) afterSpawn() []effect {
 	case m.hold:
 		reason = "stopping: " + m.holdReason
 	}
-	m.log.Info("a stop was asked while it was spawned: stopping the process", zap.Int("pid", m.inst.pid))
+	m.log.Info("a stop was asked while it was spawned: stopping the process", zap.Int("pid", m.inst.PID))
 	// No record: a successor after a crash stops a process without one,
 	// as this one is to be stopped.
 	return m.beginStop(reason)
 }
 
-func (m *machine) onSpawnSlow(ev evSpawnSlow) []effect {
+func (m *Machine) onSpawnSlow(ev EvSpawnSlow) []Effect {
 	if m.flight != flightSpawn {
 		return nil
 	}
-	m.spawnNote = fmt.Sprintf("spawn hangs: %s has not returned after %s", ev.what, roundDuration(ev.after))
-	m.log.Warn("spawn hangs", zap.String("doing", ev.what), zap.Duration("after", ev.after))
+	m.spawnNote = fmt.Sprintf("spawn hangs: %s has not returned after %s", ev.What, RoundDuration(ev.After))
+	m.log.Warn("spawn hangs", zap.String("doing", ev.What), zap.Duration("after", ev.After))
 	return m.duringSpawn()
 }
 
@@ -122,7 +122,7 @@ func (s *spawnRun) now() string {
 // shutdown, the spawn having hung past its bound) is the job's to stop.
 func (l *loop) startSpawn(gpus []string) {
 	r := l.r
-	cfg, eff, v := l.m.cfg, l.m.spawnConfig(), l.m.vllm
+	cfg, eff, v := l.m.cfg, l.m.SpawnConfig(), l.m.vllm
 	job := &spawnRun{what: "the checks before its spawn"}
 	l.spawnJob = job
 	l.spawnSlow = r.d.after(spawnWait)
@@ -131,10 +131,10 @@ func (l *loop) startSpawn(gpus []string) {
 		select {
 		case l.spawned <- ev:
 		case <-l.gone:
-			if ev.inst != nil {
-				r.log.Warn("its spawn returned after the runner ended: stopping the process", zap.Int("pid", ev.inst.pid))
-				_ = r.stopInstance(ev.inst, 0, true)
-				r.d.forgetInstance(ev.inst.marker)
+			if ev.Inst != nil {
+				r.log.Warn("its spawn returned after the runner ended: stopping the process", zap.Int("pid", ev.Inst.PID))
+				_ = r.stopInstance(ev.Inst, 0, true)
+				r.d.forgetInstance(ev.Inst.marker)
 			}
 		}
 	}()
@@ -144,11 +144,11 @@ func (l *loop) startSpawn(gpus []string) {
 // the model: m as configured, eff as its vLLM v can have it. It runs off
 // the runner's goroutine and touches none of the runner's state but its
 // atomics.
-func (r *runner) spawnChecked(m, eff config.Model, v vllmInfo, gpus []string, doing func(string)) evSpawned {
+func (r *runner) spawnChecked(m, eff config.Model, v VLLM, gpus []string, doing func(string)) EvSpawned {
 	// The env_files the checks read are what the child gets.
 	secrets, cause, reason := checkStart(m)
 	if cause != "" {
-		return evSpawned{cause: cause, reason: reason}
+		return EvSpawned{Cause: cause, Reason: reason}
 	}
 	visible, note := r.d.visibleDevices(gpus, v)
 	if note != "" {
@@ -162,16 +162,16 @@ func (r *runner) spawnChecked(m, eff config.Model, v vllmInfo, gpus []string, do
 			// model is tried again like any pending model, without counting
 			// a start nor failing it.
 			r.log.Warn("spawn not made: the daemon is short of resources", zap.Error(err))
-			return evSpawned{cause: CauseDaemon, reason: "the daemon is short of resources to start it: " + errText(err) + "; retrying"}
+			return EvSpawned{Cause: CauseDaemon, Reason: "the daemon is short of resources to start it: " + errText(err) + "; retrying"}
 		}
-		return evSpawned{err: err}
+		return EvSpawned{Err: err}
 	}
 	key := m.APIKey(secrets)
 	r.apiKey.Store(&key)
 	r.publishPIDs(inst.tree)
-	// Its record is written as the machine takes the instance (efRecord
-	// from evSpawned, on the runner's goroutine): one builder. A digest of
+	// Its record is written as the machine takes the instance (EfRecord
+	// from EvSpawned, on the runner's goroutine): one builder. A digest of
 	// the env_files, not the values: a reload compares it with the files'
 	// contents then, to restart a model whose secret was rotated.
-	return evSpawned{inst: inst, envDigest: envDigest(secrets)}
+	return EvSpawned{Inst: inst, EnvDigest: envDigest(secrets)}
 }

@@ -167,13 +167,13 @@ func (b *limitedBuffer) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// vllmInfo is what a machine knows of its model's vLLM.
-type vllmInfo struct {
-	version vllm.Version
-	source  string // VersionFrom*, or VersionAssumed
+// VLLM is what a machine knows of its model's vLLM.
+type VLLM struct {
+	Version vllm.Version
+	Source  string // VersionFrom*, or VersionAssumed
 }
 
-func (v vllmInfo) known() bool { return !v.version.IsZero() }
+func (v VLLM) Known() bool { return !v.Version.IsZero() }
 
 // Versions learns models' vLLM versions as a daemon does before a start,
 // cached per command and environment. For `citadel-supervisor --check`.
