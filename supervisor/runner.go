@@ -16,19 +16,12 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/lifecycle"
 	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
 	"citadel-supervisor/supervisor/schedule"
 	"citadel-supervisor/vllm"
 )
-
-// recheckInterval is how often a pending model re-checks what it waits for
-// (storage, env files, port).
-const recheckInterval = 2 * time.Second
-
-// MaxStartupPoll bounds the probe interval while a model is starting, so a
-// model is seen ready within a second of answering even with a 10 s period.
-const MaxStartupPoll = time.Second
 
 // runner carries out one model's machine: its goroutine is the only one
 // that touches the machine. It turns the machine's effects into I/O
@@ -80,7 +73,7 @@ func (r *runner) key() string {
 // message is what others send a runner: an event, and for operations a
 // channel for the answer.
 type message struct {
-	ev     Event
+	ev     lifecycle.Event
 	done   chan error // nil: nobody waits
 	freeze *freezeReq // instead of ev: an upgrade writes the machine down
 }
@@ -127,33 +120,18 @@ func (b *mailbox) take() ([]message, *schedule.Placement) {
 
 // instance is one spawned process tree of a model.
 type instance struct {
-	PID    int
-	start  uint64 // the main process's start time: with pid, its identity
+	// Instance is what the machine knows of it: its identity, as plain
+	// data; the machine names the instance by a pointer to it.
+	lifecycle.Instance
+	start  uint64 // the main process's start time: with its PID, its identity
 	marker string
 	digest string // the configuration's SpawnDigest it was started with
-	// adopted: not this process's child (taken over after its daemon
-	// died): its end is seen through a pidfd.
-	Adopted bool
-	// sleepMode: it was started with vLLM's sleep mode (--enable-sleep-mode):
-	// it can be put to sleep; without, it is stopped instead.
-	SleepMode bool
-	tree      processTree
-	Started   time.Time
-	GPUs      []string
-	kill      func() error  // SIGKILLs the main process (through its pidfd)
-	deep      *probe.Deep   // the deep probe's schedule, owned by the probe in flight
-	done      chan struct{} // closed once the main process is reaped
-	Exit      Exit          // valid after done is closed
+	tree   processTree
+	kill   func() error  // SIGKILLs the main process (through its pidfd)
+	deep   *probe.Deep   // the deep probe's schedule, owned by the probe in flight
+	done   chan struct{} // closed once the main process is reaped; then Exit is set
 	// Its output pipes' read ends, handed to the next image at an upgrade.
 	stdout, stderr *os.File
-	// asking: adopted after a crash, its engine is being asked whether it
-	// sleeps (EfAskSleeping); askReady: its record says it was ready.
-	asking, askReady bool
-}
-
-type Exit struct {
-	Code int // the exit code, or 128+signal
-	Desc string
 }
 
 // exited reports whether the main process has been reaped.
@@ -184,7 +162,7 @@ func newRunner(m config.Model, d *deps) *runner {
 
 // send delivers an operation or a configuration to the runner and waits
 // until the machine has taken it.
-func (r *runner) send(ctx context.Context, ev Event) error {
+func (r *runner) send(ctx context.Context, ev lifecycle.Event) error {
 	m := message{ev: ev, done: make(chan error, 1)}
 	r.mail.put(m)
 	select {
@@ -201,12 +179,12 @@ func (r *runner) send(ctx context.Context, ev Event) error {
 // flight on its behalf.
 type loop struct {
 	r       *runner
-	m       *Machine
-	timers  [NumTimers]<-chan time.Time // nil: not armed; replacing one drops its fire
-	timerAt [NumTimers]time.Time        // when each armed timer fires
-	ctx     context.Context             // run's: a freeze ends with it (the daemon stops)
-	results chan Event                  // probes and stops report here
-	seq     uint64                      // of the last published status
+	m       *lifecycle.Machine
+	timers  [lifecycle.NumTimers]<-chan time.Time // nil: not armed; replacing one drops its fire
+	timerAt [lifecycle.NumTimers]time.Time        // when each armed timer fires
+	ctx     context.Context                       // run's: a freeze ends with it (the daemon stops)
+	results chan lifecycle.Event                  // probes and stops report here
+	seq     uint64                                // of the last published status
 	// later is work that must wait until the step's status is published
 	// (a sleep's drain names that status).
 	later []func()
@@ -214,11 +192,33 @@ type loop struct {
 	// the runner no longer takes is its job's to stop), what it does now,
 	// when it is said to hang, and, at the shutdown, how long it is still
 	// waited for. gone is closed once the loop has ended.
-	spawned     chan EvSpawned
+	spawned     chan spawnOutcome
 	spawnJob    *spawnRun
 	spawnSlow   <-chan time.Time
 	spawnGiveUp <-chan time.Time
 	gone        chan struct{}
+	// procs are the handles of the instances the machine knows, by the
+	// identity it knows them by: the one it runs, and one being stopped.
+	procs map[*lifecycle.Instance]*instance
+}
+
+// proc is the instance the machine names id.
+func (l *loop) proc(id *lifecycle.Instance) *instance {
+	inst := l.procs[id]
+	if inst == nil {
+		panic(fmt.Sprintf("runner: the machine names an instance the runner does not hold (pid %d)", id.PID))
+	}
+	return inst
+}
+
+// track keeps inst's handles for the machine, which knows it as
+// &inst.Instance.
+func (l *loop) track(inst *instance) *lifecycle.Instance {
+	if inst == nil {
+		return nil
+	}
+	l.procs[&inst.Instance] = inst
+	return &inst.Instance
 }
 
 // restored is what a runner takes over instead of beginning afresh: the
@@ -233,10 +233,11 @@ type restored struct {
 func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 	l := &loop{
 		r:       r,
-		m:       newMachine(cfg, r.d.now, r.d.jitter, r.log),
-		results: make(chan Event, 4),
+		m:       lifecycle.New(cfg, r.d.now, r.d.jitter, r.log),
+		results: make(chan lifecycle.Event, 4),
 		ctx:     ctx,
-		spawned: make(chan EvSpawned),
+		spawned: make(chan spawnOutcome),
+		procs:   map[*lifecycle.Instance]*instance{},
 		gone:    make(chan struct{}),
 	}
 	defer close(l.gone)
@@ -254,7 +255,7 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 		if from.inst != nil {
 			r.loadKey(cfg)
 		}
-		l.handleEffects(l.m.Restore(from.st, from.inst, cfg.SpawnDigest(), envChanged))
+		l.handleEffects(l.m.Restore(from.st, l.track(from.inst), cfg.SpawnDigest(), envChanged))
 		l.handleEffects(l.m.LearnIfUnknown())
 	} else {
 		l.handleEffects(l.m.Begin())
@@ -264,32 +265,33 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 loop:
 	for !l.m.Done() {
 		var exited <-chan struct{}
-		if inst := l.m.inst; inst != nil && !l.m.exited {
-			exited = inst.done
+		if id := l.m.Inst(); id != nil && !l.m.Exited() {
+			exited = l.proc(id).done
 		}
 		select {
 		case <-shutdown:
 			shutdown = nil
-			l.handle(EvShutdown{})
-			if l.m.flight == flightSpawn {
+			l.handle(lifecycle.EvShutdown{})
+			if l.m.Spawning() {
 				// Waited for as its stop would be; past that, its job stops
 				// whatever it starts.
-				l.spawnGiveUp = r.d.after(l.m.cfg.StopTimeout)
+				l.spawnGiveUp = r.d.after(l.m.Config().StopTimeout)
 			}
-		case ev := <-l.spawned:
+		case out := <-l.spawned:
 			l.spawnJob, l.spawnSlow, l.spawnGiveUp = nil, nil, nil
-			l.handle(ev)
+			out.ev.Inst = l.track(out.inst)
+			l.handle(out.ev)
 		case <-l.spawnSlow:
 			l.spawnSlow = nil
-			l.handle(EvSpawnSlow{What: l.spawnJob.now(), After: spawnWait})
+			l.handle(lifecycle.EvSpawnSlow{What: l.spawnJob.now(), After: spawnWait})
 		case <-l.spawnGiveUp:
 			r.log.Error("shutting down with its spawn still in flight: the process it starts, if it ever returns, is stopped by its job",
-				zap.String("doing", l.spawnJob.now()), zap.Duration("waited", l.m.cfg.StopTimeout))
+				zap.String("doing", l.spawnJob.now()), zap.Duration("waited", l.m.Config().StopTimeout))
 			break loop
 		case <-r.mail.signal:
 			msgs, p := r.mail.take()
 			if p != nil {
-				l.handle(EvPlaced{Placement: *p})
+				l.handle(lifecycle.EvPlaced{Placement: *p})
 			}
 			for _, msg := range msgs {
 				if msg.freeze != nil {
@@ -299,33 +301,33 @@ loop:
 				l.handle(msg.ev)
 				if msg.done != nil {
 					var err error
-					if _, ok := msg.ev.(EvOp); ok {
-						err = l.m.opErr
+					if _, ok := msg.ev.(lifecycle.EvOp); ok {
+						err = l.m.OpErr()
 					}
 					msg.done <- err
 				}
 			}
 		case <-exited:
-			inst := l.m.inst
-			l.handle(EvExited{Inst: inst, Exit: inst.Exit})
+			id := l.m.Inst()
+			l.handle(lifecycle.EvExited{Inst: id, Exit: id.Exit})
 		case ev := <-l.results:
 			l.handle(ev)
 		case <-r.serving:
-			if inst := l.m.inst; inst != nil {
-				l.handle(EvServing{Inst: inst})
+			if id := l.m.Inst(); id != nil {
+				l.handle(lifecycle.EvServing{Inst: id})
 			}
-		case <-l.timers[Tick]:
-			l.timers[Tick] = nil
-			l.handle(EvTimer{Timer: Tick})
-		case <-l.timers[Deadline]:
-			l.timers[Deadline] = nil
-			l.handle(EvTimer{Timer: Deadline})
-		case <-l.timers[Idle]:
-			l.timers[Idle] = nil
-			l.handle(EvIdle{Last: l.r.lastRequestTime(), InFlight: l.r.inFlight()})
-		case <-l.timers[Settle]:
-			l.timers[Settle] = nil
-			l.handle(EvTimer{Timer: Settle})
+		case <-l.timers[lifecycle.Tick]:
+			l.timers[lifecycle.Tick] = nil
+			l.handle(lifecycle.EvTimer{Timer: lifecycle.Tick})
+		case <-l.timers[lifecycle.Deadline]:
+			l.timers[lifecycle.Deadline] = nil
+			l.handle(lifecycle.EvTimer{Timer: lifecycle.Deadline})
+		case <-l.timers[lifecycle.Idle]:
+			l.timers[lifecycle.Idle] = nil
+			l.handle(lifecycle.EvIdle{Last: l.r.lastRequestTime(), InFlight: l.r.inFlight()})
+		case <-l.timers[lifecycle.Settle]:
+			l.timers[lifecycle.Settle] = nil
+			l.handle(lifecycle.EvTimer{Timer: lifecycle.Settle})
 		}
 	}
 	// Operations that arrive now find the runner gone (send sees stopped).
@@ -339,9 +341,9 @@ loop:
 
 // handle steps the machine through ev and every event its effects produce
 // at once (checks, spawns), then publishes the result.
-func (l *loop) handle(ev Event) {
-	was := l.m.state
-	queue := []Event{ev}
+func (l *loop) handle(ev lifecycle.Event) {
+	was := l.m.State()
+	queue := []lifecycle.Event{ev}
 	for len(queue) > 0 {
 		ev, queue = queue[0], queue[1:]
 		for _, ef := range l.m.Step(ev) {
@@ -354,8 +356,8 @@ func (l *loop) handle(ev Event) {
 }
 
 // handleEffects carries out effects not caused by an event (the first step).
-func (l *loop) handleEffects(efs []Effect) {
-	was := l.m.state
+func (l *loop) handleEffects(efs []lifecycle.Effect) {
+	was := l.m.State()
 	for _, ef := range efs {
 		if next := l.do(ef); next != nil {
 			l.handle(next)
@@ -366,9 +368,9 @@ func (l *loop) handleEffects(efs []Effect) {
 
 // settle keeps a failed model's last output and publishes the status.
 func (l *loop) settle(was State) {
-	if l.m.state == Failed && was != Failed {
-		l.m.lastOut = l.r.out.last(OutputLines)
-		l.r.log.Error("model failed", zap.String("reason", l.m.reason), zap.Strings("last_output", l.r.out.last(20)))
+	if l.m.State() == Failed && was != Failed {
+		l.m.KeepOutput(l.r.out.last(OutputLines))
+		l.r.log.Error("model failed", zap.String("reason", l.m.Reason()), zap.Strings("last_output", l.r.out.last(20)))
 	}
 	st := l.m.Status()
 	l.seq++
@@ -383,49 +385,50 @@ func (l *loop) settle(was State) {
 
 // do carries out one effect; an outcome known at once is returned as the
 // next event.
-func (l *loop) do(ef Effect) Event {
+func (l *loop) do(ef lifecycle.Effect) lifecycle.Event {
 	r, m := l.r, l.m
+	cfg := m.Config()
 	switch ef := ef.(type) {
-	case EfCheck:
-		_, cause, reason := checkStart(m.cfg)
-		return EvChecked{Cause: cause, Reason: reason}
-	case EfWant:
-		r.d.sched.Want(m.cfg, ef.Seq, ef.Held)
-	case EfDrop:
+	case lifecycle.EfCheck:
+		_, cause, reason := checkStart(cfg)
+		return lifecycle.EvChecked{Cause: cause, Reason: reason}
+	case lifecycle.EfWant:
+		r.d.sched.Want(cfg, ef.Seq, ef.Held)
+	case lifecycle.EfDrop:
 		r.d.sched.Drop(r.name)
-	case EfWithdraw:
+	case lifecycle.EfWithdraw:
 		r.d.sched.Withdraw(r.name)
-	case EfSpawn:
+	case lifecycle.EfSpawn:
 		l.startSpawn(ef.GPUs)
-	case EfReady:
+	case lifecycle.EfReady:
 		r.d.sched.Ready(r.name, ef.At)
 		// A successor after a crash must know it was ready: one that no
 		// longer answers is then failing, not loading.
 		l.record()
-	case EfProbe:
-		inst := m.inst
+	case lifecycle.EfProbe:
+		inst := l.proc(m.Inst())
 		inst.tree.Refresh()
 		r.publishPIDs(inst.tree)
 		r.own.Add(1)
 		job := probeJob{
-			inst: inst, health: probeURL(m.cfg), base: baseURL(m.cfg), served: m.cfg.ServedName,
-			timeout: m.cfg.Probe.Timeout, deepPeriod: m.cfg.Probe.DeepPeriod, deepTimeout: m.cfg.Probe.DeepTimeout,
+			inst: inst, health: probeURL(cfg), base: baseURL(cfg), served: cfg.ServedName,
+			timeout: cfg.Probe.Timeout, deepPeriod: cfg.Probe.DeepPeriod, deepTimeout: cfg.Probe.DeepTimeout,
 			live: ef.Live, key: r.key(),
 		}
 		if m.AskVersion() {
-			job.versionKey = versionKey(m.cfg, r.d.environ)
+			job.versionKey = versionKey(cfg, r.d.environ)
 		}
 		go l.probe(job)
-	case EfLearn:
-		go l.learn(m.cfg, ef.Seq)
-	case EfObserve:
+	case lifecycle.EfLearn:
+		go l.learn(cfg, ef.Seq)
+	case lifecycle.EfObserve:
 		r.d.metrics.observe(r.name, ef.Took, ef.Err)
-	case EfStop:
+	case lifecycle.EfStop:
 		r.marker.Store(nil) // its processes are nobody's now: strays once orphaned
 		// Its GPUs' memory changes from now on: no start or wake there
 		// until it is released.
 		r.d.sched.Changing(r.name)
-		inst, grace, mainAlive, base := ef.Inst, m.cfg.StopTimeout, ef.MainAlive, baseURL(m.cfg)
+		inst, grace, mainAlive, base := l.proc(ef.Inst), cfg.StopTimeout, ef.MainAlive, baseURL(cfg)
 		stop := func(seq uint64) {
 			go func() {
 				if ef.Drain {
@@ -444,7 +447,7 @@ func (l *loop) do(ef Effect) Event {
 					tried += wait
 					err = r.stopInstance(inst, 0, false)
 				}
-				l.results <- EvStopped{Inst: inst, Err: err, Waiting: r.waiting()}
+				l.results <- lifecycle.EvStopped{Inst: &inst.Instance, Err: err, Waiting: r.waiting()}
 			}()
 		}
 		if ef.Drain {
@@ -453,18 +456,20 @@ func (l *loop) do(ef Effect) Event {
 		} else {
 			stop(0)
 		}
-	case EfRelease:
+	case lifecycle.EfRelease:
 		// Its GPUs stay busy until its processes have left them.
-		r.d.sched.Release(r.name, ef.Inst.tree.SeenPIDs(), ef.Keep)
-		r.d.forgetInstance(ef.Inst.marker)
+		inst := l.proc(ef.Inst)
+		delete(l.procs, ef.Inst)
+		r.d.sched.Release(r.name, inst.tree.SeenPIDs(), ef.Keep)
+		r.d.forgetInstance(inst.marker)
 		r.pids.Store(nil)
 		r.cg.Store(nil)
-	case EfSleep:
+	case lifecycle.EfSleep:
 		// Its GPUs' memory changes from now on (granted quiet GPUs, or
 		// going ahead after waiting startup_timeout for them): no start or
 		// wake there until it has slept, or stays awake.
 		r.d.sched.Changing(r.name)
-		base, grace, key := baseURL(m.cfg), m.cfg.StopTimeout, r.key()
+		base, grace, key := baseURL(cfg), cfg.StopTimeout, r.key()
 		ask := m.HasIsSleeping()
 		// The machine chooses the level (sleep_host_memory may deepen it,
 		// from what the other models hold) and keeps it and when the sleep
@@ -473,51 +478,51 @@ func (l *loop) do(ef Effect) Event {
 		// awake until /sleep returns), so the model is never taken for
 		// awake, and is woken the way it slept. A drain that does not
 		// complete rewrites it.
-		host := HostMemory{Budget: r.d.sleepBudget(), OthersHeld: r.d.level1Held(r.name)}
+		host := lifecycle.HostMemory{Budget: r.d.sleepBudget(), OthersHeld: r.d.level1Held(r.name)}
 		level := m.SleepBegins(ef.Level, host, r.d.now())
 		l.record()
 		// After the sleeping state is published: the drain names it.
 		l.later = append(l.later, func() { go l.sleep(base, key, level, ask, grace, l.seq) })
-	case EfRecord:
+	case lifecycle.EfRecord:
 		l.record()
-	case EfSlept:
+	case lifecycle.EfSlept:
 		if ef.Level > 0 {
 			r.d.sched.Slept(r.name)
 			l.record()
 		}
 		r.d.metrics.slept(r.name, ef.Level, ef.Cause)
-	case EfWake:
-		go l.wake(m.inst, m.cfg, r.key(), ef.Level, m.HasIsSleeping(), ef.Timeout, ef.Known)
-	case EfCanary:
+	case lifecycle.EfWake:
+		go l.wake(l.proc(m.Inst()), cfg, r.key(), ef.Level, m.HasIsSleeping(), ef.Timeout, ef.Known)
+	case lifecycle.EfCanary:
 		r.own.Add(1)
-		go l.recordCanary(m.inst, m.cfg, r.key())
-	case EfQuiet:
+		go l.recordCanary(l.proc(m.Inst()), cfg, r.key())
+	case lifecycle.EfQuiet:
 		r.d.sched.Quiet(r.name, ef.Seq)
-	case EfUnquiet:
+	case lifecycle.EfUnquiet:
 		r.d.sched.Unquiet(r.name)
-	case EfWakeFailed:
+	case lifecycle.EfWakeFailed:
 		r.d.metrics.wakeFailed(r.name, ef.Why)
-	case EfRedigest:
+	case lifecycle.EfRedigest:
 		// Only policy keys changed: the process is what the new
 		// configuration would start, as far as it can see (its sleep mode
 		// is kept apart), so a successor keeps it.
-		m.inst.digest = m.cfg.SpawnDigest()
+		l.proc(m.Inst()).digest = cfg.SpawnDigest()
 		l.record()
-	case EfWoke:
+	case lifecycle.EfWoke:
 		l.record()
 		r.d.metrics.woke(r.name, ef.Level, ef.Took)
-	case EfDecline:
+	case lifecycle.EfDecline:
 		r.d.sched.Declined(r.name)
-	case EfArm:
+	case lifecycle.EfArm:
 		l.timers[ef.Timer] = r.d.after(ef.After)
 		l.timerAt[ef.Timer] = r.d.now().Add(ef.After)
-	case EfAdopt:
-		r.d.sched.Adopt(m.cfg, m.inst.GPUs, ef.Phase, ef.AwakeAt, ef.Changing)
-	case EfSettled:
+	case lifecycle.EfAdopt:
+		r.d.sched.Adopt(cfg, m.Inst().GPUs, ef.Phase, ef.AwakeAt, ef.Changing)
+	case lifecycle.EfSettled:
 		r.d.sched.Slept(r.name)
-	case EfAskSleeping:
-		go l.askSleeping(m.inst, m.cfg, r.key())
-	case EfDisarm:
+	case lifecycle.EfAskSleeping:
+		go l.askSleeping(l.proc(m.Inst()), cfg, r.key())
+	case lifecycle.EfDisarm:
 		l.timers[ef.Timer] = nil
 	default:
 		panic(fmt.Sprintf("runner: unknown effect %T", ef))
@@ -543,7 +548,7 @@ func (r *runner) writeRecord(is liverestore.InstanceState) {
 // recordState is the live instance's record as of now; nil when none runs.
 func (l *loop) recordState() *liverestore.InstanceState {
 	st := l.m.Snapshot()
-	if st.Instance == nil || l.m.inst == nil {
+	if st.Instance == nil || l.m.Inst() == nil {
 		return nil
 	}
 	l.fillRecord(st.Instance)
@@ -555,7 +560,7 @@ func (l *loop) recordState() *liverestore.InstanceState {
 // whether an upgrade hands it over (freeze) or a crash leaves it behind
 // (record).
 func (l *loop) fillRecord(is *liverestore.InstanceState) {
-	inst := l.m.inst
+	inst := l.proc(l.m.Inst())
 	is.Marker, is.Start, is.Digest = inst.marker, inst.start, inst.digest
 	if cg := l.r.cg.Load(); cg != nil {
 		is.Cgroup = cg.Path
@@ -642,10 +647,10 @@ func (l *loop) probe(j probeJob) {
 		cancel()
 	}
 	if probe.Local(err) {
-		err = fmt.Errorf("%w: %w", ErrNoVerdict, err)
+		err = fmt.Errorf("%w: %w", lifecycle.ErrNoVerdict, err)
 	}
 	l.r.own.Add(-1)
-	l.results <- EvProbed{Inst: j.inst, Err: err, Took: took, Version: version}
+	l.results <- lifecycle.EvProbed{Inst: &j.inst.Instance, Err: err, Took: took, Version: version}
 }
 
 // askSleeping asks the engine of inst, adopted after a crash, whether it
@@ -654,7 +659,7 @@ func (l *loop) askSleeping(inst *instance, m config.Model, key string) {
 	ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), key), m.Probe.Timeout)
 	defer cancel()
 	asleep, err := l.r.d.prober.IsSleeping(ctx, baseURL(m))
-	l.results <- EvEngineSleeps{Inst: inst, Asleep: asleep, Err: err}
+	l.results <- lifecycle.EvEngineSleeps{Inst: &inst.Instance, Asleep: asleep, Err: err}
 }
 
 // stopRetryFor is how long a stop the daemon could not complete for want
@@ -665,14 +670,7 @@ const stopRetryFor = time.Minute
 // drainBudget is how much of stop_timeout a planned stop's drain may take:
 // the rest is left to the SIGTERM grace.
 func drainBudget(stopTimeout time.Duration) time.Duration {
-	return stopTimeout - SigtermGrace(stopTimeout)
-}
-
-// SigtermGrace is the part of stop_timeout left between SIGTERM and
-// SIGKILL after a planned stop's drain (half of it, at most 5 s), in which
-// vLLM shuts its engine down and gives its GPU memory back.
-func SigtermGrace(stopTimeout time.Duration) time.Duration {
-	return min(stopTimeout/2, 5*time.Second)
+	return stopTimeout - lifecycle.SigtermGrace(stopTimeout)
 }
 
 // engineGrace is how long a drain waits for an engine that does not say
@@ -740,7 +738,7 @@ func (l *loop) drain(base string, budget time.Duration, seq uint64) bool {
 func (l *loop) sleep(base, key string, level int, askAsleep bool, grace time.Duration, seq uint64) {
 	d := l.r.d
 	if !l.drain(base, grace, seq) {
-		l.results <- EvSlept{Aborted: true}
+		l.results <- lifecycle.EvSlept{Aborted: true}
 		return
 	}
 	// What it holds on its GPUs now, read fresh: its wake asks for that
@@ -769,7 +767,7 @@ func (l *loop) sleep(base, key string, level int, askAsleep bool, grace time.Dur
 	}
 	// Requests that wait in its queue now came for it while it went to
 	// sleep, or before: they want it back.
-	l.results <- EvSlept{Err: err, Waiting: l.r.waiting(), Held: held, Grown: grown}
+	l.results <- lifecycle.EvSlept{Err: err, Waiting: l.r.waiting(), Held: held, Grown: grown}
 }
 
 // heldOnGPUs reads the GPUs now and returns what the model's processes
@@ -860,9 +858,9 @@ func (l *loop) wake(inst *instance, m config.Model, key string, level int, askAs
 		ccancel()
 	}
 	if err != nil && ctx.Err() != nil {
-		err = fmt.Errorf("not awake within %s: %w", RoundDuration(timeout), err)
+		err = fmt.Errorf("not awake within %s: %w", lifecycle.RoundDuration(timeout), err)
 	}
-	l.results <- EvWoke{Inst: inst, Err: err, Why: why}
+	l.results <- lifecycle.EvWoke{Inst: &inst.Instance, Err: err, Why: why}
 }
 
 // recordCanary asks the canary's known answer of a process fresh from its
@@ -872,7 +870,7 @@ func (l *loop) recordCanary(inst *instance, m config.Model, key string) {
 	ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), key), canaryTimeout)
 	defer cancel()
 	base := baseURL(m)
-	ev := EvCanary{Inst: inst}
+	ev := lifecycle.EvCanary{Inst: &inst.Instance}
 	a, err := l.r.d.prober.KnownAnswer(ctx, base, m.ServedName)
 	if err == nil {
 		var b probe.Answer
@@ -913,11 +911,6 @@ func (r *runner) waiting() int {
 	}
 	return r.d.traffic.Waiting(r.name)
 }
-
-// ErrNoVerdict marks a probe that failed for the daemon's own reason (out
-// of descriptors, memory or local ports): the machine counts it neither
-// for nor against the model.
-var ErrNoVerdict = errors.New("probe not made")
 
 // publishPIDs makes the instance's processes known for GPU attribution.
 func (r *runner) publishPIDs(t processTree) {

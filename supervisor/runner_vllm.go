@@ -8,6 +8,7 @@ import (
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/lifecycle"
 	"citadel-supervisor/vllm"
 )
 
@@ -17,7 +18,7 @@ func (l *loop) learn(m config.Model, seq int) {
 	d := l.r.d
 	v, err := d.versions.learn(l.ctx, m, d.environ, d.reaper.Start)
 	select {
-	case l.results <- EvLearned{Seq: seq, Version: v, Err: err}:
+	case l.results <- lifecycle.EvLearned{Seq: seq, Version: v, Err: err}:
 	case <-l.ctx.Done(): // shutting down: nothing will start
 	}
 }
@@ -40,7 +41,7 @@ func (r *runner) loadKey(m config.Model) {
 // CUDA's index NVML's), or the UUIDs themselves with gpu.visible_devices:
 // uuid where the model's vLLM resolves them (0.24, vllm#45026). note says
 // what could not be done as configured.
-func (d *deps) visibleDevices(gpus []string, v VLLM) (out []string, note string) {
+func (d *deps) visibleDevices(gpus []string, v lifecycle.VLLM) (out []string, note string) {
 	if len(gpus) == 0 {
 		return nil, ""
 	}

@@ -15,6 +15,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/lifecycle"
 	"citadel-supervisor/supervisor/proc"
 )
 
@@ -86,18 +87,15 @@ func (r *runner) spawn(m, eff config.Model, secrets map[string]string, gpus, vis
 	}
 	r.marker.Store(&marker)
 	inst := &instance{
-		PID:       cmd.Process.Pid,
-		marker:    marker,
-		digest:    m.SpawnDigest(),
-		SleepMode: eff.Sleeps(),
-		stdout:    outR,
-		stderr:    errR,
-		tree:      tree,
-		kill:      cmd.Process.Kill,
-		Started:   r.d.now(),
-		GPUs:      gpus,
-		deep:      &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},
-		done:      make(chan struct{}),
+		Instance: lifecycle.Instance{PID: cmd.Process.Pid, Started: r.d.now(), GPUs: gpus, SleepMode: eff.Sleeps()},
+		marker:   marker,
+		digest:   m.SpawnDigest(),
+		stdout:   outR,
+		stderr:   errR,
+		tree:     tree,
+		kill:     cmd.Process.Kill,
+		deep:     &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},
+		done:     make(chan struct{}),
 	}
 	doing("reading the start time of its process")
 	if st, err := proc.ReadStat(inst.PID); err == nil {
@@ -191,13 +189,13 @@ func (r *runner) capture(f *os.File, stream string) {
 	}
 }
 
-func describeExit(ps *os.ProcessState, err error) Exit {
+func describeExit(ps *os.ProcessState, err error) lifecycle.Exit {
 	if ps == nil {
-		return Exit{Code: -1, Desc: fmt.Sprintf("wait failed: %v", err)}
+		return lifecycle.Exit{Code: -1, Desc: fmt.Sprintf("wait failed: %v", err)}
 	}
 	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
 		sig := ws.Signal()
-		return Exit{Code: 128 + int(sig), Desc: fmt.Sprintf("killed by %s", unix.SignalName(sig))}
+		return lifecycle.Exit{Code: 128 + int(sig), Desc: fmt.Sprintf("killed by %s", unix.SignalName(sig))}
 	}
-	return Exit{Code: ps.ExitCode(), Desc: fmt.Sprintf("exit code %d", ps.ExitCode())}
+	return lifecycle.Exit{Code: ps.ExitCode(), Desc: fmt.Sprintf("exit code %d", ps.ExitCode())}
 }

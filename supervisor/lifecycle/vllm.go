@@ -1,4 +1,4 @@
-package supervisor
+package lifecycle
 
 import (
 	"slices"
@@ -12,7 +12,7 @@ import (
 	"citadel-supervisor/vllm"
 )
 
-// The machine's part of knowing the model's vLLM (versions.go): a feature
+// The machine's part of knowing the model's vLLM (the lookup is the runner's, supervisor/versions.go): a feature
 // its version lacks is not used, and the model keeps serving, saying why.
 
 // onLearned takes the lookup's answer. One that failed makes the model the
@@ -54,7 +54,7 @@ func (m *Machine) confirmVersion(s string) {
 	m.vllm = VLLM{Version: v, Source: VersionFromServer}
 }
 
-// askVersion reports whether the next probe should ask GET /version.
+// AskVersion reports whether the next probe should ask GET /version.
 func (m *Machine) AskVersion() bool { return m.vllm.Source != VersionFromServer }
 
 // effectiveLevel is the level the model sleeps at: its sleep_level, less
@@ -78,7 +78,7 @@ func (m *Machine) effectiveLevel() (int, string) {
 	return level, why
 }
 
-// spawnConfig is the configuration a spawn builds the child's command line
+// SpawnConfig is the configuration a spawn builds the child's command line
 // and environment from: its sleep_level as its vLLM can have it (an older
 // vLLM exits at start on --enable-sleep-mode), and, where its vLLM has it
 // (0.18), --shutdown-timeout: a second line of defence behind the drain
@@ -110,7 +110,7 @@ func hasFlag(args []string, flag string) bool {
 	return slices.ContainsFunc(args, func(a string) bool { return a == flag || strings.HasPrefix(a, flag+"=") })
 }
 
-// learnIfUnknown looks up the version of a running model the machine does
+// LearnIfUnknown looks up the version of a running model the machine does
 // not know (taken over from a daemon that did not write it down).
 func (m *Machine) LearnIfUnknown() []Effect {
 	if m.vllm.Known() || m.learning || m.inst == nil {
@@ -121,7 +121,7 @@ func (m *Machine) LearnIfUnknown() []Effect {
 	return []Effect{EfLearn{Seq: m.learnSeq}}
 }
 
-// hasIsSleeping reports whether its vLLM answers GET /is_sleeping (0.8.0,
+// HasIsSleeping reports whether its vLLM answers GET /is_sleeping (0.8.0,
 // vllm#14312); on 0.7.3-0.7.x a sleep or wake is taken at its word.
 func (m *Machine) HasIsSleeping() bool {
 	return !m.vllm.Known() || m.vllm.Version.Has(vllm.IsSleeping)

@@ -1,4 +1,4 @@
-package supervisor
+package lifecycle
 
 import (
 	"strings"
@@ -73,13 +73,13 @@ func TestMachineRestore(t *testing.T) {
 			if tc.cfg != nil {
 				tc.cfg(&c)
 			}
-			m := newMachine(c, func() time.Time { return t0 }, func() float64 { return 0.5 }, zap.NewNop())
+			m := New(c, func() time.Time { return t0 }, func() float64 { return 0.5 }, zap.NewNop())
 			if is := tc.st.Instance; is != nil && is.Digest == digest {
 				is.Digest = c.SpawnDigest() // started under the configuration it is restored with
 			}
-			var in *instance
+			var in *Instance
 			if tc.running {
-				in = &instance{PID: 100, Started: tc.st.Instance.Started, GPUs: tc.st.Instance.GPUs, done: make(chan struct{})}
+				in = &Instance{PID: 100, Started: tc.st.Instance.Started, GPUs: tc.st.Instance.GPUs}
 			}
 			got := describe(m.Restore(tc.st, in, c.SpawnDigest(), tc.envChanged))
 			if !strings.HasPrefix(got, tc.effects) || (tc.effects == "" && got != "") {
@@ -99,7 +99,7 @@ func TestMachineSnapshotRoundTrip(t *testing.T) {
 	mt.m.restarts[ReasonExit] = 2
 	st := mt.m.Snapshot()
 	before := mt.m.Status()
-	m := newMachine(testModelCfg(), func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
+	m := New(testModelCfg(), func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
 	st.Instance.Digest = testModelCfg().SpawnDigest()
 	m.Restore(st, mt.m.inst, testModelCfg().SpawnDigest(), false)
 	after := m.Status()

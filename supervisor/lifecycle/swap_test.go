@@ -1,4 +1,4 @@
-package supervisor
+package lifecycle
 
 import (
 	"errors"
@@ -214,7 +214,7 @@ func TestMachineWakingIsRecordedAsleep(t *testing.T) {
 				t.Fatalf("recorded %+v; want asleep at level 2", st.Instance)
 			}
 			one := onDemandCfg() // a reload set sleep_level 1 meanwhile
-			m := newMachine(one, func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
+			m := New(one, func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
 			st.Instance.Digest = one.SpawnDigest()
 			m.Restore(st, mt.m.inst, one.SpawnDigest(), false)
 			if m.state != Sleeping || m.sleepLevel != 2 {

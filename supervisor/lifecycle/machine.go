@@ -1,4 +1,4 @@
-package supervisor
+package lifecycle
 
 import (
 	"cmp"
@@ -19,7 +19,7 @@ import (
 	"citadel-supervisor/vllm"
 )
 
-// machine is one model's lifecycle: the states of docs/architecture.md, driven by typed
+// Machine is one model's lifecycle: the states of docs/architecture.md, driven by typed
 // events, returning typed effects. It does no I/O and reads no clock of its
 // own: its runner carries out the effects (spawning, stopping, probing,
 // timers, GPU claims) and feeds their outcomes back as events, so the whole
@@ -73,8 +73,13 @@ type Machine struct {
 	shutdown   bool   // the daemon is stopping: stop, then stay stopped
 	removed    bool   // a reload removed it: stop, then its runner ends
 
-	inst     *instance // the spawned process tree, nil when none
-	exited   bool      // inst's main process has exited
+	inst *Instance // the spawned process tree, nil when none
+	// asking: the instance adopted after a crash whose engine is being
+	// asked whether it sleeps (EfAskSleeping); askReady: its record says
+	// it was ready.
+	asking   *Instance
+	askReady bool
+	exited   bool // inst's main process has exited
 	lastExit *Exit
 	readyAt  time.Time
 	startup  time.Duration
@@ -162,7 +167,7 @@ type Machine struct {
 	// runner for the operator.
 	opErr error
 
-	// The model's vLLM (versions.go): learned before the first spawn,
+	// The model's vLLM (vllm.go; the runner's lookup is supervisor/versions.go): learned before the first spawn,
 	// confirmed by GET /version. learning: a lookup is in flight; learnSeq
 	// numbers lookups, so one for a command since changed is ignored.
 	vllm      VLLM
@@ -209,7 +214,7 @@ const (
 	afterStart                    // start again at once, with its reason
 )
 
-// event is something that happened to a model.
+// Event is something that happened to a model.
 type Event interface{ isEvent() }
 
 type (
@@ -220,27 +225,27 @@ type (
 	// EvSpawned: the process was started (inst), or not: err is a
 	// permanent spawn failure; cause a check that failed just before.
 	EvSpawned struct {
-		Inst          *instance
+		Inst          *Instance
 		Err           error
 		Cause, Reason string
 		EnvDigest     string // of the env_files contents the process was given
 	}
 	// EvExited: inst's main process exited and was reaped.
 	EvExited struct {
-		Inst *instance
+		Inst *Instance
 		Exit Exit
 	}
 	// EvProbed: a probe of inst finished; version is what its GET
 	// /version said, when asked and answered.
 	EvProbed struct {
-		Inst    *instance
+		Inst    *Instance
 		Err     error
 		Took    time.Duration
 		Version string
 	}
 	// EvTimer: a timer the machine armed fired.
 	EvTimer struct{ Timer Timer }
-	// EvOp: an operator's operation; by says who (op.go's Actor).
+	// EvOp: an operator's operation; by says who (supervisor/op.go's Actor).
 	EvOp struct {
 		Op Op
 		By string
@@ -253,7 +258,7 @@ type (
 	// EvStopped: the stop of inst finished; err names survivors. waiting
 	// is the requests waiting in its queue then.
 	EvStopped struct {
-		Inst    *instance
+		Inst    *Instance
 		Err     error
 		Waiting int
 	}
@@ -289,7 +294,7 @@ type (
 	// EvWoke: the wake of inst in flight (wake_up and a one-token canary)
 	// finished.
 	EvWoke struct {
-		Inst *instance
+		Inst *Instance
 		Err  error
 		Why  string // what failed: canary, error (timeout and probe are the machine's own)
 	}
@@ -303,15 +308,15 @@ type (
 	// EvCanary: the canary's known answer of inst was asked twice after its
 	// start: answer, or differs (two answers not alike), or err.
 	EvCanary struct {
-		Inst    *instance
+		Inst    *Instance
 		Answer  probe.Answer
 		Differs bool
 		Err     error
 	}
 	// EvServing: the process's output said it serves or is about to
 	// (vLLM's "Starting vLLM API server …", uvicorn's "Application
-	// startup complete."; serving.go): probe it now, not at the next poll.
-	EvServing struct{ Inst *instance }
+	// startup complete."; the runner watches its output, supervisor/serving.go): probe it now, not at the next poll.
+	EvServing struct{ Inst *Instance }
 	// EvLearned: the lookup of the model's vLLM version finished.
 	EvLearned struct {
 		Seq     int
@@ -346,20 +351,21 @@ func (EvServing) isEvent()  {}
 type Timer int
 
 const (
-	// tick: the next check, probe, backoff end or failed retry.
+	// Tick: the next check, probe, backoff end or failed retry.
 	Tick Timer = iota
-	// deadline: startup_timeout of the current start.
+	// Deadline: startup_timeout of the current start.
 	Deadline
-	// idle: an awake on-demand model checks whether it has been idle for
+	// Idle: an awake on-demand model checks whether it has been idle for
 	// idle_after (the runner turns it into EvIdle).
 	Idle
-	// settle: a model taken over while its /sleep or wake_up ran has had
+	// Settle: a model taken over while its /sleep or wake_up ran has had
 	// time to finish it; its GPUs are no longer changing (EfSettled).
 	Settle
+	// NumTimers counts the timers (a runner keeps one of each).
 	NumTimers
 )
 
-// effect is something the runner must do.
+// Effect is something the runner must do.
 type Effect interface{ isEffect() }
 
 type (
@@ -378,12 +384,12 @@ type (
 		Err  error
 	}
 	EfStop struct { // stop inst's tree → EvStopped
-		Inst      *instance
+		Inst      *Instance
 		MainAlive bool
 		Drain     bool // a planned stop of a serving model: drain it first
 	}
 	EfRelease struct { // the tree is gone: release its GPUs
-		Inst *instance
+		Inst *Instance
 		Keep bool
 	}
 	EfArm struct {
@@ -459,11 +465,14 @@ func (EfWoke) isEffect()       {}
 func (EfDecline) isEffect()    {}
 func (EfWithdraw) isEffect()   {}
 
-func newMachine(cfg config.Model, now func() time.Time, jitter func() float64, log *zap.Logger) *Machine {
+// New is the machine of the model cfg, on the clock now, with jitter
+// spreading its restart delays (a value in [0,1)), logging to log. Begin
+// or Restore is its first step.
+func New(cfg config.Model, now func() time.Time, jitter func() float64, log *zap.Logger) *Machine {
 	return &Machine{cfg: cfg, now: now, jitter: jitter, log: log, restarts: map[string]int{}, since: now()}
 }
 
-// begin is the first step: a model starts pending (checking), or held
+// Begin is the first step: a model starts pending (checking), or held
 // stopped when disabled.
 func (m *Machine) Begin() []Effect {
 	if !m.cfg.Enabled {
@@ -481,13 +490,44 @@ func (m *Machine) Begin() []Effect {
 // onDemandIdle is what an on-demand model that is not running says.
 const onDemandIdle = "on demand: starts at its first request"
 
-// done reports whether the machine has finished: shut down, nothing left
+// Done reports whether the machine has finished: shut down, nothing left
 // running.
 func (m *Machine) Done() bool {
 	return (m.shutdown || m.removed) && m.inst == nil && m.flight != flightSpawn
 }
 
-// step applies one event and returns what the runner must do.
+// What the runner reads of the machine between steps.
+
+// State is the model's state.
+func (m *Machine) State() State { return m.state }
+
+// Reason is what its state says.
+func (m *Machine) Reason() string { return m.reason }
+
+// Config is the model's configuration in force.
+func (m *Machine) Config() config.Model { return m.cfg }
+
+// Inst is the instance it runs, nil when none.
+func (m *Machine) Inst() *Instance { return m.inst }
+
+// Exited reports whether the main process of its instance has exited.
+func (m *Machine) Exited() bool { return m.exited }
+
+// Spawning reports whether a spawn is in flight (EfSpawn, not yet
+// answered by EvSpawned).
+func (m *Machine) Spawning() bool { return m.flight == flightSpawn }
+
+// OpErr is the answer to the last operation (EvOp), for the operator.
+func (m *Machine) OpErr() error { return m.opErr }
+
+// VLLM is what it knows of its model's vLLM.
+func (m *Machine) VLLM() VLLM { return m.vllm }
+
+// KeepOutput keeps the process's last output lines, which a failed model
+// shows (the runner holds the output; it calls this as the model fails).
+func (m *Machine) KeepOutput(lines []string) { m.lastOut = lines }
+
+// Step applies one event and returns what the runner must do.
 func (m *Machine) Step(ev Event) []Effect {
 	switch ev := ev.(type) {
 	case EvChecked:
@@ -572,11 +612,15 @@ func (m *Machine) live() bool {
 // sleeps or waits for its memory to wake; while its engine wakes, yes (a
 // wake that hangs is seen as a hang).
 func (m *Machine) probed() bool {
-	if m.inst != nil && m.inst.asking {
+	if m.isAsking() {
 		return false // adopted: not before its engine says whether it sleeps
 	}
 	return m.state == Starting || m.state == Ready || m.state == Unhealthy || m.wakeInFlight()
 }
+
+// isAsking reports whether the engine of its instance, adopted after a
+// crash, is being asked whether it sleeps.
+func (m *Machine) isAsking() bool { return m.inst != nil && m.asking == m.inst }
 
 // wakeInFlight reports whether its engine is being woken (the memory was
 // granted; wake_up and the canary run).
@@ -1212,7 +1256,7 @@ func (m *Machine) onShutdown() []Effect {
 	return []Effect{EfDisarm{Tick}, EfDisarm{Deadline}, EfDrop{}}
 }
 
-// status is the machine's part of the model's published snapshot.
+// Status is the machine's part of the model's published snapshot.
 func (m *Machine) Status() *Status {
 	s := &Status{
 		Name:             m.cfg.Name,
@@ -1286,17 +1330,6 @@ func (m *Machine) Status() *Status {
 		s.TypicalWake = gpu.Typical(m.wakes[s.WakeLevel])
 	}
 	return s
-}
-
-// RoundDuration prints a delay as an operator reads it: 2s, not 1.995s.
-func RoundDuration(d time.Duration) time.Duration {
-	switch {
-	case d >= 10*time.Second:
-		return d.Round(time.Second)
-	case d >= time.Second:
-		return d.Round(100 * time.Millisecond)
-	}
-	return d.Round(time.Millisecond)
 }
 
 // awake arms what an awake on-demand model needs: its idle check; it has

@@ -1,4 +1,4 @@
-package supervisor
+package lifecycle
 
 import (
 	"errors"
@@ -50,9 +50,9 @@ type mtest struct {
 
 func newMTest(t testing.TB) *mtest {
 	mt := &mtest{t: t, now: t0, pid: 100}
-	mt.m = newMachine(testModelCfg(), func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
+	mt.m = New(testModelCfg(), func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
 	// Its vLLM known, so the checks lead straight to a want; the lookup
-	// before the first spawn is machine_vllm_test.go's.
+	// before the first spawn is vllm_test.go's.
 	mt.m.vllm = VLLM{Version: vllm.Newest, Source: VersionFromServer}
 	return mt
 }
@@ -89,9 +89,9 @@ func (mt *mtest) state(want State) {
 }
 
 // newInst is a process as the runner would report it, without a process.
-func (mt *mtest) newInst() *instance {
+func (mt *mtest) newInst() *Instance {
 	mt.pid++
-	return &instance{PID: mt.pid, Started: mt.now, GPUs: []string{"GPU-a"}, done: make(chan struct{}), SleepMode: mt.m.cfg.Sleeps()}
+	return &Instance{PID: mt.pid, Started: mt.now, GPUs: []string{"GPU-a"}, SleepMode: mt.m.cfg.Sleeps()}
 }
 
 // The paths to each state, from the start.
@@ -821,22 +821,6 @@ func TestRoundDuration(t *testing.T) {
 	}
 }
 
-// TestCPUCounterMonotonic: a worker exiting does not make the counter go
-// backwards.
-func TestCPUCounterMonotonic(t *testing.T) {
-	var c cpuCounter
-	a, b := procKey{1, 10}, procKey{2, 20}
-	if got := c.total(map[procKey]float64{a: 5, b: 3}); got != 8 {
-		t.Fatalf("got %g", got)
-	}
-	if got := c.total(map[procKey]float64{a: 6}); got != 9 { // b exited at 3
-		t.Fatalf("after exit: %g, want 9", got)
-	}
-	if got := c.total(map[procKey]float64{{1, 11}: 1}); got != 10 { // pid reused
-		t.Fatalf("after reuse: %g, want 10", got)
-	}
-}
-
 // TestMachineOnDemandCycle: idle → started by a request → ready → idle
 // for idle_after → asleep → woken by a request → ready again.
 func TestMachineOnDemandCycle(t *testing.T) {
@@ -1084,7 +1068,7 @@ func TestMachineLoadEstimates(t *testing.T) {
 func TestMachineServing(t *testing.T) {
 	mt := newMTest(t).toStarting()
 	inst := mt.m.inst
-	mt.expect(EvServing{Inst: &instance{}}, "")
+	mt.expect(EvServing{Inst: &Instance{}}, "")
 	mt.expect(EvServing{Inst: inst}, "probe")
 	mt.expect(EvServing{Inst: inst}, "") // the probe in flight answers
 	mt.expect(EvProbed{Inst: inst, Err: errors.New("connection refused")}, "arm(tick,5ms)")
