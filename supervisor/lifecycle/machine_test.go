@@ -402,7 +402,7 @@ func describeEvent(ev Event) string {
 // TestMachineTransitions steps every state through every event and keeps
 // the outcome in testdata/transitions.txt, the lifecycle's table that
 // docs/architecture.md shows: a change to any transition shows in review
-// as a change to that file (go test -run TestMachineTransitions -update).
+// as a change to that file (go test ./supervisor/lifecycle/ -run TestMachineTransitions -update).
 func TestMachineTransitions(t *testing.T) {
 	states := []struct {
 		name  string
@@ -540,7 +540,7 @@ func TestMachineTransitions(t *testing.T) {
 		t.Fatalf("%v (run with -update to create it)", err)
 	}
 	if got := b.String(); got != string(want) {
-		t.Errorf("transitions changed; if intended, run go test -run TestMachineTransitions -update and review the diff\n%s", diffLines(string(want), got))
+		t.Errorf("transitions changed; if intended, run go test ./supervisor/lifecycle/ -run TestMachineTransitions -update and review the diff\n%s", diffLines(string(want), got))
 	}
 }
 
