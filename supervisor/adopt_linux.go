@@ -9,6 +9,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/lifecycle"
 	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
 )
@@ -40,8 +41,9 @@ func (d *deps) forgetInstance(marker string) { d.keep().Forget(marker) }
 func (r *runner) adoptInstance(is liverestore.InstanceState, child bool, tree processTree, out, errp *os.File) (*instance, error) {
 	done := make(chan struct{})
 	inst := &instance{
-		pid: is.PID, start: is.Start, marker: is.Marker, digest: is.Digest,
-		tree: tree, started: is.Started, gpus: is.GPUs,
+		Instance: lifecycle.Instance{PID: is.PID, Started: is.Started, GPUs: is.GPUs},
+		start:    is.Start, marker: is.Marker, digest: is.Digest,
+		tree: tree,
 		deep: &probe.Deep{Now: r.d.now},
 		done: done,
 		kill: func() error { return proc.Signal(is.PID, is.Start, unix.SIGKILL) },
@@ -60,18 +62,18 @@ func (r *runner) adoptInstance(is liverestore.InstanceState, child bool, tree pr
 			var ws unix.WaitStatus
 			_, err := waitPID(is.PID, &ws)
 			r.d.reaper.Done(is.PID)
-			inst.exit = describeWait(ws, err)
+			inst.Exit = describeWait(ws, err)
 			close(done)
 		}()
 	} else {
-		inst.adopted = true
+		inst.Adopted = true
 		gone, err := proc.Exited(is.PID, is.Start)
 		if err != nil {
 			return nil, err
 		}
 		go func() {
 			<-gone
-			inst.exit = exitInfo{code: -1, desc: "exit status unknown (adopted from a previous daemon)"}
+			inst.Exit = lifecycle.Exit{Code: -1, Desc: "exit status unknown (adopted from a previous daemon)"}
 			close(done)
 		}()
 	}
@@ -114,12 +116,12 @@ func waitPID(pid int, ws *unix.WaitStatus) (int, error) {
 	}
 }
 
-func describeWait(ws unix.WaitStatus, err error) exitInfo {
+func describeWait(ws unix.WaitStatus, err error) lifecycle.Exit {
 	switch {
 	case err != nil:
-		return exitInfo{code: -1, desc: fmt.Sprintf("exit status unknown (%v)", err)}
+		return lifecycle.Exit{Code: -1, Desc: fmt.Sprintf("exit status unknown (%v)", err)}
 	case ws.Signaled():
-		return exitInfo{code: 128 + int(ws.Signal()), desc: "killed by " + unix.SignalName(ws.Signal())}
+		return lifecycle.Exit{Code: 128 + int(ws.Signal()), Desc: "killed by " + unix.SignalName(ws.Signal())}
 	}
-	return exitInfo{code: ws.ExitStatus(), desc: fmt.Sprintf("exit code %d", ws.ExitStatus())}
+	return lifecycle.Exit{Code: ws.ExitStatus(), Desc: fmt.Sprintf("exit code %d", ws.ExitStatus())}
 }

@@ -4,6 +4,7 @@ import (
 	"sync"
 
 	"citadel-supervisor/supervisor/gateway"
+	"citadel-supervisor/supervisor/lifecycle"
 )
 
 // changes broadcasts "something changed" to any number of watchers: each
@@ -72,7 +73,7 @@ func (v gatewayView) Models() []gateway.Model {
 			gm.OnDemand, gm.Held, gm.Seq = s.OnDemand, s.Held, s.Seq
 			gm.Loading.Began, gm.Loading.Typical = s.LoadBegan, s.TypicalStartup
 			// Readiness is seen at a probe: up to one startup poll late.
-			gm.Loading.Poll = min(m.Probe.Period, maxStartupPoll)
+			gm.Loading.Poll = min(m.Probe.Period, lifecycle.MaxStartupPoll)
 			if s.State == Sleeping || s.State == Waking {
 				gm.Loading.Waking, gm.Loading.Level, gm.Loading.Typical = true, s.WakeLevel, s.TypicalWake
 				gm.Loading.Poll = 0 // a wake ends with its canary, not a probe

@@ -1,7 +1,6 @@
 package supervisor
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -10,11 +9,8 @@ import (
 	"strings"
 	"time"
 
-	"go.uber.org/zap"
-
-	"citadel-supervisor/gpu"
+	"citadel-supervisor/supervisor/lifecycle"
 	"citadel-supervisor/supervisor/liverestore"
-	"citadel-supervisor/vllm"
 )
 
 // Live restore, the supervisor's side (docs/architecture.md, "Live
@@ -31,293 +27,13 @@ import (
 //     instance record written at spawn (InstanceState), and adopts those
 //     whose configuration is still the one they were started with.
 //
-// Both meet in machine.restore.
+// Both meet in lifecycle.Machine.Restore.
 //
 // The state one image hands the next, and the instance records a crashed
 // daemon leaves, are the live-restore package's types (docs/architecture.md,
-// "Live restore"); the machine writes and restores them.
-
-// restorable reports whether the machine can be written down now: no
-// effect is in flight whose outcome the next image could not receive (a
-// spawn, a stop, a sleep or a wake).
-func (m *machine) restorable() error {
-	switch {
-	case m.flight == flightSpawn:
-		return fmt.Errorf("%s is being spawned", m.cfg.Name)
-	case m.state == Stopping, m.state == Waking:
-		return fmt.Errorf("%s is %s", m.cfg.Name, m.state)
-	case m.flight == flightSleep:
-		return fmt.Errorf("%s is going to sleep", m.cfg.Name)
-	case m.inst != nil && m.inst.asking:
-		return fmt.Errorf("%s is being asked whether it sleeps", m.cfg.Name)
-	}
-	return nil
-}
-
-// snapshot writes the machine down; the runner adds the instance's
-// process details, output and timers.
-func (m *machine) snapshot() liverestore.ModelState {
-	st := liverestore.ModelState{
-		Name: m.cfg.Name, State: m.state, Reason: m.reason, Since: m.since,
-		Hold: m.hold, HoldReason: m.holdReason, Restarts: m.restarts,
-		Starts: m.tracker.starts, Failures: m.tracker.failures, LastOutput: m.lastOut,
-		WakeTimes: m.wakeTimes,
-	}
-	if m.lastExit != nil {
-		st.LastExit = &liverestore.ExitState{Code: m.lastExit.code, Desc: m.lastExit.desc}
-	}
-	if m.inst != nil && !m.exited {
-		st.Instance = &liverestore.InstanceState{
-			Model: m.cfg.Name, PID: m.inst.pid, Started: m.inst.started, GPUs: m.inst.gpus,
-			ReadyAt: m.readyAt, Startup: m.startup, AwakeAt: m.awakeAt,
-		}
-		sleepMode := m.inst.sleepMode
-		st.Instance.SleepMode = &sleepMode
-		st.Instance.Known, st.Instance.KnownNote = m.known, m.knownNote
-		st.Instance.Held = m.held
-		// Held until the process ends, so a successor counts it from the
-		// start.
-		st.Instance.HostHeld = m.hostHeld
-		st.Instance.EnvDigest = m.envDigest
-		if m.state == Sleeping || m.state == Waking {
-			// Waiting for memory to wake, or waking, it sleeps at its level
-			// until the wake is proven: a successor wakes it the way it
-			// slept (a wake_up of an engine already awake does nothing).
-			st.Instance.SleepLevel, st.Instance.SleepCause = m.sleepLevel, m.sleepCause
-			if m.flight == flightSleep {
-				st.Instance.SleepBegan = m.sleepBegan
-			}
-			if m.wakeInFlight() {
-				st.Instance.WakeBegan = m.wakeBegan
-			}
-		}
-		if m.vllm.known() {
-			st.Instance.VLLMVersion, st.Instance.VLLMSource = m.vllm.version.String(), m.vllm.source
-		}
-	}
-	return st
-}
-
-// restore takes over st, with inst its process (nil when it is gone or
-// there was none), instead of begin. A process started under another
-// configuration (or env_files contents, envChanged) is restarted,
-// deliberately; one that is gone is a failure like any exit.
-func (m *machine) restore(st liverestore.ModelState, inst *instance, digest string, envChanged bool) []effect {
-	m.since, m.hold, m.holdReason = st.Since, st.Hold, st.HoldReason
-	if st.Restarts != nil {
-		m.restarts = st.Restarts
-	}
-	m.tracker = restartTracker{starts: st.Starts, failures: st.Failures}
-	m.lastOut = st.LastOutput
-	m.wakeTimes = st.WakeTimes
-	if st.LastExit != nil {
-		m.lastExit = &exitInfo{code: st.LastExit.Code, desc: st.LastExit.Desc}
-	}
-	if !m.cfg.Enabled && !m.hold {
-		m.hold, m.holdReason = true, "enabled: false"
-	}
-	if inst != nil {
-		is := st.Instance
-		m.inst, m.exited = inst, false
-		if v, err := vllm.Parse(is.VLLMVersion); err == nil && is.VLLMVersion != "" {
-			m.vllm = vllmInfo{version: v, source: is.VLLMSource}
-		}
-		m.readyAt, m.startup, m.awakeAt = is.ReadyAt, is.Startup, is.AwakeAt
-		inst.sleepMode = m.cfg.Sleeps()
-		if is.SleepMode != nil {
-			inst.sleepMode = *is.SleepMode
-		}
-		m.known, m.knownNote, m.held, m.hostHeld = is.Known, is.KnownNote, is.Held, is.HostHeld
-		m.envDigest = is.EnvDigest
-		if m.known == nil && m.knownNote == "" && inst.sleepMode {
-			m.knownNote = "not recorded (taken over from a daemon that did not record it): a wake is proven by any answer"
-		}
-		running := efAdopt{phase: gpu.Running, awakeAt: m.awakeAt}
-		switch {
-		case m.hold:
-			// Held (or disabled) while the daemon was away, or its stop
-			// waited for quiet GPUs when it was frozen: stop it as a
-			// planned stop does, once its GPUs are quiet (a neighbour may
-			// be taken over loading there). A loading one stops at once.
-			state, adopt := st.State, running
-			switch {
-			case is.SleepLevel > 0:
-				state, adopt = Sleeping, efAdopt{phase: gpu.Asleep}
-				m.sleepLevel, m.sleepCause = is.SleepLevel, cmp.Or(is.SleepCause, "adopted")
-			case state == Starting:
-				adopt = efAdopt{phase: gpu.Starting, awakeAt: m.awakeAt}
-			case state != Unhealthy:
-				state = Ready
-			}
-			m.enter(state, st.Reason)
-			return append([]effect{adopt}, m.plannedStop("stopping: "+m.holdReason, "")...)
-		case is.Digest != digest || envChanged:
-			what := "configuration"
-			if is.Digest == digest {
-				what = "env_files contents"
-			}
-			m.enter(Ready, "")
-			m.restarts[ReasonReload]++
-			m.log.Info("its "+what+" changed while the daemon was away; restarting it", zap.Int("pid", inst.pid))
-			return append([]effect{running}, m.respawn(what+" changed while the daemon was away")...)
-		case is.SleepLevel > 0 && m.cfg.OnDemand():
-			// Asleep, or being put to sleep or woken when the daemon died:
-			// never taken for awake until a wake proves it (a wake_up of
-			// an engine that never slept does nothing; the canary tells).
-			m.sleepLevel, m.sleepCause = is.SleepLevel, cmp.Or(is.SleepCause, "adopted")
-			reason := fmt.Sprintf("asleep (level %d, %s)", is.SleepLevel, m.sleepCause)
-			during := ""
-			switch {
-			case !is.SleepBegan.IsZero():
-				during = "going to sleep"
-			case !is.WakeBegan.IsZero():
-				during = "waking"
-			}
-			if during == "" {
-				m.enter(Sleeping, reason)
-				return []effect{efAdopt{phase: gpu.Asleep}}
-			}
-			// Its /sleep or wake_up may still run in the engine (a
-			// level-2 wake reloads the weights: minutes): its GPUs'
-			// memory changes until it ends, so nothing starts or wakes
-			// there until then, bounded by its wake bound (vllm#56830).
-			m.settling = true
-			bound := m.wakeBound(is.SleepLevel)
-			m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s; adopted while %s: its GPUs count as changing for up to %s)", is.SleepLevel, m.sleepCause, during, roundDuration(bound)))
-			return []effect{efAdopt{phase: gpu.Asleep, changing: true}, efArm{settle, bound}}
-		case inst.adopted && m.cfg.OnDemand() && m.cfg.SleepLevel > 0:
-			// After a crash the record may be a step behind the engine:
-			// the daemon died as it went to sleep by itself. The engine
-			// knows, and a request must never go to an engine believed
-			// awake: until it answers (a job, within probe.timeout) it
-			// counts as loading. The other way round (the record says
-			// asleep, or that a sleep began, and the engine says awake: it
-			// died mid-sleep or mid-wake) the record is kept, above:
-			// asleep until a wake proves it awake.
-			inst.asking = true
-			m.probing = true // no probe before it answers
-			inst.askReady = st.State == Ready || st.State == Unhealthy || (st.State == "" && !is.ReadyAt.IsZero())
-			m.enter(Starting, "adopted from a previous daemon: asking its engine whether it sleeps (GET /is_sleeping)")
-			return []effect{efAdopt{phase: gpu.Starting, awakeAt: m.awakeAt}, efAskSleeping{}}
-		case st.State == Ready || st.State == Unhealthy || (st.State == "" && !is.ReadyAt.IsZero()):
-			return m.adoptedReady()
-		default:
-			return m.adoptedLoading(st.State, st.Reason)
-		}
-	}
-	if st.Instance != nil && (st.State == Ready || st.State == Unhealthy || st.State == Starting || st.State == Sleeping) {
-		// It was running and is gone: it exited while no daemon watched.
-		m.enter(st.State, st.Reason)
-		m.restarts[ReasonExit]++
-		f := failure{why: ReasonExit, reason: "exited while the daemon was away (exit status unknown)"}
-		m.lastExit = &exitInfo{code: -1, desc: "exit status unknown (it ended while the daemon was away)"}
-		if m.hold {
-			m.enter(Stopped, m.holdReason)
-			return nil
-		}
-		return m.afterFailure(f)
-	}
-	left := st.TimerAt.Sub(m.now())
-	switch {
-	case m.hold:
-		m.enter(Stopped, m.holdReason)
-		return nil
-	case st.State == Backoff:
-		m.enter(Backoff, st.Reason)
-		return []effect{efArm{tick, max(left, 0)}}
-	case st.State == Failed:
-		m.enter(Failed, st.Reason)
-		if m.cfg.Restart.RetryFailedAfter > 0 {
-			return []effect{efArm{tick, max(left, 0)}}
-		}
-		return nil
-	case st.State == Stopped && m.cfg.OnDemand():
-		m.enter(Stopped, st.Reason)
-		return nil
-	}
-	return m.begin()
-}
-
-// adoptedReady goes on with a process taken over that was ready: probed
-// within a period; a failing probe counts from zero. A record (a crash)
-// that says it was ready: it is no longer loading, a failing probe is a
-// failure.
-func (m *machine) adoptedReady() []effect {
-	m.enter(Ready, "")
-	if m.awakeAt.IsZero() {
-		m.awakeAt = m.now()
-	}
-	out := []effect{efAdopt{phase: gpu.Running, awakeAt: m.awakeAt}, efArm{tick, min(m.cfg.Probe.Period, maxStartupPoll)}}
-	if m.cfg.OnDemand() {
-		// Awake since its predecessor saw it wake: min_awake and
-		// idle_after go on from there.
-		out = append(out, efArm{idle, m.cfg.IdleAfter})
-	}
-	return out
-}
-
-// adoptedLoading goes on with a process taken over that was starting
-// (state, saying reason), or found after a crash (ready or not, the first
-// probe tells): loading is not failure, and a loaded model is ready within
-// a second.
-func (m *machine) adoptedLoading(state State, reason string) []effect {
-	m.readyAt, m.startup = time.Time{}, 0
-	if state != Starting {
-		reason = "adopted from a previous daemon: probing"
-	}
-	m.enter(Starting, reason)
-	left := m.cfg.Probe.StartupTimeout - m.now().Sub(m.inst.started)
-	if state != Starting {
-		left = m.cfg.Probe.StartupTimeout
-	}
-	return []effect{efAdopt{phase: gpu.Starting, awakeAt: m.awakeAt}, efArm{deadline, max(left, time.Second)}, efArm{tick, 0}}
-}
-
-// efAskSleeping: ask the engine of a process adopted after a crash whether
-// it sleeps (GET /is_sleeping), off the runner's goroutine →
-// evEngineSleeps.
-type efAskSleeping struct{}
-
-func (efAskSleeping) isEffect() {}
-
-// evEngineSleeps: the engine of inst said whether it sleeps; err when it
-// did not answer.
-type evEngineSleeps struct {
-	inst   *instance
-	asleep bool
-	err    error
-}
-
-func (evEngineSleeps) isEvent() {}
-
-// onEngineSleeps takes the engine's word on a process adopted after a
-// crash: asleep, it sleeps at its sleep_level; awake (or no answer: the
-// record is believed, and the probes tell), it goes on as its record says.
-// A process stopped meanwhile is past asking.
-func (m *machine) onEngineSleeps(ev evEngineSleeps) []effect {
-	inst := m.inst
-	if inst == nil || ev.inst != inst || !inst.asking {
-		return nil
-	}
-	inst.asking = false
-	if m.state != Starting {
-		return nil
-	}
-	m.probing = false
-	switch {
-	case ev.err == nil && ev.asleep:
-		m.sleepLevel, m.sleepCause = m.cfg.SleepLevel, "found asleep"
-		m.log.Info("adopted: the engine sleeps although its record says awake; the engine's word is taken", zap.Int("level", m.sleepLevel))
-		m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s)", m.sleepLevel, m.sleepCause))
-		return []effect{efAdopt{phase: gpu.Asleep}, efRecord{}}
-	case ev.err != nil:
-		m.log.Warn("adopted: the engine did not say whether it sleeps; its record is believed", zap.Error(ev.err))
-	}
-	if inst.askReady {
-		return m.adoptedReady()
-	}
-	return m.adoptedLoading("", "")
-}
+// "Live restore"); the machine writes and restores them
+// (supervisor/lifecycle/handover.go), and the runner adds the process's
+// handles, output and timers.
 
 // freezeReq asks a runner to write its machine down and then do nothing
 // until thaw is closed (the exec failed) or the process is replaced.
@@ -336,18 +52,19 @@ type frozen struct {
 // freeze answers req from the runner goroutine and, when it could write
 // the machine down, waits for thaw.
 func (l *loop) freeze(req freezeReq) {
-	if err := l.m.restorable(); err != nil {
+	if err := l.m.Restorable(); err != nil {
 		req.reply <- frozen{err: err}
 		return
 	}
-	st := l.m.snapshot()
+	st := l.m.Snapshot()
 	st.Output = l.r.out.last(OutputLines)
 	st.LastRequest = l.r.lastRequestTime()
-	if l.timers[tick] != nil {
-		st.TimerAt = l.timerAt[tick]
+	if l.timers[lifecycle.Tick] != nil {
+		st.TimerAt = l.timerAt[lifecycle.Tick]
 	}
 	var files []*os.File
-	if is, inst := st.Instance, l.m.inst; is != nil {
+	if is := st.Instance; is != nil {
+		inst := l.proc(l.m.Inst())
 		l.fillRecord(is)
 		for _, f := range []*os.File{inst.stdout, inst.stderr} {
 			if f != nil {
@@ -436,20 +153,3 @@ func (s *Supervisor) freezeOnce() (*liverestore.Handover, map[string]*os.File, f
 	slices.SortFunc(h.Models, func(a, b liverestore.ModelState) int { return strings.Compare(a.Name, b.Name) })
 	return h, files, thaw, nil
 }
-
-// efAdopt: the restored model holds GPUs already: tell the scheduler.
-type efAdopt struct {
-	phase   gpu.Phase
-	awakeAt time.Time // when it last became ready, for min_awake
-	// changing: its /sleep or wake_up may still run (the daemon died
-	// during it): its GPUs count as busy until efSettled.
-	changing bool
-}
-
-func (efAdopt) isEffect() {}
-
-// efSettled: a model taken over mid-sleep or mid-wake has had its bound to
-// finish: its GPUs' memory no longer changes on its account.
-type efSettled struct{}
-
-func (efSettled) isEffect() {}

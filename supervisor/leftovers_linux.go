@@ -44,7 +44,7 @@ func (s *Supervisor) adopt(r *runner, t *liverestore.Takeover) *restored {
 		return from
 	}
 	// Whether its engine sleeps although its record says awake is asked
-	// by its runner (efAskSleeping), not here: this loop starts every
+	// by its runner (EfAskSleeping), not here: this loop starts every
 	// model, and an engine that does not answer must hold none of them.
 	from.inst = inst
 	return from

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"citadel-supervisor/supervisor/lifecycle"
 	"citadel-supervisor/supervisor/proc"
 )
 
@@ -36,7 +37,7 @@ func TestKillNineRestartsAfterDelay(t *testing.T) {
 		return next.State == Ready && next.PID != first.PID
 	})
 	// Lower bound only: the restart must honour the delay (less its jitter).
-	if gap := next.StartedAt.Sub(killed); gap < time.Duration(float64(delay)*(1-jitterSpread)) {
+	if gap := next.StartedAt.Sub(killed); gap < time.Duration(float64(delay)*(1-lifecycle.JitterSpread)) {
 		t.Errorf("respawned %s after kill -9, before the %s delay", gap, delay)
 	}
 	if next.RestartsByReason[ReasonExit] != 1 || next.Restarts != 1 {

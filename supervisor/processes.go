@@ -58,11 +58,11 @@ func (r *runner) stopInstance(inst *instance, grace time.Duration, mainAlive boo
 		case <-t.C:
 		}
 		if round == 0 && inst.kill != nil {
-			r.log.Warn("main process still running after its stop; killing it", zap.Int("pid", inst.pid))
+			r.log.Warn("main process still running after its stop; killing it", zap.Int("pid", inst.PID))
 			_ = inst.kill()
 		}
 	}
-	return errors.Join(err, fmt.Errorf("main process %d not reaped within %s of its stop", inst.pid, 2*reapBound))
+	return errors.Join(err, fmt.Errorf("main process %d not reaped within %s of its stop", inst.PID, 2*reapBound))
 }
 
 // StopOverhead is what a stop may take beyond its stop_timeout: the kill

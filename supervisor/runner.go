@@ -16,19 +16,12 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/lifecycle"
 	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
 	"citadel-supervisor/supervisor/schedule"
 	"citadel-supervisor/vllm"
 )
-
-// recheckInterval is how often a pending model re-checks what it waits for
-// (storage, env files, port).
-const recheckInterval = 2 * time.Second
-
-// maxStartupPoll bounds the probe interval while a model is starting, so a
-// model is seen ready within a second of answering even with a 10 s period.
-const maxStartupPoll = time.Second
 
 // runner carries out one model's machine: its goroutine is the only one
 // that touches the machine. It turns the machine's effects into I/O
@@ -80,7 +73,7 @@ func (r *runner) key() string {
 // message is what others send a runner: an event, and for operations a
 // channel for the answer.
 type message struct {
-	ev     event
+	ev     lifecycle.Event
 	done   chan error // nil: nobody waits
 	freeze *freezeReq // instead of ev: an upgrade writes the machine down
 }
@@ -127,33 +120,18 @@ func (b *mailbox) take() ([]message, *schedule.Placement) {
 
 // instance is one spawned process tree of a model.
 type instance struct {
-	pid    int
-	start  uint64 // the main process's start time: with pid, its identity
+	// Instance is what the machine knows of it: its identity, as plain
+	// data; the machine names the instance by a pointer to it.
+	lifecycle.Instance
+	start  uint64 // the main process's start time: with its PID, its identity
 	marker string
 	digest string // the configuration's SpawnDigest it was started with
-	// adopted: not this process's child (taken over after its daemon
-	// died): its end is seen through a pidfd.
-	adopted bool
-	// sleepMode: it was started with vLLM's sleep mode (--enable-sleep-mode):
-	// it can be put to sleep; without, it is stopped instead.
-	sleepMode bool
-	tree      processTree
-	started   time.Time
-	gpus      []string
-	kill      func() error  // SIGKILLs the main process (through its pidfd)
-	deep      *probe.Deep   // the deep probe's schedule, owned by the probe in flight
-	done      chan struct{} // closed once the main process is reaped
-	exit      exitInfo      // valid after done is closed
+	tree   processTree
+	kill   func() error  // SIGKILLs the main process (through its pidfd)
+	deep   *probe.Deep   // the deep probe's schedule, owned by the probe in flight
+	done   chan struct{} // closed once the main process is reaped; then Exit is set
 	// Its output pipes' read ends, handed to the next image at an upgrade.
 	stdout, stderr *os.File
-	// asking: adopted after a crash, its engine is being asked whether it
-	// sleeps (efAskSleeping); askReady: its record says it was ready.
-	asking, askReady bool
-}
-
-type exitInfo struct {
-	code int // the exit code, or 128+signal
-	desc string
 }
 
 // exited reports whether the main process has been reaped.
@@ -184,7 +162,7 @@ func newRunner(m config.Model, d *deps) *runner {
 
 // send delivers an operation or a configuration to the runner and waits
 // until the machine has taken it.
-func (r *runner) send(ctx context.Context, ev event) error {
+func (r *runner) send(ctx context.Context, ev lifecycle.Event) error {
 	m := message{ev: ev, done: make(chan error, 1)}
 	r.mail.put(m)
 	select {
@@ -201,12 +179,12 @@ func (r *runner) send(ctx context.Context, ev event) error {
 // flight on its behalf.
 type loop struct {
 	r       *runner
-	m       *machine
-	timers  [numTimers]<-chan time.Time // nil: not armed; replacing one drops its fire
-	timerAt [numTimers]time.Time        // when each armed timer fires
-	ctx     context.Context             // run's: a freeze ends with it (the daemon stops)
-	results chan event                  // probes and stops report here
-	seq     uint64                      // of the last published status
+	m       *lifecycle.Machine
+	timers  [lifecycle.NumTimers]<-chan time.Time // nil: not armed; replacing one drops its fire
+	timerAt [lifecycle.NumTimers]time.Time        // when each armed timer fires
+	ctx     context.Context                       // run's: a freeze ends with it (the daemon stops)
+	results chan lifecycle.Event                  // probes and stops report here
+	seq     uint64                                // of the last published status
 	// later is work that must wait until the step's status is published
 	// (a sleep's drain names that status).
 	later []func()
@@ -214,11 +192,33 @@ type loop struct {
 	// the runner no longer takes is its job's to stop), what it does now,
 	// when it is said to hang, and, at the shutdown, how long it is still
 	// waited for. gone is closed once the loop has ended.
-	spawned     chan evSpawned
+	spawned     chan spawnOutcome
 	spawnJob    *spawnRun
 	spawnSlow   <-chan time.Time
 	spawnGiveUp <-chan time.Time
 	gone        chan struct{}
+	// procs are the handles of the instances the machine knows, by the
+	// identity it knows them by: the one it runs, and one being stopped.
+	procs map[*lifecycle.Instance]*instance
+}
+
+// proc is the instance the machine names id.
+func (l *loop) proc(id *lifecycle.Instance) *instance {
+	inst := l.procs[id]
+	if inst == nil {
+		panic(fmt.Sprintf("runner: the machine names an instance the runner does not hold (pid %d)", id.PID))
+	}
+	return inst
+}
+
+// track keeps inst's handles for the machine, which knows it as
+// &inst.Instance.
+func (l *loop) track(inst *instance) *lifecycle.Instance {
+	if inst == nil {
+		return nil
+	}
+	l.procs[&inst.Instance] = inst
+	return &inst.Instance
 }
 
 // restored is what a runner takes over instead of beginning afresh: the
@@ -233,10 +233,11 @@ type restored struct {
 func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 	l := &loop{
 		r:       r,
-		m:       newMachine(cfg, r.d.now, r.d.jitter, r.log),
-		results: make(chan event, 4),
+		m:       lifecycle.New(cfg, r.d.now, r.d.jitter, r.log),
+		results: make(chan lifecycle.Event, 4),
 		ctx:     ctx,
-		spawned: make(chan evSpawned),
+		spawned: make(chan spawnOutcome),
+		procs:   map[*lifecycle.Instance]*instance{},
 		gone:    make(chan struct{}),
 	}
 	defer close(l.gone)
@@ -254,42 +255,43 @@ func (r *runner) run(ctx context.Context, cfg config.Model, from *restored) {
 		if from.inst != nil {
 			r.loadKey(cfg)
 		}
-		l.handleEffects(l.m.restore(from.st, from.inst, cfg.SpawnDigest(), envChanged))
-		l.handleEffects(l.m.learnIfUnknown())
+		l.handleEffects(l.m.Restore(from.st, l.track(from.inst), cfg.SpawnDigest(), envChanged))
+		l.handleEffects(l.m.LearnIfUnknown())
 	} else {
-		l.handleEffects(l.m.begin())
+		l.handleEffects(l.m.Begin())
 	}
 	close(r.began)
 	shutdown := ctx.Done()
 loop:
-	for !l.m.done() {
+	for !l.m.Done() {
 		var exited <-chan struct{}
-		if inst := l.m.inst; inst != nil && !l.m.exited {
-			exited = inst.done
+		if id := l.m.Inst(); id != nil && !l.m.Exited() {
+			exited = l.proc(id).done
 		}
 		select {
 		case <-shutdown:
 			shutdown = nil
-			l.handle(evShutdown{})
-			if l.m.flight == flightSpawn {
+			l.handle(lifecycle.EvShutdown{})
+			if l.m.Spawning() {
 				// Waited for as its stop would be; past that, its job stops
 				// whatever it starts.
-				l.spawnGiveUp = r.d.after(l.m.cfg.StopTimeout)
+				l.spawnGiveUp = r.d.after(l.m.Config().StopTimeout)
 			}
-		case ev := <-l.spawned:
+		case out := <-l.spawned:
 			l.spawnJob, l.spawnSlow, l.spawnGiveUp = nil, nil, nil
-			l.handle(ev)
+			out.ev.Inst = l.track(out.inst)
+			l.handle(out.ev)
 		case <-l.spawnSlow:
 			l.spawnSlow = nil
-			l.handle(evSpawnSlow{what: l.spawnJob.now(), after: spawnWait})
+			l.handle(lifecycle.EvSpawnSlow{What: l.spawnJob.now(), After: spawnWait})
 		case <-l.spawnGiveUp:
 			r.log.Error("shutting down with its spawn still in flight: the process it starts, if it ever returns, is stopped by its job",
-				zap.String("doing", l.spawnJob.now()), zap.Duration("waited", l.m.cfg.StopTimeout))
+				zap.String("doing", l.spawnJob.now()), zap.Duration("waited", l.m.Config().StopTimeout))
 			break loop
 		case <-r.mail.signal:
 			msgs, p := r.mail.take()
 			if p != nil {
-				l.handle(evPlaced{p: *p})
+				l.handle(lifecycle.EvPlaced{Placement: *p})
 			}
 			for _, msg := range msgs {
 				if msg.freeze != nil {
@@ -299,33 +301,33 @@ loop:
 				l.handle(msg.ev)
 				if msg.done != nil {
 					var err error
-					if _, ok := msg.ev.(evOp); ok {
-						err = l.m.opErr
+					if _, ok := msg.ev.(lifecycle.EvOp); ok {
+						err = l.m.OpErr()
 					}
 					msg.done <- err
 				}
 			}
 		case <-exited:
-			inst := l.m.inst
-			l.handle(evExited{inst: inst, exit: inst.exit})
+			id := l.m.Inst()
+			l.handle(lifecycle.EvExited{Inst: id, Exit: id.Exit})
 		case ev := <-l.results:
 			l.handle(ev)
 		case <-r.serving:
-			if inst := l.m.inst; inst != nil {
-				l.handle(evServing{inst: inst})
+			if id := l.m.Inst(); id != nil {
+				l.handle(lifecycle.EvServing{Inst: id})
 			}
-		case <-l.timers[tick]:
-			l.timers[tick] = nil
-			l.handle(evTimer{t: tick})
-		case <-l.timers[deadline]:
-			l.timers[deadline] = nil
-			l.handle(evTimer{t: deadline})
-		case <-l.timers[idle]:
-			l.timers[idle] = nil
-			l.handle(evIdle{last: l.r.lastRequestTime(), inFlight: l.r.inFlight()})
-		case <-l.timers[settle]:
-			l.timers[settle] = nil
-			l.handle(evTimer{t: settle})
+		case <-l.timers[lifecycle.Tick]:
+			l.timers[lifecycle.Tick] = nil
+			l.handle(lifecycle.EvTimer{Timer: lifecycle.Tick})
+		case <-l.timers[lifecycle.Deadline]:
+			l.timers[lifecycle.Deadline] = nil
+			l.handle(lifecycle.EvTimer{Timer: lifecycle.Deadline})
+		case <-l.timers[lifecycle.Idle]:
+			l.timers[lifecycle.Idle] = nil
+			l.handle(lifecycle.EvIdle{Last: l.r.lastRequestTime(), InFlight: l.r.inFlight()})
+		case <-l.timers[lifecycle.Settle]:
+			l.timers[lifecycle.Settle] = nil
+			l.handle(lifecycle.EvTimer{Timer: lifecycle.Settle})
 		}
 	}
 	// Operations that arrive now find the runner gone (send sees stopped).
@@ -339,12 +341,12 @@ loop:
 
 // handle steps the machine through ev and every event its effects produce
 // at once (checks, spawns), then publishes the result.
-func (l *loop) handle(ev event) {
-	was := l.m.state
-	queue := []event{ev}
+func (l *loop) handle(ev lifecycle.Event) {
+	was := l.m.State()
+	queue := []lifecycle.Event{ev}
 	for len(queue) > 0 {
 		ev, queue = queue[0], queue[1:]
-		for _, ef := range l.m.step(ev) {
+		for _, ef := range l.m.Step(ev) {
 			if next := l.do(ef); next != nil {
 				queue = append(queue, next)
 			}
@@ -354,8 +356,8 @@ func (l *loop) handle(ev event) {
 }
 
 // handleEffects carries out effects not caused by an event (the first step).
-func (l *loop) handleEffects(efs []effect) {
-	was := l.m.state
+func (l *loop) handleEffects(efs []lifecycle.Effect) {
+	was := l.m.State()
 	for _, ef := range efs {
 		if next := l.do(ef); next != nil {
 			l.handle(next)
@@ -366,11 +368,11 @@ func (l *loop) handleEffects(efs []effect) {
 
 // settle keeps a failed model's last output and publishes the status.
 func (l *loop) settle(was State) {
-	if l.m.state == Failed && was != Failed {
-		l.m.lastOut = l.r.out.last(OutputLines)
-		l.r.log.Error("model failed", zap.String("reason", l.m.reason), zap.Strings("last_output", l.r.out.last(20)))
+	if l.m.State() == Failed && was != Failed {
+		l.m.KeepOutput(l.r.out.last(OutputLines))
+		l.r.log.Error("model failed", zap.String("reason", l.m.Reason()), zap.Strings("last_output", l.r.out.last(20)))
 	}
-	st := l.m.status()
+	st := l.m.Status()
 	l.seq++
 	st.Seq = l.seq
 	l.r.status.Store(st)
@@ -383,52 +385,53 @@ func (l *loop) settle(was State) {
 
 // do carries out one effect; an outcome known at once is returned as the
 // next event.
-func (l *loop) do(ef effect) event {
+func (l *loop) do(ef lifecycle.Effect) lifecycle.Event {
 	r, m := l.r, l.m
+	cfg := m.Config()
 	switch ef := ef.(type) {
-	case efCheck:
-		_, cause, reason := checkStart(m.cfg)
-		return evChecked{cause: cause, reason: reason}
-	case efWant:
-		r.d.sched.Want(m.cfg, ef.seq, ef.held)
-	case efDrop:
+	case lifecycle.EfCheck:
+		_, cause, reason := checkStart(cfg)
+		return lifecycle.EvChecked{Cause: cause, Reason: reason}
+	case lifecycle.EfWant:
+		r.d.sched.Want(cfg, ef.Seq, ef.Held)
+	case lifecycle.EfDrop:
 		r.d.sched.Drop(r.name)
-	case efWithdraw:
+	case lifecycle.EfWithdraw:
 		r.d.sched.Withdraw(r.name)
-	case efSpawn:
-		l.startSpawn(ef.gpus)
-	case efReady:
-		r.d.sched.Ready(r.name, ef.at)
+	case lifecycle.EfSpawn:
+		l.startSpawn(ef.GPUs)
+	case lifecycle.EfReady:
+		r.d.sched.Ready(r.name, ef.At)
 		// A successor after a crash must know it was ready: one that no
 		// longer answers is then failing, not loading.
 		l.record()
-	case efProbe:
-		inst := m.inst
+	case lifecycle.EfProbe:
+		inst := l.proc(m.Inst())
 		inst.tree.Refresh()
 		r.publishPIDs(inst.tree)
 		r.own.Add(1)
 		job := probeJob{
-			inst: inst, health: probeURL(m.cfg), base: baseURL(m.cfg), served: m.cfg.ServedName,
-			timeout: m.cfg.Probe.Timeout, deepPeriod: m.cfg.Probe.DeepPeriod, deepTimeout: m.cfg.Probe.DeepTimeout,
-			live: ef.live, key: r.key(),
+			inst: inst, health: probeURL(cfg), base: baseURL(cfg), served: cfg.ServedName,
+			timeout: cfg.Probe.Timeout, deepPeriod: cfg.Probe.DeepPeriod, deepTimeout: cfg.Probe.DeepTimeout,
+			live: ef.Live, key: r.key(),
 		}
-		if m.askVersion() {
-			job.versionKey = versionKey(m.cfg, r.d.environ)
+		if m.AskVersion() {
+			job.versionKey = versionKey(cfg, r.d.environ)
 		}
 		go l.probe(job)
-	case efLearn:
-		go l.learn(m.cfg, ef.seq)
-	case efObserve:
-		r.d.metrics.observe(r.name, ef.took, ef.err)
-	case efStop:
+	case lifecycle.EfLearn:
+		go l.learn(cfg, ef.Seq)
+	case lifecycle.EfObserve:
+		r.d.metrics.observe(r.name, ef.Took, ef.Err)
+	case lifecycle.EfStop:
 		r.marker.Store(nil) // its processes are nobody's now: strays once orphaned
 		// Its GPUs' memory changes from now on: no start or wake there
 		// until it is released.
 		r.d.sched.Changing(r.name)
-		inst, grace, mainAlive, base := ef.inst, m.cfg.StopTimeout, ef.mainAlive, baseURL(m.cfg)
+		inst, grace, mainAlive, base := l.proc(ef.Inst), cfg.StopTimeout, ef.MainAlive, baseURL(cfg)
 		stop := func(seq uint64) {
 			go func() {
-				if ef.drain {
+				if ef.Drain {
 					// The drain and the SIGTERM grace share stop_timeout.
 					start := r.d.now()
 					l.drain(base, drainBudget(grace), seq)
@@ -444,28 +447,30 @@ func (l *loop) do(ef effect) event {
 					tried += wait
 					err = r.stopInstance(inst, 0, false)
 				}
-				l.results <- evStopped{inst: inst, err: err, waiting: r.waiting()}
+				l.results <- lifecycle.EvStopped{Inst: &inst.Instance, Err: err, Waiting: r.waiting()}
 			}()
 		}
-		if ef.drain {
+		if ef.Drain {
 			// After the stopping state is published: the drain names it.
 			l.later = append(l.later, func() { stop(l.seq) })
 		} else {
 			stop(0)
 		}
-	case efRelease:
+	case lifecycle.EfRelease:
 		// Its GPUs stay busy until its processes have left them.
-		r.d.sched.Release(r.name, ef.inst.tree.SeenPIDs(), ef.keep)
-		r.d.forgetInstance(ef.inst.marker)
+		inst := l.proc(ef.Inst)
+		delete(l.procs, ef.Inst)
+		r.d.sched.Release(r.name, inst.tree.SeenPIDs(), ef.Keep)
+		r.d.forgetInstance(inst.marker)
 		r.pids.Store(nil)
 		r.cg.Store(nil)
-	case efSleep:
+	case lifecycle.EfSleep:
 		// Its GPUs' memory changes from now on (granted quiet GPUs, or
 		// going ahead after waiting startup_timeout for them): no start or
 		// wake there until it has slept, or stays awake.
 		r.d.sched.Changing(r.name)
-		base, grace, key := baseURL(m.cfg), m.cfg.StopTimeout, r.key()
-		ask := m.hasIsSleeping()
+		base, grace, key := baseURL(cfg), cfg.StopTimeout, r.key()
+		ask := m.HasIsSleeping()
 		// The machine chooses the level (sleep_host_memory may deepen it,
 		// from what the other models hold) and keeps it and when the sleep
 		// began: every record from here on (this one, a reload's) says the
@@ -473,52 +478,52 @@ func (l *loop) do(ef effect) event {
 		// awake until /sleep returns), so the model is never taken for
 		// awake, and is woken the way it slept. A drain that does not
 		// complete rewrites it.
-		host := hostMemory{budget: r.d.sleepBudget(), othersHeld: r.d.level1Held(r.name)}
-		level := m.sleepBegins(ef.level, host, r.d.now())
+		host := lifecycle.HostMemory{Budget: r.d.sleepBudget(), OthersHeld: r.d.level1Held(r.name)}
+		level := m.SleepBegins(ef.Level, host, r.d.now())
 		l.record()
 		// After the sleeping state is published: the drain names it.
 		l.later = append(l.later, func() { go l.sleep(base, key, level, ask, grace, l.seq) })
-	case efRecord:
+	case lifecycle.EfRecord:
 		l.record()
-	case efSlept:
-		if ef.level > 0 {
+	case lifecycle.EfSlept:
+		if ef.Level > 0 {
 			r.d.sched.Slept(r.name)
 			l.record()
 		}
-		r.d.metrics.slept(r.name, ef.level, ef.cause)
-	case efWake:
-		go l.wake(m.inst, m.cfg, r.key(), ef.level, m.hasIsSleeping(), ef.timeout, ef.known)
-	case efCanary:
+		r.d.metrics.slept(r.name, ef.Level, ef.Cause)
+	case lifecycle.EfWake:
+		go l.wake(l.proc(m.Inst()), cfg, r.key(), ef.Level, m.HasIsSleeping(), ef.Timeout, ef.Known)
+	case lifecycle.EfCanary:
 		r.own.Add(1)
-		go l.recordCanary(m.inst, m.cfg, r.key())
-	case efQuiet:
-		r.d.sched.Quiet(r.name, ef.seq)
-	case efUnquiet:
+		go l.recordCanary(l.proc(m.Inst()), cfg, r.key())
+	case lifecycle.EfQuiet:
+		r.d.sched.Quiet(r.name, ef.Seq)
+	case lifecycle.EfUnquiet:
 		r.d.sched.Unquiet(r.name)
-	case efWakeFailed:
-		r.d.metrics.wakeFailed(r.name, ef.why)
-	case efRedigest:
+	case lifecycle.EfWakeFailed:
+		r.d.metrics.wakeFailed(r.name, ef.Why)
+	case lifecycle.EfRedigest:
 		// Only policy keys changed: the process is what the new
 		// configuration would start, as far as it can see (its sleep mode
 		// is kept apart), so a successor keeps it.
-		m.inst.digest = m.cfg.SpawnDigest()
+		l.proc(m.Inst()).digest = cfg.SpawnDigest()
 		l.record()
-	case efWoke:
+	case lifecycle.EfWoke:
 		l.record()
-		r.d.metrics.woke(r.name, ef.level, ef.took)
-	case efDecline:
+		r.d.metrics.woke(r.name, ef.Level, ef.Took)
+	case lifecycle.EfDecline:
 		r.d.sched.Declined(r.name)
-	case efArm:
-		l.timers[ef.t] = r.d.after(ef.d)
-		l.timerAt[ef.t] = r.d.now().Add(ef.d)
-	case efAdopt:
-		r.d.sched.Adopt(m.cfg, m.inst.gpus, ef.phase, ef.awakeAt, ef.changing)
-	case efSettled:
+	case lifecycle.EfArm:
+		l.timers[ef.Timer] = r.d.after(ef.After)
+		l.timerAt[ef.Timer] = r.d.now().Add(ef.After)
+	case lifecycle.EfAdopt:
+		r.d.sched.Adopt(cfg, m.Inst().GPUs, ef.Phase, ef.AwakeAt, ef.Changing)
+	case lifecycle.EfSettled:
 		r.d.sched.Slept(r.name)
-	case efAskSleeping:
-		go l.askSleeping(m.inst, m.cfg, r.key())
-	case efDisarm:
-		l.timers[ef.t] = nil
+	case lifecycle.EfAskSleeping:
+		go l.askSleeping(l.proc(m.Inst()), cfg, r.key())
+	case lifecycle.EfDisarm:
+		l.timers[ef.Timer] = nil
 	default:
 		panic(fmt.Sprintf("runner: unknown effect %T", ef))
 	}
@@ -542,8 +547,8 @@ func (r *runner) writeRecord(is liverestore.InstanceState) {
 
 // recordState is the live instance's record as of now; nil when none runs.
 func (l *loop) recordState() *liverestore.InstanceState {
-	st := l.m.snapshot()
-	if st.Instance == nil || l.m.inst == nil {
+	st := l.m.Snapshot()
+	if st.Instance == nil || l.m.Inst() == nil {
 		return nil
 	}
 	l.fillRecord(st.Instance)
@@ -555,12 +560,12 @@ func (l *loop) recordState() *liverestore.InstanceState {
 // whether an upgrade hands it over (freeze) or a crash leaves it behind
 // (record).
 func (l *loop) fillRecord(is *liverestore.InstanceState) {
-	inst := l.m.inst
+	inst := l.proc(l.m.Inst())
 	is.Marker, is.Start, is.Digest = inst.marker, inst.start, inst.digest
 	if cg := l.r.cg.Load(); cg != nil {
 		is.Cgroup = cg.Path
 	}
-	is.Adopted = inst.adopted
+	is.Adopted = inst.Adopted
 }
 
 // checkStart looks at everything a start of m needs, in the order an
@@ -642,10 +647,10 @@ func (l *loop) probe(j probeJob) {
 		cancel()
 	}
 	if probe.Local(err) {
-		err = fmt.Errorf("%w: %w", errNoVerdict, err)
+		err = fmt.Errorf("%w: %w", lifecycle.ErrNoVerdict, err)
 	}
 	l.r.own.Add(-1)
-	l.results <- evProbed{inst: j.inst, err: err, took: took, version: version}
+	l.results <- lifecycle.EvProbed{Inst: &j.inst.Instance, Err: err, Took: took, Version: version}
 }
 
 // askSleeping asks the engine of inst, adopted after a crash, whether it
@@ -654,7 +659,7 @@ func (l *loop) askSleeping(inst *instance, m config.Model, key string) {
 	ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), key), m.Probe.Timeout)
 	defer cancel()
 	asleep, err := l.r.d.prober.IsSleeping(ctx, baseURL(m))
-	l.results <- evEngineSleeps{inst: inst, asleep: asleep, err: err}
+	l.results <- lifecycle.EvEngineSleeps{Inst: &inst.Instance, Asleep: asleep, Err: err}
 }
 
 // stopRetryFor is how long a stop the daemon could not complete for want
@@ -665,14 +670,7 @@ const stopRetryFor = time.Minute
 // drainBudget is how much of stop_timeout a planned stop's drain may take:
 // the rest is left to the SIGTERM grace.
 func drainBudget(stopTimeout time.Duration) time.Duration {
-	return stopTimeout - sigtermGrace(stopTimeout)
-}
-
-// sigtermGrace is the part of stop_timeout left between SIGTERM and
-// SIGKILL after a planned stop's drain (half of it, at most 5 s), in which
-// vLLM shuts its engine down and gives its GPU memory back.
-func sigtermGrace(stopTimeout time.Duration) time.Duration {
-	return min(stopTimeout/2, 5*time.Second)
+	return stopTimeout - lifecycle.SigtermGrace(stopTimeout)
 }
 
 // engineGrace is how long a drain waits for an engine that does not say
@@ -740,7 +738,7 @@ func (l *loop) drain(base string, budget time.Duration, seq uint64) bool {
 func (l *loop) sleep(base, key string, level int, askAsleep bool, grace time.Duration, seq uint64) {
 	d := l.r.d
 	if !l.drain(base, grace, seq) {
-		l.results <- evSlept{aborted: true}
+		l.results <- lifecycle.EvSlept{Aborted: true}
 		return
 	}
 	// What it holds on its GPUs now, read fresh: its wake asks for that
@@ -769,7 +767,7 @@ func (l *loop) sleep(base, key string, level int, askAsleep bool, grace time.Dur
 	}
 	// Requests that wait in its queue now came for it while it went to
 	// sleep, or before: they want it back.
-	l.results <- evSlept{err: err, waiting: l.r.waiting(), held: held, grown: grown}
+	l.results <- lifecycle.EvSlept{Err: err, Waiting: l.r.waiting(), Held: held, Grown: grown}
 }
 
 // heldOnGPUs reads the GPUs now and returns what the model's processes
@@ -860,9 +858,9 @@ func (l *loop) wake(inst *instance, m config.Model, key string, level int, askAs
 		ccancel()
 	}
 	if err != nil && ctx.Err() != nil {
-		err = fmt.Errorf("not awake within %s: %w", roundDuration(timeout), err)
+		err = fmt.Errorf("not awake within %s: %w", lifecycle.RoundDuration(timeout), err)
 	}
-	l.results <- evWoke{inst: inst, err: err, why: why}
+	l.results <- lifecycle.EvWoke{Inst: &inst.Instance, Err: err, Why: why}
 }
 
 // recordCanary asks the canary's known answer of a process fresh from its
@@ -872,15 +870,15 @@ func (l *loop) recordCanary(inst *instance, m config.Model, key string) {
 	ctx, cancel := context.WithTimeout(probe.WithKey(context.Background(), key), canaryTimeout)
 	defer cancel()
 	base := baseURL(m)
-	ev := evCanary{inst: inst}
+	ev := lifecycle.EvCanary{Inst: &inst.Instance}
 	a, err := l.r.d.prober.KnownAnswer(ctx, base, m.ServedName)
 	if err == nil {
 		var b probe.Answer
 		if b, err = l.r.d.prober.KnownAnswer(ctx, base, m.ServedName); err == nil {
-			ev.answer, ev.differs = a, !a.Same(b)
+			ev.Answer, ev.Differs = a, !a.Same(b)
 		}
 	}
-	ev.err = err
+	ev.Err = err
 	l.results <- ev
 }
 
@@ -913,11 +911,6 @@ func (r *runner) waiting() int {
 	}
 	return r.d.traffic.Waiting(r.name)
 }
-
-// errNoVerdict marks a probe that failed for the daemon's own reason (out
-// of descriptors, memory or local ports): the machine counts it neither
-// for nor against the model.
-var errNoVerdict = errors.New("probe not made")
 
 // publishPIDs makes the instance's processes known for GPU attribution.
 func (r *runner) publishPIDs(t processTree) {

@@ -8,16 +8,17 @@ import (
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/lifecycle"
 	"citadel-supervisor/vllm"
 )
 
 // learn looks the model's vLLM version up on a goroutine of its own (it
-// starts the model's interpreter) and reports it as evLearned.
+// starts the model's interpreter) and reports it as EvLearned.
 func (l *loop) learn(m config.Model, seq int) {
 	d := l.r.d
 	v, err := d.versions.learn(l.ctx, m, d.environ, d.reaper.Start)
 	select {
-	case l.results <- evLearned{seq: seq, version: v, err: err}:
+	case l.results <- lifecycle.EvLearned{Seq: seq, Version: v, Err: err}:
 	case <-l.ctx.Done(): // shutting down: nothing will start
 	}
 }
@@ -40,15 +41,15 @@ func (r *runner) loadKey(m config.Model) {
 // CUDA's index NVML's), or the UUIDs themselves with gpu.visible_devices:
 // uuid where the model's vLLM resolves them (0.24, vllm#45026). note says
 // what could not be done as configured.
-func (d *deps) visibleDevices(gpus []string, v vllmInfo) (out []string, note string) {
+func (d *deps) visibleDevices(gpus []string, v lifecycle.VLLM) (out []string, note string) {
 	if len(gpus) == 0 {
 		return nil, ""
 	}
 	if d.visible == config.VisibleUUID {
-		if !v.known() || v.version.Has(vllm.UUIDDevices) {
+		if !v.Known() || v.Version.Has(vllm.UUIDDevices) {
 			return gpus, ""
 		}
-		note = fmt.Sprintf("gpu.visible_devices: uuid needs vLLM %s (vllm#45026); %s gets NVML indices", vllm.UUIDDevices.Since, v.version)
+		note = fmt.Sprintf("gpu.visible_devices: uuid needs vLLM %s (vllm#45026); %s gets NVML indices", vllm.UUIDDevices.Since, v.Version)
 	}
 	var unmapped []string
 	for _, g := range gpus {

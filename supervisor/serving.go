@@ -1,17 +1,13 @@
 package supervisor
 
-import (
-	"strings"
-	"time"
-
-	"citadel-supervisor/gpu"
-)
+import "strings"
 
 // Readiness without polling delay. A starting model is probed every
 // startup poll (at most a second) until it answers; the supervisor's own
 // share of a cold start would be half that on average. vLLM says when it
 // is about to serve, so the output reader watches for it and the model is
-// probed at once, then every fastPoll until it answers (docs/probes.md).
+// probed at once (EvServing), then fast until it answers (docs/probes.md;
+// the polls are the machine's, supervisor/lifecycle/serving.go).
 
 // servingLines are what a starting vLLM prints as it begins to serve, in
 // the order it prints them (vllm/entrypoints/openai/api_server.py and
@@ -50,62 +46,4 @@ func servingLine(line string) bool {
 		}
 	}
 	return false
-}
-
-const (
-	// burstPoll is the probe interval right after the model said it
-	// serves (for burstFor): a refused connection costs microseconds.
-	burstPoll = 5 * time.Millisecond
-	burstFor  = 250 * time.Millisecond
-	// fastPoll is the probe interval after that, and in the window around
-	// the start time its previous starts took.
-	fastPoll = 50 * time.Millisecond
-	// fastFor is how long after the model said it serves it is probed
-	// every fastPoll before falling back to the startup poll: vLLM listens
-	// within milliseconds of the line, so this is ample.
-	fastFor = 10 * time.Second
-)
-
-// startupPoll is how long until the next probe of a starting model: every
-// burstPoll, then fastPoll, once it said it serves (for fastFor), and in the window around
-// the spawn-to-ready time its recent starts took (from a fifth before the
-// median to half of it after, at least a second either side); else the
-// startup poll (the probe period, at most maxStartupPoll), never sleeping
-// past the window's start.
-func (m *machine) startupPoll() time.Duration {
-	slow := min(m.cfg.Probe.Period, maxStartupPoll)
-	now := m.now()
-	if since := now.Sub(m.servingAt); !m.servingAt.IsZero() && since < fastFor {
-		if since < burstFor {
-			return burstPoll
-		}
-		return fastPoll
-	}
-	typ := gpu.Typical(m.loads)
-	if typ <= 0 || m.inst == nil {
-		return slow
-	}
-	elapsed := now.Sub(m.inst.started)
-	from := typ - max(typ/5, time.Second)
-	until := typ + max(typ/2, time.Second)
-	switch {
-	case elapsed >= from && elapsed <= until:
-		return min(fastPoll, slow)
-	case elapsed < from:
-		return max(min(slow, from-elapsed), fastPoll)
-	}
-	return slow
-}
-
-// onServing probes a starting model at once when its output said it serves.
-func (m *machine) onServing(ev evServing) []effect {
-	if ev.inst != m.inst || m.inst == nil || m.state != Starting || m.exited {
-		return nil
-	}
-	m.servingAt = m.now()
-	if m.probing {
-		return nil // the probe in flight answers; a refusal re-arms fast
-	}
-	m.probing = true
-	return []effect{efProbe{live: false}}
 }

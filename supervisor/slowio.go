@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"citadel-supervisor/supervisor/lifecycle"
 	"fmt"
 	"maps"
 	"os"
@@ -57,7 +58,7 @@ type HungError struct {
 }
 
 func (e *HungError) Error() string {
-	return fmt.Sprintf("%s has not returned for %s (a hung mount?); retried once it returns", e.What, roundDuration(time.Since(e.Since)))
+	return fmt.Sprintf("%s has not returned for %s (a hung mount?); retried once it returns", e.What, lifecycle.RoundDuration(time.Since(e.Since)))
 }
 
 var slowIO = &blockingIO{wait: ioWait, runs: map[string]*ioRun{}}

@@ -15,6 +15,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/lifecycle"
 	"citadel-supervisor/supervisor/proc"
 )
 
@@ -86,32 +87,29 @@ func (r *runner) spawn(m, eff config.Model, secrets map[string]string, gpus, vis
 	}
 	r.marker.Store(&marker)
 	inst := &instance{
-		pid:       cmd.Process.Pid,
-		marker:    marker,
-		digest:    m.SpawnDigest(),
-		sleepMode: eff.Sleeps(),
-		stdout:    outR,
-		stderr:    errR,
-		tree:      tree,
-		kill:      cmd.Process.Kill,
-		started:   r.d.now(),
-		gpus:      gpus,
-		deep:      &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},
-		done:      make(chan struct{}),
+		Instance: lifecycle.Instance{PID: cmd.Process.Pid, Started: r.d.now(), GPUs: gpus, SleepMode: eff.Sleeps()},
+		marker:   marker,
+		digest:   m.SpawnDigest(),
+		stdout:   outR,
+		stderr:   errR,
+		tree:     tree,
+		kill:     cmd.Process.Kill,
+		deep:     &probe.Deep{Period: m.Probe.DeepPeriod, Now: r.d.now},
+		done:     make(chan struct{}),
 	}
 	doing("reading the start time of its process")
-	if st, err := proc.ReadStat(inst.pid); err == nil {
+	if st, err := proc.ReadStat(inst.PID); err == nil {
 		inst.start = st.Start
 	}
 	r.d.storeOutput(marker, outR, errR)
-	r.log.Info("spawned", zap.Int("pid", inst.pid), zap.Strings("argv", config.MaskArgs(args)), zap.Strings("gpus", gpus), zap.Strings("cuda_visible_devices", visible))
+	r.log.Info("spawned", zap.Int("pid", inst.PID), zap.Strings("argv", config.MaskArgs(args)), zap.Strings("gpus", gpus), zap.Strings("cuda_visible_devices", visible))
 	go r.capture(outR, "stdout")
 	go r.capture(errR, "stderr")
 	go func() {
-		awaitExit(inst.pid, inst.start)
+		awaitExit(inst.PID, inst.start)
 		err := cmd.Wait()
-		r.d.reaper.Done(inst.pid)
-		inst.exit = describeExit(cmd.ProcessState, err)
+		r.d.reaper.Done(inst.PID)
+		inst.Exit = describeExit(cmd.ProcessState, err)
 		close(inst.done)
 	}()
 	return inst, nil
@@ -191,13 +189,13 @@ func (r *runner) capture(f *os.File, stream string) {
 	}
 }
 
-func describeExit(ps *os.ProcessState, err error) exitInfo {
+func describeExit(ps *os.ProcessState, err error) lifecycle.Exit {
 	if ps == nil {
-		return exitInfo{code: -1, desc: fmt.Sprintf("wait failed: %v", err)}
+		return lifecycle.Exit{Code: -1, Desc: fmt.Sprintf("wait failed: %v", err)}
 	}
 	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
 		sig := ws.Signal()
-		return exitInfo{code: 128 + int(sig), desc: fmt.Sprintf("killed by %s", unix.SignalName(sig))}
+		return lifecycle.Exit{Code: 128 + int(sig), Desc: fmt.Sprintf("killed by %s", unix.SignalName(sig))}
 	}
-	return exitInfo{code: ps.ExitCode(), desc: fmt.Sprintf("exit code %d", ps.ExitCode())}
+	return lifecycle.Exit{Code: ps.ExitCode(), Desc: fmt.Sprintf("exit code %d", ps.ExitCode())}
 }

@@ -2,7 +2,6 @@ package supervisor
 
 import (
 	"context"
-	"errors"
 	"net"
 	"os/exec"
 	"strconv"
@@ -11,135 +10,9 @@ import (
 	"testing"
 	"time"
 
-	"citadel-supervisor/config"
 	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
 )
-
-// TestMachineAskedDuringSpawn: what is asked while a spawn is in flight
-// (the runner goes on taking events meanwhile) is applied once the spawn
-// returns: a process it started is stopped first, never lost.
-func TestMachineAskedDuringSpawn(t *testing.T) {
-	t.Run("stop: its process is stopped, then held", func(t *testing.T) {
-		mt := newMTest(t).toSpawning()
-		mt.expect(evOp{op: OpStop}, "")
-		mt.state(Pending)
-		if !strings.Contains(mt.m.reason, "spawning; stopped once it returns (held stopped by operator)") {
-			t.Fatalf("reason %q", mt.m.reason)
-		}
-		inst := mt.newInst()
-		mt.expect(evSpawned{inst: inst}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
-		mt.state(Stopping)
-		mt.expect(evStopped{inst: inst}, "release")
-		mt.state(Stopped)
-		if mt.m.reason != "held stopped by operator" {
-			t.Fatalf("reason %q", mt.m.reason)
-		}
-	})
-	t.Run("stop, then its spawn fails: held, its want dropped", func(t *testing.T) {
-		mt := newMTest(t).toSpawning()
-		mt.step(evOp{op: OpStop})
-		mt.expect(evSpawned{err: errors.New("exec: no such file")}, "disarm(tick) drop")
-		mt.state(Stopped)
-	})
-	t.Run("stop, then start: it starts as spawned", func(t *testing.T) {
-		mt := newMTest(t).toSpawning()
-		mt.step(evOp{op: OpStop})
-		mt.expect(evOp{op: OpStart}, "")
-		if mt.m.reason != "spawning" {
-			t.Fatalf("reason %q", mt.m.reason)
-		}
-		mt.expect(evSpawned{inst: mt.newInst()}, "record arm(deadline,20m0s) arm(tick,1s)")
-		mt.state(Starting)
-	})
-	t.Run("restart: stopped, then pending with its GPUs kept", func(t *testing.T) {
-		mt := newMTest(t).toSpawning()
-		mt.expect(evOp{op: OpRestart}, "")
-		inst := mt.newInst()
-		mt.expect(evSpawned{inst: inst}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
-		mt.expect(evStopped{inst: inst}, "release(keep) disarm(tick) check")
-		mt.state(Pending)
-	})
-	t.Run("reload that changes it, its spawn failing a check: checked again", func(t *testing.T) {
-		mt := newMTest(t).toSpawning()
-		c := testModelCfg()
-		c.MaxModelLen = 4096
-		mt.expect(evConfig{cfg: c, kind: config.Respawn}, "")
-		mt.expect(evSpawned{cause: CausePort, reason: "port 11400 in use"}, "drop disarm(tick) check")
-		mt.state(Pending)
-	})
-	t.Run("shutdown: not done until its spawn returned and its process stopped", func(t *testing.T) {
-		mt := newMTest(t).toSpawning()
-		mt.expect(evShutdown{}, "")
-		if mt.m.done() {
-			t.Fatal("done with a spawn in flight")
-		}
-		inst := mt.newInst()
-		mt.expect(evSpawned{inst: inst}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
-		mt.expect(evStopped{inst: inst}, "release")
-		mt.state(Stopped)
-		if !mt.m.done() {
-			t.Fatal("not done after its stop")
-		}
-	})
-	t.Run("removed: done once its spawn returned nothing", func(t *testing.T) {
-		mt := newMTest(t).toSpawning()
-		mt.expect(evRemoved{}, "")
-		if mt.m.done() {
-			t.Fatal("done with a spawn in flight")
-		}
-		mt.expect(evSpawned{cause: CauseDaemon, reason: "short"}, "disarm(tick) drop")
-		if !mt.m.done() {
-			t.Fatalf("not done: %s (%s)", mt.m.state, mt.m.reason)
-		}
-	})
-	t.Run("a spawn that hangs says on what; a tick does not check again", func(t *testing.T) {
-		mt := newMTest(t).toSpawning()
-		mt.expect(evSpawnSlow{what: "starting /opt/venv/bin/python3", after: spawnWait}, "")
-		if want := "spawn hangs: starting /opt/venv/bin/python3 has not returned after 2s"; mt.m.reason != want {
-			t.Fatalf("reason %q, want %q", mt.m.reason, want)
-		}
-		mt.expect(evTimer{tick}, "")
-		mt.expect(evOp{op: OpStop}, "")
-		if !strings.HasSuffix(mt.m.reason, "has not returned after 2s; stopped once it returns (held stopped by operator)") {
-			t.Fatalf("reason %q", mt.m.reason)
-		}
-		if err := mt.m.restorable(); err == nil {
-			t.Fatal("restorable with a spawn in flight")
-		}
-	})
-}
-
-// TestMachineAdoptedAsksWhetherItSleeps: an on-demand process adopted
-// after a crash, whose record says awake, counts as loading (no request
-// goes to it) until its engine says whether it sleeps; a stop meanwhile
-// makes the answer moot.
-func TestMachineAdoptedAsksWhetherItSleeps(t *testing.T) {
-	mt := newODTest(t)
-	inst := mt.newInst()
-	inst.adopted = true
-	digest := mt.m.cfg.SpawnDigest()
-	got := describe(mt.m.restore(liverestore.ModelState{Instance: &liverestore.InstanceState{Model: "m", PID: inst.pid, Started: mt.now, ReadyAt: mt.now, Digest: digest}}, inst, digest, false))
-	if got != "adopt(starting) ask-sleeping" {
-		t.Fatalf("restore: %s", got)
-	}
-	mt.state(Starting)
-	if err := mt.m.restorable(); err == nil || !strings.Contains(err.Error(), "asked whether it sleeps") {
-		t.Fatalf("restorable while asking: %v", err)
-	}
-	mt.expect(evTimer{tick}, "")
-	mt.expect(evServing{inst: inst}, "")
-	mt.expect(evOp{op: OpStop}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
-	mt.expect(evEngineSleeps{inst: inst, asleep: true}, "")
-	mt.state(Stopping)
-
-	// Not adopted (an upgrade of its own child): nothing to ask.
-	mt = newODTest(t)
-	inst = mt.newInst()
-	if got := describe(mt.m.restore(liverestore.ModelState{State: Ready, Instance: &liverestore.InstanceState{Model: "m", PID: inst.pid, Digest: digest}}, inst, digest, false)); got != "adopt(running) arm(tick,1s) arm(idle,10m0s)" {
-		t.Fatalf("restore of a child: %s", got)
-	}
-}
 
 // blockSpawns makes the fork and exec of model's spawns hang (as an exec
 // of a binary on a mount that does not answer would), through the test

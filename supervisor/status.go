@@ -1,6 +1,9 @@
 package supervisor
 
-import "citadel-supervisor/supervisor/control/api"
+import (
+	"citadel-supervisor/supervisor/control/api"
+	"citadel-supervisor/supervisor/lifecycle"
+)
 
 // A model's status is part of the control wire (package api), so that
 // citadelctl links the types without the daemon. These aliases keep the
@@ -41,32 +44,28 @@ func HealthOf(st []Status) Health { return api.HealthOf(st) }
 func Summary(st []Status) string { return api.Summary(st) }
 
 // Pending causes, the values of citadel_model_pending_cause's cause label:
-// what a pending model waits for. Waiting for GPU memory is normal on a
-// host with more models than memory; the others need an operator.
+// what a pending model waits for (package lifecycle's).
 const (
-	CauseChecking = "checking" // about to check (just started, restarted, reset)
-	CauseStorage  = "storage"  // the model path does not exist
-	CauseEnvFiles = "env_files"
-	CausePort     = "port" // someone else listens on the model's port
-	CauseGPU      = "gpu"  // GPU memory, priority, a start or a release on its GPUs
-	// CauseDaemon: the daemon itself was short of descriptors, memory or
-	// processes to spawn it; its own problem, retried, never the model's.
-	CauseDaemon = "daemon"
+	CauseChecking = lifecycle.CauseChecking
+	CauseStorage  = lifecycle.CauseStorage
+	CauseEnvFiles = lifecycle.CauseEnvFiles
+	CausePort     = lifecycle.CausePort
+	CauseGPU      = lifecycle.CauseGPU
+	CauseDaemon   = lifecycle.CauseDaemon
 )
 
 // PendingCauses lists every cause.
 var PendingCauses = []string{CauseChecking, CauseStorage, CauseEnvFiles, CausePort, CauseGPU, CauseDaemon}
 
-// Restart reasons, the values of citadel_model_restarts_total's reason label.
+// Restart reasons, the values of citadel_model_restarts_total's reason
+// label (package lifecycle's).
 const (
-	ReasonExit    = "exit"
-	ReasonProbe   = "probe"
-	ReasonStartup = "startup"
-	ReasonManual  = "manual"
-	ReasonReload  = "reload"
-	// ReasonWake: a wake failed (hung, its engine dead, its canary failed)
-	// and the model was started cold.
-	ReasonWake = "wake"
+	ReasonExit    = lifecycle.ReasonExit
+	ReasonProbe   = lifecycle.ReasonProbe
+	ReasonStartup = lifecycle.ReasonStartup
+	ReasonManual  = lifecycle.ReasonManual
+	ReasonReload  = lifecycle.ReasonReload
+	ReasonWake    = lifecycle.ReasonWake
 )
 
 // RestartReasons lists every restart reason.

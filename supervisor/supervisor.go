@@ -32,6 +32,7 @@ import (
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor/control/api"
+	"citadel-supervisor/supervisor/lifecycle"
 	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
 	"citadel-supervisor/supervisor/schedule"
@@ -383,7 +384,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 			r.lastRequest.Store(s.d.now().UnixNano())
 			r.uses.Add(s.d.now())
 			if m.OnDemand() {
-				r.mail.put(message{ev: evDemand{}})
+				r.mail.put(message{ev: lifecycle.EvDemand{}})
 			}
 		}
 		s.demandMu.Unlock()
@@ -470,11 +471,11 @@ func (s *Supervisor) Run(ctx context.Context) error {
 					s.leavingMu.Lock()
 					s.leaving[c.Name] = r
 					s.leavingMu.Unlock()
-					r.mail.put(message{ev: evRemoved{}})
+					r.mail.put(message{ev: lifecycle.EvRemoved{}})
 					removed = append(removed, r)
 					s.d.metrics.forget(c.Name)
 				case config.Respawn, config.Update:
-					byName[c.Name].mail.put(message{ev: evConfig{cfg: m, kind: c.Kind}})
+					byName[c.Name].mail.put(message{ev: lifecycle.EvConfig{Config: m, Kind: c.Kind}})
 				}
 			}
 			s.cfg.Store(req.cfg)
@@ -636,9 +637,9 @@ func (s *Supervisor) deliver(name string, a schedule.Answer) {
 	case schedule.Placement:
 		r.mail.place(a)
 	case schedule.QuietAnswer:
-		r.mail.put(message{ev: evQuiet{seq: a.Seq, ok: a.OK, reason: a.Reason}})
+		r.mail.put(message{ev: lifecycle.EvQuiet{Seq: a.Seq, OK: a.OK, Reason: a.Reason}})
 	case schedule.Eviction:
-		r.mail.put(message{ev: evEvict{forModel: a.For}})
+		r.mail.put(message{ev: lifecycle.EvEvict{ForModel: a.For}})
 	}
 }
 
@@ -688,7 +689,7 @@ func (s *Supervisor) Demand(name string) {
 	// The configuration, not the status: a runner that has not published
 	// yet must still get the request (its machine ignores it if awake).
 	if m, ok := s.cfg.Load().Model(name); ok && m.OnDemand() && r.status.Load().State != Ready {
-		r.mail.put(message{ev: evDemand{}})
+		r.mail.put(message{ev: lifecycle.EvDemand{}})
 	}
 }
 
@@ -706,7 +707,7 @@ func (s *Supervisor) Unwanted(name string) {
 	}
 	s.demandMu.Unlock()
 	if r != nil {
-		r.mail.put(message{ev: evUnwanted{}})
+		r.mail.put(message{ev: lifecycle.EvUnwanted{}})
 	}
 }
 
@@ -849,7 +850,7 @@ func (s *Supervisor) Do(ctx context.Context, op Op, names ...string) (map[string
 	var wg sync.WaitGroup
 	for _, r := range rs {
 		wg.Go(func() {
-			err := r.send(ctx, evOp{op: op, by: api.ActorOf(ctx)})
+			err := r.send(ctx, lifecycle.EvOp{Op: op, By: api.ActorOf(ctx)})
 			mu.Lock()
 			out[r.name] = err
 			mu.Unlock()

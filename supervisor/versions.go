@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/lifecycle"
 	"citadel-supervisor/vllm"
 )
 
@@ -28,9 +29,9 @@ import (
 
 // Where a model's version comes from.
 const (
-	VersionFromPackage = "package" // the interpreter's package metadata, before the spawn
-	VersionFromServer  = "server"  // GET /version of the running model
-	VersionAssumed     = "assumed" // it could not be learned: the newest known, until /version answers
+	VersionFromPackage = lifecycle.VersionFromPackage
+	VersionFromServer  = lifecycle.VersionFromServer
+	VersionAssumed     = lifecycle.VersionAssumed
 )
 
 // learnTimeout bounds one lookup: an interpreter on a slow or hung mount
@@ -166,14 +167,6 @@ func (b *limitedBuffer) Write(p []byte) (int, error) {
 	}
 	return len(p), nil
 }
-
-// vllmInfo is what a machine knows of its model's vLLM.
-type vllmInfo struct {
-	version vllm.Version
-	source  string // VersionFrom*, or VersionAssumed
-}
-
-func (v vllmInfo) known() bool { return !v.version.IsZero() }
 
 // Versions learns models' vLLM versions as a daemon does before a start,
 // cached per command and environment. For `citadel-supervisor --check`.

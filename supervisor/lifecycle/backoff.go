@@ -1,4 +1,4 @@
-package supervisor
+package lifecycle
 
 import (
 	"time"
@@ -6,9 +6,9 @@ import (
 	"citadel-supervisor/config"
 )
 
-// jitterSpread is the ± fraction applied to each restart delay, so models
+// JitterSpread is the ± fraction applied to each restart delay, so models
 // that crashed together (a driver reset, say) do not restart in lockstep.
-const jitterSpread = 0.1
+const JitterSpread = 0.1
 
 // restartTracker holds one model's restart history: start times within the
 // window and consecutive failures. It is pure: the caller passes time in.
@@ -25,7 +25,7 @@ func (t *restartTracker) reset() { *t = restartTracker{} }
 
 // afterFailure decides what follows a failed run. readyFor is how long the
 // run was ready (0 if it never was); a run ready for reset_after clears the
-// backoff first. jitter in [0,1) spreads the delay by ±jitterSpread.
+// backoff first. jitter in [0,1) spreads the delay by ±JitterSpread.
 // failed is true when the run used up the start limit: burst starts within
 // interval.
 func (t *restartTracker) afterFailure(p config.Restart, now time.Time, readyFor time.Duration, jitter float64) (delay time.Duration, failed bool) {
@@ -51,13 +51,13 @@ func (t *restartTracker) afterFailure(p config.Restart, now time.Time, readyFor 
 // The spread comes after the cap: capping after it would bring every model
 // that crashed together back to exactly max_delay, restarting them in
 // lockstep (on the same GPUs, at the same moment) once they reach the cap.
-// So a capped delay may exceed max_delay by up to jitterSpread.
+// So a capped delay may exceed max_delay by up to JitterSpread.
 func backoffDelay(p config.Restart, n int, jitter float64) time.Duration {
 	d := p.Delay
 	for i := 1; i < n && d < p.MaxDelay; i++ {
 		d *= 2
 	}
 	d = min(d, p.MaxDelay)
-	spread := 1 + jitterSpread*(2*jitter-1)
+	spread := 1 + JitterSpread*(2*jitter-1)
 	return time.Duration(float64(d) * spread)
 }

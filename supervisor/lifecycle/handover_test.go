@@ -1,4 +1,4 @@
-package supervisor
+package lifecycle
 
 import (
 	"strings"
@@ -73,15 +73,15 @@ func TestMachineRestore(t *testing.T) {
 			if tc.cfg != nil {
 				tc.cfg(&c)
 			}
-			m := newMachine(c, func() time.Time { return t0 }, func() float64 { return 0.5 }, zap.NewNop())
+			m := New(c, func() time.Time { return t0 }, func() float64 { return 0.5 }, zap.NewNop())
 			if is := tc.st.Instance; is != nil && is.Digest == digest {
 				is.Digest = c.SpawnDigest() // started under the configuration it is restored with
 			}
-			var in *instance
+			var in *Instance
 			if tc.running {
-				in = &instance{pid: 100, started: tc.st.Instance.Started, gpus: tc.st.Instance.GPUs, done: make(chan struct{})}
+				in = &Instance{PID: 100, Started: tc.st.Instance.Started, GPUs: tc.st.Instance.GPUs}
 			}
-			got := describe(m.restore(tc.st, in, c.SpawnDigest(), tc.envChanged))
+			got := describe(m.Restore(tc.st, in, c.SpawnDigest(), tc.envChanged))
 			if !strings.HasPrefix(got, tc.effects) || (tc.effects == "" && got != "") {
 				t.Errorf("effects %q, want %q…", got, tc.effects)
 			}
@@ -97,12 +97,12 @@ func TestMachineRestore(t *testing.T) {
 func TestMachineSnapshotRoundTrip(t *testing.T) {
 	mt := newMTest(t).toReady()
 	mt.m.restarts[ReasonExit] = 2
-	st := mt.m.snapshot()
-	before := mt.m.status()
-	m := newMachine(testModelCfg(), func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
+	st := mt.m.Snapshot()
+	before := mt.m.Status()
+	m := New(testModelCfg(), func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
 	st.Instance.Digest = testModelCfg().SpawnDigest()
-	m.restore(st, mt.m.inst, testModelCfg().SpawnDigest(), false)
-	after := m.status()
+	m.Restore(st, mt.m.inst, testModelCfg().SpawnDigest(), false)
+	after := m.Status()
 	if after.State != before.State || after.PID != before.PID || after.Restarts != before.Restarts || !after.ReadyAt.Equal(before.ReadyAt) {
 		t.Errorf("before %+v\nafter  %+v", before, after)
 	}

@@ -1,4 +1,4 @@
-package supervisor
+package lifecycle
 
 import (
 	"errors"
@@ -22,10 +22,10 @@ import (
 func TestMachineEvictWithinMinAwakeDeclined(t *testing.T) {
 	mt := newODTest(t).toODReady()
 	mt.now = mt.now.Add(59 * time.Second)
-	mt.expect(evEvict{forModel: "b"}, "decline")
+	mt.expect(EvEvict{ForModel: "b"}, "decline")
 	mt.state(Ready)
 	mt.now = mt.now.Add(time.Second)
-	mt.quiet(evEvict{forModel: "b"}, "disarm(deadline) disarm(tick) disarm(idle) sleep(1,evicted)")
+	mt.quiet(EvEvict{ForModel: "b"}, "disarm(deadline) disarm(tick) disarm(idle) sleep(1,evicted)")
 }
 
 // TestMachineReadyCarriesItsInstant: the scheduler is told when the model
@@ -33,10 +33,10 @@ func TestMachineEvictWithinMinAwakeDeclined(t *testing.T) {
 func TestMachineReadyCarriesItsInstant(t *testing.T) {
 	mt := newODTest(t).toWaking()
 	mt.now = mt.now.Add(3 * time.Second)
-	for _, ef := range mt.step(evWoke{inst: mt.m.inst}) {
-		if r, ok := ef.(efReady); ok {
-			if !r.at.Equal(mt.now) {
-				t.Errorf("ready at %s, want %s", r.at, mt.now)
+	for _, ef := range mt.step(EvWoke{Inst: mt.m.inst}) {
+		if r, ok := ef.(EfReady); ok {
+			if !r.At.Equal(mt.now) {
+				t.Errorf("ready at %s, want %s", r.At, mt.now)
 			}
 			return
 		}
@@ -51,18 +51,18 @@ func TestMachineReadyCarriesItsInstant(t *testing.T) {
 func TestMachineSleeperExitStaysStopped(t *testing.T) {
 	mt := newODTest(t).toAsleep()
 	inst := mt.m.inst
-	mt.expect(evExited{inst: inst, exit: exitInfo{code: 137, desc: "killed by SIGKILL"}}, "disarm(tick) disarm(deadline) disarm(idle) stop(rest)")
-	mt.expect(evStopped{inst: inst}, "release")
+	mt.expect(EvExited{Inst: inst, Exit: Exit{Code: 137, Desc: "killed by SIGKILL"}}, "disarm(tick) disarm(deadline) disarm(idle) stop(rest)")
+	mt.expect(EvStopped{Inst: inst}, "release")
 	mt.state(Stopped)
-	if st := mt.m.status(); st.Held || !strings.Contains(st.Reason, "exited while asleep (killed by SIGKILL)") || st.RestartsByReason[ReasonExit] != 1 {
+	if st := mt.m.Status(); st.Held || !strings.Contains(st.Reason, "exited while asleep (killed by SIGKILL)") || st.RestartsByReason[ReasonExit] != 1 {
 		t.Errorf("after: held=%v reason %q restarts %v", st.Held, st.Reason, st.RestartsByReason)
 	}
-	mt.expect(evDemand{}, "disarm(tick) check")
+	mt.expect(EvDemand{}, "disarm(tick) check")
 
 	// Waking: requests wait for it, so it restarts.
 	mt = newODTest(t).toWakingAwaiting()
-	mt.expect(evExited{inst: mt.m.inst, exit: exitInfo{code: 1, desc: "exit code 1"}}, "disarm(tick) disarm(deadline) disarm(idle) stop(rest)")
-	mt.expect(evStopped{inst: mt.m.inst}, "release(keep) arm(tick,10s)")
+	mt.expect(EvExited{Inst: mt.m.inst, Exit: Exit{Code: 1, Desc: "exit code 1"}}, "disarm(tick) disarm(deadline) disarm(idle) stop(rest)")
+	mt.expect(EvStopped{Inst: mt.m.inst}, "release(keep) arm(tick,10s)")
 	mt.state(Backoff)
 }
 
@@ -71,7 +71,7 @@ func TestMachineSleeperExitStaysStopped(t *testing.T) {
 // once; one stopped (sleep_level 0) with waiters starts again.
 func TestMachineSleptWithWaitersWakesAgain(t *testing.T) {
 	mt := newODTest(t).toGoingToSleep()
-	mt.expect(evSlept{waiting: 2}, "slept(1,idle) want(2)")
+	mt.expect(EvSlept{Waiting: 2}, "slept(1,idle) want(2)")
 	mt.state(Waking)
 
 	mt = newODTest(t)
@@ -80,9 +80,9 @@ func TestMachineSleptWithWaitersWakesAgain(t *testing.T) {
 	mt.m.cfg = cfg
 	mt.toODReady()
 	mt.now = mt.now.Add(time.Hour)
-	mt.step(evIdle{})
+	mt.step(EvIdle{})
 	mt.quietOK()
-	mt.expect(evStopped{inst: mt.m.inst, waiting: 1}, "release(keep) disarm(tick) check")
+	mt.expect(EvStopped{Inst: mt.m.inst, Waiting: 1}, "release(keep) disarm(tick) check")
 	mt.state(Pending)
 }
 
@@ -94,18 +94,18 @@ func TestMachineSleepLevelIsPolicy(t *testing.T) {
 	mt := newODTest(t).toODReady()
 	two := onDemandCfg()
 	two.SleepLevel = 2
-	mt.expect(evConfig{cfg: two, kind: config.Update}, "redigest")
+	mt.expect(EvConfig{Config: two, Kind: config.Update}, "redigest")
 	mt.now = mt.now.Add(time.Hour)
-	mt.quiet(evIdle{}, "disarm(deadline) disarm(tick) disarm(idle) sleep(2,idle)")
+	mt.quiet(EvIdle{}, "disarm(deadline) disarm(tick) disarm(idle) sleep(2,idle)")
 
 	mt = newODTest(t)
 	zero := onDemandCfg()
 	zero.SleepLevel = 0
 	mt.m.cfg = zero
 	mt.toODReady() // started without sleep mode
-	mt.step(evConfig{cfg: onDemandCfg(), kind: config.Update})
+	mt.step(EvConfig{Config: onDemandCfg(), Kind: config.Update})
 	mt.now = mt.now.Add(time.Hour)
-	mt.quiet(evIdle{}, "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term) slept(0,idle)")
+	mt.quiet(EvIdle{}, "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term) slept(0,idle)")
 }
 
 // TestMachineReloadOfASleeperStopsIt: a reload that changes a sleeping
@@ -114,10 +114,10 @@ func TestMachineReloadOfASleeperStopsIt(t *testing.T) {
 	mt := newODTest(t).toAsleep()
 	changed := onDemandCfg()
 	changed.MaxModelLen = 4096
-	mt.quiet(evConfig{cfg: changed, kind: config.Respawn}, "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
-	mt.expect(evStopped{inst: mt.m.inst}, "release")
+	mt.quiet(EvConfig{Config: changed, Kind: config.Respawn}, "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.expect(EvStopped{Inst: mt.m.inst}, "release")
 	mt.state(Stopped)
-	if st := mt.m.status(); st.Held || st.RestartsByReason[ReasonReload] != 1 {
+	if st := mt.m.Status(); st.Held || st.RestartsByReason[ReasonReload] != 1 {
 		t.Errorf("held=%v restarts %v", st.Held, st.RestartsByReason)
 	}
 }
@@ -128,9 +128,9 @@ func TestMachineReloadOfASleeperStopsIt(t *testing.T) {
 // or whose engine stops answering probes, fails: the model starts cold.
 func TestMachineWakeBound(t *testing.T) {
 	mt := newODTest(t).toWakingAwaiting()
-	mt.expect(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}}, "wake(1,2m0s) arm(deadline,2m0s) arm(tick,10s)")
+	mt.expect(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}}, "wake(1,2m0s) arm(deadline,2m0s) arm(tick,10s)")
 	mt.now = mt.now.Add(20 * time.Second)
-	mt.step(evWoke{inst: mt.m.inst})
+	mt.step(EvWoke{Inst: mt.m.inst})
 	if got := mt.m.wakeBound(1); got != 80*time.Second {
 		t.Errorf("after a 20 s wake: bound %s, want 1m20s", got)
 	}
@@ -159,31 +159,31 @@ func TestMachineWakeBound(t *testing.T) {
 	// Past its bound: started cold, counted.
 	mt = newODTest(t).toWaking()
 	mt.now = mt.now.Add(2 * time.Minute)
-	mt.expect(evTimer{deadline}, "wake-failed(timeout) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
-	if st := mt.m.status(); !strings.Contains(st.Reason, "wake failed: not awake within 2m0s") || st.RestartsByReason[ReasonWake] != 1 {
+	mt.expect(EvTimer{Deadline}, "wake-failed(timeout) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	if st := mt.m.Status(); !strings.Contains(st.Reason, "wake failed: not awake within 2m0s") || st.RestartsByReason[ReasonWake] != 1 {
 		t.Errorf("reason %q restarts %v", st.Reason, st.RestartsByReason)
 	}
-	mt.expect(evStopped{inst: mt.m.inst}, "release(keep) disarm(tick) check")
+	mt.expect(EvStopped{Inst: mt.m.inst}, "release(keep) disarm(tick) check")
 	mt.state(Pending)
 
 	// Probed while it wakes: failure_threshold failures fail the wake.
 	mt = newODTest(t).toWaking()
 	inst := mt.m.inst
-	mt.expect(evTimer{tick}, "arm(tick,10s) probe")
-	mt.expect(evProbed{inst: inst, err: errors.New("timeout")}, "observe")
-	mt.step(evTimer{tick})
-	mt.expect(evProbed{inst: inst}, "observe")
+	mt.expect(EvTimer{Tick}, "arm(tick,10s) probe")
+	mt.expect(EvProbed{Inst: inst, Err: errors.New("timeout")}, "observe")
+	mt.step(EvTimer{Tick})
+	mt.expect(EvProbed{Inst: inst}, "observe")
 	for range 2 {
-		mt.step(evTimer{tick})
-		mt.expect(evProbed{inst: inst, err: errors.New("timeout")}, "observe")
+		mt.step(EvTimer{Tick})
+		mt.expect(EvProbed{Inst: inst, Err: errors.New("timeout")}, "observe")
 	}
-	mt.step(evTimer{tick})
-	mt.expect(evProbed{inst: inst, err: errors.New("timeout")}, "observe wake-failed(probe) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.step(EvTimer{Tick})
+	mt.expect(EvProbed{Inst: inst, Err: errors.New("timeout")}, "observe wake-failed(probe) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
 	if !strings.Contains(mt.m.reason, "probe failed 3/3 while waking") {
 		t.Errorf("reason %q", mt.m.reason)
 	}
 	// The wake's own answer, late, changes nothing.
-	mt.expect(evWoke{inst: inst}, "")
+	mt.expect(EvWoke{Inst: inst}, "")
 	mt.state(Stopping)
 }
 
@@ -209,14 +209,14 @@ func TestMachineWakingIsRecordedAsleep(t *testing.T) {
 			mt.m.cfg = two
 			tc.to(mt)
 			mt.state(Waking)
-			st := mt.m.snapshot()
+			st := mt.m.Snapshot()
 			if st.Instance == nil || st.Instance.SleepLevel != 2 {
 				t.Fatalf("recorded %+v; want asleep at level 2", st.Instance)
 			}
 			one := onDemandCfg() // a reload set sleep_level 1 meanwhile
-			m := newMachine(one, func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
+			m := New(one, func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
 			st.Instance.Digest = one.SpawnDigest()
-			m.restore(st, mt.m.inst, one.SpawnDigest(), false)
+			m.Restore(st, mt.m.inst, one.SpawnDigest(), false)
 			if m.state != Sleeping || m.sleepLevel != 2 {
 				t.Errorf("restored %s at level %d; want sleeping at level 2", m.state, m.sleepLevel)
 			}
@@ -230,32 +230,32 @@ func TestMachineWakingIsRecordedAsleep(t *testing.T) {
 // a successor reads, and gone with the process.
 func TestMachineHostMemoryHeldUntilTheProcessEnds(t *testing.T) {
 	mt := newODTest(t).toGoingToSleep()
-	mt.step(evSlept{grown: 96 << 20})
+	mt.step(EvSlept{Grown: 96 << 20})
 	for range 2 {
-		mt.step(evDemand{})
-		mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
-		mt.step(evWoke{inst: mt.m.inst})
+		mt.step(EvDemand{})
+		mt.step(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
+		mt.step(EvWoke{Inst: mt.m.inst})
 		mt.state(Ready)
 		mt.now = mt.now.Add(time.Hour)
-		mt.step(evIdle{})
+		mt.step(EvIdle{})
 		mt.quietOK()
-		mt.step(evSlept{grown: 0})
+		mt.step(EvSlept{Grown: 0})
 		mt.state(Sleeping)
 	}
-	if st := mt.m.status(); st.SleepHostMemory != 96<<20 || mt.m.snapshot().Instance.HostHeld != 96<<20 {
-		t.Fatalf("after three sleeps: status %d, record %d; want 96 MiB both", st.SleepHostMemory, mt.m.snapshot().Instance.HostHeld)
+	if st := mt.m.Status(); st.SleepHostMemory != 96<<20 || mt.m.Snapshot().Instance.HostHeld != 96<<20 {
+		t.Fatalf("after three sleeps: status %d, record %d; want 96 MiB both", st.SleepHostMemory, mt.m.Snapshot().Instance.HostHeld)
 	}
-	mt.step(evOp{op: OpStop})
+	mt.step(EvOp{Op: OpStop})
 	mt.quietOK()
-	mt.step(evStopped{inst: mt.m.inst})
-	if st := mt.m.status(); st.SleepHostMemory != 0 {
+	mt.step(EvStopped{Inst: mt.m.inst})
+	if st := mt.m.Status(); st.SleepHostMemory != 0 {
 		t.Errorf("stopped: %d bytes counted; want none", st.SleepHostMemory)
 	}
 }
 
 // TestMachineSleepLevelForHostMemory: the machine chooses the level of a
 // sleep from the host as the runner reads it when the sleep begins
-// (sleepBegins): a level-1 sleep goes to level 2 once the other models'
+// (SleepBegins): a level-1 sleep goes to level 2 once the other models'
 // level-1 sleeps hold sleep_host_memory, where its vLLM has a level 2. The
 // record says so from then on, and the model says why once asleep.
 func TestMachineSleepLevelForHostMemory(t *testing.T) {
@@ -263,44 +263,44 @@ func TestMachineSleepLevelForHostMemory(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		version string
-		host    hostMemory
+		host    HostMemory
 		want    int
 	}{
-		{"no bound", "0.10.2", hostMemory{budget: 0, othersHeld: 8 * gib}, 1},
-		{"within the bound", "0.10.2", hostMemory{budget: 4 * gib, othersHeld: 3 * gib}, 1},
-		{"at the bound", "0.10.2", hostMemory{budget: 4 * gib, othersHeld: 4 * gib}, 2},
-		{"past the bound", "0.10.2", hostMemory{budget: 4 * gib, othersHeld: 6 * gib}, 2},
-		{"past the bound, no level 2 in its vLLM", "0.10.1", hostMemory{budget: 4 * gib, othersHeld: 6 * gib}, 1},
+		{"no bound", "0.10.2", HostMemory{Budget: 0, OthersHeld: 8 * gib}, 1},
+		{"within the bound", "0.10.2", HostMemory{Budget: 4 * gib, OthersHeld: 3 * gib}, 1},
+		{"at the bound", "0.10.2", HostMemory{Budget: 4 * gib, OthersHeld: 4 * gib}, 2},
+		{"past the bound", "0.10.2", HostMemory{Budget: 4 * gib, OthersHeld: 6 * gib}, 2},
+		{"past the bound, no level 2 in its vLLM", "0.10.1", HostMemory{Budget: 4 * gib, OthersHeld: 6 * gib}, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			mt := newODTest(t)
-			mt.m.vllm = vllmInfo{version: vllm.MustParse(tc.version), source: VersionFromServer}
+			mt.m.vllm = VLLM{Version: vllm.MustParse(tc.version), Source: VersionFromServer}
 			mt.toGoingToSleep()
-			if got := mt.m.sleepBegins(1, tc.host, mt.now); got != tc.want {
+			if got := mt.m.SleepBegins(1, tc.host, mt.now); got != tc.want {
 				t.Fatalf("sleep begins at level %d; want %d", got, tc.want)
 			}
-			if is := mt.m.snapshot().Instance; is.SleepLevel != tc.want || !is.SleepBegan.Equal(mt.now) {
+			if is := mt.m.Snapshot().Instance; is.SleepLevel != tc.want || !is.SleepBegan.Equal(mt.now) {
 				t.Errorf("record: level %d, began %v; want level %d, began %v", is.SleepLevel, is.SleepBegan, tc.want, mt.now)
 			}
-			mt.expect(evSlept{}, fmt.Sprintf("slept(%d,idle)", tc.want))
+			mt.expect(EvSlept{}, fmt.Sprintf("slept(%d,idle)", tc.want))
 			deepened := strings.Contains(mt.m.reason, "level 2, not 1: level-1 sleepers hold ") && strings.Contains(mt.m.reason, " of sleep_host_memory 4.0 GiB")
 			if deepened != (tc.want == 2) {
 				t.Errorf("asleep reason %q", mt.m.reason)
 			}
-			if st := mt.m.status(); st.SleepLevel != tc.want {
+			if st := mt.m.Status(); st.SleepLevel != tc.want {
 				t.Errorf("status sleep level %d; want %d", st.SleepLevel, tc.want)
 			}
 			// Its wake asks at the level it slept at.
-			mt.expect(evDemand{}, "want(2)")
-			if got := describe(mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})); !strings.HasPrefix(got, fmt.Sprintf("wake(%d,", tc.want)) {
+			mt.expect(EvDemand{}, "want(2)")
+			if got := describe(mt.step(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})); !strings.HasPrefix(got, fmt.Sprintf("wake(%d,", tc.want)) {
 				t.Errorf("wake effects %q; want a wake from level %d", got, tc.want)
 			}
 		})
 	}
 	// A sleep no longer in flight is not changed by a late word.
 	mt := newODTest(t).toAsleep()
-	mt.m.sleepBegins(1, hostMemory{budget: 1, othersHeld: 2}, mt.now)
-	if st := mt.m.status(); st.SleepLevel != 1 {
+	mt.m.SleepBegins(1, HostMemory{Budget: 1, OthersHeld: 2}, mt.now)
+	if st := mt.m.Status(); st.SleepLevel != 1 {
 		t.Errorf("asleep at level 1, then told a sleep begins: level %d", st.SleepLevel)
 	}
 }

@@ -1,4 +1,4 @@
-package supervisor
+package lifecycle
 
 import (
 	"cmp"
@@ -19,7 +19,7 @@ import (
 	"citadel-supervisor/vllm"
 )
 
-// machine is one model's lifecycle: the states of docs/architecture.md, driven by typed
+// Machine is one model's lifecycle: the states of docs/architecture.md, driven by typed
 // events, returning typed effects. It does no I/O and reads no clock of its
 // own: its runner carries out the effects (spawning, stopping, probing,
 // timers, GPU claims) and feeds their outcomes back as events, so the whole
@@ -57,7 +57,7 @@ import (
 // A failure is counted (citadel_model_restarts_total) when it is seen, not
 // when the stop it causes completes, so an operator's start during that
 // stop cannot lose it.
-type machine struct {
+type Machine struct {
 	cfg    config.Model
 	now    func() time.Time
 	jitter func() float64
@@ -73,12 +73,17 @@ type machine struct {
 	shutdown   bool   // the daemon is stopping: stop, then stay stopped
 	removed    bool   // a reload removed it: stop, then its runner ends
 
-	inst     *instance // the spawned process tree, nil when none
-	exited   bool      // inst's main process has exited
-	lastExit *exitInfo
+	inst *Instance // the spawned process tree, nil when none
+	// asking: the instance adopted after a crash whose engine is being
+	// asked whether it sleeps (EfAskSleeping); askReady: its record says
+	// it was ready.
+	asking   *Instance
+	askReady bool
+	exited   bool // inst's main process has exited
+	lastExit *Exit
 	readyAt  time.Time
 	startup  time.Duration
-	// servingAt: the current process said it serves (evServing); it is
+	// servingAt: the current process said it serves (EvServing); it is
 	// probed fast from then until it answers.
 	servingAt time.Time
 	// loads are recent spawn-to-ready durations: while a start nears the
@@ -90,7 +95,7 @@ type machine struct {
 	// one withdrawn since is ignored), a spawn, a sleep or a wake.
 	flight  flight
 	wantSeq int
-	// spawnNote says what the spawn in flight hangs on (evSpawnSlow).
+	// spawnNote says what the spawn in flight hangs on (EvSpawnSlow).
 	spawnNote string
 
 	probing    bool
@@ -108,7 +113,7 @@ type machine struct {
 
 	// On-demand models (docs/on-demand.md).
 	awakeAt    time.Time // when it last became ready (started or woke)
-	sleepBegan time.Time // when the runner began the sleep in flight (sleepBegins)
+	sleepBegan time.Time // when the runner began the sleep in flight (SleepBegins)
 	// hostHeld is the pinned host memory the process holds for its level-1
 	// sleeps (its weights), measured as its resident memory grown across
 	// its first: vLLM keeps it after the wake (vllm#16663) and reuses it,
@@ -130,7 +135,7 @@ type machine struct {
 	wakeTimes map[int][]time.Duration
 	// demanded: the start or wake in progress (or the wake to follow a
 	// sleep in flight) was asked for by a request, not an operator, so it
-	// is abandoned if every request waiting for it leaves (evUnwanted).
+	// is abandoned if every request waiting for it leaves (EvUnwanted).
 	demanded bool
 
 	// Recent durations, for the gateway's estimate of how long a start or
@@ -162,10 +167,10 @@ type machine struct {
 	// runner for the operator.
 	opErr error
 
-	// The model's vLLM (versions.go): learned before the first spawn,
+	// The model's vLLM (vllm.go; the runner's lookup is supervisor/versions.go): learned before the first spawn,
 	// confirmed by GET /version. learning: a lookup is in flight; learnSeq
 	// numbers lookups, so one for a command since changed is ignored.
-	vllm      vllmInfo
+	vllm      VLLM
 	learning  bool
 	learnSeq  int
 	levelNote string // why it sleeps at a lower level than sleep_level
@@ -184,10 +189,10 @@ type flight int
 
 const (
 	flightNone  flight = iota
-	flightWant         // a want with the scheduler: evPlaced for wantSeq (pending; waking, waiting for its memory)
-	flightSpawn        // a spawn: evSpawned
-	flightSleep        // a sleep (draining, then /sleep): evSlept
-	flightWake         // its engine is woken (wake_up, then the canary): evWoke
+	flightWant         // a want with the scheduler: EvPlaced for wantSeq (pending; waking, waiting for its memory)
+	flightSpawn        // a spawn: EvSpawned
+	flightSleep        // a sleep (draining, then /sleep): EvSlept
+	flightWake         // its engine is woken (wake_up, then the canary): EvWoke
 )
 
 // afterStop is what follows a stop: a start again (the default, or with a
@@ -209,263 +214,267 @@ const (
 	afterStart                    // start again at once, with its reason
 )
 
-// event is something that happened to a model.
-type event interface{ isEvent() }
+// Event is something that happened to a model.
+type Event interface{ isEvent() }
 
 type (
-	// evChecked: the pre-start checks ran; cause is "" when they passed.
-	evChecked struct{ cause, reason string }
-	// evPlaced: the scheduler answered a want.
-	evPlaced struct{ p schedule.Placement }
-	// evSpawned: the process was started (inst), or not: err is a
+	// EvChecked: the pre-start checks ran; cause is "" when they passed.
+	EvChecked struct{ Cause, Reason string }
+	// EvPlaced: the scheduler answered a want.
+	EvPlaced struct{ Placement schedule.Placement }
+	// EvSpawned: the process was started (inst), or not: err is a
 	// permanent spawn failure; cause a check that failed just before.
-	evSpawned struct {
-		inst          *instance
-		err           error
-		cause, reason string
-		envDigest     string // of the env_files contents the process was given
+	EvSpawned struct {
+		Inst          *Instance
+		Err           error
+		Cause, Reason string
+		EnvDigest     string // of the env_files contents the process was given
 	}
-	// evExited: inst's main process exited and was reaped.
-	evExited struct {
-		inst *instance
-		exit exitInfo
+	// EvExited: inst's main process exited and was reaped.
+	EvExited struct {
+		Inst *Instance
+		Exit Exit
 	}
-	// evProbed: a probe of inst finished; version is what its GET
+	// EvProbed: a probe of inst finished; version is what its GET
 	// /version said, when asked and answered.
-	evProbed struct {
-		inst    *instance
-		err     error
-		took    time.Duration
-		version string
+	EvProbed struct {
+		Inst    *Instance
+		Err     error
+		Took    time.Duration
+		Version string
 	}
-	// evTimer: a timer the machine armed fired.
-	evTimer struct{ t timerKind }
-	// evOp: an operator's operation; by says who (op.go's Actor).
-	evOp struct {
-		op Op
-		by string
+	// EvTimer: a timer the machine armed fired.
+	EvTimer struct{ Timer Timer }
+	// EvOp: an operator's operation; by says who (supervisor/op.go's Actor).
+	EvOp struct {
+		Op Op
+		By string
 	}
-	// evConfig: a reload changed the model.
-	evConfig struct {
-		cfg  config.Model
-		kind config.ChangeKind
+	// EvConfig: a reload changed the model.
+	EvConfig struct {
+		Config config.Model
+		Kind   config.ChangeKind
 	}
-	// evStopped: the stop of inst finished; err names survivors. waiting
+	// EvStopped: the stop of inst finished; err names survivors. waiting
 	// is the requests waiting in its queue then.
-	evStopped struct {
-		inst    *instance
-		err     error
-		waiting int
+	EvStopped struct {
+		Inst    *Instance
+		Err     error
+		Waiting int
 	}
-	// evShutdown: the daemon is stopping.
-	evShutdown struct{}
-	// evRemoved: a reload removed the model: it stops as a planned stop
+	// EvShutdown: the daemon is stopping.
+	EvShutdown struct{}
+	// EvRemoved: a reload removed the model: it stops as a planned stop
 	// does (once its GPUs are quiet), then its runner ends.
-	evRemoved struct{}
-	// evDemand: a request wants the model (the gateway): start or wake an
+	EvRemoved struct{}
+	// EvDemand: a request wants the model (the gateway): start or wake an
 	// on-demand model that is not awake.
-	evDemand struct{}
-	// evUnwanted: every request that waited for the model left before it
+	EvDemand struct{}
+	// EvUnwanted: every request that waited for the model left before it
 	// was ready: a start or wake they asked for that has not begun is
 	// abandoned, so it makes no room for nobody.
-	evUnwanted struct{}
-	// evEvict: the scheduler puts it to sleep to make room for another.
-	evEvict struct{ forModel string }
-	// evIdle: the idle timer fired, with the model's traffic: its last
+	EvUnwanted struct{}
+	// EvEvict: the scheduler puts it to sleep to make room for another.
+	EvEvict struct{ ForModel string }
+	// EvIdle: the idle timer fired, with the model's traffic: its last
 	// request and the requests in flight now.
-	evIdle struct {
-		last     time.Time
-		inFlight int
+	EvIdle struct {
+		Last     time.Time
+		InFlight int
 	}
-	// evSlept: the sleep in flight finished; aborted when the drain did
+	// EvSlept: the sleep in flight finished; aborted when the drain did
 	// not complete (requests still in flight), err when the engine failed.
-	evSlept struct {
-		err     error
-		aborted bool
-		waiting int               // requests waiting in its queue once asleep: they want it back
-		held    map[string]uint64 // what it held on each GPU just before /sleep
-		grown   uint64            // at level 1: its processes' resident memory grown across the sleep
+	EvSlept struct {
+		Err     error
+		Aborted bool
+		Waiting int               // requests waiting in its queue once asleep: they want it back
+		Held    map[string]uint64 // what it held on each GPU just before /sleep
+		Grown   uint64            // at level 1: its processes' resident memory grown across the sleep
 	}
-	// evWoke: the wake of inst in flight (wake_up and a one-token canary)
+	// EvWoke: the wake of inst in flight (wake_up and a one-token canary)
 	// finished.
-	evWoke struct {
-		inst *instance
-		err  error
-		why  string // what failed: canary, error (timeout and probe are the machine's own)
+	EvWoke struct {
+		Inst *Instance
+		Err  error
+		Why  string // what failed: canary, error (timeout and probe are the machine's own)
 	}
-	// evQuiet: the scheduler's answer to a quiet request: its GPUs are
+	// EvQuiet: the scheduler's answer to a quiet request: its GPUs are
 	// quiet (ok), or what it waits for.
-	evQuiet struct {
-		seq    int
-		ok     bool
-		reason string
+	EvQuiet struct {
+		Seq    int
+		OK     bool
+		Reason string
 	}
-	// evCanary: the canary's known answer of inst was asked twice after its
+	// EvCanary: the canary's known answer of inst was asked twice after its
 	// start: answer, or differs (two answers not alike), or err.
-	evCanary struct {
-		inst    *instance
-		answer  probe.Answer
-		differs bool
-		err     error
+	EvCanary struct {
+		Inst    *Instance
+		Answer  probe.Answer
+		Differs bool
+		Err     error
 	}
-	// evServing: the process's output said it serves or is about to
+	// EvServing: the process's output said it serves or is about to
 	// (vLLM's "Starting vLLM API server …", uvicorn's "Application
-	// startup complete."; serving.go): probe it now, not at the next poll.
-	evServing struct{ inst *instance }
-	// evLearned: the lookup of the model's vLLM version finished.
-	evLearned struct {
-		seq     int
-		version vllm.Version
-		err     error
+	// startup complete."; the runner watches its output, supervisor/serving.go): probe it now, not at the next poll.
+	EvServing struct{ Inst *Instance }
+	// EvLearned: the lookup of the model's vLLM version finished.
+	EvLearned struct {
+		Seq     int
+		Version vllm.Version
+		Err     error
 	}
 )
 
-func (evChecked) isEvent()  {}
-func (evPlaced) isEvent()   {}
-func (evSpawned) isEvent()  {}
-func (evExited) isEvent()   {}
-func (evProbed) isEvent()   {}
-func (evTimer) isEvent()    {}
-func (evOp) isEvent()       {}
-func (evConfig) isEvent()   {}
-func (evStopped) isEvent()  {}
-func (evShutdown) isEvent() {}
-func (evRemoved) isEvent()  {}
-func (evDemand) isEvent()   {}
-func (evUnwanted) isEvent() {}
-func (evEvict) isEvent()    {}
-func (evIdle) isEvent()     {}
-func (evSlept) isEvent()    {}
-func (evWoke) isEvent()     {}
-func (evLearned) isEvent()  {}
-func (evCanary) isEvent()   {}
-func (evQuiet) isEvent()    {}
-func (evServing) isEvent()  {}
+func (EvChecked) isEvent()  {}
+func (EvPlaced) isEvent()   {}
+func (EvSpawned) isEvent()  {}
+func (EvExited) isEvent()   {}
+func (EvProbed) isEvent()   {}
+func (EvTimer) isEvent()    {}
+func (EvOp) isEvent()       {}
+func (EvConfig) isEvent()   {}
+func (EvStopped) isEvent()  {}
+func (EvShutdown) isEvent() {}
+func (EvRemoved) isEvent()  {}
+func (EvDemand) isEvent()   {}
+func (EvUnwanted) isEvent() {}
+func (EvEvict) isEvent()    {}
+func (EvIdle) isEvent()     {}
+func (EvSlept) isEvent()    {}
+func (EvWoke) isEvent()     {}
+func (EvLearned) isEvent()  {}
+func (EvCanary) isEvent()   {}
+func (EvQuiet) isEvent()    {}
+func (EvServing) isEvent()  {}
 
-// timerKind names the machine's timers; arming one replaces it.
-type timerKind int
+// Timer names the machine's timers; arming one replaces it.
+type Timer int
 
 const (
-	// tick: the next check, probe, backoff end or failed retry.
-	tick timerKind = iota
-	// deadline: startup_timeout of the current start.
-	deadline
-	// idle: an awake on-demand model checks whether it has been idle for
-	// idle_after (the runner turns it into evIdle).
-	idle
-	// settle: a model taken over while its /sleep or wake_up ran has had
-	// time to finish it; its GPUs are no longer changing (efSettled).
-	settle
-	numTimers
+	// Tick: the next check, probe, backoff end or failed retry.
+	Tick Timer = iota
+	// Deadline: startup_timeout of the current start.
+	Deadline
+	// Idle: an awake on-demand model checks whether it has been idle for
+	// idle_after (the runner turns it into EvIdle).
+	Idle
+	// Settle: a model taken over while its /sleep or wake_up ran has had
+	// time to finish it; its GPUs are no longer changing (EfSettled).
+	Settle
+	// NumTimers counts the timers (a runner keeps one of each).
+	NumTimers
 )
 
-// effect is something the runner must do.
-type effect interface{ isEffect() }
+// Effect is something the runner must do.
+type Effect interface{ isEffect() }
 
 type (
-	efCheck struct{} // run the pre-start checks → evChecked
-	efWant  struct { // ask the scheduler for GPUs → evPlaced
-		seq  int
-		held map[string]uint64 // a wake: what it held on each GPU before it slept
+	EfCheck struct{} // run the pre-start checks → EvChecked
+	EfWant  struct { // ask the scheduler for GPUs → EvPlaced
+		Seq  int
+		Held map[string]uint64 // a wake: what it held on each GPU before it slept
 	}
-	efDrop    struct{}                // withdraw the want, give up the claim
-	efSpawn   struct{ gpus []string } // check again and spawn → evSpawned
-	efReady   struct{ at time.Time }  // tell the scheduler the start is done, and when it became ready
-	efProbe   struct{ live bool }     // probe inst → evProbed
-	efLearn   struct{ seq int }       // learn the model's vLLM version → evLearned
-	efObserve struct {                // record a liveness probe's metrics
-		took time.Duration
-		err  error
+	EfDrop    struct{}                // withdraw the want, give up the claim
+	EfSpawn   struct{ GPUs []string } // check again and spawn → EvSpawned
+	EfReady   struct{ At time.Time }  // tell the scheduler the start is done, and when it became ready
+	EfProbe   struct{ Live bool }     // probe inst → EvProbed
+	EfLearn   struct{ Seq int }       // learn the model's vLLM version → EvLearned
+	EfObserve struct {                // record a liveness probe's metrics
+		Took time.Duration
+		Err  error
 	}
-	efStop struct { // stop inst's tree → evStopped
-		inst      *instance
-		mainAlive bool
-		drain     bool // a planned stop of a serving model: drain it first
+	EfStop struct { // stop inst's tree → EvStopped
+		Inst      *Instance
+		MainAlive bool
+		Drain     bool // a planned stop of a serving model: drain it first
 	}
-	efRelease struct { // the tree is gone: release its GPUs
-		inst *instance
-		keep bool
+	EfRelease struct { // the tree is gone: release its GPUs
+		Inst *Instance
+		Keep bool
 	}
-	efArm struct {
-		t timerKind
-		d time.Duration
+	EfArm struct {
+		Timer Timer
+		After time.Duration
 	}
-	efDisarm struct{ t timerKind }
-	// efSleep: drain the model's requests, then put it to sleep → evSlept.
-	efSleep struct {
-		level int
-		cause string
+	EfDisarm struct{ Timer Timer }
+	// EfSleep: drain the model's requests, then put it to sleep → EvSlept.
+	EfSleep struct {
+		Level int
+		Cause string
 	}
-	// efSlept: it sleeps: tell the scheduler (its memory comes back) and
+	// EfSlept: it sleeps: tell the scheduler (its memory comes back) and
 	// count it.
-	efSlept struct {
-		level int
-		cause string
+	EfSlept struct {
+		Level int
+		Cause string
 	}
-	// efWake: wake it and run the canary, within timeout → evWoke. known
+	// EfWake: wake it and run the canary, within timeout → EvWoke. known
 	// is the answer the canary must give (nil: any answer will do).
-	efWake struct {
-		level   int
-		timeout time.Duration
-		known   *probe.Answer
+	EfWake struct {
+		Level   int
+		Timeout time.Duration
+		Known   *probe.Answer
 	}
-	// efCanary: ask the canary's known answer, twice → evCanary.
-	efCanary struct{}
-	// efQuiet: ask the scheduler for quiet GPUs → evQuiet; efUnquiet:
+	// EfCanary: ask the canary's known answer, twice → EvCanary.
+	EfCanary struct{}
+	// EfQuiet: ask the scheduler for quiet GPUs → EvQuiet; EfUnquiet:
 	// withdraw the request (or end the change it granted).
-	efQuiet   struct{ seq int }
-	efUnquiet struct{}
-	// efWakeFailed: count a failed wake, by what failed.
-	efWakeFailed struct{ why string }
-	// efRecord: rewrite the instance's record (a sleep that did not happen).
-	efRecord struct{}
-	// efRedigest: a reload changed only what the process does not see:
+	EfQuiet   struct{ Seq int }
+	EfUnquiet struct{}
+	// EfWakeFailed: count a failed wake, by what failed.
+	EfWakeFailed struct{ Why string }
+	// EfRecord: rewrite the instance's record (a sleep that did not happen).
+	EfRecord struct{}
+	// EfRedigest: a reload changed only what the process does not see:
 	// it counts as started under the new configuration (its record says
 	// so, for a successor).
-	efRedigest struct{}
-	// efWoke: it is awake: record the wake's duration.
-	efWoke struct {
-		level int
-		took  time.Duration
+	EfRedigest struct{}
+	// EfWoke: it is awake: record the wake's duration.
+	EfWoke struct {
+		Level int
+		Took  time.Duration
 	}
-	// efDecline: it cannot be put to sleep for another model now.
-	efDecline struct{}
-	// efWithdraw: withdraw a sleeper's want to wake; it keeps its claim.
-	efWithdraw struct{}
+	// EfDecline: it cannot be put to sleep for another model now.
+	EfDecline struct{}
+	// EfWithdraw: withdraw a sleeper's want to wake; it keeps its claim.
+	EfWithdraw struct{}
 )
 
-func (efCheck) isEffect()      {}
-func (efWant) isEffect()       {}
-func (efDrop) isEffect()       {}
-func (efSpawn) isEffect()      {}
-func (efReady) isEffect()      {}
-func (efProbe) isEffect()      {}
-func (efLearn) isEffect()      {}
-func (efObserve) isEffect()    {}
-func (efStop) isEffect()       {}
-func (efRelease) isEffect()    {}
-func (efArm) isEffect()        {}
-func (efDisarm) isEffect()     {}
-func (efSleep) isEffect()      {}
-func (efSlept) isEffect()      {}
-func (efWake) isEffect()       {}
-func (efRedigest) isEffect()   {}
-func (efRecord) isEffect()     {}
-func (efCanary) isEffect()     {}
-func (efQuiet) isEffect()      {}
-func (efUnquiet) isEffect()    {}
-func (efWakeFailed) isEffect() {}
-func (efWoke) isEffect()       {}
-func (efDecline) isEffect()    {}
-func (efWithdraw) isEffect()   {}
+func (EfCheck) isEffect()      {}
+func (EfWant) isEffect()       {}
+func (EfDrop) isEffect()       {}
+func (EfSpawn) isEffect()      {}
+func (EfReady) isEffect()      {}
+func (EfProbe) isEffect()      {}
+func (EfLearn) isEffect()      {}
+func (EfObserve) isEffect()    {}
+func (EfStop) isEffect()       {}
+func (EfRelease) isEffect()    {}
+func (EfArm) isEffect()        {}
+func (EfDisarm) isEffect()     {}
+func (EfSleep) isEffect()      {}
+func (EfSlept) isEffect()      {}
+func (EfWake) isEffect()       {}
+func (EfRedigest) isEffect()   {}
+func (EfRecord) isEffect()     {}
+func (EfCanary) isEffect()     {}
+func (EfQuiet) isEffect()      {}
+func (EfUnquiet) isEffect()    {}
+func (EfWakeFailed) isEffect() {}
+func (EfWoke) isEffect()       {}
+func (EfDecline) isEffect()    {}
+func (EfWithdraw) isEffect()   {}
 
-func newMachine(cfg config.Model, now func() time.Time, jitter func() float64, log *zap.Logger) *machine {
-	return &machine{cfg: cfg, now: now, jitter: jitter, log: log, restarts: map[string]int{}, since: now()}
+// New is the machine of the model cfg, on the clock now, with jitter
+// spreading its restart delays (a value in [0,1)), logging to log. Begin
+// or Restore is its first step.
+func New(cfg config.Model, now func() time.Time, jitter func() float64, log *zap.Logger) *Machine {
+	return &Machine{cfg: cfg, now: now, jitter: jitter, log: log, restarts: map[string]int{}, since: now()}
 }
 
-// begin is the first step: a model starts pending (checking), or held
+// Begin is the first step: a model starts pending (checking), or held
 // stopped when disabled.
-func (m *machine) begin() []effect {
+func (m *Machine) Begin() []Effect {
 	if !m.cfg.Enabled {
 		m.hold, m.holdReason = true, "enabled: false"
 		m.enter(Stopped, m.holdReason)
@@ -481,75 +490,106 @@ func (m *machine) begin() []effect {
 // onDemandIdle is what an on-demand model that is not running says.
 const onDemandIdle = "on demand: starts at its first request"
 
-// done reports whether the machine has finished: shut down, nothing left
+// Done reports whether the machine has finished: shut down, nothing left
 // running.
-func (m *machine) done() bool {
+func (m *Machine) Done() bool {
 	return (m.shutdown || m.removed) && m.inst == nil && m.flight != flightSpawn
 }
 
-// step applies one event and returns what the runner must do.
-func (m *machine) step(ev event) []effect {
+// What the runner reads of the machine between steps.
+
+// State is the model's state.
+func (m *Machine) State() State { return m.state }
+
+// Reason is what its state says.
+func (m *Machine) Reason() string { return m.reason }
+
+// Config is the model's configuration in force.
+func (m *Machine) Config() config.Model { return m.cfg }
+
+// Inst is the instance it runs, nil when none.
+func (m *Machine) Inst() *Instance { return m.inst }
+
+// Exited reports whether the main process of its instance has exited.
+func (m *Machine) Exited() bool { return m.exited }
+
+// Spawning reports whether a spawn is in flight (EfSpawn, not yet
+// answered by EvSpawned).
+func (m *Machine) Spawning() bool { return m.flight == flightSpawn }
+
+// OpErr is the answer to the last operation (EvOp), for the operator.
+func (m *Machine) OpErr() error { return m.opErr }
+
+// VLLM is what it knows of its model's vLLM.
+func (m *Machine) VLLM() VLLM { return m.vllm }
+
+// KeepOutput keeps the process's last output lines, which a failed model
+// shows (the runner holds the output; it calls this as the model fails).
+func (m *Machine) KeepOutput(lines []string) { m.lastOut = lines }
+
+// Step applies one event and returns what the runner must do.
+func (m *Machine) Step(ev Event) []Effect {
 	switch ev := ev.(type) {
-	case evChecked:
+	case EvChecked:
 		return m.onChecked(ev)
-	case evPlaced:
-		return m.onPlaced(ev.p)
-	case evSpawned:
+	case EvPlaced:
+		return m.onPlaced(ev.Placement)
+	case EvSpawned:
 		return m.onSpawned(ev)
-	case evExited:
+	case EvExited:
 		return m.onExited(ev)
-	case evProbed:
+	case EvProbed:
 		return m.onProbed(ev)
-	case evTimer:
-		return m.onTimer(ev.t)
-	case evOp:
-		m.lastOp = &api.OpRecord{Op: string(ev.op), By: ev.by, At: m.now()}
-		return m.onOp(ev.op)
-	case evConfig:
-		if ev.kind == config.Respawn || ev.cfg.Enabled != m.cfg.Enabled {
+	case EvTimer:
+		return m.onTimer(ev.Timer)
+	case EvOp:
+		m.lastOp = &api.OpRecord{Op: string(ev.Op), By: ev.By, At: m.now()}
+		return m.onOp(ev.Op)
+	case EvConfig:
+		if ev.Kind == config.Respawn || ev.Config.Enabled != m.cfg.Enabled {
 			m.lastOp = &api.OpRecord{Op: "reload", At: m.now()}
 		}
 		return m.onConfig(ev)
-	case evStopped:
+	case EvStopped:
 		return m.onStopped(ev)
-	case evRemoved:
+	case EvRemoved:
 		return m.onRemoved()
-	case evShutdown:
+	case EvShutdown:
 		return m.onShutdown()
-	case evDemand:
+	case EvDemand:
 		state, wakeAfter := m.state, m.wakeAfter
 		out := m.onDemand("started on demand")
 		if m.state != state || m.wakeAfter != wakeAfter {
 			m.demanded = true
 		}
 		return out
-	case evUnwanted:
+	case EvUnwanted:
 		return m.onUnwanted()
-	case evEvict:
-		return m.onEvict(ev.forModel)
-	case evIdle:
+	case EvEvict:
+		return m.onEvict(ev.ForModel)
+	case EvIdle:
 		return m.onIdle(ev)
-	case evSlept:
+	case EvSlept:
 		return m.onSlept(ev)
-	case evWoke:
+	case EvWoke:
 		return m.onWoke(ev)
-	case evLearned:
+	case EvLearned:
 		return m.onLearned(ev)
-	case evCanary:
+	case EvCanary:
 		return m.onCanary(ev)
-	case evQuiet:
+	case EvQuiet:
 		return m.onQuiet(ev)
-	case evServing:
+	case EvServing:
 		return m.onServing(ev)
-	case evSpawnSlow:
+	case EvSpawnSlow:
 		return m.onSpawnSlow(ev)
-	case evEngineSleeps:
+	case EvEngineSleeps:
 		return m.onEngineSleeps(ev)
 	}
 	panic(fmt.Sprintf("machine: unknown event %T", ev))
 }
 
-func (m *machine) enter(s State, reason string) {
+func (m *Machine) enter(s State, reason string) {
 	if s != m.state || reason != m.reason {
 		m.log.Info("state", zap.String("state", string(s)), zap.String("reason", reason))
 	}
@@ -560,7 +600,7 @@ func (m *machine) enter(s State, reason string) {
 }
 
 // live reports whether a process tree is up and not being stopped.
-func (m *machine) live() bool {
+func (m *Machine) live() bool {
 	switch m.state {
 	case Starting, Ready, Unhealthy, Sleeping, Waking:
 		return true
@@ -571,36 +611,40 @@ func (m *machine) live() bool {
 // probed reports whether the model is probed in its state: not while it
 // sleeps or waits for its memory to wake; while its engine wakes, yes (a
 // wake that hangs is seen as a hang).
-func (m *machine) probed() bool {
-	if m.inst != nil && m.inst.asking {
+func (m *Machine) probed() bool {
+	if m.isAsking() {
 		return false // adopted: not before its engine says whether it sleeps
 	}
 	return m.state == Starting || m.state == Ready || m.state == Unhealthy || m.wakeInFlight()
 }
 
+// isAsking reports whether the engine of its instance, adopted after a
+// crash, is being asked whether it sleeps.
+func (m *Machine) isAsking() bool { return m.inst != nil && m.asking == m.inst }
+
 // wakeInFlight reports whether its engine is being woken (the memory was
 // granted; wake_up and the canary run).
-func (m *machine) wakeInFlight() bool { return m.flight == flightWake }
+func (m *Machine) wakeInFlight() bool { return m.flight == flightWake }
 
 // toPending enters pending and checks what a start needs.
-func (m *machine) toPending(reason string) []effect {
+func (m *Machine) toPending(reason string) []Effect {
 	m.startBegan = m.now()
 	m.cause = CauseChecking
 	m.flight = flightNone
 	m.enter(Pending, reason)
-	return []effect{efDisarm{tick}, efCheck{}}
+	return []Effect{EfDisarm{Tick}, EfCheck{}}
 }
 
-func (m *machine) onChecked(ev evChecked) []effect {
+func (m *Machine) onChecked(ev EvChecked) []Effect {
 	if m.state != Pending || m.flight == flightWant || m.flight == flightSpawn {
 		return nil
 	}
-	if ev.cause != "" {
-		m.cause = ev.cause
-		m.enter(Pending, ev.reason)
-		return []effect{efDrop{}, efArm{tick, recheckInterval}}
+	if ev.Cause != "" {
+		m.cause = ev.Cause
+		m.enter(Pending, ev.Reason)
+		return []Effect{EfDrop{}, EfArm{Tick, recheckInterval}}
 	}
-	if !m.vllm.known() {
+	if !m.vllm.Known() {
 		// Its flags and GPU naming depend on it: learn it first.
 		if m.learning {
 			return nil
@@ -608,21 +652,21 @@ func (m *machine) onChecked(ev evChecked) []effect {
 		m.learning = true
 		m.learnSeq++
 		m.enter(Pending, "learning its vLLM version")
-		return []effect{efLearn{seq: m.learnSeq}}
+		return []Effect{EfLearn{Seq: m.learnSeq}}
 	}
 	return m.wantGPUs()
 }
 
 // wantGPUs asks the scheduler for GPUs: the checks passed.
-func (m *machine) wantGPUs() []effect {
+func (m *Machine) wantGPUs() []Effect {
 	m.cause = CauseGPU
 	m.wantSeq++
 	m.flight = flightWant
 	m.enter(Pending, "waiting for GPUs")
-	return []effect{efWant{seq: m.wantSeq}}
+	return []Effect{EfWant{Seq: m.wantSeq}}
 }
 
-func (m *machine) onPlaced(p schedule.Placement) []effect {
+func (m *Machine) onPlaced(p schedule.Placement) []Effect {
 	if (m.state != Pending && m.state != Waking) || m.flight != flightWant || p.Seq != m.wantSeq {
 		return nil // answers a want withdrawn since
 	}
@@ -634,8 +678,8 @@ func (m *machine) onPlaced(p schedule.Placement) []effect {
 		m.flight = flightWake
 		bound := m.wakeBound(m.sleepLevel)
 		m.wakeBegan, m.probeFails, m.probing = m.now(), 0, false
-		m.enter(Waking, fmt.Sprintf("waking (bound %s)", roundDuration(bound)))
-		return []effect{efWake{level: m.sleepLevel, timeout: bound, known: m.known}, efArm{deadline, bound}, efArm{tick, m.cfg.Probe.Period}}
+		m.enter(Waking, fmt.Sprintf("waking (bound %s)", RoundDuration(bound)))
+		return []Effect{EfWake{Level: m.sleepLevel, Timeout: bound, Known: m.known}, EfArm{Deadline, bound}, EfArm{Tick, m.cfg.Probe.Period}}
 	}
 	if p.GPUs == nil {
 		m.cause = CauseGPU
@@ -644,33 +688,33 @@ func (m *machine) onPlaced(p schedule.Placement) []effect {
 	}
 	m.flight, m.spawnNote = flightSpawn, ""
 	m.enter(Pending, "spawning")
-	return []effect{efSpawn{gpus: p.GPUs}}
+	return []Effect{EfSpawn{GPUs: p.GPUs}}
 }
 
-func (m *machine) onSpawned(ev evSpawned) []effect {
+func (m *Machine) onSpawned(ev EvSpawned) []Effect {
 	if m.flight != flightSpawn {
-		// The runner reports a spawn right after efSpawn, before any other
+		// The runner reports a spawn right after EfSpawn, before any other
 		// event: this cannot happen. Say so rather than lose track.
-		m.log.Error("internal: spawn result without a spawn", zap.Bool("process", ev.inst != nil))
+		m.log.Error("internal: spawn result without a spawn", zap.Bool("process", ev.Inst != nil))
 		return nil
 	}
 	m.flight, m.spawnNote = flightNone, ""
-	if ev.inst == nil && m.askedDuringSpawn() {
+	if ev.Inst == nil && m.askedDuringSpawn() {
 		return m.afterSpawn()
 	}
 	switch {
-	case ev.err != nil:
+	case ev.Err != nil:
 		// The program is missing or not executable: retrying in seconds
 		// would only burn the start limit. Fail now and say why.
-		return append([]effect{efDrop{}}, m.fail(fmt.Sprintf("spawn: %s", errText(ev.err)))...)
-	case ev.cause != "":
-		m.cause = ev.cause
-		m.enter(Pending, ev.reason)
-		return []effect{efDrop{}, efArm{tick, recheckInterval}}
+		return append([]Effect{EfDrop{}}, m.fail(fmt.Sprintf("spawn: %s", errText(ev.Err)))...)
+	case ev.Cause != "":
+		m.cause = ev.Cause
+		m.enter(Pending, ev.Reason)
+		return []Effect{EfDrop{}, EfArm{Tick, recheckInterval}}
 	}
-	m.inst, m.exited, m.probeOK, m.probing = ev.inst, false, nil, false
-	m.demanded, m.hostHeld, m.envDigest = false, 0, ev.envDigest
-	m.tracker.started(ev.inst.started)
+	m.inst, m.exited, m.probeOK, m.probing = ev.Inst, false, nil, false
+	m.demanded, m.hostHeld, m.envDigest = false, 0, ev.EnvDigest
+	m.tracker.started(ev.Inst.Started)
 	m.probeFails = 0
 	m.readyAt, m.startup, m.servingAt = time.Time{}, 0, time.Time{}
 	if m.askedDuringSpawn() {
@@ -681,33 +725,33 @@ func (m *machine) onSpawned(ev evSpawned) []effect {
 	m.enter(Starting, "loading")
 	p := m.cfg.Probe
 	// Its record first: a successor after a crash adopts it from there.
-	return []effect{efRecord{}, efArm{deadline, p.StartupTimeout}, efArm{tick, m.startupPoll()}}
+	return []Effect{EfRecord{}, EfArm{Deadline, p.StartupTimeout}, EfArm{Tick, m.startupPoll()}}
 }
 
-func (m *machine) onExited(ev evExited) []effect {
-	if ev.inst != m.inst || m.inst == nil {
+func (m *Machine) onExited(ev EvExited) []Effect {
+	if ev.Inst != m.inst || m.inst == nil {
 		return nil
 	}
 	m.exited = true
-	ex := ev.exit
+	ex := ev.Exit
 	m.lastExit = &ex
 	if !m.live() {
 		return nil // being stopped: expected
 	}
-	m.log.Warn("model exited", zap.Int("pid", m.inst.pid), zap.String("exit", ex.desc))
+	m.log.Warn("model exited", zap.Int("pid", m.inst.PID), zap.String("exit", ex.Desc))
 	if m.state == Sleeping && m.cfg.OnDemand() {
 		// A sleeper nobody asked for: it stays stopped until a request
 		// does, and then starts as any start does (asking for memory that
 		// went to others meanwhile).
 		m.restarts[ReasonExit]++
-		m.idleAfterStop("on demand: exited while asleep (" + ex.desc + "); starts at its next request")
-		return m.beginStop("stopping what is left of it: exited while asleep (" + ex.desc + ")")
+		m.idleAfterStop("on demand: exited while asleep (" + ex.Desc + "); starts at its next request")
+		return m.beginStop("stopping what is left of it: exited while asleep (" + ex.Desc + ")")
 	}
-	return m.failAndStop(ReasonExit, "exited ("+ex.desc+")", fmt.Sprintf("exited (%s); stopping what is left of it", ex.desc))
+	return m.failAndStop(ReasonExit, "exited ("+ex.Desc+")", fmt.Sprintf("exited (%s); stopping what is left of it", ex.Desc))
 }
 
-func (m *machine) onProbed(ev evProbed) []effect {
-	if ev.inst != m.inst || m.inst == nil {
+func (m *Machine) onProbed(ev EvProbed) []Effect {
+	if ev.Inst != m.inst || m.inst == nil {
 		return nil // a result about a previous process
 	}
 	m.probing = false
@@ -717,19 +761,19 @@ func (m *machine) onProbed(ev evProbed) []effect {
 	if m.state == Waking {
 		return m.onWakeProbed(ev)
 	}
-	if errors.Is(ev.err, errNoVerdict) {
+	if errors.Is(ev.Err, ErrNoVerdict) {
 		// The daemon could not probe (out of descriptors, memory, ports):
 		// no verdict on the model; ask again next period.
-		m.log.Warn("probe not made: the daemon is short of resources", zap.Error(ev.err))
+		m.log.Warn("probe not made: the daemon is short of resources", zap.Error(ev.Err))
 		if m.state == Starting {
-			return []effect{efArm{tick, m.startupPoll()}}
+			return []Effect{EfArm{Tick, m.startupPoll()}}
 		}
-		return []effect{efArm{tick, m.cfg.Probe.Period}}
+		return []Effect{EfArm{Tick, m.cfg.Probe.Period}}
 	}
-	if ev.version != "" {
-		m.confirmVersion(ev.version)
+	if ev.Version != "" {
+		m.confirmVersion(ev.Version)
 	}
-	err := ev.err
+	err := ev.Err
 	ok := err == nil
 	m.probeOK = &ok
 	p := m.cfg.Probe
@@ -742,23 +786,23 @@ func (m *machine) onProbed(ev evProbed) []effect {
 				reason = "loading; " + err.Error()
 			}
 			m.enter(Starting, reason)
-			return []effect{efArm{tick, m.startupPoll()}}
+			return []Effect{EfArm{Tick, m.startupPoll()}}
 		}
 		m.readyAt = m.now()
-		m.startup = m.readyAt.Sub(m.inst.started)
+		m.startup = m.readyAt.Sub(m.inst.Started)
 		m.loads = gpu.Recent(m.loads, m.startup)
 		m.startups = gpu.Recent(m.startups, m.readyAt.Sub(m.startBegan))
 		m.enter(Ready, "")
-		out := append([]effect{efDisarm{deadline}, efReady{at: m.readyAt}, efArm{tick, p.Period}}, m.awake()...)
-		if m.cfg.OnDemand() && m.inst.sleepMode {
+		out := append([]Effect{EfDisarm{Deadline}, EfReady{At: m.readyAt}, EfArm{Tick, p.Period}}, m.awake()...)
+		if m.cfg.OnDemand() && m.inst.SleepMode {
 			// The answer its wakes must give again, asked while it is
 			// fresh from a cold start.
 			m.known, m.knownNote = nil, "being recorded"
-			out = append(out, efCanary{})
+			out = append(out, EfCanary{})
 		}
 		return out
 	}
-	out := []effect{efObserve{took: ev.took, err: err}}
+	out := []Effect{EfObserve{Took: ev.Took, Err: err}}
 	switch {
 	case err == nil:
 		m.probeFails = 0
@@ -780,18 +824,18 @@ func (m *machine) onProbed(ev evProbed) []effect {
 	return out
 }
 
-func (m *machine) onTimer(t timerKind) []effect {
-	if t == idle {
-		return nil // the runner sends evIdle instead
+func (m *Machine) onTimer(t Timer) []Effect {
+	if t == Idle {
+		return nil // the runner sends EvIdle instead
 	}
-	if t == settle {
+	if t == Settle {
 		if !m.settling {
 			return nil
 		}
 		m.settling = false
-		return []effect{efSettled{}}
+		return []Effect{EfSettled{}}
 	}
-	if t == deadline {
+	if t == Deadline {
 		if m.quiet.kind != quietNone {
 			// No Unquiet: the sleep or stop that goes ahead marks its GPUs
 			// busy (Changing, which ends the quiet request) in the same
@@ -800,7 +844,7 @@ func (m *machine) onTimer(t timerKind) []effect {
 			return m.quietNow()
 		}
 		if m.wakeInFlight() {
-			return m.wakeFailed("timeout", fmt.Sprintf("not awake within %s", roundDuration(m.wakeBound(m.sleepLevel))))
+			return m.wakeFailed("timeout", fmt.Sprintf("not awake within %s", RoundDuration(m.wakeBound(m.sleepLevel))))
 		}
 		if m.state != Starting {
 			return nil
@@ -824,17 +868,17 @@ func (m *machine) onTimer(t timerKind) []effect {
 		if m.state == Waking && m.flight == flightWant {
 			return nil // asleep until its memory is granted
 		}
-		var out []effect
+		var out []Effect
 		if m.state != Starting {
 			// Liveness runs on a fixed period from each probe's start, so
 			// a hang is seen within period × failure_threshold + timeout;
 			// a probe still in flight makes the tick pass (no pile-up).
-			out = append(out, efArm{tick, m.cfg.Probe.Period})
+			out = append(out, EfArm{Tick, m.cfg.Probe.Period})
 		}
 		if !m.probing {
 			m.probing = true
 			// A waking engine is checked for life only: no deep probe.
-			out = append(out, efProbe{live: m.state == Ready || m.state == Unhealthy})
+			out = append(out, EfProbe{Live: m.state == Ready || m.state == Unhealthy})
 		}
 		return out
 	}
@@ -843,7 +887,7 @@ func (m *machine) onTimer(t timerKind) []effect {
 
 // failAndStop counts a failure of the live process and stops it; what
 // follows the stop (backoff or failed) is decided when it completes.
-func (m *machine) failAndStop(why, reason, stopping string) []effect {
+func (m *Machine) failAndStop(why, reason, stopping string) []Effect {
 	m.log.Warn("restarting model", zap.String("reason", why), zap.String("detail", reason))
 	m.restarts[why]++
 	if m.after.kind <= afterFailure {
@@ -852,15 +896,15 @@ func (m *machine) failAndStop(why, reason, stopping string) []effect {
 	return m.stop(stopping, true)
 }
 
-// beginStop hands the tree to a stop; evStopped follows.
+// beginStop hands the tree to a stop; EvStopped follows.
 // A planned stop (an operator's stop or restart, a reload, an eviction by
 // stop, the daemon's shutdown) of a model that serves drains it first, as
 // a sleep does: vLLM aborts the requests in flight at SIGTERM. A stop
 // after a failure does not wait for a dead engine.
-func (m *machine) beginStop(reason string) []effect { return m.stop(reason, false) }
+func (m *Machine) beginStop(reason string) []Effect { return m.stop(reason, false) }
 
 // stop hands the tree to a stop, after a failure (failed) or not.
-func (m *machine) stop(reason string, failed bool) []effect {
+func (m *Machine) stop(reason string, failed bool) []Effect {
 	drain := !failed && !m.exited && (m.state == Ready || m.state == Unhealthy)
 	m.quiet = quietWait{} // it stops now: whatever waited for quiet GPUs is moot
 	// Its claim is released from here on: a settle timer still armed must
@@ -870,7 +914,7 @@ func (m *machine) stop(reason string, failed bool) []effect {
 	// Whatever was in flight (a sleep, a wake, a want for its memory) is
 	// moot too.
 	m.flight, m.sleepLevel, m.sleepBegan = flightNone, 0, time.Time{}
-	return []effect{efDisarm{tick}, efDisarm{deadline}, efDisarm{idle}, efStop{inst: m.inst, mainAlive: !m.exited, drain: drain}}
+	return []Effect{EfDisarm{Tick}, EfDisarm{Deadline}, EfDisarm{Idle}, EfStop{Inst: m.inst, MainAlive: !m.exited, Drain: drain}}
 }
 
 // quietWait is what waits for quiet GPUs, and what it carries out then.
@@ -895,8 +939,8 @@ const (
 // (no other model starting or waking there); a sleepCause counts the stop
 // as a sleep at level 0 with that cause (an on-demand model giving its
 // GPUs back). A model loading, or one not running, is not waited for.
-func (m *machine) plannedStop(reason, sleepCause string) []effect {
-	var out []effect
+func (m *Machine) plannedStop(reason, sleepCause string) []Effect {
+	var out []Effect
 	if m.state == Waking && m.flight == flightWant && !m.shutdown {
 		// A sleeper waiting for memory to wake (often because a neighbour
 		// loads on its GPU): it still sleeps. Its want goes, and it stops
@@ -904,12 +948,12 @@ func (m *machine) plannedStop(reason, sleepCause string) []effect {
 		m.flight = flightNone
 		m.wantSeq++ // an answer to the withdrawn want is ignored
 		m.enter(Sleeping, fmt.Sprintf("asleep (level %d)", m.sleepLevel))
-		out = append(out, efWithdraw{})
+		out = append(out, EfWithdraw{})
 	}
 	if m.shutdown || !(m.state == Ready || m.state == Unhealthy || (m.state == Sleeping && m.flight != flightSleep)) {
 		out := m.beginStop(reason)
 		if sleepCause != "" {
-			out = append(out, efSlept{level: 0, cause: sleepCause})
+			out = append(out, EfSlept{Level: 0, Cause: sleepCause})
 		}
 		return out
 	}
@@ -924,64 +968,64 @@ func (m *machine) plannedStop(reason, sleepCause string) []effect {
 
 // askQuiet asks the scheduler for quiet GPUs, for at most startup_timeout
 // (a neighbour's start ends within its own; past that, go ahead).
-func (m *machine) askQuiet() []effect {
+func (m *Machine) askQuiet() []Effect {
 	m.quietSeq++
-	return []effect{efQuiet{seq: m.quietSeq}, efArm{deadline, m.cfg.Probe.StartupTimeout}}
+	return []Effect{EfQuiet{Seq: m.quietSeq}, EfArm{Deadline, m.cfg.Probe.StartupTimeout}}
 }
 
 // onQuiet carries out what waited for quiet GPUs, or says what it waits
 // for.
-func (m *machine) onQuiet(ev evQuiet) []effect {
-	if m.quiet.kind == quietNone || ev.seq != m.quietSeq {
+func (m *Machine) onQuiet(ev EvQuiet) []Effect {
+	if m.quiet.kind == quietNone || ev.Seq != m.quietSeq {
 		return nil
 	}
-	if !ev.ok {
+	if !ev.OK {
 		what := map[quietKind]string{quietSleep: "sleeps", quietStop: "stops"}[m.quiet.kind]
-		m.enter(m.state, fmt.Sprintf("waiting for %s, before it %s", ev.reason, what))
+		m.enter(m.state, fmt.Sprintf("waiting for %s, before it %s", ev.Reason, what))
 		return nil
 	}
 	return m.quietNow()
 }
 
 // quietNow does what waited for quiet GPUs.
-func (m *machine) quietNow() []effect {
+func (m *Machine) quietNow() []Effect {
 	q := m.quiet
 	m.quiet = quietWait{}
-	out := []effect{efDisarm{deadline}}
+	out := []Effect{EfDisarm{Deadline}}
 	if q.kind == quietSleep {
 		return append(out, m.doSleep(q.cause, q.reason)...)
 	}
 	out = append(out, m.beginStop(q.reason)...)
 	if q.cause != "" {
-		out = append(out, efSlept{level: 0, cause: q.cause})
+		out = append(out, EfSlept{Level: 0, Cause: q.cause})
 	}
 	return out
 }
 
-func (m *machine) onStopped(ev evStopped) []effect {
-	if ev.inst != m.inst || m.inst == nil || m.state != Stopping {
-		return nil // only efStop reports here, and only while stopping
+func (m *Machine) onStopped(ev EvStopped) []Effect {
+	if ev.Inst != m.inst || m.inst == nil || m.state != Stopping {
+		return nil // only EfStop reports here, and only while stopping
 	}
-	if !m.exited && ev.inst.exit.desc != "" {
-		ex := ev.inst.exit
+	if !m.exited && ev.Inst.Exit.Desc != "" {
+		ex := ev.Inst.Exit
 		m.lastExit = &ex
 	}
 	after := m.after
 	m.after = afterStop{}
 	// A request came meanwhile, or requests wait in its queue: they want
 	// it back (nothing else would ask for it again).
-	wake := m.wakeAfter || ev.waiting > 0
+	wake := m.wakeAfter || ev.Waiting > 0
 	m.wakeAfter = false
 	inst := m.inst
 	m.inst, m.exited, m.probing, m.hostHeld = nil, false, false, 0
 	idled := after.kind == afterIdle
-	var out []effect
+	var out []Effect
 	switch {
 	case m.shutdown:
 		m.enter(Stopped, "supervisor shut down")
-	case ev.err != nil:
-		m.log.Error("stop incomplete", zap.Error(ev.err))
-		out = m.fail("stop: " + ev.err.Error())
+	case ev.Err != nil:
+		m.log.Error("stop incomplete", zap.Error(ev.Err))
+		out = m.fail("stop: " + ev.Err.Error())
 	case m.hold:
 		m.enter(Stopped, m.holdReason)
 	case after.kind == afterStart:
@@ -998,26 +1042,26 @@ func (m *machine) onStopped(ev evStopped) []effect {
 	// When a start follows (at once or after a backoff), its GPUs stay
 	// reserved for it; held, failed or shut down, they go to whoever waits.
 	keep := m.state == Pending || m.state == Backoff
-	return append([]effect{efRelease{inst: inst, keep: keep}}, out...)
+	return append([]Effect{EfRelease{Inst: inst, Keep: keep}}, out...)
 }
 
 // startAfterStop has the stop in flight (or the one waiting for quiet
 // GPUs) followed by a start with reason: it replaces an idle stop's or a
 // failure's plan.
-func (m *machine) startAfterStop(reason string) {
+func (m *Machine) startAfterStop(reason string) {
 	m.after = afterStop{kind: afterStart, reason: reason}
 }
 
 // idleAfterStop has the stop followed by an on-demand model's idle
 // (stopped, saying reason), unless a start follows it.
-func (m *machine) idleAfterStop(reason string) {
+func (m *Machine) idleAfterStop(reason string) {
 	if m.after.kind != afterStart {
 		m.after = afterStop{kind: afterIdle, reason: reason}
 	}
 }
 
 // afterFailure decides between backoff and failed after a failed run.
-func (m *machine) afterFailure(f failure) []effect {
+func (m *Machine) afterFailure(f failure) []Effect {
 	var readyFor time.Duration
 	if !m.readyAt.IsZero() {
 		readyFor = m.now().Sub(m.readyAt)
@@ -1026,23 +1070,23 @@ func (m *machine) afterFailure(f failure) []effect {
 	if failed {
 		return m.fail(fmt.Sprintf("start limit: %d starts within %s; last: %s", m.cfg.Restart.Burst, m.cfg.Restart.Interval, f.reason))
 	}
-	m.enter(Backoff, fmt.Sprintf("%s; restarting in %s", f.reason, roundDuration(delay)))
-	return []effect{efArm{tick, delay}}
+	m.enter(Backoff, fmt.Sprintf("%s; restarting in %s", f.reason, RoundDuration(delay)))
+	return []Effect{EfArm{Tick, delay}}
 }
 
 // fail enters failed, keeping the reason and (set by the runner) the last
 // output for the operator.
-func (m *machine) fail(reason string) []effect {
+func (m *Machine) fail(reason string) []Effect {
 	m.enter(Failed, reason)
 	m.log.Error("model failed", zap.String("reason", reason))
 	if d := m.cfg.Restart.RetryFailedAfter; d > 0 {
-		return []effect{efArm{tick, d}}
+		return []Effect{EfArm{Tick, d}}
 	}
-	return []effect{efDisarm{tick}}
+	return []Effect{EfDisarm{Tick}}
 }
 
 // stopHeld stops the model and holds it stopped with reason.
-func (m *machine) stopHeld(reason string) []effect {
+func (m *Machine) stopHeld(reason string) []Effect {
 	m.hold, m.holdReason = true, reason
 	if m.after.kind == afterStart {
 		m.after = afterStop{}
@@ -1057,12 +1101,12 @@ func (m *machine) stopHeld(reason string) []effect {
 	}
 	m.flight = flightNone
 	m.enter(Stopped, reason)
-	return []effect{efDisarm{tick}, efDrop{}}
+	return []Effect{EfDisarm{Tick}, EfDrop{}}
 }
 
 // respawn stops a live model and starts it again at once, keeping its
 // GPUs when it asks for the same.
-func (m *machine) respawn(reason string) []effect {
+func (m *Machine) respawn(reason string) []Effect {
 	m.hold = false
 	switch {
 	case m.live():
@@ -1077,13 +1121,13 @@ func (m *machine) respawn(reason string) []effect {
 	case m.state == Pending:
 		if m.flight == flightWant {
 			// Its want may ask for something else now.
-			return append([]effect{efDrop{}}, m.toPending(reason)...)
+			return append([]Effect{EfDrop{}}, m.toPending(reason)...)
 		}
 	}
 	return m.toPending(reason)
 }
 
-func (m *machine) onOp(op Op) []effect {
+func (m *Machine) onOp(op Op) []Effect {
 	m.opErr = nil
 	if m.shutdown {
 		return nil
@@ -1146,29 +1190,29 @@ func (m *machine) onOp(op Op) []effect {
 	return nil
 }
 
-func (m *machine) onConfig(ev evConfig) []effect {
+func (m *Machine) onConfig(ev EvConfig) []Effect {
 	old := m.cfg
-	m.cfg = ev.cfg
-	if !slices.Equal(old.Command, ev.cfg.Command) || !maps.Equal(old.Env, ev.cfg.Env) {
+	m.cfg = ev.Config
+	if !slices.Equal(old.Command, ev.Config.Command) || !maps.Equal(old.Env, ev.Config.Env) {
 		// Another interpreter, or another PYTHONPATH: learn it again.
-		m.vllm, m.learning = vllmInfo{}, false
+		m.vllm, m.learning = VLLM{}, false
 		m.learnSeq++
 	}
 	if m.shutdown {
 		return nil
 	}
 	switch {
-	case !ev.cfg.Enabled:
+	case !ev.Config.Enabled:
 		if m.hold && m.holdReason == "enabled: false" {
 			return nil
 		}
 		return m.stopHeld("enabled: false")
-	case ev.kind == config.Respawn:
+	case ev.Kind == config.Respawn:
 		if old.Enabled {
 			m.restarts[ReasonReload]++
 		}
 		m.tracker.reset()
-		if m.state == Sleeping && ev.cfg.OnDemand() {
+		if m.state == Sleeping && ev.Config.OnDemand() {
 			// Nobody asked for it: stopped, it starts at its next request
 			// (and asks for memory then), rather than now, awake, putting
 			// others to sleep for nothing.
@@ -1177,8 +1221,8 @@ func (m *machine) onConfig(ev evConfig) []effect {
 			return m.plannedStop("stopping: configuration changed", "")
 		}
 		return m.respawn("configuration changed")
-	case ev.kind == config.Update && m.live():
-		return []effect{efRedigest{}}
+	case ev.Kind == config.Update && m.live():
+		return []Effect{EfRedigest{}}
 	}
 	return nil
 }
@@ -1186,7 +1230,7 @@ func (m *machine) onConfig(ev evConfig) []effect {
 // onRemoved stops a model a reload removed, as a planned stop (an
 // operator's stop) does: once its GPUs are quiet, its requests drained.
 // Its runner ends once it is stopped (done).
-func (m *machine) onRemoved() []effect {
+func (m *Machine) onRemoved() []Effect {
 	if m.shutdown || m.removed {
 		return nil
 	}
@@ -1194,7 +1238,7 @@ func (m *machine) onRemoved() []effect {
 	return m.stopHeld("removed from the configuration")
 }
 
-func (m *machine) onShutdown() []effect {
+func (m *Machine) onShutdown() []Effect {
 	if m.shutdown {
 		return nil
 	}
@@ -1209,11 +1253,11 @@ func (m *machine) onShutdown() []effect {
 	}
 	m.flight = flightNone
 	m.enter(Stopped, "supervisor shut down")
-	return []effect{efDisarm{tick}, efDisarm{deadline}, efDrop{}}
+	return []Effect{EfDisarm{Tick}, EfDisarm{Deadline}, EfDrop{}}
 }
 
-// status is the machine's part of the model's published snapshot.
-func (m *machine) status() *Status {
+// Status is the machine's part of the model's published snapshot.
+func (m *Machine) Status() *Status {
 	s := &Status{
 		Name:             m.cfg.Name,
 		State:            m.state,
@@ -1230,11 +1274,11 @@ func (m *machine) status() *Status {
 		s.Restarts += n
 	}
 	if m.inst != nil {
-		s.PID, s.StartedAt, s.GPUs = m.inst.pid, m.inst.started, m.inst.gpus
+		s.PID, s.StartedAt, s.GPUs = m.inst.PID, m.inst.Started, m.inst.GPUs
 	}
 	if m.lastExit != nil {
-		code := m.lastExit.code
-		s.LastExitCode, s.LastExit = &code, m.lastExit.desc
+		code := m.lastExit.Code
+		s.LastExitCode, s.LastExit = &code, m.lastExit.Desc
 	}
 	if m.state == Failed {
 		s.LastOutput = m.lastOut
@@ -1248,8 +1292,8 @@ func (m *machine) status() *Status {
 	}
 	s.OnDemand = m.cfg.OnDemand()
 	s.Held = m.hold
-	if m.vllm.known() {
-		s.VLLMVersion, s.VLLMVersionSource = m.vllm.version.String(), m.vllm.source
+	if m.vllm.Known() {
+		s.VLLMVersion, s.VLLMVersionSource = m.vllm.Version.String(), m.vllm.Source
 	}
 	if _, why := m.effectiveLevel(); why != "" {
 		s.VLLMNote = why
@@ -1288,29 +1332,18 @@ func (m *machine) status() *Status {
 	return s
 }
 
-// roundDuration prints a delay as an operator reads it: 2s, not 1.995s.
-func roundDuration(d time.Duration) time.Duration {
-	switch {
-	case d >= 10*time.Second:
-		return d.Round(time.Second)
-	case d >= time.Second:
-		return d.Round(100 * time.Millisecond)
-	}
-	return d.Round(time.Millisecond)
-}
-
 // awake arms what an awake on-demand model needs: its idle check; it has
 // been awake since now.
-func (m *machine) awake() []effect {
+func (m *Machine) awake() []Effect {
 	if !m.cfg.OnDemand() {
 		return nil
 	}
 	m.awakeAt = m.now()
-	return []effect{efArm{idle, m.cfg.IdleAfter}}
+	return []Effect{EfArm{Idle, m.cfg.IdleAfter}}
 }
 
 // onDemand starts or wakes an on-demand model that is not awake.
-func (m *machine) onDemand(reason string) []effect {
+func (m *Machine) onDemand(reason string) []Effect {
 	if !m.cfg.OnDemand() || m.hold || m.shutdown {
 		return nil
 	}
@@ -1341,7 +1374,7 @@ func (m *machine) onDemand(reason string) []effect {
 // flight is no longer followed by a wake. What has begun (a spawn, a
 // wake_up) goes on: stopping it halfway would cost more than finishing,
 // and the model then sleeps when idle.
-func (m *machine) onUnwanted() []effect {
+func (m *Machine) onUnwanted() []Effect {
 	if !m.cfg.OnDemand() || m.shutdown || !m.demanded {
 		return nil
 	}
@@ -1352,30 +1385,30 @@ func (m *machine) onUnwanted() []effect {
 		m.flight, m.demanded = flightNone, false
 		m.wantSeq++ // an answer to the withdrawn want is ignored
 		m.enter(Sleeping, fmt.Sprintf("asleep (level %d); the requests that would have woken it left", m.sleepLevel))
-		return []effect{efWithdraw{}}
+		return []Effect{EfWithdraw{}}
 	case m.state == Pending && m.flight != flightSpawn && m.inst == nil:
 		m.flight, m.demanded = flightNone, false
 		m.wantSeq++
 		m.enter(Stopped, "on demand: not started, the requests that asked for it left; starts at its next request")
-		return []effect{efDisarm{tick}, efDrop{}}
+		return []Effect{EfDisarm{Tick}, EfDrop{}}
 	}
 	return nil
 }
 
 // wake asks the scheduler for the sleeper's memory back on its GPUs.
-func (m *machine) wake() []effect {
+func (m *Machine) wake() []Effect {
 	m.wakeStart = m.now()
 	m.wantSeq++
 	m.flight = flightWant
 	m.enter(Waking, "waiting for its GPU memory")
-	return []effect{efWant{seq: m.wantSeq, held: m.held}}
+	return []Effect{EfWant{Seq: m.wantSeq, Held: m.held}}
 }
 
 // sleep gives an awake on-demand model's GPUs back: vLLM's sleep mode, or
 // a stop with sleep_level 0. sleep_level is read now: a reload that
 // changed it between 1 and 2 applies here; one from 0 applies from the
 // next start (a process started without sleep mode is stopped instead).
-func (m *machine) sleep(cause, reason string) []effect {
+func (m *Machine) sleep(cause, reason string) []Effect {
 	level, why := m.effectiveLevel()
 	if level == 0 {
 		m.idleAfterStop(m.stoppedOnDemand(cause, why))
@@ -1386,12 +1419,12 @@ func (m *machine) sleep(cause, reason string) []effect {
 	}
 	m.quiet = quietWait{kind: quietSleep, reason: reason, cause: cause}
 	m.enter(m.state, "waiting for its GPUs to be quiet before it sleeps: "+reason)
-	return append([]effect{efDisarm{idle}}, m.askQuiet()...)
+	return append([]Effect{EfDisarm{Idle}}, m.askQuiet()...)
 }
 
 // stoppedOnDemand is what an on-demand model stopped instead of put to
 // sleep says (sleep_level 0, or why is what its vLLM or process lacks).
-func (m *machine) stoppedOnDemand(cause, why string) string {
+func (m *Machine) stoppedOnDemand(cause, why string) string {
 	s := "on demand: stopped (" + cause + "); starts at its next request"
 	if why != "" {
 		s += "; " + why
@@ -1400,18 +1433,18 @@ func (m *machine) stoppedOnDemand(cause, why string) string {
 	return s
 }
 
-// hostMemory is what the level of a sleep depends on besides the model:
+// HostMemory is what the level of a sleep depends on besides the model:
 // sleep_host_memory in force (0: no bound) and the pinned host memory the
 // other models' level-1 sleeps hold (their status's SleepHostMemory). The
-// runner reads it as it carries out efSleep.
-type hostMemory struct{ budget, othersHeld uint64 }
+// runner reads it as it carries out EfSleep.
+type HostMemory struct{ Budget, OthersHeld uint64 }
 
-// sleepBegins is the runner's word, as it carries out efSleep (asking for
+// SleepBegins is the runner's word, as it carries out EfSleep (asking for
 // level), that the sleep begins at, with host as it is: the machine
 // chooses the level the sleep goes to (sleepLevelFor) and keeps it and
 // when it began, so every record from here on says the sleep began, at the
 // level it will be. It returns that level.
-func (m *machine) sleepBegins(level int, host hostMemory, at time.Time) int {
+func (m *Machine) SleepBegins(level int, host HostMemory, at time.Time) int {
 	level, note := m.sleepLevelFor(level, host)
 	if m.flight == flightSleep {
 		m.sleepLevel, m.sleepNote, m.sleepBegan = level, note, at
@@ -1424,20 +1457,20 @@ func (m *machine) sleepBegins(level int, host hostMemory, at time.Time) int {
 // hold sleep_host_memory it is level 2 instead (the weights are reloaded
 // from disk at the wake), where its vLLM and command line have a level 2
 // (deepestLevel); note says why.
-func (m *machine) sleepLevelFor(level int, host hostMemory) (int, string) {
-	if level == 1 && host.budget > 0 && host.othersHeld >= host.budget && m.deepestLevel() >= 2 {
-		return 2, fmt.Sprintf("level 2, not 1: level-1 sleepers hold %s of sleep_host_memory %s", config.ByteSize(host.othersHeld), config.ByteSize(host.budget))
+func (m *Machine) sleepLevelFor(level int, host HostMemory) (int, string) {
+	if level == 1 && host.Budget > 0 && host.OthersHeld >= host.Budget && m.deepestLevel() >= 2 {
+		return 2, fmt.Sprintf("level 2, not 1: level-1 sleepers hold %s of sleep_host_memory %s", config.ByteSize(host.OthersHeld), config.ByteSize(host.Budget))
 	}
 	return level, ""
 }
 
 // doSleep puts the model to sleep (its GPUs are quiet): drain, then /sleep.
 // The level is read again: a reload may have changed it meanwhile.
-func (m *machine) doSleep(cause, reason string) []effect {
+func (m *Machine) doSleep(cause, reason string) []Effect {
 	level, why := m.effectiveLevel()
 	if level == 0 {
 		m.idleAfterStop(m.stoppedOnDemand(cause, why))
-		return append(m.beginStop("stopping: "+reason), efSlept{level: 0, cause: cause})
+		return append(m.beginStop("stopping: "+reason), EfSlept{Level: 0, Cause: cause})
 	}
 	m.levelNote = why
 	if why != "" {
@@ -1446,10 +1479,10 @@ func (m *machine) doSleep(cause, reason string) []effect {
 	m.flight, m.sleepCause, m.sleepLevel, m.sleepNote, m.sleepBegan = flightSleep, cause, level, "", time.Time{}
 	m.probing = false
 	m.enter(Sleeping, "going to sleep: "+reason)
-	return []effect{efDisarm{tick}, efDisarm{idle}, efSleep{level: m.sleepLevel, cause: cause}}
+	return []Effect{EfDisarm{Tick}, EfDisarm{Idle}, EfSleep{Level: m.sleepLevel, Cause: cause}}
 }
 
-func (m *machine) onEvict(forModel string) []effect {
+func (m *Machine) onEvict(forModel string) []Effect {
 	switch {
 	case !m.cfg.OnDemand() || m.shutdown:
 	case m.state == Ready && m.now().Sub(m.awakeAt) < m.cfg.MinAwake:
@@ -1465,54 +1498,54 @@ func (m *machine) onEvict(forModel string) []effect {
 		m.idleAfterStop("on demand: stopped to make room for " + forModel + "; starts at its next request")
 		return m.plannedStop("stopping: making room for "+forModel, "evicted")
 	}
-	return []effect{efDecline{}}
+	return []Effect{EfDecline{}}
 }
 
-func (m *machine) onIdle(ev evIdle) []effect {
+func (m *Machine) onIdle(ev EvIdle) []Effect {
 	if m.state != Ready || !m.cfg.OnDemand() {
 		return nil
 	}
-	last := ev.last
+	last := ev.Last
 	if last.Before(m.awakeAt) {
 		last = m.awakeAt
 	}
 	idleFor := m.now().Sub(last)
-	if ev.inFlight > 0 {
-		return []effect{efArm{idle, m.cfg.IdleAfter}} // serving: not idle
+	if ev.InFlight > 0 {
+		return []Effect{EfArm{Idle, m.cfg.IdleAfter}} // serving: not idle
 	}
 	if idleFor < m.cfg.IdleAfter {
-		return []effect{efArm{idle, max(m.cfg.IdleAfter-idleFor, time.Second)}}
+		return []Effect{EfArm{Idle, max(m.cfg.IdleAfter-idleFor, time.Second)}}
 	}
-	return m.sleep("idle", fmt.Sprintf("no request for %s", roundDuration(idleFor)))
+	return m.sleep("idle", fmt.Sprintf("no request for %s", RoundDuration(idleFor)))
 }
 
-func (m *machine) onSlept(ev evSlept) []effect {
+func (m *Machine) onSlept(ev EvSlept) []Effect {
 	if m.flight != flightSleep {
 		return nil
 	}
 	m.flight, m.sleepBegan = flightNone, time.Time{}
 	switch {
-	case ev.aborted:
+	case ev.Aborted:
 		// Requests were still in flight: it stays awake, and says why.
 		m.log.Info("sleep abandoned: requests still in flight", zap.String("cause", m.sleepCause))
 		m.enter(Ready, "")
-		out := []effect{efRecord{}, efUnquiet{}, efArm{tick, m.cfg.Probe.Period}, efArm{idle, m.cfg.IdleAfter}}
+		out := []Effect{EfRecord{}, EfUnquiet{}, EfArm{Tick, m.cfg.Probe.Period}, EfArm{Idle, m.cfg.IdleAfter}}
 		if m.sleepCause == "evicted" {
-			out = append(out, efDecline{})
+			out = append(out, EfDecline{})
 		}
 		return out
-	case ev.err != nil:
+	case ev.Err != nil:
 		// An engine that failed to sleep is in no state to trust: stop it;
 		// it starts afresh at its next request.
-		m.log.Warn("sleep failed; stopping the model", zap.Error(ev.err))
-		m.idleAfterStop("on demand: stopped after a failed sleep (" + errText(ev.err) + "); starts at its next request")
-		return m.beginStop("stopping: sleep failed: " + errText(ev.err))
+		m.log.Warn("sleep failed; stopping the model", zap.Error(ev.Err))
+		m.idleAfterStop("on demand: stopped after a failed sleep (" + errText(ev.Err) + "); starts at its next request")
+		return m.beginStop("stopping: sleep failed: " + errText(ev.Err))
 	}
 	// The latest sleep adds nothing the second time: vLLM reuses the
 	// pinned memory of its first.
-	m.hostHeld = max(m.hostHeld, ev.grown)
-	if len(ev.held) > 0 {
-		m.held = ev.held
+	m.hostHeld = max(m.hostHeld, ev.Grown)
+	if len(ev.Held) > 0 {
+		m.held = ev.Held
 	}
 	reason := fmt.Sprintf("asleep (level %d, %s)", m.sleepLevel, m.sleepCause)
 	if m.sleepNote != "" {
@@ -1522,22 +1555,22 @@ func (m *machine) onSlept(ev evSlept) []effect {
 		reason += "; " + m.levelNote
 	}
 	m.enter(Sleeping, reason)
-	out := []effect{efSlept{level: m.sleepLevel, cause: m.sleepCause}}
+	out := []Effect{EfSlept{Level: m.sleepLevel, Cause: m.sleepCause}}
 	// Requests that waited in its queue while it went to sleep (queued for
 	// it while it woke, say) want it back: demand it again at once.
-	if m.wakeAfter || ev.waiting > 0 {
+	if m.wakeAfter || ev.Waiting > 0 {
 		m.wakeAfter = false
 		out = append(out, m.wake()...)
 	}
 	return out
 }
 
-func (m *machine) onWoke(ev evWoke) []effect {
-	if !m.wakeInFlight() || ev.inst != m.inst {
+func (m *Machine) onWoke(ev EvWoke) []Effect {
+	if !m.wakeInFlight() || ev.Inst != m.inst {
 		return nil // a wake given up on since
 	}
-	if ev.err != nil {
-		return m.wakeFailed(cmp.Or(ev.why, "error"), errText(ev.err))
+	if ev.Err != nil {
+		return m.wakeFailed(cmp.Or(ev.Why, "error"), errText(ev.Err))
 	}
 	level := m.sleepLevel
 	m.flight, m.sleepLevel = flightNone, 0
@@ -1550,7 +1583,7 @@ func (m *machine) onWoke(ev evWoke) []effect {
 	m.probeFails, m.probing = 0, false
 	m.noteWake(level, m.now().Sub(m.wakeBegan))
 	m.enter(Ready, "")
-	out := []effect{efDisarm{deadline}, efReady{at: m.readyAt}, efWoke{level: level, took: m.now().Sub(m.wakeStart)}, efArm{tick, m.cfg.Probe.Period}}
+	out := []Effect{EfDisarm{Deadline}, EfReady{At: m.readyAt}, EfWoke{Level: level, Took: m.now().Sub(m.wakeStart)}, EfArm{Tick, m.cfg.Probe.Period}}
 	return append(out, m.awake()...)
 }
 
@@ -1559,31 +1592,31 @@ func (m *machine) onWoke(ev evWoke) []effect {
 // no longer answering probes), and a woken engine that fails its canary
 // cannot be trusted. The model is started cold; requests keep waiting in
 // the gateway's queue.
-func (m *machine) wakeFailed(kind, why string) []effect {
+func (m *Machine) wakeFailed(kind, why string) []Effect {
 	m.log.Warn("wake failed; restarting the model cold", zap.String("what", kind), zap.String("why", why))
 	m.restarts[ReasonWake]++
 	m.wakeFailures++
 	m.startAfterStop("restarting cold after a failed wake: " + why)
-	return append([]effect{efWakeFailed{why: kind}}, m.beginStop("stopping: wake failed: "+why)...)
+	return append([]Effect{EfWakeFailed{Why: kind}}, m.beginStop("stopping: wake failed: "+why)...)
 }
 
 // onCanary keeps the canary's known answer of the current process: the
 // answer every wake must give again. A model that answers the same prompt
 // differently twice in a row, fresh from its start, is not deterministic:
 // its wakes are proven by any answer, as it says.
-func (m *machine) onCanary(ev evCanary) []effect {
-	if ev.inst != m.inst || m.inst == nil {
+func (m *Machine) onCanary(ev EvCanary) []Effect {
+	if ev.Inst != m.inst || m.inst == nil {
 		return nil
 	}
 	switch {
-	case ev.err != nil:
-		m.known, m.knownNote = nil, "not recorded ("+errText(ev.err)+"): a wake is proven by any answer"
-		m.log.Warn("the canary's known answer could not be recorded; wakes are proven by any answer", zap.Error(ev.err))
-	case ev.differs:
+	case ev.Err != nil:
+		m.known, m.knownNote = nil, "not recorded ("+errText(ev.Err)+"): a wake is proven by any answer"
+		m.log.Warn("the canary's known answer could not be recorded; wakes are proven by any answer", zap.Error(ev.Err))
+	case ev.Differs:
 		m.known, m.knownNote = nil, "not deterministic (two greedy answers after its start differed): a wake is proven by any answer"
 		m.log.Warn("the model answers a greedy request differently twice: its wakes are proven by any answer, not a known one")
 	default:
-		a := ev.answer
+		a := ev.Answer
 		m.known, m.knownNote = &a, "known answer"
 	}
 	return nil
@@ -1593,21 +1626,21 @@ func (m *machine) onCanary(ev evCanary) []effect {
 // answering (hung, SIGSTOPped, its GPU gone) fails the wake after
 // failure_threshold probes, or at once on a 5xx, rather than at the
 // wake's bound.
-func (m *machine) onWakeProbed(ev evProbed) []effect {
+func (m *Machine) onWakeProbed(ev EvProbed) []Effect {
 	p := m.cfg.Probe
-	if errors.Is(ev.err, errNoVerdict) {
+	if errors.Is(ev.Err, ErrNoVerdict) {
 		return nil // the next tick asks again
 	}
-	out := []effect{efObserve{took: ev.took, err: ev.err}}
+	out := []Effect{EfObserve{Took: ev.Took, Err: ev.Err}}
 	switch {
-	case ev.err == nil:
+	case ev.Err == nil:
 		m.probeFails = 0
-	case probe.Fatal(ev.err):
-		return append(out, m.wakeFailed("probe", "engine dead: /health answered "+ev.err.Error())...)
+	case probe.Fatal(ev.Err):
+		return append(out, m.wakeFailed("probe", "engine dead: /health answered "+ev.Err.Error())...)
 	default:
 		m.probeFails++
 		if m.probeFails >= p.FailureThreshold {
-			return append(out, m.wakeFailed("probe", fmt.Sprintf("probe failed %d/%d while waking: %s", m.probeFails, p.FailureThreshold, errText(ev.err)))...)
+			return append(out, m.wakeFailed("probe", fmt.Sprintf("probe failed %d/%d while waking: %s", m.probeFails, p.FailureThreshold, errText(ev.Err)))...)
 		}
 	}
 	return out
@@ -1625,7 +1658,7 @@ const (
 )
 
 // wakeBound is how long a wake from level may take.
-func (m *machine) wakeBound(level int) time.Duration {
+func (m *Machine) wakeBound(level int) time.Duration {
 	if m.cfg.WakeTimeout > 0 {
 		return m.cfg.WakeTimeout
 	}
@@ -1638,7 +1671,7 @@ func (m *machine) wakeBound(level int) time.Duration {
 }
 
 // noteWake keeps a wake's duration among the recent ones of its level.
-func (m *machine) noteWake(level int, took time.Duration) {
+func (m *Machine) noteWake(level int, took time.Duration) {
 	if m.wakeTimes == nil {
 		m.wakeTimes = map[int][]time.Duration{}
 	}

@@ -1,4 +1,4 @@
-package supervisor
+package lifecycle
 
 import (
 	"errors"
@@ -43,27 +43,27 @@ func testModelCfg() config.Model {
 // mtest drives a machine step by step on an injected clock.
 type mtest struct {
 	t   testing.TB
-	m   *machine
+	m   *Machine
 	now time.Time
 	pid int
 }
 
 func newMTest(t testing.TB) *mtest {
 	mt := &mtest{t: t, now: t0, pid: 100}
-	mt.m = newMachine(testModelCfg(), func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
+	mt.m = New(testModelCfg(), func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
 	// Its vLLM known, so the checks lead straight to a want; the lookup
-	// before the first spawn is machine_vllm_test.go's.
-	mt.m.vllm = vllmInfo{version: vllm.Newest, source: VersionFromServer}
+	// before the first spawn is vllm_test.go's.
+	mt.m.vllm = VLLM{Version: vllm.Newest, Source: VersionFromServer}
 	return mt
 }
 
-func (mt *mtest) step(ev event) []effect { return mt.m.step(ev) }
+func (mt *mtest) step(ev Event) []Effect { return mt.m.Step(ev) }
 
 // quietOK answers the machine's quiet request: its GPUs are quiet.
-func (mt *mtest) quietOK() []effect { return mt.step(evQuiet{seq: mt.m.quietSeq, ok: true}) }
+func (mt *mtest) quietOK() []Effect { return mt.step(EvQuiet{Seq: mt.m.quietSeq, OK: true}) }
 
 // quiet expects a quiet request after ev, then answers it and expects want.
-func (mt *mtest) quiet(ev event, want string) {
+func (mt *mtest) quiet(ev Event, want string) {
 	mt.t.Helper()
 	if got := describe(mt.step(ev)); !strings.Contains(got, fmt.Sprintf("quiet(%d) arm(deadline,", mt.m.quietSeq)) {
 		mt.t.Fatalf("after %s in %s: effects %q, want a quiet request", describeEvent(ev), mt.m.state, got)
@@ -74,7 +74,7 @@ func (mt *mtest) quiet(ev event, want string) {
 }
 
 // expect steps ev and checks the effects, written as describe does.
-func (mt *mtest) expect(ev event, want string) {
+func (mt *mtest) expect(ev Event, want string) {
 	mt.t.Helper()
 	if got := describe(mt.step(ev)); got != want {
 		mt.t.Fatalf("after %s in %s: effects %q, want %q", describeEvent(ev), mt.m.state, got, want)
@@ -89,22 +89,22 @@ func (mt *mtest) state(want State) {
 }
 
 // newInst is a process as the runner would report it, without a process.
-func (mt *mtest) newInst() *instance {
+func (mt *mtest) newInst() *Instance {
 	mt.pid++
-	return &instance{pid: mt.pid, started: mt.now, gpus: []string{"GPU-a"}, done: make(chan struct{}), sleepMode: mt.m.cfg.Sleeps()}
+	return &Instance{PID: mt.pid, Started: mt.now, GPUs: []string{"GPU-a"}, SleepMode: mt.m.cfg.Sleeps()}
 }
 
 // The paths to each state, from the start.
 func (mt *mtest) toAwaiting() *mtest {
-	mt.m.begin()
-	mt.step(evChecked{})
+	mt.m.Begin()
+	mt.step(EvChecked{})
 	return mt
 }
 
 // toSpawning places it: its spawn is in flight.
 func (mt *mtest) toSpawning() *mtest {
 	mt.toAwaiting()
-	mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
+	mt.step(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
 	return mt
 }
 
@@ -112,68 +112,68 @@ func (mt *mtest) toSpawning() *mtest {
 // engine is asked whether it sleeps.
 func (mt *mtest) toAsking() *mtest {
 	inst := mt.newInst()
-	inst.adopted = true
+	inst.Adopted = true
 	digest := mt.m.cfg.SpawnDigest()
-	mt.m.restore(liverestore.ModelState{Instance: &liverestore.InstanceState{Model: "m", PID: inst.pid, Started: mt.now, ReadyAt: mt.now, Digest: digest}}, inst, digest, false)
+	mt.m.Restore(liverestore.ModelState{Instance: &liverestore.InstanceState{Model: "m", PID: inst.PID, Started: mt.now, ReadyAt: mt.now, Digest: digest}}, inst, digest, false)
 	return mt
 }
 
 func (mt *mtest) toStarting() *mtest {
 	mt.toAwaiting()
-	mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
-	mt.step(evSpawned{inst: mt.newInst()})
+	mt.step(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
+	mt.step(EvSpawned{Inst: mt.newInst()})
 	return mt
 }
 
 func (mt *mtest) toReady() *mtest {
 	mt.toStarting()
-	mt.step(evTimer{tick})
+	mt.step(EvTimer{Tick})
 	mt.now = mt.now.Add(time.Second)
-	mt.step(evProbed{inst: mt.m.inst})
+	mt.step(EvProbed{Inst: mt.m.inst})
 	return mt
 }
 
 func (mt *mtest) toUnhealthy() *mtest {
 	mt.toReady()
-	mt.step(evTimer{tick})
-	mt.step(evProbed{inst: mt.m.inst, err: errors.New("timeout")})
+	mt.step(EvTimer{Tick})
+	mt.step(EvProbed{Inst: mt.m.inst, Err: errors.New("timeout")})
 	return mt
 }
 
 func (mt *mtest) toStoppingFailure() *mtest {
 	mt.toReady()
-	mt.step(evExited{inst: mt.m.inst, exit: exitInfo{code: 1, desc: "exit code 1"}})
+	mt.step(EvExited{Inst: mt.m.inst, Exit: Exit{Code: 1, Desc: "exit code 1"}})
 	return mt
 }
 
 func (mt *mtest) toStoppingHeld() *mtest {
 	mt.toReady()
-	mt.step(evOp{op: OpStop})
+	mt.step(EvOp{Op: OpStop})
 	return mt
 }
 
 func (mt *mtest) toBackoff() *mtest {
 	mt.toStoppingFailure()
-	mt.step(evStopped{inst: mt.m.inst})
+	mt.step(EvStopped{Inst: mt.m.inst})
 	return mt
 }
 
 func (mt *mtest) toFailed() *mtest {
 	mt.toAwaiting()
-	mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
-	mt.step(evSpawned{err: errors.New("exec: no such file")})
+	mt.step(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
+	mt.step(EvSpawned{Err: errors.New("exec: no such file")})
 	return mt
 }
 
 func (mt *mtest) toStopped() *mtest {
-	mt.m.begin()
-	mt.step(evOp{op: OpStop})
+	mt.m.Begin()
+	mt.step(EvOp{Op: OpStop})
 	return mt
 }
 
 func (mt *mtest) toBlocked() *mtest {
-	mt.m.begin()
-	mt.step(evChecked{cause: CauseStorage, reason: "storage: /m: no such file or directory"})
+	mt.m.Begin()
+	mt.step(EvChecked{Cause: CauseStorage, Reason: "storage: /m: no such file or directory"})
 	return mt
 }
 
@@ -191,109 +191,109 @@ func newODTest(t testing.TB) *mtest {
 }
 
 func (mt *mtest) toIdleStopped() *mtest {
-	mt.m.begin()
+	mt.m.Begin()
 	return mt
 }
 
 func (mt *mtest) toODReady() *mtest {
-	mt.m.begin()
-	mt.step(evDemand{})
-	mt.step(evChecked{})
-	mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
-	mt.step(evSpawned{inst: mt.newInst()})
-	mt.step(evTimer{tick})
-	mt.step(evProbed{inst: mt.m.inst})
+	mt.m.Begin()
+	mt.step(EvDemand{})
+	mt.step(EvChecked{})
+	mt.step(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
+	mt.step(EvSpawned{Inst: mt.newInst()})
+	mt.step(EvTimer{Tick})
+	mt.step(EvProbed{Inst: mt.m.inst})
 	return mt
 }
 
 func (mt *mtest) toGoingToSleep() *mtest {
 	mt.toODReady()
 	mt.now = mt.now.Add(11 * time.Minute)
-	mt.step(evIdle{})
-	mt.step(evQuiet{seq: mt.m.quietSeq, ok: true})
+	mt.step(EvIdle{})
+	mt.step(EvQuiet{Seq: mt.m.quietSeq, OK: true})
 	return mt
 }
 
 func (mt *mtest) toAsleep() *mtest {
 	mt.toGoingToSleep()
-	mt.step(evSlept{})
+	mt.step(EvSlept{})
 	return mt
 }
 
 func (mt *mtest) toWakingAwaiting() *mtest {
 	mt.toAsleep()
-	mt.step(evDemand{})
+	mt.step(EvDemand{})
 	return mt
 }
 
 func (mt *mtest) toWaking() *mtest {
 	mt.toWakingAwaiting()
-	mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
+	mt.step(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
 	return mt
 }
 
 // describe writes effects compactly, for tables and golden files.
-func describe(efs []effect) string {
+func describe(efs []Effect) string {
 	var out []string
 	for _, ef := range efs {
 		switch ef := ef.(type) {
-		case efCheck:
+		case EfCheck:
 			out = append(out, "check")
-		case efWant:
-			out = append(out, fmt.Sprintf("want(%d)", ef.seq))
-		case efDrop:
+		case EfWant:
+			out = append(out, fmt.Sprintf("want(%d)", ef.Seq))
+		case EfDrop:
 			out = append(out, "drop")
-		case efSpawn:
-			out = append(out, "spawn"+fmt.Sprint(ef.gpus))
-		case efReady:
+		case EfSpawn:
+			out = append(out, "spawn"+fmt.Sprint(ef.GPUs))
+		case EfReady:
 			out = append(out, "ready")
-		case efProbe:
-			out = append(out, map[bool]string{true: "probe(live)", false: "probe"}[ef.live])
-		case efObserve:
+		case EfProbe:
+			out = append(out, map[bool]string{true: "probe(live)", false: "probe"}[ef.Live])
+		case EfObserve:
 			out = append(out, "observe")
-		case efStop:
-			out = append(out, map[bool]string{true: "stop(term)", false: "stop(rest)"}[ef.mainAlive])
-		case efRelease:
-			out = append(out, map[bool]string{true: "release(keep)", false: "release"}[ef.keep])
-		case efArm:
-			out = append(out, fmt.Sprintf("arm(%s,%s)", timerName(ef.t), ef.d))
-		case efDisarm:
-			out = append(out, "disarm("+timerName(ef.t)+")")
-		case efSleep:
-			out = append(out, fmt.Sprintf("sleep(%d,%s)", ef.level, ef.cause))
-		case efSlept:
-			out = append(out, fmt.Sprintf("slept(%d,%s)", ef.level, ef.cause))
-		case efWake:
-			out = append(out, fmt.Sprintf("wake(%d,%s)", ef.level, ef.timeout))
-		case efRedigest:
+		case EfStop:
+			out = append(out, map[bool]string{true: "stop(term)", false: "stop(rest)"}[ef.MainAlive])
+		case EfRelease:
+			out = append(out, map[bool]string{true: "release(keep)", false: "release"}[ef.Keep])
+		case EfArm:
+			out = append(out, fmt.Sprintf("arm(%s,%s)", timerName(ef.Timer), ef.After))
+		case EfDisarm:
+			out = append(out, "disarm("+timerName(ef.Timer)+")")
+		case EfSleep:
+			out = append(out, fmt.Sprintf("sleep(%d,%s)", ef.Level, ef.Cause))
+		case EfSlept:
+			out = append(out, fmt.Sprintf("slept(%d,%s)", ef.Level, ef.Cause))
+		case EfWake:
+			out = append(out, fmt.Sprintf("wake(%d,%s)", ef.Level, ef.Timeout))
+		case EfRedigest:
 			out = append(out, "redigest")
-		case efRecord:
+		case EfRecord:
 			out = append(out, "record")
-		case efQuiet:
-			out = append(out, fmt.Sprintf("quiet(%d)", ef.seq))
-		case efUnquiet:
+		case EfQuiet:
+			out = append(out, fmt.Sprintf("quiet(%d)", ef.Seq))
+		case EfUnquiet:
 			out = append(out, "unquiet")
-		case efCanary:
+		case EfCanary:
 			out = append(out, "canary")
-		case efWakeFailed:
-			out = append(out, "wake-failed("+ef.why+")")
-		case efWoke:
-			out = append(out, fmt.Sprintf("woke(%d)", ef.level))
-		case efDecline:
+		case EfWakeFailed:
+			out = append(out, "wake-failed("+ef.Why+")")
+		case EfWoke:
+			out = append(out, fmt.Sprintf("woke(%d)", ef.Level))
+		case EfDecline:
 			out = append(out, "decline")
-		case efWithdraw:
+		case EfWithdraw:
 			out = append(out, "withdraw")
-		case efAdopt:
-			if ef.changing {
-				out = append(out, fmt.Sprintf("adopt(%v,changing)", ef.phase))
+		case EfAdopt:
+			if ef.Changing {
+				out = append(out, fmt.Sprintf("adopt(%v,changing)", ef.Phase))
 			} else {
-				out = append(out, fmt.Sprintf("adopt(%v)", ef.phase))
+				out = append(out, fmt.Sprintf("adopt(%v)", ef.Phase))
 			}
-		case efSettled:
+		case EfSettled:
 			out = append(out, "settled")
-		case efLearn:
-			out = append(out, fmt.Sprintf("learn(%d)", ef.seq))
-		case efAskSleeping:
+		case EfLearn:
+			out = append(out, fmt.Sprintf("learn(%d)", ef.Seq))
+		case EfAskSleeping:
 			out = append(out, "ask-sleeping")
 		default:
 			out = append(out, fmt.Sprintf("%T", ef))
@@ -302,96 +302,96 @@ func describe(efs []effect) string {
 	return strings.Join(out, " ")
 }
 
-func timerName(t timerKind) string { return [...]string{"tick", "deadline", "idle", "settle"}[t] }
+func timerName(t Timer) string { return [...]string{"tick", "deadline", "idle", "settle"}[t] }
 
-func describeEvent(ev event) string {
+func describeEvent(ev Event) string {
 	switch ev := ev.(type) {
-	case evChecked:
-		if ev.cause == "" {
+	case EvChecked:
+		if ev.Cause == "" {
 			return "checked ok"
 		}
-		return "checked " + ev.cause
-	case evPlaced:
-		if ev.p.GPUs == nil {
+		return "checked " + ev.Cause
+	case EvPlaced:
+		if ev.Placement.GPUs == nil {
 			return "placed wait"
 		}
 		return "placed"
-	case evSpawned:
+	case EvSpawned:
 		switch {
-		case ev.err != nil:
+		case ev.Err != nil:
 			return "spawn failed"
-		case ev.cause != "":
-			return "spawn check " + ev.cause
+		case ev.Cause != "":
+			return "spawn check " + ev.Cause
 		}
 		return "spawned"
-	case evExited:
+	case EvExited:
 		return "exited"
-	case evProbed:
+	case EvProbed:
 		switch {
-		case ev.err == nil:
+		case ev.Err == nil:
 			return "probe ok"
-		case probe.Fatal(ev.err):
+		case probe.Fatal(ev.Err):
 			return "probe 5xx"
 		}
 		return "probe failed"
-	case evTimer:
-		return timerName(ev.t)
-	case evOp:
-		return "op " + string(ev.op)
-	case evConfig:
-		if !ev.cfg.Enabled {
+	case EvTimer:
+		return timerName(ev.Timer)
+	case EvOp:
+		return "op " + string(ev.Op)
+	case EvConfig:
+		if !ev.Config.Enabled {
 			return "config disabled"
 		}
-		return "config " + ev.kind.String()
-	case evStopped:
-		if ev.err != nil {
+		return "config " + ev.Kind.String()
+	case EvStopped:
+		if ev.Err != nil {
 			return "stop failed"
 		}
 		return "stopped"
-	case evShutdown:
+	case EvShutdown:
 		return "shutdown"
-	case evRemoved:
+	case EvRemoved:
 		return "removed"
-	case evDemand:
+	case EvDemand:
 		return "demand"
-	case evUnwanted:
+	case EvUnwanted:
 		return "unwanted"
-	case evEvict:
+	case EvEvict:
 		return "evict"
-	case evIdle:
-		if ev.inFlight > 0 {
+	case EvIdle:
+		if ev.InFlight > 0 {
 			return "idle check (busy)"
 		}
 		return "idle check"
-	case evSlept:
+	case EvSlept:
 		switch {
-		case ev.aborted:
+		case ev.Aborted:
 			return "sleep aborted"
-		case ev.err != nil:
+		case ev.Err != nil:
 			return "sleep failed"
 		}
 		return "slept"
-	case evQuiet:
-		if ev.ok {
+	case EvQuiet:
+		if ev.OK {
 			return "quiet"
 		}
 		return "not quiet"
-	case evCanary:
+	case EvCanary:
 		return "canary recorded"
-	case evWoke:
-		if ev.err != nil {
+	case EvWoke:
+		if ev.Err != nil {
 			return "wake failed"
 		}
 		return "woke"
-	case evServing:
+	case EvServing:
 		return "serving"
-	case evSpawnSlow:
+	case EvSpawnSlow:
 		return "spawn slow"
-	case evEngineSleeps:
+	case EvEngineSleeps:
 		switch {
-		case ev.err != nil:
+		case ev.Err != nil:
 			return "engine silent"
-		case ev.asleep:
+		case ev.Asleep:
 			return "engine asleep"
 		}
 		return "engine awake"
@@ -402,7 +402,7 @@ func describeEvent(ev event) string {
 // TestMachineTransitions steps every state through every event and keeps
 // the outcome in testdata/transitions.txt, the lifecycle's table that
 // docs/architecture.md shows: a change to any transition shows in review
-// as a change to that file (go test -run TestMachineTransitions -update).
+// as a change to that file (go test ./supervisor/lifecycle/ -run TestMachineTransitions -update).
 func TestMachineTransitions(t *testing.T) {
 	states := []struct {
 		name  string
@@ -431,7 +431,7 @@ func TestMachineTransitions(t *testing.T) {
 			mt.m.cfg = onDemandCfg()
 			mt.toODReady()
 			mt.now = mt.now.Add(11 * time.Minute)
-			mt.step(evIdle{})
+			mt.step(EvIdle{})
 			return mt
 		}},
 		{"on demand: going to sleep", func(mt *mtest) *mtest { mt.m.cfg = onDemandCfg(); return mt.toGoingToSleep() }},
@@ -439,8 +439,8 @@ func TestMachineTransitions(t *testing.T) {
 		{"on demand: started by a request (awaiting GPUs)", func(mt *mtest) *mtest {
 			mt.m.cfg = onDemandCfg()
 			mt.toIdleStopped()
-			mt.step(evDemand{})
-			mt.step(evChecked{})
+			mt.step(EvDemand{})
+			mt.step(EvChecked{})
 			return mt
 		}},
 		{"on demand: waking (awaiting GPUs)", func(mt *mtest) *mtest { mt.m.cfg = onDemandCfg(); return mt.toWakingAwaiting() }},
@@ -451,58 +451,58 @@ func TestMachineTransitions(t *testing.T) {
 	respawn.MaxModelLen = 4096
 	disabled := testModelCfg()
 	disabled.Enabled = false
-	events := []func(mt *mtest) event{
-		func(*mtest) event { return evChecked{} },
-		func(*mtest) event { return evChecked{cause: CausePort, reason: "port 11400 in use"} },
-		func(mt *mtest) event { return evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-b"}}} },
-		func(mt *mtest) event {
-			return evPlaced{schedule.Placement{Seq: mt.m.wantSeq, Reason: "needs 41.0 GiB on 1 GPU; free 8.0 GiB (GPU0)"}}
+	events := []func(mt *mtest) Event{
+		func(*mtest) Event { return EvChecked{} },
+		func(*mtest) Event { return EvChecked{Cause: CausePort, Reason: "port 11400 in use"} },
+		func(mt *mtest) Event { return EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-b"}}} },
+		func(mt *mtest) Event {
+			return EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, Reason: "needs 41.0 GiB on 1 GPU; free 8.0 GiB (GPU0)"}}
 		},
-		func(mt *mtest) event { return evSpawned{inst: mt.newInst()} },
-		func(*mtest) event { return evSpawned{err: errors.New("exec: no such file")} },
-		func(mt *mtest) event {
-			return evExited{inst: mt.m.inst, exit: exitInfo{code: 137, desc: "killed by SIGKILL"}}
+		func(mt *mtest) Event { return EvSpawned{Inst: mt.newInst()} },
+		func(*mtest) Event { return EvSpawned{Err: errors.New("exec: no such file")} },
+		func(mt *mtest) Event {
+			return EvExited{Inst: mt.m.inst, Exit: Exit{Code: 137, Desc: "killed by SIGKILL"}}
 		},
-		func(mt *mtest) event { return evProbed{inst: mt.m.inst} },
-		func(mt *mtest) event { return evProbed{inst: mt.m.inst, err: errors.New("connection refused")} },
-		func(mt *mtest) event { return evProbed{inst: mt.m.inst, err: &probe.StatusError{Code: 503}} },
-		func(mt *mtest) event { return evServing{inst: mt.m.inst} },
-		func(*mtest) event { return evTimer{tick} },
-		func(*mtest) event { return evTimer{deadline} },
-		func(*mtest) event { return evOp{op: OpStart} },
-		func(*mtest) event { return evOp{op: OpStop} },
-		func(*mtest) event { return evOp{op: OpRestart} },
-		func(*mtest) event { return evOp{op: OpReset} },
-		func(*mtest) event { return evConfig{cfg: respawn, kind: config.Respawn} },
-		func(*mtest) event { return evConfig{cfg: testModelCfg(), kind: config.Update} },
-		func(*mtest) event { return evConfig{cfg: disabled, kind: config.Respawn} },
-		func(mt *mtest) event { return evStopped{inst: mt.m.inst} },
-		func(mt *mtest) event {
-			return evStopped{inst: mt.m.inst, err: errors.New("processes survived SIGKILL: 7 (x, state D)")}
+		func(mt *mtest) Event { return EvProbed{Inst: mt.m.inst} },
+		func(mt *mtest) Event { return EvProbed{Inst: mt.m.inst, Err: errors.New("connection refused")} },
+		func(mt *mtest) Event { return EvProbed{Inst: mt.m.inst, Err: &probe.StatusError{Code: 503}} },
+		func(mt *mtest) Event { return EvServing{Inst: mt.m.inst} },
+		func(*mtest) Event { return EvTimer{Tick} },
+		func(*mtest) Event { return EvTimer{Deadline} },
+		func(*mtest) Event { return EvOp{Op: OpStart} },
+		func(*mtest) Event { return EvOp{Op: OpStop} },
+		func(*mtest) Event { return EvOp{Op: OpRestart} },
+		func(*mtest) Event { return EvOp{Op: OpReset} },
+		func(*mtest) Event { return EvConfig{Config: respawn, Kind: config.Respawn} },
+		func(*mtest) Event { return EvConfig{Config: testModelCfg(), Kind: config.Update} },
+		func(*mtest) Event { return EvConfig{Config: disabled, Kind: config.Respawn} },
+		func(mt *mtest) Event { return EvStopped{Inst: mt.m.inst} },
+		func(mt *mtest) Event {
+			return EvStopped{Inst: mt.m.inst, Err: errors.New("processes survived SIGKILL: 7 (x, state D)")}
 		},
-		func(*mtest) event { return evShutdown{} },
-		func(*mtest) event { return evRemoved{} },
-		func(*mtest) event { return evDemand{} },
-		func(*mtest) event { return evUnwanted{} },
-		func(*mtest) event { return evEvict{forModel: "other"} },
-		func(*mtest) event { return evIdle{last: t0} },
-		func(*mtest) event { return evIdle{last: t0, inFlight: 1} },
-		func(*mtest) event { return evSlept{} },
-		func(*mtest) event { return evSlept{aborted: true} },
-		func(*mtest) event { return evSlept{err: errors.New("HTTP 500")} },
-		func(mt *mtest) event { return evWoke{inst: mt.m.inst} },
-		func(mt *mtest) event { return evWoke{inst: mt.m.inst, err: errors.New("canary: HTTP 500")} },
-		func(*mtest) event { return evOp{op: OpSleep} },
-		func(*mtest) event { return evOp{op: OpWake} },
-		func(mt *mtest) event { return evQuiet{seq: mt.m.quietSeq, ok: true} },
-		func(mt *mtest) event {
-			return evQuiet{seq: mt.m.quietSeq, reason: "b, which is starting or waking on GPU0"}
+		func(*mtest) Event { return EvShutdown{} },
+		func(*mtest) Event { return EvRemoved{} },
+		func(*mtest) Event { return EvDemand{} },
+		func(*mtest) Event { return EvUnwanted{} },
+		func(*mtest) Event { return EvEvict{ForModel: "other"} },
+		func(*mtest) Event { return EvIdle{Last: t0} },
+		func(*mtest) Event { return EvIdle{Last: t0, InFlight: 1} },
+		func(*mtest) Event { return EvSlept{} },
+		func(*mtest) Event { return EvSlept{Aborted: true} },
+		func(*mtest) Event { return EvSlept{Err: errors.New("HTTP 500")} },
+		func(mt *mtest) Event { return EvWoke{Inst: mt.m.inst} },
+		func(mt *mtest) Event { return EvWoke{Inst: mt.m.inst, Err: errors.New("canary: HTTP 500")} },
+		func(*mtest) Event { return EvOp{Op: OpSleep} },
+		func(*mtest) Event { return EvOp{Op: OpWake} },
+		func(mt *mtest) Event { return EvQuiet{Seq: mt.m.quietSeq, OK: true} },
+		func(mt *mtest) Event {
+			return EvQuiet{Seq: mt.m.quietSeq, Reason: "b, which is starting or waking on GPU0"}
 		},
-		func(*mtest) event { return evSpawnSlow{what: "starting python3", after: spawnWait} },
-		func(mt *mtest) event { return evEngineSleeps{inst: mt.m.inst, asleep: true} },
-		func(mt *mtest) event { return evEngineSleeps{inst: mt.m.inst} },
-		func(mt *mtest) event {
-			return evEngineSleeps{inst: mt.m.inst, err: errors.New("context deadline exceeded")}
+		func(*mtest) Event { return EvSpawnSlow{What: "starting python3", After: spawnWait} },
+		func(mt *mtest) Event { return EvEngineSleeps{Inst: mt.m.inst, Asleep: true} },
+		func(mt *mtest) Event { return EvEngineSleeps{Inst: mt.m.inst} },
+		func(mt *mtest) Event {
+			return EvEngineSleeps{Inst: mt.m.inst, Err: errors.New("context deadline exceeded")}
 		},
 	}
 	var b strings.Builder
@@ -540,7 +540,7 @@ func TestMachineTransitions(t *testing.T) {
 		t.Fatalf("%v (run with -update to create it)", err)
 	}
 	if got := b.String(); got != string(want) {
-		t.Errorf("transitions changed; if intended, run go test -run TestMachineTransitions -update and review the diff\n%s", diffLines(string(want), got))
+		t.Errorf("transitions changed; if intended, run go test ./supervisor/lifecycle/ -run TestMachineTransitions -update and review the diff\n%s", diffLines(string(want), got))
 	}
 }
 
@@ -566,27 +566,27 @@ func diffLines(want, got string) string {
 // TestMachineStartToReady walks the happy path.
 func TestMachineStartToReady(t *testing.T) {
 	mt := newMTest(t)
-	if got := describe(mt.m.begin()); got != "disarm(tick) check" {
+	if got := describe(mt.m.Begin()); got != "disarm(tick) check" {
 		t.Fatalf("begin: %s", got)
 	}
 	mt.state(Pending)
-	mt.expect(evChecked{}, "want(1)")
-	mt.expect(evPlaced{schedule.Placement{Seq: 1, Reason: "waiting for GPU0: a is starting"}}, "")
+	mt.expect(EvChecked{}, "want(1)")
+	mt.expect(EvPlaced{schedule.Placement{Seq: 1, Reason: "waiting for GPU0: a is starting"}}, "")
 	if mt.m.reason != "waiting for GPU0: a is starting" || mt.m.cause != CauseGPU {
 		t.Errorf("pending reason %q cause %q", mt.m.reason, mt.m.cause)
 	}
-	mt.expect(evPlaced{schedule.Placement{Seq: 1, GPUs: []string{"GPU-a"}}}, "spawn[GPU-a]")
+	mt.expect(EvPlaced{schedule.Placement{Seq: 1, GPUs: []string{"GPU-a"}}}, "spawn[GPU-a]")
 	inst := mt.newInst()
-	mt.expect(evSpawned{inst: inst}, "record arm(deadline,20m0s) arm(tick,1s)")
+	mt.expect(EvSpawned{Inst: inst}, "record arm(deadline,20m0s) arm(tick,1s)")
 	mt.state(Starting)
-	mt.expect(evTimer{tick}, "probe")
-	mt.expect(evProbed{inst: inst, err: errors.New("connection refused")}, "arm(tick,1s)")
+	mt.expect(EvTimer{Tick}, "probe")
+	mt.expect(EvProbed{Inst: inst, Err: errors.New("connection refused")}, "arm(tick,1s)")
 	mt.state(Starting)
-	mt.expect(evTimer{tick}, "probe")
+	mt.expect(EvTimer{Tick}, "probe")
 	mt.now = mt.now.Add(42 * time.Second)
-	mt.expect(evProbed{inst: inst}, "disarm(deadline) ready arm(tick,10s)")
+	mt.expect(EvProbed{Inst: inst}, "disarm(deadline) ready arm(tick,10s)")
 	mt.state(Ready)
-	if st := mt.m.status(); st.StartupDuration != 42*time.Second || st.PID != inst.pid || !slices.Equal(st.GPUs, []string{"GPU-a"}) {
+	if st := mt.m.Status(); st.StartupDuration != 42*time.Second || st.PID != inst.PID || !slices.Equal(st.GPUs, []string{"GPU-a"}) {
 		t.Errorf("status %+v", st)
 	}
 }
@@ -595,12 +595,12 @@ func TestMachineStartToReady(t *testing.T) {
 // probe result about an earlier process change nothing.
 func TestMachineIgnoresStaleAnswers(t *testing.T) {
 	mt := newMTest(t).toAwaiting()
-	mt.expect(evPlaced{schedule.Placement{Seq: mt.m.wantSeq - 1, GPUs: []string{"GPU-a"}}}, "")
+	mt.expect(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq - 1, GPUs: []string{"GPU-a"}}}, "")
 	old := newMTest(t).toReady().m.inst
 	mt = newMTest(t).toReady()
-	mt.expect(evProbed{inst: old, err: errors.New("refused")}, "")
-	mt.expect(evExited{inst: old}, "")
-	mt.expect(evStopped{inst: old}, "")
+	mt.expect(EvProbed{Inst: old, Err: errors.New("refused")}, "")
+	mt.expect(EvExited{Inst: old}, "")
+	mt.expect(EvStopped{Inst: old}, "")
 	mt.state(Ready)
 }
 
@@ -609,27 +609,27 @@ func TestMachineIgnoresStaleAnswers(t *testing.T) {
 func TestMachineProbeThreshold(t *testing.T) {
 	mt := newMTest(t).toReady()
 	fail := func() {
-		mt.step(evTimer{tick})
-		mt.step(evProbed{inst: mt.m.inst, err: errors.New("timeout")})
+		mt.step(EvTimer{Tick})
+		mt.step(EvProbed{Inst: mt.m.inst, Err: errors.New("timeout")})
 	}
 	fail()
 	fail()
 	mt.state(Unhealthy)
-	mt.step(evTimer{tick})
-	mt.expect(evProbed{inst: mt.m.inst}, "observe")
+	mt.step(EvTimer{Tick})
+	mt.expect(EvProbed{Inst: mt.m.inst}, "observe")
 	mt.state(Ready)
 	fail()
 	fail()
-	mt.step(evTimer{tick})
-	mt.expect(evProbed{inst: mt.m.inst, err: errors.New("timeout")}, "observe disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.step(EvTimer{Tick})
+	mt.expect(EvProbed{Inst: mt.m.inst, Err: errors.New("timeout")}, "observe disarm(tick) disarm(deadline) disarm(idle) stop(term)")
 	mt.state(Stopping)
 	if mt.m.restarts[ReasonProbe] != 1 {
 		t.Errorf("restarts %v", mt.m.restarts)
 	}
 
 	mt = newMTest(t).toReady()
-	mt.step(evTimer{tick})
-	mt.expect(evProbed{inst: mt.m.inst, err: &probe.StatusError{Code: 500}}, "observe disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.step(EvTimer{Tick})
+	mt.expect(EvProbed{Inst: mt.m.inst, Err: &probe.StatusError{Code: 500}}, "observe disarm(tick) disarm(deadline) disarm(idle) stop(term)")
 }
 
 // TestMachineLocalProbeFailureIsNoVerdict: a probe the daemon could not
@@ -637,11 +637,11 @@ func TestMachineProbeThreshold(t *testing.T) {
 // many there are, in starting, ready or unhealthy: no failure counted, no
 // restart, the next probe at the usual period.
 func TestMachineLocalProbeFailureIsNoVerdict(t *testing.T) {
-	local := fmt.Errorf("%w: %w", errNoVerdict, &net.OpError{Op: "dial", Err: os.NewSyscallError("socket", syscall.EMFILE)})
+	local := fmt.Errorf("%w: %w", ErrNoVerdict, &net.OpError{Op: "dial", Err: os.NewSyscallError("socket", syscall.EMFILE)})
 	mt := newMTest(t).toReady()
 	for range 10 {
-		mt.step(evTimer{tick})
-		mt.expect(evProbed{inst: mt.m.inst, err: local}, "arm(tick,10s)")
+		mt.step(EvTimer{Tick})
+		mt.expect(EvProbed{Inst: mt.m.inst, Err: local}, "arm(tick,10s)")
 	}
 	mt.state(Ready)
 	if mt.m.probeFails != 0 || len(mt.m.restarts) != 0 {
@@ -649,12 +649,12 @@ func TestMachineLocalProbeFailureIsNoVerdict(t *testing.T) {
 	}
 
 	mt = newMTest(t).toUnhealthy()
-	mt.step(evTimer{tick})
-	mt.expect(evProbed{inst: mt.m.inst, err: local}, "arm(tick,10s)")
+	mt.step(EvTimer{Tick})
+	mt.expect(EvProbed{Inst: mt.m.inst, Err: local}, "arm(tick,10s)")
 	mt.state(Unhealthy)
 
 	mt = newMTest(t).toStarting()
-	mt.expect(evProbed{inst: mt.m.inst, err: local}, "arm(tick,1s)")
+	mt.expect(EvProbed{Inst: mt.m.inst, Err: local}, "arm(tick,1s)")
 	mt.state(Starting)
 }
 
@@ -662,8 +662,8 @@ func TestMachineLocalProbeFailureIsNoVerdict(t *testing.T) {
 // re-arms without a second probe (no pile-up on a slow model).
 func TestMachineProbeInFlightSkipsTick(t *testing.T) {
 	mt := newMTest(t).toReady()
-	mt.expect(evTimer{tick}, "arm(tick,10s) probe(live)")
-	mt.expect(evTimer{tick}, "arm(tick,10s)")
+	mt.expect(EvTimer{Tick}, "arm(tick,10s) probe(live)")
+	mt.expect(EvTimer{Tick}, "arm(tick,10s)")
 }
 
 // TestMachineBackoffAndStartLimit: each failure backs off twice as long,
@@ -672,8 +672,8 @@ func TestMachineBackoffAndStartLimit(t *testing.T) {
 	mt := newMTest(t).toStarting()
 	var delays []string
 	for i := range 5 {
-		mt.step(evExited{inst: mt.m.inst, exit: exitInfo{code: 1, desc: "exit code 1"}})
-		efs := mt.step(evStopped{inst: mt.m.inst})
+		mt.step(EvExited{Inst: mt.m.inst, Exit: Exit{Code: 1, Desc: "exit code 1"}})
+		efs := mt.step(EvStopped{Inst: mt.m.inst})
 		if i == 4 {
 			mt.state(Failed)
 			if !strings.HasPrefix(mt.m.reason, "start limit: 5 starts within 30m0s; last: exited (exit code 1)") {
@@ -687,10 +687,10 @@ func TestMachineBackoffAndStartLimit(t *testing.T) {
 		mt.state(Backoff)
 		delays = append(delays, describe(efs))
 		mt.now = mt.now.Add(time.Minute)
-		mt.step(evTimer{tick})
-		mt.step(evChecked{})
-		mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
-		mt.step(evSpawned{inst: mt.newInst()})
+		mt.step(EvTimer{Tick})
+		mt.step(EvChecked{})
+		mt.step(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
+		mt.step(EvSpawned{Inst: mt.newInst()})
 	}
 	want := []string{
 		"release(keep) arm(tick,10s)", "release(keep) arm(tick,20s)",
@@ -703,7 +703,7 @@ func TestMachineBackoffAndStartLimit(t *testing.T) {
 		t.Errorf("restarts %v", mt.m.restarts)
 	}
 	// retry_failed_after: the limit is forgotten and it starts again.
-	mt.expect(evTimer{tick}, "disarm(tick) check")
+	mt.expect(EvTimer{Tick}, "disarm(tick) check")
 	mt.state(Pending)
 }
 
@@ -714,11 +714,11 @@ func TestMachineBackoffAndStartLimit(t *testing.T) {
 // backoff.
 func TestMachineStartDuringFailureStopKeepsTheFailure(t *testing.T) {
 	mt := newMTest(t).toStoppingFailure()
-	mt.expect(evOp{op: OpStart}, "")
+	mt.expect(EvOp{Op: OpStart}, "")
 	if mt.m.restarts[ReasonExit] != 1 {
 		t.Fatalf("restarts %v", mt.m.restarts)
 	}
-	mt.expect(evStopped{inst: mt.m.inst}, "release(keep) disarm(tick) check")
+	mt.expect(EvStopped{Inst: mt.m.inst}, "release(keep) disarm(tick) check")
 	mt.state(Pending)
 	if mt.m.reason != "started by operator" || mt.m.restarts[ReasonExit] != 1 {
 		t.Errorf("%s %q %v", mt.m.state, mt.m.reason, mt.m.restarts)
@@ -728,8 +728,8 @@ func TestMachineStartDuringFailureStopKeepsTheFailure(t *testing.T) {
 // TestMachineStopDuringFailureStopHolds: held wins over the backoff.
 func TestMachineStopDuringFailureStopHolds(t *testing.T) {
 	mt := newMTest(t).toStoppingFailure()
-	mt.expect(evOp{op: OpStop}, "")
-	mt.expect(evStopped{inst: mt.m.inst}, "release")
+	mt.expect(EvOp{Op: OpStop}, "")
+	mt.expect(EvStopped{Inst: mt.m.inst}, "release")
 	mt.state(Stopped)
 	if mt.m.reason != "held stopped by operator" {
 		t.Errorf("reason %q", mt.m.reason)
@@ -743,16 +743,16 @@ func TestMachineRespawnKeepsGPUs(t *testing.T) {
 	mt := newMTest(t).toReady()
 	cfg := testModelCfg()
 	cfg.MaxModelLen = 8192
-	mt.quiet(evConfig{cfg: cfg, kind: config.Respawn}, "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
-	mt.expect(evStopped{inst: mt.m.inst}, "release(keep) disarm(tick) check")
+	mt.quiet(EvConfig{Config: cfg, Kind: config.Respawn}, "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.expect(EvStopped{Inst: mt.m.inst}, "release(keep) disarm(tick) check")
 	if mt.m.reason != "configuration changed" || mt.m.restarts[ReasonReload] != 1 {
 		t.Errorf("%q %v", mt.m.reason, mt.m.restarts)
 	}
-	mt.expect(evChecked{}, "want(2)")
+	mt.expect(EvChecked{}, "want(2)")
 
 	mt = newMTest(t).toReady()
-	mt.quiet(evOp{op: OpRestart}, "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
-	mt.expect(evStopped{inst: mt.m.inst}, "release(keep) disarm(tick) check")
+	mt.quiet(EvOp{Op: OpRestart}, "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.expect(EvStopped{Inst: mt.m.inst}, "release(keep) disarm(tick) check")
 	if mt.m.restarts[ReasonManual] != 1 {
 		t.Errorf("%v", mt.m.restarts)
 	}
@@ -762,20 +762,20 @@ func TestMachineRespawnKeepsGPUs(t *testing.T) {
 // done once nothing runs; operations after it change nothing.
 func TestMachineShutdown(t *testing.T) {
 	mt := newMTest(t).toReady()
-	mt.expect(evShutdown{}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
-	if mt.m.done() {
+	mt.expect(EvShutdown{}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	if mt.m.Done() {
 		t.Fatal("done with a process running")
 	}
-	mt.expect(evOp{op: OpStart}, "")
-	mt.expect(evStopped{inst: mt.m.inst}, "release")
+	mt.expect(EvOp{Op: OpStart}, "")
+	mt.expect(EvStopped{Inst: mt.m.inst}, "release")
 	mt.state(Stopped)
-	if !mt.m.done() {
+	if !mt.m.Done() {
 		t.Fatal("not done after the stop")
 	}
 
 	mt = newMTest(t).toAwaiting()
-	mt.expect(evShutdown{}, "disarm(tick) disarm(deadline) drop")
-	if !mt.m.done() {
+	mt.expect(EvShutdown{}, "disarm(tick) disarm(deadline) drop")
+	if !mt.m.Done() {
 		t.Fatal("a pending model is done at once")
 	}
 }
@@ -784,7 +784,7 @@ func TestMachineShutdown(t *testing.T) {
 // after startup_timeout, counted as startup.
 func TestMachineStartupTimeout(t *testing.T) {
 	mt := newMTest(t).toStarting()
-	mt.expect(evTimer{deadline}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.expect(EvTimer{Deadline}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
 	if mt.m.restarts[ReasonStartup] != 1 || !strings.Contains(mt.m.reason, "startup_timeout 20m0s") {
 		t.Errorf("%q %v", mt.m.reason, mt.m.restarts)
 	}
@@ -797,11 +797,11 @@ func TestMachineDisabledStartsStopped(t *testing.T) {
 	cfg := testModelCfg()
 	cfg.Enabled = false
 	mt.m.cfg = cfg
-	if efs := mt.m.begin(); len(efs) != 0 {
+	if efs := mt.m.Begin(); len(efs) != 0 {
 		t.Fatalf("begin: %s", describe(efs))
 	}
 	mt.state(Stopped)
-	mt.expect(evConfig{cfg: testModelCfg(), kind: config.Respawn}, "disarm(tick) check")
+	mt.expect(EvConfig{Config: testModelCfg(), Kind: config.Respawn}, "disarm(tick) check")
 	if mt.m.restarts[ReasonReload] != 0 {
 		t.Errorf("enabling a model is not a restart: %v", mt.m.restarts)
 	}
@@ -815,25 +815,9 @@ func TestRoundDuration(t *testing.T) {
 		37400 * time.Millisecond: "37s",
 		250 * time.Millisecond:   "250ms",
 	} {
-		if got := roundDuration(d).String(); got != want {
+		if got := RoundDuration(d).String(); got != want {
 			t.Errorf("%s: %s, want %s", d, got, want)
 		}
-	}
-}
-
-// TestCPUCounterMonotonic: a worker exiting does not make the counter go
-// backwards.
-func TestCPUCounterMonotonic(t *testing.T) {
-	var c cpuCounter
-	a, b := procKey{1, 10}, procKey{2, 20}
-	if got := c.total(map[procKey]float64{a: 5, b: 3}); got != 8 {
-		t.Fatalf("got %g", got)
-	}
-	if got := c.total(map[procKey]float64{a: 6}); got != 9 { // b exited at 3
-		t.Fatalf("after exit: %g, want 9", got)
-	}
-	if got := c.total(map[procKey]float64{{1, 11}: 1}); got != 10 { // pid reused
-		t.Fatalf("after reuse: %g, want 10", got)
 	}
 }
 
@@ -841,43 +825,43 @@ func TestCPUCounterMonotonic(t *testing.T) {
 // for idle_after → asleep → woken by a request → ready again.
 func TestMachineOnDemandCycle(t *testing.T) {
 	mt := newODTest(t)
-	if efs := mt.m.begin(); len(efs) != 0 || mt.m.state != Stopped || mt.m.status().Held {
-		t.Fatalf("begin: %s %s held=%v", describe(efs), mt.m.state, mt.m.status().Held)
+	if efs := mt.m.Begin(); len(efs) != 0 || mt.m.state != Stopped || mt.m.Status().Held {
+		t.Fatalf("begin: %s %s held=%v", describe(efs), mt.m.state, mt.m.Status().Held)
 	}
-	if !mt.m.status().Serving() {
+	if !mt.m.Status().Serving() {
 		t.Error("an idle on-demand model is serving (startable)")
 	}
-	mt.expect(evDemand{}, "disarm(tick) check")
-	mt.expect(evChecked{}, "want(1)")
-	mt.expect(evPlaced{schedule.Placement{Seq: 1, GPUs: []string{"GPU-a"}}}, "spawn[GPU-a]")
+	mt.expect(EvDemand{}, "disarm(tick) check")
+	mt.expect(EvChecked{}, "want(1)")
+	mt.expect(EvPlaced{schedule.Placement{Seq: 1, GPUs: []string{"GPU-a"}}}, "spawn[GPU-a]")
 	inst := mt.newInst()
-	mt.step(evSpawned{inst: inst})
-	mt.step(evTimer{tick})
-	mt.expect(evProbed{inst: inst}, "disarm(deadline) ready arm(tick,10s) arm(idle,10m0s) canary")
+	mt.step(EvSpawned{Inst: inst})
+	mt.step(EvTimer{Tick})
+	mt.expect(EvProbed{Inst: inst}, "disarm(deadline) ready arm(tick,10s) arm(idle,10m0s) canary")
 
 	// A request 4 minutes in: the idle check 10 minutes after waking
 	// re-arms for the 4 minutes left.
 	mt.now = mt.now.Add(10 * time.Minute)
-	mt.expect(evIdle{last: t0.Add(4 * time.Minute)}, "arm(idle,4m0s)")
+	mt.expect(EvIdle{Last: t0.Add(4 * time.Minute)}, "arm(idle,4m0s)")
 	mt.now = mt.now.Add(4 * time.Minute)
-	mt.expect(evIdle{last: t0.Add(4 * time.Minute), inFlight: 2}, "arm(idle,10m0s)")
+	mt.expect(EvIdle{Last: t0.Add(4 * time.Minute), InFlight: 2}, "arm(idle,10m0s)")
 	mt.now = mt.now.Add(10 * time.Minute)
-	mt.quiet(evIdle{last: t0.Add(4 * time.Minute)}, "disarm(deadline) disarm(tick) disarm(idle) sleep(1,idle)")
+	mt.quiet(EvIdle{Last: t0.Add(4 * time.Minute)}, "disarm(deadline) disarm(tick) disarm(idle) sleep(1,idle)")
 	mt.state(Sleeping)
 	// A request during the sleep: woken once asleep.
-	mt.expect(evDemand{}, "")
-	mt.expect(evSlept{}, "slept(1,idle) want(2)")
+	mt.expect(EvDemand{}, "")
+	mt.expect(EvSlept{}, "slept(1,idle) want(2)")
 	mt.state(Waking)
-	if st := mt.m.status(); !st.Serving() {
+	if st := mt.m.Status(); !st.Serving() {
 		t.Error("a waking on-demand model is serving")
 	}
-	mt.expect(evPlaced{schedule.Placement{Seq: 2, Reason: "to wake: needs 41.0 GiB on GPU0; free 8.0 GiB"}}, "")
+	mt.expect(EvPlaced{schedule.Placement{Seq: 2, Reason: "to wake: needs 41.0 GiB on GPU0; free 8.0 GiB"}}, "")
 	if !strings.Contains(mt.m.reason, "to wake: needs") {
 		t.Errorf("reason %q", mt.m.reason)
 	}
-	mt.expect(evPlaced{schedule.Placement{Seq: 2, GPUs: []string{"GPU-a"}}}, "wake(1,2m0s) arm(deadline,2m0s) arm(tick,10s)")
+	mt.expect(EvPlaced{schedule.Placement{Seq: 2, GPUs: []string{"GPU-a"}}}, "wake(1,2m0s) arm(deadline,2m0s) arm(tick,10s)")
 	mt.now = mt.now.Add(3 * time.Second)
-	mt.expect(evWoke{inst: inst}, "disarm(deadline) ready woke(1) arm(tick,10s) arm(idle,10m0s)")
+	mt.expect(EvWoke{Inst: inst}, "disarm(deadline) ready woke(1) arm(tick,10s) arm(idle,10m0s)")
 	mt.state(Ready)
 	if mt.m.inst != inst {
 		t.Error("the wake changed the process")
@@ -894,13 +878,13 @@ func TestMachineSleepLevelZeroStops(t *testing.T) {
 	mt.m.cfg = cfg
 	mt.toODReady()
 	mt.now = mt.now.Add(time.Hour)
-	mt.quiet(evIdle{}, "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term) slept(0,idle)")
-	mt.expect(evStopped{inst: mt.m.inst}, "release")
+	mt.quiet(EvIdle{}, "disarm(deadline) disarm(tick) disarm(deadline) disarm(idle) stop(term) slept(0,idle)")
+	mt.expect(EvStopped{Inst: mt.m.inst}, "release")
 	mt.state(Stopped)
-	if st := mt.m.status(); st.Held || !st.Serving() {
+	if st := mt.m.Status(); st.Held || !st.Serving() {
 		t.Errorf("held=%v serving=%v", st.Held, st.Serving())
 	}
-	mt.expect(evDemand{}, "disarm(tick) check")
+	mt.expect(EvDemand{}, "disarm(tick) check")
 }
 
 // TestMachineSleepAbortedStaysAwake: a drain that does not complete keeps
@@ -908,8 +892,8 @@ func TestMachineSleepLevelZeroStops(t *testing.T) {
 func TestMachineSleepAbortedStaysAwake(t *testing.T) {
 	mt := newODTest(t).toODReady()
 	mt.now = mt.now.Add(2 * time.Minute) // past min_awake
-	mt.quiet(evEvict{forModel: "big"}, "disarm(deadline) disarm(tick) disarm(idle) sleep(1,evicted)")
-	mt.expect(evSlept{aborted: true}, "record unquiet arm(tick,10s) arm(idle,10m0s) decline")
+	mt.quiet(EvEvict{ForModel: "big"}, "disarm(deadline) disarm(tick) disarm(idle) sleep(1,evicted)")
+	mt.expect(EvSlept{Aborted: true}, "record unquiet arm(tick,10s) arm(idle,10m0s) decline")
 	mt.state(Ready)
 }
 
@@ -917,7 +901,7 @@ func TestMachineSleepAbortedStaysAwake(t *testing.T) {
 // hand, with a reason.
 func TestMachineSleepOnlyOnDemand(t *testing.T) {
 	mt := newMTest(t).toReady()
-	mt.expect(evOp{op: OpSleep}, "")
+	mt.expect(EvOp{Op: OpSleep}, "")
 	if mt.m.opErr == nil || !strings.Contains(mt.m.opErr.Error(), "not on demand") {
 		t.Errorf("opErr %v", mt.m.opErr)
 	}
@@ -935,13 +919,13 @@ func TestMachineRestartReplacesIdleStop(t *testing.T) {
 	mt.m.cfg = cfg
 	mt.toODReady()
 	mt.now = mt.now.Add(11 * time.Minute)
-	mt.step(evIdle{})
-	mt.step(evOp{op: OpRestart})
-	mt.step(evOp{op: OpStop})
-	mt.step(evOp{op: OpStart})
+	mt.step(EvIdle{})
+	mt.step(EvOp{Op: OpRestart})
+	mt.step(EvOp{Op: OpStop})
+	mt.step(EvOp{Op: OpStart})
 	mt.quietOK()
 	mt.state(Stopping)
-	mt.step(evStopped{inst: mt.m.inst})
+	mt.step(EvStopped{Inst: mt.m.inst})
 	mt.state(Pending)
 }
 
@@ -952,69 +936,69 @@ func TestMachineUnwantedAbandons(t *testing.T) {
 	t.Run("wake awaiting its memory", func(t *testing.T) {
 		mt := newODTest(t).toWakingAwaiting()
 		seq := mt.m.wantSeq
-		mt.expect(evUnwanted{}, "withdraw")
+		mt.expect(EvUnwanted{}, "withdraw")
 		mt.state(Sleeping)
-		if st := mt.m.status(); st.SleepLevel != 1 || !st.Serving() {
+		if st := mt.m.Status(); st.SleepLevel != 1 || !st.Serving() {
 			t.Errorf("asleep again: level %d serving %v", st.SleepLevel, st.Serving())
 		}
 		// The scheduler's answer to the withdrawn want changes nothing.
-		mt.expect(evPlaced{schedule.Placement{Seq: seq, GPUs: []string{"GPU-a"}}}, "")
+		mt.expect(EvPlaced{schedule.Placement{Seq: seq, GPUs: []string{"GPU-a"}}}, "")
 		mt.state(Sleeping)
-		mt.expect(evDemand{}, "want(4)") // the next request wakes it
+		mt.expect(EvDemand{}, "want(4)") // the next request wakes it
 		mt.state(Waking)
 	})
 	t.Run("start awaiting GPUs", func(t *testing.T) {
 		mt := newODTest(t).toIdleStopped()
-		mt.expect(evDemand{}, "disarm(tick) check")
-		mt.expect(evChecked{}, "want(1)")
-		mt.expect(evUnwanted{}, "disarm(tick) drop")
+		mt.expect(EvDemand{}, "disarm(tick) check")
+		mt.expect(EvChecked{}, "want(1)")
+		mt.expect(EvUnwanted{}, "disarm(tick) drop")
 		mt.state(Stopped)
-		if st := mt.m.status(); st.Held || !st.Serving() {
+		if st := mt.m.Status(); st.Held || !st.Serving() {
 			t.Errorf("startable again: held %v serving %v", st.Held, st.Serving())
 		}
-		mt.expect(evPlaced{schedule.Placement{Seq: 1, GPUs: []string{"GPU-a"}}}, "")
-		mt.expect(evDemand{}, "disarm(tick) check")
+		mt.expect(EvPlaced{schedule.Placement{Seq: 1, GPUs: []string{"GPU-a"}}}, "")
+		mt.expect(EvDemand{}, "disarm(tick) check")
 	})
 	t.Run("wake after a sleep in flight", func(t *testing.T) {
 		mt := newODTest(t).toGoingToSleep()
-		mt.expect(evDemand{}, "")
-		mt.expect(evUnwanted{}, "")
-		mt.expect(evSlept{}, "slept(1,idle)") // no want(2): nobody waits
+		mt.expect(EvDemand{}, "")
+		mt.expect(EvUnwanted{}, "")
+		mt.expect(EvSlept{}, "slept(1,idle)") // no want(2): nobody waits
 		mt.state(Sleeping)
 	})
 	t.Run("a wake under way goes on", func(t *testing.T) {
 		mt := newODTest(t).toWaking()
-		mt.expect(evUnwanted{}, "")
+		mt.expect(EvUnwanted{}, "")
 		mt.state(Waking)
-		mt.expect(evWoke{inst: mt.m.inst}, "disarm(deadline) ready woke(1) arm(tick,10s) arm(idle,10m0s)")
+		mt.expect(EvWoke{Inst: mt.m.inst}, "disarm(deadline) ready woke(1) arm(tick,10s) arm(idle,10m0s)")
 	})
 	t.Run("a spawned start goes on", func(t *testing.T) {
 		mt := newODTest(t).toIdleStopped()
-		mt.step(evDemand{})
-		mt.step(evChecked{})
-		mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
-		mt.step(evSpawned{inst: mt.newInst()})
-		mt.expect(evUnwanted{}, "")
+		mt.step(EvDemand{})
+		mt.step(EvChecked{})
+		mt.step(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
+		mt.step(EvSpawned{Inst: mt.newInst()})
+		mt.expect(EvUnwanted{}, "")
 		mt.state(Starting)
 	})
 	t.Run("an operator's start during an idle stop goes on", func(t *testing.T) {
 		mt := newODTest(t).toAsleep()
-		mt.step(evEvict{forModel: "other"})
+		mt.step(EvEvict{ForModel: "other"})
 		mt.quietOK()
 		mt.state(Stopping)
-		mt.step(evOp{op: OpStart})
-		mt.expect(evDemand{}, "") // a request joins the operator's start
-		mt.step(evStopped{inst: mt.m.inst})
+		mt.step(EvOp{Op: OpStart})
+		mt.expect(EvDemand{}, "") // a request joins the operator's start
+		mt.step(EvStopped{Inst: mt.m.inst})
 		mt.state(Pending)
-		mt.step(evChecked{})
-		mt.expect(evUnwanted{}, "")
+		mt.step(EvChecked{})
+		mt.expect(EvUnwanted{}, "")
 		mt.state(Pending)
 	})
 	t.Run("an operator's wake goes on", func(t *testing.T) {
 		mt := newODTest(t).toAsleep()
-		mt.expect(evOp{op: OpWake}, "want(2)")
-		mt.expect(evDemand{}, "") // a request joins the operator's wake
-		mt.expect(evUnwanted{}, "")
+		mt.expect(EvOp{Op: OpWake}, "want(2)")
+		mt.expect(EvDemand{}, "") // a request joins the operator's wake
+		mt.expect(EvUnwanted{}, "")
 		mt.state(Waking)
 	})
 }
@@ -1026,53 +1010,53 @@ func TestMachineLoadEstimates(t *testing.T) {
 	mt := newODTest(t).toIdleStopped()
 	for i, took := range []time.Duration{40, 10, 12, 11, 90, 13} {
 		asked := mt.now
-		mt.step(evDemand{})
+		mt.step(EvDemand{})
 		mt.now = mt.now.Add(time.Second) // placement takes its time: counted
 		took--
-		mt.step(evChecked{})
-		mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
+		mt.step(EvChecked{})
+		mt.step(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
 		inst := mt.newInst()
-		mt.step(evSpawned{inst: inst})
-		if st := mt.m.status(); !st.LoadBegan.Equal(asked) {
+		mt.step(EvSpawned{Inst: inst})
+		if st := mt.m.Status(); !st.LoadBegan.Equal(asked) {
 			t.Fatalf("start %d: began %v, want when it was asked for %v", i, st.LoadBegan, asked)
 		}
 		mt.now = mt.now.Add(took * time.Second)
-		mt.step(evProbed{inst: inst})
+		mt.step(EvProbed{Inst: inst})
 		mt.state(Ready)
 		mt.now = mt.now.Add(time.Hour)
-		mt.step(evIdle{})
+		mt.step(EvIdle{})
 		mt.quietOK()
-		mt.step(evSlept{})
+		mt.step(EvSlept{})
 		mt.state(Sleeping)
-		mt.step(evDemand{})
-		mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
-		if st := mt.m.status(); st.State != Waking || !st.LoadBegan.Equal(mt.now) || st.WakeLevel != 1 {
+		mt.step(EvDemand{})
+		mt.step(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
+		if st := mt.m.Status(); st.State != Waking || !st.LoadBegan.Equal(mt.now) || st.WakeLevel != 1 {
 			t.Fatalf("wake %d: %s began %v level %d", i, st.State, st.LoadBegan, st.WakeLevel)
 		}
 		mt.now = mt.now.Add(took * time.Second / 10)
-		mt.step(evWoke{inst: mt.m.inst})
+		mt.step(EvWoke{Inst: mt.m.inst})
 		// Back to stopped for the next start (the sleep and the stop each
 		// wait for quiet GPUs).
 		mt.now = mt.now.Add(time.Hour)
-		mt.step(evIdle{})
+		mt.step(EvIdle{})
 		mt.quietOK()
-		mt.step(evSlept{})
-		mt.step(evEvict{forModel: "other"})
+		mt.step(EvSlept{})
+		mt.step(EvEvict{ForModel: "other"})
 		mt.quietOK()
-		mt.step(evStopped{inst: mt.m.inst})
+		mt.step(EvStopped{Inst: mt.m.inst})
 		mt.state(Stopped)
 	}
 	// The last five starts: 10 12 11 90 13 → 12; wakes a tenth of each
 	// less the placement second: .9 1.1 1 8.9 1.2 → 1.1.
-	st := mt.m.status()
+	st := mt.m.Status()
 	if st.TypicalStartup != 12*time.Second {
 		t.Errorf("typical startup %v, want 12s (the median of the last five)", st.TypicalStartup)
 	}
 	if got := gpu.Typical(mt.m.wakes[1]); got != 1100*time.Millisecond {
 		t.Errorf("typical wake %v, want 1.1s", got)
 	}
-	mt.step(evDemand{})
-	if st := mt.m.status(); st.TypicalStartup != 12*time.Second || !st.LoadBegan.Equal(mt.now) {
+	mt.step(EvDemand{})
+	if st := mt.m.Status(); st.TypicalStartup != 12*time.Second || !st.LoadBegan.Equal(mt.now) {
 		t.Errorf("pending: %v began %v, want now", st.TypicalStartup, st.LoadBegan)
 	}
 }
@@ -1084,20 +1068,20 @@ func TestMachineLoadEstimates(t *testing.T) {
 func TestMachineServing(t *testing.T) {
 	mt := newMTest(t).toStarting()
 	inst := mt.m.inst
-	mt.expect(evServing{inst: &instance{}}, "")
-	mt.expect(evServing{inst: inst}, "probe")
-	mt.expect(evServing{inst: inst}, "") // the probe in flight answers
-	mt.expect(evProbed{inst: inst, err: errors.New("connection refused")}, "arm(tick,5ms)")
+	mt.expect(EvServing{Inst: &Instance{}}, "")
+	mt.expect(EvServing{Inst: inst}, "probe")
+	mt.expect(EvServing{Inst: inst}, "") // the probe in flight answers
+	mt.expect(EvProbed{Inst: inst, Err: errors.New("connection refused")}, "arm(tick,5ms)")
 	mt.now = mt.now.Add(burstFor)
-	mt.expect(evTimer{tick}, "probe")
-	mt.expect(evProbed{inst: inst, err: errors.New("connection refused")}, "arm(tick,50ms)")
+	mt.expect(EvTimer{Tick}, "probe")
+	mt.expect(EvProbed{Inst: inst, Err: errors.New("connection refused")}, "arm(tick,50ms)")
 	mt.now = mt.now.Add(fastFor)
-	mt.expect(evTimer{tick}, "probe")
-	mt.expect(evProbed{inst: inst, err: errors.New("connection refused")}, "arm(tick,1s)")
-	mt.expect(evServing{inst: inst}, "probe")
-	mt.expect(evProbed{inst: inst}, "disarm(deadline) ready arm(tick,10s)")
+	mt.expect(EvTimer{Tick}, "probe")
+	mt.expect(EvProbed{Inst: inst, Err: errors.New("connection refused")}, "arm(tick,1s)")
+	mt.expect(EvServing{Inst: inst}, "probe")
+	mt.expect(EvProbed{Inst: inst}, "disarm(deadline) ready arm(tick,10s)")
 	mt.state(Ready)
-	mt.expect(evServing{inst: inst}, "")
+	mt.expect(EvServing{Inst: inst}, "")
 }
 
 // TestMachineStartupPollWindow: once a start's spawn-to-ready time is
@@ -1107,21 +1091,21 @@ func TestMachineServing(t *testing.T) {
 func TestMachineStartupPollWindow(t *testing.T) {
 	mt := newMTest(t).toStarting()
 	mt.now = mt.now.Add(30 * time.Second)
-	mt.expect(evTimer{tick}, "probe")
-	mt.expect(evProbed{inst: mt.m.inst}, "disarm(deadline) ready arm(tick,10s)")
-	mt.step(evOp{op: OpRestart})
+	mt.expect(EvTimer{Tick}, "probe")
+	mt.expect(EvProbed{Inst: mt.m.inst}, "disarm(deadline) ready arm(tick,10s)")
+	mt.step(EvOp{Op: OpRestart})
 	mt.quietOK()
-	mt.step(evStopped{inst: mt.m.inst})
-	mt.step(evChecked{})
-	mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
-	if got := describe(mt.step(evSpawned{inst: mt.newInst()})); got != "record arm(deadline,20m0s) arm(tick,1s)" {
+	mt.step(EvStopped{Inst: mt.m.inst})
+	mt.step(EvChecked{})
+	mt.step(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
+	if got := describe(mt.step(EvSpawned{Inst: mt.newInst()})); got != "record arm(deadline,20m0s) arm(tick,1s)" {
 		t.Fatalf("spawned: %s", got)
 	}
 	refused := func(after time.Duration, want string) {
 		t.Helper()
-		mt.now = mt.m.inst.started.Add(after)
-		mt.step(evTimer{tick})
-		mt.expect(evProbed{inst: mt.m.inst, err: errors.New("connection refused")}, want)
+		mt.now = mt.m.inst.Started.Add(after)
+		mt.step(EvTimer{Tick})
+		mt.expect(EvProbed{Inst: mt.m.inst, Err: errors.New("connection refused")}, want)
 	}
 	refused(10*time.Second, "arm(tick,1s)")
 	refused(23500*time.Millisecond, "arm(tick,500ms)") // wakes at the window's start, 24s

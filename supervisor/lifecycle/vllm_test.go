@@ -1,4 +1,4 @@
-package supervisor
+package lifecycle
 
 import (
 	"errors"
@@ -19,52 +19,52 @@ import (
 func TestMachineLearnsVersionBeforeFirstSpawn(t *testing.T) {
 	t.Run("learned", func(t *testing.T) {
 		mt := newMTest(t)
-		mt.m.vllm = vllmInfo{}
-		mt.m.begin()
-		mt.expect(evChecked{}, "learn(1)")
+		mt.m.vllm = VLLM{}
+		mt.m.Begin()
+		mt.expect(EvChecked{}, "learn(1)")
 		mt.state(Pending)
 		if !strings.Contains(mt.m.reason, "learning its vLLM version") {
 			t.Errorf("reason %q", mt.m.reason)
 		}
 		// A second check meanwhile (a tick) starts no second lookup.
-		mt.expect(evChecked{}, "")
-		mt.expect(evLearned{seq: 1, version: vllm.MustParse("0.10.1")}, "want(1)")
-		if st := mt.m.status(); st.VLLMVersion != "0.10.1" || st.VLLMVersionSource != VersionFromPackage {
+		mt.expect(EvChecked{}, "")
+		mt.expect(EvLearned{Seq: 1, Version: vllm.MustParse("0.10.1")}, "want(1)")
+		if st := mt.m.Status(); st.VLLMVersion != "0.10.1" || st.VLLMVersionSource != VersionFromPackage {
 			t.Errorf("status version %q from %q", st.VLLMVersion, st.VLLMVersionSource)
 		}
 	})
 	t.Run("not learnable: the newest known, until /version answers", func(t *testing.T) {
 		mt := newMTest(t)
-		mt.m.vllm = vllmInfo{}
-		mt.m.begin()
-		mt.expect(evChecked{}, "learn(1)")
-		mt.expect(evLearned{seq: 1, err: errors.New("cannot tell which Python interpreter the command runs")}, "want(1)")
-		if st := mt.m.status(); st.VLLMVersion != vllm.Newest.String() || st.VLLMVersionSource != VersionAssumed {
+		mt.m.vllm = VLLM{}
+		mt.m.Begin()
+		mt.expect(EvChecked{}, "learn(1)")
+		mt.expect(EvLearned{Seq: 1, Err: errors.New("cannot tell which Python interpreter the command runs")}, "want(1)")
+		if st := mt.m.Status(); st.VLLMVersion != vllm.Newest.String() || st.VLLMVersionSource != VersionAssumed {
 			t.Errorf("status version %q from %q", st.VLLMVersion, st.VLLMVersionSource)
 		}
-		if !mt.m.askVersion() {
+		if !mt.m.AskVersion() {
 			t.Error("an assumed version must be confirmed by GET /version")
 		}
-		mt.step(evPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
-		mt.step(evSpawned{inst: mt.newInst()})
-		mt.step(evTimer{tick})
-		mt.step(evProbed{inst: mt.m.inst, version: "0.6.3"})
+		mt.step(EvPlaced{schedule.Placement{Seq: mt.m.wantSeq, GPUs: []string{"GPU-a"}}})
+		mt.step(EvSpawned{Inst: mt.newInst()})
+		mt.step(EvTimer{Tick})
+		mt.step(EvProbed{Inst: mt.m.inst, Version: "0.6.3"})
 		mt.state(Ready)
-		if st := mt.m.status(); st.VLLMVersion != "0.6.3" || st.VLLMVersionSource != VersionFromServer || mt.m.askVersion() {
-			t.Errorf("after /version: %q from %q, ask again %v", st.VLLMVersion, st.VLLMVersionSource, mt.m.askVersion())
+		if st := mt.m.Status(); st.VLLMVersion != "0.6.3" || st.VLLMVersionSource != VersionFromServer || mt.m.AskVersion() {
+			t.Errorf("after /version: %q from %q, ask again %v", st.VLLMVersion, st.VLLMVersionSource, mt.m.AskVersion())
 		}
 	})
 	t.Run("a lookup for a command changed since is ignored", func(t *testing.T) {
 		mt := newMTest(t)
-		mt.m.vllm = vllmInfo{}
-		mt.m.begin()
-		mt.expect(evChecked{}, "learn(1)")
+		mt.m.vllm = VLLM{}
+		mt.m.Begin()
+		mt.expect(EvChecked{}, "learn(1)")
 		c := mt.m.cfg
 		c.Command = []string{"/opt/other-env/bin/python", "-m", "vllm.entrypoints.openai.api_server"}
-		mt.step(evConfig{cfg: c, kind: config.Respawn})
-		mt.expect(evLearned{seq: 1, version: vllm.MustParse("0.6.3")}, "")
-		if mt.m.vllm.known() {
-			t.Errorf("kept %s from a lookup of the old command", mt.m.vllm.version)
+		mt.step(EvConfig{Config: c, Kind: config.Respawn})
+		mt.expect(EvLearned{Seq: 1, Version: vllm.MustParse("0.6.3")}, "")
+		if mt.m.vllm.Known() {
+			t.Errorf("kept %s from a lookup of the old command", mt.m.vllm.Version)
 		}
 	})
 }
@@ -87,25 +87,25 @@ func TestMachineSleepLevelFollowsVersion(t *testing.T) {
 		t.Run(tc.version, func(t *testing.T) {
 			mt := newODTest(t)
 			mt.m.cfg.SleepLevel = 2
-			mt.m.vllm = vllmInfo{version: vllm.MustParse(tc.version), source: VersionFromServer}
+			mt.m.vllm = VLLM{Version: vllm.MustParse(tc.version), Source: VersionFromServer}
 			mt.toODReady()
 			mt.now = mt.now.Add(11 * mt.m.cfg.IdleAfter)
-			mt.quiet(evIdle{}, tc.want) // a sleep waits for quiet GPUs
+			mt.quiet(EvIdle{}, tc.want) // a sleep waits for quiet GPUs
 			if !strings.Contains(mt.m.reason, tc.reason) {
 				t.Errorf("reason %q, want %q", mt.m.reason, tc.reason)
 			}
-			note := mt.m.status().VLLMNote
-			if lvl, _ := mt.m.vllm.version.SleepLevel(2); (lvl < 2) != (note != "") {
+			note := mt.m.Status().VLLMNote
+			if lvl, _ := mt.m.vllm.Version.SleepLevel(2); (lvl < 2) != (note != "") {
 				t.Errorf("vllm_note %q for level %d", note, lvl)
 			}
 			if strings.HasPrefix(tc.version, "0.10.1") {
-				mt.expect(evSlept{}, "slept(1,idle)")
+				mt.expect(EvSlept{}, "slept(1,idle)")
 				if !strings.Contains(mt.m.reason, "sleep_level 2 needs vLLM 0.10.2") {
 					t.Errorf("asleep reason %q does not say why level 1", mt.m.reason)
 				}
 			}
 			if tc.version == "0.6.3" {
-				mt.expect(evStopped{inst: mt.m.inst}, "release")
+				mt.expect(EvStopped{Inst: mt.m.inst}, "release")
 				if !strings.Contains(mt.m.reason, "has no sleep mode") {
 					t.Errorf("stopped reason %q does not say why", mt.m.reason)
 				}
@@ -119,8 +119,8 @@ func TestMachineSleepLevelFollowsVersion(t *testing.T) {
 func TestMachineSpawnConfigDropsSleepModeFlag(t *testing.T) {
 	mt := newODTest(t)
 	for version, flag := range map[string]bool{"0.6.3": false, "0.7.2": false, "0.7.3": true, "0.10.1": true} {
-		mt.m.vllm = vllmInfo{version: vllm.MustParse(version), source: VersionFromPackage}
-		argv := strings.Join(mt.m.spawnConfig().Argv(), " ")
+		mt.m.vllm = VLLM{Version: vllm.MustParse(version), Source: VersionFromPackage}
+		argv := strings.Join(mt.m.SpawnConfig().Argv(), " ")
 		if strings.Contains(argv, "--enable-sleep-mode") != flag {
 			t.Errorf("vLLM %s: argv %q, --enable-sleep-mode wanted: %v", version, argv, flag)
 		}
@@ -150,14 +150,14 @@ func TestSpawnConfigShutdownTimeout(t *testing.T) {
 		mt.m.cfg.StopTimeout, mt.m.cfg.Args = tc.stop, tc.args
 		switch tc.version {
 		case "":
-			mt.m.vllm = vllmInfo{} // not learned yet
+			mt.m.vllm = VLLM{} // not learned yet
 		case "assumed":
 			// The lookup could not tell: the newest, until GET /version.
-			mt.m.vllm = vllmInfo{version: vllm.Newest, source: VersionAssumed}
+			mt.m.vllm = VLLM{Version: vllm.Newest, Source: VersionAssumed}
 		default:
-			mt.m.vllm = vllmInfo{version: vllm.MustParse(tc.version), source: VersionFromPackage}
+			mt.m.vllm = VLLM{Version: vllm.MustParse(tc.version), Source: VersionFromPackage}
 		}
-		if got := mt.m.spawnConfig().Args; !slices.Equal(got, tc.want) {
+		if got := mt.m.SpawnConfig().Args; !slices.Equal(got, tc.want) {
 			t.Errorf("%q, stop_timeout %s, args %q: spawn args %q, want %q", tc.version, tc.stop, tc.args, got, tc.want)
 		}
 		if !slices.Equal(mt.m.cfg.Args, tc.args) {
