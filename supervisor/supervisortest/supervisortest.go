@@ -214,16 +214,34 @@ func Tail(out string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// FreePort returns a loopback port that was free a moment ago.
+// FreePort returns a loopback port that was free a moment ago, and that
+// it has not returned before in this process: the kernel may hand the
+// same port to two listens in a row once the first is closed, and two
+// "free" ports a test puts in one configuration must differ.
 func FreePort(t testing.TB) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := ln.Addr().(*net.TCPAddr).Port
+		ln.Close()
+		freePorts.Lock()
+		given := freePorts.given[port]
+		freePorts.given[port] = true
+		freePorts.Unlock()
+		if !given {
+			return port
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
 }
+
+// freePorts are the ports FreePort has returned.
+var freePorts = struct {
+	sync.Mutex
+	given map[int]bool
+}{given: map[int]bool{}}
 
 // Model is one fake model of a test configuration.
 type Model struct {
