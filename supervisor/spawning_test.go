@@ -10,6 +10,11 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
+
 	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
 )
@@ -135,7 +140,8 @@ func TestSpawnHangsRunnerAnswers(t *testing.T) {
 func TestSpawnHangsAtShutdown(t *testing.T) {
 	block := newBlockSpawns(t, "a")
 	h := newHarness(t, modelSpec{Name: "a", YAML: "stop_timeout: 500ms"})
-	h.start(Options{})
+	core, logs := observer.New(zap.WarnLevel)
+	h.start(Options{Logger: zap.New(zapcore.NewTee(core, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)).Core()))})
 	select {
 	case <-block.started:
 	case <-time.After(20 * time.Second):
@@ -152,6 +158,11 @@ func TestSpawnHangsAtShutdown(t *testing.T) {
 		t.Fatal("Run did not return within 10s of the shutdown with a spawn hanging")
 	}
 	block.release()
+	// The spawn returns after the release, in its own time: until the job
+	// says it has the process, no process and no record prove nothing.
+	waitFor(t, 20*time.Second, "the spawn to return to its job", func() bool {
+		return logs.FilterMessageSnippet("its spawn returned after the runner ended").Len() > 0
+	})
 	waitFor(t, 20*time.Second, "the process spawned after the shutdown to be stopped by its job", func() bool {
 		recs, err := h.sup.d.records.All()
 		return len(markedOf(t, h.sup, "a")) == 0 && err == nil && len(recs) == 0
