@@ -373,3 +373,38 @@ func TestReaperLeavesChildOfStartInFlight(t *testing.T) {
 		t.Fatalf("Wait: %v, want its exit status", err)
 	}
 }
+
+// TestMachineSpawnRespawnThenStopStart: a reload that changes the model
+// while its spawn is in flight, then an operator's stop and start, still
+// has the process the spawn returns (started with the old configuration)
+// stopped and started again: the start lifts the hold, not the restart the
+// reload asked for. (As it does for a model that runs: stopped, then
+// started with the new configuration.)
+func TestMachineSpawnRespawnThenStopStart(t *testing.T) {
+	mt := newMTest(t).toSpawning()
+	c := testModelCfg()
+	c.MaxModelLen = 4096
+	mt.step(evConfig{cfg: c, kind: config.Respawn})
+	mt.step(evOp{op: OpStop})
+	mt.step(evOp{op: OpStart})
+	inst := mt.newInst()
+	mt.expect(evSpawned{inst: inst}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.expect(evStopped{inst: inst}, "release(keep) disarm(tick) check")
+	mt.state(Pending)
+}
+
+// TestMachineRemovedDuringSpawnStartIgnored: an operator's start that
+// reaches a model a reload removed (its Do looked the runner up before
+// the reload) does not lift the removal's hold: the process its spawn
+// returns is stopped and the runner ends.
+func TestMachineRemovedDuringSpawnStartIgnored(t *testing.T) {
+	mt := newMTest(t).toSpawning()
+	mt.step(evRemoved{})
+	mt.step(evOp{op: OpStart})
+	inst := mt.newInst()
+	mt.expect(evSpawned{inst: inst}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.expect(evStopped{inst: inst}, "release")
+	if !mt.m.done() {
+		t.Fatalf("a removed model not done after its stop: %s (%s)", mt.m.state, mt.m.reason)
+	}
+}
