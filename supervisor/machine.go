@@ -1044,7 +1044,10 @@ func (m *machine) fail(reason string) []effect {
 // stopHeld stops the model and holds it stopped with reason.
 func (m *machine) stopHeld(reason string) []effect {
 	m.hold, m.holdReason = true, reason
-	if m.after.kind == afterStart {
+	if m.after.kind == afterStart && m.flight != flightSpawn {
+		// A spawn in flight keeps it: the process it returns was started
+		// before the restart was asked (a reload's), so a start that
+		// lifts this hold must still stop it and start afresh.
 		m.after = afterStop{}
 	}
 	switch {
@@ -1086,6 +1089,12 @@ func (m *machine) respawn(reason string) []effect {
 func (m *machine) onOp(op Op) []effect {
 	m.opErr = nil
 	if m.shutdown {
+		return nil
+	}
+	if m.removed {
+		// Looked up before a reload removed it: its stop stands, and
+		// nothing may start it again (its runner ends once it is stopped).
+		m.opErr = fmt.Errorf("%s was removed from the configuration", m.cfg.Name)
 		return nil
 	}
 	switch op {
