@@ -609,10 +609,12 @@ func (s *Supervisor) ReloadFile(ctx context.Context, path string, environ []stri
 	return changes, nil
 }
 
-// owners maps every known process of every model to the model.
+// owners maps every known process of every model to the model: the
+// listed ones, and those a reload removed that are still stopping (their
+// claims hold their GPUs until their processes are gone).
 func (s *Supervisor) owners() map[int]string {
 	out := map[int]string{}
-	for _, r := range *s.runners.Load() {
+	for _, r := range s.withLeaving() {
 		if p := r.pids.Load(); p != nil {
 			for _, pid := range *p {
 				out[pid] = r.name
@@ -728,6 +730,22 @@ func (s *Supervisor) reachable(name string) *runner {
 	s.leavingMu.Lock()
 	defer s.leavingMu.Unlock()
 	return s.leaving[name]
+}
+
+// withLeaving is every runner: the listed ones, then those a reload
+// removed that have not ended.
+func (s *Supervisor) withLeaving() []*runner {
+	out := *s.runners.Load()
+	s.leavingMu.Lock()
+	defer s.leavingMu.Unlock()
+	if len(s.leaving) == 0 {
+		return out
+	}
+	out = slices.Clone(out)
+	for _, name := range slices.Sorted(maps.Keys(s.leaving)) {
+		out = append(out, s.leaving[name])
+	}
+	return out
 }
 
 // stillLeaving names the removed models whose runners have not ended.
