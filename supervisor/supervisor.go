@@ -534,6 +534,15 @@ func (s *Supervisor) Config() *config.Config { return s.cfg.Load() }
 // ended: they go on stopping).
 func (s *Supervisor) Apply(ctx context.Context, cfg *config.Config) ([]config.Change, error) {
 	s.applyMu.Lock()
+	// A model added back while an earlier reload's removal of it still
+	// stops would have two runners under one name, and the scheduler
+	// knows models by name: the old one's release would take the new
+	// one's want or claim. Only a runner's end shrinks leaving, and only
+	// the loop, within an apply (this lock), adds to it.
+	if back := s.addedBack(cfg); len(back) > 0 {
+		s.applyMu.Unlock()
+		return nil, fmt.Errorf("not now: %s (removed by a reload) still stopping; reload again once stopped", strings.Join(back, ", "))
+	}
 	req := applyReq{cfg: cfg, done: make(chan applied, 1)}
 	select {
 	case s.applyCh <- req:
@@ -730,6 +739,22 @@ func (s *Supervisor) reachable(name string) *runner {
 	s.leavingMu.Lock()
 	defer s.leavingMu.Unlock()
 	return s.leaving[name]
+}
+
+// addedBack names the models cfg adds that an earlier reload removed and
+// whose runners have not ended.
+func (s *Supervisor) addedBack(cfg *config.Config) []string {
+	cur := s.cfg.Load()
+	var out []string
+	for _, name := range s.stillLeaving() {
+		if _, listed := cur.Model(name); listed {
+			continue
+		}
+		if _, ok := cfg.Model(name); ok {
+			out = append(out, name)
+		}
+	}
+	return out
 }
 
 // withLeaving is every runner: the listed ones, then those a reload
