@@ -209,3 +209,48 @@ func TestStartDuringAFailureStopKeepsTheCrash(t *testing.T) {
 		t.Errorf("restarted after %s", st.StartedAt.Sub(first.StartedAt))
 	}
 }
+
+// TestReloadAddingBackALeavingModel: a model a reload removed and the next
+// reload adds back while its stop is still under way would have two
+// runners under one name, and the scheduler keys wants, claims and quiet
+// requests by name: the old runner's release would take the new one's
+// want or claim, and its answers would go to the new one. The reload is
+// refused until the stop has ended, then the model comes back.
+func TestReloadAddingBackALeavingModel(t *testing.T) {
+	h := newHarness(t,
+		modelSpec{Name: "keep"},
+		modelSpec{Name: "slow", YAML: "stop_timeout: 3s", Fake: stubbornArgs},
+	).start(Options{})
+	h.waitState("keep", Ready, 20*time.Second)
+	h.waitState("slow", Ready, 20*time.Second)
+
+	without := *h.cfg
+	without.Models = slices.DeleteFunc(slices.Clone(h.cfg.Models), func(m config.Model) bool { return m.Name == "slow" })
+	done := make(chan error, 1)
+	go func() {
+		_, err := h.sup.Apply(context.Background(), &without)
+		done <- err
+	}()
+	waitFor(t, 10*time.Second, "slow unlisted", func() bool {
+		_, err := h.sup.Status("slow")
+		return err != nil
+	})
+	with := *h.cfg
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := h.sup.Apply(ctx, &with); err == nil || !strings.Contains(err.Error(), "slow (removed by a reload) still stopping") {
+		t.Fatalf("adding slow back while its removal stops: %v, want it refused", err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the removal did not end")
+	}
+	if _, err := h.sup.Apply(ctx, &with); err != nil {
+		t.Fatalf("adding slow back once stopped: %v", err)
+	}
+	h.waitState("slow", Ready, 20*time.Second)
+}

@@ -43,7 +43,7 @@ func (s *Supervisor) liveMarker(v string) bool {
 	if h := s.handedOver.Load(); h != nil && (*h)[v] {
 		return true
 	}
-	for _, r := range *s.runners.Load() {
+	for _, r := range s.withLeaving() {
 		if m := r.marker.Load(); m != nil && *m == v {
 			return true
 		}

@@ -3,7 +3,6 @@ package supervisor
 import (
 	"context"
 	"fmt"
-	"math"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -33,11 +32,12 @@ type Reaper struct {
 	mu      sync.Mutex
 	managed map[int]bool
 	// starting holds when each Start in flight began, in /proc's clock
-	// ticks since boot: a child started since may be one of theirs, not
-	// recorded yet, so reap leaves it alone until they return. The lock is
-	// not held across a fork and exec: one that hangs (its binary on a
-	// mount that does not answer) holds its own spawn, not the reaping,
-	// the stops and exits of other models, or their spawns.
+	// ticks since boot: a child started within forkWindow of it may be its
+	// own, not recorded yet, so reap leaves it alone until it returns. The
+	// lock is not held across a fork and exec: one that hangs (its binary
+	// on a mount that does not answer) holds its own spawn, not the
+	// reaping, the stops and exits of other models, or their spawns; the
+	// orphans inherited meanwhile are reaped as ever.
 	starting map[*exec.Cmd]uint64
 	// hook, when set (tests), is called by Start just before the fork and
 	// exec: an exec that hangs.
@@ -88,6 +88,9 @@ func (r *Reaper) Start(cmd *exec.Cmd) error {
 	r.mu.Unlock()
 	if hook != nil {
 		hook(cmd)
+		r.mu.Lock()
+		r.starting[cmd] = bootTicks() // it forks now
+		r.mu.Unlock()
 	}
 	err := cmd.Start()
 	r.mu.Lock()
@@ -108,6 +111,23 @@ func (r *Reaper) setHook(hook func(cmd *exec.Cmd)) {
 
 // userHZ is the unit of /proc's process start times (USER_HZ).
 const userHZ = 100
+
+// forkWindow bounds how long after a Start begins its fork happens (the
+// exec, which may hang, comes after the fork): os/exec forks within
+// milliseconds. A child started later is not a Start's in flight.
+const forkWindow = 10 * userHZ
+
+// mayBeStarting reports whether a child started at start (clock ticks
+// since boot) may be a Start's in flight, not recorded yet. Called with mu
+// held.
+func (r *Reaper) mayBeStarting(start uint64) bool {
+	for _, t := range r.starting {
+		if start >= t && start-t <= forkWindow {
+			return true
+		}
+	}
+	return false
+}
 
 // bootTicks is the time since boot in /proc's clock ticks, a tick early
 // (a process started after it has a start time no lower); 0 when the
@@ -196,16 +216,12 @@ func (r *Reaper) reap(grace time.Duration) int {
 	defer r.mu.Unlock()
 	n := 0
 	seen := map[[2]uint64]bool{}
-	young := uint64(math.MaxUint64) // a child started since may be a Start's in flight
-	for _, t := range r.starting {
-		young = min(young, t)
-	}
 	for _, pid := range proc.Children(os.Getpid()) {
 		if r.managed[pid] {
 			continue
 		}
 		s, err := proc.ReadStat(pid)
-		if err != nil || s.Start >= young {
+		if err != nil || r.mayBeStarting(s.Start) {
 			continue
 		}
 		if s.State != 'Z' {

@@ -257,3 +257,37 @@ func TestReaperLeavesChildOfStartInFlight(t *testing.T) {
 		t.Fatalf("Wait: %v, want its exit status", err)
 	}
 }
+
+// TestReaperReapsDuringHungStart: a Start whose exec hangs (its binary on
+// a mount that does not answer) leaves alone only what may be its own
+// child, forked as it began: an orphan the daemon inherits later, while it
+// still hangs, is reaped as ever, not left a zombie for as long as the
+// exec hangs.
+func TestReaperReapsDuringHungStart(t *testing.T) {
+	began := bootTicks()
+	if began < 60*userHZ {
+		t.Skip("the host booted less than a minute ago")
+	}
+	inFlight := &exec.Cmd{}
+	testReaper.mu.Lock()
+	testReaper.starting[inFlight] = began - 30*userHZ // hangs for 30s now
+	testReaper.mu.Unlock()
+	defer func() {
+		testReaper.mu.Lock()
+		delete(testReaper.starting, inFlight)
+		testReaper.mu.Unlock()
+	}()
+	cmd := exec.Command("true") // an orphan inherited now, exited
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	waitFor(t, 10*time.Second, "the orphan to exit", func() bool {
+		st, err := proc.ReadStat(pid)
+		return err != nil || st.State == 'Z'
+	})
+	testReaper.Reap()
+	if st, err := proc.ReadStat(pid); err == nil && st.State == 'Z' {
+		t.Fatal("an orphan inherited while a Start hangs is left a zombie")
+	}
+}

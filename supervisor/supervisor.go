@@ -535,6 +535,15 @@ func (s *Supervisor) Config() *config.Config { return s.cfg.Load() }
 // ended: they go on stopping).
 func (s *Supervisor) Apply(ctx context.Context, cfg *config.Config) ([]config.Change, error) {
 	s.applyMu.Lock()
+	// A model added back while an earlier reload's removal of it still
+	// stops would have two runners under one name, and the scheduler
+	// knows models by name: the old one's release would take the new
+	// one's want or claim. Only a runner's end shrinks leaving, and only
+	// the loop, within an apply (this lock), adds to it.
+	if back := s.addedBack(cfg); len(back) > 0 {
+		s.applyMu.Unlock()
+		return nil, fmt.Errorf("not now: %s (removed by a reload) still stopping; reload again once stopped", strings.Join(back, ", "))
+	}
 	req := applyReq{cfg: cfg, done: make(chan applied, 1)}
 	select {
 	case s.applyCh <- req:
@@ -610,10 +619,12 @@ func (s *Supervisor) ReloadFile(ctx context.Context, path string, environ []stri
 	return changes, nil
 }
 
-// owners maps every known process of every model to the model.
+// owners maps every known process of every model to the model: the
+// listed ones, and those a reload removed that are still stopping (their
+// claims hold their GPUs until their processes are gone).
 func (s *Supervisor) owners() map[int]string {
 	out := map[int]string{}
-	for _, r := range *s.runners.Load() {
+	for _, r := range s.withLeaving() {
 		if p := r.pids.Load(); p != nil {
 			for _, pid := range *p {
 				out[pid] = r.name
@@ -729,6 +740,38 @@ func (s *Supervisor) reachable(name string) *runner {
 	s.leavingMu.Lock()
 	defer s.leavingMu.Unlock()
 	return s.leaving[name]
+}
+
+// addedBack names the models cfg adds that an earlier reload removed and
+// whose runners have not ended.
+func (s *Supervisor) addedBack(cfg *config.Config) []string {
+	cur := s.cfg.Load()
+	var out []string
+	for _, name := range s.stillLeaving() {
+		if _, listed := cur.Model(name); listed {
+			continue
+		}
+		if _, ok := cfg.Model(name); ok {
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
+// withLeaving is every runner: the listed ones, then those a reload
+// removed that have not ended.
+func (s *Supervisor) withLeaving() []*runner {
+	out := *s.runners.Load()
+	s.leavingMu.Lock()
+	defer s.leavingMu.Unlock()
+	if len(s.leaving) == 0 {
+		return out
+	}
+	out = slices.Clone(out)
+	for _, name := range slices.Sorted(maps.Keys(s.leaving)) {
+		out = append(out, s.leaving[name])
+	}
+	return out
 }
 
 // stillLeaving names the removed models whose runners have not ended.

@@ -1088,7 +1088,10 @@ func (m *Machine) fail(reason string) []Effect {
 // stopHeld stops the model and holds it stopped with reason.
 func (m *Machine) stopHeld(reason string) []Effect {
 	m.hold, m.holdReason = true, reason
-	if m.after.kind == afterStart {
+	if m.after.kind == afterStart && m.flight != flightSpawn {
+		// A spawn in flight keeps it: the process it returns was started
+		// before the restart was asked (a reload's), so a start that
+		// lifts this hold must still stop it and start afresh.
 		m.after = afterStop{}
 	}
 	switch {
@@ -1130,6 +1133,12 @@ func (m *Machine) respawn(reason string) []Effect {
 func (m *Machine) onOp(op Op) []Effect {
 	m.opErr = nil
 	if m.shutdown {
+		return nil
+	}
+	if m.removed {
+		// Looked up before a reload removed it: its stop stands, and
+		// nothing may start it again (its runner ends once it is stopped).
+		m.opErr = fmt.Errorf("%s was removed from the configuration", m.cfg.Name)
 		return nil
 	}
 	switch op {

@@ -138,3 +138,38 @@ func TestMachineAdoptedAsksWhetherItSleeps(t *testing.T) {
 		t.Fatalf("restore of a child: %s", got)
 	}
 }
+
+// TestMachineSpawnRespawnThenStopStart: a reload that changes the model
+// while its spawn is in flight, then an operator's stop and start, still
+// has the process the spawn returns (started with the old configuration)
+// stopped and started again: the start lifts the hold, not the restart the
+// reload asked for. (As it does for a model that runs: stopped, then
+// started with the new configuration.)
+func TestMachineSpawnRespawnThenStopStart(t *testing.T) {
+	mt := newMTest(t).toSpawning()
+	c := testModelCfg()
+	c.MaxModelLen = 4096
+	mt.step(EvConfig{Config: c, Kind: config.Respawn})
+	mt.step(EvOp{Op: OpStop})
+	mt.step(EvOp{Op: OpStart})
+	inst := mt.newInst()
+	mt.expect(EvSpawned{Inst: inst}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.expect(EvStopped{Inst: inst}, "release(keep) disarm(tick) check")
+	mt.state(Pending)
+}
+
+// TestMachineRemovedDuringSpawnStartIgnored: an operator's start that
+// reaches a model a reload removed (its Do looked the runner up before
+// the reload) does not lift the removal's hold: the process its spawn
+// returns is stopped and the runner ends.
+func TestMachineRemovedDuringSpawnStartIgnored(t *testing.T) {
+	mt := newMTest(t).toSpawning()
+	mt.step(EvRemoved{})
+	mt.step(EvOp{Op: OpStart})
+	inst := mt.newInst()
+	mt.expect(EvSpawned{Inst: inst}, "disarm(tick) disarm(deadline) disarm(idle) stop(term)")
+	mt.expect(EvStopped{Inst: inst}, "release")
+	if !mt.m.Done() {
+		t.Fatalf("a removed model not done after its stop: %s (%s)", mt.m.state, mt.m.reason)
+	}
+}
