@@ -1,15 +1,24 @@
 package supervisor
 
 import (
+	"bytes"
+	"errors"
 	"os"
+	"os/exec"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/exposition"
 )
 
 // TestModelCollectorGolden checks the exposition of a snapshot: every state
@@ -152,5 +161,127 @@ citadel_model_up{model="phi3"} 0
 	ready.pids.Store(&pids)
 	if n := testutil.CollectAndCount(c, "citadel_model_resident_memory_bytes", "citadel_model_cpu_seconds_total"); n != 2 {
 		t.Errorf("%d tree series, want rss and cpu for mixtral", n)
+	}
+}
+
+// noSuchPID is above any pid_max: a model's process that is gone.
+const noSuchPID = 1 << 30
+
+// TestModelCollectorText: the text the model series are served as is the
+// registry's exposition of what Collect sends, byte for byte: every
+// family, its HELP and TYPE, the samples' order (by label values in the
+// order of the label names) and values, label values escaped.
+func TestModelCollectorText(t *testing.T) {
+	s := &Supervisor{d: &deps{}}
+	s.reloadOK.Store(true)
+	s.reloadAt.Store(1795000000)
+	d := &deps{now: time.Now, log: zap.NewNop()}
+	model := func(st *Status, pids ...int) *runner {
+		r := newRunner(config.Model{Name: st.Name, Enabled: true}, d)
+		r.status.Store(st)
+		if pids != nil {
+			r.pids.Store(&pids)
+		}
+		return r
+	}
+	exit, killed, ok, failed := 137, -1, true, false
+	runners := []*runner{ // not in the order of their names
+		model(&Status{Name: "phi3", State: Pending, PendingCause: CauseGPU}),
+		model(&Status{Name: "mixtral", State: Ready, PID: 4411, StartedAt: time.Unix(1795000100, 500_000_000),
+			StartupDuration: 95*time.Second + time.Millisecond, RestartsByReason: map[string]int{"exit": 2, "manual": 1, "wake": 1e6},
+			LastExitCode: &exit, ProbeSuccess: &ok, VLLMVersion: "0.10.1"}, noSuchPID),
+		model(&Status{Name: "gemma", State: Sleeping, SleepHostMemory: 17 << 30, LastExitCode: &killed, ProbeSuccess: &failed,
+			VLLMVersion: "0.11.0rc1 \"dev\" \\ build\n2"}, noSuchPID, noSuchPID+1),
+		model(&Status{Name: "llama_3-8b", State: Pending, PendingCause: CauseChecking}),
+		model(&Status{Name: "qwen", State: Starting, PID: 77, StartedAt: time.Unix(1795000200, 0)}),
+	}
+	s.runners.Store(&runners)
+	c := newModelCollector(s)
+
+	for scrape := range 2 { // the labels built at the first, kept for the second
+		reg := prometheus.NewPedanticRegistry()
+		reg.MustRegister(c)
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var want bytes.Buffer
+		for _, mf := range mfs {
+			if _, err := expfmt.MetricFamilyToText(&want, mf); err != nil {
+				t.Fatal(err)
+			}
+		}
+		b, fams := c.AppendText([]byte("before\n"), nil)
+		got := string(b[len("before\n"):])
+		if got != want.String() {
+			t.Fatalf("scrape %d: the text:\n%s\nthe registry's:\n%s", scrape, got, want.String())
+		}
+		var names []string
+		end := len("before\n")
+		for _, f := range fams {
+			if f.Start != end || !strings.HasPrefix(string(b[f.Start:f.End]), "# HELP "+f.Name+" ") {
+				t.Errorf("scrape %d: family %s at %d–%d, after %d", scrape, f.Name, f.Start, f.End, end)
+			}
+			end = f.End
+			names = append(names, f.Name)
+		}
+		if end != len(b) || len(fams) != len(mfs) || !slices.IsSorted(names) {
+			t.Errorf("scrape %d: families %v, %d bytes of %d", scrape, names, end, len(b))
+		}
+		if !strings.Contains(got, `citadel_model_vllm_info{model="gemma",version="0.11.0rc1 \"dev\" \\ build\n2"} 1`) {
+			t.Errorf("scrape %d: a version that needs escaping:\n%s", scrape, got)
+		}
+	}
+}
+
+// TestScrapeText: the daemon's /metrics exposition (the model series as
+// text, the rest through the registry, merged) is the registry's of every
+// series, byte for byte, a valid exposition, and promtool's check of it
+// (where promtool is installed) finds what it found before.
+func TestScrapeText(t *testing.T) {
+	reg := exposition.NewRegistry()
+	s := scrapeFixture(t, 20, reg, []int{noSuchPID})
+	s.d.metrics.slept("m003", 1, "idle")
+	s.d.metrics.woke("m003", 1, 1500*time.Millisecond)
+	s.d.metrics.wakeFailed("m004", "canary")
+	s.d.metrics.observe("m005", time.Second, errors.New("refused"))
+	var got bytes.Buffer
+	if err := reg.WriteText(&got, expfmt.NewFormat(expfmt.TypeTextPlain), nil); err != nil {
+		t.Fatal(err)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want bytes.Buffer
+	for _, mf := range mfs {
+		if _, err := expfmt.MetricFamilyToText(&want, mf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The one value that moves between two scrapes.
+	timing := regexp.MustCompile(`(?m)^(citadel_scrape_collector_duration_seconds\{[^}]*\}) .*$`)
+	if g, w := timing.ReplaceAllString(got.String(), "$1 T"), timing.ReplaceAllString(want.String(), "$1 T"); g != w {
+		t.Fatalf("the daemon's:\n%s\nthe registry's:\n%s", g, w)
+	}
+	for _, name := range []string{"citadel_model_state", "citadel_model_sleeps_total", "citadel_probe_duration_seconds", "citadel_gpu_memory_total_bytes"} {
+		if !strings.Contains(got.String(), "\n# TYPE "+name+" ") {
+			t.Errorf("no %s in:\n%s", name, got.String())
+		}
+	}
+	parser := expfmt.NewTextParser(model.LegacyValidation)
+	if _, err := parser.TextToMetricFamilies(bytes.NewReader(got.Bytes())); err != nil {
+		t.Error(err)
+	}
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		t.Log("promtool is not installed: not checked")
+		return
+	}
+	cmd := exec.Command(promtool, "check", "metrics")
+	cmd.Stdin = &got
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
 }
