@@ -285,3 +285,71 @@ func TestScrapeText(t *testing.T) {
 		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
 }
+
+// TestProbeSeriesAreVecs: the probe series are what a HistogramVec and a
+// CounterVec of the same names would expose after the same probes (each
+// bucket's bound counted in it, the +Inf bucket, sum and count, a model's
+// failures at 0 from its first probe, a forgotten model's gone), in text
+// as through Collect.
+func TestProbeSeriesAreVecs(t *testing.T) {
+	p := newProbeSeries()
+	dur := prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "citadel_probe_duration_seconds", Help: "Duration of health probes of ready models.", Buckets: probeBuckets,
+	}, []string{"model"})
+	fail := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "citadel_probe_failures_total", Help: "Failed health probes of ready models (not counting probes while a model loads).",
+	}, []string{"model"})
+	probe := func(model string, v float64, failed bool) {
+		p.observe(model, v, failed)
+		dur.WithLabelValues(model).Observe(v)
+		c := fail.WithLabelValues(model)
+		if failed {
+			c.Inc()
+		}
+	}
+	for i, v := range append(slices.Clone(probeBuckets), 0, 0.0004, 0.003, 0.7, 9.99, 10.01, 3600, 0.1) {
+		probe([]string{"b", "a", `q"\`, "gone"}[i%4], v, i%3 == 0)
+	}
+	probe("never-failed", 0.002, false)
+	p.forget("gone")
+	dur.DeleteLabelValues("gone")
+	fail.DeleteLabelValues("gone")
+
+	vecs := prometheus.NewPedanticRegistry()
+	vecs.MustRegister(dur, fail)
+	want := encode(t, vecs)
+	b, fams := p.AppendText(nil, nil)
+	if string(b) != want {
+		t.Errorf("the text:\n%s\nthe vecs':\n%s", b, want)
+	}
+	if len(fams) != 2 || fams[0].Name != "citadel_probe_duration_seconds" || fams[1].Start != fams[0].End || fams[1].End != len(b) {
+		t.Errorf("families %+v of %d bytes", fams, len(b))
+	}
+	collected := prometheus.NewPedanticRegistry()
+	collected.MustRegister(p)
+	if got := encode(t, collected); got != want {
+		t.Errorf("collected:\n%s\nthe vecs':\n%s", got, want)
+	}
+	if !strings.Contains(want, `citadel_probe_failures_total{model="never-failed"} 0`) || strings.Contains(want, "gone") {
+		t.Errorf("the vecs':\n%s", want)
+	}
+	if b, fams := newProbeSeries().AppendText(nil, nil); len(b) != 0 || len(fams) != 0 {
+		t.Errorf("no probes yet: %q, %v", b, fams)
+	}
+}
+
+// encode is g's text exposition.
+func encode(t *testing.T, g prometheus.Gatherer) string {
+	t.Helper()
+	mfs, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	for _, mf := range mfs {
+		if _, err := expfmt.MetricFamilyToText(&out, mf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return out.String()
+}

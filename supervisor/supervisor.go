@@ -261,13 +261,14 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 	s.beat.Store(d.now().UnixNano())
 	if o.Registerer != nil {
 		for _, c := range []prometheus.Collector{
-			d.metrics.probeDuration, d.metrics.probeFailures, d.metrics.sleeps, d.metrics.wakeDuration, d.metrics.wakeFailures, newModelCollector(s),
+			d.metrics.probes, d.metrics.sleeps, d.metrics.wakeDuration, d.metrics.wakeFailures, newModelCollector(s),
 			gpu.NewCollector(cfg.GPU.Backend, gpuStatus, reader, s.owners).LogTo(o.Logger.Named("gpu")),
 		} {
 			register := o.Registerer.Register
 			if t, ok := o.Registerer.(textRegisterer); ok {
 				if f, ok := c.(exposition.Families); ok {
-					// The model series, written as text past the registry.
+					// The model and probe series, written as text past
+					// the registry.
 					register = func(prometheus.Collector) error { return t.RegisterText(f) }
 				}
 			}
