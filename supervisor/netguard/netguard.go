@@ -52,7 +52,8 @@ const (
 	// ReserveBase: the daemon's own (listeners, log, journald, NVML, the
 	// cgroup and /proc files it reads, spawns in flight).
 	ReserveBase = 256
-	// ReservePerModel: a model's output pipes, pidfd and cgroup leaf, its
+	// ReservePerModel: a model's output pipes, pidfd and cgroup leaf (and
+	// the leaf's cpu.stat and memory.current, kept open for /metrics), its
 	// probe's connection, and the gateway's idle connections to it.
 	ReservePerModel = 80
 	// PerGatewayConn: one gateway request can hold a client socket, a
