@@ -732,6 +732,11 @@ func (s *counterSample) Write(out *dto.Metric) error {
 	return nil
 }
 
+var (
+	_ exposition.Families = (*modelCollector)(nil)
+	_ exposition.Families = (*probeSeries)(nil)
+)
+
 // textRegisterer is an exposition.Registry: a Registerer that also takes
 // exposition.Families.
 type textRegisterer interface {

@@ -317,6 +317,9 @@ func TestProbeSeriesAreVecs(t *testing.T) {
 	if got := encode(t, collected); got != want {
 		t.Errorf("collected:\n%s\nthe vecs':\n%s", got, want)
 	}
+	if problems, err := testutil.CollectAndLint(p); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %v", problems, err)
+	}
 	if !strings.Contains(want, `citadel_probe_failures_total{model="never-failed"} 0`) || strings.Contains(want, "gone") {
 		t.Errorf("the vecs':\n%s", want)
 	}

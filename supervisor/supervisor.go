@@ -97,7 +97,7 @@ type Options struct {
 	// disabled (backend none), no_driver or error.
 	GPUStatus string
 	// Registerer receives the supervisor's metrics; nil registers none.
-	// An exposition.Registry receives the model series as
+	// An exposition.Registry receives the model and probe series as
 	// exposition.Families, which its handler writes as text directly.
 	Registerer prometheus.Registerer
 	// Reaper reaps orphans adopted as subreaper; nil spawns without one.

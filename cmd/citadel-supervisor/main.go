@@ -119,7 +119,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		log.Error("process ownership", zap.Error(err))
 		return 1
 	}
-	reg := exposition.NewRegistry() // the model series are written past client_golang's registry
+	reg := exposition.NewRegistry() // the model and probe series are written past client_golang's registry
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),

@@ -85,6 +85,8 @@ func (r *Registry) RegisterText(f Families) error {
 	return nil
 }
 
+var _ prometheus.Gatherer = (*Registry)(nil)
+
 // describer reserves a Families' Descs in the registry, where it collects
 // nothing.
 type describer struct{ f Families }
