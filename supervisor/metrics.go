@@ -254,6 +254,13 @@ type modelCollector struct {
 	// The same labels as text, in the order of their values, which is
 	// the order of a family's samples.
 	stateText, causeText, reasonText, modeText []labelText
+
+	// kept are each model's processes' /proc files, kept open from one
+	// scrape to the next and closed at the first scrape without the
+	// model; live is sweep's.
+	keptMu sync.Mutex
+	kept   map[*runner]*proc.KeptProcs
+	live   map[*runner]bool
 }
 
 // family is one of modelCollector's metric families.
@@ -307,6 +314,8 @@ func newModelCollector(s *Supervisor) *modelCollector {
 	}
 	c := &modelCollector{
 		s:           s,
+		kept:        map[*runner]*proc.KeptProcs{},
+		live:        map[*runner]bool{},
 		statePairs:  labelPairs("state", states),
 		causePairs:  labelPairs("cause", PendingCauses),
 		reasonPairs: labelPairs("reason", RestartReasons),
@@ -559,9 +568,10 @@ func (c *modelCollector) rows() []modelRow {
 			continue
 		}
 		row := modelRow{st: st, l: c.labelsOf(r, st.Name)}
-		row.rss, row.hasRSS, row.cpu, row.hasCPU = processes(r)
+		row.rss, row.hasRSS, row.cpu, row.hasCPU = c.processes(r)
 		rows = append(rows, row)
 	}
+	c.sweep(runners)
 	byName := func(a, b modelRow) int { return strings.Compare(a.st.Name, b.st.Name) }
 	if !slices.IsSortedFunc(rows, byName) {
 		slices.SortStableFunc(rows, byName)
@@ -574,15 +584,16 @@ var pageSize = float64(os.Getpagesize())
 
 // processes reads r's processes: their resident memory (where it has
 // some) and its CPU counter (once it has run).
-func processes(r *runner) (rss float64, hasRSS bool, cpu float64, hasCPU bool) {
+func (c *modelCollector) processes(r *runner) (rss float64, hasRSS bool, cpu float64, hasCPU bool) {
 	times := map[procKey]float64{}
 	pids := r.pids.Load()
 	if pids != nil {
 		// The cgroup's own accounting, where there is one: every
 		// process of the instance, exited ones' CPU time included, in
 		// two reads however many processes it has. Each process's
-		// stat or statm otherwise (an open, two reads and a close a
-		// process: most of a scrape of many models).
+		// stat or statm otherwise, kept open from one scrape to the
+		// next (proc.KeptProcs; read anew where the model is gone
+		// meanwhile).
 		var cgMem, cgCPU bool
 		if cg := r.cg.Load(); cg != nil {
 			var b int64
@@ -597,22 +608,31 @@ func processes(r *runner) (rss float64, hasRSS bool, cpu float64, hasCPU bool) {
 		if !cgMem && cgCPU {
 			// Only the resident memory is wanted of each process:
 			// statm has it, for less of the kernel's time than stat.
-			for _, pid := range *pids {
-				if pages, err := proc.ReadRSSPages(pid); err == nil {
-					rss += float64(pages) * pageSize
+			add := func(pages int64) { rss += float64(pages) * pageSize }
+			if !c.keptOf(r).RSSPages(pids, add) {
+				for _, pid := range *pids {
+					if pages, err := proc.ReadRSSPages(pid); err == nil {
+						add(pages)
+					}
 				}
 			}
 		} else if !cgMem || !cgCPU {
-			for _, pid := range *pids {
-				ps, err := proc.ReadStat(pid)
-				if err != nil || ps.State == 'Z' {
-					continue
+			add := func(ps proc.Stat) {
+				if ps.State == 'Z' {
+					return
 				}
 				if !cgMem {
 					rss += float64(ps.RSSPages) * pageSize
 				}
 				if !cgCPU {
-					times[procKey{pid, ps.Start}] = float64(ps.UTime+ps.STime) / clockTicks
+					times[procKey{ps.PID, ps.Start}] = float64(ps.UTime+ps.STime) / clockTicks
+				}
+			}
+			if !c.keptOf(r).Stats(pids, add) {
+				for _, pid := range *pids {
+					if ps, err := proc.ReadStat(pid); err == nil {
+						add(ps)
+					}
 				}
 			}
 		}
@@ -621,6 +641,34 @@ func processes(r *runner) (rss float64, hasRSS bool, cpu float64, hasCPU bool) {
 	// backwards, also across its restarts.
 	cpu = r.cpu.total(times)
 	return rss, pids != nil, cpu, pids != nil || cpu > 0
+}
+
+// keptOf returns r's kept /proc files, made at its first scrape.
+func (c *modelCollector) keptOf(r *runner) *proc.KeptProcs {
+	c.keptMu.Lock()
+	defer c.keptMu.Unlock()
+	k := c.kept[r]
+	if k == nil {
+		k = &proc.KeptProcs{}
+		c.kept[r] = k
+	}
+	return k
+}
+
+// sweep closes the kept files of the models no longer in runners.
+func (c *modelCollector) sweep(runners []*runner) {
+	c.keptMu.Lock()
+	defer c.keptMu.Unlock()
+	clear(c.live)
+	for _, r := range runners {
+		c.live[r] = true
+	}
+	for r, k := range c.kept {
+		if !c.live[r] {
+			k.Close()
+			delete(c.kept, r)
+		}
+	}
 }
 
 // modelLabels are the labels of one model's series, built once (at the

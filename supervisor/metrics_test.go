@@ -18,6 +18,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/supervisor/exposition"
+	"citadel-supervisor/supervisor/proc"
 )
 
 // TestModelCollectorGolden checks the exposition of a snapshot: every state
@@ -342,4 +343,34 @@ func encode(t *testing.T, g prometheus.Gatherer) string {
 		}
 	}
 	return out.String()
+}
+
+// TestModelCollectorKeepsProcFiles: a model's processes' files are kept
+// open from one scrape to the next, and closed at the first scrape after
+// the model is gone.
+func TestModelCollectorKeepsProcFiles(t *testing.T) {
+	s := &Supervisor{d: &deps{}}
+	d := &deps{now: time.Now, log: zap.NewNop()}
+	r := newRunner(config.Model{Name: "m", Enabled: true}, d)
+	r.status.Store(&Status{Name: "m", State: Ready, PID: os.Getpid()})
+	pids := []int{os.Getpid()}
+	r.pids.Store(&pids)
+	runners := []*runner{r}
+	s.runners.Store(&runners)
+	c := newModelCollector(s)
+	for range 2 {
+		if b, _ := c.AppendText(nil, nil); !strings.Contains(string(b), `citadel_model_resident_memory_bytes{model="m"} `) {
+			t.Fatalf("no resident memory in:\n%s", b)
+		}
+	}
+	k := c.kept[r]
+	if k == nil {
+		t.Fatal("no kept files for the model")
+	}
+	none := []*runner{}
+	s.runners.Store(&none)
+	c.AppendText(nil, nil)
+	if len(c.kept) != 0 || k.Stats(&pids, func(proc.Stat) {}) {
+		t.Errorf("the files of a model gone are still kept: %v", c.kept)
+	}
 }

@@ -296,25 +296,14 @@ func (g *Cgroup) readKept(which int, buf []byte) ([]byte, error) {
 		}
 		k.fds[which] = fd + 1
 	}
-	fd, n := k.fds[which]-1, 0
-	for {
-		if n == len(buf) {
-			buf = append(buf, make([]byte, max(512, n))...)
-		}
-		m, err := unix.Pread(fd, buf[n:], int64(n))
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			unix.Close(fd) //nolint:errcheck // read-only
-			k.fds[which] = 0
-			return nil, &fs.PathError{Op: "read", Path: path, Err: err}
-		}
-		if m == 0 {
-			return buf[:n], nil
-		}
-		n += m
+	fd := k.fds[which] - 1
+	b, err := preadSmall(fd, buf)
+	if err != nil {
+		unix.Close(fd) //nolint:errcheck // read-only
+		k.fds[which] = 0
+		return nil, &fs.PathError{Op: "read", Path: path, Err: err}
 	}
+	return b, nil
 }
 
 // OpenFD opens the leaf for clone3's CLONE_INTO_CGROUP
