@@ -53,8 +53,9 @@ const (
 	// cgroup and /proc files it reads, spawns in flight).
 	ReserveBase = 256
 	// ReservePerModel: a model's output pipes, pidfd and cgroup leaf (and
-	// the leaf's cpu.stat and memory.current, kept open for /metrics), its
-	// probe's connection, and the gateway's idle connections to it.
+	// the files /metrics keeps open: the leaf's cpu.stat and
+	// memory.current, or its processes' statm or stat), its probe's
+	// connection, and the gateway's idle connections to it.
 	ReservePerModel = 80
 	// PerGatewayConn: one gateway request can hold a client socket, a
 	// socket to its model and a temporary file for its body.
