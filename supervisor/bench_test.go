@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"bytes"
 	"context"
 	"path/filepath"
 	"slices"
@@ -9,8 +10,8 @@ import (
 	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/exposition"
 	"fmt"
-	"io"
 	"os"
 	"strings"
 	"syscall"
@@ -108,59 +109,64 @@ func BenchmarkColdStartShare(b *testing.B) {
 	}
 }
 
-// BenchmarkScrape measures one /metrics exposition (gather and encode) with
-// 7 and 200 models, all ready, each with three live processes to read in
-// /proc, on two sim GPUs. The processes are this test's own PID: the cost
-// is the /proc reads and the encoding, not what the processes are.
+// BenchmarkScrape measures one /metrics exposition (gather and encode, as
+// the daemon serves it: the model series written as text, the rest through
+// the registry) with 7 and 200 models, all ready, each with three live
+// processes to read in /proc, on two sim GPUs. The processes are this
+// test's own PID: the cost is the /proc reads and the encoding, not what
+// the processes are.
 func BenchmarkScrape(b *testing.B) {
 	for _, n := range []int{7, 200} {
 		b.Run(fmt.Sprintf("models=%d", n), func(b *testing.B) {
-			var yaml strings.Builder
-			yaml.WriteString("listen: \"\"\ncontrol_socket: /tmp/bench.sock\ngpu:\n  backend: sim\n  sim:\n    devices:\n")
-			yaml.WriteString("      - {uuid: GPU-a, memory: 80GiB}\n      - {uuid: GPU-b, memory: 80GiB}\nmodels:\n")
-			for i := range n {
-				fmt.Fprintf(&yaml, "  m%03d: {model: /m, port: %d, vllm_port: %d, gpu_memory_utilization: 0.004}\n", i, 20000+i, 30000+16*i)
-			}
-			cfg, err := config.Parse([]byte(yaml.String()), nil)
-			if err != nil {
-				b.Fatal(err)
-			}
-			reg := prometheus.NewRegistry()
+			reg := exposition.NewRegistry()
 			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-			var uses []gpu.SimUse
-			sim := gpu.NewSim(cfg.GPU, func() []gpu.SimUse { return uses })
-			s, err := New(cfg, Options{Logger: zap.NewNop(), Prober: probe.NewHTTP(), Registerer: reg, GPUs: sim})
-			if err != nil {
-				b.Fatal(err)
-			}
-			var runners []*runner
 			self := os.Getpid()
-			for i, m := range cfg.Models {
-				r := newRunner(m, s.d)
-				ok := true
-				r.status.Store(&Status{Name: m.Name, State: Ready, PID: self, StartedAt: time.Now(), StartupDuration: time.Minute,
-					RestartsByReason: map[string]int{"exit": 1}, ProbeSuccess: &ok})
-				pids := []int{self, self, self}
-				r.pids.Store(&pids)
-				runners = append(runners, r)
-				s.d.metrics.observe(m.Name, time.Millisecond, nil)
-				uses = append(uses, gpu.SimUse{PID: self, UUIDs: []string{[]string{"GPU-a", "GPU-b"}[i%2]}, Bytes: 1 << 28})
-			}
-			s.runners.Store(&runners)
+			scrapeFixture(b, n, reg, []int{self, self, self})
+			format := expfmt.NewFormat(expfmt.TypeTextPlain)
+			var buf bytes.Buffer
 			b.ReportAllocs()
 			b.ResetTimer()
 			for range b.N {
-				mfs, err := reg.Gather()
-				if err != nil {
+				buf.Reset()
+				if err := reg.WriteText(&buf, format, nil); err != nil {
 					b.Fatal(err)
-				}
-				enc := expfmt.NewEncoder(io.Discard, expfmt.NewFormat(expfmt.TypeTextPlain))
-				for _, mf := range mfs {
-					if err := enc.Encode(mf); err != nil {
-						b.Fatal(err)
-					}
 				}
 			}
 		})
 	}
+}
+
+// scrapeFixture returns a supervisor of n models registered with reg, all
+// ready with pids as their processes, each probed once, on two sim GPUs.
+func scrapeFixture(tb testing.TB, n int, reg prometheus.Registerer, pids []int) *Supervisor {
+	tb.Helper()
+	var yaml strings.Builder
+	yaml.WriteString("listen: \"\"\ncontrol_socket: /tmp/bench.sock\ngpu:\n  backend: sim\n  sim:\n    devices:\n")
+	yaml.WriteString("      - {uuid: GPU-a, memory: 80GiB}\n      - {uuid: GPU-b, memory: 80GiB}\nmodels:\n")
+	for i := range n {
+		fmt.Fprintf(&yaml, "  m%03d: {model: /m, port: %d, vllm_port: %d, gpu_memory_utilization: 0.004}\n", i, 20000+i, 30000+16*i)
+	}
+	cfg, err := config.Parse([]byte(yaml.String()), nil)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var uses []gpu.SimUse
+	sim := gpu.NewSim(cfg.GPU, func() []gpu.SimUse { return uses })
+	s, err := New(cfg, Options{Logger: zap.NewNop(), Prober: probe.NewHTTP(), Registerer: reg, GPUs: sim})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var runners []*runner
+	for i, m := range cfg.Models {
+		r := newRunner(m, s.d)
+		ok := true
+		r.status.Store(&Status{Name: m.Name, State: Ready, PID: pids[0], StartedAt: time.Now(), StartupDuration: time.Minute,
+			RestartsByReason: map[string]int{"exit": 1}, ProbeSuccess: &ok})
+		r.pids.Store(&pids)
+		runners = append(runners, r)
+		s.d.metrics.observe(m.Name, time.Millisecond, nil)
+		uses = append(uses, gpu.SimUse{PID: pids[0], UUIDs: []string{[]string{"GPU-a", "GPU-b"}[i%2]}, Bytes: 1 << 28})
+	}
+	s.runners.Store(&runners)
+	return s
 }

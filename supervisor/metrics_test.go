@@ -1,15 +1,24 @@
 package supervisor
 
 import (
+	"bytes"
+	"errors"
 	"os"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 	"go.uber.org/zap"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/exposition"
+	"citadel-supervisor/supervisor/proc"
 )
 
 // TestModelCollectorGolden checks the exposition of a snapshot: every state
@@ -152,5 +161,216 @@ citadel_model_up{model="phi3"} 0
 	ready.pids.Store(&pids)
 	if n := testutil.CollectAndCount(c, "citadel_model_resident_memory_bytes", "citadel_model_cpu_seconds_total"); n != 2 {
 		t.Errorf("%d tree series, want rss and cpu for mixtral", n)
+	}
+}
+
+// noSuchPID is above any pid_max: a model's process that is gone.
+const noSuchPID = 1 << 30
+
+// TestModelCollectorText: the text the model series are served as is the
+// registry's exposition of what Collect sends, byte for byte: every
+// family, its HELP and TYPE, the samples' order (by label values in the
+// order of the label names) and values, label values escaped.
+func TestModelCollectorText(t *testing.T) {
+	s := &Supervisor{d: &deps{}}
+	s.reloadOK.Store(true)
+	s.reloadAt.Store(1795000000)
+	d := &deps{now: time.Now, log: zap.NewNop()}
+	model := func(st *Status, pids ...int) *runner {
+		r := newRunner(config.Model{Name: st.Name, Enabled: true}, d)
+		r.status.Store(st)
+		if pids != nil {
+			r.pids.Store(&pids)
+		}
+		return r
+	}
+	exit, killed, ok, failed := 137, -1, true, false
+	runners := []*runner{ // not in the order of their names
+		model(&Status{Name: "phi3", State: Pending, PendingCause: CauseGPU}),
+		model(&Status{Name: "mixtral", State: Ready, PID: 4411, StartedAt: time.Unix(1795000100, 500_000_000),
+			StartupDuration: 95*time.Second + time.Millisecond, RestartsByReason: map[string]int{"exit": 2, "manual": 1, "wake": 1e6},
+			LastExitCode: &exit, ProbeSuccess: &ok, VLLMVersion: "0.10.1"}, noSuchPID),
+		model(&Status{Name: "gemma", State: Sleeping, SleepHostMemory: 17 << 30, LastExitCode: &killed, ProbeSuccess: &failed,
+			VLLMVersion: "0.11.0rc1 \"dev\" \\ build\n2"}, noSuchPID, noSuchPID+1),
+		model(&Status{Name: "llama_3-8b", State: Pending, PendingCause: CauseChecking}),
+		model(&Status{Name: "qwen", State: Starting, PID: 77, StartedAt: time.Unix(1795000200, 0)}),
+	}
+	s.runners.Store(&runners)
+	c := newModelCollector(s)
+
+	for scrape := range 2 { // the labels built at the first, kept for the second
+		reg := prometheus.NewPedanticRegistry()
+		reg.MustRegister(c)
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var want bytes.Buffer
+		for _, mf := range mfs {
+			if _, err := expfmt.MetricFamilyToText(&want, mf); err != nil {
+				t.Fatal(err)
+			}
+		}
+		b, fams := c.AppendText([]byte("before\n"), nil)
+		got := string(b[len("before\n"):])
+		if got != want.String() {
+			t.Fatalf("scrape %d: the text:\n%s\nthe registry's:\n%s", scrape, got, want.String())
+		}
+		var names []string
+		end := len("before\n")
+		for _, f := range fams {
+			if f.Start != end || !strings.HasPrefix(string(b[f.Start:f.End]), "# HELP "+f.Name+" ") {
+				t.Errorf("scrape %d: family %s at %d–%d, after %d", scrape, f.Name, f.Start, f.End, end)
+			}
+			end = f.End
+			names = append(names, f.Name)
+		}
+		if end != len(b) || len(fams) != len(mfs) || !slices.IsSorted(names) {
+			t.Errorf("scrape %d: families %v, %d bytes of %d", scrape, names, end, len(b))
+		}
+		if !strings.Contains(got, `citadel_model_vllm_info{model="gemma",version="0.11.0rc1 \"dev\" \\ build\n2"} 1`) {
+			t.Errorf("scrape %d: a version that needs escaping:\n%s", scrape, got)
+		}
+	}
+}
+
+// TestScrapeText: the daemon's /metrics exposition (the model and probe
+// series as text, the rest through the registry, merged) is the
+// registry's of every series, byte for byte, and a valid exposition.
+func TestScrapeText(t *testing.T) {
+	reg := exposition.NewRegistry()
+	s := scrapeFixture(t, 20, reg, []int{noSuchPID})
+	s.d.metrics.slept("m003", 1, "idle")
+	s.d.metrics.woke("m003", 1, 1500*time.Millisecond)
+	s.d.metrics.wakeFailed("m004", "canary")
+	s.d.metrics.observe("m005", time.Second, errors.New("refused"))
+	var got bytes.Buffer
+	if err := reg.WriteText(&got, expfmt.NewFormat(expfmt.TypeTextPlain), nil); err != nil {
+		t.Fatal(err)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want bytes.Buffer
+	for _, mf := range mfs {
+		if _, err := expfmt.MetricFamilyToText(&want, mf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The one value that moves between two scrapes.
+	timing := regexp.MustCompile(`(?m)^(citadel_scrape_collector_duration_seconds\{[^}]*\}) .*$`)
+	if g, w := timing.ReplaceAllString(got.String(), "$1 T"), timing.ReplaceAllString(want.String(), "$1 T"); g != w {
+		t.Fatalf("the daemon's:\n%s\nthe registry's:\n%s", g, w)
+	}
+	for _, name := range []string{"citadel_model_state", "citadel_model_sleeps_total", "citadel_probe_duration_seconds", "citadel_gpu_memory_total_bytes"} {
+		if !strings.Contains(got.String(), "\n# TYPE "+name+" ") {
+			t.Errorf("no %s in:\n%s", name, got.String())
+		}
+	}
+	parser := expfmt.NewTextParser(model.LegacyValidation)
+	if _, err := parser.TextToMetricFamilies(bytes.NewReader(got.Bytes())); err != nil {
+		t.Error(err)
+	}
+}
+
+// TestProbeSeriesAreVecs: the probe series are what a HistogramVec and a
+// CounterVec of the same names would expose after the same probes (each
+// bucket's bound counted in it, the +Inf bucket, sum and count, a model's
+// failures at 0 from its first probe, a forgotten model's gone), in text
+// as through Collect.
+func TestProbeSeriesAreVecs(t *testing.T) {
+	p := newProbeSeries()
+	dur := prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "citadel_probe_duration_seconds", Help: "Duration of health probes of ready models.", Buckets: probeBuckets,
+	}, []string{"model"})
+	fail := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "citadel_probe_failures_total", Help: "Failed health probes of ready models (not counting probes while a model loads).",
+	}, []string{"model"})
+	probe := func(model string, v float64, failed bool) {
+		p.observe(model, v, failed)
+		dur.WithLabelValues(model).Observe(v)
+		c := fail.WithLabelValues(model)
+		if failed {
+			c.Inc()
+		}
+	}
+	for i, v := range append(slices.Clone(probeBuckets), 0, 0.0004, 0.003, 0.7, 9.99, 10.01, 3600, 0.1) {
+		probe([]string{"b", "a", `q"\`, "gone"}[i%4], v, i%3 == 0)
+	}
+	probe("never-failed", 0.002, false)
+	p.forget("gone")
+	dur.DeleteLabelValues("gone")
+	fail.DeleteLabelValues("gone")
+
+	vecs := prometheus.NewPedanticRegistry()
+	vecs.MustRegister(dur, fail)
+	want := encode(t, vecs)
+	b, fams := p.AppendText(nil, nil)
+	if string(b) != want {
+		t.Errorf("the text:\n%s\nthe vecs':\n%s", b, want)
+	}
+	if len(fams) != 2 || fams[0].Name != "citadel_probe_duration_seconds" || fams[1].Start != fams[0].End || fams[1].End != len(b) {
+		t.Errorf("families %+v of %d bytes", fams, len(b))
+	}
+	collected := prometheus.NewPedanticRegistry()
+	collected.MustRegister(p)
+	if got := encode(t, collected); got != want {
+		t.Errorf("collected:\n%s\nthe vecs':\n%s", got, want)
+	}
+	if problems, err := testutil.CollectAndLint(p); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %v", problems, err)
+	}
+	if !strings.Contains(want, `citadel_probe_failures_total{model="never-failed"} 0`) || strings.Contains(want, "gone") {
+		t.Errorf("the vecs':\n%s", want)
+	}
+	if b, fams := newProbeSeries().AppendText(nil, nil); len(b) != 0 || len(fams) != 0 {
+		t.Errorf("no probes yet: %q, %v", b, fams)
+	}
+}
+
+// encode is g's text exposition.
+func encode(t *testing.T, g prometheus.Gatherer) string {
+	t.Helper()
+	mfs, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	for _, mf := range mfs {
+		if _, err := expfmt.MetricFamilyToText(&out, mf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return out.String()
+}
+
+// TestModelCollectorKeepsProcFiles: a model's processes' files are kept
+// open from one scrape to the next, and closed at the first scrape after
+// the model is gone.
+func TestModelCollectorKeepsProcFiles(t *testing.T) {
+	s := &Supervisor{d: &deps{}}
+	d := &deps{now: time.Now, log: zap.NewNop()}
+	r := newRunner(config.Model{Name: "m", Enabled: true}, d)
+	r.status.Store(&Status{Name: "m", State: Ready, PID: os.Getpid()})
+	pids := []int{os.Getpid()}
+	r.pids.Store(&pids)
+	runners := []*runner{r}
+	s.runners.Store(&runners)
+	c := newModelCollector(s)
+	for range 2 {
+		if b, _ := c.AppendText(nil, nil); !strings.Contains(string(b), `citadel_model_resident_memory_bytes{model="m"} `) {
+			t.Fatalf("no resident memory in:\n%s", b)
+		}
+	}
+	k := c.kept[r]
+	if k == nil {
+		t.Fatal("no kept files for the model")
+	}
+	none := []*runner{}
+	s.runners.Store(&none)
+	c.AppendText(nil, nil)
+	if len(c.kept) != 0 || k.Stats(&pids, func(proc.Stat) {}) {
+		t.Errorf("the files of a model gone are still kept: %v", c.kept)
 	}
 }

@@ -32,6 +32,7 @@ import (
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
 	"citadel-supervisor/supervisor/control/api"
+	"citadel-supervisor/supervisor/exposition"
 	"citadel-supervisor/supervisor/lifecycle"
 	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
@@ -99,6 +100,8 @@ type Options struct {
 	// disabled (backend none), no_driver or error.
 	GPUStatus string
 	// Registerer receives the supervisor's metrics; nil registers none.
+	// An exposition.Registry receives the model and probe series as
+	// exposition.Families, which its handler writes as text directly.
 	Registerer prometheus.Registerer
 	// Reaper reaps orphans adopted as subreaper; nil spawns without one.
 	Reaper *Reaper
@@ -271,10 +274,18 @@ func New(cfg *config.Config, o Options) (*Supervisor, error) {
 	s.beat.Store(d.now().UnixNano())
 	if o.Registerer != nil {
 		for _, c := range []prometheus.Collector{
-			d.metrics.probeDuration, d.metrics.probeFailures, d.metrics.sleeps, d.metrics.wakeDuration, d.metrics.wakeFailures, newModelCollector(s),
+			d.metrics.probes, d.metrics.sleeps, d.metrics.wakeDuration, d.metrics.wakeFailures, newModelCollector(s),
 			gpu.NewCollector(cfg.GPU.Backend, gpuStatus, reader, s.owners).LogTo(o.Logger.Named("gpu")),
 		} {
-			if err := o.Registerer.Register(c); err != nil {
+			register := o.Registerer.Register
+			if t, ok := o.Registerer.(textRegisterer); ok {
+				if f, ok := c.(exposition.Families); ok {
+					// The model and probe series, written as text past
+					// the registry.
+					register = func(prometheus.Collector) error { return t.RegisterText(f) }
+				}
+			}
+			if err := register(c); err != nil {
 				return nil, fmt.Errorf("register metrics: %w", err)
 			}
 		}

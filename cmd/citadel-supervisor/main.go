@@ -28,6 +28,7 @@ import (
 	"citadel-supervisor/supervisor"
 	"citadel-supervisor/supervisor/control"
 	"citadel-supervisor/supervisor/control/api"
+	"citadel-supervisor/supervisor/exposition"
 	"citadel-supervisor/supervisor/gateway"
 	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/netguard"
@@ -118,7 +119,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		log.Error("process ownership", zap.Error(err))
 		return 1
 	}
-	reg := prometheus.NewRegistry()
+	reg := exposition.NewRegistry() // the model and probe series are written past client_golang's registry
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),

@@ -52,8 +52,10 @@ const (
 	// ReserveBase: the daemon's own (listeners, log, journald, NVML, the
 	// cgroup and /proc files it reads, spawns in flight).
 	ReserveBase = 256
-	// ReservePerModel: a model's output pipes, pidfd and cgroup leaf, its
-	// probe's connection, and the gateway's idle connections to it.
+	// ReservePerModel: a model's output pipes, pidfd and cgroup leaf (and
+	// the files /metrics keeps open: the leaf's cpu.stat and
+	// memory.current, or its processes' statm or stat), its probe's
+	// connection, and the gateway's idle connections to it.
 	ReservePerModel = 80
 	// PerGatewayConn: one gateway request can hold a client socket, a
 	// socket to its model and a temporary file for its body.

@@ -10,8 +10,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -228,6 +230,80 @@ type Cgroup struct {
 	// the model's next instance, whose resident memory is the sum of its
 	// processes' meanwhile.
 	noMemory atomic.Bool
+
+	// kept holds the accounting files open from one read to the next (a
+	// read at offset 0 has the kernel write them anew): opening and
+	// closing cpu.stat costs some six times reading it, for every model
+	// at every /metrics scrape. Built at the first read; closed by Remove,
+	// or once the Cgroup is dropped.
+	kept atomic.Pointer[keptFiles]
+}
+
+// keptFiles are a leaf's open accounting files.
+type keptFiles struct {
+	mu      sync.Mutex
+	fds     [2]int // keptCPU, keptMemory: the descriptor + 1, 0 while closed
+	removed bool   // the leaf is gone: nothing is opened again
+}
+
+// The files kept open, and their names.
+const (
+	keptCPU = iota
+	keptMemory
+)
+
+var keptNames = [...]string{keptCPU: "cpu.stat", keptMemory: "memory.current"}
+
+func (k *keptFiles) close() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for i, fd := range k.fds {
+		if fd != 0 {
+			unix.Close(fd - 1) //nolint:errcheck // read-only
+			k.fds[i] = 0
+		}
+	}
+}
+
+// keptFiles returns g's kept files, made at the first call.
+func (g *Cgroup) keptFiles() *keptFiles {
+	if k := g.kept.Load(); k != nil {
+		return k
+	}
+	k := &keptFiles{}
+	if !g.kept.CompareAndSwap(nil, k) {
+		return g.kept.Load()
+	}
+	runtime.AddCleanup(g, (*keptFiles).close, k)
+	return k
+}
+
+// readKept reads one of the leaf's accounting files into buf (grown if
+// too small) through its kept descriptor, opened at the first read and
+// again after a failed one.
+func (g *Cgroup) readKept(which int, buf []byte) ([]byte, error) {
+	k := g.keptFiles()
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	path := filepath.Join(g.Path, keptNames[which])
+	if k.removed {
+		return nil, &fs.PathError{Op: "open", Path: path, Err: unix.ENOENT}
+	}
+	if k.fds[which] == 0 {
+		fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return nil, &fs.PathError{Op: "open", Path: path, Err: err}
+		}
+		k.fds[which] = fd + 1
+	}
+	fd := k.fds[which] - 1
+	b, err := preadSmall(fd, buf)
+	if err != nil {
+		unix.Close(fd) //nolint:errcheck // read-only
+		k.fds[which] = 0
+		return nil, &fs.PathError{Op: "read", Path: path, Err: err}
+	}
+	return b, nil
 }
 
 // OpenFD opens the leaf for clone3's CLONE_INTO_CGROUP
@@ -308,11 +384,18 @@ func (g *Cgroup) WaitEmpty(ctx context.Context) error {
 	}
 }
 
-// Remove deletes the leaf; it must be empty. Gone already is fine.
+// Remove deletes the leaf; it must be empty. Gone already is fine. Its
+// kept accounting files are closed first, and not opened again once it is
+// gone.
 func (g *Cgroup) Remove() error {
+	k := g.keptFiles()
+	k.close()
+	k.mu.Lock()
+	defer k.mu.Unlock()
 	if err := unix.Rmdir(g.Path); err != nil && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("remove cgroup %s: %w", g.Path, err)
 	}
+	k.removed = true
 	return nil
 }
 
@@ -323,7 +406,7 @@ func (g *Cgroup) MemoryBytes() (int64, bool) {
 		return 0, false
 	}
 	var buf [64]byte
-	b, err := ReadSmall(filepath.Join(g.Path, "memory.current"), buf[:])
+	b, err := g.readKept(keptMemory, buf[:])
 	if errors.Is(err, fs.ErrNotExist) {
 		g.noMemory.Store(true)
 	}
@@ -337,7 +420,8 @@ func (g *Cgroup) MemoryBytes() (int64, bool) {
 // CPUSeconds is the leaf's cpu.stat usage_usec: all CPU time of every
 // process that ever ran in it, exited ones included, so it never goes back.
 func (g *Cgroup) CPUSeconds() (float64, bool) {
-	b, err := ReadSmall(filepath.Join(g.Path, "cpu.stat"), make([]byte, 512))
+	var buf [512]byte
+	b, err := g.readKept(keptCPU, buf[:])
 	if err != nil {
 		return 0, false
 	}

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -57,6 +58,9 @@ func TestCgroupLeaf(t *testing.T) {
 	if !ok {
 		t.Fatal("no cpu.stat usage_usec")
 	}
+	if n := openFiles(t, leaf.Path); n != 1 {
+		t.Errorf("%d of the leaf's files open after a read, want cpu.stat kept", n)
+	}
 	tr := NewCgroupTree("none", cmd.Process.Pid, leaf)
 	if len(tr.PIDs()) < len(pids) {
 		t.Errorf("tree %v, leaf %v", tr.PIDs(), pids)
@@ -72,14 +76,33 @@ func TestCgroupLeaf(t *testing.T) {
 	if _, err := os.Stat(leaf.Path); !os.IsNotExist(err) {
 		t.Errorf("leaf not removed: %v", err)
 	}
-	if cpu2, ok := leaf.CPUSeconds(); ok && cpu2 < cpu1 {
-		t.Errorf("cpu went back: %v → %v", cpu1, cpu2)
+	if cpu2, ok := leaf.CPUSeconds(); ok {
+		t.Errorf("the leaf's CPU time read once it was removed (%v, %v before)", cpu2, cpu1)
+	}
+	if n := openFiles(t, leaf.Path); n != 0 {
+		t.Errorf("%d of the removed leaf's files still open", n)
 	}
 	select {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("main process not reaped")
 	}
+}
+
+// openFiles counts the descriptors of this process open on files in dir.
+func openFiles(t *testing.T, dir string) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range ents {
+		if l, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(l, dir+"/") {
+			n++
+		}
+	}
+	return n
 }
 
 func running(pid int) bool {
@@ -101,6 +124,21 @@ func TestCgroupAccountingFiles(t *testing.T) {
 	}
 	if s, ok := with.CPUSeconds(); !ok || s != 2.5 {
 		t.Errorf("CPUSeconds = %v, %v; want 2.5", s, ok)
+	}
+	// The files are kept open, and read anew each time.
+	if n := openFiles(t, with.Path); n != 2 {
+		t.Errorf("%d of the leaf's files open, want cpu.stat and memory.current kept", n)
+	}
+	for name, body := range map[string]string{"memory.current": "1048576\n", "cpu.stat": "usage_usec 3000000\nuser_usec 2000000\nsystem_usec 1000000\n"} {
+		if err := os.WriteFile(filepath.Join(with.Path, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if b, ok := with.MemoryBytes(); !ok || b != 1048576 {
+		t.Errorf("MemoryBytes, read again = %d, %v; want 1048576", b, ok)
+	}
+	if s, ok := with.CPUSeconds(); !ok || s != 3 {
+		t.Errorf("CPUSeconds, read again = %v, %v; want 3", s, ok)
 	}
 	if _, ok := without.MemoryBytes(); ok {
 		t.Error("MemoryBytes of a leaf without memory.current: ok")

@@ -51,6 +51,10 @@ func ReadRSSPages(pid int) (int64, error) {
 		}
 		return 0, fmt.Errorf("read /proc/%d/statm: %w", pid, err)
 	}
+	return parseRSSPages(pid, b)
+}
+
+func parseRSSPages(pid int, b []byte) (int64, error) {
 	// size resident shared text lib data dt; see proc(5).
 	_, rest, _ := bytes.Cut(b, []byte(" "))
 	resident, _, _ := bytes.Cut(rest, []byte(" "))

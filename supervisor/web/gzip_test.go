@@ -12,15 +12,28 @@ import (
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/zap"
+
+	"citadel-supervisor/supervisor/exposition"
 )
 
 // TestMetricsCompression: /metrics answers gzip to a client that accepts
 // it (Prometheus does) with the same exposition as uncompressed, says Vary:
 // Accept-Encoding either way, and sends an error answer uncompressed.
+// Either registry: the daemon's (exposition.Registry) or a plain one.
 func TestMetricsCompression(t *testing.T) {
-	reg := prometheus.NewRegistry()
+	for _, reg := range []interface {
+		prometheus.Registerer
+		prometheus.Gatherer
+	}{exposition.NewRegistry(), prometheus.NewRegistry()} {
+		t.Run(fmt.Sprintf("%T", reg), func(t *testing.T) { testMetricsCompression(t, reg) })
+	}
+}
+
+func testMetricsCompression(t *testing.T, reg interface {
+	prometheus.Registerer
+	prometheus.Gatherer
+}) {
 	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "citadel_test_gauge", Help: "A gauge."}, []string{"model"})
 	for i := range 100 { // an exposition the size of a few models' (small answers go out as written)
 		g.WithLabelValues(fmt.Sprintf("m%d", i)).Set(1)
@@ -81,11 +94,16 @@ func TestMetricsCompression(t *testing.T) {
 		}
 	}
 
-	failing := Handler(stub{alive: true}, prometheus.GathererFunc(func() ([]*dto.MetricFamily, error) {
-		return nil, errors.New("no readings")
-	}), zap.NewNop())
-	resp, body := scrape(failing, "gzip")
+	reg.MustRegister(failingCollector{prometheus.NewDesc("citadel_test_failing", "Fails.", nil, nil)})
+	resp, body := scrape(h, "gzip")
 	if resp.StatusCode != http.StatusInternalServerError || resp.Header.Get("Content-Encoding") != "" || !strings.Contains(body, "no readings") {
 		t.Errorf("a failed gather: %d, Content-Encoding %q, body %q", resp.StatusCode, resp.Header.Get("Content-Encoding"), body)
 	}
+}
+
+type failingCollector struct{ d *prometheus.Desc }
+
+func (f failingCollector) Describe(ch chan<- *prometheus.Desc) { ch <- f.d }
+func (f failingCollector) Collect(ch chan<- prometheus.Metric) {
+	ch <- prometheus.NewInvalidMetric(f.d, errors.New("no readings"))
 }

@@ -20,6 +20,7 @@ import (
 
 	"citadel-supervisor/config"
 	"citadel-supervisor/supervisor/control/api"
+	"citadel-supervisor/supervisor/exposition"
 	"citadel-supervisor/supervisor/netguard"
 )
 
@@ -110,11 +111,18 @@ func (s *Server) Run(ctx context.Context) error {
 // Handler routes the endpoints; only GET and HEAD are served.
 func Handler(sup Supervisor, reg prometheus.Gatherer, log *zap.Logger, checks ...Check) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", http.TimeoutHandler(gzipFast(promhttp.HandlerFor(reg, promhttp.HandlerOpts{
+	opts := promhttp.HandlerOpts{
 		ErrorLog:            zap.NewStdLog(log),
 		MaxRequestsInFlight: maxScrapes,
 		DisableCompression:  true, // gzipFast compresses
-	})), scrapeTimeout, fmt.Sprintf("Exceeded configured timeout of %v.\n", scrapeTimeout))) // promhttp's own Timeout answer
+	}
+	metrics := promhttp.HandlerFor(reg, opts)
+	if r, ok := reg.(*exposition.Registry); ok {
+		// The model series written as text past the registry, the
+		// rest through it (docs/performance.md).
+		metrics = r.Handler(opts)
+	}
+	mux.Handle("GET /metrics", http.TimeoutHandler(gzipFast(metrics), scrapeTimeout, fmt.Sprintf("Exceeded configured timeout of %v.\n", scrapeTimeout))) // promhttp's own Timeout answer
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		if !sup.Alive(aliveWithin) {
 			http.Error(w, "supervisor loop not responding", http.StatusServiceUnavailable)

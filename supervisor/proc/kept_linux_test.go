@@ -1,0 +1,61 @@
+package proc
+
+import (
+	"os/exec"
+	"strconv"
+	"testing"
+)
+
+// TestKeptProcs: a process's stat and statm are read through descriptors
+// kept open (one at a time, for the list they were opened for); a process
+// gone is left out, its descriptor still bound to it; Close closes them
+// and the reads after it say so.
+func TestKeptProcs(t *testing.T) {
+	cmd := exec.Command("cat") // blocks on its stdin until closed
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	pids := []int{pid, 1 << 30} // the second above any pid_max
+	var k KeptProcs
+	var stats []Stat
+	if !k.Stats(&pids, func(st Stat) { stats = append(stats, st) }) || len(stats) != 1 || stats[0].PID != pid {
+		t.Fatalf("stats %+v", stats)
+	}
+	dir := "/proc/" + strconv.Itoa(pid)
+	if n := openFiles(t, dir); n != 1 {
+		t.Errorf("%d of the process's files open, want its stat", n)
+	}
+	var pages []int64
+	if !k.RSSPages(&pids, func(n int64) { pages = append(pages, n) }) || len(pages) != 1 || pages[0] <= 0 {
+		t.Fatalf("pages %v", pages)
+	}
+	if n := openFiles(t, dir); n != 1 {
+		t.Errorf("%d of the process's files open, want its statm only", n)
+	}
+	again := append([]int(nil), pids...) // a new list: opened anew
+	pages = nil
+	if !k.RSSPages(&again, func(n int64) { pages = append(pages, n) }) || len(pages) != 1 {
+		t.Fatalf("pages of a new list %v", pages)
+	}
+
+	in.Close()
+	if err := cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	pages = nil
+	if !k.RSSPages(&again, func(n int64) { pages = append(pages, n) }) || len(pages) != 0 {
+		t.Errorf("pages of a process gone %v", pages)
+	}
+	k.Close()
+	if n := openFiles(t, dir); n != 0 {
+		t.Errorf("%d files open after Close", n)
+	}
+	if k.Stats(&again, func(Stat) {}) {
+		t.Error("Stats after Close")
+	}
+}
