@@ -254,3 +254,23 @@ func TestReloadAddingBackALeavingModel(t *testing.T) {
 	}
 	h.waitState("slow", Ready, 20*time.Second)
 }
+
+// TestObserveSeesLeavingModels: a model a reload removed keeps its claim
+// until its processes are gone, and the scheduler's answers still reach
+// its runner (reachable); its processes are still its own in what the
+// scheduler reads (a claim without them counts its share on top of the
+// memory they hold) and in what the reaper asks of an orphan (accounts).
+func TestObserveSeesLeavingModels(t *testing.T) {
+	s := &Supervisor{d: &deps{}, leaving: map[string]*runner{}}
+	s.cfg.Store(&config.Config{})
+	listed, gone := &runner{name: "a"}, &runner{name: "b"}
+	pa, pb := []int{11}, []int{22}
+	listed.pids.Store(&pa)
+	gone.pids.Store(&pb)
+	s.runners.Store(&[]*runner{listed})
+	s.leaving["b"] = gone
+	obs := s.observe([]string{"a", "b"})
+	if obs.PIDs[11] != "a" || obs.PIDs[22] != "b" {
+		t.Fatalf("observed processes %v, want 11 of a and 22 of b (removed, still stopping)", obs.PIDs)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"citadel-supervisor/supervisor/lifecycle"
 	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/schedule"
+	"citadel-supervisor/supervisor/schedule/scheduletest"
 	"citadel-supervisor/vllm"
 )
 
@@ -169,31 +170,31 @@ func TestQuietDeadlineLeavesNoWindow(t *testing.T) {
 	mt.now = mt.now.Add(mt.m.Config().Probe.StartupTimeout)
 	efs := mt.step(lifecycle.EvTimer{Timer: lifecycle.Deadline})
 
-	sp := newSchedProbe(t)
-	a, b, c := schedModel("a"), schedModel("b"), schedModel("c")
-	sp.s.Want(a, 1, nil)
-	sp.granted("a")
-	sp.s.Ready("a", time.Now())
-	sp.s.Want(b, 1, nil)
-	sp.granted("b")
-	sp.s.Quiet("a", 1)
-	if q := sp.quietAnswer("a"); q.ok {
+	sp := scheduletest.New(t)
+	a, b, c := scheduletest.Model("a"), scheduletest.Model("b"), scheduletest.Model("c")
+	sp.S.Want(a, 1, nil)
+	sp.Granted("a")
+	sp.S.Ready("a", time.Now())
+	sp.S.Want(b, 1, nil)
+	sp.Granted("b")
+	sp.S.Quiet("a", 1)
+	if q := sp.Quiet("a"); q.OK {
 		t.Fatalf("quiet for a while b starts: %+v; want a wait", q)
 	}
 	// a's runner carries out its deadline's effects, in order, as do()
 	// does; b's ready and c's want (other goroutines) land right after
 	// a's first message to the scheduler.
 	others := func() {
-		sp.s.Ready("b", time.Now())
-		sp.s.Want(c, 1, nil)
+		sp.S.Ready("b", time.Now())
+		sp.S.Want(c, 1, nil)
 	}
 	sent := false
 	for _, ef := range efs {
 		switch ef.(type) {
 		case lifecycle.EfUnquiet:
-			sp.s.Unquiet("a")
+			sp.S.Unquiet("a")
 		case lifecycle.EfSleep, lifecycle.EfStop:
-			sp.s.Changing("a")
+			sp.S.Changing("a")
 		default:
 			continue
 		}
@@ -205,7 +206,7 @@ func TestQuietDeadlineLeavesNoWindow(t *testing.T) {
 	if !sent {
 		t.Fatalf("deadline effects %q: no message to the scheduler", kinds(efs))
 	}
-	if p := sp.next("c"); p.GPUs != nil {
+	if p := sp.Next("c"); p.GPUs != nil {
 		t.Fatalf("c granted %v while a's sleep begins on its GPU (deadline effects %q); want it to wait for a", p.GPUs, kinds(efs))
 	}
 }
@@ -247,22 +248,22 @@ func TestAdoptedMidSleepOrWakeKeepsItsGPUBusy(t *testing.T) {
 			m := lifecycle.New(two, func() time.Time { return mt.now }, func() float64 { return 0.5 }, zap.NewNop())
 			efs := m.Restore(liverestore.ModelState{Name: "m", Instance: &is}, &mt.inst.Instance, two.SpawnDigest(), false)
 
-			sp := newSchedProbe(t)
-			sp.s.Restoring()
+			sp := scheduletest.New(t)
+			sp.S.Restoring()
 			adopted := false
 			for _, ef := range efs {
 				if a, ok := ef.(lifecycle.EfAdopt); ok {
 					adopted = true
-					sp.s.Adopt(schedModel("a"), []string{oneGPU}, a.Phase, a.AwakeAt, a.Changing)
+					sp.S.Adopt(scheduletest.Model("a"), []string{scheduletest.GPU}, a.Phase, a.AwakeAt, a.Changing)
 				}
 			}
 			if !adopted {
 				t.Fatalf("restore effects %q: no adoption", kinds(efs))
 			}
-			sp.s.Restored()
-			sp.s.Want(schedModel("b"), 1, nil)
+			sp.S.Restored()
+			sp.S.Want(scheduletest.Model("b"), 1, nil)
 			// Its answers until it names a: never GPUs while a may change.
-			for p := sp.next("b"); !strings.Contains(p.Reason, "a is giving its memory back"); p = sp.next("b") {
+			for p := sp.Next("b"); !strings.Contains(p.Reason, "a is giving its memory back"); p = sp.Next("b") {
 				if p.GPUs != nil {
 					t.Fatalf("adopted %s (effects %q): b granted %v while a's engine may still be changing its memory there", m.State(), kinds(efs), p.GPUs)
 				}
@@ -271,8 +272,8 @@ func TestAdoptedMidSleepOrWakeKeepsItsGPUBusy(t *testing.T) {
 			if got := kinds(m.Step(lifecycle.EvTimer{Timer: lifecycle.Settle})); got != "lifecycle.EfSettled" {
 				t.Fatalf("settle timer: effects %q, want settled", got)
 			}
-			sp.s.Slept("a")
-			sp.granted("b")
+			sp.S.Slept("a")
+			sp.Granted("b")
 		})
 	}
 }

@@ -1,116 +1,17 @@
-package schedule
+package schedule_test
 
 import (
-	"context"
 	"strings"
 	"testing"
 	"time"
 
-	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
+	"citadel-supervisor/supervisor/schedule"
+	"citadel-supervisor/supervisor/schedule/scheduletest"
 )
 
 // The scheduler alone, driven as runners drive it: its answers are what
 // a quiet GPU rests on (docs/on-demand.md, "Quiet GPUs").
-
-type staticReader []gpu.Device
-
-func (r staticReader) Read(context.Context) ([]gpu.Device, error) { return r, nil }
-
-type quietAnswer struct {
-	name   string
-	seq    int
-	ok     bool
-	reason string
-}
-
-type schedProbe struct {
-	t      *testing.T
-	s      *Scheduler
-	placed chan placementTo
-	quiet  chan quietAnswer
-}
-
-type placementTo struct {
-	name string
-	p    Placement
-}
-
-const oneGPU = "GPU-00000000-0000-0000-0000-000000000000"
-
-func newSchedProbe(t *testing.T) *schedProbe {
-	t.Helper()
-	reader := staticReader{{UUID: oneGPU, Name: "Sim H100", MemoryTotal: 80 << 30, MemoryFree: 80 << 30, Up: true}}
-	sp := &schedProbe{t: t, placed: make(chan placementTo, 64), quiet: make(chan quietAnswer, 64)}
-	s := New(Options{Reader: reader, ReleaseTimeout: 10 * time.Second, Out: OutboxFunc(func(name string, a Answer) {
-		switch a := a.(type) {
-		case Placement:
-			sp.placed <- placementTo{name, a}
-		case QuietAnswer:
-			sp.quiet <- quietAnswer{name, a.Seq, a.OK, a.Reason}
-		}
-	})})
-	sp.s = s
-	ctx, cancel := context.WithCancel(context.Background())
-	go s.Run(ctx)
-	t.Cleanup(func() { cancel(); <-s.Done() })
-	return sp
-}
-
-func schedModel(name string) config.Model {
-	return config.Model{Name: name, Enabled: true, Activation: config.ActivationOnDemand, TensorParallel: 1, GPUMemoryUtilization: 0.3}
-}
-
-// next is the next answer for name: a placement with GPUs or a reason.
-func (sp *schedProbe) next(name string) Placement {
-	sp.t.Helper()
-	deadline := time.After(10 * time.Second)
-	for {
-		select {
-		case a := <-sp.placed:
-			if a.name == name {
-				return a.p
-			}
-		case <-deadline:
-			sp.t.Fatalf("no answer for %s within 10s", name)
-		}
-	}
-}
-
-// granted waits until name is given GPUs.
-func (sp *schedProbe) granted(name string) {
-	sp.t.Helper()
-	for p := sp.next(name); p.GPUs == nil; p = sp.next(name) {
-	}
-}
-
-func (sp *schedProbe) quietAnswer(name string) quietAnswer {
-	sp.t.Helper()
-	select {
-	case a := <-sp.quiet:
-		if a.name != name {
-			sp.t.Fatalf("a quiet answer for %s, want one for %s", a.name, name)
-		}
-		return a
-	case <-time.After(10 * time.Second):
-		sp.t.Fatalf("no quiet answer for %s within 10s", name)
-	}
-	return quietAnswer{}
-}
-
-// noQuietAnswer checks that nothing answered a quiet request by now: the
-// scheduler has decided on everything sent before it.
-func (sp *schedProbe) noQuietAnswer() {
-	sp.t.Helper()
-	handled := make(chan struct{})
-	sp.s.send(func() { close(handled) })
-	<-handled
-	select {
-	case a := <-sp.quiet:
-		sp.t.Fatalf("quiet answered %+v; want no answer yet", a)
-	default:
-	}
-}
 
 // TestDeclinedEvictionKeepsAChangeBusy: a model whose quiet GPUs were
 // granted (its sleep or stop has begun) declines an eviction decided
@@ -120,22 +21,22 @@ func (sp *schedProbe) noQuietAnswer() {
 // load while the model went to sleep beside it: vLLM aborts that load
 // (vllm#56830), which the swap soak found.
 func TestDeclinedEvictionKeepsAChangeBusy(t *testing.T) {
-	sp := newSchedProbe(t)
-	a, b := schedModel("a"), schedModel("b")
-	sp.s.Want(a, 1, nil)
-	sp.granted("a")
-	sp.s.Ready("a", time.Now())
-	sp.s.Quiet("a", 1)
-	if q := sp.quietAnswer("a"); !q.ok {
+	sp := scheduletest.New(t)
+	a, b := scheduletest.Model("a"), scheduletest.Model("b")
+	sp.S.Want(a, 1, nil)
+	sp.Granted("a")
+	sp.S.Ready("a", time.Now())
+	sp.S.Quiet("a", 1)
+	if q := sp.Quiet("a"); !q.OK {
 		t.Fatalf("quiet for a: %+v; want granted", q)
 	}
-	sp.s.Declined("a")
-	sp.s.Want(b, 1, nil)
-	if p := sp.next("b"); p.GPUs != nil || !strings.Contains(p.Reason, "a is giving its memory back") {
+	sp.S.Declined("a")
+	sp.S.Want(b, 1, nil)
+	if p := sp.Next("b"); p.GPUs != nil || !strings.Contains(p.Reason, "a is giving its memory back") {
 		t.Fatalf("b while a goes to sleep: %+v; want it to wait for a", p)
 	}
-	sp.s.Slept("a")
-	sp.granted("b")
+	sp.S.Slept("a")
+	sp.Granted("b")
 }
 
 // TestNoQuietWhileModelsAreTakenOver: after an upgrade or a crash, every
@@ -144,20 +45,20 @@ func TestDeclinedEvictionKeepsAChangeBusy(t *testing.T) {
 // before, a sleeper taken over first was granted quiet GPUs, and stopped,
 // beside a neighbour still loading whose runner had not told yet.
 func TestNoQuietWhileModelsAreTakenOver(t *testing.T) {
-	sp := newSchedProbe(t)
-	sp.s.Restoring()
-	sp.s.Adopt(schedModel("a"), []string{oneGPU}, gpu.Asleep, time.Time{}, false)
-	sp.s.Quiet("a", 1)
-	sp.noQuietAnswer()
-	sp.s.Adopt(schedModel("b"), []string{oneGPU}, gpu.Starting, time.Time{}, false)
-	sp.s.Restored()
-	if q := sp.quietAnswer("a"); q.ok || !strings.Contains(q.reason, "b, which is starting") {
+	sp := scheduletest.New(t)
+	sp.S.Restoring()
+	sp.S.Adopt(scheduletest.Model("a"), []string{scheduletest.GPU}, gpu.Asleep, time.Time{}, false)
+	sp.S.Quiet("a", 1)
+	sp.NoQuiet(func() { schedule.Sync(sp.S) })
+	sp.S.Adopt(scheduletest.Model("b"), []string{scheduletest.GPU}, gpu.Starting, time.Time{}, false)
+	sp.S.Restored()
+	if q := sp.Quiet("a"); q.OK || !strings.Contains(q.Reason, "b, which is starting") {
 		t.Fatalf("quiet for a while b loads: %+v; want it to wait for b", q)
 	}
-	sp.s.Ready("b", time.Now())
+	sp.S.Ready("b", time.Now())
 	// (A reading in between names the GPU anew: the same wait, said again.)
-	for q := sp.quietAnswer("a"); !q.ok; q = sp.quietAnswer("a") {
-		if !strings.Contains(q.reason, "b, which is starting") {
+	for q := sp.Quiet("a"); !q.OK; q = sp.Quiet("a") {
+		if !strings.Contains(q.Reason, "b, which is starting") {
 			t.Fatalf("quiet for a: %+v; want it granted once b is ready", q)
 		}
 	}

@@ -8,12 +8,18 @@ import (
 	"time"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/gpu"
 )
 
 // The eviction data as the scheduler reads it (Observation): an on-demand
 // model past its min_awake is put to sleep for a want that does not fit;
 // within it, or not on demand, it is not (docs/on-demand.md, "Making room:
 // eviction without thrash").
+
+// oneGPU answers every reading with the same devices.
+type oneGPU []gpu.Device
+
+func (r oneGPU) Read(context.Context) ([]gpu.Device, error) { return r, nil }
 
 type usageProbe struct {
 	mu  sync.Mutex
@@ -56,9 +62,7 @@ func (p *usageProbe) until(t *testing.T, what string, ok func(answerTo) bool) an
 
 func TestEvictionFollowsUsage(t *testing.T) {
 	big := func(name string) config.Model {
-		m := schedModel(name)
-		m.GPUMemoryUtilization = 0.6
-		return m
+		return config.Model{Name: name, Enabled: true, Activation: config.ActivationOnDemand, TensorParallel: 1, GPUMemoryUtilization: 0.6}
 	}
 	for _, tc := range []struct {
 		name  string
@@ -72,7 +76,7 @@ func TestEvictionFollowsUsage(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			p := &usageProbe{out: make(chan answerTo, 64)}
 			p.set(Observation{Usage: tc.usage})
-			reader := staticReader{{UUID: oneGPU, Name: "Sim H100", MemoryTotal: 80 << 30, MemoryFree: 80 << 30, Up: true}}
+			reader := oneGPU{{UUID: "GPU-0", Name: "Sim H100", MemoryTotal: 80 << 30, MemoryFree: 80 << 30, Up: true}}
 			now := time.Now()
 			s := New(Options{Reader: reader, ReleaseTimeout: 10 * time.Second, Models: p, Out: OutboxFunc(func(name string, a Answer) { p.out <- answerTo{name, a} }),
 				Now: func() time.Time { return now }})
@@ -98,9 +102,7 @@ func TestEvictionFollowsUsage(t *testing.T) {
 				pl, ok := a.a.(Placement)
 				return a.name == "b" && ok && strings.Contains(pl.Reason, "needs")
 			})
-			decided := make(chan struct{})
-			s.send(func() { close(decided) })
-			<-decided
+			Sync(s)
 			for {
 				select {
 				case a := <-p.out:
