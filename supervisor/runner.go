@@ -858,7 +858,7 @@ func (l *loop) wake(inst *instance, m config.Model, key string, level int, askAs
 		ccancel()
 	}
 	if err != nil && ctx.Err() != nil {
-		err = fmt.Errorf("not awake within %s: %w", lifecycle.RoundDuration(timeout), err)
+		err = fmt.Errorf("not awake within %s: %w", config.RoundDuration(timeout), err)
 	}
 	l.results <- lifecycle.EvWoke{Inst: &inst.Instance, Err: err, Why: why}
 }

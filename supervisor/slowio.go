@@ -1,13 +1,14 @@
 package supervisor
 
 import (
-	"citadel-supervisor/supervisor/lifecycle"
 	"fmt"
 	"maps"
 	"os"
 	"strings"
 	"sync"
 	"time"
+
+	"citadel-supervisor/config"
 )
 
 // Reads of a model's files (its path, its env_files) can hang for good: a
@@ -58,7 +59,7 @@ type HungError struct {
 }
 
 func (e *HungError) Error() string {
-	return fmt.Sprintf("%s has not returned for %s (a hung mount?); retried once it returns", e.What, lifecycle.RoundDuration(time.Since(e.Since)))
+	return fmt.Sprintf("%s has not returned for %s (a hung mount?); retried once it returns", e.What, config.RoundDuration(time.Since(e.Since)))
 }
 
 var slowIO = &blockingIO{wait: ioWait, runs: map[string]*ioRun{}}

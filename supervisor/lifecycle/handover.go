@@ -7,6 +7,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/vllm"
@@ -166,7 +167,7 @@ func (m *Machine) Restore(st liverestore.ModelState, inst *Instance, digest stri
 			// there until then, bounded by its wake bound (vllm#56830).
 			m.settling = true
 			bound := m.wakeBound(is.SleepLevel)
-			m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s; adopted while %s: its GPUs count as changing for up to %s)", is.SleepLevel, m.sleepCause, during, RoundDuration(bound)))
+			m.enter(Sleeping, fmt.Sprintf("asleep (level %d, %s; adopted while %s: its GPUs count as changing for up to %s)", is.SleepLevel, m.sleepCause, during, config.RoundDuration(bound)))
 			return []Effect{EfAdopt{Phase: gpu.Asleep, Changing: true}, EfArm{Settle, bound}}
 		case inst.Adopted && m.cfg.OnDemand() && m.cfg.SleepLevel > 0:
 			// After a crash the record may be a step behind the engine:

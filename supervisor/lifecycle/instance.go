@@ -61,17 +61,6 @@ func SigtermGrace(stopTimeout time.Duration) time.Duration {
 	return min(stopTimeout/2, 5*time.Second)
 }
 
-// RoundDuration prints a delay as an operator reads it: 2s, not 1.995s.
-func RoundDuration(d time.Duration) time.Duration {
-	switch {
-	case d >= 10*time.Second:
-		return d.Round(time.Second)
-	case d >= time.Second:
-		return d.Round(100 * time.Millisecond)
-	}
-	return d.Round(time.Millisecond)
-}
-
 // errText is an error's message without Go's "open "/"stat " prefixes for
 // path errors, which read oddly in a status line.
 func errText(err error) string {

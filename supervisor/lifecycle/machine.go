@@ -678,7 +678,7 @@ func (m *Machine) onPlaced(p schedule.Placement) []Effect {
 		m.flight = flightWake
 		bound := m.wakeBound(m.sleepLevel)
 		m.wakeBegan, m.probeFails, m.probing = m.now(), 0, false
-		m.enter(Waking, fmt.Sprintf("waking (bound %s)", RoundDuration(bound)))
+		m.enter(Waking, fmt.Sprintf("waking (bound %s)", config.RoundDuration(bound)))
 		return []Effect{EfWake{Level: m.sleepLevel, Timeout: bound, Known: m.known}, EfArm{Deadline, bound}, EfArm{Tick, m.cfg.Probe.Period}}
 	}
 	if p.GPUs == nil {
@@ -844,7 +844,7 @@ func (m *Machine) onTimer(t Timer) []Effect {
 			return m.quietNow()
 		}
 		if m.wakeInFlight() {
-			return m.wakeFailed("timeout", fmt.Sprintf("not awake within %s", RoundDuration(m.wakeBound(m.sleepLevel))))
+			return m.wakeFailed("timeout", fmt.Sprintf("not awake within %s", config.RoundDuration(m.wakeBound(m.sleepLevel))))
 		}
 		if m.state != Starting {
 			return nil
@@ -1070,7 +1070,7 @@ func (m *Machine) afterFailure(f failure) []Effect {
 	if failed {
 		return m.fail(fmt.Sprintf("start limit: %d starts within %s; last: %s", m.cfg.Restart.Burst, m.cfg.Restart.Interval, f.reason))
 	}
-	m.enter(Backoff, fmt.Sprintf("%s; restarting in %s", f.reason, RoundDuration(delay)))
+	m.enter(Backoff, fmt.Sprintf("%s; restarting in %s", f.reason, config.RoundDuration(delay)))
 	return []Effect{EfArm{Tick, delay}}
 }
 
@@ -1525,7 +1525,7 @@ func (m *Machine) onIdle(ev EvIdle) []Effect {
 	if idleFor < m.cfg.IdleAfter {
 		return []Effect{EfArm{Idle, max(m.cfg.IdleAfter-idleFor, time.Second)}}
 	}
-	return m.sleep("idle", fmt.Sprintf("no request for %s", RoundDuration(idleFor)))
+	return m.sleep("idle", fmt.Sprintf("no request for %s", config.RoundDuration(idleFor)))
 }
 
 func (m *Machine) onSlept(ev EvSlept) []Effect {

@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"citadel-supervisor/config"
 )
 
 // A spawn is a job of the runner's (supervisor/spawning.go): the machine
@@ -83,7 +85,7 @@ func (m *Machine) onSpawnSlow(ev EvSpawnSlow) []Effect {
 	if m.flight != flightSpawn {
 		return nil
 	}
-	m.spawnNote = fmt.Sprintf("spawn hangs: %s has not returned after %s", ev.What, RoundDuration(ev.After))
+	m.spawnNote = fmt.Sprintf("spawn hangs: %s has not returned after %s", ev.What, config.RoundDuration(ev.After))
 	m.log.Warn("spawn hangs", zap.String("doing", ev.What), zap.Duration("after", ev.After))
 	return m.duringSpawn()
 }

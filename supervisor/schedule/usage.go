@@ -5,6 +5,7 @@ import (
 	"sync"
 	"time"
 
+	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
 )
 
@@ -59,21 +60,9 @@ func fill(c *gpu.Claim, u Usage, onDemand bool, now time.Time) {
 		c.LastUsed = c.AwakeAt
 	}
 	if awake := now.Sub(c.AwakeAt); c.Phase == gpu.Running && onDemand && awake < u.MinAwake {
-		c.Protected = fmt.Sprintf("awake for %s (min_awake %s)", roundDuration(awake), u.MinAwake)
+		c.Protected = fmt.Sprintf("awake for %s (min_awake %s)", config.RoundDuration(awake), u.MinAwake)
 	}
 	c.Cost = u.Cost
-}
-
-// roundDuration prints a duration as an operator reads it: 2s, not 1.995s
-// (as the lifecycle prints its delays).
-func roundDuration(d time.Duration) time.Duration {
-	switch {
-	case d >= 10*time.Second:
-		return d.Round(time.Second)
-	case d >= time.Second:
-		return d.Round(100 * time.Millisecond)
-	}
-	return d.Round(time.Millisecond)
 }
 
 // UseCounter is a model's requests, counted with decay (gpu.Uses): the
