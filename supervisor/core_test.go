@@ -92,10 +92,11 @@ func TestReloadRemovesAModelAtOnce(t *testing.T) {
 	}
 }
 
-// TestUpgradeWaitsForARemovedModelsStop: a model a reload removed is no
-// longer listed, so an upgrade could not hand it over; the freeze says so
-// and waits until its stop has ended.
-func TestUpgradeWaitsForARemovedModelsStop(t *testing.T) {
+// removingSlowly runs "keep" and "slow" (whose stop takes its 3 s
+// stop_timeout), then has a reload remove slow: it returns once slow is
+// unlisted and still stopping, with the reload's outcome to come on done.
+func removingSlowly(t *testing.T) (*harness, <-chan error) {
+	t.Helper()
 	h := newHarness(t,
 		modelSpec{Name: "keep"},
 		modelSpec{Name: "slow", YAML: "stop_timeout: 3s", Fake: stubbornArgs},
@@ -103,17 +104,25 @@ func TestUpgradeWaitsForARemovedModelsStop(t *testing.T) {
 	h.waitState("keep", Ready, 20*time.Second)
 	h.waitState("slow", Ready, 20*time.Second)
 
-	next := *h.cfg
-	next.Models = slices.DeleteFunc(slices.Clone(h.cfg.Models), func(m config.Model) bool { return m.Name == "slow" })
+	without := *h.cfg
+	without.Models = slices.DeleteFunc(slices.Clone(h.cfg.Models), func(m config.Model) bool { return m.Name == "slow" })
 	done := make(chan error, 1)
 	go func() {
-		_, err := h.sup.Apply(context.Background(), &next)
+		_, err := h.sup.Apply(context.Background(), &without)
 		done <- err
 	}()
 	waitFor(t, 10*time.Second, "slow unlisted", func() bool {
 		_, err := h.sup.Status("slow")
 		return err != nil
 	})
+	return h, done
+}
+
+// TestUpgradeWaitsForARemovedModelsStop: a model a reload removed is no
+// longer listed, so an upgrade could not hand it over; the freeze says so
+// and waits until its stop has ended.
+func TestUpgradeWaitsForARemovedModelsStop(t *testing.T) {
+	h, done := removingSlowly(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
 	if _, _, thaw, err := h.sup.Freeze(ctx); err == nil {
@@ -217,24 +226,7 @@ func TestStartDuringAFailureStopKeepsTheCrash(t *testing.T) {
 // want or claim, and its answers would go to the new one. The reload is
 // refused until the stop has ended, then the model comes back.
 func TestReloadAddingBackALeavingModel(t *testing.T) {
-	h := newHarness(t,
-		modelSpec{Name: "keep"},
-		modelSpec{Name: "slow", YAML: "stop_timeout: 3s", Fake: stubbornArgs},
-	).start(Options{})
-	h.waitState("keep", Ready, 20*time.Second)
-	h.waitState("slow", Ready, 20*time.Second)
-
-	without := *h.cfg
-	without.Models = slices.DeleteFunc(slices.Clone(h.cfg.Models), func(m config.Model) bool { return m.Name == "slow" })
-	done := make(chan error, 1)
-	go func() {
-		_, err := h.sup.Apply(context.Background(), &without)
-		done <- err
-	}()
-	waitFor(t, 10*time.Second, "slow unlisted", func() bool {
-		_, err := h.sup.Status("slow")
-		return err != nil
-	})
+	h, done := removingSlowly(t)
 	with := *h.cfg
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
