@@ -112,8 +112,11 @@ FUZZ_TARGETS := FuzzParse:./config FuzzOpRequest:./supervisor/control FuzzBodySc
 fuzz-short:
 	@for t in $(FUZZ_TARGETS); do $(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime 10s "$${t#*:}" || exit 1; done
 
+# make fuzz explores these too; their seed corpora run with every go test.
+FUZZ_MORE := FuzzPlainUsage:./supervisor/gateway
+
 fuzz:
-	@for t in $(FUZZ_TARGETS); do $(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime 5m "$${t#*:}" || exit 1; done
+	@for t in $(FUZZ_TARGETS) $(FUZZ_MORE); do $(GO) test -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime 5m "$${t#*:}" || exit 1; done
 
 # promtool checks the alerting rules and the dashboard's queries. CI installs
 # it (.ci/run); elsewhere its absence is said, not hidden.
