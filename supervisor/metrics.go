@@ -325,7 +325,7 @@ func newModelCollector(s *Supervisor) *modelCollector {
 		modeText:    labelTexts("mode", OwnershipModes),
 		up:          newFamily("citadel_model_up", "gauge", "1 when the model is ready (answering its health probe), else 0.", "model"),
 		state:       newFamily("citadel_model_state", "gauge", "1 for the model's current state, 0 for the others.", "model", "state"),
-		cause:       newFamily("citadel_model_pending_cause", "gauge", "For a pending model, 1 for what it waits for (gpu is normal when models outnumber memory; storage, port and env_files need an operator; daemon: the daemon itself was short of descriptors or memory to spawn it, and retries), 0 for the other causes.", "model", "cause"),
+		cause:       newFamily("citadel_model_pending_cause", "gauge", "For a pending model, 1 for what it waits for (gpu is normal when models outnumber memory; storage, port and env_files need an operator; daemon: the daemon itself was short of descriptors or memory to spawn it, and retries; spawn: its process is being started, which takes long only when the spawn hangs), 0 for the other causes.", "model", "cause"),
 		restarts:    newFamily("citadel_model_restarts_total", "counter", "Restarts of the model, by reason (exit, probe, startup, manual, reload, wake).", "model", "reason"),
 		lastExit:    newFamily("citadel_model_last_exit_code", "gauge", "Exit code of the model's last process (128+signal when killed).", "model"),
 		startTime:   newFamily("citadel_model_start_time_seconds", "gauge", "Unix time the model's current process was spawned.", "model"),

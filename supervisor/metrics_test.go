@@ -51,13 +51,14 @@ citadel_config_last_reload_successful 0
 # HELP citadel_model_last_exit_code Exit code of the model's last process (128+signal when killed).
 # TYPE citadel_model_last_exit_code gauge
 citadel_model_last_exit_code{model="mixtral"} 137
-# HELP citadel_model_pending_cause For a pending model, 1 for what it waits for (gpu is normal when models outnumber memory; storage, port and env_files need an operator; daemon: the daemon itself was short of descriptors or memory to spawn it, and retries), 0 for the other causes.
+# HELP citadel_model_pending_cause For a pending model, 1 for what it waits for (gpu is normal when models outnumber memory; storage, port and env_files need an operator; daemon: the daemon itself was short of descriptors or memory to spawn it, and retries; spawn: its process is being started, which takes long only when the spawn hangs), 0 for the other causes.
 # TYPE citadel_model_pending_cause gauge
 citadel_model_pending_cause{cause="checking",model="phi3"} 0
 citadel_model_pending_cause{cause="daemon",model="phi3"} 0
 citadel_model_pending_cause{cause="env_files",model="phi3"} 0
 citadel_model_pending_cause{cause="gpu",model="phi3"} 0
 citadel_model_pending_cause{cause="port",model="phi3"} 0
+citadel_model_pending_cause{cause="spawn",model="phi3"} 0
 citadel_model_pending_cause{cause="storage",model="phi3"} 1
 # HELP citadel_model_restarts_total Restarts of the model, by reason (exit, probe, startup, manual, reload, wake).
 # TYPE citadel_model_restarts_total counter

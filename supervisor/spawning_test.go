@@ -89,6 +89,9 @@ func TestSpawnHangsRunnerAnswers(t *testing.T) {
 		st := h.status("a")
 		return st.State == Pending && strings.Contains(st.Reason, "spawn hangs: starting ") && strings.Contains(st.Reason, "has not returned after 2s")
 	})
+	if st := h.status("a"); st.PendingCause != CauseSpawn {
+		t.Errorf("a pending for %q while its spawn hangs, want %q (not gpu: it has its GPUs)", st.PendingCause, CauseSpawn)
+	}
 	// b is spawned after a: neither its spawn nor its stop waits for a's.
 	h.waitState("b", Ready, 20*time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -52,10 +52,11 @@ const (
 	CausePort     = lifecycle.CausePort
 	CauseGPU      = lifecycle.CauseGPU
 	CauseDaemon   = lifecycle.CauseDaemon
+	CauseSpawn    = lifecycle.CauseSpawn
 )
 
 // PendingCauses lists every cause.
-var PendingCauses = []string{CauseChecking, CauseStorage, CauseEnvFiles, CausePort, CauseGPU, CauseDaemon}
+var PendingCauses = []string{CauseChecking, CauseStorage, CauseEnvFiles, CausePort, CauseGPU, CauseDaemon, CauseSpawn}
 
 // Restart reasons, the values of citadel_model_restarts_total's reason
 // label (package lifecycle's).

@@ -686,7 +686,7 @@ func (m *Machine) onPlaced(p schedule.Placement) []Effect {
 		m.enter(Pending, p.Reason)
 		return nil
 	}
-	m.flight, m.spawnNote = flightSpawn, ""
+	m.flight, m.spawnNote, m.cause = flightSpawn, "", CauseSpawn
 	m.enter(Pending, "spawning")
 	return []Effect{EfSpawn{GPUs: p.GPUs}}
 }

@@ -50,6 +50,10 @@ const (
 	// CauseDaemon: the daemon itself was short of descriptors, memory or
 	// processes to spawn it; its own problem, retried, never the model's.
 	CauseDaemon = "daemon"
+	// CauseSpawn: its process is being started (the checks once more, the
+	// cgroup leaf, fork and exec): milliseconds, unless something under it
+	// does not answer (its command or cgroup file system on a hung mount).
+	CauseSpawn = "spawn"
 )
 
 // Restart reasons, the values of citadel_model_restarts_total's reason label.
