@@ -97,4 +97,18 @@ func TestKeptProcsListedAnew(t *testing.T) {
 	if fl&unix.O_NONBLOCK == 0 {
 		t.Error("the same process listed anew: its statm was opened again")
 	}
+	// A descriptor that no longer reads (as one of a process gone whose
+	// pid a process of the list took since) is opened again for a list
+	// made since, not for the same list.
+	unix.Close(k.fds[0] - 1)
+	if !k.RSSPages(&again, func(int64) { n++ }) || n != 2 {
+		t.Fatalf("%d pages read through a closed descriptor", n)
+	}
+	third := slices.Clone(pids)
+	if !k.RSSPages(&third, func(int64) { n++ }) || n != 3 {
+		t.Fatalf("%d pages read, the pid listed anew", n)
+	}
+	if n := openFiles(t, "/proc/"+strconv.Itoa(pid)); n != 1 {
+		t.Errorf("%d of the process's files open, want its statm", n)
+	}
 }
