@@ -247,6 +247,29 @@ func TestReloadAddingBackALeavingModel(t *testing.T) {
 	h.waitState("slow", Ready, 20*time.Second)
 }
 
+// TestRemovedModelLeavesNoProbeSeries: a model a reload removed is probed
+// until its stop begins (it waits for quiet GPUs first, still ready) and a
+// probe in flight at the removal still answers; a probe observed after the
+// removal must not leave its series behind once the model has stopped.
+func TestRemovedModelLeavesNoProbeSeries(t *testing.T) {
+	h, done := removingSlowly(t)
+	// What the runner's EfObserve does for a probe that answers now.
+	h.sup.d.metrics.observe("slow", time.Millisecond, nil)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the removal did not end")
+	}
+	for _, r := range h.sup.d.metrics.probes.read() {
+		if r.name == "slow" {
+			t.Errorf("a removed model's probe series after its stop: %+v", r)
+		}
+	}
+}
+
 // TestObserveSeesLeavingModels: a model a reload removed keeps its claim
 // until its processes are gone, and the scheduler's answers still reach
 // its runner (reachable); its processes are still its own in what the

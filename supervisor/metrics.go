@@ -257,7 +257,7 @@ type modelCollector struct {
 
 	// kept are each model's processes' /proc files, kept open from one
 	// scrape to the next and closed at the first scrape without the
-	// model; live is sweep's.
+	// model, or without its processes; live is sweep's.
 	keptMu sync.Mutex
 	kept   map[*runner]*proc.KeptProcs
 	live   map[*runner]bool
@@ -637,6 +637,11 @@ func (c *modelCollector) processes(r *runner) (rss float64, hasRSS bool, cpu flo
 			}
 		}
 	}
+	if pids == nil {
+		// No instance (stopped, failed, slept at level 0): its last
+		// processes' files are not kept until its next one.
+		c.dropKept(r)
+	}
 	// The counter is exported once the model has run, and never goes
 	// backwards, also across its restarts.
 	cpu = r.cpu.total(times)
@@ -653,6 +658,16 @@ func (c *modelCollector) keptOf(r *runner) *proc.KeptProcs {
 		c.kept[r] = k
 	}
 	return k
+}
+
+// dropKept closes r's kept files, if any.
+func (c *modelCollector) dropKept(r *runner) {
+	c.keptMu.Lock()
+	defer c.keptMu.Unlock()
+	if k := c.kept[r]; k != nil {
+		k.Close()
+		delete(c.kept, r)
+	}
 }
 
 // sweep closes the kept files of the models no longer in runners.

@@ -3,10 +3,14 @@ package supervisor
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -373,5 +377,99 @@ func TestModelCollectorKeepsProcFiles(t *testing.T) {
 	c.AppendText(nil, nil)
 	if len(c.kept) != 0 || k.Stats(&pids, func(proc.Stat) {}) {
 		t.Errorf("the files of a model gone are still kept: %v", c.kept)
+	}
+}
+
+// procFilesOpen counts the daemon's descriptors open on /proc/pid's files.
+func procFilesOpen(t *testing.T, pid int) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, dir := 0, "/proc/"+strconv.Itoa(pid)+"/"
+	for _, e := range ents {
+		if l, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(l, dir) {
+			n++
+		}
+	}
+	return n
+}
+
+// TestModelCollectorClosesFilesOfStoppedModel: a model whose instance is
+// released (stopped, failed, slept at level 0: no processes) keeps none of
+// its last processes' files open until it is removed.
+func TestModelCollectorClosesFilesOfStoppedModel(t *testing.T) {
+	cmd := exec.Command("cat") // blocks on its stdin until closed
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { in.Close(); cmd.Wait() }()
+	pid := cmd.Process.Pid
+	s := &Supervisor{d: &deps{}}
+	d := &deps{now: time.Now, log: zap.NewNop()}
+	r := newRunner(config.Model{Name: "m", Enabled: true}, d)
+	r.status.Store(&Status{Name: "m", State: Ready, PID: pid})
+	pids := []int{pid}
+	r.pids.Store(&pids)
+	runners := []*runner{r}
+	s.runners.Store(&runners)
+	c := newModelCollector(s)
+	c.AppendText(nil, nil)
+	if n := procFilesOpen(t, pid); n != 1 {
+		t.Fatalf("%d of the process's files open, want its stat", n)
+	}
+	// Released: as EfRelease leaves it.
+	r.pids.Store(nil)
+	r.status.Store(&Status{Name: "m", State: Stopped})
+	c.AppendText(nil, nil)
+	if n := procFilesOpen(t, pid); n != 0 {
+		t.Errorf("%d of the process's files still open after the model stopped", n)
+	}
+}
+
+// TestModelCollectorFilesOverChurn: models added and removed many times,
+// scraped meanwhile (two scrapes at once too), leave no descriptor open.
+func TestModelCollectorFilesOverChurn(t *testing.T) {
+	s := &Supervisor{d: &deps{}}
+	d := &deps{now: time.Now, log: zap.NewNop()}
+	c := newModelCollector(s)
+	pid := os.Getpid()
+	none := []*runner{}
+	s.runners.Store(&none)
+	c.AppendText(nil, nil)
+	countFDs := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	before := countFDs()
+	for i := range 200 {
+		var runners []*runner
+		for j := range 5 {
+			name := fmt.Sprintf("m%d-%d", i, j)
+			r := newRunner(config.Model{Name: name, Enabled: true}, d)
+			r.status.Store(&Status{Name: name, State: Ready, PID: pid})
+			pids := []int{pid, pid}
+			r.pids.Store(&pids)
+			runners = append(runners, r)
+		}
+		s.runners.Store(&runners)
+		var wg sync.WaitGroup
+		for range 2 {
+			wg.Go(func() { c.AppendText(nil, nil) })
+		}
+		wg.Wait()
+	}
+	s.runners.Store(&none)
+	c.AppendText(nil, nil)
+	if after := countFDs(); after > before {
+		t.Errorf("%d descriptors open, %d before", after, before)
 	}
 }

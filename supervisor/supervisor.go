@@ -792,11 +792,15 @@ func (s *Supervisor) stillLeaving() []string {
 	return slices.Sorted(maps.Keys(s.leaving))
 }
 
-// left forgets a removed model's runner once it has ended.
+// left forgets a removed model's runner once it has ended, and its
+// series again: it was probed until its stop began (while it waited for
+// quiet GPUs), after the reload forgot them. Before leaving shrinks: a
+// reload cannot add the model back meanwhile.
 func (s *Supervisor) left(r *runner) {
 	s.leavingMu.Lock()
 	defer s.leavingMu.Unlock()
 	if s.leaving[r.name] == r {
+		s.d.metrics.forget(r.name)
 		delete(s.leaving, r.name)
 	}
 }

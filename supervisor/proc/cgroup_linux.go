@@ -257,6 +257,10 @@ var keptNames = [...]string{keptCPU: "cpu.stat", keptMemory: "memory.current"}
 func (k *keptFiles) close() {
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	k.closeLocked()
+}
+
+func (k *keptFiles) closeLocked() {
 	for i, fd := range k.fds {
 		if fd != 0 {
 			unix.Close(fd - 1) //nolint:errcheck // read-only
@@ -389,9 +393,11 @@ func (g *Cgroup) WaitEmpty(ctx context.Context) error {
 // gone.
 func (g *Cgroup) Remove() error {
 	k := g.keptFiles()
-	k.close()
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	// Closed under the lock the rmdir holds too: a read in between would
+	// open them again, left open on a leaf removed.
+	k.closeLocked()
 	if err := unix.Rmdir(g.Path); err != nil && !errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("remove cgroup %s: %w", g.Path, err)
 	}
