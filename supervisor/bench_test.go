@@ -10,6 +10,7 @@ import (
 	"citadel-supervisor/config"
 	"citadel-supervisor/gpu"
 	"citadel-supervisor/probe"
+	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/exposition"
 	"fmt"
 	"os"
@@ -77,7 +78,7 @@ func BenchmarkColdStartShare(b *testing.B) {
 			var shares []time.Duration
 			b.ResetTimer()
 			for range b.N {
-				if _, err := h.sup.Do(context.Background(), OpRestart, "m"); err != nil {
+				if _, err := h.sup.Do(context.Background(), api.OpRestart, "m"); err != nil {
 					b.Fatal(err)
 				}
 				var st Status

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/control/api"
 )
 
 // stubbornArgs make a fake model whose server and worker ignore SIGTERM:
@@ -201,7 +202,7 @@ func TestStartDuringAFailureStopKeepsTheCrash(t *testing.T) {
 	}
 	// Its worker ignores SIGTERM: the stop of what is left takes 1s.
 	h.waitState("m", Stopping, 10*time.Second)
-	res, err := h.sup.Do(context.Background(), OpStart, "m")
+	res, err := h.sup.Do(context.Background(), api.OpStart, "m")
 	if err != nil || res["m"] != nil {
 		t.Fatalf("start: %v %v", res, err)
 	}

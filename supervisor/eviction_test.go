@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/control/api"
 )
 
 // The eviction rules of gpu.Decide with real processes on sim GPUs, sleep
@@ -145,7 +146,7 @@ func TestEvictionWeighsWakeCost(t *testing.T) {
 	h.demandReady("cheap", "dear")
 	// One wake each, so that their wakes are measured.
 	for _, m := range []string{"cheap", "dear"} {
-		if res, err := h.sup.Do(context.Background(), OpSleep, m); err != nil || res[m] != nil {
+		if res, err := h.sup.Do(context.Background(), api.OpSleep, m); err != nil || res[m] != nil {
 			t.Fatalf("sleep %s: %v %v", m, err, res)
 		}
 		waitFor(t, 10*time.Second, m+" asleep", func() bool { return h.asleep(m) })

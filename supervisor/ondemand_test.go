@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/supervisortest"
 	"context"
 	"strings"
@@ -83,7 +84,7 @@ func TestAlwaysModelIsNeverEvicted(t *testing.T) {
 		t.Errorf("always: %s", got.State)
 	}
 	// By hand, an always model refuses sleep.
-	res, err := h.sup.Do(context.Background(), OpSleep, "always")
+	res, err := h.sup.Do(context.Background(), api.OpSleep, "always")
 	if err != nil || res["always"] == nil {
 		t.Errorf("sleep always: %v %v", res, err)
 	}
@@ -193,7 +194,7 @@ func TestSleepHostMemoryBudget(t *testing.T) {
 	}
 	asleep := func(m string, level int) Status {
 		t.Helper()
-		if res, err := h.sup.Do(context.Background(), OpSleep, m); err != nil || res[m] != nil {
+		if res, err := h.sup.Do(context.Background(), api.OpSleep, m); err != nil || res[m] != nil {
 			t.Fatalf("sleep %s: %v %v", m, res, err)
 		}
 		var st Status
@@ -228,7 +229,7 @@ func TestFailedWakeRestartsCold(t *testing.T) {
 	h := newHarness(t, modelSpec{Name: "m", YAML: "activation: on_demand\nsleep_level: 1\nidle_after: 1h", Fake: []string{"--fake-fail-wake"}}).start(Options{})
 	h.sup.Demand("m")
 	first := h.waitState("m", Ready, 20*time.Second)
-	if res, err := h.sup.Do(context.Background(), OpSleep, "m"); err != nil || res["m"] != nil {
+	if res, err := h.sup.Do(context.Background(), api.OpSleep, "m"); err != nil || res["m"] != nil {
 		t.Fatalf("sleep: %v %v", res, err)
 	}
 	h.waitFor(t, 20*time.Second, "asleep", func() bool { st := h.status("m"); return st.State == Sleeping && st.SleepLevel == 1 })
@@ -246,7 +247,7 @@ func TestConcurrentRequestsShareOneWake(t *testing.T) {
 	h := newHarness(t, modelSpec{Name: "m", YAML: "activation: on_demand\nsleep_level: 1\nidle_after: 1h", Fake: []string{"--fake-wake-time-l1", "200ms"}}).start(Options{})
 	h.sup.Demand("m")
 	first := h.waitState("m", Ready, 20*time.Second)
-	if res, err := h.sup.Do(context.Background(), OpSleep, "m"); err != nil || res["m"] != nil {
+	if res, err := h.sup.Do(context.Background(), api.OpSleep, "m"); err != nil || res["m"] != nil {
 		t.Fatalf("sleep: %v %v", res, err)
 	}
 	h.waitFor(t, 20*time.Second, "asleep", func() bool { st := h.status("m"); return st.State == Sleeping && st.SleepLevel == 1 })

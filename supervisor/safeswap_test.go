@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"citadel-supervisor/supervisor/control/api"
 )
 
 // Sleep and wake as real vLLM needs them (docs/vllm.md, "Sleep mode"):
@@ -14,7 +16,7 @@ import (
 
 func (h *harness) sleepNow(name string) Status {
 	h.t.Helper()
-	if res, err := h.sup.Do(context.Background(), OpSleep, name); err != nil || res[name] != nil {
+	if res, err := h.sup.Do(context.Background(), api.OpSleep, name); err != nil || res[name] != nil {
 		h.t.Fatalf("sleep %s: %v %v", name, res, err)
 	}
 	var st Status
@@ -82,7 +84,7 @@ func TestQuietGPUDuringANeighboursLoad(t *testing.T) {
 	h.demandReady("a", "c")
 	h.sup.Demand("b") // loads for 3 s; a falls idle 1 s into it
 	h.waitFor(t, 10*time.Second, "b loading", func() bool { return h.status("b").State == Starting })
-	if res, err := h.sup.Do(context.Background(), OpStop, "c"); err != nil || res["c"] != nil {
+	if res, err := h.sup.Do(context.Background(), api.OpStop, "c"); err != nil || res["c"] != nil {
 		t.Fatalf("stop c: %v %v", res, err)
 	}
 	h.waitFor(t, 5*time.Second, "c's stop waiting for b's load", func() bool {
@@ -105,11 +107,11 @@ func TestQuietGPUDuringANeighboursLoad(t *testing.T) {
 		t.Errorf("a went to sleep %s before b was ready", serving.Sub(aSleeps))
 	}
 	// The loading model's own stop is not delayed.
-	if res, err := h.sup.Do(context.Background(), OpRestart, "b"); err != nil || res["b"] != nil {
+	if res, err := h.sup.Do(context.Background(), api.OpRestart, "b"); err != nil || res["b"] != nil {
 		t.Fatalf("restart b: %v %v", res, err)
 	}
 	h.waitFor(t, 10*time.Second, "b loading again", func() bool { return h.status("b").State == Starting })
-	if res, err := h.sup.Do(context.Background(), OpStop, "b"); err != nil || res["b"] != nil {
+	if res, err := h.sup.Do(context.Background(), api.OpStop, "b"); err != nil || res["b"] != nil {
 		t.Fatalf("stop b: %v %v", res, err)
 	}
 	h.waitFor(t, 5*time.Second, "b stopped at once", func() bool { return h.status("b").State == Stopped })

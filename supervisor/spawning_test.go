@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
+	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/liverestore"
 	"citadel-supervisor/supervisor/proc"
 )
@@ -96,7 +97,7 @@ func TestSpawnHangsRunnerAnswers(t *testing.T) {
 	h.waitState("b", Ready, 20*time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if res, err := h.sup.Do(ctx, OpRestart, "b"); err != nil || res["b"] != nil {
+	if res, err := h.sup.Do(ctx, api.OpRestart, "b"); err != nil || res["b"] != nil {
 		t.Fatalf("restart b: %v %v", res, err)
 	}
 	h.waitFor(t, 20*time.Second, "b restarted", func() bool {
@@ -106,7 +107,7 @@ func TestSpawnHangsRunnerAnswers(t *testing.T) {
 
 	// An operator's stop is taken at once, and applied once the spawn
 	// returns.
-	res, err := h.sup.Do(ctx, OpStop, "a")
+	res, err := h.sup.Do(ctx, api.OpStop, "a")
 	if err != nil || res["a"] != nil {
 		t.Fatalf("stop while spawning: %v %v", res, err)
 	}

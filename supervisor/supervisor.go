@@ -895,7 +895,7 @@ func (s *Supervisor) lookup(names []string) ([]*runner, error) {
 
 // Do sends op to the named models ("all" for every one) and returns one
 // error per model (nil once the model has taken it).
-func (s *Supervisor) Do(ctx context.Context, op Op, names ...string) (map[string]error, error) {
+func (s *Supervisor) Do(ctx context.Context, op api.Op, names ...string) (map[string]error, error) {
 	if !slices.Contains(api.Ops, op) {
 		return nil, fmt.Errorf("unknown operation %q", op)
 	}

@@ -8,6 +8,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"citadel-supervisor/supervisor/control/api"
 )
 
 // The on-demand swap core under the faults that broke it: each test here
@@ -42,7 +44,7 @@ func (h *harness) aAsleepBAwake() (a, b Status) {
 func TestRestartOfASleeperAsksForMemory(t *testing.T) {
 	h := twoOnOneGPU(t, "min_awake: 0s")
 	a, _ := h.aAsleepBAwake()
-	if res, err := h.sup.Do(context.Background(), OpRestart, "a"); err != nil || res["a"] != nil {
+	if res, err := h.sup.Do(context.Background(), api.OpRestart, "a"); err != nil || res["a"] != nil {
 		t.Fatalf("restart a: %v %v", res, err)
 	}
 	h.waitFor(t, 30*time.Second, "a ready in a new process, b asleep", func() bool {
@@ -131,7 +133,7 @@ func TestMinAwakeFromTheInstantOfReady(t *testing.T) {
 	// Ready long enough ago that a stale ready time is past min_awake.
 	deadline := time.Now().Add(minAwake)
 	h.waitFor(t, 10*time.Second, "a awake past min_awake", func() bool { return time.Now().After(deadline) })
-	if res, err := h.sup.Do(context.Background(), OpSleep, "a"); err != nil || res["a"] != nil {
+	if res, err := h.sup.Do(context.Background(), api.OpSleep, "a"); err != nil || res["a"] != nil {
 		t.Fatalf("sleep a: %v %v", res, err)
 	}
 	h.waitFor(t, 20*time.Second, "a asleep", func() bool { return h.asleep("a") })
@@ -223,7 +225,7 @@ func TestSleepLevelChangeKeepsTheProcess(t *testing.T) {
 	}
 	sleep := func() Status {
 		t.Helper()
-		if res, err := h.sup.Do(context.Background(), OpSleep, "m"); err != nil || res["m"] != nil {
+		if res, err := h.sup.Do(context.Background(), api.OpSleep, "m"); err != nil || res["m"] != nil {
 			t.Fatalf("sleep: %v %v", res, err)
 		}
 		var st Status
@@ -257,7 +259,7 @@ func TestSleepLevelChangeKeepsTheProcess(t *testing.T) {
 func TestHungWakeIsProbed(t *testing.T) {
 	h := sleepSite(t, 1, modelSpec{Name: "m", YAML: od + "gpu_memory_utilization: 0.5\nprobe: {period: 100ms, timeout: 300ms, failure_threshold: 3, startup_timeout: 5m}"})
 	m := h.demandReady("m")["m"]
-	if res, err := h.sup.Do(context.Background(), OpSleep, "m"); err != nil || res["m"] != nil {
+	if res, err := h.sup.Do(context.Background(), api.OpSleep, "m"); err != nil || res["m"] != nil {
 		t.Fatalf("sleep: %v %v", res, err)
 	}
 	h.waitFor(t, 20*time.Second, "m asleep", func() bool { return h.asleep("m") })

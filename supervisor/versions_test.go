@@ -21,6 +21,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"citadel-supervisor/config"
+	"citadel-supervisor/supervisor/control/api"
 	"citadel-supervisor/supervisor/supervisortest"
 	"citadel-supervisor/vllm"
 )
@@ -100,7 +101,7 @@ func TestVersionLookupIsAJob(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	start := time.Now()
-	if _, err := h.sup.Do(ctx, OpStop, "hung"); err != nil {
+	if _, err := h.sup.Do(ctx, api.OpStop, "hung"); err != nil {
 		t.Fatalf("stop while the lookup hangs: %v", err)
 	}
 	if took := time.Since(start); took > 3*time.Second {
@@ -173,11 +174,11 @@ func TestModelKeyOnEveryCall(t *testing.T) {
 	port := h.site.Models[0].Port
 	// A deep probe or two, then a sleep and a wake (with its canary).
 	h.waitFor(t, 10*time.Second, "a deep probe", func() bool { return supervisortest.FakeStats(t, port)["served"] >= 1 })
-	if _, err := h.sup.Do(ctx, OpSleep, "m"); err != nil {
+	if _, err := h.sup.Do(ctx, api.OpSleep, "m"); err != nil {
 		t.Fatal(err)
 	}
 	h.waitState("m", Sleeping, 10*time.Second)
-	if _, err := h.sup.Do(ctx, OpWake, "m"); err != nil {
+	if _, err := h.sup.Do(ctx, api.OpWake, "m"); err != nil {
 		t.Fatal(err)
 	}
 	st = h.waitState("m", Ready, 10*time.Second)
@@ -213,7 +214,7 @@ func TestOldVLLMSleepsByStopping(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := h.sup.Do(ctx, OpSleep, "m"); err != nil {
+	if _, err := h.sup.Do(ctx, api.OpSleep, "m"); err != nil {
 		t.Fatal(err)
 	}
 	st = h.waitState("m", Stopped, 20*time.Second)
